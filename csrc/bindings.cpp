@@ -1,0 +1,96 @@
+// genkernels._C: the one Python module of the CUDA backend. It takes device addresses, sizes,
+// dtype codes and stream handles; it includes no torch header and links no libtorch.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "genkernels/api.h"
+
+#ifndef GENKERNELS_BUILT_ARCHS
+#error "the build defines GENKERNELS_BUILT_ARCHS, e.g. \"sm_80,sm_90a,compute_90\""
+#endif
+
+namespace py = pybind11;
+using genkernels::GroupNormProblem;
+
+namespace {
+
+std::vector<std::string> built_archs() {
+  std::vector<std::string> out;
+  std::stringstream list(GENKERNELS_BUILT_ARCHS);
+  for (std::string item; std::getline(list, item, ',');) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+GroupNormProblem problem(int64_t n, int64_t c, int64_t s, int64_t groups, bool channels_last, int dtype, int device,
+                         int64_t l2_budget) {
+  return GroupNormProblem{n, c, s, groups, channels_last, dtype, device, l2_budget};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "genkernels CUDA kernels (raw-pointer launchers; see genkernels/cuda/ for the torch-facing wrappers)";
+
+  m.def("built_archs", &built_archs,
+        "Targets compiled into this module: 'sm_XY' for machine code, 'compute_XY' for PTX that the driver can "
+        "JIT-compile for newer GPUs.");
+  m.def("cuda_version", &genkernels::cuda_version, "CUDA runtime version compiled in (statically linked), e.g. '13.0'.");
+  m.def("runtime_error", &genkernels::runtime_error,
+        "Empty when the CUDA runtime works with this driver and sees a device, else the reason.");
+
+  m.def(
+      "group_norm_forward_workspace",
+      [](uintptr_t x, uintptr_t y, int64_t n, int64_t c, int64_t s, int64_t groups, bool channels_last, int dtype,
+         int device, int64_t l2_budget) {
+        return genkernels::group_norm_forward_workspace(problem(n, c, s, groups, channels_last, dtype, device, l2_budget),
+                                                        x, y);
+      },
+      py::arg("x"), py::arg("y"), py::arg("n"), py::arg("c"), py::arg("s"), py::arg("groups"), py::arg("channels_last"),
+      py::arg("dtype"), py::arg("device"), py::arg("l2_budget"), "Scratch bytes group_norm_forward needs.");
+  m.def(
+      "group_norm_forward",
+      [](uintptr_t x, uintptr_t weight, int w_dtype, uintptr_t bias, int b_dtype, uintptr_t y, uintptr_t mean,
+         uintptr_t rstd, uintptr_t workspace, size_t workspace_bytes, int64_t n, int64_t c, int64_t s, int64_t groups,
+         bool channels_last, int dtype, int device, int64_t l2_budget, float eps, bool silu, uintptr_t stream) {
+        genkernels::group_norm_forward(problem(n, c, s, groups, channels_last, dtype, device, l2_budget), x, weight,
+                                       w_dtype, bias, b_dtype, y, mean, rstd, workspace, workspace_bytes, eps, silu,
+                                       stream);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("w_dtype"), py::arg("bias"), py::arg("b_dtype"), py::arg("y"),
+      py::arg("mean"), py::arg("rstd"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("n"), py::arg("c"),
+      py::arg("s"), py::arg("groups"), py::arg("channels_last"), py::arg("dtype"), py::arg("device"),
+      py::arg("l2_budget"), py::arg("eps"), py::arg("silu"), py::arg("stream"),
+      "GroupNorm (+ SiLU) forward: writes y, mean and rstd. Launches on `stream`, never synchronizes.");
+  m.def(
+      "group_norm_backward_workspace",
+      [](uintptr_t dy, uintptr_t x, uintptr_t dx, int64_t n, int64_t c, int64_t s, int64_t groups, bool channels_last,
+         int dtype, int device, int64_t l2_budget) {
+        return genkernels::group_norm_backward_workspace(
+            problem(n, c, s, groups, channels_last, dtype, device, l2_budget), dy, x, dx);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("dx"), py::arg("n"), py::arg("c"), py::arg("s"), py::arg("groups"),
+      py::arg("channels_last"), py::arg("dtype"), py::arg("device"), py::arg("l2_budget"),
+      "Scratch bytes group_norm_backward needs.");
+  m.def(
+      "group_norm_backward",
+      [](uintptr_t dy, uintptr_t x, uintptr_t weight, int w_dtype, uintptr_t bias, int b_dtype, uintptr_t mean,
+         uintptr_t rstd, uintptr_t dx, uintptr_t dweight, uintptr_t dbias, uintptr_t workspace, size_t workspace_bytes,
+         int64_t n, int64_t c, int64_t s, int64_t groups, bool channels_last, int dtype, int device, int64_t l2_budget,
+         bool silu, uintptr_t stream) {
+        genkernels::group_norm_backward(problem(n, c, s, groups, channels_last, dtype, device, l2_budget), dy, x,
+                                        weight, w_dtype, bias, b_dtype, mean, rstd, dx, dweight, dbias, workspace,
+                                        workspace_bytes, silu, stream);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("w_dtype"), py::arg("bias"), py::arg("b_dtype"),
+      py::arg("mean"), py::arg("rstd"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"), py::arg("workspace"),
+      py::arg("workspace_bytes"), py::arg("n"), py::arg("c"), py::arg("s"), py::arg("groups"),
+      py::arg("channels_last"), py::arg("dtype"), py::arg("device"), py::arg("l2_budget"), py::arg("silu"),
+      py::arg("stream"),
+      "GroupNorm (+ SiLU) backward: writes dx, dweight, dbias (each optional: address 0). Never synchronizes.");
+}

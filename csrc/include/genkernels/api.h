@@ -1,0 +1,47 @@
+// The host entry points of genkernels._C, as bindings.cpp sees them: plain C++ types only
+// (no CUDA, no torch headers). Tensors travel as device addresses (uintptr_t, 0 for "absent"),
+// dtypes as DtypeCode values, streams as the cudaStream_t handle value.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace genkernels {
+
+// CUDA runtime version this module was compiled and statically linked against, e.g. "13.0".
+std::string cuda_version();
+
+// Empty when the CUDA runtime can talk to a driver and sees a device, else the reason.
+std::string runtime_error();
+
+// An (N, C, *spatial) GroupNorm problem. S is the product of the spatial sizes. Every big
+// tensor (x, y, dy, dx) is dense in one of two layouts: channels first (element (n, c, s) at
+// (n*C + c)*S + s) or channels last (at (n*S + s)*C + c).
+struct GroupNormProblem {
+  int64_t n, c, s, groups;
+  bool channels_last;
+  int dtype;          // DtypeCode of the big tensors
+  int device;         // CUDA device ordinal that holds them
+  int64_t l2_budget;  // bytes of L2 one batch of groups may occupy; 0: half of the device's L2
+};
+
+// Scratch bytes group_norm_forward needs for these tensors (0: none).
+size_t group_norm_forward_workspace(const GroupNormProblem& p, uintptr_t x, uintptr_t y);
+
+// y = act((x - mean) * rstd * weight + bias) per group, act = SiLU or identity; writes the
+// float32 (N, G) mean and rstd. weight and bias: (C,) of dtype code w_dtype / b_dtype, or 0.
+void group_norm_forward(const GroupNormProblem& p, uintptr_t x, uintptr_t weight, int w_dtype, uintptr_t bias,
+                        int b_dtype, uintptr_t y, uintptr_t mean, uintptr_t rstd, uintptr_t workspace,
+                        size_t workspace_bytes, float eps, bool silu, uintptr_t stream);
+
+// Scratch bytes group_norm_backward needs (dx = 0 when dx is not wanted).
+size_t group_norm_backward_workspace(const GroupNormProblem& p, uintptr_t dy, uintptr_t x, uintptr_t dx);
+
+// Gradients of group_norm_forward: dx (layout of x), dweight and dbias (dtype codes w_dtype and
+// b_dtype, like the parameters). Each of dx, dweight, dbias may be 0 (not wanted).
+void group_norm_backward(const GroupNormProblem& p, uintptr_t dy, uintptr_t x, uintptr_t weight, int w_dtype,
+                         uintptr_t bias, int b_dtype, uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t dweight,
+                         uintptr_t dbias, uintptr_t workspace, size_t workspace_bytes, bool silu, uintptr_t stream);
+
+}  // namespace genkernels

@@ -1,0 +1,148 @@
+"""Backend registry and dispatch.
+
+Every op keeps an ordered list of backends. A backend declares
+``not_supported(*args, **kwargs) -> str | None`` (the reason it cannot run these
+inputs, or None) and an implementation object the op module knows how to call.
+
+Selection, strongest first:
+
+1. ``backend=`` passed to the op call;
+2. the innermost ``with genkernels.backend(name):`` block;
+3. the ``GENKERNELS_BACKEND`` environment variable;
+4. ``"auto"``: the first backend in the op's order that has no reason.
+
+An explicit backend (1-3) that cannot run a call raises :class:`UnsupportedError`
+with its reason; it never falls back silently. Auto never fails where the
+reference can run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+BACKENDS = ("reference", "triton", "cuda")
+_CHOICES = ("auto",) + BACKENDS
+
+
+class UnsupportedError(RuntimeError):
+    """An explicitly requested backend cannot run the given inputs."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of an op.
+
+    ``not_supported`` takes the op's arguments and returns None when this
+    backend can run them, else a one-line reason. ``impl`` is whatever the op
+    module calls (a module or a function); the registry never calls it.
+    """
+
+    name: str
+    not_supported: Callable[..., str | None]
+    impl: Any
+
+
+_OPS: dict[str, list[Backend]] = {}
+_PROBES: dict[str, Callable[[Any], tuple]] = {}
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("genkernels_backend", default=None)
+
+
+def register(op: str, name: str, not_supported: Callable[..., str | None], impl: Any) -> None:
+    """Append backend ``name`` to ``op``'s list (registration order is dispatch order)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend name must be one of {BACKENDS}, got {name!r}")
+    backends = _OPS.setdefault(op, [])
+    if any(b.name == name for b in backends):
+        raise ValueError(f"backend {name!r} is already registered for op {op!r}")
+    backends.append(Backend(name, not_supported, impl))
+
+
+def register_probe(op: str, make_args: Callable[[Any], tuple]) -> None:
+    """Give ``op`` a typical call's arguments on a device, so `genkernels.info()` can say what runs here."""
+    _PROBES[op] = make_args
+
+
+def probe(op: str, device: Any) -> tuple:
+    """Arguments of a typical ``op`` call on ``device`` (see :func:`register_probe`)."""
+    return _PROBES[op](device)
+
+
+def ops() -> list[str]:
+    """Names of the registered ops."""
+    return sorted(_OPS)
+
+
+def backends_of(op: str) -> list[Backend]:
+    """The backends of ``op`` in dispatch order."""
+    try:
+        return list(_OPS[op])
+    except KeyError:
+        raise ValueError(f"unknown op {op!r}; registered ops: {ops()}") from None
+
+
+def _check_choice(name: str, source: str) -> str:
+    if name not in _CHOICES:
+        raise ValueError(f"{source} must be one of {_CHOICES}, got {name!r}")
+    return name
+
+
+def requested(backend: str | None = None) -> str:
+    """The backend a call asks for: the argument, else the scope, else the environment, else auto."""
+    if backend is not None:
+        return _check_choice(backend, "backend")
+    scoped = _scoped.get()
+    if scoped is not None:
+        return scoped
+    env = os.environ.get("GENKERNELS_BACKEND")
+    if env:
+        return _check_choice(env, "GENKERNELS_BACKEND")
+    return "auto"
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Use backend ``name`` ("auto", "reference", "triton" or "cuda") for every op call inside the block."""
+    token = _scoped.set(_check_choice(name, "backend"))
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
+
+
+def select(op: str, *args: Any, backend: str | None = None, **kwargs: Any) -> Backend:
+    """The backend that runs ``op(*args, **kwargs)``.
+
+    Raises UnsupportedError when an explicitly requested backend has a reason
+    not to run, or (auto) when no backend can.
+    """
+    want = requested(backend)
+    candidates = backends_of(op)
+    if want != "auto":
+        for b in candidates:
+            if b.name == want:
+                reason = b.not_supported(*args, **kwargs)
+                if reason is not None:
+                    raise UnsupportedError(f"{op}: backend {want!r} cannot run this call: {reason}")
+                return b
+        raise UnsupportedError(f"{op}: backend {want!r} is not registered; available: {[b.name for b in candidates]}")
+    reasons = []
+    for b in candidates:
+        reason = b.not_supported(*args, **kwargs)
+        if reason is None:
+            return b
+        reasons.append(f"{b.name}: {reason}")
+    raise UnsupportedError(f"{op}: no backend can run this call ({'; '.join(reasons)})")
+
+
+def explain(op: str, *args: Any, **kwargs: Any) -> dict[str, str | None]:
+    """For each backend of ``op`` in dispatch order, why it cannot run these arguments (None: it can).
+
+    >>> genkernels.explain("group_norm", x, 32)   # doctest: +SKIP
+    {'cuda': 'extension not built (...)', 'triton': None, 'reference': None}
+    """
+    return {b.name: b.not_supported(*args, **kwargs) for b in backends_of(op)}

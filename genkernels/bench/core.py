@@ -1,0 +1,443 @@
+"""What every op's benchmark shares: GPU timing, device ceilings, the correctness check, and the case runner.
+
+An op's benchmark module defines :class:`Case` subclasses; :func:`run_case` takes one case,
+builds its variants (eager, torch.compile, each genkernels backend ...), checks each
+variant's output against the case's reference before timing it, and times what passed.
+A variant that produced wrong numbers is reported as failed and never timed.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+EAGER = "eager"
+COMPILE = "torch.compile"
+
+#: The absolute part of the test criterion (shared/DESIGN.md, "Numerics and correctness").
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+#: Bigger than the L2 of any current GPU (H200: 60 MB), so zeroing it evicts everything a kernel left there.
+_FLUSH_BYTES = 256 * 2**20
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long to warm up and to repeat, in milliseconds of GPU time (as triton.testing.do_bench takes them)."""
+
+    warmup_ms: int = 25
+    rep_ms: int = 100
+
+
+FULL_TIMING = Timing()
+QUICK_TIMING = Timing(warmup_ms=10, rep_ms=40)
+
+
+def time_ms(fn: Callable[[], Any], timing: Timing = FULL_TIMING) -> float:
+    """Median GPU time of ``fn()`` in milliseconds.
+
+    CUDA events around each call, a warm-up first, the L2 cache flushed before every
+    repetition (so each call reads its inputs from DRAM, as in a model), the median of the
+    repetitions. Uses ``triton.testing.do_bench`` when triton is installed, else the same
+    method written out here.
+    """
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return _time_ms_events(fn, timing)
+    return float(do_bench(fn, warmup=timing.warmup_ms, rep=timing.rep_ms, return_mode="median"))
+
+
+def _time_ms_events(fn: Callable[[], Any], timing: Timing) -> float:
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        flush.zero_()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    # The estimate includes the flushes, so the counts below err on the side of fewer calls.
+    estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(timing.warmup_ms / estimate_ms))):
+        fn()
+    n = max(1, int(timing.rep_ms / estimate_ms))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for s, e in zip(starts, ends):
+        flush.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def first_call_s(fn: Callable[[], Any]) -> float:
+    """Wall-clock seconds of one call of ``fn`` including the GPU work (compilation happens here)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- ceilings
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """What the device does at best, measured in the same run as the cases.
+
+    copy_gbs: a device-to-device copy of 1 GiB of float32, counting bytes read + written.
+    matmul_tflops: a bf16 (8192 x 8192) @ (8192 x 8192) product, 2 * 8192^3 FLOPs.
+    """
+
+    copy_gbs: float
+    matmul_tflops: float
+
+    def of(self, unit: str) -> float:
+        """The ceiling a rate in ``unit`` ("GB/s" or "TFLOP/s") is a fraction of."""
+        return {"GB/s": self.copy_gbs, "TFLOP/s": self.matmul_tflops}[unit]
+
+
+def measure_ceilings(timing: Timing = FULL_TIMING) -> Ceilings:
+    """Time the copy and matmul ceilings on the current CUDA device (see :class:`Ceilings`)."""
+    ceilings = Ceilings(copy_gbs=_copy_gbs(timing), matmul_tflops=_matmul_tflops(timing))
+    torch.cuda.empty_cache()  # their buffers (2.4 GB) are freed on return; hand them back before the cases
+    return ceilings
+
+
+def _copy_gbs(timing: Timing) -> float:
+    src = torch.ones(2**30 // 4, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), timing)
+    return 2 * 2**30 / (ms * 1e-3) / 1e9
+
+
+def _matmul_tflops(timing: Timing) -> float:
+    n = 8192
+    # Random data: zeros make the tensor cores draw less power and run faster than on real work.
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    c = torch.empty(n, n, dtype=torch.bfloat16, device="cuda")
+    ms = time_ms(lambda: torch.mm(a, b, out=c), timing)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+@dataclass(frozen=True)
+class Check:
+    """Outcome of comparing a variant's outputs with the case's reference (worst output first)."""
+
+    ok: bool
+    err: float
+    bound: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Expected:
+    """One reference output: ``truth`` computed in higher precision on upcast inputs, and the bound
+    ``2 * max|ref - truth| + floor(dtype)`` where ``ref`` is the same computation in the input dtype."""
+
+    name: str
+    truth: torch.Tensor
+    bound: float
+
+
+def expected(name: str, ref: torch.Tensor, truth: torch.Tensor) -> Expected:
+    """The criterion of shared/DESIGN.md for one output, with ``truth`` in float32 or float64."""
+    floor = FLOOR[ref.dtype]
+    if ref.numel() == 0:
+        return Expected(name, truth.detach(), floor)
+    spread = (ref.detach().to(truth.dtype) - truth).abs().max().item()
+    return Expected(name, truth.detach(), 2 * spread + floor)
+
+
+def compare(outputs: Sequence[torch.Tensor], expect: Sequence[Expected]) -> Check:
+    """Check each output against its :class:`Expected`: the first failure, else the output closest to its bound.
+
+    NaN, a wrong shape or a wrong number of outputs fails.
+    """
+    if len(outputs) != len(expect):
+        return Check(False, math.inf, 0.0, f"{len(outputs)} outputs, expected {len(expect)}")
+    worst = Check(True, 0.0, 1.0)
+    for out, exp in zip(outputs, expect):
+        if out is None or tuple(out.shape) != tuple(exp.truth.shape):
+            got = None if out is None else tuple(out.shape)
+            return Check(False, math.inf, exp.bound, f"{exp.name}: shape {got}, expected {tuple(exp.truth.shape)}")
+        if out.numel() == 0:
+            continue
+        err = (out.detach().to(exp.truth.dtype) - exp.truth).abs().max().item()
+        if not err <= exp.bound:  # written so that NaN fails
+            return Check(False, err, exp.bound, f"{exp.name}: max|out - ref| = {err:.3g} > bound {exp.bound:.3g}")
+        if err / exp.bound >= worst.err / worst.bound:
+            worst = Check(True, err, exp.bound, exp.name)
+    return worst
+
+
+# --------------------------------------------------------------------------- cases and results
+
+
+@dataclass
+class Variant:
+    """One way of computing a case: a baseline (eager, torch.compile) or a genkernels backend.
+
+    ``fn`` runs the whole timed computation and returns its outputs (compared with the
+    case's reference). ``skip`` is why it cannot run here. ``first_call_s`` is the wall time
+    of the first call (for torch.compile: the compile time), measured while building it.
+    """
+
+    name: str
+    role: str  # "baseline" or "genkernels"
+    fn: Callable[[], Sequence[torch.Tensor]] | None = None
+    skip: str | None = None
+    first_call_s: float | None = None
+
+
+class Case(abc.ABC):
+    """One benchmark case of one op; subclasses say how to build inputs, variants and the reference.
+
+    Attributes (set by the subclass): ``op``; ``label``, unique within the op; ``params``, JSON
+    facts (shape, dtype, layout, ...); ``table``, the report table it belongs to (e.g.
+    "forward"); ``unit``, "GB/s" or "TFLOP/s"; ``work``, bytes or FLOPs per call; ``rate_note``,
+    what the rate counts (shown in the table header).
+    """
+
+    op: str
+    label: str
+    params: dict[str, Any]
+    table: str
+    unit: str
+    work: float
+    rate_note: str
+
+    @abc.abstractmethod
+    def variant_names(self) -> list[str]:
+        """The variants of this case in report order, the baselines first."""
+
+    @abc.abstractmethod
+    def prepare(self, device: torch.device) -> None:
+        """Make the inputs and the reference outputs on ``device``."""
+
+    @abc.abstractmethod
+    def variant(self, name: str) -> Variant:
+        """Build variant ``name`` (compiling it if needed); call after :meth:`prepare`."""
+
+    @abc.abstractmethod
+    def expected(self) -> list[Expected]:
+        """The reference outputs the variants' outputs are compared with."""
+
+    def release(self) -> None:
+        """Drop the inputs and references (the runner calls this after the case)."""
+
+
+@dataclass
+class Result:
+    """One variant of one case: status "ok", "failed" (wrong numbers or an error), "skipped" or "not run"."""
+
+    variant: str
+    role: str
+    status: str
+    reason: str | None = None
+    ms: float | None = None
+    rate: float | None = None
+    pct_ceiling: float | None = None
+    vs_eager: float | None = None
+    vs_compile: float | None = None
+    first_call_s: float | None = None
+    err: float | None = None
+    bound: float | None = None
+
+
+@dataclass
+class CaseRecord:
+    """All variants of one case, as reported (one JSON record)."""
+
+    op: str
+    label: str
+    table: str
+    params: dict[str, Any]
+    unit: str
+    work: float
+    rate_note: str
+    results: list[Result] = field(default_factory=list)
+
+    def result(self, variant: str) -> Result | None:
+        """The result of ``variant``, or None when the case has no such variant."""
+        return next((r for r in self.results if r.variant == variant), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def record_of(case: Case) -> CaseRecord:
+    """An empty record carrying the case's description."""
+    return CaseRecord(case.op, case.label, case.table, dict(case.params), case.unit, case.work, case.rate_note)
+
+
+def _role(name: str) -> str:
+    return "baseline" if name in (EAGER, COMPILE) else "genkernels"
+
+
+def build_variant(case: Case, name: str) -> Variant | Result:
+    """Build one variant of a prepared case; a failed build becomes a "failed" :class:`Result`."""
+    try:
+        return case.variant(name)
+    except Exception as e:  # noqa: BLE001 - a variant that cannot even be built is reported, not fatal
+        return Result(name, _role(name), "failed", _err(e, "build"))
+
+
+def measure(case: Case, v: Variant, timing: Timing, ceiling: float) -> Result:
+    """Check a built variant against the case's reference and, only when correct, time it."""
+    if v.skip is not None or v.fn is None:
+        return Result(v.name, v.role, "skipped", v.skip or "no function")
+    try:
+        check = compare(v.fn(), case.expected())
+    except Exception as e:  # noqa: BLE001 - a backend that raised on inputs it accepted has failed
+        return Result(v.name, v.role, "failed", _err(e, "call"), first_call_s=v.first_call_s)
+    if not check.ok:
+        return Result(
+            v.name,
+            v.role,
+            "failed",
+            f"wrong numbers: {check.detail}",
+            first_call_s=v.first_call_s,
+            err=check.err,
+            bound=check.bound,
+        )
+    ms = time_ms(v.fn, timing)
+    rate = case.work / (ms * 1e-3) / (1e9 if case.unit == "GB/s" else 1e12)
+    return Result(
+        v.name,
+        v.role,
+        "ok",
+        ms=ms,
+        rate=rate,
+        pct_ceiling=100 * rate / ceiling,
+        first_call_s=v.first_call_s,
+        err=check.err,
+        bound=check.bound,
+    )
+
+
+def run_variant(case: Case, name: str, timing: Timing, ceiling: float) -> Result:
+    """Build, check and (when correct) time one variant of a prepared case."""
+    v = build_variant(case, name)
+    return v if isinstance(v, Result) else measure(case, v, timing, ceiling)
+
+
+def _err(e: BaseException, when: str) -> str:
+    text = " ".join(str(e).split())
+    return f"{when} raised {type(e).__name__}: {text[:300]}"
+
+
+def add_speedups(record: CaseRecord) -> None:
+    """Fill vs_eager and vs_compile (time of the baseline / time of the variant) where both ran."""
+    base = {name: record.result(name) for name in (EAGER, COMPILE)}
+    for r in record.results:
+        if r.ms is None:
+            continue
+        for attr, b in (("vs_eager", base[EAGER]), ("vs_compile", base[COMPILE])):
+            if b is not None and b.ms is not None:
+                setattr(r, attr, b.ms / r.ms)
+
+
+def run_case(case: Case, device: torch.device, timing: Timing, ceilings: Ceilings) -> CaseRecord:
+    """Prepare a case, run every variant (:func:`run_variant`), fill the speedups, free the memory."""
+    record = record_of(case)
+    ceiling = ceilings.of(case.unit)
+    try:
+        case.prepare(device)
+        for name in case.variant_names():
+            record.results.append(run_variant(case, name, timing, ceiling))
+    except Exception as e:  # noqa: BLE001 - one broken case (e.g. out of memory) must not end the run
+        done = {r.variant for r in record.results}
+        record.results += [
+            Result(n, _role(n), "failed", _err(e, "case")) for n in case.variant_names() if n not in done
+        ]
+    finally:
+        case.release()
+        torch.cuda.empty_cache()
+    add_speedups(record)
+    return record
+
+
+def not_run(case: Case, why: str) -> CaseRecord:
+    """The record of a case left out (time budget), every variant marked "not run"."""
+    record = record_of(case)
+    record.results = [Result(n, _role(n), "not run", why) for n in case.variant_names()]
+    return record
+
+
+def geomean(values: Iterable[float]) -> float | None:
+    """Geometric mean, or None for no values."""
+    vals = list(values)
+    if not vals:
+        return None
+    return math.exp(sum(math.log(v) for v in vals) / len(vals))
+
+
+def genkernels_backends() -> list[str]:
+    """The genkernels backends a benchmark times: every registered backend name except the reference."""
+    from genkernels._registry import BACKENDS
+
+    return [b for b in BACKENDS if b != "reference"]
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target of the op's issue, with the measured value (as shown) and whether it was met."""
+
+    name: str
+    target: str
+    measured: str
+    passed: bool
+
+
+@dataclass
+class OpSummary:
+    """An op's summary table (headers and rows of strings), its goals and notes."""
+
+    op: str
+    headers: list[str]
+    rows: list[list[str]]
+    goals: list[Goal]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """Outcome of one backend's CPU correctness check: status "ok", "failed" or "skipped", and why."""
+
+    op: str
+    backend: str
+    status: str
+    detail: str

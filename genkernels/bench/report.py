@@ -1,0 +1,246 @@
+"""Benchmark reports: a markdown table, JSON (one record per case) and a PNG chart of speedups.
+
+File names are fixed and few (bench.md, bench.json, bench.png; selfcheck.md, selfcheck.json
+without a GPU) so a GPU run's output folder stays small and predictable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .core import COMPILE, EAGER, CaseRecord, Ceilings, OpSummary, Result, SelfCheck
+
+#: One color per variant across panels and runs (matplotlib's default cycle would shift with skipped variants).
+_COLORS = {COMPILE: "tab:gray", "triton": "tab:orange", "cuda": "tab:green", "reference": "tab:blue"}
+
+JSON_NAME, MARKDOWN_NAME, CHART_NAME = "bench.json", "bench.md", "bench.png"
+SELFCHECK_JSON, SELFCHECK_MARKDOWN = "selfcheck.json", "selfcheck.md"
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "|" + " --- |" * len(headers)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def fmt_ms(ms: float | None) -> str:
+    """Milliseconds with four decimals below 10 ms (kernels here take microseconds)."""
+    if ms is None:
+        return "-"
+    return f"{ms:.4f}" if ms < 10 else f"{ms:.2f}"
+
+
+def fmt_rate(rate: float | None) -> str:
+    """A GB/s or TFLOP/s figure."""
+    if rate is None:
+        return "-"
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.1f}"
+
+
+def fmt_pct(pct: float | None) -> str:
+    """A percentage of the device ceiling."""
+    if pct is None:
+        return "-"
+    return f"{pct:.0f}%" if pct >= 10 else f"{pct:.1f}%"
+
+
+def fmt_x(x: float | None) -> str:
+    """A speedup."""
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _status(r: Result) -> str:
+    if r.status == "ok":
+        return f"ok (err {r.err:.2g} <= {r.bound:.2g})" if r.err is not None else "ok"
+    return f"{r.status.upper()}: {r.reason}" if r.status == "failed" else f"{r.status}: {r.reason}"
+
+
+def one_line(record: CaseRecord) -> str:
+    """A case's results in one line, for the progress log."""
+    if record.results and all(r.status == "not run" for r in record.results):
+        return f"{record.label:<34} not run: {record.results[0].reason}"
+    parts = []
+    for r in record.results:
+        if r.status == "ok":
+            speed = f" {fmt_x(r.vs_eager)}" if r.variant != EAGER and r.vs_eager is not None else ""
+            parts.append(f"{r.variant} {fmt_ms(r.ms)} ms{speed}")
+        else:
+            parts.append(f"{r.variant} {r.status.upper() if r.status == 'failed' else r.status}")
+    return f"{record.label:<34} " + " | ".join(parts)
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _header_lines(meta: dict[str, Any], ceilings: Ceilings) -> list[str]:
+    return [
+        "# genkernels benchmarks",
+        "",
+        (
+            f"Device: {meta.get('device')}; torch {meta.get('torch')}, triton {meta.get('triton')}, "
+            f"genkernels {meta.get('genkernels')}, CUDA extension: {meta.get('extension')}; {meta.get('date')}."
+        ),
+        "",
+        (
+            f"Ceilings measured in this run: device-to-device copy of 1 GiB (bytes read + written) "
+            f"{ceilings.copy_gbs:,.0f} GB/s; bf16 matmul 8192^3 {ceilings.matmul_tflops:,.0f} TFLOP/s."
+        ),
+        "",
+        (
+            f"Timing: median of CUDA-event times ({meta.get('timer')}), L2 flushed before every repetition, "
+            f"warm-up {meta.get('warmup_ms')} ms, repetitions {meta.get('rep_ms')} ms. torch.compile: default mode, "
+            "dynamic=False, a fresh compile per case; its compile time is the 'first call' column and is not in ms "
+            "(less when inductor's on-disk cache already held the graph). "
+            "Every variant's output is checked against a float32 reference (the test criterion) before it is "
+            "timed; a variant with wrong numbers is marked FAILED and not timed."
+        ),
+    ]
+
+
+def case_tables(records: Sequence[CaseRecord]) -> list[str]:
+    """One markdown table per (op, table), one row per case and variant."""
+    lines: list[str] = []
+    groups: dict[tuple[str, str], list[CaseRecord]] = {}
+    for rec in records:
+        groups.setdefault((rec.op, rec.table), []).append(rec)
+    for (op, table), recs in groups.items():
+        unit, note = recs[0].unit, recs[0].rate_note
+        pct = "% of copy BW" if unit == "GB/s" else "% of matmul"
+        headers = ["case", "variant", "ms", note, pct, "vs eager", "vs compile", "first call s (compile)", "check"]
+        rows = [
+            [
+                rec.label,
+                r.variant,
+                fmt_ms(r.ms),
+                fmt_rate(r.rate),
+                fmt_pct(r.pct_ceiling),
+                fmt_x(r.vs_eager) if r.variant != EAGER else "",
+                fmt_x(r.vs_compile) if r.variant != COMPILE else "",
+                "-" if r.first_call_s is None else f"{r.first_call_s:.2f}",
+                _status(r),
+            ]
+            for rec in recs
+            for r in rec.results
+        ]
+        lines += ["", f"## {op}, {table}", ""] + _table(headers, rows)
+    return lines
+
+
+def summary_markdown(summaries: Sequence[OpSummary]) -> str:
+    """Each op's summary table and its goals with measured values and PASS/MISS."""
+    lines: list[str] = []
+    for s in summaries:
+        lines += [f"## {s.op}: summary", ""] + _table(s.headers, s.rows) + [""]
+        lines += _table(
+            ["goal", "target", "measured", "result"],
+            [[g.name, g.target, g.measured, "PASS" if g.passed else "MISS"] for g in s.goals],
+        )
+        lines += [""] + [f"{n}" for n in s.notes] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def markdown(
+    meta: dict[str, Any], ceilings: Ceilings, records: Sequence[CaseRecord], summaries: Sequence[OpSummary]
+) -> str:
+    """The whole report: header, summaries and goals, then every case."""
+    return "\n".join(_header_lines(meta, ceilings) + ["", summary_markdown(summaries)] + case_tables(records)) + "\n"
+
+
+# --------------------------------------------------------------------------- chart
+
+
+def chart(records: Sequence[CaseRecord], path: Path, title: str) -> str | None:
+    """Bar chart of each variant's speedup vs eager, one panel per (op, table); None, or why no chart."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on GPU machines and CI
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"matplotlib not available ({e})"
+    groups: dict[tuple[str, str], list[CaseRecord]] = {}
+    for rec in records:
+        groups.setdefault((rec.op, rec.table), []).append(rec)
+    if not groups:
+        return "no cases"
+    width = max(8.0, 0.55 * max(len(r) for r in groups.values()) + 2)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(width, 4.2 * len(groups)), squeeze=False)
+    for ax, ((op, table), recs) in zip(axes[:, 0], groups.items()):
+        variants = [r.variant for r in recs[0].results if r.variant != EAGER]
+        bar = 0.8 / max(1, len(variants))
+        for i, v in enumerate(variants):
+            xs, ys = [], []
+            for j, rec in enumerate(recs):
+                res = rec.result(v)
+                if res is not None and res.vs_eager is not None:
+                    xs.append(j + (i - (len(variants) - 1) / 2) * bar)
+                    ys.append(res.vs_eager)
+            # A variant that never ran still gets its legend entry, so its absence reads as such.
+            label = v if ys else f"{v} (did not run)"
+            ax.bar(xs, ys, width=bar, label=label, color=_COLORS.get(v, f"C{i + 3}"))
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(recs)))
+        ax.set_xticklabels([rec.label.replace(" ", "\n", 1) for rec in recs], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("speedup vs eager (log)")
+        ax.set_title(f"{op}, {table}")
+        ax.grid(axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write(
+    out_dir: Path,
+    meta: dict[str, Any],
+    ceilings: Ceilings,
+    records: Sequence[CaseRecord],
+    summaries: Sequence[OpSummary],
+) -> list[str]:
+    """Write bench.json, bench.md and bench.png into out_dir; returns lines saying what was written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = {
+        "meta": meta,
+        "ceilings": {"copy_gbs": ceilings.copy_gbs, "matmul_tflops": ceilings.matmul_tflops},
+        "summaries": [s.to_dict() for s in summaries],
+        "cases": [r.to_dict() for r in records],
+    }
+    (out_dir / JSON_NAME).write_text(json.dumps(data, indent=1) + "\n")
+    (out_dir / MARKDOWN_NAME).write_text(markdown(meta, ceilings, records, summaries))
+    written = [str(out_dir / JSON_NAME), str(out_dir / MARKDOWN_NAME)]
+    why_not = chart(records, out_dir / CHART_NAME, f"genkernels vs eager PyTorch, {meta.get('device')}")
+    written.append(str(out_dir / CHART_NAME) if why_not is None else f"no chart: {why_not}")
+    return written
+
+
+def selfcheck_markdown(checks: Sequence[SelfCheck], header: str) -> str:
+    """The CPU self-check as a markdown table."""
+    rows = [[c.op, c.backend, c.status, c.detail] for c in checks]
+    return "\n".join([header, ""] + _table(["op", "backend", "status", "detail"], rows)) + "\n"
+
+
+def write_selfcheck(out_dir: Path, checks: Sequence[SelfCheck], meta: dict[str, Any], header: str) -> list[str]:
+    """Write selfcheck.json and selfcheck.md into out_dir; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = {"meta": meta, "checks": [dataclasses.asdict(c) for c in checks]}
+    (out_dir / SELFCHECK_JSON).write_text(json.dumps(data, indent=1) + "\n")
+    (out_dir / SELFCHECK_MARKDOWN).write_text(selfcheck_markdown(checks, header))
+    return [str(out_dir / SELFCHECK_JSON), str(out_dir / SELFCHECK_MARKDOWN)]

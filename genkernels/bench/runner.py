@@ -1,0 +1,233 @@
+"""`genkernels bench`: run every op's cases on the GPU and write the reports, or the CPU self-check without one."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from . import report
+from .core import FULL_TIMING, QUICK_TIMING, CaseRecord, Timing, measure_ceilings, not_run, run_case
+
+#: Ops with a benchmark module genkernels/bench/<op>.py (see the package docstring for what it defines).
+OPS = ("group_norm",)
+
+
+def op_module(op: str) -> ModuleType:
+    """The benchmark module of ``op``."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; benchmarked ops: {', '.join(OPS)}")
+    return importlib.import_module(f"{__package__}.{op}")
+
+
+def default_out_dir() -> Path:
+    """$OUT when set (GPU machines collect that folder), else benchmarks/results."""
+    return Path(os.environ["OUT"]) if os.environ.get("OUT") else Path("benchmarks") / "results"
+
+
+def _versions() -> dict[str, Any]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    import genkernels
+
+    return {
+        "genkernels": genkernels.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
+def _gpu_meta(quick: bool, timing: Timing) -> dict[str, Any]:
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 0)
+    meta = _versions()
+    try:
+        import genkernels
+
+        extension = genkernels.info()["extension"]
+    except Exception as e:  # noqa: BLE001 - the report is still useful without it
+        extension = f"unknown ({type(e).__name__}: {e})"
+    meta.update(
+        device=f"{props.name}, sm_{props.major}{props.minor}, {props.multi_processor_count} SMs"
+        + (f", {l2 / 1e6:.0f} MB L2" if l2 else ""),
+        extension=extension,
+        timer="triton.testing.do_bench" if meta["triton"] != "not installed" else "CUDA events",
+        warmup_ms=timing.warmup_ms,
+        rep_ms=timing.rep_ms,
+        quick=quick,
+    )
+    return meta
+
+
+class _Progress:
+    """A tqdm bar over the cases on a terminal; numbered lines when output goes to a file or tqdm is missing."""
+
+    def __init__(self, total: int, desc: str):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        # A bar redrawn with carriage returns garbles a log file (gpu_check.sh tees into one): numbered lines there.
+        if tqdm is None or not sys.stderr.isatty():
+            self._bar = None
+        else:
+            self._bar = tqdm(total=total, desc=desc, unit="case", file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+        self._done, self._total, self._start = 0, total, time.monotonic()
+
+    def step(self, line: str) -> None:
+        """Print a case's result line and advance."""
+        self._done += 1
+        if self._bar is None:
+            print(f"[{self._done}/{self._total} {time.monotonic() - self._start:4.0f}s] {line}", flush=True)
+        else:
+            self._bar.write(line)
+            self._bar.update()
+
+    def close(self) -> None:
+        """Finish the bar."""
+        if self._bar is not None:
+            self._bar.close()
+
+
+def bench_gpu(out_dir: Path, ops: Sequence[str], quick: bool = False, budget_s: float | None = None) -> int:
+    """Time every case of ``ops`` on the current GPU and write bench.{json,md,png} into out_dir.
+
+    Returns 1 when a variant failed (wrong numbers or an error), else 0; goals missed are
+    reported, not an error. With ``budget_s``, cases not started within that many seconds
+    of the call are reported as "not run" (cases come most important first).
+    """
+    start = time.monotonic()
+    timing = QUICK_TIMING if quick else FULL_TIMING
+    meta = _gpu_meta(quick, timing)
+    print(
+        f"genkernels bench on {meta['device']}: torch {meta['torch']}, triton {meta['triton']}, "
+        f"extension: {meta['extension']}",
+        flush=True,
+    )
+    ceilings = measure_ceilings(timing)
+    print(
+        f"ceilings: copy {ceilings.copy_gbs:,.0f} GB/s (1 GiB, read + written), "
+        f"bf16 matmul 8192^3 {ceilings.matmul_tflops:,.0f} TFLOP/s",
+        flush=True,
+    )
+    modules = [op_module(op) for op in ops]
+    cases = [case for m in modules for case in m.cases(quick)]
+    device = torch.device("cuda")
+    records: list[CaseRecord] = []
+    progress = _Progress(len(cases), "bench")
+    try:
+        for case in cases:
+            if budget_s is not None and time.monotonic() - start > budget_s:
+                record = not_run(case, f"time budget of {budget_s:.0f} s spent")
+            else:
+                record = run_case(case, device, timing, ceilings)
+            records.append(record)
+            progress.step(report.one_line(record))
+    finally:
+        progress.close()
+    meta["wall_s"] = round(time.monotonic() - start, 1)
+    summaries = [m.summarize([r for r in records if r.op == m.OP]) for m in modules]
+    for line in report.write(out_dir, meta, ceilings, records, summaries):
+        print(f"wrote {line}" if not line.startswith("no chart") else line)
+    failed = [f"{rec.label} / {r.variant}: {r.reason}" for rec in records for r in rec.results if r.status == "failed"]
+    skipped_budget = sum(1 for rec in records if rec.results and rec.results[0].status == "not run")
+    print()
+    print(report.summary_markdown(summaries))
+    if skipped_budget:
+        print(f"{skipped_budget} of {len(records)} cases not run: time budget of {budget_s:.0f} s spent.")
+    if failed:
+        print(f"{len(failed)} variant(s) FAILED:\n  " + "\n  ".join(failed))
+        return 1
+    return 0
+
+
+def run(
+    out_dir: Path | str | None = None,
+    ops: Sequence[str] | None = None,
+    quick: bool = False,
+    budget_s: float | None = None,
+    interpret: bool = True,
+) -> int:
+    """Benchmark ``ops`` (default: all) into ``out_dir`` (default: :func:`default_out_dir`); the exit status.
+
+    Without a CUDA GPU, says so and runs the CPU correctness self-check of every backend
+    instead (triton under TRITON_INTERPRET=1 unless ``interpret`` is False); then the status is
+    1 only when a backend produced wrong numbers.
+    """
+    out = Path(out_dir) if out_dir is not None else default_out_dir()
+    ops = list(ops) if ops else list(OPS)
+    for op in ops:
+        op_module(op)  # unknown names fail before any work
+    if not torch.cuda.is_available():
+        from .selfcheck import run_cpu
+
+        return run_cpu(out, ops, _versions(), interpret=interpret)
+    return bench_gpu(out, ops, quick=quick, budget_s=budget_s)
+
+
+def _parse_ops(text: str) -> list[str]:
+    ops = [o.strip() for o in text.split(",") if o.strip()]
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown op(s) {', '.join(unknown)}; benchmarked ops: {', '.join(OPS)}")
+    return ops
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of `genkernels bench` / `python -m genkernels.bench`."""
+    p = argparse.ArgumentParser(
+        prog="genkernels bench",
+        description="Time genkernels' backends against eager PyTorch and torch.compile on the GPU "
+        "(markdown, JSON and PNG reports). Without a GPU, run the CPU correctness self-check instead.",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: $OUT if set, else benchmarks/results)"
+    )
+    p.add_argument(
+        "--ops", type=_parse_ops, default=None, help=f"comma-separated ops to run (default: all: {','.join(OPS)})"
+    )
+    p.add_argument("--quick", action="store_true", help="bf16 cases only (what the goals need) and shorter timing")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no new case after this many seconds; the rest are reported as not run",
+    )
+    p.add_argument(
+        "--no-interpret",
+        action="store_true",
+        help="without a GPU, skip the triton self-check under TRITON_INTERPRET=1 (slow)",
+    )
+    p.add_argument(
+        "--self-check",
+        metavar="BACKEND",
+        default=None,
+        help="only run the CPU self-check of BACKEND in this process and print it as JSON",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `genkernels bench` and `python -m genkernels.bench`; returns the exit status."""
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.self_check is not None:
+        from .selfcheck import self_check_child
+
+        return self_check_child(args.self_check, args.ops or list(OPS))
+    return run(args.out, args.ops, quick=args.quick, budget_s=args.budget_s, interpret=not args.no_interpret)

@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# One GPU run in one go (shared/DESIGN.md, "On a GPU machine"): build the CUDA extension for this
+# machine's GPU only, `genkernels info`, the GPU tests, the benchmarks; reports and logs land in
+# $OUT when set, else benchmarks/results/.
+#
+#   scripts/gpu_check.sh                 # PYTHON=... picks the interpreter (default: python3)
+#
+# Needs nothing from the network: the build uses the installed setuptools/cmake/ninja/pybind11
+# (pip --no-index --no-build-isolation --no-deps). Must finish in under 8 minutes on one H100 or
+# H200: each step has a time limit and the benchmarks get what is left (cases run most important
+# first; those not started in time are reported as "not run"). Without a GPU (a dry run) it
+# skips the build and the GPU steps, and runs the CPU self-check of every backend instead.
+#
+# Files written (few on purpose: a GPU machine hands back at most 8 files from $OUT):
+#   gpu_check.log         everything printed, every step
+#   bench.md, bench.json  the benchmark tables, summary and goals; one JSON record per case
+#   bench.png             speedups vs eager
+#   pytest_benchmark.json the pytest-benchmark harness on the large case (a check that it runs)
+#   selfcheck.md, .json   without a GPU: the CPU self-check of each backend
+#
+# Exit status: 0 when every step passed, 1 otherwise; a failing step does not stop the later ones.
+
+set -uo pipefail # no -e: a failed build or test is reported, and the benchmarks still run
+
+cd "$(dirname "$0")/.." || exit 1
+OUT_DIR="${OUT:-benchmarks/results}"
+mkdir -p "$OUT_DIR" && OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+LOG="$OUT_DIR/gpu_check.log"
+PY="${PYTHON:-python3}"
+# Seconds from the start by which everything must be done: 8 minutes less a margin for the
+# machine's own start-up and the last step running over.
+DEADLINE_S="${GPU_CHECK_DEADLINE_S:-450}"
+export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+STEPS=()
+FAILED=0
+
+left() { echo $((DEADLINE_S - SECONDS)); }
+
+# step NAME LIMIT_S CMD...: run CMD under a time limit, record how it went; returns CMD's status.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    echo
+    echo "=== $name (at ${SECONDS}s, limit ${limit}s): $*"
+    local t0=$SECONDS rc
+    timeout --kill-after=10 "$limit" "$@"
+    rc=$?
+    local took=$((SECONDS - t0)) why="exit $rc"
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && why="timed out after ${limit}s"
+    if [ "$rc" -eq 0 ]; then
+        STEPS+=("ok       $name (${took}s)")
+    else
+        STEPS+=("FAILED   $name ($why, ${took}s)")
+        FAILED=1
+    fi
+    return "$rc"
+}
+
+skip() {
+    echo
+    echo "=== $1: skipped ($2)"
+    STEPS+=("skipped  $1 ($2)")
+}
+
+# The arch of GPU 0 as GENKERNELS_CUDA_ARCHS takes it: 9.0 -> 90a (Hopper's wgmma needs the
+# arch-specific target, as do later majors' tensor-core instructions), 8.6 -> 86.
+gpu_arch() {
+    local cap
+    cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
+    [ -n "$cap" ] || return 1
+    local major=${cap%%.*} minor=${cap#*.}
+    if [ "$major" -ge 9 ]; then echo "${major}${minor}a"; else echo "${major}${minor}"; fi
+}
+
+main() {
+    echo "gpu_check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), $(uname -n), repo $(pwd), output $OUT_DIR"
+    echo "python: $("$PY" -c 'import sys; print(sys.version.split()[0], sys.executable)' 2>&1)"
+
+    local has_gpu=0 arch=""
+    if command -v nvidia-smi >/dev/null 2>&1 && arch=$(gpu_arch) \
+        && "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+        has_gpu=1
+        nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+        command -v nvcc >/dev/null 2>&1 && nvcc --version | tail -n 2
+    else
+        echo "No CUDA GPU here (nvidia-smi or torch.cuda sees none): a dry run. Build and GPU tests are skipped;"
+        echo "the benchmark step runs the CPU self-check of each backend instead."
+    fi
+
+    if [ "$has_gpu" = 1 ]; then
+        export GENKERNELS_CUDA_ARCHS="${GENKERNELS_CUDA_ARCHS:-$arch}"
+        export GENKERNELS_BUILD_JOBS="${GENKERNELS_BUILD_JOBS:-$(nproc)}"
+        # On a GPU machine a missing extension is a failure, not the CPU-only install setup.py falls back to.
+        export GENKERNELS_REQUIRE_CUDA=1
+        echo "building for GENKERNELS_CUDA_ARCHS=$GENKERNELS_CUDA_ARCHS"
+        step "build (pip install -e)" 180 "$PY" -m pip install --no-index --no-build-isolation --no-deps -e .
+        local rc=$?
+        # A pip that failed (not one that ran out of time) may be a packaging problem: try the plain build,
+        # within what is left of the 200 s both builds may take together.
+        if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ] && [ -f setup.py ] && [ "$SECONDS" -le 170 ]; then
+            step "build (setup.py build_ext --inplace)" $((200 - SECONDS)) "$PY" setup.py build_ext --inplace
+        fi
+        step "extension import" 30 "$PY" -c \
+            'import genkernels._C as c; print("genkernels._C built for", c.built_archs())'
+    else
+        skip "build" "no GPU"
+    fi
+
+    step "genkernels info" 30 "$PY" -m genkernels info
+
+    if [ "$has_gpu" = 1 ]; then
+        step "GPU tests (pytest tests -m gpu)" 120 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfE
+        [ "$?" -eq 5 ] && echo "(exit 5: no test is marked gpu)"
+    else
+        skip "GPU tests" "no GPU"
+    fi
+
+    if [ "$has_gpu" = 1 ]; then
+        # What is left, less the allowance for the case in flight when the budget ends and the
+        # reports (45 s) and for the pytest-benchmark check after it (45 s). Short of time: bf16
+        # cases only, and at least the first few of them (worst case, every earlier step at its
+        # limit: 30 s after 360 s, so still under 8 minutes).
+        local budget=$(($(left) - 90)) quick=()
+        if [ "$budget" -lt 60 ]; then
+            quick=(--quick)
+            [ "$budget" -lt 30 ] && budget=30
+        fi
+        step "benchmarks (genkernels bench)" $((budget + 45)) \
+            "$PY" -m genkernels.bench --out "$OUT_DIR" --budget-s "$budget" ${quick[@]+"${quick[@]}"}
+        if [ "$(left)" -ge 30 ]; then
+            local limit
+            limit=$(left)
+            [ "$limit" -gt 60 ] && limit=60
+            step "pytest-benchmark harness (large case)" "$limit" "$PY" -m pytest benchmarks/test_group_norm.py -q \
+                -p no:cacheprovider -k "1x128x512x512 and NCHW and bf16 and not fwd_bwd" \
+                --benchmark-json="$OUT_DIR/pytest_benchmark.json"
+        else
+            skip "pytest-benchmark harness" "out of time"
+        fi
+    else
+        step "CPU self-check (genkernels bench without a GPU)" 600 "$PY" -m genkernels.bench --out "$OUT_DIR"
+        step "pytest-benchmark harness (collected, skipped without a GPU)" 120 \
+            "$PY" -m pytest benchmarks -q -p no:cacheprovider -rs
+    fi
+
+    echo
+    echo "=== steps (total ${SECONDS}s)"
+    printf '  %s\n' "${STEPS[@]}"
+    echo "outputs in $OUT_DIR:"
+    ls -l "$OUT_DIR" | tail -n +2 | sed 's/^/  /'
+    echo
+    # The summary table last, as the one thing to read.
+    if [ -f "$OUT_DIR/bench.md" ] && [ "$has_gpu" = 1 ]; then
+        awk '/^## .*: summary$/ {on = 1} /^## / && !/: summary$/ {on = 0} on' "$OUT_DIR/bench.md"
+    elif [ -f "$OUT_DIR/selfcheck.md" ]; then
+        cat "$OUT_DIR/selfcheck.md"
+    fi
+    if [ "$FAILED" -ne 0 ]; then
+        echo "gpu_check: some steps FAILED (see above and $LOG)"
+        return 1
+    fi
+    echo "gpu_check: all steps passed"
+}
+
+main "$@" 2>&1 | tee "$LOG"
+exit "${PIPESTATUS[0]}"

@@ -1,0 +1,78 @@
+"""Backend selection: auto, explicit per call, scoped, environment, and explain()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import genkernels
+from genkernels import _registry
+from genkernels.ops import group_norm
+
+
+@pytest.fixture
+def toy_op():
+    """A throwaway op whose first backend refuses odd sizes."""
+    name = "toy_op_for_tests"
+    _registry.register(name, "cuda", lambda n: "odd sizes are not supported" if n % 2 else None, "cuda-impl")
+    _registry.register(name, "reference", lambda n: None, "reference-impl")
+    yield name
+    del _registry._OPS[name]
+
+
+def test_auto_picks_first_that_can_run(toy_op):
+    assert _registry.select(toy_op, 2).impl == "cuda-impl"
+    assert _registry.select(toy_op, 3).impl == "reference-impl"
+
+
+def test_explicit_backend_raises_with_reason(toy_op):
+    with pytest.raises(genkernels.UnsupportedError, match="backend 'cuda' cannot run this call: odd sizes"):
+        _registry.select(toy_op, 3, backend="cuda")
+    with pytest.raises(genkernels.UnsupportedError, match="'triton' is not registered"):
+        _registry.select(toy_op, 2, backend="triton")
+
+
+def test_scope_and_environment(toy_op, monkeypatch):
+    monkeypatch.setenv("GENKERNELS_BACKEND", "reference")
+    assert _registry.select(toy_op, 2).impl == "reference-impl"
+    with genkernels.backend("cuda"):  # the scope beats the environment
+        assert _registry.select(toy_op, 2).impl == "cuda-impl"
+        with pytest.raises(genkernels.UnsupportedError):
+            _registry.select(toy_op, 3)
+        assert _registry.select(toy_op, 3, backend="auto").impl == "reference-impl"  # the call beats the scope
+    assert _registry.requested() == "reference"
+    monkeypatch.setenv("GENKERNELS_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="GENKERNELS_BACKEND must be one of"):
+        _registry.select(toy_op, 2)
+
+
+def test_bad_names(toy_op):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _registry.select(toy_op, 2, backend="gpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with genkernels.backend("gpu"):
+            pass
+    with pytest.raises(ValueError, match="unknown op 'nope'"):
+        genkernels.explain("nope")
+
+
+def test_explain(toy_op):
+    assert genkernels.explain(toy_op, 3) == {"cuda": "odd sizes are not supported", "reference": None}
+
+
+def test_group_norm_explain_on_cpu():
+    x = torch.randn(2, 8, 4, 4)
+    reasons = genkernels.explain("group_norm", x, 4)
+    assert list(reasons) == ["cuda", "triton", "reference"]
+    assert reasons["reference"] is None
+    if not torch.cuda.is_available():
+        assert "cpu" in reasons["cuda"] or "not built" in reasons["cuda"]
+        with pytest.raises(genkernels.UnsupportedError, match="backend 'cuda' cannot run"):
+            group_norm(x, 4, backend="cuda")
+    assert "float64" in genkernels.explain("group_norm", x.double(), 4)["triton"]
+
+
+def test_auto_falls_back_to_reference():
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)  # only the reference runs float64
+    y = group_norm(x, 4, activation="silu")
+    torch.testing.assert_close(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4)))
