@@ -13,7 +13,10 @@ fi
 if ! python -c "import torch" 2>/dev/null; then
   pip install -q "torch==2.13.0"
 fi
-# Build once; rebuild when asked (GENKERNELS_REBUILD=1) or when the package is missing.
-if [ "${GENKERNELS_REBUILD:-0}" = 1 ] || ! python -c "import genkernels" 2>/dev/null; then
+# Install (editable) when the build inputs changed since the last install, or when asked.
+stamp="$VENV/.genkernels-build-inputs"
+inputs=$(cat pyproject.toml setup.py CMakeLists.txt $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1)
+if [ "${GENKERNELS_REBUILD:-0}" = 1 ] || [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ]; then
   pip install -q -e ".[test,bench]"
+  echo "$inputs" > "$stamp"
 fi

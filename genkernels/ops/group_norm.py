@@ -227,7 +227,13 @@ def _impl_for(backend: str, x, weight, bias, groups, eps, silu):
     return chosen.impl
 
 
-@torch.library.custom_op("genkernels::group_norm", mutates_args=())
+# Explicit schemas: torch 2.4 cannot infer them from postponed (string) annotations.
+@torch.library.custom_op(
+    "genkernels::group_norm",
+    mutates_args=(),
+    schema="(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, bool silu, str backend)"
+    " -> (Tensor, Tensor, Tensor)",
+)
 def _group_norm_op(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -250,7 +256,12 @@ def _(x, weight, bias, groups, eps, silu, backend):
     return torch.empty_like(dense_layout(x)), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("genkernels::group_norm_backward", mutates_args=())
+@torch.library.custom_op(
+    "genkernels::group_norm_backward",
+    mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, int groups, float eps,"
+    " bool silu, str backend) -> (Tensor, Tensor, Tensor)",
+)
 def _group_norm_backward_op(
     dy: torch.Tensor,
     x: torch.Tensor,
