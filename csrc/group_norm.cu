@@ -734,12 +734,16 @@ SplitPlan plan_split(const GroupNormProblem& p, bool aligned, int inputs, bool b
   return pl;
 }
 
+// Static shared memory of gn_fwd_fused_kernel (its reduction scratch): the dynamic part may take
+// what is left of the block's limit, and needs the opt-in as soon as both exceed the default 48 KB.
+constexpr size_t kFusedStaticSmem = 32 * sizeof(float);
+
 // Shared memory of the fused kernel for one group, or 0 when the group does not fit.
 size_t fused_smem_bytes(const GroupNormProblem& p, const DeviceInfo& dev) {
   if (p.channels_last) return 0;
   const int64_t len = p.c / p.groups * p.s;
   const size_t bytes = fused_table_bytes(p.c / p.groups) + static_cast<size_t>(len) * element_bytes(p.dtype);
-  const size_t limit = static_cast<size_t>(dev.smem_optin) - 32 * sizeof(float);  // minus the static scratch
+  const size_t limit = static_cast<size_t>(dev.smem_optin) - kFusedStaticSmem;
   return bytes <= limit ? bytes : 0;
 }
 
@@ -768,9 +772,9 @@ void launch_fused(const GroupNormProblem& p, const DeviceInfo& dev, size_t smem,
                   const void* x, void* y, float* mean, float* rstd, const Params& prm, const Fused& f) {
   static std::array<std::atomic<bool>, 64> opted_in{};
   const bool cached = p.device >= 0 && p.device < 64;
-  if (smem > 48 * 1024 && !(cached && opted_in[p.device].load())) {
+  if (smem + kFusedStaticSmem > 48 * 1024 && !(cached && opted_in[p.device].load())) {
     const cudaError_t err = cudaFuncSetAttribute(gn_fwd_fused_kernel<D, SILU>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 dev.smem_optin - static_cast<int>(32 * sizeof(float)));
+                                                 dev.smem_optin - static_cast<int>(kFusedStaticSmem));
     if (err != cudaSuccess) {
       cudaGetLastError();
       throw std::runtime_error(std::string("genkernels: gn_fwd_fused_kernel: enabling ") + std::to_string(smem) +

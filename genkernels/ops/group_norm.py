@@ -223,6 +223,8 @@ class _GroupNormFunction(torch.autograd.Function):
 
 def _impl_for(backend: str, x, weight, bias, groups, eps, silu):
     """Resolve the backend at run time (the scope and environment apply to compiled code too)."""
+    if x.numel() == 0:  # empty results without a launch, as on the eager path
+        return _ReferenceKernels
     chosen = _registry.select(OP, x, groups, weight, bias, eps, "silu" if silu else None, backend=backend or None)
     return chosen.impl
 

@@ -179,7 +179,7 @@ def test_reference_double_backward_is_exact():
     assert torch.autograd.gradcheck(lambda *a: group_norm_reference(a[0], 3, a[1], a[2], activation="silu"), args)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 def test_opcheck(backend, device):
     x, w, b = _inputs((2, 6, 3, 4), torch.float32, device)
     _skip_unsupported(backend, (x, 3, w, b, 1e-5, "silu"))
@@ -187,7 +187,7 @@ def test_opcheck(backend, device):
     torch.library.opcheck(torch.ops.genkernels.group_norm.default, (x, w, b, 3, 1e-5, True, backend))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 def test_compile_fullgraph(backend, device):
     """A block of conv + GroupNormSiLU traces without graph breaks and matches eager, gradients too."""
     torch._dynamo.reset()
@@ -206,6 +206,18 @@ def test_compile_fullgraph(backend, device):
         got.sum().backward()
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(model[0].weight.grad, grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_empty(backend, device):
+    """Empty inputs under torch.compile return empty results (no kernel launch), gradients too."""
+    torch._dynamo.reset()
+    x = torch.randn(0, 8, 4, 4, device=device, requires_grad=True)
+    w = torch.ones(8, device=device, requires_grad=True)
+    with genkernels.backend(backend):
+        y = torch.compile(lambda x, w: group_norm(x, 4, w, activation="silu"), fullgraph=True)(x, w)
+        y.sum().backward()
+    assert y.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
 
 
 @pytest.mark.parametrize(
@@ -239,8 +251,10 @@ GPU_SHAPES = [
     ((1, 512, 128, 128), 32),
     ((1, 128, 512, 512), 32),
     ((1, 64, 256, 256), 4),  # groups too large for one block's shared memory
+    ((1, 32, 257, 255), 2),  # large groups with odd S: the split path without vector loads
     ((2, 36, 17, 19), 6),  # odd S, C not a multiple of 8
     ((1, 2560, 4, 4), 32),  # wide channels
+    ((1, 320, 35, 35), 32),  # fp32: the cuda fused kernel's shared memory just above the default 48 KB
 ]
 
 
