@@ -165,6 +165,7 @@ def chart(records: Sequence[CaseRecord], path: Path, title: str) -> str | None:
     """Bar chart of each variant's speedup vs eager, one panel per (op, table); None, or why no chart."""
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")  # no display on GPU machines and CI
         import matplotlib.pyplot as plt
@@ -192,12 +193,14 @@ def chart(records: Sequence[CaseRecord], path: Path, title: str) -> str | None:
             ax.bar(xs, ys, width=bar, label=label, color=_COLORS.get(v, f"C{i + 3}"))
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.set_xticks(range(len(recs)))
         ax.set_xticklabels([rec.label.replace(" ", "\n", 1) for rec in recs], rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("speedup vs eager (log)")
         ax.set_title(f"{op}, {table}")
         ax.grid(axis="y", which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
