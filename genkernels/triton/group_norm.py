@@ -79,6 +79,12 @@ _WEIGHT_BLOCK_C = 64  # dweight/dbias kernel: channels per program
 _WEIGHT_BLOCK_R = 64  # dweight/dbias kernel: partial rows per loop step
 
 
+# Where a split-path launch's batch of groups starts: values that change from batch to batch
+# (and from shape to shape) but never decide alignment, so they are not specialized on, and
+# every batch of a call shares one compiled kernel. (c_lo, which does decide alignment, is.)
+_BATCH_ARGS = ("n0", "g_lo", "g_hi", "per_image")
+
+
 @dataclass(frozen=True)
 class _Plan:
     """How one call is cut into programs (see the module docstring for the two paths)."""
@@ -541,7 +547,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         y = _affine_act(centered, _to_channels(rstd, member), w, b, SILU)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_BATCH_ARGS)
     def _fwd_partial_stats_kernel(
         x_ptr,
         part_mean_ptr,
@@ -631,7 +637,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             m2 += tl.sum(tl.where(m, pm2 + count[None, :] * delta * delta, 0.0), axis=1)
         return mean, m2
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_BATCH_ARGS)
     def _fwd_apply_kernel(
         x_ptr,
         y_ptr,
@@ -748,7 +754,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             dx = _dx(xhat, dz, mean_dxhat, mean_dxhat_xhat, rstd_c, w)
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_BATCH_ARGS)
     def _bwd_partial_sums_kernel(
         dy_ptr,
         x_ptr,
@@ -806,7 +812,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         tl.store(sum_dz_ptr + part, sum_dz, mask=col_mask)
         tl.store(sum_dz_xhat_ptr + part, sum_dz_xhat, mask=col_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_BATCH_ARGS)
     def _bwd_dx_kernel(
         dy_ptr,
         x_ptr,

@@ -1,0 +1,464 @@
+"""Compile the launches of the triton group_norm kernels for real GPU targets, on a machine without a GPU.
+
+Run by ``tests/triton/test_compile.py`` in subprocesses, because triton reads ``TRITON_INTERPRET`` when it
+decorates kernels and the test process has it set; here it must be unset so that the kernels are real
+``JITFunction``s (the interpreter accepts code that the compiler rejects):
+
+    python -m tests.triton._compile_kernels --report report.json [--shard 0/2] [--arch 90] [--dry-run | --every]
+
+It calls ``group_norm_forward`` / ``group_norm_backward`` with CPU tensors for the shapes, layouts, dtypes
+and flags of the test suite and of the benchmark, so the planner picks the launches a GPU call would
+make. Each ``kernel[grid](...)`` becomes ``kernel.warmup(...)``, which binds and specializes the
+arguments as a launch does (dtypes, 16-byte alignment of pointers, integers equal to 1 or multiples of
+16, constexprs, num_warps) and compiles, but runs nothing; a stand-in driver reports the target (sm_90,
+sm_80) instead of a GPU. Resource usage comes from the cuobjdump shipped with triton.
+
+A sweep makes over a thousand distinct specializations per target (the split path launches once per L2
+batch, and batch offsets equal to 1 or to multiples of 16 are specializations of their own), too many to
+compile in a test. So launches are chosen, deterministically and from their arguments alone, in two tiers:
+
+- workloads: the first launch of each kernel in each call, i.e. the configuration that call compiles,
+  with the alignment and divisibility of its own sizes (which decide vector widths and registers): for
+  the benchmark cases on every target, and on sm_90 for the GPU tests' shapes and shapes at the
+  single-pass size limits; in bf16 (fp16 compiles as bf16 does but for conversions; fp16 and fp32 calls
+  go through the coverage tier);
+- coverage, on sm_90 only: any other launch that brings something new for its kernel: a pointer
+  signature (dtypes and 16-byte alignment), a class of any single argument or constexpr (integers equal
+  to 1, multiples of 16 or neither; tile sizes of 1 or more; each flag value), or a pair of flag values.
+
+``--every`` compiles every distinct specialization instead (minutes; for a GPU machine's many cores).
+
+Shards split the chosen launches between processes. The JSON report lists each compiled specialization
+(kernel, target, constexprs, registers, stack and local bytes, shared memory, vector widths of global
+loads and stores, the call that chose it), the compile failures, or ``skip`` with the reason when this
+triton cannot be driven this way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes"):
+    raise SystemExit("run without TRITON_INTERPRET: the interpreter replaces the kernels this compiles")
+
+import torch  # noqa: E402
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _canary_kernel(x_ptr, n, BLOCK: tl.constexpr):
+        """Compiled first for each target: if this fails, the toolchain cannot be driven here."""
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+
+
+# What the planner sees per target: (SM count, L2 bytes) as torch reports them for an H100 / H200
+# (sm_90) and an A100 (sm_80). They decide the split path's batches and splits.
+PROFILES = {90: (132, 50 * 1024 * 1024), 80: (108, 40 * 1024 * 1024)}
+# Shared memory one block may use (opt-in maximum): a kernel needing more fails at launch.
+MAX_SHARED_BYTES = {90: 227 * 1024, 80: 163 * 1024}
+ALL_ARCHS = tuple(PROFILES)
+MAIN_ARCHS = (90,)  # the others compile the benchmark's workloads only
+
+HALF = (torch.float16, torch.bfloat16)
+ALL_DTYPES = (torch.float32, *HALF)
+FORCED_SPLIT = {"SINGLE_PASS_MAX_ELEMENTS": 64, "L2_BATCH_BYTES": 2048}  # the suite's `forced` fixture
+
+
+class Unsupported(Exception):
+    """This triton lacks something the harness needs: the test skips with this reason."""
+
+
+@dataclass
+class Call:
+    """One group_norm call: forward, then backward for each needs_dx (with dweight / dbias when present)."""
+
+    label: str
+    shape: tuple[int, ...]
+    groups: int
+    dtype: torch.dtype
+    layout: str = "contiguous"  # contiguous, channels_last, offset (data pointer not 16-byte aligned)
+    weight: bool = True
+    bias: bool = True
+    affine_dtype: torch.dtype | None = None  # None: x's dtype
+    silu: bool = True
+    needs_dx: tuple[bool, ...] = (True,)
+    knobs: dict = field(default_factory=dict)  # module constants of genkernels.triton.group_norm
+    workload: tuple[int, ...] = ()  # targets compiling the first launch of each kernel (module docstring)
+
+    def __str__(self) -> str:
+        text = f"{self.label} {tuple(self.shape)} G={self.groups} {str(self.dtype)[6:]} {self.layout}"
+        if not (self.weight and self.bias and self.affine_dtype is None):
+            text += f" w={self.weight} b={self.bias} affine={str(self.affine_dtype or self.dtype)[6:]}"
+        if not self.silu:
+            text += " silu=False"
+        return text + (" forced-split" if self.knobs else "")
+
+
+def calls(gn) -> Iterator[Call]:
+    """The sweep, workloads first. Shapes take the usual flags (weight, bias, silu, every gradient);
+    the flag combinations are swept on one single-pass and one forced-split shape in both layouts,
+    since flags are constexprs independent of the tile shape. Workloads are bfloat16 calls (module
+    docstring)."""
+    from genkernels.bench import group_norm as bench
+    from tests.ops import test_group_norm as suite
+
+    layouts = {"NCHW": "contiguous", "channels_last": "channels_last"}
+    bench_cases = dict.fromkeys((tuple(c.shape), layouts[c.layout], c.dtype) for c in bench.cases())
+    for shape, layout, dtype in bench_cases:
+        yield Call("bench", shape, bench.GROUPS, dtype, layout, workload=ALL_ARCHS if dtype == torch.bfloat16 else ())
+    # Groups of 256 positions at the single-pass limits of the forward and (half of it) the backward:
+    # the largest tiles held in registers.
+    for limit in (gn.SINGLE_PASS_MAX_ELEMENTS, gn.SINGLE_PASS_MAX_ELEMENTS // 2):
+        for layout in ("contiguous", "channels_last"):
+            yield Call("limit", (1, 32 * (limit // 256), 16, 16), 32, torch.bfloat16, layout, workload=MAIN_ARCHS)
+    for shape, groups in suite.GPU_SHAPES:
+        for dtype in ALL_DTYPES:
+            for layout in ("contiguous", "channels_last"):
+                workload = MAIN_ARCHS if dtype == torch.bfloat16 else ()
+                yield Call("gpu-test", shape, groups, dtype, layout, workload=workload)
+    for shape, groups in suite.SHAPES:
+        for dtype in ALL_DTYPES:
+            for layout in ("contiguous", "channels_last", "offset"):
+                yield Call("test", shape, groups, dtype, layout)
+    for shape, groups in suite.SPLIT_SHAPES:
+        for dtype in ALL_DTYPES:
+            for layout in ("contiguous", "channels_last"):
+                yield Call("split", shape, groups, dtype, layout)
+                yield Call("split", shape, groups, dtype, layout, knobs=FORCED_SPLIT)
+    for shape, groups, knobs in (((2, 12, 5, 3), 4, {}), ((2, 12, 33, 31), 3, FORCED_SPLIT)):
+        for dtype in ALL_DTYPES:
+            for layout in ("contiguous", "channels_last"):
+                if dtype != torch.float16:  # compiles as bf16 does but for conversions
+                    for (weight, bias), silu in itertools.product(
+                        ((False, False), (True, False), (False, True), (True, True)), (False, True)
+                    ):
+                        yield Call(
+                            "flags", shape, groups, dtype, layout, weight, bias, None, silu, (True, False), knobs
+                        )
+                if dtype in HALF:  # mixed precision: float32 parameters
+                    yield Call("flags", shape, groups, dtype, layout, affine_dtype=torch.float32, knobs=knobs)
+
+
+def _tensor(shape, dtype, layout):
+    if layout == "offset":
+        return torch.empty(math.prod(shape) + 1, dtype=dtype)[1:].view(shape)
+    x = torch.empty(shape, dtype=dtype)
+    if layout == "channels_last" and x.dim() >= 3:
+        perm = (0, *range(2, x.dim()), 1)
+        inv = (0, x.dim() - 1, *range(1, x.dim() - 1))
+        x = x.permute(perm).contiguous().permute(inv)
+    return x
+
+
+def run_call(gn, call: Call) -> None:
+    """The forward and backward launches of ``call``. (The op layer's dense_layout runs before these
+    functions: the suite's `strided` layout reaches them as a contiguous copy.)"""
+    x = _tensor(call.shape, call.dtype, call.layout)
+    adtype = call.affine_dtype or call.dtype
+    w = torch.empty(call.shape[1], dtype=adtype) if call.weight else None
+    b = torch.empty(call.shape[1], dtype=adtype) if call.bias else None
+    saved = {name: getattr(gn, name) for name in call.knobs}
+    try:
+        for name, value in call.knobs.items():
+            setattr(gn, name, value)
+        _, mean, rstd = gn.group_norm_forward(x, w, b, call.groups, 1e-5, call.silu)
+        dy = torch.empty_like(x)
+        for needs_dx in call.needs_dx:
+            if needs_dx or w is not None or b is not None:  # as autograd asks, for the tensors that exist
+                gn.group_norm_backward(
+                    dy, x, w, b, mean, rstd, call.groups, call.silu, needs_dx, w is not None, b is not None
+                )
+    finally:
+        for name, value in saved.items():
+            setattr(gn, name, value)
+
+
+def _arg_class(value):
+    """How triton specializes a launch argument (pointer dtype and 16-byte alignment; integer width,
+    == 1, multiple of 16), as a JSON-friendly value."""
+    if isinstance(value, torch.Tensor):
+        return f"*{str(value.dtype)[6:]}" + (":16" if value.data_ptr() % 16 == 0 else "")
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        width = "i32" if -(2**31) <= value < 2**31 else "i64"
+        return "1" if value == 1 else width + (":16" if value % 16 == 0 else "")
+    return type(value).__name__
+
+
+def _features(args, kwargs) -> set:
+    """What a launch exercises (see the module docstring, coverage tier)."""
+    singles = [(i, _arg_class(a)) for i, a in enumerate(args)]
+    for name, value in kwargs.items():
+        singles.append((name, value if isinstance(value, bool) else ("1" if value == 1 else "n")))
+    pointers = ("pointers", *(c for c in map(_arg_class, args) if str(c).startswith("*")))
+    flags = [(k, v) for k, v in kwargs.items() if isinstance(v, bool)]
+    return {pointers, *singles, *itertools.combinations(flags, 2)}
+
+
+class Selector:
+    """Chooses the launches to compile for one target (module docstring), deterministically."""
+
+    def __init__(self, arch: int, every: bool = False):
+        self.arch = arch
+        self.coverage = arch in MAIN_ARCHS
+        self.every = every
+        self.chosen: set = set()
+        self.distinct: set = set()
+        self.covered: dict[str, set] = defaultdict(set)
+        self.first_in_call: set = set()
+
+    def new_call(self) -> None:
+        self.first_in_call = set()
+
+    def choose(self, call: Call, name: str, args, kwargs) -> bool:
+        key = (name, tuple(_arg_class(a) for a in args), tuple(sorted(kwargs.items())))
+        first = self.arch in call.workload and name not in self.first_in_call
+        self.first_in_call.add(name)
+        self.distinct.add(key)
+        if key in self.chosen:
+            return False
+        features = _features(args, kwargs)
+        if not (self.every or first or (self.coverage and not features <= self.covered[name])):
+            return False
+        self.chosen.add(key)
+        self.covered[name] |= features
+        return True
+
+
+class _TargetDriver:
+    """Stands in for triton's CUDA driver: reports ``target`` to the compiler and launches nothing.
+    The device index is the arch, so that triton's per-device kernel caches keep targets apart."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def is_active(self) -> bool:
+        return True
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self) -> int:
+        return self.target.arch
+
+    def set_current_device(self, device: int) -> None:
+        pass
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _cuobjdump() -> str | None:
+    """The cuobjdump shipped with triton (or TRITON_CUOBJDUMP_PATH, or on PATH), or None."""
+    import triton
+
+    env = os.environ.get("TRITON_CUOBJDUMP_PATH")
+    if env and os.access(env, os.X_OK):
+        return env
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.access(path, os.X_OK) else shutil.which("cuobjdump")
+
+
+def _resources(cuobjdump: str | None, cubin: bytes, workdir: str) -> dict:
+    """Registers, stack and local-memory bytes of the cubin's kernel: spilled registers live on the
+    stack, in local memory, so both are 0 in a kernel that does not spill."""
+    if cuobjdump is None:
+        return {}
+    path = os.path.join(workdir, "kernel.cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    usage = {}
+    for key, name in (("REG", "registers"), ("STACK", "stack_bytes"), ("LOCAL", "local_bytes")):
+        match = re.search(rf"\b{key}:(\d+)", out)
+        if match:
+            usage[name] = int(match.group(1))
+    return usage
+
+
+def _accesses(ptx: str, op: str) -> list[str]:
+    """Distinct global loads or stores of the PTX by vector form and width: 'v4.b32', 'b16', ..."""
+    forms = set()
+    for match in re.finditer(rf"\b{op}\.global((?:\.[a-z0-9_]+)*)", ptx):
+        parts = [p for p in match.group(1).split(".") if re.fullmatch(r"v\d|[bufs]\d+", p)]
+        forms.add(".".join(parts))
+    return sorted(forms)
+
+
+class _Launcher:
+    """Replaces a kernel in the module: ``launcher[grid](*args, **kwargs)`` calls ``on_launch``."""
+
+    def __init__(self, name, kernel, on_launch):
+        self.name, self.kernel, self.on_launch = name, kernel, on_launch
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.on_launch(self.name, self.kernel, grid, args, kwargs)
+
+
+def _check_toolchain(arch: int) -> None:
+    """Compile a trivial kernel for the target and read what the report needs, so that a triton this
+    harness cannot drive skips the test instead of failing it as if the group_norm kernels were wrong."""
+    try:
+        compiled = _canary_kernel.warmup(torch.empty(64), 64, BLOCK=64, grid=(1,))
+        _ = compiled.asm["ptx"], compiled.asm["cubin"], compiled.hash, compiled.metadata.num_warps
+        _ = compiled.metadata.shared
+    except Exception as error:
+        raise Unsupported(
+            f"triton {triton.__version__} cannot compile a trivial kernel for sm_{arch} this way: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+
+
+def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run: bool, every: bool) -> dict:
+    if triton is None:
+        raise Unsupported("triton is not installed")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.runtime import driver
+        from triton.runtime.jit import JITFunction
+    except ImportError as error:
+        raise Unsupported(f"this triton lacks an API the harness uses ({error})") from error
+    if not hasattr(driver, "set_active") or not hasattr(JITFunction, "warmup"):
+        raise Unsupported(f"triton {triton.__version__} has no driver.set_active / JITFunction.warmup")
+
+    import genkernels.triton._common as common
+    import genkernels.triton.group_norm as gn
+
+    if gn.triton is None:
+        raise Unsupported("genkernels cannot import triton")
+    for name in ("FALLBACK_SM_COUNT", "FALLBACK_L2_BYTES"):
+        if not hasattr(common, name):
+            raise RuntimeError(f"genkernels.triton._common.{name} is gone: update this harness")
+    kernels = {name: getattr(gn, name) for name in dir(gn) if name.endswith("_kernel")}
+    for name, kernel in kernels.items():
+        if not isinstance(kernel, JITFunction):
+            raise RuntimeError(f"{name} is a {type(kernel).__name__}, not a JITFunction")
+
+    cuobjdump = _cuobjdump()
+    variants: dict[tuple, dict] = {}
+    failures: dict[tuple, dict] = {}
+    counts = {"launches": 0, "distinct": 0, "chosen": 0}
+    index = itertools.count()
+    state = {}
+
+    def on_launch(name, kernel, grid, args, kwargs):
+        arch, call, selector = state["arch"], state["call"], state["selector"]
+        counts["launches"] += 1
+        if not selector.choose(call, name, args, kwargs):
+            return
+        counts["chosen"] += 1
+        if next(index) % shards != shard or dry_run:
+            return
+        try:
+            start = time.perf_counter()
+            compiled = kernel.warmup(*args, grid=grid, **kwargs)
+            seconds = time.perf_counter() - start
+        except Exception as error:  # a compile error: reported with the launch that caused it
+            message = f"{type(error).__name__}: {error}"
+            failure = failures.setdefault(
+                (arch, name, message[:4000]),
+                {"kernel": name, "arch": arch, "error": message, "traceback": traceback.format_exc(), "calls": []},
+            )
+            failure["calls"].append(str(call))
+            return
+        key = (arch, name, compiled.hash)
+        if key in variants:
+            return
+        ptx = compiled.asm["ptx"]
+        variants[key] = {
+            "kernel": name,
+            "arch": arch,
+            "tier": "workload" if arch in call.workload else "coverage",
+            "call": str(call),
+            "bench_bf16": call.label == "bench" and call.dtype == torch.bfloat16,
+            "args": [_arg_class(a) for a in args],
+            "constexprs": kwargs,
+            "num_warps": compiled.metadata.num_warps,
+            "shared_bytes": compiled.metadata.shared,
+            "max_shared_bytes": MAX_SHARED_BYTES[arch],
+            "compile_s": round(seconds, 3),
+            "loads": _accesses(ptx, "ld"),
+            "stores": _accesses(ptx, "st"),
+            **_resources(cuobjdump, compiled.asm["cubin"], workdir),
+        }
+
+    try:
+        for name, kernel in kernels.items():
+            setattr(gn, name, _Launcher(name, kernel, on_launch))
+        for arch in archs:
+            common.FALLBACK_SM_COUNT, common.FALLBACK_L2_BYTES = PROFILES[arch]
+            driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
+            if not dry_run:
+                _check_toolchain(arch)
+            state.update(arch=arch, selector=Selector(arch, every))
+            for call in calls(gn):
+                state["call"] = call
+                state["selector"].new_call()
+                run_call(gn, call)
+            counts["distinct"] += len(state["selector"].distinct)
+    finally:
+        for name, kernel in kernels.items():
+            setattr(gn, name, kernel)
+    return {
+        "triton": triton.__version__,
+        "resources_read": cuobjdump is not None,
+        **counts,
+        "variants": list(variants.values()),
+        "failures": list(failures.values()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", required=True, help="where to write the JSON report")
+    parser.add_argument("--arch", type=int, action="append", choices=sorted(PROFILES), help="default: all")
+    parser.add_argument("--shard", default="0/1", help="I/N: compile every Nth chosen launch from the Ith")
+    parser.add_argument("--dry-run", action="store_true", help="choose launches, compile nothing")
+    parser.add_argument("--every", action="store_true", help="compile every distinct specialization (minutes)")
+    args = parser.parse_args(argv)
+    shard, shards = map(int, args.shard.split("/"))
+    workdir = tempfile.mkdtemp(prefix="genkernels-compile-")
+    # Nothing is cached across runs: a fresh triton cache, deleted at exit.
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(workdir, "cache")
+    start = time.perf_counter()
+    try:
+        report = compile_all(
+            args.arch or sorted(PROFILES, reverse=True), shard, shards, workdir, args.dry_run, args.every
+        )
+    except Unsupported as reason:
+        report = {"skip": str(reason)}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    with open(args.report, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
