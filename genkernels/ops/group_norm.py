@@ -209,6 +209,7 @@ class _GroupNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # second order: an explicit error, never a silent zero
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         needs = ctx.needs_input_grad
@@ -348,7 +349,8 @@ def group_norm(
             An explicit backend that cannot run the call raises UnsupportedError.
 
     Statistics accumulate in float32. Differentiable in x, weight and bias; the triton
-    and cuda backends run fused backward kernels.
+    and cuda backends run fused backward kernels, first order only (a second derivative
+    through them raises; the reference backend differentiates to any order).
     """
     _check(x, groups, weight, bias, eps, activation)
     silu = activation == "silu"

@@ -179,6 +179,18 @@ def test_reference_double_backward_is_exact():
     assert torch.autograd.gradcheck(lambda *a: group_norm_reference(a[0], 3, a[1], a[2], activation="silu"), args)
 
 
+@pytest.mark.parametrize("backend", FAST)
+def test_double_backward_is_refused(backend, device):
+    """The fused backward is first-order only: asking for more raises instead of dropping terms."""
+    x, w, b = _inputs((2, 6, 3, 4), torch.float32, device)
+    _skip_unsupported(backend, (x, 3, w, b, 1e-5, "silu"))
+    x.requires_grad_(True)
+    y = group_norm(x, 3, w, b, activation="silu", backend=backend)
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dx.sum().backward()
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 def test_opcheck(backend, device):
     x, w, b = _inputs((2, 6, 3, 4), torch.float32, device)
