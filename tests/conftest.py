@@ -5,6 +5,7 @@ test module imports genkernels.
 """
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -21,6 +22,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """Fresh random inputs in every test, from a seed derived from its name: a failure reproduces.
+
+    GENKERNELS_TEST_SEED=k shifts every seed, to run the suite on other inputs.
+    """
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("GENKERNELS_TEST_SEED", "0")))
 
 
 @pytest.fixture

@@ -19,7 +19,9 @@ DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytes
 # (shape, groups): odd channel counts, H*W = 1, 2-D, 3-D and 5-D inputs.
 SHAPES = [
     ((2, 15, 4, 4), 3),  # 3 groups x 5 channels
-    ((3, 8, 1, 1), 4),  # H*W = 1
+    # H*W = 1, 4 values a group. (With 2, xhat is +-1 whatever x is, dx is eps-driven rounding noise in
+    # every implementation, and comparing noise to noise fails the criterion by chance.)
+    ((3, 8, 1, 1), 2),
     ((2, 6, 7), 2),  # 3-D
     ((2, 4, 3, 5, 2), 2),  # 5-D
     ((3, 6), 3),  # (N, C)
