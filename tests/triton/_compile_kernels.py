@@ -1,4 +1,4 @@
-"""Compile the launches of the triton group_norm kernels for real GPU targets, on a machine without a GPU.
+"""Compile the launches of the triton group_norm and attention kernels for real GPU targets, on a machine without a GPU.
 
 Run by ``tests/triton/test_compile.py`` in subprocesses, because triton reads ``TRITON_INTERPRET`` when it
 decorates kernels and the test process has it set; here it must be unset so that the kernels are real
@@ -25,6 +25,11 @@ compile in a test. So launches are chosen, deterministically and from their argu
 - coverage, on sm_90 only: any other launch that brings something new for its kernel: a pointer
   signature (dtypes and 16-byte alignment), a class of any single argument or constexpr (integers equal
   to 1, multiples of 16 or neither; tile sizes of 1 or more; each flag value), or a pair of flag values.
+
+Attention launches (genkernels.triton.attention) are chosen the same way from ``attention_calls``: the
+workloads are the bf16 calls with a causal mask and a key padding mask, the variant with the most live
+values, for every head dim of the sweep on every target; the other flag combinations, fp16 and fp32 go
+through the coverage tier.
 
 ``--every`` compiles every distinct specialization instead (minutes; for a GPU machine's many cores).
 
@@ -158,6 +163,49 @@ def calls(gn) -> Iterator[Call]:
                         )
                 if dtype in HALF:  # mixed precision: float32 parameters
                     yield Call("flags", shape, groups, dtype, layout, affine_dtype=torch.float32, knobs=knobs)
+
+
+ATTENTION_HEAD_DIMS = (40, 64, 80, 128, 256)
+
+
+@dataclass
+class AttentionCall:
+    """One attention call, forward then backward, on (B, Hq, L, D) queries and (B, Hkv, L, D) keys."""
+
+    head_dim: int
+    dtype: torch.dtype
+    causal: bool
+    mask: bool
+    workload: tuple[int, ...] = ()
+    label: str = "attention"
+    shape: tuple[int, int, int, int] = (2, 8, 2, 1024)  # B, Hq, Hkv, L: GQA, lengths as in diffusion models
+
+    def __str__(self) -> str:
+        b, hq, hkv, length = self.shape
+        return (
+            f"attention B={b} Hq={hq} Hkv={hkv} L={length} D={self.head_dim} {str(self.dtype)[6:]}"
+            f"{' causal' if self.causal else ''}{' key_padding_mask' if self.mask else ''}"
+        )
+
+
+def attention_calls() -> Iterator[AttentionCall]:
+    """The attention sweep, workloads first (module docstring)."""
+    for d in ATTENTION_HEAD_DIMS:
+        yield AttentionCall(d, torch.bfloat16, True, True, workload=ALL_ARCHS)
+    for d, dtype, causal, mask in itertools.product(ATTENTION_HEAD_DIMS, HALF, (False, True), (False, True)):
+        if not (dtype == torch.bfloat16 and causal and mask):
+            yield AttentionCall(d, dtype, causal, mask)
+    yield AttentionCall(64, torch.float32, True, True)  # float32 runs the delta kernel
+
+
+def run_attention_call(at, call: AttentionCall) -> None:
+    """The forward and backward launches of ``call``."""
+    b, hq, hkv, length = call.shape
+    q = torch.empty((b, hq, length, call.head_dim), dtype=call.dtype)
+    k = torch.empty((b, hkv, length, call.head_dim), dtype=call.dtype)
+    mask = torch.zeros((b, length), dtype=torch.bool) if call.mask else None
+    out, lse = at.attention_forward(q, k, k, call.causal, 0.125, mask)
+    at.attention_backward(out, q, k, k, out, lse, call.causal, 0.125, mask)
 
 
 def _tensor(shape, dtype, layout):
@@ -347,17 +395,23 @@ def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run
         raise Unsupported(f"triton {triton.__version__} has no driver.set_active / JITFunction.warmup")
 
     import genkernels.triton._common as common
+    import genkernels.triton.attention as at
     import genkernels.triton.group_norm as gn
 
     if gn.triton is None:
         raise Unsupported("genkernels cannot import triton")
-    for name in ("FALLBACK_SM_COUNT", "FALLBACK_L2_BYTES"):
-        if not hasattr(common, name):
-            raise RuntimeError(f"genkernels.triton._common.{name} is gone: update this harness")
-    kernels = {name: getattr(gn, name) for name in dir(gn) if name.endswith("_kernel")}
-    for name, kernel in kernels.items():
+    for module, name in ((common, "FALLBACK_SM_COUNT"), (common, "FALLBACK_L2_BYTES"), (at, "FALLBACK_ARCH")):
+        if not hasattr(module, name):
+            raise RuntimeError(f"{module.__name__}.{name} is gone: update this harness")
+    # (module, name, kernel) of every kernel, and the calls that launch them.
+    kernels = [(m, name, getattr(m, name)) for m in (gn, at) for name in dir(m) if name.endswith("_kernel")]
+    for _, name, kernel in kernels:
         if not isinstance(kernel, JITFunction):
             raise RuntimeError(f"{name} is a {type(kernel).__name__}, not a JITFunction")
+    sweeps = (
+        (lambda: calls(gn), lambda call: run_call(gn, call)),
+        (attention_calls, lambda call: run_attention_call(at, call)),
+    )
 
     cuobjdump = _cuobjdump()
     variants: dict[tuple, dict] = {}
@@ -407,23 +461,27 @@ def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run
             **_resources(cuobjdump, compiled.asm["cubin"], workdir),
         }
 
+    saved_arch = at.FALLBACK_ARCH
     try:
-        for name, kernel in kernels.items():
-            setattr(gn, name, _Launcher(name, kernel, on_launch))
+        for module, name, kernel in kernels:
+            setattr(module, name, _Launcher(name, kernel, on_launch))
         for arch in archs:
             common.FALLBACK_SM_COUNT, common.FALLBACK_L2_BYTES = PROFILES[arch]
+            at.FALLBACK_ARCH = arch
             driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
             if not dry_run:
                 _check_toolchain(arch)
             state.update(arch=arch, selector=Selector(arch, every))
-            for call in calls(gn):
-                state["call"] = call
-                state["selector"].new_call()
-                run_call(gn, call)
+            for make_calls, run in sweeps:
+                for call in make_calls():
+                    state["call"] = call
+                    state["selector"].new_call()
+                    run(call)
             counts["distinct"] += len(state["selector"].distinct)
     finally:
-        for name, kernel in kernels.items():
-            setattr(gn, name, kernel)
+        at.FALLBACK_ARCH = saved_arch
+        for module, name, kernel in kernels:
+            setattr(module, name, kernel)
     return {
         "triton": triton.__version__,
         "resources_read": cuobjdump is not None,

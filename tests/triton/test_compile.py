@@ -1,17 +1,20 @@
-"""The Triton group_norm kernels compile for real GPUs (sm_90, sm_80), checked on a machine without one.
+"""The Triton group_norm and attention kernels compile for real GPUs (sm_90, sm_80), checked on a machine without one.
 
 Why this exists: without a GPU the suite runs the Triton kernels under ``TRITON_INTERPRET=1``, and the
 interpreter accepts code the compiler rejects (a loop-variable type error got through that way once);
 it also says nothing about registers, spills or load widths. Triton's compiler
 needs no GPU, so this compiles the launches that real ``group_norm`` calls make, for the test suite's
-shapes and for the benchmark's, and checks the result: everything compiles, no kernel spills registers
-(beyond the known cases below), shared memory fits, and the benchmark's bf16 loads are vectorized.
+shapes and for the benchmark's, and those of ``attention`` calls (head dims 40 to 256 in bf16 and fp16,
+causal or not, with or without a key padding mask, and one fp32 call), and checks the result: everything
+compiles, no kernel spills registers (beyond the known cases below), shared memory fits, and the
+benchmark's bf16 loads are vectorized.
 
 The work runs in subprocesses (``tests/triton/_compile_kernels.py``, which explains how launches are
 chosen and compiled) because triton reads ``TRITON_INTERPRET`` when it decorates a kernel and the
 conftest has set it in this process. A triton that cannot be driven that way makes the tests skip.
-Run with ``-s`` to see the registers / spills table. By default about 230 chosen launches compile (under a
-minute on 2 cores); ``GENKERNELS_COMPILE_EVERY=1`` compiles all ~2,300 distinct specializations instead.
+Run with ``-s`` to see the registers / spills table. By default about 275 chosen launches compile (230 of
+group_norm, under a minute on 2 cores, and 45 of attention, about 40 s more: each attention kernel takes
+seconds of ptxas); ``GENKERNELS_COMPILE_EVERY=1`` compiles all ~2,500 distinct specializations instead.
 """
 
 from __future__ import annotations
@@ -204,3 +207,19 @@ def test_benchmark_bf16_loads_are_vectorized(report):
         if max(map(_bytes, v["loads"]), default=0) < wanted:
             bad.append(f"sm_{v['arch']} {v['kernel']}: loads {v['loads']}, want {wanted} B ({v['call']})")
     assert not bad, "scalar global loads on benchmark shapes:\n" + "\n".join(bad)
+
+
+# The attention sweep of the harness (ATTENTION_HEAD_DIMS there; the harness module cannot be imported
+# here, where TRITON_INTERPRET is set).
+ATTENTION_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel")
+ATTENTION_HEAD_DIMS = (40, 64, 80, 128, 256)
+
+
+def test_attention_launches_compiled(report):
+    """Each attention kernel compiled for each head dim on each target, in bf16 with the causal and key
+    padding masks (the variant with the most live values, so the one closest to spilling), and the
+    float32-only delta kernel once: the sweep still reaches the attention launches."""
+    compiled = {(v["arch"], v["kernel"], v["constexprs"].get("HEAD_DIM")) for v in report["variants"]}
+    wanted = {(arch, k, d) for arch in (90, 80) for k in ATTENTION_KERNELS for d in ATTENTION_HEAD_DIMS}
+    assert not wanted - compiled, f"attention launches not compiled: {sorted(wanted - compiled)}"
+    assert any(v["kernel"] == "_attn_bwd_delta_kernel" for v in report["variants"])

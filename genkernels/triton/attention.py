@@ -1,0 +1,850 @@
+"""Scaled dot-product attention, forward and backward, in Triton (the FlashAttention-2 algorithm).
+
+Shapes. q: (B, Hq, Lq, D); k, v: (B, Hkv, Lkv, D) with Hq a multiple of Hkv: query head h reads kv
+head h // (Hq / Hkv), by indexing (k and v are never repeated). Any B, H, L strides work (a
+transposed view of a (B, L, H, D) tensor, k and v expanded along B with stride 0); the last
+stride is 1. Head dims 1 to 256: tiles are padded to BLOCK_D = max(16, next_pow2(D)) columns by
+masked loads inside the kernels, so nothing is copied to pad. Outputs are contiguous.
+
+Forward, per query row i with allowed(i, j) = not key_padding_mask[b, j] and (not causal or
+j <= i + Lkv - Lq) (causal is aligned bottom-right):
+
+    s_ij = scale * q_i . k_j,   lse_i = log sum_{allowed j} exp(s_ij),   out_i = sum_j exp(s_ij - lse_i) v_j
+
+computed by an online softmax over key blocks in float32, in base 2 (scale * log2(e) is folded
+into one multiplier, so each score costs one exp2). A row with no allowed key keeps a running max
+of -inf; the max used to shift is then 0 instead of -inf, so no -inf - -inf is formed, and the
+row ends with out = 0 and lse = -inf.
+
+Backward (recomputing p from q, k and lse, never storing it), with delta_i = sum_d dout_id out_id
+= sum_j p_ij dp_ij:
+
+    p_ij = exp(s_ij - lse_i) where allowed, else exactly 0;  dp_ij = dout_i . v_j
+    ds_ij = p_ij (dp_ij - delta_i);  dq_i = scale sum_j ds_ij k_j
+    dk_j = scale sum_{h in group} sum_i ds_ij q_i;   dv_j = sum_{h in group} sum_i p_ij dout_i
+
+For 16-bit inputs delta is not taken from out: out was rounded to 8 or 11 bits, and the error
+dout . (rounding of out) enters every ds of the row; with scores in the hundreds (peaked softmax,
+large k) it exceeds the rounding of dq and dk themselves, several times over. delta is then summed
+from the float32 p and dp of a first pass over the keys. Four kernels, none with atomics (results
+are bitwise reproducible):
+
+- ``_attn_fwd_kernel``, grid (cdiv(Lq, BLOCK_M), B * Hq): a query block in registers, K and V
+  blocks streamed. Traffic: q read once; k and v read once per query block (cdiv(Lq, BLOCK_M)
+  times per query head, mostly from L2); out (2 or 4 bytes) and lse (4 bytes) written once per
+  element. FLOPs: 4 Lq Lkv D per (b, h) (two dots), about half of that when causal.
+- ``_attn_bwd_delta_kernel`` (float32 inputs), grid (cdiv(Lq, BLOCK_M), B * Hq): delta from out
+  and dout. Traffic: out and dout read once, 4 bytes per row written; 2 Lq D FLOPs per (b, h).
+- ``_attn_bwd_dq_kernel``, grid (cdiv(Lq, BLOCK_M), B * Hq): one query block's dq, looping over
+  key blocks; for 16-bit inputs a first loop sums delta (and stores it for the next kernel).
+  Traffic: q, dout, lse read once, delta read (or written) once, dq written once; k and v read
+  once per query block per loop. FLOPs: 6 Lq Lkv D per query head (s, dp, dq dots), plus 4 Lq Lkv D
+  for the delta loop of 16-bit inputs.
+- ``_attn_bwd_dkdv_kernel``, grid (cdiv(Lkv, BLOCK_N), B * Hkv): one key block's dk and dv in
+  float32 registers, looping over the Hq / Hkv query heads of its group and their query blocks.
+  Traffic: k and v read once, dk and dv written once; q, dout, lse, delta read once per key
+  block. FLOPs: 8 Lq Lkv D per query head (s, dv, dp, dk dots).
+
+The backward thus computes 14 Lq Lkv D per query head (3.5 times the forward; s and dp are
+computed once per kernel, so that neither kernel needs atomics), 18 Lq Lkv D for 16-bit inputs.
+
+Causal launches skip key (or query) blocks that the mask removes entirely, by their loop bounds.
+The forward and dq kernels split the remaining key blocks into those crossing the diagonal or the
+end of the keys, which apply the masks, and those fully inside, which do not. The dk/dv kernel
+applies the causal mask to each visible query block: a second, unmasked copy of its loop pushed
+it past 255 registers (sm_90, d128), and one compare-and-select per score is cheap next to its
+four dots. The key padding mask is a (B, Lkv) uint8 view of the bool mask, read one key block
+at a time.
+
+Precision. All dots accumulate in float32. 16-bit inputs: p and ds are cast to the input dtype
+before their dots, as the tensor cores take them. float32 inputs: dots are IEEE float32 (no
+TF32), so float32 results meet the float32 test criterion.
+
+Launch configurations come from :data:`CONFIGS` (see there); nothing is autotuned, so the same
+shapes always give the same launches and the same bits.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor
+
+from genkernels.triton._common import cdiv, interpreting, next_power_of_2, on_device, tl, triton, triton_unavailable
+
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+# tl.dot took ``allow_tf32`` before ``input_precision`` replaced it; both spell "no TF32".
+_DOT_INPUT_PRECISION = triton is not None and "input_precision" in inspect.signature(tl.dot).parameters
+
+# (arch, BLOCK_D, element bytes, kernel) -> (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_D is
+# 64 for every head dim up to 64 (smaller tiles only lower register and shared-memory use).
+# arch 90: sm_90 and sm_100 (227 KB of shared memory per block; on sm_90 tl.dot becomes wgmma with
+# 4 or 8 warps). arch 80: sm_80 / sm_87 (163 KB, mma.sync). arch 86: every other GPU, with the
+# 99 KB of sm_86 / sm_89 / sm_120 or more.
+#
+# Sizing, 16-bit inputs. Every kernel keeps one [rows, BLOCK_D] float32 accumulator per output
+# (the forward's acc, dq; dk and dv) and pipelines num_stages blocks of the streamed operands
+# through shared memory. Forward: q [BLOCK_M, BLOCK_D] and acc stay put, K and V stream: shared
+# memory about (BLOCK_M + 2 num_stages BLOCK_N) BLOCK_D 2 bytes (d128 on sm_90, 128 / 64 / 3
+# stages: 128 KB); acc is BLOCK_M BLOCK_D / (32 num_warps) registers a thread (64 at d128).
+# dk/dv: k, v, dk, dv [BLOCK_N, BLOCK_D] stay put, q and dout stream; with four resident tiles
+# it is the register-bound kernel, hence BLOCK_M 32 and BLOCK_N 128 only up to d64; at d256 the
+# dk, dv tiles leave no room for a 64-row wgmma tile, so it runs 32 x 32 mma tiles. dq: q, dout,
+# dq stay put and BLOCK_N is small. Each entry was compiled for its target (ptxas: no spills,
+# at most 255 registers; see tests/triton/test_compile.py).
+#
+# float32 inputs: IEEE float32 dots have no tensor-core path; they become FMA loops whose
+# operand slices live in registers, so tiles are kept to BLOCK_M BLOCK_N BLOCK_D <= 2^14 a warp;
+# they are the same on every target (at most 67 KB of shared memory).
+_FP32_CONFIGS = {
+    (64, "fwd"): (64, 32, 8, 2),
+    (128, "fwd"): (32, 32, 8, 2),
+    (256, "fwd"): (32, 16, 8, 2),
+    (64, "dkdv"): (16, 32, 8, 2),
+    (128, "dkdv"): (16, 32, 8, 2),
+    (256, "dkdv"): (16, 16, 8, 2),
+    (64, "dq"): (32, 32, 4, 2),
+    (128, "dq"): (32, 16, 8, 2),
+    (256, "dq"): (16, 16, 8, 2),
+}
+CONFIGS: dict[tuple[int, int, int, str], tuple[int, int, int, int]] = {
+    (90, 64, 2, "fwd"): (128, 128, 8, 3),
+    (90, 128, 2, "fwd"): (128, 64, 8, 3),
+    (90, 256, 2, "fwd"): (128, 32, 8, 2),
+    (90, 64, 2, "dkdv"): (32, 128, 8, 3),
+    (90, 128, 2, "dkdv"): (32, 64, 8, 2),
+    (90, 256, 2, "dkdv"): (32, 32, 8, 2),
+    (90, 64, 2, "dq"): (128, 32, 8, 3),
+    (90, 128, 2, "dq"): (128, 32, 8, 2),
+    (90, 256, 2, "dq"): (64, 32, 8, 2),
+    (80, 64, 2, "fwd"): (64, 64, 4, 2),
+    (80, 128, 2, "fwd"): (128, 32, 8, 2),
+    (80, 256, 2, "fwd"): (64, 32, 8, 2),
+    (80, 64, 2, "dkdv"): (16, 64, 8, 2),
+    (80, 128, 2, "dkdv"): (32, 64, 8, 2),
+    (80, 256, 2, "dkdv"): (32, 32, 8, 1),
+    (80, 64, 2, "dq"): (64, 32, 8, 2),
+    (80, 128, 2, "dq"): (64, 32, 4, 2),
+    (80, 256, 2, "dq"): (64, 16, 8, 2),
+    (86, 64, 2, "fwd"): (64, 64, 4, 2),
+    (86, 128, 2, "fwd"): (64, 64, 4, 2),
+    (86, 256, 2, "fwd"): (64, 32, 8, 1),
+    (86, 64, 2, "dkdv"): (16, 64, 8, 2),
+    (86, 128, 2, "dkdv"): (32, 64, 8, 1),
+    (86, 256, 2, "dkdv"): (32, 32, 8, 1),
+    (86, 64, 2, "dq"): (64, 32, 4, 2),
+    (86, 128, 2, "dq"): (64, 32, 4, 1),
+    (86, 256, 2, "dq"): (64, 16, 8, 1),
+    **{(arch, block_d, 4, kernel): c for arch in (90, 80, 86) for (block_d, kernel), c in _FP32_CONFIGS.items()},
+}
+# Under the interpreter every program runs serially on the CPU: small tiles, and unequal ones, as on
+# the GPU (BLOCK_M > BLOCK_N for fwd and dq, BLOCK_M < BLOCK_N for dk/dv), so that the causal
+# block bounds are exercised with tiles that do not line up.
+_INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)}
+# The delta kernel is elementwise: rows per program, so that a thread of its 4 warps holds at
+# most 32 elements of each of out and dout.
+_DELTA_ELEMENTS = 4096
+
+
+# The CONFIGS arch class used where the device cannot be queried (CPU under the interpreter, or
+# the compile check, which sets it to the target it compiles for).
+FALLBACK_ARCH = 90
+
+
+def _arch(device: torch.device) -> int:
+    """The CONFIGS arch class of ``device`` (FALLBACK_ARCH when it is not a CUDA device)."""
+    if device.type != "cuda":
+        return FALLBACK_ARCH
+    major, minor = torch.cuda.get_device_capability(device)
+    if major in (9, 10):
+        return 90
+    return 80 if (major, minor) in ((8, 0), (8, 7)) else 86
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, next_power_of_2(head_dim))
+
+
+def _config(q: Tensor, kernel: str) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` ("fwd", "dkdv", "dq") for q."""
+    if interpreting():
+        return _INTERPRETER_CONFIGS[kernel]
+    return CONFIGS[(_arch(q.device), max(64, _block_d(q.shape[-1])), q.element_size(), kernel)]
+
+
+def not_supported(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    key_padding_mask: Tensor | None,
+    needs_grad: bool,
+) -> str | None:
+    """Why the triton backend cannot run this attention call, or None when it can.
+
+    The op has validated shapes and devices; what remains is whether triton can run on q's
+    device, the dtype and the head dim (the kernels pad D to a power of two up to 256). The
+    backward runs wherever the forward does, so ``needs_grad`` changes nothing."""
+    reason = triton_unavailable(q)
+    if reason is not None:
+        if triton is None:
+            return reason
+        return f"q is on {q.device.type}: the triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 for testing)"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"q is {q.dtype}: the triton backend supports float16, bfloat16 and float32"
+    head_dim = q.shape[-1]
+    if head_dim > MAX_HEAD_DIM:
+        return f"head dim {head_dim}: the triton backend supports head dims up to {MAX_HEAD_DIM}"
+    return None
+
+
+def _mask_arg(key_padding_mask: Tensor | None, q: Tensor) -> Tensor:
+    """The key padding mask as uint8 (same bytes as bool), or q as a never-read placeholder."""
+    return key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
+
+
+def _bh_strides(x: Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, key_padding_mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """softmax(scale * q k^T + mask) v and its row log-sum-exp, in one pass over the keys.
+
+    q: (B, Hq, Lq, D); k, v: (B, Hkv, Lkv, D), Hq % Hkv == 0; fp16, bf16 or fp32, one dtype;
+    stride(-1) == 1, other strides arbitrary. key_padding_mask: None or contiguous bool
+    (B, Lkv), True for keys to ignore. causal: key j allowed for query i iff j <= i + Lkv - Lq.
+    Returns out (B, Hq, Lq, D) contiguous in q's dtype (0 for rows with no allowed key) and lse
+    (B, Hq, Lq) contiguous float32, natural log (-inf for those rows).
+    """
+    b, hq, lq, d = q.shape
+    hkv, lkv = k.shape[1], k.shape[2]
+    out = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
+    block_m, block_n, num_warps, num_stages = _config(q, "fwd")
+    with on_device(q):
+        _attn_fwd_kernel[(cdiv(lq, block_m), b * hq)](
+            q,
+            k,
+            v,
+            _mask_arg(key_padding_mask, q),
+            out,
+            lse,
+            *_bh_strides(q),
+            *_bh_strides(k),
+            *_bh_strides(v),
+            hq,
+            hq // hkv,
+            lq,
+            lkv,
+            scale * _LOG2E,
+            CAUSAL=causal,
+            HAS_MASK=key_padding_mask is not None,
+            HEAD_DIM=d,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=_block_d(d),
+            INPUT_PRECISION=_DOT_INPUT_PRECISION,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
+    return out, lse
+
+
+def attention_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+    key_padding_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of :func:`attention_forward` given dout = dL/dout.
+
+    dout: like out (any B, H, L strides, stride(-1) == 1); out, lse: the forward's results;
+    q, k, v, causal, scale, key_padding_mask: the forward's arguments. Returns dq contiguous in
+    q's shape and dtype, dk and dv contiguous in k's shape and dtype (summed over the query heads
+    that share a kv head). Rows with no allowed key get zero gradients. Deterministic.
+    """
+    b, hq, lq, d = q.shape
+    hkv, lkv = k.shape[1], k.shape[2]
+    dq = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
+    dk = torch.empty((b, hkv, lkv, d), device=q.device, dtype=k.dtype)
+    dv = torch.empty((b, hkv, lkv, d), device=q.device, dtype=v.dtype)
+    delta = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
+    block_d = _block_d(d)
+    mask = _mask_arg(key_padding_mask, q)
+    common = dict(
+        CAUSAL=causal,
+        HAS_MASK=key_padding_mask is not None,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        INPUT_PRECISION=_DOT_INPUT_PRECISION,
+    )
+    sizes = (hq, hkv, lq, lkv, scale, scale * _LOG2E)
+    strides = (*_bh_strides(q), *_bh_strides(k), *_bh_strides(v), *_bh_strides(dout))
+    # 16-bit out is rounded: delta from it is off by dout . (rounding of out), which enters every
+    # ds of the row and, with large scores, exceeds the rounding of dq itself; such calls take
+    # delta = sum_j p_ij dp_ij from the dq kernel's first pass over the keys instead.
+    delta_from_keys = q.element_size() < 4
+    with on_device(q):
+        if not delta_from_keys:
+            block_rows = 16 if interpreting() else max(16, min(64, _DELTA_ELEMENTS // block_d))
+            _attn_bwd_delta_kernel[(cdiv(lq, block_rows), b * hq)](
+                out,
+                dout,
+                delta,
+                *_bh_strides(out),
+                *_bh_strides(dout),
+                hq,
+                lq,
+                HEAD_DIM=d,
+                BLOCK_M=block_rows,
+                BLOCK_D=block_d,
+                num_warps=4,
+            )
+        block_m, block_n, num_warps, num_stages = _config(q, "dq")
+        _attn_bwd_dq_kernel[(cdiv(lq, block_m), b * hq)](
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            mask,
+            dq,
+            *strides,
+            *sizes,
+            DELTA_FROM_KEYS=delta_from_keys,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            **common,
+        )
+        block_m, block_n, num_warps, num_stages = _config(q, "dkdv")
+        _attn_bwd_dkdv_kernel[(cdiv(lkv, block_n), b * hkv)](
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            mask,
+            dk,
+            dv,
+            *strides,
+            *sizes,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            **common,
+        )
+    return dq, dk, dv
+
+
+if triton is not None:  # the kernels exist only where triton imports; not_supported says why not
+
+    @triton.jit
+    def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
+        """acc + a @ b in float32 (acc updated in place by the tensor cores); float32 operands in
+        IEEE float32, never TF32."""
+        if INPUT_PRECISION:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc, allow_tf32=False)
+
+    @triton.jit
+    def _load_rows(
+        base,
+        row0,
+        rows,
+        stride,
+        ROWS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        CHECK_ROWS: tl.constexpr,
+        TRANSPOSED: tl.constexpr,
+    ):
+        """Rows row0 .. row0 + ROWS of a (rows, HEAD_DIM) matrix with row stride ``stride``, as a
+        [ROWS, BLOCK_D] tile ([BLOCK_D, ROWS] when TRANSPOSED), zero beyond HEAD_DIM and, when
+        CHECK_ROWS, beyond ``rows``. The block's start is added in 64 bits, the offsets inside
+        the tile in 32."""
+        r = tl.arange(0, ROWS)
+        c = tl.arange(0, BLOCK_D)
+        base = base + tl.cast(row0, tl.int64) * stride
+        if TRANSPOSED:
+            ptrs = base + r[None, :] * stride + c[:, None]
+            mask = (c < HEAD_DIM)[:, None] & ((row0 + r < rows) | (not CHECK_ROWS))[None, :]
+        else:
+            ptrs = base + r[:, None] * stride + c[None, :]
+            mask = ((row0 + r < rows) | (not CHECK_ROWS))[:, None] & (c < HEAD_DIM)[None, :]
+        if CHECK_ROWS or HEAD_DIM < BLOCK_D:
+            return tl.load(ptrs, mask=mask, other=0.0)
+        else:
+            return tl.load(ptrs)
+
+    @triton.jit
+    def _kept_keys(mask_row, offs_n, lkv, HAS_MASK: tl.constexpr):
+        """True for the keys offs_n [BLOCK_N] the padding mask keeps (all when there is none)."""
+        if HAS_MASK:
+            return tl.load(mask_row + offs_n, mask=offs_n < lkv, other=1) == 0
+        else:
+            return offs_n >= 0
+
+    @triton.jit
+    def _key_blocks(m0, lq, lkv, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """For queries m0 .. m0 + BLOCK_M: the end of the key blocks every row may fully see
+        (inside Lkv, below the diagonal: no mask needed), and the end of all key blocks any row
+        sees (causal launches skip the blocks above the diagonal)."""
+        if CAUSAL:
+            diag = lkv - lq
+            # Row m0 sees keys j <= m0 + diag; the last row, j <= m0 + BLOCK_M - 1 + diag.
+            full_end = tl.maximum(tl.minimum(lkv, m0 + diag + 1), 0) // BLOCK_N * BLOCK_N
+            end = tl.maximum(tl.minimum(lkv, m0 + BLOCK_M + diag), 0)
+        else:
+            full_end = lkv // BLOCK_N * BLOCK_N
+            end = lkv
+        return full_end, end
+
+    @triton.jit
+    def _fwd_key_loop(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_base,
+        v_base,
+        mask_row,
+        stride_kl,
+        stride_vl,
+        offs_m,
+        start,
+        end,
+        lq,
+        lkv,
+        scale_log2,
+        CAUSAL: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        MASKED: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
+        """Online softmax over key blocks [start, end): running max m_i and sum l_i (base 2) and
+        the unnormalized output acc. MASKED blocks apply the key range and the causal mask."""
+        for n0 in range(start, end, BLOCK_N):
+            k = _load_rows(k_base, n0, lkv, stride_kl, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, False)
+            s = _dot(q, tl.trans(k), None, INPUT_PRECISION) * scale_log2
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            if HAS_MASK or MASKED:
+                allowed = _kept_keys(mask_row, offs_n, lkv, HAS_MASK)[None, :]
+                if MASKED:
+                    allowed = allowed & (offs_n < lkv)[None, :]
+                    if CAUSAL:
+                        allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (lkv - lq))
+                s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row that has seen no allowed key yet has m_new = -inf: shift it by 0 instead, so
+            # that its p = exp2(-inf) = 0 and alpha = exp2(-inf) = 0 rather than NaN.
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - shift)
+            p = tl.math.exp2(s - shift[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = _load_rows(v_base, n0, lkv, stride_vl, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, False)
+            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], INPUT_PRECISION)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        mask_ptr,
+        out_ptr,
+        lse_ptr,
+        stride_qb,
+        stride_qh,
+        stride_ql,
+        stride_kb,
+        stride_kh,
+        stride_kl,
+        stride_vb,
+        stride_vh,
+        stride_vl,
+        hq,
+        group,
+        lq,
+        lkv,
+        scale_log2,
+        CAUSAL: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
+        """Attention output and lse of BLOCK_M queries of one (b, h); grid (cdiv(Lq, BLOCK_M), B * Hq).
+
+        Memory traffic: the q block read once, k and v of the visible key blocks read once per
+        program, the out block and its lse written once."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // hq
+        h = bh % hq
+        kvh = h // group
+        m0 = pid_m * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+        v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+        mask_row = mask_ptr + b.to(tl.int64) * lkv
+        q = _load_rows(q_base, m0, lq, stride_ql, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        full_end, end = _key_blocks(m0, lq, lkv, CAUSAL, BLOCK_M, BLOCK_N)
+        acc, m_i, l_i = _fwd_key_loop(
+            acc, m_i, l_i, q, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, full_end, lq, lkv,
+            scale_log2, CAUSAL, HAS_MASK, False, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+        )  # fmt: skip
+        acc, m_i, l_i = _fwd_key_loop(
+            acc, m_i, l_i, q, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, full_end, end, lq, lkv,
+            scale_log2,
+            CAUSAL, HAS_MASK, True, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+        )  # fmt: skip
+        seen = l_i > 0.0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        rows = bh.to(tl.int64) * lq + offs_m
+        d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < lq
+        tl.store(
+            out_ptr + rows[:, None] * HEAD_DIM + d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & (d < HEAD_DIM)[None, :],
+        )
+        tl.store(lse_ptr + rows, lse, mask=row_ok)
+
+    @triton.jit
+    def _attn_bwd_delta_kernel(
+        out_ptr,
+        dout_ptr,
+        delta_ptr,
+        stride_ob,
+        stride_oh,
+        stride_ol,
+        stride_db,
+        stride_dh,
+        stride_dl,
+        hq,
+        lq,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        """delta[b, h, i] = sum_d dout * out in float32; grid (cdiv(Lq, BLOCK_M), B * Hq).
+
+        Memory traffic: out and dout read once, 4 bytes per row written."""
+        m0 = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1)
+        b = bh // hq
+        h = bh % hq
+        o_base = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        do_base = dout_ptr + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+        o = _load_rows(o_base, m0, lq, stride_ol, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
+        do = _load_rows(do_base, m0, lq, stride_dl, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        tl.store(delta_ptr + bh.to(tl.int64) * lq + offs_m, delta, mask=offs_m < lq)
+
+    @triton.jit
+    def _dkdv_query_loop(
+        dk,
+        dv,
+        k,
+        v,
+        keep,
+        q_base,
+        do_base,
+        lse_row,
+        delta_row,
+        stride_ql,
+        stride_dl,
+        offs_n,
+        start,
+        end,
+        lq,
+        lkv,
+        scale_log2,
+        CAUSAL: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
+        """Add to dk, dv [BLOCK_N, BLOCK_D] the terms of query blocks [start, end) of one head,
+        in the transposed orientation (scores [BLOCK_N, BLOCK_M]), so that no tile is transposed
+        in registers.
+
+        Query rows past Lq need no mask: q and dout load as 0 there and lse, delta as 0, so p is
+        1, ds is 0, and both terms they add are exactly 0."""
+        for m0 in range(start, end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < lq
+            q_t = _load_rows(q_base, m0, lq, stride_ql, BLOCK_M, HEAD_DIM, BLOCK_D, True, True)
+            lse2 = tl.load(lse_row + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+            s_t = _dot(k, q_t, None, INPUT_PRECISION) * scale_log2
+            p_t = tl.math.exp2(s_t - lse2[None, :])
+            if HAS_MASK or CAUSAL:
+                allowed = keep[:, None]
+                if CAUSAL:
+                    allowed = allowed & (offs_n[:, None] <= offs_m[None, :] + (lkv - lq))
+                # Exactly 0, not exp2(-inf - lse): a row with no allowed key has lse = -inf.
+                p_t = tl.where(allowed, p_t, 0.0)
+            do = _load_rows(do_base, m0, lq, stride_dl, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
+            dv = _dot(p_t.to(do.dtype), do, dv, INPUT_PRECISION)
+            dp_t = _dot(v, tl.trans(do), None, INPUT_PRECISION)
+            delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = _dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, INPUT_PRECISION)
+        return dk, dv
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        dout_ptr,
+        lse_ptr,
+        delta_ptr,
+        mask_ptr,
+        dk_ptr,
+        dv_ptr,
+        stride_qb,
+        stride_qh,
+        stride_ql,
+        stride_kb,
+        stride_kh,
+        stride_kl,
+        stride_vb,
+        stride_vh,
+        stride_vl,
+        stride_db,
+        stride_dh,
+        stride_dl,
+        hq,
+        hkv,
+        lq,
+        lkv,
+        scale,
+        scale_log2,
+        CAUSAL: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
+        """dk, dv of BLOCK_N keys of one (b, kv head), summed over the query heads of its group
+        in registers; grid (cdiv(Lkv, BLOCK_N), B * Hkv).
+
+        Memory traffic: the k, v blocks read once, the dk, dv blocks written once; q, dout, lse
+        and delta of the group's visible query blocks read once per program."""
+        pid_n = tl.program_id(0)
+        bkv = tl.program_id(1)
+        b = bkv // hkv
+        kvh = bkv % hkv
+        group = hq // hkv
+        n0 = pid_n * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+        v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+        # Keys past Lkv load as 0; their dk, dv rows are never stored, so they need no mask.
+        k = _load_rows(k_base, n0, lkv, stride_kl, BLOCK_N, HEAD_DIM, BLOCK_D, True, False)
+        v = _load_rows(v_base, n0, lkv, stride_vl, BLOCK_N, HEAD_DIM, BLOCK_D, True, False)
+        keep = _kept_keys(mask_ptr + b.to(tl.int64) * lkv, offs_n, lkv, HAS_MASK)
+        if CAUSAL:
+            diag = lkv - lq
+            # Query i sees key n0 iff i >= n0 - diag: the query blocks before are skipped.
+            start = tl.maximum(n0 - diag, 0) // BLOCK_M * BLOCK_M
+        else:
+            start = 0
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for g in range(group):
+            h = kvh * group + g
+            bh = b * hq + h
+            q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+            do_base = dout_ptr + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+            lse_row = lse_ptr + bh.to(tl.int64) * lq
+            delta_row = delta_ptr + bh.to(tl.int64) * lq
+            dk, dv = _dkdv_query_loop(
+                dk, dv, k, v, keep, q_base, do_base, lse_row, delta_row, stride_ql, stride_dl, offs_n,
+                start, lq, lq, lkv, scale_log2,
+                CAUSAL, HAS_MASK, HEAD_DIM, BLOCK_M, BLOCK_D, INPUT_PRECISION,
+            )  # fmt: skip
+        rows = bkv.to(tl.int64) * lkv + offs_n
+        d = tl.arange(0, BLOCK_D)
+        ptrs = rows[:, None] * HEAD_DIM + d[None, :]
+        mask = (offs_n < lkv)[:, None] & (d < HEAD_DIM)[None, :]
+        tl.store(dk_ptr + ptrs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask)
+        tl.store(dv_ptr + ptrs, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _dq_key_loop(
+        dq,
+        delta,
+        q,
+        do,
+        lse2,
+        k_base,
+        v_base,
+        mask_row,
+        stride_kl,
+        stride_vl,
+        offs_m,
+        start,
+        end,
+        lq,
+        lkv,
+        scale_log2,
+        DELTA_PASS: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        MASKED: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
+        """Over key blocks [start, end): with DELTA_PASS, add sum_j p_ij dp_ij to delta
+        [BLOCK_M]; else add to dq [BLOCK_M, BLOCK_D] (unscaled) the terms ds k. MASKED blocks
+        apply the key range and the causal mask."""
+        for n0 in range(start, end, BLOCK_N):
+            k = _load_rows(k_base, n0, lkv, stride_kl, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, False)
+            s = _dot(q, tl.trans(k), None, INPUT_PRECISION) * scale_log2
+            p = tl.math.exp2(s - lse2[:, None])
+            if HAS_MASK or MASKED:
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                allowed = _kept_keys(mask_row, offs_n, lkv, HAS_MASK)[None, :]
+                if MASKED:
+                    allowed = allowed & (offs_n < lkv)[None, :]
+                    if CAUSAL:
+                        allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (lkv - lq))
+                # Exactly 0, not exp2(-inf - lse): a row with no allowed key has lse = -inf.
+                p = tl.where(allowed, p, 0.0)
+            v = _load_rows(v_base, n0, lkv, stride_vl, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, False)
+            dp = _dot(do, tl.trans(v), None, INPUT_PRECISION)
+            if DELTA_PASS:
+                delta += tl.sum(p * dp, axis=1)
+            else:
+                ds = p * (dp - delta[:, None])
+                dq = _dot(ds.to(k.dtype), k, dq, INPUT_PRECISION)
+        return dq, delta
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        dout_ptr,
+        lse_ptr,
+        delta_ptr,
+        mask_ptr,
+        dq_ptr,
+        stride_qb,
+        stride_qh,
+        stride_ql,
+        stride_kb,
+        stride_kh,
+        stride_kl,
+        stride_vb,
+        stride_vh,
+        stride_vl,
+        stride_db,
+        stride_dh,
+        stride_dl,
+        hq,
+        hkv,
+        lq,
+        lkv,
+        scale,
+        scale_log2,
+        DELTA_FROM_KEYS: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
+        """dq of BLOCK_M queries of one (b, h); grid (cdiv(Lq, BLOCK_M), B * Hq). With
+        DELTA_FROM_KEYS, delta = sum_j p_ij dp_ij is first summed over the keys and stored (the
+        dk/dv kernel reads it); otherwise it is read.
+
+        Memory traffic: q, dout, lse and delta of the block read (delta: or written) once, the dq
+        block written once; k and v of the visible key blocks read once per loop over them."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // hq
+        h = bh % hq
+        kvh = h // (hq // hkv)
+        m0 = pid_m * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < lq
+        q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = dout_ptr + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+        v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+        q = _load_rows(q_base, m0, lq, stride_ql, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
+        do = _load_rows(do_base, m0, lq, stride_dl, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
+        rows = bh.to(tl.int64) * lq + offs_m
+        # Rows past Lq load lse 0 (finite), so their scores stay finite; they are not stored.
+        lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        full_end, end = _key_blocks(m0, lq, lkv, CAUSAL, BLOCK_M, BLOCK_N)
+        mask_row = mask_ptr + b.to(tl.int64) * lkv
+        if DELTA_FROM_KEYS:
+            delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+            dq, delta = _dq_key_loop(
+                dq, delta, q, do, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, full_end,
+                lq, lkv, scale_log2, True, CAUSAL, HAS_MASK, False, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+            )  # fmt: skip
+            dq, delta = _dq_key_loop(
+                dq, delta, q, do, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, full_end, end,
+                lq, lkv, scale_log2, True, CAUSAL, HAS_MASK, True, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+            )  # fmt: skip
+            tl.store(delta_ptr + rows, delta, mask=row_ok)
+        else:
+            delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        dq, delta = _dq_key_loop(
+            dq, delta, q, do, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, full_end,
+            lq, lkv, scale_log2, False, CAUSAL, HAS_MASK, False, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+        )  # fmt: skip
+        dq, delta = _dq_key_loop(
+            dq, delta, q, do, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, full_end, end,
+            lq, lkv, scale_log2, False, CAUSAL, HAS_MASK, True, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+        )  # fmt: skip
+        d = tl.arange(0, BLOCK_D)
+        tl.store(
+            dq_ptr + rows[:, None] * HEAD_DIM + d[None, :],
+            (dq * scale).to(dq_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & (d < HEAD_DIM)[None, :],
+        )
