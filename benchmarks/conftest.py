@@ -1,10 +1,11 @@
 """The pytest-benchmark harness: ``pytest benchmarks/`` (run explicitly; the test suite is tests/).
 
-Each test is one variant (eager, torch.compile, a genkernels backend) of one case of
+Each test is one variant (eager, torch.compile, SDPA's backends, FlexAttention, a genkernels backend) of one case of
 ``genkernels.bench.<op>.cases()``. It checks the variant's output against the reference,
 times it with CUDA events and L2 flushes (the median goes to ``benchmark.extra_info``, with
-GB/s, % of the copy ceiling and the error), then lets pytest-benchmark time the same call,
-synchronized, on the host. Without a CUDA GPU every test is collected and skipped.
+the rate (GB/s or TFLOP/s), its % of the copy or matmul ceiling, the speedups and the error),
+then lets pytest-benchmark time the same call, synchronized, on the host. Without a CUDA GPU
+every test is collected and skipped.
 
 ``genkernels bench`` runs the same cases with speedups, goals and the markdown / JSON / PNG
 reports; this harness is for pytest-benchmark's own tooling (--benchmark-json, compare, ...).
@@ -52,7 +53,7 @@ def ceilings(_needs_gpu):
 @pytest.fixture
 def run_benchmark(benchmark, ceilings) -> Callable:
     """``run_benchmark(case, variant)``: check, time and report one variant of one case (see module doc)."""
-    from genkernels.bench.core import FULL_TIMING, Result, build_variant, measure
+    from genkernels.bench.core import FULL_TIMING, Result, build_variant, floor_ms, measure
 
     def run(case, variant: str) -> None:
         case.prepare(DEVICE)
@@ -71,6 +72,7 @@ def run_benchmark(benchmark, ceilings) -> Callable:
                 rate_note=case.rate_note,
                 ms_median_cuda_events=result.ms,
                 ceiling=ceilings.of(case.unit),
+                floor_ms=floor_ms(case.work, case.unit, ceilings.of(case.unit)),
                 **case.params,
             )
 

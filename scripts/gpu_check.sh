@@ -7,15 +7,18 @@
 #
 # Needs nothing from the network: the build uses the installed setuptools/cmake/ninja/pybind11
 # (pip --no-index --no-build-isolation --no-deps). Must finish in under 8 minutes on one H100 or
-# H200: each step has a time limit and the benchmarks get what is left (cases run most important
-# first; those not started in time are reported as "not run"). Without a GPU (a dry run) it
-# skips the build and the GPU steps, and runs the CPU self-check of every backend instead.
+# H200: each step has a time limit and the benchmarks get what is left. `genkernels bench` splits
+# that budget between the ops (group_norm 1 part, attention 2: its cases are heavier and
+# FlexAttention compiles per case; time one op leaves unused goes to the next); each op runs its
+# cases most important first (bf16 before fp16; attention: DiT/FLUX forward, its forward +
+# backward, then SDXL ...) and reports those not started in time as "not run". Without a GPU (a
+# dry run) it skips the build and the GPU steps, and runs the CPU self-check of every backend.
 #
 # Files written (few on purpose: a GPU machine hands back at most 8 files from $OUT):
 #   gpu_check.log         everything printed, every step
 #   bench.md, bench.json  the benchmark tables, summary and goals; one JSON record per case
-#   bench.png             speedups vs eager
-#   pytest_benchmark.json the pytest-benchmark harness on the large case (a check that it runs)
+#   bench.png             speedups vs eager (attention: vs SDPA flash)
+#   pytest_benchmark.json the pytest-benchmark harness on a GroupNorm and an attention case (a check that it runs)
 #   selfcheck.md, .json   without a GPU: the CPU self-check of each backend
 #
 # Exit status: 0 when every step passed, 1 otherwise; a failing step does not stop the later ones.
@@ -119,22 +122,28 @@ main() {
 
     if [ "$has_gpu" = 1 ]; then
         # What is left, less the allowance for the case in flight when the budget ends and the
-        # reports (45 s) and for the pytest-benchmark check after it (45 s). Short of time: bf16
-        # cases only, and at least the first few of them (worst case, every earlier step at its
-        # limit: 30 s after 360 s, so still under 8 minutes).
-        local budget=$(($(left) - 90)) quick=()
+        # reports (60 s: an attention case with FlexAttention's forward + backward compile) and for
+        # the pytest-benchmark check after it (45 s). Short of time: bf16 cases only, and at least
+        # the first few of them (worst case, every earlier step at its limit, builds 200 s: 380 s).
+        # Reports are rewritten after every case, so even a step stopped by its limit leaves them.
+        local budget=$(($(left) - 105)) quick=()
         if [ "$budget" -lt 60 ]; then
             quick=(--quick)
             [ "$budget" -lt 30 ] && budget=30
         fi
-        step "benchmarks (genkernels bench)" $((budget + 45)) \
+        # Never past the deadline (in the worst case above: 70 s), never under a minute.
+        local limit=$((budget + 60))
+        [ "$limit" -gt "$(left)" ] && limit=$(left)
+        [ "$limit" -lt 60 ] && limit=60
+        step "benchmarks (genkernels bench)" "$limit" \
             "$PY" -m genkernels.bench --out "$OUT_DIR" --budget-s "$budget" ${quick[@]+"${quick[@]}"}
         if [ "$(left)" -ge 30 ]; then
-            local limit
             limit=$(left)
             [ "$limit" -gt 60 ] && limit=60
-            step "pytest-benchmark harness (large case)" "$limit" "$PY" -m pytest benchmarks/test_group_norm.py -q \
-                -p no:cacheprovider -k "1x128x512x512 and NCHW and bf16 and not fwd_bwd" \
+            local pick="(1x128x512x512 and NCHW and bf16 and not fwd_bwd)"
+            pick+=" or (SDXL and bf16 and not fwd_bwd and (SDPA-flash or triton))"
+            step "pytest-benchmark harness (two cases)" "$limit" "$PY" -m pytest \
+                benchmarks/test_group_norm.py benchmarks/test_attention.py -q -p no:cacheprovider -k "$pick" \
                 --benchmark-json="$OUT_DIR/pytest_benchmark.json"
         else
             skip "pytest-benchmark harness" "out of time"

@@ -1,8 +1,9 @@
 """Benchmarks of genkernels' kernels against what users have now: eager PyTorch and torch.compile.
 
 ``genkernels bench`` (or ``python -m genkernels.bench``) times, in one process and side by side,
-every case of every op: eager PyTorch, ``torch.compile`` of the same function, and each
-genkernels backend that can run it, after checking each one's output against a reference.
+every case of every op: eager PyTorch, ``torch.compile`` of the same function (for attention:
+SDPA with each of its backends and FlexAttention instead), and each genkernels backend that can
+run it, after checking each one's output against a reference.
 It reports milliseconds, the achieved rate (GB/s or TFLOP/s), its fraction of the device's
 ceilings measured in the same run, speedups, and the op's goals (bench.md, bench.json,
 bench.png). Without a GPU it runs a CPU correctness self-check of each backend instead.
@@ -14,7 +15,11 @@ An op's module (``genkernels/bench/<op>.py``, listed in ``runner.OPS``) defines:
 - ``OP``: the op's name;
 - ``cases(quick: bool) -> list[core.Case]``: its cases, most important first;
 - ``summarize(records: list[core.CaseRecord]) -> core.OpSummary``: summary table and goals;
-- ``self_check(backend: str) -> core.SelfCheck``: a small CPU correctness check of one backend.
+- ``self_check(backend: str) -> core.SelfCheck``: a small CPU correctness check of one backend;
+- optionally ``BUDGET_SHARE: float`` (default 1): its part of a ``--budget-s`` time budget.
+
+A case may name a ``peer`` baseline (attention: SDPA's flash backend) that its goals are stated
+against; every variant then gets a speedup vs the peer as well as vs eager.
 """
 
 from .runner import OPS, main, run

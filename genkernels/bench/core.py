@@ -205,6 +205,9 @@ class Variant:
     ``fn`` runs the whole timed computation and returns its outputs (compared with the
     case's reference). ``skip`` is why it cannot run here. ``first_call_s`` is the wall time
     of the first call (for torch.compile: the compile time), measured while building it.
+    ``strict``: outside the criterion it fails and is not timed. A baseline that users run as
+    it is (SDPA's kernels, eager math in bf16) may be non-strict: it is timed anyway, and its
+    error and the bound it missed are reported with it.
     """
 
     name: str
@@ -212,6 +215,7 @@ class Variant:
     fn: Callable[[], Sequence[torch.Tensor]] | None = None
     skip: str | None = None
     first_call_s: float | None = None
+    strict: bool = True
 
 
 class Case(abc.ABC):
@@ -220,7 +224,9 @@ class Case(abc.ABC):
     Attributes (set by the subclass): ``op``; ``label``, unique within the op; ``params``, JSON
     facts (shape, dtype, layout, ...); ``table``, the report table it belongs to (e.g.
     "forward"); ``unit``, "GB/s" or "TFLOP/s"; ``work``, bytes or FLOPs per call; ``rate_note``,
-    what the rate counts (shown in the table header).
+    what the rate counts (shown in the table header); ``peer``, optionally the baseline variant
+    the op's goals are stated against (e.g. SDPA's flash backend for attention), which gets a
+    speedup column of its own.
     """
 
     op: str
@@ -230,6 +236,7 @@ class Case(abc.ABC):
     unit: str
     work: float
     rate_note: str
+    peer: str | None = None
 
     @abc.abstractmethod
     def variant_names(self) -> list[str]:
@@ -253,7 +260,11 @@ class Case(abc.ABC):
 
 @dataclass
 class Result:
-    """One variant of one case: status "ok", "failed" (wrong numbers or an error), "skipped" or "not run"."""
+    """One variant of one case: status "ok", "failed" (wrong numbers or an error), "skipped" or "not run".
+
+    ``reason``: why it failed, was skipped or not run; for "ok", a note (a non-strict baseline outside
+    the criterion) or None.
+    """
 
     variant: str
     role: str
@@ -264,6 +275,7 @@ class Result:
     pct_ceiling: float | None = None
     vs_eager: float | None = None
     vs_compile: float | None = None
+    vs_peer: float | None = None
     first_call_s: float | None = None
     err: float | None = None
     bound: float | None = None
@@ -271,7 +283,12 @@ class Result:
 
 @dataclass
 class CaseRecord:
-    """All variants of one case, as reported (one JSON record)."""
+    """All variants of one case, as reported (one JSON record).
+
+    ``peer``: the case's peer variant (see :class:`Case`), or None. ``floor_ms``: the case's work
+    at the device ceiling of its unit (work / ceiling), the time no variant can beat; a variant's
+    % of the ceiling is this floor over its time.
+    """
 
     op: str
     label: str
@@ -281,6 +298,8 @@ class CaseRecord:
     work: float
     rate_note: str
     results: list[Result] = field(default_factory=list)
+    peer: str | None = None
+    floor_ms: float | None = None
 
     def result(self, variant: str) -> Result | None:
         """The result of ``variant``, or None when the case has no such variant."""
@@ -293,11 +312,13 @@ class CaseRecord:
 
 def record_of(case: Case) -> CaseRecord:
     """An empty record carrying the case's description."""
-    return CaseRecord(case.op, case.label, case.table, dict(case.params), case.unit, case.work, case.rate_note)
+    return CaseRecord(
+        case.op, case.label, case.table, dict(case.params), case.unit, case.work, case.rate_note, peer=case.peer
+    )
 
 
 def _role(name: str) -> str:
-    return "baseline" if name in (EAGER, COMPILE) else "genkernels"
+    return "genkernels" if name in genkernels_backends() else "baseline"
 
 
 def build_variant(case: Case, name: str) -> Variant | Result:
@@ -316,7 +337,10 @@ def measure(case: Case, v: Variant, timing: Timing, ceiling: float) -> Result:
         check = compare(v.fn(), case.expected())
     except Exception as e:  # noqa: BLE001 - a backend that raised on inputs it accepted has failed
         return Result(v.name, v.role, "failed", _err(e, "call"), first_call_s=v.first_call_s)
-    if not check.ok:
+    note = None
+    if not check.ok and not v.strict:
+        note = f"outside the criterion, timed anyway (a baseline): {check.detail}"
+    elif not check.ok:
         return Result(
             v.name,
             v.role,
@@ -332,6 +356,7 @@ def measure(case: Case, v: Variant, timing: Timing, ceiling: float) -> Result:
         v.name,
         v.role,
         "ok",
+        note,
         ms=ms,
         rate=rate,
         pct_ceiling=100 * rate / ceiling,
@@ -353,20 +378,27 @@ def _err(e: BaseException, when: str) -> str:
 
 
 def add_speedups(record: CaseRecord) -> None:
-    """Fill vs_eager and vs_compile (time of the baseline / time of the variant) where both ran."""
-    base = {name: record.result(name) for name in (EAGER, COMPILE)}
+    """Fill vs_eager, vs_compile and vs_peer (time of the baseline / time of the variant) where both ran."""
+    base = {"vs_eager": EAGER, "vs_compile": COMPILE, "vs_peer": record.peer}
+    base = {attr: record.result(name) if name is not None else None for attr, name in base.items()}
     for r in record.results:
         if r.ms is None:
             continue
-        for attr, b in (("vs_eager", base[EAGER]), ("vs_compile", base[COMPILE])):
+        for attr, b in base.items():
             if b is not None and b.ms is not None:
                 setattr(r, attr, b.ms / r.ms)
+
+
+def floor_ms(work: float, unit: str, ceiling: float) -> float:
+    """Milliseconds ``work`` (bytes or FLOPs) takes at ``ceiling`` (GB/s or TFLOP/s)."""
+    return work / (ceiling * (1e9 if unit == "GB/s" else 1e12)) * 1e3
 
 
 def run_case(case: Case, device: torch.device, timing: Timing, ceilings: Ceilings) -> CaseRecord:
     """Prepare a case, run every variant (:func:`run_variant`), fill the speedups, free the memory."""
     record = record_of(case)
     ceiling = ceilings.of(case.unit)
+    record.floor_ms = floor_ms(case.work, case.unit, ceiling)
     try:
         case.prepare(device)
         for name in case.variant_names():
@@ -410,12 +442,15 @@ def genkernels_backends() -> list[str]:
 
 @dataclass(frozen=True)
 class Goal:
-    """A target of the op's issue, with the measured value (as shown) and whether it was met."""
+    """A target of the op's issue, with the measured value (as shown) and whether it was met.
+
+    ``passed``: True (met), False (missed) or None (unmeasured: what it needs did not run).
+    """
 
     name: str
     target: str
     measured: str
-    passed: bool
+    passed: bool | None
 
 
 @dataclass
@@ -441,3 +476,39 @@ class SelfCheck:
     backend: str
     status: str
     detail: str
+
+
+@dataclass
+class SelfCheckTally:
+    """A backend's self-check as it runs: the checks passed, the skips and the closest call to its bound."""
+
+    op: str
+    backend: str
+    ran: int = 0
+    skips: list[str] = field(default_factory=list)
+    worst: Check = field(default_factory=lambda: Check(True, 0.0, 1.0))
+
+    def failed(self, detail: str) -> SelfCheck:
+        """The outcome when a check failed or raised."""
+        return SelfCheck(self.op, self.backend, "failed", detail)
+
+    def add(self, label: str, check: Check) -> SelfCheck | None:
+        """Count one check; the failed outcome if it missed its bound, else None."""
+        if not check.ok:
+            return self.failed(f"{label}: {check.detail}")
+        self.ran += 1
+        if check.err / check.bound > self.worst.err / self.worst.bound:
+            self.worst = Check(True, check.err, check.bound, f"{label} {check.detail}")
+        return None
+
+    def result(self, dtypes: Sequence[torch.dtype]) -> SelfCheck:
+        """ "ok" with the count and the closest call, or "skipped" with the first reason when nothing ran."""
+        if self.ran == 0:
+            return SelfCheck(self.op, self.backend, "skipped", self.skips[0] if self.skips else "no case ran")
+        names = ", ".join(DTYPE_NAMES[d] for d in dtypes)
+        detail = f"{self.ran} checks (fwd and fwd+bwd; {names}) within the criterion"
+        w = self.worst
+        detail += f"; closest: {w.detail} err {w.err:.2g} <= {w.bound:.2g}" if w.detail else ""
+        if self.skips:
+            detail += f"; {len(self.skips)} skipped: {self.skips[0]}"
+        return SelfCheck(self.op, self.backend, "ok", detail)

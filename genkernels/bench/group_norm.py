@@ -22,11 +22,11 @@ from .core import (
     EAGER,
     Case,
     CaseRecord,
-    Check,
     Expected,
     Goal,
     OpSummary,
     SelfCheck,
+    SelfCheckTally,
     Variant,
     compare,
     expected,
@@ -358,17 +358,17 @@ def self_check(backend: str) -> SelfCheck:
         impl = _genkernels_group_norm(backend)
     except Exception as e:  # noqa: BLE001 - the op module itself does not import
         return SelfCheck(OP, backend, "failed", f"cannot import genkernels.ops.group_norm: {type(e).__name__}: {e}")
-    ran, skips, worst = 0, [], Check(True, 0.0, 1.0)
+    tally = SelfCheckTally(OP, backend)
     for dtype in dtypes:
         for shape, layout, scale, offset in SELF_CHECK_CASES:
             if dtype == torch.bfloat16 and scale > 100:
                 continue  # 1e4 is not representable closely enough in bf16 for the check to mean much
             for mode in MODES:
                 label = f"{'x'.join(map(str, shape))} {layout} {DTYPE_NAMES[dtype]} {mode}"
-                x, weight, bias, dy = _inputs(shape, layout, dtype, device, seed=ran, scale=scale, offset=offset)
+                x, weight, bias, dy = _inputs(shape, layout, dtype, device, seed=tally.ran, scale=scale, offset=offset)
                 reason = _explain(x, weight, bias).get(backend, f"backend {backend!r} is not registered")
                 if reason is not None:
-                    skips.append(reason)
+                    tally.skips.append(reason)
                     continue
                 if mode == "fwd":
                     dy = None
@@ -379,16 +379,8 @@ def self_check(backend: str) -> SelfCheck:
                 try:
                     check = compare(_forward_backward(impl, x, weight, bias, dy), exp)
                 except Exception as e:  # noqa: BLE001 - it said it could run these inputs
-                    return SelfCheck(OP, backend, "failed", f"{label}: raised {type(e).__name__}: {e}")
-                if not check.ok:
-                    return SelfCheck(OP, backend, "failed", f"{label}: {check.detail}")
-                ran += 1
-                if check.err / check.bound > worst.err / worst.bound:
-                    worst = Check(True, check.err, check.bound, f"{label} {check.detail}")
-    if ran == 0:
-        return SelfCheck(OP, backend, "skipped", skips[0] if skips else "no case ran")
-    detail = f"{ran} checks (fwd and fwd+bwd; {', '.join(DTYPE_NAMES[d] for d in dtypes)}) within the criterion"
-    detail += f"; closest: {worst.detail} err {worst.err:.2g} <= {worst.bound:.2g}" if worst.detail else ""
-    if skips:
-        detail += f"; {len(skips)} skipped: {skips[0]}"
-    return SelfCheck(OP, backend, "ok", detail)
+                    return tally.failed(f"{label}: raised {type(e).__name__}: {e}")
+                failure = tally.add(label, check)
+                if failure is not None:
+                    return failure
+    return tally.result(dtypes)

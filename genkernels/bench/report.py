@@ -15,7 +15,13 @@ from typing import Any
 from .core import COMPILE, EAGER, CaseRecord, Ceilings, OpSummary, Result, SelfCheck
 
 #: One color per variant across panels and runs (matplotlib's default cycle would shift with skipped variants).
-_COLORS = {COMPILE: "tab:gray", "triton": "tab:orange", "cuda": "tab:green", "reference": "tab:blue"}
+_COLORS = {
+    EAGER: "tab:brown",
+    COMPILE: "tab:gray",
+    "triton": "tab:orange",
+    "cuda": "tab:green",
+    "reference": "tab:blue",
+}
 
 JSON_NAME, MARKDOWN_NAME, CHART_NAME = "bench.json", "bench.md", "bench.png"
 SELFCHECK_JSON, SELFCHECK_MARKDOWN = "selfcheck.json", "selfcheck.md"
@@ -62,19 +68,28 @@ def fmt_x(x: float | None) -> str:
 
 
 def _status(r: Result) -> str:
+    if r.status == "ok" and r.reason:
+        return f"ok, {r.reason}"
     if r.status == "ok":
         return f"ok (err {r.err:.2g} <= {r.bound:.2g})" if r.err is not None else "ok"
     return f"{r.status.upper()}: {r.reason}" if r.status == "failed" else f"{r.status}: {r.reason}"
 
 
+def _base(record: CaseRecord) -> tuple[str, str]:
+    """The variant a case's speedups are shown against in short forms (log, chart), and its Result field."""
+    return (record.peer, "vs_peer") if record.peer is not None else (EAGER, "vs_eager")
+
+
 def one_line(record: CaseRecord) -> str:
-    """A case's results in one line, for the progress log."""
+    """A case's results in one line, for the progress log (speedups vs the peer, else vs eager)."""
     if record.results and all(r.status == "not run" for r in record.results):
         return f"{record.label:<34} not run: {record.results[0].reason}"
+    base, attr = _base(record)
     parts = []
     for r in record.results:
         if r.status == "ok":
-            speed = f" {fmt_x(r.vs_eager)}" if r.variant != EAGER and r.vs_eager is not None else ""
+            x = getattr(r, attr)
+            speed = f" {fmt_x(x)}" if r.variant != base and x is not None else ""
             parts.append(f"{r.variant} {fmt_ms(r.ms)} ms{speed}")
         else:
             parts.append(f"{r.variant} {r.status.upper() if r.status == 'failed' else r.status}")
@@ -104,7 +119,9 @@ def _header_lines(meta: dict[str, Any], ceilings: Ceilings) -> list[str]:
             "dynamic=False, a fresh compile per case; its compile time is the 'first call' column and is not in ms "
             "(less when inductor's on-disk cache already held the graph). "
             "Every variant's output is checked against a float32 reference (the test criterion) before it is "
-            "timed; a variant with wrong numbers is marked FAILED and not timed."
+            "timed; a genkernels variant with wrong numbers is marked FAILED and not timed. Baselines that users "
+            "run as they are (attention's SDPA kernels, eager math, FlexAttention) are timed even outside the "
+            "criterion, and their check column says by how much they missed it."
         ),
     ]
 
@@ -118,16 +135,32 @@ def case_tables(records: Sequence[CaseRecord]) -> list[str]:
     for (op, table), recs in groups.items():
         unit, note = recs[0].unit, recs[0].rate_note
         pct = "% of copy BW" if unit == "GB/s" else "% of matmul"
-        headers = ["case", "variant", "ms", note, pct, "vs eager", "vs compile", "first call s (compile)", "check"]
+        # Speedup columns only for baselines this table has: attention has no torch.compile variant.
+        speedups = [(EAGER, "vs_eager"), (COMPILE, "vs_compile")]
+        speedups = [(v, attr) for v, attr in speedups if any(rec.result(v) for rec in recs)]
+        peer = recs[0].peer
+        if peer is not None:
+            speedups.append((peer, "vs_peer"))
+        headers = [
+            "case",
+            "floor ms",
+            "variant",
+            "ms",
+            note,
+            f"{pct} (floor / ms)",
+            *(f"vs {'compile' if v == COMPILE else v}" for v, _ in speedups),
+            "first call s (compile)",
+            "check",
+        ]
         rows = [
             [
                 rec.label,
+                fmt_ms(rec.floor_ms),
                 r.variant,
                 fmt_ms(r.ms),
                 fmt_rate(r.rate),
                 fmt_pct(r.pct_ceiling),
-                fmt_x(r.vs_eager) if r.variant != EAGER else "",
-                fmt_x(r.vs_compile) if r.variant != COMPILE else "",
+                *(fmt_x(getattr(r, attr)) if r.variant != v else "" for v, attr in speedups),
                 "-" if r.first_call_s is None else f"{r.first_call_s:.2f}",
                 _status(r),
             ]
@@ -138,6 +171,11 @@ def case_tables(records: Sequence[CaseRecord]) -> list[str]:
     return lines
 
 
+def goal_result(passed: bool | None) -> str:
+    """PASS (met), MISS (missed) or UNMEASURED (what the goal needs did not run)."""
+    return "UNMEASURED" if passed is None else "PASS" if passed else "MISS"
+
+
 def summary_markdown(summaries: Sequence[OpSummary]) -> str:
     """Each op's summary table and its goals with measured values and PASS/MISS."""
     lines: list[str] = []
@@ -145,7 +183,7 @@ def summary_markdown(summaries: Sequence[OpSummary]) -> str:
         lines += [f"## {s.op}: summary", ""] + _table(s.headers, s.rows) + [""]
         lines += _table(
             ["goal", "target", "measured", "result"],
-            [[g.name, g.target, g.measured, "PASS" if g.passed else "MISS"] for g in s.goals],
+            [[g.name, g.target, g.measured, goal_result(g.passed)] for g in s.goals],
         )
         lines += [""] + [f"{n}" for n in s.notes] + [""]
     return "\n".join(lines).rstrip() + "\n"
@@ -162,7 +200,8 @@ def markdown(
 
 
 def chart(records: Sequence[CaseRecord], path: Path, title: str) -> str | None:
-    """Bar chart of each variant's speedup vs eager, one panel per (op, table); None, or why no chart."""
+    """Bar chart of each variant's speedup vs eager (vs the peer where the op has one), one panel per
+    (op, table); None, or why no chart."""
     try:
         import matplotlib
         import matplotlib.ticker
@@ -179,15 +218,16 @@ def chart(records: Sequence[CaseRecord], path: Path, title: str) -> str | None:
     width = max(8.0, 0.55 * max(len(r) for r in groups.values()) + 2)
     fig, axes = plt.subplots(len(groups), 1, figsize=(width, 4.2 * len(groups)), squeeze=False)
     for ax, ((op, table), recs) in zip(axes[:, 0], groups.items()):
-        variants = [r.variant for r in recs[0].results if r.variant != EAGER]
+        base, attr = _base(recs[0])
+        variants = [r.variant for r in recs[0].results if r.variant != base]
         bar = 0.8 / max(1, len(variants))
         for i, v in enumerate(variants):
             xs, ys = [], []
             for j, rec in enumerate(recs):
                 res = rec.result(v)
-                if res is not None and res.vs_eager is not None:
+                if res is not None and getattr(res, attr) is not None:
                     xs.append(j + (i - (len(variants) - 1) / 2) * bar)
-                    ys.append(res.vs_eager)
+                    ys.append(getattr(res, attr))
             # A variant that never ran still gets its legend entry, so its absence reads as such.
             label = v if ys else f"{v} (did not run)"
             ax.bar(xs, ys, width=bar, label=label, color=_COLORS.get(v, f"C{i + 3}"))
@@ -197,7 +237,7 @@ def chart(records: Sequence[CaseRecord], path: Path, title: str) -> str | None:
         ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.set_xticks(range(len(recs)))
         ax.set_xticklabels([rec.label.replace(" ", "\n", 1) for rec in recs], rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("speedup vs eager (log)")
+        ax.set_ylabel(f"speedup vs {base} (log)")
         ax.set_title(f"{op}, {table}")
         ax.grid(axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
@@ -217,8 +257,13 @@ def write(
     ceilings: Ceilings,
     records: Sequence[CaseRecord],
     summaries: Sequence[OpSummary],
+    with_chart: bool = True,
 ) -> list[str]:
-    """Write bench.json, bench.md and bench.png into out_dir; returns lines saying what was written."""
+    """Write bench.json, bench.md and (``with_chart``) bench.png into out_dir; returns lines saying what was written.
+
+    The runner writes the JSON and markdown after every case too (without the chart, which takes
+    a second or two), so a run stopped by a time limit still leaves the cases it finished.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {
         "meta": meta,
@@ -229,7 +274,9 @@ def write(
     (out_dir / JSON_NAME).write_text(json.dumps(data, indent=1) + "\n")
     (out_dir / MARKDOWN_NAME).write_text(markdown(meta, ceilings, records, summaries))
     written = [str(out_dir / JSON_NAME), str(out_dir / MARKDOWN_NAME)]
-    why_not = chart(records, out_dir / CHART_NAME, f"genkernels vs eager PyTorch, {meta.get('device')}")
+    if not with_chart:
+        return written
+    why_not = chart(records, out_dir / CHART_NAME, f"genkernels and baselines: speedups, {meta.get('device')}")
     written.append(str(out_dir / CHART_NAME) if why_not is None else f"no chart: {why_not}")
     return written
 

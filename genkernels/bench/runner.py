@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from . import report
-from .core import FULL_TIMING, QUICK_TIMING, CaseRecord, Timing, measure_ceilings, not_run, run_case
+from .core import FULL_TIMING, QUICK_TIMING, CaseRecord, OpSummary, Timing, measure_ceilings, not_run, run_case
 
 #: Ops with a benchmark module genkernels/bench/<op>.py (see the package docstring for what it defines).
-OPS = ("group_norm",)
+OPS = ("group_norm", "attention")
 
 
 def op_module(op: str) -> ModuleType:
@@ -105,12 +105,19 @@ class _Progress:
             self._bar.close()
 
 
+def op_budget(left_s: float, shares: Sequence[float]) -> float:
+    """Seconds the first of ``shares``' ops may take of ``left_s``: its share among it and the ops after it."""
+    return max(0.0, left_s) * shares[0] / sum(shares)
+
+
 def bench_gpu(out_dir: Path, ops: Sequence[str], quick: bool = False, budget_s: float | None = None) -> int:
     """Time every case of ``ops`` on the current GPU and write bench.{json,md,png} into out_dir.
 
     Returns 1 when a variant failed (wrong numbers or an error), else 0; goals missed are
     reported, not an error. With ``budget_s``, cases not started within that many seconds
-    of the call are reported as "not run" (cases come most important first).
+    of the call are reported as "not run" (cases come most important first). The budget is
+    split between the ops in proportion to each module's ``BUDGET_SHARE`` (default 1), so the
+    first op cannot spend it all; what an op leaves unused goes to the ops after it.
     """
     start = time.monotonic()
     timing = QUICK_TIMING if quick else FULL_TIMING
@@ -127,28 +134,40 @@ def bench_gpu(out_dir: Path, ops: Sequence[str], quick: bool = False, budget_s: 
         flush=True,
     )
     modules = [op_module(op) for op in ops]
-    cases = [case for m in modules for case in m.cases(quick)]
+    op_cases = [m.cases(quick) for m in modules]
+    shares = [float(getattr(m, "BUDGET_SHARE", 1.0)) for m in modules]
     device = torch.device("cuda")
     records: list[CaseRecord] = []
-    progress = _Progress(len(cases), "bench")
+
+    def summaries() -> list[OpSummary]:
+        return [m.summarize([r for r in records if r.op == m.OP]) for m in modules]
+
+    progress = _Progress(sum(len(c) for c in op_cases), "bench")
     try:
-        for case in cases:
-            if budget_s is not None and time.monotonic() - start > budget_s:
-                record = not_run(case, f"time budget of {budget_s:.0f} s spent")
-            else:
-                record = run_case(case, device, timing, ceilings)
-            records.append(record)
-            progress.step(report.one_line(record))
+        for i, (m, cases) in enumerate(zip(modules, op_cases)):
+            deadline, why = None, ""
+            if budget_s is not None:
+                own = op_budget(budget_s - (time.monotonic() - start), shares[i:])
+                deadline = time.monotonic() + own
+                why = f"time budget spent ({m.OP}'s share: {own:.0f} s of the {budget_s:.0f} s budget)"
+            for case in cases:
+                if deadline is not None and time.monotonic() > deadline:
+                    records.append(not_run(case, why))
+                else:
+                    records.append(run_case(case, device, timing, ceilings))
+                    # Reports so far, so that a run killed by an outer time limit still leaves its cases.
+                    report.write(out_dir, meta, ceilings, records, summaries(), with_chart=False)
+                progress.step(report.one_line(records[-1]))
     finally:
         progress.close()
     meta["wall_s"] = round(time.monotonic() - start, 1)
-    summaries = [m.summarize([r for r in records if r.op == m.OP]) for m in modules]
-    for line in report.write(out_dir, meta, ceilings, records, summaries):
+    final = summaries()
+    for line in report.write(out_dir, meta, ceilings, records, final):
         print(f"wrote {line}" if not line.startswith("no chart") else line)
     failed = [f"{rec.label} / {r.variant}: {r.reason}" for rec in records for r in rec.results if r.status == "failed"]
     skipped_budget = sum(1 for rec in records if rec.results and rec.results[0].status == "not run")
     print()
-    print(report.summary_markdown(summaries))
+    print(report.summary_markdown(final))
     if skipped_budget:
         print(f"{skipped_budget} of {len(records)} cases not run: time budget of {budget_s:.0f} s spent.")
     if failed:
