@@ -120,7 +120,7 @@ CONFIGS: dict[tuple[int, int, int, str], tuple[int, int, int, int]] = {
     (90, 256, 2, "dkdv"): (32, 32, 8, 2),
     (90, 64, 2, "dq"): (128, 32, 8, 3),
     (90, 128, 2, "dq"): (128, 32, 8, 2),
-    (90, 256, 2, "dq"): (64, 32, 8, 2),
+    (90, 256, 2, "dq"): (64, 16, 8, 2),
     (80, 64, 2, "fwd"): (64, 64, 4, 2),
     (80, 128, 2, "fwd"): (128, 32, 8, 2),
     (80, 256, 2, "fwd"): (64, 32, 8, 2),
@@ -148,6 +148,11 @@ _INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16
 # The delta kernel is elementwise: rows per program, so that a thread of its 4 warps holds at
 # most 32 elements of each of out and dout.
 _DELTA_ELEMENTS = 4096
+
+
+# Head counts and lengths vary from call to call and only bound loops and masks: compiling a
+# kernel per value class (1, multiple of 16, other) would multiply the compiles for nothing.
+_SIZE_ARGS = ("hq", "hkv", "lq", "lkv")
 
 
 # The CONFIGS arch class used where the device cannot be queried (CPU under the interpreter, or
@@ -467,7 +472,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             m_i = m_new
         return acc, m_i, l_i
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SIZE_ARGS)
     def _attn_fwd_kernel(
         q_ptr,
         k_ptr,
@@ -539,7 +544,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         )
         tl.store(lse_ptr + rows, lse, mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("hq", "lq"))
     def _attn_bwd_delta_kernel(
         out_ptr,
         dout_ptr,
@@ -624,7 +629,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             dk = _dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, INPUT_PRECISION)
         return dk, dv
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SIZE_ARGS)
     def _attn_bwd_dkdv_kernel(
         q_ptr,
         k_ptr,
@@ -758,7 +763,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
                 dq = _dot(ds.to(k.dtype), k, dq, INPUT_PRECISION)
         return dq, delta
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SIZE_ARGS)
     def _attn_bwd_dq_kernel(
         q_ptr,
         k_ptr,
