@@ -15,7 +15,21 @@ if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _shard(items):
+    """GENKERNELS_TEST_SHARD=i/n keeps every n-th test from the i-th: n processes run the suite in parallel."""
+    spec = os.environ.get("GENKERNELS_TEST_SHARD")
+    if not spec:
+        return
+    try:
+        index, count = (int(p) for p in spec.split("/"))
+        assert 0 <= index < count
+    except (ValueError, AssertionError):
+        raise pytest.UsageError(f"GENKERNELS_TEST_SHARD must be i/n with 0 <= i < n, got {spec!r}") from None
+    items[:] = items[index::count]
+
+
 def pytest_collection_modifyitems(config, items):
+    _shard(items)
     if HAS_GPU:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
