@@ -91,17 +91,26 @@ def not_supported(
 
 
 def attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, key_padding_mask: Tensor | None
-) -> tuple[Tensor, Tensor]:
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    key_padding_mask: Tensor | None,
+    keep_residual: bool = False,
+) -> tuple[Tensor, Tensor, None]:
     """out = softmax(scale * q k^T over the allowed keys) v and lse = log sum exp of the same scores.
 
     q: (B, Hq, Lq, D); k, v: (B, Hkv, Lkv, D), Hq % Hkv == 0, query head h reading kv head
     h // (Hq // Hkv); float16 or bfloat16. Key j is allowed for query i unless
     key_padding_mask[b, j] (contiguous bool (B, Lkv), True = padding) or, when causal,
     j > i + Lkv - Lq. Returns out, contiguous (B, Hq, Lq, D) in q's dtype (zero rows where no key
-    is allowed), and lse, contiguous float32 (B, Hq, Lq), natural log, -inf for those rows.
+    is allowed), lse, contiguous float32 (B, Hq, Lq), natural log, -inf for those rows, and None
+    (no residual of out is kept: this backend runs no backward, so keep_residual must be False).
     Scores, softmax statistics and the output accumulate in float32.
     """
+    if keep_residual:
+        raise ValueError("keep_residual=True: the cuda backend runs no backward (its not_supported refuses such calls)")
     ext = require_extension()
     batch, heads_q, len_q, head_dim = q.shape
     heads_kv, len_kv = k.shape[1], k.shape[2]
@@ -131,4 +140,4 @@ def attention_forward(
             bool(causal),
             stream_handle(q.device),
         )
-    return out, lse
+    return out, lse, None

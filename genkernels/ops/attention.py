@@ -166,13 +166,20 @@ def attention_reference(
     return out.to(q.dtype)
 
 
-def _reference_forward(q, k, v, causal, scale, key_padding_mask):
-    """(out, lse) by the reference formulas, behind the fast backends' interface."""
+def _keeps_residual(q: torch.Tensor, keep_residual: bool) -> bool:
+    """Whether a forward keeps out's rounding residual: for a backward, with 16-bit inputs."""
+    return keep_residual and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _reference_forward(q, k, v, causal, scale, key_padding_mask, keep_residual=False):
+    """(out, lse, out's rounding residual or None) by the reference formulas, behind the fast backends' interface."""
     s, _ = _reference_scores(q, k, scale, causal, key_padding_mask)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
-    out = torch.matmul(p, _expand_heads(v, q.shape[1]).to(s.dtype))
-    return out.to(q.dtype).contiguous(), lse.contiguous()
+    out_acc = torch.matmul(p, _expand_heads(v, q.shape[1]).to(s.dtype))
+    out = out_acc.to(q.dtype).contiguous()
+    residual = (out_acc - out.to(s.dtype)).to(q.dtype) if _keeps_residual(q, keep_residual) else None
+    return out, lse.contiguous(), residual
 
 
 def _group_sum(t: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -181,10 +188,10 @@ def _group_sum(t: torch.Tensor, hkv: int) -> torch.Tensor:
     return t if hq == hkv else t.reshape(b, hkv, hq // hkv, length, d).sum(2)
 
 
-def _reference_backward(dout, q, k, v, out, lse, causal, scale, key_padding_mask):
+def _reference_backward(dout, q, k, v, out, lse, causal, scale, key_padding_mask, out_residual=None):
     """The backward formulas the fused kernels implement (FlashAttention-2), in the accumulation dtype.
 
-    p = exp(s - lse) (0 where not allowed), delta_i = dout_i . out_i, dP = dout v^T,
+    p = exp(s - lse) (0 where not allowed), delta_i = dout_i . (out_i + out_residual_i), dP = dout v^T,
     dS = p (dP - delta), dq = scale dS k, dk = scale dS^T q, dv = p^T dout (dk, dv summed over
     the query heads of each kv head).
     """
@@ -193,7 +200,8 @@ def _reference_backward(dout, q, k, v, out, lse, causal, scale, key_padding_mask
     s, _ = _reference_scores(q, k, scale, causal, key_padding_mask)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).to(acc)[..., None])
     do = dout.to(acc)
-    delta = (do * out.to(acc)).sum(-1, keepdim=True)
+    out_full = out.to(acc) if out_residual is None else out.to(acc) + out_residual.to(acc)
+    delta = (do * out_full).sum(-1, keepdim=True)
     dp = torch.matmul(do, _expand_heads(v, hq).to(acc).transpose(-1, -2))
     ds = p * (dp - delta)
     dq = torch.matmul(ds, _expand_heads(k, hq).to(acc)) * scale
@@ -261,20 +269,20 @@ def _select(backend, q, k, v, causal, scale, key_padding_mask, needs_grad):
 
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, causal, scale, impl):
-        out, lse = impl.attention_forward(q, k, v, causal, scale, key_padding_mask)
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    def forward(ctx, q, k, v, key_padding_mask, causal, scale, needs_grad, impl):
+        out, lse, residual = impl.attention_forward(q, k, v, causal, scale, key_padding_mask, needs_grad)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, residual)
         ctx.causal, ctx.scale, ctx.impl = causal, scale, impl
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # second order: an explicit error, never a silent zero
     def backward(ctx, dout):
-        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        q, k, v, out, lse, key_padding_mask, residual = ctx.saved_tensors
         dq, dk, dv = ctx.impl.attention_backward(
-            _last_dim_unit(dout), q, k, v, out, lse, ctx.causal, ctx.scale, key_padding_mask
+            _last_dim_unit(dout), q, k, v, out, lse, ctx.causal, ctx.scale, key_padding_mask, residual
         )
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- torch.library ops (traced path)
@@ -285,7 +293,7 @@ class _AttentionFunction(torch.autograd.Function):
     "genkernels::attention",
     mutates_args=(),
     schema="(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, float scale, bool needs_grad,"
-    " str backend) -> (Tensor, Tensor)",
+    " str backend) -> (Tensor, Tensor, Tensor)",
 )
 def _attention_op(
     q: torch.Tensor,
@@ -296,26 +304,28 @@ def _attention_op(
     scale: float,
     needs_grad: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, out's rounding residual); custom ops cannot return None: an empty residual is none."""
     q, k, v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
     if min(q.numel(), k.numel()) == 0:
         impl = _ReferenceKernels
     else:
         impl = _select(backend, q, k, v, causal, scale, key_padding_mask, needs_grad).impl
-    return impl.attention_forward(q, k, v, causal, scale, key_padding_mask)
+    out, lse, residual = impl.attention_forward(q, k, v, causal, scale, key_padding_mask, needs_grad)
+    return out, lse, q.new_empty((0,)) if residual is None else residual
 
 
 @_attention_op.register_fake
 def _(q, k, v, key_padding_mask, causal, scale, needs_grad, backend):
-    out = q.new_empty(q.shape)
-    return out, q.new_empty(q.shape[:3], dtype=_acc_dtype(q))
+    residual = q.new_empty(q.shape if _keeps_residual(q, needs_grad) else (0,))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_acc_dtype(q)), residual
 
 
 @torch.library.custom_op(
     "genkernels::attention_backward",
     mutates_args=(),
-    schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask,"
-    " bool causal, float scale, str backend) -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor out_residual,"
+    " Tensor? key_padding_mask, bool causal, float scale, str backend) -> (Tensor, Tensor, Tensor)",
 )
 def _attention_backward_op(
     dout: torch.Tensor,
@@ -324,6 +334,7 @@ def _attention_backward_op(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    out_residual: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
     causal: bool,
     scale: float,
@@ -334,25 +345,26 @@ def _attention_backward_op(
         impl = _ReferenceKernels
     else:
         impl = _select(backend, q, k, v, causal, scale, key_padding_mask, True).impl
-    return impl.attention_backward(dout, q, k, v, out, lse, causal, scale, key_padding_mask)
+    residual = out_residual if out_residual.numel() else None
+    return impl.attention_backward(dout, q, k, v, out, lse, causal, scale, key_padding_mask, residual)
 
 
 @_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, key_padding_mask, causal, scale, backend):
+def _(dout, q, k, v, out, lse, out_residual, key_padding_mask, causal, scale, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, key_padding_mask, causal, scale, _needs_grad_flag, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    out, lse, residual = output
+    ctx.save_for_backward(q, k, v, out, lse, residual, key_padding_mask)
     ctx.args = (causal, scale, backend)
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+def _backward(ctx, dout, _dlse, _dresidual):
+    q, k, v, out, lse, residual, key_padding_mask = ctx.saved_tensors
     causal, scale, backend = ctx.args
-    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, key_padding_mask, causal, scale, backend)
+    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, residual, key_padding_mask, causal, scale, backend)
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -394,9 +406,11 @@ def attention(
     copied once.
 
     Returns out (B, Hq, Lq, D) in q's dtype, contiguous. Differentiable in q, k and v: the
-    fast backends save the float32 log-sum-exp of each row and recompute the scores in a fused,
-    deterministic backward (no atomics), first order only; the reference differentiates to
-    any order. The cuda backend runs the forward only: calls that need gradients go to triton.
+    fast backends save the float32 log-sum-exp of each row (and, for 16-bit inputs, out's
+    rounding residual, so that the backward's delta = dout . out is that of the float32 output)
+    and recompute the scores in a fused, deterministic backward (no atomics), first order only;
+    the reference differentiates to any order. The cuda backend runs the forward only: calls
+    that need gradients go to triton.
     """
     _check(q, k, v, causal, scale, key_padding_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -411,4 +425,4 @@ def attention(
         return attention_reference(q, k, v, causal, scale, key_padding_mask)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.contiguous()
-    return _AttentionFunction.apply(q, k, v, key_padding_mask, causal, scale, chosen.impl)
+    return _AttentionFunction.apply(q, k, v, key_padding_mask, causal, scale, needs_grad, chosen.impl)

@@ -23,30 +23,31 @@ Backward (recomputing p from q, k and lse, never storing it), with delta_i = sum
     ds_ij = p_ij (dp_ij - delta_i);  dq_i = scale sum_j ds_ij k_j
     dk_j = scale sum_{h in group} sum_i ds_ij q_i;   dv_j = sum_{h in group} sum_i p_ij dout_i
 
-For 16-bit inputs delta is not taken from out: out was rounded to 8 or 11 bits, and the error
-dout . (rounding of out) enters every ds of the row; with scores in the hundreds (peaked softmax,
-large k) it exceeds the rounding of dq and dk themselves, several times over. delta is then summed
-from the float32 p and dp of a first pass over the keys. Four kernels, none with atomics (results
-are bitwise reproducible):
+For 16-bit inputs delta is not taken from the rounded out alone: out was rounded to 8 or 11 bits,
+and the error dout . (rounding of out) enters every ds of the row; on peaked rows it exceeds the
+rounding of dq and dk themselves. A forward that will be differentiated therefore also writes
+out's rounding residual (float32 out - rounded out, in the input dtype: one more output-sized
+write and read), and delta is formed from out + residual, as from the float32 output. Four
+kernels, none with atomics (results are bitwise reproducible):
 
 - ``_attn_fwd_kernel``, grid (cdiv(Lq, BLOCK_M), B * Hq): a query block in registers, K and V
   blocks streamed. Traffic: q read once; k and v read once per query block (cdiv(Lq, BLOCK_M)
   times per query head, mostly from L2); out (2 or 4 bytes) and lse (4 bytes) written once per
-  element. FLOPs: 4 Lq Lkv D per (b, h) (two dots), about half of that when causal.
-- ``_attn_bwd_delta_kernel`` (float32 inputs), grid (cdiv(Lq, BLOCK_M), B * Hq): delta from out
-  and dout. Traffic: out and dout read once, 4 bytes per row written; 2 Lq D FLOPs per (b, h).
+  element (and the residual, when kept). FLOPs: 4 Lq Lkv D per (b, h) (two dots), about half of
+  that when causal.
+- ``_attn_bwd_delta_kernel``, grid (cdiv(Lq, BLOCK_M), B * Hq): delta from out (+ residual) and
+  dout. Traffic: out, residual and dout read once, 4 bytes per row written; 2 Lq D FLOPs per (b, h).
 - ``_attn_bwd_dq_kernel``, grid (cdiv(Lq, BLOCK_M), B * Hq): one query block's dq, looping over
-  key blocks; for 16-bit inputs a first loop sums delta (and stores it for the next kernel).
-  Traffic: q, dout, lse read once, delta read (or written) once, dq written once; k and v read
-  once per query block per loop. FLOPs: 6 Lq Lkv D per query head (s, dp, dq dots), plus 4 Lq Lkv D
-  for the delta loop of 16-bit inputs.
+  key blocks. Traffic: q, dout, lse and delta read once, dq written once; k and v read once per
+  query block. FLOPs: 6 Lq Lkv D per query head (s, dp, dq dots).
 - ``_attn_bwd_dkdv_kernel``, grid (cdiv(Lkv, BLOCK_N), B * Hkv): one key block's dk and dv in
   float32 registers, looping over the Hq / Hkv query heads of its group and their query blocks.
   Traffic: k and v read once, dk and dv written once; q, dout, lse, delta read once per key
   block. FLOPs: 8 Lq Lkv D per query head (s, dv, dp, dk dots).
 
-The backward thus computes 14 Lq Lkv D per query head (3.5 times the forward; s and dp are
-computed once per kernel, so that neither kernel needs atomics), 18 Lq Lkv D for 16-bit inputs.
+The backward thus computes 14 Lq Lkv D per query head, 3.5 times the forward: s and dp are
+computed in both backward kernels, so that neither needs atomics (a single-kernel backward that
+adds dq with atomics computes 10 Lq Lkv D, but its sums depend on the order of the atomics).
 
 Causal launches skip key (or query) blocks that the mask removes entirely, by their loop bounds.
 The forward and dq kernels split the remaining key blocks into those crossing the diagonal or the
@@ -114,7 +115,7 @@ _FP32_CONFIGS = {
 CONFIGS: dict[tuple[int, int, int, str], tuple[int, int, int, int]] = {
     (90, 64, 2, "fwd"): (128, 128, 8, 3),
     (90, 128, 2, "fwd"): (128, 64, 8, 3),
-    (90, 256, 2, "fwd"): (128, 32, 8, 2),
+    (90, 256, 2, "fwd"): (64, 32, 8, 2),
     (90, 64, 2, "dkdv"): (32, 128, 8, 3),
     (90, 128, 2, "dkdv"): (32, 64, 8, 2),
     (90, 256, 2, "dkdv"): (32, 32, 8, 2),
@@ -146,12 +147,13 @@ CONFIGS: dict[tuple[int, int, int, str], tuple[int, int, int, int]] = {
 # block bounds are exercised with tiles that do not line up.
 _INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)}
 # The delta kernel is elementwise: rows per program, so that a thread of its 4 warps holds at
-# most 32 elements of each of out and dout.
-_DELTA_ELEMENTS = 4096
+# most 16 elements of each of out, its residual and dout.
+_DELTA_ELEMENTS = 2048
 
 
 # Head counts and lengths vary from call to call and only bound loops and masks: compiling a
-# kernel per value class (1, multiple of 16, other) would multiply the compiles for nothing.
+# kernel per value class (1, multiple of 16, other) would multiply the compiles for nothing. (Each
+# kernel names exactly its own parameters: some triton versions reject unknown names.)
 _SIZE_ARGS = ("hq", "hkv", "lq", "lkv")
 
 
@@ -218,20 +220,29 @@ def _bh_strides(x: Tensor) -> tuple[int, int, int]:
 
 
 def attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, key_padding_mask: Tensor | None
-) -> tuple[Tensor, Tensor]:
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    key_padding_mask: Tensor | None,
+    keep_residual: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """softmax(scale * q k^T + mask) v and its row log-sum-exp, in one pass over the keys.
 
     q: (B, Hq, Lq, D); k, v: (B, Hkv, Lkv, D), Hq % Hkv == 0; fp16, bf16 or fp32, one dtype;
     stride(-1) == 1, other strides arbitrary. key_padding_mask: None or contiguous bool
     (B, Lkv), True for keys to ignore. causal: key j allowed for query i iff j <= i + Lkv - Lq.
-    Returns out (B, Hq, Lq, D) contiguous in q's dtype (0 for rows with no allowed key) and lse
-    (B, Hq, Lq) contiguous float32, natural log (-inf for those rows).
+    Returns out (B, Hq, Lq, D) contiguous in q's dtype (0 for rows with no allowed key), lse
+    (B, Hq, Lq) contiguous float32, natural log (-inf for those rows), and, for 16-bit inputs
+    with keep_residual, the rounding residual of out (float32 out - out, in q's dtype; else
+    None), which lets the backward form delta = dout . out from the float32 output.
     """
     b, hq, lq, d = q.shape
     hkv, lkv = k.shape[1], k.shape[2]
     out = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
+    residual = torch.empty_like(out) if keep_residual and q.element_size() < 4 else None
     block_m, block_n, num_warps, num_stages = _config(q, "fwd")
     with on_device(q):
         _attn_fwd_kernel[(cdiv(lq, block_m), b * hq)](
@@ -241,6 +252,7 @@ def attention_forward(
             _mask_arg(key_padding_mask, q),
             out,
             lse,
+            out if residual is None else residual,
             *_bh_strides(q),
             *_bh_strides(k),
             *_bh_strides(v),
@@ -251,6 +263,7 @@ def attention_forward(
             scale * _LOG2E,
             CAUSAL=causal,
             HAS_MASK=key_padding_mask is not None,
+            HAS_RESIDUAL=residual is not None,
             HEAD_DIM=d,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
@@ -259,7 +272,7 @@ def attention_forward(
             num_warps=num_warps,
             num_stages=num_stages,
         )
-    return out, lse
+    return out, lse, residual
 
 
 def attention_backward(
@@ -272,10 +285,13 @@ def attention_backward(
     causal: bool,
     scale: float,
     key_padding_mask: Tensor | None,
+    out_residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of :func:`attention_forward` given dout = dL/dout.
 
-    dout: like out (any B, H, L strides, stride(-1) == 1); out, lse: the forward's results;
+    dout: like out (any B, H, L strides, stride(-1) == 1); out, lse, out_residual: the forward's
+    results (with a 16-bit out, delta = dout . out is exact only with the residual: without it,
+    out's rounding enters every ds of the row, beyond the rounding of dq itself on peaked rows);
     q, k, v, causal, scale, key_padding_mask: the forward's arguments. Returns dq contiguous in
     q's shape and dtype, dk and dv contiguous in k's shape and dtype (summed over the query heads
     that share a kv head). Rows with no allowed key get zero gradients. Deterministic.
@@ -297,26 +313,23 @@ def attention_backward(
     )
     sizes = (hq, hkv, lq, lkv, scale, scale * _LOG2E)
     strides = (*_bh_strides(q), *_bh_strides(k), *_bh_strides(v), *_bh_strides(dout))
-    # 16-bit out is rounded: delta from it is off by dout . (rounding of out), which enters every
-    # ds of the row and, with large scores, exceeds the rounding of dq itself; such calls take
-    # delta = sum_j p_ij dp_ij from the dq kernel's first pass over the keys instead.
-    delta_from_keys = q.element_size() < 4
     with on_device(q):
-        if not delta_from_keys:
-            block_rows = 16 if interpreting() else max(16, min(64, _DELTA_ELEMENTS // block_d))
-            _attn_bwd_delta_kernel[(cdiv(lq, block_rows), b * hq)](
-                out,
-                dout,
-                delta,
-                *_bh_strides(out),
-                *_bh_strides(dout),
-                hq,
-                lq,
-                HEAD_DIM=d,
-                BLOCK_M=block_rows,
-                BLOCK_D=block_d,
-                num_warps=4,
-            )
+        block_rows = 16 if interpreting() else max(16, min(64, _DELTA_ELEMENTS // block_d))
+        _attn_bwd_delta_kernel[(cdiv(lq, block_rows), b * hq)](
+            out,
+            out if out_residual is None else out_residual,
+            dout,
+            delta,
+            *_bh_strides(out),
+            *_bh_strides(dout),
+            hq,
+            lq,
+            HAS_RESIDUAL=out_residual is not None,
+            HEAD_DIM=d,
+            BLOCK_M=block_rows,
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
         block_m, block_n, num_warps, num_stages = _config(q, "dq")
         _attn_bwd_dq_kernel[(cdiv(lq, block_m), b * hq)](
             q,
@@ -329,7 +342,6 @@ def attention_backward(
             dq,
             *strides,
             *sizes,
-            DELTA_FROM_KEYS=delta_from_keys,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             num_warps=num_warps,
@@ -472,7 +484,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             m_i = m_new
         return acc, m_i, l_i
 
-    @triton.jit(do_not_specialize=_SIZE_ARGS)
+    @triton.jit(do_not_specialize=("hq", "group", "lq", "lkv"))
     def _attn_fwd_kernel(
         q_ptr,
         k_ptr,
@@ -480,6 +492,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         mask_ptr,
         out_ptr,
         lse_ptr,
+        res_ptr,
         stride_qb,
         stride_qh,
         stride_ql,
@@ -496,6 +509,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         scale_log2,
         CAUSAL: tl.constexpr,
         HAS_MASK: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -503,9 +517,10 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         INPUT_PRECISION: tl.constexpr,
     ):
         """Attention output and lse of BLOCK_M queries of one (b, h); grid (cdiv(Lq, BLOCK_M), B * Hq).
+        With HAS_RESIDUAL, also out's rounding residual (float32 out - rounded out).
 
         Memory traffic: the q block read once, k and v of the visible key blocks read once per
-        program, the out block and its lse written once."""
+        program, the out block (and its residual) and its lse written once."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // hq
@@ -537,16 +552,18 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         rows = bh.to(tl.int64) * lq + offs_m
         d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < lq
-        tl.store(
-            out_ptr + rows[:, None] * HEAD_DIM + d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & (d < HEAD_DIM)[None, :],
-        )
+        ptrs = rows[:, None] * HEAD_DIM + d[None, :]
+        store_mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
+        rounded = out.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + ptrs, rounded, mask=store_mask)
+        if HAS_RESIDUAL:
+            tl.store(res_ptr + ptrs, (out - rounded.to(tl.float32)).to(res_ptr.dtype.element_ty), mask=store_mask)
         tl.store(lse_ptr + rows, lse, mask=row_ok)
 
     @triton.jit(do_not_specialize=("hq", "lq"))
     def _attn_bwd_delta_kernel(
         out_ptr,
+        res_ptr,
         dout_ptr,
         delta_ptr,
         stride_ob,
@@ -557,13 +574,15 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         stride_dl,
         hq,
         lq,
+        HAS_RESIDUAL: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        """delta[b, h, i] = sum_d dout * out in float32; grid (cdiv(Lq, BLOCK_M), B * Hq).
+        """delta[b, h, i] = sum_d dout * out in float32, out + residual when HAS_RESIDUAL (the
+        contiguous (B, Hq, Lq, D) rounding residual of a 16-bit out); grid (cdiv(Lq, BLOCK_M), B * Hq).
 
-        Memory traffic: out and dout read once, 4 bytes per row written."""
+        Memory traffic: out (and its residual) and dout read once, 4 bytes per row written."""
         m0 = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1)
         b = bh // hq
@@ -572,7 +591,11 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         do_base = dout_ptr + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
         o = _load_rows(o_base, m0, lq, stride_ol, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
         do = _load_rows(do_base, m0, lq, stride_dl, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        o = o.to(tl.float32)
+        if HAS_RESIDUAL:
+            r_base = res_ptr + bh.to(tl.int64) * lq * HEAD_DIM
+            o += _load_rows(r_base, m0, lq, HEAD_DIM, BLOCK_M, HEAD_DIM, BLOCK_D, True, False).to(tl.float32)
+        delta = tl.sum(o * do.to(tl.float32), axis=1)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         tl.store(delta_ptr + bh.to(tl.int64) * lq + offs_m, delta, mask=offs_m < lq)
 
@@ -729,7 +752,6 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         lq,
         lkv,
         scale_log2,
-        DELTA_PASS: tl.constexpr,
         CAUSAL: tl.constexpr,
         HAS_MASK: tl.constexpr,
         MASKED: tl.constexpr,
@@ -738,9 +760,8 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         BLOCK_D: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
-        """Over key blocks [start, end): with DELTA_PASS, add sum_j p_ij dp_ij to delta
-        [BLOCK_M]; else add to dq [BLOCK_M, BLOCK_D] (unscaled) the terms ds k. MASKED blocks
-        apply the key range and the causal mask."""
+        """Over key blocks [start, end): add to dq [BLOCK_M, BLOCK_D] (unscaled) the terms ds k,
+        ds = p (dp - delta). MASKED blocks apply the key range and the causal mask."""
         for n0 in range(start, end, BLOCK_N):
             k = _load_rows(k_base, n0, lkv, stride_kl, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, False)
             s = _dot(q, tl.trans(k), None, INPUT_PRECISION) * scale_log2
@@ -756,12 +777,9 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
                 p = tl.where(allowed, p, 0.0)
             v = _load_rows(v_base, n0, lkv, stride_vl, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, False)
             dp = _dot(do, tl.trans(v), None, INPUT_PRECISION)
-            if DELTA_PASS:
-                delta += tl.sum(p * dp, axis=1)
-            else:
-                ds = p * (dp - delta[:, None])
-                dq = _dot(ds.to(k.dtype), k, dq, INPUT_PRECISION)
-        return dq, delta
+            ds = p * (dp - delta[:, None])
+            dq = _dot(ds.to(k.dtype), k, dq, INPUT_PRECISION)
+        return dq
 
     @triton.jit(do_not_specialize=_SIZE_ARGS)
     def _attn_bwd_dq_kernel(
@@ -791,7 +809,6 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         lkv,
         scale,
         scale_log2,
-        DELTA_FROM_KEYS: tl.constexpr,
         CAUSAL: tl.constexpr,
         HAS_MASK: tl.constexpr,
         HEAD_DIM: tl.constexpr,
@@ -800,12 +817,10 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         BLOCK_D: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
-        """dq of BLOCK_M queries of one (b, h); grid (cdiv(Lq, BLOCK_M), B * Hq). With
-        DELTA_FROM_KEYS, delta = sum_j p_ij dp_ij is first summed over the keys and stored (the
-        dk/dv kernel reads it); otherwise it is read.
+        """dq of BLOCK_M queries of one (b, h); grid (cdiv(Lq, BLOCK_M), B * Hq).
 
-        Memory traffic: q, dout, lse and delta of the block read (delta: or written) once, the dq
-        block written once; k and v of the visible key blocks read once per loop over them."""
+        Memory traffic: q, dout, lse and delta of the block read once, the dq block written once;
+        k and v of the visible key blocks read once."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // hq
@@ -826,26 +841,14 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         full_end, end = _key_blocks(m0, lq, lkv, CAUSAL, BLOCK_M, BLOCK_N)
         mask_row = mask_ptr + b.to(tl.int64) * lkv
-        if DELTA_FROM_KEYS:
-            delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-            dq, delta = _dq_key_loop(
-                dq, delta, q, do, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, full_end,
-                lq, lkv, scale_log2, True, CAUSAL, HAS_MASK, False, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
-            )  # fmt: skip
-            dq, delta = _dq_key_loop(
-                dq, delta, q, do, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, full_end, end,
-                lq, lkv, scale_log2, True, CAUSAL, HAS_MASK, True, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
-            )  # fmt: skip
-            tl.store(delta_ptr + rows, delta, mask=row_ok)
-        else:
-            delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
-        dq, delta = _dq_key_loop(
+        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        dq = _dq_key_loop(
             dq, delta, q, do, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, full_end,
-            lq, lkv, scale_log2, False, CAUSAL, HAS_MASK, False, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+            lq, lkv, scale_log2, CAUSAL, HAS_MASK, False, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
         )  # fmt: skip
-        dq, delta = _dq_key_loop(
+        dq = _dq_key_loop(
             dq, delta, q, do, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, full_end, end,
-            lq, lkv, scale_log2, False, CAUSAL, HAS_MASK, True, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+            lq, lkv, scale_log2, CAUSAL, HAS_MASK, True, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
         )  # fmt: skip
         d = tl.arange(0, BLOCK_D)
         tl.store(

@@ -195,17 +195,17 @@ def attention_calls() -> Iterator[AttentionCall]:
     for d, dtype, causal, mask in itertools.product(ATTENTION_HEAD_DIMS, HALF, (False, True), (False, True)):
         if not (dtype == torch.bfloat16 and causal and mask):
             yield AttentionCall(d, dtype, causal, mask)
-    yield AttentionCall(64, torch.float32, True, True)  # float32 runs the delta kernel
+    yield AttentionCall(64, torch.float32, True, True)  # float32: IEEE dots, no residual
 
 
 def run_attention_call(at, call: AttentionCall) -> None:
-    """The forward and backward launches of ``call``."""
+    """The forward and backward launches of ``call``, as a call that needs gradients makes them."""
     b, hq, hkv, length = call.shape
     q = torch.empty((b, hq, length, call.head_dim), dtype=call.dtype)
     k = torch.empty((b, hkv, length, call.head_dim), dtype=call.dtype)
     mask = torch.zeros((b, length), dtype=torch.bool) if call.mask else None
-    out, lse = at.attention_forward(q, k, k, call.causal, 0.125, mask)
-    at.attention_backward(out, q, k, k, out, lse, call.causal, 0.125, mask)
+    out, lse, residual = at.attention_forward(q, k, k, call.causal, 0.125, mask, keep_residual=True)
+    at.attention_backward(out, q, k, k, out, lse, call.causal, 0.125, mask, residual)
 
 
 def _tensor(shape, dtype, layout):
