@@ -17,6 +17,7 @@
 namespace py = pybind11;
 using genkernels::AttentionProblem;
 using genkernels::GroupNormProblem;
+using genkernels::StepProblem;
 
 namespace {
 
@@ -115,4 +116,37 @@ PYBIND11_MODULE(_C, m) {
       py::arg("device"), py::arg("scale"), py::arg("causal"), py::arg("stream"),
       "Attention forward (fp16/bf16): writes out (B, Hq, Lq, D) and float32 lse (B, Hq, Lq). Strides are the "
       "(batch, head, row) strides in elements. Launches on `stream`, never synchronizes.");
+  m.def(
+      "schedule_step_workspace",
+      [](uintptr_t model_output, int64_t batch, int64_t n, int dtype, int mo_dtype, int noise_dtype,
+         int x0_prev_dtype, int device, bool guided, bool rescale) {
+        const StepProblem p{batch, n, dtype, mo_dtype, noise_dtype, x0_prev_dtype, device};
+        return genkernels::schedule_step_workspace(p, model_output, guided, rescale);
+      },
+      py::arg("model_output"), py::arg("batch"), py::arg("n"), py::arg("dtype"), py::arg("mo_dtype"),
+      py::arg("noise_dtype"), py::arg("x0_prev_dtype"), py::arg("device"), py::arg("guided"), py::arg("rescale"),
+      "Scratch bytes schedule_step needs (non-zero only with guidance rescale).");
+  m.def(
+      "schedule_step",
+      [](uintptr_t x, uintptr_t model_output, uintptr_t noise, uintptr_t x0_prev, uintptr_t prev, uintptr_t x0,
+         std::array<float, genkernels::kStepCoeffs> coeff_values,
+         std::array<uintptr_t, genkernels::kStepCoeffs> coeff_arrays, int64_t batch, int64_t n, int dtype,
+         int mo_dtype, int noise_dtype, int x0_prev_dtype, int device, bool guided, float guidance_scale,
+         bool rescale, float guidance_rescale, bool clip, float clip_value, bool philox, uint64_t seed,
+         uintptr_t seed_tensor, uint64_t offset, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+        const StepProblem p{batch, n, dtype, mo_dtype, noise_dtype, x0_prev_dtype, device};
+        genkernels::schedule_step(p, x, model_output, noise, x0_prev, prev, x0, coeff_values, coeff_arrays, guided,
+                                  guidance_scale, rescale, guidance_rescale, clip, clip_value, philox, seed,
+                                  seed_tensor, offset, workspace, workspace_bytes, stream);
+      },
+      py::arg("x"), py::arg("model_output"), py::arg("noise"), py::arg("x0_prev"), py::arg("prev"), py::arg("x0"),
+      py::arg("coeff_values"), py::arg("coeff_arrays"), py::arg("batch"), py::arg("n"), py::arg("dtype"),
+      py::arg("mo_dtype"), py::arg("noise_dtype"), py::arg("x0_prev_dtype"), py::arg("device"), py::arg("guided"),
+      py::arg("guidance_scale"), py::arg("rescale"), py::arg("guidance_rescale"), py::arg("clip"),
+      py::arg("clip_value"), py::arg("philox"), py::arg("seed"), py::arg("seed_tensor"), py::arg("offset"),
+      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+      "Fused sampler step on dense (B, N) views (x, prev and x0 in `dtype`; model_output, noise and x0_prev in "
+      "their own dtypes): writes prev and, when its address is non-zero, x0. Coefficients px, po, ex, e0, cx, c0, "
+      "ce, cn, cp: coeff_values[k], or the float32 (B,) array at coeff_arrays[k] when non-zero. The seed is read "
+      "from the int64 device tensor at seed_tensor when non-zero. Launches on `stream`, never synchronizes.");
 }

@@ -3,6 +3,7 @@
 // dtypes as DtypeCode values, streams as the cudaStream_t handle value.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -61,5 +62,40 @@ struct AttentionProblem {
 // out 16-byte aligned, strides multiples of 8 elements, D a multiple of 8 and at most 128.
 void attention_forward(const AttentionProblem& p, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t key_padding_mask,
                        uintptr_t out, uintptr_t lse, float scale, bool causal, uintptr_t stream);
+
+// A fused sampler step on dense (B, N) views: x, noise, x0_prev, prev and x0 are (B, N),
+// model_output (B, N), or (2B, N) = [uncond; cond] when guided; element (b, j) at b*N + j for all
+// of them (contiguous and channels-last tensors qualify alike). x, prev and x0 have one dtype;
+// the other inputs may have their own (calls that mix dtypes run the scalar, unvectorized path).
+struct StepProblem {
+  int64_t batch, n;  // B and elements per sample
+  int dtype;         // DtypeCode of x, prev and x0
+  int mo_dtype, noise_dtype, x0_prev_dtype;  // DtypeCodes of the other inputs (any value when absent)
+  int device;        // CUDA device ordinal that holds them
+};
+
+// Coefficients of schedule_step, in this order: px, po, ex, e0, cx, c0, ce, cn, cp.
+constexpr int kStepCoeffs = 9;
+
+// Scratch bytes schedule_step needs (non-zero only for guidance rescale).
+size_t schedule_step_workspace(const StepProblem& p, uintptr_t model_output, bool guided, bool rescale);
+
+// Per element, in float32 (each coefficient values[k], or per_sample[k][b] when that address is
+// non-zero: a float32 (B,) array):
+//   out  = model_output (0 when its address is 0); guided: u + guidance_scale * (c - u)
+//   out *= rescale factor of the sample when rescale (phi = guidance_rescale, unbiased stds)
+//   x0   = px*x + po*out, clamped to [-clip_value, clip_value] when clip
+//   eps  = ex*x + e0*x0
+//   prev = cx*x + c0*x0 + ce*eps + cn*noise + cp*x0_prev
+// noise: the tensor at `noise`, else (philox) the stream of genkernels/philox.cuh keyed by
+// (seed, offset), the seed read from the one-element int64 device tensor at seed_tensor when that
+// address is non-zero, else no noise term; x0_prev: no term when its address is 0. Writes prev, and
+// x0 (after clipping) when its address is non-zero. Launches on `stream`, never synchronizes.
+void schedule_step(const StepProblem& p, uintptr_t x, uintptr_t model_output, uintptr_t noise, uintptr_t x0_prev,
+                   uintptr_t prev, uintptr_t x0, const std::array<float, kStepCoeffs>& values,
+                   const std::array<uintptr_t, kStepCoeffs>& per_sample, bool guided, float guidance_scale,
+                   bool rescale, float guidance_rescale, bool clip, float clip_value, bool philox, uint64_t seed,
+                   uintptr_t seed_tensor, uint64_t offset, uintptr_t workspace, size_t workspace_bytes,
+                   uintptr_t stream);
 
 }  // namespace genkernels
