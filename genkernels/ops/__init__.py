@@ -2,5 +2,29 @@
 
 from .attention import attention, attention_reference
 from .group_norm import group_norm, group_norm_reference
+from .sampler_steps import (
+    ddim_step,
+    ddpm_step,
+    dpmpp_2m_step,
+    euler_ancestral_step,
+    euler_step,
+    flow_euler_step,
+)
+from .schedule import StepCoeffs, add_noise, schedule_step, schedule_step_reference
 
-__all__ = ["attention", "attention_reference", "group_norm", "group_norm_reference"]
+__all__ = [
+    "StepCoeffs",
+    "add_noise",
+    "attention",
+    "attention_reference",
+    "ddim_step",
+    "ddpm_step",
+    "dpmpp_2m_step",
+    "euler_ancestral_step",
+    "euler_step",
+    "flow_euler_step",
+    "group_norm",
+    "group_norm_reference",
+    "schedule_step",
+    "schedule_step_reference",
+]
