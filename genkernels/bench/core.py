@@ -501,12 +501,12 @@ class SelfCheckTally:
             self.worst = Check(True, check.err, check.bound, f"{label} {check.detail}")
         return None
 
-    def result(self, dtypes: Sequence[torch.dtype]) -> SelfCheck:
-        """ "ok" with the count and the closest call, or "skipped" with the first reason when nothing ran."""
+    def result(self, dtypes: Sequence[torch.dtype], what: str = "fwd and fwd+bwd") -> SelfCheck:
+        """The outcome: ok (the count and the closest call), or skipped with the first reason when nothing ran."""
         if self.ran == 0:
             return SelfCheck(self.op, self.backend, "skipped", self.skips[0] if self.skips else "no case ran")
         names = ", ".join(DTYPE_NAMES[d] for d in dtypes)
-        detail = f"{self.ran} checks (fwd and fwd+bwd; {names}) within the criterion"
+        detail = f"{self.ran} checks ({what}; {names}) within the criterion"
         w = self.worst
         detail += f"; closest: {w.detail} err {w.err:.2g} <= {w.bound:.2g}" if w.detail else ""
         if self.skips:

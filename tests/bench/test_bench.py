@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from genkernels.bench import attention, core, group_norm, main, report, runner
+from genkernels.bench import attention, core, group_norm, main, report, runner, schedule_step
 
 
 def test_cases_cover_the_anchor_shapes():
@@ -73,7 +73,7 @@ def test_main_without_gpu_runs_the_self_check(tmp_path, capsys, monkeypatch):
     checks = {
         (c["op"], c["backend"]): c["status"] for c in json.loads((tmp_path / "selfcheck.json").read_text())["checks"]
     }
-    for op in ("group_norm", "attention"):
+    for op in ("group_norm", "attention", "schedule_step"):
         assert checks[op, "reference"] == "ok" and checks[op, "cuda"] == "skipped"
         assert checks[op, "triton"] == "skipped"  # --no-interpret
 
@@ -265,4 +265,34 @@ def test_budget_split_between_ops():
     assert runner.op_budget(300.0, [1.0, 2.0]) == 100.0
     assert runner.op_budget(250.0, [2.0]) == 250.0  # the last op gets all that is left
     assert runner.op_budget(-5.0, [1.0, 2.0]) == 0.0
-    assert runner.OPS == ("group_norm", "attention") and attention.BUDGET_SHARE == 2.0
+    assert runner.OPS == ("group_norm", "attention", "schedule_step")
+    assert attention.BUDGET_SHARE == 2.0 and schedule_step.BUDGET_SHARE == 0.5
+
+
+# --------------------------------------------------------------------------- schedule_step
+
+
+def test_schedule_step_cases_cover_the_anchor_shapes():
+    cases = schedule_step.cases()
+    assert [(c.shape, c.dtype) for c in cases[:2]] == [
+        ((2, 4, 128, 128), torch.float32),
+        ((1, 16, 32, 90, 160), torch.float32),
+    ]
+    assert all(c.work == 4 * math.prod(c.shape) * c.dtype.itemsize for c in cases)
+    assert {c.dtype for c in schedule_step.cases(quick=True)} == {torch.float32}
+
+
+def test_schedule_step_coefficients_are_the_eager_step():
+    """The fused op with the benchmark's coefficients computes the eager diffusers-style step."""
+    from genkernels.ops import schedule_step_reference
+
+    model_output, sample = schedule_step._inputs((2, 3, 4, 5), torch.float64, torch.device("cpu"))
+    fused = schedule_step_reference(
+        sample, model_output, schedule_step.ddim_coeffs(), guidance_scale=schedule_step.GUIDANCE
+    )
+    torch.testing.assert_close(fused, schedule_step.eager_ddim_cfg(model_output, sample))
+
+
+def test_schedule_step_self_check_on_cpu():
+    assert schedule_step.self_check("reference").status == "ok"
+    assert schedule_step.self_check("cuda").status == "skipped"
