@@ -1,0 +1,164 @@
+"""Training data for the generative models: the 8x8 digits shipped with scikit-learn, or a folder of images.
+
+Both give a :class:`ImageDataset`: images (N, C, H, W) float32 in [-1, 1] and labels (N,) int64,
+held in memory. Nothing is downloaded: scikit-learn ships the digits in its package, and a
+folder is read from disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class ImageDataset:
+    """Images in [-1, 1] with integer class labels.
+
+    Attributes:
+        images: (N, C, H, W) float32 in [-1, 1].
+        labels: (N,) int64 in [0, num_classes).
+        class_names: one name per class (the label's meaning).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+
+    def __post_init__(self) -> None:
+        if self.images.dim() != 4:
+            raise ValueError(f"images must be (N, C, H, W), got shape {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels must be ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W)."""
+        return tuple(self.images.shape[1:])
+
+    def batches(self, batch_size: int, generator: torch.Generator):
+        """Endless shuffled minibatches (images, labels), reshuffled every epoch with ``generator``."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = len(self)
+        while True:
+            order = torch.randperm(n, generator=generator)
+            for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+                idx = order[i : i + batch_size]
+                yield self.images[idx], self.labels[idx]
+
+
+def digits() -> ImageDataset:
+    """The scikit-learn 8x8 digits: 1,797 grey images (1, 8, 8), labels 0-9.
+
+    Pixel values 0..16 map linearly to [-1, 1]: x / 8 - 1.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - scikit-learn is a dependency
+        raise ImportError("the digits data set needs scikit-learn: pip install scikit-learn") from e
+    d = load_digits()
+    images = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0)[:, None]
+    labels = torch.from_numpy(d.target.astype(np.int64))
+    return ImageDataset(images, labels, [str(i) for i in range(10)])
+
+
+def image_folder(path: str | Path, size: int, channels: int = 3) -> ImageDataset:
+    """Images from a folder, resized to size x size (bicubic), as (N, channels, size, size) in [-1, 1].
+
+    Layout: either subfolders, one per class (``root/cat/*.png``, ``root/dog/*.jpg``: labels follow
+    the sorted subfolder names), or images directly in ``root`` (one class, label 0). Files whose
+    suffix is not an image suffix are skipped. channels: 1 (greyscale) or 3 (RGB). Non-square
+    images are center-cropped to a square first.
+    """
+    try:
+        from PIL import Image
+    except ImportError as e:  # pragma: no cover - pillow is a dependency
+        raise ImportError("reading an image folder needs pillow: pip install pillow") from e
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {str(root)!r} does not exist or is not a folder")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+
+    def images_in(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and images_in(p))
+    if class_dirs:
+        files = [(f, i) for i, d in enumerate(class_dirs) for f in images_in(d)]
+        names = [d.name for d in class_dirs]
+    else:
+        files = [(f, 0) for f in images_in(root)]
+        names = [root.name or "images"]
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(root)!r} or its subfolders")
+    mode = "L" if channels == 1 else "RGB"
+    arrays = []
+    for f, _ in files:
+        with Image.open(f) as im:
+            im = im.convert(mode)
+            w, h = im.size
+            s = min(w, h)
+            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            im = im.resize((size, size), Image.BICUBIC)
+            a = np.asarray(im, dtype=np.float32).reshape(size, size, channels)
+        arrays.append(a.transpose(2, 0, 1))
+    images = torch.from_numpy(np.stack(arrays) / 127.5 - 1.0).float()
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return ImageDataset(images, labels, names)
+
+
+def load(data: str, size: int | None = None, channels: int = 3) -> ImageDataset:
+    """``"digits"`` (size and channels ignored: 1 x 8 x 8), or a folder (:func:`image_folder`; size default 32)."""
+    if data == "digits":
+        return digits()
+    return image_folder(data, 32 if size is None else size, channels)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 in [0, 255] (values outside [-1, 1] clamp)."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, ncol: int, scale: int = 1, pad: int = 1) -> tuple[int, int]:
+    """Write images (N, C, H, W) in [-1, 1] as one PNG grid; returns its (width, height).
+
+    ncol images per row, rows = ceil(N / ncol); each image is upscaled ``scale`` times (nearest)
+    and separated by ``pad`` mid-grey (128) pixels, so width = ncol * (W * scale + pad) + pad and
+    height = rows * (H * scale + pad) + pad. C = 1 writes greyscale, C = 3 RGB.
+    """
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    if c not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels to be written as PNG, got {c}")
+    if ncol < 1 or scale < 1 or pad < 0:
+        raise ValueError(f"need ncol >= 1, scale >= 1, pad >= 0; got ncol={ncol}, scale={scale}, pad={pad}")
+    ncol = min(ncol, n)
+    rows = -(-n // ncol)
+    hs, ws = h * scale, w * scale
+    # Grey gaps: digits and most samples have dark backgrounds that a black gap would merge into.
+    grid = np.full((rows * (hs + pad) + pad, ncol * (ws + pad) + pad, c), 128, dtype=np.uint8)
+    pixels = to_uint8(images).repeat(scale, axis=1).repeat(scale, axis=2)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        y, x = pad + r * (hs + pad), pad + q * (ws + pad)
+        grid[y : y + hs, x : x + ws] = pixels[i]
+    Image.fromarray(grid[:, :, 0] if c == 1 else grid).save(path)
+    return grid.shape[1], grid.shape[0]

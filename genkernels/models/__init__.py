@@ -1,0 +1,5 @@
+"""Generative models built on genkernels layers."""
+
+from .diffusion import UNet, UNetConfig
+
+__all__ = ["UNet", "UNetConfig"]

@@ -1,0 +1,183 @@
+"""`genkernels train diffusion` and `genkernels sample diffusion`: end to end on CPU, and clear argument errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from genkernels import train
+from genkernels.cli import main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny shapes, and a busy machine's spinning OpenMP threads cost more than they gain."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Checkpoints of 3-step training runs from the command line (eps and flow)."""
+    paths = {}
+    for objective in ("eps", "flow"):
+        out = tmp_path_factory.mktemp(f"run-{objective}")
+        argv = [
+            "train",
+            "diffusion",
+            "--data",
+            "digits",
+            "--steps",
+            "3",
+            "--objective",
+            objective,
+            "--model",
+            "tiny",
+            "--batch-size",
+            "16",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+        assert main(argv) == 0
+        paths[objective] = out / "diffusion.safetensors"
+    return paths
+
+
+def test_train_writes_a_checkpoint(runs, capsys):
+    meta = train.read_metadata(runs["eps"])
+    assert meta["objective"] == "eps" and meta["step"] == 3 and meta["config"]["block_out_channels"] == [16, 32]
+    assert train.read_metadata(runs["flow"])["objective"] == "flow"
+
+
+@pytest.mark.parametrize("sampler", sorted(train.SAMPLERS))
+def test_sample_every_sampler_writes_the_grid(runs, sampler, tmp_path, capsys):
+    ckpt = runs["flow" if sampler == "flow" else "eps"]
+    out = tmp_path / "grid.png"
+    argv = [
+        "sample",
+        "diffusion",
+        "--ckpt",
+        str(ckpt),
+        "--sampler",
+        sampler,
+        "--steps",
+        "2",
+        "--guidance",
+        "2",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    # 40 images (4 per class), one column per class, 8x8 digits upscaled 8x with 1-pixel gaps.
+    with Image.open(out) as im:
+        assert im.size == (10 * 65 + 1, 4 * 65 + 1) and im.mode == "L"
+    assert f"wrote 40 samples ({sampler}, 2 steps, guidance 2.0)" in capsys.readouterr().out
+
+
+def test_sample_layout_options_and_default_sampler(runs, tmp_path):
+    out = tmp_path / "one-class.png"
+    argv = [
+        "sample",
+        "diffusion",
+        "--ckpt",
+        str(runs["flow"]),
+        "--steps",
+        "2",
+        "--num",
+        "5",
+        "--label",
+        "3",
+        "--ncol",
+        "5",
+        "--scale",
+        "2",
+        "--raw-weights",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0  # no --sampler: flow for a flow checkpoint
+    with Image.open(out) as im:
+        assert im.size == (5 * 17 + 1, 17 + 1)
+
+
+def test_same_seed_same_grid(runs, tmp_path):
+    grids = []
+    for name in ("a.png", "b.png"):
+        argv = [
+            "sample",
+            "diffusion",
+            "--ckpt",
+            str(runs["eps"]),
+            "--sampler",
+            "ddpm",
+            "--steps",
+            "2",
+            "--num",
+            "4",
+            "--seed",
+            "7",
+            "--out",
+            str(tmp_path / name),
+            "--no-progress",
+        ]
+        assert main(argv) == 0
+        grids.append((tmp_path / name).read_bytes())
+    assert grids[0] == grids[1]
+
+
+def test_sampler_objective_mismatch_is_a_clear_error(runs, tmp_path, capsys):
+    argv = ["sample", "diffusion", "--ckpt", str(runs["eps"]), "--sampler", "flow", "--out", str(tmp_path / "x.png")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "sampler 'flow' needs a model trained with objective flow" in err
+    assert "trained with objective 'eps'" in err and "--objective flow" in err
+    argv = ["sample", "diffusion", "--ckpt", str(runs["flow"]), "--sampler", "dpm++", "--out", str(tmp_path / "x.png")]
+    assert main(argv) == 2
+    assert "objective eps or v" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "diffusion"], "the following arguments are required: --out"),
+        (["train", "gan", "--out", "x"], "argument family: invalid choice: 'gan'"),
+        (["train", "diffusion", "--out", "x", "--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+        (["train", "diffusion", "--out", "x", "--objective", "x0"], "argument --objective: invalid choice: 'x0'"),
+        (["train", "diffusion", "--out", "x", "--label-dropout", "1.5"], "expected a number in [0, 1), got 1.5"),
+        (["train", "diffusion", "--out", "x", "--bogus"], "unrecognized arguments: --bogus"),
+        (["sample", "diffusion"], "the following arguments are required: --ckpt"),
+        (["sample", "diffusion", "--ckpt", "c", "--sampler", "plms"], "argument --sampler: invalid choice: 'plms'"),
+    ],
+)
+def test_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_file_errors(runs, tmp_path, capsys):
+    assert main(["train", "diffusion", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert "--data: data folder" in capsys.readouterr().err
+    assert main(["sample", "diffusion", "--ckpt", str(tmp_path / "none.safetensors")]) == 2
+    assert "--ckpt: checkpoint" in capsys.readouterr().err
+    assert main(["sample", "diffusion", "--ckpt", str(runs["eps"]), "--label", "10", "--out", "x.png"]) == 2
+    assert "--label must be in [-1, 9]" in capsys.readouterr().err
+
+
+def test_module_entry_point():
+    """`python -m genkernels` reaches the same parser (no import-time side effects break it)."""
+    done = subprocess.run([sys.executable, "-m", "genkernels", "sample", "diffusion"], capture_output=True, text=True)
+    assert done.returncode == 2 and "required: --ckpt" in done.stderr
