@@ -226,7 +226,8 @@ class Case(abc.ABC):
     "forward"); ``unit``, "GB/s" or "TFLOP/s"; ``work``, bytes or FLOPs per call; ``rate_note``,
     what the rate counts (shown in the table header); ``peer``, optionally the baseline variant
     the op's goals are stated against (e.g. SDPA's flash backend for attention), which gets a
-    speedup column of its own.
+    speedup column of its own; ``genkernels_variants``, optionally the variants that are
+    genkernels' own when they are not the backend names (e.g. a model with and without CUDA graphs).
     """
 
     op: str
@@ -317,8 +318,9 @@ def record_of(case: Case) -> CaseRecord:
     )
 
 
-def _role(name: str) -> str:
-    return "genkernels" if name in genkernels_backends() else "baseline"
+def _role(case: Case, name: str) -> str:
+    """A variant's role before it is built: the case's ``genkernels_variants`` (default: the backend names)."""
+    return "genkernels" if name in getattr(case, "genkernels_variants", genkernels_backends()) else "baseline"
 
 
 def build_variant(case: Case, name: str) -> Variant | Result:
@@ -326,7 +328,7 @@ def build_variant(case: Case, name: str) -> Variant | Result:
     try:
         return case.variant(name)
     except Exception as e:  # noqa: BLE001 - a variant that cannot even be built is reported, not fatal
-        return Result(name, _role(name), "failed", _err(e, "build"))
+        return Result(name, _role(case, name), "failed", _err(e, "build"))
 
 
 def measure(case: Case, v: Variant, timing: Timing, ceiling: float) -> Result:
@@ -406,7 +408,7 @@ def run_case(case: Case, device: torch.device, timing: Timing, ceilings: Ceiling
     except Exception as e:  # noqa: BLE001 - one broken case (e.g. out of memory) must not end the run
         done = {r.variant for r in record.results}
         record.results += [
-            Result(n, _role(n), "failed", _err(e, "case")) for n in case.variant_names() if n not in done
+            Result(n, _role(case, n), "failed", _err(e, "case")) for n in case.variant_names() if n not in done
         ]
     finally:
         case.release()
@@ -418,7 +420,7 @@ def run_case(case: Case, device: torch.device, timing: Timing, ceilings: Ceiling
 def not_run(case: Case, why: str) -> CaseRecord:
     """The record of a case left out (time budget), every variant marked "not run"."""
     record = record_of(case)
-    record.results = [Result(n, _role(n), "not run", why) for n in case.variant_names()]
+    record.results = [Result(n, _role(case, n), "not run", why) for n in case.variant_names()]
     return record
 
 

@@ -19,7 +19,7 @@ from . import report
 from .core import FULL_TIMING, QUICK_TIMING, CaseRecord, OpSummary, Timing, measure_ceilings, not_run, run_case
 
 #: Ops with a benchmark module genkernels/bench/<op>.py (see the package docstring for what it defines).
-OPS = ("group_norm", "attention", "schedule_step")
+OPS = ("group_norm", "attention", "schedule_step", "unet")
 
 
 def op_module(op: str) -> ModuleType:

@@ -20,6 +20,11 @@ Layout (Stable Diffusion's UNet, on our own modules):
 Every GroupNorm and attention call goes through the genkernels op registry; ``backend`` pins one
 backend for all of them ("reference", "triton", "cuda"; None follows ``genkernels.backend(...)``
 and the auto order). Same weights give the same output on every backend within the test criterion.
+
+``UNet(config, torch_layers=True)`` builds the same network on plain PyTorch layers instead
+(torch.nn.GroupNorm then SiLU, ``F.scaled_dot_product_attention``), with the same parameter
+names: the model as it runs without genkernels, the baseline of the UNet benchmark.
+:func:`with_torch_layers` makes that model from an existing one, sharing its parameters.
 """
 
 from __future__ import annotations
@@ -151,20 +156,64 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+class TorchGroupNormSiLU(torch.nn.GroupNorm):
+    """torch.nn.GroupNorm followed by SiLU as two PyTorch ops: silu(group_norm(x)); (N, C, *) -> (N, C, *).
+
+    Same constructor, parameters and state_dict keys as torch.nn.GroupNorm (and as
+    genkernels.nn.GroupNormSiLU, which fuses the pair).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(super().forward(x))
+
+
+class TorchAttention(Attention):
+    """genkernels.nn.Attention's layer computed with ``F.scaled_dot_product_attention`` (PyTorch's SDPA).
+
+    Same constructor arguments, parameters and state_dict keys as :class:`genkernels.nn.Attention`;
+    ``backend`` is ignored (SDPA picks its own kernel). Only what the UNet calls: no padding mask,
+    not causal.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states (B, L, query_dim), encoder_hidden_states (B, S, cross_attention_dim) or None
+        (self-attention) -> (B, L, query_dim): to_out(softmax(q k^T / sqrt(dim_head)) v) per head."""
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = self._split_heads(self.to_q(hidden_states))
+        k = self._split_heads(self.to_k(context))
+        v = self._split_heads(self.to_v(context))
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out[1](self.to_out[0](o.transpose(1, 2).flatten(2)))
+
+
+def _group_norm(torch_layers: bool, silu: bool, groups: int, channels: int, eps: float, backend: str | None):
+    """The GroupNorm (+ SiLU) layer of the chosen flavour: genkernels' fused op or PyTorch's modules."""
+    if torch_layers:
+        return TorchGroupNormSiLU(groups, channels, eps=eps) if silu else torch.nn.GroupNorm(groups, channels, eps=eps)
+    return (GroupNormSiLU if silu else GroupNorm)(groups, channels, eps=eps, backend=backend)
+
+
 class ResnetBlock(torch.nn.Module):
     """conv2(dropout(gns2(conv1(gns1(x)) + time_emb_proj(silu(temb))))) + shortcut(x).
 
-    (B, Cin, H, W) -> (B, Cout, H, W).
+    (B, Cin, H, W) -> (B, Cout, H, W). ``torch_layers``: PyTorch's GroupNorm and SiLU instead of genkernels'.
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, temb_channels: int, groups: int, dropout: float, backend: str | None
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        groups: int,
+        dropout: float,
+        backend: str | None,
+        torch_layers: bool = False,
     ) -> None:
         super().__init__()
-        self.norm1 = GroupNormSiLU(groups, in_channels, eps=1e-5, backend=backend)
+        self.norm1 = _group_norm(torch_layers, True, groups, in_channels, 1e-5, backend)
         self.conv1 = torch.nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = torch.nn.Linear(temb_channels, out_channels)
-        self.norm2 = GroupNormSiLU(groups, out_channels, eps=1e-5, backend=backend)
+        self.norm2 = _group_norm(torch_layers, True, groups, out_channels, 1e-5, backend)
         self.dropout = torch.nn.Dropout(dropout)
         self.conv2 = torch.nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = torch.nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -196,17 +245,21 @@ class Transformer(torch.nn.Module):
     """Spatial transformer: self-attention over the pixels, cross-attention to the context, feed-forward.
 
     x (B, C, H, W), context (B, S, cross_attention_dim) -> (B, C, H, W), residual around the whole.
+    ``torch_layers``: PyTorch's GroupNorm and SDPA instead of genkernels' ops.
     """
 
-    def __init__(self, channels: int, heads: int, context_dim: int, groups: int, backend: str | None) -> None:
+    def __init__(
+        self, channels: int, heads: int, context_dim: int, groups: int, backend: str | None, torch_layers: bool = False
+    ) -> None:
         super().__init__()
         dim_head = channels // heads
-        self.norm = GroupNorm(groups, channels, eps=1e-6, backend=backend)
+        attention = TorchAttention if torch_layers else Attention
+        self.norm = _group_norm(torch_layers, False, groups, channels, 1e-6, backend)
         self.proj_in = torch.nn.Linear(channels, channels)
         self.norm1 = torch.nn.LayerNorm(channels)
-        self.attn1 = Attention(channels, heads=heads, dim_head=dim_head, backend=backend)
+        self.attn1 = attention(channels, heads=heads, dim_head=dim_head, backend=backend)
         self.norm2 = torch.nn.LayerNorm(channels)
-        self.attn2 = Attention(
+        self.attn2 = attention(
             channels, cross_attention_dim=context_dim, heads=heads, dim_head=dim_head, backend=backend
         )
         self.norm3 = torch.nn.LayerNorm(channels)
@@ -267,11 +320,15 @@ class UNet(torch.nn.Module):
         backend: backend for every GroupNorm and attention op ("reference", "triton", "cuda";
             None: the ``genkernels.backend(...)`` scope or auto). Change it later with
             :meth:`set_backend`.
+        torch_layers: build it on PyTorch's layers instead (torch.nn.GroupNorm + SiLU,
+            ``F.scaled_dot_product_attention``): the same function and the same parameter names,
+            so either model loads the other's state_dict; ``backend`` has no effect then.
     """
 
-    def __init__(self, config: UNetConfig, *, backend: str | None = None) -> None:
+    def __init__(self, config: UNetConfig, *, backend: str | None = None, torch_layers: bool = False) -> None:
         super().__init__()
         self.config = config
+        self.torch_layers = torch_layers
         cfg = config
         ch = cfg.block_out_channels
         groups, temb_dim = cfg.norm_num_groups, 4 * ch[0]
@@ -285,10 +342,10 @@ class UNet(torch.nn.Module):
         )
 
         def res(cin, cout):
-            return ResnetBlock(cin, cout, temb_dim, groups, cfg.dropout, backend)
+            return ResnetBlock(cin, cout, temb_dim, groups, cfg.dropout, backend, torch_layers)
 
         def attn(c):
-            return Transformer(c, cfg.heads, cfg.cross_attention_dim, groups, backend)
+            return Transformer(c, cfg.heads, cfg.cross_attention_dim, groups, backend, torch_layers)
 
         self.down = torch.nn.ModuleList()
         skip_channels = [ch[0]]
@@ -324,7 +381,7 @@ class UNet(torch.nn.Module):
                 level.sampler = Upsample(cout)
             self.up.append(level)
 
-        self.norm_out = GroupNormSiLU(groups, ch[0], eps=1e-5, backend=backend)
+        self.norm_out = _group_norm(torch_layers, True, groups, ch[0], 1e-5, backend)
         self.conv_out = torch.nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         # A zero output layer starts the model at "predict 0", the loss at its trivial value: stable first steps.
         torch.nn.init.zeros_(self.conv_out.weight)
@@ -336,9 +393,12 @@ class UNet(torch.nn.Module):
         return self.config.num_classes
 
     def set_backend(self, backend: str | None) -> UNet:
-        """Pin every GroupNorm and attention op of the model to ``backend`` (None: scope / auto); returns self."""
+        """Pin every GroupNorm and attention op of the model to ``backend`` (None: scope / auto); returns self.
+
+        No effect on a ``torch_layers`` model (its layers run PyTorch's own kernels).
+        """
         for m in self.modules():
-            if isinstance(m, (GroupNorm, Attention)):
+            if isinstance(m, (GroupNorm, Attention)) and not isinstance(m, TorchAttention):
                 m.backend = backend
         return self
 
@@ -415,3 +475,16 @@ class UNet(torch.nn.Module):
             if level.sampler is not None:
                 h = level.sampler(h)
         return self.conv_out(self.norm_out(h))
+
+
+def with_torch_layers(model: UNet) -> UNet:
+    """The same network as ``model`` on PyTorch's layers (``UNet(config, torch_layers=True)``), sharing
+    ``model``'s parameters: no copy, and an update to one is seen by the other.
+
+    Built on the meta device, then given ``model``'s parameter tensors (``load_state_dict(assign=True)``),
+    so it takes no time or memory of its own; same device, dtype and train/eval mode as ``model``.
+    """
+    with torch.device("meta"):
+        twin = UNet(model.config, torch_layers=True)
+    twin.load_state_dict(model.state_dict(keep_vars=True), strict=True, assign=True)
+    return twin.train(model.training)

@@ -73,7 +73,7 @@ def test_main_without_gpu_runs_the_self_check(tmp_path, capsys, monkeypatch):
     checks = {
         (c["op"], c["backend"]): c["status"] for c in json.loads((tmp_path / "selfcheck.json").read_text())["checks"]
     }
-    for op in ("group_norm", "attention", "schedule_step"):
+    for op in ("group_norm", "attention", "schedule_step", "unet"):
         assert checks[op, "reference"] == "ok" and checks[op, "cuda"] == "skipped"
         assert checks[op, "triton"] == "skipped"  # --no-interpret
 
@@ -265,7 +265,7 @@ def test_budget_split_between_ops():
     assert runner.op_budget(300.0, [1.0, 2.0]) == 100.0
     assert runner.op_budget(250.0, [2.0]) == 250.0  # the last op gets all that is left
     assert runner.op_budget(-5.0, [1.0, 2.0]) == 0.0
-    assert runner.OPS == ("group_norm", "attention", "schedule_step")
+    assert runner.OPS == ("group_norm", "attention", "schedule_step", "unet")
     assert attention.BUDGET_SHARE == 2.0 and schedule_step.BUDGET_SHARE == 0.5
 
 
