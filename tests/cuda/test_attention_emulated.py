@@ -19,81 +19,28 @@ skips without them. About 5 s to compile and 5 s to run on 2 cores.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-EMULATOR = Path(__file__).resolve().parent / "emulator"
+from tests.cuda._emulator import EMULATOR, TIMEOUT_S, build, jobs
+
 SOURCE = EMULATOR / "attention_forward_emu.cpp"
-# -fno-strict-aliasing: the kernel type-puns shared memory (uint16_t tiles read as uint4), as CUDA allows.
-# -Wno-unknown-pragmas: the kernel's "#pragma unroll" is for nvcc.
-CXXFLAGS = ["-std=c++20", "-O2", "-pthread", "-fno-strict-aliasing", "-Wall", "-Wextra", "-Wno-unknown-pragmas"]
 RESULT = re.compile(r"^RESULT (ok|FAIL) (\S+) (.*?) \| (.*)$")
-TIMEOUT_S = 600
-
-
-def _cuda_include_dir() -> Path | None:
-    """The CUDA toolkit's include directory, or None."""
-    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        roots.append(str(Path(os.path.realpath(nvcc)).parent.parent))
-    roots.append("/usr/local/cuda")
-    for root in filter(None, roots):
-        for include in [Path(root) / "include", *sorted(Path(root).glob("targets/*/include"))]:
-            if (include / "cuda_fp16.h").is_file() and (include / "vector_types.h").is_file():
-                return include
-    return None
-
-
-def _cxx20_compiler(tmp: Path) -> str | None:
-    """The first C++ compiler that builds a C++20 program using <ucontext.h>, or None."""
-    probe = tmp / "probe.cpp"
-    probe.write_text(
-        "#include <ucontext.h>\n"
-        'static_assert(__cplusplus >= 202002L, "C++20");\n'
-        "int main() { ucontext_t c; return getcontext(&c); }\n"
-    )
-    candidates = [os.environ.get("CXX"), "g++", "c++", "clang++"]
-    for name in filter(None, candidates):
-        path = shutil.which(name)
-        if path is None:
-            continue
-        result = subprocess.run(
-            [path, "-std=c++20", "-pthread", str(probe), "-o", str(tmp / "probe")], capture_output=True, text=True
-        )
-        if result.returncode == 0:
-            return path
-    return None
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory) -> Path:
     """The emulator binary, compiled from the kernel header and tests/cuda/emulator."""
-    tmp = tmp_path_factory.mktemp("attention_emu")
-    include = _cuda_include_dir()
-    if include is None:
-        pytest.skip("no CUDA headers (cuda_fp16.h) found in $CUDA_HOME, $CUDA_PATH, nvcc's toolkit or /usr/local/cuda")
-    cxx = _cxx20_compiler(tmp)
-    if cxx is None:
-        pytest.skip("no C++20 compiler with <ucontext.h> ($CXX, g++, c++ or clang++)")
-    binary = tmp / "attention_forward_emu"
-    cmd = [cxx, *CXXFLAGS, f"-I{ROOT / 'csrc' / 'include'}", f"-I{include}", str(SOURCE), "-o", str(binary)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert result.returncode == 0, f"compiling the emulator failed:\n{' '.join(cmd)}\n{result.stderr[-8000:]}"
-    return binary
+    return build(tmp_path_factory.mktemp("attention_emu"), SOURCE)
 
 
 def test_attention_forward_emulated(emulator):
     """Every case of the emulator driver passes in both cp.async landing modes (immediate and deferred)."""
-    jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     result = subprocess.run(
-        [str(emulator), "--mode", "both", "--jobs", str(max(1, min(jobs, 8)))],
+        [str(emulator), "--mode", "both", "--jobs", str(jobs())],
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,

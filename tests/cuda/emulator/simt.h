@@ -1,21 +1,27 @@
-// A CPU emulator of the parts of the CUDA execution model that the tensor-core kernels of
-// genkernels use, so that their device source (e.g. genkernels/attention_forward.cuh) can run and
-// be checked on a machine without a GPU.
+// A CPU emulator of the parts of the CUDA execution model that the kernels of genkernels use, so
+// that their device source (genkernels/attention_forward.cuh, genkernels/schedule_step.cuh) can run
+// and be checked on a machine without a GPU.
 //
 // What it emulates:
 // - A block of N CUDA threads as N cooperatively scheduled fibers (ucontext) on one OS thread:
-//   threadIdx / blockIdx, __syncthreads, __syncwarp and __shfl_xor_sync, with every lane of a
-//   warp required to take part in each warp collective (as mma.sync, ldmatrix.sync and the
-//   *_sync intrinsics require) and every thread of the block in each __syncthreads. A barrier
-//   that can never complete (divergent collectives, a thread that exited) is reported as an
-//   error, as are lanes of one warp that meet in different collectives.
+//   threadIdx / blockIdx / gridDim / blockDim, __syncthreads, __syncwarp, __shfl_xor_sync and
+//   __shfl_sync, with every lane of a warp required to take part in each warp collective (as
+//   mma.sync, ldmatrix.sync and the *_sync intrinsics require) and every thread of the block in
+//   each __syncthreads. A barrier that can never complete (divergent collectives, a thread that
+//   exited) is reported as an error, as are lanes of one warp that meet in different collectives.
 // - The primitives of genkernels/mma.cuh, from their PTX ISA definitions: ldmatrix.m8n8.x4
 //   (.trans), mma.sync.m16n8k16 with fp16 / bf16 inputs and fp32 accumulators (products summed
 //   in double, then rounded to float), cp.async 16-byte copies with zero fill, commit_group and
 //   wait_group; every shared memory address is checked for alignment and bounds, and every
 //   cp.async source against the global buffers the test registered.
+// - The element types and memory access of genkernels/vec.cuh (included here, on emulated
+//   __ldcs / __stcs and bit casts); __ldg and __ldcs check that they read a registered buffer.
+//   __frcp_rn is exact as on the device; __fdividef and __expf are exact here (approximate there).
 // - Dynamic shared memory, filled with 0xff bytes (fp16 / bf16 NaN) before each block, so that a
 //   read of anything the kernel did not write poisons the result.
+// - Static __shared__ variables, as static thread_local ones: the fibers of a block run on one OS
+//   thread and so share one copy, as the threads of a block do. They are not poisoned: a block
+//   reading what it never wrote sees zeros or what the block before it left there.
 //
 // Two schedules exercise the synchronization: a thread runs until it must wait, then the
 // runnable thread of highest priority runs; priorities go by thread index (forward: warp 0, lane
@@ -30,8 +36,8 @@
 // register pressure and spills, the exact rounding of the hardware (fp32 accumulation order of
 // mma, the approximations of exp2f / log2f), and anything that only nvcc or ptxas would reject.
 // It checks a kernel against this file's reading of the PTX ISA, not against silicon: a
-// fragment layout misread here and in the kernel alike would pass. Plain (non-cp.async) global
-// loads and stores are not bounds checked; the driver guards its output buffers with sentinels.
+// fragment layout misread here and in the kernel alike would pass. Plain global loads and all
+// global stores (__stcs included) are not bounds checked; drivers guard their outputs with sentinels.
 #pragma once
 
 // vector_types.h brings CUDA's host_defines.h, which makes __global__, __device__ and
@@ -61,9 +67,17 @@
 #define __launch_bounds__(...)
 #endif
 
-// The CUDA built-in variables, per emulated thread: the scheduler sets them on every switch.
+// host_defines.h makes __shared__ an annotation that a host compiler ignores, which would give
+// every emulated thread its own copy.
+#undef __shared__
+#define __shared__ static thread_local
+
+// The CUDA built-in variables, per emulated thread: the scheduler sets them on every switch
+// (threadIdx, blockIdx) or launch (gridDim, blockDim).
 inline thread_local uint3 threadIdx;
 inline thread_local uint3 blockIdx;
+inline thread_local dim3 gridDim;
+inline thread_local dim3 blockDim;
 
 namespace simt {
 
@@ -80,12 +94,12 @@ struct Options {
 };
 
 // The warp collectives, named in error messages.
-enum Op : int { kSyncwarp = 1, kShuffle, kLdmatrix, kLdmatrixTrans, kMmaF16, kMmaBF16 };
+enum Op : int { kSyncwarp = 1, kShuffle, kLdmatrix, kLdmatrixTrans, kMmaF16, kMmaBF16, kShuffleIdx };
 
 inline const char* op_name(int op) {
   static const char* const names[] = {"?", "__syncwarp", "__shfl_xor_sync", "ldmatrix", "ldmatrix.trans",
-                                      "mma (f16)", "mma (bf16)"};
-  return op >= kSyncwarp && op <= kMmaBF16 ? names[op] : names[0];
+                                      "mma (f16)", "mma (bf16)", "__shfl_sync"};
+  return op >= kSyncwarp && op <= kShuffleIdx ? names[op] : names[0];
 }
 
 // One emulated thread's pending cp.async copy.
@@ -327,6 +341,8 @@ inline void launch(unsigned blocks, int threads, size_t smem_bytes, const Option
   m.stacks.assign(threads, std::vector<unsigned char>(kStackBytes));
   Machine* const outer = tl_machine;
   tl_machine = &m;
+  gridDim = dim3(blocks, 1, 1);
+  blockDim = dim3(static_cast<unsigned>(threads), 1, 1);
   for (unsigned b = 0; b < blocks; ++b) {
     m.block = b;
     blockIdx = make_uint3(b, 0, 0);
@@ -368,11 +384,24 @@ inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask, int widt
   return s.f[(l ^ lane_mask) & (simt::kWarpSize - 1)][0];
 }
 
+inline float __shfl_sync(unsigned mask, float value, int src_lane, int width = simt::kWarpSize) {
+  simt::check_full_mask(mask, "__shfl_sync");
+  if (width != simt::kWarpSize) simt::fail("__shfl_sync with width %d: only 32 is emulated", width);
+  simt::Slot& s = simt::slot();
+  s.f[simt::lane()][0] = value;
+  simt::collective(s, simt::kShuffleIdx);
+  return s.f[src_lane & (simt::kWarpSize - 1)][0];
+}
+
 // CUDA's integer min and max (the device math library's overloads).
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long min(long a, long b) { return a < b ? a : b; }
+inline long max(long a, long b) { return a > b ? a : b; }
+inline unsigned long min(unsigned long a, unsigned long b) { return a < b ? a : b; }
+inline unsigned long max(unsigned long a, unsigned long b) { return a > b ? a : b; }
 inline long long min(long long a, long long b) { return a < b ? a : b; }
 inline long long max(long long a, long long b) { return a > b ? a : b; }
 
@@ -382,13 +411,41 @@ inline T __ldg(const T* p) {
   return *p;
 }
 
+// The streaming (evict-first) load and store: plain memory accesses here, the load checked as __ldg is.
+template <class T>
+inline T __ldcs(const T* p) {
+  if (!simt::is_global(p, sizeof(T))) simt::fail("__ldcs of %p: not in a registered global buffer", static_cast<const void*>(p));
+  return *p;
+}
+
+template <class T>
+inline void __stcs(T* p, T value) {
+  *p = value;
+}
+
+inline float __uint_as_float(unsigned int u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline unsigned int __float_as_uint(float f) {
+  unsigned int u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float __frcp_rn(float x) { return 1.f / x; }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __expf(float x) { return std::exp(x); }
+
+// The dtype tags (F32, F16, BF16) and vector access of genkernels/vec.cuh, on the built-ins above.
+#include "genkernels/vec.cuh"
+
 // ---------------------------------------------------------------------------------------------
 // genkernels/mma.cuh and the dynamic shared memory that kernels built on it expect.
 
 namespace genkernels {
-
-struct F16 {};
-struct BF16 {};
 
 inline unsigned char* dynamic_shared_memory() { return simt::machine().smem.data(); }
 
