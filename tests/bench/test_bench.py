@@ -274,23 +274,49 @@ def test_budget_split_between_ops():
 
 def test_schedule_step_cases_cover_the_anchor_shapes():
     cases = schedule_step.cases()
-    assert [(c.shape, c.dtype) for c in cases[:2]] == [
-        ((2, 4, 128, 128), torch.float32),
-        ((1, 16, 32, 90, 160), torch.float32),
+    assert [(c.step.name, c.shape, c.dtype) for c in cases[:2]] == [
+        ("DDIM", (2, 4, 128, 128), torch.float32),
+        ("DDIM", (1, 16, 32, 90, 160), torch.float32),
     ]
-    assert all(c.work == 4 * math.prod(c.shape) * c.dtype.itemsize for c in cases)
-    assert {c.dtype for c in schedule_step.cases(quick=True)} == {torch.float32}
+    assert {c.step.name for c in cases} == {s.name for s in schedule_step.STEPS}
+    assert all(c.work == c.step.tensors_moved * math.prod(c.shape) * c.dtype.itemsize for c in cases)
+    assert [(c.step.name, c.dtype) for c in schedule_step.cases(quick=True)] == [("DDIM", torch.float32)] * 2
 
 
-def test_schedule_step_coefficients_are_the_eager_step():
-    """The fused op with the benchmark's coefficients computes the eager diffusers-style step."""
+@pytest.mark.parametrize("step", schedule_step.STEPS, ids=lambda s: s.name)
+def test_schedule_step_ops_compute_the_eager_steps(step):
+    """Each named op (reference backend) computes its diffusers-style eager step, in float64."""
+    args = schedule_step._inputs((2, 3, 4, 5), torch.float64, torch.device("cpu"))
+    torch.testing.assert_close(step.genkernels("reference", *args), step.eager(*args))
+
+
+def test_schedule_step_ddim_coefficients_are_the_ddim_step():
     from genkernels.ops import schedule_step_reference
 
-    model_output, sample = schedule_step._inputs((2, 3, 4, 5), torch.float64, torch.device("cpu"))
+    model_output, sample, noise = schedule_step._inputs((2, 3, 4, 5), torch.float64, torch.device("cpu"))
     fused = schedule_step_reference(
         sample, model_output, schedule_step.ddim_coeffs(), guidance_scale=schedule_step.GUIDANCE
     )
-    torch.testing.assert_close(fused, schedule_step.eager_ddim_cfg(model_output, sample))
+    torch.testing.assert_close(fused, schedule_step.eager_ddim_cfg(model_output, sample, noise))
+
+
+def test_schedule_step_goals_take_the_worst_step():
+    def record(step, shape, vs_eager, vs_compile, pct):
+        params = {"step": step, "shape": list(shape), "dtype": "fp32"}
+        rec = core.CaseRecord(schedule_step.OP, "x", "t", params, "GB/s", 1.0, "GB/s")
+        result = core.Result("triton", "genkernels", "ok", vs_eager=vs_eager, vs_compile=vs_compile, pct_ceiling=pct)
+        rec.results = [result]
+        return rec
+
+    records = [
+        record(s.name, shape, 5.0 if s.name != "DDPM" else 3.0, 1.2, 85.0)
+        for s in schedule_step.STEPS
+        for _, shape in schedule_step.SHAPES
+    ]
+    goals = schedule_step.summarize(records).goals
+    assert [g.passed for g in goals] == [False, True, True, True]
+    assert "worst: DDPM" in goals[0].measured
+    assert all(g.passed is None for g in schedule_step.summarize(records[:-1]).goals[2:])
 
 
 def test_schedule_step_self_check_on_cpu():
