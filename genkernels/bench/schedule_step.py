@@ -5,8 +5,9 @@ latent (1, 16, 32, 90, 160), float32 (and bf16), one mid-schedule step of each s
 classifier-free guidance at scale 7.5 (the model output is the batched [uncond; cond] tensor
 (2B, ...), as pipelines produce it): DDIM (eta = 0, the ANCHORS case), DDPM, Euler,
 Euler-ancestral and flow-matching Euler, and add_noise (the training-side op). The stochastic
-steps take an explicit noise tensor on every side, so that the outputs can be compared.
-DPM-Solver++ 2M is not a case yet (its multistep state makes the eager baseline longer to write).
+steps take an explicit noise tensor on every side, so that the outputs can be compared;
+DPM-Solver++ 2M takes the previous step's x0 in that slot (and writes this step's x0 for the
+next, as the op returns it).
 
 The baseline is each step as diffusers-style code writes it, a chain of small elementwise
 kernels, eager and under ``torch.compile``; genkernels runs it as one call of the named op
@@ -50,6 +51,8 @@ GUIDANCE = 7.5
 ALPHA_T, ALPHA_PREV = 0.5, 0.6
 SIGMA, SIGMA_NEXT = math.sqrt((1 - ALPHA_T) / ALPHA_T), math.sqrt((1 - ALPHA_PREV) / ALPHA_PREV)
 FLOW_SIGMA, FLOW_SIGMA_NEXT = 0.6, 0.5
+#: DPM-Solver++ 2M's previous sigma (the step before SIGMA).
+SIGMA_PREV = 1.25
 
 #: (workload, sample shape): shared/ANCHORS.md's step workloads.
 SHAPES: tuple[tuple[str, tuple[int, ...]], ...] = (
@@ -101,6 +104,29 @@ def eager_euler_ancestral_cfg(model_output: torch.Tensor, sample: torch.Tensor, 
     return sample + derivative * (sigma_down - SIGMA) + noise * sigma_up
 
 
+def eager_dpmpp_2m_cfg(model_output: torch.Tensor, sample: torch.Tensor, x0_prev: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver++ 2M (midpoint, epsilon) with guidance, in log-SNR form as diffusers writes it;
+    the third input is the previous step's x0."""
+
+    def alpha_sigma(s: float) -> tuple[float, float]:
+        alpha = 1 / (s * s + 1) ** 0.5
+        return alpha, s * alpha
+
+    alpha_t, sigma_t = alpha_sigma(SIGMA)
+    alpha_next, sigma_next = alpha_sigma(SIGMA_NEXT)
+    lambda_prev, lambda_t, lambda_next = (-math.log(v) for v in (SIGMA_PREV, SIGMA, SIGMA_NEXT))
+    h = lambda_next - lambda_t
+    r0 = (lambda_t - lambda_prev) / h
+    eps = _guided(model_output)
+    x0 = (sample - sigma_t * eps) / alpha_t
+    d1 = (x0 - x0_prev) / r0
+    return (
+        sigma_next / sigma_t * sample
+        - alpha_next * (math.exp(-h) - 1.0) * x0
+        - 0.5 * alpha_next * (math.exp(-h) - 1.0) * d1
+    )
+
+
 def eager_flow_euler_cfg(model_output: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Flow-matching Euler (velocity) with guidance; noise unused."""
     return sample + (FLOW_SIGMA_NEXT - FLOW_SIGMA) * _guided(model_output)
@@ -137,6 +163,20 @@ def _gk_euler_ancestral(backend, model_output, sample, noise):
     )
 
 
+def _gk_dpmpp_2m(backend, model_output, sample, x0_prev):
+    prev, _ = _ops().dpmpp_2m_step(
+        model_output,
+        sample,
+        SIGMA,
+        SIGMA_NEXT,
+        x0_prev,
+        SIGMA_PREV,
+        guidance_scale=GUIDANCE,
+        backend=backend,
+    )
+    return prev
+
+
 def _gk_flow_euler(backend, model_output, sample, noise):
     return _ops().flow_euler_step(
         model_output, sample, FLOW_SIGMA, FLOW_SIGMA_NEXT, guidance_scale=GUIDANCE, backend=backend
@@ -154,7 +194,7 @@ class Step:
     name: str
     eager: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     genkernels: Callable[..., torch.Tensor]
-    tensors_moved: int  # guided model output (2) + sample + prev, + noise when it takes one
+    tensors_moved: int  # guided model output (2) + sample + prev, + noise or x0_prev, + x0 (DPM-Solver++)
     guided: bool = True
 
 
@@ -163,6 +203,7 @@ STEPS: tuple[Step, ...] = (
     Step("DDPM", eager_ddpm_cfg, _gk_ddpm, 5),
     Step("Euler", eager_euler_cfg, _gk_euler, 4),
     Step("Euler-ancestral", eager_euler_ancestral_cfg, _gk_euler_ancestral, 5),
+    Step("DPM-Solver++ 2M", eager_dpmpp_2m_cfg, _gk_dpmpp_2m, 6),  # + x0_prev read, x0 written
     Step("flow Euler", eager_flow_euler_cfg, _gk_flow_euler, 4),
     Step("add_noise", eager_add_noise, _gk_add_noise, 3, guided=False),
 )
