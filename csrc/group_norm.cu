@@ -606,32 +606,6 @@ __global__ void __launch_bounds__(kParamGradThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side: planning and launching.
 
-int element_bytes(int dtype) {
-  switch (dtype) {
-    case kFloat32:
-      return 4;
-    case kFloat16:
-    case kBFloat16:
-      return 2;
-    default:
-      throw std::invalid_argument("genkernels: unsupported dtype code " + std::to_string(dtype));
-  }
-}
-
-template <class F>
-void with_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32:
-      return f(F32{});
-    case kFloat16:
-      return f(F16{});
-    case kBFloat16:
-      return f(BF16{});
-    default:
-      throw std::invalid_argument("genkernels: unsupported dtype code " + std::to_string(dtype));
-  }
-}
-
 template <class F>
 void with_bool(bool b, F&& f) {
   if (b) {

@@ -22,33 +22,6 @@ constexpr int64_t kStatsMaxChunkVectors = 16 * kThreads;
 
 void fail(const std::string& what) { throw std::invalid_argument("genkernels: schedule_step: " + what); }
 
-int element_bytes(int dtype) {
-  switch (dtype) {
-    case kFloat32:
-      return 4;
-    case kFloat16:
-    case kBFloat16:
-      return 2;
-    default:
-      fail("unsupported dtype code " + std::to_string(dtype) + " (float32 0, float16 1, bfloat16 2)");
-      return 0;
-  }
-}
-
-template <class F>
-void with_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32:
-      return f(F32{});
-    case kFloat16:
-      return f(F16{});
-    case kBFloat16:
-      return f(BF16{});
-    default:
-      fail("unsupported dtype code " + std::to_string(dtype));
-  }
-}
-
 // Elements of `dtype` per 16-byte vector when every tensor in ptrs is 16-byte aligned and N is a
 // multiple of it, else 1.
 int vector_width(const StepProblem& p, int dtype, std::initializer_list<uintptr_t> ptrs) {

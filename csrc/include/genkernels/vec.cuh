@@ -11,6 +11,8 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 namespace genkernels {
 
@@ -37,6 +39,34 @@ struct BF16 {
   static __device__ __forceinline__ float decode(Bits b) { return __uint_as_float(static_cast<unsigned int>(b) << 16); }
   static __device__ __forceinline__ Bits encode(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
 };
+
+// Host side: bytes of one element of a dtype code, and a call of f with the dtype's tag
+// (f(F32{}), f(F16{}) or f(BF16{})); an unknown code throws std::invalid_argument.
+inline int element_bytes(int dtype) {
+  switch (dtype) {
+    case kFloat32:
+      return 4;
+    case kFloat16:
+    case kBFloat16:
+      return 2;
+    default:
+      throw std::invalid_argument("genkernels: unsupported dtype code " + std::to_string(dtype) +
+                                  " (float32 0, float16 1, bfloat16 2)");
+  }
+}
+
+template <class F>
+void with_dtype(int dtype, F&& f) {
+  element_bytes(dtype);  // throws for an unknown code
+  switch (dtype) {
+    case kFloat32:
+      return f(F32{});
+    case kFloat16:
+      return f(F16{});
+    default:
+      return f(BF16{});
+  }
+}
 
 // The raw storage of one vector: a uint4 for a full 16-byte vector, the element bits for VEC = 1.
 template <class D, int VEC>
