@@ -186,10 +186,7 @@ void launch_dim(const AttentionArgs& a, unsigned blocks, const simt::Options& op
   }
 }
 
-struct Outcome {
-  bool ok;
-  std::string line;
-};
+using simt::Outcome;
 
 template <class T>
 Outcome run(const Case& c, const Mode& mode, unsigned seed) {
@@ -356,29 +353,10 @@ int main(int argc, char** argv) {
 
   // Jobs (case, mode) go to worker threads, each with its own emulated machine; the results are
   // printed in order once all are done.
-  const size_t total = cases.size() * modes.size();
-  std::vector<Outcome> outcome(total);
-  std::atomic<size_t> next{0};
-  auto work = [&] {
-    for (size_t n; (n = next++) < total;) {
-      const Case& c = kCases[cases[n / modes.size()]];
-      const Mode& mode = *modes[n % modes.size()];
-      const unsigned seed = 1000u + static_cast<unsigned>(cases[n / modes.size()]);  // same inputs in every mode
-      outcome[n] = c.bf16 ? run<BF16>(c, mode, seed) : run<F16>(c, mode, seed);
-    }
-  };
-  std::vector<std::thread> workers;
-  for (unsigned w = 0; w < std::min<size_t>(jobs, total); ++w) workers.emplace_back(work);
-  for (std::thread& w : workers) w.join();
-  int failed = 0;
-  for (const Outcome& o : outcome) {
-    printf("%s\n", o.line.c_str());
-    failed += !o.ok;
-  }
-  if (failed) {
-    printf("FAILED %d\n", failed);
-  } else {
-    printf("PASSED\n");
-  }
-  return failed ? 1 : 0;
+  return simt::run_cases(cases.size() * modes.size(), jobs, [&](size_t n) {
+    const Case& c = kCases[cases[n / modes.size()]];
+    const Mode& mode = *modes[n % modes.size()];
+    const unsigned seed = 1000u + static_cast<unsigned>(cases[n / modes.size()]);  // same inputs in every mode
+    return c.bf16 ? run<BF16>(c, mode, seed) : run<F16>(c, mode, seed);
+  });
 }

@@ -172,10 +172,7 @@ void with_dtype(int code, F&& f) {
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-struct Outcome {
-  bool ok;
-  std::string line;
-};
+using simt::Outcome;
 
 Outcome run(const Case& c, unsigned seed) {
   std::mt19937 rng(seed);
@@ -528,25 +525,7 @@ int main(int argc, char** argv) {
   fflush(stdout);
 
   // Cases go to worker threads, each with its own emulated machine; results print in order.
-  std::vector<Outcome> outcome(cases.size());
-  std::atomic<size_t> next{0};
-  auto work = [&] {
-    for (size_t n; (n = next++) < cases.size();) {
-      outcome[n] = run(all[cases[n]], 2000u + static_cast<unsigned>(cases[n]));
-    }
-  };
-  std::vector<std::thread> workers;
-  for (unsigned w = 0; w < std::min<size_t>(jobs, cases.size()); ++w) workers.emplace_back(work);
-  for (std::thread& w : workers) w.join();
-  int failed = 0;
-  for (const Outcome& o : outcome) {
-    printf("%s\n", o.line.c_str());
-    failed += !o.ok;
-  }
-  if (failed) {
-    printf("FAILED %d\n", failed);
-  } else {
-    printf("PASSED\n");
-  }
-  return failed ? 1 : 0;
+  return simt::run_cases(cases.size(), jobs, [&](size_t n) {
+    return run(all[cases[n]], 2000u + static_cast<unsigned>(cases[n]));
+  });
 }

@@ -49,6 +49,7 @@
 #include <vector_types.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdarg>
 #include <cstddef>
@@ -59,6 +60,7 @@
 #include <deque>
 #include <functional>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -591,3 +593,39 @@ inline uint32_t pack2(float lo, float hi) {
 }
 
 }  // namespace genkernels
+
+namespace simt {
+
+// What a driver reports for one case: pass or fail, and the line it prints.
+struct Outcome {
+  bool ok;
+  std::string line;
+};
+
+// Runs run(n) for n in [0, count) on up to `jobs` worker threads (each case its own emulated
+// machine), then prints every outcome's line in order and PASSED or FAILED k; returns the exit
+// status (0 when every case passed).
+template <class Run>
+int run_cases(size_t count, unsigned jobs, Run run) {
+  std::vector<Outcome> outcome(count);
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t n; (n = next++) < count;) outcome[n] = run(n);
+  };
+  std::vector<std::thread> workers;
+  for (unsigned w = 0; w < std::min<size_t>(jobs, count); ++w) workers.emplace_back(work);
+  for (std::thread& w : workers) w.join();
+  int failed = 0;
+  for (const Outcome& o : outcome) {
+    printf("%s\n", o.line.c_str());
+    failed += !o.ok;
+  }
+  if (failed) {
+    printf("FAILED %d\n", failed);
+  } else {
+    printf("PASSED\n");
+  }
+  return failed ? 1 : 0;
+}
+
+}  // namespace simt
