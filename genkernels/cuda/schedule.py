@@ -23,7 +23,6 @@ from torch import Tensor
 
 from .._layout import dense_layout, match_layout
 from ._common import (
-    DTYPE_CODES,
     address,
     cuda_unavailable,
     device_guard,
@@ -34,7 +33,6 @@ from ._common import (
     workspace,
 )
 
-_COEFFS = ("px", "po", "ex", "e0", "cx", "c0", "ce", "cn", "cp")  # the order the kernel takes them in
 _U64 = (1 << 64) - 1
 
 
@@ -50,8 +48,8 @@ def not_supported(
 ) -> str | None:
     """Why the cuda backend cannot run this step (one line), or None when it can.
 
-    The op has validated shapes, devices and the shared dtype rules; what remains is the
-    extension and the GPU (and, defensively, the dtypes the kernel reads).
+    The op has validated shapes, devices and the shared dtype rules (ops/schedule.py's
+    _fast_not_supported runs first); what remains is the extension and the GPU.
     """
     if sample.device.type != "cuda":
         return f"sample is on {sample.device.type}: the cuda backend needs CUDA tensors"
@@ -60,16 +58,6 @@ def not_supported(
         return reason
     if not hasattr(extension(), "schedule_step"):
         return "genkernels._C was built without the schedule_step kernel: rebuild the extension"
-    for name, t in (("sample", sample), ("model_output", model_output), ("noise", noise), ("x0_prev", x0_prev)):
-        if t is not None and t.dtype not in DTYPE_CODES:
-            return f"{name} is {t.dtype}: the cuda backend supports float32, float16 and bfloat16"
-    for name in _COEFFS:
-        value = getattr(coeffs, name)
-        if isinstance(value, Tensor) and (value.dtype != torch.float32 or value.device != sample.device):
-            return (
-                f"coeffs.{name} is a {value.dtype} tensor on {value.device}: the cuda kernel reads float32 "
-                "on sample's device"
-            )
     return None
 
 
@@ -122,8 +110,7 @@ def schedule_step(
         return prev, x0
     n = sample.numel() // batch
     values, arrays = [], []
-    for name in _COEFFS:
-        value = getattr(coeffs, name)
+    for value in coeffs.values():  # px, po, ex, e0, cx, c0, ce, cn, cp: the order the kernel takes them in
         if isinstance(value, Tensor):
             value = value.to(device=sample.device, dtype=torch.float32).contiguous()
             arrays.append(value)

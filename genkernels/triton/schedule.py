@@ -28,6 +28,8 @@ result does not depend on timing) into the rescale factor phi * std_c / std_out 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -39,8 +41,6 @@ MAX_BLOCK = 2048
 STATS_BLOCK = 2048
 MAX_STATS_CHUNKS = 256
 _STATS_PROGRAMS_PER_SM = 4
-
-_COEFFS = ("px", "po", "ex", "e0", "cx", "c0", "ce", "cn", "cp")
 
 
 def not_supported(sample, model_output, noise, x0_prev, coeffs, guidance_scale, guidance_rescale, clip_sample):
@@ -102,8 +102,9 @@ def schedule_step(
     rescale = guided and guidance_rescale > 0
     philox = noise is None and seed is not None
     seed_from_tensor = isinstance(seed, Tensor)
-    values = [getattr(coeffs, name) for name in _COEFFS]
-    flags = {f"{name.upper()}_T": isinstance(v, Tensor) for name, v in zip(_COEFFS, values)}
+    names = [f.name for f in dataclasses.fields(coeffs)]  # px, po, ex, e0, cx, c0, ce, cn, cp: the kernel's order
+    values = list(coeffs.values())
+    flags = {f"{name.upper()}_T": isinstance(v, Tensor) for name, v in zip(names, values)}
     values = [v if isinstance(v, Tensor) else float(v) for v in values]
     block = min(MAX_BLOCK, next_power_of_2(n))
     tiles = cdiv(n, block)
