@@ -9,15 +9,12 @@ sample, so each per-sample coefficient is one scalar load per program.
 Coefficients are Python floats (scalar kernel arguments) or float32 (B,) tensors; a constexpr
 flag per coefficient says which. Terms of absent inputs (noise, x0_prev) are compiled out.
 
-Noise drawn in the kernel is the stream of csrc/include/genkernels/philox.cuh, so that the triton
-and cuda backends draw the same numbers for the same (seed, offset): element e (its flat index)
-is lane e % 4 of group q = e // 4, and group q runs Philox4x32-10 (``tl.philox``) on the counter
-(lo32(q), hi32(q), lo32(offset), hi32(offset)) with key (lo32(seed), hi32(seed)). Its words
-(r0, r1, r2, r3) give, by Box-Muller, lanes 0, 1 from (r0, r1) and lanes 2, 3 from (r2, r3):
-u(r) = (2 * (r >> 9) + 1) / 2^24, rho = sqrt(-2 ln u(ra)), theta = pi * (2 u(rb) - 1), lane 0
-(2) = rho cos(theta), lane 1 (3) = rho sin(theta). When N is a multiple of 4 every block starts
-a group, and a block runs one Philox per group of four elements; otherwise each element runs its
-group's Philox and keeps its own lane. Either way a value depends only on (seed, offset, e).
+Noise drawn in the kernel is the Philox stream of csrc/include/genkernels/philox.cuh, drawn by the
+helpers of genkernels.triton._philox (which describes it): the triton and cuda backends draw the same
+numbers for the same (seed, offset), element e (its flat index) being lane e % 4 of group e // 4.
+When N is a multiple of 4 every block starts a group, and a block runs one Philox per group of four
+elements; otherwise each element runs its group's Philox and keeps its own lane. Either way a value
+depends only on (seed, offset, e).
 
 Guidance rescale needs std(out_c) and std(out) per sample before any output: a first kernel
 reduces T chunks of each sample into partial sums and sums of squares (float32, of the values
@@ -149,6 +146,7 @@ def schedule_step(
 
 
 if triton is not None:
+    from genkernels.triton._philox import _philox_normal, _philox_normal_groups
 
     @triton.jit
     def _coeff(c, b, IS_TENSOR: tl.constexpr):
@@ -157,50 +155,6 @@ if triton is not None:
             return tl.load(c + b)
         else:
             return c
-
-    @triton.jit
-    def _uniform(r):
-        """u(r) = (2 * (r >> 9) + 1) / 2^24: exact in float32, in (0, 1)."""
-        return (((r >> 9) << 1) | 1).to(tl.float32) * (1.0 / 16777216.0)
-
-    @triton.jit
-    def _philox_words(seed, offset_lo, offset_hi, q):
-        """Philox4x32-10 of groups q (int64): counter (lo32(q), hi32(q), lo32(offset), hi32(offset))."""
-        zero = (q * 0).to(tl.uint32)
-        return tl.philox(
-            seed,
-            q.to(tl.uint32),
-            (q >> 32).to(tl.uint32),
-            zero + offset_lo.to(tl.uint32),
-            zero + offset_hi.to(tl.uint32),
-        )
-
-    @triton.jit
-    def _box_muller(ra, rb):
-        """Two standard normals from two words: rho cos(theta), rho sin(theta)."""
-        rho = tl.sqrt(-2.0 * tl.log(_uniform(ra)))
-        theta = 3.14159265358979 * (2.0 * _uniform(rb) - 1.0)
-        return rho * tl.cos(theta), rho * tl.sin(theta)
-
-    @triton.jit
-    def _philox_normal(seed, offset_lo, offset_hi, e):
-        """The standard normal of each flat element e (int64) of the (seed, offset) stream: every element
-        runs its group's Philox block and keeps its own lane (any alignment)."""
-        r0, r1, r2, r3 = _philox_words(seed, offset_lo, offset_hi, e >> 2)
-        lane = (e & 3).to(tl.int32)
-        high_pair = lane >= 2
-        z_cos, z_sin = _box_muller(tl.where(high_pair, r2, r0), tl.where(high_pair, r3, r1))
-        return tl.where((lane & 1) != 0, z_sin, z_cos)
-
-    @triton.jit
-    def _philox_normal_groups(seed, offset_lo, offset_hi, e0, BLOCK: tl.constexpr):
-        """The normals of the BLOCK elements e0 .. e0 + BLOCK - 1, e0 a multiple of 4: one Philox
-        block per group of four elements, its four lanes interleaved back into element order."""
-        r0, r1, r2, r3 = _philox_words(seed, offset_lo, offset_hi, (e0 >> 2) + tl.arange(0, BLOCK // 4))
-        z0, z1 = _box_muller(r0, r1)
-        z2, z3 = _box_muller(r2, r3)
-        # join(join(z0, z2), join(z1, z3))[q, a, k] = z[2a + k], at q * 4 + 2a + k once flattened.
-        return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
 
     @triton.jit
     def _guidance_stats_kernel(mo_ptr, partial_ptr, g, B, N, T, TPP, BLOCK: tl.constexpr):
