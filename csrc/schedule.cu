@@ -3,10 +3,8 @@
 // nvcc (tests/cuda/emulator runs the same source on the CPU).
 #include <algorithm>
 #include <array>
-#include <initializer_list>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
 #include "genkernels/api.h"
 #include "genkernels/runtime.cuh"
@@ -21,17 +19,6 @@ constexpr int64_t kStatsMinChunkVectors = kThreads;
 constexpr int64_t kStatsMaxChunkVectors = 16 * kThreads;
 
 void fail(const std::string& what) { throw std::invalid_argument("genkernels: schedule_step: " + what); }
-
-// Elements of `dtype` per 16-byte vector when every tensor in ptrs is 16-byte aligned and N is a
-// multiple of it, else 1.
-int vector_width(const StepProblem& p, int dtype, std::initializer_list<uintptr_t> ptrs) {
-  const int vec = 16 / element_bytes(dtype);
-  if (p.n % vec != 0) return 1;
-  for (const uintptr_t ptr : ptrs) {
-    if (ptr % 16 != 0) return 1;
-  }
-  return vec;
-}
 
 void check_problem(const StepProblem& p) {
   if (p.batch < 0 || p.n < 0) {
@@ -76,7 +63,7 @@ StatsPlan plan_stats(const StepProblem& p, int vec) {
 size_t schedule_step_workspace(const StepProblem& p, uintptr_t model_output, bool guided, bool rescale) {
   check_problem(p);
   if (!guided || !rescale || model_output == 0 || p.batch == 0 || p.n == 0) return 0;
-  const StatsPlan s = plan_stats(p, vector_width(p, p.mo_dtype, {model_output}));
+  const StatsPlan s = plan_stats(p, vector_width(p.mo_dtype, p.n, {model_output}));
   return s.partial_bytes + s.factor_bytes;
 }
 
@@ -128,7 +115,7 @@ void schedule_step(const StepProblem& p, uintptr_t x, uintptr_t model_output, ui
   a.x0_prev_dtype = p.x0_prev_dtype;
 
   if (rescale) {
-    const int vec = vector_width(p, p.mo_dtype, {model_output});
+    const int vec = vector_width(p.mo_dtype, p.n, {model_output});
     const StatsPlan s = plan_stats(p, vec);
     if (workspace == 0 || workspace_bytes < s.partial_bytes + s.factor_bytes) {
       fail("workspace of " + std::to_string(workspace_bytes) + " bytes, need " +
@@ -136,18 +123,12 @@ void schedule_step(const StepProblem& p, uintptr_t x, uintptr_t model_output, ui
     }
     float4* partials = reinterpret_cast<float4*>(workspace);
     float* factor = reinterpret_cast<float*>(workspace + s.partial_bytes);
-    with_dtype(p.mo_dtype, [&](auto d) {
-      using D = decltype(d);
-      const unsigned int grid = grid_dim(p.batch * s.chunks);
-      if (vec == 1) {
-        rescale_stats_kernel<D, 1><<<grid, kThreads, 0, stream>>>(a.mo, partials, p.n, a.total, s.chunk_vectors,
-                                                                  s.chunks, guidance_scale);
-      } else {
-        rescale_stats_kernel<D, D::kVec><<<grid, kThreads, 0, stream>>>(a.mo, partials, p.n, a.total,
-                                                                        s.chunk_vectors, s.chunks, guidance_scale);
-      }
-      check_launch("rescale_stats_kernel");
+    const unsigned int stats_grid = grid_dim(p.batch * s.chunks);
+    with_vector(p.mo_dtype, vec, [&](auto d, auto v) {
+      rescale_stats_kernel<decltype(d), decltype(v)::value><<<stats_grid, kThreads, 0, stream>>>(
+          a.mo, partials, p.n, a.total, s.chunk_vectors, s.chunks, guidance_scale);
     });
+    check_launch("rescale_stats_kernel");
     rescale_factor_kernel<<<grid_dim(p.batch), 32, 0, stream>>>(partials, factor, p.n, s.chunk_vectors * vec, s.chunks,
                                                                guidance_rescale);
     check_launch("rescale_factor_kernel");
@@ -157,19 +138,14 @@ void schedule_step(const StepProblem& p, uintptr_t x, uintptr_t model_output, ui
 
   const bool one_dtype = (model_output == 0 || p.mo_dtype == p.dtype) && (noise == 0 || p.noise_dtype == p.dtype) &&
                          (x0_prev == 0 || p.x0_prev_dtype == p.dtype);
-  const int vec = one_dtype ? vector_width(p, p.dtype, {x, model_output, noise, x0_prev, prev, x0}) : 1;
+  const int vec = one_dtype ? vector_width(p.dtype, p.n, {x, model_output, noise, x0_prev, prev, x0}) : 1;
   const int64_t vectors = a.total / vec;
   const int64_t max_blocks = static_cast<int64_t>(device_info(p.device).sms) * kBlocksPerSm;
   const unsigned int grid = grid_dim(std::min(ceil_div(vectors, kThreads), max_blocks));
-  with_dtype(p.dtype, [&](auto d) {
-    using D = decltype(d);
-    if (vec == 1) {
-      schedule_step_kernel<D, 1><<<grid, kThreads, 0, stream>>>(a);
-    } else {
-      schedule_step_kernel<D, D::kVec><<<grid, kThreads, 0, stream>>>(a);
-    }
-    check_launch("schedule_step_kernel");
+  with_vector(p.dtype, vec, [&](auto d, auto v) {
+    schedule_step_kernel<decltype(d), decltype(v)::value><<<grid, kThreads, 0, stream>>>(a);
   });
+  check_launch("schedule_step_kernel");
 }
 
 }  // namespace genkernels

@@ -1,6 +1,6 @@
 """What every CUDA backend module shares: the guarded import of ``genkernels._C``, the "can the
 extension run on this tensor" check, and the marshalling of torch objects into what ``_C``
-takes (device addresses, dtype codes, stream handles).
+takes (device addresses, dtype codes, stream handles, unsigned 64-bit ints and Philox seeds).
 
 ``_C`` is optional: a build without nvcc (or with ``GENKERNELS_NO_CUDA=1``) installs the package
 without it, and :func:`cuda_unavailable` then says "extension not built (...)". Importing this
@@ -28,6 +28,8 @@ except ImportError as error:  # built without the CUDA extension, or it cannot l
 
 # Must match DtypeCode in csrc/include/genkernels/vec.cuh.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_U64 = (1 << 64) - 1
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
@@ -138,3 +140,17 @@ def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
 def workspace(nbytes: int, device: torch.device) -> torch.Tensor | None:
     """Scratch memory for a launcher (from torch's caching allocator, ordered on the current stream)."""
     return torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes else None
+
+
+def u64(value: int) -> int:
+    """``value`` as the unsigned 64-bit int a kernel argument takes (modulo 2**64)."""
+    return int(value) & _U64
+
+
+def seed_args(seed: int | torch.Tensor, device: torch.device) -> tuple[int, torch.Tensor | None]:
+    """The seed of the in-kernel Philox stream as ``_C`` takes it: (seed, None) for a Python int (as an
+    unsigned 64-bit int), (0, a one-element int64 tensor on ``device``) for a tensor, which the kernel reads
+    (no host synchronization)."""
+    if isinstance(seed, torch.Tensor):
+        return 0, seed.reshape(1).to(device=device, dtype=torch.int64).contiguous()
+    return u64(seed), None

@@ -29,11 +29,11 @@ from ._common import (
     dtype_code,
     extension,
     require_extension,
+    seed_args,
     stream_handle,
+    u64,
     workspace,
 )
-
-_U64 = (1 << 64) - 1
 
 
 def not_supported(
@@ -59,15 +59,6 @@ def not_supported(
     if not hasattr(extension(), "schedule_step"):
         return "genkernels._C was built without the schedule_step kernel: rebuild the extension"
     return None
-
-
-def _seed_args(seed) -> tuple[bool, int, Tensor | None]:
-    """(philox, seed as an unsigned 64-bit int, seed tensor or None) for the kernel."""
-    if seed is None:
-        return False, 0, None
-    if isinstance(seed, Tensor):
-        return True, 0, seed.reshape(1).to(torch.int64).contiguous()
-    return True, int(seed) & _U64, None
 
 
 def schedule_step(
@@ -120,7 +111,8 @@ def schedule_step(
             values.append(float(value))
     guided = guidance_scale is not None
     rescale = guided and guidance_rescale > 0
-    philox, seed_int, seed_tensor = _seed_args(seed if noise is None else None)
+    philox = noise is None and seed is not None
+    seed_int, seed_tensor = seed_args(seed, sample.device) if philox else (0, None)
     codes = (dtype_code(sample), dtype_code(model_output), dtype_code(noise), dtype_code(x0_prev))
     problem = (batch, n, *codes, sample.device.index)
     with device_guard(sample.device):
@@ -145,7 +137,7 @@ def schedule_step(
             philox,
             seed_int,
             address(seed_tensor),
-            int(offset) & _U64,
+            u64(offset),
             address(scratch),
             nbytes,
             stream_handle(sample.device),

@@ -5,12 +5,18 @@ compiles with nvcc; a driver in ``tests/cuda/emulator`` includes the same header
 CUDA built-ins of ``simt.h`` and compiles with a plain C++20 compiler, using the CUDA toolkit's headers
 only for the fp16 / bf16 conversions. Each driver prints ``CASES ...`` first, then one
 ``RESULT ok|FAIL ...`` line per case and exits 0 when every case passes, 1 when one fails and 2 when
-the emulator stops on a broken rule of the execution model.
+the emulator stops on a broken rule of the execution model. A test module compiles its driver once
+(:func:`driver_fixture`) and runs it (:func:`run_driver`), then checks what the cases covered.
+
+Needs a C++20 compiler with <ucontext.h> ($CXX, g++, c++ or clang++) and the CUDA toolkit's headers
+(cuda_fp16.h for the conversions; from $CUDA_HOME, $CUDA_PATH, the nvcc on PATH or /usr/local/cuda); the
+tests skip without them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -83,3 +89,34 @@ def jobs() -> int:
     """Worker threads for a driver: the CPUs this process may use, at most 8."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(n, 8))
+
+
+def driver_fixture(source: str, extra_flags: tuple[str, ...] = ()):
+    """A module-scoped fixture: the binary of the driver ``tests/cuda/emulator/<source>``, compiled once."""
+
+    @pytest.fixture(scope="module")
+    def emulator(tmp_path_factory) -> Path:
+        """The emulator binary, compiled from the kernel header and tests/cuda/emulator."""
+        return build(tmp_path_factory.mktemp(Path(source).stem), EMULATOR / source, extra_flags)
+
+    return emulator
+
+
+def run_driver(
+    binary: Path, result: re.Pattern, *args: str, header: str = r"^CASES (\d+)$"
+) -> tuple[tuple[int, ...], list[re.Match]]:
+    """Runs an emulator driver on :func:`jobs` threads and asserts that every case passed.
+
+    ``args`` go before ``--jobs``; ``header`` matches the first line (``CASES <count>``, with the
+    driver's own counts), ``result`` a RESULT line with ``ok`` or ``FAIL`` as its first group. Asserts
+    the header, no failed case and exit status 0; returns the header's numbers and the RESULT matches.
+    """
+    run = subprocess.run([str(binary), *args, "--jobs", str(jobs())], capture_output=True, text=True, timeout=TIMEOUT_S)
+    lines = run.stdout.splitlines()
+    head = re.match(header, lines[0]) if lines else None
+    assert head, f"no CASES line (exit status {run.returncode}):\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
+    results = [m for m in map(result.match, lines) if m]
+    failed = [m[0] for m in results if m[1] == "FAIL"]
+    assert not failed, f"{len(failed)} of {len(results)} emulated cases failed:\n" + "\n".join(failed)
+    assert run.returncode == 0, f"emulator exited with {run.returncode}:\n{run.stderr[-4000:]}"
+    return tuple(int(n) for n in head.groups()), results

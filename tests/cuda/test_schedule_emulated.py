@@ -16,45 +16,25 @@ arithmetic (see the driver's header), the in-kernel noise bit for bit with the h
 per-sample, guidance, vector/scalar dispatch and reduction mistakes show up here; what the emulator cannot
 see (memory-model races, the device's logf / sincosf rounding, speed, registers) is listed in simt.h.
 
-Needs a C++20 compiler with <ucontext.h> ($CXX, g++, c++ or clang++) and the CUDA toolkit's headers
-(cuda_fp16.h for the conversions; from $CUDA_HOME, $CUDA_PATH, the nvcc on PATH or /usr/local/cuda), and
-skips without them. About 5 s to compile and 5 s to run on 2 cores.
+Needs what ``tests/cuda/_emulator.py`` builds with, and skips without it.
+About 5 s to compile and 5 s to run on 2 cores.
 """
 
 from __future__ import annotations
 
 import re
-import subprocess
-from pathlib import Path
 
-import pytest
+from tests.cuda._emulator import driver_fixture, run_driver
 
-from tests.cuda._emulator import EMULATOR, TIMEOUT_S, build, jobs
-
-SOURCE = EMULATOR / "schedule_step_emu.cpp"
 RESULT = re.compile(r"^RESULT (ok|FAIL) (.*?) \| vec (\d+) grid (\d+); (.*)$")
 # The kernel leaves the noise and x0_prev registers unset when those inputs are absent and reads them
 # only under the same conditions, which g++'s flow analysis does not follow.
-EXTRA_FLAGS = ("-Wno-maybe-uninitialized",)
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory) -> Path:
-    """The emulator binary, compiled from the kernel header and tests/cuda/emulator."""
-    return build(tmp_path_factory.mktemp("schedule_emu"), SOURCE, EXTRA_FLAGS)
+emulator = driver_fixture("schedule_step_emu.cpp", ("-Wno-maybe-uninitialized",))
 
 
 def test_schedule_step_emulated(emulator):
     """Every case of the emulator driver passes, and the cases reach every path they are meant to."""
-    result = subprocess.run([str(emulator), "--jobs", str(jobs())], capture_output=True, text=True, timeout=TIMEOUT_S)
-    lines = result.stdout.splitlines()
-    header = re.match(r"^CASES (\d+)$", lines[0]) if lines else None
-    assert header, f"no CASES line (exit status {result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    cases = int(header[1])
-    results = [m for m in map(RESULT.match, lines) if m]
-    failed = [m[0] for m in results if m[1] == "FAIL"]
-    assert not failed, f"{len(failed)} of {len(results)} emulated cases failed:\n" + "\n".join(failed)
-    assert result.returncode == 0, f"emulator exited with {result.returncode}:\n{result.stderr[-4000:]}"
+    (cases,), results = run_driver(emulator, RESULT)
     assert len(results) == cases >= 300, f"expected {cases} results, got {len(results)}"
 
     # The case list covers the kernels' paths: vector widths 1, 4 (fp32) and 8 (fp16 / bf16), a

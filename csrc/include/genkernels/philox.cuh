@@ -132,4 +132,23 @@ GENKERNELS_HD float philox_normal(uint64_t seed, uint64_t offset, uint64_t i) {
   return (i & 1) != 0 ? z1 : z0;
 }
 
+// The standard normals of elements e .. e + VEC - 1 of the stream, for kernels that move VEC
+// elements at a time: VEC = 1 draws element e alone (philox_normal); VEC a multiple of 4 needs e a
+// multiple of 4, so the vector covers whole Philox groups and each group is computed once.
+template <int VEC>
+GENKERNELS_HD void stream_normals(uint64_t seed, uint64_t offset, int64_t e, float (&z)[VEC]) {
+  if constexpr (VEC == 1) {
+    z[0] = philox_normal(seed, offset, static_cast<uint64_t>(e));
+  } else {
+    static_assert(VEC % 4 == 0, "vectors cover whole Philox groups");
+#pragma unroll
+    for (int g = 0; g < VEC / 4; ++g) {
+      float q[4];
+      philox_normal4(seed, offset, static_cast<uint64_t>(e) / 4 + g, q);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) z[4 * g + k] = q[k];
+    }
+  }
+}
+
 }  // namespace genkernels

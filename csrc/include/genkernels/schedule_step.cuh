@@ -78,24 +78,6 @@ struct StepArgs {
   bool per_sample;      // some coefficient is an array, or factor is set: the batch index is needed
 };
 
-// The standard normals of elements e .. e + VEC - 1 of the (seed, offset) stream. For VEC >= 4, e
-// is a multiple of VEC, so the vector covers whole Philox groups of four.
-template <int VEC>
-__device__ __forceinline__ void stream_normals(uint64_t seed, uint64_t offset, int64_t e, float (&z)[VEC]) {
-  if constexpr (VEC == 1) {
-    z[0] = philox_normal(seed, offset, static_cast<uint64_t>(e));
-  } else {
-    static_assert(VEC % 4 == 0, "vectors cover whole Philox groups");
-#pragma unroll
-    for (int g = 0; g < VEC / 4; ++g) {
-      float q[4];
-      philox_normal4(seed, offset, static_cast<uint64_t>(e) / 4 + g, q);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) z[4 * g + k] = q[k];
-    }
-  }
-}
-
 template <class D, int VEC>
 __device__ __forceinline__ void load_vec(const void* base, int64_t e, float (&v)[VEC]) {
   decode<D, VEC>(load_raw<D, VEC, Cache::kStream>(base, e), v);

@@ -11,8 +11,10 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace genkernels {
 
@@ -66,6 +68,34 @@ void with_dtype(int dtype, F&& f) {
     default:
       return f(BF16{});
   }
+}
+
+// Host side: elements of `dtype` per 16-byte vector when the length n and every stride are
+// multiples of it and every pointer is 16-byte aligned (0, a null pointer, is), else 1.
+inline int vector_width(int dtype, int64_t n, std::initializer_list<uintptr_t> ptrs,
+                        std::initializer_list<int64_t> strides = {}) {
+  const int vec = 16 / element_bytes(dtype);
+  if (n % vec != 0) return 1;
+  for (const uintptr_t ptr : ptrs) {
+    if (ptr % 16 != 0) return 1;
+  }
+  for (const int64_t s : strides) {
+    if (s % vec != 0) return 1;
+  }
+  return vec;
+}
+
+// Host side: a call of f with the dtype's tag and std::integral_constant<int, VEC>, VEC = 1 when
+// vec is 1, else the tag's 16-byte width (the two instantiations of a kernel<D, VEC>).
+template <class F>
+void with_vector(int dtype, int vec, F&& f) {
+  with_dtype(dtype, [&](auto d) {
+    if (vec == 1) {
+      f(d, std::integral_constant<int, 1>{});
+    } else {
+      f(d, std::integral_constant<int, decltype(d)::kVec>{});
+    }
+  });
 }
 
 // The raw storage of one vector: a uint4 for a full 16-byte vector, the element bits for VEC = 1.

@@ -21,20 +21,18 @@
 //   |lse - ref| <= 2^-20 (smax + 1 + |ref|),
 // and rows without an allowed key must be exactly 0 with lse = -inf.
 #include "simt.h"
+#include "driver.h"
 
 // Its "#pragma unroll" are for nvcc (compile with -Wno-unknown-pragmas under -Wall).
 #include "genkernels/attention_forward.cuh"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <random>
 #include <string>
-#include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -96,8 +94,6 @@ const Case kCases[] = {
     {false, 1, 1, 1, 70, 70, 32, true, false, Layout::kBHLD, 4.f, -1.f},
 };
 
-constexpr int kCaseCount = static_cast<int>(sizeof kCases / sizeof kCases[0]);
-
 struct Mode {
   const char* name;
   simt::Options options;
@@ -109,15 +105,6 @@ const Mode kModes[] = {
 };
 
 constexpr uint16_t kPoison = 0x7e01;  // a NaN in fp16 and in bf16: slots the kernel must not read
-
-template <class T>
-uint16_t encode(float f) {
-  if constexpr (std::is_same_v<T, F16>) {
-    return static_cast<__half_raw>(__float2half_rn(f)).x;
-  } else {
-    return static_cast<__nv_bfloat16_raw>(__float2bfloat16_rn(f)).x;
-  }
-}
 
 // One (B, H, L, D) input: storage with the case's layout and strides, and its values as doubles.
 struct Tensor {
@@ -142,7 +129,7 @@ struct Tensor {
       for (int h = 0; h < H; ++h) {
         for (int l = 0; l < L; ++l) {
           for (int d = 0; d < D; ++d) {
-            const uint16_t bits = encode<T>(normal(rng));
+            const uint16_t bits = T::encode(normal(rng));
             storage[b * stride[0] + h * stride[1] + l * stride[2] + d] = bits;
             value[((static_cast<size_t>(b) * H + h) * L + l) * D + d] = genkernels::emu::decode<T>(bits);
           }
@@ -242,15 +229,7 @@ Outcome run(const Case& c, const Mode& mode, unsigned seed) {
   const double u = std::is_same_v<T, F16> ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
   const double fp32 = std::ldexp(1.0, -20);
   double worst_out = 0, worst_lse = 0;
-  int bad = 0;
-  std::string first_bad;
-  auto flag = [&](const char* format, auto... args) {
-    if (bad++ == 0) {
-      char buf[200];
-      snprintf(buf, sizeof buf, format, args...);
-      first_bad = std::string("; first: ") + buf;
-    }
-  };
+  driver::Findings found;
   std::vector<double> s(c.Lkv);
   for (int b = 0; b < c.B; ++b) {
     for (int h = 0; h < c.Hq; ++h) {
@@ -277,12 +256,12 @@ Outcome run(const Case& c, const Mode& mode, unsigned seed) {
         const double want_lse = l > 0 ? m + std::log(l) : -INFINITY;
         const double got_lse = lse[lse_guard + row];
         if (l == 0) {
-          if (!(std::isinf(got_lse) && got_lse < 0)) flag("lse[%d, %d, %d] = %.6g, want -inf", b, h, i, got_lse);
+          if (!(std::isinf(got_lse) && got_lse < 0)) found.flag("lse[%d, %d, %d] = %.6g, want -inf", b, h, i, got_lse);
         } else {
           const double tol = fp32 * (smax + 1 + std::fabs(want_lse));
           const double e = std::fabs(got_lse - want_lse);
-          if (!(e <= tol)) flag("lse[%d, %d, %d] = %.6g, want %.6g (tol %.3g)", b, h, i, got_lse, want_lse, tol);
-          worst_lse = std::max(worst_lse, std::isnan(e) ? INFINITY : e / tol);
+          if (!(e <= tol)) found.flag("lse[%d, %d, %d] = %.6g, want %.6g (tol %.3g)", b, h, i, got_lse, want_lse, tol);
+          worst_lse = std::max(worst_lse, driver::ratio(e, tol));
         }
         for (int d = 0; d < D; ++d) {
           double want = 0, weight = 0;
@@ -293,67 +272,55 @@ Outcome run(const Case& c, const Mode& mode, unsigned seed) {
           const double got = genkernels::emu::decode<T>(out[guard + row * D + d]);
           const double tol = 2 * (u + fp32 * smax) * (weight + std::fabs(want));
           const double e = std::fabs(got - want);
-          if (!(e <= tol)) flag("out[%d, %d, %d, %d] = %.6g, want %.6g (tol %.3g)", b, h, i, d, got, want, tol);
-          if (tol > 0) worst_out = std::max(worst_out, std::isnan(e) ? INFINITY : e / tol);
+          if (!(e <= tol)) found.flag("out[%d, %d, %d, %d] = %.6g, want %.6g (tol %.3g)", b, h, i, d, got, want, tol);
+          if (tol > 0) worst_out = std::max(worst_out, driver::ratio(e, tol));
         }
       }
     }
   }
   for (size_t i = 0; i < guard; ++i) {
     if (out[i] != kPoison || out[out.size() - 1 - i] != kPoison) {
-      flag("a store outside out");
+      found.flag("a store outside out");
       break;
     }
   }
   for (size_t i = 0; i < lse_guard; ++i) {
     if (!std::isnan(lse[i]) || !std::isnan(lse[lse.size() - 1 - i])) {
-      flag("a store outside lse");
+      found.flag("a store outside lse");
       break;
     }
   }
   char buf[160];
-  snprintf(buf, sizeof buf, "max |err| / tol: out %.3g lse %.3g; %d bad", worst_out, worst_lse, bad);
-  return {bad == 0, std::string("RESULT ") + (bad == 0 ? "ok" : "FAIL") + " " + mode.name + " " + c.name() +
-                        " | " + buf + first_bad};
+  snprintf(buf, sizeof buf, "max |err| / tol: out %.3g lse %.3g", worst_out, worst_lse);
+  return found.outcome(std::string(mode.name) + " " + c.name(), buf);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  unsigned jobs = std::max(1u, std::min(8u, std::thread::hardware_concurrency()));
-  std::vector<const Mode*> modes = {&kModes[0], &kModes[1]};
-  std::string only;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--jobs" && i + 1 < argc) {
-      jobs = static_cast<unsigned>(std::max(1, std::atoi(argv[++i])));
-    } else if (arg == "--mode" && i + 1 < argc) {
-      const std::string m = argv[++i];
-      modes.clear();
-      for (const Mode& mode : kModes) {
-        if (m == "both" || m == mode.name) modes.push_back(&mode);
-      }
-      if (modes.empty()) {
-        fprintf(stderr, "unknown mode %s\n", m.c_str());
-        return 2;
-      }
-    } else if (arg == "--case" && i + 1 < argc) {
-      only = argv[++i];
-    } else {
-      fprintf(stderr, "usage: %s [--jobs N] [--mode both|immediate|deferred] [--case SUBSTRING]\n", argv[0]);
-      return 2;
-    }
+  driver::CommandLine cl;
+  std::string mode_arg = "both";
+  auto mode_option = [&mode_arg](const std::string& arg, const std::string& value) {
+    if (arg != "--mode") return false;
+    mode_arg = value;
+    return true;
+  };
+  if (!cl.parse(argc, argv, " [--mode both|immediate|deferred]", mode_option)) return 2;
+  std::vector<const Mode*> modes;
+  for (const Mode& mode : kModes) {
+    if (mode_arg == "both" || mode_arg == mode.name) modes.push_back(&mode);
   }
-  std::vector<int> cases;
-  for (int i = 0; i < kCaseCount; ++i) {
-    if (only.empty() || kCases[i].name().find(only) != std::string::npos) cases.push_back(i);
+  if (modes.empty()) {
+    fprintf(stderr, "unknown mode %s\n", mode_arg.c_str());
+    return 2;
   }
+  const std::vector<size_t> cases = cl.select(kCases);
   printf("CASES %zu MODES %zu\n", cases.size(), modes.size());
   fflush(stdout);
 
   // Jobs (case, mode) go to worker threads, each with its own emulated machine; the results are
   // printed in order once all are done.
-  return simt::run_cases(cases.size() * modes.size(), jobs, [&](size_t n) {
+  return simt::run_cases(cases.size() * modes.size(), cl.jobs, [&](size_t n) {
     const Case& c = kCases[cases[n / modes.size()]];
     const Mode& mode = *modes[n % modes.size()];
     const unsigned seed = 1000u + static_cast<unsigned>(cases[n / modes.size()]);  // same inputs in every mode

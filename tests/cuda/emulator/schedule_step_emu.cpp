@@ -32,40 +32,32 @@
 // coefficient 0 but cn = 1) must reproduce the host Philox stream of genkernels/philox.cuh
 // bit for bit, rounded to the output dtype.
 #include "simt.h"
+#include "driver.h"
 
 // Its "#pragma unroll" are for nvcc (compile with -Wno-unknown-pragmas under -Wall).
 #include "genkernels/schedule_step.cuh"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <random>
 #include <string>
-#include <thread>
 #include <vector>
 
 namespace {
 
-using genkernels::BF16;
+using driver::Buffer;
+using driver::decode;
+using driver::dtype_name;
+using driver::encode;
 using genkernels::Coef;
-using genkernels::F16;
-using genkernels::F32;
 using genkernels::StepArgs;
 
 constexpr int kCoeffs = 9;  // px, po, ex, e0, cx, c0, ce, cn, cp
 
 enum class Model { kNone, kPlain, kGuided, kRescale };
 enum class Noise { kNone, kTensor, kPhilox, kPhiloxSeedTensor };
-
-const char* dtype_name(int code) {
-  return code == genkernels::kFloat16 ? "f16" : code == genkernels::kBFloat16 ? "bf16" : "f32";
-}
-
-int dtype_bytes(int code) { return code == genkernels::kFloat32 ? 4 : 2; }
 
 struct Case {
   int dtype, mo_dtype, noise_dtype, x0_prev_dtype;
@@ -92,85 +84,6 @@ struct Case {
     return buf;
   }
 };
-
-// Host conversions, through the dtype tags of genkernels/vec.cuh.
-uint32_t encode(int code, float v) {
-  if (code == genkernels::kFloat16) return F16::encode(v);
-  if (code == genkernels::kBFloat16) return BF16::encode(v);
-  return F32::encode(v);
-}
-
-float decode(int code, uint32_t bits) {
-  if (code == genkernels::kFloat16) return F16::decode(static_cast<F16::Bits>(bits));
-  if (code == genkernels::kBFloat16) return BF16::decode(static_cast<BF16::Bits>(bits));
-  return F32::decode(bits);
-}
-
-constexpr size_t kGuardBytes = 64;  // sentinel bytes on each side of every tensor
-
-// One (rows, N) tensor of one dtype in 16-byte aligned storage, `shift` elements past the
-// boundary, with sentinel bytes on both sides. Inputs hold random values; outputs start as
-// sentinels everywhere, so untouched elements and stores out of bounds both show.
-struct Buffer {
-  int dtype = genkernels::kFloat32;
-  size_t count = 0;
-  size_t shift = 0;
-  std::vector<uint4> storage;
-  static constexpr unsigned char kSentinel = 0xff;  // a NaN in every dtype, which no case computes
-
-  void init(int code, size_t n, bool misalign) {
-    dtype = code;
-    count = n;
-    shift = misalign ? 1 : 0;
-    const size_t bytes = 2 * kGuardBytes + (n + shift) * dtype_bytes(code);
-    storage.assign((bytes + 15) / 16, uint4{});
-    std::memset(storage.data(), kSentinel, storage.size() * 16);
-  }
-  unsigned char* base() { return reinterpret_cast<unsigned char*>(storage.data()); }
-  unsigned char* data() { return base() + kGuardBytes + shift * dtype_bytes(dtype); }
-  size_t bytes() const { return count * dtype_bytes(dtype); }
-  uint32_t bits(size_t i) {
-    uint32_t b = 0;
-    std::memcpy(&b, data() + i * dtype_bytes(dtype), dtype_bytes(dtype));
-    return b;
-  }
-  float at(size_t i) { return decode(dtype, bits(i)); }
-  void set(size_t i, float v) {
-    const uint32_t b = encode(dtype, v);
-    std::memcpy(data() + i * dtype_bytes(dtype), &b, dtype_bytes(dtype));
-  }
-  void fill(std::mt19937& rng, float scale) {
-    std::normal_distribution<float> normal(0.f, scale);
-    for (size_t i = 0; i < count; ++i) set(i, normal(rng));
-  }
-  // Bytes outside [data, data + bytes) that no longer hold the sentinel.
-  size_t stray() {
-    size_t n = 0;
-    const unsigned char* b = base();
-    const size_t lo = static_cast<size_t>(data() - b), hi = lo + bytes();
-    for (size_t i = 0; i < storage.size() * 16; ++i) n += (i < lo || i >= hi) && b[i] != kSentinel;
-    return n;
-  }
-  // Elements that still hold the sentinel (never written).
-  size_t untouched() {
-    size_t n = 0;
-    for (size_t i = 0; i < count; ++i) {
-      bool all = true;
-      for (int k = 0; k < dtype_bytes(dtype); ++k) all = all && data()[i * dtype_bytes(dtype) + k] == kSentinel;
-      n += all;
-    }
-    return n;
-  }
-};
-
-template <class F>
-void with_dtype(int code, F&& f) {
-  if (code == genkernels::kFloat16) return f(F16{});
-  if (code == genkernels::kBFloat16) return f(BF16{});
-  return f(F32{});
-}
-
-bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 using simt::Outcome;
 
@@ -251,24 +164,15 @@ Outcome run(const Case& c, unsigned seed) {
   const std::string label = c.name();
   std::vector<float> factor;
   if (rescale) {
-    int svec = 1;
-    with_dtype(c.mo_dtype, [&](auto d) {
-      using D = decltype(d);
-      if (aligned16(a.mo) && c.N % D::kVec == 0) svec = D::kVec;
-    });
+    const int svec = driver::vector_width(c.mo_dtype, c.N, {a.mo});
     const int64_t sample_vectors = c.N / svec;
     const int64_t chunks = std::max<int64_t>(1, (sample_vectors + c.chunk_vectors - 1) / c.chunk_vectors);
     std::vector<float4> partials(c.B * chunks, make_float4(NAN, NAN, NAN, NAN));  // unwritten: NaN factor
     const auto blocks = static_cast<unsigned>(c.B * chunks);
-    with_dtype(c.mo_dtype, [&](auto d) {
-      using D = decltype(d);
+    genkernels::with_vector(c.mo_dtype, svec, [&](auto d, auto v) {
       simt::launch(blocks, genkernels::kThreads, 0, {}, global, label + " (stats)", [&] {
-        if (svec == 1) {
-          genkernels::rescale_stats_kernel<D, 1>(a.mo, partials.data(), c.N, total, c.chunk_vectors, chunks, guidance);
-        } else {
-          genkernels::rescale_stats_kernel<D, D::kVec>(a.mo, partials.data(), c.N, total, c.chunk_vectors, chunks,
-                                                       guidance);
-        }
+        genkernels::rescale_stats_kernel<decltype(d), decltype(v)::value>(a.mo, partials.data(), c.N, total,
+                                                                          c.chunk_vectors, chunks, guidance);
       });
     });
     factor.assign(c.B + 2, NAN);  // a NaN guard each side
@@ -282,40 +186,17 @@ Outcome run(const Case& c, unsigned seed) {
 
   const bool one_dtype = (!has_mo || c.mo_dtype == c.dtype) && (c.noise != Noise::kTensor || c.noise_dtype == c.dtype) &&
                          (!c.x0_prev || c.x0_prev_dtype == c.dtype);
-  int vec = 1;
-  with_dtype(c.dtype, [&](auto d) {
-    using D = decltype(d);
-    if (one_dtype && c.N % D::kVec == 0 &&
-        aligned16(a.x) && aligned16(a.mo) && aligned16(a.noise) && aligned16(a.x0_prev) && aligned16(a.prev) &&
-        aligned16(a.x0)) {
-      vec = D::kVec;
-    }
-  });
+  const int vec = one_dtype ? driver::vector_width(c.dtype, c.N, {a.x, a.mo, a.noise, a.x0_prev, a.prev, a.x0}) : 1;
   const int64_t vectors = total / vec;
   const auto grid = static_cast<unsigned>(
       std::min<int64_t>((vectors + genkernels::kThreads - 1) / genkernels::kThreads, c.max_blocks));
-  with_dtype(c.dtype, [&](auto d) {
-    using D = decltype(d);
-    simt::launch(grid, genkernels::kThreads, 0, {}, global, label, [&] {
-      if (vec == 1) {
-        genkernels::schedule_step_kernel<D, 1>(a);
-      } else {
-        genkernels::schedule_step_kernel<D, D::kVec>(a);
-      }
-    });
+  genkernels::with_vector(c.dtype, vec, [&](auto d, auto v) {
+    simt::launch(grid, genkernels::kThreads, 0, {}, global, label,
+                 [&] { genkernels::schedule_step_kernel<decltype(d), decltype(v)::value>(a); });
   });
 
   // float64 reference.
-  double worst = 0;
-  int bad = 0;
-  std::string first_bad;
-  auto flag = [&](const char* format, auto... args) {
-    if (bad++ == 0) {
-      char buf[240];
-      snprintf(buf, sizeof buf, format, args...);
-      first_bad = std::string("; first: ") + buf;
-    }
-  };
+  driver::Findings found;
   if (rescale) {
     for (int b = 0; b < c.B; ++b) {
       double mean_c = 0, mean_g = 0;
@@ -335,23 +216,13 @@ Outcome run(const Case& c, unsigned seed) {
       const double want = phi * std::sqrt(var_c / var_g) + (1 - phi);
       const double tol = std::ldexp(1.0, -16) * std::fabs(want);
       const double e = std::fabs(a.factor[b] - want);
-      if (!(e <= tol)) flag("factor[%d] = %.9g, want %.9g (tol %.3g)", b, a.factor[b], want, tol);
-      worst = std::max(worst, std::isnan(e) ? INFINITY : e / tol);
+      if (!(e <= tol)) found.flag("factor[%d] = %.9g, want %.9g (tol %.3g)", b, a.factor[b], want, tol);
+      found.worst = std::max(found.worst, driver::ratio(e, tol));
     }
-    if (!std::isnan(factor.front()) || !std::isnan(factor.back())) flag("a store outside factor");
+    if (!std::isnan(factor.front()) || !std::isnan(factor.back())) found.flag("a store outside factor");
   }
-  const double u_out = c.dtype == genkernels::kFloat16 ? std::ldexp(1.0, -11)
-                       : c.dtype == genkernels::kBFloat16 ? std::ldexp(1.0, -8)
-                                                           : std::ldexp(1.0, -24);
-  const double fp32 = std::ldexp(1.0, -20), floor = std::ldexp(1.0, -25);
   auto check = [&](const char* what, int64_t e, double got, double want, double magnitude) {
-    const double tol = u_out * std::fabs(want) + fp32 * magnitude + floor;
-    const double err = std::fabs(got - want);
-    if (!(err <= tol)) {
-      flag("%s[%lld] (b %lld) = %.9g, want %.9g (tol %.3g)", what, static_cast<long long>(e),
-           static_cast<long long>(e / c.N), got, want, tol);
-    }
-    worst = std::max(worst, std::isnan(err) ? INFINITY : err / tol);
+    found.check(what, c.dtype, e, e / c.N, got, want, magnitude);
   };
   for (int64_t e = 0; e < total; ++e) {
     const int64_t b = e / c.N;
@@ -389,7 +260,7 @@ Outcome run(const Case& c, unsigned seed) {
       // prev = 1 * z + 0 exactly in float32, then rounded to the dtype: the host stream, bit for bit.
       const uint32_t want = encode(c.dtype, genkernels::philox_normal(c.seed, c.offset, static_cast<uint64_t>(e)));
       if (prev.bits(e) != want) {
-        flag("noise[%lld] = %.9g, want %.9g (host Philox)", static_cast<long long>(e), prev.at(e),
+        found.flag("noise[%lld] = %.9g, want %.9g (host Philox)", static_cast<long long>(e), prev.at(e),
              decode(c.dtype, want));
       }
     } else {
@@ -397,17 +268,17 @@ Outcome run(const Case& c, unsigned seed) {
     }
     if (c.want_x0) check("x0", e, x0.at(e), v, v_m);
   }
-  if (const size_t n = prev.untouched()) flag("%zu elements of prev never written", n);
+  if (const size_t n = prev.untouched()) found.flag("%zu elements of prev never written", n);
   if (c.want_x0) {
-    if (const size_t n = x0.untouched()) flag("%zu elements of x0 never written", n);
+    if (const size_t n = x0.untouched()) found.flag("%zu elements of x0 never written", n);
   } else if (x0.untouched() != static_cast<size_t>(total)) {
-    flag("x0 written though not wanted");
+    found.flag("x0 written though not wanted");
   }
-  if (prev.stray() || x0.stray()) flag("a store outside prev or x0");
+  if (prev.stray() || x0.stray()) found.flag("a store outside prev or x0");
 
   char buf[200];
-  snprintf(buf, sizeof buf, "vec %d grid %u; max |err| / tol %.3g; %d bad", vec, grid, worst, bad);
-  return {bad == 0, std::string("RESULT ") + (bad == 0 ? "ok" : "FAIL") + " " + label + " | " + buf + first_bad};
+  snprintf(buf, sizeof buf, "vec %d grid %u; max |err| / tol %.3g", vec, grid, found.worst);
+  return found.outcome(label, buf);
 }
 
 // Dtype pairings: (sample, model output, noise, x0_prev).
@@ -502,30 +373,4 @@ std::vector<Case> make_cases() {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  unsigned jobs = std::max(1u, std::min(8u, std::thread::hardware_concurrency()));
-  std::string only;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--jobs" && i + 1 < argc) {
-      jobs = static_cast<unsigned>(std::max(1, std::atoi(argv[++i])));
-    } else if (arg == "--case" && i + 1 < argc) {
-      only = argv[++i];
-    } else {
-      fprintf(stderr, "usage: %s [--jobs N] [--case SUBSTRING]\n", argv[0]);
-      return 2;
-    }
-  }
-  const std::vector<Case> all = make_cases();
-  std::vector<size_t> cases;
-  for (size_t i = 0; i < all.size(); ++i) {
-    if (only.empty() || all[i].name().find(only) != std::string::npos) cases.push_back(i);
-  }
-  printf("CASES %zu\n", cases.size());
-  fflush(stdout);
-
-  // Cases go to worker threads, each with its own emulated machine; results print in order.
-  return simt::run_cases(cases.size(), jobs, [&](size_t n) {
-    return run(all[cases[n]], 2000u + static_cast<unsigned>(cases[n]));
-  });
-}
+int main(int argc, char** argv) { return driver::run_driver(argc, argv, make_cases(), 2000u, run); }
