@@ -17,6 +17,7 @@
 namespace py = pybind11;
 using genkernels::AttentionProblem;
 using genkernels::GroupNormProblem;
+using genkernels::ReparamProblem;
 using genkernels::StepProblem;
 
 namespace {
@@ -149,4 +150,52 @@ PYBIND11_MODULE(_C, m) {
       "their own dtypes): writes prev and, when its address is non-zero, x0. Coefficients px, po, ex, e0, cx, c0, "
       "ce, cn, cp: coeff_values[k], or the float32 (B,) array at coeff_arrays[k] when non-zero. The seed is read "
       "from the int64 device tensor at seed_tensor when non-zero. Launches on `stream`, never synchronizes.");
+  m.def(
+      "reparam_forward_workspace",
+      [](int64_t batch, int64_t rows, int64_t cols, std::array<int64_t, 2> mean_strides,
+         std::array<int64_t, 2> logvar_strides, int dtype, int device) {
+        return genkernels::reparam_forward_workspace(
+            ReparamProblem{batch, rows, cols, mean_strides, logvar_strides, dtype, device});
+      },
+      py::arg("batch"), py::arg("rows"), py::arg("cols"), py::arg("mean_strides"), py::arg("logvar_strides"),
+      py::arg("dtype"), py::arg("device"), "Scratch bytes reparam_forward needs for the KL partials (0: none).");
+  m.def(
+      "reparam_forward",
+      [](uintptr_t mean, uintptr_t logvar, uintptr_t noise, uintptr_t z, uintptr_t kl, int64_t batch, int64_t rows,
+         int64_t cols, std::array<int64_t, 2> mean_strides, std::array<int64_t, 2> logvar_strides, int dtype,
+         int device, uint64_t seed, uintptr_t seed_tensor, uint64_t offset, bool deterministic, uintptr_t workspace,
+         size_t workspace_bytes, uintptr_t stream) {
+        genkernels::reparam_forward(ReparamProblem{batch, rows, cols, mean_strides, logvar_strides, dtype, device},
+                                    mean, logvar, noise, z, kl, seed, seed_tensor, offset, deterministic, workspace,
+                                    workspace_bytes, stream);
+      },
+      py::arg("mean"), py::arg("logvar"), py::arg("noise"), py::arg("z"), py::arg("kl"), py::arg("batch"),
+      py::arg("rows"), py::arg("cols"), py::arg("mean_strides"), py::arg("logvar_strides"), py::arg("dtype"),
+      py::arg("device"), py::arg("seed"), py::arg("seed_tensor"), py::arg("offset"), py::arg("deterministic"),
+      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+      "Reparameterization forward on (B, R, K) views (unit stride along K; mean and logvar with their own "
+      "(batch, row) strides in elements): writes z = mean + exp(clamp(logvar, -30, 20) / 2) * eps (contiguous) "
+      "and, when kl is non-zero, the float32 (B,) KL to N(0, 1). eps: the noise tensor, else (not deterministic) "
+      "the Philox stream keyed by (seed, offset), the seed read from the int64 device tensor at seed_tensor when "
+      "non-zero. Launches on `stream`, never synchronizes.");
+  m.def(
+      "reparam_backward",
+      [](uintptr_t dz, uintptr_t dkl, uintptr_t mean, uintptr_t logvar, uintptr_t noise, uintptr_t dmean,
+         uintptr_t dlogvar, int64_t batch, int64_t rows, int64_t cols, std::array<int64_t, 2> mean_strides,
+         std::array<int64_t, 2> logvar_strides, std::array<int64_t, 2> dmean_strides,
+         std::array<int64_t, 2> dlogvar_strides, int dtype, int device, uint64_t seed, uintptr_t seed_tensor,
+         uint64_t offset, bool deterministic, uintptr_t stream) {
+        genkernels::reparam_backward(ReparamProblem{batch, rows, cols, mean_strides, logvar_strides, dtype, device},
+                                     dz, dkl, mean, logvar, noise, seed, seed_tensor, offset, deterministic, dmean,
+                                     dmean_strides, dlogvar, dlogvar_strides, stream);
+      },
+      py::arg("dz"), py::arg("dkl"), py::arg("mean"), py::arg("logvar"), py::arg("noise"), py::arg("dmean"),
+      py::arg("dlogvar"), py::arg("batch"), py::arg("rows"), py::arg("cols"), py::arg("mean_strides"),
+      py::arg("logvar_strides"), py::arg("dmean_strides"), py::arg("dlogvar_strides"), py::arg("dtype"),
+      py::arg("device"), py::arg("seed"), py::arg("seed_tensor"), py::arg("offset"), py::arg("deterministic"),
+      py::arg("stream"),
+      "Reparameterization backward: dmean = dz + dkl[b] * mean and dlogvar = 0.5 * dz * eps * std + "
+      "0.5 * dkl[b] * (exp(lv) - 1) inside the clamp's range, else 0 (deterministic: no eps term). dz and dkl "
+      "may be 0 (zero), dmean and dlogvar 0 (not written). eps as in the forward, re-drawn in the kernel. "
+      "Launches on `stream`, never synchronizes.");
 }

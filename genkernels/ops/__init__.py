@@ -2,6 +2,7 @@
 
 from .attention import attention, attention_reference
 from .group_norm import group_norm, group_norm_reference
+from .reparam import reparameterize, reparameterize_reference
 from .sampler_steps import (
     ddim_step,
     ddpm_step,
@@ -25,6 +26,8 @@ __all__ = [
     "flow_euler_step",
     "group_norm",
     "group_norm_reference",
+    "reparameterize",
+    "reparameterize_reference",
     "schedule_step",
     "schedule_step_reference",
 ]

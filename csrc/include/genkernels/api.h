@@ -98,4 +98,38 @@ void schedule_step(const StepProblem& p, uintptr_t x, uintptr_t model_output, ui
                    uintptr_t seed_tensor, uint64_t offset, uintptr_t workspace, size_t workspace_bytes,
                    uintptr_t stream);
 
+// A reparameterization problem: (B, R, K) views with unit stride along K. mean and logvar have
+// their own (batch, row) strides in elements (>= 0; e.g. the two halves of a moments tensor);
+// z, noise and dz are contiguous: element (b, r, k) at (b*R + r)*K + k. One dtype for all of them.
+struct ReparamProblem {
+  int64_t batch, rows, cols;  // B, R, K (all > 0)
+  std::array<int64_t, 2> mean_strides, logvar_strides;  // (batch, row)
+  int dtype;   // DtypeCode
+  int device;  // CUDA device ordinal that holds the tensors
+};
+
+// Scratch bytes reparam_forward needs for the KL partials (0 when a sample is a single chunk).
+size_t reparam_forward_workspace(const ReparamProblem& p);
+
+// Per element, in float32: lv = clamp(logvar, -30, 20); z = mean + exp(lv / 2) * eps (deterministic:
+// z = mean), eps the tensor at `noise` or else the Philox stream of genkernels/philox.cuh keyed by
+// (seed, offset) at element (b*R + r)*K + k, the seed read from the one-element int64 device tensor
+// at seed_tensor when that address is non-zero. Writes z, and when kl is non-zero the float32 (B,)
+// kl[b] = 0.5 * sum over the sample of (mean^2 + exp(lv) - 1 - lv), deterministic (fixed chunks
+// merged in a fixed order). Launches on `stream`, never synchronizes.
+void reparam_forward(const ReparamProblem& p, uintptr_t mean, uintptr_t logvar, uintptr_t noise, uintptr_t z,
+                     uintptr_t kl, uint64_t seed, uintptr_t seed_tensor, uint64_t offset, bool deterministic,
+                     uintptr_t workspace, size_t workspace_bytes, uintptr_t stream);
+
+// Gradients of reparam_forward, per element in float32, with in = (-30 <= logvar <= 20):
+//   dmean   = dz + dkl[b] * mean
+//   dlogvar = in ? 0.5 * dz * eps * exp(logvar / 2) + 0.5 * dkl[b] * (exp(logvar) - 1) : 0
+// (deterministic: no eps term; eps as in the forward, re-drawn bit for bit when noise is 0).
+// dz (contiguous, mean's dtype) and dkl (float32 (B,)) may be 0 (zero); dmean and dlogvar (mean's
+// dtype, their own (batch, row) strides) may be 0 (not written). Never synchronizes.
+void reparam_backward(const ReparamProblem& p, uintptr_t dz, uintptr_t dkl, uintptr_t mean, uintptr_t logvar,
+                      uintptr_t noise, uint64_t seed, uintptr_t seed_tensor, uint64_t offset, bool deterministic,
+                      uintptr_t dmean, const std::array<int64_t, 2>& dmean_strides, uintptr_t dlogvar,
+                      const std::array<int64_t, 2>& dlogvar_strides, uintptr_t stream);
+
 }  // namespace genkernels
