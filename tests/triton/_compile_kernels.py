@@ -24,12 +24,21 @@ compile in a test. So launches are chosen, deterministically and from their argu
   go through the coverage tier);
 - coverage, on sm_90 only: any other launch that brings something new for its kernel: a pointer
   signature (dtypes and 16-byte alignment), a class of any single argument or constexpr (integers equal
-  to 1, multiples of 16 or neither; tile sizes of 1 or more; each flag value), or a pair of flag values.
+  to 1, multiples of 16 or neither; integer constexprs equal to 0, to 1 or more: tile sizes, modes such as
+  NOISE; each flag value), or a pair of flag values.
 
 Attention launches (genkernels.triton.attention) are chosen the same way from ``attention_calls``: the
 workloads are the bf16 calls with a causal mask and a key padding mask, the variant with the most live
 values, for every head dim of the sweep on every target; the other flag combinations, fp16 and fp32 go
 through the coverage tier.
+
+The elementwise families with in-kernel Philox noise are chosen the same way too: the fused sampler step
+(genkernels.triton.schedule, ``step_calls``) and reparameterize (genkernels.triton.reparam,
+``reparam_calls``, forward and backward on the canonical (B, R, K) views of genkernels.ops.reparam's
+fused backend interface). Their workloads are the benchmark's cases, float32 and bf16, on every target;
+a few small calls then cover the other paths on sm_90 (Philox from an int or a tensor seed, grouped or
+per element, a noise tensor, deterministic, the KL and each gradient on or off, the halves of contiguous
+and channels_last moments, odd sizes; guidance rescale, clipping, x0_prev and per-sample coefficients).
 
 ``--every`` compiles every distinct specialization instead (minutes; for a GPU machine's many cores).
 
@@ -242,6 +251,210 @@ def run_call(gn, call: Call) -> None:
             setattr(gn, name, value)
 
 
+# What each benchmarked sampler step (genkernels.bench.schedule_step.STEPS) passes to the step besides
+# sample and coefficients (Python floats there): the launch's flags. A step missing here fails the harness.
+BENCH_STEP_INPUTS = {
+    "DDIM": {},
+    "DDPM": {"noise": "tensor"},
+    "Euler": {},
+    "Euler-ancestral": {"noise": "tensor"},
+    "DPM-Solver++ 2M": {"x0_prev": True, "return_x0": True},
+    "flow Euler": {},
+    "add_noise": {"model_output": False, "guided": False, "noise": "tensor"},
+}
+
+
+@dataclass
+class StepCall:
+    """One schedule_step call (genkernels.triton.schedule): the statistics pass when it rescales, then the step."""
+
+    label: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    model_output: bool = True
+    guided: bool = True
+    rescale: bool = False
+    clip: bool = False
+    noise: str | None = None  # None, "tensor", "seed" (a Python int) or "seed tensor" (in-kernel Philox)
+    x0_prev: bool = False
+    return_x0: bool = False
+    tensor_coeffs: tuple[str, ...] = ()  # coefficients given as float32 (B,) tensors, the others floats
+    out_dtype: torch.dtype | None = None  # the model output's (None: sample's)
+    workload: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        text = f"{self.label} step {tuple(self.shape)} {str(self.dtype)[6:]}"
+        if self.model_output:
+            text += " guided" if self.guided else " unguided"
+            text += f" out={str(self.out_dtype)[6:]}" if self.out_dtype else ""
+        flags = {"rescale": self.rescale, "clip": self.clip, "x0_prev": self.x0_prev, "return_x0": self.return_x0}
+        text += "".join(f" {name}" for name, on in flags.items() if on)
+        text += f" noise={self.noise}" if self.noise else ""
+        return text + (f" tensor coeffs {','.join(self.tensor_coeffs)}" if self.tensor_coeffs else "")
+
+
+def step_calls() -> Iterator[StepCall]:
+    """The sampler step sweep: the benchmark's cases (every target), then a few small calls covering the
+    other paths (sm_90): Philox from an int seed (N a multiple of 4: grouped) and from a tensor seed (N odd:
+    per element), guidance rescale (its statistics pass) with clipping, x0_prev, x0 and per-sample
+    coefficients, an unguided output of another dtype."""
+    from genkernels.bench import schedule_step as bench
+
+    missing = {step.name for step in bench.STEPS} - set(BENCH_STEP_INPUTS)
+    if missing:
+        raise RuntimeError(f"benchmarked steps {sorted(missing)} are not in BENCH_STEP_INPUTS: update this harness")
+    for case in bench.cases():
+        inputs = BENCH_STEP_INPUTS[case.step.name]
+        yield StepCall("bench", tuple(case.shape), case.dtype, **inputs, workload=ALL_ARCHS)
+    yield StepCall("philox", (2, 4, 8, 8), torch.float32, noise="seed")
+    yield StepCall("philox", (3, 5, 7, 3), torch.float16, noise="seed tensor", tensor_coeffs=("cn",))
+    yield StepCall(
+        "flags",
+        (2, 4, 16, 15),
+        torch.bfloat16,
+        rescale=True,
+        clip=True,
+        x0_prev=True,
+        return_x0=True,
+        tensor_coeffs=("px", "po", "ex", "e0", "cx", "c0", "ce", "cp"),
+    )
+    yield StepCall("flags", (3, 4, 5, 5), torch.float32, guided=False, noise="tensor", out_dtype=torch.bfloat16)
+
+
+def run_step_call(sc, call: StepCall) -> None:
+    """The launches of ``call``, with the tensors the op module passes (genkernels.ops.schedule's fused
+    backend interface): a guided model output is (2B, *), coefficients are floats or float32 (B,)."""
+    from genkernels.ops.schedule import COEFF_NAMES, StepCoeffs
+
+    b = call.shape[0]
+    sample = torch.empty(call.shape, dtype=call.dtype)
+    rest = call.shape[1:]
+    out_dtype = call.out_dtype or call.dtype
+    model_output = None
+    if call.model_output:
+        model_output = torch.empty(((2 * b) if call.guided else b, *rest), dtype=out_dtype)
+    noise = torch.empty_like(sample) if call.noise == "tensor" else None
+    seed = {"seed": 1234, "seed tensor": torch.zeros(1, dtype=torch.int64)}.get(call.noise)
+    x0_prev = torch.empty_like(sample) if call.x0_prev else None
+    coeffs = StepCoeffs(
+        **{name: torch.empty(b, dtype=torch.float32) if name in call.tensor_coeffs else 0.5 for name in COEFF_NAMES}
+    )
+    sc.schedule_step(
+        sample,
+        model_output,
+        noise,
+        x0_prev,
+        coeffs,
+        7.5 if call.guided else None,
+        0.7 if call.rescale else 0.0,
+        1.0 if call.clip else None,
+        seed,
+        3,
+        call.return_x0,
+    )
+
+
+@dataclass
+class ReparamCall:
+    """One reparameterize call (genkernels.triton.reparam): forward, then one backward per entry of grads.
+
+    mean and logvar are separate tensors of ``shape`` in ``layout`` ("contiguous"), or the two halves of
+    a moments tensor (B, 2C, *) ("moments", "moments channels_last"), seen as genkernels.ops.reparam
+    makes the canonical (B, R, K) views: (B, 1, C * S) in channels first (one run per sample), (B, S, C)
+    with row stride 2C for channels_last moments (the general path)."""
+
+    label: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    layout: str = "contiguous"
+    eps: str = "seed"  # "seed", "seed tensor", "noise" (a tensor) or "deterministic"
+    want_kl: bool = True
+    grads: tuple[tuple[bool, bool, bool, bool], ...] = ((True, True, True, True),)  # dz, dkl, dmean, dlogvar
+    workload: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        text = f"{self.label} reparam {tuple(self.shape)} {str(self.dtype)[6:]} {self.layout} eps={self.eps}"
+        text += "" if self.want_kl else " no kl"
+        names = ("dz", "dkl", "dmean", "dlogvar")
+        for grad in self.grads:
+            text += " bwd(" + ",".join(n for n, on in zip(names, grad) if on) + ")"
+        return text
+
+
+def reparam_calls() -> Iterator[ReparamCall]:
+    """The reparameterize sweep: the benchmark's cases (every target; its fwd+bwd's backward takes dz and
+    dkl and wants both gradients), then a few small calls covering the other paths (sm_90)."""
+    from genkernels.bench import reparam as bench
+
+    for case in bench.cases():
+        grads = () if case.mode == "fwd" else ((True, True, True, True),)
+        yield ReparamCall("bench", tuple(case.shape), case.dtype, grads=grads, workload=ALL_ARCHS)
+    each_off = tuple(tuple(i != j for i in range(4)) for j in range(4))  # dz absent, dkl absent, ...
+    yield ReparamCall("moments", (2, 4, 8, 8), torch.float32, "moments")
+    # A 16-channel VAE's channels_last moments (SD3, FLUX): the general path at the benchmark's tile size.
+    yield ReparamCall(
+        "latent16", (4, 16, 64, 64), torch.bfloat16, "moments channels_last", "seed tensor", workload=MAIN_ARCHS
+    )
+    # K = 7 channels in the general path and N = 105 (not a multiple of 4) in the flat one: Philox per element.
+    yield ReparamCall("odd", (3, 7, 5, 3), torch.float16, "moments channels_last")
+    yield ReparamCall("odd", (3, 5, 7, 3), torch.float32, "contiguous", "seed tensor", grads=each_off)
+    yield ReparamCall("flags", (2, 4, 8, 8), torch.float16, "contiguous", "noise", grads=each_off)
+    yield ReparamCall("flags", (2, 4, 8, 8), torch.float32, "contiguous", "deterministic", grads=each_off)
+    yield ReparamCall("flags", (2, 4, 8, 8), torch.bfloat16, "contiguous", "deterministic", want_kl=False, grads=())
+
+
+def _reparam_views(shape, dtype, layout):
+    """(mean, logvar) canonical views and a function making each output pair (dmean, dlogvar) alike."""
+    b, c, *spatial = shape
+    s = math.prod(spatial)
+    if layout == "contiguous":
+
+        def pair():
+            return torch.empty((b, 1, c * s), dtype=dtype), torch.empty((b, 1, c * s), dtype=dtype)
+
+    elif layout == "moments":
+
+        def pair():
+            moments = torch.empty((b, 2 * c * s), dtype=dtype)
+            return (moments.as_strided((b, 1, c * s), (2 * c * s, c * s, 1), offset) for offset in (0, c * s))
+
+    elif layout == "moments channels_last":
+
+        def pair():
+            moments = torch.empty((b, s, 2 * c), dtype=dtype)  # (B, 2C, *) in channels_last order
+            return moments[:, :, :c], moments[:, :, c:]
+
+    else:
+        raise ValueError(layout)
+    return (*pair(), pair)
+
+
+def run_reparam_call(rp, call: ReparamCall) -> None:
+    """The forward and backward launches of ``call`` (genkernels.ops.reparam's fused backend interface)."""
+    mean, logvar, pair = _reparam_views(call.shape, call.dtype, call.layout)
+    b, r, k = mean.shape
+    noise = torch.empty((b, r, k), dtype=call.dtype) if call.eps == "noise" else None
+    seed = {"seed": 1234, "seed tensor": torch.zeros(1, dtype=torch.int64)}.get(call.eps)
+    deterministic = call.eps == "deterministic"
+    rp.forward(mean, logvar, noise, seed, 3, deterministic, call.want_kl)
+    for has_dz, has_dkl, want_dmean, want_dlogvar in call.grads:
+        dz = torch.empty((b, r, k), dtype=call.dtype) if has_dz else None
+        dkl = torch.empty(b, dtype=torch.float32) if has_dkl else None
+        dmean, dlogvar = pair()
+        rp.backward(
+            dz,
+            dkl,
+            mean,
+            logvar,
+            noise,
+            seed,
+            3,
+            deterministic,
+            dmean if want_dmean else None,
+            dlogvar if want_dlogvar else None,
+        )
+
+
 def _arg_class(value):
     """How triton specializes a launch argument (pointer dtype and 16-byte alignment; integer width,
     == 1, multiple of 16), as a JSON-friendly value."""
@@ -259,10 +472,17 @@ def _features(args, kwargs) -> set:
     """What a launch exercises (see the module docstring, coverage tier)."""
     singles = [(i, _arg_class(a)) for i, a in enumerate(args)]
     for name, value in kwargs.items():
-        singles.append((name, value if isinstance(value, bool) else ("1" if value == 1 else "n")))
+        singles.append((name, value if isinstance(value, bool) else value if value in (0, 1) else "n"))
     pointers = ("pointers", *(c for c in map(_arg_class, args) if str(c).startswith("*")))
     flags = [(k, v) for k, v in kwargs.items() if isinstance(v, bool)]
     return {pointers, *singles, *itertools.combinations(flags, 2)}
+
+
+def _by_kind(kernel, args, kwargs) -> tuple[tuple, dict]:
+    """A launch as (its runtime arguments in signature order, its constexprs and launch options by name),
+    however the launcher passed them (the reparam launchers pass tensors by name)."""
+    bound = dict(zip((p.name for p in kernel.params), args), **kwargs)
+    return tuple(bound.pop(p.name) for p in kernel.params if not p.is_constexpr), bound
 
 
 class Selector:
@@ -397,6 +617,8 @@ def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run
     import genkernels.triton._common as common
     import genkernels.triton.attention as at
     import genkernels.triton.group_norm as gn
+    import genkernels.triton.reparam as rp
+    import genkernels.triton.schedule as sc
 
     if gn.triton is None:
         raise Unsupported("genkernels cannot import triton")
@@ -404,13 +626,17 @@ def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run
         if not hasattr(module, name):
             raise RuntimeError(f"{module.__name__}.{name} is gone: update this harness")
     # (module, name, kernel) of every kernel, and the calls that launch them.
-    kernels = [(m, name, getattr(m, name)) for m in (gn, at) for name in dir(m) if name.endswith("_kernel")]
+    kernels = [(m, name, getattr(m, name)) for m in (gn, at, sc, rp) for name in dir(m) if name.endswith("_kernel")]
     for _, name, kernel in kernels:
         if not isinstance(kernel, JITFunction):
             raise RuntimeError(f"{name} is a {type(kernel).__name__}, not a JITFunction")
+    if len({name for _, name, _ in kernels}) != len(kernels):  # the report and the selector go by name
+        raise RuntimeError(f"two kernel modules define a kernel of the same name: {sorted(n for _, n, _ in kernels)}")
     sweeps = (
         (lambda: calls(gn), lambda call: run_call(gn, call)),
         (attention_calls, lambda call: run_attention_call(at, call)),
+        (step_calls, lambda call: run_step_call(sc, call)),
+        (reparam_calls, lambda call: run_reparam_call(rp, call)),
     )
 
     cuobjdump = _cuobjdump()
@@ -423,6 +649,7 @@ def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run
     def on_launch(name, kernel, grid, args, kwargs):
         arch, call, selector = state["arch"], state["call"], state["selector"]
         counts["launches"] += 1
+        args, kwargs = _by_kind(kernel, args, kwargs)
         if not selector.choose(call, name, args, kwargs):
             return
         counts["chosen"] += 1
@@ -449,6 +676,7 @@ def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run
             "arch": arch,
             "tier": "workload" if arch in call.workload else "coverage",
             "call": str(call),
+            "label": call.label,
             "bench_bf16": call.label == "bench" and call.dtype == torch.bfloat16,
             "args": [_arg_class(a) for a in args],
             "constexprs": kwargs,

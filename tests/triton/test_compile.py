@@ -1,20 +1,24 @@
-"""The Triton group_norm and attention kernels compile for real GPUs (sm_90, sm_80), checked on a machine without one.
+"""The Triton group_norm, attention, sampler step and reparameterize kernels compile for real GPUs (sm_90, sm_80),
+checked on a machine without one.
 
 Why this exists: without a GPU the suite runs the Triton kernels under ``TRITON_INTERPRET=1``, and the
 interpreter accepts code the compiler rejects (a loop-variable type error got through that way once);
 it also says nothing about registers, spills or load widths. Triton's compiler
 needs no GPU, so this compiles the launches that real ``group_norm`` calls make, for the test suite's
-shapes and for the benchmark's, and those of ``attention`` calls (head dims 40 to 256 in bf16 and fp16,
-causal or not, with or without a key padding mask, and one fp32 call), and checks the result: everything
-compiles, no kernel spills registers (beyond the known cases below), shared memory fits, and the
-benchmark's bf16 loads are vectorized.
+shapes and for the benchmark's, those of ``attention`` calls (head dims 40 to 256 in bf16 and fp16,
+causal or not, with or without a key padding mask, and one fp32 call), and those of the fused sampler
+step and of reparameterize (forward and backward) for the benchmark's cases and a small set covering
+their other paths (each noise source, the flags, channels_last moments, odd sizes), and checks the
+result: everything compiles, no kernel spills registers (beyond the known cases below), shared memory
+fits, and the benchmark's bf16 loads are vectorized.
 
 The work runs in subprocesses (``tests/triton/_compile_kernels.py``, which explains how launches are
 chosen and compiled) because triton reads ``TRITON_INTERPRET`` when it decorates a kernel and the
 conftest has set it in this process. A triton that cannot be driven that way makes the tests skip.
-Run with ``-s`` to see the registers / spills table. By default about 275 chosen launches compile (230 of
-group_norm, under a minute on 2 cores, and 45 of attention, about 40 s more: each attention kernel takes
-seconds of ptxas); ``GENKERNELS_COMPILE_EVERY=1`` compiles all ~2,500 distinct specializations instead.
+Run with ``-s`` to see the registers / spills table. By default about 330 chosen launches compile (230 of
+group_norm, under a minute on 2 cores; 45 of attention, about 40 s more: each attention kernel takes
+seconds of ptxas; 60 of the sampler step and reparameterize, about 15 s more); ``GENKERNELS_COMPILE_EVERY=1``
+compiles all ~2,600 distinct specializations instead.
 """
 
 from __future__ import annotations
@@ -196,9 +200,11 @@ def test_shared_memory_fits(report):
 
 
 def test_benchmark_bf16_loads_are_vectorized(report):
-    """The benchmark shapes are memory bound: the kernels that stream x must use 16-byte loads in NCHW
-    (contiguous positions) and at least 8-byte loads in channels last (spans of channels), or the
-    alignment facts the kernels pass to the compiler (c_lo, SPAN, 16-divisible sizes) were lost."""
+    """The benchmark shapes are memory bound: the group_norm kernels that stream x must use 16-byte loads
+    in NCHW (contiguous positions) and at least 8-byte loads in channels last (spans of channels), or the
+    alignment facts the kernels pass to the compiler (c_lo, SPAN, 16-divisible sizes) were lost. The
+    elementwise kernels (sampler step, reparameterize: contiguous runs of a sample, 16-divisible sizes)
+    must use 16-byte loads and stores."""
     bad = []
     for v in report["variants"]:
         if not v["bench_bf16"] or v["kernel"] == "_bwd_weight_bias_kernel":  # that one reads float32 partials
@@ -206,7 +212,9 @@ def test_benchmark_bf16_loads_are_vectorized(report):
         wanted = 8 if "channels_last" in v["call"] else 16
         if max(map(_bytes, v["loads"]), default=0) < wanted:
             bad.append(f"sm_{v['arch']} {v['kernel']}: loads {v['loads']}, want {wanted} B ({v['call']})")
-    assert not bad, "scalar global loads on benchmark shapes:\n" + "\n".join(bad)
+        if v["kernel"] in ELEMENTWISE_KERNELS and max(map(_bytes, v["stores"]), default=0) < 16:
+            bad.append(f"sm_{v['arch']} {v['kernel']}: stores {v['stores']}, want 16 B ({v['call']})")
+    assert not bad, "scalar global accesses on benchmark shapes:\n" + "\n".join(bad)
 
 
 # The attention sweep of the harness (ATTENTION_HEAD_DIMS there; the harness module cannot be imported
@@ -223,3 +231,37 @@ def test_attention_launches_compiled(report):
     wanted = {(arch, k, d) for arch in (90, 80) for k in ATTENTION_KERNELS for d in ATTENTION_HEAD_DIMS}
     assert not wanted - compiled, f"attention launches not compiled: {sorted(wanted - compiled)}"
     assert any(v["kernel"] == "_attn_bwd_delta_kernel" for v in report["variants"])
+
+
+# The kernels of the sampler step (genkernels.triton.schedule) and of reparameterize (genkernels.triton.reparam).
+ELEMENTWISE_KERNELS = ("_step_kernel", "_forward_kernel", "_backward_kernel")
+
+
+def test_schedule_and_reparam_launches_compiled(report):
+    """The sampler step and reparameterize kernels compiled on each target (the benchmark's cases) and,
+    on sm_90, with every way of drawing eps (none, a noise tensor, Philox from an int and from a tensor
+    seed, grouped and per element), the guidance statistics kernel, and reparameterize's general path
+    (the halves of channels_last moments): the sweeps still reach those launches."""
+    compiled = {(v["arch"], v["kernel"]) for v in report["variants"]}
+    wanted = {(arch, k) for arch in (90, 80) for k in ELEMENTWISE_KERNELS} | {(90, "_guidance_stats_kernel")}
+    assert not wanted - compiled, f"launches not compiled: {sorted(wanted - compiled)}"
+    for kernel in ELEMENTWISE_KERNELS:
+        flags = [v["constexprs"] for v in report["variants"] if v["arch"] == 90 and v["kernel"] == kernel]
+        paths = {("noise", c["NOISE"]) for c in flags}
+        paths |= {(name, c[name]) for c in flags if c["NOISE"] == 2 for name in ("SEED_FROM_TENSOR", "GROUPED_NOISE")}
+        wanted = {("noise", 0), ("noise", 1), ("noise", 2)}
+        wanted |= {(name, on) for name in ("SEED_FROM_TENSOR", "GROUPED_NOISE") for on in (False, True)}
+        assert not wanted - paths, f"{kernel}: eps paths not compiled: {sorted(wanted - paths)}"
+        if kernel != "_step_kernel":
+            assert {c["FLAT"] for c in flags} == {False, True}, f"{kernel}: both address paths"
+
+
+def test_reparam_general_path_loads(report):
+    """The halves of channels_last moments take reparameterize's general path (row r and channel k from j
+    by a division). With 16 channels (K and the row stride 2K multiples of 16, which triton knows) its
+    bf16 loads of mean and logvar stay 16-byte. (With fewer channels, e.g. the 4 of SD's VAE, triton
+    cannot prove any run contiguous and they are 2-byte loads: not asserted either way.)"""
+    checked = [v for v in report["variants"] if v["label"] == "latent16"]
+    assert {v["kernel"] for v in checked} == {"_forward_kernel", "_backward_kernel"}
+    bad = [f"{v['kernel']}: loads {v['loads']} ({v['call']})" for v in checked if max(map(_bytes, v["loads"])) < 16]
+    assert not bad, "scalar loads on the general path with 16 channels:\n" + "\n".join(bad)
