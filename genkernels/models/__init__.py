@@ -1,5 +1,6 @@
 """Generative models built on genkernels layers."""
 
 from .diffusion import UNet, UNetConfig
+from .vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian
 
-__all__ = ["UNet", "UNetConfig"]
+__all__ = ["AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussian", "UNet", "UNetConfig"]

@@ -37,7 +37,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..nn import Attention, GroupNorm, GroupNormSiLU
+from ._layers import (
+    Downsample,
+    ResnetBlock,
+    Upsample,
+    attention_layer,
+    group_norm_layer,
+    set_layers_backend,
+)
+
+# Re-exported: the UNet's PyTorch-layer flavour and twin, as the UNet benchmark imports them from here.
+from ._layers import TorchAttention as TorchAttention
+from ._layers import TorchGroupNormSiLU as TorchGroupNormSiLU
+from ._layers import with_torch_layers as with_torch_layers
 
 
 @dataclass
@@ -156,77 +168,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-class TorchGroupNormSiLU(torch.nn.GroupNorm):
-    """torch.nn.GroupNorm followed by SiLU as two PyTorch ops: silu(group_norm(x)); (N, C, *) -> (N, C, *).
-
-    Same constructor, parameters and state_dict keys as torch.nn.GroupNorm (and as
-    genkernels.nn.GroupNormSiLU, which fuses the pair).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(super().forward(x))
-
-
-class TorchAttention(Attention):
-    """genkernels.nn.Attention's layer computed with ``F.scaled_dot_product_attention`` (PyTorch's SDPA).
-
-    Same constructor arguments, parameters and state_dict keys as :class:`genkernels.nn.Attention`;
-    ``backend`` is ignored (SDPA picks its own kernel). Only what the UNet calls: no padding mask,
-    not causal.
-    """
-
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden_states (B, L, query_dim), encoder_hidden_states (B, S, cross_attention_dim) or None
-        (self-attention) -> (B, L, query_dim): to_out(softmax(q k^T / sqrt(dim_head)) v) per head."""
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q = self._split_heads(self.to_q(hidden_states))
-        k = self._split_heads(self.to_k(context))
-        v = self._split_heads(self.to_v(context))
-        o = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out[1](self.to_out[0](o.transpose(1, 2).flatten(2)))
-
-
-def _group_norm(torch_layers: bool, silu: bool, groups: int, channels: int, eps: float, backend: str | None):
-    """The GroupNorm (+ SiLU) layer of the chosen flavour: genkernels' fused op or PyTorch's modules."""
-    if torch_layers:
-        return TorchGroupNormSiLU(groups, channels, eps=eps) if silu else torch.nn.GroupNorm(groups, channels, eps=eps)
-    return (GroupNormSiLU if silu else GroupNorm)(groups, channels, eps=eps, backend=backend)
-
-
-class ResnetBlock(torch.nn.Module):
-    """conv2(dropout(gns2(conv1(gns1(x)) + time_emb_proj(silu(temb))))) + shortcut(x).
-
-    (B, Cin, H, W) -> (B, Cout, H, W). ``torch_layers``: PyTorch's GroupNorm and SiLU instead of genkernels'.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        temb_channels: int,
-        groups: int,
-        dropout: float,
-        backend: str | None,
-        torch_layers: bool = False,
-    ) -> None:
-        super().__init__()
-        self.norm1 = _group_norm(torch_layers, True, groups, in_channels, 1e-5, backend)
-        self.conv1 = torch.nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = torch.nn.Linear(temb_channels, out_channels)
-        self.norm2 = _group_norm(torch_layers, True, groups, out_channels, 1e-5, backend)
-        self.dropout = torch.nn.Dropout(dropout)
-        self.conv2 = torch.nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = torch.nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
-
-    def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
-        """x (B, Cin, H, W); temb_act = silu(temb) (B, temb_channels), activated once for all blocks."""
-        h = self.conv1(self.norm1(x))
-        h = h + self.time_emb_proj(temb_act)[:, :, None, None]
-        h = self.conv2(self.dropout(self.norm2(h)))
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
-
-
 class FeedForward(torch.nn.Module):
     """GEGLU feed-forward: proj_out(a * gelu(g)) with (a, g) = proj_in(x) split in two; (B, L, C) -> (B, L, C)."""
 
@@ -253,8 +194,8 @@ class Transformer(torch.nn.Module):
     ) -> None:
         super().__init__()
         dim_head = channels // heads
-        attention = TorchAttention if torch_layers else Attention
-        self.norm = _group_norm(torch_layers, False, groups, channels, 1e-6, backend)
+        attention = attention_layer(torch_layers)
+        self.norm = group_norm_layer(torch_layers, False, groups, channels, 1e-6, backend)
         self.proj_in = torch.nn.Linear(channels, channels)
         self.norm1 = torch.nn.LayerNorm(channels)
         self.attn1 = attention(channels, heads=heads, dim_head=dim_head, backend=backend)
@@ -275,28 +216,6 @@ class Transformer(torch.nn.Module):
         tokens = tokens + self.ff(self.norm3(tokens))
         out = self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
         return x + out
-
-
-class Downsample(torch.nn.Module):
-    """Stride-2 3x3 convolution: (B, C, H, W) -> (B, C, H/2, W/2)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class Upsample(torch.nn.Module):
-    """Nearest 2x upsampling then a 3x3 convolution: (B, C, H, W) -> (B, C, 2H, 2W)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class _Level(torch.nn.Module):
@@ -381,7 +300,7 @@ class UNet(torch.nn.Module):
                 level.sampler = Upsample(cout)
             self.up.append(level)
 
-        self.norm_out = _group_norm(torch_layers, True, groups, ch[0], 1e-5, backend)
+        self.norm_out = group_norm_layer(torch_layers, True, groups, ch[0], 1e-5, backend)
         self.conv_out = torch.nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         # A zero output layer starts the model at "predict 0", the loss at its trivial value: stable first steps.
         torch.nn.init.zeros_(self.conv_out.weight)
@@ -397,9 +316,7 @@ class UNet(torch.nn.Module):
 
         No effect on a ``torch_layers`` model (its layers run PyTorch's own kernels).
         """
-        for m in self.modules():
-            if isinstance(m, (GroupNorm, Attention)) and not isinstance(m, TorchAttention):
-                m.backend = backend
+        set_layers_backend(self, backend)
         return self
 
     def context(self, labels: torch.Tensor | None, batch: int, device: torch.device, dtype: torch.dtype):
@@ -475,16 +392,3 @@ class UNet(torch.nn.Module):
             if level.sampler is not None:
                 h = level.sampler(h)
         return self.conv_out(self.norm_out(h))
-
-
-def with_torch_layers(model: UNet) -> UNet:
-    """The same network as ``model`` on PyTorch's layers (``UNet(config, torch_layers=True)``), sharing
-    ``model``'s parameters: no copy, and an update to one is seen by the other.
-
-    Built on the meta device, then given ``model``'s parameter tensors (``load_state_dict(assign=True)``),
-    so it takes no time or memory of its own; same device, dtype and train/eval mode as ``model``.
-    """
-    with torch.device("meta"):
-        twin = UNet(model.config, torch_layers=True)
-    twin.load_state_dict(model.state_dict(keep_vars=True), strict=True, assign=True)
-    return twin.train(model.training)
