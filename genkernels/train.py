@@ -156,6 +156,13 @@ def training_pair(
     return x_t, t, a * noise - s * x0
 
 
+def levels_that_fit(size: int, levels: int) -> int:
+    """The most resolution levels, at most ``levels``, whose halvings of ``size`` stay whole and >= 2 pixels."""
+    while levels > 1 and (size % 2 ** (levels - 1) or size // 2 ** (levels - 1) < 2):
+        levels -= 1
+    return levels
+
+
 def model_config_for(data: ImageDataset, preset: str = "small") -> UNetConfig:
     """A UNet config for ``data``: the preset's sizes with the data's channels, size and classes.
 
@@ -169,9 +176,7 @@ def model_config_for(data: ImageDataset, preset: str = "small") -> UNetConfig:
     c, h, w = data.image_shape
     if h != w:
         raise ValueError(f"images must be square, got {h}x{w}")
-    levels = len(base.block_out_channels)
-    while levels > 1 and (h % 2 ** (levels - 1) or h // 2 ** (levels - 1) < 2):
-        levels -= 1
+    levels = levels_that_fit(h, len(base.block_out_channels))
     return presets[preset](
         sample_size=h,
         in_channels=c,
@@ -280,8 +285,12 @@ def train_diffusion(
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: str | Path, model: UNet, ema: UNet | None, metadata: dict) -> None:
-    """Write ``model.*`` (and ``ema.*``) weights and the JSON metadata as one safetensors file."""
+def save_checkpoint(path: str | Path, model: torch.nn.Module, ema: torch.nn.Module | None, metadata: dict) -> None:
+    """Write ``model.*`` (and ``ema.*``) weights and the JSON metadata as one safetensors file.
+
+    Shared by every family (genkernels.train_vae too): the metadata's ``model`` key names what the
+    weights are, and :func:`read_metadata` checks it.
+    """
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -290,8 +299,13 @@ def save_checkpoint(path: str | Path, model: UNet, ema: UNet | None, metadata: d
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
 
 
-def read_metadata(path: str | Path) -> dict:
-    """The JSON metadata of a checkpoint written by :func:`save_checkpoint` (ValueError if it has none)."""
+def read_metadata(path: str | Path, model: str = "diffusion-unet", family: str = "diffusion") -> dict:
+    """The JSON metadata of a checkpoint written by :func:`save_checkpoint` whose ``model`` is ``model``.
+
+    Raises FileNotFoundError for a missing file, ValueError for a file that is not a safetensors file,
+    has no genkernels metadata, or holds another model. ``family`` is the name the errors use
+    ("diffusion", "vae").
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -303,10 +317,12 @@ def read_metadata(path: str | Path) -> dict:
     except Exception as e:  # safetensors raises its own error types for a file that is not one of its own
         raise ValueError(f"{str(path)!r} is not a safetensors checkpoint: {e}") from e
     if METADATA_KEY not in meta:
-        raise ValueError(f"{str(path)!r} has no {METADATA_KEY!r} metadata: not a genkernels diffusion checkpoint")
+        raise ValueError(f"{str(path)!r} has no {METADATA_KEY!r} metadata: not a genkernels {family} checkpoint")
     data = json.loads(meta[METADATA_KEY])
-    if data.get("model") != "diffusion-unet":
-        raise ValueError(f"{str(path)!r} holds a {data.get('model')!r} model, not a diffusion UNet")
+    if data.get("model") != model:
+        raise ValueError(
+            f"{str(path)!r} holds a {data.get('model')!r} model, not a {family} checkpoint (model {model!r})"
+        )
     return data
 
 

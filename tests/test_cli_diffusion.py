@@ -6,20 +6,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 from genkernels import train
 from genkernels.cli import main
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny shapes, and a busy machine's spinning OpenMP threads cost more than they gain."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
