@@ -9,6 +9,9 @@ every test is collected and skipped.
 
 ``genkernels bench`` runs the same cases with speedups, goals and the markdown / JSON / PNG
 reports; this harness is for pytest-benchmark's own tooling (--benchmark-json, compare, ...).
+
+A test module may name its op's bench module as ``BENCH``: its tests that take ``case`` and ``variant``
+then run every case x variant (:func:`pytest_generate_tests`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,21 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
         if asked == HERE or HERE in asked.parents:
             return None
     return True
+
+
+def _id(text: str) -> str:
+    return text.replace("/", "-").replace(" + ", "_").replace(",", "").replace(" ", "-")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``case`` x ``variant`` from the test module's ``BENCH`` (ids: the label, then the variant)."""
+    bench = getattr(metafunc.module, "BENCH", None)
+    if bench is None or not {"case", "variant"} <= set(metafunc.fixturenames):
+        return
+    cases = bench.cases()
+    variants = cases[0].variant_names()
+    metafunc.parametrize("case", cases, ids=[_id(c.label) for c in cases])
+    metafunc.parametrize("variant", variants, ids=[_id(v) for v in variants])
 
 
 @pytest.fixture(scope="session", autouse=True)

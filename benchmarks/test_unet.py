@@ -8,19 +8,10 @@ the test), genkernels (genkernels layers, auto backend), genkernels_CUDA-graph (
 
 from __future__ import annotations
 
-import pytest
-
 from genkernels.bench import unet
 
-CASES = unet.cases()
-VARIANTS = CASES[0].variant_names()
+BENCH = unet  # conftest.py parametrizes case x variant from it
 
 
-def _id(text: str) -> str:
-    return text.replace("/", "-").replace(" + ", "_").replace(",", "").replace(" ", "-")
-
-
-@pytest.mark.parametrize("variant", VARIANTS, ids=[_id(v) for v in VARIANTS])
-@pytest.mark.parametrize("case", CASES, ids=[_id(c.label) for c in CASES])
 def test_unet(run_benchmark, case, variant: str) -> None:
     run_benchmark(case, variant)

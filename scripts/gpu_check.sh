@@ -7,18 +7,24 @@
 #
 # Needs nothing from the network: the build uses the installed setuptools/cmake/ninja/pybind11
 # (pip --no-index --no-build-isolation --no-deps). Must finish in under 8 minutes on one H100 or
-# H200: each step has a time limit and the benchmarks get what is left. `genkernels bench` splits
-# that budget between the ops (group_norm 1 part, attention 2: its cases are heavier and
-# FlexAttention compiles per case; time one op leaves unused goes to the next); each op runs its
-# cases most important first (bf16 before fp16; attention: DiT/FLUX forward, its forward +
-# backward, then SDXL ...) and reports those not started in time as "not run". Without a GPU (a
-# dry run) it skips the build and the GPU steps, and runs the CPU self-check of every backend.
+# H200: each step has a time limit and the benchmarks get what is left. `genkernels bench` runs
+# the ops in this order and splits that budget between them: group_norm 1 part, attention 2 (its
+# cases are heavier and FlexAttention compiles per case), then schedule_step (sampler steps),
+# reparam (reparameterize + KL of a VAE posterior), vae (SD VAE decode, with peak memory) and unet
+# (an SD-like UNet step), half a part each; time one op leaves unused goes to the next. The two
+# whole-model ops come last, the UNet last of all: their torch.compile is the longest (VAE decode
+# about 16 s, the UNet about 50 s), so a short budget drops them first, and the UNet before the
+# VAE. Each op runs its cases most important first (bf16 before fp16; attention: DiT/FLUX forward,
+# its forward + backward, then SDXL ...; reparam: fp32 and bf16 forwards, then forward + backward)
+# and reports those not started in time as "not run". Without a GPU (a dry run) it skips the build
+# and the GPU steps, and runs the CPU self-check of every backend.
 #
 # Files written (few on purpose: a GPU machine hands back at most 8 files from $OUT):
 #   gpu_check.log         everything printed, every step
 #   bench.md, bench.json  the benchmark tables, summary and goals; one JSON record per case
 #   bench.png             speedups vs eager (attention: vs SDPA flash)
-#   pytest_benchmark.json the pytest-benchmark harness on a GroupNorm and an attention case (a check that it runs)
+#   pytest_benchmark.json the pytest-benchmark harness on a GroupNorm, an attention and a reparameterize
+#                         case (a check that it runs)
 #   selfcheck.md, .json   without a GPU: the CPU self-check of each backend
 #
 # Exit status: 0 when every step passed, 1 otherwise; a failing step does not stop the later ones.
@@ -126,7 +132,8 @@ main() {
 
     if [ "$has_gpu" = 1 ]; then
         # What is left, less the allowance for the case in flight when the budget ends and the
-        # reports (60 s: an attention case with FlexAttention's forward + backward compile) and for
+        # reports (60 s: an attention case with FlexAttention's forward + backward compile, or the
+        # VAE decode case, whose torch.compile alone takes about 16 s on an H200) and for
         # the pytest-benchmark check after it (45 s). Short of time: bf16 cases only, and at least
         # the first few of them (worst case, every earlier step at its limit, builds 200 s: 410 s).
         # Reports are rewritten after every case, so even a step stopped by its limit leaves them.
@@ -147,9 +154,10 @@ main() {
             [ "$limit" -gt 60 ] && limit=60
             local pick="(1x128x512x512 and NCHW and bf16 and not fwd_bwd)"
             pick+=" or (SDXL and bf16 and not fwd_bwd and (SDPA-flash or triton))"
-            step "pytest-benchmark harness (two cases)" "$limit" "$PY" -m pytest \
-                benchmarks/test_group_norm.py benchmarks/test_attention.py -q -p no:cacheprovider -k "$pick" \
-                --benchmark-json="$OUT_DIR/pytest_benchmark.json"
+            pick+=" or (test_reparam and fp32 and not fwd_bwd and triton)"
+            step "pytest-benchmark harness (three cases)" "$limit" "$PY" -m pytest \
+                benchmarks/test_group_norm.py benchmarks/test_attention.py benchmarks/test_reparam.py \
+                -q -p no:cacheprovider -k "$pick" --benchmark-json="$OUT_DIR/pytest_benchmark.json"
         else
             skip "pytest-benchmark harness" "out of time"
         fi

@@ -20,6 +20,18 @@ An op's module (``genkernels/bench/<op>.py``, listed in ``runner.OPS``) defines:
 
 A case may name a ``peer`` baseline (attention: SDPA's flash backend) that its goals are stated
 against; every variant then gets a speedup vs the peer as well as vs eager.
+
+The ops (``runner.OPS``, in run order): ``group_norm`` (GroupNorm + SiLU), ``attention``,
+``schedule_step`` (fused sampler steps), ``reparam`` (a VAE posterior's reparameterized sample and
+its KL), and two whole models, ``vae`` (Stable Diffusion VAE decode, with peak memory) and ``unet``
+(one SD-like UNet step), which share ``_model`` (eager PyTorch layers, torch.compile, genkernels
+layers eager and in a CUDA graph, on the same weights).
+
+Each variant is checked right after it is built (``core.run_variant``, and the pytest harness
+likewise), so a case may answer ``expected()`` for the variant built last: ``reparam``'s baselines
+draw noise that cannot be reproduced and are checked on the outputs that do not depend on it.
+Measurements other than time are taken while building a variant and kept in the case's params,
+which its record shares (``vae``: ``params["peak_memory_gib"]``).
 """
 
 from .runner import OPS, main, run

@@ -444,7 +444,7 @@ def genkernels_backends() -> list[str]:
 
 @dataclass(frozen=True)
 class Goal:
-    """A target of the op's issue, with the measured value (as shown) and whether it was met.
+    """A performance target of the op, with the measured value (as shown) and whether it was met.
 
     ``passed``: True (met), False (missed) or None (unmeasured: what it needs did not run).
     """

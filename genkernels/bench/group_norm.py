@@ -256,7 +256,7 @@ def _complete_geomean(records: Sequence[CaseRecord], variant: str, attr: str) ->
 
 def summarize(records: Sequence[CaseRecord]) -> OpSummary:
     """Per backend: bf16 forward geomean speedups vs eager and torch.compile, % of copy bandwidth on
-    (1, 128, 512, 512), bf16 forward + backward geomean vs eager; and the issue's goals, measured on
+    (1, 128, 512, 512), bf16 forward + backward geomean vs eager; and the goals, measured on
     the fastest genkernels backend (highest bf16 forward geomean vs eager)."""
     fwd = _select(records, "bf16", "fwd")
     fwdbwd = _select(records, "bf16", "fwd+bwd")

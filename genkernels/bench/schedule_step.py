@@ -336,7 +336,7 @@ def _result(records: Sequence[CaseRecord], step: str, shape: tuple[int, ...], va
 
 def summarize(records: Sequence[CaseRecord]) -> OpSummary:
     """Per step and variant, on the float32 cases: speedups vs eager and torch.compile, % of copy
-    bandwidth; and the issue's goals, the worst step of the best genkernels backend."""
+    bandwidth; and the goals, the worst step of the best genkernels backend."""
     headers = ["step", "variant"]
     for workload, _ in SHAPES:
         headers += [f"{workload} vs eager", f"{workload} vs torch.compile", f"{workload} % copy BW"]
