@@ -15,7 +15,9 @@
 #endif
 
 namespace py = pybind11;
+using genkernels::ActNormProblem;
 using genkernels::AttentionProblem;
+using genkernels::CouplingProblem;
 using genkernels::GroupNormProblem;
 using genkernels::ReparamProblem;
 using genkernels::StepProblem;
@@ -198,4 +200,72 @@ PYBIND11_MODULE(_C, m) {
       "0.5 * dkl[b] * (exp(lv) - 1) inside the clamp's range, else 0 (deterministic: no eps term). dz and dkl "
       "may be 0 (zero), dmean and dlogvar 0 (not written). eps as in the forward, re-drawn in the kernel. "
       "Launches on `stream`, never synchronizes.");
+  m.def(
+      "coupling_forward_workspace",
+      [](int64_t n, int64_t c, int64_t s, int64_t h_channels, bool channels_last, int dtype, int device, int scale,
+         float clamp) {
+        return genkernels::coupling_forward_workspace(CouplingProblem{n, c, s, h_channels, channels_last, dtype, device},
+                                                      scale, clamp);
+      },
+      py::arg("n"), py::arg("c"), py::arg("s"), py::arg("h_channels"), py::arg("channels_last"), py::arg("dtype"),
+      py::arg("device"), py::arg("scale"), py::arg("clamp"),
+      "Scratch bytes coupling_forward needs for the log-det partials (0: none).");
+  m.def(
+      "coupling_forward",
+      [](uintptr_t x, uintptr_t h, uintptr_t y, uintptr_t logdet, int64_t n, int64_t c, int64_t s, int64_t h_channels,
+         bool channels_last, int dtype, int device, int scale, float clamp, bool reverse, uintptr_t workspace,
+         size_t workspace_bytes, uintptr_t stream) {
+        genkernels::coupling_forward(CouplingProblem{n, c, s, h_channels, channels_last, dtype, device}, x, h, y, logdet,
+                                     scale, clamp, reverse, workspace, workspace_bytes, stream);
+      },
+      py::arg("x"), py::arg("h"), py::arg("y"), py::arg("logdet"), py::arg("n"), py::arg("c"), py::arg("s"),
+      py::arg("h_channels"), py::arg("channels_last"), py::arg("dtype"), py::arg("device"), py::arg("scale"),
+      py::arg("clamp"), py::arg("reverse"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+      "Affine coupling on dense (N, C, S) x and (N, Ch, S) h in one layout: y_a = x_a, y_b = x_b * s + t "
+      "(reverse: (x_b - t) / s) and, when logdet is non-zero, the float32 (N,) sum of log s (reverse: negated). "
+      "scale: exp 0, sigmoid 1, softclamp_tanh 2, softclamp_atan 3, additive 4. Launches on `stream`, never "
+      "synchronizes.");
+  m.def(
+      "coupling_backward",
+      [](uintptr_t dy, uintptr_t dlogdet, uintptr_t x, uintptr_t h, uintptr_t dx, uintptr_t dh, int64_t n, int64_t c,
+         int64_t s, int64_t h_channels, bool channels_last, int dtype, int device, int scale, float clamp,
+         uintptr_t stream) {
+        genkernels::coupling_backward(CouplingProblem{n, c, s, h_channels, channels_last, dtype, device}, dy, dlogdet, x,
+                                      h, dx, dh, scale, clamp, stream);
+      },
+      py::arg("dy"), py::arg("dlogdet"), py::arg("x"), py::arg("h"), py::arg("dx"), py::arg("dh"), py::arg("n"),
+      py::arg("c"), py::arg("s"), py::arg("h_channels"), py::arg("channels_last"), py::arg("dtype"),
+      py::arg("device"), py::arg("scale"), py::arg("clamp"), py::arg("stream"),
+      "Affine coupling backward (forward direction): dx_a = dy_a, dx_b = dy_b * s, dt = dy_b, dh_s = (dy_b * x_b * "
+      "s + dlogdet[n]) * g. dy and dlogdet may be 0 (zero), dx and dh 0 (not written). Never synchronizes.");
+  m.def(
+      "actnorm_forward",
+      [](uintptr_t x, uintptr_t log_scale, uintptr_t bias, uintptr_t y, int64_t n, int64_t c, int64_t s,
+         bool channels_last, int dtype, int device, bool reverse, uintptr_t stream) {
+        genkernels::actnorm_forward(ActNormProblem{n, c, s, channels_last, dtype, device}, x, log_scale, bias, y,
+                                    reverse, stream);
+      },
+      py::arg("x"), py::arg("log_scale"), py::arg("bias"), py::arg("y"), py::arg("n"), py::arg("c"), py::arg("s"),
+      py::arg("channels_last"), py::arg("dtype"), py::arg("device"), py::arg("reverse"), py::arg("stream"),
+      "ActNorm: y = (x + bias[c]) * exp(log_scale[c]) (reverse: x * exp(-log_scale[c]) - bias[c]) on dense "
+      "(N, C, S) x; log_scale and bias float32 (C,). Launches on `stream`, never synchronizes.");
+  m.def(
+      "actnorm_backward_workspace",
+      [](int64_t n, int64_t c, int64_t s, bool channels_last, int dtype, int device) {
+        return genkernels::actnorm_backward_workspace(ActNormProblem{n, c, s, channels_last, dtype, device});
+      },
+      py::arg("n"), py::arg("c"), py::arg("s"), py::arg("channels_last"), py::arg("dtype"), py::arg("device"),
+      "Scratch bytes actnorm_backward needs for the per-channel partials (0: none).");
+  m.def(
+      "actnorm_backward",
+      [](uintptr_t dy, uintptr_t x, uintptr_t log_scale, uintptr_t dx, uintptr_t sums, int64_t n, int64_t c, int64_t s,
+         bool channels_last, int dtype, int device, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+        genkernels::actnorm_backward(ActNormProblem{n, c, s, channels_last, dtype, device}, dy, x, log_scale, dx, sums,
+                                     workspace, workspace_bytes, stream);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("log_scale"), py::arg("dx"), py::arg("sums"), py::arg("n"), py::arg("c"),
+      py::arg("s"), py::arg("channels_last"), py::arg("dtype"), py::arg("device"), py::arg("workspace"),
+      py::arg("workspace_bytes"), py::arg("stream"),
+      "ActNorm backward: dx = dy * exp(log_scale[c]) (dx may be 0: not written) and the float32 (2, C) sums over "
+      "(n, s) of dy and dy * x per channel, deterministic. Never synchronizes.");
 }

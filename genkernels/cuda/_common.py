@@ -108,6 +108,33 @@ def cuda_unavailable(x: torch.Tensor) -> str | None:
     return _device_reason(_device_index(x.device))
 
 
+def kernels_unavailable(x: torch.Tensor, name: str, family: str, symbols: tuple[str, ...]) -> str | None:
+    """A one-line reason why ``_C`` cannot run the ``family`` kernels (its functions ``symbols``) on
+    ``x``, the input named ``name`` in the reason; None when it can."""
+    if x.device.type != "cuda":
+        return f"{name} is on {x.device.type}: the cuda backend needs CUDA tensors"
+    reason = cuda_unavailable(x)
+    if reason is not None:
+        return reason
+    missing = [symbol for symbol in symbols if not hasattr(_C, symbol)]
+    if missing:
+        return f"genkernels._C was built without the {family} kernels ({', '.join(missing)}): rebuild the extension"
+    return None
+
+
+# The chunked elementwise kernels launch one block per (sample, chunk of at least this many
+# elements) in a 1-D grid of at most 2^31 - 1 blocks (csrc/reparam.cu, csrc/coupling.cu).
+MIN_CHUNK = 2048
+MAX_BLOCKS = 2**31 - 1
+
+
+def grid_unavailable(samples: int, per_sample: int) -> str | None:
+    """Why a chunked kernel's 1-D grid cannot hold ``samples`` samples of ``per_sample`` elements, or None."""
+    if samples * -(-per_sample // MIN_CHUNK) > MAX_BLOCKS:
+        return f"{samples} samples of {per_sample} elements need more than 2^31 - 1 blocks"
+    return None
+
+
 def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 

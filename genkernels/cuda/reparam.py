@@ -22,10 +22,10 @@ from torch import Tensor
 
 from ._common import (
     address,
-    cuda_unavailable,
     device_guard,
     dtype_code,
-    extension,
+    grid_unavailable,
+    kernels_unavailable,
     require_extension,
     seed_args,
     stream_handle,
@@ -34,9 +34,6 @@ from ._common import (
 )
 
 _SYMBOLS = ("reparam_forward_workspace", "reparam_forward", "reparam_backward")
-# csrc/reparam.cu launches one block per (sample, chunk of at least this many elements) in a 1-D grid.
-_MIN_CHUNK = 2048
-_MAX_BLOCKS = 2**31 - 1
 
 
 def not_supported(mean: Tensor, logvar: Tensor, noise: Tensor | None) -> str | None:
@@ -45,19 +42,11 @@ def not_supported(mean: Tensor, logvar: Tensor, noise: Tensor | None) -> str | N
     The op has validated shapes, dtypes and devices and canonicalized to (B, R, K) views; what
     remains is the device, the extension, and the grid size of csrc/reparam.cu.
     """
-    if mean.device.type != "cuda":
-        return f"mean is on {mean.device.type}: the cuda backend needs CUDA tensors"
-    reason = cuda_unavailable(mean)
-    if reason is not None:
-        return reason
-    missing = [name for name in _SYMBOLS if not hasattr(extension(), name)]
-    if missing:
-        names = ", ".join(missing)
-        return f"genkernels._C was built without the reparameterize kernels ({names}): rebuild the extension"
-    batch, rows, cols = mean.shape
-    if batch * -(-(rows * cols) // _MIN_CHUNK) > _MAX_BLOCKS:
-        return f"{batch} samples of {rows * cols} elements need more than 2^31 - 1 blocks"
-    return None
+    reason = kernels_unavailable(mean, "mean", "reparameterize", _SYMBOLS)
+    if reason is None:
+        batch, rows, cols = mean.shape
+        reason = grid_unavailable(batch, rows * cols)
+    return reason
 
 
 def _strides(t: Tensor | None) -> tuple[int, int]:

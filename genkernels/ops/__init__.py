@@ -1,6 +1,7 @@
 """The fused ops. Each takes ``backend=`` ("auto", "reference", "triton", "cuda"); see genkernels.backend."""
 
 from .attention import attention, attention_reference
+from .coupling import actnorm, affine_coupling
 from .group_norm import group_norm, group_norm_reference
 from .reparam import reparameterize, reparameterize_reference
 from .sampler_steps import (
@@ -15,6 +16,8 @@ from .schedule import StepCoeffs, add_noise, schedule_step, schedule_step_refere
 
 __all__ = [
     "StepCoeffs",
+    "actnorm",
+    "affine_coupling",
     "add_noise",
     "attention",
     "attention_reference",

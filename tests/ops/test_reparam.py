@@ -17,6 +17,7 @@ from genkernels.ops import reparam as R
 from genkernels.ops import reparameterize
 from genkernels.ops.schedule import philox_normal
 from tests.criterion import assert_criterion
+from tests.op_inputs import skip_unsupported, to_layout
 
 FAST = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 BACKENDS = ["reference", *FAST]
@@ -27,19 +28,7 @@ DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytes
 def _skip_unsupported(backend: str, first, logvar=None, noise=None) -> None:
     """Skip when ``backend`` cannot run on (mean, logvar), or on moments when logvar is None."""
     args = {"moments": first} if logvar is None else {"mean": first, "logvar": logvar}
-    reason = genkernels.explain(R.OP, noise=noise, **args)[backend]
-    if reason is not None:
-        pytest.skip(f"{backend}: {reason}")
-
-
-def _to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "channels_last" and x.dim() >= 3:
-        perm = (0, *range(2, x.dim()), 1)
-        inv = (0, x.dim() - 1, *range(1, x.dim() - 1))
-        return x.permute(perm).contiguous().permute(inv)
-    if layout == "strided":  # fits neither canonical order: copied once
-        return torch.cat([x, torch.zeros_like(x)], dim=-1)[..., : x.shape[-1]]
-    return x
+    skip_unsupported(backend, R.OP, noise=noise, **args)
 
 
 def _inputs(shape, dtype, device, layout="contiguous", scale=1.0, logvar_scale=2.0):
@@ -49,10 +38,10 @@ def _inputs(shape, dtype, device, layout="contiguous", scale=1.0, logvar_scale=2
         moments = torch.randn(mshape, device=device)
         moments[:, : shape[1]] *= scale
         moments[:, shape[1] :] *= logvar_scale
-        moments = _to_layout(moments.to(dtype), "channels_last" if layout == "moments_cl" else "contiguous")
+        moments = to_layout(moments.to(dtype), "channels_last" if layout == "moments_cl" else "contiguous")
         return moments, None, torch.randn(shape, device=device).to(dtype)
-    mean = _to_layout((torch.randn(shape, device=device) * scale).to(dtype), layout)
-    logvar = _to_layout((torch.randn(shape, device=device) * logvar_scale).to(dtype), layout)
+    mean = to_layout((torch.randn(shape, device=device) * scale).to(dtype), layout)
+    logvar = to_layout((torch.randn(shape, device=device) * logvar_scale).to(dtype), layout)
     return mean, logvar, torch.randn(shape, device=device).to(dtype)
 
 

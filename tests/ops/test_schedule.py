@@ -15,6 +15,7 @@ from genkernels._layout import is_channels_last
 from genkernels.ops import schedule as S
 from genkernels.ops.schedule import StepCoeffs, add_noise, philox_normal, schedule_step
 from tests.criterion import assert_criterion
+from tests.op_inputs import skip_unsupported, to_layout
 
 FAST = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 BACKENDS = ["reference", *FAST]
@@ -45,23 +46,13 @@ COEFFS = {
 GUIDANCE = {"unguided": (None, 0.0), "guided": (4.5, 0.0), "rescaled": (7.5, 0.7)}
 
 
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "channels_last" and x.dim() >= 3:
-        perm = (0, *range(2, x.dim()), 1)
-        inv = (0, x.dim() - 1, *range(1, x.dim() - 1))
-        return x.permute(perm).contiguous().permute(inv)
-    if layout == "strided":  # neither layout: copied once
-        return torch.cat([x, torch.zeros_like(x)], dim=-1)[..., : x.shape[-1]]
-    return x
-
-
 def _inputs(shape, dtype, device, guided, layout="contiguous", scale=1.0):
     """sample, model_output ((2B, *) when guided), noise and x0_prev, fresh random values."""
     b = shape[0]
     mo_shape = (2 * b,) + tuple(shape[1:]) if guided else shape
 
     def make(s):
-        return _layout((torch.randn(s, device=device) * scale).to(dtype), layout)
+        return to_layout((torch.randn(s, device=device) * scale).to(dtype), layout)
 
     return make(shape), make(mo_shape), make(shape), make(shape)
 
@@ -86,7 +77,8 @@ def _upcast(coeffs: StepCoeffs) -> StepCoeffs:
 def _skip_unsupported(backend, sample, model_output, noise, x0_prev, coeffs, guidance_scale, rescale, clip):
     if backend == "reference":
         return
-    reason = genkernels.explain(
+    skip_unsupported(
+        backend,
         "schedule_step",
         sample,
         model_output,
@@ -96,9 +88,7 @@ def _skip_unsupported(backend, sample, model_output, noise, x0_prev, coeffs, gui
         clip_sample=clip,
         noise=noise,
         x0_prev=x0_prev,
-    )[backend]
-    if reason is not None:
-        pytest.skip(f"{backend}: {reason}")
+    )
 
 
 def _compare(backend, sample, model_output, coeffs, **kwargs):
@@ -175,8 +165,8 @@ def test_shapes_and_layouts(backend, shape, layout, device):
 def test_mixed_layouts(backend, device):
     """Inputs in other layouts than sample's are copied into sample's; prev keeps sample's layout."""
     sample, mo, noise, x0_prev = _inputs((2, 6, 3, 5), torch.float32, device, True)
-    sample = _layout(sample, "channels_last")
-    noise = _layout(noise, "strided")
+    sample = to_layout(sample, "channels_last")
+    noise = to_layout(noise, "strided")
     coeffs = COEFFS["dpmpp_2m"]
     _compare(backend, sample, mo, coeffs, guidance_scale=2.0, noise=noise, x0_prev=x0_prev)
 
@@ -320,7 +310,7 @@ def _check_stream(backend, sample, seed, offset):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_philox_stream(backend, seed, offset, shape, layout, device):
     """The in-op noise is the documented stream (philox_normal) in memory order, on every backend."""
-    _check_stream(backend, _layout(torch.randn(shape, device=device), layout), seed, offset)
+    _check_stream(backend, to_layout(torch.randn(shape, device=device), layout), seed, offset)
 
 
 @pytest.mark.parametrize("backend", FAST)

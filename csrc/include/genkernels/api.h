@@ -132,4 +132,58 @@ void reparam_backward(const ReparamProblem& p, uintptr_t dz, uintptr_t dkl, uint
                       uintptr_t dmean, const std::array<int64_t, 2>& dmean_strides, uintptr_t dlogvar,
                       const std::array<int64_t, 2>& dlogvar_strides, uintptr_t stream);
 
+// An affine coupling problem: x (and y, dy, dx) dense (N, C, S), h (and dh) dense (N, Ch, S) in the
+// same layout: channels first (element (n, c, s) at (n*C + c)*S + s) or channels last (at
+// (n*S + s)*C + c). One dtype for all of them. Ch = 2 * (C - C / 2), or C - C / 2 when additive.
+struct CouplingProblem {
+  int64_t n, c, s;     // N, C (>= 2), S (all > 0)
+  int64_t h_channels;  // Ch
+  bool channels_last;
+  int dtype;   // DtypeCode
+  int device;  // CUDA device ordinal that holds the tensors
+};
+
+// Scale modes (log s as a function of h_s): exp 0 (h_s), sigmoid 1 (logsigmoid(h_s + 2)),
+// softclamp_tanh 2 (clamp * tanh(h_s / clamp)), softclamp_atan 3 (0.636 * clamp * atan(h_s / clamp)),
+// additive 4 (0; h is the shift alone).
+
+// Scratch bytes coupling_forward needs for the log-det partials (0 when a sample is a single chunk).
+size_t coupling_forward_workspace(const CouplingProblem& p, int scale, float clamp);
+
+// Per element, in float32, with Ca = C / 2, Cb = C - Ca, h_s = h[:, :Cb], t = h[:, Cb:] (additive:
+// t = h): y_a = x_a, y_b = x_b * s + t (reverse: (x_b - t) * exp(-log s)). Writes y, and when logdet
+// is non-zero the float32 (N,) logdet[n] = sum of log s over the sample's b-elements (reverse: its
+// negation), deterministic (fixed chunks merged in a fixed order). Launches on `stream`, never
+// synchronizes.
+void coupling_forward(const CouplingProblem& p, uintptr_t x, uintptr_t h, uintptr_t y, uintptr_t logdet, int scale,
+                      float clamp, bool reverse, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream);
+
+// Gradients of the forward direction, in float32: dx_a = dy_a, dx_b = dy_b * s, dt = dy_b,
+// dh_s = (dy_b * x_b * s + dlogdet[n]) * d log s / d h_s. dy (x's layout) and dlogdet (float32 (N,))
+// may be 0 (zero); dx (x's layout) and dh (h's) may be 0 (not written). Never synchronizes.
+void coupling_backward(const CouplingProblem& p, uintptr_t dy, uintptr_t dlogdet, uintptr_t x, uintptr_t h,
+                       uintptr_t dx, uintptr_t dh, int scale, float clamp, uintptr_t stream);
+
+// An ActNorm problem: x (and y, dy, dx) dense (N, C, S), channels first or channels last; one dtype.
+struct ActNormProblem {
+  int64_t n, c, s;  // all > 0
+  bool channels_last;
+  int dtype;   // DtypeCode
+  int device;  // CUDA device ordinal that holds the tensors
+};
+
+// y = (x + bias[c]) * exp(log_scale[c]) (reverse: y = x * exp(-log_scale[c]) - bias[c]); log_scale
+// and bias float32 (C,). Launches on `stream`, never synchronizes.
+void actnorm_forward(const ActNormProblem& p, uintptr_t x, uintptr_t log_scale, uintptr_t bias, uintptr_t y,
+                     bool reverse, uintptr_t stream);
+
+// Scratch bytes actnorm_backward needs for the per-channel partials (0: none).
+size_t actnorm_backward_workspace(const ActNormProblem& p);
+
+// dx = dy * exp(log_scale[c]) (when dx is non-zero) and, into the float32 (2, C) `sums`, sum over
+// (n, s) of dy and of dy * x per channel, deterministic (fixed partials merged in a fixed order).
+// Launches on `stream`, never synchronizes.
+void actnorm_backward(const ActNormProblem& p, uintptr_t dy, uintptr_t x, uintptr_t log_scale, uintptr_t dx,
+                      uintptr_t sums, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream);
+
 }  // namespace genkernels

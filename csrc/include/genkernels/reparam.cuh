@@ -33,8 +33,8 @@
 // float per block; the backward reads dz, mean, logvar (and noise) once and writes dmean and dlogvar
 // once, each load skipped when no output needs it.
 //
-// This header is the device code alone. It includes the genkernels headers it is built on (vec.cuh,
-// philox.cuh, welford.cuh) and expects its includer to provide the CUDA built-ins it uses
+// This header is the device code alone. It includes the genkernels headers it is built on (chunk_walk.cuh,
+// philox.cuh) and expects its includer to provide the CUDA built-ins it uses
 // (threadIdx, blockIdx, __syncthreads, __shfl_xor_sync, __ldg, __ldcs, __stcs, expf, expm1f, min,
 // and those of the headers it includes). csrc/reparam.cu compiles it with nvcc; tests/cuda/emulator
 // runs the same source on the CPU. Everything here sits in an unnamed namespace, as the kernels are
@@ -43,9 +43,8 @@
 
 #include <cstdint>
 
+#include "genkernels/chunk_walk.cuh"
 #include "genkernels/philox.cuh"
-#include "genkernels/vec.cuh"
-#include "genkernels/welford.cuh"
 
 namespace genkernels {
 namespace {
@@ -89,61 +88,15 @@ struct ReparamBackwardArgs {
   View<void*> dmean, dlogvar;  // data nullptr: not wanted
 };
 
-// Quotient and remainder of j by k for non-negative operands; 32-bit division when both fit, as
-// they almost always do (64-bit division is a long software sequence on the GPU).
-__device__ __forceinline__ void divmod(int64_t j, int64_t k, int64_t& q, int64_t& r) {
-  if (((static_cast<uint64_t>(j) | static_cast<uint64_t>(k)) >> 32) == 0) {
-    const uint32_t q32 = static_cast<uint32_t>(j) / static_cast<uint32_t>(k);
-    q = q32;
-    r = j - static_cast<int64_t>(q32) * k;
-  } else {
-    q = j / k;
-    r = j - q * k;
-  }
-}
-
-// Walks one thread's vectors through its block's chunk: flat index j within the sample and its
-// (row, column), advanced by kReparamThreads * VEC elements a step without dividing again.
+// One thread's vectors through its block's chunk of a sample: q the row, r the column.
 template <int VEC>
-struct Cursor {
-  int64_t j, end, r, k, dr, dk, cols;
-
-  __device__ __forceinline__ Cursor(const ReparamShape& s, int64_t chunk_index) : cols(s.cols) {
-    j = chunk_index * s.chunk + static_cast<int64_t>(threadIdx.x) * VEC;
-    end = min(s.n, (chunk_index + 1) * s.chunk);
-    r = k = dr = dk = 0;
-    if (j < end) {
-      divmod(j, cols, r, k);
-      divmod(static_cast<int64_t>(kReparamThreads) * VEC, cols, dr, dk);
-    }
-  }
-  __device__ __forceinline__ bool valid() const { return j < end; }
-  __device__ __forceinline__ void next() {
-    j += static_cast<int64_t>(kReparamThreads) * VEC;
-    r += dr;
-    k += dk;
-    if (k >= cols) {
-      k -= cols;
-      ++r;
-    }
-  }
-};
-
-template <class D, int VEC>
-__device__ __forceinline__ void load_at(const void* base, int64_t elem, float (&v)[VEC]) {
-  decode<D, VEC>(load_raw<D, VEC, Cache::kStream>(base, elem), v);
-}
-
-template <class D, int VEC>
-__device__ __forceinline__ void store_at(void* base, int64_t elem, const float (&v)[VEC]) {
-  store_raw<D, VEC, Cache::kStream>(base, elem, encode<D, VEC>(v));
-}
+using ReparamWalk = VecWalk<kReparamThreads, VEC>;
 
 // eps of elements e .. e + VEC - 1 (e = b*n + j): the noise tensor or the Philox stream.
 template <class D, int VEC>
 __device__ __forceinline__ void load_eps(const ReparamShape& s, uint64_t seed, int64_t e, float (&eps)[VEC]) {
   if (s.noise != nullptr) {
-    load_at<D, VEC>(s.noise, e, eps);
+    load_stream<D, VEC>(s.noise, e, eps);
   } else {
     stream_normals<VEC>(seed, s.offset, e, eps);
   }
@@ -162,15 +115,15 @@ template <class D, int VEC>
 __global__ void __launch_bounds__(kReparamThreads) reparam_forward_kernel(const ReparamForwardArgs a) {
   __shared__ float scratch[32];
   int64_t b, chunk;
-  divmod(blockIdx.x, a.s.chunks, b, chunk);
+  split_index(blockIdx.x, a.s.chunks, b, chunk);
   const bool draw = a.s.noise != nullptr || a.s.philox;
   const uint64_t seed = a.s.philox ? stream_seed(a.s) : 0;
   const int64_t sample = b * a.s.n;
   float kl = 0.f;
-  for (Cursor<VEC> c(a.s, chunk); c.valid(); c.next()) {
+  for (ReparamWalk<VEC> c(chunk * a.s.chunk, min(a.s.n, (chunk + 1) * a.s.chunk), a.s.cols); c.valid(); c.next()) {
     float m[VEC], lv[VEC], z[VEC];
-    load_at<D, VEC>(a.mean.data, a.mean.at(b, c.r, c.k), m);
-    load_at<D, VEC>(a.logvar.data, a.logvar.at(b, c.r, c.k), lv);
+    load_stream<D, VEC>(a.mean.data, a.mean.at(b, c.q, c.r), m);
+    load_stream<D, VEC>(a.logvar.data, a.logvar.at(b, c.q, c.r), lv);
     if (draw) {
       float eps[VEC];
       load_eps<D, VEC>(a.s, seed, sample + c.j, eps);
@@ -180,7 +133,7 @@ __global__ void __launch_bounds__(kReparamThreads) reparam_forward_kernel(const 
 #pragma unroll
       for (int i = 0; i < VEC; ++i) z[i] = m[i];
     }
-    store_at<D, VEC>(a.z, sample + c.j, z);
+    store_stream<D, VEC>(a.z, sample + c.j, z);
     if (a.partials != nullptr) {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
@@ -190,8 +143,7 @@ __global__ void __launch_bounds__(kReparamThreads) reparam_forward_kernel(const 
     }
   }
   if (a.partials != nullptr) {  // uniform over the grid: every thread of the block takes part
-    const float sum = block_sum(kl, scratch);
-    if (threadIdx.x == 0) a.partials[blockIdx.x] = 0.5f * sum;
+    store_block_sum(kl, scratch, a.partials + blockIdx.x, 0.5f);
   }
 }
 
@@ -199,17 +151,13 @@ __global__ void __launch_bounds__(kReparamThreads) reparam_forward_kernel(const 
 // fixed butterfly over the warp. One warp per sample.
 __global__ void __launch_bounds__(32) kl_merge_kernel(const float* __restrict__ partials, float* __restrict__ kl,
                                                      int64_t chunks) {
-  const int64_t b = blockIdx.x;
-  float sum = 0.f;
-  for (int64_t c = threadIdx.x; c < chunks; c += 32) sum += partials[b * chunks + c];
-  sum = warp_sum(sum);
-  if (threadIdx.x == 0) kl[b] = sum;
+  row_sum<32>(partials, kl, chunks, nullptr);
 }
 
 template <class D, int VEC>
 __global__ void __launch_bounds__(kReparamThreads) reparam_backward_kernel(const ReparamBackwardArgs a) {
   int64_t b, chunk;
-  divmod(blockIdx.x, a.s.chunks, b, chunk);
+  split_index(blockIdx.x, a.s.chunks, b, chunk);
   const float dkl = a.dkl != nullptr ? __ldg(a.dkl + b) : 0.f;
   const bool want_dmean = a.dmean.data != nullptr, want_dlogvar = a.dlogvar.data != nullptr;
   // The eps term exists when dz does and the forward drew noise (not deterministic).
@@ -217,11 +165,11 @@ __global__ void __launch_bounds__(kReparamThreads) reparam_backward_kernel(const
   const bool read_mean = want_dmean && a.dkl != nullptr;
   const uint64_t seed = eps_term && a.s.philox ? stream_seed(a.s) : 0;
   const int64_t sample = b * a.s.n;
-  for (Cursor<VEC> c(a.s, chunk); c.valid(); c.next()) {
+  for (ReparamWalk<VEC> c(chunk * a.s.chunk, min(a.s.n, (chunk + 1) * a.s.chunk), a.s.cols); c.valid(); c.next()) {
     const int64_t e = sample + c.j;
     float dz[VEC];
     if (a.dz != nullptr) {
-      load_at<D, VEC>(a.dz, e, dz);
+      load_stream<D, VEC>(a.dz, e, dz);
     } else {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) dz[i] = 0.f;
@@ -230,18 +178,18 @@ __global__ void __launch_bounds__(kReparamThreads) reparam_backward_kernel(const
       float dm[VEC];
       if (read_mean) {
         float m[VEC];
-        load_at<D, VEC>(a.mean.data, a.mean.at(b, c.r, c.k), m);
+        load_stream<D, VEC>(a.mean.data, a.mean.at(b, c.q, c.r), m);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) dm[i] = dz[i] + dkl * m[i];
       } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) dm[i] = dz[i];
       }
-      store_at<D, VEC>(a.dmean.data, a.dmean.at(b, c.r, c.k), dm);
+      store_stream<D, VEC>(a.dmean.data, a.dmean.at(b, c.q, c.r), dm);
     }
     if (want_dlogvar) {
       float lv[VEC], eps[VEC], dlv[VEC];
-      load_at<D, VEC>(a.logvar.data, a.logvar.at(b, c.r, c.k), lv);
+      load_stream<D, VEC>(a.logvar.data, a.logvar.at(b, c.q, c.r), lv);
       if (eps_term) load_eps<D, VEC>(a.s, seed, e, eps);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
@@ -250,7 +198,7 @@ __global__ void __launch_bounds__(kReparamThreads) reparam_backward_kernel(const
         if (eps_term) g += 0.5f * dz[i] * eps[i] * expf(0.5f * l);
         dlv[i] = l >= kLogvarMin && l <= kLogvarMax ? g : 0.f;
       }
-      store_at<D, VEC>(a.dlogvar.data, a.dlogvar.at(b, c.r, c.k), dlv);
+      store_stream<D, VEC>(a.dlogvar.data, a.dlogvar.at(b, c.q, c.r), dlv);
     }
   }
 }
