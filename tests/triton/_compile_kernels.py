@@ -1,4 +1,4 @@
-"""Compile the launches of the triton group_norm and attention kernels for real GPU targets, on a machine without a GPU.
+"""Compile the launches of the triton kernels for real GPU targets (sm_90, sm_80), on a machine without a GPU.
 
 Run by ``tests/triton/test_compile.py`` in subprocesses, because triton reads ``TRITON_INTERPRET`` when it
 decorates kernels and the test process has it set; here it must be unset so that the kernels are real
@@ -39,6 +39,13 @@ fused backend interface). Their workloads are the benchmark's cases, float32 and
 a few small calls then cover the other paths on sm_90 (Philox from an int or a tensor seed, grouped or
 per element, a noise tensor, deterministic, the KL and each gradient on or off, the halves of contiguous
 and channels_last moments, odd sizes; guidance rescale, clipping, x0_prev and per-sample coefficients).
+So are the flow ops (genkernels.triton.coupling, ``coupling_calls``: affine coupling and ActNorm, forward
+and backward, through genkernels.ops.coupling's fused backend interface): the benchmark's coupling
+(forward, inverse, forward + backward) and ActNorm (forward, forward + backward) cases, float32 and bf16,
+on every target; then, on sm_90, small calls in every scale mode, channels_last, odd C and S = 1, the
+coupling backward with dy or dlogdet absent or a gradient unwanted, ActNorm reversed and without dx. Those
+small calls are workloads on sm_90 (the first launch of each kernel in each compiles), because the
+selector sees the scale modes 2 to 4 as one class of SCALE.
 
 ``--every`` compiles every distinct specialization instead (minutes; for a GPU machine's many cores).
 
@@ -455,6 +462,137 @@ def run_reparam_call(rp, call: ReparamCall) -> None:
         )
 
 
+@dataclass
+class CouplingCall:
+    """One call of the flow ops (genkernels.triton.coupling, genkernels.ops.coupling's fused backend
+    interface): ``kind`` "coupling" (affine coupling: x (N, C, *) and h (N, 2 (C - C // 2), *), or
+    (N, C - C // 2, *) for the additive scale) or "actnorm" (x and float32 (C,) log_scale and bias).
+
+    The forward in each direction of ``directions`` (False: forward, True: reverse; the op always asks
+    for the logdet), then one backward per entry of ``grads``: (has_dy, has_dlogdet, need_dx, need_dh)
+    for the coupling, (need_dx,) for actnorm (dy is always given there)."""
+
+    label: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    layout: str = "contiguous"  # contiguous or channels_last
+    scale: str = "sigmoid"  # the coupling's scale mode
+    directions: tuple[bool, ...] = (False,)
+    grads: tuple[tuple[bool, ...], ...] = ()
+    workload: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        text = f"{self.label} {self.kind} {tuple(self.shape)} {str(self.dtype)[6:]} {self.layout}"
+        text += f" {self.scale}" if self.kind == "coupling" else ""
+        text += "".join(" reverse" if reverse else " fwd" for reverse in self.directions)
+        names = ("dy", "dlogdet", "dx", "dh") if self.kind == "coupling" else ("dx",)
+        for grad in self.grads:
+            text += " bwd(" + ",".join(n for n, on in zip(names, grad) if on) + ")"
+        return text
+
+
+def coupling_calls() -> Iterator[CouplingCall]:
+    """The flow ops' sweep: the benchmark's coupling and ActNorm cases (every target; Glow's sigmoid
+    scale; inverse = reverse; forward + backward takes dy and dlogdet and wants dx and dh), then a few
+    small calls covering the other paths (sm_90). Those are workloads on sm_90, so that the first launch
+    of each kernel in each compiles: the selector sees the scale modes 2 to 4 as one class of the SCALE
+    constexpr, and the additive scale already turns HAS_DLOGDET and WANT_LOGDET off."""
+    from genkernels.bench import coupling as bench
+
+    every = (True, True, True, True)
+    for case in bench.cases():
+        if not isinstance(case, bench.FlowOpCase):  # the Glow step: convolutions around the same ops
+            continue
+        directions = (case.mode == "inv",)
+        grads = () if case.mode != "fwd+bwd" else (every,) if case.kind == "coupling" else ((True,),)
+        yield CouplingCall(
+            "bench", case.kind, tuple(case.shape), case.dtype, directions=directions, grads=grads, workload=ALL_ARCHS
+        )
+    both = (False, True)
+    # Each scale mode (sigmoid above): forward, reverse, the full backward; clamp is a runtime argument.
+    for scale in ("exp", "softclamp_tanh", "softclamp_atan", "additive"):
+        yield CouplingCall(
+            "scale",
+            "coupling",
+            (2, 4, 8, 8),
+            torch.float32,
+            scale=scale,
+            directions=both,
+            grads=(every,),
+            workload=MAIN_ARCHS,
+        )
+    # channels_last: one row per position (rows = S, b_len = Cb); bf16 with 16-byte aligned a- and b-parts.
+    yield CouplingCall(
+        "layout",
+        "coupling",
+        (2, 32, 8, 8),
+        torch.bfloat16,
+        "channels_last",
+        directions=both,
+        grads=(every,),
+        workload=MAIN_ARCHS,
+    )
+    # Odd C: Ca = 1, Cb = 2 and Ca = 2, Cb = 3 (unaligned rows, samples packed BLOCK_N to a program); S = 1.
+    yield CouplingCall(
+        "odd", "coupling", (2, 3, 5, 7), torch.float32, directions=both, grads=(every,), workload=MAIN_ARCHS
+    )
+    yield CouplingCall(
+        "odd", "coupling", (3, 5, 4, 4), torch.float16, "channels_last", grads=(every,), workload=MAIN_ARCHS
+    )
+    yield CouplingCall(
+        "odd", "coupling", (4, 6), torch.float32, "contiguous", "softclamp_tanh", grads=(every,), workload=MAIN_ARCHS
+    )
+    # The backward with dy or dlogdet absent (None: zero) and with each gradient unwanted.
+    for grad in (
+        (False, True, True, True),
+        (True, False, True, True),
+        (True, True, False, True),
+        (True, True, True, False),
+    ):
+        yield CouplingCall(
+            "flags", "coupling", (2, 4, 8, 8), torch.float32, directions=(), grads=(grad,), workload=MAIN_ARCHS
+        )
+    # ActNorm: channels_last (B == 1, C the contiguous axis), odd C, S = 1, the reverse, dx unwanted.
+    yield CouplingCall(
+        "layout",
+        "actnorm",
+        (2, 6, 5, 7),
+        torch.bfloat16,
+        "channels_last",
+        directions=both,
+        grads=((True,), (False,)),
+        workload=MAIN_ARCHS,
+    )
+    yield CouplingCall(
+        "odd", "actnorm", (3, 5, 7, 3), torch.float32, directions=both, grads=((True,), (False,)), workload=MAIN_ARCHS
+    )
+    yield CouplingCall("odd", "actnorm", (3, 5), torch.float32, grads=((True,),), workload=MAIN_ARCHS)
+
+
+def run_coupling_call(cp, call: CouplingCall) -> None:
+    """The forward and backward launches of ``call`` (genkernels.ops.coupling's fused backend interface)."""
+    x = _tensor(call.shape, call.dtype, call.layout)
+    n, c = call.shape[:2]
+    if call.kind == "coupling":
+        cb = c - c // 2
+        h = _tensor((n, cb if call.scale == "additive" else 2 * cb, *call.shape[2:]), call.dtype, call.layout)
+        for reverse in call.directions:
+            cp.coupling_forward(x, h, call.scale, 2.0, reverse, True)
+        for has_dy, has_dlogdet, need_dx, need_dh in call.grads:
+            dy = torch.empty_like(x) if has_dy else None
+            dlogdet = torch.empty(n, dtype=torch.float32) if has_dlogdet else None
+            cp.coupling_backward(dy, dlogdet, x, h, call.scale, 2.0, need_dx, need_dh)
+    elif call.kind == "actnorm":
+        log_scale, bias = torch.empty(c, dtype=torch.float32), torch.empty(c, dtype=torch.float32)
+        for reverse in call.directions:
+            cp.actnorm_forward(x, log_scale, bias, reverse)
+        for (need_dx,) in call.grads:
+            cp.actnorm_backward(torch.empty_like(x), x, log_scale, bias, need_dx)
+    else:
+        raise ValueError(call.kind)
+
+
 def _arg_class(value):
     """How triton specializes a launch argument (pointer dtype and 16-byte alignment; integer width,
     == 1, multiple of 16), as a JSON-friendly value."""
@@ -616,6 +754,7 @@ def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run
 
     import genkernels.triton._common as common
     import genkernels.triton.attention as at
+    import genkernels.triton.coupling as cp
     import genkernels.triton.group_norm as gn
     import genkernels.triton.reparam as rp
     import genkernels.triton.schedule as sc
@@ -626,7 +765,7 @@ def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run
         if not hasattr(module, name):
             raise RuntimeError(f"{module.__name__}.{name} is gone: update this harness")
     # (module, name, kernel) of every kernel, and the calls that launch them.
-    kernels = [(m, name, getattr(m, name)) for m in (gn, at, sc, rp) for name in dir(m) if name.endswith("_kernel")]
+    kernels = [(m, name, getattr(m, name)) for m in (gn, at, sc, rp, cp) for name in dir(m) if name.endswith("_kernel")]
     for _, name, kernel in kernels:
         if not isinstance(kernel, JITFunction):
             raise RuntimeError(f"{name} is a {type(kernel).__name__}, not a JITFunction")
@@ -637,6 +776,7 @@ def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run
         (attention_calls, lambda call: run_attention_call(at, call)),
         (step_calls, lambda call: run_step_call(sc, call)),
         (reparam_calls, lambda call: run_reparam_call(rp, call)),
+        (coupling_calls, lambda call: run_coupling_call(cp, call)),
     )
 
     cuobjdump = _cuobjdump()

@@ -1,5 +1,5 @@
-"""The Triton group_norm, attention, sampler step and reparameterize kernels compile for real GPUs (sm_90, sm_80),
-checked on a machine without one.
+"""The Triton group_norm, attention, sampler step, reparameterize and flow (affine coupling, ActNorm) kernels
+compile for real GPUs (sm_90, sm_80), checked on a machine without one.
 
 Why this exists: without a GPU the suite runs the Triton kernels under ``TRITON_INTERPRET=1``, and the
 interpreter accepts code the compiler rejects (a loop-variable type error got through that way once);
@@ -8,17 +8,19 @@ needs no GPU, so this compiles the launches that real ``group_norm`` calls make,
 shapes and for the benchmark's, those of ``attention`` calls (head dims 40 to 256 in bf16 and fp16,
 causal or not, with or without a key padding mask, and one fp32 call), and those of the fused sampler
 step and of reparameterize (forward and backward) for the benchmark's cases and a small set covering
-their other paths (each noise source, the flags, channels_last moments, odd sizes), and checks the
+their other paths (each noise source, the flags, channels_last moments, odd sizes), and those of the
+flow ops, affine coupling and ActNorm (forward, inverse, backward), for the benchmark's cases and a small
+set covering theirs (each scale mode, channels_last, odd C, S = 1, absent gradients), and checks the
 result: everything compiles, no kernel spills registers (beyond the known cases below), shared memory
 fits, and the benchmark's bf16 loads are vectorized.
 
 The work runs in subprocesses (``tests/triton/_compile_kernels.py``, which explains how launches are
 chosen and compiled) because triton reads ``TRITON_INTERPRET`` when it decorates a kernel and the
 conftest has set it in this process. A triton that cannot be driven that way makes the tests skip.
-Run with ``-s`` to see the registers / spills table. By default about 330 chosen launches compile (230 of
+Run with ``-s`` to see the registers / spills table. By default about 380 chosen launches compile (230 of
 group_norm, under a minute on 2 cores; 45 of attention, about 40 s more: each attention kernel takes
-seconds of ptxas; 60 of the sampler step and reparameterize, about 15 s more); ``GENKERNELS_COMPILE_EVERY=1``
-compiles all ~2,600 distinct specializations instead.
+seconds of ptxas; 60 of the sampler step and reparameterize, about 15 s more; 50 of the flow ops, about
+20 s more); ``GENKERNELS_COMPILE_EVERY=1`` compiles all ~2,700 distinct specializations instead.
 """
 
 from __future__ import annotations
@@ -203,8 +205,8 @@ def test_benchmark_bf16_loads_are_vectorized(report):
     """The benchmark shapes are memory bound: the group_norm kernels that stream x must use 16-byte loads
     in NCHW (contiguous positions) and at least 8-byte loads in channels last (spans of channels), or the
     alignment facts the kernels pass to the compiler (c_lo, SPAN, 16-divisible sizes) were lost. The
-    elementwise kernels (sampler step, reparameterize: contiguous runs of a sample, 16-divisible sizes)
-    must use 16-byte loads and stores."""
+    elementwise kernels (sampler step, reparameterize, the flow ops' affine coupling and ActNorm:
+    contiguous runs of a sample, 16-divisible sizes) must use 16-byte loads and stores."""
     bad = []
     for v in report["variants"]:
         if not v["bench_bf16"] or v["kernel"] == "_bwd_weight_bias_kernel":  # that one reads float32 partials
@@ -212,7 +214,7 @@ def test_benchmark_bf16_loads_are_vectorized(report):
         wanted = 8 if "channels_last" in v["call"] else 16
         if max(map(_bytes, v["loads"]), default=0) < wanted:
             bad.append(f"sm_{v['arch']} {v['kernel']}: loads {v['loads']}, want {wanted} B ({v['call']})")
-        if v["kernel"] in ELEMENTWISE_KERNELS and max(map(_bytes, v["stores"]), default=0) < 16:
+        if v["kernel"] in ELEMENTWISE_KERNELS + COUPLING_KERNELS and max(map(_bytes, v["stores"]), default=0) < 16:
             bad.append(f"sm_{v['arch']} {v['kernel']}: stores {v['stores']}, want 16 B ({v['call']})")
     assert not bad, "scalar global accesses on benchmark shapes:\n" + "\n".join(bad)
 
@@ -265,3 +267,54 @@ def test_reparam_general_path_loads(report):
     assert {v["kernel"] for v in checked} == {"_forward_kernel", "_backward_kernel"}
     bad = [f"{v['kernel']}: loads {v['loads']} ({v['call']})" for v in checked if max(map(_bytes, v["loads"])) < 16]
     assert not bad, "scalar loads on the general path with 16 channels:\n" + "\n".join(bad)
+
+
+# The kernels of the flow ops (genkernels.triton.coupling): affine coupling and ActNorm, forward and backward.
+COUPLING_KERNELS = (
+    "_coupling_forward_kernel",
+    "_coupling_backward_kernel",
+    "_actnorm_forward_kernel",
+    "_actnorm_backward_kernel",
+)
+
+
+def test_coupling_launches_compiled(report):
+    """The affine coupling and ActNorm kernels compiled on each target (the benchmark's cases: forward,
+    inverse, forward + backward) and, on sm_90, the coupling in every scale mode forward and backward,
+    in channels_last and with samples packed several to a program (odd C, S = 1), its backward with each
+    of dy and dlogdet absent and each gradient unwanted, and ActNorm in both directions, channels_last
+    (B == 1) and without dx: the sweep still reaches those launches."""
+    variants = [v for v in report["variants"] if v["kernel"] in COUPLING_KERNELS]
+    compiled = {(v["arch"], v["kernel"]) for v in variants}
+    wanted = {(arch, k) for arch in (90, 80) for k in COUPLING_KERNELS}
+    assert not wanted - compiled, f"launches not compiled: {sorted(wanted - compiled)}"
+    bench = defaultdict(set)
+    for v in variants:
+        if v["label"] == "bench":
+            bench[v["arch"], v["kernel"]].add((v["args"][0], v["constexprs"].get("REVERSE")))
+    for arch in (90, 80):
+        for dtype in ("*float32:16", "*bfloat16:16"):
+            for kernel, reverse in (
+                ("_coupling_forward_kernel", False),
+                ("_coupling_forward_kernel", True),
+                ("_coupling_backward_kernel", None),
+                ("_actnorm_forward_kernel", False),
+                ("_actnorm_backward_kernel", None),
+            ):
+                assert (dtype, reverse) in bench[arch, kernel], f"sm_{arch} {kernel} {dtype} {reverse}: bench case"
+    main = defaultdict(list)
+    for v in variants:
+        if v["arch"] == 90:
+            main[v["kernel"]].append(v["constexprs"])
+    for kernel in ("_coupling_forward_kernel", "_coupling_backward_kernel"):
+        scales = {c["SCALE"] for c in main[kernel]}
+        assert scales == set(range(5)), f"{kernel}: scale modes compiled {sorted(scales)}, want 0 to 4"
+        assert any(c["BLOCK_K"] < c["BLOCK_J"] for c in main[kernel]), f"{kernel}: several rows per tile"
+        assert any(c["BLOCK_N"] > 1 for c in main[kernel]), f"{kernel}: several samples per program"
+    flags = {(name, c[name]) for c in main["_coupling_backward_kernel"] for name in c if name.isupper()}
+    for name in ("HAS_DY", "HAS_DLOGDET", "NEED_DX", "NEED_DH"):
+        assert {(name, False), (name, True)} <= flags, f"_coupling_backward_kernel: {name} both ways"
+    assert {c["REVERSE"] for c in main["_actnorm_forward_kernel"]} == {False, True}
+    assert {c["NEED_DX"] for c in main["_actnorm_backward_kernel"]} == {False, True}
+    for kernel in ("_actnorm_forward_kernel", "_actnorm_backward_kernel"):
+        assert {c["BLOCK_B"] == 1 for c in main[kernel]} == {False, True}, f"{kernel}: B == 1 (channels_last)"
