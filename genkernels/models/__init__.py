@@ -1,6 +1,16 @@
 """Generative models built on genkernels layers."""
 
 from .diffusion import UNet, UNetConfig
+from .flow import Glow, GlowConfig, RealNVP2D
 from .vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian
 
-__all__ = ["AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussian", "UNet", "UNetConfig"]
+__all__ = [
+    "AutoencoderKL",
+    "AutoencoderKLConfig",
+    "DiagonalGaussian",
+    "Glow",
+    "GlowConfig",
+    "RealNVP2D",
+    "UNet",
+    "UNetConfig",
+]

@@ -2,6 +2,7 @@
 
 from . import functional
 from .attention import Attention
+from .flow import ActNorm, AffineCoupling, InvConv1x1
 from .group_norm import GroupNorm, GroupNormSiLU
 
-__all__ = ["Attention", "GroupNorm", "GroupNormSiLU", "functional"]
+__all__ = ["ActNorm", "AffineCoupling", "Attention", "GroupNorm", "GroupNormSiLU", "InvConv1x1", "functional"]
