@@ -5,6 +5,8 @@
         --guidance 3 --seed 0 --out grid.png
     genkernels train vae --data digits --steps 2000 --loss l2 --beta 0.05 --out runs/vae
     genkernels sample vae --ckpt runs/vae/vae.safetensors --num 20 --seed 0 --out vae.png
+    genkernels train flow --data digits --steps 2000 --out runs/flow
+    genkernels sample flow --ckpt runs/flow/flow.safetensors --temperature 0.7 --num 64 --seed 0 --out flow.png
 
 Each family has its own options (`genkernels train vae -h`); an option of another family is an
 error naming the family it belongs to. On CPU, train and sample run every fused op on the
@@ -17,164 +19,270 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-FAMILIES = ("diffusion", "vae")
+FAMILIES = ("diffusion", "vae", "flow")
 
 
 class CommandError(Exception):
     """A user error found after argument parsing (a bad checkpoint, a sampler that does not fit it...)."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _checked(parse, ok, expected: str):
+    """An argparse type: ``parse(text)``, refused ("expected EXPECTED, got ...") unless ``ok(value)``."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return convert
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_nonnegative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_fraction = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+_open_fraction = _checked(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
+_nonnegative = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 
 
-def _nonnegative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
+def _bins(text: str) -> int:
+    from .train_flow import MAX_BINS
+
+    return _checked(int, lambda v: 2 <= v <= MAX_BINS, f"an integer in [2, {MAX_BINS}]")(text)
 
 
-def _add_runtime_args(p: argparse.ArgumentParser, *, progress: bool = True) -> None:
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument(
-        "--backend",
-        choices=("auto", "reference", "triton", "cuda"),
-        default=None,
-        help="backend of every fused op (default: reference on CPU, auto on CUDA)",
-    )
+# --------------------------------------------------------------------------- each family's options
+
+
+def _option(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
+    """One add_argument call of a family's option table."""
+    return flags, kwargs
+
+
+FAMILY_HELP = {
+    "diffusion": "class-conditional diffusion UNet",
+    "vae": "variational autoencoder (AutoencoderKL)",
+    "flow": "normalizing flow (Glow)",
+}
+_SEED = _option("--seed", type=int, default=0, help="random seed (0)")
+_SCALE = _option("--scale", type=_positive_int, default=None, help="pixel upscaling (default: to about 64 px)")
+_PNG_OUT = _option("--out", default="samples.png", help="PNG file to write (samples.png)")
+
+
+def _runtime_options(*, progress: bool = True) -> list:
+    options = [
+        _option("--device", default=None, help="torch device (default: cuda when available, else cpu)"),
+        _option(
+            "--backend",
+            choices=("auto", "reference", "triton", "cuda"),
+            default=None,
+            help="backend of every fused op (default: reference on CPU, auto on CUDA)",
+        ),
+    ]
     if progress:
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        options.append(_option("--no-progress", action="store_true", help="no progress bar"))
+    return options
 
 
-def _add_train_args(p: argparse.ArgumentParser, checkpoint: str) -> None:
+def _train_options(checkpoint: str) -> list:
     """The options every family trains with: data, steps, batch, optimizer, size preset, seed, output."""
-    p.add_argument("--data", default="digits", help="'digits' (scikit-learn 8x8 digits) or a folder of images")
-    p.add_argument(
-        "--image-size", type=_positive_int, default=None, help="folder images are resized to this (32; not for digits)"
-    )
-    p.add_argument(
-        "--channels", type=int, choices=(1, 3), default=None, help="folder images: 1 grey or 3 RGB (3; not for digits)"
-    )
-    p.add_argument("--steps", type=_positive_int, default=2000, help="optimizer steps (2000)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (64)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (1e-3)")
-    p.add_argument("--model", choices=("tiny", "small"), default="small", help="model size preset (small)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    p.add_argument("--save-every", type=int, default=500, help="also save every N steps (500; 0: only at the end)")
-    p.add_argument("--out", required=True, help=f"output folder; the checkpoint is OUT/{checkpoint}")
-    _add_runtime_args(p)
+    return [
+        _option("--data", default="digits", help="'digits' (scikit-learn 8x8 digits) or a folder of images"),
+        _option(
+            "--image-size",
+            type=_positive_int,
+            default=None,
+            help="folder images are resized to this (32; not for digits)",
+        ),
+        _option(
+            "--channels",
+            type=int,
+            choices=(1, 3),
+            default=None,
+            help="folder images: 1 grey or 3 RGB (3; not for digits)",
+        ),
+        _option("--steps", type=_positive_int, default=2000, help="optimizer steps (2000)"),
+        _option("--batch-size", type=_positive_int, default=64, help="batch size (64)"),
+        _option("--lr", type=float, default=1e-3, help="AdamW learning rate (1e-3)"),
+        _option("--model", choices=("tiny", "small"), default="small", help="model size preset (small)"),
+        _SEED,
+        _option("--save-every", type=int, default=500, help="also save every N steps (500; 0: only at the end)"),
+        _option("--out", required=True, help=f"output folder; the checkpoint is OUT/{checkpoint}"),
+        *_runtime_options(),
+    ]
 
 
-def _train_parser(sub) -> dict[str, argparse.ArgumentParser]:
+def _train_families() -> dict[str, tuple[str, list]]:
+    """family -> (description, options) of `genkernels train FAMILY`."""
     from .train import OBJECTIVES
     from .train_vae import LOSSES
 
-    p = sub.add_parser("train", help=f"train a model ({', '.join(FAMILIES)})", description="Train a generative model.")
-    families = p.add_subparsers(dest="family", required=True, title="model family")
-    d = families.add_parser(
-        "diffusion", help="class-conditional diffusion UNet", description="Train a class-conditional diffusion UNet."
-    )
-    d.add_argument(
-        "--objective",
-        choices=OBJECTIVES,
-        default="eps",
-        help="eps: predict the noise; v: v-prediction; flow: flow-matching velocity (eps)",
-    )
-    d.add_argument(
-        "--label-dropout",
-        type=_fraction,
-        default=0.1,
-        help="probability of training on the null label, for classifier-free guidance (0.1)",
-    )
-    d.add_argument("--ema-decay", type=_fraction, default=0.999, help="EMA decay of the sampled weights (0.999)")
-    _add_train_args(d, "diffusion.safetensors")
-    v = families.add_parser(
-        "vae",
-        help="variational autoencoder (AutoencoderKL)",
-        description="Train an AutoencoderKL: reconstruction loss + beta * KL / pixel elements.",
-    )
-    v.add_argument("--loss", choices=LOSSES, default="l2", help="reconstruction loss (l2)")
-    v.add_argument(
-        "--beta",
-        type=_nonnegative,
-        default=0.05,
-        help="KL weight; the per-sample KL is divided by the pixel elements C*H*W (0.05)",
-    )
-    _add_train_args(v, "vae.safetensors")
-    return {"diffusion": d, "vae": v}
+    return {
+        "diffusion": (
+            "Train a class-conditional diffusion UNet.",
+            [
+                _option(
+                    "--objective",
+                    choices=OBJECTIVES,
+                    default="eps",
+                    help="eps: predict the noise; v: v-prediction; flow: flow-matching velocity (eps)",
+                ),
+                _option(
+                    "--label-dropout",
+                    type=_fraction,
+                    default=0.1,
+                    help="probability of training on the null label, for classifier-free guidance (0.1)",
+                ),
+                _option("--ema-decay", type=_fraction, default=0.999, help="EMA decay of the sampled weights (0.999)"),
+                *_train_options("diffusion.safetensors"),
+            ],
+        ),
+        "vae": (
+            "Train an AutoencoderKL: reconstruction loss + beta * KL / pixel elements.",
+            [
+                _option("--loss", choices=LOSSES, default="l2", help="reconstruction loss (l2)"),
+                _option(
+                    "--beta",
+                    type=_nonnegative,
+                    default=0.05,
+                    help="KL weight; the per-sample KL is divided by the pixel elements C*H*W (0.05)",
+                ),
+                *_train_options("vae.safetensors"),
+            ],
+        ),
+        "flow": (
+            "Train a Glow by maximum likelihood with uniform dequantization; reports bits/dim.",
+            [
+                _option(
+                    "--n-bins",
+                    type=_bins,
+                    default=None,
+                    help="levels per pixel (default: the levels the data takes: 17 for digits, 256 for 8-bit images)",
+                ),
+                _option(
+                    "--heldout",
+                    type=_open_fraction,
+                    default=0.1,
+                    help="fraction of the images held out for bits/dim (0.1)",
+                ),
+                _option(
+                    "--eval-every",
+                    type=_nonnegative_int,
+                    default=250,
+                    help="held-out bits/dim every N steps (250; 0: only at the start and the end)",
+                ),
+                *_train_options("flow.safetensors"),
+            ],
+        ),
+    }
 
 
-def _sample_parser(sub) -> dict[str, argparse.ArgumentParser]:
+def _ckpt(family: str):
+    return _option("--ckpt", required=True, help=f"checkpoint written by `genkernels train {family}`")
+
+
+def _ncol(default: str):
+    return _option("--ncol", type=_positive_int, default=None, help=f"images per grid row (default: {default})")
+
+
+def _sample_families() -> dict[str, tuple[str, list]]:
+    """family -> (description, options) of `genkernels sample FAMILY`."""
     from .train import SAMPLERS
 
-    p = sub.add_parser("sample", help="sample a trained model into a PNG grid", description="Sample a PNG grid.")
-    families = p.add_subparsers(dest="family", required=True, title="model family")
-    d = families.add_parser(
-        "diffusion", help="class-conditional diffusion UNet", description="Sample a diffusion UNet into a PNG grid."
-    )
-    d.add_argument("--ckpt", required=True, help="checkpoint written by `genkernels train diffusion`")
-    d.add_argument(
-        "--sampler", choices=sorted(SAMPLERS), default=None, help="default: ddim for eps/v models, flow for flow models"
-    )
-    d.add_argument("--steps", type=_positive_int, default=25, help="sampling steps (25)")
-    d.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1: none (3.0)")
-    d.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    d.add_argument(
-        "--num", type=_positive_int, default=None, help="number of images (default: 4 per class, at least 16)"
-    )
-    d.add_argument(
-        "--label",
-        type=int,
-        default=None,
-        help="class of every image (default: cycle through the classes); -1: unconditional",
-    )
-    d.add_argument("--ncol", type=_positive_int, default=None, help="images per grid row (default: classes)")
-    d.add_argument("--scale", type=_positive_int, default=None, help="pixel upscaling (default: to about 64 px)")
-    d.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
-    d.add_argument("--out", default="samples.png", help="PNG file to write (samples.png)")
-    _add_runtime_args(d)
-    v = families.add_parser(
-        "vae",
-        help="variational autoencoder (AutoencoderKL)",
-        description="Write a PNG grid: data images above their reconstructions, then decodes of z ~ N(0, I).",
-    )
-    v.add_argument("--ckpt", required=True, help="checkpoint written by `genkernels train vae`")
-    v.add_argument(
-        "--data",
-        default=None,
-        help="images to reconstruct: 'digits' or a folder (default: the data the checkpoint was trained on)",
-    )
-    v.add_argument("--seed", type=int, default=0, help="random seed: which images, and the prior samples (0)")
-    v.add_argument(
-        "--num", type=_positive_int, default=20, help="images to reconstruct, and prior samples to draw (20)"
-    )
-    v.add_argument("--ncol", type=_positive_int, default=None, help="images per grid row (default: min(num, 10))")
-    v.add_argument("--scale", type=_positive_int, default=None, help="pixel upscaling (default: to about 64 px)")
-    v.add_argument("--out", default="samples.png", help="PNG file to write (samples.png)")
-    _add_runtime_args(v, progress=False)
-    return {"diffusion": d, "vae": v}
+    return {
+        "diffusion": (
+            "Sample a diffusion UNet into a PNG grid.",
+            [
+                _ckpt("diffusion"),
+                _option(
+                    "--sampler",
+                    choices=sorted(SAMPLERS),
+                    default=None,
+                    help="default: ddim for eps/v models, flow for flow models",
+                ),
+                _option("--steps", type=_positive_int, default=25, help="sampling steps (25)"),
+                _option("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1: none (3.0)"),
+                _SEED,
+                _option(
+                    "--num",
+                    type=_positive_int,
+                    default=None,
+                    help="number of images (default: 4 per class, at least 16)",
+                ),
+                _option(
+                    "--label",
+                    type=int,
+                    default=None,
+                    help="class of every image (default: cycle through the classes); -1: unconditional",
+                ),
+                _ncol("classes"),
+                _SCALE,
+                _option("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights"),
+                _PNG_OUT,
+                *_runtime_options(),
+            ],
+        ),
+        "vae": (
+            "Write a PNG grid: data images above their reconstructions, then decodes of z ~ N(0, I).",
+            [
+                _ckpt("vae"),
+                _option(
+                    "--data",
+                    default=None,
+                    help="images to reconstruct: 'digits' or a folder (default: the data the checkpoint was "
+                    "trained on)",
+                ),
+                _option("--seed", type=int, default=0, help="random seed: which images, and the prior samples (0)"),
+                _option(
+                    "--num",
+                    type=_positive_int,
+                    default=20,
+                    help="images to reconstruct, and prior samples to draw (20)",
+                ),
+                _ncol("min(num, 10)"),
+                _SCALE,
+                _PNG_OUT,
+                *_runtime_options(progress=False),
+            ],
+        ),
+        "flow": (
+            "Write a PNG grid of samples of a Glow at a temperature.",
+            [
+                _ckpt("flow"),
+                _option(
+                    "--temperature",
+                    type=_nonnegative,
+                    default=0.7,
+                    help="standard deviation of the latent z ~ N(0, T^2 I); below 1 trades diversity for cleaner "
+                    "samples (0.7)",
+                ),
+                _option("--num", type=_positive_int, default=64, help="number of samples (64)"),
+                _SEED,
+                _ncol("ceil(sqrt(num))"),
+                _SCALE,
+                _PNG_OUT,
+                *_runtime_options(progress=False),
+            ],
+        ),
+    }
+
+
+def _family_parsers(sub, command: str, families: dict[str, tuple[str, list]], **kwargs) -> dict:
+    """`genkernels COMMAND FAMILY` for every family of the table; returns family -> its parser."""
+    p = sub.add_parser(command, **kwargs)
+    sub_families = p.add_subparsers(dest="family", required=True, title="model family")
+    parsers = {}
+    for family, (description, options) in families.items():
+        parsers[family] = sub_families.add_parser(family, help=FAMILY_HELP[family], description=description)
+        for flags, option_kwargs in options:
+            parsers[family].add_argument(*flags, **option_kwargs)
+    return parsers
 
 
 def _check_foreign_options(parsers: dict[str, argparse.ArgumentParser], family: str, command: str, rest) -> None:
@@ -202,10 +310,8 @@ def _load_data(data: str, image_size: int | None, channels: int | None):
                 f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to an image folder; "
                 "--data digits is always 1 x 8 x 8 (drop the option or pass a folder)"
             )
-    try:
+    with _user_errors("--data: ", (FileNotFoundError, ValueError)):
         return data_mod.load(data, 32 if image_size is None else image_size, 3 if channels is None else channels)
-    except (FileNotFoundError, ValueError) as e:
-        raise CommandError(f"--data: {e}") from None
 
 
 def _device(name: str | None):
@@ -213,13 +319,26 @@ def _device(name: str | None):
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
+    with _user_errors("--device: ", (RuntimeError,)):
         device = torch.device(name)
-    except RuntimeError as e:
-        raise CommandError(f"--device: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CommandError(f"--device {name}: this torch sees no CUDA GPU (torch {torch.__version__})")
     return device
+
+
+@contextmanager
+def _user_errors(prefix: str = "", errors: tuple = (ValueError,)):
+    """Turn ``errors`` raised inside into a CommandError, its message after ``prefix``."""
+    try:
+        yield
+    except errors as e:
+        raise CommandError(f"{prefix}{e}") from None
+
+
+def _read_checkpoint(read, path: str) -> dict:
+    """The metadata ``read(path)`` gives; a missing or foreign checkpoint is a CommandError about --ckpt."""
+    with _user_errors("--ckpt: ", (FileNotFoundError, ValueError)):
+        return read(path)
 
 
 def _run_train_diffusion(args) -> int:
@@ -227,7 +346,7 @@ def _run_train_diffusion(args) -> int:
 
     device = _device(args.device)
     dataset = _load_data(args.data, args.image_size, args.channels)
-    try:
+    with _user_errors():
         model_config = train.model_config_for(dataset, args.model)
         config = train.TrainConfig(
             steps=args.steps,
@@ -238,8 +357,6 @@ def _run_train_diffusion(args) -> int:
             objective=args.objective,
             seed=args.seed,
         )
-    except ValueError as e:
-        raise CommandError(str(e)) from None
     result = train.train_diffusion(
         dataset,
         model_config,
@@ -266,16 +383,11 @@ def _run_sample_diffusion(args) -> int:
     from . import train
 
     device = _device(args.device)
-    try:
-        meta = train.read_metadata(args.ckpt)
-    except (FileNotFoundError, ValueError) as e:
-        raise CommandError(f"--ckpt: {e}") from None
+    meta = _read_checkpoint(train.read_metadata, args.ckpt)
     objective = meta["objective"]
     sampler = args.sampler or ("flow" if objective == "flow" else "ddim")
-    try:
+    with _user_errors("--sampler: "):
         train.check_sampler(sampler, objective)
-    except ValueError as e:
-        raise CommandError(f"--sampler: {e}") from None
     model, meta = train.load_checkpoint(args.ckpt, ema=not args.raw_weights, device=device)
     classes = model.config.num_classes
     if args.label is not None and not -1 <= args.label < classes:
@@ -317,30 +429,39 @@ def _data_source(data: str, dataset) -> dict:
     return {"data": str(Path(data).resolve()), "image_size": h, "channels": c}
 
 
-def _run_train_vae(args) -> int:
-    from . import train_vae
+def _train(args, config_class, train_fn, checks, **options):
+    """Train a family whose config takes the common options (vae, flow) on the data of --data.
 
+    ``checks``: functions of the data set that raise ValueError for data the family cannot train
+    on, called before training starts (and before anything is written).
+    """
     device = _device(args.device)
     dataset = _load_data(args.data, args.image_size, args.channels)
-    try:
-        config = train_vae.VAETrainConfig(
+    with _user_errors():
+        config = config_class(
             steps=args.steps,
             batch_size=args.batch_size,
             lr=args.lr,
-            loss=args.loss,
-            beta=args.beta,
             model=args.model,
             seed=args.seed,
             save_every=max(args.save_every, 0),
             device=str(device),
             backend=args.backend,
+            **options,
         )
-        train_vae.model_config_for(dataset, args.model)  # a non-square folder fails here, before training
-    except ValueError as e:
-        raise CommandError(str(e)) from None
-    result = train_vae.train_vae(
+        for check in checks:
+            check(dataset)
+    return train_fn(
         dataset, config, args.out, progress=not args.no_progress, data_source=_data_source(args.data, dataset)
     )
+
+
+def _run_train_vae(args) -> int:
+    from . import train_vae
+
+    # A non-square folder fails in model_config_for, before training.
+    checks = [lambda dataset: train_vae.model_config_for(dataset, args.model)]
+    result = _train(args, train_vae.VAETrainConfig, train_vae.train_vae, checks, loss=args.loss, beta=args.beta)
     k = min(10, len(result.losses))
 
     def first(values):
@@ -362,10 +483,7 @@ def _run_sample_vae(args) -> int:
     from . import train_vae
 
     device = _device(args.device)
-    try:
-        meta = train_vae.read_vae_metadata(args.ckpt)
-    except (FileNotFoundError, ValueError) as e:
-        raise CommandError(f"--ckpt: {e}") from None
+    meta = _read_checkpoint(train_vae.read_vae_metadata, args.ckpt)
     c, h, _ = meta["image_shape"]
     if args.data is not None:
         source = {"data": args.data, "image_size": h, "channels": c}
@@ -373,10 +491,8 @@ def _run_sample_vae(args) -> int:
         source = meta["data"]
     else:
         raise CommandError("--data: the checkpoint does not say which data it was trained on; pass --data digits|PATH")
-    try:
+    with _user_errors("--data: ", (FileNotFoundError, ValueError)):
         dataset = data_mod.load(source["data"], source.get("image_size"), source.get("channels", 3))
-    except (FileNotFoundError, ValueError) as e:
-        raise CommandError(f"--data: {e}") from None
     if dataset.image_shape[0] != c:
         raise CommandError(f"--data: the images have {dataset.image_shape[0]} channels, the model takes {c}")
     if args.num > len(dataset):
@@ -393,11 +509,61 @@ def _run_sample_vae(args) -> int:
     return 0
 
 
+def _run_train_flow(args) -> int:
+    from . import train_flow
+
+    # A non-square or odd-sized folder, or one too small to hold images out, fails here, before training.
+    checks = [
+        lambda dataset: train_flow.model_config_for(dataset, args.model),
+        lambda dataset: train_flow.split(dataset, args.heldout, args.seed),
+    ]
+    result = _train(
+        args,
+        train_flow.FlowTrainConfig,
+        train_flow.train_flow,
+        checks,
+        n_bins=args.n_bins,
+        heldout=args.heldout,
+        eval_every=args.eval_every,
+    )
+    first, last = result.history[0], result.history[-1]
+    print(
+        f"trained {args.steps} steps ({result.metadata['n_bins']} bins): held-out bits/dim {first['heldout']:.3f} "
+        f"(step {first['step']}) -> {last['heldout']:.3f} (step {last['step']}); training bits/dim "
+        f"{last['train']:.3f}; checkpoint {args.out}/{train_flow.CHECKPOINT_NAME}"
+    )
+    return 0
+
+
+def _run_sample_flow(args) -> int:
+    from . import train_flow
+
+    device = _device(args.device)
+    meta = _read_checkpoint(train_flow.read_flow_metadata, args.ckpt)
+    model, meta = train_flow.load_flow(args.ckpt, device=device)
+    result = train_flow.sample_flow(
+        model,
+        args.num,
+        args.temperature,
+        args.seed,
+        args.out,
+        n_bins=meta["n_bins"],
+        ncol=args.ncol,
+        scale=args.scale,
+        backend=args.backend,
+    )
+    width, height = result.size
+    print(f"wrote {args.num} samples (temperature {args.temperature:g}) to {args.out} ({width}x{height})")
+    return 0
+
+
 RUNNERS = {
     ("train", "diffusion"): _run_train_diffusion,
     ("train", "vae"): _run_train_vae,
+    ("train", "flow"): _run_train_flow,
     ("sample", "diffusion"): _run_sample_diffusion,
     ("sample", "vae"): _run_sample_vae,
+    ("sample", "flow"): _run_sample_flow,
 }
 
 
@@ -408,7 +574,22 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, GPU, built CUDA archs, and which backends can run here")
     sub.add_parser("bench", help="benchmark every kernel against eager PyTorch and torch.compile", add_help=False)
-    family_parsers = {"train": _train_parser(sub), "sample": _sample_parser(sub)}
+    family_parsers = {
+        "train": _family_parsers(
+            sub,
+            "train",
+            _train_families(),
+            help=f"train a model ({', '.join(FAMILIES)})",
+            description="Train a generative model.",
+        ),
+        "sample": _family_parsers(
+            sub,
+            "sample",
+            _sample_families(),
+            help="sample a trained model into a PNG grid",
+            description="Sample a PNG grid.",
+        ),
+    }
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         from genkernels import bench

@@ -34,13 +34,30 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import _registry
+from ._training import (  # noqa: F401  (re-exported: the public names of every family's checkpoints)
+    CHECKPOINT_FORMAT,
+    METADATA_KEY,
+    TrainLoop,
+    backend_for,
+    check_choice,
+    check_steps,
+    checkpoint_weights,
+    default_backend,
+    init_training,
+    levels_that_fit,
+    mean,
+    preset_for,
+    read_metadata,
+    resolve_device,
+    run_metadata,
+    save_checkpoint,
+)
 from .data import ImageDataset
 from .models.diffusion import UNet, UNetConfig
 
@@ -59,13 +76,6 @@ SAMPLERS = {
 # default clip_sample); the noise direction must then come from the clipped x0 too, or the update mixes a
 # clipped x0 with the unclipped model epsilon and the samples stay noisy.
 STEP_KWARGS = {"ddim": {"use_clipped_model_output": True}}
-CHECKPOINT_FORMAT = 1
-METADATA_KEY = "genkernels"
-
-
-def default_backend(device: torch.device | str) -> str:
-    """ "reference" on CPU (see the module doc), "auto" elsewhere."""
-    return "reference" if torch.device(device).type == "cpu" else "auto"
 
 
 @dataclass
@@ -102,12 +112,8 @@ class TrainConfig:
     schedule: Schedule = field(default_factory=Schedule)
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_steps(self.steps, self.batch_size)
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -156,13 +162,6 @@ def training_pair(
     return x_t, t, a * noise - s * x0
 
 
-def levels_that_fit(size: int, levels: int) -> int:
-    """The most resolution levels, at most ``levels``, whose halvings of ``size`` stay whole and >= 2 pixels."""
-    while levels > 1 and (size % 2 ** (levels - 1) or size // 2 ** (levels - 1) < 2):
-        levels -= 1
-    return levels
-
-
 def model_config_for(data: ImageDataset, preset: str = "small") -> UNetConfig:
     """A UNet config for ``data``: the preset's sizes with the data's channels, size and classes.
 
@@ -170,12 +169,7 @@ def model_config_for(data: ImageDataset, preset: str = "small") -> UNetConfig:
     fall below 2x2 are dropped.
     """
     presets = {"tiny": UNetConfig.tiny, "small": UNetConfig.digits}
-    if preset not in presets:
-        raise ValueError(f"model preset must be one of {sorted(presets)}, got {preset!r}")
-    base = presets[preset]()
-    c, h, w = data.image_shape
-    if h != w:
-        raise ValueError(f"images must be square, got {h}x{w}")
+    base, c, h = preset_for(presets, preset, data)
     levels = levels_that_fit(h, len(base.block_out_channels))
     return presets[preset](
         sample_size=h,
@@ -223,36 +217,19 @@ def train_diffusion(
     if (model_config.in_channels, model_config.out_channels) != (data.image_shape[0],) * 2:
         raise ValueError(f"model_config channels must equal the data's {data.image_shape[0]}")
     device = torch.device(device)
-    backend = default_backend(device) if backend is None else backend
-    torch.manual_seed(config.seed)  # parameter initialization
-    gen = torch.Generator().manual_seed(config.seed)
-    model = UNet(model_config).to(device)
+    backend = backend_for(device, backend)
+    model, opt, gen = init_training(lambda: UNet(model_config), config, device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     noise_scheduler = None if config.objective == "flow" else make_noise_scheduler(config.schedule, config.objective)
-    metadata = {
-        "format": CHECKPOINT_FORMAT,
-        "model": "diffusion-unet",
-        "config": json.loads(model_config.to_json()),
-        "objective": config.objective,
-        "schedule": config.schedule.__dict__,
-        "class_names": list(data.class_names),
-        "image_shape": list(data.image_shape),
-        "step": 0,
-    }
-    out_path = None
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        out_path = Path(out) / "diffusion.safetensors"
-
-    from tqdm.auto import tqdm
-
+    metadata = run_metadata(
+        "diffusion-unet", model_config, data, objective=config.objective, schedule=config.schedule.__dict__
+    )
+    loop = TrainLoop("diffusion", model, metadata, config.steps, save_every, out, progress, ema=ema)
     losses: list[float] = []
     batches = data.batches(config.batch_size, gen)
-    bar = tqdm(range(config.steps), desc="train diffusion", disable=not progress, dynamic_ncols=True)
     with _registry.backend(backend):
         model.train()
-        for step in bar:
+        for step in loop:
             x0, labels = next(batches)
             x0, labels = x0.to(device), labels.to(device)
             drop = torch.rand(labels.shape, generator=gen).to(device) < config.label_dropout
@@ -260,83 +237,25 @@ def train_diffusion(
             noise = torch.randn(x0.shape, generator=gen).to(device)
             x_t, t, target = training_pair(x0, noise, config.objective, config.schedule, noise_scheduler, gen)
             loss = torch.nn.functional.mse_loss(model(x_t, t, labels).float(), target.float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            opt.step()
+            losses.append(loop.update(opt, loss, step, config.grad_clip))
             _ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"training diverged: loss {value} at step {step}; try a lower --lr")
-            losses.append(value)
-            if step % 10 == 0 or step == config.steps - 1:
-                bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
-            if out_path is not None and save_every > 0 and (step + 1) % save_every == 0 and step + 1 < config.steps:
-                save_checkpoint(out_path, model, ema, {**metadata, "step": step + 1})
-    model.eval()
-    ema.eval()
-    metadata["step"] = config.steps
-    if out_path is not None:
-        save_checkpoint(out_path, model, ema, metadata)
+            loop.show(step, lambda: {"loss": f"{mean(losses[-10:]):.4f}"})
+            loop.saved(step + 1)
+    loop.finish()
     return TrainResult(model, ema, losses, metadata)
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, ema: torch.nn.Module | None, metadata: dict) -> None:
-    """Write ``model.*`` (and ``ema.*``) weights and the JSON metadata as one safetensors file.
-
-    Shared by every family (genkernels.train_vae too): the metadata's ``model`` key names what the
-    weights are, and :func:`read_metadata` checks it.
-    """
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if ema is not None:
-        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-
-
-def read_metadata(path: str | Path, model: str = "diffusion-unet", family: str = "diffusion") -> dict:
-    """The JSON metadata of a checkpoint written by :func:`save_checkpoint` whose ``model`` is ``model``.
-
-    Raises FileNotFoundError for a missing file, ValueError for a file that is not a safetensors file,
-    has no genkernels metadata, or holds another model. ``family`` is the name the errors use
-    ("diffusion", "vae").
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types for a file that is not one of its own
-        raise ValueError(f"{str(path)!r} is not a safetensors checkpoint: {e}") from e
-    if METADATA_KEY not in meta:
-        raise ValueError(f"{str(path)!r} has no {METADATA_KEY!r} metadata: not a genkernels {family} checkpoint")
-    data = json.loads(meta[METADATA_KEY])
-    if data.get("model") != model:
-        raise ValueError(
-            f"{str(path)!r} holds a {data.get('model')!r} model, not a {family} checkpoint (model {model!r})"
-        )
-    return data
-
-
 def load_checkpoint(
     path: str | Path, *, ema: bool = True, device: torch.device | str = "cpu", backend: str | None = None
 ) -> tuple[UNet, dict]:
     """(UNet with the checkpoint's EMA weights, or its raw weights with ema=False; metadata)."""
-    from safetensors.torch import load_file
-
     meta = read_metadata(path)
     model = UNet(UNetConfig.from_json(json.dumps(meta["config"])), backend=backend)
     prefix = "ema." if ema else "model."
-    tensors = load_file(str(path))
-    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    state = checkpoint_weights(path, prefix)
     if not state:
         raise ValueError(f"{str(path)!r} has no {prefix}* weights (saved without EMA? use the raw weights)")
     model.load_state_dict(state)
@@ -394,7 +313,7 @@ def sample_diffusion(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     device = next(model.parameters()).device
-    backend = default_backend(device) if backend is None else backend
+    backend = backend_for(device, backend)
     schedule = Schedule(**metadata["schedule"])
     scheduler = make_scheduler(sampler, objective, schedule)
     scheduler.set_timesteps(steps, device=device)

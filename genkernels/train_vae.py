@@ -39,10 +39,9 @@ from pathlib import Path
 
 import torch
 
-from . import _registry
-from .data import ImageDataset, save_grid
+from . import _registry, _training
+from .data import ImageDataset
 from .models.vae import AutoencoderKL, AutoencoderKLConfig
-from .train import CHECKPOINT_FORMAT, default_backend, levels_that_fit, read_metadata, save_checkpoint
 
 LOSSES = ("l1", "l2")
 MODEL_PRESETS = ("tiny", "small")
@@ -88,20 +87,13 @@ class VAETrainConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.model not in MODEL_PRESETS:
-            raise ValueError(f"model must be one of {MODEL_PRESETS}, got {self.model!r}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        _training.check_choice("loss", self.loss, LOSSES)
+        _training.check_choice("model", self.model, MODEL_PRESETS)
+        _training.check_steps(self.steps, self.batch_size)
+        _training.check_positive("lr", self.lr)
         if not (math.isfinite(self.beta) and self.beta >= 0):
             raise ValueError(f"beta must be a number >= 0, got {self.beta}")
-        if self.save_every < 0:
-            raise ValueError(f"save_every must be >= 0, got {self.save_every}")
+        _training.check_at_least("save_every", self.save_every, 0)
 
 
 @dataclass
@@ -127,13 +119,8 @@ def model_config_for(data: ImageDataset, preset: str = "small") -> AutoencoderKL
     divide the image evenly or fall below 2x2 are dropped (the 8x8 digits keep at most 3 levels).
     """
     presets = {"tiny": AutoencoderKLConfig.tiny, "small": AutoencoderKLConfig.digits}
-    if preset not in presets:
-        raise ValueError(f"model preset must be one of {sorted(presets)}, got {preset!r}")
-    base = presets[preset]()
-    c, h, w = data.image_shape
-    if h != w:
-        raise ValueError(f"images must be square, got {h}x{w}")
-    levels = levels_that_fit(h, len(base.block_out_channels))
+    base, c, h = _training.preset_for(presets, preset, data)
+    levels = _training.levels_that_fit(h, len(base.block_out_channels))
     return dataclasses.replace(
         base,
         in_channels=c,
@@ -143,12 +130,6 @@ def model_config_for(data: ImageDataset, preset: str = "small") -> AutoencoderKL
         down_block_types=tuple(base.down_block_types[:levels]),
         up_block_types=tuple(base.up_block_types[:levels]),
     )
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def reconstruction_loss(x_rec: torch.Tensor, x: torch.Tensor, loss: str) -> torch.Tensor:
@@ -179,40 +160,21 @@ def train_vae(
             show reconstructions without a ``--data`` option.
     """
     model_config = model_config_for(data, config.model)
-    device = _device(config.device)
-    backend = default_backend(device) if config.backend is None else config.backend
-    torch.manual_seed(config.seed)  # parameter initialization
-    gen = torch.Generator().manual_seed(config.seed)
-    model = AutoencoderKL(model_config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    device = _training.resolve_device(config.device)
+    backend = _training.backend_for(device, config.backend)
+    model, opt, gen = _training.init_training(lambda: AutoencoderKL(model_config), config, device)
     pixels = math.prod(data.image_shape)
-    metadata = {
-        "format": CHECKPOINT_FORMAT,
-        "model": MODEL_NAME,
-        "config": json.loads(model_config.to_json()),
-        "loss": config.loss,
-        "beta": config.beta,
-        "class_names": list(data.class_names),
-        "image_shape": list(data.image_shape),
-        "latent_shape": None,
-        "data": data_source,
-        "step": 0,
-    }
-    out_path = None
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        out_path = Path(out_dir) / CHECKPOINT_NAME
-
-    from tqdm.auto import tqdm
-
+    metadata = _training.run_metadata(
+        MODEL_NAME, model_config, data, loss=config.loss, beta=config.beta, latent_shape=None, data=data_source
+    )
+    loop = _training.TrainLoop("vae", model, metadata, config.steps, config.save_every, out_dir, progress)
     losses: list[float] = []
     recs: list[float] = []
     kls: list[float] = []
     batches = data.batches(config.batch_size, gen)
-    bar = tqdm(range(config.steps), desc="train vae", disable=not progress, dynamic_ncols=True)
     with _registry.backend(backend):
         model.train()
-        for step in bar:
+        for step in loop:
             x, _ = next(batches)
             x = x.to(device)
             posterior = model.encode(x).latent_dist
@@ -222,46 +184,27 @@ def train_vae(
             rec = reconstruction_loss(model.decode(z).sample, x, config.loss)
             kl_mean = kl.float().mean()
             loss = rec + (config.beta / pixels) * kl_mean
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            opt.step()
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"training diverged: loss {value} at step {step}; try a lower --lr")
-            losses.append(value)
+            losses.append(loop.update(opt, loss, step, config.grad_clip))
             recs.append(rec.item())
             kls.append(kl_mean.item())
             if step == 0:
                 metadata["latent_shape"] = list(z.shape[1:])
-            if step % 10 == 0 or step == config.steps - 1:
-                last = slice(-10, None)
-                # A dict keeps this order; keyword arguments would be sorted alphabetically.
-                bar.set_postfix(
-                    {
-                        "loss": f"{_mean(losses[last]):.4f}",
-                        "rec": f"{_mean(recs[last]):.4f}",
-                        "kl": f"{_mean(kls[last]):.2f}",
-                    }
-                )
-            done = step + 1
-            if out_path is not None and config.save_every > 0 and done % config.save_every == 0 and done < config.steps:
-                save_checkpoint(out_path, model, None, {**metadata, "step": done})
-    model.eval()
-    metadata["step"] = config.steps
-    if out_path is not None:
-        save_checkpoint(out_path, model, None, metadata)
+            loop.show(
+                step,
+                lambda: {
+                    "loss": f"{_training.mean(losses[-10:]):.4f}",
+                    "rec": f"{_training.mean(recs[-10:]):.4f}",
+                    "kl": f"{_training.mean(kls[-10:]):.2f}",
+                },
+            )
+            loop.saved(step + 1)
+    loop.finish()
     return VAETrainResult(model, losses, recs, kls, metadata)
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def read_vae_metadata(path: str | Path) -> dict:
     """The metadata of a VAE checkpoint (FileNotFoundError / ValueError as genkernels.train.read_metadata)."""
-    return read_metadata(path, model=MODEL_NAME, family="vae")
+    return _training.read_metadata(path, model=MODEL_NAME, family="vae")
 
 
 def load_vae(
@@ -271,13 +214,9 @@ def load_vae(
 
     backend: the model's backend for every op (None: follow the scope / environment / auto).
     """
-    from safetensors.torch import load_file
-
     meta = read_vae_metadata(path)
     model = AutoencoderKL(AutoencoderKLConfig.from_json(json.dumps(meta["config"])), backend=backend)
-    tensors = load_file(str(path))
-    prefix = "model."
-    model.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    model.load_state_dict(_training.checkpoint_weights(path))
     return model.to(device).eval(), meta
 
 
@@ -320,12 +259,10 @@ def sample_vae(
     channels = model.config.in_channels
     if data.image_shape[0] != channels:
         raise ValueError(f"the data has {data.image_shape[0]} channels but the model takes {channels}")
-    ncol = min(num, 10) if ncol is None else ncol
-    if ncol < 1:
-        raise ValueError(f"ncol must be >= 1, got {ncol}")
+    ncol = _training.check_ncol(min(num, 10) if ncol is None else ncol)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    backend = default_backend(device) if backend is None else backend
+    backend = _training.backend_for(device, backend)
     gen = torch.Generator().manual_seed(seed)
     x = data.images[torch.randperm(len(data), generator=gen)[:num]]
     with _registry.backend(backend):
@@ -344,6 +281,5 @@ def sample_vae(
 
     pairs = torch.stack([padded(x), padded(rec)], dim=1).flatten(0, 2)  # input row r, reconstruction row r, ...
     grid = torch.cat([pairs, padded(prior).flatten(0, 1)])
-    scale = max(1, 64 // x.shape[-2]) if scale is None else scale
-    size = save_grid(grid, out, ncol=ncol, scale=scale)
+    size = _training.write_grid(grid, out, ncol, scale)
     return VAESamples(x, rec, prior, size)

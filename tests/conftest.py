@@ -60,3 +60,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The scikit-learn 8x8 digits as a genkernels ImageDataset (1797 images, 10 classes)."""
+    from genkernels import data
+
+    return data.digits()

@@ -10,6 +10,7 @@ from PIL import Image
 
 from genkernels import train
 from genkernels.cli import main
+from tests._cli import assert_same_grid_twice, assert_usage_error, train_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -17,29 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Checkpoints of 3-step training runs from the command line (eps and flow)."""
-    paths = {}
-    for objective in ("eps", "flow"):
-        out = tmp_path_factory.mktemp(f"run-{objective}")
-        argv = [
-            "train",
-            "diffusion",
-            "--data",
-            "digits",
-            "--steps",
-            "3",
-            "--objective",
-            objective,
-            "--model",
-            "tiny",
-            "--batch-size",
-            "16",
-            "--out",
-            str(out),
-            "--no-progress",
-        ]
-        assert main(argv) == 0
-        paths[objective] = out / "diffusion.safetensors"
-    return paths
+    argv = ["--steps", "3", "--model", "tiny", "--batch-size", "16"]
+    return {obj: train_run(tmp_path_factory, "diffusion", *argv, "--objective", obj) for obj in ("eps", "flow")}
 
 
 def test_train_writes_a_checkpoint(runs, capsys):
@@ -104,28 +84,8 @@ def test_sample_layout_options_and_default_sampler(runs, tmp_path):
 
 
 def test_same_seed_same_grid(runs, tmp_path):
-    grids = []
-    for name in ("a.png", "b.png"):
-        argv = [
-            "sample",
-            "diffusion",
-            "--ckpt",
-            str(runs["eps"]),
-            "--sampler",
-            "ddpm",
-            "--steps",
-            "2",
-            "--num",
-            "4",
-            "--seed",
-            "7",
-            "--out",
-            str(tmp_path / name),
-            "--no-progress",
-        ]
-        assert main(argv) == 0
-        grids.append((tmp_path / name).read_bytes())
-    assert grids[0] == grids[1]
+    argv = ["sample", "diffusion", "--ckpt", str(runs["eps"]), "--sampler", "ddpm", "--steps", "2", "--num", "4"]
+    assert_same_grid_twice([*argv, "--seed", "7", "--no-progress"], tmp_path)
 
 
 def test_sampler_objective_mismatch_is_a_clear_error(runs, tmp_path, capsys):
@@ -154,10 +114,7 @@ def test_sampler_objective_mismatch_is_a_clear_error(runs, tmp_path, capsys):
     ],
 )
 def test_argument_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    assert_usage_error(argv, message, capsys)
 
 
 def test_file_errors(runs, tmp_path, capsys):

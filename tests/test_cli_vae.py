@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from genkernels import train, train_vae
+from genkernels import train_vae
 from genkernels.cli import FAMILIES, main
+from tests._cli import assert_same_grid_twice, assert_usage_error, foreign_checkpoint, train_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -17,15 +17,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """The checkpoint of a 3-step training run from the command line."""
-    out = tmp_path_factory.mktemp("run-vae")
-    argv = ["train", "vae", "--data", "digits", "--steps", "3", "--model", "tiny", "--batch-size", "16"]
-    argv += ["--loss", "l1", "--beta", "0.01", "--out", str(out), "--no-progress"]
-    assert main(argv) == 0
-    return out / "vae.safetensors"
+    return train_run(
+        tmp_path_factory,
+        "vae",
+        "--steps",
+        "3",
+        "--model",
+        "tiny",
+        "--batch-size",
+        "16",
+        "--loss",
+        "l1",
+        "--beta",
+        "0.01",
+    )
 
 
 def test_families():
-    assert FAMILIES == ("diffusion", "vae")
+    assert "vae" in FAMILIES
 
 
 def test_train_writes_a_checkpoint(ckpt):
@@ -45,16 +54,9 @@ def test_sample_writes_the_grid(ckpt, tmp_path, capsys):
 
 
 def test_sample_options(ckpt, tmp_path):
-    grids = []
-    for name in ("a.png", "b.png"):
-        out = tmp_path / name
-        argv = ["sample", "vae", "--ckpt", str(ckpt), "--data", "digits", "--num", "5", "--ncol", "5"]
-        argv += ["--scale", "2", "--seed", "7", "--backend", "reference", "--out", str(out)]
-        assert main(argv) == 0
-        with Image.open(out) as im:
-            assert im.size == (5 * 17 + 1, 3 * 17 + 1)
-        grids.append(out.read_bytes())
-    assert grids[0] == grids[1]
+    argv = ["sample", "vae", "--ckpt", str(ckpt), "--data", "digits", "--num", "5", "--ncol", "5"]
+    argv += ["--scale", "2", "--seed", "7", "--backend", "reference"]
+    assert_same_grid_twice(argv, tmp_path, (5 * 17 + 1, 3 * 17 + 1))
 
 
 @pytest.mark.parametrize(
@@ -71,14 +73,11 @@ def test_sample_options(ckpt, tmp_path):
         (["train", "vae", "--out", "x", "--bogus"], "unrecognized arguments: --bogus"),
         (["train", "vae"], "the following arguments are required: --out"),
         (["sample", "vae"], "the following arguments are required: --ckpt"),
-        (["train", "flow", "--out", "x"], "argument family: invalid choice: 'flow'"),
+        (["train", "gan", "--out", "x"], "argument family: invalid choice: 'gan'"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    assert_usage_error(argv, message, capsys)
 
 
 def test_command_errors(ckpt, tmp_path, capsys):
@@ -91,8 +90,7 @@ def test_command_errors(ckpt, tmp_path, capsys):
     assert "--ckpt: checkpoint" in capsys.readouterr().err
     assert main(["sample", "vae", "--ckpt", str(ckpt), "--num", "5000", "--out", str(tmp_path / "x.png")]) == 2
     assert "--num must be at most the data's 1797 images, got 5000" in capsys.readouterr().err
-    unet = tmp_path / "unet.safetensors"
-    train.save_checkpoint(unet, torch.nn.Linear(1, 1), None, {"model": "diffusion-unet"})
+    unet = foreign_checkpoint(tmp_path / "unet.safetensors", "diffusion-unet")
     assert main(["sample", "vae", "--ckpt", str(unet), "--out", str(tmp_path / "x.png")]) == 2
     assert "holds a 'diffusion-unet' model, not a vae checkpoint" in capsys.readouterr().err
     assert main(["sample", "diffusion", "--ckpt", str(ckpt), "--out", str(tmp_path / "x.png")]) == 2

@@ -10,11 +10,6 @@ from genkernels import data, train
 from genkernels.models import UNet, UNetConfig
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return data.digits()
-
-
 def _tiny_run(digits, objective, steps, out=None, seed=0):
     cfg = train.model_config_for(digits, "tiny")
     config = train.TrainConfig(steps=steps, batch_size=64, objective=objective, seed=seed)

@@ -11,12 +11,8 @@ import torch
 from PIL import Image
 
 import genkernels
-from genkernels import data, train, train_vae
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return data.digits()
+from genkernels import data, train_vae
+from tests._cli import assert_load_errors, assert_same_weights
 
 
 def _run(digits, steps, out=None, **overrides):
@@ -71,22 +67,11 @@ def test_checkpoint_round_trip(checkpoint, digits):
     assert model.config == train_vae.model_config_for(digits, "tiny")
     latent = result.model.encode(digits.images[:2]).latent_dist.mode()
     assert meta["latent_shape"] == list(latent.shape[1:])
-    trained = result.model.state_dict()
-    assert model.state_dict().keys() == trained.keys()
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, trained[k]), k
+    assert_same_weights(model, result.model)
 
 
 def test_checkpoint_errors(checkpoint, tmp_path):
-    path, result = checkpoint
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        train_vae.load_vae(tmp_path / "nope.safetensors")
-    other = tmp_path / "unet.safetensors"
-    train.save_checkpoint(other, torch.nn.Linear(1, 1), None, {"model": "diffusion-unet"})
-    with pytest.raises(ValueError, match="holds a 'diffusion-unet' model, not a vae checkpoint"):
-        train_vae.load_vae(other)
-    with pytest.raises(ValueError, match="holds a 'vae' model, not a diffusion checkpoint"):
-        train.read_metadata(path)
+    assert_load_errors(train_vae.load_vae, checkpoint[0], "vae", "diffusion-unet", tmp_path)
 
 
 def test_sample_grid(checkpoint, digits, tmp_path):

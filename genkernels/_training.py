@@ -1,0 +1,242 @@
+"""What the training families (genkernels.train, train_vae, train_flow) share.
+
+Config checks, the device and backend defaults, model presets, the training loop's bookkeeping
+(parameter initialization, optimizer step, progress bar, periodic and final checkpoints), the
+safetensors checkpoint format with its JSON metadata, and the PNG grid defaults of sampling.
+genkernels.train re-exports the public names (save_checkpoint, read_metadata, default_backend...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+CHECKPOINT_FORMAT = 1
+METADATA_KEY = "genkernels"
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def check_positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value}")
+
+
+def check_steps(steps: int, batch_size: int) -> None:
+    check_at_least("steps", steps, 1)
+    check_at_least("batch_size", batch_size, 1)
+
+
+# --------------------------------------------------------------------------- device, backend, model presets
+
+
+def default_backend(device: torch.device | str) -> str:
+    """ "reference" on CPU (see the module doc of genkernels.train), "auto" elsewhere."""
+    return "reference" if torch.device(device).type == "cpu" else "auto"
+
+
+def backend_for(device: torch.device | str, backend: str | None) -> str:
+    """``backend``, or the :func:`default_backend` of ``device`` when it is None."""
+    return default_backend(device) if backend is None else backend
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a torch.device; None: cuda when available, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def levels_that_fit(size: int, levels: int) -> int:
+    """The most resolution levels, at most ``levels``, whose halvings of ``size`` stay whole and >= 2 pixels."""
+    while levels > 1 and (size % 2 ** (levels - 1) or size // 2 ** (levels - 1) < 2):
+        levels -= 1
+    return levels
+
+
+def preset_for(presets: dict[str, Callable], preset: str, data) -> tuple[object, int, int]:
+    """(the default config of ``preset``, the data's channels, its image size); square images only."""
+    if preset not in presets:
+        raise ValueError(f"model preset must be one of {sorted(presets)}, got {preset!r}")
+    c, h, w = data.image_shape
+    base = presets[preset]()
+    if h != w:
+        raise ValueError(f"images must be square, got {h}x{w}")
+    return base, c, h
+
+
+# --------------------------------------------------------------------------- the training loop
+
+
+def init_training(build: Callable[[], torch.nn.Module], config, device: torch.device):
+    """(model, AdamW optimizer, CPU generator), all from ``config.seed``: the same seed, the same run."""
+    torch.manual_seed(config.seed)  # parameter initialization
+    gen = torch.Generator().manual_seed(config.seed)
+    model = build().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return model, opt, gen
+
+
+def run_metadata(model_name: str, model_config, dataset, /, **entries) -> dict:
+    """A training run's checkpoint metadata: the format, what the model is and its config, the family's
+    ``entries``, the data's class names and image shape, and the step (0 until the run updates it)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": model_name,
+        "config": json.loads(model_config.to_json()),
+        **entries,
+        "class_names": list(dataset.class_names),
+        "image_shape": list(dataset.image_shape),
+        "step": 0,
+    }
+
+
+class TrainLoop:
+    """The bookkeeping of every family's training loop.
+
+    Iterating gives the step numbers behind a tqdm bar ("train FAMILY"); :meth:`update` takes one
+    optimizer step; :meth:`show` sets the bar's postfix every 10 steps and at the last;
+    :meth:`saved` writes ``out_dir/FAMILY.safetensors`` every ``save_every`` steps before the last;
+    :meth:`finish` puts the models in eval mode and writes the final checkpoint.
+    """
+
+    def __init__(
+        self,
+        family: str,
+        model: torch.nn.Module,
+        metadata: dict,
+        steps: int,
+        save_every: int,
+        out_dir: str | Path | None,
+        progress: bool,
+        ema: torch.nn.Module | None = None,
+    ) -> None:
+        self.steps, self.model, self.ema, self.metadata, self.save_every = steps, model, ema, metadata, save_every
+        self.out_path = None
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            self.out_path = Path(out_dir) / f"{family}.safetensors"
+
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(range(steps), desc=f"train {family}", disable=not progress, dynamic_ncols=True)
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def update(self, opt, loss: torch.Tensor, step: int, grad_clip: float, what: str = "loss") -> float:
+        """Backward, clip, step; returns the loss value (FloatingPointError when it is not finite)."""
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
+        opt.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training diverged: {what} {value} at step {step}; try a lower --lr")
+        return value
+
+    def show(self, step: int, postfix: Callable[[], dict]) -> None:
+        if step % 10 == 0 or step == self.steps - 1:
+            # A dict keeps this order; keyword arguments would be sorted alphabetically.
+            self.bar.set_postfix(postfix())
+
+    def saved(self, done: int) -> None:
+        """After ``done`` steps: the periodic checkpoint, when one is due."""
+        if self.out_path is not None and self.save_every > 0 and done % self.save_every == 0 and done < self.steps:
+            save_checkpoint(self.out_path, self.model, self.ema, {**self.metadata, "step": done})
+
+    def finish(self) -> None:
+        self.model.eval()
+        if self.ema is not None:
+            self.ema.eval()
+        self.metadata["step"] = self.steps
+        if self.out_path is not None:
+            save_checkpoint(self.out_path, self.model, self.ema, self.metadata)
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, ema: torch.nn.Module | None, metadata: dict) -> None:
+    """Write ``model.*`` (and ``ema.*``) weights and the JSON metadata as one safetensors file.
+
+    Shared by every family: the metadata's ``model`` key names what the weights are, and
+    :func:`read_metadata` checks it.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+
+
+def read_metadata(path: str | Path, model: str = "diffusion-unet", family: str = "diffusion") -> dict:
+    """The JSON metadata of a checkpoint written by :func:`save_checkpoint` whose ``model`` is ``model``.
+
+    Raises FileNotFoundError for a missing file, ValueError for a file that is not a safetensors file,
+    has no genkernels metadata, or holds another model. ``family`` is the name the errors use
+    ("diffusion", "vae", "flow").
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for a file that is not one of its own
+        raise ValueError(f"{str(path)!r} is not a safetensors checkpoint: {e}") from e
+    if METADATA_KEY not in meta:
+        raise ValueError(f"{str(path)!r} has no {METADATA_KEY!r} metadata: not a genkernels {family} checkpoint")
+    data = json.loads(meta[METADATA_KEY])
+    if data.get("model") != model:
+        raise ValueError(
+            f"{str(path)!r} holds a {data.get('model')!r} model, not a {family} checkpoint (model {model!r})"
+        )
+    return data
+
+
+def checkpoint_weights(path: str | Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The weights saved under ``prefix`` (``model.`` or ``ema.``), without the prefix."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+# --------------------------------------------------------------------------- sample grids
+
+
+def check_ncol(ncol: int) -> int:
+    check_at_least("ncol", ncol, 1)
+    return ncol
+
+
+def write_grid(images: torch.Tensor, out: str | Path, ncol: int, scale: int | None) -> tuple[int, int]:
+    """genkernels.data.save_grid with images upscaled ``scale`` times (None: to about 64 px)."""
+    from .data import save_grid
+
+    scale = max(1, 64 // images.shape[-2]) if scale is None else scale
+    return save_grid(images, out, ncol=ncol, scale=scale)
