@@ -173,6 +173,15 @@ def expected(name: str, ref: torch.Tensor, truth: torch.Tensor) -> Expected:
     return Expected(name, truth.detach(), 2 * spread + floor)
 
 
+def expected_sum(name: str, ref: torch.Tensor, truth: torch.Tensor) -> Expected:
+    """The criterion for a reduction, as the test suite applies it (tests/criterion.py, relative_floor): the
+    floor scaled by max(1, max|truth|). A sum of 10^5 terms reaches 10^4 or more, where one float32 unit in
+    the last place is 1e-3: an absolute 1e-5 floor would demand the reference's summation order."""
+    exp = expected(name, ref, truth)
+    scale = max(1.0, truth.detach().abs().max().item()) if truth.numel() else 1.0
+    return Expected(name, exp.truth, exp.bound + FLOOR[ref.dtype] * (scale - 1.0))
+
+
 def compare(outputs: Sequence[torch.Tensor], expect: Sequence[Expected]) -> Check:
     """Check each output against its :class:`Expected`: the first failure, else the output closest to its bound.
 

@@ -9,18 +9,17 @@ weight and bias, as in training). The baseline is what users write:
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ._elementwise import MemoryBoundCase, check_one, compiled, import_failed, self_check_dtypes
 from .core import (
     COMPILE,
     DTYPE_NAMES,
     EAGER,
-    Case,
     CaseRecord,
     Expected,
     Goal,
@@ -28,7 +27,6 @@ from .core import (
     SelfCheck,
     SelfCheckTally,
     Variant,
-    compare,
     expected,
     first_call_s,
     genkernels_backends,
@@ -143,14 +141,14 @@ def _expected(
     return [expected(n, r, t) for n, r, t in zip(names, ref, truth)]
 
 
-class GroupNormCase(Case):
+class GroupNormCase(MemoryBoundCase):
     """One (shape, layout, dtype, mode) of GroupNorm(32) + SiLU with weight and bias."""
 
     op = OP
-    unit = "GB/s"
 
     def __init__(self, workload: str, shape: tuple[int, int, int, int], layout: str, dtype: torch.dtype, mode: str):
-        self.workload, self.shape, self.layout, self.dtype, self.mode = workload, shape, layout, dtype, mode
+        super().__init__(shape, dtype, TENSORS_MOVED[mode])
+        self.workload, self.layout, self.mode = workload, layout, mode
         short = "NCHW" if layout == "NCHW" else "NHWC"
         self.label = f"{'x'.join(map(str, shape))} {short} {DTYPE_NAMES[dtype]} {mode}"
         self.params: dict[str, Any] = {
@@ -163,12 +161,6 @@ class GroupNormCase(Case):
         }
         self.table = TABLES[mode]
         self.rate_note = RATE_NOTES[mode]
-        self.work = float(TENSORS_MOVED[mode] * math.prod(shape) * torch.finfo(dtype).bits // 8)
-        self._state: dict[str, Any] = {}
-
-    def variant_names(self) -> list[str]:
-        """eager, torch.compile, then each genkernels backend (triton, cuda)."""
-        return [EAGER, COMPILE, *genkernels_backends()]
 
     def prepare(self, device: torch.device) -> None:
         """Seeded inputs in the case's layout and dtype, and the references (float32 truth)."""
@@ -193,10 +185,7 @@ class GroupNormCase(Case):
             fn = self._fn(eager_group_norm_silu)
             return Variant(EAGER, "baseline", fn, first_call_s=first_call_s(fn))
         if name == COMPILE:
-            # A fresh compile per case: its cost is reported, and dynamo's per-function recompile
-            # limit (8 by default) would otherwise silently fall back to eager after 8 shapes.
-            torch._dynamo.reset()
-            fn = self._fn(torch.compile(eager_group_norm_silu, dynamic=False))
+            fn = self._fn(compiled(eager_group_norm_silu))
             return Variant(COMPILE, "baseline", fn, first_call_s=first_call_s(fn))
         x, weight, bias, _ = self._state["args"]
         try:
@@ -213,10 +202,6 @@ class GroupNormCase(Case):
     def expected(self) -> list[Expected]:
         """y (forward) or dx, dweight, dbias (forward + backward), float32 truth with the criterion's bounds."""
         return self._state["expected"]
-
-    def release(self) -> None:
-        """Drop inputs and references."""
-        self._state = {}
 
 
 def cases(quick: bool = False) -> list[GroupNormCase]:
@@ -353,11 +338,11 @@ def self_check(backend: str) -> SelfCheck:
     "skipped" (the backend's reason for not running on this machine).
     """
     device = torch.device("cpu")
-    dtypes = (torch.float32, torch.float16) if backend == "triton" else (torch.float32, torch.float16, torch.bfloat16)
+    dtypes = self_check_dtypes(backend)
     try:
         impl = _genkernels_group_norm(backend)
     except Exception as e:  # noqa: BLE001 - the op module itself does not import
-        return SelfCheck(OP, backend, "failed", f"cannot import genkernels.ops.group_norm: {type(e).__name__}: {e}")
+        return import_failed(OP, backend, "genkernels.ops.group_norm", e)
     tally = SelfCheckTally(OP, backend)
     for dtype in dtypes:
         for shape, layout, scale, offset in SELF_CHECK_CASES:
@@ -375,12 +360,13 @@ def self_check(backend: str) -> SelfCheck:
                 else:
                     for t in (x, weight, bias):
                         t.requires_grad_(True)
-                exp = _expected(eager_group_norm_silu, x, weight, bias, dy, torch.float64)
-                try:
-                    check = compare(_forward_backward(impl, x, weight, bias, dy), exp)
-                except Exception as e:  # noqa: BLE001 - it said it could run these inputs
-                    return tally.failed(f"{label}: raised {type(e).__name__}: {e}")
-                failure = tally.add(label, check)
+                # No skip: it said it could run these inputs.
+                failure = check_one(
+                    tally,
+                    label,
+                    functools.partial(_forward_backward, impl, x, weight, bias, dy),
+                    functools.partial(_expected, eager_group_norm_silu, x, weight, bias, dy, torch.float64),
+                )
                 if failure is not None:
                     return failure
     return tally.result(dtypes)

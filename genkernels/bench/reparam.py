@@ -38,18 +38,27 @@ built last (``core.run_variant`` and the pytest harness check each variant right
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from ._elementwise import (
+    MemoryBoundCase,
+    build,
+    case_rows,
+    check_one,
+    compiled,
+    import_failed,
+    in_dtypes,
+    records_by,
+    self_check_dtypes,
+    speedup_goal,
+)
 from .core import (
     COMPILE,
     DTYPE_NAMES,
     EAGER,
-    FLOOR,
-    Case,
     CaseRecord,
     Expected,
     Goal,
@@ -57,10 +66,8 @@ from .core import (
     SelfCheck,
     SelfCheckTally,
     Variant,
-    compare,
     expected,
-    first_call_s,
-    genkernels_backends,
+    expected_sum,
 )
 
 OP = "reparam"
@@ -179,17 +186,9 @@ def _expected(
         impl = functools.partial(_with_noise, noise)
         return _forward_backward(impl, cast(mean), cast(logvar), None if dz is None else cast(dz), dkl)
 
+    # kl, a sum of 262,144 terms per sample (about 1.8e5), gets the reductions' criterion.
     names = OUTPUTS["fwd" if dz is None else "fwd+bwd"]
-    return [(_expected_sum if n == "kl" else expected)(n, r, t) for n, r, t in zip(names, run(None), run(truth_dtype))]
-
-
-def _expected_sum(name: str, ref: torch.Tensor, truth: torch.Tensor) -> Expected:
-    """The criterion for a reduction, as the test suite applies it (tests/criterion.py, relative_floor): the
-    floor scaled by max(1, max|truth|). kl sums 262,144 terms per sample to about 1.8e5, where one float32
-    unit in the last place is 0.016: an absolute 1e-5 floor would demand the reference's summation order."""
-    exp = expected(name, ref, truth)
-    scale = max(1.0, truth.detach().abs().max().item()) if truth.numel() else 1.0
-    return Expected(name, exp.truth, exp.bound + FLOOR[ref.dtype] * (scale - 1.0))
+    return [(expected_sum if n == "kl" else expected)(n, r, t) for n, r, t in zip(names, run(None), run(truth_dtype))]
 
 
 def _with_noise(eps: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,18 +200,17 @@ def _dkl(
 ) -> dict[torch.dtype, torch.Tensor]:
     """The KL's incoming gradient (B,) in each dtype of ``dtypes``: ones (a loss with beta = 1), or ``value``."""
     base = torch.ones(batch, dtype=torch.float64) if value is None else value.double()
-    base = base.to(device)
-    return {dt: base.to(dt) for dt in dict.fromkeys(dtypes)}
+    return in_dtypes(base.to(device), dtypes)
 
 
-class ReparamCase(Case):
+class ReparamCase(MemoryBoundCase):
     """One (dtype, mode) of reparameterize + KL on :data:`SHAPE` (contiguous NCHW)."""
 
     op = OP
-    unit = "GB/s"
 
     def __init__(self, dtype: torch.dtype, mode: str, shape: tuple[int, ...] = SHAPE):
-        self.shape, self.dtype, self.mode = shape, dtype, mode
+        super().__init__(shape, dtype, TENSORS_MOVED[mode])
+        self.mode = mode
         self.label = f"{'x'.join(map(str, shape))} {DTYPE_NAMES[dtype]} {mode}"
         self.params: dict[str, Any] = {
             "workload": WORKLOAD,
@@ -225,12 +223,6 @@ class ReparamCase(Case):
         }
         self.table = TABLES[mode]
         self.rate_note = RATE_NOTES[mode]
-        self.work = float(TENSORS_MOVED[mode] * math.prod(shape) * torch.finfo(dtype).bits // 8)
-        self._state: dict[str, Any] = {}
-
-    def variant_names(self) -> list[str]:
-        """eager, torch.compile, then each genkernels backend (triton, cuda)."""
-        return [EAGER, COMPILE, *genkernels_backends()]
 
     def prepare(self, device: torch.device) -> None:
         """Seeded inputs, the genkernels noise (SEED, OFFSET) and the references (float64 truth)."""
@@ -257,42 +249,21 @@ class ReparamCase(Case):
         return fn
 
     def variant(self, name: str) -> Variant:
-        """Build one variant and run it once (torch.compile compiles here, genkernels' kernels too).
-
-        Baselines are checked on the noise-free outputs only (module doc); torch.compile is timed even
-        outside the criterion (users run it as it is). A genkernels backend is skipped only with its
-        UnsupportedError reason and must pass on every output.
-        """
-        if name in (EAGER, COMPILE):
-            outputs = NOISE_FREE[self.mode]
-            if name == COMPILE:
-                # A fresh compile per case: its cost is reported, and dynamo's recompile limit stays clear.
-                torch._dynamo.reset()
-                impl = torch.compile(eager_reparameterize, dynamic=False)
-            else:
-                impl = eager_reparameterize
-            self._state["checked"] = outputs
-            fn = self._fn(impl, outputs)
-            return Variant(name, "baseline", fn, first_call_s=first_call_s(fn), strict=name == EAGER)
-        from genkernels import UnsupportedError
-
-        self._state["checked"] = OUTPUTS[self.mode]
-        fn = self._fn(functools.partial(_genkernels, name), OUTPUTS[self.mode])
-        try:
-            took = first_call_s(fn)
-        except UnsupportedError as e:
-            return Variant(name, "genkernels", skip=" ".join(str(e).split()))
-        return Variant(name, "genkernels", fn, first_call_s=took)
+        """Build one variant and run it once (:func:`._elementwise.build`). Baselines are checked on the
+        noise-free outputs only (module doc); a genkernels backend on every output."""
+        if name == EAGER:
+            impl, outputs = eager_reparameterize, NOISE_FREE[self.mode]
+        elif name == COMPILE:
+            impl, outputs = compiled(eager_reparameterize), NOISE_FREE[self.mode]
+        else:
+            impl, outputs = functools.partial(_genkernels, name), OUTPUTS[self.mode]
+        self._state["checked"] = outputs
+        return build(name, self._fn(impl, outputs))
 
     def expected(self) -> list[Expected]:
         """The references of the outputs the variant built last returns: all of them (genkernels: z, kl or
         dmean, dlogvar on the Philox noise), or the noise-free ones (baselines: kl or dmean)."""
         return [e for e in self._state["expected"] if e.name in self._state["checked"]]
-
-    def release(self) -> None:
-        """Drop inputs and references."""
-        self._state = {}
-        torch._dynamo.reset()
 
 
 def cases(quick: bool = False) -> list[ReparamCase]:
@@ -304,49 +275,12 @@ def cases(quick: bool = False) -> list[ReparamCase]:
 # --------------------------------------------------------------------------- summary and goals
 
 
-def _fmt(value: float | None, unit: str) -> str:
-    if value is None:
-        return "n/a"
-    if unit == "x":
-        return f"{value:.2f}x"
-    if unit == "%":
-        return f"{value:.0f}%"
-    return f"{value:.4f}"
-
-
-def _records(records: Sequence[CaseRecord]) -> dict[tuple[str, str], CaseRecord]:
-    """This op's records by (dtype, mode)."""
-    return {(r.params["dtype"], r.params["mode"]): r for r in records if r.op == OP}
-
-
 def summarize(records: Sequence[CaseRecord]) -> OpSummary:
     """Per case and variant: ms, the floor, speedups vs eager and vs torch.compile, % of copy bandwidth;
     and the goals per dtype and mode, each on the genkernels backend that does best."""
-    by_case = _records(records)
+    by_case = records_by(records, OP, ("dtype", "mode"))
     headers = ["case", "floor ms", "variant", "ms", "vs eager", "vs torch.compile", "% copy BW"]
-    rows = []
-    for mode in MODES:
-        for dtype in DTYPES:
-            rec = by_case.get((DTYPE_NAMES[dtype], mode))
-            if rec is None:
-                continue
-            for name in [EAGER, COMPILE, *genkernels_backends()]:
-                res = rec.result(name)
-                if res is None or res.ms is None:
-                    status = "not run" if res is None else res.status
-                    rows.append([rec.label, _fmt(rec.floor_ms, "ms"), name, status, "n/a", "n/a", "n/a"])
-                    continue
-                rows.append(
-                    [
-                        rec.label,
-                        _fmt(rec.floor_ms, "ms"),
-                        name,
-                        _fmt(res.ms, "ms"),
-                        "-" if name == EAGER else _fmt(res.vs_eager, "x"),
-                        "-" if name in (EAGER, COMPILE) else _fmt(res.vs_compile, "x"),
-                        _fmt(res.pct_ceiling, "%"),
-                    ]
-                )
+    rows = case_rows(by_case, [(DTYPE_NAMES[dtype], mode) for mode in MODES for dtype in DTYPES])
     notes = [
         f"{WORKLOAD} {SHAPE}; baseline: diffusers' DiagonalGaussianDistribution formula (sample() + kl()), eager and "
         "torch.compile; genkernels: ops.reparameterize with in-kernel Philox noise (seed given).",
@@ -358,31 +292,14 @@ def summarize(records: Sequence[CaseRecord]) -> OpSummary:
     return OpSummary(OP, headers, rows, _goals(by_case), notes)
 
 
-def _goals(by_case: dict[tuple[str, str], CaseRecord]) -> list[Goal]:
+def _goals(by_case: dict[tuple, CaseRecord]) -> list[Goal]:
     goals = []
-    for mode, dtype in ((mode, dtype) for mode in MODES for dtype in DTYPES):
-        name = DTYPE_NAMES[dtype]
-        rec = by_case.get((name, mode))
-        for what, target, attr, threshold, baseline in (
-            ("vs eager", f">= {EAGER_GOAL:g}x", "vs_eager", EAGER_GOAL, EAGER),
-            ("vs torch.compile", f">= {COMPILE_GOAL:.1f}x", "vs_compile", COMPILE_GOAL, COMPILE),
-        ):
-            goal = f"{name} {mode} {'x'.join(map(str, SHAPE))}, speedup {what}"
-            ran = [] if rec is None else [r for b in genkernels_backends() if (r := rec.result(b)) and r.ms]
-            values = [(getattr(r, attr), r.variant) for r in ran if getattr(r, attr) is not None]
-            if not values:
-                base = None if rec is None else rec.result(baseline)
-                why = (
-                    "the case did not run"
-                    if rec is None
-                    else "no genkernels backend ran"
-                    if not ran
-                    else f"{baseline} did not run ({'not run' if base is None else base.status})"
-                )
-                goals.append(Goal(goal, target, f"unmeasured ({why})", None))
-                continue
-            value, backend = max(values)
-            goals.append(Goal(goal, target, f"{value:.2f}x ({backend})", value >= threshold))
+    for mode in MODES:
+        for dtype in DTYPES:
+            rec = by_case.get((DTYPE_NAMES[dtype], mode))
+            what = f"{DTYPE_NAMES[dtype]} {mode} {'x'.join(map(str, SHAPE))}, speedup"
+            goals.append(speedup_goal(rec, f"{what} vs eager", EAGER, EAGER_GOAL))
+            goals.append(speedup_goal(rec, f"{what} vs torch.compile", COMPILE, COMPILE_GOAL))
     return goals
 
 
@@ -412,9 +329,9 @@ def self_check(backend: str) -> SelfCheck:
         from genkernels import UnsupportedError
         from genkernels.ops import reparameterize
     except Exception as e:  # noqa: BLE001 - the op module itself does not import
-        return SelfCheck(OP, backend, "failed", f"cannot import genkernels.ops.reparameterize: {type(e).__name__}: {e}")
+        return import_failed(OP, backend, "genkernels.ops.reparameterize", e)
     device = torch.device("cpu")
-    dtypes = (torch.float32, torch.float16) if backend == "triton" else (torch.float32, torch.float16, torch.bfloat16)
+    dtypes = self_check_dtypes(backend)
     tally = SelfCheckTally(OP, backend)
     for dtype in dtypes:
         for shape, layout in SELF_CHECK_CASES:
@@ -443,14 +360,13 @@ def self_check(backend: str) -> SelfCheck:
                             noise = noise.contiguous(memory_format=torch.channels_last)
                         eps, call = noise.float(), {"noise": noise}
                     impl = functools.partial(reparameterize, backend=backend, **call)
-                    try:
-                        outputs = _forward_backward(impl, mean, logvar, dz, dkl)
-                    except UnsupportedError as e:
-                        tally.skips.append(" ".join(str(e).split()))
-                        continue
-                    except Exception as e:  # noqa: BLE001 - it accepted these inputs
-                        return tally.failed(f"{label}: raised {type(e).__name__}: {e}")
-                    failure = tally.add(label, compare(outputs, _expected(mean, logvar, eps, dz, dkl, torch.float64)))
+                    failure = check_one(
+                        tally,
+                        label,
+                        functools.partial(_forward_backward, impl, mean, logvar, dz, dkl),
+                        functools.partial(_expected, mean, logvar, eps, dz, dkl, torch.float64),
+                        skip=(UnsupportedError,),
+                    )
                     if failure is not None:
                         return failure
     return tally.result(dtypes, "fwd and fwd+bwd; Philox seed and supplied noise")

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
+from ._elementwise import MemoryBoundCase, check_one, compiled, import_failed, self_check_dtypes
 from .core import (
     COMPILE,
     DTYPE_NAMES,
     EAGER,
-    Case,
     CaseRecord,
     Expected,
     Goal,
@@ -36,7 +36,6 @@ from .core import (
     SelfCheck,
     SelfCheckTally,
     Variant,
-    compare,
     expected,
     first_call_s,
     genkernels_backends,
@@ -245,16 +244,16 @@ def _expected(step: Step, args: Sequence[torch.Tensor], truth_dtype: torch.dtype
     return [expected("prev_sample", ref, truth)]
 
 
-class StepCase(Case):
+class StepCase(MemoryBoundCase):
     """One (step, workload, dtype): a guided sampler step (or add_noise) on a latent."""
 
     op = OP
-    unit = "GB/s"
     table = "sampler steps with classifier-free guidance"
     rate_note = "GB/s (each input read once, prev written once: 3 to 5 sample-sized tensors, see params)"
 
     def __init__(self, step: Step, workload: str, shape: tuple[int, ...], dtype: torch.dtype):
-        self.step, self.workload, self.shape, self.dtype = step, workload, shape, dtype
+        super().__init__(shape, dtype, step.tensors_moved)
+        self.step, self.workload = step, workload
         self.label = f"{step.name} {workload} {'x'.join(map(str, shape))} {DTYPE_NAMES[dtype]}"
         self.params: dict[str, Any] = {
             "step": step.name,
@@ -264,12 +263,6 @@ class StepCase(Case):
             "guidance": GUIDANCE if step.guided else None,
             "tensors_moved": step.tensors_moved,
         }
-        self.work = float(step.tensors_moved * math.prod(shape) * torch.finfo(dtype).bits // 8)
-        self._state: dict[str, Any] = {}
-
-    def variant_names(self) -> list[str]:
-        """eager, torch.compile, then each genkernels backend."""
-        return [EAGER, COMPILE, *genkernels_backends()]
 
     def prepare(self, device: torch.device) -> None:
         """Seeded inputs and the reference (float64 truth: the tensors are small)."""
@@ -286,8 +279,7 @@ class StepCase(Case):
             fn = self._fn(self.step.eager)
             return Variant(EAGER, "baseline", fn, first_call_s=first_call_s(fn))
         if name == COMPILE:
-            torch._dynamo.reset()  # a fresh compile per case, its cost reported
-            fn = self._fn(torch.compile(self.step.eager, dynamic=False))
+            fn = self._fn(compiled(self.step.eager))
             return Variant(COMPILE, "baseline", fn, first_call_s=first_call_s(fn))
         model_output, sample, _ = self._state["args"]
         try:
@@ -305,10 +297,6 @@ class StepCase(Case):
     def expected(self) -> list[Expected]:
         """prev_sample, float64 truth with the criterion's bound."""
         return self._state["expected"]
-
-    def release(self) -> None:
-        """Drop inputs and references."""
-        self._state = {}
 
 
 def cases(quick: bool = False) -> list[StepCase]:
@@ -400,11 +388,11 @@ SELF_CHECK_SHAPES: tuple[tuple[int, ...], ...] = ((2, 4, 8, 8), (1, 3, 5, 7, 3))
 def self_check(backend: str) -> SelfCheck:
     """Check one genkernels backend on CPU: every step against its float64 eager formula (the test criterion)."""
     device = torch.device("cpu")
-    dtypes = (torch.float32, torch.float16) if backend == "triton" else (torch.float32, torch.float16, torch.bfloat16)
+    dtypes = self_check_dtypes(backend)
     try:
         _ops()
     except Exception as e:  # noqa: BLE001 - the op modules themselves do not import
-        return SelfCheck(OP, backend, "failed", f"cannot import genkernels.ops: {type(e).__name__}: {e}")
+        return import_failed(OP, backend, "genkernels.ops", e)
     tally = SelfCheckTally(OP, backend)
     for dtype in dtypes:
         for shape in SELF_CHECK_SHAPES:
@@ -415,11 +403,13 @@ def self_check(backend: str) -> SelfCheck:
                 if reason is not None:
                     tally.skips.append(reason)
                     continue
-                try:
-                    check = compare((step.genkernels(backend, *args),), _expected(step, args, torch.float64))
-                except Exception as e:  # noqa: BLE001 - it said it could run these inputs
-                    return tally.failed(f"{label}: raised {type(e).__name__}: {e}")
-                failure = tally.add(label, check)
+                # No skip: it said it could run these inputs.
+                failure = check_one(
+                    tally,
+                    label,
+                    lambda st=step, a=args: (st.genkernels(backend, *a),),
+                    lambda st=step, a=args: _expected(st, a, torch.float64),
+                )
                 if failure is not None:
                     return failure
     return tally.result(dtypes, "sampler steps")

@@ -5,11 +5,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
 
-from genkernels.bench import attention, core, group_norm, main, report, runner, schedule_step
+from genkernels.bench import (
+    _elementwise,
+    attention,
+    core,
+    coupling,
+    group_norm,
+    main,
+    reparam,
+    report,
+    runner,
+    schedule_step,
+)
 
 
 def test_cases_cover_the_anchor_shapes():
@@ -265,7 +277,7 @@ def test_budget_split_between_ops():
     assert runner.op_budget(300.0, [1.0, 2.0]) == 100.0
     assert runner.op_budget(250.0, [2.0]) == 250.0  # the last op gets all that is left
     assert runner.op_budget(-5.0, [1.0, 2.0]) == 0.0
-    assert runner.OPS == ("group_norm", "attention", "schedule_step", "reparam", "vae", "unet")
+    assert runner.OPS == ("group_norm", "attention", "schedule_step", "reparam", "coupling", "vae", "unet")
     assert attention.BUDGET_SHARE == 2.0 and schedule_step.BUDGET_SHARE == 0.5
 
 
@@ -322,3 +334,127 @@ def test_schedule_step_goals_take_the_worst_step():
 def test_schedule_step_self_check_on_cpu():
     assert schedule_step.self_check("reference").status == "ok"
     assert schedule_step.self_check("cuda").status == "skipped"
+
+
+# --------------------------------------------------------------------------- memory-bound ops (_elementwise)
+
+#: The memory-bound ops whose cases, summaries, goals and self-checks are _elementwise's.
+MEMORY_BOUND = (reparam, coupling)
+
+
+def timed_record(case: core.Case, ms: dict[str, float | None], copy_gbs: float = 4000.0) -> core.CaseRecord:
+    """A record of ``case`` as if run: each variant in ``ms`` ok at that time, the others skipped."""
+    rec = core.record_of(case)
+    rec.floor_ms = core.floor_ms(case.work, case.unit, copy_gbs)
+    for name in case.variant_names():
+        role = "baseline" if name in (core.EAGER, core.COMPILE) else "genkernels"
+        value = ms.get(name)
+        if value is None:
+            rec.results.append(core.Result(name, role, "skipped", "extension not built"))
+        else:
+            rec.results.append(core.Result(name, role, "ok", ms=value, pct_ceiling=100 * rec.floor_ms / value))
+    core.add_speedups(rec)
+    return rec
+
+
+@pytest.mark.parametrize(
+    ("ms", "measured", "passed"),
+    [
+        (
+            {core.EAGER: 1.0, core.COMPILE: 0.3, "triton": 0.25, "cuda": 0.2},
+            ["5.00x (cuda)", "1.50x (cuda)"],
+            [True] * 2,
+        ),
+        ({core.EAGER: 1.0, core.COMPILE: 0.2, "triton": 0.25}, ["4.00x (triton)", "0.80x (triton)"], [True, False]),
+        (
+            {core.EAGER: 1.0, "triton": 0.25},
+            ["4.00x (triton)", "unmeasured (torch.compile did not run (skipped))"],
+            [True, None],
+        ),
+        ({core.EAGER: 1.0, core.COMPILE: 0.3}, ["unmeasured (no genkernels backend ran)"] * 2, [None] * 2),
+    ],
+)
+def test_speedup_goal_on_the_best_backend(ms, measured, passed):
+    """A goal is met or missed on the genkernels backend that does best, or unmeasured with the reason."""
+    rec = timed_record(reparam.ReparamCase(torch.float32, "fwd"), ms)
+    goals = [
+        _elementwise.speedup_goal(rec, "g", core.EAGER, 3.0),
+        _elementwise.speedup_goal(rec, "g", core.COMPILE, 1.0),
+    ]
+    assert [g.measured for g in goals] == measured and [g.passed for g in goals] == passed
+    assert [g.target for g in goals] == [">= 3x", ">= 1.0x"]
+    missing = _elementwise.speedup_goal(None, "g", core.EAGER, 3.0)
+    assert missing.passed is None and missing.measured == "unmeasured (the case did not run)"
+
+
+@pytest.mark.parametrize("module", MEMORY_BOUND, ids=lambda m: m.OP)
+def test_memory_bound_goals_without_records(module):
+    summary = module.summarize([])
+    assert summary.rows == [] and summary.goals
+    assert all(g.passed is None and "did not run" in g.measured for g in summary.goals)
+
+
+def test_memory_bound_cases_count_bytes_moved():
+    """Every memory-bound case times eager, torch.compile and the backends, its work the bytes that must move."""
+    for case in [*reparam.cases(), *coupling.cases()[:10], *schedule_step.cases(), *group_norm.cases()]:
+        assert case.unit == "GB/s" and case.variant_names() == [core.EAGER, core.COMPILE, "triton", "cuda"]
+        tensors = case.params.get("tensors_moved") or group_norm.TENSORS_MOVED[case.mode]
+        assert case.work == tensors * math.prod(case.shape) * case.dtype.itemsize
+
+
+@pytest.mark.parametrize(
+    ("case", "tensors"),
+    [
+        (reparam.ReparamCase(torch.float32, "fwd+bwd", shape=(2, 4, 8, 8)), 8),
+        (coupling.FlowOpCase("coupling", torch.float32, "fwd+bwd", shape=(2, 4, 8, 8)), 7.5),
+    ],
+    ids=lambda c: getattr(c, "op", None),
+)
+def test_memory_bound_run_case_on_cpu(case, tensors, monkeypatch):
+    """core.run_case on a small case, the GPU timer and torch.compile's compile stubbed out: every variant
+    checks and is 'timed', cuda says why it cannot run, and the summary reads the record."""
+    monkeypatch.setattr(core, "time_ms", lambda fn, timing=None: 0.5)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    rec = core.run_case(case, torch.device("cpu"), core.QUICK_TIMING, core.Ceilings(1.0, 1.0))
+    status = {r.variant: r.status for r in rec.results}
+    assert status == {core.EAGER: "ok", core.COMPILE: "ok", "triton": "ok", "cuda": "skipped"}, rec.results
+    assert rec.floor_ms == pytest.approx(tensors * math.prod(case.shape) * 4 / 1e9 * 1e3)
+    assert rec.result("triton").vs_eager == 1.0 and rec.result("triton").err is not None
+    rows = sys.modules[type(case).__module__].summarize([rec]).rows
+    assert [r[2] for r in rows] == [core.EAGER, core.COMPILE, "triton", "cuda"] and rows[3][3] == "skipped"
+    assert rows[0][4] == rows[1][5] == "-" and rows[2][4] == "1.00x"
+
+
+@pytest.mark.parametrize(
+    ("module", "texts"),
+    [
+        (reparam, ["reparameterize + KL, forward + backward", "8 tensors"]),
+        (coupling, ["affine coupling, forward + backward", "7.5 tensors", "Glow step (ActNorm, InvConv1x1", "TFLOP/s"]),
+    ],
+    ids=lambda m: getattr(m, "OP", None),
+)
+def test_memory_bound_reports(module, texts, tmp_path):
+    """One JSON record per case; the op's tables, rate notes and met goals in the markdown."""
+    records = [timed_record(c, {core.EAGER: 0.45, core.COMPILE: 0.12, "triton": 0.04}) for c in module.cases()]
+    meta = {"device": "test", "torch": torch.__version__}
+    report.write(tmp_path, meta, core.Ceilings(4000.0, 700.0), records, [module.summarize(records)], with_chart=False)
+    data = json.loads((tmp_path / report.JSON_NAME).read_text())
+    assert [c["op"] for c in data["cases"]] == [module.OP] * len(module.cases())
+    text = (tmp_path / report.MARKDOWN_NAME).read_text()
+    assert all(t in text for t in texts) and "PASS" in text
+
+
+@pytest.mark.parametrize("module", MEMORY_BOUND, ids=lambda m: m.OP)
+def test_memory_bound_self_check_on_cpu(module):
+    check = module.self_check("reference")
+    assert check.status == "ok", check.detail
+    skipped = module.self_check("cuda")
+    assert skipped.status == "skipped" and "cuda" in skipped.detail
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="triton runs on CPU only under its interpreter")
+@pytest.mark.parametrize("module", MEMORY_BOUND, ids=lambda m: m.OP)
+def test_memory_bound_self_check_triton_interpreted(module):
+    pytest.importorskip("triton")
+    check = module.self_check("triton")
+    assert check.status == "ok", check.detail

@@ -1,17 +1,17 @@
-"""The reparameterize + KL benchmark on CPU: its cases, the baseline formula, the checks, goals, reports and
-the self-check."""
+"""The reparameterize + KL benchmark on CPU: its cases, the baseline formula, the checks, goals and reports
+(what it shares with the other memory-bound ops is tested once, in test_bench.py)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import pytest
 import torch
 
-from genkernels.bench import core, reparam, report
+from genkernels.bench import core, reparam
 from genkernels.ops import reparameterize
+
+from .test_bench import timed_record
 
 CPU = torch.device("cpu")
 SMALL = (2, 4, 8, 8)
@@ -79,20 +79,6 @@ def test_case_end_to_end_on_cpu(mode, monkeypatch):
     assert v.fn is None and "cuda" in v.skip
 
 
-def _record(case: reparam.ReparamCase, ms: dict[str, float | None]) -> core.CaseRecord:
-    rec = core.record_of(case)
-    rec.floor_ms = core.floor_ms(case.work, case.unit, 4000.0)
-    for name in case.variant_names():
-        role = "baseline" if name in (core.EAGER, core.COMPILE) else "genkernels"
-        value = ms.get(name)
-        if value is None:
-            rec.results.append(core.Result(name, role, "skipped", "extension not built"))
-        else:
-            rec.results.append(core.Result(name, role, "ok", ms=value, pct_ceiling=100 * rec.floor_ms / value))
-    core.add_speedups(rec)
-    return rec
-
-
 @pytest.mark.parametrize(
     ("ms", "passed", "backend"),
     [
@@ -104,56 +90,10 @@ def _record(case: reparam.ReparamCase, ms: dict[str, float | None]) -> core.Case
     ],
 )
 def test_goals(ms, passed, backend):
-    records = [_record(c, ms) for c in reparam.cases()]
+    records = [timed_record(c, ms) for c in reparam.cases()]
     summary = reparam.summarize(records)
     assert [g.passed for g in summary.goals] == passed * 4  # fp32, bf16 forward; then forward + backward
     assert [g.target for g in summary.goals[:2]] == [">= 3x", ">= 1.0x"]
     for goal in summary.goals:
         assert goal.measured.startswith("unmeasured") if goal.passed is None else f"({backend})" in goal.measured
     assert len(summary.rows) == 4 * 4 and summary.rows[0][2] == core.EAGER and summary.rows[0][4] == "-"
-
-
-def test_goals_without_records():
-    summary = reparam.summarize([])
-    assert [g.passed for g in summary.goals] == [None] * 8 and summary.rows == []
-    assert all("did not run" in g.measured for g in summary.goals)
-
-
-def test_reports(tmp_path):
-    records = [_record(c, {core.EAGER: 0.45, core.COMPILE: 0.12, "triton": 0.1}) for c in reparam.cases()]
-    meta = {"device": "test", "torch": torch.__version__}
-    summaries = [reparam.summarize(records)]
-    report.write(tmp_path, meta, core.Ceilings(4000.0, 700.0), records, summaries, with_chart=False)
-    data = json.loads((tmp_path / report.JSON_NAME).read_text())
-    assert [c["op"] for c in data["cases"]] == ["reparam"] * 4
-    text = (tmp_path / report.MARKDOWN_NAME).read_text()
-    assert "reparameterize + KL, forward + backward" in text and "8 tensors" in text and "PASS" in text
-
-
-def test_self_check_on_cpu():
-    check = reparam.self_check("reference")
-    assert check.status == "ok", check.detail
-    skipped = reparam.self_check("cuda")
-    assert skipped.status == "skipped" and "cuda" in skipped.detail
-
-
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="triton runs on CPU only under its interpreter")
-def test_self_check_triton_interpreted():
-    pytest.importorskip("triton")
-    check = reparam.self_check("triton")
-    assert check.status == "ok", check.detail
-
-
-def test_run_case_on_cpu(monkeypatch):
-    """core.run_case on a small case, the GPU timer and torch.compile's compile stubbed out: every variant
-    checks and is 'timed', cuda says why it cannot run, and the summary reads the record."""
-    monkeypatch.setattr(core, "time_ms", lambda fn, timing=None: 0.5)
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
-    case = reparam.ReparamCase(torch.float32, "fwd+bwd", shape=SMALL)
-    rec = core.run_case(case, CPU, core.QUICK_TIMING, core.Ceilings(1.0, 1.0))
-    status = {r.variant: r.status for r in rec.results}
-    assert status == {core.EAGER: "ok", core.COMPILE: "ok", "triton": "ok", "cuda": "skipped"}, rec.results
-    assert rec.floor_ms == pytest.approx(8 * math.prod(SMALL) * 4 / 1e9 * 1e3)
-    assert rec.result("triton").vs_eager == 1.0 and rec.result("triton").err is not None
-    rows = reparam.summarize([rec]).rows
-    assert [r[2] for r in rows] == [core.EAGER, core.COMPILE, "triton", "cuda"] and rows[3][3] == "skipped"
