@@ -125,10 +125,12 @@ main() {
         # The whole suite: on a GPU the fp32/fp16 cases run compiled, not interpreted, and the
         # `gpu`-marked ones (cuda, bf16, benchmark shapes, CUDA graphs) run too. Eight shards in
         # parallel: most of the time is Triton compiling kernel specializations, one core each.
-        # The CPU machines' compile check (tests/triton/test_compile.py) is left out: here every
-        # kernel the tests launch compiles for real, and that check would run once per shard.
+        # The CPU machines' stand-ins are left out: the compile check (tests/triton/test_compile.py),
+        # since here every kernel the tests launch compiles for real and that check would run once
+        # per shard, and the CUDA kernels' CPU emulation (tests/cuda/test_*_emulated.py, minutes of
+        # host compiling and running), since here the CUDA kernels themselves run in the cuda tests.
         step "tests on the GPU (8 shards of pytest tests)" 150 env PYTHON="$PY" scripts/test_shards.sh 8 \
-            --ignore=tests/triton/test_compile.py
+            --ignore=tests/triton/test_compile.py --ignore-glob='tests/cuda/test_*_emulated.py'
     else
         skip "GPU tests" "no GPU"
     fi
