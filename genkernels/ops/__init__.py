@@ -1,6 +1,7 @@
 """The fused ops. Each takes ``backend=`` ("auto", "reference", "triton", "cuda"); see genkernels.backend."""
 
 from .attention import attention, attention_reference
+from .bias_act import bias_act, bias_act_reference
 from .coupling import actnorm, affine_coupling
 from .group_norm import group_norm, group_norm_reference
 from .reparam import reparameterize, reparameterize_reference
@@ -21,6 +22,8 @@ __all__ = [
     "add_noise",
     "attention",
     "attention_reference",
+    "bias_act",
+    "bias_act_reference",
     "ddim_step",
     "ddpm_step",
     "dpmpp_2m_step",

@@ -1,0 +1,478 @@
+"""Fused bias + activation (StyleGAN's bias_act) with a differentiable backward: reference,
+validation, dispatch and autograd.
+
+For x with C = x.shape[dim] and an optional bias (C,) added along ``dim``:
+
+    z = x + bias
+    y = act(z) * gain,  clamped to [-clamp, clamp] when clamp is set
+
+Activations (default gain): linear (1), relu (sqrt 2), lrelu (sqrt 2; alpha 0.2: z if z > 0 else
+alpha z), tanh (1), sigmoid (1), silu (1: z sigmoid(z)), gelu (1: exact, 0.5 z (1 + erf(z / sqrt 2))).
+
+Backward: dz = dy * gain * act'(z) * m, with m = 1 where -clamp <= act(z) * gain <= clamp (torch.clamp's
+gradient) and everywhere without a clamp; dx = dz, dbias = dz summed over every dim but ``dim``.
+The backward is itself differentiable (the R1 penalty of GAN training differentiates a gradient):
+d dz / d dy = gain * act'(z) * m (the same fused kernel, applied to the incoming gradient), and
+d dz / d z = dy * gain * act''(z) * m, zero for the piecewise-linear activations.
+
+All arithmetic is float32 (float64 for float64 inputs on the reference).
+
+Fused backend interface (genkernels.triton.bias_act implements it): x dense (contiguous or channels
+last; anything else copied once), numel > 0, bias None or a contiguous float32 (C,) tensor.
+
+    not_supported(x, bias, act, dim) -> str | None
+    forward(x, bias, act, alpha, gain, clamp, dim) -> y                  one pass: x read, y written
+    grad(dy, x, bias, act, alpha, gain, clamp, dim, out_dtype=None) -> dz
+                                                                        one pass: dy, x read, dz written
+                                                                        (in out_dtype, default x's)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _registry
+from .._layout import dense_layout, match_layout
+from ..triton import bias_act as _triton
+
+OP = "bias_act"
+ACTS = ("linear", "relu", "lrelu", "tanh", "sigmoid", "silu", "gelu")
+DEFAULT_GAIN = {"relu": math.sqrt(2.0), "lrelu": math.sqrt(2.0)}
+DEFAULT_ALPHA = 0.2
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(x, bias, act, alpha, gain, clamp, dim) -> tuple[float, float, float | None, int]:
+    """Raise a clear error naming the argument; returns (alpha, gain, clamp, dim) with defaults filled in."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {ACTS}, got {act!r}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < max(x.dim(), 1):
+        raise ValueError(f"dim must be an int in [-{x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim!r}")
+    dim = dim % x.dim() if x.dim() else 0
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if x.dim() == 0 or tuple(bias.shape) != (x.shape[dim],):
+            raise ValueError(
+                f"bias must have shape ({x.shape[dim] if x.dim() else '?'},) (x.shape[dim] for dim={dim}), "
+                f"got {tuple(bias.shape)}"
+            )
+        if bias.dtype not in DTYPES:
+            raise TypeError(f"bias must be float32, float16, bfloat16 or float64, got {bias.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}: use one device")
+    if alpha is None:
+        alpha = DEFAULT_ALPHA
+    elif not _real(alpha):
+        raise ValueError(f"alpha must be a finite float or None, got {alpha!r}")
+    if gain is None:
+        gain = DEFAULT_GAIN.get(act, 1.0)
+    elif not _real(gain):
+        raise ValueError(f"gain must be a finite float or None, got {gain!r}")
+    if clamp is not None and not (_real(clamp) and clamp > 0):
+        raise ValueError(f"clamp must be None or a finite float > 0, got {clamp!r}")
+    return float(alpha), float(gain), (None if clamp is None else float(clamp)), dim
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _act(z: Tensor, act: str, alpha: float) -> Tensor:
+    if act == "linear":
+        return z
+    if act == "relu":
+        return F.relu(z)
+    if act == "lrelu":
+        return F.leaky_relu(z, alpha)
+    if act == "tanh":
+        return torch.tanh(z)
+    if act == "sigmoid":
+        return torch.sigmoid(z)
+    if act == "silu":
+        return F.silu(z)
+    return F.gelu(z)
+
+
+def _pre(x: Tensor, bias: Tensor | None, dim: int) -> Tensor:
+    """z = x + bias along dim, in the accumulation dtype."""
+    z = x.to(_acc(x))
+    if bias is not None:
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        z = z + bias.to(z.dtype).view(shape)
+    return z
+
+
+def bias_act_reference(
+    x: Tensor,
+    bias: Tensor | None = None,
+    *,
+    act: str = "linear",
+    alpha: float | None = None,
+    gain: float | None = None,
+    clamp: float | None = None,
+    dim: int = 1,
+) -> Tensor:
+    """The specification in eager PyTorch (float32, float64 for float64 x): differentiable to any order."""
+    alpha, gain, clamp, dim = _check(x, bias, act, alpha, gain, clamp, dim)
+    y = _act(_pre(x, bias, dim), act, alpha) * gain
+    if clamp is not None:
+        y = y.clamp(-clamp, clamp)
+    return y.to(x.dtype)
+
+
+def _act_grad1(z: Tensor, act: str, alpha: float) -> Tensor:
+    """act'(z), with torch's conventions at the kinks (relu'(0) = 0, leaky_relu'(0) = alpha)."""
+    if act == "linear":
+        return torch.ones_like(z)
+    if act == "relu":
+        return (z > 0).to(z.dtype)
+    if act == "lrelu":
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, alpha))
+    if act == "tanh":
+        t = torch.tanh(z)
+        return 1.0 - t * t
+    if act == "sigmoid":
+        sg = torch.sigmoid(z)
+        return sg * (1.0 - sg)
+    if act == "silu":
+        sg = torch.sigmoid(z)
+        return sg * (1.0 + z * (1.0 - sg))
+    return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+
+def _clamp_mask(z: Tensor, act: str, alpha: float, gain: float, clamp: float | None) -> Tensor | None:
+    """Where torch.clamp passes the gradient (-clamp <= act(z) * gain <= clamp), or None without a clamp."""
+    if clamp is None:
+        return None
+    pre = _act(z, act, alpha) * gain
+    return (pre >= -clamp) & (pre <= clamp)
+
+
+def _reference_forward(x, bias, act, alpha, gain, clamp, dim):
+    y = _act(_pre(x, bias, dim), act, alpha) * gain
+    if clamp is not None:
+        y = y.clamp(-clamp, clamp)
+    return match_layout(y.to(x.dtype), x)
+
+
+def _reference_grad(dy, x, bias, act, alpha, gain, clamp, dim, out_dtype=None):
+    z = _pre(x, bias, dim)
+    dz = dy.to(z.dtype) * gain * _act_grad1(z, act, alpha)
+    mask = _clamp_mask(z, act, alpha, gain, clamp)
+    if mask is not None:
+        dz = torch.where(mask, dz, torch.zeros_like(dz))
+    return match_layout(dz.to(out_dtype or x.dtype), x)
+
+
+class _ReferenceKernels:
+    """The reference formulas behind the fast backends' interface (the traced op uses it)."""
+
+    forward = staticmethod(_reference_forward)
+    grad = staticmethod(_reference_grad)
+
+
+def _act_grad2(z: Tensor, act: str) -> Tensor | None:
+    """act''(z), or None for the piecewise-linear activations (zero almost everywhere)."""
+    if act in ("linear", "relu", "lrelu"):
+        return None
+    if act == "tanh":
+        t = torch.tanh(z)
+        return -2.0 * t * (1.0 - t * t)
+    if act == "sigmoid":
+        s = torch.sigmoid(z)
+        return s * (1.0 - s) * (1.0 - 2.0 * s)
+    if act == "silu":
+        s = torch.sigmoid(z)
+        return s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)  # gelu'' = phi(z) (2 - z^2)
+    return pdf * (2.0 - z * z)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _fast_not_supported(backend_not_supported):
+    """A not_supported taking bias_act's public arguments (as `genkernels.explain` passes them)."""
+
+    def not_supported(x, bias=None, act="linear", dim=1, **_rest) -> str | None:
+        if x.dtype not in FAST_DTYPES:
+            return f"x has dtype {x.dtype}; supported: float32, float16, bfloat16"
+        return backend_not_supported(x, bias, act, dim % max(x.dim(), 1))
+
+    return not_supported
+
+
+def _cuda_not_supported(*args, **kwargs) -> str:
+    return "no CUDA kernel for bias_act yet: the triton backend runs it"
+
+
+_registry.register(OP, "triton", _fast_not_supported(_triton.not_supported), _triton)
+_registry.register(OP, "cuda", _cuda_not_supported, None)
+_registry.register(OP, "reference", lambda *a, **k: None, _ReferenceKernels)
+
+
+def _probe(device: torch.device) -> tuple:
+    """Arguments of a typical call (a StyleGAN layer's bias + leaky ReLU), for `genkernels.info()`."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return (torch.randn(4, 64, 16, 16, device=device, dtype=dtype), torch.zeros(64, device=device), "lrelu")
+
+
+_registry.register_probe(OP, _probe)
+
+
+# --------------------------------------------------------------------------- autograd (fast path)
+
+
+def _sum_except(t: Tensor, dim: int) -> Tensor:
+    """t summed over every dim but ``dim`` (t itself for a 1-D t)."""
+    dims = [d for d in range(t.dim()) if d != dim]
+    return t.sum(dims) if dims else t
+
+
+def _second_order(ddz, dy, x, b32, act, alpha, gain, clamp, dim, need_x, need_bias):
+    """d/dx and d/dbias of sum(ddz * dz) with dz = dy * gain * act'(z) * m: ddz * dy * gain * act''(z) * m
+    (zero for the piecewise-linear activations), as torch expressions (differentiable again)."""
+    if not (need_x or need_bias):
+        return None, None
+    z = _pre(x, b32, dim)
+    second = _act_grad2(z, act)
+    if second is None:  # piecewise-linear: act'' = 0 almost everywhere
+        return (torch.zeros_like(x) if need_x else None), (torch.zeros_like(b32) if need_bias else None)
+    term = ddz.to(z.dtype) * dy.to(z.dtype) * gain * second
+    mask = _clamp_mask(z, act, alpha, gain, clamp)
+    if mask is not None:
+        term = torch.where(mask, term, torch.zeros_like(term))
+    return (term.to(x.dtype) if need_x else None), (_sum_except(term, dim).to(b32.dtype) if need_bias else None)
+
+
+class _BiasActFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, act, alpha, gain, clamp, dim, impl):
+        b32 = None if bias is None else bias.float().contiguous()
+        ctx.save_for_backward(x, b32)
+        ctx.args = (act, alpha, gain, clamp, dim, impl, None if bias is None else bias.dtype)
+        return impl.forward(x, b32, act, alpha, gain, clamp, dim)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, b32 = ctx.saved_tensors
+        act, alpha, gain, clamp, dim, impl, bias_dtype = ctx.args
+        dy = match_layout(dy, x)
+        dbias = None
+        if ctx.needs_input_grad[1]:
+            # The bias gradient sums dz unrounded: a float32 dz (x's dtype for x itself).
+            dz32 = _BiasActGradFunction.apply(dy, x, b32, act, alpha, gain, clamp, dim, impl, torch.float32)
+            dbias = _sum_except(dz32, dim).to(bias_dtype)
+            dz = dz32.to(x.dtype) if ctx.needs_input_grad[0] else None
+        else:
+            dz = _BiasActGradFunction.apply(dy, x, b32, act, alpha, gain, clamp, dim, impl, None)
+        return dz, dbias, None, None, None, None, None, None
+
+
+class _BiasActGradFunction(torch.autograd.Function):
+    """dz = dy * gain * act'(z) * m in one fused pass, differentiable in dy, x and bias."""
+
+    @staticmethod
+    def forward(ctx, dy, x, b32, act, alpha, gain, clamp, dim, impl, out_dtype):
+        ctx.save_for_backward(dy, x, b32)
+        ctx.args = (act, alpha, gain, clamp, dim, impl)
+        return impl.grad(dy, x, b32, act, alpha, gain, clamp, dim, out_dtype)
+
+    @staticmethod
+    def backward(ctx, ddz):
+        dy, x, b32 = ctx.saved_tensors
+        act, alpha, gain, clamp, dim, impl = ctx.args
+        needs = ctx.needs_input_grad
+        ddz = match_layout(ddz, x)
+        # d dz / d dy: the same fused map applied to the incoming gradient (itself differentiable).
+        ddy = None
+        if needs[0]:
+            ddy = _BiasActGradFunction.apply(ddz.to(dy.dtype), x, b32, act, alpha, gain, clamp, dim, impl, dy.dtype)
+        dx, db = _second_order(ddz, dy, x, b32, act, alpha, gain, clamp, dim, needs[1], needs[2])
+        return ddy, dx, db, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- torch.library ops (traced path)
+
+
+def _impl_for(backend: str, x: Tensor, bias: Tensor | None, act: str, dim: int):
+    if x.numel() == 0:
+        return _ReferenceKernels
+    return _registry.select(OP, x, bias, act, dim, backend=backend or None).impl
+
+
+# Explicit schemas: torch 2.4 cannot infer them from postponed (string) annotations. bias is the float32
+# (C,) the kernels read; clamp travels as (has_clamp, clamp).
+@torch.library.custom_op(
+    "genkernels::bias_act",
+    mutates_args=(),
+    schema="(Tensor x, Tensor? bias, str act, float alpha, float gain, bool has_clamp, float clamp, int dim,"
+    " str backend) -> Tensor",
+)
+def _bias_act_op(
+    x: Tensor,
+    bias: Tensor | None,
+    act: str,
+    alpha: float,
+    gain: float,
+    has_clamp: bool,
+    clamp: float,
+    dim: int,
+    backend: str,
+) -> Tensor:
+    x = dense_layout(x)
+    impl = _impl_for(backend, x, bias, act, dim)
+    return impl.forward(x, bias, act, alpha, gain, clamp if has_clamp else None, dim)
+
+
+@_bias_act_op.register_fake
+def _(x, bias, act, alpha, gain, has_clamp, clamp, dim, backend):
+    return torch.empty_like(dense_layout(x))
+
+
+@torch.library.custom_op(
+    "genkernels::bias_act_grad",
+    mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor? bias, str act, float alpha, float gain, bool has_clamp, float clamp,"
+    " int dim, bool float32_out, str backend) -> Tensor",
+)
+def _bias_act_grad_op(
+    dy: Tensor,
+    x: Tensor,
+    bias: Tensor | None,
+    act: str,
+    alpha: float,
+    gain: float,
+    has_clamp: bool,
+    clamp: float,
+    dim: int,
+    float32_out: bool,
+    backend: str,
+) -> Tensor:
+    """dz = dy * gain * act'(z) * m, in float32 when float32_out (for the bias gradient's sum), else x's dtype."""
+    x = dense_layout(x)
+    impl = _impl_for(backend, x, bias, act, dim)
+    out_dtype = torch.float32 if float32_out and x.dtype != torch.float64 else None
+    return impl.grad(
+        match_layout(dy, x).to(x.dtype), x, bias, act, alpha, gain, clamp if has_clamp else None, dim, out_dtype
+    )
+
+
+@_bias_act_grad_op.register_fake
+def _(dy, x, bias, act, alpha, gain, has_clamp, clamp, dim, float32_out, backend):
+    out = torch.empty_like(dense_layout(x))
+    return out.float() if float32_out and x.dtype != torch.float64 else out
+
+
+def _op_setup(ctx, inputs, output):
+    x, bias, act, alpha, gain, has_clamp, clamp, dim, backend = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.args = (act, alpha, gain, has_clamp, clamp, dim, backend)
+
+
+def _op_backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    act, alpha, gain, has_clamp, clamp, dim, backend = ctx.args
+    need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dz = _bias_act_grad_op(dy, x, bias, act, alpha, gain, has_clamp, clamp, dim, need_bias, backend)
+    dbias = _sum_except(dz, dim).to(bias.dtype) if need_bias else None
+    return (dz.to(x.dtype) if need_x else None), dbias, None, None, None, None, None, None, None
+
+
+_bias_act_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
+def _grad_setup(ctx, inputs, output):
+    dy, x, bias, act, alpha, gain, has_clamp, clamp, dim, float32_out, backend = inputs
+    ctx.save_for_backward(dy, x, bias)
+    ctx.args = (act, alpha, gain, has_clamp, clamp, dim, backend)
+
+
+def _grad_backward(ctx, ddz):
+    dy, x, bias = ctx.saved_tensors
+    act, alpha, gain, has_clamp, clamp, dim, backend = ctx.args
+    needs = ctx.needs_input_grad
+    ddy = None
+    if needs[0]:
+        ddy = _bias_act_grad_op(ddz.to(dy.dtype), x, bias, act, alpha, gain, has_clamp, clamp, dim, False, backend)
+    b32 = bias if bias is not None else x.new_zeros((x.shape[dim],), dtype=torch.float32)
+    dx, db = _second_order(
+        ddz, dy, x, b32, act, alpha, gain, clamp if has_clamp else None, dim, needs[1], needs[2] and bias is not None
+    )
+    return ddy, dx, db, *(None,) * 8
+
+
+_bias_act_grad_op.register_autograd(_grad_backward, setup_context=_grad_setup)
+
+
+# --------------------------------------------------------------------------- public op
+
+
+def bias_act(
+    x: Tensor,
+    bias: Tensor | None = None,
+    *,
+    act: str = "linear",
+    alpha: float | None = None,
+    gain: float | None = None,
+    clamp: float | None = None,
+    dim: int = 1,
+    backend: str | None = None,
+) -> Tensor:
+    """Bias + activation + gain (+ clamp) in one pass: y = clamp(act(x + bias) * gain).
+
+    Args:
+        x: any shape, float32, float16 or bfloat16 (float64: reference only). Contiguous and
+            channels_last run in place (y keeps the layout); other strides are copied once.
+        bias: optional (C,) tensor, C = x.shape[dim], any float dtype on x's device.
+        act: "linear", "relu", "lrelu", "tanh", "sigmoid", "silu" or "gelu" (exact erf).
+        alpha: lrelu's negative slope (default 0.2).
+        gain: output scale (default sqrt(2) for relu and lrelu, 1 otherwise).
+        clamp: clamp y to [-clamp, clamp] (None: no clamp).
+        dim: the dim bias runs along (1: channels of an (N, C, ...) tensor).
+        backend: "auto" / None, "reference", "triton" or "cuda" (no CUDA kernel yet).
+
+    Under torch.compile the call goes through the ``genkernels::bias_act`` op (and its gradient op,
+    ``genkernels::bias_act_grad``, itself differentiable).
+
+    Returns y in x's dtype, shape and layout. Differentiable in x and bias to second order (and
+    beyond): the backward is one fused pass, and is itself differentiable, for GAN penalties such as
+    R1 that differentiate a gradient.
+    """
+    alpha, gain, clamp, dim = _check(x, bias, act, alpha, gain, clamp, dim)
+    if torch.compiler.is_compiling():
+        b32 = None if bias is None else bias.float()
+        has_clamp = clamp is not None
+        return _bias_act_op(x, b32, act, alpha, gain, has_clamp, clamp or 0.0, dim, backend or "")
+    if x.numel() == 0 or x.dim() == 0:
+        _registry.requested(backend)
+        return bias_act_reference(x, bias, act=act, alpha=alpha, gain=gain, clamp=clamp, dim=dim)
+    x = dense_layout(x)
+    chosen = _registry.select(OP, x, bias, act, dim, backend=backend)
+    if chosen.name == "reference":
+        return bias_act_reference(x, bias, act=act, alpha=alpha, gain=gain, clamp=clamp, dim=dim)
+    return _BiasActFunction.apply(x, bias, act, alpha, gain, clamp, dim, chosen.impl)
+
+
+__all__ = ["ACTS", "DEFAULT_GAIN", "bias_act", "bias_act_reference"]

@@ -1,0 +1,187 @@
+"""bias_act: outputs, gradients and second-order gradients of every backend against the reference under
+the DESIGN.md criterion (every activation, bias and clamp, layouts, dims, odd sizes), gradgradcheck of the
+reference, defaults, large inputs and errors."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from genkernels.ops import bias_act
+from tests.criterion import assert_criterion
+from tests.op_inputs import skip_unsupported, to_layout
+
+# The module, which genkernels.ops' function of the same name shadows as an attribute.
+BA = importlib.import_module("genkernels.ops.bias_act")
+FAST = ["triton"]
+BACKENDS = ["reference", *FAST]
+# The Triton interpreter mishandles bfloat16: bf16 runs on the GPU only.
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+ACTS = BA.ACTS
+
+
+def _inputs(shape, dtype, device, layout="contiguous", dim=1, scale=2.0):
+    x = to_layout((torch.randn(shape, device=device) * scale).to(dtype), layout)
+    return x, torch.randn(shape[dim], device=device)
+
+
+def _run(x, bias, backend, order, **kwargs):
+    """y and, for order >= 1, dx and dbias of sum(y * dy); for order 2 also the gradients of
+    sum(dx * v) + sum(dbias * w) w.r.t. x, bias and dy (the double backward)."""
+    torch.manual_seed(1234)
+    dy = torch.randn(x.shape, device=x.device, dtype=torch.float64)
+    v = torch.randn(x.shape, device=x.device, dtype=torch.float64)
+    w = torch.randn(bias.shape, device=x.device, dtype=torch.float64)
+    x = x.detach().requires_grad_(order > 0)
+    bias = bias.detach().requires_grad_(order > 0)
+    dy_leaf = dy.to(x.dtype).requires_grad_(order > 1)
+    y = bias_act(x, bias, backend=backend, **kwargs)
+    if order == 0:
+        return [y]
+    dx, db = torch.autograd.grad(y, (x, bias), dy_leaf, create_graph=order > 1)
+    if order == 1:
+        return [y, dx, db]
+    second = torch.autograd.grad(
+        (dx.double() * v).sum() + (db.double() * w).sum(), (x, bias, dy_leaf), allow_unused=True
+    )
+    second = [torch.zeros_like(t) if g is None else g for g, t in zip(second, (x, bias, dy_leaf))]
+    return [y, dx, db, *second]
+
+
+NAMES = ("y", "dx", "dbias", "ddx", "ddbias", "ddy")
+
+
+def _check(backend, x, bias, order=1, **kwargs):
+    out = _run(x, bias, backend, order, **kwargs)
+    ref = _run(x, bias, "reference", order, **kwargs)
+    truth = _run(x.double(), bias.double(), "reference", order, **kwargs)
+    for name, o, r, t in zip(NAMES, out, ref, truth):
+        # Sums over the batch and positions (dbias and its second-order terms) scale the floor.
+        assert_criterion(o, r, t, name, relative_floor=name in ("dbias", "ddbias", "ddx", "ddy"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS)
+def test_acts_and_dtypes(backend, dtype, act, device):
+    x, bias = _inputs((2, 6, 5, 7), dtype, device)
+    skip_unsupported(backend, BA.OP, x, bias, act)
+    _check(backend, x, bias, act=act)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("clamp", [None, 0.7])
+def test_layouts_and_clamp(backend, layout, clamp, device):
+    x, bias = _inputs((2, 5, 4, 6), torch.float16, device, layout)
+    skip_unsupported(backend, BA.OP, x, bias, "lrelu")
+    _check(backend, x, bias, act="lrelu", clamp=clamp)
+    y = bias_act(x, bias, act="lrelu", clamp=clamp, backend=backend)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape, dim", [((3, 7), 1), ((2, 3, 9), -1), ((4, 5, 3), 0), ((1, 1, 1, 1), 1), ((33,), 0)])
+def test_dims_and_odd_shapes(backend, shape, dim, device):
+    x, bias = _inputs(shape, torch.float32, device, dim=dim)
+    skip_unsupported(backend, BA.OP, x, bias, "gelu", dim)
+    _check(backend, x, bias, act="gelu", dim=dim)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ACTS)
+def test_double_backward(backend, act, device):
+    """The R1 penalty's path: gradients of a gradient, against the reference under the criterion."""
+    x, bias = _inputs((2, 4, 3, 5), torch.float32, device)
+    skip_unsupported(backend, BA.OP, x, bias, act)
+    _check(backend, x, bias, order=2, act=act, clamp=1.5 if act in ("silu", "lrelu") else None)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_reference_gradgradcheck(act):
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    x.data[x.data.abs() < 1e-3] = 0.5  # away from the kinks of relu and lrelu
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, b: bias_act(x, b, act=act, backend="reference")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, bias))
+    assert torch.autograd.gradgradcheck(fn, (x, bias))
+
+
+def test_defaults(device):
+    x = torch.randn(2, 3, 4, device=device)
+    torch.testing.assert_close(bias_act(x, act="lrelu"), torch.nn.functional.leaky_relu(x, 0.2) * math.sqrt(2))
+    torch.testing.assert_close(bias_act(x, act="relu"), torch.relu(x) * math.sqrt(2))
+    torch.testing.assert_close(bias_act(x, act="tanh"), torch.tanh(x))
+    torch.testing.assert_close(bias_act(x), x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ACTS)
+def test_large_inputs(backend, act, device):
+    x, bias = _inputs((2, 4, 3, 3), torch.float32, device, scale=1e4)
+    skip_unsupported(backend, BA.OP, x, bias, act)
+    x.requires_grad_(True)
+    y = bias_act(x, bias, act=act, clamp=256.0, backend=backend)
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda x: bias_act(x, torch.zeros(4)), ValueError, r"bias must have shape \(3,\)"),
+        (lambda x: bias_act(x, act="swish"), ValueError, "act must be one of"),
+        (lambda x: bias_act(x, clamp=0.0), ValueError, "clamp must be None or a finite float > 0"),
+        (lambda x: bias_act(x, clamp=-1.0), ValueError, "clamp must be None or a finite float > 0"),
+        (lambda x: bias_act(x, dim=3), ValueError, "dim must be an int"),
+        (lambda x: bias_act(x.long()), TypeError, "x must be float32"),
+        (lambda x: bias_act(x, torch.zeros(3, device="meta")), ValueError, "use one device"),
+        (lambda x: bias_act(x, gain=float("nan")), ValueError, "gain must be a finite float"),
+        (lambda x: bias_act(x, backend="cuda"), Exception, "no CUDA kernel"),
+    ],
+)
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call(torch.randn(2, 3, 4))
+
+
+# --------------------------------------------------------------------------- torch.library ops and compile
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("clamp", [None, 0.8])
+def test_opcheck(backend, clamp, device):
+    x, bias = _inputs((2, 5, 3, 4), torch.float32, device, "channels_last")
+    skip_unsupported(backend, BA.OP, x, bias, "silu")
+    x.requires_grad_(True)
+    bias.requires_grad_(True)
+    args = ("silu", 0.2, 1.0, clamp is not None, clamp or 0.0, 1)
+    torch.library.opcheck(torch.ops.genkernels.bias_act.default, (x, bias, *args, backend))
+    dy = torch.randn_like(x).requires_grad_(True)
+    for float32_out in (False, True):
+        torch.library.opcheck(torch.ops.genkernels.bias_act_grad.default, (dy, x, bias, *args, float32_out, backend))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compile_fullgraph(backend, device):
+    """Forward and backward trace without graph breaks and match the eager call."""
+    torch._dynamo.reset()
+    x, bias = _inputs((2, 4, 3, 5), torch.float32, device, "channels_last")
+    skip_unsupported(backend, BA.OP, x, bias, "lrelu")
+
+    def fn(x, bias):
+        return bias_act(x, bias, act="lrelu", clamp=2.0, backend=backend)
+
+    leaves = [t.detach().requires_grad_(True) for t in (x, bias)]
+    y = fn(*leaves)
+    grads = torch.autograd.grad((y * y).sum(), leaves)
+    cleaves = [t.detach().requires_grad_(True) for t in (x, bias)]
+    cy = torch.compile(fn, fullgraph=True)(*cleaves)
+    cgrads = torch.autograd.grad((cy * cy).sum(), cleaves)
+    torch.testing.assert_close(cy, y)
+    for g, cg in zip(grads, cgrads):
+        torch.testing.assert_close(cg, g)
