@@ -11,14 +11,15 @@
 # the ops in this order and splits that budget between them: group_norm 1 part, attention 2 (its
 # cases are heavier and FlexAttention compiles per case), then schedule_step (sampler steps),
 # reparam (reparameterize + KL of a VAE posterior), coupling (a flow's affine coupling and ActNorm,
-# and one Glow step), vae (SD VAE decode, with peak memory) and unet (an SD-like UNet step), half a
-# part each; time one op leaves unused goes to the next. The two whole-model ops come last, the
+# and one Glow step), bias_act (StyleGAN's bias + leaky ReLU), vae (SD VAE decode, with peak
+# memory) and unet (an SD-like UNet step), half a part each; time one op leaves unused goes to the next. The two whole-model ops come last, the
 # UNet last of all: their torch.compile is the longest (VAE decode about 16 s, the UNet about
 # 50 s), so a short budget drops them first, and the UNet before the VAE. Each op runs its cases
 # most important first (bf16 before fp16; attention: DiT/FLUX forward, its forward + backward,
 # then SDXL ...; reparam: fp32 and bf16 forwards, then forward + backward; coupling: fp32 and bf16
-# forwards, inverses, forwards + backwards, then ActNorm, then the Glow step; --quick, used when
-# time is short, keeps only the coupling forwards) and reports those not started in time as
+# forwards, inverses, forwards + backwards, then ActNorm, then the Glow step; bias_act: bf16 and
+# fp32 forwards, then forward + backward; --quick, used when time is short, keeps only the
+# coupling and bias_act forwards) and reports those not started in time as
 # "not run". Without a GPU (a dry run) it skips the build and the GPU steps, and runs the CPU
 # self-check of every backend.
 #

@@ -277,7 +277,16 @@ def test_budget_split_between_ops():
     assert runner.op_budget(300.0, [1.0, 2.0]) == 100.0
     assert runner.op_budget(250.0, [2.0]) == 250.0  # the last op gets all that is left
     assert runner.op_budget(-5.0, [1.0, 2.0]) == 0.0
-    assert runner.OPS == ("group_norm", "attention", "schedule_step", "reparam", "coupling", "vae", "unet")
+    assert runner.OPS == (
+        "group_norm",
+        "attention",
+        "schedule_step",
+        "reparam",
+        "coupling",
+        "bias_act",
+        "vae",
+        "unet",
+    )
     assert attention.BUDGET_SHARE == 2.0 and schedule_step.BUDGET_SHARE == 0.5
 
 

@@ -1,0 +1,288 @@
+"""Fused bias + activation (StyleGAN's bias_act): benchmark cases, goals and the CPU self-check.
+
+The workload of shared/ANCHORS.md: a StyleGAN synthesis layer's bias + leaky ReLU, x (32, 512, 64,
+64) with a bias (512,) along the channels, act="lrelu" with StyleGAN's defaults (alpha 0.2, gain
+sqrt 2), bf16 and float32, forward and forward + backward (dx and dbias from a seeded dy).
+
+The baseline is the formula as users write it, eager and under ``torch.compile``::
+
+    y = F.leaky_relu(x + b.view(1, -1, 1, 1), 0.2) * sqrt(2)
+
+genkernels runs it as one call of ``genkernels.ops.bias_act(x, b, act="lrelu", backend=...)``: one
+pass forward (x read, y written), one fused pass backward (dy and x read, dx written; dbias a
+per-channel sum of dx).
+
+Rate: GB/s counting the bytes that must move. Forward: x read, y written (2 tensors). Forward +
+backward: those 2, plus dy and x read and dx written (5 tensors; dbias's C floats are left out). The
+floor is those bytes at the copy bandwidth measured in the same run (``floor ms``); the eager
+baseline moves more (it writes x + b, then the activation, to memory and reads them back).
+
+Correctness before timing, every variant on every output (y; dx and dbias) under the test
+criterion: truth = the formula in float64, ref = the formula in the input dtype (dbias, a sum of
+N * H * W terms, with the floor scaled by max(1, max|truth|) as the test suite scales it for
+reductions).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ._elementwise import (
+    MemoryBoundCase,
+    build,
+    case_rows,
+    check_one,
+    compiled,
+    import_failed,
+    records_by,
+    self_check_dtypes,
+    speedup_goal,
+)
+from .core import (
+    COMPILE,
+    DTYPE_NAMES,
+    EAGER,
+    CaseRecord,
+    Expected,
+    Goal,
+    OpSummary,
+    SelfCheck,
+    SelfCheckTally,
+    Variant,
+    expected,
+    expected_sum,
+)
+
+OP = "bias_act"
+#: Share of a time budget (group_norm has 1, attention 2): four small cases, torch.compile's the slow part.
+BUDGET_SHARE = 0.5
+#: shared/ANCHORS.md's shape: (N, C, H, W) of x; the bias is (C,).
+SHAPE = (32, 512, 64, 64)
+WORKLOAD = "StyleGAN bias + leaky ReLU(0.2) * sqrt(2), batch 32 of 512x64x64"
+ACT, ALPHA, GAIN = "lrelu", 0.2, math.sqrt(2.0)
+MODES = ("fwd", "fwd+bwd")
+#: Most important first: bf16 (how StyleGAN-family models train now), then float32.
+DTYPES = (torch.bfloat16, torch.float32)
+#: The goals, per dtype: forward >= 3x eager and >= 1.0x torch.compile; forward + backward >= 2.5x eager.
+EAGER_GOAL, COMPILE_GOAL, BWD_EAGER_GOAL = 3.0, 1.0, 2.5
+
+TABLES = {"fwd": "bias + leaky ReLU, forward", "fwd+bwd": "bias + leaky ReLU, forward + backward"}
+TENSORS_MOVED = {"fwd": 2, "fwd+bwd": 5}
+RATE_NOTES = {
+    "fwd": "GB/s (x read + y written: 2 tensors)",
+    "fwd+bwd": "GB/s (forward's 2 tensors + dy, x read and dx written: 5 tensors; dbias's C floats not counted)",
+}
+OUTPUTS = {"fwd": ("y",), "fwd+bwd": ("dx", "dbias")}
+
+
+def eager_bias_act(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The baseline as users write it (StyleGAN's bias + lrelu in PyTorch), for NCHW x and a (C,) bias."""
+    return F.leaky_relu(x + b.view(1, -1, 1, 1), ALPHA) * math.sqrt(2.0)
+
+
+def _genkernels(backend: str, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from genkernels.ops import bias_act
+
+    return bias_act(x, b, act=ACT, backend=backend)
+
+
+def _inputs(
+    shape: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int = 0, layout: str = "contiguous"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, bias (C,), dy: seeded. x ~ N(0, 1), bias ~ N(0, 0.5^2) (some channels mostly negative), dy ~ N(0, 1)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(s: Sequence[int]) -> torch.Tensor:
+        return torch.randn(tuple(s), generator=g, device=device, dtype=torch.float32)
+
+    x, b, dy = randn(shape), randn(shape[1:2]) * 0.5, randn(shape)
+    if layout == "channels_last":
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    return x.to(dtype), b.to(dtype), dy.to(dtype)
+
+
+def _forward_backward(
+    impl: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    b: torch.Tensor,
+    dy: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
+    """(y,) without dy; else (dx, dbias) of ``(y * dy).sum()``: autograd.grad with dy as y's gradient (the
+    backward without a sum kernel, and nothing accumulates into .grad between repetitions)."""
+    y = impl(x, b)
+    if dy is None:
+        return (y,)
+    return torch.autograd.grad(y, (x, b), dy)
+
+
+def _expected(x: torch.Tensor, b: torch.Tensor, dy: torch.Tensor | None, truth_dtype: torch.dtype) -> list[Expected]:
+    """The criterion's references: the formula in the input dtype, and on inputs upcast to truth_dtype."""
+
+    def run(dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(dtype or t.dtype).requires_grad_(t.requires_grad)
+
+        with torch.no_grad() if dy is None else torch.enable_grad():
+            return _forward_backward(eager_bias_act, cast(x), cast(b), None if dy is None else cast(dy))
+
+    names = OUTPUTS["fwd" if dy is None else "fwd+bwd"]
+    return [
+        (expected_sum if n == "dbias" else expected)(n, r, t) for n, r, t in zip(names, run(None), run(truth_dtype))
+    ]
+
+
+class BiasActCase(MemoryBoundCase):
+    """One (dtype, mode) of bias + lrelu on :data:`SHAPE` (contiguous NCHW, bias (C,) in x's dtype)."""
+
+    op = OP
+
+    def __init__(self, dtype: torch.dtype, mode: str, shape: tuple[int, ...] = SHAPE):
+        super().__init__(shape, dtype, TENSORS_MOVED[mode])
+        self.mode = mode
+        self.label = f"{'x'.join(map(str, shape))} {DTYPE_NAMES[dtype]} {mode}"
+        self.params: dict[str, Any] = {
+            "workload": WORKLOAD,
+            "shape": list(shape),
+            "bias": [shape[1]],
+            "dtype": DTYPE_NAMES[dtype],
+            "mode": mode,
+            "act": ACT,
+            "alpha": ALPHA,
+            "gain": GAIN,
+            "tensors_moved": TENSORS_MOVED[mode],
+            "baseline": "F.leaky_relu(x + b.view(1, -1, 1, 1), 0.2) * sqrt(2)",
+        }
+        self.table = TABLES[mode]
+        self.rate_note = RATE_NOTES[mode]
+
+    def prepare(self, device: torch.device) -> None:
+        """Seeded inputs and the references (float64 truth)."""
+        x, b, dy = _inputs(self.shape, self.dtype, device)
+        if self.mode == "fwd":
+            dy = None
+        else:
+            x.requires_grad_(True)
+            b.requires_grad_(True)
+        self._state = {"args": (x, b, dy), "expected": _expected(x, b, dy, torch.float64)}
+
+    def _fn(self, impl: Callable[..., torch.Tensor]) -> Callable[[], tuple[torch.Tensor, ...]]:
+        x, b, dy = self._state["args"]
+        return functools.partial(_forward_backward, impl, x, b, dy)
+
+    def variant(self, name: str) -> Variant:
+        """Build one variant and run it once (:func:`._elementwise.build`); each is checked on every output."""
+        if name == EAGER:
+            impl = eager_bias_act
+        elif name == COMPILE:
+            impl = compiled(eager_bias_act)
+        else:
+            impl = functools.partial(_genkernels, name)
+        return build(name, self._fn(impl))
+
+    def expected(self) -> list[Expected]:
+        """y (forward), or dx and dbias (forward + backward)."""
+        return self._state["expected"]
+
+
+def cases(quick: bool = False) -> list[BiasActCase]:
+    """Forward bf16 and float32 (the anchor's), then forward + backward bf16 and float32; ``quick``: the forwards."""
+    modes = MODES[:1] if quick else MODES
+    return [BiasActCase(dtype, mode) for mode in modes for dtype in DTYPES]
+
+
+# --------------------------------------------------------------------------- summary and goals
+
+
+def summarize(records: Sequence[CaseRecord]) -> OpSummary:
+    """Per case and variant: ms, the floor, speedups vs eager and vs torch.compile, % of copy bandwidth;
+    and the goals per dtype and mode, each on the genkernels backend that does best."""
+    by_case = records_by(records, OP, ("dtype", "mode"))
+    headers = ["case", "floor ms", "variant", "ms", "vs eager", "vs torch.compile", "% copy BW"]
+    rows = case_rows(by_case, [(DTYPE_NAMES[dtype], mode) for mode in MODES for dtype in DTYPES])
+    notes = [
+        f"{WORKLOAD} {SHAPE}, bias ({SHAPE[1]},); baseline: F.leaky_relu(x + b.view(1, -1, 1, 1), 0.2) * sqrt(2), "
+        "eager and torch.compile; genkernels: ops.bias_act(x, b, act='lrelu').",
+        "floor ms: the bytes that must move (2 tensors forward, 5 forward + backward) at the copy bandwidth "
+        "measured in this run; % copy BW = floor / ms.",
+        f"Goals per dtype, each on the genkernels backend that does best: forward >= {EAGER_GOAL:g}x eager and "
+        f">= {COMPILE_GOAL:.1f}x torch.compile; forward + backward >= {BWD_EAGER_GOAL:g}x eager. ANCHORS measured "
+        "the bf16 forward (0.313 ms eager, 0.068 ms torch.compile on an H100).",
+    ]
+    return OpSummary(OP, headers, rows, _goals(by_case), notes)
+
+
+def _goals(by_case: dict[tuple, CaseRecord]) -> list[Goal]:
+    """Per dtype: forward vs eager and vs torch.compile; then per dtype: forward + backward vs eager."""
+    goals = []
+    for mode in MODES:
+        for dtype in DTYPES:
+            rec = by_case.get((DTYPE_NAMES[dtype], mode))
+            what = f"{DTYPE_NAMES[dtype]} {mode} {'x'.join(map(str, SHAPE))}, speedup"
+            if mode == "fwd":
+                goals.append(speedup_goal(rec, f"{what} vs eager", EAGER, EAGER_GOAL))
+                goals.append(speedup_goal(rec, f"{what} vs torch.compile", COMPILE, COMPILE_GOAL))
+            else:
+                goals.append(speedup_goal(rec, f"{what} vs eager", EAGER, BWD_EAGER_GOAL))
+    return goals
+
+
+# --------------------------------------------------------------------------- CPU self-check
+
+#: Small shapes for the CPU check (the Triton interpreter is slow): a block-aligned one, odd sizes, and
+#: channels_last (y and dx in x's layout).
+SELF_CHECK_CASES: tuple[tuple[tuple[int, ...], str], ...] = (
+    ((2, 4, 8, 8), "contiguous"),
+    ((3, 5, 7, 3), "contiguous"),
+    ((2, 6, 5, 5), "channels_last"),
+)
+
+
+def self_check(backend: str) -> SelfCheck:
+    """Check one genkernels backend on CPU against float64 truth (the test criterion): bias + lrelu with
+    StyleGAN's defaults, forward (y) and forward + backward (dx, dbias), on small shapes.
+
+    bf16 is left out for triton: the interpreter mishandles it (shared/DESIGN.md). Returns "ok",
+    "failed" (wrong numbers, or an error other than UnsupportedError) or "skipped" (the backend's
+    reason for not running: cuda has no bias_act kernel yet).
+    """
+    try:
+        from genkernels import UnsupportedError
+        from genkernels.ops import bias_act
+    except Exception as e:  # noqa: BLE001 - the op module itself does not import
+        return import_failed(OP, backend, "genkernels.ops.bias_act", e)
+    device = torch.device("cpu")
+    dtypes = self_check_dtypes(backend)
+    tally = SelfCheckTally(OP, backend)
+    impl = functools.partial(_call, bias_act, backend)
+    for dtype in dtypes:
+        for shape, layout in SELF_CHECK_CASES:
+            for mode in MODES:
+                label = f"{'x'.join(map(str, shape))} {layout} {DTYPE_NAMES[dtype]} {mode}"
+                seed = tally.ran + len(tally.skips)
+                x, b, dy = _inputs(shape, dtype, device, seed=seed, layout=layout)
+                x[0, 0, 0, 0] = -b[0].item()  # one z exactly 0: lrelu's kink (the gradient there is alpha)
+                if mode == "fwd":
+                    dy = None
+                else:
+                    x.requires_grad_(True)
+                    b.requires_grad_(True)
+                failure = check_one(
+                    tally,
+                    label,
+                    functools.partial(_forward_backward, impl, x, b, dy),
+                    functools.partial(_expected, x, b, dy, torch.float64),
+                    skip=(UnsupportedError,),
+                )
+                if failure is not None:
+                    return failure
+    return tally.result(dtypes, "fwd and fwd+bwd; lrelu, alpha 0.2, gain sqrt 2, bias (C,)")
+
+
+def _call(op: Callable[..., torch.Tensor], backend: str, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return op(x, b, act=ACT, backend=backend)
