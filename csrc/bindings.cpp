@@ -17,6 +17,7 @@
 namespace py = pybind11;
 using genkernels::ActNormProblem;
 using genkernels::AttentionProblem;
+using genkernels::BiasActProblem;
 using genkernels::CouplingProblem;
 using genkernels::GroupNormProblem;
 using genkernels::ReparamProblem;
@@ -268,4 +269,33 @@ PYBIND11_MODULE(_C, m) {
       py::arg("workspace_bytes"), py::arg("stream"),
       "ActNorm backward: dx = dy * exp(log_scale[c]) (dx may be 0: not written) and the float32 (2, C) sums over "
       "(n, s) of dy and dy * x per channel, deterministic. Never synchronizes.");
+  m.def(
+      "bias_act_forward",
+      [](uintptr_t x, uintptr_t bias, uintptr_t y, int64_t n, int64_t stride_c, int64_t channels, int dtype,
+         int device, int act, float alpha, float gain, bool has_clamp, float clamp, uintptr_t stream) {
+        genkernels::bias_act_forward(
+            BiasActProblem{n, stride_c, channels, dtype, device, act, alpha, gain, has_clamp, clamp}, x, bias, y,
+            stream);
+      },
+      py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("n"), py::arg("stride_c"), py::arg("channels"),
+      py::arg("dtype"), py::arg("device"), py::arg("act"), py::arg("alpha"), py::arg("gain"), py::arg("has_clamp"),
+      py::arg("clamp"), py::arg("stream"),
+      "Fused bias + activation on a dense x walked as n elements in memory order: y = act(x + bias[(e / stride_c) "
+      "% channels]) * gain, clamped to [-clamp, clamp] when has_clamp. bias float32 (channels,) or 0 (none). "
+      "act: linear 0, relu 1, lrelu 2 (slope alpha), tanh 3, sigmoid 4, silu 5, gelu 6. Launches on `stream`, "
+      "never synchronizes.");
+  m.def(
+      "bias_act_grad",
+      [](uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dz, int64_t n, int64_t stride_c, int64_t channels,
+         int dtype, int out_dtype, int device, int act, float alpha, float gain, bool has_clamp, float clamp,
+         uintptr_t stream) {
+        genkernels::bias_act_grad(
+            BiasActProblem{n, stride_c, channels, dtype, device, act, alpha, gain, has_clamp, clamp}, dy, x, bias, dz,
+            out_dtype, stream);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("bias"), py::arg("dz"), py::arg("n"), py::arg("stride_c"),
+      py::arg("channels"), py::arg("dtype"), py::arg("out_dtype"), py::arg("device"), py::arg("act"),
+      py::arg("alpha"), py::arg("gain"), py::arg("has_clamp"), py::arg("clamp"), py::arg("stream"),
+      "Gradient map of bias_act_forward: dz = dy * gain * act'(x + bias) * m (m: the clamp's pass mask), dy and x "
+      "in `dtype`, dz in out_dtype (dtype or float32). Launches on `stream`, never synchronizes.");
 }

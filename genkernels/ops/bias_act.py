@@ -17,8 +17,9 @@ d dz / d z = dy * gain * act''(z) * m, zero for the piecewise-linear activations
 
 All arithmetic is float32 (float64 for float64 inputs on the reference).
 
-Fused backend interface (genkernels.triton.bias_act implements it): x dense (contiguous or channels
-last; anything else copied once), numel > 0, bias None or a contiguous float32 (C,) tensor.
+Fused backend interface (genkernels.triton.bias_act and genkernels.cuda.bias_act implement it): x
+dense (contiguous or channels last; anything else copied once), numel > 0, bias None or a contiguous
+float32 (C,) tensor.
 
     not_supported(x, bias, act, dim) -> str | None
     forward(x, bias, act, alpha, gain, clamp, dim) -> y                  one pass: x read, y written
@@ -37,6 +38,7 @@ from torch import Tensor
 
 from .. import _registry
 from .._layout import dense_layout, match_layout
+from ..cuda import bias_act as _cuda
 from ..triton import bias_act as _triton
 
 OP = "bias_act"
@@ -223,12 +225,8 @@ def _fast_not_supported(backend_not_supported):
     return not_supported
 
 
-def _cuda_not_supported(*args, **kwargs) -> str:
-    return "no CUDA kernel for bias_act yet: the triton backend runs it"
-
-
+_registry.register(OP, "cuda", _fast_not_supported(_cuda.not_supported), _cuda)
 _registry.register(OP, "triton", _fast_not_supported(_triton.not_supported), _triton)
-_registry.register(OP, "cuda", _cuda_not_supported, None)
 _registry.register(OP, "reference", lambda *a, **k: None, _ReferenceKernels)
 
 
@@ -451,7 +449,7 @@ def bias_act(
         gain: output scale (default sqrt(2) for relu and lrelu, 1 otherwise).
         clamp: clamp y to [-clamp, clamp] (None: no clamp).
         dim: the dim bias runs along (1: channels of an (N, C, ...) tensor).
-        backend: "auto" / None, "reference", "triton" or "cuda" (no CUDA kernel yet).
+        backend: "auto" / None, "reference", "triton" or "cuda".
 
     Under torch.compile the call goes through the ``genkernels::bias_act`` op (and its gradient op,
     ``genkernels::bias_act_grad``, itself differentiable).

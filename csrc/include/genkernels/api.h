@@ -186,4 +186,28 @@ size_t actnorm_backward_workspace(const ActNormProblem& p);
 void actnorm_backward(const ActNormProblem& p, uintptr_t dy, uintptr_t x, uintptr_t log_scale, uintptr_t dx,
                       uintptr_t sums, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream);
 
+// A bias_act problem: x (and y, dy, dz) dense, walked as one flat run of n elements in memory order;
+// the bias (float32 (C,), optional) of flat element e is bias[(e / stride_c) % channels]. One dtype
+// for x, y and dy; dz in it or float32.
+struct BiasActProblem {
+  int64_t n;         // elements (> 0)
+  int64_t stride_c;  // x.stride(dim) (> 0)
+  int64_t channels;  // C = x.shape[dim] (> 0)
+  int dtype;         // DtypeCode
+  int device;        // CUDA device ordinal that holds the tensors
+  int act;           // linear 0, relu 1, lrelu 2, tanh 3, sigmoid 4, silu 5, gelu 6
+  float alpha, gain;
+  bool has_clamp;
+  float clamp;  // > 0 when has_clamp
+};
+
+// y = act(x + bias) * gain, clamped to [-clamp, clamp] when has_clamp (NaN passes), in float32;
+// bias may be 0 (none). Launches on `stream`, never synchronizes.
+void bias_act_forward(const BiasActProblem& p, uintptr_t x, uintptr_t bias, uintptr_t y, uintptr_t stream);
+
+// dz = dy * gain * act'(x + bias) * m (m: 1 where -clamp <= act(z) * gain <= clamp, else 0; 1 without a
+// clamp), written in out_dtype (p.dtype or float32). Launches on `stream`, never synchronizes.
+void bias_act_grad(const BiasActProblem& p, uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dz, int out_dtype,
+                   uintptr_t stream);
+
 }  // namespace genkernels

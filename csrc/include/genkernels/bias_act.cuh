@@ -1,0 +1,226 @@
+// Fused bias + activation (StyleGAN's bias_act), forward and gradient map: device code.
+//
+// x is dense (contiguous or channels last) and y, dy and dz share its strides, so every tensor is
+// one flat run of n elements in memory order. The bias of flat element e is bias[(e / stride_c) % C]
+// (stride_c = x.stride(dim), C = x.shape[dim]), which holds in both layouts; bias is float32 (C,) or
+// absent. Per element, in float32 (the formulas of genkernels/ops/bias_act.py):
+//     z  = x + b
+//     y  = act(z) * gain, then y = y < -clamp ? -clamp : (y > clamp ? clamp : y) when clamped (NaN passes)
+//     dz = dy * gain * act'(z) * m,  m = (-clamp <= act(z) * gain <= clamp) when clamped, else 1
+// act: linear 0, relu 1 (z < 0 ? 0 : z), lrelu 2 (z > 0 ? z : alpha z), tanh 3, sigmoid 4, silu 5
+// (z sigmoid(z)), gelu 6 (exact: z Phi(z), Phi(z) = 0.5 (1 + erf(z / sqrt 2))). act' is torch's
+// autograd's: relu z > 0 ? 1 : 0, lrelu z > 0 ? 1 : alpha, tanh 4t / (1 + t)^2 with t = exp(-2|z|)
+// (1 - tanh^2 without cancellation), sigmoid s (1 - s), silu s (1 + z (1 - s)), gelu Phi(z) + z phi(z).
+// sigmoid and 1 - sigmoid come from e = exp(-|z|) (1 / (1 + e) and e / (1 + e)): no overflow and no
+// cancellation, and every exponential sees a non-positive argument, so all of it stays finite for
+// large |z|. Accurate expf / tanhf / erff (not __expf): the emulator checks against float64.
+//
+// Work split: thread v of the 1-D grid (blocks of kBiasActThreads) handles elements
+// [v VEC, v VEC + VEC): one 16-byte vector of x (and dy) when all of it lies below n, else the
+// elements that do, one at a time (the tail of a length that is not a multiple of VEC). VEC is
+// the dtype's 16-byte width when every pointer is 16-byte aligned, else 1. The bias index is
+// divided out once per thread and then stepped element by element. The activation is a template
+// parameter; the bias and the clamp are uniform run-time branches. The gradient's output dtype O
+// is x's or float32 (unrounded dz for the bias gradient's sum): an 8-wide fp16 / bf16 vector then
+// stores two 4-wide float32 vectors.
+// Memory traffic: forward x read once, y written once; gradient dy and x read once, dz written
+// once; the bias gathered through the read-only cache.
+//
+// This header is the device code alone; it expects its includer to provide the CUDA built-ins it
+// uses (threadIdx, blockIdx, __ldg, __ldcs, __stcs, expf, tanhf, erff, fabsf and those of
+// chunk_walk.cuh). csrc/bias_act.cu compiles it with nvcc; tests/cuda/emulator runs the same
+// source on the CPU. Everything sits in an unnamed namespace (private to the including unit).
+#pragma once
+
+#include <cstdint>
+
+#include "genkernels/chunk_walk.cuh"
+#include "genkernels/vec.cuh"
+
+namespace genkernels {
+namespace {
+
+constexpr int kBiasActThreads = 256;
+
+// Must match ACTS in genkernels/cuda/bias_act.py.
+enum BiasActKind : int {
+  kActLinear = 0,
+  kActRelu = 1,
+  kActLrelu = 2,
+  kActTanh = 3,
+  kActSigmoid = 4,
+  kActSilu = 5,
+  kActGelu = 6,
+  kActCount = 7
+};
+
+struct BiasActArgs {
+  const void* x;       // n elements, dtype D
+  const void* dy;      // n elements, dtype D (gradient only)
+  const float* bias;   // (C,) float32, or nullptr
+  void* out;           // y (dtype D) or dz (dtype O)
+  int64_t n;           // elements
+  int64_t stride_c;    // x.stride(dim) (> 0)
+  int64_t channels;    // C = x.shape[dim] (> 0)
+  float alpha, gain, clamp;
+  bool has_clamp;
+};
+
+// (sigmoid(z), 1 - sigmoid(z)), each without cancellation or overflow.
+__device__ __forceinline__ void sigmoid_pair(float z, float& s, float& sc) {
+  const float e = expf(-fabsf(z));
+  const float p = 1.f / (1.f + e);
+  const float q = e * p;
+  const bool pos = z >= 0.f;
+  s = pos ? p : q;
+  sc = pos ? q : p;
+}
+
+// Phi(z) = 0.5 (1 + erf(z / sqrt 2)), torch's exact GELU formula.
+__device__ __forceinline__ float gelu_cdf(float z) { return 0.5f * (1.f + erff(z * 0.70710678118654752f)); }
+
+template <int ACT>
+__device__ __forceinline__ float act_value(float z, float alpha) {
+  if constexpr (ACT == kActLinear) {
+    return z;
+  } else if constexpr (ACT == kActRelu) {
+    return z < 0.f ? 0.f : z;  // NaN passes, as in F.relu
+  } else if constexpr (ACT == kActLrelu) {
+    return z > 0.f ? z : z * alpha;
+  } else if constexpr (ACT == kActTanh) {
+    return tanhf(z);
+  } else if constexpr (ACT == kActSigmoid) {
+    float s, sc;
+    sigmoid_pair(z, s, sc);
+    return s;
+  } else if constexpr (ACT == kActSilu) {
+    float s, sc;
+    sigmoid_pair(z, s, sc);
+    return z * s;
+  } else {
+    static_assert(ACT == kActGelu, "unknown activation");
+    return z * gelu_cdf(z);
+  }
+}
+
+template <int ACT>
+__device__ __forceinline__ float act_grad(float z, float alpha) {
+  if constexpr (ACT == kActLinear) {
+    return 1.f;
+  } else if constexpr (ACT == kActRelu) {
+    return z > 0.f ? 1.f : 0.f;
+  } else if constexpr (ACT == kActLrelu) {
+    return z > 0.f ? 1.f : alpha;
+  } else if constexpr (ACT == kActTanh) {
+    const float t = expf(-2.f * fabsf(z));
+    const float u = 1.f + t;
+    return 4.f * t / (u * u);
+  } else if constexpr (ACT == kActSigmoid) {
+    float s, sc;
+    sigmoid_pair(z, s, sc);
+    return s * sc;
+  } else if constexpr (ACT == kActSilu) {
+    float s, sc;
+    sigmoid_pair(z, s, sc);
+    return s * (1.f + z * sc);
+  } else {
+    static_assert(ACT == kActGelu, "unknown activation");
+    return gelu_cdf(z) + z * (0.3989422804014327f * expf(-0.5f * z * z));
+  }
+}
+
+// z[i] = x[e + i] + bias[((e + i) / stride_c) % C] for i < W: one division, then stepped.
+template <class D, int W>
+__device__ __forceinline__ void load_preact(const BiasActArgs& a, int64_t e, float (&z)[W]) {
+  load_stream<D, W>(a.x, e, z);
+  if (a.bias != nullptr) {
+    int64_t q, r, wraps, c;
+    split_index(e, a.stride_c, q, r);
+    split_index(q, a.channels, wraps, c);
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      z[i] += __ldg(a.bias + c);
+      if (++r == a.stride_c) {
+        r = 0;
+        if (++c == a.channels) c = 0;
+      }
+    }
+  }
+}
+
+// W elements of float32 values as dtype O at out[e ..]: one store of O's width, or two 4-wide
+// float32 vectors for an 8-wide fp16 / bf16 vector of the input.
+template <class O, int W>
+__device__ __forceinline__ void store_out(void* out, int64_t e, const float (&v)[W]) {
+  if constexpr (W == 1 || W == O::kVec) {
+    store_stream<O, W>(out, e, v);
+  } else {
+    static_assert(W == 2 * O::kVec, "an 8-wide vector stored as two 4-wide float32 vectors");
+    float lo[O::kVec], hi[O::kVec];
+#pragma unroll
+    for (int i = 0; i < O::kVec; ++i) {
+      lo[i] = v[i];
+      hi[i] = v[O::kVec + i];
+    }
+    store_stream<O, O::kVec>(out, e, lo);
+    store_stream<O, O::kVec>(out, e + O::kVec, hi);
+  }
+}
+
+template <int ACT, class D, int W>
+__device__ __forceinline__ void forward_elements(const BiasActArgs& a, int64_t e) {
+  float z[W], y[W];
+  load_preact<D, W>(a, e, z);
+#pragma unroll
+  for (int i = 0; i < W; ++i) {
+    float v = act_value<ACT>(z[i], a.alpha) * a.gain;
+    if (a.has_clamp) v = v < -a.clamp ? -a.clamp : (v > a.clamp ? a.clamp : v);  // NaN passes
+    y[i] = v;
+  }
+  store_stream<D, W>(a.out, e, y);
+}
+
+template <int ACT, class D, class O, int W>
+__device__ __forceinline__ void grad_elements(const BiasActArgs& a, int64_t e) {
+  float z[W], dy[W], dz[W];
+  load_preact<D, W>(a, e, z);
+  load_stream<D, W>(a.dy, e, dy);
+#pragma unroll
+  for (int i = 0; i < W; ++i) {
+    float g = dy[i] * a.gain * act_grad<ACT>(z[i], a.alpha);
+    if (a.has_clamp) {
+      const float pre = act_value<ACT>(z[i], a.alpha) * a.gain;
+      if (!(pre >= -a.clamp && pre <= a.clamp)) g = 0.f;  // torch.clamp's gradient; NaN: 0
+    }
+    dz[i] = g;
+  }
+  store_out<O, W>(a.out, e, dz);
+}
+
+// Thread v's elements: a full vector, or the tail one element at a time.
+__device__ __forceinline__ int64_t bias_act_first(int vec) {
+  return (static_cast<int64_t>(blockIdx.x) * kBiasActThreads + threadIdx.x) * vec;
+}
+
+template <int ACT, class D, int VEC>
+__global__ void __launch_bounds__(kBiasActThreads) bias_act_forward_kernel(const BiasActArgs a) {
+  const int64_t e = bias_act_first(VEC);
+  if (e + VEC <= a.n) {
+    forward_elements<ACT, D, VEC>(a, e);
+  } else {
+    for (int64_t k = e; k < a.n; ++k) forward_elements<ACT, D, 1>(a, k);
+  }
+}
+
+template <int ACT, class D, class O, int VEC>
+__global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_kernel(const BiasActArgs a) {
+  const int64_t e = bias_act_first(VEC);
+  if (e + VEC <= a.n) {
+    grad_elements<ACT, D, O, VEC>(a, e);
+  } else {
+    for (int64_t k = e; k < a.n; ++k) grad_elements<ACT, D, O, 1>(a, k);
+  }
+}
+
+}  // namespace
+}  // namespace genkernels

@@ -1,0 +1,116 @@
+"""CUDA launcher for the fused bias + activation (csrc/bias_act.cu): a thin wrapper over ``genkernels._C``.
+
+Implements the backend interface of :mod:`genkernels.ops.bias_act` (see its module docstring for the
+formulas), with the semantics of :mod:`genkernels.triton.bias_act`: x is dense (contiguous or
+channels_last), and y, dy and dz share its strides, so every tensor is walked as one flat run of
+numel elements in memory order; the bias (float32 (C,) or None) of flat element e is
+bias[(e // x.stride(dim)) % C]. One thread per 16-byte vector when every pointer is 16-byte aligned
+(the tail of a length that is not a multiple of the width one element at a time), else one thread
+per element. Arithmetic is float32 with accurate expf / tanhf / erff. Launches on torch's current
+stream without synchronizing (CUDA-graph capturable).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import MAX_BLOCKS, device_guard, dtype_code, kernels_unavailable, require_extension, stream_handle
+
+# The activation codes of csrc/include/genkernels/bias_act.cuh (BiasActKind).
+ACTS = {"linear": 0, "relu": 1, "lrelu": 2, "tanh": 3, "sigmoid": 4, "silu": 5, "gelu": 6}
+# Threads per block (kBiasActThreads); the scalar path has one element a thread.
+THREADS = 256
+
+_SYMBOLS = ("bias_act_forward", "bias_act_grad")
+
+
+def not_supported(x: Tensor, bias: Tensor | None, act: str, dim: int) -> str | None:
+    """Why the cuda backend cannot run this bias_act call (one line), or None when it can.
+
+    The op has checked dtypes, shapes, layouts and devices; what remains is the device, the
+    extension, the activation and the 1-D grid (one thread per element at worst)."""
+    reason = kernels_unavailable(x, "x", "bias_act", _SYMBOLS)
+    if reason is not None:
+        return reason
+    if act not in ACTS:
+        return f"act {act!r} has no cuda kernel; supported: {', '.join(ACTS)}"
+    if -(-x.numel() // THREADS) > MAX_BLOCKS:
+        return f"{x.numel()} elements: more than 2^31 - 1 blocks of {THREADS}"
+    return None
+
+
+def _problem(x: Tensor, bias: Tensor | None, act: str, alpha: float, gain: float, clamp, dim: int) -> dict:
+    has_bias = bias is not None
+    return {
+        "n": x.numel(),
+        "stride_c": x.stride(dim) if has_bias else 1,
+        "channels": x.shape[dim] if has_bias else 1,
+        "act": ACTS[act],
+        "alpha": float(alpha),
+        "gain": float(gain),
+        "has_clamp": clamp is not None,
+        "clamp": float(clamp) if clamp is not None else 0.0,
+    }
+
+
+def forward(
+    x: Tensor, bias: Tensor | None, act: str, alpha: float, gain: float, clamp: float | None, dim: int
+) -> Tensor:
+    """y = clamp(act(x + bias) * gain) in one pass over memory order.
+
+    x: dense (contiguous or channels_last), float32, float16 or bfloat16, numel > 0. bias: None or a
+    contiguous float32 (C,) tensor, C = x.shape[dim], added along dim. act: a key of ACTS; alpha:
+    lrelu's slope; gain: output scale; clamp: None or > 0. Returns y, a new tensor with x's shape,
+    strides and dtype. Reads x once, writes y once; never synchronizes with the host."""
+    ext = require_extension()
+    y = torch.empty_like(x)
+    device = x.device
+    with device_guard(device):
+        ext.bias_act_forward(
+            x.data_ptr(),
+            0 if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            dtype=dtype_code(x),
+            device=device.index,
+            stream=stream_handle(device),
+            **_problem(x, bias, act, alpha, gain, clamp, dim),
+        )
+    return y
+
+
+def grad(
+    dy: Tensor,
+    x: Tensor,
+    bias: Tensor | None,
+    act: str,
+    alpha: float,
+    gain: float,
+    clamp: float | None,
+    dim: int,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """dz = dy * gain * act'(x + bias) * m (m: the clamp's pass mask) in one pass over memory order.
+
+    dy: x's shape, dtype and strides; the other arguments as in :func:`forward`. Returns dz, a new
+    tensor like x in ``out_dtype`` (x's dtype or float32, default x's; float32 keeps the unrounded dz
+    for the bias gradient's sum). Reads dy and x once, writes dz once; never synchronizes."""
+    ext = require_extension()
+    out_dtype = out_dtype or x.dtype
+    if out_dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"out_dtype must be x's dtype ({x.dtype}) or torch.float32, got {out_dtype}")
+    dz = torch.empty_like(x, dtype=out_dtype)
+    device = x.device
+    with device_guard(device):
+        ext.bias_act_grad(
+            dy.data_ptr(),
+            x.data_ptr(),
+            0 if bias is None else bias.data_ptr(),
+            dz.data_ptr(),
+            dtype=dtype_code(x),
+            out_dtype=dtype_code(dz),
+            device=device.index,
+            stream=stream_handle(device),
+            **_problem(x, bias, act, alpha, gain, clamp, dim),
+        )
+    return dz

@@ -1,0 +1,329 @@
+// Runs the bias_act kernels of genkernels/bias_act.cuh, the same source that csrc/bias_act.cu
+// compiles with nvcc, on the CPU under the SIMT emulator of simt.h, and checks y (forward) and dz
+// (gradient map) against a float64 reference, on cases that cover the kernels' paths: every
+// activation; fp32, fp16 and bf16, dz in x's dtype or float32; a bias along the channels of a
+// contiguous (N, C, S) tensor (stride_c = S), of a channels_last one (stride_c = 1), along dim 0
+// of a (C, K) matrix, or no bias; a clamp or none; 16-byte vectors (with a scalar tail when n is
+// not a multiple of the width) and the scalar path (pointers one element past a 16-byte boundary:
+// every tensor, or dz alone: vectors forward, scalars in the gradient); inputs of every size,
+// including |z| up to 1e4, z = 0 exactly (where relu' is 0 and lrelu' alpha, as in torch) and
+// values where the clamp bites.
+//
+//   bias_act_emu [--jobs N] [--case SUBSTRING]
+//
+// prints "CASES <cases>", then one line per case:
+//   RESULT ok|FAIL <case> | vec <forward> <grad> n <elements>; <largest error relative to its
+//   tolerance>; <bad count>; <first bad element>
+// and "PASSED" or "FAILED <count>"; exit status 0 when every case passes, 1 when one fails, 2 when
+// the emulator stops on a broken rule of the execution model.
+//
+// The launch choices replicate csrc/bias_act.cu: 16-byte vectors when every pointer in use is
+// 16-byte aligned, else one element a thread; blocks of kBiasActThreads, one thread per vector.
+//
+// Reference: the bias index of each element comes from its logical coordinates (n, c, s) in the
+// case's layout, not from the kernel's formula; z = x + b is rounded to float32 as the kernel
+// does (one IEEE addition), then act, act' and the clamp are evaluated in float64. Tolerance: a
+// few float32 roundings and the C library's expf / tanhf / erff (CUDA's are within 2 ulp), at most
+// 2^-20 of the magnitude m (the expression with every term in absolute value), then one rounding
+// to the output dtype: |got - ref| <= u |ref| + 2^-20 m + 2^-25, or got equal to ref rounded to
+// the dtype. Where the float64 pre-clamp value lies within 2^-20 (relative) of the clamp, the
+// kernel's float32 decision may go either way and both answers pass.
+#include "simt.h"
+#include "driver.h"
+
+#include "genkernels/bias_act.cuh"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using driver::Buffer;
+using driver::decode;
+using driver::dtype_name;
+using driver::encode;
+using genkernels::BiasActArgs;
+
+constexpr int kThreads = genkernels::kBiasActThreads;
+constexpr int kF32 = genkernels::kFloat32, kF16 = genkernels::kFloat16, kBF16 = genkernels::kBFloat16;
+
+enum class Layout { kChannelsFirst, kChannelsLast, kRows, kNoBias };
+enum class Misalign { kNone, kAll, kOut };
+
+struct Case {
+  int dtype, out_dtype;
+  int act;
+  Layout layout;
+  int N, C, S;  // kRows: a (C, S) matrix, bias along dim 0 (N = 1)
+  bool clamp;
+  bool large;  // every fifth input far out (|x| up to 1e4)
+  Misalign misalign;
+
+  std::string name() const {
+    static const char* const acts[] = {"linear", "relu", "lrelu", "tanh", "sigmoid", "silu", "gelu"};
+    static const char* const layouts[] = {"channels-first", "channels-last", "rows", "no-bias"};
+    char buf[200];
+    snprintf(buf, sizeof buf, "%s dz:%s %s %s N%d C%d S%d%s%s%s", dtype_name(dtype), dtype_name(out_dtype), acts[act],
+             layouts[static_cast<int>(layout)], N, C, S, clamp ? " clamp" : "", large ? " large" : "",
+             misalign == Misalign::kAll ? " misaligned" : misalign == Misalign::kOut ? " misaligned-out" : "");
+    return buf;
+  }
+};
+
+double sigmoid64(double z) { return z >= 0 ? 1 / (1 + std::exp(-z)) : std::exp(z) / (1 + std::exp(z)); }
+
+// act(z) and its magnitude (every term in absolute value).
+void act64(int act, double z, double alpha, double& v, double& mag) {
+  switch (act) {
+    case 0:
+      v = z, mag = std::fabs(z);
+      return;
+    case 1:
+      v = z < 0 ? 0 : z, mag = std::fabs(v);
+      return;
+    case 2:
+      v = z > 0 ? z : alpha * z, mag = std::fabs(v);
+      return;
+    case 3:
+      v = std::tanh(z), mag = std::fabs(v);
+      return;
+    case 4:
+      v = sigmoid64(z), mag = v;
+      return;
+    case 5:
+      v = z * sigmoid64(z), mag = std::fabs(v);
+      return;
+    default: {
+      const double erf = std::erf(z / std::sqrt(2.0));
+      v = 0.5 * z * (1 + erf), mag = 0.5 * std::fabs(z) * (1 + std::fabs(erf));
+    }
+  }
+}
+
+// act'(z) and its magnitude.
+void grad64(int act, double z, double alpha, double& g, double& mag) {
+  switch (act) {
+    case 0:
+      g = 1, mag = 1;
+      return;
+    case 1:
+      g = z > 0 ? 1 : 0, mag = g;
+      return;
+    case 2:
+      g = z > 0 ? 1 : alpha, mag = std::fabs(g);
+      return;
+    case 3: {
+      const double t = std::tanh(z);
+      g = 1 - t * t, mag = g;
+      return;
+    }
+    case 4: {
+      const double s = sigmoid64(z);
+      g = s * (1 - s), mag = g;
+      return;
+    }
+    case 5: {
+      const double s = sigmoid64(z), sc = sigmoid64(-z);
+      g = s * (1 + z * sc), mag = s * (1 + std::fabs(z) * sc);
+      return;
+    }
+    default: {
+      const double erf = std::erf(z / std::sqrt(2.0));
+      const double pdf = std::exp(-0.5 * z * z) / std::sqrt(2 * M_PI);
+      g = 0.5 * (1 + erf) + z * pdf, mag = 0.5 * (1 + std::fabs(erf)) + std::fabs(z) * pdf;
+    }
+  }
+}
+
+const float kLarge[] = {1e4f, -1e4f, 95.f, -95.f, 30.f, -30.f, 9.f, -9.f, 0.f, -0.f, 5e3f, -300.f};
+
+simt::Outcome run(const Case& c, unsigned seed) {
+  const std::string label = c.name();
+  std::mt19937 rng(seed);
+  const int64_t n = int64_t{c.N} * c.C * c.S;
+  const bool has_bias = c.layout != Layout::kNoBias;
+  const int64_t stride_c = c.layout == Layout::kChannelsFirst ? c.S : c.layout == Layout::kRows ? c.S : 1;
+  // Channel of every flat element, from the logical coordinates.
+  std::vector<int> channel(n, 0);
+  for (int b = 0; b < c.N; ++b) {
+    for (int ch = 0; ch < c.C; ++ch) {
+      for (int s = 0; s < c.S; ++s) {
+        const int64_t e = c.layout == Layout::kChannelsLast ? (int64_t{b} * c.S + s) * c.C + ch
+                                                             : (int64_t{b} * c.C + ch) * c.S + s;
+        channel[e] = ch;
+      }
+    }
+  }
+  const bool mis_in = c.misalign == Misalign::kAll, mis_out = c.misalign != Misalign::kNone;
+  Buffer x, dy, y, dz;
+  x.init(c.dtype, n, mis_in);
+  dy.init(c.dtype, n, mis_in);
+  y.init(c.dtype, n, mis_in);
+  dz.init(c.out_dtype, n, mis_out);
+  x.fill(rng, 2.f);
+  dy.fill(rng, 1.f);
+  if (c.large) {
+    for (int64_t i = 0; i < n; i += 5) x.set(i, kLarge[(i / 5) % 12]);
+  }
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<float> bias(c.C + 2, NAN);  // NaN sentinels on both sides
+  // Bias values exact in bf16 (so in every dtype): x = -b below gives z = 0 exactly.
+  for (int i = 1; i <= c.C; ++i) bias[i] = decode(kBF16, encode(kBF16, normal(rng)));
+  for (int64_t i = 3; i < n; i += 11) x.set(i, has_bias ? -bias[1 + channel[i]] : 0.f);  // z = 0: relu' = 0
+  const float alpha = c.act == 2 ? 0.2f : 0.37f;
+  const float gain = c.act == 1 || c.act == 2 ? static_cast<float>(std::sqrt(2.0)) : 1.25f;
+  // The clamp bites on a fair share of the elements.
+  const float clamp = c.act == 3 || c.act == 4 ? 0.9f : 1.5f;
+
+  std::vector<simt::Range> global;
+  simt::register_global(global, x.data(), x.bytes());
+  simt::register_global(global, dy.data(), dy.bytes());
+  simt::register_global(global, bias.data() + 1, c.C * sizeof(float));
+
+  BiasActArgs a{};
+  a.x = x.data();
+  a.bias = has_bias ? bias.data() + 1 : nullptr;
+  a.n = n;
+  a.stride_c = has_bias ? stride_c : 1;
+  a.channels = has_bias ? c.C : 1;
+  a.alpha = alpha, a.gain = gain, a.clamp = c.clamp ? clamp : 0.f, a.has_clamp = c.clamp;
+
+  const int wide = 16 / genkernels::element_bytes(c.dtype);
+  const int fvec = driver::vector_width(c.dtype, wide, {x.data(), y.data()});
+  const int gvec = driver::vector_width(c.dtype, wide, {dy.data(), x.data(), dz.data()});
+  auto blocks = [&](int vec) {
+    return static_cast<unsigned>(((n + vec - 1) / vec + kThreads - 1) / kThreads);
+  };
+  BiasActArgs fa = a;
+  fa.out = y.data();
+  BiasActArgs ga = a;
+  ga.dy = dy.data();
+  ga.out = dz.data();
+  genkernels::with_vector(c.dtype, fvec, [&](auto d, auto v) {
+    using D = decltype(d);
+    constexpr int kVec = decltype(v)::value;
+    simt::launch(blocks(kVec), kThreads, 0, {}, global, label + " (forward)", [&] {
+      switch (c.act) {
+        case 0: return genkernels::bias_act_forward_kernel<0, D, kVec>(fa);
+        case 1: return genkernels::bias_act_forward_kernel<1, D, kVec>(fa);
+        case 2: return genkernels::bias_act_forward_kernel<2, D, kVec>(fa);
+        case 3: return genkernels::bias_act_forward_kernel<3, D, kVec>(fa);
+        case 4: return genkernels::bias_act_forward_kernel<4, D, kVec>(fa);
+        case 5: return genkernels::bias_act_forward_kernel<5, D, kVec>(fa);
+        default: return genkernels::bias_act_forward_kernel<6, D, kVec>(fa);
+      }
+    });
+  });
+  genkernels::with_vector(c.dtype, gvec, [&](auto d, auto v) {
+    using D = decltype(d);
+    constexpr int kVec = decltype(v)::value;
+    auto go = [&](auto o) {
+      using O = decltype(o);
+      simt::launch(blocks(kVec), kThreads, 0, {}, global, label + " (grad)", [&] {
+        switch (c.act) {
+          case 0: return genkernels::bias_act_grad_kernel<0, D, O, kVec>(ga);
+          case 1: return genkernels::bias_act_grad_kernel<1, D, O, kVec>(ga);
+          case 2: return genkernels::bias_act_grad_kernel<2, D, O, kVec>(ga);
+          case 3: return genkernels::bias_act_grad_kernel<3, D, O, kVec>(ga);
+          case 4: return genkernels::bias_act_grad_kernel<4, D, O, kVec>(ga);
+          case 5: return genkernels::bias_act_grad_kernel<5, D, O, kVec>(ga);
+          default: return genkernels::bias_act_grad_kernel<6, D, O, kVec>(ga);
+        }
+      });
+    };
+    if (c.out_dtype == c.dtype) {
+      go(D{});
+    } else {
+      go(genkernels::F32{});
+    }
+  });
+
+  driver::Findings found;
+  auto check = [&](const char* what, int dtype, int64_t e, float got, double want, double magnitude) {
+    if (decode(dtype, encode(dtype, static_cast<float>(want))) == got) return;
+    found.check(what, dtype, e, 0, got, want, magnitude);
+  };
+  const double tol_rel = std::ldexp(1.0, -20);
+  for (int64_t e = 0; e < n; ++e) {
+    const float b = has_bias ? bias[1 + channel[e]] : 0.f;
+    const double z = static_cast<float>(x.at(e) + b);  // the kernel's one float32 addition
+    double v, vmag, g, gmag;
+    act64(c.act, z, alpha, v, vmag);
+    grad64(c.act, z, alpha, g, gmag);
+    const double pre = v * gain;
+    bool pass = true, either = false;
+    double want_y = pre;
+    if (c.clamp) {
+      pass = pre >= -clamp && pre <= clamp;
+      either = std::fabs(std::fabs(pre) - clamp) <= tol_rel * clamp;
+      want_y = std::min<double>(std::max<double>(pre, -clamp), clamp);
+    }
+    const double yg = y.at(e);
+    if (either) {
+      if (!(std::fabs(yg - want_y) <= 4 * tol_rel * clamp)) found.flag("y[%lld] = %.9g near the clamp", (long long)e, yg);
+    } else {
+      check("y", c.dtype, e, static_cast<float>(yg), want_y, std::fabs(gain) * vmag);
+    }
+    const double d = dy.at(e);
+    const double want_dz = d * gain * g;
+    const float got = dz.at(e);
+    if (either) {
+      if (got != 0.f) check("dz", c.out_dtype, e, got, want_dz, std::fabs(d * gain) * gmag);
+    } else {
+      check("dz", c.out_dtype, e, got, pass ? want_dz : 0.0, std::fabs(d * gain) * gmag);
+      if (!pass && got != 0.f) found.flag("dz[%lld] = %.9g outside the clamp: want 0", (long long)e, got);
+    }
+  }
+  if (y.untouched() || dz.untouched()) found.flag("an output element never written");
+  if (y.stray() || dz.stray()) found.flag("a store outside y or dz");
+
+  char buf[200];
+  snprintf(buf, sizeof buf, "vec %d %d n %lld; max |err| / tol %.3g", fvec, gvec, static_cast<long long>(n),
+           found.worst);
+  return found.outcome(label, buf);
+}
+
+struct Shape {
+  Layout layout;
+  int N, C, S;
+};
+
+// Channels first with S a multiple of every width and odd; channels last with small and odd C;
+// a (C, S) matrix with bias along dim 0; no bias; n above a block's step (several blocks) with a
+// tail that is not a whole vector; single elements.
+const Shape kShapes[] = {
+    {Layout::kChannelsFirst, 2, 3, 16},  {Layout::kChannelsFirst, 2, 5, 7},   {Layout::kChannelsLast, 3, 6, 5},
+    {Layout::kChannelsLast, 2, 7, 9},    {Layout::kRows, 1, 9, 13},           {Layout::kNoBias, 1, 1, 37},
+    {Layout::kChannelsFirst, 3, 17, 61}, {Layout::kChannelsLast, 4, 24, 33},  {Layout::kNoBias, 1, 1, 1},
+};
+
+std::vector<Case> make_cases() {
+  std::vector<Case> cases;
+  int k = 0;
+  for (const int dtype : {kF32, kF16, kBF16}) {
+    for (int act = 0; act < 7; ++act) {
+      for (const Shape& s : kShapes) {
+        Case c{};
+        c.dtype = dtype;
+        c.out_dtype = (dtype != kF32 && k % 3 == 1) ? kF32 : dtype;
+        c.act = act;
+        c.layout = s.layout, c.N = s.N, c.C = s.C, c.S = s.S;
+        c.clamp = k % 2 == 0;
+        c.large = k % 4 < 2;
+        c.misalign = k % 5 == 3 ? Misalign::kAll : k % 5 == 4 ? Misalign::kOut : Misalign::kNone;
+        cases.push_back(c);
+        ++k;
+      }
+    }
+  }
+  return cases;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) { return driver::run_driver(argc, argv, make_cases(), 5000u, run); }

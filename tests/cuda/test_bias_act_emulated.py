@@ -1,0 +1,54 @@
+"""The CUDA bias_act kernels compute the right thing, checked on the CPU.
+
+Why this exists: no GPU runs the suite, and the CUDA kernels of ``bias_act``
+(``csrc/include/genkernels/bias_act.cuh``, compiled by ``csrc/bias_act.cu``) would otherwise be checked
+only when a GPU runs them. The same device source compiles with a plain C++ compiler against the emulated
+CUDA built-ins of ``tests/cuda/emulator/simt.h``; ``tests/cuda/emulator/bias_act_emu.cpp`` runs the
+forward kernel and the gradient-map kernel on about 190 small cases: every activation; fp32, fp16 and
+bf16, dz in x's dtype or float32; a bias along the channels of contiguous (stride_c = S) and
+channels_last (stride_c = 1) tensors, along dim 0 of a matrix, or none; with and without a clamp;
+16-byte vectors with a scalar tail, the scalar path (misaligned pointers), vectors forward and scalars
+in the gradient (dz alone misaligned); |z| up to 1e4. y and dz are compared with a float64 reference
+(the bias index taken from logical coordinates, not the kernel's formula) under an error model of the
+kernels' float32 arithmetic (see the driver's header), and sentinels around every output catch stray
+or missing stores. What the emulator cannot see (the device's expf / tanhf / erff rounding, speed,
+registers) is listed in simt.h.
+
+Needs what ``tests/cuda/_emulator.py`` builds with, and skips without it.
+About 30 s to compile and a few seconds to run.
+"""
+
+from __future__ import annotations
+
+import re
+
+from tests.cuda._emulator import driver_fixture, run_driver
+
+RESULT = re.compile(r"^RESULT (ok|FAIL) (.*?) \| vec (\d+) (\d+) n (\d+); (.*)$")
+
+emulator = driver_fixture("bias_act_emu.cpp")
+
+
+def test_bias_act_emulated(emulator):
+    """Every case of the emulator driver passes, and the cases reach every path they are meant to."""
+    (cases,), results = run_driver(emulator, RESULT)
+    assert len(results) == cases >= 150, f"expected {cases} results, got {len(results)}"
+
+    # Vector widths 1, 4 (fp32) and 8 (fp16 / bf16) in both kernels, and the two kernels on different paths.
+    assert {int(m[3]) for m in results} == {1, 4, 8}
+    assert {int(m[4]) for m in results} == {1, 4, 8}
+    assert any(m[3] != m[4] for m in results), "no case where forward and gradient take different vector widths"
+    # A vector path whose length is not a multiple of the width (scalar tail), and more than one block.
+    assert any(int(m[3]) > 1 and int(m[5]) % int(m[3]) for m in results), "no vector case with a scalar tail"
+    assert max(int(m[5]) for m in results) > 256 * 8, "no case of several blocks"
+    names = [m[2] for m in results]
+    for act in ("linear", "relu", "lrelu", "tanh", "sigmoid", "silu", "gelu"):
+        assert any(f" {act} " in n for n in names), act
+    for dtype in ("f32", "f16", "bf16"):
+        assert any(n.startswith(f"{dtype} dz:{dtype} ") for n in names), dtype
+    assert any(n.startswith(("f16 dz:f32", "bf16 dz:f32")) for n in names), "no float32 dz of a 16-bit x"
+    for option in (" channels-first ", " channels-last ", " rows ", " no-bias ", " clamp", " large"):
+        assert any(option in n for n in names), option
+    for option in (" misaligned", " misaligned-out"):
+        assert any(n.endswith(option) for n in names), option
+    assert any(" clamp" not in n for n in names), "no unclamped case"
