@@ -121,31 +121,13 @@ def grad(
 
 
 if triton is not None:
-
-    @triton.jit
-    def _exp_neg(x):
-        """exp(x) for x <= 0 in float32 to about 1 ulp, 0 below -87 (NaN stays NaN). x = n ln2 + f with n
-        an integer and |f| <= ln2 / 2 (ln2 split in two so that n * LN2_HI is exact), exp(f) by its
-        degree-7 Taylor polynomial (remainder below 1e-8 relative), times 2^n built from its bits."""
-        under = x < -87.0
-        x = tl.where(under, -87.0, x)
-        n = tl.floor(x * 1.4426950408889634 + 0.5)
-        f = (x - n * 0.693145751953125) - n * 1.4286068203094173e-06
-        p = f * (1.0 / 5040.0) + 1.0 / 720.0
-        p = p * f + 1.0 / 120.0
-        p = p * f + 1.0 / 24.0
-        p = p * f + 1.0 / 6.0
-        p = p * f + 0.5
-        p = p * f + 1.0
-        p = p * f + 1.0
-        scale = ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
-        return tl.where(under, 0.0, p * scale)
+    from genkernels.triton._math import _exp
 
     @triton.jit
     def _sigmoid_pair(z):
         """(sigmoid(z), 1 - sigmoid(z)), each without cancellation or overflow: with e = exp(-|z|),
         1 / (1 + e) is the one on z's side and e / (1 + e) the other."""
-        e = _exp_neg(-tl.abs(z))
+        e = _exp(-tl.abs(z))
         p = 1.0 / (1.0 + e)
         q = e * p
         pos = z >= 0.0
@@ -155,7 +137,7 @@ if triton is not None:
     def _tanh(z):
         """tanh(z): Cephes' tanhf polynomial for |z| < 0.625, else sign(z) (1 - t) / (1 + t), t = exp(-2|z|)."""
         a = tl.abs(z)
-        t = _exp_neg(-2.0 * a)
+        t = _exp(-2.0 * a)
         big = (1.0 - t) / (1.0 + t)
         big = tl.where(z < 0.0, -big, big)
         zs = tl.where(a < 0.625, z, 0.0)  # the polynomial's branch only: no overflow elsewhere
@@ -202,7 +184,7 @@ if triton is not None:
         elif ACT == 2:
             return tl.where(z > 0.0, 1.0, alpha)
         elif ACT == 3:
-            t = _exp_neg(-2.0 * tl.abs(z))
+            t = _exp(-2.0 * tl.abs(z))
             u = 1.0 + t
             return 4.0 * t / (u * u)
         elif ACT == 4:
@@ -212,7 +194,7 @@ if triton is not None:
             s, sc = _sigmoid_pair(z)
             return s * (1.0 + z * sc)
         else:
-            return _gelu_cdf(z) + z * (0.3989422804014327 * _exp_neg(-0.5 * z * z))
+            return _gelu_cdf(z) + z * (0.3989422804014327 * _exp(-0.5 * z * z))
 
     @triton.jit
     def _preact(x_ptr, b_ptr, N, stride_c, C, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr):

@@ -326,29 +326,7 @@ def actnorm_backward(
 
 
 if triton is not None:
-
-    @triton.jit
-    def _exp(x):
-        """exp(x) in float32 to about 1 ulp over the whole float range (0 below about -104, inf above
-        about 88.7, NaN kept): tl.exp scales x by log2(e) first, which costs up to |x| ulp. x = n ln2 + f
-        with |f| <= ln2 / 2 (ln2 split so that n * LN2_HI is exact for |n| < 256), exp(f) by its degree-7
-        Taylor polynomial (remainder below 1e-8 relative), times 2^n applied as two exact powers of two
-        so that n may leave the exponent range of one factor (underflow to denormals and 0, overflow)."""
-        x = tl.where(x < -175.0, -175.0, tl.where(x > 177.0, 177.0, x))  # comparisons keep NaN
-        n = tl.floor(x * 1.4426950408889634 + 0.5)
-        f = (x - n * 0.693145751953125) - n * 1.4286068203094173e-06
-        p = f * (1.0 / 5040.0) + 1.0 / 720.0
-        p = p * f + 1.0 / 120.0
-        p = p * f + 1.0 / 24.0
-        p = p * f + 1.0 / 6.0
-        p = p * f + 0.5
-        p = p * f + 1.0
-        p = p * f + 1.0
-        ni = n.to(tl.int32)
-        lo = ni >> 1
-        scale_lo = ((lo + 127) << 23).to(tl.float32, bitcast=True)
-        scale_hi = ((ni - lo + 127) << 23).to(tl.float32, bitcast=True)
-        return p * scale_lo * scale_hi
+    from genkernels.triton._math import _exp
 
     @triton.jit
     def _atan(z):

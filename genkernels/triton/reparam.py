@@ -196,26 +196,8 @@ def backward(
 
 
 if triton is not None:
+    from genkernels.triton._math import _exp
     from genkernels.triton._philox import _philox_normal, _philox_normal_groups
-
-    @triton.jit
-    def _exp(x):
-        """exp(x) in float32 to about 1 ulp for -87 < x < 88, as torch's exp: tl.exp is 2^(x log2(e)) with
-        x log2(e) rounded first, which costs up to |x| ulp (16 at the clamp's lv = 20), and approximates
-        2^y to 2 ulp. Here x = n ln2 + f with n an integer and |f| <= ln2 / 2 (ln2 split in two so that
-        n * LN2_HI is exact), exp(f) by its degree-7 Taylor polynomial (remainder below 1e-8 relative),
-        times 2^n built exactly from its bits."""
-        n = tl.floor(x * 1.4426950408889634 + 0.5)
-        f = (x - n * 0.693145751953125) - n * 1.4286068203094173e-06
-        p = f * (1.0 / 5040.0) + 1.0 / 720.0
-        p = p * f + 1.0 / 120.0
-        p = p * f + 1.0 / 24.0
-        p = p * f + 1.0 / 6.0
-        p = p * f + 0.5
-        p = p * f + 1.0
-        p = p * f + 1.0
-        scale = ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
-        return p * scale
 
     @triton.jit
     def _offsets(b, j, K, stride_b, stride_r, FLAT: tl.constexpr):
