@@ -26,6 +26,11 @@ float32 (C,) tensor.
     grad(dy, x, bias, act, alpha, gain, clamp, dim, out_dtype=None) -> dz
                                                                         one pass: dy, x read, dz written
                                                                         (in out_dtype, default x's)
+    grad_bias(dy, x, bias, act, alpha, gain, clamp, dim, need_dz) -> (dz | None, dbias)   (optional)
+                                                                        one pass: dz in x's dtype and the
+                                                                        float32 bias gradient reduced from
+                                                                        the unrounded dz
+A backend without grad_bias gets the bias gradient from a float32 dz summed by torch (an extra pass).
 """
 
 from __future__ import annotations
@@ -264,6 +269,17 @@ def _second_order(ddz, dy, x, b32, act, alpha, gain, clamp, dim, need_x, need_bi
     return (term.to(x.dtype) if need_x else None), (_sum_except(term, dim).to(b32.dtype) if need_bias else None)
 
 
+def _grad_and_bias(dy, x, b32, act, alpha, gain, clamp, dim, impl, need_dz):
+    """(dz in x's dtype or None, dbias float32 (C,)) from one fused pass where the backend has one
+    (``grad_bias``: the bias gradient reduced in the same pass from the unrounded dz), else from a float32
+    dz and a torch sum."""
+    fused = getattr(impl, "grad_bias", None)
+    if fused is not None:
+        return fused(dy, x, b32, act, alpha, gain, clamp, dim, need_dz)
+    dz32 = impl.grad(dy, x, b32, act, alpha, gain, clamp, dim, torch.float32)
+    return (dz32.to(x.dtype) if need_dz else None), _sum_except(dz32, dim)
+
+
 class _BiasActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, act, alpha, gain, clamp, dim, impl):
@@ -277,38 +293,51 @@ class _BiasActFunction(torch.autograd.Function):
         x, b32 = ctx.saved_tensors
         act, alpha, gain, clamp, dim, impl, bias_dtype = ctx.args
         dy = match_layout(dy, x)
-        dbias = None
-        if ctx.needs_input_grad[1]:
-            # The bias gradient sums dz unrounded: a float32 dz (x's dtype for x itself).
-            dz32 = _BiasActGradFunction.apply(dy, x, b32, act, alpha, gain, clamp, dim, impl, torch.float32)
-            dbias = _sum_except(dz32, dim).to(bias_dtype)
-            dz = dz32.to(x.dtype) if ctx.needs_input_grad[0] else None
-        else:
-            dz = _BiasActGradFunction.apply(dy, x, b32, act, alpha, gain, clamp, dim, impl, None)
+        want_bias = ctx.needs_input_grad[1]
+        dz, db32 = _BiasActGradFunction.apply(
+            dy, x, b32, act, alpha, gain, clamp, dim, impl, want_bias, ctx.needs_input_grad[0]
+        )
+        dbias = db32.to(bias_dtype) if want_bias else None
         return dz, dbias, None, None, None, None, None, None
 
 
 class _BiasActGradFunction(torch.autograd.Function):
-    """dz = dy * gain * act'(z) * m in one fused pass, differentiable in dy, x and bias."""
+    """(dz, dbias) = (dy * gain * act'(z) * m, dz summed over every dim but ``dim``) in one fused pass,
+    differentiable in dy, x and bias. dbias (float32) only when ``want_bias`` (else an empty tensor); dz
+    (x's dtype) only when ``need_dz`` or without ``want_bias`` (else None)."""
 
     @staticmethod
-    def forward(ctx, dy, x, b32, act, alpha, gain, clamp, dim, impl, out_dtype):
+    def forward(ctx, dy, x, b32, act, alpha, gain, clamp, dim, impl, want_bias, need_dz):
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(dy, x, b32)
         ctx.args = (act, alpha, gain, clamp, dim, impl)
-        return impl.grad(dy, x, b32, act, alpha, gain, clamp, dim, out_dtype)
+        if want_bias:
+            return _grad_and_bias(dy, x, b32, act, alpha, gain, clamp, dim, impl, need_dz)
+        return impl.grad(dy, x, b32, act, alpha, gain, clamp, dim, None), x.new_empty((0,), dtype=torch.float32)
 
     @staticmethod
-    def backward(ctx, ddz):
+    def backward(ctx, ddz, ddb):
         dy, x, b32 = ctx.saved_tensors
         act, alpha, gain, clamp, dim, impl = ctx.args
         needs = ctx.needs_input_grad
+        # dbias = sum of dz over every dim but dim: its incoming gradient broadcasts back onto dz's.
+        if ddb is not None and ddb.numel():
+            shape = [1] * x.dim()
+            shape[dim] = -1
+            spread = ddb.to(torch.float32 if x.dtype != torch.float64 else x.dtype).view(shape).expand(x.shape)
+            ddz = spread if ddz is None else ddz.to(spread.dtype) + spread
+        if ddz is None:
+            return (None,) * 11
         ddz = match_layout(ddz, x)
         # d dz / d dy: the same fused map applied to the incoming gradient (itself differentiable).
         ddy = None
         if needs[0]:
-            ddy = _BiasActGradFunction.apply(ddz.to(dy.dtype), x, b32, act, alpha, gain, clamp, dim, impl, dy.dtype)
+            ddy, _ = _BiasActGradFunction.apply(
+                ddz.to(dy.dtype), x, b32, act, alpha, gain, clamp, dim, impl, False, True
+            )
+            ddy = ddy.to(dy.dtype)
         dx, db = _second_order(ddz, dy, x, b32, act, alpha, gain, clamp, dim, needs[1], needs[2])
-        return ddy, dx, db, None, None, None, None, None, None, None
+        return ddy, dx, db, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- torch.library ops (traced path)

@@ -3,7 +3,9 @@ interface) in Triton: the forward and the fused gradient map.
 
 x is dense: contiguous or channels_last / channels_last_3d, and y, dy and dz share its strides, so every
 tensor is walked as one flat run of numel elements in memory order. One program handles BLOCK = 2,048
-consecutive elements (grid (ceil(numel / BLOCK),); smaller tensors get one program of next_pow2(numel)),
+consecutive elements (grid (ceil(numel / BLOCK),); smaller tensors get one program of next_pow2(numel);
+the forward over 2^20 elements or more picks BLOCK (1,024 to 4,096) and its warp count by timing them
+once per size, dtype and channel stride: triton.autotune),
 so that loads and stores of 16-byte vectors (eight bf16 / fp16 or four fp32 elements per thread access)
 cover contiguous memory, with no division for the data. The bias of flat element e is
 bias[(e // x.stride(dim)) % C], which holds in both dense layouts (channels_last has stride(1) == 1, a
@@ -27,6 +29,15 @@ clamped (torch.clamp's gradient: passed at the bounds, zero outside and for NaN)
 torch's autograd's: relu (z > 0), lrelu (z > 0 ? 1 : alpha), tanh 1 - tanh^2 = 4t / (1 + t)^2 with
 t = exp(-2|z|), sigmoid s (1 - s), silu s (1 + z (1 - s)), gelu Phi(z) + z phi(z), with s and 1 - s
 each computed without cancellation. Memory traffic: dy and x read once, dz written once.
+
+Gradient map with the bias gradient (``grad_bias``): the same dz, plus dbias = dz summed over every dim
+but ``dim``, in the same pass. Memory order is viewed as a matrix of R = numel / (C * inner) rows and
+Q = C * inner columns (inner = x.stride(dim): every dense layout is (outer, C, inner) in memory). A
+program reduces a tile of ROW_ITERS * RB rows by BQ columns in float32, from the unrounded dz: when BQ
+divides inner (contiguous NCHW and its like: a tile lies in one channel), to one partial per tile; else
+to one partial per column (channels_last: inner = 1). The partials are summed in a fixed order by a
+small torch reduction (deterministic, no atomics). Memory traffic: dy and x read once, dz written once
+(not at all when only dbias is wanted), plus the partials (at most about 1/16 of dz in float32).
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from genkernels.triton._common import cdiv, next_power_of_2, on_device, tl, triton, triton_unavailable
+from genkernels.triton._common import cdiv, interpreting, next_power_of_2, on_device, tl, triton, triton_unavailable
 
 # Elements per program (smaller tensors get one program of next_pow2(numel)).
 MAX_BLOCK = 2048
@@ -42,6 +53,9 @@ MAX_BLOCK = 2048
 ACTS = {"linear": 0, "relu": 1, "lrelu": 2, "tanh": 3, "sigmoid": 4, "silu": 5, "gelu": 6}
 # Programs of a 1-D grid.
 MAX_PROGRAMS = 2**31 - 1
+# From this many elements on, the forward's block and warp count are tuned (once per size, dtype and
+# channel stride, on the first call): each candidate is timed on the GPU and the fastest kept.
+TUNE_MIN_NUMEL = 1 << 20
 
 
 def not_supported(x: Tensor, bias: Tensor | None, act: str, dim: int) -> str | None:
@@ -93,7 +107,15 @@ def forward(
     y = torch.empty_like(x)
     grid, args = _launch_args(x, bias, act, alpha, gain, clamp, dim)
     with on_device(x):
-        _forward_kernel[grid](x, bias if bias is not None else x, y, **args)
+        if x.numel() >= TUNE_MIN_NUMEL and not interpreting():
+            # Large tensors: the block and warp count measured fastest for this size on this GPU.
+            del args["BLOCK"], args["num_warps"]
+            args["INDEX_64"] = x.numel() > 2**31 - max(c.kwargs["BLOCK"] for c in _FORWARD_CONFIGS)
+            _forward_tuned[lambda meta: (cdiv(x.numel(), meta["BLOCK"]),)](
+                x, bias if bias is not None else x, y, **args
+            )
+        else:
+            _forward_kernel[grid](x, bias if bias is not None else x, y, **args)
     return y
 
 
@@ -118,6 +140,99 @@ def grad(
     with on_device(x):
         _grad_kernel[grid](dy, x, bias if bias is not None else x, dz, **args)
     return dz
+
+
+# Elements of one backward tile with the bias gradient (RB rows x BQ columns), and the most rows a program
+# walks (ROW_ITERS tiles) when partials are per column.
+TILE = 2048
+MAX_ROW_ITERS = 16
+
+
+def _bias_grad_plan(x: Tensor, dim: int) -> dict:
+    """Tile shape and partial layout of grad_bias's launch over the (R, Q) memory-order matrix."""
+    c = x.shape[dim]
+    inner = x.stride(dim)
+    q = c * inner
+    r = x.numel() // q
+    # The widest power of two (64 .. TILE) dividing inner: each tile then lies in one channel.
+    bq = 0
+    cand = TILE
+    while cand >= 64:
+        if inner % cand == 0:
+            bq = cand
+            break
+        cand //= 2
+    per_tile = bq > 0
+    if not per_tile:
+        bq = min(TILE, next_power_of_2(q))
+    rb = max(1, min(TILE // bq, next_power_of_2(r)))
+    row_iters = 1 if per_tile else max(1, min(MAX_ROW_ITERS, cdiv(r, rb * 64)))
+    row_progs = cdiv(r, rb * row_iters)
+    col_progs = cdiv(q, bq)
+    return {
+        "R": r,
+        "Q": q,
+        "C": c,
+        "inner": inner,
+        "BQ": bq,
+        "RB": rb,
+        "ROW_ITERS": row_iters,
+        "PER_TILE": per_tile,
+        "grid": (col_progs, row_progs),
+    }
+
+
+def grad_bias(
+    dy: Tensor,
+    x: Tensor,
+    bias: Tensor,
+    act: str,
+    alpha: float,
+    gain: float,
+    clamp: float | None,
+    dim: int,
+    need_dz: bool = True,
+) -> tuple[Tensor | None, Tensor]:
+    """(dz, dbias) in one pass: dz as :func:`grad` gives it (x's dtype; None when ``need_dz`` is False,
+    then nothing is written) and dbias = dz summed over every dim but ``dim``, float32 (C,), from the
+    unrounded float32 dz, deterministic. bias: a contiguous float32 (C,) tensor (not None)."""
+    plan = _bias_grad_plan(x, dim)
+    n = x.numel()
+    dz = torch.empty_like(x) if need_dz else None
+    col_progs, row_progs = plan["grid"]
+    width = col_progs if plan["PER_TILE"] else plan["Q"]
+    partial = torch.empty((row_progs, width), device=x.device, dtype=torch.float32)
+    with on_device(x):
+        _grad_bias_kernel[plan["grid"]](
+            dy,
+            x,
+            bias,
+            dz if dz is not None else x,
+            partial,
+            plan["R"],
+            plan["Q"],
+            plan["inner"],
+            plan["C"],
+            width,
+            float(alpha),
+            float(gain),
+            float(clamp) if clamp is not None else 0.0,
+            ACT=ACTS[act],
+            HAS_CLAMP=clamp is not None,
+            STORE_DZ=need_dz,
+            PER_TILE=plan["PER_TILE"],
+            INDEX_64=n > 2**31 - TILE,
+            BQ=plan["BQ"],
+            RB=plan["RB"],
+            ROW_ITERS=plan["ROW_ITERS"],
+            num_warps=8 if plan["BQ"] * plan["RB"] >= 2048 else 4,
+        )
+    c, inner = plan["C"], plan["inner"]
+    if plan["PER_TILE"]:
+        dbias = partial.view(row_progs, c, inner // plan["BQ"]).sum((0, 2))
+    else:
+        dbias = partial.view(row_progs, c, inner).sum((0, 2))
+    return dz, dbias
 
 
 if triton is not None:
@@ -266,3 +381,65 @@ if triton is not None:
             y = _act(z, alpha, ACT) * gain
             dz = tl.where((y >= -clamp) & (y <= clamp), dz, 0.0)
         tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _grad_bias_kernel(
+        dy_ptr,
+        x_ptr,
+        b_ptr,
+        dz_ptr,
+        part_ptr,
+        R,
+        Q,
+        inner,
+        C,
+        part_width,
+        alpha,
+        gain,
+        clamp,
+        ACT: tl.constexpr,
+        HAS_CLAMP: tl.constexpr,
+        STORE_DZ: tl.constexpr,
+        PER_TILE: tl.constexpr,
+        INDEX_64: tl.constexpr,
+        BQ: tl.constexpr,
+        RB: tl.constexpr,
+        ROW_ITERS: tl.constexpr,
+    ):
+        """dz of ROW_ITERS * RB rows by BQ columns of the (R, Q) memory-order matrix, and their float32
+        sums: one partial per tile (PER_TILE) or per column; grid (ceil(Q / BQ), ceil(R / (RB ROW_ITERS)))."""
+        pid_q = tl.program_id(0)
+        pid_r = tl.program_id(1)
+        cols = pid_q * BQ + tl.arange(0, BQ)
+        col_ok = cols < Q
+        b = tl.load(b_ptr + (cols // inner) % C, mask=col_ok, other=0.0)
+        acc = tl.zeros((RB, BQ), tl.float32)
+        for it in tl.static_range(ROW_ITERS):
+            rows = (pid_r * ROW_ITERS + it) * RB + tl.arange(0, RB)
+            if INDEX_64:
+                offs = rows.to(tl.int64)[:, None] * Q + cols[None, :]
+            else:
+                offs = rows[:, None] * Q + cols[None, :]
+            mask = (rows < R)[:, None] & col_ok[None, :]
+            z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + b[None, :]
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dz = dy * gain * _act_grad(z, alpha, ACT)
+            if HAS_CLAMP:
+                y = _act(z, alpha, ACT) * gain
+                dz = tl.where((y >= -clamp) & (y <= clamp), dz, 0.0)
+            dz = tl.where(mask, dz, 0.0)
+            if STORE_DZ:
+                tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            acc += dz
+        colsum = tl.sum(acc, axis=0)
+        if PER_TILE:
+            tl.store(part_ptr + pid_r * part_width + pid_q, tl.sum(colsum, axis=0))
+        else:
+            tl.store(part_ptr + pid_r * part_width + cols, colsum, mask=col_ok)
+
+    # (BLOCK, num_warps) candidates of the tuned forward: 8 .. 16 elements a thread.
+    _FORWARD_CONFIGS = [
+        triton.Config({"BLOCK": block}, num_warps=warps)
+        for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))
+    ]
+    _forward_tuned = triton.autotune(_FORWARD_CONFIGS, key=["N", "stride_c", "C"])(_forward_kernel)

@@ -92,6 +92,42 @@ def test_dims_and_odd_shapes(backend, shape, dim, device):
     _check(backend, x, bias, act="gelu", dim=dim)
 
 
+# The triton backward's tiles for the bias gradient (genkernels.triton.bias_act._bias_grad_plan): one
+# partial per tile (inner a multiple of 64), one per column (channels_last, a trailing dim, odd inner),
+# several row tiles per program; and the call without dx (x needs no gradient).
+TILE_CASES = [
+    ((2, 3, 8, 8), "contiguous", 1, True),
+    ((3, 2, 16, 12), "contiguous", 1, True),
+    ((2, 5, 3, 7), "contiguous", 1, False),
+    ((2, 96, 24, 24), "channels_last", 1, False),
+    ((3, 5, 6), "contiguous", -1, False),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape, layout, dim, per_tile", TILE_CASES)
+@pytest.mark.parametrize("need_dx", [True, False])
+def test_bias_gradient_tiles(backend, shape, layout, dim, per_tile, need_dx, device):
+    x, bias = _inputs(shape, torch.float16, device, layout, dim=dim)
+    skip_unsupported(backend, BA.OP, x, bias, "lrelu", dim)
+    if backend == "triton":
+        from genkernels.triton.bias_act import _bias_grad_plan
+
+        plan = _bias_grad_plan(x, dim % x.dim())
+        assert plan["PER_TILE"] == per_tile
+        if layout == "channels_last":
+            assert plan["ROW_ITERS"] > 1  # several row tiles summed per program
+    dy = torch.randn(x.shape, device=device, dtype=torch.float64)
+    grads = []
+    for xx, bb, be in ((x, bias, backend), (x, bias, "reference"), (x.double(), bias.double(), "reference")):
+        xx = xx.detach().requires_grad_(need_dx)
+        bb = bb.detach().requires_grad_(True)
+        y = bias_act(xx, bb, act="lrelu", dim=dim, backend=be)
+        grads.append(torch.autograd.grad(y, (xx, bb) if need_dx else (bb,), dy.to(y.dtype)))
+    for i, name in enumerate(("dx", "dbias") if need_dx else ("dbias",)):
+        assert_criterion(grads[0][i], grads[1][i], grads[2][i], name, relative_floor=name == "dbias")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act", ACTS)
 def test_double_backward(backend, act, device):
