@@ -94,18 +94,16 @@ def test_case_end_to_end_on_cpu(mode):
     ],
 )
 def test_goals(ms, passed, backend):
-    """Forward: vs eager and vs torch.compile per dtype; forward + backward: vs eager per dtype (>= 2.5x)."""
+    """bf16, the anchor's dtype: forward vs eager and vs torch.compile, forward + backward vs eager (>= 2.5x);
+    float32 is timed and reported without goals."""
     records = [timed_record(c, ms) for c in bias_act.cases()]
     summary = bias_act.summarize(records)
-    assert [g.passed for g in summary.goals] == passed * 2 + [passed[0]] * 2
-    assert [g.target for g in summary.goals] == [">= 3x", ">= 1.0x"] * 2 + [">= 2.5x"] * 2
+    assert [g.passed for g in summary.goals] == [*passed, passed[0]]
+    assert [g.target for g in summary.goals] == [">= 3x", ">= 1.0x", ">= 2.5x"]
     assert [g.name.split(",")[0] for g in summary.goals] == [
         "bf16 fwd 32x512x64x64",
         "bf16 fwd 32x512x64x64",
-        "fp32 fwd 32x512x64x64",
-        "fp32 fwd 32x512x64x64",
         "bf16 fwd+bwd 32x512x64x64",
-        "fp32 fwd+bwd 32x512x64x64",
     ]
     for goal in summary.goals:
         assert goal.measured.startswith("unmeasured") if goal.passed is None else f"({backend})" in goal.measured
@@ -124,7 +122,7 @@ def test_backward_goal_threshold():
 
 def test_goals_without_records():
     summary = bias_act.summarize([])
-    assert summary.rows == [] and len(summary.goals) == 6
+    assert summary.rows == [] and len(summary.goals) == 3
     assert all(g.passed is None and "did not run" in g.measured for g in summary.goals)
 
 
