@@ -1,6 +1,7 @@
 // Fused bias + activation, forward and gradient map: argument checks and launches. The kernels,
 // and the description of what they compute, are in genkernels/bias_act.cuh, compiled here with
 // nvcc (tests/cuda/emulator runs the same source on the CPU).
+#include <array>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -27,27 +28,6 @@ unsigned int check_problem(const BiasActProblem& p, int vec) {
   const int64_t blocks = ceil_div(ceil_div(p.n, vec), kBiasActThreads);
   if (blocks > INT32_MAX) fail(std::to_string(p.n) + " elements need more than 2^31 - 1 blocks");
   return static_cast<unsigned int>(blocks);
-}
-
-// A call of f with std::integral_constant<int, ACT> for the activation code.
-template <class F>
-void with_act(int act, F&& f) {
-  switch (act) {
-    case kActLinear:
-      return f(std::integral_constant<int, kActLinear>{});
-    case kActRelu:
-      return f(std::integral_constant<int, kActRelu>{});
-    case kActLrelu:
-      return f(std::integral_constant<int, kActLrelu>{});
-    case kActTanh:
-      return f(std::integral_constant<int, kActTanh>{});
-    case kActSigmoid:
-      return f(std::integral_constant<int, kActSigmoid>{});
-    case kActSilu:
-      return f(std::integral_constant<int, kActSilu>{});
-    default:
-      return f(std::integral_constant<int, kActGelu>{});
-  }
 }
 
 BiasActArgs make_args(const BiasActProblem& p, uintptr_t x, uintptr_t dy, uintptr_t bias, uintptr_t out) {
@@ -108,6 +88,51 @@ void bias_act_grad(const BiasActProblem& p, uintptr_t dy, uintptr_t x, uintptr_t
     });
   });
   check_launch("bias_act_grad_kernel");
+}
+
+namespace {
+
+BiasGradPlan grad_bias_plan(const BiasActProblem& p, uintptr_t dy, uintptr_t x, uintptr_t dz) {
+  check_problem(p, 1);
+  if (p.n % (p.channels * p.stride_c) != 0) fail("n must be a multiple of channels * stride_c");
+  const int max_vec = 16 / element_bytes(p.dtype);
+  const bool aligned = dy % 16 == 0 && x % 16 == 0 && dz % 16 == 0;  // dz 0: no store
+  const BiasGradPlan plan = bias_grad_plan(max_vec, aligned, p.n, p.stride_c, p.channels);
+  if (plan.grid_x * plan.grid_y > INT32_MAX) {
+    fail("the tiles of " + std::to_string(p.n) + " elements do not fit a grid");
+  }
+  return plan;
+}
+
+}  // namespace
+
+std::array<int64_t, 7> bias_act_grad_bias_plan(const BiasActProblem& p, uintptr_t dy, uintptr_t x, uintptr_t dz) {
+  const BiasGradPlan plan = grad_bias_plan(p, dy, x, dz);
+  return {plan.vec, plan.tq, plan.per_tile ? 1 : 0, plan.rows, plan.grid_x, plan.grid_y, plan.width};
+}
+
+void bias_act_grad_bias(const BiasActProblem& p, uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dz,
+                        uintptr_t partials, int64_t partials_size, uintptr_t stream_handle) {
+  if (dy == 0 || bias == 0 || partials == 0) fail("dy, bias and partials must be non-null");
+  const BiasGradPlan plan = grad_bias_plan(p, dy, x, dz);
+  if (partials_size != plan.grid_y * plan.width) {
+    fail("partials must hold " + std::to_string(plan.grid_y * plan.width) + " floats (bias_act_grad_bias_plan), got " +
+         std::to_string(partials_size));
+  }
+  BiasActArgs a = make_args(p, x, dy, bias, dz == 0 ? x : dz);
+  const BiasGradTile t{reinterpret_cast<float*>(partials), p.n / (p.channels * p.stride_c), p.channels * p.stride_c,
+                       plan.rows, plan.width, plan.grid_x, plan.tq, plan.per_tile, dz != 0};
+  use_device(p.device);
+  const cudaStream_t stream = as_stream(stream_handle);
+  const unsigned int grid = static_cast<unsigned int>(plan.grid_x * plan.grid_y);
+  with_vector(p.dtype, plan.vec, [&](auto d, auto v) {
+    using D = decltype(d);
+    constexpr int kVec = decltype(v)::value;
+    with_act(p.act, [&](auto act) {
+      bias_act_grad_bias_kernel<decltype(act)::value, D, kVec><<<grid, kBiasActThreads, 0, stream>>>(a, t);
+    });
+  });
+  check_launch("bias_act_grad_bias_kernel");
 }
 
 }  // namespace genkernels

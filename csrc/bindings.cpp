@@ -298,4 +298,31 @@ PYBIND11_MODULE(_C, m) {
       py::arg("alpha"), py::arg("gain"), py::arg("has_clamp"), py::arg("clamp"), py::arg("stream"),
       "Gradient map of bias_act_forward: dz = dy * gain * act'(x + bias) * m (m: the clamp's pass mask), dy and x "
       "in `dtype`, dz in out_dtype (dtype or float32). Launches on `stream`, never synchronizes.");
+  m.def(
+      "bias_act_grad_bias_plan",
+      [](uintptr_t dy, uintptr_t x, uintptr_t dz, int64_t n, int64_t stride_c, int64_t channels, int dtype,
+         int device, int act, float alpha, float gain, bool has_clamp, float clamp) {
+        return genkernels::bias_act_grad_bias_plan(
+            BiasActProblem{n, stride_c, channels, dtype, device, act, alpha, gain, has_clamp, clamp}, dy, x, dz);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("dz"), py::arg("n"), py::arg("stride_c"), py::arg("channels"),
+      py::arg("dtype"), py::arg("device"), py::arg("act"), py::arg("alpha"), py::arg("gain"), py::arg("has_clamp"),
+      py::arg("clamp"),
+      "The tiles of bias_act_grad_bias for these tensors (dz 0: not written): (vec, tq, per_tile, rows, grid_x, "
+      "grid_y, width); the partials it fills are (grid_y, width) float32.");
+  m.def(
+      "bias_act_grad_bias",
+      [](uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dz, uintptr_t partials, int64_t partials_size, int64_t n,
+         int64_t stride_c, int64_t channels, int dtype, int device, int act, float alpha, float gain, bool has_clamp,
+         float clamp, uintptr_t stream) {
+        genkernels::bias_act_grad_bias(
+            BiasActProblem{n, stride_c, channels, dtype, device, act, alpha, gain, has_clamp, clamp}, dy, x, bias, dz,
+            partials, partials_size, stream);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("bias"), py::arg("dz"), py::arg("partials"), py::arg("partials_size"),
+      py::arg("n"), py::arg("stride_c"), py::arg("channels"), py::arg("dtype"), py::arg("device"), py::arg("act"),
+      py::arg("alpha"), py::arg("gain"), py::arg("has_clamp"), py::arg("clamp"), py::arg("stream"),
+      "bias_act_grad's dz (in `dtype`; dz 0: not written) and, in the same pass, float32 partial sums of it "
+      "(see bias_act_grad_bias_plan) that summed per channel give the bias gradient; deterministic, no atomics. "
+      "Launches on `stream`, never synchronizes.");
 }

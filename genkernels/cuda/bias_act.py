@@ -22,7 +22,7 @@ ACTS = {"linear": 0, "relu": 1, "lrelu": 2, "tanh": 3, "sigmoid": 4, "silu": 5, 
 # Threads per block (kBiasActThreads); the scalar path has one element a thread.
 THREADS = 256
 
-_SYMBOLS = ("bias_act_forward", "bias_act_grad")
+_SYMBOLS = ("bias_act_forward", "bias_act_grad", "bias_act_grad_bias_plan", "bias_act_grad_bias")
 
 
 def not_supported(x: Tensor, bias: Tensor | None, act: str, dim: int) -> str | None:
@@ -114,3 +114,47 @@ def grad(
             **_problem(x, bias, act, alpha, gain, clamp, dim),
         )
     return dz
+
+
+def grad_bias(
+    dy: Tensor,
+    x: Tensor,
+    bias: Tensor,
+    act: str,
+    alpha: float,
+    gain: float,
+    clamp: float | None,
+    dim: int,
+    need_dz: bool = True,
+) -> tuple[Tensor | None, Tensor]:
+    """(dz, dbias) in one pass: dz as :func:`grad` gives it (x's dtype; None when ``need_dz`` is False, and
+    then nothing is written) and dbias = dz summed over every dim but ``dim``, float32 (C,), from the
+    unrounded float32 dz.
+
+    Memory order is tiled as R rows by Q = C * x.stride(dim) columns (csrc bias_act.cuh,
+    bias_act_grad_bias_kernel); each block leaves float32 partial sums, per tile when a tile lies in one
+    channel, else per column, and they are summed here per channel in a fixed order (deterministic, no
+    atomics). bias: a contiguous float32 (C,) tensor (not None). Never synchronizes with the host."""
+    ext = require_extension()
+    dz = torch.empty_like(x) if need_dz else None
+    problem = _problem(x, bias, act, alpha, gain, clamp, dim)
+    device = x.device
+    with device_guard(device):
+        common = {"dtype": dtype_code(x), "device": device.index, **problem}
+        vec, tq, per_tile, _rows, grid_x, grid_y, width = ext.bias_act_grad_bias_plan(
+            dy.data_ptr(), x.data_ptr(), 0 if dz is None else dz.data_ptr(), **common
+        )
+        partials = torch.empty((grid_y, width), device=device, dtype=torch.float32)
+        ext.bias_act_grad_bias(
+            dy.data_ptr(),
+            x.data_ptr(),
+            bias.data_ptr(),
+            0 if dz is None else dz.data_ptr(),
+            partials.data_ptr(),
+            partials.numel(),
+            stream=stream_handle(device),
+            **common,
+        )
+    channels, inner = x.shape[dim], x.stride(dim)
+    per = inner // (tq * vec) if per_tile else inner
+    return dz, partials.view(grid_y, channels, per).sum((0, 2))

@@ -4,7 +4,9 @@ Why this exists: no GPU runs the suite, and the CUDA kernels of ``bias_act``
 (``csrc/include/genkernels/bias_act.cuh``, compiled by ``csrc/bias_act.cu``) would otherwise be checked
 only when a GPU runs them. The same device source compiles with a plain C++ compiler against the emulated
 CUDA built-ins of ``tests/cuda/emulator/simt.h``; ``tests/cuda/emulator/bias_act_emu.cpp`` runs the
-forward kernel and the gradient-map kernel on about 190 small cases: every activation; fp32, fp16 and
+forward kernel, the gradient-map kernel and the gradient map with the bias gradient reduced in the same
+pass (dz bit for bit the gradient kernel's, or not written; per-tile and per-column partials summed per
+channel against float64) on about 250 small cases: every activation; fp32, fp16 and
 bf16, dz in x's dtype or float32; a bias along the channels of contiguous (stride_c = S) and
 channels_last (stride_c = 1) tensors, along dim 0 of a matrix, or none; with and without a clamp;
 16-byte vectors with a scalar tail, the scalar path (misaligned pointers), vectors forward and scalars
@@ -25,6 +27,7 @@ import re
 from tests.cuda._emulator import driver_fixture, run_driver
 
 RESULT = re.compile(r"^RESULT (ok|FAIL) (.*?) \| vec (\d+) (\d+) n (\d+); (.*)$")
+BIAS_GRAD = re.compile(r"bias-grad vec (\d+) tq (\d+) (per-tile|per-column) (store|no-store) blocks (\d+)x(\d+)")
 
 emulator = driver_fixture("bias_act_emu.cpp")
 
@@ -52,3 +55,14 @@ def test_bias_act_emulated(emulator):
     for option in (" misaligned", " misaligned-out"):
         assert any(n.endswith(option) for n in names), option
     assert any(" clamp" not in n for n in names), "no unclamped case"
+
+    # The gradient map with the bias gradient in the same pass: both partial forms, with and without dz,
+    # vectors and scalars, and several row tiles.
+    tiles = [BIAS_GRAD.search(m[6]) for m in results]
+    tiles = [t for t in tiles if t]
+    assert len(tiles) >= 100, f"only {len(tiles)} cases ran the bias-gradient kernel"
+    assert {t[3] for t in tiles} == {"per-tile", "per-column"}
+    assert {t[4] for t in tiles} == {"store", "no-store"}
+    assert {int(t[1]) for t in tiles} == {1, 4, 8}
+    assert any(t[3] == "per-tile" and int(t[1]) > 1 for t in tiles), "no vectorized per-tile case"
+    assert any(t[3] == "per-column" and int(t[6]) > 8 for t in tiles), "no per-column case of many row tiles"

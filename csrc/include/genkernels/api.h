@@ -210,4 +210,14 @@ void bias_act_forward(const BiasActProblem& p, uintptr_t x, uintptr_t bias, uint
 void bias_act_grad(const BiasActProblem& p, uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dz, int out_dtype,
                    uintptr_t stream);
 
+// The launch of bias_act_grad_bias for these tensors (dz 0: not written): {vec, tq, per_tile, rows, grid_x, grid_y,
+// width}; its partials are (grid_y, width) float32.
+std::array<int64_t, 7> bias_act_grad_bias_plan(const BiasActProblem& p, uintptr_t dy, uintptr_t x, uintptr_t dz);
+
+// bias_act_grad's dz in x's dtype (dz may be 0: not written) and, in the same pass, float32 partial sums of the
+// unrounded dz: per tile (grid_y, grid_x) when each tile lies in one channel, else per column (grid_y, C *
+// stride_c); summed per channel they give the bias gradient. bias must be non-null. Never synchronizes.
+void bias_act_grad_bias(const BiasActProblem& p, uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dz,
+                        uintptr_t partials, int64_t partials_size, uintptr_t stream);
+
 }  // namespace genkernels

@@ -33,6 +33,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "genkernels/chunk_walk.cuh"
 #include "genkernels/vec.cuh"
@@ -53,6 +54,27 @@ enum BiasActKind : int {
   kActGelu = 6,
   kActCount = 7
 };
+
+// Host: a call of f with std::integral_constant<int, ACT> for the activation code.
+template <class F>
+void with_act(int act, F&& f) {
+  switch (act) {
+    case kActLinear:
+      return f(std::integral_constant<int, kActLinear>{});
+    case kActRelu:
+      return f(std::integral_constant<int, kActRelu>{});
+    case kActLrelu:
+      return f(std::integral_constant<int, kActLrelu>{});
+    case kActTanh:
+      return f(std::integral_constant<int, kActTanh>{});
+    case kActSigmoid:
+      return f(std::integral_constant<int, kActSigmoid>{});
+    case kActSilu:
+      return f(std::integral_constant<int, kActSilu>{});
+    default:
+      return f(std::integral_constant<int, kActGelu>{});
+  }
+}
 
 struct BiasActArgs {
   const void* x;       // n elements, dtype D
@@ -219,6 +241,136 @@ __global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_kernel(const Bi
     grad_elements<ACT, D, O, VEC>(a, e);
   } else {
     for (int64_t k = e; k < a.n; ++k) grad_elements<ACT, D, O, 1>(a, k);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Gradient map with the bias gradient in the same pass. Memory order is viewed as a matrix of R rows
+// by Q = C * inner columns (inner = stride_c: every dense layout is (outer, C, inner) in memory), and
+// a block of kBiasActThreads threads covers a tile of `rows` rows by tq * VEC columns: thread t owns
+// the column vector (t % tq) * VEC (its bias values fixed for the whole tile) and walks the rows
+// t / tq, t / tq + tr, ... (tr = kBiasActThreads / tq), writing dz (unless only the bias gradient is
+// wanted) and summing the unrounded float32 dz per column. Then either (per_tile: tq * VEC divides
+// inner, so the tile lies in one channel) one block sum per tile into partials[by][bx], or per column
+// (the tr row groups summed in order through shared memory) into partials[by][q]. The caller sums the
+// partials per channel in a fixed order: no atomics, the same bits every run. tq, per_tile and store
+// are uniform run-time values (few instantiations). Memory traffic: dy and x read once, dz written
+// once (or not at all), and the partials (at most 1 / rows of dz, in float32, per column).
+struct BiasGradPlan {
+  int vec;          // elements per thread access: the dtype's 16-byte width, or 1
+  int tq;           // threads along the columns: 32 .. kBiasActThreads, a power of two
+  bool per_tile;    // one partial per tile (tq * vec divides inner) or one per column
+  int64_t rows;     // rows per block, a multiple of kBiasActThreads / tq
+  int64_t grid_x;   // column tiles
+  int64_t grid_y;   // row tiles (the launch is one 1-D grid of grid_x * grid_y blocks)
+  int64_t width;    // row length of the (grid_y, width) float32 partials: grid_x or Q
+};
+
+// The launch of n elements, bias along a dim of stride `inner` and C channels; max_vec is the dtype's
+// 16-byte width and `aligned` whether every pointer in use is 16-byte aligned. Host code (also run by
+// the emulator's driver, so both launch the same tiles).
+inline BiasGradPlan bias_grad_plan(int max_vec, bool aligned, int64_t n, int64_t inner, int64_t channels) {
+  constexpr int64_t kTargetBlocks = 2048;
+  const int64_t q = channels * inner, r = n / q;
+  BiasGradPlan plan{};
+  plan.vec = aligned && q % max_vec == 0 ? max_vec : 1;
+  const int64_t col_vectors = q / plan.vec;
+  int tq = 32;
+  while (tq < kBiasActThreads && tq < col_vectors) tq *= 2;
+  plan.tq = tq;
+  const int64_t tr = kBiasActThreads / tq;
+  plan.per_tile = inner % (static_cast<int64_t>(tq) * plan.vec) == 0;
+  plan.grid_x = (col_vectors + tq - 1) / tq;
+  const int64_t row_groups = (r + tr - 1) / tr;
+  int64_t gy = (kTargetBlocks + plan.grid_x - 1) / plan.grid_x;
+  gy = gy < 1 ? 1 : (gy > row_groups ? row_groups : gy);
+  const int64_t per_block = (r + gy - 1) / gy;
+  plan.rows = (per_block + tr - 1) / tr * tr;
+  plan.grid_y = (r + plan.rows - 1) / plan.rows;
+  plan.width = plan.per_tile ? plan.grid_x : q;
+  return plan;
+}
+
+struct BiasGradTile {
+  float* partials;     // (grid_y, width) float32
+  int64_t rows_total;  // R
+  int64_t cols;        // Q = C * inner
+  int64_t rows;        // rows per block
+  int64_t width;       // row length of partials
+  int64_t grid_x;      // column tiles (the grid is 1-D: grid_x * grid_y blocks)
+  int tq;              // threads along the columns
+  bool per_tile;       // one partial per tile, else per column
+  bool store;          // write dz
+};
+
+template <int ACT, class D, int VEC>
+__global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_bias_kernel(const BiasActArgs a, const BiasGradTile t) {
+  const int tq = t.tq, tr = kBiasActThreads / t.tq;
+  const int cq = static_cast<int>(threadIdx.x) % tq, cr = static_cast<int>(threadIdx.x) / tq;
+  // A 1-D grid of grid_x * grid_y blocks, column tiles fastest.
+  const int64_t bx = static_cast<int64_t>(blockIdx.x) % t.grid_x, by = static_cast<int64_t>(blockIdx.x) / t.grid_x;
+  const int64_t q = (bx * tq + cq) * VEC;
+  const bool active = q < t.cols;  // Q is a multiple of VEC
+  float acc[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
+  if (active) {
+    float b[VEC];
+    int64_t wraps, r, c;
+    split_index(q, a.stride_c, wraps, r);
+    split_index(wraps, a.channels, wraps, c);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      b[i] = __ldg(a.bias + c);
+      if (++r == a.stride_c) {
+        r = 0;
+        if (++c == a.channels) c = 0;
+      }
+    }
+    const int64_t row0 = by * t.rows;
+    const int64_t row_end = min(row0 + t.rows, t.rows_total);
+    for (int64_t row = row0 + cr; row < row_end; row += tr) {
+      const int64_t e = row * t.cols + q;
+      float z[VEC], dy[VEC], dz[VEC];
+      load_stream<D, VEC>(a.x, e, z);
+      load_stream<D, VEC>(a.dy, e, dy);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const float zi = z[i] + b[i];
+        float g = dy[i] * a.gain * act_grad<ACT>(zi, a.alpha);
+        if (a.has_clamp) {
+          const float pre = act_value<ACT>(zi, a.alpha) * a.gain;
+          if (!(pre >= -a.clamp && pre <= a.clamp)) g = 0.f;  // torch.clamp's gradient; NaN: 0
+        }
+        dz[i] = g;
+        acc[i] += g;
+      }
+      if (t.store) store_stream<D, VEC>(a.out, e, dz);
+    }
+  }
+  if (t.per_tile) {
+    __shared__ float scratch[32];
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) s += acc[i];
+    store_block_sum(s, scratch, t.partials + by * t.width + bx);
+  } else {
+    __shared__ float columns[kBiasActThreads * VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) columns[threadIdx.x * VEC + i] = acc[i];
+    __syncthreads();
+    if (cr == 0 && active) {
+      float sum[VEC];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) sum[i] = 0.f;
+      for (int k = 0; k < tr; ++k) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) sum[i] += columns[(k * tq + cq) * VEC + i];
+      }
+      float* out = t.partials + by * t.width + q;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) out[i] = sum[i];
+    }
   }
 }
 

@@ -63,6 +63,7 @@ struct Case {
   bool clamp;
   bool large;  // every fifth input far out (|x| up to 1e4)
   Misalign misalign;
+  bool store;  // the bias-gradient kernel writes dz too (else the bias gradient alone)
 
   std::string name() const {
     static const char* const acts[] = {"linear", "relu", "lrelu", "tanh", "sigmoid", "silu", "gelu"};
@@ -243,12 +244,50 @@ simt::Outcome run(const Case& c, unsigned seed) {
     }
   });
 
+  // The gradient map with the bias gradient (bias_act_grad_bias_kernel, dz in x's dtype): dz again,
+  // bit for bit the gradient kernel's (or nothing written), and partials that sum to the bias gradient.
+  const bool bias_grad = has_bias && c.out_dtype == c.dtype;
+  Buffer dz2;
+  std::vector<float> partials;
+  genkernels::BiasGradPlan plan{};
+  const int64_t cols = int64_t{c.C} * stride_c;
+  if (bias_grad) {
+    dz2.init(c.dtype, n, mis_out);
+    const bool aligned = c.store ? driver::vector_width(c.dtype, wide, {dy.data(), x.data(), dz2.data()}) == wide
+                                 : driver::vector_width(c.dtype, wide, {dy.data(), x.data()}) == wide;
+    plan = genkernels::bias_grad_plan(wide, aligned, n, stride_c, c.C);
+    partials.assign(plan.grid_y * plan.width + 2, NAN);  // NaN sentinels on both sides
+    const genkernels::BiasGradTile t{partials.data() + 1, n / cols, cols, plan.rows, plan.width, plan.grid_x,
+                                     plan.tq, plan.per_tile, c.store};
+    BiasActArgs ba = a;
+    ba.dy = dy.data();
+    ba.out = c.store ? static_cast<void*>(dz2.data()) : static_cast<void*>(x.data());
+    genkernels::with_vector(c.dtype, plan.vec, [&](auto d, auto v) {
+      using D = decltype(d);
+      constexpr int kVec = decltype(v)::value;
+      const auto blocks_total = static_cast<unsigned>(plan.grid_x * plan.grid_y);
+      simt::launch(blocks_total, kThreads, 0, {}, global, label + " (grad + bias)", [&] {
+        switch (c.act) {
+          case 0: return genkernels::bias_act_grad_bias_kernel<0, D, kVec>(ba, t);
+          case 1: return genkernels::bias_act_grad_bias_kernel<1, D, kVec>(ba, t);
+          case 2: return genkernels::bias_act_grad_bias_kernel<2, D, kVec>(ba, t);
+          case 3: return genkernels::bias_act_grad_bias_kernel<3, D, kVec>(ba, t);
+          case 4: return genkernels::bias_act_grad_bias_kernel<4, D, kVec>(ba, t);
+          case 5: return genkernels::bias_act_grad_bias_kernel<5, D, kVec>(ba, t);
+          default: return genkernels::bias_act_grad_bias_kernel<6, D, kVec>(ba, t);
+        }
+      });
+    });
+  }
+
   driver::Findings found;
   auto check = [&](const char* what, int dtype, int64_t e, float got, double want, double magnitude) {
     if (decode(dtype, encode(dtype, static_cast<float>(want))) == got) return;
     found.check(what, dtype, e, 0, got, want, magnitude);
   };
   const double tol_rel = std::ldexp(1.0, -20);
+  // Per channel: the float64 bias gradient, its magnitude, the slack of elements near the clamp.
+  std::vector<double> db_want(c.C, 0.0), db_mag(c.C, 0.0), db_slack(c.C, 0.0);
   for (int64_t e = 0; e < n; ++e) {
     const float b = has_bias ? bias[1 + channel[e]] : 0.f;
     const double z = static_cast<float>(x.at(e) + b);  // the kernel's one float32 addition
@@ -278,13 +317,59 @@ simt::Outcome run(const Case& c, unsigned seed) {
       check("dz", c.out_dtype, e, got, pass ? want_dz : 0.0, std::fabs(d * gain) * gmag);
       if (!pass && got != 0.f) found.flag("dz[%lld] = %.9g outside the clamp: want 0", (long long)e, got);
     }
+    if (has_bias) {
+      const int ch = channel[e];
+      if (either) {
+        db_slack[ch] += std::fabs(want_dz);
+      } else if (pass) {
+        db_want[ch] += want_dz;
+      }
+      db_mag[ch] += std::fabs(d * gain) * gmag;
+    }
+  }
+  char extra[120] = "";
+  if (bias_grad) {
+    if (c.store) {
+      for (int64_t e = 0; e < n; ++e) {
+        if (dz2.bits(e) != dz.bits(e)) {
+          found.flag("bias-grad dz[%lld] = %.9g, gradient kernel %.9g", (long long)e, dz2.at(e), dz.at(e));
+          break;
+        }
+      }
+      if (dz2.stray()) found.flag("a store outside dz (bias-grad kernel)");
+    } else if (dz2.untouched() != static_cast<size_t>(n)) {
+      found.flag("dz written by the bias-grad kernel without store");
+    }
+    if (!std::isnan(partials.front()) || !std::isnan(partials.back())) found.flag("a store outside the partials");
+    std::vector<double> got(c.C, 0.0);
+    for (int64_t by = 0; by < plan.grid_y; ++by) {
+      for (int64_t j = 0; j < plan.width; ++j) {
+        const float v = partials[1 + by * plan.width + j];
+        if (std::isnan(v)) {
+          found.flag("partial (%lld, %lld) never written", (long long)by, (long long)j);
+          continue;
+        }
+        const int64_t col = plan.per_tile ? j * plan.tq * plan.vec : j;
+        got[(col / stride_c) % c.C] += v;
+      }
+    }
+    const double terms = static_cast<double>(n) / c.C;
+    for (int ch = 0; ch < c.C; ++ch) {
+      const double tol = (terms * std::ldexp(1.0, -24) + tol_rel) * db_mag[ch] + db_slack[ch] + 1e-30;
+      const double err = std::fabs(got[ch] - db_want[ch]);
+      found.worst = std::max(found.worst, driver::ratio(err, tol));
+      if (!(err <= tol)) found.flag("dbias[%d] = %.9g, want %.9g (tol %.3g)", ch, got[ch], db_want[ch], tol);
+    }
+    snprintf(extra, sizeof extra, "; bias-grad vec %d tq %d %s %s blocks %lldx%lld", plan.vec, plan.tq,
+             plan.per_tile ? "per-tile" : "per-column", c.store ? "store" : "no-store", (long long)plan.grid_x,
+             (long long)plan.grid_y);
   }
   if (y.untouched() || dz.untouched()) found.flag("an output element never written");
   if (y.stray() || dz.stray()) found.flag("a store outside y or dz");
 
-  char buf[200];
-  snprintf(buf, sizeof buf, "vec %d %d n %lld; max |err| / tol %.3g", fvec, gvec, static_cast<long long>(n),
-           found.worst);
+  char buf[320];
+  snprintf(buf, sizeof buf, "vec %d %d n %lld; max |err| / tol %.3g%s", fvec, gvec, static_cast<long long>(n),
+           found.worst, extra);
   return found.outcome(label, buf);
 }
 
@@ -300,6 +385,9 @@ const Shape kShapes[] = {
     {Layout::kChannelsFirst, 2, 3, 16},  {Layout::kChannelsFirst, 2, 5, 7},   {Layout::kChannelsLast, 3, 6, 5},
     {Layout::kChannelsLast, 2, 7, 9},    {Layout::kRows, 1, 9, 13},           {Layout::kNoBias, 1, 1, 37},
     {Layout::kChannelsFirst, 3, 17, 61}, {Layout::kChannelsLast, 4, 24, 33},  {Layout::kNoBias, 1, 1, 1},
+    // The bias-gradient kernel's tiles: one channel per tile (S a multiple of 256 vectors, or of 256
+    // elements on the scalar path), and many row tiles of per-column partials.
+    {Layout::kChannelsFirst, 1, 2, 2048}, {Layout::kChannelsFirst, 2, 3, 256}, {Layout::kChannelsLast, 8, 16, 64},
 };
 
 std::vector<Case> make_cases() {
@@ -316,6 +404,7 @@ std::vector<Case> make_cases() {
         c.clamp = k % 2 == 0;
         c.large = k % 4 < 2;
         c.misalign = k % 5 == 3 ? Misalign::kAll : k % 5 == 4 ? Misalign::kOut : Misalign::kNone;
+        c.store = k % 3 != 2;
         cases.push_back(c);
         ++k;
       }
