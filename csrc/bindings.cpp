@@ -20,6 +20,7 @@ using genkernels::AttentionProblem;
 using genkernels::BiasActProblem;
 using genkernels::CouplingProblem;
 using genkernels::GroupNormProblem;
+using genkernels::ModconvEpilogueProblem;
 using genkernels::ReparamProblem;
 using genkernels::StepProblem;
 
@@ -325,4 +326,78 @@ PYBIND11_MODULE(_C, m) {
       "bias_act_grad's dz (in `dtype`; dz 0: not written) and, in the same pass, float32 partial sums of it "
       "(see bias_act_grad_bias_plan) that summed per channel give the bias gradient; deterministic, no atomics. "
       "Launches on `stream`, never synchronizes.");
+  m.def(
+      "modconv_demod_forward",
+      [](uintptr_t weight, uintptr_t styles, uintptr_t dcoef, int64_t o, int64_t i, int64_t k, int64_t n, int dtype,
+         float eps, int device, uintptr_t stream) {
+        genkernels::modconv_demod_forward(o, i, k, n, weight, dtype, styles, eps, dcoef, device, stream);
+      },
+      py::arg("weight"), py::arg("styles"), py::arg("dcoef"), py::arg("o"), py::arg("i"), py::arg("k"), py::arg("n"),
+      py::arg("dtype"), py::arg("eps"), py::arg("device"), py::arg("stream"),
+      "Demodulation coefficients: float32 (N, O) dcoef = 1 / sqrt(sum_i styles[n, i]^2 sum_k weight[o, i, k]^2 + "
+      "eps), weight (O, I, K) in `dtype`, styles float32 (N, I), all contiguous. Launches on `stream`, never "
+      "synchronizes.");
+  m.def(
+      "modconv_demod_backward",
+      [](uintptr_t grad, uintptr_t dcoef, uintptr_t weight, uintptr_t styles, uintptr_t d_weight, uintptr_t d_styles,
+         uintptr_t w2, int64_t o, int64_t i, int64_t k, int64_t n, int dtype, int device, uintptr_t stream) {
+        genkernels::modconv_demod_backward(o, i, k, n, grad, dcoef, weight, dtype, styles, d_weight, d_styles, w2,
+                                           device, stream);
+      },
+      py::arg("grad"), py::arg("dcoef"), py::arg("weight"), py::arg("styles"), py::arg("d_weight"),
+      py::arg("d_styles"), py::arg("w2"), py::arg("o"), py::arg("i"), py::arg("k"), py::arg("n"), py::arg("dtype"),
+      py::arg("device"), py::arg("stream"),
+      "Gradients of modconv_demod_forward with G = grad * dcoef^3: float32 d_weight (O, I, K) = -weight * sum_n G "
+      "styles^2 and d_styles (N, I) = -styles * sum_o G W2; w2: float32 scratch of O * I. Deterministic, never "
+      "synchronizes.");
+  m.def(
+      "modconv_epilogue_forward",
+      [](uintptr_t y, uintptr_t dcoef, uintptr_t noise, uintptr_t strength, uintptr_t bias, uintptr_t out, int64_t n,
+         int64_t c, int64_t s, bool channels_last, int dtype, int device, int noise_dtype, int64_t noise_batch,
+         int act, float alpha, float gain, bool has_clamp, float clamp, uintptr_t stream) {
+        genkernels::modconv_epilogue_forward(ModconvEpilogueProblem{n, c, s, channels_last, dtype, device, noise_dtype,
+                                                                    noise_batch, act, alpha, gain, has_clamp, clamp},
+                                             y, dcoef, noise, strength, bias, out, stream);
+      },
+      py::arg("y"), py::arg("dcoef"), py::arg("noise"), py::arg("strength"), py::arg("bias"), py::arg("out"),
+      py::arg("n"), py::arg("c"), py::arg("s"), py::arg("channels_last"), py::arg("dtype"), py::arg("device"),
+      py::arg("noise_dtype"), py::arg("noise_batch"), py::arg("act"), py::arg("alpha"), py::arg("gain"),
+      py::arg("has_clamp"), py::arg("clamp"), py::arg("stream"),
+      "Modulated-convolution epilogue on a dense (N, C, S) y (channels first or last): out = clamp(act(y * "
+      "dcoef[n, c] + noise[n or 0, s] * strength + bias[c]) * gain). dcoef float32 (N, C), noise (noise_batch, S) "
+      "in noise_dtype, strength float32 (1,) read on the device, bias float32 (C,): each 0 when absent. act: "
+      "bias_act's codes. Launches on `stream`, never synchronizes.");
+  m.def(
+      "modconv_epilogue_backward_workspace",
+      [](uintptr_t dout, uintptr_t y, uintptr_t dy, int64_t n, int64_t c, int64_t s, bool channels_last, int dtype,
+         int device, int noise_dtype, int64_t noise_batch, int act, float alpha, float gain, bool has_clamp,
+         float clamp) {
+        return genkernels::modconv_epilogue_backward_workspace(
+            ModconvEpilogueProblem{n, c, s, channels_last, dtype, device, noise_dtype, noise_batch, act, alpha, gain,
+                                   has_clamp, clamp},
+            dout, y, dy);
+      },
+      py::arg("dout"), py::arg("y"), py::arg("dy"), py::arg("n"), py::arg("c"), py::arg("s"),
+      py::arg("channels_last"), py::arg("dtype"), py::arg("device"), py::arg("noise_dtype"), py::arg("noise_batch"),
+      py::arg("act"), py::arg("alpha"), py::arg("gain"), py::arg("has_clamp"), py::arg("clamp"),
+      "Scratch bytes modconv_epilogue_backward needs for its partials with these tensors.");
+  m.def(
+      "modconv_epilogue_backward",
+      [](uintptr_t dout, uintptr_t y, uintptr_t dcoef, uintptr_t noise, uintptr_t strength, uintptr_t bias,
+         uintptr_t dy, uintptr_t ddcoef, uintptr_t dbias, uintptr_t dstrength, int64_t n, int64_t c, int64_t s,
+         bool channels_last, int dtype, int device, int noise_dtype, int64_t noise_batch, int act, float alpha,
+         float gain, bool has_clamp, float clamp, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+        genkernels::modconv_epilogue_backward(
+            ModconvEpilogueProblem{n, c, s, channels_last, dtype, device, noise_dtype, noise_batch, act, alpha, gain,
+                                   has_clamp, clamp},
+            dout, y, dcoef, noise, strength, bias, dy, ddcoef, dbias, dstrength, workspace, workspace_bytes, stream);
+      },
+      py::arg("dout"), py::arg("y"), py::arg("dcoef"), py::arg("noise"), py::arg("strength"), py::arg("bias"),
+      py::arg("dy"), py::arg("ddcoef"), py::arg("dbias"), py::arg("dstrength"), py::arg("n"), py::arg("c"),
+      py::arg("s"), py::arg("channels_last"), py::arg("dtype"), py::arg("device"), py::arg("noise_dtype"),
+      py::arg("noise_batch"), py::arg("act"), py::arg("alpha"), py::arg("gain"), py::arg("has_clamp"),
+      py::arg("clamp"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+      "Modulated-convolution epilogue backward: dy = g * dcoef (y's layout and dtype), g = dout * gain * act'(z) * "
+      "m, and when non-zero the float32 ddcoef (N, C) = sum_s g y, dbias (C,) = sum g, dstrength (1,) = sum g "
+      "noise, deterministic. Never synchronizes.");
 }

@@ -4,6 +4,7 @@ from .attention import attention, attention_reference
 from .bias_act import bias_act, bias_act_reference
 from .coupling import actnorm, affine_coupling
 from .group_norm import group_norm, group_norm_reference
+from .modconv import demodulation_coefficients, modconv_epilogue
 from .reparam import reparameterize, reparameterize_reference
 from .sampler_steps import (
     ddim_step,
@@ -26,12 +27,14 @@ __all__ = [
     "bias_act_reference",
     "ddim_step",
     "ddpm_step",
+    "demodulation_coefficients",
     "dpmpp_2m_step",
     "euler_ancestral_step",
     "euler_step",
     "flow_euler_step",
     "group_norm",
     "group_norm_reference",
+    "modconv_epilogue",
     "reparameterize",
     "reparameterize_reference",
     "schedule_step",

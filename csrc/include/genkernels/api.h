@@ -220,4 +220,52 @@ std::array<int64_t, 7> bias_act_grad_bias_plan(const BiasActProblem& p, uintptr_
 void bias_act_grad_bias(const BiasActProblem& p, uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dz,
                         uintptr_t partials, int64_t partials_size, uintptr_t stream);
 
+// Demodulation coefficients of StyleGAN2's modulated convolution, weight (O, I, K) in dtype code
+// `dtype`, styles float32 (N, I), all contiguous and > 0 in size: writes the float32 (N, O)
+// dcoef[n, o] = 1 / sqrt(sum_i styles[n, i]^2 sum_k weight[o, i, k]^2 + eps). Launches on `stream`,
+// never synchronizes.
+void modconv_demod_forward(int64_t o, int64_t i, int64_t k, int64_t n, uintptr_t weight, int dtype, uintptr_t styles,
+                           float eps, uintptr_t dcoef, int device, uintptr_t stream);
+
+// Its gradients, with G = grad * dcoef^3 (grad, dcoef float32 (N, O)): the float32 (O, I, K)
+// d_weight = -weight * sum_n G[n, o] styles[n, i]^2 and the float32 (N, I) d_styles =
+// -styles * sum_o G[n, o] W2[o, i]. w2 is float32 scratch of O * I elements. Deterministic; never
+// synchronizes.
+void modconv_demod_backward(int64_t o, int64_t i, int64_t k, int64_t n, uintptr_t grad, uintptr_t dcoef,
+                            uintptr_t weight, int dtype, uintptr_t styles, uintptr_t d_weight, uintptr_t d_styles,
+                            uintptr_t w2, int device, uintptr_t stream);
+
+// The fused epilogue of the modulated convolution: y (N, C, S = H * W) dense, channels first or
+// channels last; out / dout / dy share its layout and dtype. noise (noise_batch in {1, N}, S)
+// contiguous in dtype code noise_dtype.
+struct ModconvEpilogueProblem {
+  int64_t n, c, s;  // all > 0
+  bool channels_last;
+  int dtype;   // DtypeCode of y
+  int device;  // CUDA device ordinal that holds the tensors
+  int noise_dtype;
+  int64_t noise_batch;
+  int act;  // bias_act's codes: linear 0, relu 1, lrelu 2, tanh 3, sigmoid 4, silu 5, gelu 6
+  float alpha, gain;
+  bool has_clamp;
+  float clamp;  // > 0 when has_clamp
+};
+
+// out = clamp(act(y * dcoef[n, c] + noise[n or 0, s] * strength + bias[c]) * gain), in float32.
+// dcoef (float32 (N, C)), noise, strength (float32 (1,), read on the device; 1 when 0) and bias
+// (float32 (C,)) may each be 0 (absent). Launches on `stream`, never synchronizes.
+void modconv_epilogue_forward(const ModconvEpilogueProblem& p, uintptr_t y, uintptr_t dcoef, uintptr_t noise,
+                              uintptr_t strength, uintptr_t bias, uintptr_t out, uintptr_t stream);
+
+// Scratch bytes modconv_epilogue_backward needs for its partials with these tensors.
+size_t modconv_epilogue_backward_workspace(const ModconvEpilogueProblem& p, uintptr_t dout, uintptr_t y, uintptr_t dy);
+
+// g = dout * gain * act'(z) * m (z as in the forward, m the clamp's pass mask): writes dy = g * dcoef and,
+// each when non-zero, the float32 ddcoef (N, C) = sum_s g y, dbias (C,) = sum_{n, s} g and dstrength
+// (1,) = sum g noise; deterministic (fixed partials merged in a fixed order). Never synchronizes.
+void modconv_epilogue_backward(const ModconvEpilogueProblem& p, uintptr_t dout, uintptr_t y, uintptr_t dcoef,
+                               uintptr_t noise, uintptr_t strength, uintptr_t bias, uintptr_t dy, uintptr_t ddcoef,
+                               uintptr_t dbias, uintptr_t dstrength, uintptr_t workspace, size_t workspace_bytes,
+                               uintptr_t stream);
+
 }  // namespace genkernels
