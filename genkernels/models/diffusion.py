@@ -29,14 +29,13 @@ names: the model as it runs without genkernels, the baseline of the UNet benchma
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ._config import ConfigIO
 from ._layers import (
     Downsample,
     ResnetBlock,
@@ -53,7 +52,7 @@ from ._layers import with_torch_layers as with_torch_layers
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(ConfigIO):
     """Sizes of a :class:`UNet`. Presets: :meth:`tiny` (tests), :meth:`digits`, :meth:`sd_like`.
 
     Args:
@@ -134,20 +133,6 @@ class UNetConfig:
             cross_attention_dim=768,
         )
         return cls(**{**base, **overrides})
-
-    def to_json(self) -> str:
-        """The config as a JSON string (stored in checkpoints)."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> UNetConfig:
-        """Inverse of :meth:`to_json`; unknown keys raise a ValueError naming them."""
-        data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -23,30 +23,18 @@ all of them ("reference", "triton", "cuda"; None follows ``genkernels.backend(..
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .. import _registry
+from .._checks import check_backend as _check_backend
+from .._checks import positive_int as _positive_int
 from ..nn.flow import SCALES, ActNorm, AffineCoupling, InvConv1x1, zero_conv3x3
+from ._config import ConfigIO
 
 _LOG_2PI = math.log(2 * math.pi)
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_backend(backend: str | None) -> str | None:
-    if backend is not None:
-        _registry.requested(backend)
-    return backend
 
 
 def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
@@ -74,7 +62,7 @@ def unsqueeze2x2(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class GlowConfig:
+class GlowConfig(ConfigIO):
     """Sizes of a :class:`Glow`. Presets: :meth:`tiny` (tests), :meth:`digits` (8x8 grey digits).
 
     Args:
@@ -141,30 +129,6 @@ class GlowConfig:
         """The 8x8 grey digits: 2 levels (8x8 -> 4x4x4 -> 2x2x8) of 8 steps, width 64 (about 0.15 M parameters)."""
         base = dict(in_channels=1, levels=2, steps_per_level=8, hidden_channels=64, image_size=8)
         return cls(**{**base, **overrides})
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> GlowConfig:
-        """The config from a mapping of its fields; unknown keys raise a ValueError naming them."""
-        if not isinstance(data, Mapping):
-            raise TypeError(f"config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown GlowConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        """The fields as a dict."""
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        """The config as a JSON string (stored in checkpoints)."""
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> GlowConfig:
-        """Inverse of :meth:`to_json`."""
-        return cls.from_dict(json.loads(text))
 
 
 class FlowStep(torch.nn.Module):

@@ -30,14 +30,15 @@ parameter names; :func:`with_torch_layers` makes that twin of an existing model 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
+from .._checks import positive_int as _positive_int
 from ..nn import Attention
 from ..ops import reparameterize
+from ._config import ConfigIO
 from ._layers import (
     Downsample,
     ResnetBlock,
@@ -52,12 +53,6 @@ DOWN_BLOCK = "DownEncoderBlock2D"
 UP_BLOCK = "UpDecoderBlock2D"
 # diffusers builds every norm of the VAE (ResNet blocks, mid attention, output) with this eps.
 NORM_EPS = 1e-6
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _block_types(name: str, value, expected: str, levels: int) -> tuple[str, ...]:
@@ -87,7 +82,7 @@ def _float_tuple(name: str, value) -> tuple[float, ...] | None:
 
 
 @dataclass
-class AutoencoderKLConfig:
+class AutoencoderKLConfig(ConfigIO):
     """Sizes of an :class:`AutoencoderKL`: the fields and defaults of diffusers' AutoencoderKL config.
 
     Presets: :meth:`tiny` (tests), :meth:`digits` (8x8 grey digits), :meth:`sd` (Stable Diffusion 1.x/2.x).
@@ -218,32 +213,11 @@ class AutoencoderKLConfig:
         )
         return cls(**{**base, **overrides})
 
-    @classmethod
-    def from_dict(cls, data: Mapping) -> AutoencoderKLConfig:
-        """The config from a mapping of its fields, e.g. a diffusers AutoencoderKL's ``config`` (a
-        FrozenDict). Keys starting with "_" (diffusers' bookkeeping) are ignored; other unknown
-        keys raise a ValueError naming them."""
-        if not isinstance(data, Mapping):
-            raise TypeError(f"config must be a mapping (dict or diffusers FrozenDict), got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        fields = {k: v for k, v in data.items() if not str(k).startswith("_")}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"unknown AutoencoderKLConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**fields)
-
-    def to_dict(self) -> dict:
-        """The fields as a dict (tuples kept as tuples); diffusers' ``AutoencoderKL.from_config`` takes it."""
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        """The config as a JSON string (stored in checkpoints)."""
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> AutoencoderKLConfig:
-        """Inverse of :meth:`to_json` (also reads a diffusers config.json); unknown keys raise a ValueError."""
-        return cls.from_dict(json.loads(text))
+    @staticmethod
+    def _skipped_key(key: str) -> bool:
+        """diffusers' bookkeeping keys ("_class_name", "_diffusers_version", ...): a diffusers AutoencoderKL's
+        ``config`` (a FrozenDict) or config.json reads as is."""
+        return key.startswith("_")
 
 
 class DiagonalGaussian:

@@ -21,21 +21,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import _registry
+from .._checks import check_backend as _check_backend
+from .._checks import positive_int as _positive_int
 from ..ops import actnorm, affine_coupling
 from ..ops.coupling import SCALES
-
-
-def _check_backend(backend: str | None) -> str | None:
-    if backend is not None:
-        _registry.requested(backend)
-    return backend
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _logdet_dtype(x: torch.Tensor) -> torch.dtype:
