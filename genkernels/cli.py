@@ -7,6 +7,8 @@
     genkernels sample vae --ckpt runs/vae/vae.safetensors --num 20 --seed 0 --out vae.png
     genkernels train flow --data digits --steps 2000 --out runs/flow
     genkernels sample flow --ckpt runs/flow/flow.safetensors --temperature 0.7 --num 64 --seed 0 --out flow.png
+    genkernels train gan --data digits --image-size 16 --steps 2000 --out runs/gan
+    genkernels sample gan --ckpt runs/gan/gan.safetensors --truncation 0.7 --num 64 --seed 0 --out gan.png
 
 Each family has its own options (`genkernels train vae -h`); an option of another family is an
 error naming the family it belongs to. On CPU, train and sample run every fused op on the
@@ -22,7 +24,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-FAMILIES = ("diffusion", "vae", "flow")
+FAMILIES = ("diffusion", "vae", "flow", "gan")
 
 
 class CommandError(Exception):
@@ -69,6 +71,7 @@ FAMILY_HELP = {
     "diffusion": "class-conditional diffusion UNet",
     "vae": "variational autoencoder (AutoencoderKL)",
     "flow": "normalizing flow (Glow)",
+    "gan": "StyleGAN2-style GAN (modulated convolutions, R1-regularized ResNet discriminator)",
 }
 _SEED = _option("--seed", type=int, default=0, help="random seed (0)")
 _SCALE = _option("--scale", type=_positive_int, default=None, help="pixel upscaling (default: to about 64 px)")
@@ -116,6 +119,22 @@ def _train_options(checkpoint: str) -> list:
         _option("--out", required=True, help=f"output folder; the checkpoint is OUT/{checkpoint}"),
         *_runtime_options(),
     ]
+
+
+def _gan_train_options() -> list:
+    """The common training options with the GAN's defaults: --image-size also resizes the digits (to a power
+    of 2), Adam at 2e-3 and a batch of 32."""
+    replaced = {
+        "--image-size": _option(
+            "--image-size",
+            type=_positive_int,
+            default=None,
+            help="images (digits included) are resized to this: the GAN's resolution, a power of 2 in [8, 256] (16)",
+        ),
+        "--batch-size": _option("--batch-size", type=_positive_int, default=32, help="batch size (32)"),
+        "--lr": _option("--lr", type=float, default=2e-3, help="Adam learning rate of G; D's is adjusted (2e-3)"),
+    }
+    return [replaced.get(flags[0], (flags, kwargs)) for flags, kwargs in _train_options("gan.safetensors")]
 
 
 def _train_families() -> dict[str, tuple[str, list]]:
@@ -178,6 +197,30 @@ def _train_families() -> dict[str, tuple[str, list]]:
                     help="held-out bits/dim every N steps (250; 0: only at the start and the end)",
                 ),
                 *_train_options("flow.safetensors"),
+            ],
+        ),
+        "gan": (
+            "Train a StyleGAN2-style GAN: non-saturating logistic losses, lazy R1, an EMA of the generator.",
+            [
+                _option(
+                    "--r1-gamma",
+                    type=_nonnegative,
+                    default=None,
+                    help="R1 weight gamma: gamma / 2 * ||grad_x D(x)||^2 (default: the model preset's; small: 0.05)",
+                ),
+                _option(
+                    "--r1-interval",
+                    type=_positive_int,
+                    default=None,
+                    help="lazy R1: one R1 step every N steps (default: the preset's, 16)",
+                ),
+                _option(
+                    "--ema-beta",
+                    type=_fraction,
+                    default=None,
+                    help="EMA decay of the sampled generator G_ema (default: the preset's; small: 0.99)",
+                ),
+                *_gan_train_options(),
             ],
         ),
     }
@@ -270,6 +313,26 @@ def _sample_families() -> dict[str, tuple[str, list]]:
                 *_runtime_options(progress=False),
             ],
         ),
+        "gan": (
+            "Write a PNG grid of samples of the EMA generator, with the truncation trick.",
+            [
+                _ckpt("gan"),
+                _option(
+                    "--truncation",
+                    type=float,
+                    default=1.0,
+                    help="truncation psi: w = w_avg + psi (w - w_avg); below 1 trades diversity for typical "
+                    "samples, 0 gives the mean image (1.0)",
+                ),
+                _option("--num", type=_positive_int, default=64, help="number of samples (64)"),
+                _SEED,
+                _ncol("ceil(sqrt(num))"),
+                _SCALE,
+                _option("--raw-weights", action="store_true", help="use the raw generator instead of G_ema"),
+                _PNG_OUT,
+                *_runtime_options(progress=False),
+            ],
+        ),
     }
 
 
@@ -341,6 +404,12 @@ def _read_checkpoint(read, path: str) -> dict:
         return read(path)
 
 
+def _ends(values) -> tuple[float, float, int]:
+    """(mean of the first k, mean of the last k, k) of a run's per-step values, k = min(10, len(values))."""
+    k = min(10, len(values))
+    return sum(values[:k]) / k, sum(values[-k:]) / k, k
+
+
 def _run_train_diffusion(args) -> int:
     from . import train
 
@@ -367,11 +436,10 @@ def _run_train_diffusion(args) -> int:
         save_every=max(args.save_every, 0),
         progress=not args.no_progress,
     )
-    losses = result.losses
-    k = min(10, len(losses))
+    first, last, k = _ends(result.losses)
     print(
-        f"trained {args.steps} steps ({args.objective}): loss {sum(losses[:k]) / k:.4f} (first {k}) -> "
-        f"{sum(losses[-k:]) / k:.4f} (last {k}); checkpoint {args.out}/diffusion.safetensors"
+        f"trained {args.steps} steps ({args.objective}): loss {first:.4f} (first {k}) -> "
+        f"{last:.4f} (last {k}); checkpoint {args.out}/diffusion.safetensors"
     )
     return 0
 
@@ -462,18 +530,11 @@ def _run_train_vae(args) -> int:
     # A non-square folder fails in model_config_for, before training.
     checks = [lambda dataset: train_vae.model_config_for(dataset, args.model)]
     result = _train(args, train_vae.VAETrainConfig, train_vae.train_vae, checks, loss=args.loss, beta=args.beta)
-    k = min(10, len(result.losses))
-
-    def first(values):
-        return sum(values[:k]) / k
-
-    def last(values):
-        return sum(values[-k:]) / k
-
+    first, last, k = _ends(result.losses)
     print(
-        f"trained {args.steps} steps ({args.loss}, beta {args.beta:g}): loss {first(result.losses):.4f} (first {k}) -> "
-        f"{last(result.losses):.4f} (last {k}); reconstruction {last(result.reconstruction):.4f}, "
-        f"KL {last(result.kl):.2f} nats per sample; checkpoint {args.out}/{train_vae.CHECKPOINT_NAME}"
+        f"trained {args.steps} steps ({args.loss}, beta {args.beta:g}): loss {first:.4f} (first {k}) -> "
+        f"{last:.4f} (last {k}); reconstruction {_ends(result.reconstruction)[1]:.4f}, "
+        f"KL {_ends(result.kl)[1]:.2f} nats per sample; checkpoint {args.out}/{train_vae.CHECKPOINT_NAME}"
     )
     return 0
 
@@ -557,6 +618,69 @@ def _run_sample_flow(args) -> int:
     return 0
 
 
+def _run_train_gan(args) -> int:
+    from . import train_gan
+
+    device = _device(args.device)
+    if args.image_size is not None:
+        with _user_errors("--image-size: "):
+            train_gan.GANConfig(resolution=args.image_size)
+    if args.data == "digits" and args.channels is not None:
+        raise CommandError("--channels applies to an image folder; --data digits is grey (drop the option)")
+    with _user_errors("--data: ", (FileNotFoundError, ValueError)):
+        dataset = train_gan.load_dataset(args.data, args.image_size, args.channels)
+    with _user_errors():
+        config = train_gan.GANTrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            model=args.model,
+            r1_gamma=args.r1_gamma,
+            r1_interval=args.r1_interval,
+            ema_beta=args.ema_beta,
+            seed=args.seed,
+            save_every=max(args.save_every, 0),
+            device=str(device),
+            backend=args.backend,
+        )
+        train_gan.model_config_for(dataset, args.model)  # a non-square folder fails here, before training
+    result = train_gan.train_gan(
+        dataset, config, args.out, progress=not args.no_progress, data_source=_data_source(args.data, dataset)
+    )
+    d_first, d_last, k = _ends(result.d_losses)
+    g_first, g_last, _ = _ends(result.g_losses)
+    print(
+        f"trained {args.steps} steps: D loss {d_first:.4f} -> {d_last:.4f}, "
+        f"G loss {g_first:.4f} -> {g_last:.4f} (mean of the first / last {k}); "
+        f"R1 penalty {result.r1[0][1]:.4g} -> {result.r1[-1][1]:.4g}; "
+        f"checkpoint {args.out}/{train_gan.CHECKPOINT_NAME}"
+    )
+    return 0
+
+
+def _run_sample_gan(args) -> int:
+    from . import train_gan
+
+    device = _device(args.device)
+    _read_checkpoint(train_gan.read_gan_metadata, args.ckpt)
+    if not math.isfinite(args.truncation):
+        raise CommandError(f"--truncation must be a finite number, got {args.truncation}")
+    generator, _ = train_gan.load_gan(args.ckpt, device=device, ema=not args.raw_weights)
+    result = train_gan.sample_gan(
+        generator,
+        args.num,
+        args.seed,
+        args.out,
+        truncation=args.truncation,
+        ncol=args.ncol,
+        scale=args.scale,
+        backend=args.backend,
+    )
+    width, height = result.size
+    print(f"wrote {args.num} samples (truncation {args.truncation:g}) to {args.out} ({width}x{height})")
+    return 0
+
+
 RUNNERS = {
     ("train", "diffusion"): _run_train_diffusion,
     ("train", "vae"): _run_train_vae,
@@ -564,6 +688,8 @@ RUNNERS = {
     ("sample", "diffusion"): _run_sample_diffusion,
     ("sample", "vae"): _run_sample_vae,
     ("sample", "flow"): _run_sample_flow,
+    ("train", "gan"): _run_train_gan,
+    ("sample", "gan"): _run_sample_gan,
 }
 
 
