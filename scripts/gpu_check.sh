@@ -11,17 +11,21 @@
 # the ops in this order and splits that budget between them: group_norm 1 part, attention 2 (its
 # cases are heavier and FlexAttention compiles per case), then schedule_step (sampler steps),
 # reparam (reparameterize + KL of a VAE posterior), coupling (a flow's affine coupling and ActNorm,
-# and one Glow step), bias_act (StyleGAN's bias + leaky ReLU), vae (SD VAE decode, with peak
-# memory) and unet (an SD-like UNet step), half a part each; time one op leaves unused goes to the next. The two whole-model ops come last, the
-# UNet last of all: their torch.compile is the longest (VAE decode about 16 s, the UNet about
-# 50 s), so a short budget drops them first, and the UNet before the VAE. Each op runs its cases
-# most important first (bf16 before fp16; attention: DiT/FLUX forward, its forward + backward,
-# then SDXL ...; reparam: fp32 and bf16 forwards, then forward + backward; coupling: fp32 and bf16
-# forwards, inverses, forwards + backwards, then ActNorm, then the Glow step; bias_act: bf16 and
-# fp32 forwards, then forward + backward; --quick, used when time is short, keeps only the
-# coupling and bias_act forwards) and reports those not started in time as
-# "not run". Without a GPU (a dry run) it skips the build and the GPU steps, and runs the CPU
-# self-check of every backend.
+# and one Glow step), bias_act (StyleGAN's bias + leaky ReLU), half a part each, modconv
+# (StyleGAN2's modulated conv block at three config-f layer shapes, a torch.compile per case) 1
+# part, then the whole models: vae (SD VAE decode, with peak memory), gan (one StyleGAN2
+# generator forward at 256x256, with peak memory; its torch.compile, about 20 s, is its last
+# variant) and unet (an SD-like UNet step), half a part each; time one op leaves unused goes to
+# the next. The three whole-model ops come last, the UNet last of all: their torch.compile is the
+# longest (VAE decode about 16 s, the generator about 20 s, the UNet about 50 s), so a short
+# budget drops them first, the UNet before the others. Each op runs its cases most important
+# first (bf16 before fp16; attention: DiT/FLUX forward, its forward + backward, then SDXL ...;
+# reparam: fp32 and bf16 forwards, then forward + backward; coupling: fp32 and bf16 forwards,
+# inverses, forwards + backwards, then ActNorm, then the Glow step; bias_act: bf16 and fp32
+# forwards, then forward + backward; modconv: the three forwards, then the three forwards +
+# backwards; --quick, used when time is short, keeps only the coupling, bias_act and modconv
+# forwards) and reports those not started in time as "not run". Without a GPU (a dry run) it
+# skips the build and the GPU steps, and runs the CPU self-check of every backend.
 #
 # Files written (few on purpose: a GPU machine hands back at most 8 files from $OUT):
 #   gpu_check.log         everything printed, every step
@@ -30,6 +34,13 @@
 #   pytest_benchmark.json the pytest-benchmark harness on a GroupNorm, an attention and a reparameterize
 #                         case (a check that it runs)
 #   selfcheck.md, .json   without a GPU: the CPU self-check of each backend
+#
+# A focused run (one op family, a short device lease) narrows it with environment variables:
+#   GPU_CHECK_OPS=bias_act,modconv,gan   the ops to benchmark (default: all)
+#   GPU_CHECK_TESTS="tests/ops/test_bias_act.py tests/ops/test_modconv.py"
+#                                        the test paths for the GPU test step (default: the whole suite)
+#   GPU_CHECK_TEST_LIMIT_S=90            that step's time limit (default 150)
+#   GPU_CHECK_DEADLINE_S=300             seconds by which everything must be done (default 450)
 #
 # Exit status: 0 when every step passed, 1 otherwise; a failing step does not stop the later ones.
 
@@ -130,7 +141,8 @@ main() {
         # since here every kernel the tests launch compiles for real and that check would run once
         # per shard, and the CUDA kernels' CPU emulation (tests/cuda/test_*_emulated.py, minutes of
         # host compiling and running), since here the CUDA kernels themselves run in the cuda tests.
-        step "tests on the GPU (8 shards of pytest tests)" 150 env PYTHON="$PY" scripts/test_shards.sh 8 \
+        step "tests on the GPU (8 shards of pytest ${GPU_CHECK_TESTS:-tests})" "${GPU_CHECK_TEST_LIMIT_S:-150}" \
+            env PYTHON="$PY" TEST_PATHS="${GPU_CHECK_TESTS:-tests}" scripts/test_shards.sh 8 \
             --ignore=tests/triton/test_compile.py --ignore-glob='tests/cuda/test_*_emulated.py'
     else
         skip "GPU tests" "no GPU"
@@ -153,8 +165,11 @@ main() {
         local limit=$((budget + 60))
         [ "$limit" -gt "$(left)" ] && limit=$(left)
         [ "$limit" -lt 60 ] && limit=60
-        step "benchmarks (genkernels bench)" "$limit" \
-            "$PY" -m genkernels.bench --out "$OUT_DIR" --budget-s "$budget" ${quick[@]+"${quick[@]}"}
+        local ops=()
+        [ -n "${GPU_CHECK_OPS:-}" ] && ops=(--ops "$GPU_CHECK_OPS")
+        step "benchmarks (genkernels bench ${GPU_CHECK_OPS:-})" "$limit" \
+            "$PY" -m genkernels.bench --out "$OUT_DIR" --budget-s "$budget" ${quick[@]+"${quick[@]}"} \
+            ${ops[@]+"${ops[@]}"}
         if [ "$(left)" -ge 30 ]; then
             limit=$(left)
             [ "$limit" -gt 60 ] && limit=60
@@ -168,7 +183,10 @@ main() {
             skip "pytest-benchmark harness" "out of time"
         fi
     else
-        step "CPU self-check (genkernels bench without a GPU)" 600 "$PY" -m genkernels.bench --out "$OUT_DIR"
+        local ops=()
+        [ -n "${GPU_CHECK_OPS:-}" ] && ops=(--ops "$GPU_CHECK_OPS")
+        step "CPU self-check (genkernels bench without a GPU)" 600 "$PY" -m genkernels.bench --out "$OUT_DIR" \
+            ${ops[@]+"${ops[@]}"}
         step "pytest-benchmark harness (collected, skipped without a GPU)" 120 \
             "$PY" -m pytest benchmarks -q -p no:cacheprovider -rs
     fi

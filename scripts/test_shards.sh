@@ -5,6 +5,7 @@
 # compile on N cores at once and share the GPU.
 #
 #   scripts/test_shards.sh N [pytest arguments]      # PYTHON=... picks the interpreter (default: python3)
+#   TEST_PATHS="tests/ops tests/models/test_gan.py" scripts/test_shards.sh N    # other paths than tests/
 #
 # Exit status: 0 when every shard passed, 1 otherwise; 124 when stopped by SIGTERM/SIGINT (the
 # output of every shard so far is printed first).
@@ -33,7 +34,9 @@ stop() {
 trap stop TERM INT
 
 for i in $(seq 0 $((n - 1))); do
-    GENKERNELS_TEST_SHARD="$i/$n" "$PY" -m pytest tests -q -p no:cacheprovider -rfE "$@" >"$logs/shard$i.log" 2>&1 &
+    # shellcheck disable=SC2086 # TEST_PATHS is a list of paths, split on spaces on purpose
+    GENKERNELS_TEST_SHARD="$i/$n" "$PY" -m pytest ${TEST_PATHS:-tests} -q -p no:cacheprovider -rfE "$@" \
+        >"$logs/shard$i.log" 2>&1 &
     pids+=($!)
 done
 rc=0

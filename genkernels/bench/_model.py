@@ -102,8 +102,9 @@ def seeded_models(
     with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(seed)
         model = build()
-    model = model.to(dtype).eval().requires_grad_(False)
-    return model, twin(model)
+    model = model.to(dtype).eval()
+    paired = twin(model)  # may share parameters with model, and set their requires_grad again
+    return model.requires_grad_(False), paired.requires_grad_(False)
 
 
 def peak_gib(fn: Callable[[], Any]) -> float:

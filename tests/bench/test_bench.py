@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -12,11 +13,14 @@ import torch
 
 from genkernels.bench import (
     _elementwise,
+    _model,
     attention,
     core,
     coupling,
+    gan,
     group_norm,
     main,
+    modconv,
     reparam,
     report,
     runner,
@@ -85,7 +89,7 @@ def test_main_without_gpu_runs_the_self_check(tmp_path, capsys, monkeypatch):
     checks = {
         (c["op"], c["backend"]): c["status"] for c in json.loads((tmp_path / "selfcheck.json").read_text())["checks"]
     }
-    for op in ("group_norm", "attention", "schedule_step", "unet"):
+    for op in ("group_norm", "attention", "schedule_step", "modconv", "gan", "unet"):
         assert checks[op, "reference"] == "ok" and checks[op, "cuda"] == "skipped"
         assert checks[op, "triton"] == "skipped"  # --no-interpret
 
@@ -284,10 +288,13 @@ def test_budget_split_between_ops():
         "reparam",
         "coupling",
         "bias_act",
+        "modconv",
         "vae",
+        "gan",
         "unet",
     )
     assert attention.BUDGET_SHARE == 2.0 and schedule_step.BUDGET_SHARE == 0.5
+    assert modconv.BUDGET_SHARE == 1.0 and gan.BUDGET_SHARE == 0.5
 
 
 # --------------------------------------------------------------------------- schedule_step
@@ -466,4 +473,310 @@ def test_memory_bound_self_check_on_cpu(module):
 def test_memory_bound_self_check_triton_interpreted(module):
     pytest.importorskip("triton")
     check = module.self_check("triton")
+    assert check.status == "ok", check.detail
+
+
+# --------------------------------------------------------------------------- modconv
+
+#: A small modulated conv case (batch 2, 4 -> 4 channels, 8x8).
+SMALL_MODCONV = {"channels": 4, "size": 8, "batch": 2}
+
+
+def test_modconv_cases_cover_the_config_f_layers():
+    cases = modconv.cases()
+    assert [(c.params["shape"], c.params["mode"]) for c in cases] == [
+        ([32, 512, 64, 64], "fwd"),
+        ([32, 256, 128, 128], "fwd"),
+        ([32, 128, 256, 256], "fwd"),
+        ([32, 512, 64, 64], "fwd+bwd"),
+        ([32, 256, 128, 128], "fwd+bwd"),
+        ([32, 128, 256, 256], "fwd+bwd"),
+    ]
+    assert [c.label for c in modconv.cases(quick=True)] == [c.label for c in cases[:3]]
+    assert len({c.label for c in cases}) == len(cases)
+    assert all(c.params["dtype"] == "bf16" and c.params["layout"] == "channels_last" for c in cases)
+    assert cases[0].variant_names() == [
+        core.EAGER,
+        modconv.GROUPED,
+        core.COMPILE,
+        "triton",
+        "cuda",
+        "triton grouped",
+        "cuda grouped",
+    ]
+    # Conv FLOPs: 2 * 32 * 512 * 512 * 9 * 64 * 64 = 0.618 TFLOP at every layer; x3 forward + backward.
+    assert all(c.work == 2 * 32 * 9 * 2**30 * (3 if c.mode == "fwd+bwd" else 1) for c in cases)
+    assert cases[0].unit == "TFLOP/s" and "0.618 TFLOP" in cases[0].rate_note
+    act, noise = 32 * 512 * 64 * 64 * 2, 32 * 64 * 64 * 2
+    assert cases[0].epilogue_bytes == 2 * act + noise and cases[3].epilogue_bytes == 5 * act + 2 * noise
+    # Roles before the variants are built: the grouped eager is a baseline, the grouped backends genkernels'.
+    assert core._role(cases[0], modconv.GROUPED) == "baseline" and core._role(cases[0], "cuda grouped") == "genkernels"
+
+
+def test_modconv_formulations_compute_the_same_function():
+    """Eager, grouped and both paths on the ops (reference backend) agree in float64, forward and gradients;
+    the bias keeps every pre-activation away from the kink."""
+    args, dout = modconv.make_inputs((2, 5, 6, 6), 3, 3, torch.float64, torch.device("cpu"), seed=3)
+    assert [a.dtype for a in args] == [torch.float64, *[torch.float32] * 2, torch.float64, *[torch.float32] * 2]
+    args = modconv._differentiable(tuple(a.double() for a in args))  # the float32 parameters too: an exact comparison
+    assert args[3].requires_grad is False and args[4].dim() == 0
+    impls = [
+        modconv.eager_grouped_modconv,
+        functools.partial(modconv.genkernels_modconv, "reference"),
+        functools.partial(modconv.genkernels_grouped_modconv, "reference"),
+    ]
+    for mode_dout in (None, dout):
+        want = modconv.forward_backward(modconv.eager_modconv, args, mode_dout)
+        for impl in impls:
+            for g, w in zip(modconv.forward_backward(impl, args, mode_dout), want):
+                torch.testing.assert_close(g, w)
+    out = modconv.eager_modconv(*args)
+    assert out.shape == (2, 3, 6, 6)
+    z = out / modconv.GAIN  # lrelu(z): z where positive, 0.2 z where negative
+    assert (z > 1).all(dim=(0, 2, 3))[0] and (z < -0.2).all(dim=(0, 2, 3))[1]
+
+
+def test_modconv_pick_faster():
+    times = {"a": 2.0, "b": 1.0}
+    assert modconv.pick_faster({"a": lambda: "a", "b": lambda: "b"}, lambda fn: times[fn()]) == ("b", times)
+
+    def timer(fn):
+        if fn() == "b":
+            raise torch.cuda.OutOfMemoryError("out of memory")
+        return 3.0
+
+    name, ms = modconv.pick_faster({"a": lambda: "a", "b": lambda: "b"}, timer)
+    assert name == "a" and ms == {"a": 3.0, "b": math.inf}
+
+
+@pytest.mark.parametrize("mode", modconv.MODES)
+def test_modconv_case_end_to_end_on_cpu(mode):
+    """A small case through prepare and the variants, without timing: every variant is checked on every output,
+    a wrong one fails, cuda says why it cannot run, and torch.compile takes the training formulation off the GPU."""
+    case = modconv.ModConvCase(mode=mode, dtype=torch.float32, **SMALL_MODCONV)
+    rec = core.record_of(case)
+    case.prepare(torch.device("cpu"))
+    try:
+        assert [e.name for e in case.expected()] == list(modconv.OUTPUTS[mode])
+        for name in (core.EAGER, modconv.GROUPED, "reference", "reference grouped"):
+            v = case.variant(name)
+            assert v.skip is None and v.strict == (name != modconv.GROUPED), name
+            check = core.compare(v.fn(), case.expected())
+            assert check.ok, (name, check.detail)
+        wrong = [t + 2 * e.bound for t, e in zip(case.variant(core.EAGER).fn(), case.expected())]
+        assert not core.compare(wrong, case.expected()).ok
+        for name in ("cuda", "cuda grouped"):
+            v = case.variant(name)
+            assert v.fn is None and "cuda" in v.skip.lower()
+        case._faster_eager()
+        assert case.measured == {"compiled": core.EAGER} and rec.params["measured"] is case.measured
+    finally:
+        case.release()
+
+
+def modconv_record(case: modconv.ModConvCase, ms: dict[str, float], copy_gbs: float | None = 3000.0):
+    """``case``'s record as if run: the variants in ``ms`` ok, the others skipped; the copy bandwidth measured."""
+    rec = timed_record(case, ms)
+    for r in rec.results:
+        if r.variant == modconv.GROUPED:
+            r.role = "baseline"
+    rec.floor_ms = core.floor_ms(case.work, case.unit, 700.0)
+    if copy_gbs is not None:
+        rec.params["measured"] = {"copy_gbs": copy_gbs}
+    return rec
+
+
+@pytest.mark.parametrize(
+    ("triton_ms", "grouped_ms", "passed", "worst"),
+    [
+        (1.0, 3.0, True, "2.00x"),  # eager 2 ms is the faster eager
+        (1.0, 1.2, False, "1.20x"),  # the grouped eager is faster: the goal is measured against it
+        (1.6, 3.0, False, "1.25x"),
+    ],
+)
+def test_modconv_goal_against_the_faster_eager(triton_ms, grouped_ms, passed, worst):
+    ms = {core.EAGER: 2.0, modconv.GROUPED: grouped_ms, core.COMPILE: 0.9, "triton": triton_ms, "cuda grouped": 5.0}
+    records = [modconv_record(c, ms) for c in modconv.cases()]
+    summary = modconv.summarize(records)
+    (goal,) = summary.goals
+    assert goal.passed is passed and goal.target == ">= 1.3x" and goal.measured.startswith(f"worst {worst}")
+    assert "3 of 3 cases" in goal.measured and "(3)" in goal.name
+    assert len(summary.rows) == 6 * 7 and summary.rows[0][0] == "512ch 64x64 bf16 fwd"
+    faster = core.EAGER if grouped_ms > 2.0 else modconv.GROUPED
+    rows = {r[2]: r for r in summary.rows[:7]}
+    assert rows[f"{faster} (faster eager)"][4] == "-"
+    assert rows["triton"][4] == f"{min(2.0, grouped_ms) / triton_ms:.2f}x"
+    assert rows["triton"][5] == f"{0.9 / triton_ms:.2f}x" and rows["cuda"][3] == "skipped"
+    # The floor: conv FLOPs at 700 TFLOP/s plus the epilogue's bytes at 3,000 GB/s.
+    case = modconv.cases()[0]
+    floor = case.work / 700e12 * 1e3 + case.epilogue_bytes / 3000e9 * 1e3
+    assert modconv.floor_ms(records[0]) == pytest.approx(floor) and rows["triton"][1] == f"{floor:.4f}"
+
+
+def test_modconv_goal_unmeasured():
+    summary = modconv.summarize([])
+    assert summary.rows == [] and summary.goals[0].passed is None
+    assert "did not run" in summary.goals[0].measured
+    cases = modconv.cases(quick=True)
+    no_backend = [modconv_record(c, {core.EAGER: 2.0}, copy_gbs=None) for c in cases]
+    goal = modconv.summarize(no_backend).goals[0]
+    assert goal.passed is None and "no genkernels variant ran" in goal.measured
+    assert modconv.floor_ms(no_backend[0]) is None
+    missing_one = [modconv_record(c, {core.EAGER: 2.0, "triton": 1.0}) for c in cases[:2]]
+    goal = modconv.summarize(missing_one).goals[0]
+    assert goal.passed is None and "128ch 256x256 (did not run)" in goal.measured
+    missing_one[0].result("triton").ms = 1.8  # one case missing the goal fails it, whatever did not run
+    assert modconv.summarize(missing_one).goals[0].passed is False
+
+
+def test_modconv_run_case_on_cpu(monkeypatch):
+    """core.run_case on a small case, the GPU timer and torch.compile's compile stubbed out."""
+    monkeypatch.setattr(core, "time_ms", lambda fn, timing=None: 0.5)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    case = modconv.ModConvCase(mode="fwd+bwd", dtype=torch.bfloat16, **SMALL_MODCONV)
+    rec = core.run_case(case, torch.device("cpu"), core.QUICK_TIMING, core.Ceilings(1.0, 1.0))
+    status = {r.variant: r.status for r in rec.results}
+    assert status["triton"] in ("ok", "skipped") and status["triton grouped"] == status["triton"]
+    assert {k: v for k, v in status.items() if not k.startswith("triton")} == {
+        core.EAGER: "ok",
+        modconv.GROUPED: "ok",
+        core.COMPILE: "ok",
+        "cuda": "skipped",
+        "cuda grouped": "skipped",
+    }, rec.results
+    assert rec.floor_ms == pytest.approx(3 * 2 * 2 * 4 * 4 * 9 * 64 / 1e12 * 1e3)
+    assert rec.params["measured"] == {"compiled": core.EAGER}  # no copy bandwidth off the GPU
+    assert rec.result(modconv.GROUPED).role == "baseline" and rec.result("cuda grouped").role == "genkernels"
+
+
+def test_modconv_reports(tmp_path):
+    ms = {core.EAGER: 2.0, modconv.GROUPED: 3.0, core.COMPILE: 1.0, "triton": 1.2}
+    records = [modconv_record(c, ms) for c in modconv.cases()]
+    meta = {"device": "test", "torch": torch.__version__}
+    report.write(tmp_path, meta, core.Ceilings(3000.0, 700.0), records, [modconv.summarize(records)], with_chart=False)
+    data = json.loads((tmp_path / report.JSON_NAME).read_text())
+    assert [c["op"] for c in data["cases"]] == ["modconv"] * 6
+    assert data["cases"][0]["params"]["measured"] == {"copy_gbs": 3000.0}
+    text = (tmp_path / report.MARKDOWN_NAME).read_text()
+    assert all(t in text for t in ["modulated conv, forward + backward", "vs faster eager", "PASS", "x3 forward"])
+
+
+def test_modconv_self_check_on_cpu():
+    check = modconv.self_check("reference")
+    assert check.status == "ok" and "36 checks" in check.detail and "fp32, fp16, bf16" in check.detail, check.detail
+    skipped = modconv.self_check("cuda")
+    assert skipped.status == "skipped" and "cuda" in skipped.detail
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="triton runs on CPU only under its interpreter")
+def test_modconv_self_check_triton_interpreted():
+    pytest.importorskip("triton")
+    check = modconv.self_check("triton")
+    assert check.status == "ok" and "24 checks" in check.detail and "bf16" not in check.detail, check.detail
+
+
+# --------------------------------------------------------------------------- gan
+
+
+def test_gan_case_and_flops():
+    (case,) = gan.cases()
+    (quick,) = gan.cases(quick=True)
+    assert quick.label == case.label
+    # torch.compile last: the generator's compile is this op's slowest step.
+    assert case.variant_names() == [core.EAGER, _model.GENKERNELS, _model.GRAPH, core.COMPILE]
+    assert case.params["image"] == [3, 256, 256] and case.params["z"] == [512] and case.params["batch"] == 32
+    assert case.params["dtype"] == "bf16" and case.params["config"] == "stylegan2"
+    assert case.params["noise_mode"] == "const" and case.params["truncation_psi"] == 1.0
+    assert case.unit == "TFLOP/s" and "TFLOP per forward" in case.rate_note and case.measures_peak
+    # Convolutions alone: about 168 GFLOP per 256x256 image (the 3x3 modulated convs at 64 to 256 pixels).
+    assert 5.2e12 < case.work < 5.5e12
+    one = gan.GeneratorCase("tiny", batch=1, size=8).work
+    assert gan.GeneratorCase("tiny", batch=2, size=8).work == 2 * one > 0
+
+
+def test_gan_case_on_cpu():
+    """The tiny generator in bf16 passes the criterion, the models share the weights (noise strengths set), and
+    the CUDA graph variant says why it cannot run."""
+    case = gan.GeneratorCase("tiny", batch=2, size=8, backend="reference")
+    case.prepare(torch.device("cpu"))
+    try:
+        model, twin = case._state["model"], case._state["model_torch"]
+        assert twin.torch_layers and not model.torch_layers
+        assert twin.synthesis.blocks[0].conv1.weight is model.synthesis.blocks[0].conv1.weight
+        strengths = [p for n, p in model.named_parameters() if n.endswith("noise_strength")]
+        assert strengths and all(p.item() == pytest.approx(gan.NOISE_STRENGTH, rel=1e-2) for p in strengths)
+        assert not any(p.requires_grad for p in model.parameters())
+        (exp,) = case.expected()
+        assert exp.name == "images" and exp.truth.shape == (2, 1, 8, 8) and exp.truth.std() > 0.05
+        for name in (core.EAGER, _model.GENKERNELS):
+            v = case.variant(name)
+            assert v.skip is None and core.compare(v.fn(), case.expected()).ok, name
+        graph = case.variant(_model.GRAPH)
+        assert graph.fn is None and "CUDA" in graph.skip
+    finally:
+        case.release()
+
+
+def gan_record(ms: dict[str, float | None], peaks: dict[str, float]) -> core.CaseRecord:
+    (case,) = gan.cases()
+    case.peaks.update(peaks)
+    rec = core.record_of(case)
+    for name in case.variant_names():
+        role = "genkernels" if name in _model.GK_VARIANTS else "baseline"
+        if ms.get(name) is None:
+            rec.results.append(core.Result(name, role, "failed", "build raised RuntimeError: out of memory"))
+        else:
+            rec.results.append(core.Result(name, role, "ok", ms=ms[name], first_call_s=1.0))
+    core.add_speedups(rec)
+    return rec
+
+
+@pytest.mark.parametrize(
+    ("ms", "passed", "best"),
+    [
+        ({core.EAGER: 57.0, _model.GENKERNELS: 45.0, _model.GRAPH: 44.0, core.COMPILE: 14.0}, True, _model.GRAPH),
+        ({core.EAGER: 57.0, _model.GENKERNELS: 60.0, core.COMPILE: 14.0}, False, _model.GENKERNELS),
+        ({core.EAGER: 57.0, core.COMPILE: 14.0}, None, None),
+    ],
+)
+def test_gan_goal_and_summary(ms, passed, best):
+    """One goal, >= 1.0x eager; the speedup vs torch.compile and the peak memory are reported, not goals."""
+    peaks = {core.EAGER: 3.4, _model.GENKERNELS: 3.4, _model.GRAPH: 3.5, core.COMPILE: 1.7}
+    summary = gan.summarize([gan_record(ms, peaks)])
+    (goal,) = summary.goals
+    assert goal.passed is passed and goal.target == ">= 1.0x (floor for resolving)"
+    assert goal.name == "generator forward, genkernels vs eager"
+    assert goal.measured.startswith("unmeasured") if best is None else f"({best})" in goal.measured
+    assert summary.headers == ["variant", "ms", "vs eager", "vs torch.compile", "peak GiB", "first call s"]
+    rows = {r[0]: r for r in summary.rows}
+    assert rows[core.COMPILE][1:5] == ["14.00", f"{57.0 / 14.0:.2f}x", "-", "1.70"]
+    assert any("convolutions' FLOPs" in n for n in summary.notes)
+
+
+def test_gan_run_case_on_cpu(monkeypatch):
+    """core.run_case on the tiny generator, the GPU timer and torch.compile's compile stubbed out."""
+    monkeypatch.setattr(core, "time_ms", lambda fn, timing=None: 2.0)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    case = gan.GeneratorCase("tiny", batch=1, size=8, dtype=torch.float32, backend="reference")
+    rec = core.run_case(case, torch.device("cpu"), core.QUICK_TIMING, core.Ceilings(1.0, 1.0))
+    assert [(r.variant, r.status) for r in rec.results] == [
+        (core.EAGER, "ok"),
+        (_model.GENKERNELS, "ok"),
+        (_model.GRAPH, "skipped"),
+        (core.COMPILE, "ok"),
+    ]
+    assert rec.result(_model.GENKERNELS).vs_compile == 1.0 and rec.params["peak_memory_gib"] == {}
+
+
+def test_gan_self_check_on_cpu():
+    check = gan.self_check("reference")
+    assert check.status == "ok" and check.detail.startswith("tiny generator forward, fp32, batch 2, 8x8 image vs")
+    skipped = gan.self_check("cuda")
+    assert skipped.status == "skipped" and "cuda" in skipped.detail
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="triton runs on CPU only under its interpreter")
+def test_gan_self_check_triton_interpreted():
+    pytest.importorskip("triton")
+    check = gan.self_check("triton")
     assert check.status == "ok", check.detail
