@@ -115,7 +115,7 @@ def forward(
                 x, bias if bias is not None else x, y, **args
             )
         else:
-            _forward_kernel[grid](x, bias if bias is not None else x, y, **args)
+            _bias_act_forward_kernel[grid](x, bias if bias is not None else x, y, **args)
     return y
 
 
@@ -138,7 +138,7 @@ def grad(
     dz = torch.empty_like(x, dtype=out_dtype or x.dtype)
     grid, args = _launch_args(x, bias, act, alpha, gain, clamp, dim)
     with on_device(x):
-        _grad_kernel[grid](dy, x, bias if bias is not None else x, dz, **args)
+        _bias_act_grad_kernel[grid](dy, x, bias if bias is not None else x, dz, **args)
     return dz
 
 
@@ -203,7 +203,7 @@ def grad_bias(
     width = col_progs if plan["PER_TILE"] else plan["Q"]
     partial = torch.empty((row_progs, width), device=x.device, dtype=torch.float32)
     with on_device(x):
-        _grad_bias_kernel[plan["grid"]](
+        _bias_act_grad_bias_kernel[plan["grid"]](
             dy,
             x,
             bias,
@@ -327,7 +327,7 @@ if triton is not None:
         return offs, mask, z
 
     @triton.jit
-    def _forward_kernel(
+    def _bias_act_forward_kernel(
         x_ptr,
         b_ptr,
         y_ptr,
@@ -354,7 +354,7 @@ if triton is not None:
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _grad_kernel(
+    def _bias_act_grad_kernel(
         dy_ptr,
         x_ptr,
         b_ptr,
@@ -383,7 +383,7 @@ if triton is not None:
         tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _grad_bias_kernel(
+    def _bias_act_grad_bias_kernel(
         dy_ptr,
         x_ptr,
         b_ptr,
@@ -442,4 +442,4 @@ if triton is not None:
         triton.Config({"BLOCK": block}, num_warps=warps)
         for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))
     ]
-    _forward_tuned = triton.autotune(_FORWARD_CONFIGS, key=["N", "stride_c", "C"])(_forward_kernel)
+    _forward_tuned = triton.autotune(_FORWARD_CONFIGS, key=["N", "stride_c", "C"])(_bias_act_forward_kernel)

@@ -593,6 +593,142 @@ def run_coupling_call(cp, call: CouplingCall) -> None:
         raise ValueError(call.kind)
 
 
+@dataclass
+class ModconvCall:
+    """One call of the modulated-convolution ops (genkernels.triton.modconv, genkernels.ops.modconv's fused
+    backend interface): ``kind`` "demod" (weight (O, I, *k) and N styles: forward and backward) or
+    "epilogue" (y (N, C, H, W) in ``layout``; forward, then one backward per entry of ``grads``:
+    (need_dcoef, need_bias, need_strength)). ``inputs`` names the epilogue's side inputs present: "dcoef",
+    "noise" (per sample) or "noise1" (shared), "strength", "bias"; ``clamp`` adds the clamp."""
+
+    label: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    layout: str = "contiguous"
+    n: int = 0  # demod: the batch of styles
+    act: str = "lrelu"
+    inputs: tuple[str, ...] = ("dcoef", "noise", "strength", "bias")
+    clamp: bool = False
+    grads: tuple[tuple[bool, bool, bool], ...] = ((True, True, True),)
+    workload: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        text = f"{self.label} modconv {self.kind} {tuple(self.shape)} {str(self.dtype)[6:]} {self.layout}"
+        if self.kind == "demod":
+            return text + f" N={self.n}"
+        text += f" {self.act} {'+'.join(self.inputs) or 'y only'}" + (" clamp" if self.clamp else "")
+        for grad in self.grads:
+            text += " bwd(" + ",".join(n for n, on in zip(("dcoef", "bias", "strength"), grad) if on) + ")"
+        return text
+
+
+def modconv_calls() -> Iterator[ModconvCall]:
+    """The modconv sweep: StyleGAN2 layer shapes (every target: the demodulation of 512-channel 3x3 and
+    1x1 weights at batch 8 in float32 and bf16; the epilogue at (8, 512, 16, 16) and (4, 128, 64, 64) in
+    bf16, both layouts, with every side input and every gradient), then small calls covering the other
+    paths on sm_90 (each activation, shared noise, absent inputs and gradients, the clamp, odd C and H*W,
+    fp16 and fp32)."""
+    for shape in ((512, 512, 3, 3), (512, 512, 1, 1), (512, 512)):
+        for dtype in (torch.float32, torch.bfloat16):
+            yield ModconvCall("stylegan2", "demod", shape, dtype, n=8, workload=ALL_ARCHS)
+    for shape in ((8, 512, 16, 16), (4, 128, 64, 64)):
+        for layout in ("contiguous", "channels_last"):
+            yield ModconvCall("stylegan2", "epilogue", shape, torch.bfloat16, layout, workload=ALL_ARCHS)
+    yield ModconvCall("odd", "demod", (7, 5, 3, 3), torch.float16, n=33, workload=MAIN_ARCHS)
+    for act in ("linear", "relu", "tanh", "sigmoid", "silu", "gelu"):
+        yield ModconvCall("act", "epilogue", (2, 16, 8, 8), torch.float32, act=act, clamp=True, workload=MAIN_ARCHS)
+    for layout in ("contiguous", "channels_last"):
+        for inputs, grads in (
+            (("dcoef", "noise1", "bias"), ((True, True, True), (False, False, False))),
+            ((), ((False, False, False),)),
+            (("noise", "strength"), ((False, False, True),)),
+        ):
+            yield ModconvCall(
+                "flags", "epilogue", (2, 16, 8, 8), torch.float16, layout, inputs=inputs, grads=grads, clamp=True,
+                workload=MAIN_ARCHS,
+            )  # fmt: skip
+        yield ModconvCall("odd", "epilogue", (3, 3, 1, 7), torch.float32, layout, workload=MAIN_ARCHS)
+
+
+def run_modconv_call(mc, call: ModconvCall) -> None:
+    """The forward and backward launches of ``call`` (genkernels.ops.modconv's fused backend interface)."""
+    f32 = torch.float32
+    if call.kind == "demod":
+        o, i = call.shape[:2]
+        w3 = torch.empty((o, i, math.prod(call.shape[2:])), dtype=call.dtype)
+        styles = torch.empty((call.n, i), dtype=f32)
+        dcoef = mc.demod_forward(w3, styles, 1e-8)
+        mc.demod_backward(torch.empty_like(dcoef), dcoef, w3, styles)
+        return
+    n, c, h, w = call.shape
+    y = _tensor(call.shape, call.dtype, call.layout)
+    dcoef = torch.empty((n, c), dtype=f32) if "dcoef" in call.inputs else None
+    noise = None
+    if "noise" in call.inputs or "noise1" in call.inputs:
+        noise = torch.empty((n if "noise" in call.inputs else 1, 1, h, w), dtype=call.dtype)
+    strength = torch.empty(1, dtype=f32) if "strength" in call.inputs else None
+    bias = torch.empty(c, dtype=f32) if "bias" in call.inputs else None
+    clamp = 256.0 if call.clamp else None
+    args = (dcoef, noise, strength, bias, call.act, 0.2, 1.4, clamp)
+    mc.epilogue_forward(y, *args)
+    for grad in call.grads:
+        mc.epilogue_backward(torch.empty_like(y), y, *args, *grad)
+
+
+@dataclass
+class BiasActCall:
+    """One bias_act call (genkernels.triton.bias_act, genkernels.ops.bias_act's fused backend interface) on
+    x of ``shape`` in ``layout`` with a bias along dim 1: the forward (every block of the tuned forward's
+    candidates when x is that large, as triton.autotune compiles them all), the gradient map, and the
+    gradient map with the bias gradient, with and without dz."""
+
+    label: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    layout: str = "contiguous"
+    act: str = "lrelu"
+    clamp: bool = False
+    workload: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.label} bias_act {tuple(self.shape)} {str(self.dtype)[6:]} {self.layout} {self.act}" + (
+            " clamp" if self.clamp else ""
+        )
+
+
+def bias_act_calls() -> Iterator[BiasActCall]:
+    """The bias_act sweep: the benchmark's shape (ANCHORS: (32, 512, 64, 64)) in bf16 and float32, both
+    layouts, on every target; then every activation with the clamp, and odd sizes in fp16, on sm_90."""
+    for dtype in (torch.bfloat16, torch.float32):
+        for layout in ("contiguous", "channels_last"):
+            yield BiasActCall("anchor", (32, 512, 64, 64), dtype, layout, workload=ALL_ARCHS)
+    for act in ("linear", "relu", "tanh", "sigmoid", "silu", "gelu"):
+        yield BiasActCall("act", (2, 16, 8, 8), torch.float32, act=act, clamp=True, workload=MAIN_ARCHS)
+    for layout in ("contiguous", "channels_last"):
+        yield BiasActCall("odd", (3, 5, 7, 3), torch.float16, layout, workload=MAIN_ARCHS)
+
+
+def run_bias_act_call(ba, call: BiasActCall) -> None:
+    """The forward and backward launches of ``call``."""
+    x = _tensor(call.shape, call.dtype, call.layout)
+    bias = torch.empty(call.shape[1], dtype=torch.float32)
+    args = (bias, call.act, 0.2, 1.4, 256.0 if call.clamp else None, 1)
+    if x.numel() >= ba.TUNE_MIN_NUMEL:
+        # The tuned forward times each candidate on the GPU: launch each one here instead.
+        _, kwargs = ba._launch_args(x, *args)
+        for config in ba._FORWARD_CONFIGS:
+            block = config.kwargs["BLOCK"]
+            kwargs.update(BLOCK=block, num_warps=config.num_warps, INDEX_64=x.numel() > 2**31 - block)
+            ba._bias_act_forward_kernel[(-(-x.numel() // block),)](x, bias, torch.empty_like(x), **kwargs)
+    else:
+        ba.forward(x, *args)
+    dy = torch.empty_like(x)
+    ba.grad(dy, x, *args)
+    for need_dz in (True, False):
+        ba.grad_bias(dy, x, *args, need_dz)
+
+
 def _arg_class(value):
     """How triton specializes a launch argument (pointer dtype and 16-byte alignment; integer width,
     == 1, multiple of 16), as a JSON-friendly value."""
@@ -754,8 +890,10 @@ def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run
 
     import genkernels.triton._common as common
     import genkernels.triton.attention as at
+    import genkernels.triton.bias_act as ba
     import genkernels.triton.coupling as cp
     import genkernels.triton.group_norm as gn
+    import genkernels.triton.modconv as mc
     import genkernels.triton.reparam as rp
     import genkernels.triton.schedule as sc
 
@@ -765,7 +903,9 @@ def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run
         if not hasattr(module, name):
             raise RuntimeError(f"{module.__name__}.{name} is gone: update this harness")
     # (module, name, kernel) of every kernel, and the calls that launch them.
-    kernels = [(m, name, getattr(m, name)) for m in (gn, at, sc, rp, cp) for name in dir(m) if name.endswith("_kernel")]
+    kernels = [
+        (m, name, getattr(m, name)) for m in (gn, at, sc, rp, cp, mc, ba) for name in dir(m) if name.endswith("_kernel")
+    ]
     for _, name, kernel in kernels:
         if not isinstance(kernel, JITFunction):
             raise RuntimeError(f"{name} is a {type(kernel).__name__}, not a JITFunction")
@@ -777,6 +917,8 @@ def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run
         (step_calls, lambda call: run_step_call(sc, call)),
         (reparam_calls, lambda call: run_reparam_call(rp, call)),
         (coupling_calls, lambda call: run_coupling_call(cp, call)),
+        (modconv_calls, lambda call: run_modconv_call(mc, call)),
+        (bias_act_calls, lambda call: run_bias_act_call(ba, call)),
     )
 
     cuobjdump = _cuobjdump()

@@ -1,5 +1,6 @@
-"""The Triton group_norm, attention, sampler step, reparameterize and flow (affine coupling, ActNorm) kernels
-compile for real GPUs (sm_90, sm_80), checked on a machine without one.
+"""The Triton group_norm, attention, sampler step, reparameterize, flow (affine coupling, ActNorm), modulated
+convolution (demodulation, epilogue) and bias_act kernels compile for real GPUs (sm_90, sm_80), checked on a
+machine without one.
 
 Why this exists: without a GPU the suite runs the Triton kernels under ``TRITON_INTERPRET=1``, and the
 interpreter accepts code the compiler rejects (a loop-variable type error got through that way once);
@@ -318,3 +319,67 @@ def test_coupling_launches_compiled(report):
     assert {c["NEED_DX"] for c in main["_actnorm_backward_kernel"]} == {False, True}
     for kernel in ("_actnorm_forward_kernel", "_actnorm_backward_kernel"):
         assert {c["BLOCK_B"] == 1 for c in main[kernel]} == {False, True}, f"{kernel}: B == 1 (channels_last)"
+
+
+# The kernels of the modulated-convolution ops (genkernels.triton.modconv).
+MODCONV_KERNELS = (
+    "_demod_forward_kernel",
+    "_demod_styles_grad_kernel",
+    "_demod_weight_grad_kernel",
+    "_epilogue_forward_kernel",
+    "_epilogue_backward_kernel",
+)
+
+
+def test_modconv_launches_compiled(report):
+    """The demodulation and epilogue kernels compiled on each target (StyleGAN2 layer shapes), the epilogue
+    in both layouts with 16-byte loads and stores of bf16 there, and on sm_90 with every activation and
+    each side input and gradient absent: the sweep still reaches those launches."""
+    variants = [v for v in report["variants"] if v["kernel"] in MODCONV_KERNELS]
+    compiled = {(v["arch"], v["kernel"]) for v in variants}
+    wanted = {(arch, k) for arch in (90, 80) for k in MODCONV_KERNELS}
+    assert not wanted - compiled, f"launches not compiled: {sorted(wanted - compiled)}"
+    bad = [
+        f"sm_{v['arch']} {v['kernel']}: loads {v['loads']}, stores {v['stores']} ({v['call']})"
+        for v in variants
+        if v["label"] == "stylegan2"
+        and v["kernel"].startswith("_epilogue")
+        and min(max(map(_bytes, v["loads"]), default=0), max(map(_bytes, v["stores"]), default=0)) < 16
+    ]
+    assert not bad, "scalar global accesses on StyleGAN2 shapes:\n" + "\n".join(bad)
+    main = [v["constexprs"] for v in variants if v["arch"] == 90 and v["kernel"] == "_epilogue_forward_kernel"]
+    assert {c["ACT"] for c in main} == set(range(7)), "every activation"
+    for flag in ("CHANNELS_LAST", "HAS_DCOEF", "HAS_NOISE", "NOISE_PER_SAMPLE", "HAS_BIAS", "HAS_CLAMP"):
+        assert {c[flag] for c in main} == {False, True}, f"_epilogue_forward_kernel: {flag} both ways"
+    grads = [v["constexprs"] for v in variants if v["arch"] == 90 and v["kernel"] == "_epilogue_backward_kernel"]
+    for flag in ("NEED_DCOEF", "NEED_BIAS", "NEED_STRENGTH"):
+        assert {c[flag] for c in grads} == {False, True}, f"_epilogue_backward_kernel: {flag} both ways"
+
+
+# The kernels of bias_act (genkernels.triton.bias_act).
+BIAS_ACT_KERNELS = ("_bias_act_forward_kernel", "_bias_act_grad_kernel", "_bias_act_grad_bias_kernel")
+
+
+def test_bias_act_launches_compiled(report):
+    """bias_act's forward (each candidate block of the tuned forward at the benchmark's shape), gradient map
+    and gradient map with the bias gradient compiled on each target; at the benchmark's shape in bf16 all
+    three move 16 bytes a thread access (the bias gradient alone stores only its float32 partials); on
+    sm_90 every activation, both partial forms of the bias gradient and the call without dz were reached."""
+    variants = [v for v in report["variants"] if v["kernel"] in BIAS_ACT_KERNELS]
+    compiled = {(v["arch"], v["kernel"]) for v in variants}
+    wanted = {(arch, k) for arch in (90, 80) for k in BIAS_ACT_KERNELS}
+    assert not wanted - compiled, f"launches not compiled: {sorted(wanted - compiled)}"
+    bad = [
+        f"sm_{v['arch']} {v['kernel']}: loads {v['loads']}, stores {v['stores']} ({v['call']})"
+        for v in variants
+        if v["label"] == "anchor"
+        and "bfloat16" in v["call"]
+        and v["constexprs"].get("STORE_DZ", True)  # without dz the only stores are the float32 partials
+        and min(max(map(_bytes, v["loads"]), default=0), max(map(_bytes, v["stores"]), default=0)) < 16
+    ]
+    assert not bad, "scalar global accesses at the benchmark's shape:\n" + "\n".join(bad)
+    forward = [v["constexprs"] for v in variants if v["arch"] == 90 and v["kernel"] == "_bias_act_forward_kernel"]
+    assert {c["ACT"] for c in forward} == set(range(7)), "every activation"
+    tiles = [v["constexprs"] for v in variants if v["arch"] == 90 and v["kernel"] == "_bias_act_grad_bias_kernel"]
+    for flag in ("PER_TILE", "STORE_DZ"):
+        assert {c[flag] for c in tiles} == {False, True}, f"_bias_act_grad_bias_kernel: {flag} both ways"
