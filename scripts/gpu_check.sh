@@ -41,6 +41,8 @@
 #                                        the test paths for the GPU test step (default: the whole suite)
 #   GPU_CHECK_TEST_LIMIT_S=90            that step's time limit (default 150)
 #   GPU_CHECK_DEADLINE_S=300             seconds by which everything must be done (default 450)
+#   GPU_CHECK_RESERVE_S=20               of the time left before the benchmarks, what they leave for the
+#                                        case in flight and the pytest-benchmark check (default 105)
 #
 # Exit status: 0 when every step passed, 1 otherwise; a failing step does not stop the later ones.
 
@@ -155,7 +157,7 @@ main() {
         # the pytest-benchmark check after it (45 s). Short of time: bf16 cases only, and at least
         # the first few of them (worst case, every earlier step at its limit, builds 200 s: 410 s).
         # Reports are rewritten after every case, so even a step stopped by its limit leaves them.
-        local budget=$(($(left) - 105)) quick=()
+        local budget=$(($(left) - ${GPU_CHECK_RESERVE_S:-105})) quick=()
         if [ "$budget" -lt 60 ]; then
             quick=(--quick)
             [ "$budget" -lt 30 ] && budget=30
