@@ -242,7 +242,8 @@ def chart(records: Sequence[CaseRecord], path: Path, title: str) -> str | None:
         ax.grid(axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    # Half an inch above the first chart for the title, so that it never covers that chart's own title.
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.5 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None

@@ -4,8 +4,7 @@ interface) in Triton: the forward and the fused gradient map.
 x is dense: contiguous or channels_last / channels_last_3d, and y, dy and dz share its strides, so every
 tensor is walked as one flat run of numel elements in memory order. One program handles BLOCK = 2,048
 consecutive elements (grid (ceil(numel / BLOCK),); smaller tensors get one program of next_pow2(numel);
-the forward over 2^20 elements or more picks BLOCK (1,024 to 4,096) and its warp count by timing them
-once per size, dtype and channel stride: triton.autotune),
+tuning BLOCK and the warp count per size with triton.autotune measured no gain on an H100),
 so that loads and stores of 16-byte vectors (eight bf16 / fp16 or four fp32 elements per thread access)
 cover contiguous memory, with no division for the data. The bias of flat element e is
 bias[(e // x.stride(dim)) % C], which holds in both dense layouts (channels_last has stride(1) == 1, a
@@ -45,7 +44,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from genkernels.triton._common import cdiv, interpreting, next_power_of_2, on_device, tl, triton, triton_unavailable
+from genkernels.triton._common import cdiv, next_power_of_2, on_device, tl, triton, triton_unavailable
 
 # Elements per program (smaller tensors get one program of next_pow2(numel)).
 MAX_BLOCK = 2048
@@ -53,9 +52,6 @@ MAX_BLOCK = 2048
 ACTS = {"linear": 0, "relu": 1, "lrelu": 2, "tanh": 3, "sigmoid": 4, "silu": 5, "gelu": 6}
 # Programs of a 1-D grid.
 MAX_PROGRAMS = 2**31 - 1
-# From this many elements on, the forward's block and warp count are tuned (once per size, dtype and
-# channel stride, on the first call): each candidate is timed on the GPU and the fastest kept.
-TUNE_MIN_NUMEL = 1 << 20
 
 
 def not_supported(x: Tensor, bias: Tensor | None, act: str, dim: int) -> str | None:
@@ -107,15 +103,7 @@ def forward(
     y = torch.empty_like(x)
     grid, args = _launch_args(x, bias, act, alpha, gain, clamp, dim)
     with on_device(x):
-        if x.numel() >= TUNE_MIN_NUMEL and not interpreting():
-            # Large tensors: the block and warp count measured fastest for this size on this GPU.
-            del args["BLOCK"], args["num_warps"]
-            args["INDEX_64"] = x.numel() > 2**31 - max(c.kwargs["BLOCK"] for c in _FORWARD_CONFIGS)
-            _forward_tuned[lambda meta: (cdiv(x.numel(), meta["BLOCK"]),)](
-                x, bias if bias is not None else x, y, **args
-            )
-        else:
-            _bias_act_forward_kernel[grid](x, bias if bias is not None else x, y, **args)
+        _bias_act_forward_kernel[grid](x, bias if bias is not None else x, y, **args)
     return y
 
 
@@ -436,10 +424,3 @@ if triton is not None:
             tl.store(part_ptr + pid_r * part_width + pid_q, tl.sum(colsum, axis=0))
         else:
             tl.store(part_ptr + pid_r * part_width + cols, colsum, mask=col_ok)
-
-    # (BLOCK, num_warps) candidates of the tuned forward: 8 .. 16 elements a thread.
-    _FORWARD_CONFIGS = [
-        triton.Config({"BLOCK": block}, num_warps=warps)
-        for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))
-    ]
-    _forward_tuned = triton.autotune(_FORWARD_CONFIGS, key=["N", "stride_c", "C"])(_bias_act_forward_kernel)

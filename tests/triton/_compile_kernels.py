@@ -679,9 +679,8 @@ def run_modconv_call(mc, call: ModconvCall) -> None:
 @dataclass
 class BiasActCall:
     """One bias_act call (genkernels.triton.bias_act, genkernels.ops.bias_act's fused backend interface) on
-    x of ``shape`` in ``layout`` with a bias along dim 1: the forward (every block of the tuned forward's
-    candidates when x is that large, as triton.autotune compiles them all), the gradient map, and the
-    gradient map with the bias gradient, with and without dz."""
+    x of ``shape`` in ``layout`` with a bias along dim 1: the forward, the gradient map, and the gradient
+    map with the bias gradient, with and without dz."""
 
     label: str
     shape: tuple[int, ...]
@@ -714,15 +713,7 @@ def run_bias_act_call(ba, call: BiasActCall) -> None:
     x = _tensor(call.shape, call.dtype, call.layout)
     bias = torch.empty(call.shape[1], dtype=torch.float32)
     args = (bias, call.act, 0.2, 1.4, 256.0 if call.clamp else None, 1)
-    if x.numel() >= ba.TUNE_MIN_NUMEL:
-        # The tuned forward times each candidate on the GPU: launch each one here instead.
-        _, kwargs = ba._launch_args(x, *args)
-        for config in ba._FORWARD_CONFIGS:
-            block = config.kwargs["BLOCK"]
-            kwargs.update(BLOCK=block, num_warps=config.num_warps, INDEX_64=x.numel() > 2**31 - block)
-            ba._bias_act_forward_kernel[(-(-x.numel() // block),)](x, bias, torch.empty_like(x), **kwargs)
-    else:
-        ba.forward(x, *args)
+    ba.forward(x, *args)
     dy = torch.empty_like(x)
     ba.grad(dy, x, *args)
     for need_dz in (True, False):

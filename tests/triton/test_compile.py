@@ -361,10 +361,10 @@ BIAS_ACT_KERNELS = ("_bias_act_forward_kernel", "_bias_act_grad_kernel", "_bias_
 
 
 def test_bias_act_launches_compiled(report):
-    """bias_act's forward (each candidate block of the tuned forward at the benchmark's shape), gradient map
-    and gradient map with the bias gradient compiled on each target; at the benchmark's shape in bf16 all
-    three move 16 bytes a thread access (the bias gradient alone stores only its float32 partials); on
-    sm_90 every activation, both partial forms of the bias gradient and the call without dz were reached."""
+    """bias_act's forward, gradient map and gradient map with the bias gradient compiled on each target; at
+    the benchmark's shape in bf16 all three move 16 bytes a thread access (the bias gradient alone stores
+    only its float32 partials); on sm_90 every activation, both partial forms of the bias gradient and the
+    call without dz were reached."""
     variants = [v for v in report["variants"] if v["kernel"] in BIAS_ACT_KERNELS]
     compiled = {(v["arch"], v["kernel"]) for v in variants}
     wanted = {(arch, k) for arch in (90, 80) for k in BIAS_ACT_KERNELS}
