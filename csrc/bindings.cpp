@@ -6,6 +6,7 @@
 #include <array>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "genkernels/api.h"
@@ -16,6 +17,8 @@
 
 namespace py = pybind11;
 using genkernels::ActNormProblem;
+using genkernels::AdalnProblem;
+using genkernels::AdalnTensor;
 using genkernels::AttentionProblem;
 using genkernels::BiasActProblem;
 using genkernels::CouplingProblem;
@@ -33,6 +36,13 @@ std::vector<std::string> built_archs() {
     if (!item.empty()) out.push_back(item);
   }
   return out;
+}
+
+// An adaLN operand as Python passes it: (address or 0, row stride, dtype code, per token).
+using AdalnTuple = std::tuple<uintptr_t, int64_t, int, bool>;
+
+AdalnTensor adaln_tensor(const AdalnTuple& t) {
+  return AdalnTensor{std::get<0>(t), std::get<1>(t), std::get<2>(t), std::get<3>(t)};
 }
 
 GroupNormProblem problem(int64_t n, int64_t c, int64_t s, int64_t groups, bool channels_last, int dtype, int device,
@@ -400,4 +410,54 @@ PYBIND11_MODULE(_C, m) {
       "Modulated-convolution epilogue backward: dy = g * dcoef (y's layout and dtype), g = dout * gain * act'(z) * "
       "m, and when non-zero the float32 ddcoef (N, C) = sum_s g y, dbias (C,) = sum g, dstrength (1,) = sum g "
       "noise, deterministic. Never synchronizes.");
+  m.def("adaln_max_dim", &genkernels::adaln_max_dim, "The largest D (row length) the adaLN kernels take.");
+  m.def(
+      "adaln_forward",
+      [](const AdalnTuple& x, const AdalnTuple& res, const AdalnTuple& gate, uintptr_t weight, uintptr_t bias,
+         const AdalnTuple& shift, const AdalnTuple& scale, const AdalnTuple& h, const AdalnTuple& out, uintptr_t mean,
+         uintptr_t rstd, int64_t rows, int64_t tokens, int64_t dim, int dtype, int device, float eps, bool rms,
+         bool norm, uintptr_t stream) {
+        genkernels::adaln_forward(AdalnProblem{rows, tokens, dim, dtype, device}, adaln_tensor(x), adaln_tensor(res),
+                                  adaln_tensor(gate), weight, bias, adaln_tensor(shift), adaln_tensor(scale),
+                                  adaln_tensor(h), adaln_tensor(out), mean, rstd, eps, rms, norm, stream);
+      },
+      py::arg("x"), py::arg("res"), py::arg("gate"), py::arg("weight"), py::arg("bias"), py::arg("shift"),
+      py::arg("scale"), py::arg("h"), py::arg("out"), py::arg("mean"), py::arg("rstd"), py::arg("rows"),
+      py::arg("tokens"), py::arg("dim"), py::arg("dtype"), py::arg("device"), py::arg("eps"), py::arg("rms"),
+      py::arg("norm"), py::arg("stream"),
+      "adaLN forward over R = rows rows of D = dim: h = x + gate * res (when res is given; written rounded), "
+      "out = norm(h) * (1 + scale) + shift with norm = LayerNorm or RMSNorm (rms) times weight plus bias (when "
+      "norm), float32 mean and rstd per row. Tensors are (address or 0, row stride, dtype code, per token) "
+      "tuples; weight, bias, mean and rstd float32 addresses or 0. Launches on `stream`, never synchronizes.");
+  m.def(
+      "adaln_backward_workspace",
+      [](int64_t rows, int64_t tokens, int64_t dim, int dtype, int device, int quantities) {
+        return genkernels::adaln_backward_workspace(AdalnProblem{rows, tokens, dim, dtype, device}, quantities);
+      },
+      py::arg("rows"), py::arg("tokens"), py::arg("dim"), py::arg("dtype"), py::arg("device"), py::arg("quantities"),
+      "Scratch bytes adaln_backward needs for `quantities` column sums (dweight, dbias, per-sample dshift, dscale, "
+      "dgate).");
+  m.def(
+      "adaln_backward",
+      [](const AdalnTuple& h, const AdalnTuple& dout, const AdalnTuple& dh, const AdalnTuple& res,
+         const AdalnTuple& gate, uintptr_t weight, uintptr_t bias, const AdalnTuple& shift, const AdalnTuple& scale,
+         uintptr_t mean, uintptr_t rstd, const AdalnTuple& dx, const AdalnTuple& dres, const AdalnTuple& dshift,
+         const AdalnTuple& dscale, const AdalnTuple& dgate, uintptr_t dweight, uintptr_t dbias, uintptr_t workspace,
+         size_t workspace_bytes, int64_t rows, int64_t tokens, int64_t dim, int dtype, int device, bool rms,
+         bool norm, uintptr_t stream) {
+        genkernels::adaln_backward(AdalnProblem{rows, tokens, dim, dtype, device}, adaln_tensor(h), adaln_tensor(dout),
+                                   adaln_tensor(dh), adaln_tensor(res), adaln_tensor(gate), weight, bias,
+                                   adaln_tensor(shift), adaln_tensor(scale), mean, rstd, adaln_tensor(dx),
+                                   adaln_tensor(dres), adaln_tensor(dshift), adaln_tensor(dscale), adaln_tensor(dgate),
+                                   dweight, dbias, workspace, workspace_bytes, rms, norm, stream);
+      },
+      py::arg("h"), py::arg("dout"), py::arg("dh"), py::arg("res"), py::arg("gate"), py::arg("weight"),
+      py::arg("bias"), py::arg("shift"), py::arg("scale"), py::arg("mean"), py::arg("rstd"), py::arg("dx"),
+      py::arg("dres"), py::arg("dshift"), py::arg("dscale"), py::arg("dgate"), py::arg("dweight"), py::arg("dbias"),
+      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("rows"), py::arg("tokens"), py::arg("dim"),
+      py::arg("dtype"), py::arg("device"), py::arg("rms"), py::arg("norm"), py::arg("stream"),
+      "adaLN backward in one pass over the rows: dx (the norm's input gradient plus dh; dout itself without "
+      "norm), dres = dx * gate, dgate = dx * res, dshift = dout, dscale = dout * n, dweight and dbias; per-token "
+      "targets written elementwise, per-sample ones (contiguous float32 (B, D)) and dweight / dbias reduced from "
+      "float32 partials in a fixed order. Any output may be 0. Never synchronizes.");
 }

@@ -268,4 +268,54 @@ void modconv_epilogue_backward(const ModconvEpilogueProblem& p, uintptr_t dout, 
                                uintptr_t dbias, uintptr_t dstrength, uintptr_t workspace, size_t workspace_bytes,
                                uintptr_t stream);
 
+// An adaLN problem (csrc/adaln.cu): R = B * L rows of D elements (L = tokens, the rows per sample), the big
+// tensors (x, y, h, out, dy, dout, dh, dx) in dtype code `dtype`.
+struct AdalnProblem {
+  int64_t rows, tokens, dim;  // R (> 0, a multiple of tokens), L (> 0), D (> 0, at most adaln_max_dim())
+  int dtype;                  // DtypeCode of the big tensors
+  int device;                 // CUDA device ordinal that holds the tensors
+};
+
+// One (S, D) operand: device address (0: absent), row stride in elements (>= 0), DtypeCode, and whether it
+// has a row per token (S = R, row r reads row r) or per sample (S = R / L, row r reads row r / L).
+struct AdalnTensor {
+  uintptr_t ptr;
+  int64_t row_stride;
+  int dtype;
+  bool per_token;
+};
+
+// The largest D the kernels take (a row lives in the registers of one block).
+int64_t adaln_max_dim();
+
+// Per row r, in float32: h = x + gate * res when res is given (h rounded to the dtype and written once),
+// else h = x; with norm, out = (xhat * weight + bias) * (1 + scale) + shift, xhat = (h - mean) * rstd
+// (LayerNorm) or h * rstd (rms), statistics over D of the (rounded) h; mean and rstd float32 (R,) (mean 0
+// when rms), each may be 0. weight and bias: float32 (D,) or 0; shift / scale / gate: x's dtype or float32.
+// Without norm only h is written. Launches on `stream`, never synchronizes.
+void adaln_forward(const AdalnProblem& p, const AdalnTensor& x, const AdalnTensor& res, const AdalnTensor& gate,
+                   uintptr_t weight, uintptr_t bias, const AdalnTensor& shift, const AdalnTensor& scale,
+                   const AdalnTensor& h, const AdalnTensor& out, uintptr_t mean, uintptr_t rstd, float eps, bool rms,
+                   bool norm, uintptr_t stream);
+
+// Scratch bytes adaln_backward needs for `quantities` (0..5) column sums (dweight, dbias and the per-sample
+// dshift, dscale, dgate that are wanted).
+size_t adaln_backward_workspace(const AdalnProblem& p, int quantities);
+
+// Gradients of adaln_forward, in one pass over the rows. With norm: h is the forward's normalized input
+// (x, or the returned h), dout the gradient of out and dh (or 0) that of h; the input gradient
+// dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) + dh (no mean(dxhat) term when rms), with
+// g = dout (1 + scale), dxhat = g weight. Without norm: dx = dout. With res: dres = dx * gate and
+// dgate = dx * res. dweight = sum g xhat, dbias = sum g (float32 (D,)); dshift = dout, dscale = dout * n.
+// An elementwise gradient target (dshift, dscale, dgate) marked per_token is written (R, D) in its dtype;
+// one marked per sample receives the sum over the sample's rows as contiguous float32 (R / L, D). Any
+// output may be 0 (not wanted); per-sample sums, dweight and dbias are reduced from float32 partials in
+// a fixed order (deterministic, no atomics). Launches on `stream`, never synchronizes.
+void adaln_backward(const AdalnProblem& p, const AdalnTensor& h, const AdalnTensor& dout, const AdalnTensor& dh,
+                    const AdalnTensor& res, const AdalnTensor& gate, uintptr_t weight, uintptr_t bias,
+                    const AdalnTensor& shift, const AdalnTensor& scale, uintptr_t mean, uintptr_t rstd,
+                    const AdalnTensor& dx, const AdalnTensor& dres, const AdalnTensor& dshift,
+                    const AdalnTensor& dscale, const AdalnTensor& dgate, uintptr_t dweight, uintptr_t dbias,
+                    uintptr_t workspace, size_t workspace_bytes, bool rms, bool norm, uintptr_t stream);
+
 }  // namespace genkernels

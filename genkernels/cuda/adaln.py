@@ -1,0 +1,323 @@
+"""CUDA launchers for adaptive LayerNorm (csrc/adaln.cu): a thin wrapper over ``genkernels._C``.
+
+Implements the fused backend interface of :mod:`genkernels.ops.adaln` (see its module docstring for the
+formulas, the 2-D row views and what each function returns): layer_norm_modulate, gated_residual and
+gated_residual_layer_norm_modulate, forward and backward. Every tensor is an (S, D) view with unit stride
+along D and any row stride; a modulation (shift, scale, gate) has a row per token (S = R) or per sample
+(S = R // tokens), in x's dtype or float32; weight and bias are contiguous float32 (D,).
+
+A row of D <= 4096 elements lives in the registers of a group of 32 to 1024 threads (one 8-element vector a
+thread, 16 bytes of fp16 / bf16 or two 16-byte accesses of float32, when D and every row stride are multiples
+of 8 and every pointer is 16-byte aligned; else up to 4 single elements a thread); statistics are float32,
+two exact passes over the row. The backward recomputes xhat from the saved mean and rstd and writes the input
+gradient in one pass over the rows; dweight, dbias and the per-sample dshift, dscale and dgate are summed
+from float32 per-block partials in a fixed order (deterministic, no atomics). Launches on torch's current
+stream without synchronizing (CUDA-graph capturable).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import MAX_BLOCKS, device_guard, dtype_code, kernels_unavailable, require_extension, stream_handle
+
+# The longest row the kernels take (kAdalnMaxDim in csrc/include/genkernels/adaln.cuh).
+MAX_DIM = 4096
+
+_SYMBOLS = ("adaln_forward", "adaln_backward_workspace", "adaln_backward")
+_ABSENT = (0, 0, 0, False)
+
+
+def not_supported(x: Tensor) -> str | None:
+    """Why the cuda backend cannot run an adaLN call on ``x`` (one line), or None when it can.
+
+    x: the public (B, L, D) input; the op has checked its dtype (float32, float16, bfloat16), the shapes
+    and the devices. What remains is the device, the extension, D (at most 4096) and the grid (at most
+    2^31 - 1 blocks of up to 4 rows)."""
+    reason = kernels_unavailable(x, "x", "adaln", _SYMBOLS)
+    if reason is not None:
+        return reason
+    d = x.shape[-1]
+    if d > MAX_DIM:
+        return f"D = {d}: the cuda adaln kernels take rows of at most {MAX_DIM} elements"
+    if x.numel() // max(d, 1) > MAX_BLOCKS:
+        return f"{x.numel() // max(d, 1)} rows: more than 2^31 - 1 blocks"
+    return None
+
+
+def _rows(t: Tensor | None, rows: int) -> tuple[int, int, int, bool]:
+    """An (S, D) tensor as ``_C`` takes it: (address, row stride, dtype code, per token (S == R))."""
+    if t is None:
+        return _ABSENT
+    return (t.data_ptr(), t.stride(0), dtype_code(t), t.shape[0] == rows)
+
+
+def _address(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _problem(x: Tensor, tokens: int) -> dict:
+    rows, dim = x.shape
+    return {"rows": rows, "tokens": int(tokens), "dim": dim, "dtype": dtype_code(x), "device": x.device.index}
+
+
+def _forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm):
+    """One forward launch; returns (h or None, out or None, mean or None, rstd or None)."""
+    ext = require_extension()
+    rows, dim = x.shape
+    device = x.device
+    h = torch.empty((rows, dim), dtype=x.dtype, device=device) if res is not None else None
+    out = torch.empty((rows, dim), dtype=x.dtype, device=device) if norm else None
+    mean = torch.empty(rows, dtype=torch.float32, device=device) if norm else None
+    rstd = torch.empty(rows, dtype=torch.float32, device=device) if norm else None
+    with device_guard(device):
+        ext.adaln_forward(
+            _rows(x, rows),
+            _rows(res, rows),
+            _rows(gate, rows),
+            _address(weight),
+            _address(bias),
+            _rows(shift, rows),
+            _rows(scale, rows),
+            _rows(h, rows),
+            _rows(out, rows),
+            _address(mean),
+            _address(rstd),
+            eps=float(eps),
+            rms=bool(rms),
+            norm=norm,
+            stream=stream_handle(device),
+            **_problem(x, tokens),
+        )
+    return h, out, mean, rstd
+
+
+def _grad_target(t: Tensor | None, need: bool, rows: int, dim: int, device, elementwise: bool = True) -> Tensor | None:
+    """The gradient of modulation ``t``: (R, D) in t's dtype when per token (None when ``elementwise`` is
+    False: dshift, which the op takes from dy), float32 (S, D) per sample; None when not needed or absent."""
+    if t is None or not need:
+        return None
+    if t.shape[0] == rows:
+        return torch.empty((rows, dim), dtype=t.dtype, device=device) if elementwise else None
+    return torch.empty((t.shape[0], dim), dtype=torch.float32, device=device)
+
+
+def _backward(h, dout, dh, res, gate, weight, bias, shift, scale, mean, rstd, tokens, rms, norm, needs):
+    """One backward launch. needs: (dx, dres, dgate, dweight, dbias, dshift, dscale) booleans.
+    Returns the gradients in that order (None where not needed or absent)."""
+    need_dx, need_dres, need_dgate, need_dweight, need_dbias, need_dshift, need_dscale = needs
+    rows, dim = dout.shape
+    device = dout.device
+    dx = torch.empty((rows, dim), dtype=dout.dtype, device=device) if need_dx else None
+    dres = torch.empty((rows, dim), dtype=dout.dtype, device=device) if need_dres and res is not None else None
+    dgate = _grad_target(gate, need_dgate, rows, dim, device)
+    dshift = _grad_target(shift, need_dshift, rows, dim, device, elementwise=False)
+    dscale = _grad_target(scale, need_dscale, rows, dim, device)
+    dweight = torch.empty(dim, dtype=torch.float32, device=device) if need_dweight and weight is not None else None
+    dbias = torch.empty(dim, dtype=torch.float32, device=device) if need_dbias and bias is not None else None
+    outputs = (dx, dres, dgate, dweight, dbias, dshift, dscale)
+    if all(t is None for t in outputs):
+        return outputs
+    ext = require_extension()
+    problem = _problem(dout, tokens)
+    sums = [dweight, dbias] + [t for t in (dshift, dscale, dgate) if t is not None and t.shape[0] != rows]
+    quantities = sum(t is not None for t in sums)
+    with device_guard(device):
+        nbytes = ext.adaln_backward_workspace(quantities=quantities, **problem) if quantities else 0
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes else None
+        ext.adaln_backward(
+            _rows(h, rows),
+            _rows(dout, rows),
+            _rows(dh, rows),
+            _rows(res, rows),
+            _rows(gate, rows),
+            _address(weight),
+            _address(bias),
+            _rows(shift, rows),
+            _rows(scale, rows),
+            _address(mean),
+            _address(rstd),
+            _rows(dx, rows),
+            _rows(dres, rows),
+            _rows(dshift, rows),
+            _rows(dscale, rows),
+            _rows(dgate, rows),
+            _address(dweight),
+            _address(dbias),
+            _address(workspace),
+            nbytes,
+            rms=bool(rms),
+            norm=h is not None,
+            stream=stream_handle(device),
+            **problem,
+        )
+    return outputs
+
+
+def layer_norm_modulate_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    shift: Tensor | None,
+    scale: Tensor | None,
+    tokens: int,
+    eps: float,
+    rms: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y = (xhat * weight + bias) * (1 + scale) + shift per row, xhat LayerNorm (or RMSNorm when ``rms``).
+
+    x: (R, D) row tensor (float32, float16 or bfloat16); weight, bias: None or float32 (D,); shift, scale:
+    None or (S, D) per token (S = R) or per sample (S = R // tokens); eps > 0. Returns (y, mean, rstd): y a
+    new contiguous (R, D) tensor in x's dtype, mean and rstd float32 (R,) (mean 0 when rms). Reads x once,
+    writes y once."""
+    _, y, mean, rstd = _forward(x, None, None, weight, bias, shift, scale, tokens, eps, rms, True)
+    return y, mean, rstd
+
+
+def layer_norm_modulate_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    shift: Tensor | None,
+    scale: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    tokens: int,
+    rms: bool,
+    need_dx: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+    need_dshift: bool,
+    need_dscale: bool,
+) -> tuple[Tensor | None, ...]:
+    """Gradients of :func:`layer_norm_modulate_forward`: (dx, dweight, dbias, dshift, dscale).
+
+    dy, x: (R, D) row tensors in x's dtype; the other inputs as the forward took them; mean, rstd: the
+    forward's. dx: (R, D) in x's dtype; dweight, dbias: float32 (D,); dshift, dscale: float32 (S, D) summed
+    over the tokens of each sample when per sample; per token, dscale is (R, D) in scale's dtype and dshift
+    None (it is dy: the op uses dy). None where not needed or absent. One pass: dy and x read once."""
+    dx, _, _, dweight, dbias, dshift, dscale = _backward(
+        x,
+        dy,
+        None,
+        None,
+        None,
+        weight,
+        bias,
+        shift,
+        scale,
+        mean,
+        rstd,
+        tokens,
+        rms,
+        True,
+        (need_dx, False, False, need_dweight, need_dbias, need_dshift, need_dscale),
+    )
+    return dx, dweight, dbias, dshift, dscale
+
+
+def gated_residual_forward(x: Tensor, y: Tensor, gate: Tensor, tokens: int) -> Tensor:
+    """out = x + gate * y, in float32 then rounded to x's dtype.
+
+    x, y: (R, D) row tensors of one dtype; gate: (S, D) per token or per sample. Returns a new contiguous
+    (R, D) tensor. One pass: x, y read once, out written once."""
+    out, _, _, _ = _forward(x, y, gate, None, None, None, None, tokens, 1.0, False, False)
+    return out
+
+
+def gated_residual_backward(
+    dout: Tensor, y: Tensor, gate: Tensor, tokens: int, need_dy: bool, need_dgate: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of :func:`gated_residual_forward` but x's (which is dout): (dy, dgate).
+
+    dy = dout * gate: (R, D) in y's dtype; dgate = dout * y: (R, D) in gate's dtype per token, float32
+    (S, D) summed over each sample's tokens per sample. None where not needed. One pass over dout and y."""
+    _, dy, dgate, _, _, _, _ = _backward(
+        None,
+        dout,
+        None,
+        y,
+        gate,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        tokens,
+        False,
+        False,
+        (False, need_dy, need_dgate, False, False, False, False),
+    )
+    return dy, dgate
+
+
+def gated_residual_layer_norm_modulate_forward(
+    x: Tensor,
+    y: Tensor,
+    gate: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    shift: Tensor | None,
+    scale: Tensor | None,
+    tokens: int,
+    eps: float,
+    rms: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """h = x + gate * y (rounded to x's dtype) and out = layer_norm_modulate(h) in one pass.
+
+    Arguments as :func:`gated_residual_forward` and :func:`layer_norm_modulate_forward`. Returns
+    (h, out, mean, rstd): h and out new contiguous (R, D) tensors in x's dtype, the statistics (float32
+    (R,)) those of the rounded h. x and y read once, h and out written once."""
+    h, out, mean, rstd = _forward(x, y, gate, weight, bias, shift, scale, tokens, eps, rms, True)
+    return h, out, mean, rstd
+
+
+def gated_residual_layer_norm_modulate_backward(
+    dh: Tensor | None,
+    dout: Tensor,
+    h: Tensor,
+    y: Tensor,
+    gate: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    shift: Tensor | None,
+    scale: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    tokens: int,
+    rms: bool,
+    need_dy: bool,
+    need_dgate: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+    need_dshift: bool,
+    need_dscale: bool,
+) -> tuple[Tensor | None, ...]:
+    """Gradients of :func:`gated_residual_layer_norm_modulate_forward`: (dx, dy, dgate, dweight, dbias,
+    dshift, dscale).
+
+    dh: None or the (R, D) gradient of h; dout: that of out; h: the forward's h. dx = dh + the norm's input
+    gradient ((R, D), x's dtype, always returned), dy = dx * gate, dgate = dx * y; the norm's parameter and
+    modulation gradients as in :func:`layer_norm_modulate_backward`. One pass: dout, h, y (and dh) read
+    once, dx and dy written once."""
+    dx, dy, dgate, dweight, dbias, dshift, dscale = _backward(
+        h,
+        dout,
+        dh,
+        y,
+        gate,
+        weight,
+        bias,
+        shift,
+        scale,
+        mean,
+        rstd,
+        tokens,
+        rms,
+        True,
+        (True, need_dy, need_dgate, need_dweight, need_dbias, need_dshift, need_dscale),
+    )
+    return dx, dy, dgate, dweight, dbias, dshift, dscale

@@ -1,0 +1,404 @@
+"""Rotary position embedding (RoPE): reference, validation, dispatch, autograd and torch.library ops, and
+the cos / sin tables for 1-D positions and 2-D axial image positions.
+
+For q (B, H, L, Dh), k (B, Hk, L, Dh) and tables cos, sin (L, P) with 2P <= Dh, each channel pair
+(x1, x2) of a row at position l is rotated by the angles of row l:
+
+    o1 = x1 cos[l, j] - x2 sin[l, j],   o2 = x2 cos[l, j] + x1 sin[l, j]      (j = 0 .. P-1)
+
+Pairs are (j, j + P) by default (the "rotate_half" convention of Llama / GPT-NeoX; with 2P = Dh that is
+(j, j + Dh/2)), or (2j, 2j + 1) with ``interleaved=True`` (FLUX, the original RoFormer). Channels 2P .. Dh-1
+pass through unchanged (partial rotary). The rotation is orthogonal, so the backward is the inverse
+rotation (sin negated) of the incoming gradient, one fused pass again; and that map is linear, so it
+differentiates to any order through the same kernel. Arithmetic is float32 (float64 for float64 q on the
+reference). The fast backends differentiate q and k only: tables that require grad run on the reference.
+
+Tables: ``rope_frequencies(positions, dim, base)`` gives angle[l, j] = positions[l] * base^(-2j / dim),
+j < dim/2; ``rope_frequencies_2d(height, width, dim, base)`` the axial tables of row-major image patches:
+pairs j < dim/4 turn with the patch's row index (frequencies of a dim/2-channel rope), pairs dim/4 ..
+dim/2-1 with its column index.
+
+Fused backend interface (genkernels.triton.rope implements it; the CUDA kernels are not built yet):
+
+    not_supported(q, k, cos, sin, interleaved) -> str | None
+    rotate(q, k, cos, sin, interleaved, inverse, q_out, k_out) -> None
+        q (B, H, L, Dh), k None or (B, Hk, L, Dh), each with a unit last stride and any other strides
+        (float32 / float16 / bfloat16); q_out, k_out their shapes and dtypes with unit last strides, or
+        the inputs themselves (in place); cos, sin (L, P) with unit last strides, any float dtype. Writes
+        the rotation (by -angle when inverse) of q into q_out and of k into k_out, in one launch: q and k
+        read once, the outputs written once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import _registry
+from ..triton import rope as _triton
+
+OP = "rope"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_DTYPE_NAMES = "float32, float16, bfloat16 or float64"
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(q, k, cos, sin, inplace, interleaved) -> None:
+    """Raise a clear error naming the argument for anything rope does not accept."""
+    for name, t in (("q", q), ("k", k)):
+        if name == "k" and t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor{' or None' if name == 'k' else ''}, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions (B, H, L, Dh), got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name} must be {_DTYPE_NAMES}, got {t.dtype}")
+    b, _, length, dh = q.shape
+    if k is not None:
+        if k.device != q.device:
+            raise ValueError(f"k is on {k.device} but q is on {q.device}: use one device")
+        if k.dtype != q.dtype:
+            raise TypeError(f"k has dtype {k.dtype} but q has {q.dtype}: q and k must share one dtype")
+        if k.shape[0] != b or k.shape[2] != length or k.shape[3] != dh:
+            raise ValueError(f"k must have shape ({b}, Hk, {length}, {dh}) (q's B, L and Dh), got {tuple(k.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: use one device")
+        if t.dim() != 2 or t.shape[0] != length or not 1 <= t.shape[1] <= dh // 2:
+            raise ValueError(
+                f"{name} must have shape ({length}, P) with 1 <= P <= {dh // 2} (q's L, at most Dh/2 pairs), "
+                f"got {tuple(t.shape)}"
+            )
+    if sin.shape != cos.shape:
+        raise ValueError(f"sin must have cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if inplace and torch.is_grad_enabled():
+        for name, t in (("q", q), ("k", k)):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(
+                    f"rope(inplace=True) cannot overwrite {name}, which requires grad (autograd needs its "
+                    "values): use inplace=False, or call it under torch.no_grad()"
+                )
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _rotate_reference(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool = False) -> Tensor:
+    """The rotation of x (B, H, L, Dh) by the (L, P) tables, in float32 (float64 for float64 x)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pairs = cos.shape[-1]
+    xf = x.to(acc)
+    c, s = cos.to(acc), sin.to(acc)
+    if inverse:
+        s = -s
+    rot = xf[..., : 2 * pairs]
+    x1, x2 = (rot[..., 0::2], rot[..., 1::2]) if interleaved else (rot[..., :pairs], rot[..., pairs:])
+    o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+    out = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)
+    if 2 * pairs < x.shape[-1]:
+        out = torch.cat((out, xf[..., 2 * pairs :]), dim=-1)
+    return out.to(x.dtype)
+
+
+def _like(out: Tensor, x: Tensor) -> Tensor:
+    """out (x's shape) in x's strides where x is dense (as the fast backends return it); differentiable."""
+    if x.is_contiguous() or out.numel() == 0:
+        return out
+    return torch.empty_like(x).copy_(out)
+
+
+def rope_reference(
+    q: Tensor, k: Tensor | None, cos: Tensor, sin: Tensor, *, interleaved: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """The specification in eager PyTorch (out of place; differentiable in q, k, cos and sin, to any order)."""
+    _check(q, k, cos, sin, False, interleaved)
+    qo = _like(_rotate_reference(q, cos, sin, interleaved), q)
+    ko = None if k is None else _like(_rotate_reference(k, cos, sin, interleaved), k)
+    return qo, ko
+
+
+class _ReferenceKernels:
+    """The reference formulas behind the fast backends' interface (in-place calls and the traced op use it)."""
+
+    @staticmethod
+    def rotate(q, k, cos, sin, interleaved, inverse, q_out, k_out) -> None:
+        q_out.copy_(_rotate_reference(q, cos, sin, interleaved, inverse))
+        if k is not None:
+            k_out.copy_(_rotate_reference(k, cos, sin, interleaved, inverse))
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def rope_frequencies(positions: Tensor, dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin tables of 1-D positions: angle[l, j] = positions[l] * base^(-2j / dim), j < dim/2.
+
+    Args:
+        positions: (L,) integer or floating-point positions (token indices, possibly offset for a cache).
+        dim: the rotated channels (even, >= 2): Dh for full rotary, less for partial rotary.
+        base: the frequency base (10000 in Llama / RoFormer).
+
+    Returns (cos, sin), float32 (L, dim/2) each on positions' device, computed in float64 (large positions
+    keep their angles exact to float32 rounding)."""
+    if not isinstance(positions, Tensor):
+        raise TypeError(f"positions must be a torch.Tensor of shape (L,), got {type(positions).__name__}")
+    if positions.dim() != 1:
+        raise ValueError(f"positions must have shape (L,), got {tuple(positions.shape)}")
+    if positions.is_complex() or positions.dtype == torch.bool:
+        raise TypeError(f"positions must be an integer or floating-point tensor, got {positions.dtype}")
+    _check_dim_base(dim, base, 2)
+    j = torch.arange(dim // 2, device=positions.device, dtype=torch.float64)
+    inv_freq = torch.pow(torch.tensor(float(base), dtype=torch.float64, device=positions.device), -2.0 * j / dim)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def rope_frequencies_2d(height: int, width: int, dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin tables of axial 2-D positions for a height x width grid of image patches, row-major
+    (patch l = row * width + col).
+
+    Pairs j < dim/4 turn with the row index and pairs dim/4 .. dim/2-1 with the column index, each half
+    with the frequencies of :func:`rope_frequencies` for dim/2 channels. With ``rope(..., interleaved=True)``
+    the first dim/2 channels rotate with the row and the other dim/2 with the column; without it pair j is
+    channels (j, j + dim/2).
+
+    Args:
+        height, width: the patch grid (>= 1 each).
+        dim: the rotated channels, a multiple of 4.
+        base: the frequency base.
+
+    Returns (cos, sin), float32 (height * width, dim/2) each, on the CPU (move them with ``.to(device)``)."""
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    _check_dim_base(dim, base, 4)
+    rows = torch.arange(height).repeat_interleave(width)
+    cols = torch.arange(width).repeat(height)
+    cr, sr = rope_frequencies(rows, dim // 2, base)
+    cc, sc = rope_frequencies(cols, dim // 2, base)
+    return torch.cat((cr, cc), dim=-1), torch.cat((sr, sc), dim=-1)
+
+
+def _check_dim_base(dim, base, multiple: int) -> None:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < multiple or dim % multiple:
+        raise ValueError(f"dim must be a positive int multiple of {multiple}, got {dim!r}")
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not (math.isfinite(base) and base > 1):
+        raise ValueError(f"base must be a finite float > 1, got {base!r}")
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _fast_not_supported(backend_not_supported):
+    """A not_supported taking rope's public arguments (as `genkernels.explain` passes them)."""
+
+    def not_supported(q, k=None, cos=None, sin=None, interleaved=False, **_rest) -> str | None:
+        for name, t in (("cos", cos), ("sin", sin)):
+            if t is not None and t.requires_grad and torch.is_grad_enabled():
+                return f"{name} requires grad: the fused backward differentiates q and k only"
+        return backend_not_supported(q, k, cos, sin, interleaved)
+
+    return not_supported
+
+
+_registry.register(OP, "triton", _fast_not_supported(_triton.not_supported), _triton)
+_registry.register(OP, "reference", lambda *a, **k: None, _ReferenceKernels)
+
+
+def _probe(device: torch.device) -> tuple:
+    """Arguments of a typical call (a transformer block's q and k), for `genkernels.info()`."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    q = torch.randn(2, 4, 16, 64, device=device, dtype=dtype)
+    cos, sin = rope_frequencies(torch.arange(16, device=device), 64)
+    return q, torch.randn_like(q), cos, sin
+
+
+_registry.register_probe(OP, _probe)
+
+
+# --------------------------------------------------------------------------- fused apply and autograd
+
+
+def _unit_last(t: Tensor | None) -> Tensor | None:
+    """t itself when its last stride is 1 (or it has one channel), else a contiguous copy."""
+    if t is None or t.stride(-1) == 1 or t.shape[-1] <= 1:
+        return t
+    return t.contiguous()
+
+
+def _out_like(t: Tensor | None) -> Tensor | None:
+    """A new tensor for the rotation of t: t's strides where t is dense (torch.empty_like), else contiguous."""
+    return None if t is None else torch.empty_like(t)
+
+
+def _apply(impl, q, k, cos, sin, interleaved: bool, inverse: bool) -> tuple[Tensor, Tensor | None]:
+    """The out-of-place rotation through a backend (outputs in the inputs' strides where those are dense)."""
+    q, k, cos, sin = _unit_last(q), _unit_last(k), _unit_last(cos), _unit_last(sin)
+    qo, ko = _out_like(q), _out_like(k)
+    if q.numel() or (k is not None and k.numel()):
+        impl.rotate(q, k, cos, sin, interleaved, inverse, qo, ko)
+    return qo, ko
+
+
+def _apply_inplace(impl, q, k, cos, sin, interleaved: bool) -> None:
+    """Rotate q and k in place; a tensor whose last stride is not 1 goes through a contiguous copy."""
+    wq, wk = _unit_last(q), _unit_last(k)
+    if wq.numel() or (wk is not None and wk.numel()):
+        impl.rotate(wq, wk, _unit_last(cos), _unit_last(sin), interleaved, False, wq, wk)
+    if wq is not q:
+        q.copy_(wq)
+    if wk is not k:
+        k.copy_(wk)
+
+
+class _RopeFunction(torch.autograd.Function):
+    """(q_out, k_out) = the rotation of (q, k) (by -angle when inverse); its backward is this function with
+    the opposite direction, so it differentiates to any order."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, interleaved, inverse, impl):
+        ctx.save_for_backward(cos, sin)
+        ctx.args = (interleaved, inverse, impl, k is not None)
+        return _apply(impl, q, k, cos, sin, interleaved, inverse)
+
+    @staticmethod
+    def backward(ctx, dqo, dko):
+        cos, sin = ctx.saved_tensors
+        interleaved, inverse, impl, has_k = ctx.args
+        dq, dk = _RopeFunction.apply(dqo, dko if has_k else None, cos, sin, interleaved, not inverse, impl)
+        return dq, dk, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- torch.library ops (traced path)
+
+
+def _impl_for(backend: str, q, k, cos, sin, interleaved):
+    if q.numel() == 0 and (k is None or k.numel() == 0):
+        return _ReferenceKernels
+    return _registry.select(OP, q, k, cos, sin, interleaved, backend=backend or None).impl
+
+
+# k is optional; without it the second output is an empty placeholder (a custom op returns tensors only).
+@torch.library.custom_op(
+    "genkernels::rope",
+    mutates_args=(),
+    schema="(Tensor q, Tensor? k, Tensor cos, Tensor sin, bool interleaved, bool inverse, str backend)"
+    " -> (Tensor, Tensor)",
+)
+def _rope_op(
+    q: Tensor, k: Tensor | None, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool, backend: str
+) -> tuple[Tensor, Tensor]:
+    impl = _impl_for(backend, q, k, cos, sin, interleaved)
+    qo, ko = _apply(impl, q, k, cos, sin, interleaved, inverse)
+    return qo, (ko if ko is not None else q.new_empty((0,)))
+
+
+@_rope_op.register_fake
+def _(q, k, cos, sin, interleaved, inverse, backend):
+    qo, ko = _out_like(_unit_last(q)), _out_like(_unit_last(k))
+    return qo, (ko if ko is not None else q.new_empty((0,)))
+
+
+def _op_setup(ctx, inputs, output):
+    q, k, cos, sin, interleaved, inverse, backend = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.args = (interleaved, inverse, backend, k is not None)
+
+
+def _op_backward(ctx, dqo, dko):
+    cos, sin = ctx.saved_tensors
+    interleaved, inverse, backend, has_k = ctx.args
+    dq, dk = _rope_op(dqo, dko if has_k else None, cos, sin, interleaved, not inverse, backend)
+    return dq, (dk if has_k else None), None, None, None, None, None
+
+
+_rope_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
+@torch.library.custom_op(
+    "genkernels::rope_",
+    mutates_args=("q", "k"),
+    schema="(Tensor(a!) q, Tensor(b!)? k, Tensor cos, Tensor sin, bool interleaved, str backend) -> ()",
+)
+def _rope_inplace_op(q: Tensor, k: Tensor | None, cos: Tensor, sin: Tensor, interleaved: bool, backend: str) -> None:
+    _apply_inplace(_impl_for(backend, q, k, cos, sin, interleaved), q, k, cos, sin, interleaved)
+
+
+@_rope_inplace_op.register_fake
+def _(q, k, cos, sin, interleaved, backend):
+    return None
+
+
+# --------------------------------------------------------------------------- public op
+
+
+def rope(
+    q: Tensor,
+    k: Tensor | None,
+    cos: Tensor,
+    sin: Tensor,
+    *,
+    inplace: bool = False,
+    interleaved: bool = False,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Rotary position embedding of queries and keys, both in one pass.
+
+    Args:
+        q: (B, H, L, Dh) float32, float16 or bfloat16 (float64: reference only). Any strides with a unit
+            last stride run without copies, so the (B, L, H, Dh) projections viewed as (B, H, L, Dh) by
+            ``.transpose(1, 2)`` (and slices of a fused qkv tensor) are read where they lie; a tensor whose
+            last stride is not 1 is copied once.
+        k: None or (B, Hk, L, Dh) (Hk may differ from H: grouped-query attention), q's dtype and device.
+        cos, sin: (L, P) tables (see :func:`rope_frequencies`, :func:`rope_frequencies_2d`), any float
+            dtype, 1 <= P <= Dh/2: the first 2P channels rotate, the rest pass through (partial rotary).
+        inplace: write the results into q and k (returned as they are). Refused, with an error, for a q
+            or k that requires grad while grad mode is on: autograd would need the overwritten values.
+        interleaved: pairs (2j, 2j + 1) (FLUX, RoFormer) instead of (j, j + P) (rotate_half: Llama, NeoX).
+        backend: "auto" / None, "reference" or "triton".
+
+    Returns (q_out, k_out) in q's dtype and shapes (k_out None without k); out of place they keep q's and
+    k's strides where those are dense (else contiguous). Differentiable in q and k (to any order): the
+    backward is the inverse rotation of the incoming gradients, one fused pass; gradients for cos and sin
+    run on the reference. Under torch.compile the call goes through ``genkernels::rope`` (or the mutating
+    ``genkernels::rope_``).
+    """
+    _check(q, k, cos, sin, inplace, interleaved)
+    if torch.compiler.is_compiling():
+        if inplace:
+            _rope_inplace_op(q, k, cos, sin, interleaved, backend or "")
+            return q, k
+        qo, ko = _rope_op(q, k, cos, sin, interleaved, False, backend or "")
+        return qo, (ko if k is not None else None)
+    empty = q.numel() == 0 and (k is None or k.numel() == 0)
+    if empty:
+        _registry.requested(backend)
+        chosen = _registry.backends_of(OP)[-1]
+    else:
+        chosen = _registry.select(OP, q, k, cos, sin, interleaved, backend=backend)
+    if inplace:
+        with torch.no_grad():
+            _apply_inplace(chosen.impl, q, k, cos, sin, interleaved)
+        for t in (q, k):
+            if t is not None and not t.is_inference():  # a kernel's writes do not bump the version counter
+                torch.autograd.graph.increment_version(t)
+        return q, k
+    if chosen.name == "reference":
+        return rope_reference(q, k, cos, sin, interleaved=interleaved)
+    return _RopeFunction.apply(q, k, cos, sin, interleaved, False, chosen.impl)
+
+
+__all__ = ["rope", "rope_frequencies", "rope_frequencies_2d", "rope_reference"]

@@ -1,0 +1,247 @@
+"""Rotary position embedding (see genkernels.ops.rope for the formula and the interface) in Triton: q and
+k rotated in one launch, forward and inverse (the backward) from one kernel.
+
+q (B, H, L, Dh) and k (B, Hk, L, Dh) are addressed through their three outer strides with a unit last
+stride, so the (B, L, H, Dh) layouts attention projections produce (viewed as (B, H, L, Dh) by a transpose)
+and slices of a fused qkv tensor run in place, without copies; the outputs have their own strides (the
+output may be the input: the in-place call). A program rotates ROWS rows of Dh channels (a row is one
+(b, h, l)); grid (ceil(B H L / ROWS) + ceil(B Hk L / ROWS),): the first programs take q's rows, the rest
+k's, so both tensors are rotated in one launch. The row index is split into (b, h, l) once per row
+(64-bit), never per element.
+
+Pairs: non-interleaved (rotate_half) pairs (j, j + P), each half loaded as a contiguous run; interleaved
+pairs (2j, 2j + 1), loaded as one contiguous (P, 2) tile and split in registers. P = cos.shape[-1]; the
+channels from 2P on (partial rotary) are copied through by the out-of-place call and left alone in place.
+
+    o1 = x1 cos - x2 sin,   o2 = x2 cos + x1 sin        (sin negated for the inverse rotation)
+
+cos and sin (L, P) are read in their own dtype (unit last stride, any row stride) and stay in L1 / L2.
+Arithmetic is float32. Memory traffic: q and k read once, written once; cos and sin gathered from cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from genkernels.triton._common import cdiv, next_power_of_2, on_device, tl, triton, triton_unavailable
+
+# Elements (ROWS * 2 * next_pow2(P)) a program rotates at most.
+MAX_TILE = 4096
+MAX_PROGRAMS = 2**31 - 1
+_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def not_supported(q: Tensor, k: Tensor | None, cos: Tensor | None, sin: Tensor | None, interleaved: bool) -> str | None:
+    """Why the triton backend cannot run this rope call, or None when it can.
+
+    The op module has already checked shapes, dtypes and devices, and copies any tensor whose last stride
+    is not 1; what remains is whether triton runs on q's device, q's dtype and the 1-D grid."""
+    reason = triton_unavailable(q)
+    if reason is not None:
+        return reason
+    if q.dtype not in _FAST_DTYPES:
+        return f"q has dtype {q.dtype}; supported: float32, float16, bfloat16"
+    b, h, length, _ = q.shape
+    q_rows = b * h * length
+    k_rows = 0 if k is None else k.shape[0] * k.shape[1] * length
+    pairs = q.shape[-1] // 2 if cos is None else cos.shape[-1]
+    rows_block = _plan(pairs, q.shape[-1], max(q_rows, k_rows))[0]
+    progs = cdiv(q_rows, rows_block) + cdiv(k_rows, rows_block)
+    if progs > MAX_PROGRAMS:
+        return f"{progs} programs of {rows_block} rows: more than {MAX_PROGRAMS}"
+    return None
+
+
+def _plan(pairs: int, dh: int, n_rows: int) -> tuple[int, int, int]:
+    """(ROWS, HB, PB): rows per program (a power of two, at most next_pow2(n_rows)), the pair block
+    (next_pow2(pairs)) and the pass-through block."""
+    hb = next_power_of_2(pairs)
+    pb = next_power_of_2(dh - 2 * pairs) if dh > 2 * pairs else 1
+    rows = 1 << (max(1, MAX_TILE // (2 * hb + pb)).bit_length() - 1)
+    return min(rows, next_power_of_2(n_rows)), hb, pb
+
+
+def _strides(t: Tensor | None, like: Tensor) -> tuple[int, int, int]:
+    t = like if t is None else t
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def rotate(
+    q: Tensor,
+    k: Tensor | None,
+    cos: Tensor,
+    sin: Tensor,
+    interleaved: bool,
+    inverse: bool,
+    q_out: Tensor,
+    k_out: Tensor | None,
+) -> None:
+    """Rotate q (and k) into q_out (and k_out) in one launch.
+
+    q (B, H, L, Dh), k None or (B, Hk, L, Dh), q_out / k_out of the same shapes (q_out may be q, k_out k:
+    in place); every one with a unit last stride, any other strides; float32, float16 or bfloat16 (the
+    outputs in their input's dtype). cos, sin (L, P) with 2P <= Dh and a unit last stride, any float dtype.
+    inverse: rotate by -angle (the backward). Channels 2P.. are copied to the outputs unless they are the
+    inputs. Never synchronizes with the host."""
+    b, hq, length, dh = q.shape
+    pairs = cos.shape[-1]
+    q_rows = b * hq * length
+    k_rows = 0 if k is None else k.shape[0] * k.shape[1] * length
+    rows_block, hb, pb = _plan(pairs, dh, max(q_rows, k_rows))
+    q_progs = cdiv(q_rows, rows_block)
+    progs = q_progs + cdiv(k_rows, rows_block)
+    if progs == 0:
+        return
+    # In place (the outputs are the inputs, both or neither) the pass-through channels are already there.
+    copy_rest = dh > 2 * pairs and q_out.data_ptr() != q.data_ptr()
+    kk = q if k is None else k
+    ko = q_out if k_out is None else k_out
+    with on_device(q):
+        _rope_kernel[(progs,)](
+            q,
+            q_out,
+            kk,
+            ko,
+            cos,
+            sin,
+            q_rows,
+            k_rows,
+            q_progs,
+            hq,
+            kk.shape[1],
+            length,
+            *_strides(q, q),
+            *_strides(q_out, q_out),
+            *_strides(kk, kk),
+            *_strides(ko, ko),
+            cos.stride(0),
+            sin.stride(0),
+            pairs,
+            dh,
+            -1.0 if inverse else 1.0,
+            INTERLEAVED=bool(interleaved),
+            COPY_REST=copy_rest,
+            ROWS=rows_block,
+            HB=hb,
+            PB=pb,
+            num_warps=4,
+        )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_rows(
+        x_ptr,
+        o_ptr,
+        cos_ptr,
+        sin_ptr,
+        block,
+        n_rows,
+        H,
+        L,
+        sxb,
+        sxh,
+        sxl,
+        sob,
+        soh,
+        sol,
+        scos,
+        ssin,
+        P,
+        DH,
+        sign,
+        INTERLEAVED: tl.constexpr,
+        COPY_REST: tl.constexpr,
+        ROWS: tl.constexpr,
+        HB: tl.constexpr,
+        PB: tl.constexpr,
+    ):
+        """Rotate rows [block * ROWS, (block + 1) * ROWS) of one (B, H, L, Dh) tensor into its output."""
+        rows = block.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        pos = rows % L
+        bh = rows // L
+        head = bh % H
+        batch = bh // H
+        xrow = batch * sxb + head * sxh + pos * sxl
+        orow = batch * sob + head * soh + pos * sol
+        j = tl.arange(0, HB)
+        m2 = row_ok[:, None] & (j < P)[None, :]
+        c = tl.load(cos_ptr + pos[:, None] * scos + j[None, :], mask=m2, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + pos[:, None] * ssin + j[None, :], mask=m2, other=0.0).to(tl.float32) * sign
+        if INTERLEAVED:
+            # One contiguous (HB, 2) tile per row: channel 2j + t.
+            t = tl.arange(0, 2)
+            col = (2 * j)[None, :, None] + t[None, None, :]
+            m3 = m2[:, :, None] & (t < 2)[None, None, :]
+            x = tl.load(x_ptr + xrow[:, None, None] + col, mask=m3, other=0.0).to(tl.float32)
+            x1, x2 = tl.split(x)
+            o = tl.join(x1 * c - x2 * s, x2 * c + x1 * s)
+            tl.store(o_ptr + orow[:, None, None] + col, o.to(o_ptr.dtype.element_ty), mask=m3)
+        else:
+            off1 = j[None, :]
+            x1 = tl.load(x_ptr + xrow[:, None] + off1, mask=m2, other=0.0).to(tl.float32)
+            x2 = tl.load(x_ptr + xrow[:, None] + (off1 + P), mask=m2, other=0.0).to(tl.float32)
+            o1 = x1 * c - x2 * s
+            o2 = x2 * c + x1 * s
+            tl.store(o_ptr + orow[:, None] + off1, o1.to(o_ptr.dtype.element_ty), mask=m2)
+            tl.store(o_ptr + orow[:, None] + (off1 + P), o2.to(o_ptr.dtype.element_ty), mask=m2)
+        if COPY_REST:
+            r = tl.arange(0, PB)
+            mr = row_ok[:, None] & (r < DH - 2 * P)[None, :]
+            rest = tl.load(x_ptr + xrow[:, None] + (2 * P + r)[None, :], mask=mr, other=0.0)
+            tl.store(o_ptr + orow[:, None] + (2 * P + r)[None, :], rest.to(o_ptr.dtype.element_ty), mask=mr)
+
+    @triton.jit
+    def _rope_kernel(
+        q_ptr,
+        qo_ptr,
+        k_ptr,
+        ko_ptr,
+        cos_ptr,
+        sin_ptr,
+        q_rows,
+        k_rows,
+        q_progs,
+        HQ,
+        HK,
+        L,
+        sqb,
+        sqh,
+        sql,
+        sqob,
+        sqoh,
+        sqol,
+        skb,
+        skh,
+        skl,
+        skob,
+        skoh,
+        skol,
+        scos,
+        ssin,
+        P,
+        DH,
+        sign,
+        INTERLEAVED: tl.constexpr,
+        COPY_REST: tl.constexpr,
+        ROWS: tl.constexpr,
+        HB: tl.constexpr,
+        PB: tl.constexpr,
+    ):
+        """ROWS rows of q (the first q_progs programs) or of k (the others); grid (q_progs + k_progs,).
+
+        Memory traffic: each row read once and written once; cos and sin gathered from cache."""
+        pid = tl.program_id(0)
+        if pid < q_progs:
+            _rope_rows(
+                q_ptr, qo_ptr, cos_ptr, sin_ptr, pid, q_rows, HQ, L, sqb, sqh, sql, sqob, sqoh, sqol,
+                scos, ssin, P, DH, sign, INTERLEAVED, COPY_REST, ROWS, HB, PB,
+            )  # fmt: skip
+        else:
+            _rope_rows(
+                k_ptr, ko_ptr, cos_ptr, sin_ptr, pid - q_progs, k_rows, HK, L, skb, skh, skl, skob, skoh, skol,
+                scos, ssin, P, DH, sign, INTERLEAVED, COPY_REST, ROWS, HB, PB,
+            )  # fmt: skip

@@ -1,0 +1,429 @@
+"""adaLN ops (layer_norm_modulate, gated_residual, gated_residual_layer_norm_modulate): outputs and every
+gradient of each backend against the reference under the DESIGN.md criterion (LayerNorm / RMSNorm,
+per-sample / per-token / absent modulations, affine present / absent, odd D, L = 1, strided inputs, large
+magnitudes), gradcheck of the reference, determinism, opcheck, torch.compile(fullgraph=True) and errors."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import genkernels
+from genkernels.ops import gated_residual, gated_residual_layer_norm_modulate, layer_norm_modulate
+from tests.criterion import assert_criterion
+from tests.op_inputs import skip_unsupported
+
+A = importlib.import_module("genkernels.ops.adaln")
+FAST = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+BACKENDS = ["reference", *FAST]
+# The Triton interpreter mishandles bfloat16: bf16 runs on the GPU only.
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+MODS = ["sample", "token", None]
+# Gradients that are sums over rows: their floor scales with their magnitude (tests/criterion.py).
+COLUMN_SUMS = {"dweight", "dbias"}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _mod(kind, b, length, d, device, dtype=torch.float32):
+    if kind is None:
+        return None
+    shape = (b, d) if kind == "sample" else (b, length, d)
+    return (torch.randn(shape, device=device) * 0.5).to(dtype)
+
+
+def _norm_inputs(shape, dtype, device, mods=("sample", "sample"), affine=True, rms=False, scale=1.0, offset=0.0):
+    """(x, weight, bias, shift, scale): mods gives the kinds of shift and scale."""
+    b, length, d = shape
+    x = (torch.randn(shape, device=device) * scale + offset).to(dtype)
+    weight = (torch.randn(d, device=device) * 0.5 + 1) if affine else None
+    bias = torch.randn(d, device=device) if affine and not rms else None
+    return x, weight, bias, _mod(mods[0], b, length, d, device), _mod(mods[1], b, length, d, device)
+
+
+def _run(fn, tensors, cotangents, kwargs):
+    """Outputs of fn(*tensors, **kwargs) and the gradients of sum(out * cotangent) w.r.t. every tensor
+    (None for absent or unused ones)."""
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in tensors]
+    outs = fn(*leaves, **kwargs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    live = [t for t in leaves if t is not None]
+    pairs = [(o, c.to(o.dtype)) for o, c in zip(outs, cotangents) if c is not None]
+    grads = iter(torch.autograd.grad([o for o, _ in pairs], live, [c for _, c in pairs], allow_unused=True))
+    return list(outs), [next(grads) if t is not None else None for t in leaves]
+
+
+def _compare(fn, backend, tensors, names, out_names, kwargs, cotangents=None, column_sums=()):
+    """The criterion on every output and gradient: backend vs the reference in the input dtype vs the
+    reference in float64."""
+    shape = tensors[0].shape
+    if cotangents is None:
+        cotangents = [torch.randn(shape, device=tensors[0].device, dtype=torch.float64) for _ in out_names]
+    out, g = _run(fn, tensors, cotangents, {**kwargs, "backend": backend})
+    ref, gref = _run(fn, tensors, cotangents, {**kwargs, "backend": "reference"})
+    up = [None if t is None else t.double() for t in tensors]
+    ref64, g64 = _run(fn, up, cotangents, {**kwargs, "backend": "reference"})
+    for name, o, r, r64 in zip(out_names, out, ref, ref64):
+        assert o.is_contiguous(), f"{name} must be contiguous"
+        assert_criterion(o, r, r64, name)
+    for name, o, r, r64 in zip(names, g, gref, g64):
+        if r64 is None:
+            continue
+        assert o is not None, f"{name}: no gradient"
+        assert o.dtype == tensors[names.index(name)].dtype, f"{name}: dtype {o.dtype}"
+        assert_criterion(o, r, r64, name, relative_floor=name in column_sums)
+
+
+NORM_NAMES = ("dx", "dweight", "dbias", "dshift", "dscale")
+FUSED_NAMES = ("dx", "dy", "dgate", "dweight", "dbias", "dshift", "dscale")
+
+
+def _sample_sums(*pairs):
+    """Names of the modulation gradients that are sums over tokens (per-sample modulations)."""
+    return {name for name, kind in pairs if kind == "sample"}
+
+
+def _check_norm(backend, x, weight, bias, shift, scale, rms, mods=("sample", "sample")):
+    skip_unsupported(backend, A.NORM_OP, x, weight, bias, shift, scale)
+    _compare(
+        layer_norm_modulate,
+        backend,
+        (x, weight, bias, shift, scale),
+        NORM_NAMES,
+        ("y",),
+        {"rms": rms},
+        column_sums=COLUMN_SUMS | _sample_sums(("dshift", mods[0]), ("dscale", mods[1])),
+    )
+
+
+def _fused_tensors(x, gate_kind, norm_rest, device):
+    b, length, d = x.shape
+    y = torch.randn(x.shape, device=device).to(x.dtype)
+    return (x, y, _mod(gate_kind, b, length, d, device), *norm_rest)
+
+
+def _check_fused(backend, tensors, rms, gate_kind, mods, cotangents=None):
+    skip_unsupported(backend, A.FUSED_OP, *tensors)
+    _compare(
+        gated_residual_layer_norm_modulate,
+        backend,
+        tensors,
+        FUSED_NAMES,
+        ("h", "out"),
+        {"rms": rms},
+        cotangents=cotangents,
+        column_sums=COLUMN_SUMS | _sample_sums(("dgate", gate_kind), ("dshift", mods[0]), ("dscale", mods[1])),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("mod", MODS, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_layer_norm_modulate(backend, dtype, rms, mod, affine, device):
+    x, w, b, shift, scale = _norm_inputs((2, 5, 40), dtype, device, (mod, mod), affine, rms)
+    _check_norm(backend, x, w, b, shift, scale, rms, (mod, mod))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("gate_kind", ["sample", "token"])
+@pytest.mark.parametrize("mod", MODS, ids=str)
+def test_gated_residual_layer_norm_modulate(backend, dtype, rms, gate_kind, mod, device):
+    x, *rest = _norm_inputs((2, 5, 40), dtype, device, (mod, mod), True, rms)
+    _check_fused(backend, _fused_tensors(x, gate_kind, rest, device), rms, gate_kind, (mod, mod))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gate_kind", ["sample", "token"])
+def test_gated_residual(backend, dtype, gate_kind, device):
+    x = torch.randn(2, 5, 40, device=device).to(dtype)
+    tensors = _fused_tensors(x, gate_kind, (), device)
+    skip_unsupported(backend, A.GATE_OP, *tensors)
+    _compare(
+        gated_residual,
+        backend,
+        tensors,
+        ("dx", "dy", "dgate"),
+        ("out",),
+        {},
+        column_sums=_sample_sums(("dgate", gate_kind)),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 72), (2, 1, 72), (1, 2, 1000), (3, 1, 1000)], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_odd_sizes(backend, dtype, shape, rms, device):
+    """D not a power of two (72, 1000: masked tails) and L = 1, through every op."""
+    x, w, b, shift, scale = _norm_inputs(shape, dtype, device, ("sample", "token"), True, rms)
+    _check_norm(backend, x, w, b, shift, scale, rms, ("sample", "token"))
+    _check_fused(backend, _fused_tensors(x, "sample", (w, b, shift, scale), device), rms, "sample", ("sample", "token"))
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """One row per tile and many chunks: the backward's partials are summed across programs."""
+    from genkernels.triton import adaln as triton_adaln
+
+    monkeypatch.setattr(triton_adaln, "FORWARD_TILE", 16)
+    monkeypatch.setattr(triton_adaln, "BACKWARD_TILE", 16)
+    monkeypatch.setattr(triton_adaln, "PROGRAMS_PER_SM", 1)
+
+
+@pytest.mark.parametrize("mods", [("sample", "sample"), ("token", "sample"), (None, None)], ids=str)
+def test_triton_many_chunks(mods, small_tiles, device):
+    x, w, b, shift, scale = _norm_inputs((3, 7, 24), torch.float32, device, mods, True, False)
+    _check_norm("triton", x, w, b, shift, scale, False, mods)
+    tensors = _fused_tensors(x, "sample", (w, b, shift, scale), device)
+    _check_fused("triton", tensors, False, "sample", mods)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_and_mixed_dtypes(backend, device):
+    """Rows of a wider tensor (x[..., :D]), a transposed x (copied once), shift / scale / gate chunked
+    from one (B, 6D) projection (row stride 6D) and modulations in other dtypes than x's."""
+    b, length, d = 2, 4, 24
+    x = torch.randn(b, length, 2 * d, device=device).half()[..., :d]
+    mods = torch.randn(b, 6 * d, device=device).chunk(6, dim=-1)
+    w = torch.randn(d, device=device, dtype=torch.float64)
+    _check_norm(backend, x, w, None, mods[0], mods[1].double(), True)
+    xt = torch.randn(length, b, d, device=device).half().transpose(0, 1)
+    y = torch.randn(b, length, 3 * d, device=device).half()[..., d : 2 * d]
+    tensors = (xt, y, mods[2], w.float(), None, mods[3].half(), mods[4])
+    _check_fused(backend, tensors, True, "sample", ("sample", "sample"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("scale,offset", [(3000.0, 0.0), (10.0, 1e4)], ids=["wide", "offset"])
+def test_large_magnitudes(backend, rms, scale, offset, device):
+    """float16 rows near 1e4: the float32 statistics must neither overflow nor cancel."""
+    x, w, b, shift, sc = _norm_inputs((2, 3, 64), torch.float16, device, ("sample", "sample"), True, rms, scale, offset)
+    _check_norm(backend, x, w, b, shift, sc, rms)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("used", ["h", "out"])
+def test_fused_one_output_used(backend, used, device):
+    """Only h (or only out) feeds the loss: the other output's gradient is absent, not zero-filled."""
+    x, *rest = _norm_inputs((2, 3, 40), torch.float32, device, ("sample", "token"))
+    tensors = _fused_tensors(x, "token", rest, device)
+    cot = torch.randn(x.shape, device=device, dtype=torch.float64)
+    cotangents = [cot, None] if used == "h" else [None, cot]
+    _check_fused(backend, tensors, False, "token", ("sample", "token"), cotangents)
+
+
+def test_reference_gradcheck():
+    """The reference formulas differentiate exactly (float64), every op and input."""
+    b, length, d = 2, 3, 5
+    x, w, bias, shift, scale = _norm_inputs((b, length, d), torch.float64, "cpu", ("sample", "token"))
+    y = torch.randn(b, length, d, dtype=torch.float64)
+    gate = torch.randn(b, d, dtype=torch.float64)
+    args = [t.double().requires_grad_(True) for t in (x, w, bias, shift, scale, y, gate)]
+    x, w, bias, shift, scale, y, gate = args
+    assert torch.autograd.gradcheck(lambda *a: A.layer_norm_modulate_reference(*a[:5]), args[:5])
+    assert torch.autograd.gradcheck(
+        lambda *a: A.layer_norm_modulate_reference(a[0], a[1], None, a[2], a[3], rms=True), [x, w, shift, scale]
+    )
+    assert torch.autograd.gradcheck(A.gated_residual_reference, [x, y, gate])
+    assert torch.autograd.gradcheck(
+        lambda x, y, g, *r: A.gated_residual_layer_norm_modulate_reference(x, y, g, *r),
+        [x, y, gate, w, bias, shift, scale],
+    )
+
+
+def test_reference_matches_torch_layer_norm():
+    x, w, b, _, _ = _norm_inputs((2, 3, 16), torch.float32, "cpu")
+    torch.testing.assert_close(
+        layer_norm_modulate(x, w, b, eps=1e-5, backend="reference"),
+        torch.nn.functional.layer_norm(x, (16,), w, b, 1e-5),
+    )
+    if hasattr(torch.nn.functional, "rms_norm"):
+        torch.testing.assert_close(
+            layer_norm_modulate(x, w, rms=True, eps=1e-5, backend="reference"),
+            torch.nn.functional.rms_norm(x, (16,), w, 1e-5),
+        )
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_deterministic(backend, device):
+    """The column gradients come from partials summed in a fixed order: two runs agree bit for bit."""
+    x, *rest = _norm_inputs((3, 9, 72), torch.float32, device, ("sample", "sample"))
+    tensors = _fused_tensors(x, "sample", rest, device)
+    skip_unsupported(backend, A.FUSED_OP, *tensors)
+    cot = [torch.randn(x.shape, device=device) for _ in range(2)]
+    first = _run(gated_residual_layer_norm_modulate, tensors, cot, {"backend": backend})
+    second = _run(gated_residual_layer_norm_modulate, tensors, cot, {"backend": backend})
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert a is None or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_double_backward_is_refused(backend, device):
+    x, w, b, shift, scale = _norm_inputs((2, 3, 8), torch.float32, device)
+    skip_unsupported(backend, A.NORM_OP, x, w, b, shift, scale)
+    x.requires_grad_(True)
+    y = layer_norm_modulate(x, w, b, shift, scale, backend=backend)
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dx.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty(backend, device):
+    x, w, b, shift, scale = _norm_inputs((0, 3, 8), torch.float32, device)
+    w.requires_grad_(True)
+    x.requires_grad_(True)
+    h, out = gated_residual_layer_norm_modulate(x, torch.zeros_like(x), shift, w, b, shift, scale, backend=backend)
+    assert h.shape == out.shape == x.shape
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+def test_opcheck(backend, device):
+    x, w, b, shift, scale = _norm_inputs((2, 3, 8), torch.float32, device, ("sample", "token"))
+    skip_unsupported(backend, A.NORM_OP, x)
+    y = torch.randn_like(x)
+    gate = torch.randn(2, 8, device=device)
+    for t in (x, w, b, shift, scale, y, gate):
+        t.requires_grad_(True)
+    ops = torch.ops.genkernels
+    torch.library.opcheck(ops.layer_norm_modulate.default, (x, w, b, shift, scale, 1e-6, False, backend))
+    torch.library.opcheck(ops.layer_norm_modulate.default, (x, w, None, None, scale, 1e-6, True, backend))
+    token_shift = torch.randn_like(x, requires_grad=True)  # its gradient is dy itself: never an alias
+    torch.library.opcheck(ops.layer_norm_modulate.default, (x, None, b, token_shift, None, 1e-6, False, backend))
+    torch.library.opcheck(ops.gated_residual.default, (x, y, gate, backend))
+    torch.library.opcheck(
+        ops.gated_residual_layer_norm_modulate.default, (x, y, gate, w, None, token_shift, shift, 0.1, True, backend)
+    )
+    torch.library.opcheck(
+        ops.gated_residual_layer_norm_modulate.default, (x, y, gate, w, b, shift, scale, 1e-6, False, backend)
+    )
+
+
+def _block(x, y, mods, w, token_shift):
+    """A DiT-style chain: modulated norm, gated residual, then the fused pair (per-sample and per-token
+    modulations)."""
+    shift, scale, gate = mods.chunk(3, dim=-1)
+    n = layer_norm_modulate(x, None, None, token_shift, scale)
+    h = gated_residual(x, n * y, gate)
+    h2, out = gated_residual_layer_norm_modulate(h, y, gate, w, None, shift, scale, rms=True)
+    _, out2 = gated_residual_layer_norm_modulate(h2, out, gate, w, None, token_shift, None)
+    return (h2 * out).sum() + out2.square().sum()
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+def test_compile_fullgraph(backend, device):
+    """The three ops trace without graph breaks and match eager, forward and backward."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 8, device=device)
+    skip_unsupported(backend, A.NORM_OP, x)
+    y = torch.randn(2, 3, 8, device=device)
+    mods = torch.randn(2, 24, device=device, requires_grad=True)
+    w = torch.randn(8, device=device, requires_grad=True)
+    token_shift = torch.randn(2, 3, 8, device=device, requires_grad=True)
+    params = (mods, w, token_shift)
+    with genkernels.backend(backend):
+        expected = _block(x, y, *params)
+        grads = torch.autograd.grad(expected, params)
+        got = torch.compile(_block, fullgraph=True)(x, y, *params)
+        got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(got_grads, grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_cuda_refuses_with_reason(device):
+    """Where the cuda kernels cannot run (CPU, extension not built), an explicit cuda backend raises with
+    the reason instead of falling back."""
+    x = torch.randn(1, 2, 4, device=device)
+    reason = genkernels.explain(A.NORM_OP, x)["cuda"]
+    if reason is None:
+        pytest.skip("the cuda adaln kernels run here")
+    with pytest.raises(genkernels.UnsupportedError, match="cuda"):
+        layer_norm_modulate(x, backend="cuda")
+
+
+X = torch.randn(2, 3, 4)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: layer_norm_modulate(torch.randn(3, 4)), ValueError, r"x must have shape \(B, L, D\), got \(3, 4\)"),
+        (lambda: layer_norm_modulate(X.int()), TypeError, "x must be float32.*int32"),
+        (lambda: layer_norm_modulate([1.0]), TypeError, "x must be a torch.Tensor"),
+        (lambda: layer_norm_modulate(X, torch.ones(5)), ValueError, r"weight must have shape \(4,\)"),
+        (lambda: layer_norm_modulate(X, None, torch.ones(4, 1)), ValueError, r"bias must have shape \(4,\)"),
+        (lambda: layer_norm_modulate(X, None, torch.ones(4), rms=True), ValueError, "bias must be None when rms=True"),
+        (lambda: layer_norm_modulate(X, shift=torch.ones(2, 5)), ValueError, r"shift must have shape \(2, 4\)"),
+        (lambda: layer_norm_modulate(X, scale=torch.ones(3, 3, 4)), ValueError, r"scale must have shape .*\(2, 3, 4\)"),
+        (lambda: layer_norm_modulate(X, scale=torch.ones(2, 4).int()), TypeError, "scale must be float32.*int32"),
+        (lambda: layer_norm_modulate(X, torch.ones(4, device="meta")), ValueError, "weight is on meta"),
+        (lambda: layer_norm_modulate(X, eps=0.0), ValueError, "eps must be a finite float > 0, got 0.0"),
+        (lambda: layer_norm_modulate(X, eps=-1e-6), ValueError, "eps must be a finite float > 0"),
+        (lambda: layer_norm_modulate(X, rms=1), TypeError, "rms must be a bool"),
+        (lambda: gated_residual(X, torch.ones(2, 3, 5), torch.ones(2, 4)), ValueError, "y must have x's shape"),
+        (lambda: gated_residual(X, X.half(), torch.ones(2, 4)), TypeError, r"y must have x's dtype \(torch.float32\)"),
+        (lambda: gated_residual(X, X, torch.ones(4)), ValueError, r"gate must have shape \(2, 4\)"),
+        (lambda: gated_residual(X, X, None), TypeError, "gate must be a torch.Tensor"),
+        (lambda: gated_residual(X, X, torch.ones(2, 4, device="meta")), ValueError, "gate is on meta"),
+        (
+            lambda: gated_residual_layer_norm_modulate(X, X, torch.ones(2, 4), shift=torch.ones(2, 2, 4)),
+            ValueError,
+            "shift must have shape",
+        ),
+        (lambda: layer_norm_modulate(X, backend="nope"), ValueError, "backend must be one of"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+GPU_SHAPES = [(2, 256, 1152), (1, 128, 3072), (2, 64, 72), (2, 17, 1000), (4, 1, 1152)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+@pytest.mark.parametrize("mod", ["sample", "token"])
+def test_large_shapes_gpu(backend, dtype, shape, mod):
+    """DiT / FLUX-like widths on the GPU: the launch heuristics at the sizes the benchmark times."""
+    x, w, b, shift, scale = _norm_inputs(shape, dtype, "cuda", (mod, mod))
+    _check_norm(backend, x, w, b, shift, scale, False, (mod, mod))
+    _check_fused(backend, _fused_tensors(x, mod, (w, None, shift, scale), "cuda"), True, mod, (mod, mod))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture():
+    """No host synchronization inside the ops: they record into a CUDA graph and replay correctly."""
+    for backend in ("triton", "cuda"):
+        x, w, b, shift, scale = _norm_inputs((2, 64, 72), torch.bfloat16, "cuda")
+        try:
+            skip_unsupported(backend, A.NORM_OP, x)
+        except pytest.skip.Exception:
+            continue
+        layer_norm_modulate(x, w, b, shift, scale, backend=backend)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = layer_norm_modulate(x, w, b, shift, scale, backend=backend)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        up = [t.double() for t in (x, w, b, shift, scale)]
+        assert_criterion(
+            y,
+            layer_norm_modulate(x, w, b, shift, scale, backend="reference"),
+            layer_norm_modulate(*up, backend="reference"),
+        )

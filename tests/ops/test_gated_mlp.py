@@ -1,0 +1,244 @@
+"""gated_mlp: gelu_tanh and swiglu outputs and gradients of every backend against the reference under the
+DESIGN.md criterion (dtypes, layouts, dims, odd sizes, large inputs), gradcheck of the reference, the
+formulas against torch's own, torch.library ops under opcheck and torch.compile, and errors."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genkernels.ops import gelu_tanh, swiglu
+from tests.criterion import assert_criterion
+from tests.op_inputs import skip_unsupported, to_layout
+
+GM = importlib.import_module("genkernels.ops.gated_mlp")
+BACKENDS = ["reference", "triton"]
+# The Triton interpreter mishandles bfloat16: bf16 runs on the GPU only.
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _grads(fn, x, backend, dy):
+    """y = fn(x) and dx of sum(y * dy)."""
+    x = x.detach().requires_grad_(True)
+    y = fn(x, backend)
+    (dx,) = torch.autograd.grad(y, x, dy.to(y.dtype))
+    return y, dx
+
+
+def _check(fn, x, backend, y_shape):
+    dy = torch.randn(y_shape, device=x.device, dtype=torch.float64)
+    out = _grads(fn, x, backend, dy)
+    ref = _grads(fn, x, "reference", dy)
+    truth = _grads(fn, x.double(), "reference", dy)
+    for name, o, r, t in zip(("y", "dx"), out, ref, truth):
+        assert_criterion(o, r, t, name)
+    return out
+
+
+def _gelu(x, backend):
+    return gelu_tanh(x, backend=backend)
+
+
+# --------------------------------------------------------------------------- gelu_tanh
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 72), (3, 1000), (1, 1, 1), (7,)])
+def test_gelu_tanh_dtypes_and_shapes(backend, dtype, shape, device):
+    x = (torch.randn(shape, device=device) * 3).to(dtype)
+    skip_unsupported(backend, GM.GELU_OP, x)
+    _check(_gelu, x, backend, shape)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_gelu_tanh_layouts(backend, layout, device):
+    x = to_layout((torch.randn(2, 6, 3, 5, device=device) * 3).half(), layout)
+    skip_unsupported(backend, GM.GELU_OP, x)
+    y, _ = _check(_gelu, x, backend, x.shape)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gelu_tanh_large_inputs(backend, device):
+    """Values up to 1e4 (fp16 range) stay finite and accurate: the tails are x and 0."""
+    x = torch.randn(4, 33, device=device) * 1e4
+    x[0, :5] = torch.tensor([-20.0, -9.0, -4.0, 9.0, 20.0])
+    skip_unsupported(backend, GM.GELU_OP, x)
+    _check(_gelu, x, backend, x.shape)
+
+
+def test_gelu_tanh_is_torchs_formula():
+    x = torch.randn(64, dtype=torch.float64) * 4
+    torch.testing.assert_close(gelu_tanh(x), F.gelu(x, approximate="tanh"), rtol=0, atol=0)
+    u = (2 / torch.pi) ** 0.5 * (x + 0.044715 * x**3)
+    torch.testing.assert_close(gelu_tanh(x), 0.5 * x * (1 + torch.tanh(u)))
+
+
+def test_gelu_tanh_reference_gradcheck():
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True) * 2
+    assert torch.autograd.gradcheck(lambda t: gelu_tanh(t, backend="reference"), (x.detach().requires_grad_(),))
+
+
+# --------------------------------------------------------------------------- swiglu
+
+
+def _swiglu_fn(dim):
+    return lambda x, backend: swiglu(x, dim=dim, backend=backend)
+
+
+def _half_shape(shape, dim):
+    out = list(shape)
+    out[dim] //= 2
+    return tuple(out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, dim", [((2, 5, 144), -1), ((3, 2000), -1), ((1, 1, 2), 2), ((6, 7, 3), 0)])
+def test_swiglu_dtypes_and_shapes(backend, dtype, shape, dim, device):
+    x = (torch.randn(shape, device=device) * 3).to(dtype)
+    skip_unsupported(backend, GM.SWIGLU_OP, x, dim)
+    y, _ = _check(_swiglu_fn(dim), x, backend, _half_shape(shape, dim))
+    assert y.shape == _half_shape(shape, dim) and y.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout, dim", [("channels_last", 1), ("strided", -1), ("contiguous", 1)])
+def test_swiglu_layouts_and_dims(backend, layout, dim, device):
+    """A middle dim (several rows of 2 * M columns) and non-contiguous inputs (copied once)."""
+    x = to_layout((torch.randn(2, 6, 3, 10, device=device) * 3).half(), layout)
+    skip_unsupported(backend, GM.SWIGLU_OP, x, dim)
+    _check(_swiglu_fn(dim), x, backend, _half_shape(x.shape, dim))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swiglu_large_inputs(backend, device):
+    x = torch.randn(3, 66, device=device) * 1e4
+    skip_unsupported(backend, GM.SWIGLU_OP, x)
+    y, dx = _check(_swiglu_fn(-1), x, backend, (3, 33))
+    assert torch.isfinite(dx).all()
+
+
+def test_swiglu_is_silu_times_gate():
+    x = torch.randn(4, 10, dtype=torch.float64)
+    torch.testing.assert_close(swiglu(x), F.silu(x[:, :5]) * x[:, 5:], rtol=0, atol=0)
+    torch.testing.assert_close(swiglu(x, dim=0), F.silu(x[:2]) * x[2:], rtol=0, atol=0)
+
+
+def test_swiglu_reference_gradcheck():
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    for dim in (-1, 1):
+        assert torch.autograd.gradcheck(lambda t: swiglu(t, dim=dim, backend="reference"), (x,))
+        assert torch.autograd.gradgradcheck(lambda t: swiglu(t, dim=dim, backend="reference"), (x,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty(backend, device):
+    x = torch.randn(0, 8, device=device, requires_grad=True)
+    assert swiglu(x, backend=backend).shape == (0, 4)
+    assert gelu_tanh(x, backend=backend).shape == (0, 8)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda x: swiglu(x[:, :5]), ValueError, r"x.shape\[dim\] must be even"),
+        (lambda x: swiglu(x, dim=2), ValueError, "dim must be an int in"),
+        (lambda x: swiglu(x, dim=True), ValueError, "dim must be an int in"),
+        (lambda x: swiglu(x[0, 0]), ValueError, "at least one dimension"),
+        (lambda x: swiglu(x.long()), TypeError, "x must be float32"),
+        (lambda x: gelu_tanh(x.int()), TypeError, "x must be float32"),
+        (lambda x: gelu_tanh([1.0]), TypeError, "x must be a torch.Tensor"),
+        (lambda x: gelu_tanh(x, backend="cuda"), Exception, "cuda"),
+    ],
+)
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call(torch.randn(2, 8))
+
+
+def _second_order(fn, x, backend, dy, v):
+    """y, dx of sum(y * dy), and the gradients of sum(dx * v) w.r.t. x and dy (the double backward)."""
+    x = x.detach().requires_grad_(True)
+    dy = dy.to(x.dtype).requires_grad_(True)
+    y = fn(x, backend)
+    (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+    ddx, ddy = torch.autograd.grad((dx.double() * v).sum(), (x, dy))
+    return y, dx, ddx, ddy
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["gelu_tanh", "swiglu"])
+def test_double_backward(backend, op, device):
+    x = torch.randn(3, 2, 10, device=device) * 2
+    skip_unsupported(backend, op, x)
+    fn = _gelu if op == "gelu_tanh" else _swiglu_fn(-1)
+    y_shape = x.shape if op == "gelu_tanh" else (3, 2, 5)
+    dy = torch.randn(y_shape, device=device, dtype=torch.float64)
+    v = torch.randn(x.shape, device=device, dtype=torch.float64)
+    out = _second_order(fn, x, backend, dy, v)
+    ref = _second_order(fn, x, "reference", dy, v)
+    truth = _second_order(fn, x.double(), "reference", dy, v)
+    for name, o, r, t in zip(("y", "dx", "ddx", "ddy"), out, ref, truth):
+        assert_criterion(o, r, t, name, relative_floor=name in ("ddx", "ddy"))
+
+
+def test_second_derivative_expressions():
+    """The torch expressions of the second derivatives equal torch autograd's own, in float64."""
+    x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    ddx = torch.randn(2, 6, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(gelu_tanh(x), x, dy, create_graph=True)
+    want = torch.autograd.grad((gx * ddx).sum(), (x, dy))
+    got = (GM._gelu_second(ddx, dy, x), GM._gelu_grad_reference(ddx, x))
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w)
+    dy3 = dy[:, :3].detach().requires_grad_(True)
+    (gx,) = torch.autograd.grad(swiglu(x), x, dy3, create_graph=True)
+    want = torch.autograd.grad((gx * ddx).sum(), (x, dy3))
+    ddy, dxx = GM._swiglu_second(ddx, dy3, x, 1, True, True)
+    torch.testing.assert_close(dxx, want[0])
+    torch.testing.assert_close(ddy, want[1])
+
+
+# --------------------------------------------------------------------------- torch.library ops and compile
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend, device):
+    x = torch.randn(2, 4, 3, 6, device=device).to(memory_format=torch.channels_last).requires_grad_(True)
+    skip_unsupported(backend, GM.GELU_OP, x)
+    torch.library.opcheck(torch.ops.genkernels.gelu_tanh.default, (x, backend))
+    dy = torch.randn_like(x).requires_grad_(True)
+    torch.library.opcheck(torch.ops.genkernels.gelu_tanh_grad.default, (dy, x, backend))
+    torch.library.opcheck(torch.ops.genkernels.swiglu.default, (x, 3, backend))
+    torch.library.opcheck(torch.ops.genkernels.swiglu.default, (x, 1, backend))
+    dy = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.genkernels.swiglu_grad.default, (dy, x, 3, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend, device):
+    """Forward and backward trace without graph breaks and match the eager call."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 5, 12, device=device)
+    skip_unsupported(backend, GM.SWIGLU_OP, x)
+
+    def fn(x):
+        return gelu_tanh(swiglu(x, backend=backend), backend=backend)
+
+    leaf = x.detach().requires_grad_(True)
+    y = fn(leaf)
+    (grad,) = torch.autograd.grad((y * y).sum(), leaf)
+    cleaf = x.detach().requires_grad_(True)
+    cy = torch.compile(fn, fullgraph=True)(cleaf)
+    (cgrad,) = torch.autograd.grad((cy * cy).sum(), cleaf)
+    torch.testing.assert_close(cy, y)
+    torch.testing.assert_close(cgrad, grad)
