@@ -720,6 +720,99 @@ def run_bias_act_call(ba, call: BiasActCall) -> None:
         ba.grad_bias(dy, x, *args, need_dz)
 
 
+@dataclass
+class TransformerCall:
+    """One call of the transformer family's Triton kernels: ``kind`` "adaln" (layer_norm_modulate on rows
+    (R, D) of ``tokens`` tokens per sample, forward and backward; with ``fused`` the gated residual + norm),
+    "rope" (q and k (B, H, L, Dh) rotated by (L, P) tables, forward and inverse) or "mlp" (gelu_tanh on x,
+    swiglu on x (R, 2 * D): forwards and gradients)."""
+
+    label: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    tokens: int = 1
+    rms: bool = False
+    affine: bool = False
+    per_token: bool = False
+    fused: bool = False
+    pairs: int = 0  # rope: rotated pairs P (0: Dh / 2)
+    interleaved: bool = False
+    workload: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        text = f"{self.label} {self.kind} {tuple(self.shape)} {str(self.dtype)[6:]}"
+        if self.kind == "adaln":
+            text += " rms" if self.rms else " layernorm"
+            text += (" affine" if self.affine else "") + (" per-token" if self.per_token else " per-sample")
+            text += " fused" if self.fused else ""
+        if self.kind == "rope":
+            text += f" P={self.pairs or self.shape[-1] // 2}" + (" interleaved" if self.interleaved else "")
+        return text
+
+
+def transformer_calls() -> Iterator[TransformerCall]:
+    """The transformer sweep: the benchmark's shapes on every target (DiT-XL rows (2 * 4096, 1152) and FLUX
+    rows (4608, 3072) in bf16, per-sample modulation, plain and fused with the gated residual; FLUX's rope
+    (1, 24, 4608, 128); the MLP activations at DiT-XL's hidden size), then small calls covering the other
+    paths on sm_90 (RMSNorm, affine, per-token modulation, odd D, partial and interleaved rope, fp16/fp32)."""
+    bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
+    for rows, tokens, d in ((8192, 4096, 1152), (4608, 4608, 3072)):
+        for fused in (False, True):
+            yield TransformerCall("bench", "adaln", (rows, d), bf16, tokens, fused=fused, workload=ALL_ARCHS)
+    yield TransformerCall("bench", "rope", (1, 24, 4608, 128), bf16, workload=ALL_ARCHS)
+    yield TransformerCall("bench", "mlp", (8192, 4608), bf16, workload=ALL_ARCHS)
+    for rms, affine, per_token, d in ((True, True, False, 72), (False, True, True, 1000), (True, False, True, 40)):
+        for fused in (False, True):
+            yield TransformerCall(
+                "paths", "adaln", (6, d), f16, 3, rms, affine, per_token, fused, workload=MAIN_ARCHS
+            )  # fmt: skip
+    yield TransformerCall("paths", "rope", (2, 3, 5, 72), f32, pairs=20, workload=MAIN_ARCHS)
+    yield TransformerCall("paths", "rope", (2, 3, 5, 40), f16, interleaved=True, workload=MAIN_ARCHS)
+    yield TransformerCall("paths", "mlp", (3, 1000), f32, workload=MAIN_ARCHS)
+
+
+def run_transformer_call(ad, rp, gm, call: TransformerCall) -> None:
+    """The forward and backward launches of ``call`` (the Triton modules' backend interfaces)."""
+    f32 = torch.float32
+    if call.kind == "adaln":
+        rows, d = call.shape
+        x = torch.empty(call.shape, dtype=call.dtype)
+        weight = torch.empty(d, dtype=f32) if call.affine else None
+        bias = torch.empty(d, dtype=f32) if call.affine and not call.rms else None
+        modulation = rows if call.per_token else rows // call.tokens
+        shift, scale = (torch.empty(modulation, d, dtype=call.dtype) for _ in range(2))
+        if call.fused:
+            y, gate = torch.empty_like(x), torch.empty(modulation, d, dtype=call.dtype)
+            h, out, mean, rstd = ad.gated_residual_layer_norm_modulate_forward(
+                x, y, gate, weight, bias, shift, scale, call.tokens, 1e-6, call.rms
+            )
+            ad.gated_residual_layer_norm_modulate_backward(
+                torch.empty_like(h), torch.empty_like(out), h, y, gate, weight, bias, shift, scale, mean, rstd,
+                call.tokens, call.rms, True, True, True, True, True, True,
+            )  # fmt: skip
+        else:
+            out, mean, rstd = ad.layer_norm_modulate_forward(x, weight, bias, shift, scale, call.tokens, 1e-6, call.rms)
+            ad.layer_norm_modulate_backward(
+                torch.empty_like(out), x, weight, bias, shift, scale, mean, rstd, call.tokens, call.rms,
+                True, True, True, True, True,
+            )  # fmt: skip
+    elif call.kind == "rope":
+        q = torch.empty(call.shape, dtype=call.dtype)
+        k = torch.empty(call.shape, dtype=call.dtype)
+        pairs = call.pairs or call.shape[-1] // 2
+        cos, sin = (torch.empty(call.shape[2], pairs, dtype=f32) for _ in range(2))
+        for inverse in (False, True):
+            rp.rotate(q, k, cos, sin, call.interleaved, inverse, torch.empty_like(q), torch.empty_like(k))
+    elif call.kind == "mlp":
+        x = torch.empty(call.shape, dtype=call.dtype)
+        gm.gelu_tanh_grad(torch.empty_like(gm.gelu_tanh_forward(x)), x)
+        x2 = torch.empty(call.shape[0], 2 * call.shape[1], dtype=call.dtype)
+        gm.swiglu_grad(torch.empty_like(gm.swiglu_forward(x2, -1)), x2, -1)
+    else:
+        raise ValueError(call.kind)
+
+
 def _arg_class(value):
     """How triton specializes a launch argument (pointer dtype and 16-byte alignment; integer width,
     == 1, multiple of 16), as a JSON-friendly value."""
@@ -880,12 +973,15 @@ def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run
         raise Unsupported(f"triton {triton.__version__} has no driver.set_active / JITFunction.warmup")
 
     import genkernels.triton._common as common
+    import genkernels.triton.adaln as ad
     import genkernels.triton.attention as at
     import genkernels.triton.bias_act as ba
     import genkernels.triton.coupling as cp
+    import genkernels.triton.gated_mlp as gm
     import genkernels.triton.group_norm as gn
     import genkernels.triton.modconv as mc
     import genkernels.triton.reparam as rp
+    import genkernels.triton.rope as ro
     import genkernels.triton.schedule as sc
 
     if gn.triton is None:
@@ -895,7 +991,10 @@ def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run
             raise RuntimeError(f"{module.__name__}.{name} is gone: update this harness")
     # (module, name, kernel) of every kernel, and the calls that launch them.
     kernels = [
-        (m, name, getattr(m, name)) for m in (gn, at, sc, rp, cp, mc, ba) for name in dir(m) if name.endswith("_kernel")
+        (m, name, getattr(m, name))
+        for m in (gn, at, sc, rp, cp, mc, ba, ad, ro, gm)
+        for name in dir(m)
+        if name.endswith("_kernel")
     ]
     for _, name, kernel in kernels:
         if not isinstance(kernel, JITFunction):
@@ -910,6 +1009,7 @@ def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run
         (coupling_calls, lambda call: run_coupling_call(cp, call)),
         (modconv_calls, lambda call: run_modconv_call(mc, call)),
         (bias_act_calls, lambda call: run_bias_act_call(ba, call)),
+        (transformer_calls, lambda call: run_transformer_call(ad, ro, gm, call)),
     )
 
     cuobjdump = _cuobjdump()

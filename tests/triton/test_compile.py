@@ -383,3 +383,37 @@ def test_bias_act_launches_compiled(report):
     tiles = [v["constexprs"] for v in variants if v["arch"] == 90 and v["kernel"] == "_bias_act_grad_bias_kernel"]
     for flag in ("PER_TILE", "STORE_DZ"):
         assert {c[flag] for c in tiles} == {False, True}, f"_bias_act_grad_bias_kernel: {flag} both ways"
+
+
+# The kernels of the transformer family (genkernels.triton.adaln, .rope, .gated_mlp).
+TRANSFORMER_KERNELS = (
+    "_adaln_forward_kernel",
+    "_adaln_backward_kernel",
+    "_rope_kernel",
+    "_gelu_tanh_forward_kernel",
+    "_gelu_tanh_grad_kernel",
+    "_swiglu_forward_kernel",
+    "_swiglu_grad_kernel",
+)
+
+
+def test_transformer_launches_compiled(report):
+    """adaln (layer_norm_modulate and the gated residual + norm, forward and backward), rope (forward and
+    inverse) and the MLP activations compiled on each target at the benchmark's shapes, and on sm_90 with
+    RMSNorm, the affine, per-token modulation, odd D and partial rotation; at the benchmark's shapes in bf16
+    the forwards move 16 bytes a thread access."""
+    variants = [v for v in report["variants"] if v["kernel"] in TRANSFORMER_KERNELS]
+    compiled = {(v["arch"], v["kernel"]) for v in variants}
+    wanted = {(arch, k) for arch in (90, 80) for k in TRANSFORMER_KERNELS}
+    assert not wanted - compiled, f"launches not compiled: {sorted(wanted - compiled)}"
+    bad = [
+        f"sm_{v['arch']} {v['kernel']}: loads {v['loads']}, stores {v['stores']} ({v['call']})"
+        for v in variants
+        if v["label"] == "bench"
+        and ("forward" in v["kernel"] or v["kernel"] == "_rope_kernel")
+        and min(max(map(_bytes, v["loads"]), default=0), max(map(_bytes, v["stores"]), default=0)) < 16
+    ]
+    assert not bad, "scalar global accesses at the benchmark's shapes:\n" + "\n".join(bad)
+    calls = {v["call"] for v in variants if v["arch"] == 90}
+    for feature in ("rms", "affine", "per-token", "fused", "P=20", "interleaved"):
+        assert any(feature in c for c in calls), f"no sm_90 launch with {feature}"
