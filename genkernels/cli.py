@@ -1,6 +1,7 @@
 """The `genkernels` command: `info`, `bench [...]`, `train FAMILY [...]`, `sample FAMILY [...]`.
 
     genkernels train diffusion --data digits --steps 2000 --objective eps --out runs/digits
+    genkernels train diffusion --backbone dit --data digits --steps 2000 --objective flow --out runs/dit
     genkernels sample diffusion --ckpt runs/digits/diffusion.safetensors --sampler ddim --steps 25 \\
         --guidance 3 --seed 0 --out grid.png
     genkernels train vae --data digits --steps 2000 --loss l2 --beta 0.05 --out runs/vae
@@ -9,6 +10,9 @@
     genkernels sample flow --ckpt runs/flow/flow.safetensors --temperature 0.7 --num 64 --seed 0 --out flow.png
     genkernels train gan --data digits --image-size 16 --steps 2000 --out runs/gan
     genkernels sample gan --ckpt runs/gan/gan.safetensors --truncation 0.7 --num 64 --seed 0 --out gan.png
+    genkernels train transformer --data digits --steps 2000 --out runs/transformer
+    genkernels sample transformer --ckpt runs/transformer/transformer.safetensors --num 40 --seed 0 \\
+        --temperature 1.0 --top-k 8 --out transformer.png
 
 Each family has its own options (`genkernels train vae -h`); an option of another family is an
 error naming the family it belongs to. On CPU, train and sample run every fused op on the
@@ -24,7 +28,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-FAMILIES = ("diffusion", "vae", "flow", "gan")
+FAMILIES = ("diffusion", "vae", "flow", "gan", "transformer")
 
 
 class CommandError(Exception):
@@ -68,10 +72,11 @@ def _option(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
 
 
 FAMILY_HELP = {
-    "diffusion": "class-conditional diffusion UNet",
+    "diffusion": "class-conditional diffusion model (UNet or DiT backbone)",
     "vae": "variational autoencoder (AutoencoderKL)",
     "flow": "normalizing flow (Glow)",
     "gan": "StyleGAN2-style GAN (modulated convolutions, R1-regularized ResNet discriminator)",
+    "transformer": "autoregressive image transformer over quantized pixels (ImageGPT, KV-cache sampling)",
 }
 _SEED = _option("--seed", type=int, default=0, help="random seed (0)")
 _SCALE = _option("--scale", type=_positive_int, default=None, help="pixel upscaling (default: to about 64 px)")
@@ -137,15 +142,40 @@ def _gan_train_options() -> list:
     return [replaced.get(flags[0], (flags, kwargs)) for flags, kwargs in _train_options("gan.safetensors")]
 
 
+def _levels(text: str) -> int:
+    return _checked(int, lambda v: 2 <= v <= 65536, "an integer in [2, 65536]")(text)
+
+
+def _transformer_train_options() -> list:
+    """The common training options with the transformer's help for --lr (AdamW, warm-up, cosine decay)."""
+    replaced = {
+        "--lr": _option(
+            "--lr",
+            type=float,
+            default=1e-3,
+            help="peak AdamW learning rate: linear warm-up, then a cosine decay to a tenth (1e-3)",
+        ),
+    }
+    return [replaced.get(flags[0], (flags, kwargs)) for flags, kwargs in _train_options("transformer.safetensors")]
+
+
 def _train_families() -> dict[str, tuple[str, list]]:
     """family -> (description, options) of `genkernels train FAMILY`."""
-    from .train import OBJECTIVES
+    from .models.transformer import POSITIONS
+    from .train import BACKBONES, OBJECTIVES
     from .train_vae import LOSSES
 
     return {
         "diffusion": (
-            "Train a class-conditional diffusion UNet.",
+            "Train a class-conditional diffusion model (UNet or DiT backbone).",
             [
+                _option(
+                    "--backbone",
+                    choices=tuple(BACKBONES),
+                    default="unet",
+                    help="unet: the UNet; dit: the diffusion transformer, adaLN-Zero blocks with 2-D RoPE; "
+                    "--model picks its size (tiny, small: DiTConfig.digits) (unet)",
+                ),
                 _option(
                     "--objective",
                     choices=OBJECTIVES,
@@ -223,6 +253,17 @@ def _train_families() -> dict[str, tuple[str, list]]:
                 *_gan_train_options(),
             ],
         ),
+        "transformer": (
+            "Train a class-conditional autoregressive transformer by next-token cross-entropy over quantized "
+            "pixels; reports nats per token.",
+            [
+                _option("--levels", type=_levels, default=16, help="quantization levels per pixel value (16)"),
+                _option("--positions", choices=POSITIONS, default="rope", help="1-D rotary or learned (rope)"),
+                _option("--warmup", type=_nonnegative_int, default=100, help="learning-rate warm-up steps (100)"),
+                _option("--grad-clip", type=_nonnegative, default=1.0, help="gradient norm clip; 0: none (1.0)"),
+                *_transformer_train_options(),
+            ],
+        ),
     }
 
 
@@ -240,7 +281,7 @@ def _sample_families() -> dict[str, tuple[str, list]]:
 
     return {
         "diffusion": (
-            "Sample a diffusion UNet into a PNG grid.",
+            "Sample a diffusion model (the checkpoint's UNet or DiT) into a PNG grid.",
             [
                 _ckpt("diffusion"),
                 _option(
@@ -333,6 +374,46 @@ def _sample_families() -> dict[str, tuple[str, list]]:
                 *_runtime_options(progress=False),
             ],
         ),
+        "transformer": (
+            "Write a PNG grid of samples of an autoregressive transformer, decoded token by token.",
+            [
+                _ckpt("transformer"),
+                _option(
+                    "--num",
+                    type=_positive_int,
+                    default=None,
+                    help="number of samples (default: 4 per class, at least 16)",
+                ),
+                _SEED,
+                _option(
+                    "--temperature",
+                    type=_nonnegative,
+                    default=1.0,
+                    help="logits are divided by it; below 1 gives cleaner, less diverse samples; 0: greedy (1.0)",
+                ),
+                _option(
+                    "--top-k",
+                    type=_positive_int,
+                    default=None,
+                    help="sample among the K most likely levels only (default: all)",
+                ),
+                _option(
+                    "--label",
+                    type=int,
+                    default=None,
+                    help="class of every image (default: cycle through the classes)",
+                ),
+                _option(
+                    "--no-cache",
+                    action="store_true",
+                    help="recompute the whole prefix every step instead of decoding with the KV cache",
+                ),
+                _ncol("classes, or ceil(sqrt(num))"),
+                _SCALE,
+                _PNG_OUT,
+                *_runtime_options(progress=False),
+            ],
+        ),
     }
 
 
@@ -358,7 +439,7 @@ def _check_foreign_options(parsers: dict[str, argparse.ArgumentParser], family: 
         if owners:
             parsers[family].error(
                 f"argument {option}: not an option of `genkernels {command} {family}`; it applies to "
-                f"`genkernels {command} {' / '.join(owners)}`"
+                + " or ".join(f"`genkernels {command} {owner}`" for owner in owners)
             )
 
 
@@ -416,7 +497,7 @@ def _run_train_diffusion(args) -> int:
     device = _device(args.device)
     dataset = _load_data(args.data, args.image_size, args.channels)
     with _user_errors():
-        model_config = train.model_config_for(dataset, args.model)
+        model_config = train.model_config_for(dataset, args.model, backbone=args.backbone)
         config = train.TrainConfig(
             steps=args.steps,
             batch_size=args.batch_size,
@@ -438,7 +519,7 @@ def _run_train_diffusion(args) -> int:
     )
     first, last, k = _ends(result.losses)
     print(
-        f"trained {args.steps} steps ({args.objective}): loss {first:.4f} (first {k}) -> "
+        f"trained {args.steps} steps ({args.backbone}, {args.objective}): loss {first:.4f} (first {k}) -> "
         f"{last:.4f} (last {k}); checkpoint {args.out}/diffusion.safetensors"
     )
     return 0
@@ -681,6 +762,65 @@ def _run_sample_gan(args) -> int:
     return 0
 
 
+def _run_train_transformer(args) -> int:
+    from . import train_transformer
+
+    # A non-square folder fails in model_config_for, before training.
+    checks = [lambda dataset: train_transformer.model_config_for(dataset, args.model, args.levels, args.positions)]
+    result = _train(
+        args,
+        train_transformer.TransformerTrainConfig,
+        train_transformer.train_transformer,
+        checks,
+        levels=args.levels,
+        positions=args.positions,
+        warmup=args.warmup,
+        grad_clip=args.grad_clip,
+    )
+    first, last, k = _ends(result.losses)
+    print(
+        f"trained {args.steps} steps ({args.levels} levels, {args.positions} positions): loss {first:.4f} "
+        f"(first {k}) -> {last:.4f} (last {k}) nats per token ({last / math.log(2):.3f} bits); "
+        f"checkpoint {args.out}/{train_transformer.CHECKPOINT_NAME}"
+    )
+    return 0
+
+
+def _run_sample_transformer(args) -> int:
+    from . import train_transformer
+
+    device = _device(args.device)
+    meta = _read_checkpoint(train_transformer.read_transformer_metadata, args.ckpt)
+    classes, levels = meta["config"]["num_classes"], meta["config"]["levels"]
+    if args.label is not None and not 0 <= args.label < max(classes, 1):
+        accepted = f"in [0, {classes - 1}]" if classes else "absent: the model is unconditional"
+        raise CommandError(f"--label must be {accepted} (this model has {classes} classes), got {args.label}")
+    if args.top_k is not None and args.top_k > levels:
+        raise CommandError(f"--top-k must be at most the model's {levels} levels, got {args.top_k}")
+    model, _ = train_transformer.load_transformer(args.ckpt, device=device)
+    num = args.num or max(16, 4 * classes)
+    result = train_transformer.sample_transformer(
+        model,
+        num,
+        args.seed,
+        args.out,
+        labels=args.label,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        use_cache=not args.no_cache,
+        ncol=args.ncol,
+        scale=args.scale,
+        backend=args.backend,
+    )
+    width, height = result.size
+    top_k = "" if args.top_k is None else f", top-k {args.top_k}"
+    print(
+        f"wrote {num} samples (temperature {args.temperature:g}{top_k}"
+        f"{', no cache' if args.no_cache else ''}) to {args.out} ({width}x{height})"
+    )
+    return 0
+
+
 RUNNERS = {
     ("train", "diffusion"): _run_train_diffusion,
     ("train", "vae"): _run_train_vae,
@@ -690,6 +830,8 @@ RUNNERS = {
     ("sample", "flow"): _run_sample_flow,
     ("train", "gan"): _run_train_gan,
     ("sample", "gan"): _run_sample_gan,
+    ("train", "transformer"): _run_train_transformer,
+    ("sample", "transformer"): _run_sample_transformer,
 }
 
 

@@ -1,4 +1,8 @@
-"""Training and sampling of the class-conditional diffusion UNet (``genkernels train/sample diffusion``).
+"""Training and sampling of the class-conditional diffusion models (``genkernels train/sample diffusion``).
+
+Two backbones take the same call, model(x_t, t, labels): ``unet`` (:class:`UNet`) and ``dit``
+(:class:`DiT`, the diffusion transformer); the model config's type picks one
+(:func:`model_config_for` makes either for a data set) and the checkpoint records it.
 
 Objectives, with x0 a data batch, n ~ N(0, I) and y the labels (replaced by the null label with
 probability ``label_dropout``, so one model learns both the conditional and the unconditional
@@ -21,13 +25,15 @@ The objective fixes which samplers apply: eps and v models run ddpm, ddim, euler
 dpm++; flow models run flow.
 
 Checkpoints are safetensors files: the weights under ``model.`` and the EMA weights under
-``ema.``, and the metadata key ``genkernels`` holding JSON: the UNet config, the objective, the
-noise schedule, the class names and the training step.
+``ema.``, and the metadata key ``genkernels`` holding JSON: the model (``diffusion-unet`` or
+``diffusion-dit``), the backbone (``unet`` or ``dit``) and its config, the objective, the noise
+schedule, the class names and the training step. Checkpoints written before the DiT existed have
+no ``backbone`` key and load as UNets.
 
-Backends: every GroupNorm and attention op follows ``backend``. On CPU the default is
-"reference" (eager PyTorch): the triton backend runs on CPU only under the Triton interpreter,
-which is far too slow to train with. On CUDA the default is auto (the fastest backend that can
-run each call).
+Backends: every fused op of the model (GroupNorm and attention; the DiT's adaLN, RoPE and MLP ops)
+follows ``backend``. On CPU the default is "reference" (eager PyTorch): the triton backend runs on
+CPU only under the Triton interpreter, which is far too slow to train with. On CUDA the default is
+auto (the fastest backend that can run each call).
 """
 
 from __future__ import annotations
@@ -53,13 +59,13 @@ from ._training import (  # noqa: F401  (re-exported: the public names of every 
     levels_that_fit,
     mean,
     preset_for,
-    read_metadata,
     resolve_device,
     run_metadata,
     save_checkpoint,
 )
+from ._training import read_metadata as _read_metadata
 from .data import ImageDataset
-from .models.diffusion import UNet, UNetConfig
+from .models.diffusion import DiT, DiTConfig, UNet, UNetConfig
 
 OBJECTIVES = ("eps", "v", "flow")
 PREDICTION_TYPE = {"eps": "epsilon", "v": "v_prediction", "flow": "flow"}
@@ -76,6 +82,11 @@ SAMPLERS = {
 # default clip_sample); the noise direction must then come from the clipped x0 too, or the update mixes a
 # clipped x0 with the unclipped model epsilon and the samples stay noisy.
 STEP_KWARGS = {"ddim": {"use_clipped_model_output": True}}
+# backbone -> (model class, its config class, the checkpoint metadata's model name)
+BACKBONES = {
+    "unet": (UNet, UNetConfig, "diffusion-unet"),
+    "dit": (DiT, DiTConfig, "diffusion-dit"),
+}
 
 
 @dataclass
@@ -124,8 +135,8 @@ class TrainConfig:
 class TrainResult:
     """What :func:`train_diffusion` returns: the trained model, its EMA copy, and the loss of every step."""
 
-    model: UNet
-    ema: UNet
+    model: UNet | DiT
+    ema: UNet | DiT
     losses: list[float]
     metadata: dict
 
@@ -162,12 +173,18 @@ def training_pair(
     return x_t, t, a * noise - s * x0
 
 
-def model_config_for(data: ImageDataset, preset: str = "small") -> UNetConfig:
-    """A UNet config for ``data``: the preset's sizes with the data's channels, size and classes.
+def model_config_for(data: ImageDataset, preset: str = "small", backbone: str = "unet") -> UNetConfig | DiTConfig:
+    """A config of ``backbone`` for ``data``: the preset's sizes with the data's channels, size and classes.
 
-    preset: "tiny" (tests) or "small" (:meth:`UNetConfig.digits`). Levels whose resolution would
-    fall below 2x2 are dropped.
+    preset: "tiny" (tests) or "small" (:meth:`UNetConfig.digits` / :meth:`DiTConfig.digits`).
+    backbone: "unet" (UNet levels whose resolution would fall below 2x2 are dropped) or "dit"
+    (the preset's patch size must divide the image size).
     """
+    check_choice("backbone", backbone, tuple(BACKBONES))
+    if backbone == "dit":
+        presets = {"tiny": DiTConfig.tiny, "small": DiTConfig.digits}
+        _, c, h = preset_for(presets, preset, data)
+        return presets[preset](sample_size=h, in_channels=c, out_channels=c, num_classes=data.num_classes)
     presets = {"tiny": UNetConfig.tiny, "small": UNetConfig.digits}
     base, c, h = preset_for(presets, preset, data)
     levels = levels_that_fit(h, len(base.block_out_channels))
@@ -181,7 +198,15 @@ def model_config_for(data: ImageDataset, preset: str = "small") -> UNetConfig:
     )
 
 
-def _ema_update(ema: UNet, model: UNet, decay: float) -> None:
+def backbone_of(model_config: UNetConfig | DiTConfig) -> str:
+    """The backbone ("unet" or "dit") a model config builds; a TypeError for anything else."""
+    for name, (_, config_class, _) in BACKBONES.items():
+        if isinstance(model_config, config_class):
+            return name
+    raise TypeError(f"model_config must be a UNetConfig or a DiTConfig, got {type(model_config).__name__}")
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for pe, p in zip(ema.parameters(), model.parameters()):
             pe.lerp_(p, 1.0 - decay)
@@ -189,7 +214,7 @@ def _ema_update(ema: UNet, model: UNet, decay: float) -> None:
 
 def train_diffusion(
     data: ImageDataset,
-    model_config: UNetConfig,
+    model_config: UNetConfig | DiTConfig,
     config: TrainConfig,
     *,
     device: torch.device | str = "cpu",
@@ -198,31 +223,42 @@ def train_diffusion(
     save_every: int = 0,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a class-conditional UNet on ``data`` (see the module doc); returns the model, EMA and losses.
+    """Train a class-conditional UNet or DiT on ``data`` (see the module doc); returns the model, EMA and losses.
 
     Args:
         data: images in [-1, 1] (N, C, H, W) and labels (N,).
-        model_config: the UNet's sizes; its num_classes must equal data.num_classes.
+        model_config: a UNetConfig (UNet backbone) or a DiTConfig (DiT backbone); its num_classes
+            must equal data.num_classes, its channels the data's (and a DiT's patch size must
+            divide the images; with learned positions its sample_size must be theirs).
         config: steps, batch size, objective, learning rate, EMA decay, label dropout, seed.
         device: where to train.
-        backend: for every GroupNorm and attention op; None: :func:`default_backend` of device.
+        backend: for every fused op of the model; None: :func:`default_backend` of device.
         out: a folder: ``diffusion.safetensors`` is written there at the end (and every
             ``save_every`` steps when > 0).
         progress: show a tqdm progress bar with the running loss.
     """
+    backbone = backbone_of(model_config)
     if model_config.num_classes != data.num_classes:
         raise ValueError(
             f"model_config.num_classes={model_config.num_classes} but the data has {data.num_classes} classes"
         )
     if (model_config.in_channels, model_config.out_channels) != (data.image_shape[0],) * 2:
         raise ValueError(f"model_config channels must equal the data's {data.image_shape[0]}")
+    model_class, _, model_name = BACKBONES[backbone]
+    if backbone == "dit":
+        model_config.grid_size(*data.image_shape[1:])  # a ValueError before training for images it cannot take
     device = torch.device(device)
     backend = backend_for(device, backend)
-    model, opt, gen = init_training(lambda: UNet(model_config), config, device)
+    model, opt, gen = init_training(lambda: model_class(model_config), config, device)
     ema = copy.deepcopy(model).requires_grad_(False)
     noise_scheduler = None if config.objective == "flow" else make_noise_scheduler(config.schedule, config.objective)
     metadata = run_metadata(
-        "diffusion-unet", model_config, data, objective=config.objective, schedule=config.schedule.__dict__
+        model_name,
+        model_config,
+        data,
+        backbone=backbone,
+        objective=config.objective,
+        schedule=config.schedule.__dict__,
     )
     loop = TrainLoop("diffusion", model, metadata, config.steps, save_every, out, progress, ema=ema)
     losses: list[float] = []
@@ -248,12 +284,35 @@ def train_diffusion(
 # --------------------------------------------------------------------------- checkpoints
 
 
+def read_metadata(path: str | Path, model: str | None = None, family: str = "diffusion") -> dict:
+    """The JSON metadata of a diffusion checkpoint of either backbone (``model`` None: "diffusion-unet"
+    or "diffusion-dit"; a name: only that model), as genkernels._training.read_metadata.
+
+    Raises FileNotFoundError for a missing file, ValueError for a file that is not a safetensors file,
+    has no genkernels metadata, or holds another model.
+    """
+    if model is not None:
+        return _read_metadata(path, model, family)
+    try:
+        return _read_metadata(path, BACKBONES["unet"][2], family)
+    except ValueError as not_unet:
+        try:
+            return _read_metadata(path, BACKBONES["dit"][2], family)
+        except ValueError:
+            raise not_unet from None
+
+
 def load_checkpoint(
     path: str | Path, *, ema: bool = True, device: torch.device | str = "cpu", backend: str | None = None
-) -> tuple[UNet, dict]:
-    """(UNet with the checkpoint's EMA weights, or its raw weights with ema=False; metadata)."""
+) -> tuple[UNet | DiT, dict]:
+    """(the checkpoint's model, a UNet or a DiT as its metadata's backbone says, with its EMA weights,
+    or its raw weights with ema=False; metadata)."""
     meta = read_metadata(path)
-    model = UNet(UNetConfig.from_json(json.dumps(meta["config"])), backend=backend)
+    backbone = meta.get("backbone", "unet")  # checkpoints from before the DiT have no backbone: UNets
+    if backbone not in BACKBONES or BACKBONES[backbone][2] != meta["model"]:
+        raise ValueError(f"{str(path)!r}: backbone {backbone!r} does not fit model {meta['model']!r}")
+    model_class, config_class, _ = BACKBONES[backbone]
+    model = model_class(config_class.from_json(json.dumps(meta["config"])), backend=backend)
     prefix = "ema." if ema else "model."
     state = checkpoint_weights(path, prefix)
     if not state:
@@ -290,7 +349,7 @@ def make_scheduler(sampler: str, objective: str, schedule: Schedule):
 
 @torch.no_grad()
 def sample_diffusion(
-    model: UNet,
+    model: UNet | DiT,
     metadata: dict,
     labels: torch.Tensor,
     *,

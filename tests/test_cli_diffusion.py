@@ -104,7 +104,7 @@ def test_sampler_objective_mismatch_is_a_clear_error(runs, tmp_path, capsys):
     "argv, message",
     [
         (["train", "diffusion"], "the following arguments are required: --out"),
-        (["train", "transformer", "--out", "x"], "argument family: invalid choice: 'transformer'"),
+        (["train", "nope", "--out", "x"], "argument family: invalid choice: 'nope'"),
         (["train", "diffusion", "--out", "x", "--steps", "0"], "argument --steps: expected a positive integer, got 0"),
         (["train", "diffusion", "--out", "x", "--objective", "x0"], "argument --objective: invalid choice: 'x0'"),
         (["train", "diffusion", "--out", "x", "--label-dropout", "1.5"], "expected a number in [0, 1), got 1.5"),

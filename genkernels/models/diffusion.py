@@ -1,4 +1,4 @@
-"""A class- or text-conditional diffusion UNet built from genkernels layers.
+"""Diffusion backbones built from genkernels layers: a class- or text-conditional UNet and a DiT.
 
 Layout (Stable Diffusion's UNet, on our own modules):
 
@@ -25,6 +25,10 @@ and the auto order). Same weights give the same output on every backend within t
 (torch.nn.GroupNorm then SiLU, ``F.scaled_dot_product_attention``), with the same parameter
 names: the model as it runs without genkernels, the baseline of the UNet benchmark.
 :func:`with_torch_layers` makes that model from an existing one, sharing its parameters.
+
+:class:`DiT` is the diffusion transformer (Peebles and Xie's layout, on the adaLN, RoPE, gated-MLP
+and attention ops); its doc gives the layout. It takes the UNet's call (x, t, labels), so the
+training loop and the samplers run either backbone.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import ops
+from .._checks import check_backend
 from ._config import ConfigIO
 from ._layers import (
     Downsample,
@@ -377,3 +383,404 @@ class UNet(torch.nn.Module):
             if level.sampler is not None:
                 h = level.sampler(h)
         return self.conv_out(self.norm_out(h))
+
+
+# --------------------------------------------------------------------------- DiT
+
+POSITIONS = ("rope", "learned")
+
+
+@dataclass
+class DiTConfig(ConfigIO):
+    """Sizes of a :class:`DiT`. Presets: :meth:`tiny` (tests), :meth:`digits` (8x8 grey digits on CPU),
+    :meth:`dit_xl_2` (DiT-XL/2 on 32x32x4 latents, for benchmarks).
+
+    Args:
+        sample_size: height and width of the input (square). With learned positions the model runs
+            at this size only; with RoPE any H, W divisible by patch_size run.
+        patch_size: p: the image is cut into (H / p) x (W / p) patches of p x p pixels, one token each.
+        in_channels, out_channels: image (or latent) channels in and out.
+        dim: token channels (DiT's hidden size).
+        depth: number of adaLN-Zero transformer blocks.
+        heads: attention heads (dim_head = dim // heads; RoPE needs dim_head divisible by 4: half
+            of each head's channels rotate with the patch row, half with its column).
+        mlp_ratio: the MLP's hidden channels are int(dim * mlp_ratio).
+        num_classes: class labels for conditioning (plus one null label for classifier-free
+            guidance); 0: unconditional.
+        positions: "rope" (2-D axial rotary embedding of q and k in every attention) or "learned"
+            (a (1, tokens, dim) table added to the patch tokens).
+        rope_base: the RoPE frequency base.
+        frequency_dim: channels of the sinusoidal timestep embedding fed to the timestep MLP.
+        eps: of every LayerNorm (none has an affine: the modulation takes its place).
+    """
+
+    sample_size: int = 8
+    patch_size: int = 2
+    in_channels: int = 1
+    out_channels: int = 1
+    dim: int = 128
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    num_classes: int = 10
+    positions: str = "rope"
+    rope_base: float = 10000.0
+    frequency_dim: int = 256
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("sample_size", "patch_size", "in_channels", "out_channels", "dim", "depth", "heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.sample_size % self.patch_size:
+            raise ValueError(
+                f"patch_size={self.patch_size} must divide sample_size={self.sample_size} "
+                "(the image is cut into whole patches)"
+            )
+        if self.dim % self.heads:
+            raise ValueError(f"heads={self.heads} must divide dim={self.dim}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.positions == "rope" and self.head_dim % 4:
+            raise ValueError(
+                f"positions='rope' needs dim_head = dim // heads divisible by 4 (half of each head rotates with "
+                f"the patch row, half with its column, in pairs), got dim={self.dim}, heads={self.heads}: "
+                f"dim_head={self.head_dim}"
+            )
+        if not (math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0 and int(self.dim * self.mlp_ratio) >= 1):
+            raise ValueError(
+                f"mlp_ratio must be a positive number with int(dim * mlp_ratio) >= 1, got {self.mlp_ratio}"
+            )
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if isinstance(self.frequency_dim, bool) or not isinstance(self.frequency_dim, int) or self.frequency_dim < 2:
+            raise ValueError(f"frequency_dim must be an int >= 2, got {self.frequency_dim!r}")
+        if not (math.isfinite(self.rope_base) and self.rope_base > 1):
+            raise ValueError(f"rope_base must be a number > 1, got {self.rope_base}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a positive number, got {self.eps}")
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per attention head: dim // heads."""
+        return self.dim // self.heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Hidden channels of each block's MLP: int(dim * mlp_ratio)."""
+        return int(self.dim * self.mlp_ratio)
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of patches of an H x W input; a ValueError when this model cannot take that size
+        (patch_size not dividing it; with learned positions, any size but sample_size)."""
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"H and W must be divisible by patch_size={p}, got {height}x{width}")
+        if self.positions == "learned" and (height, width) != (self.sample_size,) * 2:
+            raise ValueError(
+                f"a DiT with learned positions takes {self.sample_size}x{self.sample_size} inputs only "
+                f"(sample_size), got {height}x{width}; positions='rope' runs at any size"
+            )
+        return height // p, width // p
+
+    @classmethod
+    def tiny(cls, **overrides) -> DiTConfig:
+        """Two blocks of 32 channels, 2 heads, patches of 2 on 8x8 grey images: for tests."""
+        base = dict(dim=32, depth=2, heads=2, frequency_dim=32)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def digits(cls, **overrides) -> DiTConfig:
+        """The default for the 8x8 digits: 2x2 patches (16 tokens), dim 128, 6 blocks, 4 heads, RoPE
+        (about 1.8 M parameters)."""
+        return cls(**overrides)
+
+    @classmethod
+    def dit_xl_2(cls, **overrides) -> DiTConfig:
+        """DiT-XL/2 sizes: 32x32x4 latents (256x256 images through the SD VAE), 2x2 patches (256 tokens),
+        dim 1152, 28 blocks, 16 heads, MLP 4608, 1000 classes (about 675 M parameters)."""
+        base = dict(sample_size=32, in_channels=4, out_channels=4, dim=1152, depth=28, heads=16, num_classes=1000)
+        return cls(**{**base, **overrides})
+
+
+def _modulate(n: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """n * (1 + scale) + shift with per-sample (B, D) shift and scale over (B, L, D) tokens (PyTorch ops)."""
+    return n * (1 + scale[:, None]) + shift[:, None]
+
+
+def _rope_rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """genkernels.ops.rope's rotation on PyTorch ops (the torch_layers flavour): the "rotate half"
+    convention, channel i paired with i + Dh/2; t (B, H, L, Dh), cos and sin (L, Dh/2)."""
+    half = cos.shape[-1]
+    cos, sin = cos.to(t.dtype), sin.to(t.dtype)
+    a, b = t[..., :half], t[..., half:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+class _OpsModule(torch.nn.Module):
+    """A DiT layer: genkernels ops pinned to ``backend``, or PyTorch ops when ``torch_layers``."""
+
+    def __init__(self, backend: str | None, torch_layers: bool) -> None:
+        super().__init__()
+        self.backend = check_backend(backend)
+        self.torch_layers = torch_layers
+
+
+class DiTAttention(_OpsModule):
+    """Multi-head self-attention over the patch tokens with optional 2-D RoPE: proj(attention(rope(q), rope(k), v)).
+
+    (q, k, v) = qkv(x) split in heads (B, heads, L, dim_head); with ``rope`` = (cos, sin), each (L, dim_head / 2),
+    q and k are rotated by genkernels.ops.rope; then non-causal genkernels.ops.attention (scale
+    1 / sqrt(dim_head)) and the output projection. x (B, L, dim) -> (B, L, dim).
+    """
+
+    def __init__(self, dim: int, heads: int, backend: str | None = None, torch_layers: bool = False) -> None:
+        super().__init__(backend, torch_layers)
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        b, length, dim = x.shape
+        # (B, L, 3, heads, dim_head) -> three (B, heads, L, dim_head) views: no copy.
+        q, k, v = self.qkv(x).view(b, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.torch_layers:
+            if rope is not None:
+                q, k = _rope_rotate(q, *rope), _rope_rotate(k, *rope)
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            if rope is not None:
+                q, k = ops.rope(q, k, *rope, backend=self.backend)
+            o = ops.attention(q, k, v, backend=self.backend)
+        return self.proj(o.transpose(1, 2).reshape(b, length, dim))
+
+
+class DiTMlp(_OpsModule):
+    """fc2(gelu_tanh(fc1(x))): (B, L, dim) -> (B, L, dim), hidden channels ``hidden``
+    (genkernels.ops.gelu_tanh; F.gelu(approximate="tanh") when ``torch_layers``)."""
+
+    def __init__(self, dim: int, hidden: int, backend: str | None = None, torch_layers: bool = False) -> None:
+        super().__init__(backend, torch_layers)
+        self.fc1 = torch.nn.Linear(dim, hidden)
+        self.fc2 = torch.nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        h = F.gelu(h, approximate="tanh") if self.torch_layers else ops.gelu_tanh(h, backend=self.backend)
+        return self.fc2(h)
+
+
+class DiTBlock(_OpsModule):
+    """One adaLN-Zero transformer block: x (B, L, dim), c_act = silu(c) (B, dim) -> (B, L, dim).
+
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = modulation(c_act)   6 x (B, dim)
+        n    = LN(x) * (1 + scale_msa) + shift_msa            layer_norm_modulate (no affine)
+        h    = x + gate_msa * attn(n, rope)                   \\ one op: gated_residual_layer_norm_modulate
+        n    = LN(h) * (1 + scale_mlp) + shift_mlp            /
+        out  = h + gate_mlp * mlp(n)                          gated_residual
+
+    ``modulation`` is zero-initialized: every gate starts at 0, so the block starts as the identity.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_hidden: int,
+        eps: float = 1e-6,
+        backend: str | None = None,
+        torch_layers: bool = False,
+    ) -> None:
+        super().__init__(backend, torch_layers)
+        self.eps = eps
+        self.modulation = torch.nn.Linear(dim, 6 * dim)
+        self.attn = DiTAttention(dim, heads, backend, torch_layers)
+        self.mlp = DiTMlp(dim, mlp_hidden, backend, torch_layers)
+        torch.nn.init.zeros_(self.modulation.weight)
+        torch.nn.init.zeros_(self.modulation.bias)
+
+    def forward(
+        self, x: torch.Tensor, c_act: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c_act).chunk(6, dim=1)
+        if self.torch_layers:
+            norm = (x.shape[-1],)
+            n = _modulate(F.layer_norm(x, norm, eps=self.eps), shift_msa, scale_msa)
+            h = x + gate_msa[:, None] * self.attn(n, rope)
+            n = _modulate(F.layer_norm(h, norm, eps=self.eps), shift_mlp, scale_mlp)
+            return h + gate_mlp[:, None] * self.mlp(n)
+        n = ops.layer_norm_modulate(x, shift=shift_msa, scale=scale_msa, eps=self.eps, backend=self.backend)
+        h, n = ops.gated_residual_layer_norm_modulate(
+            x, self.attn(n, rope), gate_msa, shift=shift_mlp, scale=scale_mlp, eps=self.eps, backend=self.backend
+        )
+        return ops.gated_residual(h, self.mlp(n), gate_mlp, backend=self.backend)
+
+
+class DiTFinalLayer(_OpsModule):
+    """linear(LN(x) * (1 + scale) + shift) with (shift, scale) = modulation(c_act): (B, L, dim) -> (B, L, out).
+
+    Both ``modulation`` and ``linear`` are zero-initialized: the model starts at "predict 0".
+    """
+
+    def __init__(
+        self, dim: int, out: int, eps: float = 1e-6, backend: str | None = None, torch_layers: bool = False
+    ) -> None:
+        super().__init__(backend, torch_layers)
+        self.eps = eps
+        self.modulation = torch.nn.Linear(dim, 2 * dim)
+        self.linear = torch.nn.Linear(dim, out)
+        for p in (self.modulation.weight, self.modulation.bias, self.linear.weight, self.linear.bias):
+            torch.nn.init.zeros_(p)
+
+    def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(c_act).chunk(2, dim=1)
+        if self.torch_layers:
+            n = _modulate(F.layer_norm(x, (x.shape[-1],), eps=self.eps), shift, scale)
+        else:
+            n = ops.layer_norm_modulate(x, shift=shift, scale=scale, eps=self.eps, backend=self.backend)
+        return self.linear(n)
+
+
+class DiT(torch.nn.Module):
+    """Class-conditional diffusion transformer with adaLN-Zero blocks (DiT).
+
+    With p = patch_size, (h, w) = (H / p, W / p) and L = h * w tokens in row-major patch order:
+
+        x      -> Conv2d(in_channels, dim, p, stride p) -> (B, L, dim) tokens   [+ pos_embed when learned]
+        t      -> timestep_embedding(t, frequency_dim) -> Linear -> SiLU -> Linear            (B, dim)
+        labels -> Embedding(num_classes + 1, dim)  (index num_classes: the null label)        (B, dim)
+        c      =  time + label embeddings; c_act = silu(c), shared by every block's modulation
+        tokens -> depth x DiTBlock(tokens, c_act, rope) -> DiTFinalLayer  (B, L, p * p * out_channels)
+               -> unpatchify                                                  (B, out_channels, H, W)
+
+    RoPE (positions="rope"): cos, sin = genkernels.ops.rope_frequencies_2d(h, w, dim_head, rope_base),
+    applied to q and k in the "rotate half" convention (channel j paired with j + dim_head / 2): pairs
+    j < dim_head / 4 turn with the patch row, the others with its column. The ops (layer_norm_modulate,
+    gated_residual_layer_norm_modulate, gated_residual, rope, gelu_tanh, attention) go through the
+    genkernels registry; ``backend`` pins all of them.
+
+    Args:
+        config: a :class:`DiTConfig`.
+        backend: backend of every op ("reference", "triton", "cuda"; None: the
+            ``genkernels.backend(...)`` scope or auto). Change it later with :meth:`set_backend`.
+        torch_layers: the same function on PyTorch ops (F.layer_norm and the modulation written
+            out, F.scaled_dot_product_attention, F.gelu, the rotation written out), with the same
+            parameter names: either model loads the other's state_dict. ``backend`` has no effect then.
+    """
+
+    def __init__(self, config: DiTConfig, *, backend: str | None = None, torch_layers: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.torch_layers = torch_layers
+        cfg = config
+        dim, p = cfg.dim, cfg.patch_size
+        self.patch_embed = torch.nn.Conv2d(cfg.in_channels, dim, p, stride=p)
+        self.time_embedding = torch.nn.Sequential(
+            torch.nn.Linear(cfg.frequency_dim, dim), torch.nn.SiLU(), torch.nn.Linear(dim, dim)
+        )
+        # One row more than classes: the last is the null label ("no class") for guidance.
+        self.class_embedding = torch.nn.Embedding(cfg.num_classes + 1, dim) if cfg.num_classes else None
+        tokens = (cfg.sample_size // p) ** 2
+        self.pos_embed = torch.nn.Parameter(torch.empty(1, tokens, dim)) if cfg.positions == "learned" else None
+        self.blocks = torch.nn.ModuleList(
+            DiTBlock(dim, cfg.heads, cfg.mlp_hidden, cfg.eps, backend, torch_layers) for _ in range(cfg.depth)
+        )
+        self.final_layer = DiTFinalLayer(dim, p * p * cfg.out_channels, cfg.eps, backend, torch_layers)
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Xavier-uniform linear and patch weights with zero biases; N(0, 0.02) embeddings; the adaLN
+        modulations and the output layer stay zero (adaLN-Zero: every block starts as the identity)."""
+        zero_init = {block.modulation for block in self.blocks} | {self.final_layer.modulation, self.final_layer.linear}
+        for m in self.modules():
+            if isinstance(m, torch.nn.Linear) and m not in zero_init:
+                torch.nn.init.xavier_uniform_(m.weight)
+                torch.nn.init.zeros_(m.bias)
+        torch.nn.init.xavier_uniform_(self.patch_embed.weight.view(self.config.dim, -1))
+        torch.nn.init.zeros_(self.patch_embed.bias)
+        for linear in (self.time_embedding[0], self.time_embedding[2]):
+            torch.nn.init.normal_(linear.weight, std=0.02)
+        if self.class_embedding is not None:
+            torch.nn.init.normal_(self.class_embedding.weight, std=0.02)
+        if self.pos_embed is not None:
+            torch.nn.init.normal_(self.pos_embed, std=0.02)
+
+    @property
+    def null_label(self) -> int:
+        """The label index meaning "no class" (classifier-free guidance's unconditional branch)."""
+        return self.config.num_classes
+
+    def set_backend(self, backend: str | None) -> DiT:
+        """Pin every op of the model to ``backend`` (None: scope / auto); returns self.
+
+        No effect on a ``torch_layers`` model (its layers run PyTorch's own kernels).
+        """
+        check_backend(backend)
+        for m in self.modules():
+            if isinstance(m, _OpsModule):
+                m.backend = backend
+        return self
+
+    def rope_tables(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype):
+        """(cos, sin), each (rows * cols, dim_head / 2), of the 2-D axial RoPE of a rows x cols patch grid
+        (float64 for a float64 model, else float32); cached per grid, device and dtype."""
+        table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (rows, cols, device, table_dtype)
+        if key not in self._rope_cache:
+            cos, sin = ops.rope_frequencies_2d(rows, cols, self.config.head_dim, base=self.config.rope_base)
+            self._rope_cache[key] = (cos.to(device, table_dtype), sin.to(device, table_dtype))
+        return self._rope_cache[key]
+
+    def condition(self, t: torch.Tensor, labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """c = time embedding of t (B,) + label embedding of labels (B,) (None: the null label): (B, dim)."""
+        b = t.shape[0]
+        c = self.time_embedding(timestep_embedding(t, self.config.frequency_dim).to(dtype))
+        if self.class_embedding is None:
+            if labels is not None:
+                raise ValueError("this DiT has num_classes=0 (unconditional): labels must be None")
+            return c
+        if labels is None:
+            labels = torch.full((b,), self.null_label, device=t.device, dtype=torch.long)
+        if labels.shape != (b,):
+            raise ValueError(f"labels must have shape ({b},) (one per sample), got {tuple(labels.shape)}")
+        if labels.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        return c + self.class_embedding(labels.long()).to(dtype)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Model output for noisy x at timestep t (the UNet's call).
+
+        Args:
+            x: (B, in_channels, H, W), H and W divisible by patch_size (with learned positions:
+                H = W = sample_size); float32, float16, bfloat16 or float64, the parameters' dtype.
+            t: timesteps on the training scale ([0, num_train_timesteps), fractional allowed),
+                a number or a (B,) or 0-d tensor.
+            labels: (B,) int class labels in [0, num_classes]; num_classes is the null label;
+                None: all null (must be None when num_classes = 0).
+
+        Returns (B, out_channels, H, W) in x's dtype.
+        """
+        cfg = self.config
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got shape {tuple(x.shape)}")
+        rows, cols = cfg.grid_size(x.shape[2], x.shape[3])
+        b, p = x.shape[0], cfg.patch_size
+        t = torch.as_tensor(t, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(f"t must be a number, a 0-d tensor or shape ({b},), got shape {tuple(t.shape)}")
+        c_act = F.silu(self.condition(t, labels, x.dtype))
+
+        # (B, dim, rows, cols) -> (B, L, dim), made contiguous once: every op reads whole token rows.
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()
+        if self.pos_embed is not None:
+            tokens = tokens + self.pos_embed
+        rope = self.rope_tables(rows, cols, x.device, x.dtype) if cfg.positions == "rope" else None
+        for block in self.blocks:
+            tokens = block(tokens, c_act, rope)
+        out = self.final_layer(tokens, c_act)  # (B, L, p * p * out_channels), channels fastest
+        out = out.view(b, rows, cols, p, p, cfg.out_channels).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(b, cfg.out_channels, rows * p, cols * p)

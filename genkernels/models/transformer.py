@@ -1,0 +1,418 @@
+"""ImageGPT: an autoregressive transformer over quantized pixels, class-conditional, sampled with a KV cache.
+
+Tokens. An image (C, H, W) in [-1, 1] becomes L = H * W * C tokens in raster order with the channels
+interleaved (pixel (0, 0) channel 0, channel 1, ..., then pixel (0, 1) ...), each pixel value quantized to
+``levels`` levels: token = round((x + 1) / 2 * (levels - 1)). Decoding maps token t to t / (levels - 1) in
+[0, 1].
+
+Sequence. Position 0 holds the class token (class_emb(label); with num_classes = 0 a single learned start
+token), position p > 0 the embedding of pixel token p - 1; the output at position p predicts pixel token p.
+Positions are either learned (pos_emb (L, dim) added to the inputs) or 1-D rotary (genkernels.ops.rope on
+the queries and keys of every layer, positions 0 .. L - 1).
+
+Blocks (pre-norm, ``depth`` of them), then the head:
+
+    h = h + attn(rms_norm1(h))           causal self-attention, genkernels.ops.attention(causal=True)
+    h = h + mlp(rms_norm2(h))            SwiGLU: fc2(silu(a) * b), [a; b] = fc1(h)   (genkernels.ops.swiglu)
+    logits = head(rms_norm_out(h))       (B, T, levels)
+
+RMSNorm is genkernels.ops.layer_norm_modulate(rms=True) with a learned weight and no modulation.
+Training minimizes the next-token cross-entropy (:meth:`ImageGPT.loss`, nats per token).
+
+Sampling (:meth:`ImageGPT.sample`) draws the L tokens one at a time. With the KV cache every layer keeps
+its keys and values in preallocated (n, heads, L, dim_head) tensors and each step feeds one token, whose
+query attends (Lq = 1) to every cached key; without it each step recomputes the whole prefix. All the
+randomness is drawn up front from one torch.Generator (one uniform number per token), so both paths give
+the same tokens for the same seed whenever their logits agree up to rounding.
+
+``torch_layers=True`` builds the same network on plain PyTorch ops (F.scaled_dot_product_attention, the
+RMSNorm formula, F.silu, a rotate-half RoPE) with the same parameter names: the eager baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_backend as _check_backend
+from .._checks import positive_int as _positive_int
+from ..nn.transformer import CausalSelfAttention, KVCache, LayerNormModulate, RotaryEmbedding, SwiGLU
+from ._config import ConfigIO
+
+POSITIONS = ("rope", "learned")
+
+
+def _default_mlp_hidden(dim: int) -> int:
+    """8/3 dim rounded up to a multiple of 8: a SwiGLU MLP with the parameters of a 4 dim GELU MLP."""
+    return -(-8 * dim // 24) * 8
+
+
+@dataclass
+class ImageGPTConfig(ConfigIO):
+    """The sizes of an :class:`ImageGPT` (see its docstring); checks every field."""
+
+    image_size: int = 8
+    channels: int = 1
+    levels: int = 16
+    num_classes: int = 10
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    positions: str = "rope"
+    mlp_hidden: int | None = None
+    eps: float = 1e-6
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "channels", "dim", "depth", "heads"):
+            _positive_int(name, getattr(self, name))
+        if isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 2:
+            raise ValueError(f"levels must be an int >= 2, got {self.levels!r}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: unconditional), got {self.num_classes!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"heads must divide dim, got dim={self.dim}, heads={self.heads}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.positions == "rope" and (self.dim // self.heads) % 2:
+            raise ValueError(f"rotary positions need an even head size dim // heads, got {self.dim // self.heads}")
+        if self.mlp_hidden is None:
+            self.mlp_hidden = _default_mlp_hidden(self.dim)
+        _positive_int("mlp_hidden", self.mlp_hidden)
+        for name in ("eps", "rope_base"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+    @property
+    def seq_len(self) -> int:
+        """L = image_size * image_size * channels: the pixel tokens of one image."""
+        return self.image_size * self.image_size * self.channels
+
+    @property
+    def dim_head(self) -> int:
+        return self.dim // self.heads
+
+
+# --------------------------------------------------------------------------- the PyTorch twins of the layers
+
+
+class TorchRMSNorm(LayerNormModulate):
+    """:class:`genkernels.nn.LayerNormModulate` (rms=True, affine, no modulation) as PyTorch ops:
+    x * rsqrt(mean(x^2) + eps) * weight, in float32, cast back to x's dtype."""
+
+    def forward(self, x: torch.Tensor, shift=None, scale=None) -> torch.Tensor:
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x32.dtype)
+        return y.to(x.dtype)
+
+
+class TorchSwiGLU(SwiGLU):
+    """:class:`genkernels.nn.SwiGLU` as PyTorch ops: fc2(F.silu(a) * b)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.silu(a) * b)
+
+
+class TorchCausalSelfAttention(CausalSelfAttention):
+    """:class:`genkernels.nn.CausalSelfAttention` on F.scaled_dot_product_attention and a rotate-half RoPE."""
+
+    def _rotate(self, q, k, cos, sin):
+        def rotate(t):
+            half = cos.shape[-1]
+            a, b, rest = t[..., :half], t[..., half : 2 * half], t[..., 2 * half :]
+            c, s = cos.to(t.dtype), sin.to(t.dtype)
+            return torch.cat([a * c - b * s, b * c + a * s, rest], dim=-1)
+
+        return rotate(q), rotate(k)
+
+    def _attend(self, q, k, v):
+        lq, lkv = q.shape[2], k.shape[2]
+        if lq == lkv:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if lq == 1:  # decoding: the newest query sees every key
+            return F.scaled_dot_product_attention(q, k, v)
+        # SDPA's is_causal aligns top-left; the cache needs bottom-right.
+        i = torch.arange(lq, device=q.device)[:, None]
+        j = torch.arange(lkv, device=q.device)[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i + (lkv - lq))
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class Block(torch.nn.Module):
+    """Pre-norm transformer block: h + attn(norm1(h)), then + mlp(norm2(h)); (B, l, dim) -> (B, l, dim)."""
+
+    def __init__(self, config: ImageGPTConfig, backend: str | None, torch_layers: bool) -> None:
+        super().__init__()
+        norm = TorchRMSNorm if torch_layers else LayerNormModulate
+        attn = TorchCausalSelfAttention if torch_layers else CausalSelfAttention
+        mlp = TorchSwiGLU if torch_layers else SwiGLU
+        self.norm1 = norm(config.dim, config.eps, elementwise_affine=True, rms=True, backend=backend)
+        self.attn = attn(config.dim, config.heads, backend=backend)
+        self.norm2 = norm(config.dim, config.eps, elementwise_affine=True, rms=True, backend=backend)
+        self.mlp = mlp(config.dim, config.mlp_hidden, backend=backend)
+
+    def forward(self, h: torch.Tensor, rotary=None, cache: KVCache | None = None) -> torch.Tensor:
+        h = h + self.attn(self.norm1(h), rotary, cache)
+        return h + self.mlp(self.norm2(h))
+
+
+class ImageGPT(torch.nn.Module):
+    """An autoregressive, class-conditional transformer over quantized pixels (see the module doc).
+
+    Args:
+        image_size: H = W of the images; or an :class:`ImageGPTConfig`, which then gives every size (the
+            other size arguments are ignored).
+        channels: C (1 grey, 3 RGB).
+        levels: quantization levels per pixel value (the vocabulary), >= 2.
+        num_classes: class tokens; 0: unconditional (one start token).
+        dim: model width; depth: blocks; heads: attention heads (dim // heads channels each).
+        backend: backend of every fused op (None: scope / environment / auto).
+        torch_layers: the same network on plain PyTorch ops (same parameter names).
+        positions: "rope" (1-D rotary in every layer) or "learned" (pos_emb added to the inputs).
+        mlp_hidden: SwiGLU hidden size (None: 8/3 dim rounded up to a multiple of 8).
+        eps: RMSNorm epsilon; rope_base: rotary frequency base.
+
+    Parameters: tok_emb (levels, dim), class_emb (max(num_classes, 1), dim), pos_emb (L, dim) when
+    learned, blocks.{i}.{norm1, attn, norm2, mlp}, norm_out, head (Linear(dim, levels), no bias).
+    """
+
+    def __init__(
+        self,
+        image_size: int | ImageGPTConfig = 8,
+        channels: int = 1,
+        levels: int = 16,
+        num_classes: int = 10,
+        dim: int = 128,
+        depth: int = 4,
+        heads: int = 4,
+        backend: str | None = None,
+        torch_layers: bool = False,
+        *,
+        positions: str = "rope",
+        mlp_hidden: int | None = None,
+        eps: float = 1e-6,
+        rope_base: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        if isinstance(image_size, ImageGPTConfig):  # ImageGPT(config, ...): what with_torch_layers calls
+            cfg = image_size
+        else:
+            cfg = ImageGPTConfig(
+                image_size, channels, levels, num_classes, dim, depth, heads, positions, mlp_hidden, eps, rope_base
+            )
+        self.config, self.torch_layers = cfg, bool(torch_layers)
+        self.backend = None if torch_layers else _check_backend(backend)
+        self.tok_emb = torch.nn.Embedding(cfg.levels, cfg.dim)
+        self.class_emb = torch.nn.Embedding(max(cfg.num_classes, 1), cfg.dim)
+        if cfg.positions == "learned":
+            self.pos_emb = torch.nn.Parameter(torch.zeros(cfg.seq_len, cfg.dim))
+            self.rotary = None
+        else:
+            self.pos_emb = None
+            self.rotary = RotaryEmbedding(cfg.dim_head, cfg.seq_len, cfg.rope_base)
+        self.blocks = torch.nn.ModuleList(Block(cfg, self.backend, self.torch_layers) for _ in range(cfg.depth))
+        norm = TorchRMSNorm if torch_layers else LayerNormModulate
+        self.norm_out = norm(cfg.dim, cfg.eps, elementwise_affine=True, rms=True, backend=self.backend)
+        self.head = torch.nn.Linear(cfg.dim, cfg.levels, bias=False)
+        self._init_weights()
+
+    @classmethod
+    def from_config(cls, config: ImageGPTConfig, **kwargs) -> ImageGPT:
+        """ImageGPT(config, **kwargs) (kwargs: backend, torch_layers)."""
+        return cls(config, **kwargs)
+
+    def _init_weights(self) -> None:
+        """GPT-2's: N(0, 0.02) weights and embeddings, zero biases, residual projections scaled by
+        1 / sqrt(2 depth) so the residual stream's variance does not grow with depth."""
+        for m in self.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                torch.nn.init.normal_(m.weight, std=0.02)
+                if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                    torch.nn.init.zeros_(m.bias)
+        for block in self.blocks:
+            for proj in (block.attn.to_out[0], block.mlp.fc2):
+                torch.nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.config.depth))
+        if self.pos_emb is not None:
+            torch.nn.init.normal_(self.pos_emb, std=0.02)
+
+    # ----------------------------------------------------------------------- tokens <-> images
+
+    def quantize(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) in [-1, 1] -> tokens (B, L) int64 in [0, levels): round((x + 1) / 2 * (levels - 1)),
+        raster order, channels interleaved (values outside [-1, 1] clamp)."""
+        cfg = self.config
+        shape = (cfg.channels, cfg.image_size, cfg.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != shape:
+            raise ValueError(f"images must be (B, {', '.join(map(str, shape))}), got shape {tuple(images.shape)}")
+        t = torch.round((images.float().clamp(-1, 1) + 1) * ((cfg.levels - 1) / 2)).long()
+        return t.permute(0, 2, 3, 1).flatten(1)
+
+    def dequantize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L) -> images (B, C, H, W) float32 in [0, 1]: token / (levels - 1)."""
+        cfg = self.config
+        images = tokens.reshape(-1, cfg.image_size, cfg.image_size, cfg.channels).permute(0, 3, 1, 2)
+        return (images.float() / (cfg.levels - 1)).contiguous()
+
+    # ----------------------------------------------------------------------- the network
+
+    def _labels(self, labels, batch: int, device) -> torch.Tensor:
+        """The class-token indices (batch,) for ``labels`` (None only without classes)."""
+        classes = self.config.num_classes
+        if classes == 0:
+            if labels is not None:
+                raise ValueError("labels must be None for an unconditional model (num_classes=0)")
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        if labels is None:
+            raise ValueError(f"labels (B,) in [0, {classes}) are required: the model is class-conditional")
+        if not isinstance(labels, torch.Tensor) or labels.shape != (batch,) or labels.dtype.is_floating_point:
+            raise ValueError(f"labels must be an integer tensor of shape ({batch},), got {labels!r}")
+        return labels.to(device=device, dtype=torch.long)
+
+    def _run(self, x: torch.Tensor, start: int, caches: list[KVCache] | None) -> torch.Tensor:
+        """The blocks on embedded inputs x (B, l, dim) at positions start .. start + l - 1 -> hidden (B, l, dim)."""
+        length = x.shape[1]
+        rotary = None
+        if self.rotary is not None:
+            rotary = self.rotary(start, length)
+        else:
+            x = x + self.pos_emb[start : start + length].to(x.dtype)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rotary, None if caches is None else caches[i])
+        return x
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm_out(h))
+
+    def _inputs(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[class token, tok_emb(tokens)] (B, 1 + T, dim)."""
+        return torch.cat([self.class_emb(labels)[:, None], self.tok_emb(tokens)], dim=1)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits: tokens (B, T) int64 in [0, levels), 1 <= T <= L; labels (B,) in [0, num_classes)
+        (None when num_classes = 0) -> logits (B, T, levels) in the parameters' dtype, where logits[:, i]
+        predicts tokens[:, i] from the class and tokens[:, :i]."""
+        if tokens.dim() != 2 or not 1 <= tokens.shape[1] <= self.config.seq_len or tokens.dtype != torch.long:
+            raise ValueError(
+                f"tokens must be int64 (B, T) with 1 <= T <= L = {self.config.seq_len}, "
+                f"got {tokens.dtype} {tuple(tokens.shape)}"
+            )
+        labels = self._labels(labels, tokens.shape[0], tokens.device)
+        return self._logits(self._run(self._inputs(tokens[:, :-1], labels), 0, None))
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy (nats per token, float32) of images (B, C, H, W) in [-1, 1]
+        (genkernels.data's range) given their labels (B,) (None when num_classes = 0)."""
+        tokens = self.quantize(images)
+        logits = self(tokens, labels)
+        return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+
+    # ----------------------------------------------------------------------- sampling
+
+    def _sample_labels(self, n: int, labels, device) -> torch.Tensor | None:
+        classes = self.config.num_classes
+        if classes == 0:
+            if labels is not None:
+                raise ValueError("labels must be None for an unconditional model (num_classes=0)")
+            return None
+        if labels is None:
+            return torch.arange(n, device=device) % classes
+        if isinstance(labels, int) and not isinstance(labels, bool):
+            labels = torch.full((n,), labels, dtype=torch.long)
+        if not isinstance(labels, torch.Tensor) or labels.shape != (n,) or labels.dtype.is_floating_point:
+            raise ValueError(f"labels must be None, an int or an integer tensor of shape ({n},), got {labels!r}")
+        if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < classes):
+            raise ValueError(f"labels must be in [0, {classes}), got values {labels.min()} .. {labels.max()}")
+        return labels.to(device=device, dtype=torch.long)
+
+    def _draw(self, logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+        """One token per row of logits (n, levels) by inverse transform sampling with uniforms u (n,) in (0, 1]."""
+        if temperature == 0:
+            return logits.argmax(-1)
+        scores = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+        if top_k is not None and top_k < scores.shape[-1]:
+            kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        cdf = torch.softmax(scores, dim=-1).cumsum(-1)
+        # The first token whose cumulative probability reaches u * total; zero-probability tokens never
+        # are (u > 0), and the clamp guards the last one against rounding.
+        index = (cdf < u.to(cdf.dtype)[:, None] * cdf[:, -1:]).sum(-1)
+        return index.clamp_max(scores.shape[-1] - 1)
+
+    @torch.no_grad()
+    def sample_tokens(
+        self,
+        n: int,
+        labels: torch.Tensor | int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Draw n token sequences (n, L) int64, one token at a time; the arguments are those of :meth:`sample`."""
+        _positive_int("n", n)
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        levels, length = self.config.levels, self.config.seq_len
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= levels):
+            raise ValueError(f"top_k must be None or an int in [1, levels={levels}], got {top_k!r}")
+        param = self.head.weight
+        device = param.device
+        labels = self._sample_labels(n, labels, device)
+        gen = torch.Generator()
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+        # Every uniform up front, on the CPU: the same numbers in the same order on every path and device.
+        u = (1.0 - torch.rand(n, length, generator=gen, dtype=torch.float64)).to(device)
+        first = self.class_emb(torch.zeros(n, dtype=torch.long, device=device) if labels is None else labels)[:, None]
+        tokens = torch.zeros(n, length, dtype=torch.long, device=device)
+        caches = [block.attn.new_cache(n, length) for block in self.blocks] if use_cache else None
+        for t in range(length):
+            if use_cache:
+                x = first if t == 0 else self.tok_emb(tokens[:, t - 1 : t])
+                h = self._run(x, t, caches)
+            else:
+                x = torch.cat([first, self.tok_emb(tokens[:, :t])], dim=1)
+                h = self._run(x, 0, None)
+            logits = self._logits(h[:, -1:])[:, 0]
+            tokens[:, t] = self._draw(logits, u[:, t], temperature, top_k)
+        return tokens
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        labels: torch.Tensor | int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Sample n images (n, C, H, W) float32 in [0, 1].
+
+        Args:
+            n: number of images.
+            labels: the class of every image: (n,) integers, one int, or None (classes 0, 1, ... in turn;
+                must be None when num_classes = 0).
+            temperature: logits are divided by it; 0 takes the most likely token (greedy).
+            top_k: sample among the k most likely tokens only (None: all).
+            seed: seeds the one CPU torch.Generator all the randomness comes from (None: a random seed).
+            use_cache: decode with the KV cache (one token per step, attention with Lq = 1); False
+                recomputes the whole prefix every step. Both give the same tokens for the same seed,
+                up to ties flipped by floating-point rounding.
+        """
+        return self.dequantize(self.sample_tokens(n, labels, temperature, top_k, seed, use_cache))
+
+    def extra_repr(self) -> str:
+        extra = ", torch_layers=True" if self.torch_layers else ""
+        if self.backend is not None:
+            extra += f", backend={self.backend!r}"
+        return f"{self.config}{extra}"

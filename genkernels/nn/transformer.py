@@ -1,0 +1,315 @@
+"""Transformer layers on the fused ops: modulated norms, gated MLPs, rotary tables and causal attention
+with a key/value cache.
+
+    LayerNormModulate    y = norm(x) * (1 + scale) + shift          genkernels.ops.layer_norm_modulate
+    SwiGLU               fc2(silu(a) * b), [a; b] = fc1(x)           genkernels.ops.swiglu
+    GeluMLP              fc2(gelu_tanh(fc1(x)))                      genkernels.ops.gelu_tanh
+    RotaryEmbedding      cos / sin tables of 1-D positions           genkernels.ops.rope_frequencies
+    KVCache              preallocated keys and values of one attention layer, written in place
+    CausalSelfAttention  causal multi-head self-attention (optionally rotary, optionally cached)
+                         on genkernels.ops.attention(causal=True) and genkernels.ops.rope
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_backend, positive_int
+from ..ops.adaln import layer_norm_modulate
+from ..ops.attention import attention
+from ..ops.gated_mlp import gelu_tanh, swiglu
+from ..ops.rope import rope, rope_frequencies
+from .attention import Attention
+
+
+class LayerNormModulate(torch.nn.Module):
+    """LayerNorm (or RMSNorm) over the last dimension, then an optional per-sample modulation, in one op.
+
+    With xhat = (x - mean) / sqrt(var + eps) (LayerNorm) or x / sqrt(mean(x^2) + eps) (``rms=True``),
+    statistics in float32 over the last dimension D:
+
+        y = (xhat * weight + bias) * (1 + scale) + shift
+
+    weight (D,) (and bias (D,) unless ``rms``) exist only with ``elementwise_affine``; shift / scale are
+    given per call (None: no modulation). A plain RMSNorm is ``LayerNormModulate(D, rms=True,
+    elementwise_affine=True)`` called with x alone.
+
+    Args:
+        dim: D, the normalized (last) dimension.
+        eps: added to the variance (mean square for RMSNorm).
+        elementwise_affine: learn weight (ones) and, for LayerNorm, bias (zeros).
+        rms: RMSNorm (no mean subtraction, no bias) instead of LayerNorm.
+        backend: backend of the fused op (None: scope / environment / auto).
+        device, dtype: of the parameters.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        eps: float = 1e-6,
+        elementwise_affine: bool = False,
+        rms: bool = False,
+        backend: str | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        positive_int("dim", dim)
+        if not (isinstance(eps, (int, float)) and eps > 0):
+            raise ValueError(f"eps must be a positive number, got {eps!r}")
+        self.dim, self.eps, self.rms, self.elementwise_affine = dim, float(eps), bool(rms), bool(elementwise_affine)
+        self.backend = check_backend(backend)
+        factory = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = torch.nn.Parameter(torch.ones(dim, **factory))
+            self.bias = None if rms else torch.nn.Parameter(torch.zeros(dim, **factory))
+        else:
+            self.weight = self.bias = None
+
+    def forward(
+        self, x: torch.Tensor, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, L, D) -> y (B, L, D) in x's dtype; shift / scale None, (B, D) or (B, L, D)."""
+        return layer_norm_modulate(
+            x, self.weight, self.bias, shift, scale, eps=self.eps, rms=self.rms, backend=self.backend
+        )
+
+    def extra_repr(self) -> str:
+        extra = "" if self.backend is None else f", backend={self.backend!r}"
+        return f"{self.dim}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, rms={self.rms}{extra}"
+
+
+class SwiGLU(torch.nn.Module):
+    """Gated MLP: fc2(silu(a) * b) with [a; b] = fc1(x) split in halves along the last dimension.
+
+    fc1: Linear(dim, 2 * hidden), fc2: Linear(hidden, dim), bias in both only with ``bias``. The gate
+    silu(a) * b is one genkernels.ops.swiglu call (one read of fc1's output, one write).
+    (..., dim) -> (..., dim).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        bias: bool = False,
+        backend: str | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        positive_int("dim", dim)
+        positive_int("hidden", hidden)
+        self.backend = check_backend(backend)
+        factory = {"device": device, "dtype": dtype}
+        self.fc1 = torch.nn.Linear(dim, 2 * hidden, bias=bias, **factory)
+        self.fc2 = torch.nn.Linear(hidden, dim, bias=bias, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., dim) -> (..., dim)."""
+        return self.fc2(swiglu(self.fc1(x), backend=self.backend))
+
+
+class GeluMLP(torch.nn.Module):
+    """fc2(gelu_tanh(fc1(x))): the ViT / DiT MLP, with the tanh-approximated GELU as one fused op.
+
+    fc1: Linear(dim, hidden), fc2: Linear(hidden, dim), both with bias. (..., dim) -> (..., dim).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        backend: str | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        positive_int("dim", dim)
+        positive_int("hidden", hidden)
+        self.backend = check_backend(backend)
+        factory = {"device": device, "dtype": dtype}
+        self.fc1 = torch.nn.Linear(dim, hidden, **factory)
+        self.fc2 = torch.nn.Linear(hidden, dim, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., dim) -> (..., dim)."""
+        return self.fc2(gelu_tanh(self.fc1(x), backend=self.backend))
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """The cos / sin tables of 1-D rotary position embeddings for positions 0 .. max_len - 1.
+
+    cos, sin: (max_len, dim_head / 2) float32 buffers (not saved in the state_dict: they follow from the
+    arguments) from genkernels.ops.rope_frequencies; ``forward(start, length)`` gives the rows of
+    positions start .. start + length - 1, in the shape genkernels.ops.rope takes.
+    """
+
+    def __init__(self, dim_head: int, max_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        positive_int("max_len", max_len)
+        if isinstance(dim_head, bool) or not isinstance(dim_head, int) or dim_head < 2 or dim_head % 2:
+            raise ValueError(f"dim_head must be an even int >= 2 for rotary embeddings, got {dim_head!r}")
+        self.dim_head, self.max_len, self.base = dim_head, max_len, float(base)
+        cos, sin = rope_frequencies(torch.arange(max_len), dim_head, base=self.base)
+        self.register_buffer("cos", cos.float(), persistent=False)
+        self.register_buffer("sin", sin.float(), persistent=False)
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of positions start .. start + length - 1, each (length, dim_head / 2)."""
+        if start < 0 or length < 0 or start + length > self.max_len:
+            raise ValueError(
+                f"positions {start} .. {start + length - 1} are outside the table's 0 .. {self.max_len - 1}"
+            )
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+    def extra_repr(self) -> str:
+        return f"dim_head={self.dim_head}, max_len={self.max_len}, base={self.base}"
+
+
+class KVCache:
+    """The keys and values one attention layer has seen, in preallocated (B, heads, max_len, dim_head) tensors.
+
+    :meth:`append` writes the new keys / values in place after the ``length`` already held and returns
+    views of everything held so far; nothing is reallocated while decoding (so the tensors' addresses
+    stay fixed, as CUDA graphs need).
+
+    Args:
+        batch, heads, max_len, dim_head: the cache shape.
+        device, dtype: those of the keys and values it will hold.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        max_len: int,
+        dim_head: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        for name, value in (("batch", batch), ("heads", heads), ("max_len", max_len), ("dim_head", dim_head)):
+            positive_int(name, value)
+        self.k = torch.zeros(batch, heads, max_len, dim_head, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, heads, l, dim_head) at positions length .. length + l - 1; returns the views
+        (B, heads, length + l, dim_head) of every key and value held (length grows by l)."""
+        if k.shape != v.shape or k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]:
+            raise ValueError(
+                f"k and v must be (B, heads, l, dim_head) = ({self.k.shape[0]}, {self.k.shape[1]}, l, "
+                f"{self.k.shape[3]}), got k {tuple(k.shape)} and v {tuple(v.shape)}"
+            )
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} positions; appending {k.shape[2]} to {self.length}")
+        self.k[:, :, self.length : end].copy_(k)
+        self.v[:, :, self.length : end].copy_(v)
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reset(self) -> None:
+        """Forget every position (the tensors are kept and overwritten by the next appends)."""
+        self.length = 0
+
+
+class CausalSelfAttention(Attention):
+    """Causal multi-head self-attention: token i attends to tokens 0 .. i, with rotary positions and a
+    key/value cache as options.
+
+    With inner = heads * dim_head, on x (B, l, dim) holding positions p0 .. p0 + l - 1:
+
+        q, k, v = to_q(x), to_k(x), to_v(x)  split in heads        (B, heads, l, dim_head)
+        q, k = rope(q, k, cos, sin)                                 when ``rotary`` tables are given
+        k, v = cache.append(k, v)                                   with a cache: every key so far (p0 + l)
+        o = genkernels.ops.attention(q, k, v, causal=True)          bottom-right aligned: the l queries are
+                                                                    the last l positions, so a single query
+                                                                    (decoding) sees every cached key
+        out = to_out(merged heads of o)                             (B, l, dim)
+
+    Parameters are those of :class:`genkernels.nn.Attention` (to_q, to_k, to_v, to_out.0).
+
+    Args:
+        dim: channels of x and of the output.
+        heads: attention heads.
+        dim_head: channels per head (None: dim // heads, which must then divide dim).
+        bias: bias in to_q / to_k / to_v; out_bias: bias in to_out.0.
+        backend: backend of the attention and rope ops (None: scope / environment / auto).
+        device, dtype: of the parameters.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        dim_head: int | None = None,
+        bias: bool = False,
+        out_bias: bool = False,
+        *,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        positive_int("dim", dim)
+        positive_int("heads", heads)
+        if dim_head is None:
+            if dim % heads:
+                raise ValueError(f"heads must divide dim when dim_head is None, got dim={dim}, heads={heads}")
+            dim_head = dim // heads
+        positive_int("dim_head", dim_head)
+        super().__init__(
+            dim,
+            heads=heads,
+            dim_head=dim_head,
+            bias=bias,
+            out_bias=out_bias,
+            backend=check_backend(backend),
+            device=device,
+            dtype=dtype,
+        )
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` tokens, on the parameters'
+        device and dtype."""
+        w = self.to_k.weight
+        return KVCache(batch, self.heads, max_len, self.dim_head, device=w.device, dtype=w.dtype)
+
+    def _rotate(self, q, k, cos, sin):
+        return rope(q, k, cos, sin, backend=self.backend)
+
+    def _attend(self, q, k, v):
+        return attention(q, k, v, causal=True, backend=self.backend)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Attend causally over x (B, l, dim) (and the cache's earlier positions); returns (B, l, dim).
+
+        Args:
+            x: the tokens at positions p0 .. p0 + l - 1, p0 = cache.length (0 without a cache).
+            rotary: (cos, sin) (l, dim_head / 2) of those positions (:class:`RotaryEmbedding`), or None.
+            cache: a :class:`KVCache` (:meth:`new_cache`); this call's keys and values are appended to it.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.query_dim:
+            raise ValueError(f"x must be (B, l, dim={self.query_dim}), got shape {tuple(x.shape)}")
+        q = self._split_heads(self.to_q(x))
+        k = self._split_heads(self.to_k(x))
+        v = self._split_heads(self.to_v(x))
+        if rotary is not None:
+            q, k = self._rotate(q, k, *rotary)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        o = self._attend(q, k, v)
+        return self.to_out[1](self.to_out[0](o.transpose(1, 2).flatten(2)))

@@ -1,0 +1,271 @@
+"""The transformer layers (genkernels.nn.transformer) and ImageGPT: formulas, causality, the KV cache, the
+PyTorch twin, and sampling with and without the cache giving the same tokens."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genkernels.models._layers import with_torch_layers
+from genkernels.models.transformer import ImageGPT, ImageGPTConfig
+from genkernels.nn.transformer import (
+    CausalSelfAttention,
+    GeluMLP,
+    KVCache,
+    LayerNormModulate,
+    RotaryEmbedding,
+    SwiGLU,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = dict(dim=16, depth=2, heads=2)
+
+
+def tiny(**kwargs) -> ImageGPT:
+    torch.manual_seed(kwargs.pop("seed", 0))
+    return ImageGPT(image_size=4, **{**SMALL, **kwargs}).double().eval()
+
+
+# --------------------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_layer_norm_modulate_formula(rms):
+    torch.manual_seed(0)
+    layer = LayerNormModulate(12, eps=1e-5, elementwise_affine=True, rms=rms).double()
+    with torch.no_grad():
+        layer.weight.normal_()
+        if not rms:
+            layer.bias.normal_()
+    x = torch.randn(2, 5, 12, dtype=torch.float64) * 3 + 1
+    shift, scale = torch.randn(2, 12, dtype=torch.float64), torch.randn(2, 12, dtype=torch.float64)
+    if rms:
+        n = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * layer.weight
+    else:
+        n = F.layer_norm(x, (12,), layer.weight, layer.bias, eps=1e-5)
+    torch.testing.assert_close(layer(x), n)
+    torch.testing.assert_close(layer(x, shift, scale), n * (1 + scale[:, None]) + shift[:, None])
+    assert dict(layer.named_parameters()).keys() == ({"weight"} if rms else {"weight", "bias"})
+    assert not list(LayerNormModulate(12).parameters())
+
+
+def test_mlps_formulas():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    swiglu = SwiGLU(8, 6).double()
+    a, b = swiglu.fc1(x).chunk(2, dim=-1)
+    torch.testing.assert_close(swiglu(x), swiglu.fc2(F.silu(a) * b))
+    assert swiglu.fc1.weight.shape == (12, 8) and swiglu.fc1.bias is None
+    gelu = GeluMLP(8, 6).double()
+    torch.testing.assert_close(gelu(x), gelu.fc2(F.gelu(gelu.fc1(x), approximate="tanh")))
+
+
+def test_kv_cache_appends_in_place():
+    cache = KVCache(2, 3, 5, 4, dtype=torch.float64)
+    k_buffer = cache.k
+    k1, v1 = torch.randn(2, 3, 2, 4, dtype=torch.float64), torch.randn(2, 3, 2, 4, dtype=torch.float64)
+    k2, v2 = torch.randn(2, 3, 1, 4, dtype=torch.float64), torch.randn(2, 3, 1, 4, dtype=torch.float64)
+    cache.append(k1, v1)
+    k, v = cache.append(k2, v2)
+    assert cache.length == 3 and cache.k is k_buffer and k.data_ptr() == k_buffer.data_ptr()
+    torch.testing.assert_close(k, torch.cat([k1, k2], 2), rtol=0, atol=0)
+    torch.testing.assert_close(v, torch.cat([v1, v2], 2), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="the cache holds 5 positions; appending 3 to 3"):
+        cache.append(torch.zeros(2, 3, 3, 4), torch.zeros(2, 3, 3, 4))
+    with pytest.raises(ValueError, match=r"k and v must be \(B, heads, l, dim_head\) = \(2, 3, l, 4\)"):
+        cache.append(torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 4))
+    cache.reset()
+    assert cache.length == 0
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_causal_attention_cached_equals_full(rotary):
+    """Feeding a sequence in chunks through the cache gives the rows of one causal pass over all of it."""
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(16, heads=2).double()
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    table = RotaryEmbedding(8, 7) if rotary else None
+    full = layer(x, None if table is None else table(0, 7))
+    # Causal: the first rows do not see the later ones.
+    torch.testing.assert_close(layer(x[:, :3], None if table is None else table(0, 3)), full[:, :3])
+    cache = layer.new_cache(2, 7)
+    parts = []
+    for start, end in ((0, 3), (3, 4), (4, 5), (5, 7)):
+        parts.append(layer(x[:, start:end], None if table is None else table(start, end - start), cache))
+    torch.testing.assert_close(torch.cat(parts, 1), full)
+    with pytest.raises(ValueError, match="heads must divide dim"):
+        CausalSelfAttention(10, heads=4)
+    with pytest.raises(ValueError, match="positions 5 .. 7 are outside the table's 0 .. 6"):
+        RotaryEmbedding(8, 7)(5, 3)
+
+
+# --------------------------------------------------------------------------- ImageGPT
+
+
+def test_config_and_defaults():
+    model = ImageGPT()
+    cfg = model.config
+    assert (cfg.image_size, cfg.channels, cfg.levels, cfg.num_classes) == (8, 1, 16, 10)
+    assert (cfg.dim, cfg.depth, cfg.heads, cfg.positions, cfg.mlp_hidden, cfg.seq_len) == (128, 4, 4, "rope", 344, 64)
+    assert ImageGPTConfig.from_json(cfg.to_json()) == cfg
+    twin = with_torch_layers(model)  # ImageGPT(config, torch_layers=True) sharing the parameters
+    assert twin.torch_layers and twin.config == cfg and twin.head.weight is model.head.weight
+    assert len(model.blocks) == 4 and model.pos_emb is None and model.class_emb.weight.shape == (10, 128)
+    for kwargs, message in (
+        (dict(levels=1), "levels must be an int >= 2"),
+        (dict(num_classes=-1), "num_classes must be an int >= 0"),
+        (dict(dim=30, heads=4), "heads must divide dim"),
+        (dict(dim=12, heads=4), "rotary positions need an even head size"),
+        (dict(positions="alibi"), "positions must be one of"),
+        (dict(depth=0), "depth must be a positive int"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ImageGPT(**kwargs)
+
+
+def test_quantize_round_trip():
+    model = ImageGPT(image_size=2, channels=3, levels=5, dim=8, depth=1, heads=2)
+    tokens = torch.randint(0, 5, (3, 12))
+    images = model.dequantize(tokens)
+    assert images.shape == (3, 3, 2, 2) and images.min() >= 0 and images.max() <= 1
+    assert torch.equal(model.quantize(images * 2 - 1), tokens)
+    # Raster order, channels interleaved: token 1 is pixel (0, 0)'s second channel, token 3 pixel (0, 1)'s first.
+    assert images[0, 1, 0, 0] == tokens[0, 1] / 4 and images[0, 0, 0, 1] == tokens[0, 3] / 4
+    with pytest.raises(ValueError, match=r"images must be \(B, 3, 2, 2\)"):
+        model.quantize(torch.zeros(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_forward_is_causal_and_loss_is_cross_entropy(positions):
+    model = tiny(positions=positions)
+    tokens = torch.randint(0, 16, (3, 16))
+    labels = torch.tensor([0, 4, 9])
+    logits = model(tokens, labels)
+    assert logits.shape == (3, 16, 16) and logits.dtype == torch.float64
+    changed = tokens.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % 16
+    other = model(changed, labels)
+    torch.testing.assert_close(other[:, :6], logits[:, :6], rtol=0, atol=0)  # logits[:, i] sees tokens[:, :i]
+    assert (other[:, 6:] - logits[:, 6:]).abs().amax() > 1e-6
+    assert (model(tokens, torch.tensor([1, 4, 9]))[0] - logits[0]).abs().amax() > 1e-6  # the class token matters
+    torch.testing.assert_close(model(tokens[:, :4], labels), logits[:, :4])
+    images = model.dequantize(tokens) * 2 - 1
+    loss = model.loss(images, labels)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), tokens.flatten()).float())
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_torch_layers_twin_computes_the_same_function(positions):
+    model = tiny(positions=positions)
+    twin = ImageGPT(image_size=4, **SMALL, positions=positions, torch_layers=True).double().eval()
+    assert twin.state_dict().keys() == model.state_dict().keys()
+    twin.load_state_dict(model.state_dict())
+    tokens, labels = torch.randint(0, 16, (2, 16)), torch.tensor([3, 7])
+    torch.testing.assert_close(twin(tokens, labels), model(tokens, labels))
+    torch.testing.assert_close(twin.sample_tokens(3, seed=5), model.sample_tokens(3, seed=5), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, sample",
+    [
+        (dict(), dict()),
+        (dict(positions="learned"), dict(temperature=0.7, top_k=5)),
+        (dict(num_classes=0), dict(temperature=1.3)),
+        (dict(channels=3, levels=6, image_size=2), dict(labels=torch.tensor([2, 2, 0, 1]))),
+    ],
+)
+@pytest.mark.parametrize("torch_layers", [False, True])
+def test_sampling_with_and_without_cache_gives_the_same_tokens(kwargs, sample, torch_layers):
+    """float64, so rounding cannot flip a draw between the two paths; the same seed, the same tokens."""
+    torch.manual_seed(1)
+    model = ImageGPT(**{"image_size": 4, **SMALL, **kwargs}, torch_layers=torch_layers).double().eval()
+    cached = model.sample_tokens(4, seed=11, **sample)
+    assert cached.shape == (4, model.config.seq_len)
+    assert cached.min() >= 0 and cached.max() < model.config.levels
+    assert torch.equal(model.sample_tokens(4, seed=11, use_cache=False, **sample), cached)
+    assert torch.equal(model.sample_tokens(4, seed=11, **sample), cached)
+    assert not torch.equal(model.sample_tokens(4, seed=12, **sample), cached)
+
+
+def test_sampling_in_float32_matches_float64_cache_path():
+    """The float32 model with the cache draws the float64 model's tokens (no draw near a CDF boundary here)."""
+    torch.manual_seed(2)
+    model = ImageGPT(image_size=4, **SMALL, backend="reference").eval()
+    tokens32 = model.sample_tokens(4, seed=3)
+    assert torch.equal(model.sample_tokens(4, seed=3, use_cache=False), tokens32)
+    assert torch.equal(model.double().sample_tokens(4, seed=3), tokens32)
+
+
+def test_cached_decoding_logits_match_the_full_forward():
+    """What the cache path sampled, the full forward scores the same: greedy decoding picks each argmax."""
+    model = tiny()
+    labels = torch.tensor([0, 5])
+    tokens = model.sample_tokens(2, labels, temperature=0)
+    assert torch.equal(model(tokens, labels).argmax(-1), tokens)
+    assert torch.equal(model.sample_tokens(2, labels, temperature=0, seed=9, use_cache=False), tokens)
+    assert torch.equal(model.sample_tokens(2, labels, top_k=1, seed=4), tokens)  # top-1 is greedy
+
+
+def test_draw_follows_the_softmax():
+    """Inverse-transform sampling: frequencies match softmax(logits / T), masked outside the top k."""
+    model = tiny()
+    logits = torch.tensor([[2.0, 0.0, -1.0, 1.0, 0.5]], dtype=torch.float64).expand(40000, 5)
+    u = 1 - torch.rand(40000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for temperature, top_k in ((1.0, None), (0.5, 3)):
+        scores = logits[0] / temperature
+        if top_k is not None:
+            scores = scores.masked_fill(scores < scores.topk(top_k).values[-1], -math.inf)
+        probs = torch.softmax(scores, -1)
+        counts = torch.bincount(model._draw(logits, u, temperature, top_k), minlength=5).double() / 40000
+        assert (counts - probs).abs().max() < 0.01, (counts, probs)
+        if top_k is not None:
+            assert counts[probs == 0].sum() == 0
+
+
+def test_sample_images_and_errors():
+    model = tiny()
+    images = model.sample(3, labels=2, seed=0)
+    assert images.shape == (3, 1, 4, 4) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+    assert torch.equal(model.quantize(images * 2 - 1), model.sample_tokens(3, labels=2, seed=0))
+    for kwargs, message in (
+        (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+        (dict(top_k=17), r"top_k must be None or an int in \[1, levels=16\]"),
+        (dict(labels=10), r"labels must be in \[0, 10\)"),
+        (dict(labels=torch.zeros(2, dtype=torch.long)), r"integer tensor of shape \(3,\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            model.sample(3, **kwargs)
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        model.sample(0)
+    with pytest.raises(ValueError, match="labels .* are required"):
+        model(torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"tokens must be int64 \(B, T\) with 1 <= T <= L = 16"):
+        model(torch.zeros(1, 17, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must be None for an unconditional model"):
+        tiny(num_classes=0).sample(2, labels=1)
+
+
+def test_triton_backend_matches_the_reference():
+    """The model on the Triton kernels (interpreted on CPU): the reference's logits, gradients and cached
+    greedy decoding (rope on head-split views, attention with Lq = 1 on strided cache views)."""
+    torch.manual_seed(0)
+    ref = ImageGPT(image_size=2, dim=16, depth=1, heads=2, backend="reference")
+    tri = ImageGPT(image_size=2, dim=16, depth=1, heads=2, backend="triton")
+    tri.load_state_dict(ref.state_dict())
+    images, labels = torch.rand(2, 1, 2, 2) * 2 - 1, torch.tensor([1, 2])
+    losses = [m.loss(images, labels) for m in (ref, tri)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    for loss in losses:
+        loss.backward()
+    for (name, p), q in zip(ref.named_parameters(), tri.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    ref.eval(), tri.eval()
+    assert torch.equal(tri.sample_tokens(2, labels, temperature=0), ref.sample_tokens(2, labels, temperature=0))
