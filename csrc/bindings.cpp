@@ -25,6 +25,8 @@ using genkernels::CouplingProblem;
 using genkernels::GroupNormProblem;
 using genkernels::ModconvEpilogueProblem;
 using genkernels::ReparamProblem;
+using genkernels::RopeProblem;
+using genkernels::RopeTensor;
 using genkernels::StepProblem;
 
 namespace {
@@ -44,6 +46,11 @@ using AdalnTuple = std::tuple<uintptr_t, int64_t, int, bool>;
 AdalnTensor adaln_tensor(const AdalnTuple& t) {
   return AdalnTensor{std::get<0>(t), std::get<1>(t), std::get<2>(t), std::get<3>(t)};
 }
+
+// A rope operand as Python passes it: (address or 0, (batch, head, position) strides).
+using RopeTuple = std::tuple<uintptr_t, std::array<int64_t, 3>>;
+
+RopeTensor rope_tensor(const RopeTuple& t) { return RopeTensor{std::get<0>(t), std::get<1>(t)}; }
 
 GroupNormProblem problem(int64_t n, int64_t c, int64_t s, int64_t groups, bool channels_last, int dtype, int device,
                          int64_t l2_budget) {
@@ -460,4 +467,41 @@ PYBIND11_MODULE(_C, m) {
       "norm), dres = dx * gate, dgate = dx * res, dshift = dout, dscale = dout * n, dweight and dbias; per-token "
       "targets written elementwise, per-sample ones (contiguous float32 (B, D)) and dweight / dbias reduced from "
       "float32 partials in a fixed order. Any output may be 0. Never synchronizes.");
+  m.def(
+      "rope_rotate",
+      [](const RopeTuple& q, const RopeTuple& q_out, const RopeTuple& k, const RopeTuple& k_out, uintptr_t cos,
+         uintptr_t sin, int64_t cos_stride, int64_t sin_stride, int cos_dtype, int sin_dtype, int64_t batch,
+         int64_t heads_q, int64_t heads_k, int64_t length, int64_t head_dim, int64_t pairs, int dtype, int device,
+         bool interleaved, bool inverse, uintptr_t stream) {
+        genkernels::rope_rotate(RopeProblem{batch, heads_q, heads_k, length, head_dim, pairs, dtype, cos_dtype,
+                                            sin_dtype, cos_stride, sin_stride, device},
+                                rope_tensor(q), rope_tensor(q_out), rope_tensor(k), rope_tensor(k_out), cos, sin,
+                                interleaved, inverse, stream);
+      },
+      py::arg("q"), py::arg("q_out"), py::arg("k"), py::arg("k_out"), py::arg("cos"), py::arg("sin"),
+      py::arg("cos_stride"), py::arg("sin_stride"), py::arg("cos_dtype"), py::arg("sin_dtype"), py::arg("batch"),
+      py::arg("heads_q"), py::arg("heads_k"), py::arg("length"), py::arg("head_dim"), py::arg("pairs"),
+      py::arg("dtype"), py::arg("device"), py::arg("interleaved"), py::arg("inverse"), py::arg("stream"),
+      "Rotary position embedding of q (B, heads_q, L, Dh) and k (B, heads_k, L, Dh; heads_k 0: none) in one "
+      "launch: per pair (x1, x2) of row position l, o1 = x1 c - x2 s, o2 = x2 c + x1 s with c = cos[l, j], "
+      "s = sin[l, j] (negated when inverse), pairs (j, j + P) or (2j, 2j + 1) when interleaved, channels 2P.. "
+      "copied. Operands are (address or 0, (batch, head, position) strides) tuples with unit stride along Dh; "
+      "an output may be its input (in place). cos, sin: (L, P) tables with row strides cos_stride / sin_stride "
+      "in their own dtype codes. Launches on `stream`, never synchronizes.");
+  m.def("gelu_tanh_forward", &genkernels::gelu_tanh_forward, py::arg("n"), py::arg("dtype"), py::arg("device"),
+        py::arg("x"), py::arg("y"), py::arg("stream"),
+        "y = 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) over n elements of a dense x in memory order (y "
+        "with x's strides and dtype). Launches on `stream`, never synchronizes.");
+  m.def("gelu_tanh_grad", &genkernels::gelu_tanh_grad, py::arg("n"), py::arg("dtype"), py::arg("device"),
+        py::arg("dy"), py::arg("x"), py::arg("dx"), py::arg("stream"),
+        "dx = dy * gelu_tanh'(x) over n elements in memory order (dy, x and dx with one layout and dtype). "
+        "Launches on `stream`, never synchronizes.");
+  m.def("swiglu_forward", &genkernels::swiglu_forward, py::arg("rows"), py::arg("cols"), py::arg("dtype"),
+        py::arg("device"), py::arg("x"), py::arg("y"), py::arg("stream"),
+        "y = silu(a) * b for a contiguous x = (rows, 2, cols) = [a; b] per row, y contiguous (rows, cols). "
+        "Launches on `stream`, never synchronizes.");
+  m.def("swiglu_grad", &genkernels::swiglu_grad, py::arg("rows"), py::arg("cols"), py::arg("dtype"),
+        py::arg("device"), py::arg("dy"), py::arg("x"), py::arg("dx"), py::arg("stream"),
+        "dx = [dy b silu'(a); dy silu(a)] per row of a contiguous x = (rows, 2, cols), dy contiguous (rows, "
+        "cols), dx like x. Launches on `stream`, never synchronizes.");
 }

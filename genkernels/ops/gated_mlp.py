@@ -17,7 +17,9 @@ kernel (gelu_tanh) or a torch expression (swiglu); its derivative in x is a torc
 derivatives, gelu_tanh'' = S u' + 0.5 x S (u'' - 2 tanh(u) u'^2) (S = 1 - tanh^2 u) and
 silu''(a) = s (1 - s) (2 + a (1 - 2 s)) (s = sigmoid(a)).
 
-Fused backend interface (genkernels.triton.gated_mlp implements it; the CUDA kernels are not built yet):
+Fused backend interface (genkernels.triton.gated_mlp and genkernels.cuda.gated_mlp implement it; dispatch
+tries triton, then cuda, then the reference: neither fast backend has been measured on a GPU yet, so the
+order is not a speed ranking):
 
     gelu_tanh_not_supported(x) -> str | None
     gelu_tanh_forward(x) -> y              x dense (contiguous or channels_last), numel > 0; y like x
@@ -37,6 +39,7 @@ from torch import Tensor
 
 from .. import _registry
 from .._layout import dense_layout, match_layout
+from ..cuda import gated_mlp as _cuda
 from ..triton import gated_mlp as _triton
 
 GELU_OP = "gelu_tanh"
@@ -150,17 +153,29 @@ class _ReferenceKernels:
 # --------------------------------------------------------------------------- registry
 
 
-def _gelu_not_supported(x, **_rest) -> str | None:
-    return _triton.gelu_tanh_not_supported(x)
+def _gelu_not_supported(backend):
+    """A not_supported taking gelu_tanh's public arguments (as `genkernels.explain` passes them)."""
+
+    def not_supported(x, **_rest) -> str | None:
+        return backend.gelu_tanh_not_supported(x)
+
+    return not_supported
 
 
-def _swiglu_not_supported(x, dim=-1, **_rest) -> str | None:
-    return _triton.swiglu_not_supported(x, dim % max(x.dim(), 1))
+def _swiglu_not_supported(backend):
+    """A not_supported taking swiglu's public arguments, dim normalized to [0, x.dim())."""
+
+    def not_supported(x, dim=-1, **_rest) -> str | None:
+        return backend.swiglu_not_supported(x, dim % max(x.dim(), 1))
+
+    return not_supported
 
 
-_registry.register(GELU_OP, "triton", _gelu_not_supported, _triton)
+_registry.register(GELU_OP, "triton", _gelu_not_supported(_triton), _triton)
+_registry.register(GELU_OP, "cuda", _gelu_not_supported(_cuda), _cuda)
 _registry.register(GELU_OP, "reference", lambda *a, **k: None, _ReferenceKernels)
-_registry.register(SWIGLU_OP, "triton", _swiglu_not_supported, _triton)
+_registry.register(SWIGLU_OP, "triton", _swiglu_not_supported(_triton), _triton)
+_registry.register(SWIGLU_OP, "cuda", _swiglu_not_supported(_cuda), _cuda)
 _registry.register(SWIGLU_OP, "reference", lambda *a, **k: None, _ReferenceKernels)
 
 
@@ -365,7 +380,7 @@ def gelu_tanh(x: Tensor, *, backend: str | None = None) -> Tensor:
     Args:
         x: any shape, float32, float16 or bfloat16 (float64: reference only). Contiguous and channels_last
             run in place (y keeps the layout); other strides are copied once.
-        backend: "auto" / None, "reference" or "triton".
+        backend: "auto" / None, "reference", "triton" or "cuda".
 
     Returns y in x's dtype and shape. Differentiable in x to any order: the backward is one fused pass,
     itself differentiable. Under torch.compile the call goes through ``genkernels::gelu_tanh``.
@@ -391,7 +406,7 @@ def swiglu(x: Tensor, *, dim: int = -1, backend: str | None = None) -> Tensor:
         x: any shape with an even x.shape[dim] (the two projections concatenated), float32, float16 or
             bfloat16 (float64: reference only). Non-contiguous x is copied once.
         dim: the dim holding [a; b] (default the last: (B, L, 2 * hidden) -> (B, L, hidden)).
-        backend: "auto" / None, "reference" or "triton".
+        backend: "auto" / None, "reference", "triton" or "cuda".
 
     Returns y, contiguous, in x's dtype, x's shape with dim halved. Differentiable in x: the backward
     writes dx = [da; db] in one fused pass, itself differentiable. Under torch.compile the

@@ -18,7 +18,9 @@ j < dim/2; ``rope_frequencies_2d(height, width, dim, base)`` the axial tables of
 pairs j < dim/4 turn with the patch's row index (frequencies of a dim/2-channel rope), pairs dim/4 ..
 dim/2-1 with its column index.
 
-Fused backend interface (genkernels.triton.rope implements it; the CUDA kernels are not built yet):
+Fused backend interface (genkernels.triton.rope and genkernels.cuda.rope implement it; dispatch tries triton,
+then cuda, then the reference: neither fast backend has been measured on a GPU yet, so the order is not a
+speed ranking):
 
     not_supported(q, k, cos, sin, interleaved) -> str | None
     rotate(q, k, cos, sin, interleaved, inverse, q_out, k_out) -> None
@@ -37,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import _registry
+from ..cuda import rope as _cuda
 from ..triton import rope as _triton
 
 OP = "rope"
@@ -215,6 +218,7 @@ def _fast_not_supported(backend_not_supported):
 
 
 _registry.register(OP, "triton", _fast_not_supported(_triton.not_supported), _triton)
+_registry.register(OP, "cuda", _fast_not_supported(_cuda.not_supported), _cuda)
 _registry.register(OP, "reference", lambda *a, **k: None, _ReferenceKernels)
 
 
@@ -368,7 +372,7 @@ def rope(
         inplace: write the results into q and k (returned as they are). Refused, with an error, for a q
             or k that requires grad while grad mode is on: autograd would need the overwritten values.
         interleaved: pairs (2j, 2j + 1) (FLUX, RoFormer) instead of (j, j + P) (rotate_half: Llama, NeoX).
-        backend: "auto" / None, "reference" or "triton".
+        backend: "auto" / None, "reference", "triton" or "cuda".
 
     Returns (q_out, k_out) in q's dtype and shapes (k_out None without k); out of place they keep q's and
     k's strides where those are dense (else contiguous). Differentiable in q and k (to any order): the

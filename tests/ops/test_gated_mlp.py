@@ -15,7 +15,7 @@ from tests.criterion import assert_criterion
 from tests.op_inputs import skip_unsupported, to_layout
 
 GM = importlib.import_module("genkernels.ops.gated_mlp")
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 # The Triton interpreter mishandles bfloat16: bf16 runs on the GPU only.
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 pytestmark = pytest.mark.usefixtures("one_thread")

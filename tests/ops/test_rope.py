@@ -17,7 +17,7 @@ from tests.criterion import assert_criterion
 from tests.op_inputs import skip_unsupported
 
 RP = importlib.import_module("genkernels.ops.rope")
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 # The Triton interpreter mishandles bfloat16: bf16 runs on the GPU only.
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -318,4 +318,46 @@ void adaln_backward(const AdalnProblem& p, const AdalnTensor& h, const AdalnTens
                     const AdalnTensor& dscale, const AdalnTensor& dgate, uintptr_t dweight, uintptr_t dbias,
                     uintptr_t workspace, size_t workspace_bytes, bool rms, bool norm, uintptr_t stream);
 
+// A rotary position embedding problem (csrc/rope.cu): q (B, H, L, Dh) and k (B, Hk, L, Dh) rotated by the
+// (L, P) tables cos and sin (unit last stride, row strides cos_stride / sin_stride, float32, float16 or
+// bfloat16 each). One dtype for q, k and their outputs.
+struct RopeProblem {
+  int64_t batch, heads_q, heads_k, len, head_dim, pairs;  // B, H, Hk (0: no k), L, Dh (all > 0 but H, Hk), P
+  int dtype;                                              // DtypeCode of q, k and the outputs
+  int cos_dtype, sin_dtype;                               // DtypeCodes of the tables
+  int64_t cos_stride, sin_stride;                         // row strides of the tables, in elements
+  int device;                                             // CUDA device ordinal that holds the tensors
+};
+
+// One (B, H, L, Dh) operand of rope: device address (0: absent) and its (batch, head, position) strides in
+// elements (>= 0); the stride along Dh is 1.
+struct RopeTensor {
+  uintptr_t ptr;
+  std::array<int64_t, 3> strides;
+};
+
+// Per row position l and pair j < P, in float32: o1 = x1 c - x2 s, o2 = x2 c + x1 s with c = cos[l, j],
+// s = sin[l, j] (negated when inverse), pairs (j, j + P), or (2j, 2j + 1) when interleaved; channels 2P ..
+// Dh-1 copied bit for bit. Writes the rotation of q into q_out and of k into k_out (k may be absent:
+// heads_k 0) in one launch; an output may be its input (the same address and strides: in place).
+// Launches on `stream`, never synchronizes.
+void rope_rotate(const RopeProblem& p, const RopeTensor& q, const RopeTensor& q_out, const RopeTensor& k,
+                 const RopeTensor& k_out, uintptr_t cos, uintptr_t sin, bool interleaved, bool inverse,
+                 uintptr_t stream);
+
+// The MLP activations of transformer blocks (csrc/gated_mlp.cu), in float32, every tensor in dtype code
+// `dtype`. gelu_tanh: x (and y, dy, dx) dense, walked as n > 0 elements in memory order:
+//     y = 0.5 x (1 + tanh u),  u = sqrt(2 / pi) (x + 0.044715 x^3)
+//     dx = dy (0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) sqrt(2 / pi) (1 + 3 * 0.044715 x^2))
+// Launches on `stream`, never synchronizes.
+void gelu_tanh_forward(int64_t n, int dtype, int device, uintptr_t x, uintptr_t y, uintptr_t stream);
+void gelu_tanh_grad(int64_t n, int dtype, int device, uintptr_t dy, uintptr_t x, uintptr_t dx, uintptr_t stream);
+
+// swiglu: x contiguous (R, 2, M) = [a; b] per row, y and dy contiguous (R, M), dx like x (R, M > 0):
+//     y = silu(a) b = a sigmoid(a) b,   da = dy b silu'(a),  db = dy silu(a)
+// Launches on `stream`, never synchronizes.
+void swiglu_forward(int64_t rows, int64_t cols, int dtype, int device, uintptr_t x, uintptr_t y, uintptr_t stream);
+void swiglu_grad(int64_t rows, int64_t cols, int dtype, int device, uintptr_t dy, uintptr_t x, uintptr_t dx,
+                 uintptr_t stream);
+
 }  // namespace genkernels
