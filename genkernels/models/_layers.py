@@ -147,11 +147,19 @@ def with_torch_layers(model: torch.nn.Module) -> torch.nn.Module:
     """The same network as ``model`` on PyTorch's layers (``type(model)(model.config, torch_layers=True)``),
     sharing ``model``'s parameters: no copy, and an update to one is seen by the other.
 
-    Built on the meta device, then given ``model``'s parameter tensors (``load_state_dict(assign=True)``),
-    so it takes no time or memory of its own; same device, dtype and train/eval mode as ``model``.
-    Works for any model class here whose constructor takes ``(config, torch_layers=...)``.
+    Built on the meta device, then given ``model``'s parameter and buffer tensors
+    (``load_state_dict(assign=True)``, and the non-persistent buffers, which the state_dict does not
+    carry), so it takes no time or memory of its own; same device, dtype and train/eval mode as
+    ``model``. Works for any model class here whose constructor takes ``(config, torch_layers=...)``.
     """
     with torch.device("meta"):
         twin = type(model)(model.config, torch_layers=True)
-    twin.load_state_dict(model.state_dict(keep_vars=True), strict=True, assign=True)
+    state = model.state_dict(keep_vars=True)
+    twin.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers (tables such as rotary cos / sin) are not in the state_dict: share them too, or
+    # the twin would keep them on the meta device.
+    for name, buffer in model.named_buffers():
+        if name not in state:
+            owner, _, attr = name.rpartition(".")
+            twin.get_submodule(owner).register_buffer(attr, buffer, persistent=False)
     return twin.train(model.training)
