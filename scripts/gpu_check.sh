@@ -11,20 +11,25 @@
 # the ops in this order and splits that budget between them: group_norm 1 part, attention 2 (its
 # cases are heavier and FlexAttention compiles per case), then schedule_step (sampler steps),
 # reparam (reparameterize + KL of a VAE posterior), coupling (a flow's affine coupling and ActNorm,
-# and one Glow step), bias_act (StyleGAN's bias + leaky ReLU), half a part each, modconv
-# (StyleGAN2's modulated conv block at three config-f layer shapes, a torch.compile per case) 1
-# part, then the whole models: vae (SD VAE decode, with peak memory), gan (one StyleGAN2
-# generator forward at 256x256, with peak memory; its torch.compile, about 20 s, is its last
-# variant) and unet (an SD-like UNet step), half a part each; time one op leaves unused goes to
-# the next. The three whole-model ops come last, the UNet last of all: their torch.compile is the
-# longest (VAE decode about 16 s, the generator about 20 s, the UNet about 50 s), so a short
-# budget drops them first, the UNet before the others. Each op runs its cases most important
-# first (bf16 before fp16; attention: DiT/FLUX forward, its forward + backward, then SDXL ...;
-# reparam: fp32 and bf16 forwards, then forward + backward; coupling: fp32 and bf16 forwards,
-# inverses, forwards + backwards, then ActNorm, then the Glow step; bias_act: bf16 and fp32
-# forwards, then forward + backward; modconv: the three forwards, then the three forwards +
-# backwards; --quick, used when time is short, keeps only the coupling, bias_act and modconv
-# forwards) and reports those not started in time as "not run". Without a GPU (a dry run) it
+# and one Glow step), bias_act (StyleGAN's bias + leaky ReLU), adaln (a DiT's adaptive LayerNorm
+# and gated residual + norm at DiT-XL and FLUX shapes), rope (RoPE of q and k), half a part each,
+# modconv (StyleGAN2's modulated conv block at three config-f layer shapes, a torch.compile per
+# case) 1 part, imagegpt (ImageGPT sampling with the KV cache, tokens/s; no torch.compile) half a
+# part, then the whole models: dit (one DiT-XL/2 block forward at 4096 and 256 tokens), vae (SD VAE
+# decode, with peak memory), gan (one StyleGAN2 generator forward at 256x256, with peak memory; its
+# torch.compile, about 20 s, is its last variant) and unet (an SD-like UNet step), half a part each;
+# time one op leaves unused goes to the next. The whole-model ops come last, the UNet last of all:
+# their torch.compile is the longest (a DiT block, VAE decode about 16 s, the generator about 20 s,
+# the UNet about 50 s), so a short budget drops them first, the UNet before the others. Each op
+# runs its cases most important first (bf16 before fp16; attention: DiT/FLUX forward, its forward +
+# backward, then SDXL ...; reparam: fp32 and bf16 forwards, then forward + backward; coupling: fp32
+# and bf16 forwards, inverses, forwards + backwards, then ActNorm, then the Glow step; bias_act: bf16
+# and fp32 forwards, then forward + backward; adaln: layer_norm_modulate at DiT-XL and FLUX, the
+# fused pair, then the same forwards + backwards; rope: FLUX and DiT-XL forwards, then forwards +
+# backwards; modconv: the three forwards, then the three forwards + backwards; dit: 4096 tokens,
+# then 256; --quick, used when time is short, keeps only the coupling, bias_act, adaln, rope and
+# modconv forwards and dit's 4096-token case) and reports those not started in time as "not run".
+# Without a GPU (a dry run) it
 # skips the build and the GPU steps, and runs the CPU self-check of every backend.
 #
 # Files written (few on purpose: a GPU machine hands back at most 8 files from $OUT):

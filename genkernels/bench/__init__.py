@@ -24,11 +24,14 @@ against; every variant then gets a speedup vs the peer as well as vs eager.
 The ops (``runner.OPS``, in run order): ``group_norm`` (GroupNorm + SiLU), ``attention``,
 ``schedule_step`` (fused sampler steps), ``reparam`` (a VAE posterior's reparameterized sample and
 its KL), ``coupling`` (a normalizing flow's affine coupling and ActNorm, and one Glow step),
-``bias_act`` (StyleGAN's fused bias + leaky ReLU, forward and forward + backward), ``modconv``
-(StyleGAN2's modulated conv block: demodulation, convolution and the fused epilogue), and three
-whole models, ``vae`` (Stable Diffusion VAE decode, with peak memory), ``gan`` (a StyleGAN2
-generator forward at 256x256) and ``unet`` (one SD-like UNet step), which share ``_model`` (eager
-PyTorch layers, torch.compile, genkernels layers eager and in a CUDA graph, on the same weights).
+``bias_act`` (StyleGAN's fused bias + leaky ReLU, forward and forward + backward), ``adaln`` (a
+diffusion transformer's adaptive LayerNorm: layer_norm_modulate and the gated residual + norm, at
+DiT-XL and FLUX shapes), ``rope`` (rotary embedding of q and k), ``modconv`` (StyleGAN2's modulated
+conv block: demodulation, convolution and the fused epilogue), ``imagegpt`` (ImageGPT sampling
+throughput with the KV cache, tokens/s), and four whole-model ops, ``dit`` (one DiT-XL/2 block
+forward), ``vae`` (Stable Diffusion VAE decode, with peak memory), ``gan`` (a StyleGAN2 generator
+forward at 256x256) and ``unet`` (one SD-like UNet step), which share ``_model`` (eager PyTorch
+layers, torch.compile, genkernels layers eager and in a CUDA graph, on the same weights).
 
 Each variant is checked right after it is built (``core.run_variant``, and the pytest harness
 likewise), so a case may answer ``expected()`` for the variant built last: ``reparam``'s baselines

@@ -20,9 +20,24 @@ from .core import FULL_TIMING, QUICK_TIMING, CaseRecord, OpSummary, Timing, meas
 
 #: Ops with a benchmark module genkernels/bench/<op>.py (see the package docstring for what it defines), in
 #: run order: under a time budget the ops at the end are the first left out, so the whole-model cases, whose
-#: torch.compile takes the longest (VAE decode about 16 s, the StyleGAN2 generator, the UNet about 50 s), come
-#: last, the UNet last of all.
-OPS = ("group_norm", "attention", "schedule_step", "reparam", "coupling", "bias_act", "modconv", "vae", "gan", "unet")
+#: torch.compile takes the longest (a DiT block, VAE decode about 16 s, the StyleGAN2 generator, the UNet about
+#: 50 s), come last, the UNet last of all; ImageGPT's sampling (no torch.compile) comes just before them.
+OPS = (
+    "group_norm",
+    "attention",
+    "schedule_step",
+    "reparam",
+    "coupling",
+    "bias_act",
+    "adaln",
+    "rope",
+    "modconv",
+    "imagegpt",
+    "dit",
+    "vae",
+    "gan",
+    "unet",
+)
 
 
 def op_module(op: str) -> ModuleType:

@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 
 def test_registered_in_the_runner():
     """Both VAE-family ops run, the whole-model ones last (their compile is the longest), the UNet last of all."""
-    assert runner.OPS[-3:] == ("vae", "gan", "unet") and "reparam" in runner.OPS
+    assert runner.OPS[-5:] == ("imagegpt", "dit", "vae", "gan", "unet") and "reparam" in runner.OPS
     assert runner.op_module("vae") is vae and vae.OP == "vae" and vae.BUDGET_SHARE == 0.5
     assert runner.op_module("reparam").OP == "reparam" and runner.op_module("reparam").BUDGET_SHARE == 0.5
 

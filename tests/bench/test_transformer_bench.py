@@ -1,0 +1,336 @@
+"""The transformer family's benchmarks on CPU: adaln, rope, dit (one DiT block) and imagegpt (KV-cache sampling):
+their cases, the baseline formulas, the checks before timing, the goals on synthetic timings, the self-checks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from genkernels.bench import _model, adaln, core, dit, imagegpt, main, report, rope, runner
+from genkernels.ops import gated_residual_layer_norm_modulate_reference, layer_norm_modulate_reference, rope_reference
+
+from .test_bench import timed_record
+from .test_unet_bench import model_record
+
+CPU = torch.device("cpu")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_registered_in_the_runner():
+    """The memory-bound ops after bias_act, ImageGPT sampling before the whole models, the DiT block first of them."""
+    ops = runner.OPS
+    assert ops.index("adaln") == ops.index("bias_act") + 1 and ops.index("rope") == ops.index("adaln") + 1
+    assert ops[-5:] == ("imagegpt", "dit", "vae", "gan", "unet")
+    for name, module in (("adaln", adaln), ("rope", rope), ("dit", dit), ("imagegpt", imagegpt)):
+        assert runner.op_module(name) is module and module.OP == name and module.BUDGET_SHARE == 0.5
+
+
+# --------------------------------------------------------------------------- adaln
+
+
+def test_adaln_cases():
+    cases = adaln.cases()
+    assert [(c.params["kernel"], c.params["workload"], c.params["mode"]) for c in cases] == [
+        (which, w, mode) for mode in adaln.MODES for which in adaln.OPS for w in ("DiT-XL", "FLUX")
+    ]
+    assert [c.label for c in adaln.cases(quick=True)] == [c.label for c in cases[:4]]
+    assert len({c.label for c in cases}) == 8 and all(c.params["dtype"] == "bf16" for c in cases)
+    assert all(c.variant_names() == [core.EAGER, core.COMPILE, "triton", "cuda"] for c in cases)
+    # Bytes that must move: DiT-XL forward of layer_norm_modulate = x read + y written + shift, scale read.
+    n, bd = 2 * 4096 * 1152, 2 * 1152
+    assert cases[0].work == (2 * n + 2 * bd) * 2 == adaln.work_bytes(adaln.NORM, "fwd", (2, 4096, 1152))
+    for c in cases:
+        assert c.work == pytest.approx(adaln.work_bytes(c.params["kernel"], c.params["mode"], c.shape))
+    fused_bwd = next(c for c in cases if c.params["kernel"] == adaln.FUSED and c.params["mode"] == "fwd+bwd")
+    assert fused_bwd.params["row_tensors_moved"] == 10 and fused_bwd.params["modulation_tensors_moved"] == 9
+    # The floor at 4,000 GB/s: DiT-XL forward, 37.8 MB in 0.0094 ms (ANCHORS: torch.compile 0.037 ms on an H200).
+    assert core.floor_ms(cases[0].work, "GB/s", 4000.0) == pytest.approx(cases[0].work / 4e12 * 1e3)
+
+
+def test_adaln_formulas_are_the_ops():
+    """The eager baselines are the ops' specification (no affine, per-sample modulations), values and gradients."""
+    args, grads = adaln._inputs(adaln.FUSED, (2, 5, 12), torch.float64, CPU, seed=1)
+    x, y, gate, shift, scale = args
+    (got,) = adaln.eager_layer_norm_modulate(x, shift, scale)
+    torch.testing.assert_close(got, layer_norm_modulate_reference(x, shift=shift, scale=scale, eps=adaln.EPS))
+    got = adaln.eager_gated_residual_layer_norm_modulate(x, y, gate, shift, scale)
+    want = gated_residual_layer_norm_modulate_reference(x, y, gate, shift=shift, scale=scale, eps=adaln.EPS)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    for a in args:
+        a.requires_grad_(True)
+    mine = adaln._forward_backward(adaln.eager_gated_residual_layer_norm_modulate, args, grads)
+
+    def reference(*a):
+        return gated_residual_layer_norm_modulate_reference(*a[:3], shift=a[3], scale=a[4], eps=adaln.EPS)
+
+    for g, w in zip(mine, adaln._forward_backward(reference, args, grads)):
+        torch.testing.assert_close(g, w)
+    assert [t.shape for t in mine] == [(2, 5, 12)] * 2 + [(2, 12)] * 3
+
+
+@pytest.mark.parametrize("which", adaln.OPS)
+@pytest.mark.parametrize("mode", adaln.MODES)
+def test_adaln_case_end_to_end_on_cpu(which, mode):
+    """A small case through prepare and the variants, without timing: every output checked; a wrong eps fails;
+    cuda says why it cannot run."""
+    case = adaln.AdaLNCase(which, "small", (2, 6, 40), mode, dtype=torch.float32)
+    case.prepare(CPU)
+    try:
+        names = [e.name for e in case.expected()]
+        assert names == list(adaln._output_names(which, mode))
+        for name in (core.EAGER, "reference"):
+            v = case.variant(name)
+            check = core.compare(v.fn(), case.expected())
+            assert check.ok, (name, check.detail)
+        s = case._state
+
+        def wrong(*a):
+            if which == adaln.NORM:
+                return (layer_norm_modulate_reference(a[0], shift=a[1], scale=a[2], eps=1e-1),)
+            return gated_residual_layer_norm_modulate_reference(*a[:3], shift=a[3], scale=a[4], eps=1e-1)
+
+        assert not core.compare(adaln._forward_backward(wrong, s["args"], s["grads"]), case.expected()).ok
+        cuda = case.variant("cuda")
+        assert cuda.fn is None and "cuda" in cuda.skip.lower()
+    finally:
+        case.release()
+
+
+FAST = {core.EAGER: 0.08, core.COMPILE: 0.037, "triton": 0.012, "cuda": 0.015}
+
+
+@pytest.mark.parametrize(
+    ("ms", "passed"),
+    [
+        (FAST, [True, True, True]),
+        # 3.2x eager and 1.5x torch.compile, but 0.025 ms is 38% of the copy bandwidth on DiT-XL (floor 0.0094 ms).
+        ({core.EAGER: 0.08, core.COMPILE: 0.037, "triton": 0.025}, [True, True, False]),
+        ({core.EAGER: 0.08, core.COMPILE: 0.011, "triton": 0.012}, [True, False, True]),
+        ({core.EAGER: 0.03, core.COMPILE: 0.037, "triton": 0.012}, [False, True, True]),
+        ({core.EAGER: 0.08, core.COMPILE: 0.037}, [None, None, None]),
+    ],
+)
+def test_adaln_goals(ms, passed):
+    """The issue's goals on layer_norm_modulate's bf16 forward, per shape: 3x eager, 1.0x compile, 75% copy BW."""
+    records = [timed_record(c, ms) for c in adaln.cases() if c.params["workload"] == "DiT-XL"]
+    summary = adaln.summarize(records)
+    assert len(summary.goals) == 6 and [g.target for g in summary.goals[:3]] == [
+        ">= 3x",
+        ">= 1.0x",
+        ">= 75% of copy BW",
+    ]
+    assert [g.passed for g in summary.goals[:3]] == passed
+    assert all(g.passed is None and "did not run" in g.measured for g in summary.goals[3:])  # FLUX not run
+    assert summary.goals[0].name.startswith("layer_norm_modulate bf16 fwd DiT-XL 2x4096x1152")
+    assert len(summary.rows) == 4 * 4 and summary.rows[0][2] == core.EAGER
+
+
+def test_adaln_bandwidth_goal_picks_the_best_backend():
+    case = adaln.cases()[0]
+    floor = core.floor_ms(case.work, "GB/s", 4000.0)
+    rec = timed_record(case, {core.EAGER: 1.0, "triton": floor / 0.7, "cuda": floor / 0.8})
+    goal = adaln.bandwidth_goal(rec, "bw", 75.0)
+    assert goal.passed and goal.measured == "80% (cuda)"
+    assert adaln.bandwidth_goal(None, "bw", 75.0).passed is None
+
+
+# --------------------------------------------------------------------------- rope
+
+
+def test_rope_cases():
+    cases = rope.cases()
+    assert [(c.params["workload"], c.params["mode"]) for c in cases] == [
+        ("FLUX", "fwd"),
+        ("DiT-XL", "fwd"),
+        ("FLUX", "fwd+bwd"),
+        ("DiT-XL", "fwd+bwd"),
+    ]
+    assert [c.label for c in rope.cases(quick=True)] == [c.label for c in cases[:2]]
+    assert [c.shape for c in cases[:2]] == [(1, 24, 4608, 128), (2, 16, 4096, 72)]
+    q = math.prod((1, 24, 4608, 128)) * 2
+    assert cases[0].work == 4 * q + 2 * 4608 * 64 * 4 == rope.work_bytes("fwd", cases[0].shape)
+    assert cases[2].work == 8 * q + 2 * 2 * 4608 * 64 * 4
+    assert rope.summarize([]).goals == []  # reported: no goal in the issue
+
+
+def test_rope_formula_is_the_ops():
+    q, k, dqo, dko = rope._inputs((2, 3, 7, 8), torch.float64, CPU, seed=2)
+    cos, sin = rope.tables(7, 8, CPU)
+    full = rope.full_tables(cos, sin, torch.float64)
+    for got, want in zip(rope.eager_rope(q, k, *full), rope_reference(q, k, cos, sin)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("mode", rope.MODES)
+def test_rope_case_end_to_end_on_cpu(mode):
+    case = rope.RopeCase("small", (1, 2, 9, 16), mode, dtype=torch.float32)
+    case.prepare(CPU)
+    try:
+        for name in (core.EAGER, "reference"):
+            check = core.compare(case.variant(name).fn(), case.expected())
+            assert check.ok, (name, check.detail)
+        s = case._state
+        cos, sin = s["tables"]
+        swapped = rope._forward_backward(_ref, s["q"], s["k"], sin, cos, None)  # cos and sin swapped
+        if mode == "fwd":
+            assert not core.compare(swapped, case.expected()).ok
+        cuda = case.variant("cuda")
+        assert cuda.fn is None and cuda.skip
+    finally:
+        case.release()
+
+
+def _ref(q, k, cos, sin):
+    return rope_reference(q, k, cos, sin)
+
+
+# --------------------------------------------------------------------------- dit
+
+
+def test_dit_cases_and_flops():
+    cases = dit.cases()
+    assert [c.params["tokens"] for c in cases] == [4096, 256] and len(dit.cases(quick=True)) == 1
+    case = cases[0]
+    assert case.variant_names() == [core.EAGER, _model.GENKERNELS, _model.GRAPH, core.COMPILE]
+    assert case.params["dim"] == 1152 and case.params["heads"] == 16 and case.params["batch"] == 2
+    # Linear layers (qkv, proj, fc1, fc2; the (B, D) modulation is negligible) and attention's two matmuls.
+    rows, d = 2 * 4096, 1152
+    linear = 2 * rows * d * (3 * d + d + 2 * 4 * d)
+    attention = 4 * 2 * 16 * 4096 * 4096 * 72
+    assert case.work == pytest.approx(linear + attention, rel=1e-3)
+
+
+def test_dit_case_on_cpu():
+    """The tiny block in bf16: shared weights, the modulation re-drawn (gates not zero), eager and genkernels
+    within the criterion, the CUDA graph says why it cannot run."""
+    case = dit.DiTBlockCase("tiny", batch=2, size=4, backend="reference")
+    case.prepare(CPU)
+    try:
+        model, twin = case._state["model"], case._state["model_torch"]
+        assert twin.block.attn.qkv.weight is model.block.attn.qkv.weight and twin.block.torch_layers
+        assert model.block.modulation.weight.abs().max() > 0
+        x = case._state["inputs"][0]
+        (exp,) = case.expected()
+        assert (exp.truth - x.float()).abs().max() > 0.1  # not the identity
+        for name in (core.EAGER, _model.GENKERNELS):
+            assert core.compare(case.variant(name).fn(), case.expected()).ok, name
+        assert case.variant(_model.GRAPH).fn is None
+    finally:
+        case.release()
+
+
+@pytest.mark.parametrize(
+    ("ms", "passed"),
+    [
+        ({core.EAGER: 1.0, core.COMPILE: 0.8, _model.GENKERNELS: 0.9, _model.GRAPH: 0.7}, True),
+        ({core.EAGER: 1.0, core.COMPILE: 0.8, _model.GENKERNELS: 0.9, _model.GRAPH: 0.8}, False),
+        ({core.EAGER: 1.0, core.COMPILE: 0.8}, None),
+    ],
+)
+def test_dit_goals(ms, passed):
+    records = [model_record(c, ms) for c in dit.cases()]
+    summary = dit.summarize(records)
+    assert [g.passed for g in summary.goals] == [passed, passed]
+    assert [g.name for g in summary.goals] == [f"DiT block L={n}, genkernels vs eager" for n in (4096, 256)]
+    assert summary.goals[0].target.startswith(">= 1.3x")
+    assert len(summary.rows) == 8 and summary.rows[0][:2] == ["4096", core.EAGER]
+    assert [g.passed for g in dit.summarize(records[:1]).goals] == [passed, None]
+
+
+# --------------------------------------------------------------------------- imagegpt
+
+
+def test_imagegpt_case_and_flops():
+    (case,) = imagegpt.cases()
+    assert case.variant_names() == [core.EAGER, imagegpt.GENKERNELS, imagegpt.NO_CACHE]
+    assert case.tokens_per_call == 64 * 256 and case.params["model"]["dim"] == 512 and case.unit == "TFLOP/s"
+    # Per token and layer: qkv, out (4 d^2), SwiGLU (3 d h); the head; attention 4 d (t + 1) summed over t.
+    d, h, length, depth = 512, 1368, 256, 8
+    assert imagegpt.CONFIGS["bench"]["depth"] == depth
+    macs = depth * (4 * d * d + 3 * d * h) + d * 16
+    want = 64 * (2 * macs * length + depth * 4 * d * length * (length + 1) / 2)
+    assert case.work == pytest.approx(want, rel=0.02)
+
+
+def test_imagegpt_case_on_cpu(monkeypatch):
+    """core.run_case on the tiny model, the timer stubbed: every variant's logits checked, its tokens reproduced;
+    tokens/s in the summary; a model with a broken weight fails its check and is not timed."""
+    monkeypatch.setattr(core, "time_ms", lambda fn, timing=None: 10.0)
+    case = imagegpt.SamplingCase("tiny", batch=3, dtype=torch.float32, backend="reference", check_batch=2)
+    rec = core.run_case(case, CPU, core.QUICK_TIMING, core.Ceilings(1.0, 1.0))
+    assert {r.variant: r.status for r in rec.results} == dict.fromkeys(imagegpt.VARIANTS, "ok"), rec.results
+    assert rec.params["sequences_equal_to_eager"] == {imagegpt.GENKERNELS: 1.0, imagegpt.NO_CACHE: 1.0}
+    summary = imagegpt.summarize([rec])
+    rows = {r[0]: r for r in summary.rows}
+    assert rows[imagegpt.GENKERNELS][1:5] == ["10.0", f"{3 * 9 / 10e-3:,.0f}", "1.00x", "100%"]
+    assert summary.goals[0].passed is False  # 1.0x < 2x
+
+    case.prepare(CPU)
+    try:
+        with torch.no_grad():
+            case._state["model"].head.weight.mul_(1.5)  # after the truth was taken
+        with pytest.raises(RuntimeError, match="wrong numbers: teacher-forced KV-cache decode logits"):
+            case.variant(imagegpt.GENKERNELS)
+    finally:
+        case.release()
+
+
+@pytest.mark.parametrize(("gk_ms", "passed"), [(400.0, True), (600.0, False), (None, None)])
+def test_imagegpt_goal(gk_ms, passed):
+    (case,) = imagegpt.cases()
+    rec = core.record_of(case)
+    rec.results = [core.Result(core.EAGER, "baseline", "ok", ms=1000.0)]
+    if gk_ms is not None:
+        rec.results.append(core.Result(imagegpt.GENKERNELS, "genkernels", "ok", ms=gk_ms))
+    core.add_speedups(rec)
+    (goal,) = imagegpt.summarize([rec]).goals
+    assert goal.passed is passed and goal.target == ">= 2x"
+    assert imagegpt.summarize([]).goals[0].passed is None
+
+
+# --------------------------------------------------------------------------- self-checks and the command
+
+
+@pytest.mark.parametrize("module", [adaln, rope, dit, imagegpt])
+def test_self_check_reference_and_cuda(module):
+    check = module.self_check("reference")
+    assert check.status == "ok", check.detail
+    skipped = module.self_check("cuda")
+    assert skipped.status == "skipped" and "cuda" in skipped.detail.lower()
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="triton runs on CPU only under its interpreter")
+@pytest.mark.parametrize("module", [adaln, rope, dit, imagegpt])
+def test_self_check_triton_interpreted(module):
+    pytest.importorskip("triton")
+    check = module.self_check("triton")
+    assert check.status == "ok", check.detail
+    if module in (adaln, rope):
+        assert "fp32, fp16" in check.detail and "bf16" not in check.detail
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the path taken without a GPU")
+def test_main_without_gpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["--out", str(tmp_path), "--ops", "adaln,rope,dit,imagegpt", "--no-interpret"]) == 0
+    assert "No CUDA GPU is present" in capsys.readouterr().out
+    data = json.loads((tmp_path / "selfcheck.json").read_text())
+    checks = {(c["op"], c["backend"]): c["status"] for c in data["checks"]}
+    for op in ("adaln", "rope", "dit", "imagegpt"):
+        assert checks[op, "reference"] == "ok" and checks[op, "cuda"] == "skipped"
+
+
+def test_reports(tmp_path):
+    records = [timed_record(c, FAST) for c in adaln.cases()] + [timed_record(c, FAST) for c in rope.cases()]
+    meta = {"device": "test", "torch": torch.__version__}
+    summaries = [adaln.summarize(records), rope.summarize(records)]
+    report.write(tmp_path, meta, core.Ceilings(4000.0, 700.0), records, summaries, with_chart=False)
+    data = json.loads((tmp_path / report.JSON_NAME).read_text())
+    assert [c["op"] for c in data["cases"]] == ["adaln"] * 8 + ["rope"] * 4
+    text = (tmp_path / report.MARKDOWN_NAME).read_text()
+    assert all(t in text for t in ("10 row tensors", "RoPE of q and k, forward + backward", "PASS"))
