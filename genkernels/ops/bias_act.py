@@ -296,10 +296,13 @@ class _BiasActFunction(torch.autograd.Function):
         x, b32 = ctx.saved_tensors
         act, alpha, gain, clamp, dim, impl, bias_dtype = ctx.args
         dy = match_layout(dy, x)
-        want_bias = ctx.needs_input_grad[1]
-        dz, db32 = _BiasActGradFunction.apply(
-            dy, x, b32, act, alpha, gain, clamp, dim, impl, want_bias, ctx.needs_input_grad[0]
-        )
+        want_bias, need_dz = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
+        if torch.is_grad_enabled():  # create_graph: the gradient is differentiated again (R1)
+            dz, db32 = _BiasActGradFunction.apply(dy, x, b32, act, alpha, gain, clamp, dim, impl, want_bias, need_dz)
+        elif want_bias:  # a plain backward: the kernels directly, without building a graph node
+            dz, db32 = _grad_and_bias(dy, x, b32, act, alpha, gain, clamp, dim, impl, need_dz)
+        else:
+            dz, db32 = impl.grad(dy, x, b32, act, alpha, gain, clamp, dim, None), None
         dbias = db32.to(bias_dtype) if want_bias else None
         return dz, dbias, None, None, None, None, None, None
 
