@@ -26,11 +26,10 @@ float32 (C,) tensor.
     grad(dy, x, bias, act, alpha, gain, clamp, dim, out_dtype=None) -> dz
                                                                         one pass: dy, x read, dz written
                                                                         (in out_dtype, default x's)
-    grad_bias(dy, x, bias, act, alpha, gain, clamp, dim, need_dz) -> (dz | None, dbias)   (optional)
+    grad_bias(dy, x, bias, act, alpha, gain, clamp, dim, need_dz) -> (dz | None, dbias)
                                                                         one pass: dz in x's dtype and the
                                                                         float32 bias gradient reduced from
                                                                         the unrounded dz
-A backend without grad_bias gets the bias gradient from a float32 dz summed by torch (an extra pass).
 """
 
 from __future__ import annotations
@@ -67,8 +66,6 @@ def _check(x, bias, act, alpha, gain, clamp, dim) -> tuple[float, float, float |
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in DTYPES:
         raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if act not in ACTS:
-        raise ValueError(f"act must be one of {ACTS}, got {act!r}")
     if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < max(x.dim(), 1):
         raise ValueError(f"dim must be an int in [-{x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim!r}")
     dim = dim % x.dim() if x.dim() else 0
@@ -84,6 +81,14 @@ def _check(x, bias, act, alpha, gain, clamp, dim) -> tuple[float, float, float |
             raise TypeError(f"bias must be float32, float16, bfloat16 or float64, got {bias.dtype}")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}: use one device")
+    return (*act_params(act, alpha, gain, clamp), dim)
+
+
+def act_params(act, alpha, gain, clamp) -> tuple[float, float, float | None]:
+    """Check an activation and its parameters (as bias_act and the ops built on it take them); returns
+    (alpha, gain, clamp) with the defaults filled in (alpha 0.2; gain sqrt 2 for relu and lrelu, else 1)."""
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {ACTS}, got {act!r}")
     if alpha is None:
         alpha = DEFAULT_ALPHA
     elif not _real(alpha):
@@ -94,7 +99,7 @@ def _check(x, bias, act, alpha, gain, clamp, dim) -> tuple[float, float, float |
         raise ValueError(f"gain must be a finite float or None, got {gain!r}")
     if clamp is not None and not (_real(clamp) and clamp > 0):
         raise ValueError(f"clamp must be None or a finite float > 0, got {clamp!r}")
-    return float(alpha), float(gain), (None if clamp is None else float(clamp)), dim
+    return float(alpha), float(gain), (None if clamp is None else float(clamp))
 
 
 # --------------------------------------------------------------------------- reference
@@ -272,17 +277,6 @@ def _second_order(ddz, dy, x, b32, act, alpha, gain, clamp, dim, need_x, need_bi
     return (term.to(x.dtype) if need_x else None), (_sum_except(term, dim).to(b32.dtype) if need_bias else None)
 
 
-def _grad_and_bias(dy, x, b32, act, alpha, gain, clamp, dim, impl, need_dz):
-    """(dz in x's dtype or None, dbias float32 (C,)) from one fused pass where the backend has one
-    (``grad_bias``: the bias gradient reduced in the same pass from the unrounded dz), else from a float32
-    dz and a torch sum."""
-    fused = getattr(impl, "grad_bias", None)
-    if fused is not None:
-        return fused(dy, x, b32, act, alpha, gain, clamp, dim, need_dz)
-    dz32 = impl.grad(dy, x, b32, act, alpha, gain, clamp, dim, torch.float32)
-    return (dz32.to(x.dtype) if need_dz else None), _sum_except(dz32, dim)
-
-
 class _BiasActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, act, alpha, gain, clamp, dim, impl):
@@ -300,7 +294,7 @@ class _BiasActFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: the gradient is differentiated again (R1)
             dz, db32 = _BiasActGradFunction.apply(dy, x, b32, act, alpha, gain, clamp, dim, impl, want_bias, need_dz)
         elif want_bias:  # a plain backward: the kernels directly, without building a graph node
-            dz, db32 = _grad_and_bias(dy, x, b32, act, alpha, gain, clamp, dim, impl, need_dz)
+            dz, db32 = impl.grad_bias(dy, x, b32, act, alpha, gain, clamp, dim, need_dz)
         else:
             dz, db32 = impl.grad(dy, x, b32, act, alpha, gain, clamp, dim, None), None
         dbias = db32.to(bias_dtype) if want_bias else None
@@ -318,7 +312,7 @@ class _BiasActGradFunction(torch.autograd.Function):
         ctx.save_for_backward(dy, x, b32)
         ctx.args = (act, alpha, gain, clamp, dim, impl)
         if want_bias:
-            return _grad_and_bias(dy, x, b32, act, alpha, gain, clamp, dim, impl, need_dz)
+            return impl.grad_bias(dy, x, b32, act, alpha, gain, clamp, dim, need_dz)
         return impl.grad(dy, x, b32, act, alpha, gain, clamp, dim, None), x.new_empty((0,), dtype=torch.float32)
 
     @staticmethod
