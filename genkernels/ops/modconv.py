@@ -48,8 +48,6 @@ Fused backend interface (genkernels.triton.modconv and genkernels.cuda.modconv i
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -57,7 +55,8 @@ from .. import _registry
 from .._layout import dense_layout, match_layout
 from ..cuda import modconv as _cuda
 from ..triton import modconv as _triton
-from .bias_act import ACTS, DEFAULT_ALPHA, DEFAULT_GAIN, _act, _act_grad1, _clamp_mask
+from .bias_act import ACTS as ACTS  # the activations the epilogue takes (tests and callers read them here)
+from .bias_act import _act, _act_grad1, _clamp_mask, _real, act_params
 
 DEMOD_OP = "demodulation_coefficients"
 EPILOGUE_OP = "modconv_epilogue"
@@ -67,10 +66,6 @@ _DTYPE_NAMES = "float32, float16, bfloat16 or float64"
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _float_tensor(t, name: str, device: torch.device, like: str) -> None:
@@ -134,19 +129,7 @@ def _check_epilogue(y, dcoef, noise, noise_strength, bias, act, alpha, gain, cla
         _float_tensor(bias, "bias", y.device, "y")
         if tuple(bias.shape) != (c,):
             raise ValueError(f"bias must have shape ({c},) (y's C) or be None, got {tuple(bias.shape)}")
-    if act not in ACTS:
-        raise ValueError(f"act must be one of {ACTS}, got {act!r}")
-    if alpha is None:
-        alpha = DEFAULT_ALPHA
-    elif not _real(alpha):
-        raise ValueError(f"alpha must be a finite float or None, got {alpha!r}")
-    if gain is None:
-        gain = DEFAULT_GAIN.get(act, 1.0)
-    elif not _real(gain):
-        raise ValueError(f"gain must be a finite float or None, got {gain!r}")
-    if clamp is not None and not (_real(clamp) and clamp > 0):
-        raise ValueError(f"clamp must be None or a finite float > 0, got {clamp!r}")
-    return float(alpha), float(gain), (None if clamp is None else float(clamp))
+    return act_params(act, alpha, gain, clamp)
 
 
 # --------------------------------------------------------------------------- reference
@@ -596,7 +579,16 @@ def _epilogue_backward_op(
     clamp_ = clamp if has_clamp else None
     need_dcoef, need_bias = need_dcoef and dcoef is not None, need_bias and bias is not None
     need_strength, need_noise = need_strength and noise is not None, need_noise and noise is not None
-    impl = _ReferenceKernels if need_noise else _epilogue_impl(backend, y, dcoef, noise, bias, act)
+    if need_noise:
+        chosen = _registry.requested(backend or None)
+        if chosen not in ("auto", "reference"):  # as the eager path refuses it: no fast noise gradient
+            raise _registry.UnsupportedError(
+                f"modconv_epilogue: backend {chosen!r} cannot run this call: noise requires grad, and only the "
+                "reference computes the noise gradient"
+            )
+        impl = _ReferenceKernels
+    else:
+        impl = _epilogue_impl(backend, y, dcoef, noise, bias, act)
     if impl is _ReferenceKernels:
         grads = _epilogue_backward_reference(
             dout,
