@@ -21,6 +21,8 @@ from ._common import MAX_BLOCKS, device_guard, dtype_code, kernels_unavailable, 
 ACTS = {"linear": 0, "relu": 1, "lrelu": 2, "tanh": 3, "sigmoid": 4, "silu": 5, "gelu": 6}
 # Threads per block (kBiasActThreads); the scalar path has one element a thread.
 THREADS = 256
+# The bias dtypes the kernels read (genkernels.ops.bias_act casts any other to float32 first).
+BIAS_DTYPES = (torch.float32,)
 
 _SYMBOLS = ("bias_act_forward", "bias_act_grad", "bias_act_grad_bias_plan", "bias_act_grad_bias")
 

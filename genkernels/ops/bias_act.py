@@ -19,8 +19,11 @@ All arithmetic is float32 (float64 for float64 inputs on the reference).
 
 Fused backend interface (genkernels.triton.bias_act and genkernels.cuda.bias_act implement it): x
 dense (contiguous or channels last; anything else copied once), numel > 0, bias None or a contiguous
-float32 (C,) tensor.
+(C,) tensor of one of the backend's BIAS_DTYPES (the op casts any other bias to float32 first; the
+triton kernels read float32, float16 and bfloat16 biases as they are, which spares a cast kernel a
+call).
 
+    BIAS_DTYPES                                                         the bias dtypes read as they are
     not_supported(x, bias, act, dim) -> str | None
     forward(x, bias, act, alpha, gain, clamp, dim) -> y                  one pass: x read, y written
     grad(dy, x, bias, act, alpha, gain, clamp, dim, out_dtype=None) -> dz
@@ -28,8 +31,9 @@ float32 (C,) tensor.
                                                                         (in out_dtype, default x's)
     grad_bias(dy, x, bias, act, alpha, gain, clamp, dim, need_dz) -> (dz | None, dbias)
                                                                         one pass: dz in x's dtype and the
-                                                                        float32 bias gradient reduced from
-                                                                        the unrounded dz
+                                                                        bias gradient (bias's dtype)
+                                                                        reduced in float32 from the
+                                                                        unrounded dz
 """
 
 from __future__ import annotations
@@ -200,6 +204,7 @@ def _reference_grad(dy, x, bias, act, alpha, gain, clamp, dim, out_dtype=None):
 class _ReferenceKernels:
     """The reference formulas behind the fast backends' interface (the traced op uses it)."""
 
+    BIAS_DTYPES = DTYPES
     forward = staticmethod(_reference_forward)
     grad = staticmethod(_reference_grad)
 
@@ -255,69 +260,81 @@ _registry.register_probe(OP, _probe)
 # --------------------------------------------------------------------------- autograd (fast path)
 
 
+def _kernel_bias(impl, bias: Tensor | None) -> Tensor | None:
+    """The bias as ``impl``'s kernels read it: as it is when they take its dtype (and it is contiguous),
+    else a contiguous float32 copy. Called where autograd records the cast, so that gradients of any
+    order reach the caller's bias through it."""
+    if bias is None:
+        return None
+    if bias.dtype in impl.BIAS_DTYPES:
+        return bias.contiguous()
+    return bias.float().contiguous()
+
+
 def _sum_except(t: Tensor, dim: int) -> Tensor:
     """t summed over every dim but ``dim`` (t itself for a 1-D t)."""
     dims = [d for d in range(t.dim()) if d != dim]
     return t.sum(dims) if dims else t
 
 
-def _second_order(ddz, dy, x, b32, act, alpha, gain, clamp, dim, need_x, need_bias):
+def _second_order(ddz, dy, x, bias, act, alpha, gain, clamp, dim, need_x, need_bias):
     """d/dx and d/dbias of sum(ddz * dz) with dz = dy * gain * act'(z) * m: ddz * dy * gain * act''(z) * m
     (zero for the piecewise-linear activations), as torch expressions (differentiable again)."""
     if not (need_x or need_bias):
         return None, None
-    z = _pre(x, b32, dim)
+    z = _pre(x, bias, dim)
     second = _act_grad2(z, act)
     if second is None:  # piecewise-linear: act'' = 0 almost everywhere
-        return (torch.zeros_like(x) if need_x else None), (torch.zeros_like(b32) if need_bias else None)
+        return (torch.zeros_like(x) if need_x else None), (torch.zeros_like(bias) if need_bias else None)
     term = ddz.to(z.dtype) * dy.to(z.dtype) * gain * second
     mask = _clamp_mask(z, act, alpha, gain, clamp)
     if mask is not None:
         term = torch.where(mask, term, torch.zeros_like(term))
-    return (term.to(x.dtype) if need_x else None), (_sum_except(term, dim).to(b32.dtype) if need_bias else None)
+    return (term.to(x.dtype) if need_x else None), (_sum_except(term, dim).to(bias.dtype) if need_bias else None)
 
 
 class _BiasActFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bias, act, alpha, gain, clamp, dim, impl):
-        b32 = None if bias is None else bias.float().contiguous()
-        ctx.save_for_backward(x, b32)
-        ctx.args = (act, alpha, gain, clamp, dim, impl, None if bias is None else bias.dtype)
-        return impl.forward(x, b32, act, alpha, gain, clamp, dim)
+    def forward(ctx, x, kb, act, alpha, gain, clamp, dim, impl):
+        """kb: the bias as the kernels read it (:func:`_kernel_bias`), or None."""
+        ctx.save_for_backward(x, kb)
+        ctx.args = (act, alpha, gain, clamp, dim, impl)
+        return impl.forward(x, kb, act, alpha, gain, clamp, dim)
 
     @staticmethod
     def backward(ctx, dy):
-        x, b32 = ctx.saved_tensors
-        act, alpha, gain, clamp, dim, impl, bias_dtype = ctx.args
+        x, kb = ctx.saved_tensors
+        act, alpha, gain, clamp, dim, impl = ctx.args
         dy = match_layout(dy, x)
         want_bias, need_dz = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
         if torch.is_grad_enabled():  # create_graph: the gradient is differentiated again (R1)
-            dz, db32 = _BiasActGradFunction.apply(dy, x, b32, act, alpha, gain, clamp, dim, impl, want_bias, need_dz)
+            dz, db = _BiasActGradFunction.apply(dy, x, kb, act, alpha, gain, clamp, dim, impl, want_bias, need_dz)
         elif want_bias:  # a plain backward: the kernels directly, without building a graph node
-            dz, db32 = impl.grad_bias(dy, x, b32, act, alpha, gain, clamp, dim, need_dz)
+            dz, db = impl.grad_bias(dy, x, kb, act, alpha, gain, clamp, dim, need_dz)
         else:
-            dz, db32 = impl.grad(dy, x, b32, act, alpha, gain, clamp, dim, None), None
-        dbias = db32.to(bias_dtype) if want_bias else None
+            dz, db = impl.grad(dy, x, kb, act, alpha, gain, clamp, dim, None), None
+        dbias = db.to(kb.dtype) if want_bias else None  # no copy: the kernels write kb's dtype
         return dz, dbias, None, None, None, None, None, None
 
 
 class _BiasActGradFunction(torch.autograd.Function):
     """(dz, dbias) = (dy * gain * act'(z) * m, dz summed over every dim but ``dim``) in one fused pass,
-    differentiable in dy, x and bias. dbias (float32) only when ``want_bias`` (else an empty tensor); dz
-    (x's dtype) only when ``need_dz`` or without ``want_bias`` (else None)."""
+    differentiable in dy, x and bias (``kb``: the bias as the kernels read it). dbias (kb's dtype) only
+    when ``want_bias`` (else an empty tensor); dz (x's dtype) only when ``need_dz`` or without
+    ``want_bias`` (else None)."""
 
     @staticmethod
-    def forward(ctx, dy, x, b32, act, alpha, gain, clamp, dim, impl, want_bias, need_dz):
+    def forward(ctx, dy, x, kb, act, alpha, gain, clamp, dim, impl, want_bias, need_dz):
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(dy, x, b32)
+        ctx.save_for_backward(dy, x, kb)
         ctx.args = (act, alpha, gain, clamp, dim, impl)
         if want_bias:
-            return impl.grad_bias(dy, x, b32, act, alpha, gain, clamp, dim, need_dz)
-        return impl.grad(dy, x, b32, act, alpha, gain, clamp, dim, None), x.new_empty((0,), dtype=torch.float32)
+            return impl.grad_bias(dy, x, kb, act, alpha, gain, clamp, dim, need_dz)
+        return impl.grad(dy, x, kb, act, alpha, gain, clamp, dim, None), x.new_empty((0,), dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, ddz, ddb):
-        dy, x, b32 = ctx.saved_tensors
+        dy, x, kb = ctx.saved_tensors
         act, alpha, gain, clamp, dim, impl = ctx.args
         needs = ctx.needs_input_grad
         # dbias = sum of dz over every dim but dim: its incoming gradient broadcasts back onto dz's.
@@ -333,10 +350,10 @@ class _BiasActGradFunction(torch.autograd.Function):
         ddy = None
         if needs[0]:
             ddy, _ = _BiasActGradFunction.apply(
-                ddz.to(dy.dtype), x, b32, act, alpha, gain, clamp, dim, impl, False, True
+                ddz.to(dy.dtype), x, kb, act, alpha, gain, clamp, dim, impl, False, True
             )
             ddy = ddy.to(dy.dtype)
-        dx, db = _second_order(ddz, dy, x, b32, act, alpha, gain, clamp, dim, needs[1], needs[2])
+        dx, db = _second_order(ddz, dy, x, kb, act, alpha, gain, clamp, dim, needs[1], needs[2])
         return ddy, dx, db, None, None, None, None, None, None, None, None
 
 
@@ -499,7 +516,7 @@ def bias_act(
     chosen = _registry.select(OP, x, bias, act, dim, backend=backend)
     if chosen.name == "reference":
         return bias_act_reference(x, bias, act=act, alpha=alpha, gain=gain, clamp=clamp, dim=dim)
-    return _BiasActFunction.apply(x, bias, act, alpha, gain, clamp, dim, chosen.impl)
+    return _BiasActFunction.apply(x, _kernel_bias(chosen.impl, bias), act, alpha, gain, clamp, dim, chosen.impl)
 
 
 __all__ = ["ACTS", "DEFAULT_GAIN", "bias_act", "bias_act_reference"]

@@ -8,9 +8,13 @@ tuning BLOCK and the warp count per size with triton.autotune measured no gain o
 so that loads and stores of 16-byte vectors (eight bf16 / fp16 or four fp32 elements per thread access)
 cover contiguous memory, with no division for the data. The bias of flat element e is
 bias[(e // x.stride(dim)) % C], which holds in both dense layouts (channels_last has stride(1) == 1, a
-stride triton specializes, so the division folds away); the bias is a float32 (C,) gather that stays in
-L1 / L2. Offsets are 32-bit unless numel > 2^31 - BLOCK (the constexpr INDEX_64: then 64-bit, so that the
-masked tail of the last program cannot wrap).
+stride triton specializes, so the division folds away); the bias, a (C,) tensor in float32, float16 or
+bfloat16 (read in its own dtype: no cast kernel before the launch), is a gather that stays in L1 / L2.
+When x.stride(dim) is a multiple of BLOCK (contiguous NCHW from 64 x 64 up: every program's BLOCK
+elements lie in one channel), the channel is one scalar per program and the bias one scalar load
+(the constexpr UNIFORM_C) instead of an index and a gather per element. Offsets are 32-bit unless
+numel > 2^31 - BLOCK (the constexpr INDEX_64: then 64-bit, so that the masked tail of the last program
+cannot wrap).
 
 The activation is a constexpr (ACT: one specialization each), the bias and the clamp are constexpr
 flags; alpha (lrelu's slope), gain and clamp are float32 arguments. Arithmetic is float32, and accurate
@@ -21,7 +25,7 @@ tl.math.erf (libdevice erff on NVIDIA). Every formula stays finite for large |z|
 exponentials only ever see non-positive arguments, and underflow to 0 below -87.
 
 Forward, per element: z = x + b, y = act(z) * gain, then y = min(max(y, -clamp), clamp) (NaN passes,
-as in torch.clamp). Memory traffic: x read once, y written once, bias gathered (C * 4 bytes, cached).
+as in torch.clamp). Memory traffic: x read once, y written once, bias gathered (C elements, cached).
 
 Gradient map, per element: dz = dy * gain * act'(z) * m, m = (-clamp <= act(z) * gain <= clamp) when
 clamped (torch.clamp's gradient: passed at the bounds, zero outside and for NaN), else 1; act' is
@@ -33,10 +37,22 @@ Gradient map with the bias gradient (``grad_bias``): the same dz, plus dbias = d
 but ``dim``, in the same pass. Memory order is viewed as a matrix of R = numel / (C * inner) rows and
 Q = C * inner columns (inner = x.stride(dim): every dense layout is (outer, C, inner) in memory). A
 program reduces a tile of ROW_ITERS * RB rows by BQ columns in float32, from the unrounded dz: when BQ
-divides inner (contiguous NCHW and its like: a tile lies in one channel), to one partial per tile; else
-to one partial per column (channels_last: inner = 1). The partials are summed in a fixed order by a
-small torch reduction (deterministic, no atomics). Memory traffic: dy and x read once, dz written once
-(not at all when only dbias is wanted), plus the partials (at most about 1/16 of dz in float32).
+divides inner (contiguous NCHW and its like: a tile lies in one channel, whose bias is one scalar
+load), to one partial per tile; else to one partial per column (channels_last: inner = 1). A program
+walks several row tiles (up to TILE_ROW_ITERS with partials per tile, MAX_ROW_ITERS per column), so
+that its block-wide sum is amortized (at the benchmark's shape, NCHW: 4 tiles of 2,048). A second small
+kernel sums the partials of each channel in a fixed order (deterministic, no atomics) and writes dbias
+in the bias's dtype. Memory traffic: dy and x read once, dz written once (not at all when only dbias
+is wanted), plus the partials (at most about 1/16 of dz in float32).
+
+Instruction budget (why the channel is a scalar where it can be): at the H100's 3.0 TB/s, a bf16
+backward moves 6 bytes an element (dy, x read, dz written), 0.5 T elements/s, against the 132 SMs'
+issue rate of 4 warp instructions a cycle (about 30 T thread instructions/s at 1.755 GHz): about 59
+instructions an element before the issue rate, not memory, bounds the kernel. An index divided and a
+bias gathered per element, with 2-D masks, came to 452 SASS instructions per thread of 8 bf16 elements
+on sm_90 (57 an element: issue-bound); the scalar channel takes it to 212 (27), and four row tiles a
+program to 518 per 32 elements (16). `python -m tests.triton._compile_kernels --arch 90 --label anchor
+--sass` prints these counts (triton 3.6, sm_90).
 """
 
 from __future__ import annotations
@@ -52,6 +68,8 @@ MAX_BLOCK = 2048
 ACTS = {"linear": 0, "relu": 1, "lrelu": 2, "tanh": 3, "sigmoid": 4, "silu": 5, "gelu": 6}
 # Programs of a 1-D grid.
 MAX_PROGRAMS = 2**31 - 1
+# The bias dtypes the kernels read as they are (genkernels.ops.bias_act casts any other to float32).
+BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def not_supported(x: Tensor, bias: Tensor | None, act: str, dim: int) -> str | None:
@@ -74,15 +92,18 @@ def _launch_args(x: Tensor, bias: Tensor | None, act: str, alpha: float, gain: f
     n = x.numel()
     block = min(MAX_BLOCK, next_power_of_2(n))
     has_bias = bias is not None
+    stride_c = x.stride(dim) if has_bias else 1
     args = {
         "N": n,
-        "stride_c": x.stride(dim) if has_bias else 1,
+        "stride_c": stride_c,
         "C": x.shape[dim] if has_bias else 1,
         "alpha": float(alpha),
         "gain": float(gain),
         "clamp": float(clamp) if clamp is not None else 0.0,
         "ACT": ACTS[act],
         "HAS_BIAS": has_bias,
+        # Every program's BLOCK elements in one channel: one scalar bias load a program.
+        "UNIFORM_C": has_bias and stride_c % block == 0,
         "HAS_CLAMP": clamp is not None,
         "INDEX_64": n > 2**31 - MAX_BLOCK,
         "BLOCK": block,
@@ -97,8 +118,8 @@ def forward(
     """y = clamp(act(x + bias) * gain) in one pass over memory order.
 
     x: dense (contiguous or channels_last), float32, float16 or bfloat16, numel > 0. bias: None or a
-    contiguous float32 (C,) tensor, C = x.shape[dim], added along dim. act: a key of ACTS; alpha: lrelu's
-    slope; gain: output scale; clamp: None or > 0. Returns y, a new tensor with x's shape, strides and
+    contiguous (C,) tensor of a BIAS_DTYPES dtype, C = x.shape[dim], added along dim. act: a key of ACTS;
+    alpha: lrelu's slope; gain: output scale; clamp: None or > 0. Returns y, a new tensor with x's shape, strides and
     dtype. Reads x once, writes y once; never synchronizes with the host."""
     y = torch.empty_like(x)
     grid, args = _launch_args(x, bias, act, alpha, gain, clamp, dim)
@@ -130,10 +151,14 @@ def grad(
     return dz
 
 
-# Elements of one backward tile with the bias gradient (RB rows x BQ columns), and the most rows a program
-# walks (ROW_ITERS tiles) when partials are per column.
+# Elements of one backward tile with the bias gradient (RB rows x BQ columns); the most row tiles a program
+# walks (ROW_ITERS) with partials per column, and with partials per tile (4: 16 SASS instructions an element
+# in bf16 and 44 registers on sm_90, against 27 and 31 for one tile and 15 and 44 for eight); and the fewest
+# programs a per-tile launch keeps (8 per SM of an H100's 132: the last wave a small part of the launch).
 TILE = 2048
 MAX_ROW_ITERS = 16
+TILE_ROW_ITERS = 4
+MIN_PROGRAMS = 1056
 
 
 def _bias_grad_plan(x: Tensor, dim: int) -> dict:
@@ -154,9 +179,14 @@ def _bias_grad_plan(x: Tensor, dim: int) -> dict:
     if not per_tile:
         bq = min(TILE, next_power_of_2(q))
     rb = max(1, min(TILE // bq, next_power_of_2(r)))
-    row_iters = 1 if per_tile else max(1, min(MAX_ROW_ITERS, cdiv(r, rb * 64)))
-    row_progs = cdiv(r, rb * row_iters)
     col_progs = cdiv(q, bq)
+    if per_tile:  # as many row tiles a program as keep MIN_PROGRAMS programs (a power of two, for the tail)
+        row_iters = 1
+        while row_iters < TILE_ROW_ITERS and col_progs * cdiv(r, rb * row_iters * 2) >= MIN_PROGRAMS:
+            row_iters *= 2
+    else:
+        row_iters = max(1, min(MAX_ROW_ITERS, cdiv(r, rb * 64)))
+    row_progs = cdiv(r, rb * row_iters)
     return {
         "R": r,
         "Q": q,
@@ -182,8 +212,9 @@ def grad_bias(
     need_dz: bool = True,
 ) -> tuple[Tensor | None, Tensor]:
     """(dz, dbias) in one pass: dz as :func:`grad` gives it (x's dtype; None when ``need_dz`` is False,
-    then nothing is written) and dbias = dz summed over every dim but ``dim``, float32 (C,), from the
-    unrounded float32 dz, deterministic. bias: a contiguous float32 (C,) tensor (not None)."""
+    then nothing is written) and dbias = dz summed over every dim but ``dim``, (C,) in bias's dtype,
+    reduced in float32 from the unrounded dz, deterministic. bias: a contiguous (C,) tensor of a
+    BIAS_DTYPES dtype (not None). Two launches: the fused pass, and the fixed-order sum of its partials."""
     plan = _bias_grad_plan(x, dim)
     n = x.numel()
     dz = torch.empty_like(x) if need_dz else None
@@ -216,11 +247,22 @@ def grad_bias(
             num_warps=8 if plan["BQ"] * plan["RB"] >= 2048 else 4,
         )
     c, inner = plan["C"], plan["inner"]
-    if plan["PER_TILE"]:
-        dbias = partial.view(row_progs, c, inner // plan["BQ"]).sum((0, 2))
-    else:
-        dbias = partial.view(row_progs, c, inner).sum((0, 2))
+    per = inner // plan["BQ"] if plan["PER_TILE"] else inner  # partials of one channel in a row of them
+    dbias = torch.empty((c,), device=x.device, dtype=bias.dtype)
+    # Channels a program: about FINISH_PROGRAMS programs, each summing BLOCK_K terms of its channels at once.
+    block_c = min(next_power_of_2(c), next_power_of_2(cdiv(c, FINISH_PROGRAMS)))
+    block_k = max(1, min(FINISH_BLOCK // block_c, next_power_of_2(row_progs * per)))
+    with on_device(x):
+        _bias_grad_finish_kernel[(cdiv(c, block_c),)](
+            partial, dbias, row_progs, c, per, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=4
+        )
     return dz, dbias
+
+
+# The finishing kernel: partials summed a step per program, and the programs wanted (one per channel when
+# C is smaller).
+FINISH_BLOCK = 4096
+FINISH_PROGRAMS = 64
 
 
 if triton is not None:
@@ -300,18 +342,33 @@ if triton is not None:
             return _gelu_cdf(z) + z * (0.3989422804014327 * _exp(-0.5 * z * z))
 
     @triton.jit
-    def _preact(x_ptr, b_ptr, N, stride_c, C, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr):
-        """(offsets, mask, z = x + bias in float32) of this program's BLOCK flat elements."""
+    def _preact(
+        x_ptr,
+        b_ptr,
+        N,
+        stride_c,
+        C,
+        HAS_BIAS: tl.constexpr,
+        UNIFORM_C: tl.constexpr,
+        INDEX_64: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """(offsets, mask, z = x + bias in float32) of this program's BLOCK flat elements; with UNIFORM_C
+        (stride_c a multiple of BLOCK) the bias is one scalar load."""
         pid = tl.program_id(0)
         if INDEX_64:
-            offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            start = pid.to(tl.int64) * BLOCK
         else:
-            offs = pid * BLOCK + tl.arange(0, BLOCK)
+            start = pid * BLOCK
+        offs = start + tl.arange(0, BLOCK)
         mask = offs < N
         z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            c = (offs // stride_c) % C
-            z += tl.load(b_ptr + c, mask=mask, other=0.0)
+            if UNIFORM_C:
+                z += tl.load(b_ptr + (start // stride_c) % C).to(tl.float32)
+            else:
+                c = (offs // stride_c) % C
+                z += tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
         return offs, mask, z
 
     @triton.jit
@@ -327,6 +384,7 @@ if triton is not None:
         clamp,
         ACT: tl.constexpr,
         HAS_BIAS: tl.constexpr,
+        UNIFORM_C: tl.constexpr,
         HAS_CLAMP: tl.constexpr,
         INDEX_64: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -334,7 +392,7 @@ if triton is not None:
         """y of BLOCK consecutive elements; grid (ceil(N / BLOCK),).
 
         Memory traffic: x read once, y written once, bias gathered from cache."""
-        offs, mask, z = _preact(x_ptr, b_ptr, N, stride_c, C, HAS_BIAS, INDEX_64, BLOCK)
+        offs, mask, z = _preact(x_ptr, b_ptr, N, stride_c, C, HAS_BIAS, UNIFORM_C, INDEX_64, BLOCK)
         y = _act(z, alpha, ACT) * gain
         if HAS_CLAMP:
             # Comparisons rather than min / max, so that NaN passes as in torch.clamp.
@@ -355,6 +413,7 @@ if triton is not None:
         clamp,
         ACT: tl.constexpr,
         HAS_BIAS: tl.constexpr,
+        UNIFORM_C: tl.constexpr,
         HAS_CLAMP: tl.constexpr,
         INDEX_64: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -362,7 +421,7 @@ if triton is not None:
         """dz of BLOCK consecutive elements; grid (ceil(N / BLOCK),).
 
         Memory traffic: dy and x read once, dz written once, bias gathered from cache."""
-        offs, mask, z = _preact(x_ptr, b_ptr, N, stride_c, C, HAS_BIAS, INDEX_64, BLOCK)
+        offs, mask, z = _preact(x_ptr, b_ptr, N, stride_c, C, HAS_BIAS, UNIFORM_C, INDEX_64, BLOCK)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dz = dy * gain * _act_grad(z, alpha, ACT)
         if HAS_CLAMP:
@@ -395,12 +454,17 @@ if triton is not None:
         ROW_ITERS: tl.constexpr,
     ):
         """dz of ROW_ITERS * RB rows by BQ columns of the (R, Q) memory-order matrix, and their float32
-        sums: one partial per tile (PER_TILE) or per column; grid (ceil(Q / BQ), ceil(R / (RB ROW_ITERS)))."""
+        sums: one partial per tile (PER_TILE) or per column; grid (ceil(Q / BQ), ceil(R / (RB ROW_ITERS))).
+        With PER_TILE the tile lies in one channel: its bias is one scalar load, and a row of the tile is
+        BQ consecutive elements."""
         pid_q = tl.program_id(0)
         pid_r = tl.program_id(1)
         cols = pid_q * BQ + tl.arange(0, BQ)
         col_ok = cols < Q
-        b = tl.load(b_ptr + (cols // inner) % C, mask=col_ok, other=0.0)
+        if PER_TILE:
+            b = tl.load(b_ptr + ((pid_q * BQ) // inner) % C).to(tl.float32)
+        else:
+            b = tl.load(b_ptr + (cols // inner) % C, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         acc = tl.zeros((RB, BQ), tl.float32)
         for it in tl.static_range(ROW_ITERS):
             rows = (pid_r * ROW_ITERS + it) * RB + tl.arange(0, RB)
@@ -408,19 +472,37 @@ if triton is not None:
                 offs = rows.to(tl.int64)[:, None] * Q + cols[None, :]
             else:
                 offs = rows[:, None] * Q + cols[None, :]
-            mask = (rows < R)[:, None] & col_ok[None, :]
-            z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + b[None, :]
+            if PER_TILE:  # BQ divides Q: every column of the tile is in range
+                mask = (rows < R)[:, None]
+            else:
+                mask = (rows < R)[:, None] & col_ok[None, :]
+            z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + b
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             dz = dy * gain * _act_grad(z, alpha, ACT)
             if HAS_CLAMP:
                 y = _act(z, alpha, ACT) * gain
                 dz = tl.where((y >= -clamp) & (y <= clamp), dz, 0.0)
-            dz = tl.where(mask, dz, 0.0)
             if STORE_DZ:
                 tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-            acc += dz
+            acc += tl.where(mask, dz, 0.0)
         colsum = tl.sum(acc, axis=0)
         if PER_TILE:
             tl.store(part_ptr + pid_r * part_width + pid_q, tl.sum(colsum, axis=0))
         else:
             tl.store(part_ptr + pid_r * part_width + cols, colsum, mask=col_ok)
+
+    @triton.jit
+    def _bias_grad_finish_kernel(part_ptr, out_ptr, ROWS, C, PER, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+        """out[c] = the sum of partials[r, c * PER + j] over r < ROWS and j < PER, in float32 and a fixed
+        order, stored in out's dtype; grid (ceil(C / BLOCK_C),). The K = ROWS * PER terms of a channel
+        are walked BLOCK_K at a time (k = r * PER + j)."""
+        chans = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        chan_ok = chans < C
+        acc = tl.zeros((BLOCK_K, BLOCK_C), tl.float32)
+        for k0 in range(0, ROWS * PER, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            r = k // PER
+            offs = r[:, None] * (C * PER) + chans[None, :] * PER + (k - r * PER)[:, None]
+            mask = (k < ROWS * PER)[:, None] & chan_ok[None, :]
+            acc += tl.load(part_ptr + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + chans, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=chan_ok)

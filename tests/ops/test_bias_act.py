@@ -129,6 +129,40 @@ def test_bias_gradient_tiles(backend, shape, layout, dim, per_tile, need_dx, dev
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_dtype, bias_dtype", [(torch.float16, torch.float16), (torch.float32, torch.float64)])
+def test_bias_dtypes(backend, x_dtype, bias_dtype, device):
+    """A bias in its own dtype (read as it is by the triton kernels, cast to float32 for the cuda ones and
+    for a float64 bias): outputs and gradients to second order, the bias's included, under the criterion,
+    and dbias in the bias's dtype."""
+    x, bias = _inputs((2, 4, 3, 5), x_dtype, device)
+    bias = bias.to(bias_dtype)
+    skip_unsupported(backend, BA.OP, x, bias, "silu")
+    _check(backend, x, bias, order=2, act="silu")
+    leaf = bias.detach().requires_grad_(True)
+    (db,) = torch.autograd.grad(bias_act(x, leaf, act="silu", backend=backend).sum(), leaf)
+    assert db.dtype == bias_dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (3, 2, 64, 64)])
+def test_channel_uniform_tiles(backend, shape, device, monkeypatch):
+    """Inner sizes that are multiples of the triton tiles (the NCHW layers from 64 x 64 up): the bias is one
+    scalar a program, and the backward walks several row tiles a program (a partial row tile at the end
+    of (3, 2, 64, 64)), the programs' floor lowered so that these small shapes take that path too."""
+    x, bias = _inputs(shape, torch.float16, device)
+    skip_unsupported(backend, BA.OP, x, bias, "lrelu")
+    if backend == "triton":
+        from genkernels.triton import bias_act as tba
+
+        monkeypatch.setattr(tba, "MIN_PROGRAMS", 1)
+        _, args = tba._launch_args(x, bias, "lrelu", 0.2, 1.0, None, 1)
+        assert args["UNIFORM_C"]
+        plan = tba._bias_grad_plan(x, 1)
+        assert plan["PER_TILE"] and plan["ROW_ITERS"] == tba.TILE_ROW_ITERS
+    _check(backend, x, bias, act="lrelu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act", ACTS)
 def test_double_backward(backend, act, device):
     """The R1 penalty's path: gradients of a gradient, against the reference under the criterion."""

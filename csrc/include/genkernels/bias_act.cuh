@@ -151,7 +151,9 @@ __device__ __forceinline__ float act_grad(float z, float alpha) {
   }
 }
 
-// z[i] = x[e + i] + bias[((e + i) / stride_c) % C] for i < W: one division, then stepped.
+// z[i] = x[e + i] + bias[((e + i) / stride_c) % C] for i < W (e a multiple of W): one division, then
+// one bias value for the whole vector when stride_c is a multiple of W (contiguous NCHW: the vector lies
+// in one channel), else stepped element by element (channels_last).
 template <class D, int W>
 __device__ __forceinline__ void load_preact(const BiasActArgs& a, int64_t e, float (&z)[W]) {
   load_stream<D, W>(a.x, e, z);
@@ -159,12 +161,18 @@ __device__ __forceinline__ void load_preact(const BiasActArgs& a, int64_t e, flo
     int64_t q, r, wraps, c;
     split_index(e, a.stride_c, q, r);
     split_index(q, a.channels, wraps, c);
+    if (W > 1 && (a.stride_c & (W - 1)) == 0) {
+      const float b = __ldg(a.bias + c);
 #pragma unroll
-    for (int i = 0; i < W; ++i) {
-      z[i] += __ldg(a.bias + c);
-      if (++r == a.stride_c) {
-        r = 0;
-        if (++c == a.channels) c = 0;
+      for (int i = 0; i < W; ++i) z[i] += b;
+    } else {
+#pragma unroll
+      for (int i = 0; i < W; ++i) {
+        z[i] += __ldg(a.bias + c);
+        if (++r == a.stride_c) {
+          r = 0;
+          if (++c == a.channels) c = 0;
+        }
       }
     }
   }
