@@ -5,6 +5,7 @@ decorates kernels and the test process has it set; here it must be unset so that
 ``JITFunction``s (the interpreter accepts code that the compiler rejects):
 
     python -m tests.triton._compile_kernels --report report.json [--shard 0/2] [--arch 90] [--dry-run | --every]
+    python -m tests.triton._compile_kernels --report report.json --arch 90 --label bench --label anchor --sass
 
 It calls ``group_norm_forward`` / ``group_norm_backward`` with CPU tensors for the shapes, layouts, dtypes
 and flags of the test suite and of the benchmark, so the planner picks the launches a GPU call would
@@ -48,6 +49,14 @@ small calls are workloads on sm_90 (the first launch of each kernel in each comp
 selector sees the scale modes 2 to 4 as one class of SCALE.
 
 ``--every`` compiles every distinct specialization instead (minutes; for a GPU machine's many cores).
+
+``--label L`` (repeatable) keeps only the calls of that label ("bench": the benchmark's shapes; "anchor":
+bias_act's ANCHORS shape). ``--sass`` also counts each variant's SASS instructions (static, per thread,
+NOPs left out) and the elements each thread handles (the first tensor argument's numel over the threads
+launched), and prints a table of them: for a memory-bound kernel, instructions an element against the
+issue budget (an SM issues 4 warp instructions a cycle; at an H100's 3 TB/s and 1.755 GHz a kernel
+moving B bytes an element has about 10 * B instructions an element before the issue rate bounds it).
+For kernels without loops the static count is the count each thread executes.
 
 Shards split the chosen launches between processes. The JSON report lists each compiled specialization
 (kernel, target, constexprs, registers, stack and local bytes, shared memory, vector widths of global
@@ -679,8 +688,8 @@ def run_modconv_call(mc, call: ModconvCall) -> None:
 @dataclass
 class BiasActCall:
     """One bias_act call (genkernels.triton.bias_act, genkernels.ops.bias_act's fused backend interface) on
-    x of ``shape`` in ``layout`` with a bias along dim 1: the forward, the gradient map, and the gradient
-    map with the bias gradient, with and without dz."""
+    x of ``shape`` in ``layout`` with a bias along dim 1 (in ``bias_dtype``, default x's): the forward, the
+    gradient map, and the gradient map with the bias gradient, with and without dz."""
 
     label: str
     shape: tuple[int, ...]
@@ -689,6 +698,7 @@ class BiasActCall:
     act: str = "lrelu"
     clamp: bool = False
     workload: tuple[int, ...] = ()
+    bias_dtype: torch.dtype | None = None
 
     def __str__(self) -> str:
         return f"{self.label} bias_act {tuple(self.shape)} {str(self.dtype)[6:]} {self.layout} {self.act}" + (
@@ -698,20 +708,21 @@ class BiasActCall:
 
 def bias_act_calls() -> Iterator[BiasActCall]:
     """The bias_act sweep: the benchmark's shape (ANCHORS: (32, 512, 64, 64)) in bf16 and float32, both
-    layouts, on every target; then every activation with the clamp, and odd sizes in fp16, on sm_90."""
+    layouts, on every target (the bias in x's dtype); then every activation with the clamp, and odd sizes
+    in fp16 with a float32 bias, on sm_90."""
     for dtype in (torch.bfloat16, torch.float32):
         for layout in ("contiguous", "channels_last"):
             yield BiasActCall("anchor", (32, 512, 64, 64), dtype, layout, workload=ALL_ARCHS)
     for act in ("linear", "relu", "tanh", "sigmoid", "silu", "gelu"):
         yield BiasActCall("act", (2, 16, 8, 8), torch.float32, act=act, clamp=True, workload=MAIN_ARCHS)
     for layout in ("contiguous", "channels_last"):
-        yield BiasActCall("odd", (3, 5, 7, 3), torch.float16, layout, workload=MAIN_ARCHS)
+        yield BiasActCall("odd", (3, 5, 7, 3), torch.float16, layout, workload=MAIN_ARCHS, bias_dtype=torch.float32)
 
 
 def run_bias_act_call(ba, call: BiasActCall) -> None:
     """The forward and backward launches of ``call``."""
     x = _tensor(call.shape, call.dtype, call.layout)
-    bias = torch.empty(call.shape[1], dtype=torch.float32)
+    bias = torch.empty(call.shape[1], dtype=call.bias_dtype or call.dtype)
     args = (bias, call.act, 0.2, 1.4, 256.0 if call.clamp else None, 1)
     ba.forward(x, *args)
     dy = torch.empty_like(x)
@@ -927,6 +938,37 @@ def _resources(cuobjdump: str | None, cubin: bytes, workdir: str) -> dict:
     return usage
 
 
+def _sass_counts(cuobjdump: str | None, compiled, grid, args, workdir: str) -> dict:
+    """SASS instructions of the kernel (static, NOPs left out), and the elements a thread handles (the first
+    tensor argument's numel over the threads the grid launches)."""
+    if cuobjdump is None:
+        return {}
+    path = os.path.join(workdir, "kernel.cubin")
+    with open(path, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
+    ops = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass, re.M)
+    counts = {"sass_instructions": sum(op != "NOP" for op in ops)}
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if tensors:
+        threads = math.prod(grid) * compiled.metadata.num_warps * 32
+        counts["elements_per_thread"] = round(tensors[0].numel() / threads, 2)
+    return counts
+
+
+def _print_sass(report: dict) -> None:
+    """The --sass table: kernel, call, registers, SASS instructions a thread, elements a thread, a ratio."""
+    rows = [v for v in report.get("variants", []) if "sass_instructions" in v]
+    print(f"{'kernel':34} {'sm':>3} {'regs':>4} {'SASS':>6} {'elem/thr':>8} {'SASS/elem':>9}  call")
+    for v in sorted(rows, key=lambda v: (v["call"], v["kernel"])):
+        per = v.get("elements_per_thread") or 0
+        ratio = f"{v['sass_instructions'] / per:9.1f}" if per else f"{'-':>9}"
+        print(
+            f"{v['kernel'][:34]:34} {v['arch']:>3} {v.get('registers', -1):>4} {v['sass_instructions']:>6} "
+            f"{per:>8g} {ratio}  {v['call']}"
+        )
+
+
 def _accesses(ptx: str, op: str) -> list[str]:
     """Distinct global loads or stores of the PTX by vector form and width: 'v4.b32', 'b16', ..."""
     forms = set()
@@ -960,7 +1002,16 @@ def _check_toolchain(arch: int) -> None:
         ) from error
 
 
-def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run: bool, every: bool) -> dict:
+def compile_all(
+    archs: list[int],
+    shard: int,
+    shards: int,
+    workdir: str,
+    dry_run: bool,
+    every: bool,
+    labels: tuple[str, ...] = (),
+    sass: bool = False,
+) -> dict:
     if triton is None:
         raise Unsupported("triton is not installed")
     try:
@@ -1057,6 +1108,7 @@ def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run
             "shared_bytes": compiled.metadata.shared,
             "max_shared_bytes": MAX_SHARED_BYTES[arch],
             "compile_s": round(seconds, 3),
+            **(_sass_counts(cuobjdump, compiled, grid, args, workdir) if sass else {}),
             "loads": _accesses(ptx, "ld"),
             "stores": _accesses(ptx, "st"),
             **_resources(cuobjdump, compiled.asm["cubin"], workdir),
@@ -1075,6 +1127,8 @@ def compile_all(archs: list[int], shard: int, shards: int, workdir: str, dry_run
             state.update(arch=arch, selector=Selector(arch, every))
             for make_calls, run in sweeps:
                 for call in make_calls():
+                    if labels and call.label not in labels:
+                        continue
                     state["call"] = call
                     state["selector"].new_call()
                     run(call)
@@ -1099,6 +1153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard", default="0/1", help="I/N: compile every Nth chosen launch from the Ith")
     parser.add_argument("--dry-run", action="store_true", help="choose launches, compile nothing")
     parser.add_argument("--every", action="store_true", help="compile every distinct specialization (minutes)")
+    parser.add_argument("--label", action="append", default=[], help="only the calls of this label (repeatable)")
+    parser.add_argument("--sass", action="store_true", help="count SASS instructions and print a table")
     args = parser.parse_args(argv)
     shard, shards = map(int, args.shard.split("/"))
     workdir = tempfile.mkdtemp(prefix="genkernels-compile-")
@@ -1107,7 +1163,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         report = compile_all(
-            args.arch or sorted(PROFILES, reverse=True), shard, shards, workdir, args.dry_run, args.every
+            args.arch or sorted(PROFILES, reverse=True),
+            shard,
+            shards,
+            workdir,
+            args.dry_run,
+            args.every,
+            tuple(args.label),
+            args.sass,
         )
     except Unsupported as reason:
         report = {"skip": str(reason)}
@@ -1116,6 +1179,8 @@ def main(argv: list[str] | None = None) -> int:
     report["seconds"] = round(time.perf_counter() - start, 2)
     with open(args.report, "w") as f:
         json.dump(report, f, indent=1, default=str)
+    if args.sass:
+        _print_sass(report)
     return 0
 
 
