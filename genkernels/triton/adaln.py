@@ -33,8 +33,15 @@ from genkernels.triton._common import cdiv, next_power_of_2, on_device, sm_count
 # Widest row held in registers (BLOCK_D = next_pow2(D)).
 MAX_D = 16384
 # Elements of one forward / backward tile (BLOCK_R rows x BLOCK_D columns; at least one row).
-FORWARD_TILE = 4096
+FORWARD_TILE = 2048
 BACKWARD_TILE = 2048
+# Forward tile elements per warp: 32 a thread. A forward program pays a fixed cost a thread (the row offsets
+# and the sample's, two block-wide reductions, the statistics' stores) that 8 elements a thread did not
+# amortize: at DiT-XL's (8192, 1152) bf16, 384 SASS instructions a thread of 4.5 real elements (85 an
+# element, against the about 40 that 4 bytes an element allow at an H100's copy bandwidth before the issue
+# rate bounds it); one row a program of 2 warps takes it to 33 (FLUX's D = 3072: 46 to 25). Counted by
+# `python -m tests.triton._compile_kernels --arch 90 --label bench --sass` (triton 3.6, sm_90).
+FORWARD_ELEMENTS_PER_WARP = 1024
 # Backward programs per SM (each leaves a partial row per column gradient).
 PROGRAMS_PER_SM = 2
 # Partial slots of the backward's column gradients.
@@ -57,6 +64,10 @@ def not_supported(x: Tensor) -> str | None:
 
 def _num_warps(elements: int) -> int:
     return min(16, max(1, elements // 256))
+
+
+def _forward_warps(elements: int) -> int:
+    return min(16, max(1, elements // FORWARD_ELEMENTS_PER_WARP))
 
 
 def _per_token(t: Tensor | None, rows: int) -> bool:
@@ -111,7 +122,7 @@ def _forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm):
             SCALE_TOKEN=_per_token(scale, rows),
             BLOCK_R=block_r,
             BLOCK_D=block_d,
-            num_warps=_num_warps(block_r * block_d),
+            num_warps=_forward_warps(block_r * block_d),
         )
     return h, out, mean, rstd
 
