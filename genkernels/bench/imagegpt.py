@@ -10,9 +10,13 @@ time budget (a sampling call is 256 dependent steps; the timer needs about ten c
 Variants, on the same weights:
 
 - ``eager``: the model on PyTorch ops (``ImageGPT(config, torch_layers=True)``: F.scaled_dot_product_attention,
-  the RMSNorm formula, F.silu, a rotate-half RoPE), sampling with the KV cache;
+  the RMSNorm formula, F.silu, a rotate-half RoPE), sampling with the KV cache, launching every kernel from
+  Python (``cuda_graph=False``);
+- ``eager + CUDA graph``: the same with each decoding step replayed as a captured CUDA graph
+  (``cuda_graph=True``), for reference: what the graphs alone buy PyTorch ops;
 - ``genkernels``: the model on genkernels layers (layer_norm_modulate, rope, attention with Lq = 1, swiglu;
-  auto backend), sampling with the KV cache;
+  auto backend), sampling with the KV cache, kernels launched from Python;
+- ``genkernels + CUDA graph``: the same with the graphs, what ``sample`` does by default on a GPU;
 - ``genkernels (no cache)``: the same model recomputing the whole prefix every step, for reference.
 
 Correctness before timing. When a variant is built, its model's logits are checked under the test
@@ -23,14 +27,17 @@ max|ref - truth| + 1e-2. A variant outside it fails and is not timed. Its first 
 then the expected output of its timed calls (the same seed must give the same tokens: nothing may leak
 from one call to the next). Tokens of different variants may differ: a logit rounded differently flips a
 draw near a boundary, and the sequence diverges from there; the share of sequences identical to eager's is
-reported (``params["sequences_equal_to_eager"]``).
+reported (``params["sequences_equal_to_eager"]``), and so is the share of a graphed variant's sequences
+identical to the same layers' ungraphed ones (``params["sequences_equal_without_graph"]``: the graphs replay
+the same kernels on the same shapes, so 100% is expected).
 
 Rate: TFLOP/s of the useful work of cached decoding, counted analytically: per token and layer the linear
 layers' 2 * (multiply-adds), the attention's 4 * dim * (keys so far), the head; the floor is that at the
 bf16 matmul rate measured in the run (decoding at batch 64 is far from it: launch latency and the KV
 cache's reads bound it). The summary shows tokens/s = 64 * 256 / seconds per call.
 
-Goal (the issue's): genkernels with the KV cache at least 2x eager's tokens/s.
+Goal (the issue's): genkernels with the KV cache at least 2x eager's tokens/s, on the faster of the two
+genkernels cached variants; each is reported.
 """
 
 from __future__ import annotations
@@ -61,9 +68,15 @@ OP = "imagegpt"
 BUDGET_SHARE = 0.5
 
 GENKERNELS = "genkernels"
+GK_GRAPH = "genkernels + CUDA graph"
+EAGER_GRAPH = "eager + CUDA graph"
 NO_CACHE = "genkernels (no cache)"
-VARIANTS = (EAGER, GENKERNELS, NO_CACHE)
-GK_VARIANTS = (GENKERNELS, NO_CACHE)
+VARIANTS = (EAGER, EAGER_GRAPH, GENKERNELS, GK_GRAPH, NO_CACHE)
+GK_VARIANTS = (GENKERNELS, GK_GRAPH, NO_CACHE)
+#: Variants replaying CUDA graphs (GPU only), and the variant each must agree with token for token.
+GRAPHED = {EAGER_GRAPH: EAGER, GK_GRAPH: GENKERNELS}
+#: The variants the goal is taken on (the faster).
+GOAL_VARIANTS = (GENKERNELS, GK_GRAPH)
 EAGER_GOAL = 2.0
 
 #: The benchmarked model (ImageGPT's arguments) and the tiny one of the CPU self-check.
@@ -120,9 +133,9 @@ def decode_logits(model: Any, tokens: torch.Tensor, labels: torch.Tensor, use_ca
     return torch.stack(out, dim=1)
 
 
-def sample(model: Any, n: int, use_cache: bool, seed: int = SEED) -> torch.Tensor:
-    """``model.sample_tokens(n, seed=seed, use_cache=use_cache)``: (n, L) int64 tokens."""
-    return model.sample_tokens(n, seed=seed, use_cache=use_cache)
+def sample(model: Any, n: int, use_cache: bool, seed: int = SEED, cuda_graph: bool = False) -> torch.Tensor:
+    """``model.sample_tokens(n, seed=seed, use_cache=use_cache, cuda_graph=cuda_graph)``: (n, L) int64 tokens."""
+    return model.sample_tokens(n, seed=seed, use_cache=use_cache, cuda_graph=cuda_graph)
 
 
 def sampling_flops(config: dict[str, Any], batch: int) -> float:
@@ -165,6 +178,7 @@ class SamplingCase(Case):
             f"{size * size * channels} tokens each, dim {cfg['dim']}, depth {cfg['depth']}, {DTYPE_NAMES[dtype]}"
         )
         self.agreement: dict[str, float] = {}
+        self.graph_agreement: dict[str, float] = {}
         self.params: dict[str, Any] = {
             "workload": "ImageGPT sampling",
             "config": config_name,
@@ -175,11 +189,13 @@ class SamplingCase(Case):
             "backend": backend or "auto",
             "seed": SEED,
             "sequences_equal_to_eager": self.agreement,
+            "sequences_equal_without_graph": self.graph_agreement,
         }
         self._state: dict[str, Any] = {}
 
     def variant_names(self) -> list[str]:
-        """eager (PyTorch layers, KV cache), genkernels (KV cache), genkernels without the cache."""
+        """eager (PyTorch layers, KV cache), with CUDA graphs, genkernels (KV cache), with CUDA graphs, genkernels
+        without the cache."""
         return list(VARIANTS)
 
     def prepare(self, device: torch.device) -> None:
@@ -217,23 +233,27 @@ class SamplingCase(Case):
         if name not in VARIANTS:
             raise ValueError(f"unknown variant {name!r}; variants: {VARIANTS}")
         s = self._state
-        model = s["model_torch"] if name == EAGER else s["model"]
-        use_cache = name != NO_CACHE
+        model = s["model_torch"] if name in (EAGER, EAGER_GRAPH) else s["model"]
+        use_cache, graphed = name != NO_CACHE, name in GRAPHED
+        role = "genkernels" if name in GK_VARIANTS else "baseline"
+        if graphed and not next(model.parameters()).is_cuda:
+            return Variant(name, role, skip="CUDA graphs need a CUDA device")
         self._check_logits(model, use_cache)
         out: list[torch.Tensor] = []
 
         def fn() -> tuple[torch.Tensor, ...]:
-            return (sample(model, self.batch, use_cache),)
+            return (sample(model, self.batch, use_cache, cuda_graph=graphed),)
 
         took = first_call_s(lambda: out.append(fn()[0]))
         tokens = out[0]
         s["expected"][name] = [Expected("tokens", tokens.double(), 0.5)]  # integers: equal
         s["last"] = name
-        if name == EAGER:
-            s["eager_tokens"] = tokens
-        elif "eager_tokens" in s:
-            self.agreement[name] = (tokens == s["eager_tokens"]).all(dim=1).float().mean().item()
-        role = "genkernels" if name in GK_VARIANTS else "baseline"
+        s.setdefault("tokens", {})[name] = tokens
+        if name != EAGER and EAGER in s["tokens"]:
+            self.agreement[name] = (tokens == s["tokens"][EAGER]).all(dim=1).float().mean().item()
+        if graphed and GRAPHED[name] in s["tokens"]:
+            plain = s["tokens"][GRAPHED[name]]
+            self.graph_agreement[name] = (tokens == plain).all(dim=1).float().mean().item()
         return Variant(name, role, fn, first_call_s=took)
 
     def expected(self) -> list[Expected]:
@@ -241,7 +261,10 @@ class SamplingCase(Case):
         return self._state["expected"][self._state["last"]]
 
     def release(self) -> None:
-        """Drop the models, inputs and references (the agreement stays in params)."""
+        """Drop the models (and their graphs), inputs and references (the agreement stays in params)."""
+        for key in ("model", "model_torch"):
+            if key in self._state:
+                self._state[key].release_graphs()
         self._state = {}
 
 
@@ -262,42 +285,61 @@ def _fmt(value: float | None, unit: str) -> str:
 
 
 def summarize(records: Sequence[CaseRecord]) -> OpSummary:
-    """Per variant: ms per sampling call, tokens/s, speedup vs eager, sequences equal to eager's, first call s;
-    the goal: genkernels with the KV cache >= 2x eager's tokens/s."""
+    """Per variant: ms per sampling call, tokens/s, speedup vs eager, sequences equal to eager's and (graphed
+    variants) to the same layers without graphs, first call s; the goal: genkernels with the KV cache (the
+    faster of with and without CUDA graphs) >= 2x eager's tokens/s."""
     rec = next((r for r in records if r.op == OP), None)
     tokens = rec.params["tokens_per_call"] if rec else BATCH * 256
     agreement = dict(rec.params.get("sequences_equal_to_eager") or {}) if rec else {}
-    headers = ["variant", "ms per call", "tokens/s", "vs eager", "sequences = eager's", "first call s"]
+    graph_agreement = dict(rec.params.get("sequences_equal_without_graph") or {}) if rec else {}
+    headers = [
+        "variant",
+        "ms per call",
+        "tokens/s",
+        "vs eager",
+        "sequences = eager's",
+        "= without graph",
+        "first call s",
+    ]
     rows = []
     for name in VARIANTS:
         res = None if rec is None else rec.result(name)
         same = "-" if name == EAGER else _fmt(100 * agreement[name] if name in agreement else None, "%")
+        plain = "-"
+        if name in GRAPHED:
+            plain = _fmt(100 * graph_agreement[name] if name in graph_agreement else None, "%")
+        first = _fmt(None if res is None else res.first_call_s, "s")
         if res is None or res.ms is None:
             status = "not run" if res is None else res.status
-            rows.append([name, status, "n/a", "n/a", same, _fmt(None if res is None else res.first_call_s, "s")])
+            rows.append([name, status, "n/a", "n/a", same, plain, first])
             continue
         vs = "-" if name == EAGER else _fmt(res.vs_eager, "x")
         rate = tokens / (res.ms * 1e-3)
-        rows.append([name, _fmt(res.ms, "ms"), _fmt(rate, "tok/s"), vs, same, _fmt(res.first_call_s, "s")])
-    res = None if rec is None else rec.result(GENKERNELS)
+        rows.append([name, _fmt(res.ms, "ms"), _fmt(rate, "tok/s"), vs, same, plain, first])
     name, target = "ImageGPT KV-cache sampling, genkernels vs eager tokens/s", f">= {EAGER_GOAL:g}x"
-    if res is None or res.vs_eager is None:
+    measured = [] if rec is None else [(rec.result(v), v) for v in GOAL_VARIANTS]
+    measured = [(r.vs_eager, v) for r, v in measured if r is not None and r.vs_eager is not None]
+    if not measured:
         why = "the case did not run" if rec is None else "genkernels or eager did not run"
         goal = Goal(name, target, f"unmeasured ({why})", None)
     else:
-        goal = Goal(name, target, f"{res.vs_eager:.2f}x ({GENKERNELS})", res.vs_eager >= EAGER_GOAL)
+        best, variant = max(measured)
+        goal = Goal(name, target, f"{best:.2f}x ({variant})", best >= EAGER_GOAL)
     cfg = CONFIGS["bench"]
     notes = [
         f"ImageGPT(image_size={cfg['image_size']}, channels=1, levels=16, num_classes=10, dim={cfg['dim']}, "
         f"depth={cfg['depth']}, heads={cfg['heads']}), bf16, seeded weights; sample_tokens({BATCH}, seed={SEED}): "
         f"{BATCH} images x {cfg['image_size'] ** 2} tokens per call, one token per step. eager: the PyTorch-op twin "
-        "(torch_layers=True) with the KV cache; genkernels: genkernels layers with the KV cache; no cache: the "
-        "same recomputing the prefix every step.",
+        "(torch_layers=True) with the KV cache, kernels launched from Python; genkernels: genkernels layers with "
+        "the KV cache; + CUDA graph: each decoding step replayed as a CUDA graph captured on the first call (its "
+        "first call s includes the capture); no cache: genkernels layers recomputing the prefix every step.",
         "Correct before timed: teacher-forced logits on each variant's sampling path within 2 * (bf16 PyTorch-op "
         "error) + 1e-2 of the float32 truth; each timed call reproduces its first call's tokens. sequences = "
         "eager's: the share of sampled sequences identical to eager's (a logit rounded differently flips a draw "
         "near a boundary, and the sequence diverges from there).",
-        f"Goal (the issue's): genkernels with the KV cache >= {EAGER_GOAL:g}x eager's tokens/s.",
+        f"Goal (the issue's): genkernels with the KV cache >= {EAGER_GOAL:g}x eager's tokens/s, on the faster of "
+        "genkernels and genkernels + CUDA graph. = without graph: the share of a graphed variant's sequences "
+        "identical to the same layers' without graphs.",
     ]
     return OpSummary(OP, headers, rows, [goal], notes)
 

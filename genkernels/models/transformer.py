@@ -25,6 +25,16 @@ query attends (Lq = 1) to every cached key; without it each step recomputes the 
 randomness is drawn up front from one torch.Generator (one uniform number per token), so both paths give
 the same tokens for the same seed whenever their logits agree up to rounding.
 
+CUDA graphs. Decoding a token is a few dozen small kernels (batch x 1 token through every layer), so on a
+GPU the host's launches, not the GPU, set the pace. On CUDA, cached sampling therefore captures each of the
+L decoding steps once as a ``torch.cuda.CUDAGraph`` (step t: the embedding of token t - 1, every layer with
+the cache's first t + 1 positions, the logits and the draw, writing token t into a fixed tokens buffer),
+all in one memory pool, and a call replays the L graphs in order: one launch a step. Each graph runs the
+kernels of the uncaptured step t on the same shapes, so the tokens are the same. The graphs stay with the
+model for the next call with the same batch size, temperature and top_k on the same parameters (their
+addresses: in-place updates such as optimizer steps are seen, a reassigned parameter drops the graphs);
+``cuda_graph=False`` decodes without them, and :meth:`ImageGPT.release_graphs` frees them.
+
 ``torch_layers=True`` builds the same network on plain PyTorch ops (F.scaled_dot_product_attention, the
 RMSNorm formula, F.silu, a rotate-half RoPE) with the same parameter names: the eager baseline.
 """
@@ -222,6 +232,7 @@ class ImageGPT(torch.nn.Module):
         self.norm_out = norm(cfg.dim, cfg.eps, elementwise_affine=True, rms=True, backend=self.backend)
         self.head = torch.nn.Linear(cfg.dim, cfg.levels, bias=False)
         self._init_weights()
+        self._decoder: _Decoder | None = None  # the captured sampling steps of the last graphed call
 
     @classmethod
     def from_config(cls, config: ImageGPTConfig, **kwargs) -> ImageGPT:
@@ -354,6 +365,7 @@ class ImageGPT(torch.nn.Module):
         top_k: int | None = None,
         seed: int | None = None,
         use_cache: bool = True,
+        cuda_graph: bool | None = None,
     ) -> torch.Tensor:
         """Draw n token sequences (n, L) int64, one token at a time; the arguments are those of :meth:`sample`."""
         _positive_int("n", n)
@@ -362,8 +374,15 @@ class ImageGPT(torch.nn.Module):
         levels, length = self.config.levels, self.config.seq_len
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= levels):
             raise ValueError(f"top_k must be None or an int in [1, levels={levels}], got {top_k!r}")
+        if cuda_graph not in (None, True, False):
+            raise ValueError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
         param = self.head.weight
         device = param.device
+        if cuda_graph and not (use_cache and device.type == "cuda"):
+            raise ValueError(
+                f"cuda_graph=True needs use_cache=True and a model on a CUDA device, got use_cache={use_cache} "
+                f"on {device}"
+            )
         labels = self._sample_labels(n, labels, device)
         gen = torch.Generator()
         if seed is None:
@@ -371,20 +390,40 @@ class ImageGPT(torch.nn.Module):
         else:
             gen.manual_seed(seed)
         # Every uniform up front, on the CPU: the same numbers in the same order on every path and device.
-        u = (1.0 - torch.rand(n, length, generator=gen, dtype=torch.float64)).to(device)
-        first = self.class_emb(torch.zeros(n, dtype=torch.long, device=device) if labels is None else labels)[:, None]
+        u = 1.0 - torch.rand(n, length, generator=gen, dtype=torch.float64)
+        class_ids = torch.zeros(n, dtype=torch.long, device=device) if labels is None else labels
+        if use_cache:
+            graphed = device.type == "cuda" if cuda_graph is None else cuda_graph
+            decoder = self._decoder_for(n, temperature, top_k, device, graphed)
+            return decoder.run(class_ids, u)
+        u = u.to(device)
+        first = self.class_emb(class_ids)[:, None]
         tokens = torch.zeros(n, length, dtype=torch.long, device=device)
-        caches = [block.attn.new_cache(n, length) for block in self.blocks] if use_cache else None
         for t in range(length):
-            if use_cache:
-                x = first if t == 0 else self.tok_emb(tokens[:, t - 1 : t])
-                h = self._run(x, t, caches)
-            else:
-                x = torch.cat([first, self.tok_emb(tokens[:, :t])], dim=1)
-                h = self._run(x, 0, None)
-            logits = self._logits(h[:, -1:])[:, 0]
-            tokens[:, t] = self._draw(logits, u[:, t], temperature, top_k)
+            h = self._run(torch.cat([first, self.tok_emb(tokens[:, :t])], dim=1), 0, None)
+            tokens[:, t] = self._draw(self._logits(h[:, -1:])[:, 0], u[:, t], temperature, top_k)
         return tokens
+
+    def _decode_step(self, t: int, d: _Decoder) -> None:
+        """Cached decoding step t on the decoder's buffers: token t of every sequence into d.tokens[:, t]."""
+        x = self.class_emb(d.class_ids)[:, None] if t == 0 else self.tok_emb(d.tokens[:, t - 1 : t])
+        logits = self._logits(self._run(x, t, d.caches)[:, -1:])[:, 0]
+        d.tokens[:, t] = self._draw(logits, d.u[:, t], d.temperature, d.top_k)
+
+    def _decoder_for(self, n: int, temperature: float, top_k: int | None, device, graphed: bool) -> _Decoder:
+        """The decoder of this call: the kept graphs when they fit it, else a new one (kept when graphed)."""
+        key = _Decoder.key_of(self, n, temperature, top_k)
+        if graphed and self._decoder is not None and self._decoder.key == key:
+            return self._decoder
+        self._decoder = None  # the graphs of other arguments go before new ones are captured
+        decoder = _Decoder(self, key, n, temperature, top_k, device, graphed)
+        if graphed:
+            self._decoder = decoder
+        return decoder
+
+    def release_graphs(self) -> None:
+        """Free the CUDA graphs (and their memory) that cached sampling keeps for its next call."""
+        self._decoder = None
 
     @torch.no_grad()
     def sample(
@@ -395,6 +434,7 @@ class ImageGPT(torch.nn.Module):
         top_k: int | None = None,
         seed: int | None = None,
         use_cache: bool = True,
+        cuda_graph: bool | None = None,
     ) -> torch.Tensor:
         """Sample n images (n, C, H, W) float32 in [0, 1].
 
@@ -408,11 +448,89 @@ class ImageGPT(torch.nn.Module):
             use_cache: decode with the KV cache (one token per step, attention with Lq = 1); False
                 recomputes the whole prefix every step. Both give the same tokens for the same seed,
                 up to ties flipped by floating-point rounding.
+            cuda_graph: replay the cached decoding steps as CUDA graphs captured on the first call (see
+                the module docstring): None (default) on a CUDA device with use_cache, True to require
+                it, False never. The same tokens as without graphs.
         """
-        return self.dequantize(self.sample_tokens(n, labels, temperature, top_k, seed, use_cache))
+        return self.dequantize(self.sample_tokens(n, labels, temperature, top_k, seed, use_cache, cuda_graph))
 
     def extra_repr(self) -> str:
         extra = ", torch_layers=True" if self.torch_layers else ""
         if self.backend is not None:
             extra += f", backend={self.backend!r}"
         return f"{self.config}{extra}"
+
+
+class _Decoder:
+    """Cached decoding of n sequences on fixed buffers (class ids, uniforms, tokens, one KV cache per layer):
+    the L steps of :meth:`ImageGPT._decode_step`, run directly or, ``graphed``, captured once as one CUDA
+    graph each (all in one memory pool, replayed in the order they were captured) and replayed by every
+    :meth:`run`."""
+
+    def __init__(self, model: ImageGPT, key: tuple, n: int, temperature: float, top_k, device, graphed: bool):
+        length = model.config.seq_len
+        self.model, self.key, self.temperature, self.top_k = model, key, temperature, top_k
+        self.class_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.u = torch.ones(n, length, dtype=torch.float64, device=device)
+        self.tokens = torch.zeros(n, length, dtype=torch.long, device=device)
+        self.caches = [block.attn.new_cache(n, length) for block in model.blocks]
+        self.graphs: list = []
+        if graphed:
+            self._capture(device)
+
+    @staticmethod
+    def key_of(model: ImageGPT, n: int, temperature: float, top_k) -> tuple:
+        """What the graphs depend on: the arguments, and the parameters' and buffers' addresses and dtypes."""
+        tensors = [*model.parameters(), *model.buffers()]
+        return (n, float(temperature), top_k, tuple((t.data_ptr(), t.dtype) for t in tensors))
+
+    def _steps(self) -> None:
+        for cache in self.caches:
+            cache.reset()
+        for t in range(self.model.config.seq_len):
+            self.model._decode_step(t, self)
+
+    def _capture(self, device) -> None:
+        """Run the steps once uncaptured on a side stream (kernels compiled, workspaces allocated), then capture
+        each step in its own graph on that stream (capture_begin / capture_end directly: torch.cuda.graph
+        would empty the allocator's cache at every one of the L captures)."""
+        current = torch.cuda.current_stream(device)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            self._steps()
+            torch.cuda.synchronize(device)
+            pool = torch.cuda.graph_pool_handle()
+            for cache in self.caches:
+                cache.reset()
+            for t in range(self.model.config.seq_len):
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(pool=pool)
+                try:
+                    self.model._decode_step(t, self)
+                finally:
+                    graph.capture_end()
+                self.graphs.append(graph)
+        current.wait_stream(stream)
+
+    def __deepcopy__(self, memo) -> None:
+        return None  # a copied model decodes without graphs until it captures its own
+
+    def __reduce__(self):
+        return (_no_decoder, ())
+
+    def run(self, class_ids: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The tokens (n, L) of the sequences of class_ids (n,) drawn with the uniforms u (n, L)."""
+        self.class_ids.copy_(class_ids)
+        self.u.copy_(u)
+        if self.graphs:
+            for graph in self.graphs:
+                graph.replay()
+        else:
+            self._steps()
+        return self.tokens.clone()
+
+
+def _no_decoder() -> None:
+    """What a pickled model's decoder becomes: none (graphs are captured again on the first call)."""
+    return None

@@ -247,7 +247,13 @@ def test_dit_goals(ms, passed):
 
 def test_imagegpt_case_and_flops():
     (case,) = imagegpt.cases()
-    assert case.variant_names() == [core.EAGER, imagegpt.GENKERNELS, imagegpt.NO_CACHE]
+    assert case.variant_names() == [
+        core.EAGER,
+        imagegpt.EAGER_GRAPH,
+        imagegpt.GENKERNELS,
+        imagegpt.GK_GRAPH,
+        imagegpt.NO_CACHE,
+    ]
     assert case.tokens_per_call == 64 * 256 and case.params["model"]["dim"] == 512 and case.unit == "TFLOP/s"
     # Per token and layer: qkv, out (4 d^2), SwiGLU (3 d h); the head; attention 4 d (t + 1) summed over t.
     d, h, length, depth = 512, 1368, 256, 8
@@ -258,16 +264,21 @@ def test_imagegpt_case_and_flops():
 
 
 def test_imagegpt_case_on_cpu(monkeypatch):
-    """core.run_case on the tiny model, the timer stubbed: every variant's logits checked, its tokens reproduced;
-    tokens/s in the summary; a model with a broken weight fails its check and is not timed."""
+    """core.run_case on the tiny model, the timer stubbed: every variant's logits checked, its tokens reproduced
+    (the CUDA-graph variants skipped without a GPU); tokens/s in the summary; a model with a broken weight
+    fails its check and is not timed."""
     monkeypatch.setattr(core, "time_ms", lambda fn, timing=None: 10.0)
     case = imagegpt.SamplingCase("tiny", batch=3, dtype=torch.float32, backend="reference", check_batch=2)
     rec = core.run_case(case, CPU, core.QUICK_TIMING, core.Ceilings(1.0, 1.0))
-    assert {r.variant: r.status for r in rec.results} == dict.fromkeys(imagegpt.VARIANTS, "ok"), rec.results
+    want = {v: "skipped" if v in imagegpt.GRAPHED else "ok" for v in imagegpt.VARIANTS}
+    assert {r.variant: r.status for r in rec.results} == want, rec.results
+    assert rec.result(imagegpt.GK_GRAPH).reason == "CUDA graphs need a CUDA device"
     assert rec.params["sequences_equal_to_eager"] == {imagegpt.GENKERNELS: 1.0, imagegpt.NO_CACHE: 1.0}
+    assert rec.params["sequences_equal_without_graph"] == {}
     summary = imagegpt.summarize([rec])
     rows = {r[0]: r for r in summary.rows}
-    assert rows[imagegpt.GENKERNELS][1:5] == ["10.0", f"{3 * 9 / 10e-3:,.0f}", "1.00x", "100%"]
+    assert rows[imagegpt.GENKERNELS][1:6] == ["10.0", f"{3 * 9 / 10e-3:,.0f}", "1.00x", "100%", "-"]
+    assert rows[imagegpt.GK_GRAPH][1] == "skipped" and rows[imagegpt.GK_GRAPH][5] == "n/a"
     assert summary.goals[0].passed is False  # 1.0x < 2x
 
     case.prepare(CPU)
@@ -280,16 +291,27 @@ def test_imagegpt_case_on_cpu(monkeypatch):
         case.release()
 
 
-@pytest.mark.parametrize(("gk_ms", "passed"), [(400.0, True), (600.0, False), (None, None)])
-def test_imagegpt_goal(gk_ms, passed):
+@pytest.mark.parametrize(
+    ("gk_ms", "graph_ms", "passed", "on"),
+    [
+        (400.0, None, True, imagegpt.GENKERNELS),
+        (600.0, None, False, imagegpt.GENKERNELS),
+        (900.0, 250.0, True, imagegpt.GK_GRAPH),  # the goal is on the faster cached genkernels variant
+        (None, None, None, None),
+    ],
+)
+def test_imagegpt_goal(gk_ms, graph_ms, passed, on):
     (case,) = imagegpt.cases()
     rec = core.record_of(case)
     rec.results = [core.Result(core.EAGER, "baseline", "ok", ms=1000.0)]
-    if gk_ms is not None:
-        rec.results.append(core.Result(imagegpt.GENKERNELS, "genkernels", "ok", ms=gk_ms))
+    for name, ms in ((imagegpt.GENKERNELS, gk_ms), (imagegpt.GK_GRAPH, graph_ms)):
+        if ms is not None:
+            rec.results.append(core.Result(name, "genkernels", "ok", ms=ms))
     core.add_speedups(rec)
     (goal,) = imagegpt.summarize([rec]).goals
     assert goal.passed is passed and goal.target == ">= 2x"
+    if on is not None:
+        assert goal.measured.endswith(f"({on})")
     assert imagegpt.summarize([]).goals[0].passed is None
 
 

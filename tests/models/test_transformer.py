@@ -269,3 +269,58 @@ def test_triton_backend_matches_the_reference():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
     ref.eval(), tri.eval()
     assert torch.equal(tri.sample_tokens(2, labels, temperature=0), ref.sample_tokens(2, labels, temperature=0))
+
+
+# --------------------------------------------------------------------------- CUDA-graph decoding
+
+
+def test_decoder_buffers_and_copies():
+    """The decoder that CUDA graphs replay, run without capture on its fixed buffers: the cached path's
+    tokens, call after call (the buffers reset between calls); a copy or pickle of a model keeps no graphs;
+    cuda_graph=True off a GPU, or without the cache, is refused with the argument named."""
+    import copy
+    import io
+
+    from genkernels.models.transformer import _Decoder
+
+    model = tiny()
+    want = model.sample_tokens(3, seed=5, cuda_graph=False)
+    key = _Decoder.key_of(model, 3, 1.0, None)
+    decoder = _Decoder(model, key, 3, 1.0, None, torch.device("cpu"), graphed=False)
+    labels = torch.arange(3) % 10
+    u = 1.0 - torch.rand(3, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for _ in range(2):
+        assert torch.equal(decoder.run(labels, u), want)
+    model._decoder = decoder  # as a graphed call leaves it
+    assert copy.deepcopy(model)._decoder is None
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False)._decoder is None
+    model.release_graphs()
+    assert model._decoder is None
+    assert key != _Decoder.key_of(model.float(), 3, 1.0, None)  # new parameter tensors: new graphs
+    with pytest.raises(ValueError, match="cuda_graph=True needs use_cache=True and a model on a CUDA device"):
+        model.sample(2, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph must be None, True or False, got 'yes'"):
+        model.sample(2, cuda_graph="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("torch_layers", [False, True])
+def test_cuda_graph_sampling_gives_the_same_tokens(torch_layers):
+    """On a GPU: sampling replaying the captured steps draws the tokens of sampling without graphs, the graphs
+    are kept for the next call with the same arguments and recaptured for new ones."""
+    torch.manual_seed(3)
+    model = ImageGPT(image_size=4, **SMALL, torch_layers=torch_layers).cuda().eval()
+    for kwargs in (dict(), dict(temperature=0.8, top_k=4)):
+        plain = model.sample_tokens(5, seed=7, cuda_graph=False, **kwargs)
+        graphed = model.sample_tokens(5, seed=7, cuda_graph=True, **kwargs)
+        decoder = model._decoder
+        assert decoder is not None and len(decoder.graphs) == model.config.seq_len
+        assert torch.equal(graphed, plain)
+        assert torch.equal(model.sample_tokens(5, seed=7, **kwargs), plain)  # the default on CUDA: graphed
+        assert model._decoder is decoder
+        assert not torch.equal(model.sample_tokens(5, seed=8, **kwargs), plain)
+    model.release_graphs()
+    assert model._decoder is None
