@@ -413,13 +413,12 @@ class ImageGPT(torch.nn.Module):
     def _decoder_for(self, n: int, temperature: float, top_k: int | None, device, graphed: bool) -> _Decoder:
         """The decoder of this call: the kept graphs when they fit it, else a new one (kept when graphed)."""
         key = _Decoder.key_of(self, n, temperature, top_k)
-        if graphed and self._decoder is not None and self._decoder.key == key:
-            return self._decoder
-        self._decoder = None  # the graphs of other arguments go before new ones are captured
-        decoder = _Decoder(self, key, n, temperature, top_k, device, graphed)
-        if graphed:
-            self._decoder = decoder
-        return decoder
+        if not graphed:
+            return _Decoder(self, key, n, temperature, top_k, device, graphed=False)
+        if self._decoder is None or self._decoder.key != key:
+            self._decoder = None  # the graphs of other arguments go before new ones are captured
+            self._decoder = _Decoder(self, key, n, temperature, top_k, device, graphed=True)
+        return self._decoder
 
     def release_graphs(self) -> None:
         """Free the CUDA graphs (and their memory) that cached sampling keeps for its next call."""

@@ -314,7 +314,9 @@ def test_cuda_graph_sampling_gives_the_same_tokens(torch_layers):
     torch.manual_seed(3)
     model = ImageGPT(image_size=4, **SMALL, torch_layers=torch_layers).cuda().eval()
     for kwargs in (dict(), dict(temperature=0.8, top_k=4)):
+        kept = model._decoder
         plain = model.sample_tokens(5, seed=7, cuda_graph=False, **kwargs)
+        assert model._decoder is kept  # a call without graphs leaves the kept ones alone
         graphed = model.sample_tokens(5, seed=7, cuda_graph=True, **kwargs)
         decoder = model._decoder
         assert decoder is not None and len(decoder.graphs) == model.config.seq_len
