@@ -4,7 +4,12 @@ Shapes. q: (B, Hq, Lq, D); k, v: (B, Hkv, Lkv, D) with Hq a multiple of Hkv: que
 head h // (Hq / Hkv), by indexing (k and v are never repeated). Any B, H, L strides work (a
 transposed view of a (B, L, H, D) tensor, k and v expanded along B with stride 0); the last
 stride is 1. Head dims 1 to 256: tiles are padded to BLOCK_D = max(16, next_pow2(D)) columns by
-masked loads inside the kernels, so nothing is copied to pad. Outputs are contiguous.
+masked loads inside the kernels, so nothing is copied to pad; the forward instead splits a head dim
+that a power-of-two block and a narrower one cover in fewer columns (40 = 32 + 16 with 8 masked, 72
+and 80 = 64 + 16, 96 = 64 + 32: 83 to 100% of the tensor-core columns useful instead of 56 to 75%),
+with two dots for each score and an accumulator per block. Outputs are contiguous. Row strides that
+are not multiples of 16 elements (D = 40, 72) are passed with their largest power-of-two divisor
+(ALIGN), so that loads are 16-byte vectors and the forward's key and value blocks are pipelined.
 
 Forward, per query row i with allowed(i, j) = not key_padding_mask[b, j] and (not causal or
 j <= i + Lkv - Lq) (causal is aligned bottom-right):
@@ -176,6 +181,18 @@ def _block_d(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 
 
+def _head_split(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2) of the forward: the head dim as a power-of-two block and a second, narrower
+    one (at least 16, the smallest dot) when the two cover it in fewer columns than one padded block
+    (D = 40: 32 + 16; 72 and 80: 64 + 16; 96: 64 + 32), else (the padded block, 0)."""
+    full = _block_d(head_dim)
+    low = max(16, 1 << (head_dim.bit_length() - 1))
+    if low >= head_dim:
+        return full, 0
+    tail = max(16, next_power_of_2(head_dim - low))
+    return (low, tail) if low + tail < full else (full, 0)
+
+
 def _config(q: Tensor, kernel: str) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` ("fwd", "dkdv", "dq") for q."""
     if interpreting():
@@ -208,6 +225,25 @@ def not_supported(
     if head_dim > MAX_HEAD_DIM:
         return f"head dim {head_dim}: the triton backend supports head dims up to {MAX_HEAD_DIM}"
     return None
+
+
+def _align(*tensors: Tensor) -> int:
+    """ALIGN of the kernels: the widest vector (in elements, at most 16 bytes) that every row of the tensors
+    starts on, i.e. the largest power of two dividing all their B, H and L strides. Passed as a constexpr
+    and rebuilt in the kernels as (stride // ALIGN) * ALIGN, it lets loads use 16-byte vectors (and the
+    forward's key and value blocks go through cp.async pipelining) where triton would otherwise prove
+    nothing: it specializes a stride only when it is a multiple of 16 elements, and head dims such as 40
+    and 72 are not (their loads were 2-byte scalars: sm_90 SASS of the bf16 forward, LDG.E.U16). 1 when
+    every stride is a multiple of 16 elements: triton's own specialization covers those, and the rebuilt
+    strides cost registers (the d128 forward spilled at 255 with them)."""
+    strides = [s for t in tensors for s in t.stride()[:-1]]
+    if all(s % 16 == 0 for s in strides):
+        return 1
+    align = 16 // tensors[0].element_size()
+    for stride in strides:
+        while align > 1 and stride % align:
+            align //= 2
+    return align
 
 
 def _mask_arg(key_padding_mask: Tensor | None, q: Tensor) -> Tensor:
@@ -244,6 +280,7 @@ def attention_forward(
     lse = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
     residual = torch.empty_like(out) if keep_residual and q.element_size() < 4 else None
     block_m, block_n, num_warps, num_stages = _config(q, "fwd")
+    block_d, block_d2 = _head_split(d)
     with on_device(q):
         _attn_fwd_kernel[(cdiv(lq, block_m), b * hq)](
             q,
@@ -267,8 +304,10 @@ def attention_forward(
             HEAD_DIM=d,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
-            BLOCK_D=_block_d(d),
+            BLOCK_D=block_d,
+            BLOCK_D2=block_d2,
             INPUT_PRECISION=_DOT_INPUT_PRECISION,
+            ALIGN=_align(q, k, v),
             num_warps=num_warps,
             num_stages=num_stages,
         )
@@ -310,6 +349,7 @@ def attention_backward(
         HEAD_DIM=d,
         BLOCK_D=block_d,
         INPUT_PRECISION=_DOT_INPUT_PRECISION,
+        ALIGN=_align(q, k, v, dout),
     )
     sizes = (hq, hkv, lq, lkv, scale, scale * _LOG2E)
     strides = (*_bh_strides(q), *_bh_strides(k), *_bh_strides(v), *_bh_strides(dout))
@@ -328,6 +368,7 @@ def attention_backward(
             HEAD_DIM=d,
             BLOCK_M=block_rows,
             BLOCK_D=block_d,
+            ALIGN=_align(out, dout),
             num_warps=4,
         )
         block_m, block_n, num_warps, num_stages = _config(q, "dq")
@@ -412,6 +453,38 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             return tl.load(ptrs)
 
     @triton.jit
+    def _aligned3(s0, s1, s2, ALIGN: tl.constexpr):
+        """The three strides as multiples of ALIGN that the compiler can see: (s // ALIGN) * ALIGN, which is s
+        itself (the launcher checked: :func:`_align`); tl.multiple_of does not take on a scalar argument."""
+        if ALIGN > 1:
+            return (s0 // ALIGN) * ALIGN, (s1 // ALIGN) * ALIGN, (s2 // ALIGN) * ALIGN
+        else:
+            return s0, s1, s2
+
+    @triton.jit
+    def _load_cols(
+        base,
+        row0,
+        rows,
+        stride,
+        ROWS: tl.constexpr,
+        COL0: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        CHECK_ROWS: tl.constexpr,
+    ):
+        """Columns COL0 .. COL0 + BLOCK_C of rows row0 .. row0 + ROWS of a (rows, HEAD_DIM) matrix, as a
+        [ROWS, BLOCK_C] tile, zero beyond HEAD_DIM and, when CHECK_ROWS, beyond ``rows``."""
+        r = tl.arange(0, ROWS)
+        c = COL0 + tl.arange(0, BLOCK_C)
+        ptrs = base + tl.cast(row0, tl.int64) * stride + r[:, None] * stride + c[None, :]
+        if CHECK_ROWS or COL0 + BLOCK_C > HEAD_DIM:
+            mask = ((row0 + r < rows) | (not CHECK_ROWS))[:, None] & (c < HEAD_DIM)[None, :]
+            return tl.load(ptrs, mask=mask, other=0.0)
+        else:
+            return tl.load(ptrs)
+
+    @triton.jit
     def _kept_keys(mask_row, offs_n, lkv, HAS_MASK: tl.constexpr):
         """True for the keys offs_n [BLOCK_N] the padding mask keeps (all when there is none)."""
         if HAS_MASK:
@@ -464,25 +537,113 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         for n0 in range(start, end, BLOCK_N):
             k = _load_rows(k_base, n0, lkv, stride_kl, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, False)
             s = _dot(q, tl.trans(k), None, INPUT_PRECISION) * scale_log2
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            if HAS_MASK or MASKED:
-                allowed = _kept_keys(mask_row, offs_n, lkv, HAS_MASK)[None, :]
-                if MASKED:
-                    allowed = allowed & (offs_n < lkv)[None, :]
-                    if CAUSAL:
-                        allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (lkv - lq))
-                s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # A row that has seen no allowed key yet has m_new = -inf: shift it by 0 instead, so
-            # that its p = exp2(-inf) = 0 and alpha = exp2(-inf) = 0 rather than NaN.
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - shift)
-            p = tl.math.exp2(s - shift[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p, alpha, m_i, l_i = _softmax_step(
+                s, m_i, l_i, mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, MASKED, BLOCK_N
+            )
             v = _load_rows(v_base, n0, lkv, stride_vl, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, False)
             acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], INPUT_PRECISION)
-            m_i = m_new
         return acc, m_i, l_i
+
+    @triton.jit
+    def _softmax_step(
+        s,
+        m_i,
+        l_i,
+        mask_row,
+        offs_m,
+        n0,
+        lq,
+        lkv,
+        CAUSAL: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        MASKED: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """One key block of the online softmax on its scores s [BLOCK_M, BLOCK_N] (base 2): (p, alpha, the
+        new running max, the new running sum). MASKED blocks apply the key range and the causal mask."""
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if HAS_MASK or MASKED:
+            allowed = _kept_keys(mask_row, offs_n, lkv, HAS_MASK)[None, :]
+            if MASKED:
+                allowed = allowed & (offs_n < lkv)[None, :]
+                if CAUSAL:
+                    allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (lkv - lq))
+            s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row that has seen no allowed key yet has m_new = -inf: shift it by 0 instead, so
+        # that its p = exp2(-inf) = 0 and alpha = exp2(-inf) = 0 rather than NaN.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - shift)
+        p = tl.math.exp2(s - shift[:, None])
+        return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+    @triton.jit
+    def _fwd_key_loop_split(
+        acc,
+        acc2,
+        m_i,
+        l_i,
+        q,
+        q2,
+        k_base,
+        v_base,
+        mask_row,
+        stride_kl,
+        stride_vl,
+        offs_m,
+        start,
+        end,
+        lq,
+        lkv,
+        scale_log2,
+        CAUSAL: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        MASKED: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_D2: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
+        """:func:`_fwd_key_loop` with the head dim in two column blocks, [0, BLOCK_D) and [BLOCK_D,
+        BLOCK_D + BLOCK_D2): two dots add up each score, and each block has its own accumulator."""
+        for n0 in range(start, end, BLOCK_N):
+            k = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, MASKED)
+            k2 = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, MASKED)
+            s = _dot(q2, tl.trans(k2), _dot(q, tl.trans(k), None, INPUT_PRECISION), INPUT_PRECISION) * scale_log2
+            p, alpha, m_i, l_i = _softmax_step(
+                s, m_i, l_i, mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, MASKED, BLOCK_N
+            )
+            v = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, MASKED)
+            v2 = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, MASKED)
+            p = p.to(v.dtype)
+            acc = _dot(p, v, acc * alpha[:, None], INPUT_PRECISION)
+            acc2 = _dot(p, v2, acc2 * alpha[:, None], INPUT_PRECISION)
+        return acc, acc2, m_i, l_i
+
+    @triton.jit
+    def _store_out(
+        out_ptr,
+        res_ptr,
+        acc,
+        l_i,
+        seen,
+        rows,
+        row_ok,
+        HAS_RESIDUAL: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        COL0: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """out = acc / l_i for columns COL0 .. COL0 + BLOCK_C of the rows (and its rounding residual)."""
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        d = COL0 + tl.arange(0, BLOCK_C)
+        ptrs = rows[:, None] * HEAD_DIM + d[None, :]
+        store_mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
+        rounded = out.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + ptrs, rounded, mask=store_mask)
+        if HAS_RESIDUAL:
+            tl.store(res_ptr + ptrs, (out - rounded.to(tl.float32)).to(res_ptr.dtype.element_ty), mask=store_mask)
 
     @triton.jit(do_not_specialize=("hq", "group", "lq", "lkv"))
     def _attn_fwd_kernel(
@@ -514,13 +675,19 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        BLOCK_D2: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
+        ALIGN: tl.constexpr,
     ):
         """Attention output and lse of BLOCK_M queries of one (b, h); grid (cdiv(Lq, BLOCK_M), B * Hq).
-        With HAS_RESIDUAL, also out's rounding residual (float32 out - rounded out).
+        With HAS_RESIDUAL, also out's rounding residual (float32 out - rounded out). BLOCK_D2 > 0: the
+        head dim in two column blocks, BLOCK_D then BLOCK_D2 (:func:`_head_split`).
 
         Memory traffic: the q block read once, k and v of the visible key blocks read once per
         program, the out block (and its residual) and its lse written once."""
+        stride_qb, stride_qh, stride_ql = _aligned3(stride_qb, stride_qh, stride_ql, ALIGN)
+        stride_kb, stride_kh, stride_kl = _aligned3(stride_kb, stride_kh, stride_kl, ALIGN)
+        stride_vb, stride_vh, stride_vl = _aligned3(stride_vb, stride_vh, stride_vl, ALIGN)
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // hq
@@ -532,32 +699,43 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
         v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
         mask_row = mask_ptr + b.to(tl.int64) * lkv
-        q = _load_rows(q_base, m0, lq, stride_ql, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         full_end, end = _key_blocks(m0, lq, lkv, CAUSAL, BLOCK_M, BLOCK_N)
-        acc, m_i, l_i = _fwd_key_loop(
-            acc, m_i, l_i, q, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, full_end, lq, lkv,
-            scale_log2, CAUSAL, HAS_MASK, False, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
-        )  # fmt: skip
-        acc, m_i, l_i = _fwd_key_loop(
-            acc, m_i, l_i, q, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, full_end, end, lq, lkv,
-            scale_log2,
-            CAUSAL, HAS_MASK, True, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
-        )  # fmt: skip
-        seen = l_i > 0.0
-        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        if BLOCK_D2 == 0:
+            q = _load_rows(q_base, m0, lq, stride_ql, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
+            acc, m_i, l_i = _fwd_key_loop(
+                acc, m_i, l_i, q, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, full_end, lq, lkv,
+                scale_log2, CAUSAL, HAS_MASK, False, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+            )  # fmt: skip
+            acc, m_i, l_i = _fwd_key_loop(
+                acc, m_i, l_i, q, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, full_end, end, lq, lkv,
+                scale_log2, CAUSAL, HAS_MASK, True, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+            )  # fmt: skip
+            # The output rows' offsets, formed after the loops so that they are not live through them.
+            rows = bh.to(tl.int64) * lq + offs_m
+            row_ok = offs_m < lq
+            seen = l_i > 0.0
+            _store_out(out_ptr, res_ptr, acc, l_i, seen, rows, row_ok, HAS_RESIDUAL, HEAD_DIM, 0, BLOCK_D)
+        else:
+            q = _load_cols(q_base, m0, lq, stride_ql, BLOCK_M, 0, BLOCK_D, HEAD_DIM, True)
+            q2 = _load_cols(q_base, m0, lq, stride_ql, BLOCK_M, BLOCK_D, BLOCK_D2, HEAD_DIM, True)
+            acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+            acc, acc2, m_i, l_i = _fwd_key_loop_split(
+                acc, acc2, m_i, l_i, q, q2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, full_end,
+                lq, lkv, scale_log2, CAUSAL, HAS_MASK, False, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, INPUT_PRECISION,
+            )  # fmt: skip
+            acc, acc2, m_i, l_i = _fwd_key_loop_split(
+                acc, acc2, m_i, l_i, q, q2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, full_end, end,
+                lq, lkv, scale_log2, CAUSAL, HAS_MASK, True, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, INPUT_PRECISION,
+            )  # fmt: skip
+            rows = bh.to(tl.int64) * lq + offs_m
+            row_ok = offs_m < lq
+            seen = l_i > 0.0
+            _store_out(out_ptr, res_ptr, acc, l_i, seen, rows, row_ok, HAS_RESIDUAL, HEAD_DIM, 0, BLOCK_D)
+            _store_out(out_ptr, res_ptr, acc2, l_i, seen, rows, row_ok, HAS_RESIDUAL, HEAD_DIM, BLOCK_D, BLOCK_D2)
         lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        rows = bh.to(tl.int64) * lq + offs_m
-        d = tl.arange(0, BLOCK_D)
-        row_ok = offs_m < lq
-        ptrs = rows[:, None] * HEAD_DIM + d[None, :]
-        store_mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
-        rounded = out.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + ptrs, rounded, mask=store_mask)
-        if HAS_RESIDUAL:
-            tl.store(res_ptr + ptrs, (out - rounded.to(tl.float32)).to(res_ptr.dtype.element_ty), mask=store_mask)
         tl.store(lse_ptr + rows, lse, mask=row_ok)
 
     @triton.jit(do_not_specialize=("hq", "lq"))
@@ -578,11 +756,14 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        ALIGN: tl.constexpr,
     ):
         """delta[b, h, i] = sum_d dout * out in float32, out + residual when HAS_RESIDUAL (the
         contiguous (B, Hq, Lq, D) rounding residual of a 16-bit out); grid (cdiv(Lq, BLOCK_M), B * Hq).
 
         Memory traffic: out (and its residual) and dout read once, 4 bytes per row written."""
+        stride_ob, stride_oh, stride_ol = _aligned3(stride_ob, stride_oh, stride_ol, ALIGN)
+        stride_db, stride_dh, stride_dl = _aligned3(stride_db, stride_dh, stride_dl, ALIGN)
         m0 = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1)
         b = bh // hq
@@ -688,12 +869,17 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
+        ALIGN: tl.constexpr,
     ):
         """dk, dv of BLOCK_N keys of one (b, kv head), summed over the query heads of its group
         in registers; grid (cdiv(Lkv, BLOCK_N), B * Hkv).
 
         Memory traffic: the k, v blocks read once, the dk, dv blocks written once; q, dout, lse
         and delta of the group's visible query blocks read once per program."""
+        stride_qb, stride_qh, stride_ql = _aligned3(stride_qb, stride_qh, stride_ql, ALIGN)
+        stride_kb, stride_kh, stride_kl = _aligned3(stride_kb, stride_kh, stride_kl, ALIGN)
+        stride_vb, stride_vh, stride_vl = _aligned3(stride_vb, stride_vh, stride_vl, ALIGN)
+        stride_db, stride_dh, stride_dl = _aligned3(stride_db, stride_dh, stride_dl, ALIGN)
         pid_n = tl.program_id(0)
         bkv = tl.program_id(1)
         b = bkv // hkv
@@ -816,11 +1002,16 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
+        ALIGN: tl.constexpr,
     ):
         """dq of BLOCK_M queries of one (b, h); grid (cdiv(Lq, BLOCK_M), B * Hq).
 
         Memory traffic: q, dout, lse and delta of the block read once, the dq block written once;
         k and v of the visible key blocks read once."""
+        stride_qb, stride_qh, stride_ql = _aligned3(stride_qb, stride_qh, stride_ql, ALIGN)
+        stride_kb, stride_kh, stride_kl = _aligned3(stride_kb, stride_kh, stride_kl, ALIGN)
+        stride_vb, stride_vh, stride_vl = _aligned3(stride_vb, stride_vh, stride_vl, ALIGN)
+        stride_db, stride_dh, stride_dl = _aligned3(stride_db, stride_dh, stride_dl, ALIGN)
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // hq

@@ -346,3 +346,25 @@ def test_cuda_graph_capture():
             attention_reference(q, k, v, key_padding_mask=mask),
             attention_reference(q.double(), k.double(), v.double(), key_padding_mask=mask),
         )
+
+
+def test_triton_forward_head_split():
+    """The triton forward's column blocks: a power of two and a narrower block where the two cover the head
+    dim in fewer columns than one padded block (the other tests run every split listed here)."""
+    from genkernels.triton.attention import _head_split
+
+    split = {d: _head_split(d) for d in (8, 24, 32, 40, 64, 72, 80, 96, 100, 128, 160, 256)}
+    assert split == {
+        8: (16, 0),
+        24: (32, 0),
+        32: (32, 0),
+        40: (32, 16),
+        64: (64, 0),
+        72: (64, 16),
+        80: (64, 16),
+        96: (64, 32),
+        100: (128, 0),
+        128: (128, 0),
+        160: (128, 32),
+        256: (256, 0),
+    }
