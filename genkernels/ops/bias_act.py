@@ -201,12 +201,18 @@ def _reference_grad(dy, x, bias, act, alpha, gain, clamp, dim, out_dtype=None):
     return match_layout(dz.to(out_dtype or x.dtype), x)
 
 
+def _reference_grad_bias(dy, x, bias, act, alpha, gain, clamp, dim, need_dz):
+    dz = _reference_grad(dy, x, bias, act, alpha, gain, clamp, dim, out_dtype=_acc(x))
+    return (dz.to(x.dtype) if need_dz else None), _sum_except(dz, dim).to(bias.dtype)
+
+
 class _ReferenceKernels:
     """The reference formulas behind the fast backends' interface (the traced op uses it)."""
 
     BIAS_DTYPES = DTYPES
     forward = staticmethod(_reference_forward)
     grad = staticmethod(_reference_grad)
+    grad_bias = staticmethod(_reference_grad_bias)
 
 
 def _act_grad2(z: Tensor, act: str) -> Tensor | None:
@@ -439,9 +445,11 @@ def _op_backward(ctx, dy):
     x, bias = ctx.saved_tensors
     act, alpha, gain, has_clamp, clamp, dim, backend = ctx.args
     need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dz = _bias_act_grad_op(dy, x, bias, act, alpha, gain, has_clamp, clamp, dim, need_bias, backend)
-    dbias = _sum_except(dz, dim).to(bias.dtype) if need_bias else None
-    return (dz.to(x.dtype) if need_x else None), dbias, None, None, None, None, None, None, None
+    if need_bias:  # dz and dbias in one fused pass
+        dz, dbias = _bias_act_grad_bias_op(dy, x, bias, act, alpha, gain, has_clamp, clamp, dim, need_x, backend)
+        return (dz if need_x else None), dbias.to(bias.dtype), None, None, None, None, None, None, None
+    dz = _bias_act_grad_op(dy, x, bias, act, alpha, gain, has_clamp, clamp, dim, False, backend)
+    return (dz if need_x else None), None, None, None, None, None, None, None, None
 
 
 _bias_act_op.register_autograd(_op_backward, setup_context=_op_setup)
@@ -468,6 +476,68 @@ def _grad_backward(ctx, ddz):
 
 
 _bias_act_grad_op.register_autograd(_grad_backward, setup_context=_grad_setup)
+
+
+@torch.library.custom_op(
+    "genkernels::bias_act_grad_bias",
+    mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor bias, str act, float alpha, float gain, bool has_clamp, float clamp,"
+    " int dim, bool need_dz, str backend) -> (Tensor, Tensor)",
+)
+def _bias_act_grad_bias_op(
+    dy: Tensor,
+    x: Tensor,
+    bias: Tensor,
+    act: str,
+    alpha: float,
+    gain: float,
+    has_clamp: bool,
+    clamp: float,
+    dim: int,
+    need_dz: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """(dz in x's dtype, or an empty tensor without ``need_dz``; dbias = dz summed over every dim but ``dim``,
+    in bias's dtype) in one fused pass (the backends' grad_bias)."""
+    x = dense_layout(x)
+    impl = _impl_for(backend, x, bias, act, dim)
+    dz, dbias = impl.grad_bias(
+        match_layout(dy, x).to(x.dtype), x, bias, act, alpha, gain, clamp if has_clamp else None, dim, need_dz
+    )
+    return (dz if dz is not None else x.new_empty((0,))), dbias
+
+
+@_bias_act_grad_bias_op.register_fake
+def _(dy, x, bias, act, alpha, gain, has_clamp, clamp, dim, need_dz, backend):
+    dz = torch.empty_like(dense_layout(x)) if need_dz else x.new_empty((0,))
+    return dz, bias.new_empty(bias.shape)
+
+
+def _grad_bias_setup(ctx, inputs, output):
+    dy, x, bias, act, alpha, gain, has_clamp, clamp, dim, need_dz, backend = inputs
+    ctx.save_for_backward(dy, x, bias)
+    ctx.args = (act, alpha, gain, has_clamp, clamp, dim, backend, need_dz)
+
+
+def _grad_bias_backward(ctx, ddz, ddb):
+    """The gradients of (dz, dbias) in dy, x and bias: dbias's gradient spreads back onto dz's (dbias is dz
+    summed), then as :func:`_grad_backward`."""
+    dy, x, bias = ctx.saved_tensors
+    act, alpha, gain, has_clamp, clamp, dim, backend, need_dz = ctx.args
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    total = torch.zeros_like(x, dtype=_acc(x)) if ddb is None else ddb.to(_acc(x)).view(shape).expand(x.shape)
+    if need_dz and ddz is not None and ddz.numel():
+        total = total + ddz.to(total.dtype)
+    needs = ctx.needs_input_grad
+    ddy = None
+    if needs[0]:
+        ddy = _bias_act_grad_op(total.to(dy.dtype), x, bias, act, alpha, gain, has_clamp, clamp, dim, False, backend)
+    dx, db = _second_order(total, dy, x, bias, act, alpha, gain, clamp if has_clamp else None, dim, needs[1], needs[2])
+    return ddy, dx, db, *(None,) * 8
+
+
+_bias_act_grad_bias_op.register_autograd(_grad_bias_backward, setup_context=_grad_bias_setup)
 
 
 # --------------------------------------------------------------------------- public op
@@ -497,8 +567,9 @@ def bias_act(
         dim: the dim bias runs along (1: channels of an (N, C, ...) tensor).
         backend: "auto" / None, "reference", "triton" or "cuda".
 
-    Under torch.compile the call goes through the ``genkernels::bias_act`` op (and its gradient op,
-    ``genkernels::bias_act_grad``, itself differentiable).
+    Under torch.compile the call goes through the ``genkernels::bias_act`` op and its gradient ops,
+    ``genkernels::bias_act_grad_bias`` (dx and dbias in one fused pass) and ``genkernels::bias_act_grad``
+    (dx alone), both themselves differentiable.
 
     Returns y in x's dtype, shape and layout. Differentiable in x and bias to second order (and
     beyond): the backward is one fused pass, and is itself differentiable, for GAN penalties such as

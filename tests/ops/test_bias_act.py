@@ -233,6 +233,32 @@ def test_opcheck(backend, clamp, device):
     dy = torch.randn_like(x).requires_grad_(True)
     for float32_out in (False, True):
         torch.library.opcheck(torch.ops.genkernels.bias_act_grad.default, (dy, x, bias, *args, float32_out, backend))
+    for need_dz in (False, True):
+        torch.library.opcheck(torch.ops.genkernels.bias_act_grad_bias.default, (dy, x, bias, *args, need_dz, backend))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize("act", ["lrelu", "silu"])
+def test_traced_op_second_order(backend, act, device):
+    """The genkernels::bias_act op (what torch.compile traces) differentiated twice, dbias from the fused
+    genkernels::bias_act_grad_bias: the eager function's gradients of both orders under the criterion."""
+    x, bias = _inputs((2, 4, 3, 5), torch.float32, device)
+    skip_unsupported(backend, BA.OP, x, bias, act)
+    torch.manual_seed(5)
+    dy, v, w = torch.randn_like(x), torch.randn_like(x), torch.randn_like(bias)
+
+    def grads(fn, x, bias):
+        x, bias = x.detach().requires_grad_(True), bias.detach().requires_grad_(True)
+        dx, db = torch.autograd.grad(fn(x, bias), (x, bias), dy.to(x.dtype), create_graph=True)
+        second = torch.autograd.grad((dx * v.to(x.dtype)).sum() + (db * w.to(x.dtype)).sum(), (x, bias))
+        return [dx, db, *second]
+
+    args = (act, 0.2, 1.0 if act == "silu" else math.sqrt(2.0), False, 0.0, 1)
+    op = lambda x, b: torch.ops.genkernels.bias_act(x, b, *args, backend)  # noqa: E731
+    ref = lambda x, b: bias_act(x, b, act=act, backend="reference")  # noqa: E731
+    out, want, truth = grads(op, x, bias), grads(ref, x, bias), grads(ref, x.double(), bias.double())
+    for name, o, r, t in zip(("dx", "dbias", "ddx", "ddbias"), out, want, truth):
+        assert_criterion(o, r, t, name, relative_floor=name != "dx")
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
