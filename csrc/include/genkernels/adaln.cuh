@@ -23,7 +23,8 @@
 //
 // Work split: a row is spread over a group of G threads (a multiple of 32, at most 512, or 1024 on the
 // scalar path); thread t of the group holds the VEC-element vectors t, t + G, ... (at most
-// K = adaln_vectors(VEC) of them: one 8-element vector, or 4 scalars) in registers between the passes. A
+// K of them: in the forward 4 vectors of 8 or 4 scalars, adaln_forward_vectors; in the backward one
+// 8-element vector or 4 scalars, adaln_vectors) in registers between the passes. A
 // block of 128 threads runs 4 rows of 32-thread groups or 2 of 64 side by side; wider groups own the
 // block. Row sums go through a warp butterfly, then (groups wider than a warp) the group's warp
 // totals added in warp order from shared memory: every thread of a row sees the same bits.
@@ -64,6 +65,10 @@ constexpr int kAdalnMaxDim = 4096;      // the longest row: 512 threads x 8 elem
 constexpr int kAdalnVec = 8;  // elements of a vector: 16 bytes of fp16 / bf16, two 16-byte loads of float32
 __host__ __device__ constexpr int adaln_max_threads(int vec) { return vec == 1 ? 1024 : 512; }
 __host__ __device__ constexpr int adaln_vectors(int vec) { return vec == 1 ? 4 : 1; }
+// The forward holds up to 4 vectors (or 4 scalars) a thread: it keeps nothing but the row between its
+// passes, and a thread's fixed cost (the row's offsets, two group sums, the statistics) is then spread
+// over up to 32 elements instead of 8 (adaln_forward_shape).
+__host__ __device__ constexpr int adaln_forward_vectors(int) { return 4; }
 constexpr int kAdalnBlock = 128;        // block size for groups of 32 or 64 threads
 constexpr int kAdalnQuantities = 5;     // column sums: dweight, dbias, dshift, dscale, dgate
 constexpr int kReduceCols = 32;         // adaln_reduce_kernel: columns per block
@@ -147,6 +152,19 @@ inline AdalnShape adaln_shape(int64_t rows, int64_t len, int64_t dim, int vec, i
   s.slots = s.group < kAdalnBlock && kAdalnBlock % s.group == 0 ? kAdalnBlock / s.group : 1;
   s.chunk = chunk;
   s.chunks = static_cast<int>((len + chunk - 1) / chunk);
+  return s;
+}
+
+// Host: the forward's split: groups of 32..adaln_max_threads(vec) threads, each holding up to
+// adaln_forward_vectors(vec) vectors, the fewest threads that hold the row (D = 1152 in bf16: 144 vectors,
+// 64 threads of 3, two rows a block; it was 160 threads of one vector and a row a block).
+inline AdalnShape adaln_forward_shape(int64_t rows, int64_t len, int64_t dim, int vec) {
+  AdalnShape s = adaln_shape(rows, len, dim, vec, 1);
+  const int64_t nvec = dim / vec, per = adaln_forward_vectors(vec);
+  const int64_t group = ((nvec + per - 1) / per + 31) / 32 * 32;
+  s.group = static_cast<int>(group < adaln_max_threads(vec) ? group : adaln_max_threads(vec));
+  s.count = static_cast<int>((nvec + s.group - 1) / s.group);
+  s.slots = s.group < kAdalnBlock && kAdalnBlock % s.group == 0 ? kAdalnBlock / s.group : 1;
   return s;
 }
 
@@ -305,7 +323,7 @@ __device__ __forceinline__ float group_sum(float v, float* scratch, int group) {
 
 template <class D, int VEC>
 __global__ void __launch_bounds__(adaln_max_threads(VEC)) adaln_forward_kernel(const AdalnForwardArgs a) {
-  constexpr int K = adaln_vectors(VEC);
+  constexpr int K = adaln_forward_vectors(VEC);
   __shared__ float scratch[32];
   const int group = a.s.group;
   const int slot = static_cast<int>(threadIdx.x) / group, t = static_cast<int>(threadIdx.x) % group;
