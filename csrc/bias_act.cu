@@ -32,11 +32,15 @@ unsigned int check_problem(const BiasActProblem& p, int vec) {
 
 BiasActArgs make_args(const BiasActProblem& p, uintptr_t x, uintptr_t dy, uintptr_t bias, uintptr_t out) {
   if (x == 0 || out == 0) fail("x and the output must be non-null");
-  if (bias % 4 != 0) fail("bias must be a float32 tensor");
+  if (p.bias_dtype != kFloat32 && p.bias_dtype != kFloat16 && p.bias_dtype != kBFloat16) {
+    fail("bias_dtype must be float32, float16 or bfloat16, got code " + std::to_string(p.bias_dtype));
+  }
+  if (bias % static_cast<uintptr_t>(element_bytes(p.bias_dtype)) != 0) fail("bias is not aligned to its dtype");
   BiasActArgs a{};
   a.x = reinterpret_cast<const void*>(x);
   a.dy = reinterpret_cast<const void*>(dy);
-  a.bias = reinterpret_cast<const float*>(bias);
+  a.bias = reinterpret_cast<const void*>(bias);
+  a.bias_dtype = p.bias_dtype;
   a.out = reinterpret_cast<void*>(out);
   a.n = p.n;
   a.stride_c = bias != 0 ? p.stride_c : 1;

@@ -290,56 +290,56 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "bias_act_forward",
       [](uintptr_t x, uintptr_t bias, uintptr_t y, int64_t n, int64_t stride_c, int64_t channels, int dtype,
-         int device, int act, float alpha, float gain, bool has_clamp, float clamp, uintptr_t stream) {
-        genkernels::bias_act_forward(
-            BiasActProblem{n, stride_c, channels, dtype, device, act, alpha, gain, has_clamp, clamp}, x, bias, y,
-            stream);
+         int device, int act, float alpha, float gain, bool has_clamp, float clamp, int bias_dtype,
+         uintptr_t stream) {
+        const BiasActProblem p{n, stride_c, channels, dtype, device, act, alpha, gain, has_clamp, clamp, bias_dtype};
+        genkernels::bias_act_forward(p, x, bias, y, stream);
       },
       py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("n"), py::arg("stride_c"), py::arg("channels"),
       py::arg("dtype"), py::arg("device"), py::arg("act"), py::arg("alpha"), py::arg("gain"), py::arg("has_clamp"),
-      py::arg("clamp"), py::arg("stream"),
+      py::arg("clamp"), py::arg("bias_dtype"), py::arg("stream"),
       "Fused bias + activation on a dense x walked as n elements in memory order: y = act(x + bias[(e / stride_c) "
-      "% channels]) * gain, clamped to [-clamp, clamp] when has_clamp. bias float32 (channels,) or 0 (none). "
-      "act: linear 0, relu 1, lrelu 2 (slope alpha), tanh 3, sigmoid 4, silu 5, gelu 6. Launches on `stream`, "
-      "never synchronizes.");
+      "% channels]) * gain, clamped to [-clamp, clamp] when has_clamp. bias (channels,) in bias_dtype (the code "
+      "of float32, float16 or bfloat16) or 0 (none). act: linear 0, relu 1, lrelu 2 (slope alpha), tanh 3, "
+      "sigmoid 4, silu 5, gelu 6. Launches on `stream`, never synchronizes.");
   m.def(
       "bias_act_grad",
       [](uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dz, int64_t n, int64_t stride_c, int64_t channels,
          int dtype, int out_dtype, int device, int act, float alpha, float gain, bool has_clamp, float clamp,
-         uintptr_t stream) {
-        genkernels::bias_act_grad(
-            BiasActProblem{n, stride_c, channels, dtype, device, act, alpha, gain, has_clamp, clamp}, dy, x, bias, dz,
-            out_dtype, stream);
+         int bias_dtype, uintptr_t stream) {
+        const BiasActProblem p{n, stride_c, channels, dtype, device, act, alpha, gain, has_clamp, clamp, bias_dtype};
+        genkernels::bias_act_grad(p, dy, x, bias, dz, out_dtype, stream);
       },
       py::arg("dy"), py::arg("x"), py::arg("bias"), py::arg("dz"), py::arg("n"), py::arg("stride_c"),
       py::arg("channels"), py::arg("dtype"), py::arg("out_dtype"), py::arg("device"), py::arg("act"),
-      py::arg("alpha"), py::arg("gain"), py::arg("has_clamp"), py::arg("clamp"), py::arg("stream"),
+      py::arg("alpha"), py::arg("gain"), py::arg("has_clamp"), py::arg("clamp"), py::arg("bias_dtype"),
+      py::arg("stream"),
       "Gradient map of bias_act_forward: dz = dy * gain * act'(x + bias) * m (m: the clamp's pass mask), dy and x "
       "in `dtype`, dz in out_dtype (dtype or float32). Launches on `stream`, never synchronizes.");
   m.def(
       "bias_act_grad_bias_plan",
       [](uintptr_t dy, uintptr_t x, uintptr_t dz, int64_t n, int64_t stride_c, int64_t channels, int dtype,
-         int device, int act, float alpha, float gain, bool has_clamp, float clamp) {
-        return genkernels::bias_act_grad_bias_plan(
-            BiasActProblem{n, stride_c, channels, dtype, device, act, alpha, gain, has_clamp, clamp}, dy, x, dz);
+         int device, int act, float alpha, float gain, bool has_clamp, float clamp, int bias_dtype) {
+        const BiasActProblem p{n, stride_c, channels, dtype, device, act, alpha, gain, has_clamp, clamp, bias_dtype};
+        return genkernels::bias_act_grad_bias_plan(p, dy, x, dz);
       },
       py::arg("dy"), py::arg("x"), py::arg("dz"), py::arg("n"), py::arg("stride_c"), py::arg("channels"),
       py::arg("dtype"), py::arg("device"), py::arg("act"), py::arg("alpha"), py::arg("gain"), py::arg("has_clamp"),
-      py::arg("clamp"),
+      py::arg("clamp"), py::arg("bias_dtype"),
       "The tiles of bias_act_grad_bias for these tensors (dz 0: not written): (vec, tq, per_tile, rows, grid_x, "
       "grid_y, width); the partials it fills are (grid_y, width) float32.");
   m.def(
       "bias_act_grad_bias",
       [](uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dz, uintptr_t partials, int64_t partials_size, int64_t n,
          int64_t stride_c, int64_t channels, int dtype, int device, int act, float alpha, float gain, bool has_clamp,
-         float clamp, uintptr_t stream) {
-        genkernels::bias_act_grad_bias(
-            BiasActProblem{n, stride_c, channels, dtype, device, act, alpha, gain, has_clamp, clamp}, dy, x, bias, dz,
-            partials, partials_size, stream);
+         float clamp, int bias_dtype, uintptr_t stream) {
+        const BiasActProblem p{n, stride_c, channels, dtype, device, act, alpha, gain, has_clamp, clamp, bias_dtype};
+        genkernels::bias_act_grad_bias(p, dy, x, bias, dz, partials, partials_size, stream);
       },
       py::arg("dy"), py::arg("x"), py::arg("bias"), py::arg("dz"), py::arg("partials"), py::arg("partials_size"),
       py::arg("n"), py::arg("stride_c"), py::arg("channels"), py::arg("dtype"), py::arg("device"), py::arg("act"),
-      py::arg("alpha"), py::arg("gain"), py::arg("has_clamp"), py::arg("clamp"), py::arg("stream"),
+      py::arg("alpha"), py::arg("gain"), py::arg("has_clamp"), py::arg("clamp"), py::arg("bias_dtype"),
+      py::arg("stream"),
       "bias_act_grad's dz (in `dtype`; dz 0: not written) and, in the same pass, float32 partial sums of it "
       "(see bias_act_grad_bias_plan) that summed per channel give the bias gradient; deterministic, no atomics. "
       "Launches on `stream`, never synchronizes.");

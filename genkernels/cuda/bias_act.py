@@ -3,7 +3,8 @@
 Implements the backend interface of :mod:`genkernels.ops.bias_act` (see its module docstring for the
 formulas), with the semantics of :mod:`genkernels.triton.bias_act`: x is dense (contiguous or
 channels_last), and y, dy and dz share its strides, so every tensor is walked as one flat run of
-numel elements in memory order; the bias (float32 (C,) or None) of flat element e is
+numel elements in memory order; the bias ((C,) in float32, float16 or bfloat16, read in its own
+dtype, or None) of flat element e is
 bias[(e // x.stride(dim)) % C]. One thread per 16-byte vector when every pointer is 16-byte aligned
 (the tail of a length that is not a multiple of the width one element at a time), else one thread
 per element. Arithmetic is float32 with accurate expf / tanhf / erff. Launches on torch's current
@@ -21,8 +22,8 @@ from ._common import MAX_BLOCKS, device_guard, dtype_code, kernels_unavailable, 
 ACTS = {"linear": 0, "relu": 1, "lrelu": 2, "tanh": 3, "sigmoid": 4, "silu": 5, "gelu": 6}
 # Threads per block (kBiasActThreads); the scalar path has one element a thread.
 THREADS = 256
-# The bias dtypes the kernels read (genkernels.ops.bias_act casts any other to float32 first).
-BIAS_DTYPES = (torch.float32,)
+# The bias dtypes the kernels read as they are (genkernels.ops.bias_act casts any other to float32 first).
+BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _SYMBOLS = ("bias_act_forward", "bias_act_grad", "bias_act_grad_bias_plan", "bias_act_grad_bias")
 
@@ -53,6 +54,7 @@ def _problem(x: Tensor, bias: Tensor | None, act: str, alpha: float, gain: float
         "gain": float(gain),
         "has_clamp": clamp is not None,
         "clamp": float(clamp) if clamp is not None else 0.0,
+        "bias_dtype": dtype_code(bias),
     }
 
 
@@ -62,9 +64,9 @@ def forward(
     """y = clamp(act(x + bias) * gain) in one pass over memory order.
 
     x: dense (contiguous or channels_last), float32, float16 or bfloat16, numel > 0. bias: None or a
-    contiguous float32 (C,) tensor, C = x.shape[dim], added along dim. act: a key of ACTS; alpha:
-    lrelu's slope; gain: output scale; clamp: None or > 0. Returns y, a new tensor with x's shape,
-    strides and dtype. Reads x once, writes y once; never synchronizes with the host."""
+    contiguous (C,) tensor of a BIAS_DTYPES dtype, C = x.shape[dim], added along dim. act: a key of
+    ACTS; alpha: lrelu's slope; gain: output scale; clamp: None or > 0. Returns y, a new tensor with
+    x's shape, strides and dtype. Reads x once, writes y once; never synchronizes with the host."""
     ext = require_extension()
     y = torch.empty_like(x)
     device = x.device
@@ -130,13 +132,14 @@ def grad_bias(
     need_dz: bool = True,
 ) -> tuple[Tensor | None, Tensor]:
     """(dz, dbias) in one pass: dz as :func:`grad` gives it (x's dtype; None when ``need_dz`` is False, and
-    then nothing is written) and dbias = dz summed over every dim but ``dim``, float32 (C,), from the
-    unrounded float32 dz.
+    then nothing is written) and dbias = dz summed over every dim but ``dim``, (C,) in bias's dtype,
+    reduced in float32 from the unrounded dz.
 
     Memory order is tiled as R rows by Q = C * x.stride(dim) columns (csrc bias_act.cuh,
     bias_act_grad_bias_kernel); each block leaves float32 partial sums, per tile when a tile lies in one
     channel, else per column, and they are summed here per channel in a fixed order (deterministic, no
-    atomics). bias: a contiguous float32 (C,) tensor (not None). Never synchronizes with the host."""
+    atomics). bias: a contiguous (C,) tensor of a BIAS_DTYPES dtype (not None). Never synchronizes with
+    the host."""
     ext = require_extension()
     dz = torch.empty_like(x) if need_dz else None
     problem = _problem(x, bias, act, alpha, gain, clamp, dim)
@@ -159,4 +162,4 @@ def grad_bias(
         )
     channels, inner = x.shape[dim], x.stride(dim)
     per = inner // (tq * vec) if per_tile else inner
-    return dz, partials.view(grid_y, channels, per).sum((0, 2))
+    return dz, partials.view(grid_y, channels, per).sum((0, 2)).to(bias.dtype)

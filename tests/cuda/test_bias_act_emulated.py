@@ -54,6 +54,8 @@ def test_bias_act_emulated(emulator):
         assert any(option in n for n in names), option
     for option in (" misaligned", " misaligned-out"):
         assert any(n.endswith(option) for n in names), option
+    for dtype in ("f32", "f16", "bf16"):  # the bias read in its own dtype, with and without vectors
+        assert any(f" bias:{dtype}" in n and " no-bias " not in n for n in names), dtype
     assert any(" clamp" not in n for n in names), "no unclamped case"
 
     # The gradient map with the bias gradient in the same pass: both partial forms, with and without dz,

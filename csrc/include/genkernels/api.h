@@ -198,7 +198,8 @@ struct BiasActProblem {
   int act;           // linear 0, relu 1, lrelu 2, tanh 3, sigmoid 4, silu 5, gelu 6
   float alpha, gain;
   bool has_clamp;
-  float clamp;  // > 0 when has_clamp
+  float clamp;       // > 0 when has_clamp
+  int bias_dtype;    // DtypeCode of the bias: float32, float16 or bfloat16
 };
 
 // y = act(x + bias) * gain, clamped to [-clamp, clamp] when has_clamp (NaN passes), in float32;

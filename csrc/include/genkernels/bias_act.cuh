@@ -2,8 +2,9 @@
 //
 // x is dense (contiguous or channels last) and y, dy and dz share its strides, so every tensor is
 // one flat run of n elements in memory order. The bias of flat element e is bias[(e / stride_c) % C]
-// (stride_c = x.stride(dim), C = x.shape[dim]), which holds in both layouts; bias is float32 (C,) or
-// absent. Per element, in float32 (the formulas of genkernels/ops/bias_act.py):
+// (stride_c = x.stride(dim), C = x.shape[dim]), which holds in both layouts; bias is (C,) in float32,
+// float16 or bfloat16 (read in its own dtype), or absent. Per element, in float32 (the formulas of
+// genkernels/ops/bias_act.py):
 //     z  = x + b
 //     y  = act(z) * gain, then y = y < -clamp ? -clamp : (y > clamp ? clamp : y) when clamped (NaN passes)
 //     dz = dy * gain * act'(z) * m,  m = (-clamp <= act(z) * gain <= clamp) when clamped, else 1
@@ -79,7 +80,8 @@ void with_act(int act, F&& f) {
 struct BiasActArgs {
   const void* x;       // n elements, dtype D
   const void* dy;      // n elements, dtype D (gradient only)
-  const float* bias;   // (C,) float32, or nullptr
+  const void* bias;    // (C,) in bias_dtype, or nullptr
+  int bias_dtype;      // kFloat32, kFloat16 or kBFloat16 (a branch the whole grid takes alike)
   void* out;           // y (dtype D) or dz (dtype O)
   int64_t n;           // elements
   int64_t stride_c;    // x.stride(dim) (> 0)
@@ -151,6 +153,13 @@ __device__ __forceinline__ float act_grad(float z, float alpha) {
   }
 }
 
+// bias[c] as float32, read in the bias's own dtype.
+__device__ __forceinline__ float bias_value(const BiasActArgs& a, int64_t c) {
+  if (a.bias_dtype == kBFloat16) return BF16::decode(__ldg(static_cast<const unsigned short*>(a.bias) + c));
+  if (a.bias_dtype == kFloat16) return F16::decode(__ldg(static_cast<const unsigned short*>(a.bias) + c));
+  return __ldg(static_cast<const float*>(a.bias) + c);
+}
+
 // z[i] = x[e + i] + bias[((e + i) / stride_c) % C] for i < W (e a multiple of W): one division, then
 // one bias value for the whole vector when stride_c is a multiple of W (contiguous NCHW: the vector lies
 // in one channel), else stepped element by element (channels_last).
@@ -162,13 +171,13 @@ __device__ __forceinline__ void load_preact(const BiasActArgs& a, int64_t e, flo
     split_index(e, a.stride_c, q, r);
     split_index(q, a.channels, wraps, c);
     if (W > 1 && (a.stride_c & (W - 1)) == 0) {
-      const float b = __ldg(a.bias + c);
+      const float b = bias_value(a, c);
 #pragma unroll
       for (int i = 0; i < W; ++i) z[i] += b;
     } else {
 #pragma unroll
       for (int i = 0; i < W; ++i) {
-        z[i] += __ldg(a.bias + c);
+        z[i] += bias_value(a, c);
         if (++r == a.stride_c) {
           r = 0;
           if (++c == a.channels) c = 0;
@@ -329,7 +338,7 @@ __global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_bias_kernel(con
     split_index(wraps, a.channels, wraps, c);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      b[i] = __ldg(a.bias + c);
+      b[i] = bias_value(a, c);
       if (++r == a.stride_c) {
         r = 0;
         if (++c == a.channels) c = 0;

@@ -63,14 +63,16 @@ struct Case {
   bool clamp;
   bool large;  // every fifth input far out (|x| up to 1e4)
   Misalign misalign;
-  bool store;  // the bias-gradient kernel writes dz too (else the bias gradient alone)
+  bool store;      // the bias-gradient kernel writes dz too (else the bias gradient alone)
+  int bias_dtype;  // the bias's dtype code (its values are exact in bf16, so the same in every dtype)
 
   std::string name() const {
     static const char* const acts[] = {"linear", "relu", "lrelu", "tanh", "sigmoid", "silu", "gelu"};
     static const char* const layouts[] = {"channels-first", "channels-last", "rows", "no-bias"};
     char buf[200];
-    snprintf(buf, sizeof buf, "%s dz:%s %s %s N%d C%d S%d%s%s%s", dtype_name(dtype), dtype_name(out_dtype), acts[act],
-             layouts[static_cast<int>(layout)], N, C, S, clamp ? " clamp" : "", large ? " large" : "",
+    snprintf(buf, sizeof buf, "%s dz:%s %s %s N%d C%d S%d bias:%s%s%s%s", dtype_name(dtype), dtype_name(out_dtype),
+             acts[act], layouts[static_cast<int>(layout)], N, C, S, dtype_name(bias_dtype), clamp ? " clamp" : "",
+             large ? " large" : "",
              misalign == Misalign::kAll ? " misaligned" : misalign == Misalign::kOut ? " misaligned-out" : "");
     return buf;
   }
@@ -184,11 +186,15 @@ simt::Outcome run(const Case& c, unsigned seed) {
   std::vector<simt::Range> global;
   simt::register_global(global, x.data(), x.bytes());
   simt::register_global(global, dy.data(), dy.bytes());
-  simt::register_global(global, bias.data() + 1, c.C * sizeof(float));
+  Buffer typed_bias;  // what the kernels read: the values in the case's bias dtype, guards around them
+  typed_bias.init(c.bias_dtype, c.C, false);
+  for (int i = 0; i < c.C; ++i) typed_bias.set(i, bias[1 + i]);
+  simt::register_global(global, typed_bias.data(), typed_bias.bytes());
 
   BiasActArgs a{};
   a.x = x.data();
-  a.bias = has_bias ? bias.data() + 1 : nullptr;
+  a.bias = has_bias ? typed_bias.data() : nullptr;
+  a.bias_dtype = c.bias_dtype;
   a.n = n;
   a.stride_c = has_bias ? stride_c : 1;
   a.channels = has_bias ? c.C : 1;
@@ -405,6 +411,7 @@ std::vector<Case> make_cases() {
         c.large = k % 4 < 2;
         c.misalign = k % 5 == 3 ? Misalign::kAll : k % 5 == 4 ? Misalign::kOut : Misalign::kNone;
         c.store = k % 3 != 2;
+        c.bias_dtype = (k / 3) % 3 == 0 ? kF32 : (k / 3) % 3 == 1 ? kF16 : kBF16;
         cases.push_back(c);
         ++k;
       }
