@@ -19,8 +19,8 @@ All arithmetic is float32 (float64 for float64 inputs on the reference).
 
 Fused backend interface (genkernels.triton.bias_act and genkernels.cuda.bias_act implement it): x
 dense (contiguous or channels last; anything else copied once), numel > 0, bias None or a contiguous
-(C,) tensor of one of the backend's BIAS_DTYPES (the op casts any other bias to float32 first; the
-triton kernels read float32, float16 and bfloat16 biases as they are, which spares a cast kernel a
+(C,) tensor of one of the backend's BIAS_DTYPES (the op casts any other bias to float32 first; both
+fast backends read float32, float16 and bfloat16 biases as they are, which spares a cast kernel a
 call).
 
     BIAS_DTYPES                                                         the bias dtypes read as they are
