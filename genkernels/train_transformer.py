@@ -243,7 +243,9 @@ def sample_transformer(
     device = model.head.weight.device
     with _registry.backend(_training.backend_for(device, backend)):
         labels = model._sample_labels(num, labels, device)
-        tokens = model.sample_tokens(num, labels, temperature, top_k, seed, use_cache)
+        # One call: decoding without CUDA graphs (their capture decodes once uncaptured and then captures
+        # every step, which repeated calls repay and a single one does not).
+        tokens = model.sample_tokens(num, labels, temperature, top_k, seed, use_cache, cuda_graph=False)
     images = model.dequantize(tokens).cpu()
     size = _training.write_grid(images * 2 - 1, out, ncol, scale)
     return TransformerSamples(images, tokens.cpu(), None if labels is None else labels.cpu(), size)

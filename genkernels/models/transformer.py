@@ -33,7 +33,9 @@ all in one memory pool, and a call replays the L graphs in order: one launch a s
 kernels of the uncaptured step t on the same shapes, so the tokens are the same. The graphs stay with the
 model for the next call with the same batch size, temperature and top_k on the same parameters (their
 addresses: in-place updates such as optimizer steps are seen, a reassigned parameter drops the graphs);
-``cuda_graph=False`` decodes without them, and :meth:`ImageGPT.release_graphs` frees them.
+``cuda_graph=False`` decodes without them, and :meth:`ImageGPT.release_graphs` frees them. Capturing
+decodes once uncaptured and then captures every step, so the graphs pay off over repeated calls; a
+single call (``genkernels sample transformer``) is faster without them.
 
 ``torch_layers=True`` builds the same network on plain PyTorch ops (F.scaled_dot_product_attention, the
 RMSNorm formula, F.silu, a rotate-half RoPE) with the same parameter names: the eager baseline.
