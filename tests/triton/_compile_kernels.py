@@ -87,6 +87,8 @@ if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on"
 
 import torch  # noqa: E402
 
+from tests.transformer_calls import TransformerCall, run_transformer_call  # noqa: E402
+
 try:
     import triton
     import triton.language as tl
@@ -731,37 +733,6 @@ def run_bias_act_call(ba, call: BiasActCall) -> None:
         ba.grad_bias(dy, x, *args, need_dz)
 
 
-@dataclass
-class TransformerCall:
-    """One call of the transformer family's Triton kernels: ``kind`` "adaln" (layer_norm_modulate on rows
-    (R, D) of ``tokens`` tokens per sample, forward and backward; with ``fused`` the gated residual + norm),
-    "rope" (q and k (B, H, L, Dh) rotated by (L, P) tables, forward and inverse) or "mlp" (gelu_tanh on x,
-    swiglu on x (R, 2 * D): forwards and gradients)."""
-
-    label: str
-    kind: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    tokens: int = 1
-    rms: bool = False
-    affine: bool = False
-    per_token: bool = False
-    fused: bool = False
-    pairs: int = 0  # rope: rotated pairs P (0: Dh / 2)
-    interleaved: bool = False
-    workload: tuple[int, ...] = ()
-
-    def __str__(self) -> str:
-        text = f"{self.label} {self.kind} {tuple(self.shape)} {str(self.dtype)[6:]}"
-        if self.kind == "adaln":
-            text += " rms" if self.rms else " layernorm"
-            text += (" affine" if self.affine else "") + (" per-token" if self.per_token else " per-sample")
-            text += " fused" if self.fused else ""
-        if self.kind == "rope":
-            text += f" P={self.pairs or self.shape[-1] // 2}" + (" interleaved" if self.interleaved else "")
-        return text
-
-
 def transformer_calls() -> Iterator[TransformerCall]:
     """The transformer sweep: the benchmark's shapes on every target (DiT-XL rows (2 * 4096, 1152) and FLUX
     rows (4608, 3072) in bf16, per-sample modulation, plain and fused with the gated residual; FLUX's rope
@@ -781,47 +752,6 @@ def transformer_calls() -> Iterator[TransformerCall]:
     yield TransformerCall("paths", "rope", (2, 3, 5, 72), f32, pairs=20, workload=MAIN_ARCHS)
     yield TransformerCall("paths", "rope", (2, 3, 5, 40), f16, interleaved=True, workload=MAIN_ARCHS)
     yield TransformerCall("paths", "mlp", (3, 1000), f32, workload=MAIN_ARCHS)
-
-
-def run_transformer_call(ad, rp, gm, call: TransformerCall) -> None:
-    """The forward and backward launches of ``call`` (the Triton modules' backend interfaces)."""
-    f32 = torch.float32
-    if call.kind == "adaln":
-        rows, d = call.shape
-        x = torch.empty(call.shape, dtype=call.dtype)
-        weight = torch.empty(d, dtype=f32) if call.affine else None
-        bias = torch.empty(d, dtype=f32) if call.affine and not call.rms else None
-        modulation = rows if call.per_token else rows // call.tokens
-        shift, scale = (torch.empty(modulation, d, dtype=call.dtype) for _ in range(2))
-        if call.fused:
-            y, gate = torch.empty_like(x), torch.empty(modulation, d, dtype=call.dtype)
-            h, out, mean, rstd = ad.gated_residual_layer_norm_modulate_forward(
-                x, y, gate, weight, bias, shift, scale, call.tokens, 1e-6, call.rms
-            )
-            ad.gated_residual_layer_norm_modulate_backward(
-                torch.empty_like(h), torch.empty_like(out), h, y, gate, weight, bias, shift, scale, mean, rstd,
-                call.tokens, call.rms, True, True, True, True, True, True,
-            )  # fmt: skip
-        else:
-            out, mean, rstd = ad.layer_norm_modulate_forward(x, weight, bias, shift, scale, call.tokens, 1e-6, call.rms)
-            ad.layer_norm_modulate_backward(
-                torch.empty_like(out), x, weight, bias, shift, scale, mean, rstd, call.tokens, call.rms,
-                True, True, True, True, True,
-            )  # fmt: skip
-    elif call.kind == "rope":
-        q = torch.empty(call.shape, dtype=call.dtype)
-        k = torch.empty(call.shape, dtype=call.dtype)
-        pairs = call.pairs or call.shape[-1] // 2
-        cos, sin = (torch.empty(call.shape[2], pairs, dtype=f32) for _ in range(2))
-        for inverse in (False, True):
-            rp.rotate(q, k, cos, sin, call.interleaved, inverse, torch.empty_like(q), torch.empty_like(k))
-    elif call.kind == "mlp":
-        x = torch.empty(call.shape, dtype=call.dtype)
-        gm.gelu_tanh_grad(torch.empty_like(gm.gelu_tanh_forward(x)), x)
-        x2 = torch.empty(call.shape[0], 2 * call.shape[1], dtype=call.dtype)
-        gm.swiglu_grad(torch.empty_like(gm.swiglu_forward(x2, -1)), x2, -1)
-    else:
-        raise ValueError(call.kind)
 
 
 def _arg_class(value):
