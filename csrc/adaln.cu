@@ -109,7 +109,7 @@ void adaln_forward(const AdalnProblem& p, const AdalnTensor& x, const AdalnTenso
   a.norm = norm;
   a.rms = rms;
   const int vec = vector_of(p, {x, res, gate, shift, scale, h, out}, {weight, bias});
-  a.s = adaln_forward_shape(p.rows, p.tokens, p.dim, vec);
+  a.s = adaln_shape(p.rows, p.tokens, p.dim, vec, 1, adaln_forward_vectors(vec));
   const unsigned int grid = grid_of(ceil_div(p.rows, a.s.slots));
   use_device(p.device);
   const cudaStream_t stream = as_stream(stream_handle);

@@ -67,7 +67,7 @@ __host__ __device__ constexpr int adaln_max_threads(int vec) { return vec == 1 ?
 __host__ __device__ constexpr int adaln_vectors(int vec) { return vec == 1 ? 4 : 1; }
 // The forward holds up to 4 vectors (or 4 scalars) a thread: it keeps nothing but the row between its
 // passes, and a thread's fixed cost (the row's offsets, two group sums, the statistics) is then spread
-// over up to 32 elements instead of 8 (adaln_forward_shape).
+// over up to 32 elements instead of 8 (adaln_shape's `per`).
 __host__ __device__ constexpr int adaln_forward_vectors(int) { return 4; }
 constexpr int kAdalnBlock = 128;        // block size for groups of 32 or 64 threads
 constexpr int kAdalnQuantities = 5;     // column sums: dweight, dbias, dshift, dscale, dgate
@@ -136,35 +136,24 @@ struct AdalnBackwardArgs {
 };
 
 // Host (also run by the emulator's driver, so both launch the same split): rows of D elements at vector
-// width vec spread over groups of 32..adaln_max_threads(vec) threads, the fewest vectors per thread that fit;
+// width vec spread over groups of 32..adaln_max_threads(vec) threads, the fewest threads that hold the row
+// with up to `per` vectors a thread (the backward 1; the forward adaln_forward_vectors(vec): D = 1152 in bf16,
+// 144 vectors, then runs 64 threads of 3, two rows a block, where one a thread took 160 threads a row);
 // 4 or 2 groups of 32 or 64 threads share a block of kAdalnBlock. Backward chunks: `chunk` rows of a
-// sample per block (from adaln_chunk). count > adaln_vectors(vec) (D > kAdalnMaxDim) means the row does
-// not fit.
-inline AdalnShape adaln_shape(int64_t rows, int64_t len, int64_t dim, int vec, int64_t chunk) {
+// sample per block (from adaln_chunk); the forward passes 1. count above the kernel's K (D > kAdalnMaxDim)
+// means the row does not fit.
+inline AdalnShape adaln_shape(int64_t rows, int64_t len, int64_t dim, int vec, int64_t chunk, int per = 1) {
   AdalnShape s{};
   s.rows = rows;
   s.len = len;
   s.dim = dim;
   const int64_t nvec = dim / vec;
-  const int64_t group = (nvec + 31) / 32 * 32;
+  const int64_t group = ((nvec + per - 1) / per + 31) / 32 * 32;
   s.group = static_cast<int>(group < adaln_max_threads(vec) ? group : adaln_max_threads(vec));
   s.count = static_cast<int>((nvec + s.group - 1) / s.group);
   s.slots = s.group < kAdalnBlock && kAdalnBlock % s.group == 0 ? kAdalnBlock / s.group : 1;
   s.chunk = chunk;
   s.chunks = static_cast<int>((len + chunk - 1) / chunk);
-  return s;
-}
-
-// Host: the forward's split: groups of 32..adaln_max_threads(vec) threads, each holding up to
-// adaln_forward_vectors(vec) vectors, the fewest threads that hold the row (D = 1152 in bf16: 144 vectors,
-// 64 threads of 3, two rows a block; it was 160 threads of one vector and a row a block).
-inline AdalnShape adaln_forward_shape(int64_t rows, int64_t len, int64_t dim, int vec) {
-  AdalnShape s = adaln_shape(rows, len, dim, vec, 1);
-  const int64_t nvec = dim / vec, per = adaln_forward_vectors(vec);
-  const int64_t group = ((nvec + per - 1) / per + 31) / 32 * 32;
-  s.group = static_cast<int>(group < adaln_max_threads(vec) ? group : adaln_max_threads(vec));
-  s.count = static_cast<int>((nvec + s.group - 1) / s.group);
-  s.slots = s.group < kAdalnBlock && kAdalnBlock % s.group == 0 ? kAdalnBlock / s.group : 1;
   return s;
 }
 

@@ -209,7 +209,7 @@ simt::Outcome run(const Case& c, unsigned seed) {
       D, {x.buf.data(), res.data(), gate.data(), shift.data(), scale.data(), h.data(), out.data(),
                    c.weight ? weight.data() : nullptr, c.bias ? bias.data() : nullptr},
       {x.stride, res.stride, gate.stride, shift.stride, scale.stride, h.stride, out.stride});
-  fa.s = genkernels::adaln_forward_shape(R, L, D, fvec);
+  fa.s = genkernels::adaln_shape(R, L, D, fvec, 1, genkernels::adaln_forward_vectors(fvec));
   const unsigned fblocks = static_cast<unsigned>((R + fa.s.slots - 1) / fa.s.slots);
   genkernels::with_adaln_vector(c.dtype, fvec, [&](auto d, auto v) {
     simt::launch(fblocks, fa.s.group * fa.s.slots, 0, {}, global, label + " (forward)",
