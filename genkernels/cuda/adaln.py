@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from genkernels._adaln_interface import AdalnInterface
+
 from ._common import MAX_BLOCKS, device_guard, dtype_code, kernels_unavailable, require_extension, stream_handle
 
 # The longest row the kernels take (kAdalnMaxDim in csrc/include/genkernels/adaln.cuh).
@@ -104,8 +106,8 @@ def _grad_target(t: Tensor | None, need: bool, rows: int, dim: int, device, elem
 
 
 def _backward(h, dout, dh, res, gate, weight, bias, shift, scale, mean, rstd, tokens, rms, norm, needs):
-    """One backward launch. needs: (dx, dres, dgate, dweight, dbias, dshift, dscale) booleans.
-    Returns the gradients in that order (None where not needed or absent)."""
+    """One backward launch (genkernels._adaln_interface's backward). needs: (dx, dres, dgate, dweight, dbias,
+    dshift, dscale) booleans. Returns the gradients in that order (None where not needed or absent)."""
     need_dx, need_dres, need_dgate, need_dweight, need_dbias, need_dshift, need_dscale = needs
     rows, dim = dout.shape
     device = dout.device
@@ -155,169 +157,6 @@ def _backward(h, dout, dh, res, gate, weight, bias, shift, scale, mean, rstd, to
     return outputs
 
 
-def layer_norm_modulate_forward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    shift: Tensor | None,
-    scale: Tensor | None,
-    tokens: int,
-    eps: float,
-    rms: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """y = (xhat * weight + bias) * (1 + scale) + shift per row, xhat LayerNorm (or RMSNorm when ``rms``).
-
-    x: (R, D) row tensor (float32, float16 or bfloat16); weight, bias: None or float32 (D,); shift, scale:
-    None or (S, D) per token (S = R) or per sample (S = R // tokens); eps > 0. Returns (y, mean, rstd): y a
-    new contiguous (R, D) tensor in x's dtype, mean and rstd float32 (R,) (mean 0 when rms). Reads x once,
-    writes y once."""
-    _, y, mean, rstd = _forward(x, None, None, weight, bias, shift, scale, tokens, eps, rms, True)
-    return y, mean, rstd
-
-
-def layer_norm_modulate_backward(
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    shift: Tensor | None,
-    scale: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    tokens: int,
-    rms: bool,
-    need_dx: bool,
-    need_dweight: bool,
-    need_dbias: bool,
-    need_dshift: bool,
-    need_dscale: bool,
-) -> tuple[Tensor | None, ...]:
-    """Gradients of :func:`layer_norm_modulate_forward`: (dx, dweight, dbias, dshift, dscale).
-
-    dy, x: (R, D) row tensors in x's dtype; the other inputs as the forward took them; mean, rstd: the
-    forward's. dx: (R, D) in x's dtype; dweight, dbias: float32 (D,); dshift, dscale: float32 (S, D) summed
-    over the tokens of each sample when per sample; per token, dscale is (R, D) in scale's dtype and dshift
-    None (it is dy: the op uses dy). None where not needed or absent. One pass: dy and x read once."""
-    dx, _, _, dweight, dbias, dshift, dscale = _backward(
-        x,
-        dy,
-        None,
-        None,
-        None,
-        weight,
-        bias,
-        shift,
-        scale,
-        mean,
-        rstd,
-        tokens,
-        rms,
-        True,
-        (need_dx, False, False, need_dweight, need_dbias, need_dshift, need_dscale),
-    )
-    return dx, dweight, dbias, dshift, dscale
-
-
-def gated_residual_forward(x: Tensor, y: Tensor, gate: Tensor, tokens: int) -> Tensor:
-    """out = x + gate * y, in float32 then rounded to x's dtype.
-
-    x, y: (R, D) row tensors of one dtype; gate: (S, D) per token or per sample. Returns a new contiguous
-    (R, D) tensor. One pass: x, y read once, out written once."""
-    out, _, _, _ = _forward(x, y, gate, None, None, None, None, tokens, 1.0, False, False)
-    return out
-
-
-def gated_residual_backward(
-    dout: Tensor, y: Tensor, gate: Tensor, tokens: int, need_dy: bool, need_dgate: bool
-) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of :func:`gated_residual_forward` but x's (which is dout): (dy, dgate).
-
-    dy = dout * gate: (R, D) in y's dtype; dgate = dout * y: (R, D) in gate's dtype per token, float32
-    (S, D) summed over each sample's tokens per sample. None where not needed. One pass over dout and y."""
-    _, dy, dgate, _, _, _, _ = _backward(
-        None,
-        dout,
-        None,
-        y,
-        gate,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        tokens,
-        False,
-        False,
-        (False, need_dy, need_dgate, False, False, False, False),
-    )
-    return dy, dgate
-
-
-def gated_residual_layer_norm_modulate_forward(
-    x: Tensor,
-    y: Tensor,
-    gate: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    shift: Tensor | None,
-    scale: Tensor | None,
-    tokens: int,
-    eps: float,
-    rms: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """h = x + gate * y (rounded to x's dtype) and out = layer_norm_modulate(h) in one pass.
-
-    Arguments as :func:`gated_residual_forward` and :func:`layer_norm_modulate_forward`. Returns
-    (h, out, mean, rstd): h and out new contiguous (R, D) tensors in x's dtype, the statistics (float32
-    (R,)) those of the rounded h. x and y read once, h and out written once."""
-    h, out, mean, rstd = _forward(x, y, gate, weight, bias, shift, scale, tokens, eps, rms, True)
-    return h, out, mean, rstd
-
-
-def gated_residual_layer_norm_modulate_backward(
-    dh: Tensor | None,
-    dout: Tensor,
-    h: Tensor,
-    y: Tensor,
-    gate: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    shift: Tensor | None,
-    scale: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    tokens: int,
-    rms: bool,
-    need_dy: bool,
-    need_dgate: bool,
-    need_dweight: bool,
-    need_dbias: bool,
-    need_dshift: bool,
-    need_dscale: bool,
-) -> tuple[Tensor | None, ...]:
-    """Gradients of :func:`gated_residual_layer_norm_modulate_forward`: (dx, dy, dgate, dweight, dbias,
-    dshift, dscale).
-
-    dh: None or the (R, D) gradient of h; dout: that of out; h: the forward's h. dx = dh + the norm's input
-    gradient ((R, D), x's dtype, always returned), dy = dx * gate, dgate = dx * y; the norm's parameter and
-    modulation gradients as in :func:`layer_norm_modulate_backward`. One pass: dout, h, y (and dh) read
-    once, dx and dy written once."""
-    dx, dy, dgate, dweight, dbias, dshift, dscale = _backward(
-        h,
-        dout,
-        dh,
-        y,
-        gate,
-        weight,
-        bias,
-        shift,
-        scale,
-        mean,
-        rstd,
-        tokens,
-        rms,
-        True,
-        (True, need_dy, need_dgate, need_dweight, need_dbias, need_dshift, need_dscale),
-    )
-    return dx, dy, dgate, dweight, dbias, dshift, dscale
+# layer_norm_modulate_forward / _backward, gated_residual_forward / _backward and
+# gated_residual_layer_norm_modulate_forward / _backward, over the two launches above.
+AdalnInterface(_forward, _backward).bind(globals())

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from genkernels._adaln_interface import AdalnInterface
 from genkernels.triton._common import cdiv, next_power_of_2, on_device, sm_count, tl, triton, triton_unavailable
 
 # Widest row held in registers (BLOCK_D = next_pow2(D)).
@@ -127,18 +128,18 @@ def _forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm):
     return h, out, mean, rstd
 
 
-def _backward(
-    dout, v, dh, res, gate, weight, bias, scale, mean, rstd, tokens, rms, norm, need_dx, needs, per_sample_shift
-):
-    """One fused backward launch. needs: (dy, dgate, dweight, dbias, dshift, dscale) of the inputs present.
-
-    Returns (dx, dy, dgate, dweight, dbias, dshift, dscale) per the op interface (None where not computed).
-    """
-    need_dr, need_dgate, need_dw, need_db, need_dshift, need_dscale = needs
+def _backward(v, dout, dh, res, gate, weight, bias, shift, scale, mean, rstd, tokens, rms, norm, needs):
+    """One fused backward launch (genkernels._adaln_interface's backward): needs are (dx, dres, dgate, dweight,
+    dbias, dshift, dscale); returns those gradients (None where not computed or the input is absent)."""
+    need_dx, need_dr, need_dgate, need_dw, need_db, need_dshift, need_dscale = needs
     rows, d = dout.shape
     residual = res is not None
     gate_token, scale_token = _per_token(gate, rows), _per_token(scale, rows)
-    need_dshift = need_dshift and per_sample_shift
+    need_dw = need_dw and weight is not None
+    need_db = need_db and bias is not None
+    need_dscale = need_dscale and scale is not None
+    # A per-token dshift is dout itself (the op uses it): only per-sample sums are computed.
+    need_dshift = need_dshift and shift is not None and not _per_token(shift, rows)
     part_dshift = need_dshift
     part_dscale = need_dscale and not scale_token
     part_dgate = need_dgate and not gate_token
@@ -231,133 +232,9 @@ def _backward(
 
 # --------------------------------------------------------------------------- the backend interface
 
-
-def layer_norm_modulate_forward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    shift: Tensor | None,
-    scale: Tensor | None,
-    tokens: int,
-    eps: float,
-    rms: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, rstd): y = (xhat * weight + bias) * (1 + scale) + shift of x (R, D), contiguous in x's
-    dtype; mean, rstd float32 (R,) (mean 0 with rms). Tensors as in genkernels.ops.adaln's interface.
-    Reads x once, writes y once; never synchronizes with the host."""
-    _, y, mean, rstd = _forward(x, None, None, weight, bias, shift, scale, tokens, eps, rms, True)
-    return y, mean, rstd
-
-
-def layer_norm_modulate_backward(
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    shift: Tensor | None,
-    scale: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    tokens: int,
-    rms: bool,
-    need_dx: bool,
-    need_dweight: bool,
-    need_dbias: bool,
-    need_dshift: bool,
-    need_dscale: bool,
-) -> tuple[Tensor | None, ...]:
-    """(dx, dweight, dbias, dshift, dscale) of :func:`layer_norm_modulate_forward` given dy (R, D), in one
-    pass (xhat recomputed from x, mean and rstd). dx in x's dtype; dweight, dbias float32 (D,); dshift
-    float32 (S, D) per sample, None per token (it is dy); dscale float32 (S, D) per sample, (R, D) in
-    scale's dtype per token. None where not asked for or the input is absent."""
-    rows = x.shape[0]
-    needs = (
-        False,
-        False,
-        need_dweight and weight is not None,
-        need_dbias and bias is not None,
-        need_dshift and shift is not None,
-        need_dscale and scale is not None,
-    )
-    per_sample_shift = shift is not None and not _per_token(shift, rows)
-    dx, _, _, dweight, dbias, dshift, dscale = _backward(
-        dy, x, None, None, None, weight, bias, scale, mean, rstd, tokens, rms, True, need_dx, needs, per_sample_shift
-    )
-    return dx, dweight, dbias, dshift, dscale
-
-
-def gated_residual_forward(x: Tensor, y: Tensor, gate: Tensor, tokens: int) -> Tensor:
-    """out = x + gate * y of rows (R, D), contiguous in x's dtype; one pass (x, y read once, out written once)."""
-    out, _, _, _ = _forward(x, y, gate, None, None, None, None, tokens, 1.0, False, False)
-    return out
-
-
-def gated_residual_backward(
-    dout: Tensor, y: Tensor, gate: Tensor, tokens: int, need_dy: bool, need_dgate: bool
-) -> tuple[Tensor | None, Tensor | None]:
-    """(dy, dgate) of :func:`gated_residual_forward`: dy = dout * gate (y's dtype), dgate = dout * y (float32
-    (S, D) summed over each sample's tokens for a per-sample gate, else (R, D) in gate's dtype). One pass."""
-    needs = (need_dy, need_dgate, False, False, False, False)
-    _, dy, dgate, *_ = _backward(
-        dout, None, None, y, gate, None, None, None, None, None, tokens, False, False, False, needs, False
-    )
-    return dy, dgate
-
-
-def gated_residual_layer_norm_modulate_forward(
-    x: Tensor,
-    y: Tensor,
-    gate: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    shift: Tensor | None,
-    scale: Tensor | None,
-    tokens: int,
-    eps: float,
-    rms: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(h, out, mean, rstd): h = x + gate * y (x's dtype) and out its modulated norm, in one pass (x, y read
-    once; h, out written once); the statistics (float32 (R,)) are those of the rounded h."""
-    return _forward(x, y, gate, weight, bias, shift, scale, tokens, eps, rms, True)
-
-
-def gated_residual_layer_norm_modulate_backward(
-    dh: Tensor | None,
-    dout: Tensor,
-    h: Tensor,
-    y: Tensor,
-    gate: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    shift: Tensor | None,
-    scale: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    tokens: int,
-    rms: bool,
-    need_dy: bool,
-    need_dgate: bool,
-    need_dweight: bool,
-    need_dbias: bool,
-    need_dshift: bool,
-    need_dscale: bool,
-) -> tuple[Tensor | None, ...]:
-    """(dx, dy, dgate, dweight, dbias, dshift, dscale) of the fused forward in one pass: dx = dh + the norm's
-    input gradient (x's dtype, always), dy = dx * gate, dgate = dx * y; the others as
-    :func:`layer_norm_modulate_backward` gives them."""
-    rows = h.shape[0]
-    needs = (
-        need_dy,
-        need_dgate,
-        need_dweight and weight is not None,
-        need_dbias and bias is not None,
-        need_dshift and shift is not None,
-        need_dscale and scale is not None,
-    )
-    per_sample_shift = shift is not None and not _per_token(shift, rows)
-    return _backward(
-        dout, h, dh, y, gate, weight, bias, scale, mean, rstd, tokens, rms, True, True, needs, per_sample_shift
-    )
+# layer_norm_modulate_forward / _backward, gated_residual_forward / _backward and
+# gated_residual_layer_norm_modulate_forward / _backward, over the two launches above.
+AdalnInterface(_forward, _backward).bind(globals())
 
 
 if triton is not None:
