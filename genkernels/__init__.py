@@ -1,10 +1,10 @@
 """genkernels: fused GPU kernels for generative models, as drop-in PyTorch layers.
 
-    import genkernels
-    y = genkernels.ops.group_norm(x, 32, weight, bias, activation="silu")   # fastest backend that can run
-    with genkernels.backend("triton"): ...                                 # force one backend in a block
-    genkernels.explain("group_norm", x, 32)                                # why each backend can or cannot run
-    print(genkernels.info())                                               # versions, GPU, built archs, backends
+import genkernels
+y = genkernels.ops.group_norm(x, 32, weight, bias, activation="silu")   # fastest backend that can run
+with genkernels.backend("triton"): ...                                 # force one backend in a block
+genkernels.explain("group_norm", x, 32)                                # why each backend can or cannot run
+print(genkernels.info())                                               # versions, GPU, built archs, backends
 """
 
 __version__ = "0.1.0"

@@ -168,9 +168,7 @@ def test_empty(backend, shape, device):
 def test_matches_torch_group_norm(device):
     x, w, b = _inputs((2, 32, 6, 6), torch.float32, device)
     torch.testing.assert_close(group_norm_reference(x, 8, w, b, 1e-6), F.group_norm(x, 8, w, b, 1e-6))
-    torch.testing.assert_close(
-        group_norm_reference(x, 8, w, b, activation="silu"), F.silu(F.group_norm(x, 8, w, b))
-    )
+    torch.testing.assert_close(group_norm_reference(x, 8, w, b, activation="silu"), F.silu(F.group_norm(x, 8, w, b)))
 
 
 def test_reference_double_backward_is_exact():
@@ -300,4 +298,3 @@ def test_cuda_graph_capture():
             group_norm_reference(x, 32, w, b, activation="silu"),
             group_norm_reference(x.double(), 32, w.double(), b.double(), activation="silu"),
         )
-
