@@ -1,10 +1,14 @@
-"""Test set-up: the Triton interpreter on machines without a GPU, and the `gpu` marker.
+"""Test set-up: the Triton interpreter on machines without a GPU, the `gpu` marker, and an inductor cache
+of this source tree.
 
 TRITON_INTERPRET must be set before triton is imported, so it is set here, before any
 test module imports genkernels.
 """
 
+import hashlib
 import os
+import pathlib
+import tempfile
 import zlib
 
 import pytest
@@ -13,6 +17,19 @@ import torch
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _inductor_cache_dir() -> str:
+    """A torch.compile cache directory of this version of the ops. Inductor's cache keys do not cover a custom
+    op's fake implementation, so an artifact compiled against an older fake (other output strides, say) would
+    be served again and fail its stride checks; a directory per hash of genkernels/ops keeps the cache across
+    runs of the same code and starts a fresh one when an op changes."""
+    ops = pathlib.Path(__file__).resolve().parent.parent / "genkernels" / "ops"
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(ops.glob("*.py")))).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"genkernels-inductor-{digest}")
+
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_cache_dir())
 
 
 def _shard(items):
