@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "genkernels/api.h"
 #include "genkernels/mma.cuh"
@@ -52,11 +53,15 @@ void check_problem(const AttentionProblem& p, uintptr_t q, uintptr_t k, uintptr_
     if (ptr == 0 || ptr % 16 != 0) fail("q, k, v and out must be non-null and 16-byte aligned");
   }
   if (lse == 0 || lse % 4 != 0) fail("lse must be a non-null float32 tensor");
-  for (const int64_t* strides : {p.q_strides, p.k_strides, p.v_strides}) {
+  // q, k and v are read, and out written, in 16-byte vectors from the start of each row.
+  const std::pair<const char*, const int64_t*> strided[] = {
+      {"q", p.q_strides}, {"k", p.k_strides}, {"v", p.v_strides}, {"out", p.out_strides}};
+  for (const auto& [name, strides] : strided) {
     for (int i = 0; i < 3; ++i) {
       if (strides[i] < 0 || strides[i] % 8 != 0) {
-        fail("batch, head and row strides must be non-negative multiples of 8 elements (16 bytes), got " +
-             std::to_string(strides[i]));
+        fail(std::string(name) + " has batch, head and row strides (" + std::to_string(strides[0]) + ", " +
+             std::to_string(strides[1]) + ", " + std::to_string(strides[2]) +
+             ") elements: each must be a non-negative multiple of 8 (16 bytes)");
       }
     }
   }
@@ -130,6 +135,7 @@ void attention_forward(const AttentionProblem& p, uintptr_t q, uintptr_t k, uint
     a.q_stride[i] = p.q_strides[i];
     a.k_stride[i] = p.k_strides[i];
     a.v_stride[i] = p.v_strides[i];
+    a.out_stride[i] = p.out_strides[i];
   }
   a.heads_q = static_cast<int>(p.heads_q);
   a.group = static_cast<int>(p.heads_q / p.heads_kv);

@@ -123,21 +123,23 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t key_padding_mask, uintptr_t out, uintptr_t lse,
          int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t len_q, int64_t len_kv, int64_t head_dim,
          std::array<int64_t, 3> q_strides, std::array<int64_t, 3> k_strides, std::array<int64_t, 3> v_strides,
-         int dtype, int device, float scale, bool causal, uintptr_t stream) {
-        AttentionProblem p{batch, heads_q, heads_kv, len_q, len_kv, head_dim, {}, {}, {}, dtype, device};
+         std::array<int64_t, 3> out_strides, int dtype, int device, float scale, bool causal, uintptr_t stream) {
+        AttentionProblem p{batch, heads_q, heads_kv, len_q, len_kv, head_dim, {}, {}, {}, {}, dtype, device};
         for (int i = 0; i < 3; ++i) {
           p.q_strides[i] = q_strides[i];
           p.k_strides[i] = k_strides[i];
           p.v_strides[i] = v_strides[i];
+          p.out_strides[i] = out_strides[i];
         }
         genkernels::attention_forward(p, q, k, v, key_padding_mask, out, lse, scale, causal, stream);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_padding_mask"), py::arg("out"), py::arg("lse"),
       py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("len_q"), py::arg("len_kv"),
-      py::arg("head_dim"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"), py::arg("dtype"),
-      py::arg("device"), py::arg("scale"), py::arg("causal"), py::arg("stream"),
-      "Attention forward (fp16/bf16): writes out (B, Hq, Lq, D) and float32 lse (B, Hq, Lq). Strides are the "
-      "(batch, head, row) strides in elements. Launches on `stream`, never synchronizes.");
+      py::arg("head_dim"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"), py::arg("out_strides"),
+      py::arg("dtype"), py::arg("device"), py::arg("scale"), py::arg("causal"), py::arg("stream"),
+      "Attention forward (fp16/bf16): writes out (B, Hq, Lq, D) at out_strides and a contiguous float32 lse (B, "
+      "Hq, Lq). Strides are the (batch, head, row) strides in elements. Launches on `stream`, never "
+      "synchronizes.");
   m.def(
       "schedule_step_workspace",
       [](uintptr_t model_output, int64_t batch, int64_t n, int dtype, int mo_dtype, int noise_dtype,

@@ -8,6 +8,11 @@ Image kernels accept two dense layouts and address both through three strides:
 
 Here S is the product of the spatial sizes. Anything else is copied once into
 the contiguous layout by :func:`dense_layout`.
+
+Attention tensors are (B, H, L, D) and come in two memory orders: heads outer (contiguous) or heads inner,
+a (B, L, H, D) tensor viewed through ``.transpose(1, 2)``, as a linear layer's output split in heads is.
+:func:`heads_like` allocates an output in its input's order, so that merging the heads back,
+``out.transpose(1, 2).reshape(B, L, H * D)``, is a view and not a copy.
 """
 
 from __future__ import annotations
@@ -67,3 +72,21 @@ def image_layout(x: torch.Tensor) -> ImageLayout:
     if is_channels_last(x):
         return ImageLayout(n, c, s, s * c, 1, c)
     return ImageLayout(n, c, s, c * s, s, 1)
+
+
+def heads_inner(t: torch.Tensor) -> bool:
+    """True when t (B, H, L, D) has its heads inner to its positions (t.stride(1) < t.stride(2)): a (B, L, H, D)
+    tensor viewed as (B, H, L, D). False where the order does not show (H == 1 or L == 1)."""
+    return t.dim() == 4 and t.shape[1] > 1 and t.shape[2] > 1 and t.stride(1) < t.stride(2)
+
+
+def heads_like(
+    t: torch.Tensor, shape: tuple[int, ...] | torch.Size | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """A new (B, H, L, D) tensor (``shape``, default t's) in t's memory order: (B, L, H, D) memory viewed as
+    (B, H, L, D) where :func:`heads_inner` holds for t, else contiguous. Its strides are dense either way."""
+    b, h, length, d = t.shape if shape is None else shape
+    dtype = t.dtype if dtype is None else dtype
+    if heads_inner(t):
+        return torch.empty((b, length, h, d), dtype=dtype, device=t.device).transpose(1, 2)
+    return torch.empty((b, h, length, d), dtype=dtype, device=t.device)

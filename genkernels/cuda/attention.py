@@ -2,8 +2,8 @@
 
 The kernel (csrc/attention.cu, FlashAttention-2 on the tensor cores with mma.sync m16n8k16)
 takes device addresses, sizes, element strides, a dtype code and a stream; this module allocates
-out and lse with torch on q's device and launches on torch's current stream without
-synchronizing (CUDA-graph capturable).
+out (in q's memory order) and lse with torch on q's device and launches on torch's current stream
+without synchronizing (CUDA-graph capturable).
 
 Inputs run in place through their batch, head and row strides (a transposed view of a
 (B, L, H, D) tensor, k and v expanded along B, ...); the last dim must be contiguous (the op
@@ -19,6 +19,7 @@ import functools
 import torch
 from torch import Tensor
 
+from .._layout import heads_like
 from ._common import DTYPE_CODES, address, cuda_unavailable, device_guard, require_extension, stream_handle
 
 MAX_HEAD_DIM = 128
@@ -104,9 +105,12 @@ def attention_forward(
     q: (B, Hq, Lq, D); k, v: (B, Hkv, Lkv, D), Hq % Hkv == 0, query head h reading kv head
     h // (Hq // Hkv); float16 or bfloat16. Key j is allowed for query i unless
     key_padding_mask[b, j] (contiguous bool (B, Lkv), True = padding) or, when causal,
-    j > i + Lkv - Lq. Returns out, contiguous (B, Hq, Lq, D) in q's dtype (zero rows where no key
-    is allowed), lse, contiguous float32 (B, Hq, Lq), natural log, -inf for those rows, and None
-    (no residual of out is kept: this backend runs no backward, so keep_residual must be False).
+    j > i + Lkv - Lq. Returns out, (B, Hq, Lq, D) in q's dtype and in q's memory order
+    (genkernels._layout.heads_like: a (B, Lq, Hq, D) tensor seen as (B, Hq, Lq, D) where q's heads
+    are inner to its positions, so that merging the heads back is a view; else contiguous), zero
+    rows where no key is allowed; lse, contiguous float32 (B, Hq, Lq), natural log, -inf for those
+    rows; and None (no residual of out is kept: this backend runs no backward, so keep_residual
+    must be False).
     Scores, softmax statistics and the output accumulate in float32.
     """
     if keep_residual:
@@ -114,7 +118,9 @@ def attention_forward(
     ext = require_extension()
     batch, heads_q, len_q, head_dim = q.shape
     heads_kv, len_kv = k.shape[1], k.shape[2]
-    out = torch.empty((batch, heads_q, len_q, head_dim), dtype=q.dtype, device=q.device)
+    # Dense in either order, so out's strides are multiples of D, hence of 8 (not_supported): the
+    # 16-byte stores the kernel needs.
+    out = heads_like(q)
     lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=q.device)
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
     with device_guard(q.device):
@@ -134,6 +140,7 @@ def attention_forward(
             _strides(q),
             _strides(k),
             _strides(v),
+            _strides(out),
             DTYPE_CODES[q.dtype],
             q.device.index,
             float(scale),

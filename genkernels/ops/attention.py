@@ -26,6 +26,7 @@ import math
 import torch
 
 from .. import _registry
+from .._layout import heads_inner, heads_like
 from ..cuda import attention as _cuda
 from ..triton import attention as _triton
 
@@ -103,6 +104,14 @@ def _last_dim_unit(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _in_q_order(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """out (B, Hq, Lq, D) in q's memory order (:func:`genkernels._layout.heads_like`), as the fast backends
+    write it: copied into heads-inner memory where q's heads are inner and out's are not."""
+    if heads_inner(q) and not heads_inner(out):
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+    return out
+
+
 # --------------------------------------------------------------------------- reference
 
 
@@ -177,8 +186,8 @@ def _reference_forward(q, k, v, causal, scale, key_padding_mask, keep_residual=F
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
     out_acc = torch.matmul(p, _expand_heads(v, q.shape[1]).to(s.dtype))
-    out = out_acc.to(q.dtype).contiguous()
-    residual = (out_acc - out.to(s.dtype)).to(q.dtype) if _keeps_residual(q, keep_residual) else None
+    out = _in_q_order(out_acc.to(q.dtype), q)
+    residual = (out_acc - out.to(s.dtype)).to(q.dtype).contiguous() if _keeps_residual(q, keep_residual) else None
     return out, lse.contiguous(), residual
 
 
@@ -318,7 +327,7 @@ def _attention_op(
 @_attention_op.register_fake
 def _(q, k, v, key_padding_mask, causal, scale, needs_grad, backend):
     residual = q.new_empty(q.shape if _keeps_residual(q, needs_grad) else (0,))
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_acc_dtype(q)), residual
+    return heads_like(_last_dim_unit(q)), q.new_empty(q.shape[:3], dtype=_acc_dtype(q)), residual
 
 
 @torch.library.custom_op(
@@ -405,7 +414,11 @@ def attention(
     attention layers make run in place); a tensor whose last dimension is not contiguous is
     copied once.
 
-    Returns out (B, Hq, Lq, D) in q's dtype, contiguous. Differentiable in q, k and v: the
+    Returns out (B, Hq, Lq, D) in q's dtype and memory order: where q's heads are inner to its
+    positions (a (B, Lq, Hq, D) tensor viewed through ``.transpose(1, 2)``, as a linear layer's output
+    split in heads is), so are out's, and ``out.transpose(1, 2).reshape(B, Lq, Hq * D)`` merges the
+    heads without a copy (as scaled_dot_product_attention's flash backend returns it); else out is
+    contiguous. Differentiable in q, k and v: the
     fast backends save the float32 log-sum-exp of each row (and, for 16-bit inputs, out's
     rounding residual, so that the backward's delta = dout . out is that of the float32 output)
     and recompute the scores in a fused, deterministic backward (no atomics), first order only;
@@ -418,11 +431,11 @@ def attention(
     if torch.compiler.is_compiling():
         return _attention_op(q, k, v, key_padding_mask, causal, scale, needs_grad, backend or "")[0]
     if min(q.numel(), k.numel()) == 0:  # empty results without a launch; autograd still gives zero gradients
-        return attention_reference(q, k, v, causal, scale, key_padding_mask)
+        return _in_q_order(attention_reference(q, k, v, causal, scale, key_padding_mask), _last_dim_unit(q))
     q, k, v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
     chosen = _select(backend, q, k, v, causal, scale, key_padding_mask, needs_grad)
     if chosen.name == "reference":
-        return attention_reference(q, k, v, causal, scale, key_padding_mask)
+        return _in_q_order(attention_reference(q, k, v, causal, scale, key_padding_mask), q)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.contiguous()
     return _AttentionFunction.apply(q, k, v, key_padding_mask, causal, scale, needs_grad, chosen.impl)

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import _registry
+from .._layout import heads_inner, heads_like
 from ..cuda import rope as _cuda
 from ..triton import rope as _triton
 
@@ -117,10 +118,10 @@ def _rotate_reference(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, in
 
 
 def _like(out: Tensor, x: Tensor) -> Tensor:
-    """out (x's shape) in x's strides where x is dense (as the fast backends return it); differentiable."""
+    """out (x's shape) in the memory order the fast backends give it (:func:`_out_like`); differentiable."""
     if x.is_contiguous() or out.numel() == 0:
         return out
-    return torch.empty_like(x).copy_(out)
+    return _out_like(x).copy_(out)
 
 
 def rope_reference(
@@ -244,12 +245,17 @@ def _unit_last(t: Tensor | None) -> Tensor | None:
 
 
 def _out_like(t: Tensor | None) -> Tensor | None:
-    """A new tensor for the rotation of t: t's strides where t is dense (torch.empty_like), else contiguous."""
-    return None if t is None else torch.empty_like(t)
+    """A new tensor for the rotation of t: t's strides where t is dense (torch.empty_like); else, for a
+    (B, H, L, Dh) view with its heads inner (the q or k of a fused qkv projection), dense (B, L, H, Dh)
+    memory (genkernels._layout.heads_like: the attention output then merges its heads without a copy);
+    else contiguous."""
+    if t is None:
+        return None
+    return heads_like(t) if heads_inner(t) else torch.empty_like(t)
 
 
 def _apply(impl, q, k, cos, sin, interleaved: bool, inverse: bool) -> tuple[Tensor, Tensor | None]:
-    """The out-of-place rotation through a backend (outputs in the inputs' strides where those are dense)."""
+    """The out-of-place rotation through a backend (outputs laid out by :func:`_out_like`)."""
     q, k, cos, sin = _unit_last(q), _unit_last(k), _unit_last(cos), _unit_last(sin)
     qo, ko = _out_like(q), _out_like(k)
     if q.numel() or (k is not None and k.numel()):
@@ -375,7 +381,9 @@ def rope(
         backend: "auto" / None, "reference", "triton" or "cuda".
 
     Returns (q_out, k_out) in q's dtype and shapes (k_out None without k); out of place they keep q's and
-    k's strides where those are dense (else contiguous). Differentiable in q and k (to any order): the
+    k's strides where those are dense; views with their heads inner (q and k split from one qkv projection)
+    get dense heads-inner memory, (B, L, H, Dh) viewed as (B, H, L, Dh), so that attention's output follows
+    suit and merges its heads without a copy; anything else is contiguous. Differentiable in q and k (to any order): the
     backward is the inverse rotation of the incoming gradients, one fused pass; gradients for cos and sin
     run on the reference. Under torch.compile the call goes through ``genkernels::rope`` (or the mutating
     ``genkernels::rope_``).

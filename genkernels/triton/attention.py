@@ -7,7 +7,8 @@ stride is 1. Head dims 1 to 256: tiles are padded to BLOCK_D = max(16, next_pow2
 masked loads inside the kernels, so nothing is copied to pad; the forward instead splits a head dim
 that a power-of-two block and a narrower one cover in fewer columns (40 = 32 + 16 with 8 masked, 72
 and 80 = 64 + 16, 96 = 64 + 32: 83 to 100% of the tensor-core columns useful instead of 56 to 75%),
-with two dots for each score and an accumulator per block. Outputs are contiguous. Row strides that
+with two dots for each score and an accumulator per block. out has q's memory order (heads inner
+where q's are: genkernels._layout.heads_like); the other outputs are contiguous. Row strides that
 are not multiples of 16 elements (D = 40, 72) are passed with their largest power-of-two divisor
 (ALIGN), so that loads are 16-byte vectors and the forward's key and value blocks are pipelined.
 
@@ -77,6 +78,7 @@ import inspect
 import torch
 from torch import Tensor
 
+from genkernels._layout import heads_like
 from genkernels.triton._common import cdiv, interpreting, next_power_of_2, on_device, tl, triton, triton_unavailable
 
 MAX_HEAD_DIM = 256
@@ -269,16 +271,18 @@ def attention_forward(
     q: (B, Hq, Lq, D); k, v: (B, Hkv, Lkv, D), Hq % Hkv == 0; fp16, bf16 or fp32, one dtype;
     stride(-1) == 1, other strides arbitrary. key_padding_mask: None or contiguous bool
     (B, Lkv), True for keys to ignore. causal: key j allowed for query i iff j <= i + Lkv - Lq.
-    Returns out (B, Hq, Lq, D) contiguous in q's dtype (0 for rows with no allowed key), lse
-    (B, Hq, Lq) contiguous float32, natural log (-inf for those rows), and, for 16-bit inputs
-    with keep_residual, the rounding residual of out (float32 out - out, in q's dtype; else
-    None), which lets the backward form delta = dout . out from the float32 output.
+    Returns out (B, Hq, Lq, D) in q's dtype and memory order (genkernels._layout.heads_like: heads
+    inner where q's are; 0 for rows with no allowed key), lse (B, Hq, Lq) contiguous float32,
+    natural log (-inf for those rows), and, for 16-bit inputs with keep_residual, the rounding
+    residual of out (float32 out - out, contiguous in q's dtype; else None), which lets the
+    backward form delta = dout . out from the float32 output.
     """
     b, hq, lq, d = q.shape
     hkv, lkv = k.shape[1], k.shape[2]
-    out = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
+    out = heads_like(q)
     lse = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
-    residual = torch.empty_like(out) if keep_residual and q.element_size() < 4 else None
+    keep = keep_residual and q.element_size() < 4
+    residual = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype) if keep else None
     block_m, block_n, num_warps, num_stages = _config(q, "fwd")
     block_d, block_d2 = _head_split(d)
     with on_device(q):
@@ -293,6 +297,7 @@ def attention_forward(
             *_bh_strides(q),
             *_bh_strides(k),
             *_bh_strides(v),
+            *_bh_strides(out),
             hq,
             hq // hkv,
             lq,
@@ -307,7 +312,7 @@ def attention_forward(
             BLOCK_D=block_d,
             BLOCK_D2=block_d2,
             INPUT_PRECISION=_DOT_INPUT_PRECISION,
-            ALIGN=_align(q, k, v),
+            ALIGN=_align(q, k, v, out),
             num_warps=num_warps,
             num_stages=num_stages,
         )
@@ -628,6 +633,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         acc,
         l_i,
         seen,
+        out_rows,
         rows,
         row_ok,
         HAS_RESIDUAL: tl.constexpr,
@@ -635,15 +641,23 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         COL0: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        """out = acc / l_i for columns COL0 .. COL0 + BLOCK_C of the rows (and its rounding residual)."""
+        """out = acc / l_i for columns COL0 .. COL0 + BLOCK_C of the rows, row r at out_ptr + out_rows[r] (and its
+        rounding residual, contiguous: row r at res_ptr + rows[r] * HEAD_DIM)."""
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
         d = COL0 + tl.arange(0, BLOCK_C)
-        ptrs = rows[:, None] * HEAD_DIM + d[None, :]
         store_mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
         rounded = out.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + ptrs, rounded, mask=store_mask)
+        tl.store(out_ptr + out_rows[:, None] + d[None, :], rounded, mask=store_mask)
         if HAS_RESIDUAL:
-            tl.store(res_ptr + ptrs, (out - rounded.to(tl.float32)).to(res_ptr.dtype.element_ty), mask=store_mask)
+            residual = (out - rounded.to(tl.float32)).to(res_ptr.dtype.element_ty)
+            tl.store(res_ptr + rows[:, None] * HEAD_DIM + d[None, :], residual, mask=store_mask)
+
+    @triton.jit
+    def _out_rows(b, h, offs_m, stride_ob, stride_oh, stride_ol, ALIGN: tl.constexpr):
+        """Element offsets of out's rows (b, h, offs_m), int64, with the strides rebuilt as multiples of ALIGN
+        (:func:`_aligned3`) so that the stores stay 16-byte vectors in either memory order."""
+        stride_ob, stride_oh, stride_ol = _aligned3(stride_ob, stride_oh, stride_ol, ALIGN)
+        return b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m.to(tl.int64) * stride_ol
 
     @triton.jit(do_not_specialize=("hq", "group", "lq", "lkv"))
     def _attn_fwd_kernel(
@@ -663,6 +677,9 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         stride_vb,
         stride_vh,
         stride_vl,
+        stride_ob,
+        stride_oh,
+        stride_ol,
         hq,
         group,
         lq,
@@ -715,9 +732,10 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             )  # fmt: skip
             # The output rows' offsets, formed after the loops so that they are not live through them.
             rows = bh.to(tl.int64) * lq + offs_m
+            out_rows = _out_rows(b, h, offs_m, stride_ob, stride_oh, stride_ol, ALIGN)
             row_ok = offs_m < lq
             seen = l_i > 0.0
-            _store_out(out_ptr, res_ptr, acc, l_i, seen, rows, row_ok, HAS_RESIDUAL, HEAD_DIM, 0, BLOCK_D)
+            _store_out(out_ptr, res_ptr, acc, l_i, seen, out_rows, rows, row_ok, HAS_RESIDUAL, HEAD_DIM, 0, BLOCK_D)
         else:
             q = _load_cols(q_base, m0, lq, stride_ql, BLOCK_M, 0, BLOCK_D, HEAD_DIM, True)
             q2 = _load_cols(q_base, m0, lq, stride_ql, BLOCK_M, BLOCK_D, BLOCK_D2, HEAD_DIM, True)
@@ -731,10 +749,13 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
                 lq, lkv, scale_log2, CAUSAL, HAS_MASK, True, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, INPUT_PRECISION,
             )  # fmt: skip
             rows = bh.to(tl.int64) * lq + offs_m
+            out_rows = _out_rows(b, h, offs_m, stride_ob, stride_oh, stride_ol, ALIGN)
             row_ok = offs_m < lq
             seen = l_i > 0.0
-            _store_out(out_ptr, res_ptr, acc, l_i, seen, rows, row_ok, HAS_RESIDUAL, HEAD_DIM, 0, BLOCK_D)
-            _store_out(out_ptr, res_ptr, acc2, l_i, seen, rows, row_ok, HAS_RESIDUAL, HEAD_DIM, BLOCK_D, BLOCK_D2)
+            _store_out(out_ptr, res_ptr, acc, l_i, seen, out_rows, rows, row_ok, HAS_RESIDUAL, HEAD_DIM, 0, BLOCK_D)
+            _store_out(
+                out_ptr, res_ptr, acc2, l_i, seen, out_rows, rows, row_ok, HAS_RESIDUAL, HEAD_DIM, BLOCK_D, BLOCK_D2
+            )
         lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(lse_ptr + rows, lse, mask=row_ok)
 

@@ -6,7 +6,8 @@ written against a small set of primitives (ldmatrix, mma.sync, cp.async, shuffle
 source compiles with a plain C++ compiler against the emulated primitives of ``tests/cuda/emulator/simt.h``.
 ``tests/cuda/emulator/attention_forward_emu.cpp`` runs it, one fiber per CUDA thread, on cases covering fp16
 and bf16, every padded head dim, ragged tiles, Lq > Lkv, GQA / MQA, strided and broadcast layouts, padding
-masks, large magnitudes and a negative scale, under two schedules (cp.async copies landing at once, or as
+masks, large magnitudes and a negative scale, with out in q's memory order as the launcher allocates it (heads
+inner, "out-blhd", or contiguous, "out-bhld"), under two schedules (cp.async copies landing at once, or as
 late as allowed; warp 0 or the last warp running ahead), and compares out and lse with a float64 reference
 under an error model of the kernel's arithmetic (see the driver's header). Indexing, masking, pipelining and
 barrier mistakes show up here; what the emulator cannot see (memory-model races, hardware rounding, speed,
@@ -32,3 +33,5 @@ def test_attention_forward_emulated(emulator):
     (cases, modes), results = run_driver(emulator, RESULT, "--mode", "both", header=r"^CASES (\d+) MODES (\d+)$")
     assert modes == 2 and {m[2] for m in results} == {"immediate", "deferred"}
     assert len(results) == cases * modes >= 40, f"expected {cases * modes} results, got {len(results)}"
+    out_orders = {re.search(r" out-(\w+) ", m[3])[1] for m in results}
+    assert out_orders == {"bhld", "blhd"}, f"out written in both memory orders, got {out_orders}"

@@ -142,6 +142,35 @@ def test_strided_inputs(backend, layout, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [16, 40, 72])
+@pytest.mark.parametrize("order", ["heads-inner", "contiguous", "d-strided"])
+def test_output_follows_q_layout(backend, d, order, device):
+    """out has q's memory order: heads inner where q's are (merging the heads is then a view, no copy), else
+    contiguous; the values are those of contiguous inputs. d = 40 and 72: the forward's split head dims, whose
+    strides are not multiples of 16 elements."""
+    b, h, lq, lkv = 2, 3, 19, 26
+    dtype = torch.float16 if backend == "cuda" else torch.float32
+    q, k, v = _qkv(b, h, h, lq, lkv, d, dtype, device)
+    if order == "heads-inner":
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    elif order == "d-strided":
+        q = torch.stack([q, q], -1).flatten(-2)[..., ::2]
+    _skip_unsupported(backend, q, k, v)
+    with torch.no_grad():
+        out = attention(q, k, v, backend=backend)
+        plain = attention(q.contiguous(), k.contiguous(), v.contiguous(), backend=backend)
+    assert out.shape == q.shape
+    if order == "heads-inner":
+        assert out.stride() == (lq * h * d, d, h * d, 1)
+        merged = out.transpose(1, 2).reshape(b, lq, h * d)
+        assert merged.data_ptr() == out.data_ptr() and merged._base is not None
+    else:
+        assert out.is_contiguous()
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    _compare(backend, q, k, v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)], ids=str)
 def test_large_magnitudes(backend, dtype, device):
     """Scores with a standard deviation of 128: the running maximum must keep the exponentials in range.
@@ -238,8 +267,12 @@ def test_cuda_reports_what_it_cannot_run():
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
-def test_opcheck(backend, device):
+@pytest.mark.parametrize("order", ["contiguous", "heads-inner"])
+def test_opcheck(backend, order, device):
+    """The registered op and its fake agree (shapes, dtypes and strides: out in q's memory order)."""
     q, k, v = _qkv(1, 2, 1, 9, 12, 16, torch.float32, device)
+    if order == "heads-inner":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
     _skip_unsupported(backend, q, k, v)
     mask = _padding_mask(1, 12, device, "random")
     q.requires_grad_(backend != "cuda")

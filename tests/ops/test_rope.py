@@ -24,12 +24,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _make(shape, dtype, device, layout="contiguous", scale=2.0):
-    """A (B, H, L, Dh) tensor in ``layout``: "contiguous", "bl" (a (B, L, H, Dh) tensor transposed),
+    """A (B, H, L, Dh) tensor in ``layout``: "contiguous", "bl" (a (B, L, H, Dh) tensor transposed), "qkv"
+    (the k slot of a (B, L, 3, H, Dh) fused projection, viewed as (B, H, L, Dh): heads inner, not dense),
     "padded" (rows of a wider tensor: any row strides) or "last" (last stride 2: copied once)."""
     b, h, length, dh = shape
     x = torch.randn(shape, device=device) * scale
     if layout == "bl":
         return x.transpose(1, 2).contiguous().transpose(1, 2).to(dtype)
+    if layout == "qkv":
+        qkv = torch.randn(b, length, 3, h, dh, device=device) * scale
+        qkv[:, :, 1] = x.transpose(1, 2)
+        return qkv.to(dtype).permute(2, 0, 3, 1, 4)[1]
     if layout == "padded":
         return torch.cat([x, torch.zeros_like(x[..., :3])], dim=-1)[..., :dh].to(dtype)
     if layout == "last":
@@ -85,16 +90,18 @@ def test_backends_dtypes_and_sizes(backend, dtype, case, interleaved, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", ["bl", "padded", "last"])
+@pytest.mark.parametrize("layout", ["bl", "qkv", "padded", "last"])
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_layouts(backend, layout, interleaved, device):
     q = _make((2, 3, 5, 40), torch.float16, device, layout)
-    k = _make((2, 1, 5, 40), torch.float16, device, layout)
+    k = _make((2, 1 if layout != "qkv" else 3, 5, 40), torch.float16, device, layout)
     cos, sin = _tables(5, 16, device)
     skip_unsupported(backend, RP.OP, q, k, cos, sin)
     qo, ko, _, _ = _check(backend, q, k, cos, sin, interleaved)
     if layout == "bl":  # the output keeps the (B, L, H, Dh) memory order, ready for attention
         assert qo.stride() == q.stride() and ko.stride() == k.stride()
+    if layout == "qkv":  # dense (B, L, H, Dh) memory: attention's output then merges its heads without a copy
+        assert qo.stride() == ko.stride() == (5 * 3 * 40, 40, 3 * 40, 1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -279,7 +286,7 @@ def test_empty(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_k", [True, False])
 def test_opcheck(backend, with_k, device):
-    q = _make((2, 3, 5, 40), torch.float32, device, "bl").requires_grad_(True)
+    q = _make((2, 3, 5, 40), torch.float32, device, "qkv").detach().requires_grad_(True)
     k = _make((2, 1, 5, 40), torch.float32, device, "padded").requires_grad_(True) if with_k else None
     cos, sin = _tables(5, 16, device)
     skip_unsupported(backend, RP.OP, q, k, cos, sin)

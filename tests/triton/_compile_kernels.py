@@ -206,12 +206,14 @@ class AttentionCall:
     workload: tuple[int, ...] = ()
     label: str = "attention"
     shape: tuple[int, int, int, int] = (2, 8, 2, 1024)  # B, Hq, Hkv, L: GQA, lengths as in diffusion models
+    heads_inner: bool = False  # q, k (and so out) as (B, L, H, D) memory viewed as (B, H, L, D)
 
     def __str__(self) -> str:
         b, hq, hkv, length = self.shape
         return (
             f"attention B={b} Hq={hq} Hkv={hkv} L={length} D={self.head_dim} {str(self.dtype)[6:]}"
             f"{' causal' if self.causal else ''}{' key_padding_mask' if self.mask else ''}"
+            f"{' heads inner' if self.heads_inner else ''}"
         )
 
 
@@ -219,6 +221,11 @@ def attention_calls() -> Iterator[AttentionCall]:
     """The attention sweep, workloads first (module docstring)."""
     for d in ATTENTION_HEAD_DIMS:
         yield AttentionCall(d, torch.bfloat16, True, True, workload=ALL_ARCHS)
+    # Projections split in heads (nn.Attention, DiT: D = 72), out written heads inner through its strides.
+    for d in (40, 72):
+        yield AttentionCall(
+            d, torch.bfloat16, False, False, workload=MAIN_ARCHS, shape=(2, 16, 16, 1024), heads_inner=True
+        )
     for d, dtype, causal, mask in itertools.product(ATTENTION_HEAD_DIMS, HALF, (False, True), (False, True)):
         if not (dtype == torch.bfloat16 and causal and mask):
             yield AttentionCall(d, dtype, causal, mask)
@@ -228,8 +235,12 @@ def attention_calls() -> Iterator[AttentionCall]:
 def run_attention_call(at, call: AttentionCall) -> None:
     """The forward and backward launches of ``call``, as a call that needs gradients makes them."""
     b, hq, hkv, length = call.shape
-    q = torch.empty((b, hq, length, call.head_dim), dtype=call.dtype)
-    k = torch.empty((b, hkv, length, call.head_dim), dtype=call.dtype)
+    if call.heads_inner:
+        q = torch.empty((b, length, hq, call.head_dim), dtype=call.dtype).transpose(1, 2)
+        k = torch.empty((b, length, hkv, call.head_dim), dtype=call.dtype).transpose(1, 2)
+    else:
+        q = torch.empty((b, hq, length, call.head_dim), dtype=call.dtype)
+        k = torch.empty((b, hkv, length, call.head_dim), dtype=call.dtype)
     mask = torch.zeros((b, length), dtype=torch.bool) if call.mask else None
     out, lse, residual = at.attention_forward(q, k, k, call.causal, 0.125, mask, keep_residual=True)
     at.attention_backward(out, q, k, k, out, lse, call.causal, 0.125, mask, residual)

@@ -45,11 +45,12 @@ void group_norm_backward(const GroupNormProblem& p, uintptr_t dy, uintptr_t x, u
                          uintptr_t bias, int b_dtype, uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t dweight,
                          uintptr_t dbias, uintptr_t workspace, size_t workspace_bytes, bool silu, uintptr_t stream);
 
-// A scaled dot-product attention problem: q (B, Hq, Lq, D), k and v (B, Hkv, Lkv, D), each with
-// unit stride along D and arbitrary batch, head and row strides (in elements; 0 for broadcast).
+// A scaled dot-product attention problem: q and out (B, Hq, Lq, D), k and v (B, Hkv, Lkv, D), each
+// with unit stride along D and arbitrary batch, head and row strides (in elements; 0 for broadcast,
+// or for out a dim of size 1).
 struct AttentionProblem {
   int64_t batch, heads_q, heads_kv, len_q, len_kv, head_dim;
-  int64_t q_strides[3], k_strides[3], v_strides[3];  // batch, head, row
+  int64_t q_strides[3], k_strides[3], v_strides[3], out_strides[3];  // batch, head, row
   int dtype;   // DtypeCode: float16 or bfloat16
   int device;  // CUDA device ordinal that holds the tensors
 };
@@ -58,7 +59,7 @@ struct AttentionProblem {
 // query row (natural log, -inf for a row with no allowed key, whose out row is 0). Query head h
 // reads kv head h / (Hq / Hkv). Key j is allowed for query i unless key_padding_mask[b, j] is
 // true (a contiguous (B, Lkv) bool tensor, or 0 for none) or, when causal, j > i + Lkv - Lq.
-// out: contiguous (B, Hq, Lq, D) of q's dtype; lse: contiguous float32 (B, Hq, Lq). q, k, v and
+// out: (B, Hq, Lq, D) of q's dtype at its strides; lse: contiguous float32 (B, Hq, Lq). q, k, v and
 // out 16-byte aligned, strides multiples of 8 elements, D a multiple of 8 and at most 128.
 void attention_forward(const AttentionProblem& p, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t key_padding_mask,
                        uintptr_t out, uintptr_t lse, float scale, bool causal, uintptr_t stream);

@@ -14,7 +14,8 @@
 //   running row max m and row sum l (online softmax, exp2f), O rescaled by exp2(m_old - m_new);
 //   P rounded to the input dtype stays in registers (the S accumulator layout is the A operand
 //   layout) and O += P V.
-// At the end O / l goes out through shared memory in 16-byte stores, and lse = (m + log2 l) ln 2.
+// At the end O / l goes out through shared memory in 16-byte stores (each row at out's batch, head
+// and row strides, which therefore are multiples of 8 elements), and lse = (m + log2 l) ln 2.
 // Causal blocks stop at the last key their last row may see, so key tiles wholly above the
 // diagonal are never loaded; per-element masks are only evaluated on tiles that need them.
 //
@@ -78,9 +79,9 @@ struct AttentionArgs {
   const uint16_t* k;
   const uint16_t* v;
   const unsigned char* mask;  // (B, Lkv) bool, true = padding; nullptr when absent
-  uint16_t* out;              // (B, Hq, Lq, D) contiguous
+  uint16_t* out;              // (B, Hq, Lq, D) at out_stride (e.g. a (B, Lq, Hq, D) tensor seen as such)
   float* lse;                 // (B, Hq, Lq) contiguous
-  int64_t q_stride[3], k_stride[3], v_stride[3];  // batch, head, row strides in elements
+  int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];  // batch, head, row strides in elements
   int heads_q, group;         // group = Hq / Hkv query heads per kv head
   int len_q, len_kv, dim;
   int m_blocks;               // ceil(Lq / kBlockM)
@@ -137,16 +138,17 @@ __global__ void __launch_bounds__(kThreads, Tiles<DP>::kMinBlocks) attention_fwd
   if (a.causal) n_end = min(n_end, min(m0 + kBlockM, a.len_q) + shift);
   const int n_tiles = n_end > 0 ? (n_end + kBlockN - 1) / kBlockN : 0;
 
-  const int64_t out_row0 = bh * a.len_q;  // row index of (b, h, 0) in out and lse
+  const int64_t lse_row0 = bh * a.len_q;  // index of (b, h, 0) in lse
   if (n_tiles == 0) {
     // No row of this block sees any key (causal with Lq > Lkv): zeros and lse = -inf.
+    uint16_t* og = a.out + b * a.out_stride[0] + h * a.out_stride[1];
     for (int c = tid; c < kBlockM * Tl::kChunks; c += kThreads) {
       const int r = c / Tl::kChunks, col = (c % Tl::kChunks) * 8;
       if (m0 + r < a.len_q && col < a.dim) {
-        *reinterpret_cast<uint4*>(a.out + (out_row0 + m0 + r) * a.dim + col) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(og + static_cast<int64_t>(m0 + r) * a.out_stride[2] + col) = make_uint4(0, 0, 0, 0);
       }
     }
-    if (tid < kBlockM && m0 + tid < a.len_q) a.lse[out_row0 + m0 + tid] = kNegInf;
+    if (tid < kBlockM && m0 + tid < a.len_q) a.lse[lse_row0 + m0 + tid] = kNegInf;
     return;
   }
 
@@ -309,18 +311,19 @@ __global__ void __launch_bounds__(kThreads, Tiles<DP>::kMinBlocks) attention_fwd
     for (int r = 0; r < 2; ++r) {
       const int row = row_lo + 8 * r;
       if (row < a.len_q) {
-        a.lse[out_row0 + row] = row_sum[r] > 0.f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : kNegInf;
+        a.lse[lse_row0 + row] = row_sum[r] > 0.f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : kNegInf;
       }
     }
   }
   __syncwarp();
+  uint16_t* og = a.out + b * a.out_stride[0] + h * a.out_stride[1];
 #pragma unroll
   for (int c0 = 0; c0 < 16 * Tl::kChunks; c0 += 32) {
     const int c = c0 + lane;
     const int r = c / Tl::kChunks, col = (c % Tl::kChunks) * 8;
     const int row = m0 + warp * 16 + r;
     if ((16 * Tl::kChunks % 32 == 0 || c < 16 * Tl::kChunks) && row < a.len_q && col < a.dim) {
-      *reinterpret_cast<uint4*>(a.out + (out_row0 + row) * a.dim + col) =
+      *reinterpret_cast<uint4*>(og + static_cast<int64_t>(row) * a.out_stride[2] + col) =
           *reinterpret_cast<const uint4*>(so + r * kStride + col);
     }
   }

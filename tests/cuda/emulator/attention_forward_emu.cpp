@@ -2,8 +2,10 @@
 // csrc/attention.cu compiles with nvcc, on the CPU under the SIMT emulator of simt.h, and checks
 // out and lse against a float64 reference on cases that cover the kernel's paths: fp16 and bf16,
 // every padded head dim, ragged tiles, Lq > Lkv, GQA / MQA, strided layouts, padding masks,
-// large magnitudes and a negative scale. Each case runs under two schedules (simt.h): cp.async
-// landing immediately with warp 0 first, and landing as late as allowed with the last warp first.
+// large magnitudes and a negative scale, with out in q's memory order as the launcher
+// (genkernels/cuda/attention.py, through heads_like) allocates it: heads inner for the (B, L, H, D)
+// layout, else contiguous. Each case runs under two schedules (simt.h): cp.async landing
+// immediately with warp 0 first, and landing as late as allowed with the last warp first.
 //
 //   attention_forward_emu [--jobs N] [--mode both|immediate|deferred] [--case SUBSTRING]
 //
@@ -43,7 +45,7 @@ using genkernels::F16;
 
 enum class Layout {
   kBHLD,    // (B, H, L, D) with rows padded past D
-  kBLHD,    // a (B, L, H, D) tensor viewed as (B, H, L, D), as diffusers produces
+  kBLHD,    // a (B, L, H, D) tensor viewed as (B, H, L, D), as diffusers produces; out likewise
   kExpand,  // (B, H, L, D) for q; k and v broadcast along B (batch stride 0)
 };
 
@@ -55,11 +57,16 @@ struct Case {
   float magnitude = 1.f;  // standard deviation of q, k and v
   float scale_mul = 1.f;  // scale = scale_mul / sqrt(D)
 
+  // out's order, as genkernels._layout.heads_like picks it: heads inner where q's heads are inner
+  // to its positions and that order shows (Hq > 1 and Lq > 1).
+  bool out_heads_inner() const { return layout == Layout::kBLHD && Hq > 1 && Lq > 1; }
+
   std::string name() const {
-    char buf[160];
+    char buf[192];
     const char* layout_name = layout == Layout::kBHLD ? "bhld" : layout == Layout::kBLHD ? "blhd" : "expand";
-    snprintf(buf, sizeof buf, "%s B%d Hq%d Hkv%d Lq%d Lkv%d D%d%s%s %s mag%g scale%g/sqrtD", bf16 ? "bf16" : "f16",
-             B, Hq, Hkv, Lq, Lkv, D, causal ? " causal" : "", mask ? " mask" : "", layout_name, magnitude, scale_mul);
+    snprintf(buf, sizeof buf, "%s B%d Hq%d Hkv%d Lq%d Lkv%d D%d%s%s %s out-%s mag%g scale%g/sqrtD",
+             bf16 ? "bf16" : "f16", B, Hq, Hkv, Lq, Lkv, D, causal ? " causal" : "", mask ? " mask" : "", layout_name,
+             out_heads_inner() ? "blhd" : "bhld", magnitude, scale_mul);
     return buf;
   }
 };
@@ -86,6 +93,7 @@ const Case kCases[] = {
     {true, 1, 2, 2, 33, 70, 112, true, true, Layout::kBLHD},
     {false, 1, 1, 1, 200, 200, 120, false, false, Layout::kBLHD},
     {false, 1, 1, 1, 130, 60, 128, true, false, Layout::kBHLD},  // Lq > Lkv: a block sees no key
+    {true, 2, 3, 1, 150, 40, 56, true, false, Layout::kBLHD},    // the same into a heads-inner out
     {false, 2, 1, 1, 300, 40, 24, true, true, Layout::kBHLD},    // Lq >> Lkv, with a mask
     {true, 2, 3, 1, 50, 97, 128, false, true, Layout::kBLHD},
     {false, 2, 2, 1, 50, 60, 40, false, true, Layout::kExpand},
@@ -190,6 +198,11 @@ Outcome run(const Case& c, const Mode& mode, unsigned seed) {
   }
   const int D = c.D;
   const size_t rows = static_cast<size_t>(c.B) * c.Hq * c.Lq;
+  // out is dense, (B, Lq, Hq, D) or (B, Hq, Lq, D) in memory (batch, head, row strides below).
+  int64_t out_stride[3];
+  out_stride[0] = int64_t{c.Hq} * c.Lq * D;
+  out_stride[1] = c.out_heads_inner() ? D : int64_t{c.Lq} * D;
+  out_stride[2] = c.out_heads_inner() ? int64_t{c.Hq} * D : D;
   // Poisoned guards on both sides of out and lse, a block of rows wide: a store past either end
   // lands in them (and is reported) instead of corrupting the heap.
   const size_t guard = static_cast<size_t>(genkernels::kBlockM) * D, lse_guard = genkernels::kBlockM;
@@ -203,7 +216,10 @@ Outcome run(const Case& c, const Mode& mode, unsigned seed) {
   a.mask = c.mask ? mask.data() : nullptr;
   a.out = out.data() + guard;
   a.lse = lse.data() + lse_guard;
-  for (int i = 0; i < 3; ++i) a.q_stride[i] = q.stride[i], a.k_stride[i] = k.stride[i], a.v_stride[i] = v.stride[i];
+  for (int i = 0; i < 3; ++i) {
+    a.q_stride[i] = q.stride[i], a.k_stride[i] = k.stride[i], a.v_stride[i] = v.stride[i];
+    a.out_stride[i] = out_stride[i];
+  }
   a.heads_q = c.Hq;
   a.group = c.Hq / c.Hkv;
   a.len_q = c.Lq;
@@ -269,7 +285,8 @@ Outcome run(const Case& c, const Mode& mode, unsigned seed) {
             for (int j = 0; j < c.Lkv; ++j) want += s[j] * vb[j * D + d], weight += s[j] * std::fabs(vb[j * D + d]);
             want /= l, weight /= l;
           }
-          const double got = genkernels::emu::decode<T>(out[guard + row * D + d]);
+          const double got =
+              genkernels::emu::decode<T>(out[guard + b * out_stride[0] + h * out_stride[1] + i * out_stride[2] + d]);
           const double tol = 2 * (u + fp32 * smax) * (weight + std::fabs(want));
           const double e = std::fabs(got - want);
           if (!(e <= tol)) found.flag("out[%d, %d, %d, %d] = %.6g, want %.6g (tol %.3g)", b, h, i, d, got, want, tol);
