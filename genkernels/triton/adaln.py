@@ -6,7 +6,8 @@ serves the three forwards and one the three backwards, specialized by constexpr 
 normalization; RESIDUAL: a gated residual in front of it; RMS; which of weight, bias, shift, scale are
 present; whether each modulation is per token or per sample). A program holds tiles of BLOCK_R rows by
 BLOCK_D = next_pow2(D) columns (masked past D), so a row's statistics are one in-register reduction
-in float32; row offsets are 64-bit.
+in float32; row offsets are 64-bit. The forward may split a row into two power-of-two column blocks
+instead (1152 = 1024 + 128, 3072 = 2048 + 1024: :func:`_column_blocks`), so that no lane is masked.
 
 Forward: one program per tile of BLOCK_R rows. It reads x (and the residual branch y and the gate) once,
 writes h once (the residual; rounded to x's dtype before it is normalized) and out once, and the per-row
@@ -40,7 +41,9 @@ BACKWARD_TILE = 2048
 # and the sample's, two block-wide reductions, the statistics' stores) that 8 elements a thread did not
 # amortize: at DiT-XL's (8192, 1152) bf16, 384 SASS instructions a thread of 4.5 real elements (85 an
 # element, against the about 40 that 4 bytes an element allow at an H100's copy bandwidth before the issue
-# rate bounds it); one row a program of 2 warps takes it to 33 (FLUX's D = 3072: 46 to 25). Counted by
+# rate bounds it); one row a program of 2 warps takes it to 33 (FLUX's D = 3072: 46 to 25). The row in two
+# unmasked column blocks (_column_blocks) of one warp takes DiT-XL to 23 (the fused gated residual + norm
+# 46 to 31; FLUX 25 to 22); the same blocks on 2 warps gave 27 and 36. Counted by
 # `python -m tests.triton._compile_kernels --arch 90 --label bench --sass` (triton 3.6, sm_90).
 FORWARD_ELEMENTS_PER_WARP = 1024
 # Backward programs per SM (each leaves a partial row per column gradient).
@@ -68,7 +71,12 @@ def _num_warps(elements: int) -> int:
 
 
 def _forward_warps(elements: int) -> int:
-    return min(16, max(1, elements // FORWARD_ELEMENTS_PER_WARP))
+    """Warps of a forward tile of ``elements`` real elements: about FORWARD_ELEMENTS_PER_WARP a warp, a power of two."""
+    return min(16, next_power_of_2(max(1, elements // FORWARD_ELEMENTS_PER_WARP)))
+
+
+def _floor_power_of_2(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
 
 
 def _per_token(t: Tensor | None, rows: int) -> bool:
@@ -79,11 +87,25 @@ def _stride(t: Tensor | None) -> int:
     return 0 if t is None else t.stride(0)
 
 
+def _column_blocks(d: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2) of the forward: a row of D as one power-of-two block (BLOCK_D2 = 0), or as a
+    power-of-two block and a narrower one where the two cover fewer columns than next_pow2(D): DiT-XL's
+    1152 = 1024 + 128 and FLUX's 3072 = 2048 + 1024 use every column, where one block of 2048 or 4096
+    would leave 44% or 25% of its lanes masked (issuing instructions for nothing)."""
+    full = next_power_of_2(d)
+    low = full // 2
+    rest = next_power_of_2(d - low) if d > low else 0
+    if d == full or low + rest >= full:
+        return full, 0
+    return low, rest
+
+
 def _forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm):
     """(h or None, out or None, mean, rstd) of one fused forward launch (see the module docstring)."""
     rows, d = x.shape
-    block_d = next_power_of_2(d)
-    block_r = max(1, min(next_power_of_2(rows), FORWARD_TILE // block_d))
+    block_d, block_d2 = _column_blocks(d)
+    width = block_d + block_d2
+    block_r = max(1, min(next_power_of_2(rows), _floor_power_of_2(max(1, FORWARD_TILE // width))))
     residual = res is not None
     h = torch.empty((rows, d), device=x.device, dtype=x.dtype) if residual else None
     out = torch.empty((rows, d), device=x.device, dtype=x.dtype) if norm else None
@@ -123,7 +145,8 @@ def _forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm):
             SCALE_TOKEN=_per_token(scale, rows),
             BLOCK_R=block_r,
             BLOCK_D=block_d,
-            num_warps=_forward_warps(block_r * block_d),
+            BLOCK_D2=block_d2,
+            num_warps=_forward_warps(block_r * width),
         )
     return h, out, mean, rstd
 
@@ -240,6 +263,79 @@ AdalnInterface(_forward, _backward).bind(globals())
 if triton is not None:
 
     @triton.jit
+    def _forward_cols(
+        x_ptr,
+        r_ptr,
+        g_ptr,
+        h_ptr,
+        r64,
+        sample,
+        row_ok,
+        D,
+        stride_x,
+        stride_r,
+        stride_g,
+        RESIDUAL: tl.constexpr,
+        GATE_TOKEN: tl.constexpr,
+        COL0: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """Columns COL0 .. COL0 + BLOCK_C of the tile's rows: (v, cols, mask), v the float32 input of the norm
+        (0 past D): x, or h = x + gate * y, which is stored (rounded to x's dtype) and then read back rounded."""
+        cols = COL0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < D
+        mask = row_ok[:, None] & col_ok[None, :]
+        v = tl.load(x_ptr + r64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            branch = tl.load(r_ptr + r64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            grow = r64 if GATE_TOKEN else sample
+            g = tl.load(g_ptr + grow[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            h = (v + g * branch).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + r64[:, None] * D + cols[None, :], h, mask=mask)
+            v = h.to(tl.float32)  # the norm of the h that is returned
+        return v, cols, mask
+
+    @triton.jit
+    def _forward_store(
+        centered,
+        rstd,
+        cols,
+        mask,
+        r64,
+        sample,
+        w_ptr,
+        b_ptr,
+        shift_ptr,
+        scale_ptr,
+        out_ptr,
+        D,
+        stride_shift,
+        stride_scale,
+        HAS_W: tl.constexpr,
+        HAS_B: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
+        SHIFT_TOKEN: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        SCALE_TOKEN: tl.constexpr,
+    ):
+        """out = ((centered * rstd) * weight + bias) * (1 + scale) + shift on one column block of the tile."""
+        col_ok = cols < D
+        n = centered * rstd[:, None]
+        if HAS_W:
+            n = n * tl.load(w_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        if HAS_B:
+            n = n + tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        if HAS_SCALE:
+            srow = r64 if SCALE_TOKEN else sample
+            sc = tl.load(scale_ptr + srow[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0)
+            n = n * (1.0 + sc.to(tl.float32))
+        if HAS_SHIFT:
+            srow = r64 if SHIFT_TOKEN else sample
+            sh = tl.load(shift_ptr + srow[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0)
+            n = n + sh.to(tl.float32)
+        tl.store(out_ptr + r64[:, None] * D + cols[None, :], n.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _adaln_forward_kernel(
         x_ptr,
         r_ptr,
@@ -273,47 +369,51 @@ if triton is not None:
         SCALE_TOKEN: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        BLOCK_D2: tl.constexpr,
     ):
         """BLOCK_R rows: h = x + gate * y (RESIDUAL), then (NORM) out = modulated norm of h (or of x);
-        grid (ceil(R / BLOCK_R),). Memory traffic: x (y) read once, h (out) written once."""
+        grid (ceil(R / BLOCK_R),). The row is one column block of BLOCK_D, or with BLOCK_D2 > 0 two, BLOCK_D
+        then BLOCK_D2 (:func:`_column_blocks`). Memory traffic: x (y) read once, h (out) written once."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.arange(0, BLOCK_D)
         row_ok = rows < R
-        col_ok = cols < D
-        mask = row_ok[:, None] & col_ok[None, :]
         r64 = rows.to(tl.int64)
         sample = r64 // tokens
-        dense = r64[:, None] * D + cols[None, :]
-        v = tl.load(x_ptr + r64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if RESIDUAL:
-            branch = tl.load(r_ptr + r64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            grow = r64 if GATE_TOKEN else sample
-            g = tl.load(g_ptr + grow[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            h = (v + g * branch).to(h_ptr.dtype.element_ty)
-            tl.store(h_ptr + dense, h, mask=mask)
-            v = h.to(tl.float32)  # the norm of the h that is returned
+        v, cols, mask = _forward_cols(
+            x_ptr, r_ptr, g_ptr, h_ptr, r64, sample, row_ok, D, stride_x, stride_r, stride_g,
+            RESIDUAL, GATE_TOKEN, 0, BLOCK_D,
+        )  # fmt: skip
+        if BLOCK_D2 > 0:
+            v2, cols2, mask2 = _forward_cols(
+                x_ptr, r_ptr, g_ptr, h_ptr, r64, sample, row_ok, D, stride_x, stride_r, stride_g,
+                RESIDUAL, GATE_TOKEN, BLOCK_D, BLOCK_D2,
+            )  # fmt: skip
         if NORM:
             if RMS:
                 mean = tl.zeros((BLOCK_R,), tl.float32)
                 centered = v
+                if BLOCK_D2 > 0:
+                    centered2 = v2
             else:
-                mean = tl.sum(v, axis=1) / D
+                total = tl.sum(v, axis=1)
+                if BLOCK_D2 > 0:
+                    total += tl.sum(v2, axis=1)
+                mean = total / D
                 centered = tl.where(mask, v - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + eps)
-            n = centered * rstd[:, None]
-            if HAS_W:
-                n = n * tl.load(w_ptr + cols, mask=col_ok, other=0.0)[None, :]
-            if HAS_B:
-                n = n + tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
-            if HAS_SCALE:
-                srow = r64 if SCALE_TOKEN else sample
-                sc = tl.load(scale_ptr + srow[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0)
-                n = n * (1.0 + sc.to(tl.float32))
-            if HAS_SHIFT:
-                srow = r64 if SHIFT_TOKEN else sample
-                sh = tl.load(shift_ptr + srow[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0)
-                n = n + sh.to(tl.float32)
-            tl.store(out_ptr + dense, n.to(out_ptr.dtype.element_ty), mask=mask)
+                if BLOCK_D2 > 0:
+                    centered2 = tl.where(mask2, v2 - mean[:, None], 0.0)
+            squares = tl.sum(centered * centered, axis=1)
+            if BLOCK_D2 > 0:
+                squares += tl.sum(centered2 * centered2, axis=1)
+            rstd = 1.0 / tl.sqrt(squares / D + eps)
+            _forward_store(
+                centered, rstd, cols, mask, r64, sample, w_ptr, b_ptr, shift_ptr, scale_ptr, out_ptr, D,
+                stride_shift, stride_scale, HAS_W, HAS_B, HAS_SHIFT, SHIFT_TOKEN, HAS_SCALE, SCALE_TOKEN,
+            )  # fmt: skip
+            if BLOCK_D2 > 0:
+                _forward_store(
+                    centered2, rstd, cols2, mask2, r64, sample, w_ptr, b_ptr, shift_ptr, scale_ptr, out_ptr, D,
+                    stride_shift, stride_scale, HAS_W, HAS_B, HAS_SHIFT, SHIFT_TOKEN, HAS_SCALE, SCALE_TOKEN,
+                )  # fmt: skip
             tl.store(mean_ptr + rows, mean, mask=row_ok)
             tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 

@@ -158,10 +158,13 @@ def test_gated_residual(backend, dtype, gate_kind, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(2, 3, 72), (2, 1, 72), (1, 2, 1000), (3, 1, 1000)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 72), (2, 1, 72), (1, 2, 1000), (3, 1, 1000), (2, 3, 96), (1, 2, 1100)], ids=str
+)
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
 def test_odd_sizes(backend, dtype, shape, rms, device):
-    """D not a power of two (72, 1000: masked tails) and L = 1, through every op."""
+    """D not a power of two and L = 1, through every op. Triton's forward takes 72 = 64 + 8 and 96 = 64 + 32 as
+    two column blocks, 1100 as 1024 + 128 with a masked tail, and 1000 as one masked block of 1024."""
     x, w, b, shift, scale = _norm_inputs(shape, dtype, device, ("sample", "token"), True, rms)
     _check_norm(backend, x, w, b, shift, scale, rms, ("sample", "token"))
     _check_fused(backend, _fused_tensors(x, "sample", (w, b, shift, scale), device), rms, "sample", ("sample", "token"))
@@ -427,3 +430,19 @@ def test_cuda_graph_capture():
             layer_norm_modulate(x, w, b, shift, scale, backend="reference"),
             layer_norm_modulate(*up, backend="reference"),
         )
+
+
+def test_triton_forward_column_blocks():
+    """A row is one power-of-two block, or two where they cover fewer columns than next_pow2(D)."""
+    from genkernels.triton.adaln import _column_blocks
+
+    assert _column_blocks(1152) == (1024, 128)  # DiT-XL: every column used (one block: 56%)
+    assert _column_blocks(3072) == (2048, 1024)  # FLUX
+    assert _column_blocks(72) == (64, 8)
+    assert _column_blocks(1100) == (1024, 128)
+    assert _column_blocks(4097) == (4096, 1)
+    for d in (1, 2, 64, 1000, 1024, 200):
+        assert _column_blocks(d)[1] == 0
+    for d in range(1, 5000):
+        block, block2 = _column_blocks(d)
+        assert block + block2 >= d and block & (block - 1) == 0 and block2 & (block2 - 1) == 0
