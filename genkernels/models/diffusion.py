@@ -169,6 +169,7 @@ class FeedForward(torch.nn.Module):
         self.proj_out = torch.nn.Linear(inner, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L, C) -> (B, L, C): proj_out(a * gelu(g)), (a, g) = proj_in(x) split in two along channels."""
         a, g = self.proj_in(x).chunk(2, dim=-1)
         return self.proj_out(a * F.gelu(g))
 
@@ -199,6 +200,9 @@ class Transformer(torch.nn.Module):
         self.proj_out = torch.nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W), context (B, S, cross_attention_dim) -> (B, C, H, W): x + proj_out(block(proj_in(n)))
+        with n = GroupNorm(x) as (B, H * W, C) tokens and block: h += attn1(LN(h)); h += attn2(LN(h), context);
+        h += ff(LN(h))."""
         b, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, H * W, C)
         tokens = self.proj_in(tokens)
@@ -542,6 +546,10 @@ class DiTAttention(_OpsModule):
         self.proj = torch.nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, L, dim) -> (B, L, dim): self-attention over the L tokens, q and k rotated when ``rope`` is given.
+
+        rope: (cos, sin), each (L, dim_head / 2), or None (no rotation).
+        """
         b, length, dim = x.shape
         # (B, L, 3, heads, dim_head) -> three (B, heads, L, dim_head) views: no copy.
         q, k, v = self.qkv(x).view(b, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
@@ -566,6 +574,7 @@ class DiTMlp(_OpsModule):
         self.fc2 = torch.nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L, dim) -> (B, L, dim): fc2(gelu_tanh(fc1(x)))."""
         h = self.fc1(x)
         h = F.gelu(h, approximate="tanh") if self.torch_layers else ops.gelu_tanh(h, backend=self.backend)
         return self.fc2(h)
@@ -603,6 +612,10 @@ class DiTBlock(_OpsModule):
     def forward(
         self, x: torch.Tensor, c_act: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
+        """x (B, L, dim), c_act = silu(c) (B, dim) -> (B, L, dim): the gated attention and MLP of the class doc.
+
+        rope: (cos, sin), each (L, dim_head / 2), for the attention's q and k, or None.
+        """
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c_act).chunk(6, dim=1)
         if self.torch_layers:
             norm = (x.shape[-1],)
@@ -634,6 +647,7 @@ class DiTFinalLayer(_OpsModule):
             torch.nn.init.zeros_(p)
 
     def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
+        """x (B, L, dim), c_act = silu(c) (B, dim) -> (B, L, out): linear(LN(x) * (1 + scale) + shift)."""
         shift, scale = self.modulation(c_act).chunk(2, dim=1)
         if self.torch_layers:
             n = _modulate(F.layer_norm(x, (x.shape[-1],), eps=self.eps), shift, scale)

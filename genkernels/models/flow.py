@@ -141,6 +141,8 @@ class FlowStep(torch.nn.Module):
         self.coupling = AffineCoupling(channels, hidden_channels, scale=scale, clamp=clamp, backend=backend)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, C, H, W) -> (y (N, C, H, W), logdet (N,) = log |det dy/dx|): the sum of the ActNorm, 1x1
+        convolution and coupling logdets, float32 (float64 for float64 x)."""
         x, logdet = self.actnorm(x)
         x, ld = self.invconv(x)
         logdet = logdet + ld
@@ -148,6 +150,8 @@ class FlowStep(torch.nn.Module):
         return x, logdet + ld
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """y (N, C, H, W) -> (x (N, C, H, W), logdet (N,) = log |det dx/dy| = -(forward's logdet at x)):
+        the coupling, 1x1 convolution and ActNorm undone in reverse order."""
         y, logdet = self.coupling.inverse(y)
         y, ld = self.invconv.inverse(y)
         logdet = logdet + ld

@@ -296,6 +296,10 @@ class SynthesisNetwork(torch.nn.Module):
         )
 
     def forward(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
+        """ws (N, num_ws, w_dim) -> images (N, img_channels, R, R) in ws's dtype; block b takes ws[:, 2b : 2b + 3].
+
+        noise_mode: "random", "const" or "none" (see :meth:`Generator.forward`).
+        """
         if ws.dim() != 3 or ws.shape[1] != self.num_ws:
             raise ValueError(f"ws must be (N, {self.num_ws}, w_dim), got {tuple(ws.shape)}")
         if noise_mode not in NOISE_MODES:
@@ -384,6 +388,8 @@ class EqualizedConv2d(torch.nn.Module):
         self.padding = kernel_size // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, I, H, W) -> (N, O, H, W) ((N, O, H/2, W/2) with ``down``) in x's dtype:
+        act(down(conv2d(x, W / sqrt(I k k))) + b) * gain."""
         y = F.conv2d(x, (self.weight * self.weight_gain).to(x.dtype), padding=self.padding)
         if self.down:
             y = F.avg_pool2d(y, 2)
@@ -407,6 +413,7 @@ class DiscriminatorBlock(torch.nn.Module):
         self.skip = EqualizedConv2d(cin, cout, 1, act="linear", bias=False, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, cin, H, W) -> (N, cout, H/2, W/2): (down(conv1(conv0(x))) + conv1x1(down(x))) / sqrt(2)."""
         skip = self.skip(F.avg_pool2d(x, 2))
         return (self.conv1(self.conv0(x)) + skip) * (1.0 / math.sqrt(2.0))
 

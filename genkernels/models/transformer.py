@@ -117,6 +117,9 @@ class TorchRMSNorm(LayerNormModulate):
     x * rsqrt(mean(x^2) + eps) * weight, in float32, cast back to x's dtype."""
 
     def forward(self, x: torch.Tensor, shift=None, scale=None) -> torch.Tensor:
+        """x (..., D) -> (..., D) in x's dtype: x * rsqrt(mean(x^2) + eps) * weight, in float32 for
+        float16 / bfloat16 x. shift and scale are accepted for the parent's signature and ignored (no modulation).
+        """
         x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x32.dtype)
         return y.to(x.dtype)
@@ -126,6 +129,7 @@ class TorchSwiGLU(SwiGLU):
     """:class:`genkernels.nn.SwiGLU` as PyTorch ops: fc2(F.silu(a) * b)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., dim) -> (..., dim): fc2(F.silu(a) * b), [a; b] = fc1(x) split in halves."""
         a, b = self.fc1(x).chunk(2, dim=-1)
         return self.fc2(F.silu(a) * b)
 
@@ -171,6 +175,11 @@ class Block(torch.nn.Module):
         self.mlp = mlp(config.dim, config.mlp_hidden, backend=backend)
 
     def forward(self, h: torch.Tensor, rotary=None, cache: KVCache | None = None) -> torch.Tensor:
+        """h (B, l, dim) -> (B, l, dim): h + attn(norm1(h)), then + mlp(norm2(h)).
+
+        rotary: (cos, sin), each (l, dim_head / 2), of the l positions, or None; cache: the attention's
+        :class:`KVCache`, to which this call's keys and values are appended (None: no cache).
+        """
         h = h + self.attn(self.norm1(h), rotary, cache)
         return h + self.mlp(self.norm2(h))
 

@@ -370,6 +370,7 @@ class MidBlockAttention(Attention):
         self.group_norm = group_norm_layer(self.torch_layers, False, groups, channels, NORM_EPS, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> (B, C, H, W): x + single-head self-attention over the H * W group-normed pixels."""
         b, c, h, w = x.shape
         tokens = self.group_norm(x).flatten(2).transpose(1, 2)
         out = super().forward(tokens)
@@ -394,6 +395,8 @@ class DownEncoderBlock(torch.nn.Module):
         self.downsamplers = torch.nn.ModuleList([Downsample(cout, padding=0)]) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, cin, H, W) -> (B, cout, H/2, W/2) ((B, cout, H, W) at the last level): ResNet blocks, then
+        the stride-2 downsampler."""
         for block in self.resnets:
             x = block(x)
         if self.downsamplers is not None:
@@ -413,6 +416,8 @@ class UpDecoderBlock(torch.nn.Module):
         self.upsamplers = torch.nn.ModuleList([Upsample(cout)]) if upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, cin, H, W) -> (B, cout, 2H, 2W) ((B, cout, H, W) at the last level): ResNet blocks, then
+        the nearest 2x + conv upsampler."""
         for block in self.resnets:
             x = block(x)
         if self.upsamplers is not None:
@@ -432,6 +437,7 @@ class MidBlock(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> (B, C, H, W): resnets.0, attentions.0 (if any), resnets.1."""
         x = self.resnets[0](x)
         if len(self.attentions):
             x = self.attentions[0](x)
@@ -456,6 +462,8 @@ class Encoder(torch.nn.Module):
         self.conv_out = torch.nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, in_channels, H, W) -> (B, 2 * latent_channels, H / 2^(L-1), W / 2^(L-1)): conv_in, the down
+        blocks, the mid block, GroupNorm+SiLU, conv_out (the model's quant_conv, if any, follows)."""
         h = self.conv_in(x)
         for block in self.down_blocks:
             h = block(h)
@@ -480,6 +488,8 @@ class Decoder(torch.nn.Module):
         self.conv_out = torch.nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, latent_channels, h, w) -> (B, out_channels, h * 2^(L-1), w * 2^(L-1)): conv_in, the mid
+        block, the up blocks, GroupNorm+SiLU, conv_out (the model's post_quant_conv, if any, precedes)."""
         h = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             h = block(h)

@@ -23,6 +23,8 @@ class GroupNorm(torch.nn.GroupNorm):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, C, *) -> (N, C, *) in x's dtype and layout: (x - mean) / sqrt(var + eps) * weight + bias, mean
+        and var over each group of C / num_groups channels (then SiLU in :class:`GroupNormSiLU`)."""
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation, backend=self.backend)
 
     def extra_repr(self) -> str:

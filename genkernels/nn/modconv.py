@@ -78,6 +78,7 @@ class EqualizedLinear(torch.nn.Module):
         self.weight_gain = lr_mul / math.sqrt(in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, in_features) -> (N, out_features) in x's dtype: act(x @ (W * g).T + b * lr_mul) * gain."""
         weight = (self.weight * self.weight_gain).to(x.dtype)
         bias = (self.bias * self.lr_mul).to(x.dtype)
         if self.act == "linear":
