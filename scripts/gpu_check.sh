@@ -21,7 +21,8 @@
 # time one op leaves unused goes to the next. The whole-model ops come last, the UNet last of all:
 # their torch.compile is the longest (a DiT block, VAE decode about 16 s, the generator about 20 s,
 # the UNet about 50 s), so a short budget drops them first, the UNet before the others. Each op
-# runs its cases most important first (bf16 before fp16; attention: DiT/FLUX forward, its forward +
+# runs its cases most important first (bf16 before fp16; attention: the DiT-XL block's self-attention
+# (reported, no goal), DiT/FLUX forward, its forward +
 # backward, then SDXL ...; reparam: fp32 and bf16 forwards, then forward + backward; coupling: fp32
 # and bf16 forwards, inverses, forwards + backwards, then ActNorm, then the Glow step; bias_act: bf16
 # and fp32 forwards, then forward + backward; adaln: layer_norm_modulate at DiT-XL and FLUX, the

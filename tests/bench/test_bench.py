@@ -99,15 +99,19 @@ def test_main_without_gpu_runs_the_self_check(tmp_path, capsys, monkeypatch):
 
 def test_attention_cases_cover_the_anchor_shapes():
     cases = attention.cases()
-    assert len(cases) == 6 * 2 * 2 and len({c.label for c in cases}) == len(cases)
+    assert len(cases) == 7 * 2 * 2 and len({c.label for c in cases}) == len(cases)
     quick = attention.cases(quick=True)
-    assert [c.params["dtype"] for c in quick] == ["bf16"] * 12
-    # Most important first: DiT/FLUX forward, then its forward + backward, and so on down the workloads.
-    assert [c.params["mode"] for c in quick] == ["fwd", "fwd+bwd"] * 6
+    assert [c.params["dtype"] for c in quick] == ["bf16"] * 14
+    # Most important first: the DiT-XL block's attention (reported, no goal), then DiT/FLUX forward, its
+    # forward + backward, and so on down the ANCHORS workloads.
+    assert [c.params["mode"] for c in quick] == ["fwd", "fwd+bwd"] * 7
     assert [c.params["workload"] for c in quick[::2]] == [s.workload for s in attention.SHAPES]
-    assert quick[0].params["workload"] == "DiT/FLUX" and attention.SHAPES[-1].workload == "long"
+    assert [c.params["workload"] for c in quick[:3:2]] == ["DiT-XL self", "DiT/FLUX"]
+    assert attention.SHAPES[-1].workload == "long"
+    assert [c.params["goal"] for c in quick[::2]] == [False] + [True] * 6
     shapes = {(tuple(c.params["shape"]), c.params["causal"]) for c in cases}
     assert shapes == {
+        ((2, 16, 4096, 4096, 72), False),
         ((2, 8, 4096, 4096, 40), False),
         ((2, 8, 4096, 77, 40), False),
         ((2, 10, 4096, 4096, 64), False),
@@ -206,12 +210,14 @@ def test_attention_goals_met_and_missed():
     summary = attention.summarize(_attention_records(ours=1.3, bwd=1.3))
     assert [g.passed for g in summary.goals] == [True, True, True, True, True]
     assert "worst 1.30x" in summary.goals[0].measured and "triton" in summary.goals[0].measured
+    assert "(6)" in summary.goals[0].name  # the ANCHORS cases: the DiT-XL block's attention is reported only
+    assert any(row[0].startswith("DiT-XL self") for row in summary.rows)
     summary = attention.summarize(_attention_records(ours=1.1, bwd=1.0))
     assert [g.passed for g in summary.goals] == [False, True, False, False, False]  # cuDNN: 0.8 ms vs 0.91 ms
     triton_col = summary.headers.index("triton")
     agg = [r for r in summary.rows if r[0].startswith("forward: vs SDPA flash")]
     assert agg and agg[0][triton_col] == "1.10x (1.10x)"
-    assert len(summary.rows) == 12 + 2
+    assert len(summary.rows) == 14 + 2
 
 
 def test_attention_goals_unmeasured():
@@ -219,7 +225,7 @@ def test_attention_goals_unmeasured():
     flex_goal = attention.summarize(records).goals[1]
     assert flex_goal.passed is None and "FlexAttention did not run" in flex_goal.measured
     # A case where no genkernels backend ran leaves "every case" unmeasured, unless another case misses.
-    first, second = [rec for rec in records if rec.params["mode"] == "fwd"][:2]
+    first, second = [rec for rec in records if rec.params["mode"] == "fwd" and rec.params["goal"]][:2]
     first.results = [
         r if r.role == "baseline" else core.Result(r.variant, r.role, "skipped", "no") for r in first.results
     ]
