@@ -4,10 +4,11 @@ Shapes. q: (B, Hq, Lq, D); k, v: (B, Hkv, Lkv, D) with Hq a multiple of Hkv: que
 head h // (Hq / Hkv), by indexing (k and v are never repeated). Any B, H, L strides work (a
 transposed view of a (B, L, H, D) tensor, k and v expanded along B with stride 0); the last
 stride is 1. Head dims 1 to 256: tiles are padded to BLOCK_D = max(16, next_pow2(D)) columns by
-masked loads inside the kernels, so nothing is copied to pad; the forward instead splits a head dim
-that a power-of-two block and a narrower one cover in fewer columns (40 = 32 + 16 with 8 masked, 72
-and 80 = 64 + 16, 96 = 64 + 32: 83 to 100% of the tensor-core columns useful instead of 56 to 75%),
-with two dots for each score and an accumulator per block. out has q's memory order (heads inner
+masked loads inside the kernels, so nothing is copied to pad; the forward and (on sm_90) the backward's
+dq and dk/dv kernels instead split a head dim that a power-of-two block and a narrower one cover in fewer
+columns (40 = 32 + 16 with 8 masked, 72 and 80 = 64 + 16, 96 = 64 + 32: 83 to 100% of the
+tensor-core columns useful instead of 56 to 75%), with two dots for each product over D and an
+accumulator per block. out has q's memory order (heads inner
 where q's are: genkernels._layout.heads_like); the other outputs are contiguous. Row strides that
 are not multiples of 16 elements (D = 40, 72) are passed with their largest power-of-two divisor
 (ALIGN), so that loads are 16-byte vectors and the forward's key and value blocks are pipelined.
@@ -184,15 +185,23 @@ def _block_d(head_dim: int) -> int:
 
 
 def _head_split(head_dim: int) -> tuple[int, int]:
-    """(BLOCK_D, BLOCK_D2) of the forward: the head dim as a power-of-two block and a second, narrower
-    one (at least 16, the smallest dot) when the two cover it in fewer columns than one padded block
-    (D = 40: 32 + 16; 72 and 80: 64 + 16; 96: 64 + 32), else (the padded block, 0)."""
+    """(BLOCK_D, BLOCK_D2) of the forward, dq and dk/dv kernels: the head dim as a power-of-two block and a
+    second, narrower one (at least 16, the smallest dot) when the two cover it in fewer columns than one padded
+    block (D = 40: 32 + 16; 72 and 80: 64 + 16; 96: 64 + 32), else (the padded block, 0)."""
     full = _block_d(head_dim)
     low = max(16, 1 << (head_dim.bit_length() - 1))
     if low >= head_dim:
         return full, 0
     tail = max(16, next_power_of_2(head_dim - low))
     return (low, tail) if low + tail < full else (full, 0)
+
+
+def _backward_split(q: Tensor) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2) of the dq and dk/dv kernels: :func:`_head_split` on sm_90, where their split
+    variants compile without spills (triton 3.6 and 3.9); elsewhere the padded block (on sm_80 the dk/dv
+    kernel at D = 80 split spilled 40 bytes at 255 registers under triton 3.9, with CONFIGS' tiles)."""
+    d = q.shape[-1]
+    return _head_split(d) if _arch(q.device) == 90 else (_block_d(d), 0)
 
 
 def _config(q: Tensor, kernel: str) -> tuple[int, int, int, int]:
@@ -347,12 +356,14 @@ def attention_backward(
     dv = torch.empty((b, hkv, lkv, d), device=q.device, dtype=v.dtype)
     delta = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
     block_d = _block_d(d)
+    split_d, split_d2 = _backward_split(q)
     mask = _mask_arg(key_padding_mask, q)
     common = dict(
         CAUSAL=causal,
         HAS_MASK=key_padding_mask is not None,
         HEAD_DIM=d,
-        BLOCK_D=block_d,
+        BLOCK_D=split_d,
+        BLOCK_D2=split_d2,
         INPUT_PRECISION=_DOT_INPUT_PRECISION,
         ALIGN=_align(q, k, v, dout),
     )
@@ -488,6 +499,25 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             return tl.load(ptrs, mask=mask, other=0.0)
         else:
             return tl.load(ptrs)
+
+    @triton.jit
+    def _load_cols_t(
+        base,
+        row0,
+        rows,
+        stride,
+        ROWS: tl.constexpr,
+        COL0: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+    ):
+        """:func:`_load_cols` transposed: columns COL0 .. COL0 + BLOCK_C of rows row0 .. row0 + ROWS as a
+        [BLOCK_C, ROWS] tile, zero beyond HEAD_DIM and beyond ``rows``."""
+        r = tl.arange(0, ROWS)
+        c = COL0 + tl.arange(0, BLOCK_C)
+        ptrs = base + tl.cast(row0, tl.int64) * stride + r[None, :] * stride + c[:, None]
+        mask = (c < HEAD_DIM)[:, None] & (row0 + r < rows)[None, :]
+        return tl.load(ptrs, mask=mask, other=0.0)
 
     @triton.jit
     def _kept_keys(mask_row, offs_n, lkv, HAS_MASK: tl.constexpr):
@@ -854,6 +884,71 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             dk = _dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, INPUT_PRECISION)
         return dk, dv
 
+    @triton.jit
+    def _dkdv_query_loop_split(
+        dk,
+        dk2,
+        dv,
+        dv2,
+        k,
+        k2,
+        v,
+        v2,
+        keep,
+        q_base,
+        do_base,
+        lse_row,
+        delta_row,
+        stride_ql,
+        stride_dl,
+        offs_n,
+        start,
+        end,
+        lq,
+        lkv,
+        scale_log2,
+        CAUSAL: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_D2: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
+        """:func:`_dkdv_query_loop` with the head dim in two column blocks (BLOCK_D, then BLOCK_D2: the
+        forward's :func:`_head_split`): the scores and dp sum two dots, dk and dv are two accumulators each."""
+        for m0 in range(start, end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < lq
+            q_t = _load_cols_t(q_base, m0, lq, stride_ql, BLOCK_M, 0, BLOCK_D, HEAD_DIM)
+            q2_t = _load_cols_t(q_base, m0, lq, stride_ql, BLOCK_M, BLOCK_D, BLOCK_D2, HEAD_DIM)
+            lse2 = tl.load(lse_row + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+            s_t = _dot(k2, q2_t, _dot(k, q_t, None, INPUT_PRECISION), INPUT_PRECISION) * scale_log2
+            p_t = tl.math.exp2(s_t - lse2[None, :])
+            if HAS_MASK or CAUSAL:
+                allowed = keep[:, None]
+                if CAUSAL:
+                    allowed = allowed & (offs_n[:, None] <= offs_m[None, :] + (lkv - lq))
+                p_t = tl.where(allowed, p_t, 0.0)
+            do = _load_cols(do_base, m0, lq, stride_dl, BLOCK_M, 0, BLOCK_D, HEAD_DIM, True)
+            do2 = _load_cols(do_base, m0, lq, stride_dl, BLOCK_M, BLOCK_D, BLOCK_D2, HEAD_DIM, True)
+            pc = p_t.to(do.dtype)
+            dv = _dot(pc, do, dv, INPUT_PRECISION)
+            dv2 = _dot(pc, do2, dv2, INPUT_PRECISION)
+            dp_t = _dot(v2, tl.trans(do2), _dot(v, tl.trans(do), None, INPUT_PRECISION), INPUT_PRECISION)
+            delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
+            dk = _dot(ds_t, tl.trans(q_t), dk, INPUT_PRECISION)
+            dk2 = _dot(ds_t, tl.trans(q2_t), dk2, INPUT_PRECISION)
+        return dk, dk2, dv, dv2
+
+    @triton.jit
+    def _store_cols(ptr, tile, rows, row_ok, HEAD_DIM: tl.constexpr, COL0: tl.constexpr, BLOCK_C: tl.constexpr):
+        """tile [ROWS, BLOCK_C] into columns COL0 .. COL0 + BLOCK_C of contiguous (., HEAD_DIM) rows ``rows``."""
+        d = COL0 + tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
+        tl.store(ptr + rows[:, None] * HEAD_DIM + d[None, :], tile.to(ptr.dtype.element_ty), mask=mask)
+
     @triton.jit(do_not_specialize=_SIZE_ARGS)
     def _attn_bwd_dkdv_kernel(
         q_ptr,
@@ -889,11 +984,13 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        BLOCK_D2: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         ALIGN: tl.constexpr,
     ):
         """dk, dv of BLOCK_N keys of one (b, kv head), summed over the query heads of its group
-        in registers; grid (cdiv(Lkv, BLOCK_N), B * Hkv).
+        in registers; grid (cdiv(Lkv, BLOCK_N), B * Hkv). BLOCK_D2 > 0: the head dim in two column
+        blocks, as the forward's.
 
         Memory traffic: the k, v blocks read once, the dk, dv blocks written once; q, dout, lse
         and delta of the group's visible query blocks read once per program."""
@@ -910,9 +1007,6 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
         v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
-        # Keys past Lkv load as 0; their dk, dv rows are never stored, so they need no mask.
-        k = _load_rows(k_base, n0, lkv, stride_kl, BLOCK_N, HEAD_DIM, BLOCK_D, True, False)
-        v = _load_rows(v_base, n0, lkv, stride_vl, BLOCK_N, HEAD_DIM, BLOCK_D, True, False)
         keep = _kept_keys(mask_ptr + b.to(tl.int64) * lkv, offs_n, lkv, HAS_MASK)
         if CAUSAL:
             diag = lkv - lq
@@ -920,26 +1014,55 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             start = tl.maximum(n0 - diag, 0) // BLOCK_M * BLOCK_M
         else:
             start = 0
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for g in range(group):
-            h = kvh * group + g
-            bh = b * hq + h
-            q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-            do_base = dout_ptr + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
-            lse_row = lse_ptr + bh.to(tl.int64) * lq
-            delta_row = delta_ptr + bh.to(tl.int64) * lq
-            dk, dv = _dkdv_query_loop(
-                dk, dv, k, v, keep, q_base, do_base, lse_row, delta_row, stride_ql, stride_dl, offs_n,
-                start, lq, lq, lkv, scale_log2,
-                CAUSAL, HAS_MASK, HEAD_DIM, BLOCK_M, BLOCK_D, INPUT_PRECISION,
-            )  # fmt: skip
-        rows = bkv.to(tl.int64) * lkv + offs_n
-        d = tl.arange(0, BLOCK_D)
-        ptrs = rows[:, None] * HEAD_DIM + d[None, :]
-        mask = (offs_n < lkv)[:, None] & (d < HEAD_DIM)[None, :]
-        tl.store(dk_ptr + ptrs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask)
-        tl.store(dv_ptr + ptrs, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+        # Keys past Lkv load as 0; their dk, dv rows are never stored, so they need no mask.
+        if BLOCK_D2 == 0:
+            k = _load_rows(k_base, n0, lkv, stride_kl, BLOCK_N, HEAD_DIM, BLOCK_D, True, False)
+            v = _load_rows(v_base, n0, lkv, stride_vl, BLOCK_N, HEAD_DIM, BLOCK_D, True, False)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            for g in range(group):
+                h = kvh * group + g
+                bh = b * hq + h
+                q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                do_base = dout_ptr + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+                lse_row = lse_ptr + bh.to(tl.int64) * lq
+                delta_row = delta_ptr + bh.to(tl.int64) * lq
+                dk, dv = _dkdv_query_loop(
+                    dk, dv, k, v, keep, q_base, do_base, lse_row, delta_row, stride_ql, stride_dl, offs_n,
+                    start, lq, lq, lkv, scale_log2,
+                    CAUSAL, HAS_MASK, HEAD_DIM, BLOCK_M, BLOCK_D, INPUT_PRECISION,
+                )  # fmt: skip
+            rows = bkv.to(tl.int64) * lkv + offs_n
+            row_ok = offs_n < lkv
+            _store_cols(dk_ptr, dk * scale, rows, row_ok, HEAD_DIM, 0, BLOCK_D)
+            _store_cols(dv_ptr, dv, rows, row_ok, HEAD_DIM, 0, BLOCK_D)
+        else:
+            k = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, True)
+            k2 = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, True)
+            v = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, True)
+            v2 = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, True)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+            dv2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+            for g in range(group):
+                h = kvh * group + g
+                bh = b * hq + h
+                q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                do_base = dout_ptr + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+                lse_row = lse_ptr + bh.to(tl.int64) * lq
+                delta_row = delta_ptr + bh.to(tl.int64) * lq
+                dk, dk2, dv, dv2 = _dkdv_query_loop_split(
+                    dk, dk2, dv, dv2, k, k2, v, v2, keep, q_base, do_base, lse_row, delta_row, stride_ql,
+                    stride_dl, offs_n, start, lq, lq, lkv, scale_log2,
+                    CAUSAL, HAS_MASK, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_D2, INPUT_PRECISION,
+                )  # fmt: skip
+            rows = bkv.to(tl.int64) * lkv + offs_n
+            row_ok = offs_n < lkv
+            _store_cols(dk_ptr, dk * scale, rows, row_ok, HEAD_DIM, 0, BLOCK_D)
+            _store_cols(dk_ptr, dk2 * scale, rows, row_ok, HEAD_DIM, BLOCK_D, BLOCK_D2)
+            _store_cols(dv_ptr, dv, rows, row_ok, HEAD_DIM, 0, BLOCK_D)
+            _store_cols(dv_ptr, dv2, rows, row_ok, HEAD_DIM, BLOCK_D, BLOCK_D2)
 
     @triton.jit
     def _dq_key_loop(
@@ -988,6 +1111,59 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             dq = _dot(ds.to(k.dtype), k, dq, INPUT_PRECISION)
         return dq
 
+    @triton.jit
+    def _dq_key_loop_split(
+        dq,
+        dq2,
+        delta,
+        q,
+        q2,
+        do,
+        do2,
+        lse2,
+        k_base,
+        v_base,
+        mask_row,
+        stride_kl,
+        stride_vl,
+        offs_m,
+        start,
+        end,
+        lq,
+        lkv,
+        scale_log2,
+        CAUSAL: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        MASKED: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_D2: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
+        """:func:`_dq_key_loop` with the head dim in two column blocks (BLOCK_D, then BLOCK_D2): the scores
+        and dp sum two dots, dq is two accumulators."""
+        for n0 in range(start, end, BLOCK_N):
+            k = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, MASKED)
+            k2 = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, MASKED)
+            s = _dot(q2, tl.trans(k2), _dot(q, tl.trans(k), None, INPUT_PRECISION), INPUT_PRECISION) * scale_log2
+            p = tl.math.exp2(s - lse2[:, None])
+            if HAS_MASK or MASKED:
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                allowed = _kept_keys(mask_row, offs_n, lkv, HAS_MASK)[None, :]
+                if MASKED:
+                    allowed = allowed & (offs_n < lkv)[None, :]
+                    if CAUSAL:
+                        allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (lkv - lq))
+                p = tl.where(allowed, p, 0.0)
+            v = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, MASKED)
+            v2 = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, MASKED)
+            dp = _dot(do2, tl.trans(v2), _dot(do, tl.trans(v), None, INPUT_PRECISION), INPUT_PRECISION)
+            ds = (p * (dp - delta[:, None])).to(k.dtype)
+            dq = _dot(ds, k, dq, INPUT_PRECISION)
+            dq2 = _dot(ds, k2, dq2, INPUT_PRECISION)
+        return dq, dq2
+
     @triton.jit(do_not_specialize=_SIZE_ARGS)
     def _attn_bwd_dq_kernel(
         q_ptr,
@@ -1022,10 +1198,12 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        BLOCK_D2: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         ALIGN: tl.constexpr,
     ):
-        """dq of BLOCK_M queries of one (b, h); grid (cdiv(Lq, BLOCK_M), B * Hq).
+        """dq of BLOCK_M queries of one (b, h); grid (cdiv(Lq, BLOCK_M), B * Hq). BLOCK_D2 > 0: the head dim
+        in two column blocks, as the forward's.
 
         Memory traffic: q, dout, lse and delta of the block read once, the dq block written once;
         k and v of the visible key blocks read once."""
@@ -1045,26 +1223,41 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         do_base = dout_ptr + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
         k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
         v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
-        q = _load_rows(q_base, m0, lq, stride_ql, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
-        do = _load_rows(do_base, m0, lq, stride_dl, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
         rows = bh.to(tl.int64) * lq + offs_m
         # Rows past Lq load lse 0 (finite), so their scores stay finite; they are not stored.
         lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         full_end, end = _key_blocks(m0, lq, lkv, CAUSAL, BLOCK_M, BLOCK_N)
         mask_row = mask_ptr + b.to(tl.int64) * lkv
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
-        dq = _dq_key_loop(
-            dq, delta, q, do, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, full_end,
-            lq, lkv, scale_log2, CAUSAL, HAS_MASK, False, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
-        )  # fmt: skip
-        dq = _dq_key_loop(
-            dq, delta, q, do, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, full_end, end,
-            lq, lkv, scale_log2, CAUSAL, HAS_MASK, True, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
-        )  # fmt: skip
-        d = tl.arange(0, BLOCK_D)
-        tl.store(
-            dq_ptr + rows[:, None] * HEAD_DIM + d[None, :],
-            (dq * scale).to(dq_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & (d < HEAD_DIM)[None, :],
-        )
+        if BLOCK_D2 == 0:
+            q = _load_rows(q_base, m0, lq, stride_ql, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
+            do = _load_rows(do_base, m0, lq, stride_dl, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
+            dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            dq = _dq_key_loop(
+                dq, delta, q, do, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, full_end,
+                lq, lkv, scale_log2, CAUSAL, HAS_MASK, False, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+            )  # fmt: skip
+            dq = _dq_key_loop(
+                dq, delta, q, do, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, full_end, end,
+                lq, lkv, scale_log2, CAUSAL, HAS_MASK, True, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+            )  # fmt: skip
+            _store_cols(dq_ptr, dq * scale, rows, row_ok, HEAD_DIM, 0, BLOCK_D)
+        else:
+            q = _load_cols(q_base, m0, lq, stride_ql, BLOCK_M, 0, BLOCK_D, HEAD_DIM, True)
+            q2 = _load_cols(q_base, m0, lq, stride_ql, BLOCK_M, BLOCK_D, BLOCK_D2, HEAD_DIM, True)
+            do = _load_cols(do_base, m0, lq, stride_dl, BLOCK_M, 0, BLOCK_D, HEAD_DIM, True)
+            do2 = _load_cols(do_base, m0, lq, stride_dl, BLOCK_M, BLOCK_D, BLOCK_D2, HEAD_DIM, True)
+            dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+            dq, dq2 = _dq_key_loop_split(
+                dq, dq2, delta, q, q2, do, do2, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0,
+                full_end, lq, lkv, scale_log2,
+                CAUSAL, HAS_MASK, False, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, INPUT_PRECISION,
+            )  # fmt: skip
+            dq, dq2 = _dq_key_loop_split(
+                dq, dq2, delta, q, q2, do, do2, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m,
+                full_end, end, lq, lkv, scale_log2,
+                CAUSAL, HAS_MASK, True, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, INPUT_PRECISION,
+            )  # fmt: skip
+            _store_cols(dq_ptr, dq * scale, rows, row_ok, HEAD_DIM, 0, BLOCK_D)
+            _store_cols(dq_ptr, dq2 * scale, rows, row_ok, HEAD_DIM, BLOCK_D, BLOCK_D2)

@@ -381,9 +381,10 @@ def test_cuda_graph_capture():
         )
 
 
-def test_triton_forward_head_split():
-    """The triton forward's column blocks: a power of two and a narrower block where the two cover the head
-    dim in fewer columns than one padded block (the other tests run every split listed here)."""
+def test_triton_head_split():
+    """The triton column blocks (forward, dq and dk/dv kernels): a power of two and a narrower block where the
+    two cover the head dim in fewer columns than one padded block (the other tests run every split listed here,
+    gradients included)."""
     from genkernels.triton.attention import _head_split
 
     split = {d: _head_split(d) for d in (8, 24, 32, 40, 64, 72, 80, 96, 100, 128, 160, 256)}
@@ -401,3 +402,18 @@ def test_triton_forward_head_split():
         160: (128, 32),
         256: (256, 0),
     }
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("d", [40, 72])
+def test_triton_backward_split_by_arch(arch, d, monkeypatch):
+    """The dq and dk/dv kernels split the head dim on sm_90 and pad it elsewhere: both paths against the
+    reference, gradients included (CPU tensors take FALLBACK_ARCH's configuration)."""
+    from genkernels.triton import attention as triton_attention
+
+    monkeypatch.setattr(triton_attention, "FALLBACK_ARCH", arch)
+    q, k, v = _qkv(1, 2, 1, 19, 23, d, torch.float16, torch.device("cpu"))
+    want = triton_attention._head_split(d) if arch == 90 else (64 if d == 40 else 128, 0)
+    assert triton_attention._backward_split(q) == want
+    _skip_unsupported("triton", q, k, v)
+    _compare("triton", q, k, v, causal=True)
