@@ -528,6 +528,28 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             return offs_n >= 0
 
     @triton.jit
+    def _allowed(
+        mask_row,
+        offs_m,
+        n0,
+        lq,
+        lkv,
+        CAUSAL: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        MASKED: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """[BLOCK_M, BLOCK_N] True where query offs_m may see key n0 + j: the key is not padding and, in a
+        MASKED block, inside Lkv and (causal) on or below the bottom-right-aligned diagonal."""
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        allowed = _kept_keys(mask_row, offs_n, lkv, HAS_MASK)[None, :]
+        if MASKED:
+            allowed = allowed & (offs_n < lkv)[None, :]
+            if CAUSAL:
+                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (lkv - lq))
+        return allowed
+
+    @triton.jit
     def _key_blocks(m0, lq, lkv, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """For queries m0 .. m0 + BLOCK_M: the end of the key blocks every row may fully see
         (inside Lkv, below the diagonal: no mask needed), and the end of all key blocks any row
@@ -596,13 +618,8 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
     ):
         """One key block of the online softmax on its scores s [BLOCK_M, BLOCK_N] (base 2): (p, alpha, the
         new running max, the new running sum). MASKED blocks apply the key range and the causal mask."""
-        offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_MASK or MASKED:
-            allowed = _kept_keys(mask_row, offs_n, lkv, HAS_MASK)[None, :]
-            if MASKED:
-                allowed = allowed & (offs_n < lkv)[None, :]
-                if CAUSAL:
-                    allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (lkv - lq))
+            allowed = _allowed(mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, MASKED, BLOCK_N)
             s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row that has seen no allowed key yet has m_new = -inf: shift it by 0 instead, so
@@ -869,13 +886,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             q_t = _load_rows(q_base, m0, lq, stride_ql, BLOCK_M, HEAD_DIM, BLOCK_D, True, True)
             lse2 = tl.load(lse_row + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
             s_t = _dot(k, q_t, None, INPUT_PRECISION) * scale_log2
-            p_t = tl.math.exp2(s_t - lse2[None, :])
-            if HAS_MASK or CAUSAL:
-                allowed = keep[:, None]
-                if CAUSAL:
-                    allowed = allowed & (offs_n[:, None] <= offs_m[None, :] + (lkv - lq))
-                # Exactly 0, not exp2(-inf - lse): a row with no allowed key has lse = -inf.
-                p_t = tl.where(allowed, p_t, 0.0)
+            p_t = _probs_t(s_t, lse2, keep, offs_n, offs_m, lq, lkv, CAUSAL, HAS_MASK)
             do = _load_rows(do_base, m0, lq, stride_dl, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
             dv = _dot(p_t.to(do.dtype), do, dv, INPUT_PRECISION)
             dp_t = _dot(v, tl.trans(do), None, INPUT_PRECISION)
@@ -883,6 +894,19 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             ds_t = p_t * (dp_t - delta[None, :])
             dk = _dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, INPUT_PRECISION)
         return dk, dv
+
+    @triton.jit
+    def _probs_t(s_t, lse2, keep, offs_n, offs_m, lq, lkv, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+        """p^T = exp2(s^T - lse) [BLOCK_N, BLOCK_M] of one query block from its transposed scores (base 2),
+        exactly 0 where key offs_n is not allowed for query offs_m."""
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if HAS_MASK or CAUSAL:
+            allowed = keep[:, None]
+            if CAUSAL:
+                allowed = allowed & (offs_n[:, None] <= offs_m[None, :] + (lkv - lq))
+            # Exactly 0, not exp2(-inf - lse): a row with no allowed key has lse = -inf.
+            p_t = tl.where(allowed, p_t, 0.0)
+        return p_t
 
     @triton.jit
     def _dkdv_query_loop_split(
@@ -924,12 +948,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             q2_t = _load_cols_t(q_base, m0, lq, stride_ql, BLOCK_M, BLOCK_D, BLOCK_D2, HEAD_DIM)
             lse2 = tl.load(lse_row + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
             s_t = _dot(k2, q2_t, _dot(k, q_t, None, INPUT_PRECISION), INPUT_PRECISION) * scale_log2
-            p_t = tl.math.exp2(s_t - lse2[None, :])
-            if HAS_MASK or CAUSAL:
-                allowed = keep[:, None]
-                if CAUSAL:
-                    allowed = allowed & (offs_n[:, None] <= offs_m[None, :] + (lkv - lq))
-                p_t = tl.where(allowed, p_t, 0.0)
+            p_t = _probs_t(s_t, lse2, keep, offs_n, offs_m, lq, lkv, CAUSAL, HAS_MASK)
             do = _load_cols(do_base, m0, lq, stride_dl, BLOCK_M, 0, BLOCK_D, HEAD_DIM, True)
             do2 = _load_cols(do_base, m0, lq, stride_dl, BLOCK_M, BLOCK_D, BLOCK_D2, HEAD_DIM, True)
             pc = p_t.to(do.dtype)
@@ -941,6 +960,14 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             dk = _dot(ds_t, tl.trans(q_t), dk, INPUT_PRECISION)
             dk2 = _dot(ds_t, tl.trans(q2_t), dk2, INPUT_PRECISION)
         return dk, dk2, dv, dv2
+
+    @triton.jit
+    def _query_head(q_ptr, dout_ptr, lse_ptr, delta_ptr, b, h, hq, lq, stride_qb, stride_qh, stride_db, stride_dh):
+        """(q, dout, lse, delta) row bases of query head h of batch b."""
+        bh = b * hq + h
+        q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = dout_ptr + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+        return q_base, do_base, lse_ptr + bh.to(tl.int64) * lq, delta_ptr + bh.to(tl.int64) * lq
 
     @triton.jit
     def _store_cols(ptr, tile, rows, row_ok, HEAD_DIM: tl.constexpr, COL0: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -1021,12 +1048,10 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for g in range(group):
-                h = kvh * group + g
-                bh = b * hq + h
-                q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                do_base = dout_ptr + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
-                lse_row = lse_ptr + bh.to(tl.int64) * lq
-                delta_row = delta_ptr + bh.to(tl.int64) * lq
+                q_base, do_base, lse_row, delta_row = _query_head(
+                    q_ptr, dout_ptr, lse_ptr, delta_ptr, b, kvh * group + g, hq, lq, stride_qb, stride_qh, stride_db,
+                    stride_dh,
+                )  # fmt: skip
                 dk, dv = _dkdv_query_loop(
                     dk, dv, k, v, keep, q_base, do_base, lse_row, delta_row, stride_ql, stride_dl, offs_n,
                     start, lq, lq, lkv, scale_log2,
@@ -1046,12 +1071,10 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
             dv2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
             for g in range(group):
-                h = kvh * group + g
-                bh = b * hq + h
-                q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                do_base = dout_ptr + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
-                lse_row = lse_ptr + bh.to(tl.int64) * lq
-                delta_row = delta_ptr + bh.to(tl.int64) * lq
+                q_base, do_base, lse_row, delta_row = _query_head(
+                    q_ptr, dout_ptr, lse_ptr, delta_ptr, b, kvh * group + g, hq, lq, stride_qb, stride_qh, stride_db,
+                    stride_dh,
+                )  # fmt: skip
                 dk, dk2, dv, dv2 = _dkdv_query_loop_split(
                     dk, dk2, dv, dv2, k, k2, v, v2, keep, q_base, do_base, lse_row, delta_row, stride_ql,
                     stride_dl, offs_n, start, lq, lq, lkv, scale_log2,
@@ -1095,21 +1118,35 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         for n0 in range(start, end, BLOCK_N):
             k = _load_rows(k_base, n0, lkv, stride_kl, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, False)
             s = _dot(q, tl.trans(k), None, INPUT_PRECISION) * scale_log2
-            p = tl.math.exp2(s - lse2[:, None])
-            if HAS_MASK or MASKED:
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                allowed = _kept_keys(mask_row, offs_n, lkv, HAS_MASK)[None, :]
-                if MASKED:
-                    allowed = allowed & (offs_n < lkv)[None, :]
-                    if CAUSAL:
-                        allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (lkv - lq))
-                # Exactly 0, not exp2(-inf - lse): a row with no allowed key has lse = -inf.
-                p = tl.where(allowed, p, 0.0)
+            p = _probs(s, lse2, mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, MASKED, BLOCK_N)
             v = _load_rows(v_base, n0, lkv, stride_vl, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, False)
             dp = _dot(do, tl.trans(v), None, INPUT_PRECISION)
             ds = p * (dp - delta[:, None])
             dq = _dot(ds.to(k.dtype), k, dq, INPUT_PRECISION)
         return dq
+
+    @triton.jit
+    def _probs(
+        s,
+        lse2,
+        mask_row,
+        offs_m,
+        n0,
+        lq,
+        lkv,
+        CAUSAL: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        MASKED: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """p = exp2(s - lse) [BLOCK_M, BLOCK_N] of key block n0 from its scores (base 2), exactly 0 where a key
+        is not allowed; MASKED blocks apply the key range and the causal mask."""
+        p = tl.math.exp2(s - lse2[:, None])
+        if HAS_MASK or MASKED:
+            allowed = _allowed(mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, MASKED, BLOCK_N)
+            # Exactly 0, not exp2(-inf - lse): a row with no allowed key has lse = -inf.
+            p = tl.where(allowed, p, 0.0)
+        return p
 
     @triton.jit
     def _dq_key_loop_split(
@@ -1147,15 +1184,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             k = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, MASKED)
             k2 = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, MASKED)
             s = _dot(q2, tl.trans(k2), _dot(q, tl.trans(k), None, INPUT_PRECISION), INPUT_PRECISION) * scale_log2
-            p = tl.math.exp2(s - lse2[:, None])
-            if HAS_MASK or MASKED:
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                allowed = _kept_keys(mask_row, offs_n, lkv, HAS_MASK)[None, :]
-                if MASKED:
-                    allowed = allowed & (offs_n < lkv)[None, :]
-                    if CAUSAL:
-                        allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (lkv - lq))
-                p = tl.where(allowed, p, 0.0)
+            p = _probs(s, lse2, mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, MASKED, BLOCK_N)
             v = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, MASKED)
             v2 = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, MASKED)
             dp = _dot(do2, tl.trans(v2), _dot(do, tl.trans(v), None, INPUT_PRECISION), INPUT_PRECISION)
