@@ -277,6 +277,17 @@ def _kernel_bias(impl, bias: Tensor | None) -> Tensor | None:
     return bias.float().contiguous()
 
 
+def _spread_bias_grad(ddz: Tensor | None, ddb: Tensor | None, x: Tensor, dim: int) -> Tensor | None:
+    """The gradient reaching dz when dbias = dz summed over every dim but ``dim``: ddz plus ddb broadcast back
+    along ``dim`` (in float32, float64 for float64 x), None when neither is given (an empty ddb is none)."""
+    if ddb is None or not ddb.numel():
+        return ddz
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    spread = ddb.to(_acc(x)).view(shape).expand(x.shape)
+    return spread if ddz is None else ddz.to(spread.dtype) + spread
+
+
 def _sum_except(t: Tensor, dim: int) -> Tensor:
     """t summed over every dim but ``dim`` (t itself for a 1-D t)."""
     dims = [d for d in range(t.dim()) if d != dim]
@@ -343,12 +354,7 @@ class _BiasActGradFunction(torch.autograd.Function):
         dy, x, kb = ctx.saved_tensors
         act, alpha, gain, clamp, dim, impl = ctx.args
         needs = ctx.needs_input_grad
-        # dbias = sum of dz over every dim but dim: its incoming gradient broadcasts back onto dz's.
-        if ddb is not None and ddb.numel():
-            shape = [1] * x.dim()
-            shape[dim] = -1
-            spread = ddb.to(torch.float32 if x.dtype != torch.float64 else x.dtype).view(shape).expand(x.shape)
-            ddz = spread if ddz is None else ddz.to(spread.dtype) + spread
+        ddz = _spread_bias_grad(ddz, ddb, x, dim)
         if ddz is None:
             return (None,) * 11
         ddz = match_layout(ddz, x)
@@ -461,10 +467,10 @@ def _grad_setup(ctx, inputs, output):
     ctx.args = (act, alpha, gain, has_clamp, clamp, dim, backend)
 
 
-def _grad_backward(ctx, ddz):
-    dy, x, bias = ctx.saved_tensors
-    act, alpha, gain, has_clamp, clamp, dim, backend = ctx.args
-    needs = ctx.needs_input_grad
+def _traced_grad_grads(ddz, dy, x, bias, args, needs):
+    """(ddy, dx, dbias) of the traced gradient map dz(dy, x, bias) given the gradient ddz reaching dz: ddy through
+    the fused map itself (``genkernels::bias_act_grad``, differentiable again), dx and dbias from act''."""
+    act, alpha, gain, has_clamp, clamp, dim, backend = args
     ddy = None
     if needs[0]:
         ddy = _bias_act_grad_op(ddz.to(dy.dtype), x, bias, act, alpha, gain, has_clamp, clamp, dim, False, backend)
@@ -472,7 +478,12 @@ def _grad_backward(ctx, ddz):
     dx, db = _second_order(
         ddz, dy, x, b32, act, alpha, gain, clamp if has_clamp else None, dim, needs[1], needs[2] and bias is not None
     )
-    return ddy, dx, db, *(None,) * 8
+    return ddy, dx, db
+
+
+def _grad_backward(ctx, ddz):
+    dy, x, bias = ctx.saved_tensors
+    return *_traced_grad_grads(ddz, dy, x, bias, ctx.args, ctx.needs_input_grad), *(None,) * 8
 
 
 _bias_act_grad_op.register_autograd(_grad_backward, setup_context=_grad_setup)
@@ -523,18 +534,12 @@ def _grad_bias_backward(ctx, ddz, ddb):
     """The gradients of (dz, dbias) in dy, x and bias: dbias's gradient spreads back onto dz's (dbias is dz
     summed), then as :func:`_grad_backward`."""
     dy, x, bias = ctx.saved_tensors
-    act, alpha, gain, has_clamp, clamp, dim, backend, need_dz = ctx.args
-    shape = [1] * x.dim()
-    shape[dim] = -1
-    total = torch.zeros_like(x, dtype=_acc(x)) if ddb is None else ddb.to(_acc(x)).view(shape).expand(x.shape)
-    if need_dz and ddz is not None and ddz.numel():
-        total = total + ddz.to(total.dtype)
-    needs = ctx.needs_input_grad
-    ddy = None
-    if needs[0]:
-        ddy = _bias_act_grad_op(total.to(dy.dtype), x, bias, act, alpha, gain, has_clamp, clamp, dim, False, backend)
-    dx, db = _second_order(total, dy, x, bias, act, alpha, gain, clamp if has_clamp else None, dim, needs[1], needs[2])
-    return ddy, dx, db, *(None,) * 8
+    *args, need_dz = ctx.args
+    ddz = ddz if need_dz and ddz is not None and ddz.numel() else None
+    total = _spread_bias_grad(ddz, ddb, x, args[5])
+    if total is None:
+        return (None,) * 11
+    return *_traced_grad_grads(total, dy, x, bias, args, ctx.needs_input_grad), *(None,) * 8
 
 
 _bias_act_grad_bias_op.register_autograd(_grad_bias_backward, setup_context=_grad_bias_setup)
