@@ -423,9 +423,9 @@ class ImageGPT(torch.nn.Module):
 
     def _decoder_for(self, n: int, temperature: float, top_k: int | None, device, graphed: bool) -> _Decoder:
         """The decoder of this call: the kept graphs when they fit it, else a new one (kept when graphed)."""
+        if not graphed:  # nothing kept, so nothing to match
+            return _Decoder(self, None, n, temperature, top_k, device, graphed=False)
         key = _Decoder.key_of(self, n, temperature, top_k)
-        if not graphed:
-            return _Decoder(self, key, n, temperature, top_k, device, graphed=False)
         if self._decoder is None or self._decoder.key != key:
             self._decoder = None  # the graphs of other arguments go before new ones are captured
             self._decoder = _Decoder(self, key, n, temperature, top_k, device, graphed=True)
@@ -477,7 +477,7 @@ class _Decoder:
     graph each (all in one memory pool, replayed in the order they were captured) and replayed by every
     :meth:`run`."""
 
-    def __init__(self, model: ImageGPT, key: tuple, n: int, temperature: float, top_k, device, graphed: bool):
+    def __init__(self, model: ImageGPT, key: tuple | None, n: int, temperature: float, top_k, device, graphed: bool):
         length = model.config.seq_len
         self.model, self.key, self.temperature, self.top_k = model, key, temperature, top_k
         self.class_ids = torch.zeros(n, dtype=torch.long, device=device)
