@@ -880,8 +880,9 @@ def _resources(cuobjdump: str | None, cubin: bytes, workdir: str) -> dict:
 
 
 def _sass_counts(cuobjdump: str | None, compiled, grid, args, workdir: str) -> dict:
-    """SASS instructions of the kernel (static, NOPs left out), and the elements a thread handles (the first
-    tensor argument's numel over the threads the grid launches)."""
+    """SASS instructions of the kernel (static, NOPs left out), global loads before its first global store,
+    and the elements a thread handles (the first tensor argument's numel over the threads the grid
+    launches)."""
     if cuobjdump is None:
         return {}
     path = os.path.join(workdir, "kernel.cubin")
@@ -890,6 +891,10 @@ def _sass_counts(cuobjdump: str | None, compiled, grid, args, workdir: str) -> d
     sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
     ops = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass, re.M)
     counts = {"sass_instructions": sum(op != "NOP" for op in ops)}
+    # Global loads ahead of the first global store in program order: the vectors a thread has in flight
+    # at once in a streaming kernel (a store may alias a later load, so loads do not move past stores).
+    first_store = next((i for i, op in enumerate(ops) if op.startswith("STG")), len(ops))
+    counts["loads_before_store"] = sum(op.startswith("LDG") for op in ops[:first_store])
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if tensors:
         threads = math.prod(grid) * compiled.metadata.num_warps * 32
@@ -898,15 +903,16 @@ def _sass_counts(cuobjdump: str | None, compiled, grid, args, workdir: str) -> d
 
 
 def _print_sass(report: dict) -> None:
-    """The --sass table: kernel, call, registers, SASS instructions a thread, elements a thread, a ratio."""
+    """The --sass table: kernel, call, registers, SASS instructions a thread, elements a thread, a ratio, and
+    global loads before the first global store."""
     rows = [v for v in report.get("variants", []) if "sass_instructions" in v]
-    print(f"{'kernel':34} {'sm':>3} {'regs':>4} {'SASS':>6} {'elem/thr':>8} {'SASS/elem':>9}  call")
+    print(f"{'kernel':34} {'sm':>3} {'regs':>4} {'SASS':>6} {'elem/thr':>8} {'SASS/elem':>9} {'LDG<STG':>7}  call")
     for v in sorted(rows, key=lambda v: (v["call"], v["kernel"])):
         per = v.get("elements_per_thread") or 0
         ratio = f"{v['sass_instructions'] / per:9.1f}" if per else f"{'-':>9}"
         print(
             f"{v['kernel'][:34]:34} {v['arch']:>3} {v.get('registers', -1):>4} {v['sass_instructions']:>6} "
-            f"{per:>8g} {ratio}  {v['call']}"
+            f"{per:>8g} {ratio} {v.get('loads_before_store', '-'):>7}  {v['call']}"
         )
 
 
