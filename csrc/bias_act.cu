@@ -16,7 +16,7 @@ namespace {
 
 void fail(const std::string& what) { throw std::invalid_argument("genkernels: bias_act: " + what); }
 
-// Blocks of the 1-D grid: one thread per vector (or per element, VEC = 1).
+// Blocks of the elementwise kernels' 1-D grid (bias_act_blocks).
 unsigned int check_problem(const BiasActProblem& p, int vec) {
   if (p.n <= 0) fail("n must be > 0, got " + std::to_string(p.n));
   if (p.stride_c <= 0 || p.channels <= 0) {
@@ -25,7 +25,7 @@ unsigned int check_problem(const BiasActProblem& p, int vec) {
   }
   if (p.act < 0 || p.act >= kActCount) fail("unknown activation code " + std::to_string(p.act));
   element_bytes(p.dtype);
-  const int64_t blocks = ceil_div(ceil_div(p.n, vec), kBiasActThreads);
+  const int64_t blocks = bias_act_blocks(p.n, vec);
   if (blocks > INT32_MAX) fail(std::to_string(p.n) + " elements need more than 2^31 - 1 blocks");
   return static_cast<unsigned int>(blocks);
 }
@@ -132,8 +132,11 @@ void bias_act_grad_bias(const BiasActProblem& p, uintptr_t dy, uintptr_t x, uint
   with_vector(p.dtype, plan.vec, [&](auto d, auto v) {
     using D = decltype(d);
     constexpr int kVec = decltype(v)::value;
-    with_act(p.act, [&](auto act) {
-      bias_act_grad_bias_kernel<decltype(act)::value, D, kVec><<<grid, kBiasActThreads, 0, stream>>>(a, t);
+    with_uniform<kVec>(a.stride_c, [&](auto uniform) {
+      with_act(p.act, [&](auto act) {
+        bias_act_grad_bias_kernel<decltype(act)::value, D, kVec, decltype(uniform)::value>
+            <<<grid, kBiasActThreads, 0, stream>>>(a, t);
+      });
     });
   });
   check_launch("bias_act_grad_bias_kernel");

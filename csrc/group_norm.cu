@@ -606,15 +606,6 @@ __global__ void __launch_bounds__(kParamGradThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side: planning and launching.
 
-template <class F>
-void with_bool(bool b, F&& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 bool aligned16(std::initializer_list<uintptr_t> ptrs) {
   for (const uintptr_t p : ptrs) {
     if (p % 16 != 0) return false;

@@ -39,8 +39,12 @@ Q = C * inner columns (inner = x.stride(dim): every dense layout is (outer, C, i
 program reduces a tile of ROW_ITERS * RB rows by BQ columns in float32, from the unrounded dz: when BQ
 divides inner (contiguous NCHW and its like: a tile lies in one channel, whose bias is one scalar
 load), to one partial per tile; else to one partial per column (channels_last: inner = 1). A program
-walks several row tiles (up to TILE_ROW_ITERS with partials per tile, MAX_ROW_ITERS per column), so
-that its block-wide sum is amortized (at the benchmark's shape, NCHW: 4 tiles of 2,048). A second small
+takes several row tiles (up to TILE_ROW_ITERS with partials per tile, MAX_ROW_ITERS per column), so
+that its block-wide sum is amortized (at the benchmark's shape, NCHW: 4 tiles of 2,048), and loads up
+to LOAD_TILES of them at once: a thread issues the loads of all of them before its first store. A
+store may alias a later load for all the compiler knows, so tiles loaded one at a time would leave
+one vector of x and one of dy a thread in flight, too few to keep HBM busy at the occupancy these
+registers allow. A second small
 kernel sums the partials of each channel in a fixed order (deterministic, no atomics) and writes dbias
 in the bias's dtype. Memory traffic: dy and x read once, dz written once (not at all when only dbias
 is wanted), plus the partials (at most about 1/16 of dz in float32).
@@ -50,8 +54,9 @@ backward moves 6 bytes an element (dy, x read, dz written), 0.5 T elements/s, ag
 issue rate of 4 warp instructions a cycle (about 30 T thread instructions/s at 1.755 GHz): about 59
 instructions an element before the issue rate, not memory, bounds the kernel. An index divided and a
 bias gathered per element, with 2-D masks, came to 452 SASS instructions per thread of 8 bf16 elements
-on sm_90 (57 an element: issue-bound); the scalar channel takes it to 212 (27), and four row tiles a
-program to 518 per 32 elements (16). `python -m tests.triton._compile_kernels --arch 90 --label anchor
+on sm_90 (57 an element: issue-bound); the scalar channel takes it to 212 (27), four row tiles a
+program to 518 per 32 elements (16), and four row tiles in one load to 460 (14.4; 9 global loads ahead
+of the first store instead of 3). `python -m tests.triton._compile_kernels --arch 90 --label anchor
 --sass` prints these counts (triton 3.6, sm_90).
 """
 
@@ -151,14 +156,16 @@ def grad(
     return dz
 
 
-# Elements of one backward tile with the bias gradient (RB rows x BQ columns); the most row tiles a program
-# walks (ROW_ITERS) with partials per column, and with partials per tile (4: 16 SASS instructions an element
-# in bf16 and 44 registers on sm_90, against 27 and 31 for one tile and 15 and 44 for eight); and the fewest
-# programs a per-tile launch keeps (8 per SM of an H100's 132: the last wave a small part of the launch).
+# Elements of one backward tile with the bias gradient (rows x BQ columns); the most row tiles a program
+# takes with partials per column, and with partials per tile (4: 16 SASS instructions an element in bf16 and
+# 44 registers on sm_90, against 27 and 31 for one tile and 15 and 44 for eight, each loaded alone); the
+# fewest programs a per-tile launch keeps (8 per SM of an H100's 132: the last wave a small part of the
+# launch); and the row tiles one load takes (RB = tile rows x LOAD_TILES; ROW_ITERS loads a program).
 TILE = 2048
 MAX_ROW_ITERS = 16
 TILE_ROW_ITERS = 4
 MIN_PROGRAMS = 1056
+LOAD_TILES = 4
 
 
 def _bias_grad_plan(x: Tensor, dim: int) -> dict:
@@ -185,16 +192,20 @@ def _bias_grad_plan(x: Tensor, dim: int) -> dict:
         while row_iters < TILE_ROW_ITERS and col_progs * cdiv(r, rb * row_iters * 2) >= MIN_PROGRAMS:
             row_iters *= 2
     else:
-        row_iters = max(1, min(MAX_ROW_ITERS, cdiv(r, rb * 64)))
+        row_iters = min(MAX_ROW_ITERS, next_power_of_2(cdiv(r, rb * 64)))
     row_progs = cdiv(r, rb * row_iters)
+    # Up to LOAD_TILES row tiles in one load: a thread issues all their loads before it stores anything (a
+    # store may alias a later load for all the compiler knows, so tiles loaded one at a time would leave
+    # one vector a thread in flight).
+    per_load = min(row_iters, LOAD_TILES)
     return {
         "R": r,
         "Q": q,
         "C": c,
         "inner": inner,
         "BQ": bq,
-        "RB": rb,
-        "ROW_ITERS": row_iters,
+        "RB": rb * per_load,
+        "ROW_ITERS": row_iters // per_load,
         "PER_TILE": per_tile,
         "grid": (col_progs, row_progs),
     }
@@ -465,7 +476,7 @@ if triton is not None:
             b = tl.load(b_ptr + ((pid_q * BQ) // inner) % C).to(tl.float32)
         else:
             b = tl.load(b_ptr + (cols // inner) % C, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        acc = tl.zeros((RB, BQ), tl.float32)
+        acc = tl.zeros((BQ,), tl.float32)
         for it in tl.static_range(ROW_ITERS):
             rows = (pid_r * ROW_ITERS + it) * RB + tl.arange(0, RB)
             if INDEX_64:
@@ -484,12 +495,11 @@ if triton is not None:
                 dz = tl.where((y >= -clamp) & (y <= clamp), dz, 0.0)
             if STORE_DZ:
                 tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-            acc += tl.where(mask, dz, 0.0)
-        colsum = tl.sum(acc, axis=0)
+            acc += tl.sum(tl.where(mask, dz, 0.0), axis=0)
         if PER_TILE:
-            tl.store(part_ptr + pid_r * part_width + pid_q, tl.sum(colsum, axis=0))
+            tl.store(part_ptr + pid_r * part_width + pid_q, tl.sum(acc, axis=0))
         else:
-            tl.store(part_ptr + pid_r * part_width + cols, colsum, mask=col_ok)
+            tl.store(part_ptr + pid_r * part_width + cols, acc, mask=col_ok)
 
     @triton.jit
     def _bias_grad_finish_kernel(part_ptr, out_ptr, ROWS, C, PER, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):

@@ -27,7 +27,9 @@ import re
 from tests.cuda._emulator import driver_fixture, run_driver
 
 RESULT = re.compile(r"^RESULT (ok|FAIL) (.*?) \| vec (\d+) (\d+) n (\d+); (.*)$")
-BIAS_GRAD = re.compile(r"bias-grad vec (\d+) tq (\d+) (per-tile|per-column) (store|no-store) blocks (\d+)x(\d+)")
+BIAS_GRAD = re.compile(
+    r"bias-grad vec (\d+) tq (\d+) (per-tile|per-column) (uniform|mixed) (store|no-store) blocks (\d+)x(\d+)"
+)
 
 emulator = driver_fixture("bias_act_emu.cpp")
 
@@ -41,9 +43,11 @@ def test_bias_act_emulated(emulator):
     assert {int(m[3]) for m in results} == {1, 4, 8}
     assert {int(m[4]) for m in results} == {1, 4, 8}
     assert any(m[3] != m[4] for m in results), "no case where forward and gradient take different vector widths"
-    # A vector path whose length is not a multiple of the width (scalar tail), and more than one block.
+    # A vector path whose length is not a multiple of the width (scalar tail), and several blocks of the
+    # elementwise kernels (256 threads of 4 vectors) at every width.
     assert any(int(m[3]) > 1 and int(m[5]) % int(m[3]) for m in results), "no vector case with a scalar tail"
-    assert max(int(m[5]) for m in results) > 256 * 8, "no case of several blocks"
+    for width in (4, 8):
+        assert any(int(m[3]) == width and int(m[5]) > 256 * 4 * width for m in results), width
     names = [m[2] for m in results]
     for act in ("linear", "relu", "lrelu", "tanh", "sigmoid", "silu", "gelu"):
         assert any(f" {act} " in n for n in names), act
@@ -64,7 +68,10 @@ def test_bias_act_emulated(emulator):
     tiles = [t for t in tiles if t]
     assert len(tiles) >= 100, f"only {len(tiles)} cases ran the bias-gradient kernel"
     assert {t[3] for t in tiles} == {"per-tile", "per-column"}
-    assert {t[4] for t in tiles} == {"store", "no-store"}
+    assert {t[5] for t in tiles} == {"store", "no-store"}
     assert {int(t[1]) for t in tiles} == {1, 4, 8}
     assert any(t[3] == "per-tile" and int(t[1]) > 1 for t in tiles), "no vectorized per-tile case"
-    assert any(t[3] == "per-column" and int(t[6]) > 8 for t in tiles), "no per-column case of many row tiles"
+    assert any(t[3] == "per-column" and int(t[7]) > 8 for t in tiles), "no per-column case of many row tiles"
+    # Vectors in one channel (one bias value and one sum a thread) and across channels, per column too.
+    assert {t[4] for t in tiles if int(t[1]) > 1} == {"uniform", "mixed"}
+    assert any(t[3] == "per-column" and t[4] == "uniform" and int(t[1]) > 1 for t in tiles), "no uniform per-column"

@@ -93,8 +93,8 @@ def test_dims_and_odd_shapes(backend, shape, dim, device):
 
 
 # The triton backward's tiles for the bias gradient (genkernels.triton.bias_act._bias_grad_plan): one
-# partial per tile (inner a multiple of 64), one per column (channels_last, a trailing dim, odd inner),
-# several row tiles per program; and the call without dx (x needs no gradient).
+# partial per tile (inner a multiple of 64), one per column (channels_last, a trailing dim, odd inner);
+# and the call without dx (x needs no gradient).
 TILE_CASES = [
     ((2, 3, 8, 8), "contiguous", 1, True),
     ((3, 2, 16, 12), "contiguous", 1, True),
@@ -115,8 +115,25 @@ def test_bias_gradient_tiles(backend, shape, layout, dim, per_tile, need_dx, dev
 
         plan = _bias_grad_plan(x, dim % x.dim())
         assert plan["PER_TILE"] == per_tile
-        if layout == "channels_last":
-            assert plan["ROW_ITERS"] > 1  # several row tiles summed per program
+    _check_bias_gradient(backend, x, bias, dim, need_dx, device)
+
+
+@pytest.mark.parametrize("load_tiles", [1, 4])
+def test_bias_gradient_row_loads(load_tiles, device, monkeypatch):
+    """triton, per-column partials (channels_last): two row tiles a program, loaded one at a time (two loads
+    a program, summed in the loop) or together (one load of both)."""
+    from genkernels.triton import bias_act as tba
+
+    x, bias = _inputs((2, 96, 24, 24), torch.float16, device, "channels_last")
+    skip_unsupported("triton", BA.OP, x, bias, "lrelu")
+    monkeypatch.setattr(tba, "LOAD_TILES", load_tiles)
+    plan = tba._bias_grad_plan(x, 1)
+    assert not plan["PER_TILE"] and plan["ROW_ITERS"] == (2 if load_tiles == 1 else 1)
+    _check_bias_gradient("triton", x, bias, 1, True, device)
+
+
+def _check_bias_gradient(backend, x, bias, dim, need_dx, device):
+    """dx (when ``need_dx``) and dbias of bias_act(x, bias, act="lrelu") under the criterion."""
     dy = torch.randn(x.shape, device=device, dtype=torch.float64)
     grads = []
     for xx, bb, be in ((x, bias, backend), (x, bias, "reference"), (x.double(), bias.double(), "reference")):
@@ -157,8 +174,8 @@ def test_channel_uniform_tiles(backend, shape, device, monkeypatch):
         monkeypatch.setattr(tba, "MIN_PROGRAMS", 1)
         _, args = tba._launch_args(x, bias, "lrelu", 0.2, 1.0, None, 1)
         assert args["UNIFORM_C"]
-        plan = tba._bias_grad_plan(x, 1)
-        assert plan["PER_TILE"] and plan["ROW_ITERS"] == tba.TILE_ROW_ITERS
+        plan = tba._bias_grad_plan(x, 1)  # TILE_ROW_ITERS tiles of one row, loaded at once
+        assert plan["PER_TILE"] and plan["RB"] == tba.TILE_ROW_ITERS and plan["ROW_ITERS"] == 1
     _check(backend, x, bias, act="lrelu")
 
 

@@ -16,14 +16,14 @@
 // cancellation, and every exponential sees a non-positive argument, so all of it stays finite for
 // large |z|. Accurate expf / tanhf / erff (not __expf): the emulator checks against float64.
 //
-// Work split: thread v of the 1-D grid (blocks of kBiasActThreads) handles elements
-// [v VEC, v VEC + VEC): one 16-byte vector of x (and dy) when all of it lies below n, else the
-// elements that do, one at a time (the tail of a length that is not a multiple of VEC). VEC is
-// the dtype's 16-byte width when every pointer is 16-byte aligned, else 1. The bias index is
-// divided out once per thread and then stepped element by element. The activation is a template
-// parameter; the bias and the clamp are uniform run-time branches. The gradient's output dtype O
-// is x's or float32 (unrounded dz for the bias gradient's sum): an 8-wide fp16 / bf16 vector then
-// stores two 4-wide float32 vectors.
+// Work split: block b of the 1-D grid covers kBiasActUnroll * kBiasActThreads consecutive vectors
+// of VEC elements (VEC: the dtype's 16-byte width when every pointer is 16-byte aligned, else 1), and
+// thread t its vectors t, t + kBiasActThreads, ..., loading all of them before storing any; a vector
+// that lies partly past n is done one element at a time (the tail of a length that is not a multiple
+// of VEC). The bias index is divided out once per vector and then stepped element by element. The
+// activation is a template parameter; the bias and the clamp are uniform run-time branches. The
+// gradient's output dtype O is x's or float32 (unrounded dz for the bias gradient's sum): an 8-wide
+// fp16 / bf16 vector then stores two 4-wide float32 vectors.
 // Memory traffic: forward x read once, y written once; gradient dy and x read once, dz written
 // once; the bias gathered through the read-only cache.
 //
@@ -160,28 +160,26 @@ __device__ __forceinline__ float bias_value(const BiasActArgs& a, int64_t c) {
   return __ldg(static_cast<const float*>(a.bias) + c);
 }
 
-// z[i] = x[e + i] + bias[((e + i) / stride_c) % C] for i < W (e a multiple of W): one division, then
-// one bias value for the whole vector when stride_c is a multiple of W (contiguous NCHW: the vector lies
-// in one channel), else stepped element by element (channels_last).
-template <class D, int W>
-__device__ __forceinline__ void load_preact(const BiasActArgs& a, int64_t e, float (&z)[W]) {
-  load_stream<D, W>(a.x, e, z);
-  if (a.bias != nullptr) {
-    int64_t q, r, wraps, c;
-    split_index(e, a.stride_c, q, r);
-    split_index(q, a.channels, wraps, c);
-    if (W > 1 && (a.stride_c & (W - 1)) == 0) {
-      const float b = bias_value(a, c);
+// z[i] += bias[((e + i) / stride_c) % C] for i < W (e a multiple of W): one division, then one bias
+// value for the whole vector when stride_c is a multiple of W (contiguous NCHW: the vector lies in one
+// channel), else stepped element by element (channels_last).
+template <int W>
+__device__ __forceinline__ void add_bias(const BiasActArgs& a, int64_t e, float (&z)[W]) {
+  if (a.bias == nullptr) return;
+  int64_t q, r, wraps, c;
+  split_index(e, a.stride_c, q, r);
+  split_index(q, a.channels, wraps, c);
+  if (W > 1 && (a.stride_c & (W - 1)) == 0) {
+    const float b = bias_value(a, c);
 #pragma unroll
-      for (int i = 0; i < W; ++i) z[i] += b;
-    } else {
+    for (int i = 0; i < W; ++i) z[i] += b;
+  } else {
 #pragma unroll
-      for (int i = 0; i < W; ++i) {
-        z[i] += bias_value(a, c);
-        if (++r == a.stride_c) {
-          r = 0;
-          if (++c == a.channels) c = 0;
-        }
+    for (int i = 0; i < W; ++i) {
+      z[i] += bias_value(a, c);
+      if (++r == a.stride_c) {
+        r = 0;
+        if (++c == a.channels) c = 0;
       }
     }
   }
@@ -206,10 +204,10 @@ __device__ __forceinline__ void store_out(void* out, int64_t e, const float (&v)
   }
 }
 
+// y of W elements at e from their pre-activations z.
 template <int ACT, class D, int W>
-__device__ __forceinline__ void forward_elements(const BiasActArgs& a, int64_t e) {
-  float z[W], y[W];
-  load_preact<D, W>(a, e, z);
+__device__ __forceinline__ void forward_store(const BiasActArgs& a, int64_t e, const float (&z)[W]) {
+  float y[W];
 #pragma unroll
   for (int i = 0; i < W; ++i) {
     float v = act_value<ACT>(z[i], a.alpha) * a.gain;
@@ -219,11 +217,9 @@ __device__ __forceinline__ void forward_elements(const BiasActArgs& a, int64_t e
   store_stream<D, W>(a.out, e, y);
 }
 
-template <int ACT, class D, class O, int W>
-__device__ __forceinline__ void grad_elements(const BiasActArgs& a, int64_t e) {
-  float z[W], dy[W], dz[W];
-  load_preact<D, W>(a, e, z);
-  load_stream<D, W>(a.dy, e, dy);
+// dz of W elements, in place of dy, from their pre-activations z.
+template <int ACT, int W>
+__device__ __forceinline__ void grad_map(const BiasActArgs& a, const float (&z)[W], float (&dy)[W]) {
 #pragma unroll
   for (int i = 0; i < W; ++i) {
     float g = dy[i] * a.gain * act_grad<ACT>(z[i], a.alpha);
@@ -231,34 +227,110 @@ __device__ __forceinline__ void grad_elements(const BiasActArgs& a, int64_t e) {
       const float pre = act_value<ACT>(z[i], a.alpha) * a.gain;
       if (!(pre >= -a.clamp && pre <= a.clamp)) g = 0.f;  // torch.clamp's gradient; NaN: 0
     }
-    dz[i] = g;
+    dy[i] = g;
   }
-  store_out<O, W>(a.out, e, dz);
 }
 
-// Thread v's elements: a full vector, or the tail one element at a time.
-__device__ __forceinline__ int64_t bias_act_first(int vec) {
-  return (static_cast<int64_t>(blockIdx.x) * kBiasActThreads + threadIdx.x) * vec;
+// One element at e (the tail of a length that is not a multiple of the vector width).
+template <int ACT, class D>
+__device__ __forceinline__ void forward_element(const BiasActArgs& a, int64_t e) {
+  float z[1];
+  load_stream<D, 1>(a.x, e, z);
+  add_bias<1>(a, e, z);
+  forward_store<ACT, D, 1>(a, e, z);
+}
+
+template <int ACT, class D, class O>
+__device__ __forceinline__ void grad_element(const BiasActArgs& a, int64_t e) {
+  float z[1], g[1];
+  load_stream<D, 1>(a.x, e, z);
+  load_stream<D, 1>(a.dy, e, g);
+  add_bias<1>(a, e, z);
+  grad_map<ACT, 1>(a, z, g);
+  store_out<O, 1>(a.out, e, g);
+}
+
+// Work split of the elementwise kernels: block b covers kBiasActUnroll * kBiasActThreads consecutive
+// vectors of VEC elements, thread t its vectors t, t + kBiasActThreads, ... (each load instruction of a
+// warp one contiguous run). A thread issues the loads of all its vectors before it stores any: a store
+// may alias a later load for all the compiler knows, so interleaving them would leave one vector a
+// thread in flight (the memory-level parallelism a streaming kernel lives on). A vector that lies
+// partly past n is done element by element.
+constexpr int kBiasActUnroll = 4;
+
+// Host: blocks of the elementwise kernels' 1-D grid for n elements in vectors of vec.
+inline int64_t bias_act_blocks(int64_t n, int vec) {
+  const int64_t per_block = static_cast<int64_t>(kBiasActThreads) * kBiasActUnroll * vec;
+  return (n + per_block - 1) / per_block;
+}
+
+// This thread's vectors: load(u, e) for each vector u (first element e) lying wholly below n, then
+// finish(u, e) for those and tail(e) for one partly past n. A block lying wholly below n (all but
+// the last) runs without bounds checks.
+template <int VEC, class Load, class Finish, class Tail>
+__device__ __forceinline__ void walk_vectors(int64_t n, Load load, Finish finish, Tail tail) {
+  constexpr int U = kBiasActUnroll;
+  constexpr int64_t kStep = static_cast<int64_t>(kBiasActThreads) * VEC;
+  const int64_t block_first = static_cast<int64_t>(blockIdx.x) * U * kStep;
+  const int64_t first = block_first + static_cast<int64_t>(threadIdx.x) * VEC;
+  if (block_first + U * kStep <= n) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) load(u, first + u * kStep);
+#pragma unroll
+    for (int u = 0; u < U; ++u) finish(u, first + u * kStep);
+  } else {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (first + u * kStep + VEC <= n) load(u, first + u * kStep);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t e = first + u * kStep;
+      if (e + VEC <= n) {
+        finish(u, e);
+      } else if (e < n) {
+        tail(e);
+      }
+    }
+  }
 }
 
 template <int ACT, class D, int VEC>
 __global__ void __launch_bounds__(kBiasActThreads) bias_act_forward_kernel(const BiasActArgs a) {
-  const int64_t e = bias_act_first(VEC);
-  if (e + VEC <= a.n) {
-    forward_elements<ACT, D, VEC>(a, e);
-  } else {
-    for (int64_t k = e; k < a.n; ++k) forward_elements<ACT, D, 1>(a, k);
-  }
+  RawT<D, VEC> raw[kBiasActUnroll];
+  walk_vectors<VEC>(
+      a.n, [&](int u, int64_t e) { raw[u] = load_raw<D, VEC, Cache::kStream>(a.x, e); },
+      [&](int u, int64_t e) {
+        float z[VEC];
+        decode<D, VEC>(raw[u], z);
+        add_bias<VEC>(a, e, z);
+        forward_store<ACT, D, VEC>(a, e, z);
+      },
+      [&](int64_t e) {
+        for (int64_t k = e; k < a.n; ++k) forward_element<ACT, D>(a, k);
+      });
 }
 
 template <int ACT, class D, class O, int VEC>
 __global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_kernel(const BiasActArgs a) {
-  const int64_t e = bias_act_first(VEC);
-  if (e + VEC <= a.n) {
-    grad_elements<ACT, D, O, VEC>(a, e);
-  } else {
-    for (int64_t k = e; k < a.n; ++k) grad_elements<ACT, D, O, 1>(a, k);
-  }
+  RawT<D, VEC> raw_x[kBiasActUnroll], raw_dy[kBiasActUnroll];
+  walk_vectors<VEC>(
+      a.n,
+      [&](int u, int64_t e) {
+        raw_x[u] = load_raw<D, VEC, Cache::kStream>(a.x, e);
+        raw_dy[u] = load_raw<D, VEC, Cache::kStream>(a.dy, e);
+      },
+      [&](int u, int64_t e) {
+        float z[VEC], g[VEC];
+        decode<D, VEC>(raw_x[u], z);
+        decode<D, VEC>(raw_dy[u], g);
+        add_bias<VEC>(a, e, z);
+        grad_map<ACT, VEC>(a, z, g);
+        store_out<O, VEC>(a.out, e, g);
+      },
+      [&](int64_t e) {
+        for (int64_t k = e; k < a.n; ++k) grad_element<ACT, D, O>(a, k);
+      });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -266,13 +338,16 @@ __global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_kernel(const Bi
 // by Q = C * inner columns (inner = stride_c: every dense layout is (outer, C, inner) in memory), and
 // a block of kBiasActThreads threads covers a tile of `rows` rows by tq * VEC columns: thread t owns
 // the column vector (t % tq) * VEC (its bias values fixed for the whole tile) and walks the rows
-// t / tq, t / tq + tr, ... (tr = kBiasActThreads / tq), writing dz (unless only the bias gradient is
-// wanted) and summing the unrounded float32 dz per column. Then either (per_tile: tq * VEC divides
-// inner, so the tile lies in one channel) one block sum per tile into partials[by][bx], or per column
-// (the tr row groups summed in order through shared memory) into partials[by][q]. The caller sums the
-// partials per channel in a fixed order: no atomics, the same bits every run. tq, per_tile and store
-// are uniform run-time values (few instantiations). Memory traffic: dy and x read once, dz written
-// once (or not at all), and the partials (at most 1 / rows of dz, in float32, per column).
+// t / tq, t / tq + tr, ... (tr = kBiasActThreads / tq), kBiasActUnroll of them a step with every load
+// of the step ahead of its stores (as the elementwise kernels), writing dz (unless only the bias
+// gradient is wanted) and summing the unrounded float32 dz per column (per vector when the vector lies
+// in one channel, the UNIFORM instantiation: one bias value and one sum a thread, fewer registers).
+// Then either (per_tile: tq * VEC divides inner, so the tile lies in one channel) one block sum per
+// tile into partials[by][bx], or per column (the tr row groups summed in order through shared memory)
+// into partials[by][q]. The caller sums the partials per channel in a fixed order: no atomics, the
+// same bits every run. tq, per_tile and store are uniform run-time values (few instantiations).
+// Memory traffic: dy and x read once, dz written once (or not at all), and the partials (at most
+// 1 / rows of dz, in float32, per column).
 struct BiasGradPlan {
   int vec;          // elements per thread access: the dtype's 16-byte width, or 1
   int tq;           // threads along the columns: 32 .. kBiasActThreads, a power of two
@@ -320,24 +395,27 @@ struct BiasGradTile {
   bool store;          // write dz
 };
 
-template <int ACT, class D, int VEC>
+template <int ACT, class D, int VEC, bool UNIFORM>
 __global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_bias_kernel(const BiasActArgs a, const BiasGradTile t) {
+  // UNIFORM: each vector lies in one channel (VEC = 1, or stride_c a multiple of VEC): one bias value
+  // and one running sum a thread, the sum standing for the vector's first column (its other columns 0).
+  constexpr int NB = UNIFORM ? 1 : VEC;
   const int tq = t.tq, tr = kBiasActThreads / t.tq;
   const int cq = static_cast<int>(threadIdx.x) % tq, cr = static_cast<int>(threadIdx.x) / tq;
   // A 1-D grid of grid_x * grid_y blocks, column tiles fastest.
   const int64_t bx = static_cast<int64_t>(blockIdx.x) % t.grid_x, by = static_cast<int64_t>(blockIdx.x) / t.grid_x;
   const int64_t q = (bx * tq + cq) * VEC;
   const bool active = q < t.cols;  // Q is a multiple of VEC
-  float acc[VEC];
+  float acc[NB];
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
+  for (int i = 0; i < NB; ++i) acc[i] = 0.f;
   if (active) {
-    float b[VEC];
+    float b[NB];
     int64_t wraps, r, c;
     split_index(q, a.stride_c, wraps, r);
     split_index(wraps, a.channels, wraps, c);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
+    for (int i = 0; i < NB; ++i) {
       b[i] = bias_value(a, c);
       if (++r == a.stride_c) {
         r = 0;
@@ -346,35 +424,47 @@ __global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_bias_kernel(con
     }
     const int64_t row0 = by * t.rows;
     const int64_t row_end = min(row0 + t.rows, t.rows_total);
-    for (int64_t row = row0 + cr; row < row_end; row += tr) {
-      const int64_t e = row * t.cols + q;
-      float z[VEC], dy[VEC], dz[VEC];
-      load_stream<D, VEC>(a.x, e, z);
-      load_stream<D, VEC>(a.dy, e, dy);
+    // kBiasActUnroll rows a step, every load of the step before any store (see the elementwise kernels).
+    constexpr int U = kBiasActUnroll;
+    const int64_t row_step = static_cast<int64_t>(tr) * t.cols;
+    for (int64_t row = row0 + cr; row < row_end; row += U * tr) {
+      RawT<D, VEC> raw_x[U], raw_dy[U];
+      const int64_t e0 = row * t.cols + q;
+      const int64_t left = (row_end - row + tr - 1) / tr;  // rows of this thread from row on
+      const int rows_here = left < U ? static_cast<int>(left) : U;
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        const float zi = z[i] + b[i];
-        float g = dy[i] * a.gain * act_grad<ACT>(zi, a.alpha);
-        if (a.has_clamp) {
-          const float pre = act_value<ACT>(zi, a.alpha) * a.gain;
-          if (!(pre >= -a.clamp && pre <= a.clamp)) g = 0.f;  // torch.clamp's gradient; NaN: 0
+      for (int u = 0; u < U; ++u) {
+        if (u < rows_here) {
+          raw_x[u] = load_raw<D, VEC, Cache::kStream>(a.x, e0 + u * row_step);
+          raw_dy[u] = load_raw<D, VEC, Cache::kStream>(a.dy, e0 + u * row_step);
         }
-        dz[i] = g;
-        acc[i] += g;
       }
-      if (t.store) store_stream<D, VEC>(a.out, e, dz);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (u < rows_here) {
+          float z[VEC], g[VEC];
+          decode<D, VEC>(raw_x[u], z);
+          decode<D, VEC>(raw_dy[u], g);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) z[i] += b[UNIFORM ? 0 : i];
+          grad_map<ACT, VEC>(a, z, g);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) acc[UNIFORM ? 0 : i] += g[i];
+          if (t.store) store_stream<D, VEC>(a.out, e0 + u * row_step, g);
+        }
+      }
     }
   }
   if (t.per_tile) {
     __shared__ float scratch[32];
     float s = 0.f;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) s += acc[i];
+    for (int i = 0; i < NB; ++i) s += acc[i];
     store_block_sum(s, scratch, t.partials + by * t.width + bx);
   } else {
     __shared__ float columns[kBiasActThreads * VEC];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) columns[threadIdx.x * VEC + i] = acc[i];
+    for (int i = 0; i < VEC; ++i) columns[threadIdx.x * VEC + i] = i < NB ? acc[i] : 0.f;
     __syncthreads();
     if (cr == 0 && active) {
       float sum[VEC];
@@ -388,6 +478,17 @@ __global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_bias_kernel(con
 #pragma unroll
       for (int i = 0; i < VEC; ++i) out[i] = sum[i];
     }
+  }
+}
+
+// Host: a call of f with std::integral_constant<bool, UNIFORM> for a launch of vectors of vec elements
+// along a dim of stride stride_c (always true for vec = 1: one instantiation fewer).
+template <int VEC, class F>
+void with_uniform(int64_t stride_c, F&& f) {
+  if constexpr (VEC == 1) {
+    f(std::true_type{});
+  } else {
+    with_bool(stride_c % VEC == 0, f);
   }
 }
 

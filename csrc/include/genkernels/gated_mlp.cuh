@@ -39,8 +39,13 @@
 namespace genkernels {
 namespace {
 
-// The flat walk of bias_act, with its block size (bias_act_first).
+// A flat walk of one vector a thread, in blocks of bias_act's size.
 constexpr int kGatedMlpThreads = kBiasActThreads;
+
+// First element of this thread's vector.
+__device__ __forceinline__ int64_t gated_mlp_first(int vec) {
+  return (static_cast<int64_t>(blockIdx.x) * kGatedMlpThreads + threadIdx.x) * vec;
+}
 
 struct GatedMlpArgs {
   const void* x;   // gelu_tanh: n elements; swiglu: (rows, 2, cols)
@@ -89,7 +94,7 @@ __device__ __forceinline__ void gelu_tanh_grad_elements(const GatedMlpArgs& a, i
 
 template <class D, int VEC>
 __global__ void __launch_bounds__(kGatedMlpThreads) gelu_tanh_forward_kernel(const GatedMlpArgs a) {
-  const int64_t e = bias_act_first(VEC);
+  const int64_t e = gated_mlp_first(VEC);
   if (e + VEC <= a.n) {
     gelu_tanh_forward_elements<D, VEC>(a, e);
   } else {
@@ -99,7 +104,7 @@ __global__ void __launch_bounds__(kGatedMlpThreads) gelu_tanh_forward_kernel(con
 
 template <class D, int VEC>
 __global__ void __launch_bounds__(kGatedMlpThreads) gelu_tanh_grad_kernel(const GatedMlpArgs a) {
-  const int64_t e = bias_act_first(VEC);
+  const int64_t e = gated_mlp_first(VEC);
   if (e + VEC <= a.n) {
     gelu_tanh_grad_elements<D, VEC>(a, e);
   } else {
@@ -116,7 +121,7 @@ __device__ __forceinline__ int64_t swiglu_a_offset(const GatedMlpArgs& a, int64_
 
 template <class D, int VEC>
 __global__ void __launch_bounds__(kGatedMlpThreads) swiglu_forward_kernel(const GatedMlpArgs a) {
-  const int64_t e = bias_act_first(VEC);
+  const int64_t e = gated_mlp_first(VEC);
   if (e >= a.n) return;
   const int64_t ea = swiglu_a_offset(a, e);
   float xa[VEC], xb[VEC], y[VEC];
@@ -133,7 +138,7 @@ __global__ void __launch_bounds__(kGatedMlpThreads) swiglu_forward_kernel(const 
 
 template <class D, int VEC>
 __global__ void __launch_bounds__(kGatedMlpThreads) swiglu_grad_kernel(const GatedMlpArgs a) {
-  const int64_t e = bias_act_first(VEC);
+  const int64_t e = gated_mlp_first(VEC);
   if (e >= a.n) return;
   const int64_t ea = swiglu_a_offset(a, e);
   float xa[VEC], xb[VEC], dy[VEC], da[VEC], db[VEC];

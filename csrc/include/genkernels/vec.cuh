@@ -85,6 +85,16 @@ inline int vector_width(int dtype, int64_t n, std::initializer_list<uintptr_t> p
   return vec;
 }
 
+// Host side: a call of f with std::true_type or std::false_type (a kernel's compile-time flag).
+template <class F>
+void with_bool(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 // Host side: a call of f with the dtype's tag and std::integral_constant<int, VEC>, VEC = 1 when
 // vec is 1, else the tag's 16-byte width (the two instantiations of a kernel<D, VEC>).
 template <class F>

@@ -18,7 +18,7 @@
 // the emulator stops on a broken rule of the execution model.
 //
 // The launch choices replicate csrc/bias_act.cu: 16-byte vectors when every pointer in use is
-// 16-byte aligned, else one element a thread; blocks of kBiasActThreads, one thread per vector.
+// 16-byte aligned, else one element a thread; the grid of bias_act_blocks.
 //
 // Reference: the bias index of each element comes from its logical coordinates (n, c, s) in the
 // case's layout, not from the kernel's formula; z = x + b is rounded to float32 as the kernel
@@ -203,9 +203,7 @@ simt::Outcome run(const Case& c, unsigned seed) {
   const int wide = 16 / genkernels::element_bytes(c.dtype);
   const int fvec = driver::vector_width(c.dtype, wide, {x.data(), y.data()});
   const int gvec = driver::vector_width(c.dtype, wide, {dy.data(), x.data(), dz.data()});
-  auto blocks = [&](int vec) {
-    return static_cast<unsigned>(((n + vec - 1) / vec + kThreads - 1) / kThreads);
-  };
+  auto blocks = [&](int vec) { return static_cast<unsigned>(genkernels::bias_act_blocks(n, vec)); };
   BiasActArgs fa = a;
   fa.out = y.data();
   BiasActArgs ga = a;
@@ -272,16 +270,12 @@ simt::Outcome run(const Case& c, unsigned seed) {
       using D = decltype(d);
       constexpr int kVec = decltype(v)::value;
       const auto blocks_total = static_cast<unsigned>(plan.grid_x * plan.grid_y);
-      simt::launch(blocks_total, kThreads, 0, {}, global, label + " (grad + bias)", [&] {
-        switch (c.act) {
-          case 0: return genkernels::bias_act_grad_bias_kernel<0, D, kVec>(ba, t);
-          case 1: return genkernels::bias_act_grad_bias_kernel<1, D, kVec>(ba, t);
-          case 2: return genkernels::bias_act_grad_bias_kernel<2, D, kVec>(ba, t);
-          case 3: return genkernels::bias_act_grad_bias_kernel<3, D, kVec>(ba, t);
-          case 4: return genkernels::bias_act_grad_bias_kernel<4, D, kVec>(ba, t);
-          case 5: return genkernels::bias_act_grad_bias_kernel<5, D, kVec>(ba, t);
-          default: return genkernels::bias_act_grad_bias_kernel<6, D, kVec>(ba, t);
-        }
+      genkernels::with_uniform<kVec>(ba.stride_c, [&](auto uniform) {
+        genkernels::with_act(c.act, [&](auto act) {
+          simt::launch(blocks_total, kThreads, 0, {}, global, label + " (grad + bias)", [&] {
+            genkernels::bias_act_grad_bias_kernel<decltype(act)::value, D, kVec, decltype(uniform)::value>(ba, t);
+          });
+        });
       });
     });
   }
@@ -366,8 +360,9 @@ simt::Outcome run(const Case& c, unsigned seed) {
       found.worst = std::max(found.worst, driver::ratio(err, tol));
       if (!(err <= tol)) found.flag("dbias[%d] = %.9g, want %.9g (tol %.3g)", ch, got[ch], db_want[ch], tol);
     }
-    snprintf(extra, sizeof extra, "; bias-grad vec %d tq %d %s %s blocks %lldx%lld", plan.vec, plan.tq,
-             plan.per_tile ? "per-tile" : "per-column", c.store ? "store" : "no-store", (long long)plan.grid_x,
+    snprintf(extra, sizeof extra, "; bias-grad vec %d tq %d %s %s %s blocks %lldx%lld", plan.vec, plan.tq,
+             plan.per_tile ? "per-tile" : "per-column", stride_c % plan.vec == 0 ? "uniform" : "mixed",
+             c.store ? "store" : "no-store", (long long)plan.grid_x,
              (long long)plan.grid_y);
   }
   if (y.untouched() || dz.untouched()) found.flag("an output element never written");
@@ -394,6 +389,9 @@ const Shape kShapes[] = {
     // The bias-gradient kernel's tiles: one channel per tile (S a multiple of 256 vectors, or of 256
     // elements on the scalar path), and many row tiles of per-column partials.
     {Layout::kChannelsFirst, 1, 2, 2048}, {Layout::kChannelsFirst, 2, 3, 256}, {Layout::kChannelsLast, 8, 16, 64},
+    // Several blocks of the elementwise kernels (kBiasActUnroll vectors a thread), the last one partly
+    // past n and ending in a partial vector.
+    {Layout::kChannelsFirst, 2, 5, 1001},
 };
 
 std::vector<Case> make_cases() {
