@@ -215,8 +215,11 @@ __global__ void __launch_bounds__(kCouplingThreads) coupling_backward_kernel(con
       continue;
     }
     const int64_t k = c - sh.ca;
-    float h[VEC], ls[VEC], g[VEC];
+    // Every load of the step ahead of its stores (a store may alias a later load for all the compiler
+    // knows: loads after a store would wait for it, leaving fewer in flight).
+    float h[VEC], ls[VEC], g[VEC], x[VEC];
     load_stream<D, VEC>(a.h, sh.h_at(b, k, sp), h);
+    if (a.dh != nullptr) load_stream<D, VEC>(a.x, e, x);
     log_scale<VEC>(sh.scale, sh.clamp, h, ls, g);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) ls[i] = expf(ls[i]);  // s
@@ -227,8 +230,7 @@ __global__ void __launch_bounds__(kCouplingThreads) coupling_backward_kernel(con
       store_stream<D, VEC>(a.dx, e, dx);
     }
     if (a.dh != nullptr) {
-      float x[VEC], dhs[VEC];
-      load_stream<D, VEC>(a.x, e, x);
+      float dhs[VEC];
 #pragma unroll
       for (int i = 0; i < VEC; ++i) dhs[i] = (dy[i] * x[i] * ls[i] + dlogdet) * g[i];
       store_stream<D, VEC>(a.dh, sh.h_at(b, k, sp), dhs);

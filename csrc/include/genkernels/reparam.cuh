@@ -174,11 +174,17 @@ __global__ void __launch_bounds__(kReparamThreads) reparam_backward_kernel(const
 #pragma unroll
       for (int i = 0; i < VEC; ++i) dz[i] = 0.f;
     }
+    // Every load of the step ahead of its stores (a store may alias a later load for all the compiler
+    // knows: loads after a store would wait for it, leaving fewer in flight).
+    float m[VEC], lv[VEC], eps[VEC];
+    if (read_mean) load_stream<D, VEC>(a.mean.data, a.mean.at(b, c.q, c.r), m);
+    if (want_dlogvar) {
+      load_stream<D, VEC>(a.logvar.data, a.logvar.at(b, c.q, c.r), lv);
+      if (eps_term) load_eps<D, VEC>(a.s, seed, e, eps);
+    }
     if (want_dmean) {
       float dm[VEC];
       if (read_mean) {
-        float m[VEC];
-        load_stream<D, VEC>(a.mean.data, a.mean.at(b, c.q, c.r), m);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) dm[i] = dz[i] + dkl * m[i];
       } else {
@@ -188,9 +194,7 @@ __global__ void __launch_bounds__(kReparamThreads) reparam_backward_kernel(const
       store_stream<D, VEC>(a.dmean.data, a.dmean.at(b, c.q, c.r), dm);
     }
     if (want_dlogvar) {
-      float lv[VEC], eps[VEC], dlv[VEC];
-      load_stream<D, VEC>(a.logvar.data, a.logvar.at(b, c.q, c.r), lv);
-      if (eps_term) load_eps<D, VEC>(a.s, seed, e, eps);
+      float dlv[VEC];
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const float l = lv[i];
