@@ -17,9 +17,9 @@ namespace {
   throw std::invalid_argument(std::string("genkernels: ") + op + ": " + what);
 }
 
-// Blocks of the 1-D grid over n outputs, VEC a thread.
+// Blocks of the 1-D grid over n outputs (gated_mlp_blocks).
 unsigned int grid_of(const char* op, int64_t n, int vec) {
-  const int64_t blocks = ceil_div(ceil_div(n, vec), kGatedMlpThreads);
+  const int64_t blocks = gated_mlp_blocks(n, vec);
   if (blocks > INT32_MAX) fail(op, std::to_string(n) + " elements need more than 2^31 - 1 blocks");
   return static_cast<unsigned int>(blocks);
 }

@@ -41,8 +41,9 @@ def test_gated_mlp_emulated(emulator):
             assert {int(m[3]) for m in mine} == {1, width}, (op, dtype, "forward")
             assert {int(m[4]) for m in mine} == {1, width}, (op, dtype, "grad")
         assert any(m[3] != m[4] for m in ours), f"{op}: no case where forward and gradient take different widths"
-        assert any(int(m[5]) > 256 * 8 for m in ours), f"{op}: no case of several blocks"
-        assert any(int(m[5]) > 256 and int(m[3]) == 1 for m in ours), f"{op}: no scalar case of several blocks"
+        # Blocks of 256 threads of 4 vectors.
+        assert any(int(m[5]) > 256 * 4 * 8 and int(m[3]) == 8 for m in ours), f"{op}: no case of several blocks"
+        assert any(int(m[5]) > 256 * 4 and int(m[3]) == 1 for m in ours), f"{op}: no scalar case of several blocks"
     # gelu_tanh: a vector path whose length is not a multiple of the width (the scalar tail).
     assert any(" gelu_tanh " in m[2] and int(m[3]) > 1 and int(m[5]) % int(m[3]) for m in results)
     # swiglu: M a multiple of 4 but not 8 (fp32 vectors, 16-bit scalars), odd M and M = 1.

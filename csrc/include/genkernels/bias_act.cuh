@@ -250,55 +250,17 @@ __device__ __forceinline__ void grad_element(const BiasActArgs& a, int64_t e) {
   store_out<O, 1>(a.out, e, g);
 }
 
-// Work split of the elementwise kernels: block b covers kBiasActUnroll * kBiasActThreads consecutive
-// vectors of VEC elements, thread t its vectors t, t + kBiasActThreads, ... (each load instruction of a
-// warp one contiguous run). A thread issues the loads of all its vectors before it stores any: a store
-// may alias a later load for all the compiler knows, so interleaving them would leave one vector a
-// thread in flight (the memory-level parallelism a streaming kernel lives on). A vector that lies
-// partly past n is done element by element.
-constexpr int kBiasActUnroll = 4;
+// The elementwise kernels are flat walks (chunk_walk.cuh's flat_walk) in blocks of kBiasActThreads;
+// the gradient with dbias takes kBiasActUnroll rows a step the same way.
+constexpr int kBiasActUnroll = kFlatUnroll;
 
 // Host: blocks of the elementwise kernels' 1-D grid for n elements in vectors of vec.
-inline int64_t bias_act_blocks(int64_t n, int vec) {
-  const int64_t per_block = static_cast<int64_t>(kBiasActThreads) * kBiasActUnroll * vec;
-  return (n + per_block - 1) / per_block;
-}
-
-// This thread's vectors: load(u, e) for each vector u (first element e) lying wholly below n, then
-// finish(u, e) for those and tail(e) for one partly past n. A block lying wholly below n (all but
-// the last) runs without bounds checks.
-template <int VEC, class Load, class Finish, class Tail>
-__device__ __forceinline__ void walk_vectors(int64_t n, Load load, Finish finish, Tail tail) {
-  constexpr int U = kBiasActUnroll;
-  constexpr int64_t kStep = static_cast<int64_t>(kBiasActThreads) * VEC;
-  const int64_t block_first = static_cast<int64_t>(blockIdx.x) * U * kStep;
-  const int64_t first = block_first + static_cast<int64_t>(threadIdx.x) * VEC;
-  if (block_first + U * kStep <= n) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) load(u, first + u * kStep);
-#pragma unroll
-    for (int u = 0; u < U; ++u) finish(u, first + u * kStep);
-  } else {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (first + u * kStep + VEC <= n) load(u, first + u * kStep);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t e = first + u * kStep;
-      if (e + VEC <= n) {
-        finish(u, e);
-      } else if (e < n) {
-        tail(e);
-      }
-    }
-  }
-}
+inline int64_t bias_act_blocks(int64_t n, int vec) { return flat_blocks(n, kBiasActThreads, vec); }
 
 template <int ACT, class D, int VEC>
 __global__ void __launch_bounds__(kBiasActThreads) bias_act_forward_kernel(const BiasActArgs a) {
   RawT<D, VEC> raw[kBiasActUnroll];
-  walk_vectors<VEC>(
+  flat_walk<kBiasActThreads, VEC>(
       a.n, [&](int u, int64_t e) { raw[u] = load_raw<D, VEC, Cache::kStream>(a.x, e); },
       [&](int u, int64_t e) {
         float z[VEC];
@@ -314,7 +276,7 @@ __global__ void __launch_bounds__(kBiasActThreads) bias_act_forward_kernel(const
 template <int ACT, class D, class O, int VEC>
 __global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_kernel(const BiasActArgs a) {
   RawT<D, VEC> raw_x[kBiasActUnroll], raw_dy[kBiasActUnroll];
-  walk_vectors<VEC>(
+  flat_walk<kBiasActThreads, VEC>(
       a.n,
       [&](int u, int64_t e) {
         raw_x[u] = load_raw<D, VEC, Cache::kStream>(a.x, e);

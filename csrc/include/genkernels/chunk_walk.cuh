@@ -1,6 +1,8 @@
-// Device building blocks of the chunked elementwise passes (reparam.cuh, coupling.cuh): a block of
-// THREADS threads walks one chunk of a flat index range in VEC-element vectors, streams its loads and
-// stores past L1, and reduces float32 partials in a fixed order (no atomics: the same bits every run).
+// Device building blocks of the elementwise passes: the chunked ones (reparam.cuh, coupling.cuh), where
+// a block of THREADS threads walks one chunk of a flat index range in VEC-element vectors, and the flat
+// ones (bias_act.cuh, gated_mlp.cuh), where a block takes kFlatUnroll vectors a thread; both stream their
+// loads and stores past L1, and reduce float32 partials in a fixed order (no atomics: the same bits
+// every run).
 //
 // Expects its includer to provide the CUDA built-ins it uses (threadIdx, __syncthreads,
 // __shfl_xor_sync, __ldcs, __stcs, min) and those of vec.cuh and welford.cuh. Everything sits in an
@@ -53,6 +55,50 @@ struct VecWalk {
     }
   }
 };
+
+// A flat elementwise pass over n elements in vectors of VEC: block b of the 1-D grid covers
+// kFlatUnroll * THREADS consecutive vectors, and thread t its vectors t, t + THREADS, ... (each load
+// instruction of a warp one contiguous run), loading all of them before storing any: a store may alias
+// a later load for all the compiler knows, so interleaving them would leave one vector a thread in
+// flight (the memory-level parallelism a streaming kernel lives on).
+constexpr int kFlatUnroll = 4;
+
+// Host: blocks of a flat pass's grid (flat_walk) over n elements in vectors of vec.
+inline int64_t flat_blocks(int64_t n, int threads, int vec) {
+  const int64_t per_block = static_cast<int64_t>(threads) * kFlatUnroll * vec;
+  return (n + per_block - 1) / per_block;
+}
+
+// This thread's vectors of a flat pass: load(u, e) for each vector u (first element e) lying wholly
+// below n, then finish(u, e) for those and tail(e) for one partly past n. A block lying wholly below n
+// (all but the last) runs without bounds checks.
+template <int THREADS, int VEC, class Load, class Finish, class Tail>
+__device__ __forceinline__ void flat_walk(int64_t n, Load load, Finish finish, Tail tail) {
+  constexpr int U = kFlatUnroll;
+  constexpr int64_t kStep = static_cast<int64_t>(THREADS) * VEC;
+  const int64_t block_first = static_cast<int64_t>(blockIdx.x) * U * kStep;
+  const int64_t first = block_first + static_cast<int64_t>(threadIdx.x) * VEC;
+  if (block_first + U * kStep <= n) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) load(u, first + u * kStep);
+#pragma unroll
+    for (int u = 0; u < U; ++u) finish(u, first + u * kStep);
+  } else {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (first + u * kStep + VEC <= n) load(u, first + u * kStep);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t e = first + u * kStep;
+      if (e + VEC <= n) {
+        finish(u, e);
+      } else if (e < n) {
+        tail(e);
+      }
+    }
+  }
+}
 
 // VEC elements of dtype D at base[elem ..], as float32; read or written once, so streamed past L1.
 template <class D, int VEC>

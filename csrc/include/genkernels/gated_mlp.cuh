@@ -11,16 +11,16 @@
 // Accurate expf (not __expf): the emulator checks against float64.
 //
 // gelu_tanh: x is dense (contiguous or channels last) and y, dy and dx share its strides, so every tensor
-// is one flat run of n elements in memory order. Thread v of the 1-D grid (blocks of kGatedMlpThreads)
-// handles elements [v VEC, v VEC + VEC): one 16-byte vector when all of it lies below n, else the elements
-// that do, one at a time (the tail). VEC is the dtype's 16-byte width when every pointer is 16-byte
-// aligned, else 1. Memory traffic: forward x read once, y written once; gradient dy and x read once, dx
-// written once.
+// is one flat run of n elements in memory order, walked by chunk_walk.cuh's flat_walk (blocks of
+// kGatedMlpThreads, kFlatUnroll vectors a thread, every load ahead of the stores; a vector partly past n
+// is done one element at a time). VEC is the dtype's 16-byte width when every pointer is 16-byte
+// aligned, else 1. Memory traffic: forward x read once, y written once; gradient dy and x read once,
+// dx written once.
 //
 // swiglu: x contiguous is (R, 2, M) in memory (R the product of the dims before the split dim, M half of
-// it times the product of the dims after it), y and dy contiguous (R, M), dx like x. Thread v handles the
-// VEC outputs [v VEC, v VEC + VEC) of y's flat index e, row r = e / M (divided once per thread), column
-// c = e - r M; a at r 2M + c = e + r M, b at a + M. VEC is the 16-byte width when M is a multiple of it
+// it times the product of the dims after it), y and dy contiguous (R, M), dx like x. The same flat walk
+// over y's flat index e; the vector at e is row r = e / M (divided once a vector), column c = e - r M;
+// a at r 2M + c = e + r M, b at a + M. VEC is the 16-byte width when M is a multiple of it
 // and every pointer is 16-byte aligned (a vector never straddles a row), else 1. Memory traffic: forward
 // a and b read once, y written once; gradient dy, a and b read once, da and db written once.
 //
@@ -39,13 +39,11 @@
 namespace genkernels {
 namespace {
 
-// A flat walk of one vector a thread, in blocks of bias_act's size.
+// Flat walks (chunk_walk.cuh's flat_walk) in blocks of bias_act's size.
 constexpr int kGatedMlpThreads = kBiasActThreads;
 
-// First element of this thread's vector.
-__device__ __forceinline__ int64_t gated_mlp_first(int vec) {
-  return (static_cast<int64_t>(blockIdx.x) * kGatedMlpThreads + threadIdx.x) * vec;
-}
+// Host: blocks of the 1-D grid over n outputs in vectors of vec.
+inline int64_t gated_mlp_blocks(int64_t n, int vec) { return flat_blocks(n, kGatedMlpThreads, vec); }
 
 struct GatedMlpArgs {
   const void* x;   // gelu_tanh: n elements; swiglu: (rows, 2, cols)
@@ -64,51 +62,50 @@ __device__ __forceinline__ void gelu_tanh_halves(float x, float& s, float& sc) {
   sigmoid_pair(2.f * u, s, sc);
 }
 
-template <class D, int W>
-__device__ __forceinline__ void gelu_tanh_forward_elements(const GatedMlpArgs& a, int64_t e) {
-  float x[W], y[W];
-  load_stream<D, W>(a.x, e, x);
+// y of W elements, in place of x.
+template <int W>
+__device__ __forceinline__ void gelu_tanh_values(float (&x)[W]) {
 #pragma unroll
   for (int i = 0; i < W; ++i) {
     float s, sc;
     gelu_tanh_halves(x[i], s, sc);
-    y[i] = x[i] * s;
+    x[i] *= s;
   }
-  store_stream<D, W>(a.out, e, y);
 }
 
-template <class D, int W>
-__device__ __forceinline__ void gelu_tanh_grad_elements(const GatedMlpArgs& a, int64_t e) {
-  float x[W], dy[W], dx[W];
-  load_stream<D, W>(a.x, e, x);
-  load_stream<D, W>(a.dy, e, dy);
+// dx of W elements, in place of dy.
+template <int W>
+__device__ __forceinline__ void gelu_tanh_grad_values(const float (&x)[W], float (&dy)[W]) {
 #pragma unroll
   for (int i = 0; i < W; ++i) {
     float s, sc;
     gelu_tanh_halves(x[i], s, sc);
     const float du = kGeluBeta * (1.f + 3.f * kGeluKappa * x[i] * x[i]);
-    dx[i] = dy[i] * (s * (1.f + 2.f * x[i] * sc * du));
-  }
-  store_stream<D, W>(a.out, e, dx);
-}
-
-template <class D, int VEC>
-__global__ void __launch_bounds__(kGatedMlpThreads) gelu_tanh_forward_kernel(const GatedMlpArgs a) {
-  const int64_t e = gated_mlp_first(VEC);
-  if (e + VEC <= a.n) {
-    gelu_tanh_forward_elements<D, VEC>(a, e);
-  } else {
-    for (int64_t k = e; k < a.n; ++k) gelu_tanh_forward_elements<D, 1>(a, k);
+    dy[i] *= s * (1.f + 2.f * x[i] * sc * du);
   }
 }
 
-template <class D, int VEC>
-__global__ void __launch_bounds__(kGatedMlpThreads) gelu_tanh_grad_kernel(const GatedMlpArgs a) {
-  const int64_t e = gated_mlp_first(VEC);
-  if (e + VEC <= a.n) {
-    gelu_tanh_grad_elements<D, VEC>(a, e);
-  } else {
-    for (int64_t k = e; k < a.n; ++k) gelu_tanh_grad_elements<D, 1>(a, k);
+// y = silu(a) b of W elements, in place of a.
+template <int W>
+__device__ __forceinline__ void swiglu_values(float (&xa)[W], const float (&xb)[W]) {
+#pragma unroll
+  for (int i = 0; i < W; ++i) {
+    float s, sc;
+    sigmoid_pair(xa[i], s, sc);
+    xa[i] = xa[i] * s * xb[i];
+  }
+}
+
+// (da, db) of W elements, in place of (a, b).
+template <int W>
+__device__ __forceinline__ void swiglu_grad_values(float (&xa)[W], float (&xb)[W], const float (&dy)[W]) {
+#pragma unroll
+  for (int i = 0; i < W; ++i) {
+    float s, sc;
+    sigmoid_pair(xa[i], s, sc);
+    const float da = dy[i] * xb[i] * (s * (1.f + xa[i] * sc));
+    xb[i] = dy[i] * (xa[i] * s);
+    xa[i] = da;
   }
 }
 
@@ -119,41 +116,130 @@ __device__ __forceinline__ int64_t swiglu_a_offset(const GatedMlpArgs& a, int64_
   return e + r * a.cols;
 }
 
+// One element at e, a pass's tail (gelu_tanh's flat runs of a length that is not a multiple of the width;
+// swiglu's vectors never straddle n).
+template <class D>
+__device__ __forceinline__ void gelu_tanh_forward_element(const GatedMlpArgs& a, int64_t e) {
+  float x[1];
+  load_stream<D, 1>(a.x, e, x);
+  gelu_tanh_values<1>(x);
+  store_stream<D, 1>(a.out, e, x);
+}
+
+template <class D>
+__device__ __forceinline__ void gelu_tanh_grad_element(const GatedMlpArgs& a, int64_t e) {
+  float x[1], dy[1];
+  load_stream<D, 1>(a.x, e, x);
+  load_stream<D, 1>(a.dy, e, dy);
+  gelu_tanh_grad_values<1>(x, dy);
+  store_stream<D, 1>(a.out, e, dy);
+}
+
+template <class D>
+__device__ __forceinline__ void swiglu_forward_element(const GatedMlpArgs& a, int64_t e) {
+  const int64_t ea = swiglu_a_offset(a, e);
+  float xa[1], xb[1];
+  load_stream<D, 1>(a.x, ea, xa);
+  load_stream<D, 1>(a.x, ea + a.cols, xb);
+  swiglu_values<1>(xa, xb);
+  store_stream<D, 1>(a.out, e, xa);
+}
+
+template <class D>
+__device__ __forceinline__ void swiglu_grad_element(const GatedMlpArgs& a, int64_t e) {
+  const int64_t ea = swiglu_a_offset(a, e);
+  float xa[1], xb[1], dy[1];
+  load_stream<D, 1>(a.x, ea, xa);
+  load_stream<D, 1>(a.x, ea + a.cols, xb);
+  load_stream<D, 1>(a.dy, e, dy);
+  swiglu_grad_values<1>(xa, xb, dy);
+  store_stream<D, 1>(a.out, ea, xa);
+  store_stream<D, 1>(a.out, ea + a.cols, xb);
+}
+
+template <class D, int VEC>
+__global__ void __launch_bounds__(kGatedMlpThreads) gelu_tanh_forward_kernel(const GatedMlpArgs a) {
+  RawT<D, VEC> raw[kFlatUnroll];
+  flat_walk<kGatedMlpThreads, VEC>(
+      a.n, [&](int u, int64_t e) { raw[u] = load_raw<D, VEC, Cache::kStream>(a.x, e); },
+      [&](int u, int64_t e) {
+        float x[VEC];
+        decode<D, VEC>(raw[u], x);
+        gelu_tanh_values<VEC>(x);
+        store_stream<D, VEC>(a.out, e, x);
+      },
+      [&](int64_t e) {
+        for (int64_t k = e; k < a.n; ++k) gelu_tanh_forward_element<D>(a, k);
+      });
+}
+
+template <class D, int VEC>
+__global__ void __launch_bounds__(kGatedMlpThreads) gelu_tanh_grad_kernel(const GatedMlpArgs a) {
+  RawT<D, VEC> raw_x[kFlatUnroll], raw_dy[kFlatUnroll];
+  flat_walk<kGatedMlpThreads, VEC>(
+      a.n,
+      [&](int u, int64_t e) {
+        raw_x[u] = load_raw<D, VEC, Cache::kStream>(a.x, e);
+        raw_dy[u] = load_raw<D, VEC, Cache::kStream>(a.dy, e);
+      },
+      [&](int u, int64_t e) {
+        float x[VEC], dy[VEC];
+        decode<D, VEC>(raw_x[u], x);
+        decode<D, VEC>(raw_dy[u], dy);
+        gelu_tanh_grad_values<VEC>(x, dy);
+        store_stream<D, VEC>(a.out, e, dy);
+      },
+      [&](int64_t e) {
+        for (int64_t k = e; k < a.n; ++k) gelu_tanh_grad_element<D>(a, k);
+      });
+}
+
 template <class D, int VEC>
 __global__ void __launch_bounds__(kGatedMlpThreads) swiglu_forward_kernel(const GatedMlpArgs a) {
-  const int64_t e = gated_mlp_first(VEC);
-  if (e >= a.n) return;
-  const int64_t ea = swiglu_a_offset(a, e);
-  float xa[VEC], xb[VEC], y[VEC];
-  load_stream<D, VEC>(a.x, ea, xa);
-  load_stream<D, VEC>(a.x, ea + a.cols, xb);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    float s, sc;
-    sigmoid_pair(xa[i], s, sc);
-    y[i] = xa[i] * s * xb[i];
-  }
-  store_stream<D, VEC>(a.out, e, y);
+  RawT<D, VEC> raw_a[kFlatUnroll], raw_b[kFlatUnroll];
+  flat_walk<kGatedMlpThreads, VEC>(
+      a.n,
+      [&](int u, int64_t e) {
+        const int64_t ea = swiglu_a_offset(a, e);
+        raw_a[u] = load_raw<D, VEC, Cache::kStream>(a.x, ea);
+        raw_b[u] = load_raw<D, VEC, Cache::kStream>(a.x, ea + a.cols);
+      },
+      [&](int u, int64_t e) {
+        float xa[VEC], xb[VEC];
+        decode<D, VEC>(raw_a[u], xa);
+        decode<D, VEC>(raw_b[u], xb);
+        swiglu_values<VEC>(xa, xb);
+        store_stream<D, VEC>(a.out, e, xa);
+      },
+      [&](int64_t e) {
+        for (int64_t k = e; k < a.n; ++k) swiglu_forward_element<D>(a, k);
+      });
 }
 
 template <class D, int VEC>
 __global__ void __launch_bounds__(kGatedMlpThreads) swiglu_grad_kernel(const GatedMlpArgs a) {
-  const int64_t e = gated_mlp_first(VEC);
-  if (e >= a.n) return;
-  const int64_t ea = swiglu_a_offset(a, e);
-  float xa[VEC], xb[VEC], dy[VEC], da[VEC], db[VEC];
-  load_stream<D, VEC>(a.x, ea, xa);
-  load_stream<D, VEC>(a.x, ea + a.cols, xb);
-  load_stream<D, VEC>(a.dy, e, dy);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    float s, sc;
-    sigmoid_pair(xa[i], s, sc);
-    da[i] = dy[i] * xb[i] * (s * (1.f + xa[i] * sc));
-    db[i] = dy[i] * (xa[i] * s);
-  }
-  store_stream<D, VEC>(a.out, ea, da);
-  store_stream<D, VEC>(a.out, ea + a.cols, db);
+  RawT<D, VEC> raw_a[kFlatUnroll], raw_b[kFlatUnroll], raw_dy[kFlatUnroll];
+  int64_t ea[kFlatUnroll];
+  flat_walk<kGatedMlpThreads, VEC>(
+      a.n,
+      [&](int u, int64_t e) {
+        ea[u] = swiglu_a_offset(a, e);
+        raw_a[u] = load_raw<D, VEC, Cache::kStream>(a.x, ea[u]);
+        raw_b[u] = load_raw<D, VEC, Cache::kStream>(a.x, ea[u] + a.cols);
+        raw_dy[u] = load_raw<D, VEC, Cache::kStream>(a.dy, e);
+      },
+      [&](int u, int64_t) {
+        float xa[VEC], xb[VEC], dy[VEC];
+        decode<D, VEC>(raw_a[u], xa);
+        decode<D, VEC>(raw_b[u], xb);
+        decode<D, VEC>(raw_dy[u], dy);
+        swiglu_grad_values<VEC>(xa, xb, dy);
+        store_stream<D, VEC>(a.out, ea[u], xa);
+        store_stream<D, VEC>(a.out, ea[u] + a.cols, xb);
+      },
+      [&](int64_t e) {
+        for (int64_t k = e; k < a.n; ++k) swiglu_grad_element<D>(a, k);
+      });
 }
 
 }  // namespace

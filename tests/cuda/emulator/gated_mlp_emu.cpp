@@ -18,7 +18,7 @@
 //
 // The launch choices replicate csrc/gated_mlp.cu: gelu_tanh takes 16-byte vectors when every pointer in use
 // is 16-byte aligned (the tail one element at a time), swiglu when M is also a multiple of the width; else
-// one element a thread; blocks of kGatedMlpThreads.
+// one element a thread; the grid of gated_mlp_blocks.
 //
 // Reference, in float64 on the decoded inputs: gelu_tanh y = 0.5 x (1 + tanh u) and its derivative from
 // sech^2 u = 1 / cosh^2 u (0.5 (1 + tanh u) taken as sigmoid(2u), the same number without cancellation);
@@ -120,9 +120,7 @@ simt::Outcome run(const Case& c, unsigned seed) {
   const int64_t width_n = c.swiglu ? c.cols : wide;  // what the width must divide
   const int fvec = driver::vector_width(c.dtype, width_n, {x.data(), y.data()});
   const int gvec = driver::vector_width(c.dtype, width_n, {dy.data(), x.data(), dx.data()});
-  auto blocks = [&](int vec) {
-    return static_cast<unsigned>(((n_out + vec - 1) / vec + kThreads - 1) / kThreads);
-  };
+  auto blocks = [&](int vec) { return static_cast<unsigned>(genkernels::gated_mlp_blocks(n_out, vec)); };
   const GatedMlpArgs fa{x.data(), nullptr, y.data(), n_out, c.swiglu ? c.cols : 1};
   const GatedMlpArgs ga{x.data(), dy.data(), dx.data(), n_out, c.swiglu ? c.cols : 1};
   genkernels::with_vector(c.dtype, fvec, [&](auto d, auto v) {
@@ -182,22 +180,25 @@ simt::Outcome run(const Case& c, unsigned seed) {
   return found.outcome(label, buf);
 }
 
-// gelu_tanh lengths: single elements, odd, a multiple of 8, several blocks with a tail. swiglu (R, M): M a
-// multiple of 8, of 4 only, odd, 1; several blocks on the vector and the scalar paths.
-const int64_t kGeluLengths[] = {1, 7, 37, 1000, 2061, 4099};
-const int64_t kSwigluShapes[][2] = {{1, 8}, {3, 16}, {5, 7}, {2, 4}, {4, 520}, {1, 2050}, {7, 1}};
+// gelu_tanh lengths: single elements, odd, a multiple of 8, several blocks with a tail (blocks of 256
+// threads of 4 vectors). swiglu (R, M): M a multiple of 8, of 4 only, odd, 1; several blocks on the vector
+// and the scalar paths.
+const int64_t kGeluLengths[] = {1, 7, 37, 1000, 2061, 4099, 9001};
+const int64_t kSwigluShapes[][2] = {{1, 8}, {3, 16}, {5, 7}, {2, 4}, {4, 520}, {1, 2050}, {7, 1}, {3, 3000}};
 
 std::vector<Case> make_cases() {
   std::vector<Case> cases;
   int k = 0;
   for (const int dtype : {kF32, kF16, kBF16}) {
     for (int variant = 0; variant < 4; ++variant) {
+      // Each shape meets every misalignment over the four variants.
+      int i = 0;
       for (const int64_t n : kGeluLengths) {
-        cases.push_back({dtype, false, 1, n, k % 2 == 0, static_cast<Misalign>((k + variant) % 4)});
+        cases.push_back({dtype, false, 1, n, k % 2 == 0, static_cast<Misalign>((i++ + variant) % 4)});
         ++k;
       }
       for (const auto& shape : kSwigluShapes) {
-        cases.push_back({dtype, true, shape[0], shape[1], k % 2 == 0, static_cast<Misalign>((k + variant) % 4)});
+        cases.push_back({dtype, true, shape[0], shape[1], k % 2 == 0, static_cast<Misalign>((i++ + variant) % 4)});
         ++k;
       }
     }
