@@ -87,6 +87,44 @@ def _time_ms_events(fn: Callable[[], Any], timing: Timing) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def flush_ms(reps: int = 5) -> float:
+    """Median GPU milliseconds of the L2 flush that precedes each timed call (256 MiB zeroed), CUDA events."""
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    flush.zero_()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        flush.zero_()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+#: Calls whose CPU time :func:`host_ms` takes the median of.
+HOST_CALLS = 10
+
+
+def host_ms(fn: Callable[[], Any], calls: int = HOST_CALLS, sync: Callable[[], None] | None = None) -> float:
+    """Median CPU milliseconds one call of ``fn`` takes to issue its work: ``calls`` calls in a row, none
+    waited for (their GPU work queues), each timed with ``time.perf_counter``; ``sync`` (default: CUDA's)
+    runs before and after.
+
+    The GPU time of :func:`time_ms` hides the CPU's only up to the L2 flush that precedes each timed call:
+    a call whose host time exceeds the flush's leaves the GPU waiting, and its ms then include that wait.
+    A variant that synchronizes inside (a ``.item()``) also shows its GPU time here."""
+    sync = sync or torch.cuda.synchronize
+    sync()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    sync()
+    return statistics.median(times) * 1e3
+
+
 def first_call_s(fn: Callable[[], Any]) -> float:
     """Wall-clock seconds of one call of ``fn`` including the GPU work (compilation happens here)."""
     if torch.cuda.is_available():
@@ -289,6 +327,7 @@ class Result:
     first_call_s: float | None = None
     err: float | None = None
     bound: float | None = None
+    host_ms: float | None = None
 
 
 @dataclass
@@ -362,6 +401,7 @@ def measure(case: Case, v: Variant, timing: Timing, ceiling: float) -> Result:
             bound=check.bound,
         )
     ms = time_ms(v.fn, timing)
+    host = host_ms(v.fn) if torch.cuda.is_available() else None
     rate = case.work / (ms * 1e-3) / (1e9 if case.unit == "GB/s" else 1e12)
     return Result(
         v.name,
@@ -374,6 +414,7 @@ def measure(case: Case, v: Variant, timing: Timing, ceiling: float) -> Result:
         first_call_s=v.first_call_s,
         err=check.err,
         bound=check.bound,
+        host_ms=host,
     )
 
 

@@ -117,7 +117,10 @@ def _header_lines(meta: dict[str, Any], ceilings: Ceilings) -> list[str]:
             f"Timing: median of CUDA-event times ({meta.get('timer')}), L2 flushed before every repetition, "
             f"warm-up {meta.get('warmup_ms')} ms, repetitions {meta.get('rep_ms')} ms. torch.compile: default mode, "
             "dynamic=False, a fresh compile per case; its compile time is the 'first call' column and is not in ms "
-            "(less when inductor's on-disk cache already held the graph). "
+            "(less when inductor's on-disk cache already held the graph). host ms: the CPU time one call takes "
+            "to issue its work (median of 10 calls in a row, not waited for); the flush before each timed call "
+            f"(256 MiB zeroed: {meta.get('flush_ms')} ms in this run) hides that much of it, so where host ms "
+            "exceeds the flush's time, ms includes the GPU waiting for the CPU. "
             "Every variant's output is checked against a float32 reference (the test criterion) before it is "
             "timed; a genkernels variant with wrong numbers is marked FAILED and not timed. Baselines that users "
             "run as they are (attention's SDPA kernels, eager math, FlexAttention) are timed even outside the "
@@ -146,6 +149,7 @@ def case_tables(records: Sequence[CaseRecord]) -> list[str]:
             "floor ms",
             "variant",
             "ms",
+            "host ms",
             note,
             f"{pct} (floor / ms)",
             *(f"vs {'compile' if v == COMPILE else v}" for v, _ in speedups),
@@ -158,6 +162,7 @@ def case_tables(records: Sequence[CaseRecord]) -> list[str]:
                 fmt_ms(rec.floor_ms),
                 r.variant,
                 fmt_ms(r.ms),
+                fmt_ms(r.host_ms),
                 fmt_rate(r.rate),
                 fmt_pct(r.pct_ceiling),
                 *(fmt_x(getattr(r, attr)) if r.variant != v else "" for v, attr in speedups),

@@ -16,7 +16,17 @@ from typing import Any
 import torch
 
 from . import report
-from .core import FULL_TIMING, QUICK_TIMING, CaseRecord, OpSummary, Timing, measure_ceilings, not_run, run_case
+from .core import (
+    FULL_TIMING,
+    QUICK_TIMING,
+    CaseRecord,
+    OpSummary,
+    Timing,
+    flush_ms,
+    measure_ceilings,
+    not_run,
+    run_case,
+)
 
 #: Ops with a benchmark module genkernels/bench/<op>.py (see the package docstring for what it defines), in
 #: run order: under a time budget the ops at the end are the first left out, so the whole-model cases, whose
@@ -88,6 +98,7 @@ def _gpu_meta(quick: bool, timing: Timing) -> dict[str, Any]:
         timer="triton.testing.do_bench" if meta["triton"] != "not installed" else "CUDA events",
         warmup_ms=timing.warmup_ms,
         rep_ms=timing.rep_ms,
+        flush_ms=round(flush_ms(), 4),
         quick=quick,
     )
     return meta

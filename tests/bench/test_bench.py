@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -71,13 +72,30 @@ def test_goals(speedup, vs_compile, pct, passed):
 
 def test_reports(tmp_path):
     records = _records(4.0, 2.0, 70.0)
-    meta = {"device": "test", "torch": torch.__version__}
+    records[0].results[2].host_ms = 0.0123
+    meta = {"device": "test", "torch": torch.__version__, "flush_ms": 0.0875}
     written = report.write(tmp_path, meta, core.Ceilings(3000.0, 700.0), records, [group_norm.summarize(records)])
     data = json.loads((tmp_path / report.JSON_NAME).read_text())
     assert len(data["cases"]) == len(records)
+    assert data["cases"][0]["results"][2]["host_ms"] == 0.0123
     text = (tmp_path / report.MARKDOWN_NAME).read_text()
     assert "PASS" in text and "GB/s (x, dy read + y, dx written: 4 tensors)" in text
+    # The CPU time a call takes to issue its work, next to its GPU time, and the flush that hides it.
+    assert "| ms | host ms |" in text and "| 0.2500 | 0.0123 |" in text and "0.0875 ms in this run" in text
     assert str(tmp_path / report.CHART_NAME) in written or any(w.startswith("no chart") for w in written)
+
+
+def test_host_ms_is_the_median_unsynchronized_call():
+    syncs, calls = [], []
+    delays = iter([0.0, 0.0, 0.02, 0.0, 0.0])
+
+    def fn():
+        calls.append(len(syncs))  # no sync between the calls
+        time.sleep(next(delays))
+
+    took = core.host_ms(fn, calls=5, sync=lambda: syncs.append(1))
+    assert calls == [1] * 5 and len(syncs) == 2  # one sync before, one after
+    assert took < 10  # the median ignores the one slow call (20 ms)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the path taken without a GPU")
