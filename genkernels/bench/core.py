@@ -102,8 +102,10 @@ def flush_ms(reps: int = 5) -> float:
     return statistics.median(times)
 
 
-#: Calls whose CPU time :func:`host_ms` takes the median of.
+#: Calls whose CPU time :func:`host_ms` takes the median of, and the GPU time above which a variant's host
+#: time is not measured (its calls cost the run more, and the flush hides little of so long a call anyway).
 HOST_CALLS = 10
+HOST_MAX_MS = 5.0
 
 
 def host_ms(fn: Callable[[], Any], calls: int = HOST_CALLS, sync: Callable[[], None] | None = None) -> float:
@@ -401,7 +403,7 @@ def measure(case: Case, v: Variant, timing: Timing, ceiling: float) -> Result:
             bound=check.bound,
         )
     ms = time_ms(v.fn, timing)
-    host = host_ms(v.fn) if torch.cuda.is_available() else None
+    host = host_ms(v.fn) if torch.cuda.is_available() and ms < HOST_MAX_MS else None
     rate = case.work / (ms * 1e-3) / (1e9 if case.unit == "GB/s" else 1e12)
     return Result(
         v.name,
