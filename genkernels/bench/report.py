@@ -118,7 +118,7 @@ def _header_lines(meta: dict[str, Any], ceilings: Ceilings) -> list[str]:
             f"warm-up {meta.get('warmup_ms')} ms, repetitions {meta.get('rep_ms')} ms. torch.compile: default mode, "
             "dynamic=False, a fresh compile per case; its compile time is the 'first call' column and is not in ms "
             "(less when inductor's on-disk cache already held the graph). host ms: the CPU time one call takes "
-            "to issue its work (median of 10 calls in a row, not waited for); the flush before each timed call "
+            "to issue its work (median of 10 calls in a row, not waited for; variants under 5 ms); the flush before each timed call "
             f"(256 MiB zeroed: {meta.get('flush_ms')} ms in this run) hides that much of it, so where host ms "
             "exceeds the flush's time, ms includes the GPU waiting for the CPU. "
             "Every variant's output is checked against a float32 reference (the test criterion) before it is "
