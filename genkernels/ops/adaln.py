@@ -84,7 +84,7 @@ import math
 import torch
 from torch import Tensor
 
-from .. import _registry
+from .. import _autograd, _registry
 from ..cuda import adaln as _cuda
 from ..triton import adaln as _triton
 
@@ -931,7 +931,7 @@ def layer_norm_modulate(
     chosen = _registry.select(NORM_OP, x, weight, bias, shift, scale, eps=eps, rms=rms, backend=backend)
     if chosen.name == "reference":
         return layer_norm_modulate_reference(x, weight, bias, shift, scale, eps=eps, rms=rms)
-    return _NormFunction.apply(x, weight, bias, shift, scale, eps, rms, chosen.impl)
+    return _autograd.apply(_NormFunction, x, weight, bias, shift, scale, eps, rms, chosen.impl)
 
 
 def gated_residual(x: Tensor, y: Tensor, gate: Tensor, *, backend: str | None = None) -> Tensor:
@@ -956,7 +956,7 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor, *, backend: str | None = 
     chosen = _registry.select(GATE_OP, x, y, gate, backend=backend)
     if chosen.name == "reference":
         return gated_residual_reference(x, y, gate)
-    return _GateFunction.apply(x, y, gate, chosen.impl)
+    return _autograd.apply(_GateFunction, x, y, gate, chosen.impl)
 
 
 def gated_residual_layer_norm_modulate(
@@ -997,7 +997,7 @@ def gated_residual_layer_norm_modulate(
     chosen = _registry.select(FUSED_OP, x, y, gate, weight, bias, shift, scale, eps=eps, rms=rms, backend=backend)
     if chosen.name == "reference":
         return gated_residual_layer_norm_modulate_reference(x, y, gate, weight, bias, shift, scale, eps=eps, rms=rms)
-    return _FusedFunction.apply(x, y, gate, weight, bias, shift, scale, eps, rms, chosen.impl)
+    return _autograd.apply(_FusedFunction, x, y, gate, weight, bias, shift, scale, eps, rms, chosen.impl)
 
 
 __all__ = [

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .. import _registry
+from .. import _autograd, _registry
 from .._layout import heads_inner, heads_like
 from ..cuda import attention as _cuda
 from ..triton import attention as _triton
@@ -438,4 +438,4 @@ def attention(
         return _in_q_order(attention_reference(q, k, v, causal, scale, key_padding_mask), q)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.contiguous()
-    return _AttentionFunction.apply(q, k, v, key_padding_mask, causal, scale, needs_grad, chosen.impl)
+    return _autograd.apply(_AttentionFunction, q, k, v, key_padding_mask, causal, scale, needs_grad, chosen.impl)

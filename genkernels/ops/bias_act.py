@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _registry
+from .. import _autograd, _registry
 from .._layout import dense_layout, match_layout
 from ..cuda import bias_act as _cuda
 from ..triton import bias_act as _triton
@@ -592,7 +592,8 @@ def bias_act(
     chosen = _registry.select(OP, x, bias, act, dim, backend=backend)
     if chosen.name == "reference":
         return bias_act_reference(x, bias, act=act, alpha=alpha, gain=gain, clamp=clamp, dim=dim)
-    return _BiasActFunction.apply(x, _kernel_bias(chosen.impl, bias), act, alpha, gain, clamp, dim, chosen.impl)
+    kb = _kernel_bias(chosen.impl, bias)
+    return _autograd.apply(_BiasActFunction, x, kb, act, alpha, gain, clamp, dim, chosen.impl)
 
 
 __all__ = ["ACTS", "DEFAULT_GAIN", "bias_act", "bias_act_reference"]

@@ -53,7 +53,7 @@ import math
 import torch
 from torch import Tensor
 
-from .. import _registry
+from .. import _autograd, _registry
 from .._layout import dense_layout, match_layout
 from ..cuda import coupling as _cuda
 from ..triton import coupling as _triton
@@ -557,7 +557,7 @@ def affine_coupling(
         return _reference_coupling_forward(x, h, scale, clamp, reverse, True)
     if not needs_grad:
         return impl.coupling_forward(x, h, scale, clamp, reverse, True)
-    return _CouplingFunction.apply(x, h, scale, clamp, impl)
+    return _autograd.apply(_CouplingFunction, x, h, scale, clamp, impl)
 
 
 def actnorm(
@@ -601,7 +601,7 @@ def actnorm(
         return _reference_actnorm_forward(x, log_scale, bias, reverse), logdet
     if not needs_grad:
         return impl.actnorm_forward(x, log_scale.float().contiguous(), bias.float().contiguous(), reverse), logdet
-    return _ActNormFunction.apply(x, log_scale, bias, impl), logdet
+    return _autograd.apply(_ActNormFunction, x, log_scale, bias, impl), logdet
 
 
 __all__ = ["ATAN_FACTOR", "SCALES", "actnorm", "affine_coupling", "h_channels", "log_scale_of"]

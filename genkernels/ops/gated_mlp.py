@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _registry
+from .. import _autograd, _registry
 from .._layout import dense_layout, match_layout
 from ..cuda import gated_mlp as _cuda
 from ..triton import gated_mlp as _triton
@@ -395,7 +395,7 @@ def gelu_tanh(x: Tensor, *, backend: str | None = None) -> Tensor:
     chosen = _registry.select(GELU_OP, x, backend=backend)
     if chosen.name == "reference":
         return gelu_tanh_reference(x)
-    return _GeluTanhFunction.apply(x, chosen.impl)
+    return _autograd.apply(_GeluTanhFunction, x, chosen.impl)
 
 
 def swiglu(x: Tensor, *, dim: int = -1, backend: str | None = None) -> Tensor:
@@ -422,7 +422,7 @@ def swiglu(x: Tensor, *, dim: int = -1, backend: str | None = None) -> Tensor:
     chosen = _registry.select(SWIGLU_OP, x, dim, backend=backend)
     if chosen.name == "reference":
         return swiglu_reference(x, dim)
-    return _SwigluFunction.apply(x, dim, chosen.impl)
+    return _autograd.apply(_SwigluFunction, x, dim, chosen.impl)
 
 
 __all__ = ["gelu_tanh", "gelu_tanh_reference", "swiglu", "swiglu_reference"]

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import _registry
+from .. import _autograd, _registry
 from .._layout import dense_layout, match_layout
 from ..cuda import group_norm as _cuda
 from ..triton import group_norm as _triton
@@ -362,4 +362,4 @@ def group_norm(
     chosen = _registry.select(OP, x, groups, weight, bias, eps, activation, backend=backend)
     if chosen.name == "reference":
         return group_norm_reference(x, groups, weight, bias, eps, activation)
-    return _GroupNormFunction.apply(x, weight, bias, groups, float(eps), silu, chosen.impl)
+    return _autograd.apply(_GroupNormFunction, x, weight, bias, groups, float(eps), silu, chosen.impl)

@@ -51,7 +51,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _registry
+from .. import _autograd, _registry
 from .._layout import dense_layout, match_layout
 from ..cuda import modconv as _cuda
 from ..triton import modconv as _triton
@@ -737,7 +737,7 @@ def demodulation_coefficients(
     chosen = _registry.select(DEMOD_OP, weight, styles, backend=backend)
     if chosen.name == "reference":
         return demodulation_coefficients_reference(weight, styles, eps=eps)
-    return _DemodFunction.apply(weight, styles, eps, chosen.impl)
+    return _autograd.apply(_DemodFunction, weight, styles, eps, chosen.impl)
 
 
 def modconv_epilogue(
@@ -805,7 +805,8 @@ def modconv_epilogue(
     )
     if chosen.name == "reference":
         return _epilogue(y, dcoef, noise, noise_strength, bias, act, alpha, gain, clamp)
-    return _EpilogueFunction.apply(y, dcoef, noise, noise_strength, bias, act, alpha, gain, clamp, chosen.impl)
+    args = (y, dcoef, noise, noise_strength, bias, act, alpha, gain, clamp, chosen.impl)
+    return _autograd.apply(_EpilogueFunction, *args)
 
 
 __all__ = [

@@ -63,7 +63,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import _registry
+from .. import _autograd, _registry
 from .._layout import is_channels_last
 from ..cuda import reparam as _cuda
 from ..triton import reparam as _triton
@@ -650,8 +650,18 @@ def reparameterize(
         else:
             drawn = _seed_from(generator, mean.device)
             seed_int, seed_tensor = (0, drawn) if isinstance(drawn, Tensor) else (drawn, None)
-    return _ReparameterizeFunction.apply(
-        first, lv_arg, noise, seed_tensor, seed_int, offset, deterministic, return_kl, impl, moments_mode
+    return _autograd.apply(
+        _ReparameterizeFunction,
+        first,
+        lv_arg,
+        noise,
+        seed_tensor,
+        seed_int,
+        offset,
+        deterministic,
+        return_kl,
+        impl,
+        moments_mode,
     )
 
 

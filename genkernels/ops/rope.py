@@ -38,7 +38,7 @@ import math
 import torch
 from torch import Tensor
 
-from .. import _registry
+from .. import _autograd, _registry
 from .._layout import heads_inner, heads_like
 from ..cuda import rope as _cuda
 from ..triton import rope as _triton
@@ -410,7 +410,7 @@ def rope(
         return q, k
     if chosen.name == "reference":
         return rope_reference(q, k, cos, sin, interleaved=interleaved)
-    return _RopeFunction.apply(q, k, cos, sin, interleaved, False, chosen.impl)
+    return _autograd.apply(_RopeFunction, q, k, cos, sin, interleaved, False, chosen.impl)
 
 
 __all__ = ["rope", "rope_frequencies", "rope_frequencies_2d", "rope_reference"]

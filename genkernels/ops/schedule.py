@@ -73,7 +73,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import _registry
+from .. import _autograd, _registry
 from .._layout import dense_layout, is_channels_last, match_layout
 from ..cuda import schedule as _cuda
 from ..triton import schedule as _triton
@@ -748,7 +748,7 @@ def add_noise(
     except (TypeError, ValueError) as error:
         message = str(error).replace("coeffs.cx", "alpha").replace("coeffs.cn", "sigma").replace("sample", "x0")
         raise type(error)(message) from None
-    return _AddNoiseFunction.apply(x0, noise, alpha, sigma, backend)
+    return _autograd.apply(_AddNoiseFunction, x0, noise, alpha, sigma, backend)
 
 
 __all__ = ["COEFF_NAMES", "StepCoeffs", "add_noise", "philox_normal", "schedule_step", "schedule_step_reference"]
