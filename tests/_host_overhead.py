@@ -1,0 +1,112 @@
+"""CPU time of the op layer around a kernel launch, on a machine without a GPU.
+
+Runs the cuda backend's Python path of a few ops on small CPU tensors with ``genkernels._C`` stubbed out (every
+launch a no-op, workspaces and plans dummies), so what it times is everything a call costs the CPU before
+and after its kernels: validation, dispatch, autograd, allocation and the launcher. Each op is timed through
+the autograd node (``Function.apply``) and through :func:`genkernels._autograd.apply`, which skips the node when
+no graph is recorded, interleaved, the minimum of the repetitions:
+
+    python -m tests._host_overhead [--calls N] [--reps R]
+
+The stubs patch module attributes of this process only; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from collections.abc import Callable
+
+import torch
+
+
+class _StubExtension:
+    """Stands for genkernels._C: every launcher a no-op; plans and workspace sizes dummies."""
+
+    def __getattr__(self, name: str) -> Callable[..., object]:
+        if name.endswith("_plan"):
+            return lambda *a, **k: (8, 256, True, 16, 1, 1, 1)
+        if name.endswith("_workspace"):
+            return lambda *a, **k: 0
+        return lambda *a, **k: None
+
+
+def _stub_cuda() -> None:
+    """Point the cuda launchers at the stub and let the cuda backend take CPU tensors."""
+    from genkernels import _registry
+    from genkernels.cuda import _common, adaln, bias_act, gated_mlp, group_norm
+
+    stub = _StubExtension()
+    for module in (_common, adaln, bias_act, gated_mlp, group_norm):
+        for attr, value in (
+            ("require_extension", lambda: stub),
+            ("device_guard", lambda device: contextlib.nullcontext()),
+            ("stream_handle", lambda device: 0),
+        ):
+            if hasattr(module, attr):
+                setattr(module, attr, value)
+    for op in _registry.ops():
+        for backend in _registry.backends_of(op):
+            if backend.name == "cuda":  # a frozen dataclass: set past its __setattr__, in this process only
+                object.__setattr__(backend, "not_supported", lambda *a, **k: None)
+
+
+def _calls() -> dict[str, Callable[[], object]]:
+    import genkernels
+
+    x, shift, scale = torch.randn(2, 16, 64), torch.randn(2, 64), torch.randn(2, 64)
+    image, bias = torch.randn(2, 8, 4, 4), torch.randn(8)
+    ops = genkernels.ops
+    return {
+        "layer_norm_modulate": lambda: ops.layer_norm_modulate(x, None, None, shift, scale, backend="cuda"),
+        "gelu_tanh": lambda: ops.gelu_tanh(x, backend="cuda"),
+        "bias_act": lambda: ops.bias_act(image, bias, act="lrelu", backend="cuda"),
+        "group_norm": lambda: ops.group_norm(image, 4, activation="silu", backend="cuda"),
+    }
+
+
+def _us_per_call(fn: Callable[[], object], calls: int) -> float:
+    for _ in range(max(1, calls // 10)):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def measure(calls: int = 3000, reps: int = 5) -> dict[str, tuple[float, float]]:
+    """{op: (us a call through Function.apply, us a call without the node)}, the minimum of ``reps``
+    interleaved runs of ``calls`` calls each."""
+    from genkernels import _autograd
+
+    _stub_cuda()
+    direct = _autograd.apply
+    results = {}
+    try:
+        for name, fn in _calls().items():
+            through, without = [], []
+            for _ in range(reps):
+                _autograd.apply = lambda function, *args: function.apply(*args)
+                through.append(_us_per_call(fn, calls))
+                _autograd.apply = direct
+                without.append(_us_per_call(fn, calls))
+            results[name] = (min(through), min(without))
+    finally:
+        _autograd.apply = direct
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=3000, help="calls a timed run")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved runs; the minimum is reported")
+    args = parser.parse_args(argv)
+    print(f"{'op':22} {'Function.apply us':>18} {'no node us':>11}", flush=True)
+    for name, (through, without) in measure(args.calls, args.reps).items():
+        print(f"{name:22} {through:18.1f} {without:11.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
