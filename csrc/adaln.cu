@@ -114,7 +114,10 @@ void adaln_forward(const AdalnProblem& p, const AdalnTensor& x, const AdalnTenso
   use_device(p.device);
   const cudaStream_t stream = as_stream(stream_handle);
   with_adaln_vector(p.dtype, vec, [&](auto d, auto v) {
-    adaln_forward_kernel<decltype(d), decltype(v)::value><<<grid, threads_of(a.s), 0, stream>>>(a);
+    with_bool(a.res.p != nullptr, [&](auto residual) {
+      adaln_forward_kernel<decltype(d), decltype(v)::value, decltype(residual)::value>
+          <<<grid, threads_of(a.s), 0, stream>>>(a);
+    });
   });
   check_launch("adaln_forward_kernel");
 }

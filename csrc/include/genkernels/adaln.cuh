@@ -28,7 +28,8 @@
 // block of 128 threads runs 4 rows of 32-thread groups or 2 of 64 side by side; wider groups own the
 // block. Row sums go through a warp butterfly, then (groups wider than a warp) the group's warp
 // totals added in warp order from shared memory: every thread of a row sees the same bits.
-// The forward is one block per `slots` rows. The backward's blocks each take a chunk of consecutive
+// The forward is one block per `slots` rows; its residual variants (a template flag) load all of a
+// thread's vectors of x and res before they store h. The backward's blocks each take a chunk of consecutive
 // rows of one sample (b, chunk p) and walk it `slots` rows at a time, keeping the column sums of their
 // rows (dweight, dbias, and the (B, D) dshift, dscale, dgate) in registers; at the end the slots are
 // added in slot order and one float32 partial row per block and quantity is written, partials[q][b P +
@@ -310,8 +311,10 @@ __device__ __forceinline__ float group_sum(float v, float* scratch, int group) {
 // ---------------------------------------------------------------------------------------------------
 // Forward: one row per slot, `slots` rows per block.
 
-template <class D, int VEC>
+template <class D, int VEC, bool RESIDUAL>
 __global__ void __launch_bounds__(adaln_max_threads(VEC)) adaln_forward_kernel(const AdalnForwardArgs a) {
+  // RESIDUAL: a.res is given (h = x + gate * y first); a template flag, so that the norm alone keeps
+  // the fewer registers it needs.
   constexpr int K = adaln_forward_vectors(VEC);
   __shared__ float scratch[32];
   const int group = a.s.group;
@@ -321,7 +324,6 @@ __global__ void __launch_bounds__(adaln_max_threads(VEC)) adaln_forward_kernel(c
   int64_t b = 0, l = 0;
   if (active) split_index(r, a.s.len, b, l);
   const int64_t nvec = a.s.dim / VEC;
-  const bool residual = a.res.p != nullptr;
 
   float v[K][VEC];
   bool valid[K];
@@ -334,17 +336,33 @@ __global__ void __launch_bounds__(adaln_max_threads(VEC)) adaln_forward_kernel(c
     for (int i = 0; i < VEC; ++i) v[k][i] = 0.f;
     if (valid[k]) {
       load_typed<D, VEC, Cache::kStream>(a.x.p, operand_row(a.x, b, l) + col, v[k]);
-      if (residual) {
-        float rv[VEC], gv[VEC];
-        load_typed<D, VEC, Cache::kStream>(a.res.p, operand_row(a.res, b, l) + col, rv);
-        load_side<VEC>(a.gate.p, a.gate.dtype, operand_row(a.gate, b, l) + col, gv);
+      if constexpr (!RESIDUAL) {
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) v[k][i] += gv[i] * rv[i];
-        // h rounded to the dtype, stored, and normalized as stored: out is the norm of the returned h.
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) v[k][i] = D::decode(D::encode(v[k][i]));
-        store_typed<D, VEC>(a.h.p, operand_row(a.h, b, l) + col, v[k]);
+        for (int i = 0; i < VEC; ++i) sum += v[k][i];
       }
+    }
+  }
+  if constexpr (RESIDUAL) {
+    // Every load of the row (x above, y here) ahead of h's stores: a store may alias a later load for all
+    // the compiler knows, so loads interleaved with them would make one DRAM round trip a vector.
+    float yv[K][VEC];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t col = (t + static_cast<int64_t>(k) * group) * VEC;
+      if (valid[k]) load_typed<D, VEC, Cache::kStream>(a.res.p, operand_row(a.res, b, l) + col, yv[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (!valid[k]) continue;
+      const int64_t col = (t + static_cast<int64_t>(k) * group) * VEC;
+      float gv[VEC];
+      load_side<VEC>(a.gate.p, a.gate.dtype, operand_row(a.gate, b, l) + col, gv);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) v[k][i] += gv[i] * yv[k][i];
+      // h rounded to the dtype, stored, and normalized as stored: out is the norm of the returned h.
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) v[k][i] = D::decode(D::encode(v[k][i]));
+      store_typed<D, VEC>(a.h.p, operand_row(a.h, b, l) + col, v[k]);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) sum += v[k][i];
     }

@@ -212,8 +212,11 @@ simt::Outcome run(const Case& c, unsigned seed) {
   fa.s = genkernels::adaln_shape(R, L, D, fvec, 1, genkernels::adaln_forward_vectors(fvec));
   const unsigned fblocks = static_cast<unsigned>((R + fa.s.slots - 1) / fa.s.slots);
   genkernels::with_adaln_vector(c.dtype, fvec, [&](auto d, auto v) {
-    simt::launch(fblocks, fa.s.group * fa.s.slots, 0, {}, global, label + " (forward)",
-                 [&] { genkernels::adaln_forward_kernel<decltype(d), decltype(v)::value>(fa); });
+    genkernels::with_bool(fa.res.p != nullptr, [&](auto residual) {
+      simt::launch(fblocks, fa.s.group * fa.s.slots, 0, {}, global, label + " (forward)", [&] {
+        genkernels::adaln_forward_kernel<decltype(d), decltype(v)::value, decltype(residual)::value>(fa);
+      });
+    });
   });
 
   // Backward: the op's outputs for this variant.
