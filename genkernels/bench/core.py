@@ -338,7 +338,8 @@ class CaseRecord:
 
     ``peer``: the case's peer variant (see :class:`Case`), or None. ``floor_ms``: the case's work
     at the device ceiling of its unit (work / ceiling), the time no variant can beat; a variant's
-    % of the ceiling is this floor over its time.
+    % of the ceiling is this floor over its time. ``copy_gbs``: the copy rate measured in the run, for
+    summaries whose floor also has a memory-bound part.
     """
 
     op: str
@@ -351,6 +352,7 @@ class CaseRecord:
     results: list[Result] = field(default_factory=list)
     peer: str | None = None
     floor_ms: float | None = None
+    copy_gbs: float | None = None
 
     def result(self, variant: str) -> Result | None:
         """The result of ``variant``, or None when the case has no such variant."""
@@ -453,6 +455,7 @@ def run_case(case: Case, device: torch.device, timing: Timing, ceilings: Ceiling
     record = record_of(case)
     ceiling = ceilings.of(case.unit)
     record.floor_ms = floor_ms(case.work, case.unit, ceiling)
+    record.copy_gbs = ceilings.copy_gbs
     try:
         case.prepare(device)
         for name in case.variant_names():

@@ -298,6 +298,7 @@ def test_attention_case_runs_end_to_end_on_cpu(monkeypatch):
     assert "wrong numbers" in rec.result("triton").reason
     assert rec.result(core.EAGER).vs_peer == 1.0 and rec.result(attention.FLASH).pct_ceiling is not None
     assert math.isclose(rec.floor_ms, case.work / 1e9 * 1e3)  # 1e-3 TFLOP/s = 1e9 FLOP/s; in ms
+    assert rec.copy_gbs == 100.0  # the run's copy rate, for floors with a memory-bound part (dit)
     assert rec.peer == attention.FLASH and rec.result(attention.CUDNN).reason
 
 

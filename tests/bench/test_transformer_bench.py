@@ -205,6 +205,55 @@ def test_dit_cases_and_flops():
     assert case.work == pytest.approx(linear + attention, rel=1e-3)
 
 
+def test_dit_bytes_outside_matmuls():
+    """The counted traffic at L = 4096 in units of one (2, 4096, 1152) bf16 tensor T: the PyTorch layers 48 T
+    (LayerNorm + modulation 6 twice, rotate-half RoPE 9 for q and 9 for k, gated residuals 5 twice, GELU on the
+    4x wide hidden 8) plus the casts and statistics; the genkernels ops 21 T (norm 2, RoPE 4, residual + norm 4,
+    GELU 8, gated residual 3) plus the (B, D) modulations, the RoPE tables and the statistics."""
+    t = 2 * 4096 * 1152 * 2
+    counted = dit.cases()[0].params["bytes_outside_matmuls"]
+    assert 48 * t < counted[core.EAGER] < 48.5 * t
+    assert 21 * t < counted[_model.GENKERNELS] < 21.1 * t
+    assert counted == dit.traffic_bytes("dit_xl_2", 2, 64, torch.bfloat16)
+
+
+def test_dit_floors():
+    """floor = FLOPs at the matmul rate + the variant's bytes at the copy rate; the CUDA graph has genkernels'
+    bytes, torch.compile none counted; the eager / genkernels floor ratio is in the notes; n/a without rates."""
+    ms = {core.EAGER: 1.2, core.COMPILE: 0.9, _model.GENKERNELS: 0.95, _model.GRAPH: 0.9}
+    records = [model_record(c, ms) for c in dit.cases()]
+    no_rates = dit.summarize(records)
+    assert no_rates.rows[0][3:6] == ["912", "n/a", "n/a"] and "n/a (no rates measured)" in no_rates.notes[-1]
+    for rec in records:
+        rec.floor_ms, rec.copy_gbs = rec.work / 759e12 * 1e3, 3002.0
+    summary = dit.summarize(records)
+    rows = {(r[0], r[1]): r for r in summary.rows}
+    counted = records[0].params["bytes_outside_matmuls"]
+    floors = {n: records[0].floor_ms + counted[n] / 3002e9 * 1e3 for n in (core.EAGER, _model.GENKERNELS)}
+    assert dit.floors_ms(records[0])[_model.GRAPH] == floors[_model.GENKERNELS]
+    assert rows["4096", core.EAGER][4:6] == [f"{floors[core.EAGER]:.3f}", f"{100 * floors[core.EAGER] / 1.2:.0f}%"]
+    assert rows["4096", _model.GRAPH][3:6] == ["398", f"{floors[_model.GENKERNELS]:.3f}", "76%"]
+    assert rows["4096", core.COMPILE][3:6] == ["n/a"] * 3
+    ratio = floors[core.EAGER] / floors[_model.GENKERNELS]
+    assert 1.2 < ratio < 1.3 and f"L = 4096: {ratio:.2f}x" in summary.notes[-1]
+
+
+def test_dit_count_failure_is_reported(monkeypatch):
+    """A count that raises leaves the case without floors (n/a) and says why in its params."""
+    from genkernels.bench import traffic
+
+    def broken(fn, genkernels_ops=False):
+        raise RuntimeError("no meta kernel")
+
+    monkeypatch.setattr(traffic, "count", broken)
+    monkeypatch.setattr(dit, "_TRAFFIC", {})
+    case = dit.DiTBlockCase(size=16)
+    assert case.params["bytes_outside_matmuls"] == {"error": "RuntimeError: no meta kernel"}
+    rec = model_record(case, {core.EAGER: 1.0, _model.GENKERNELS: 0.5})
+    rec.floor_ms, rec.copy_gbs = 0.1, 3000.0
+    assert dit.floors_ms(rec) == {} and dit.summarize([rec]).rows[-4][3:6] == ["n/a"] * 3
+
+
 def test_dit_case_on_cpu():
     """The tiny block in bf16: shared weights, the modulation re-drawn (gates not zero), eager and genkernels
     within the criterion, the CUDA graph says why it cannot run."""
