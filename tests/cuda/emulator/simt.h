@@ -407,21 +407,36 @@ inline unsigned long max(unsigned long a, unsigned long b) { return a > b ? a : 
 inline long long min(long long a, long long b) { return a < b ? a : b; }
 inline long long max(long long a, long long b) { return a > b ? a : b; }
 
+namespace simt {
+// A global access of a T must be aligned to T (16 bytes for a uint4): the device faults with
+// "misaligned address" where a host CPU would not.
+template <class T>
+inline void check_aligned(const char* what, const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) {
+    simt::fail("%s of %p: a %zu-byte access not aligned to %zu bytes", what, p, sizeof(T), alignof(T));
+  }
+}
+}  // namespace simt
+
 template <class T>
 inline T __ldg(const T* p) {
   if (!simt::is_global(p, sizeof(T))) simt::fail("__ldg of %p: not in a registered global buffer", static_cast<const void*>(p));
+  simt::check_aligned<T>("__ldg", p);
   return *p;
 }
 
-// The streaming (evict-first) load and store: plain memory accesses here, the load checked as __ldg is.
+// The streaming (evict-first) load and store: plain memory accesses here, the load checked as __ldg is,
+// both for alignment.
 template <class T>
 inline T __ldcs(const T* p) {
   if (!simt::is_global(p, sizeof(T))) simt::fail("__ldcs of %p: not in a registered global buffer", static_cast<const void*>(p));
+  simt::check_aligned<T>("__ldcs", p);
   return *p;
 }
 
 template <class T>
 inline void __stcs(T* p, T value) {
+  simt::check_aligned<T>("__stcs", p);
   *p = value;
 }
 
