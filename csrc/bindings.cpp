@@ -293,31 +293,35 @@ PYBIND11_MODULE(_C, m) {
       "bias_act_forward",
       [](uintptr_t x, uintptr_t bias, uintptr_t y, int64_t n, int64_t stride_c, int64_t channels, int dtype,
          int device, int act, float alpha, float gain, bool has_clamp, float clamp, int bias_dtype,
-         uintptr_t stream) {
+         uintptr_t stream, uintptr_t codes) {
         const BiasActProblem p{n, stride_c, channels, dtype, device, act, alpha, gain, has_clamp, clamp, bias_dtype};
-        genkernels::bias_act_forward(p, x, bias, y, stream);
+        genkernels::bias_act_forward(p, x, bias, y, stream, codes);
       },
       py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("n"), py::arg("stride_c"), py::arg("channels"),
       py::arg("dtype"), py::arg("device"), py::arg("act"), py::arg("alpha"), py::arg("gain"), py::arg("has_clamp"),
-      py::arg("clamp"), py::arg("bias_dtype"), py::arg("stream"),
+      py::arg("clamp"), py::arg("bias_dtype"), py::arg("stream"), py::arg("codes") = 0,
       "Fused bias + activation on a dense x walked as n elements in memory order: y = act(x + bias[(e / stride_c) "
       "% channels]) * gain, clamped to [-clamp, clamp] when has_clamp. bias (channels,) in bias_dtype (the code "
       "of float32, float16 or bfloat16) or 0 (none). act: linear 0, relu 1, lrelu 2 (slope alpha), tanh 3, "
-      "sigmoid 4, silu 5, gelu 6. Launches on `stream`, never synchronizes.");
+      "sigmoid 4, silu 5, gelu 6. codes (0: none): also write the gradient codes there (bias_act_codes_bytes(n) "
+      "bytes; linear, relu, lrelu; x and y 16-byte aligned). Launches on `stream`, never synchronizes.");
+  m.def("bias_act_codes_bytes", &genkernels::bias_act_codes_bytes, py::arg("n"),
+        "Bytes of the gradient codes of n elements (2 bits an element, whole 16-bit words).");
   m.def(
       "bias_act_grad",
       [](uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dz, int64_t n, int64_t stride_c, int64_t channels,
          int dtype, int out_dtype, int device, int act, float alpha, float gain, bool has_clamp, float clamp,
-         int bias_dtype, uintptr_t stream) {
+         int bias_dtype, uintptr_t stream, uintptr_t codes) {
         const BiasActProblem p{n, stride_c, channels, dtype, device, act, alpha, gain, has_clamp, clamp, bias_dtype};
-        genkernels::bias_act_grad(p, dy, x, bias, dz, out_dtype, stream);
+        genkernels::bias_act_grad(p, dy, x, bias, dz, out_dtype, stream, codes);
       },
       py::arg("dy"), py::arg("x"), py::arg("bias"), py::arg("dz"), py::arg("n"), py::arg("stride_c"),
       py::arg("channels"), py::arg("dtype"), py::arg("out_dtype"), py::arg("device"), py::arg("act"),
       py::arg("alpha"), py::arg("gain"), py::arg("has_clamp"), py::arg("clamp"), py::arg("bias_dtype"),
-      py::arg("stream"),
+      py::arg("stream"), py::arg("codes") = 0,
       "Gradient map of bias_act_forward: dz = dy * gain * act'(x + bias) * m (m: the clamp's pass mask), dy and x "
-      "in `dtype`, dz in out_dtype (dtype or float32). Launches on `stream`, never synchronizes.");
+      "in `dtype`, dz in out_dtype (dtype or float32); from the forward's gradient codes instead of x and the "
+      "bias when codes is not 0. Launches on `stream`, never synchronizes.");
   m.def(
       "bias_act_grad_bias_plan",
       [](uintptr_t dy, uintptr_t x, uintptr_t dz, int64_t n, int64_t stride_c, int64_t channels, int dtype,
@@ -334,17 +338,17 @@ PYBIND11_MODULE(_C, m) {
       "bias_act_grad_bias",
       [](uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dz, uintptr_t partials, int64_t partials_size, int64_t n,
          int64_t stride_c, int64_t channels, int dtype, int device, int act, float alpha, float gain, bool has_clamp,
-         float clamp, int bias_dtype, uintptr_t stream) {
+         float clamp, int bias_dtype, uintptr_t stream, uintptr_t codes) {
         const BiasActProblem p{n, stride_c, channels, dtype, device, act, alpha, gain, has_clamp, clamp, bias_dtype};
-        genkernels::bias_act_grad_bias(p, dy, x, bias, dz, partials, partials_size, stream);
+        genkernels::bias_act_grad_bias(p, dy, x, bias, dz, partials, partials_size, stream, codes);
       },
       py::arg("dy"), py::arg("x"), py::arg("bias"), py::arg("dz"), py::arg("partials"), py::arg("partials_size"),
       py::arg("n"), py::arg("stride_c"), py::arg("channels"), py::arg("dtype"), py::arg("device"), py::arg("act"),
       py::arg("alpha"), py::arg("gain"), py::arg("has_clamp"), py::arg("clamp"), py::arg("bias_dtype"),
-      py::arg("stream"),
+      py::arg("stream"), py::arg("codes") = 0,
       "bias_act_grad's dz (in `dtype`; dz 0: not written) and, in the same pass, float32 partial sums of it "
       "(see bias_act_grad_bias_plan) that summed per channel give the bias gradient; deterministic, no atomics. "
-      "Launches on `stream`, never synchronizes.");
+      "codes: as in bias_act_grad (x then 0 in the plan too). Launches on `stream`, never synchronizes.");
   m.def(
       "modconv_demod_forward",
       [](uintptr_t weight, uintptr_t styles, uintptr_t dcoef, int64_t o, int64_t i, int64_t k, int64_t n, int dtype,

@@ -27,6 +27,12 @@ class _NoGraph:
         """Nothing to set: there is no backward."""
 
 
+def records(ctx: Any) -> bool:
+    """Whether a Function's forward got a real autograd context (a backward may follow), not :func:`apply`'s
+    stand-in: what a forward that would save extra state for its backward asks first."""
+    return not isinstance(ctx, _NoGraph)
+
+
 def needs_graph(args: tuple) -> bool:
     """Whether autograd would record a node for a call with these arguments: grad mode is on and a tensor
     argument requires grad."""

@@ -10,12 +10,15 @@ The baseline is the formula as users write it, eager and under ``torch.compile``
 
 genkernels runs it as one call of ``genkernels.ops.bias_act(x, b, act="lrelu", backend=...)``: one
 pass forward (x read, y written), one fused pass backward (dy and x read, dx written; dbias a
-per-channel sum of dx).
+per-channel sum of dx). The cuda backend's forward under autograd also writes the gradient codes,
+2 bits an element, which its backward reads in place of x.
 
 Rate: GB/s counting the bytes that must move. Forward: x read, y written (2 tensors). Forward +
-backward: those 2, plus dy and x read and dx written (5 tensors; dbias's C floats are left out). The
-floor is those bytes at the copy bandwidth measured in the same run (``floor ms``); the eager
-baseline moves more (it writes x + b, then the activation, to memory and reads them back).
+backward: those 2, dy read and dx written, and the gradient's dependence on x carried by 2 bits an
+element, written and read back (4 tensors + 2 x n / 4 bytes: 4.25 tensors in bf16, 4.125 in float32;
+a backward that reads x again moves 5; dbias's C floats are left out). The floor is those bytes at the
+copy bandwidth measured in the same run (``floor ms``); the eager baseline moves more (it writes x + b,
+then the activation, to memory and reads them back).
 
 Correctness before timing, every variant on every output (y; dx and dbias) under the test
 criterion: truth = the formula in float64, ref = the formula in the input dtype (dbias, a sum of
@@ -76,10 +79,18 @@ EAGER_GOAL, COMPILE_GOAL, BWD_EAGER_GOAL = 3.0, 1.0, 2.5
 GOAL_DTYPES = (torch.bfloat16,)
 
 TABLES = {"fwd": "bias + leaky ReLU, forward", "fwd+bwd": "bias + leaky ReLU, forward + backward"}
-TENSORS_MOVED = {"fwd": 2, "fwd+bwd": 5}
+
+
+def tensors_moved(mode: str, dtype: torch.dtype) -> float:
+    """Tensors of x's size that must move (module doc): 2 forward; forward + backward 4 plus the gradient codes,
+    n / 4 bytes written and read back."""
+    return 2.0 if mode == "fwd" else 4.0 + 2 * 0.25 / dtype.itemsize
+
+
 RATE_NOTES = {
     "fwd": "GB/s (x read + y written: 2 tensors)",
-    "fwd+bwd": "GB/s (forward's 2 tensors + dy, x read and dx written: 5 tensors; dbias's C floats not counted)",
+    "fwd+bwd": "GB/s (forward's 2 tensors + dy read and dx written, and 2 bits an element of gradient codes "
+    "written and read: 4.25 tensors in bf16, 4.125 in float32; dbias's C floats not counted)",
 }
 OUTPUTS = {"fwd": ("y",), "fwd+bwd": ("dx", "dbias")}
 
@@ -146,7 +157,7 @@ class BiasActCase(MemoryBoundCase):
     op = OP
 
     def __init__(self, dtype: torch.dtype, mode: str, shape: tuple[int, ...] = SHAPE):
-        super().__init__(shape, dtype, TENSORS_MOVED[mode])
+        super().__init__(shape, dtype, tensors_moved(mode, dtype))
         self.mode = mode
         self.label = f"{'x'.join(map(str, shape))} {DTYPE_NAMES[dtype]} {mode}"
         self.params: dict[str, Any] = {
@@ -158,7 +169,7 @@ class BiasActCase(MemoryBoundCase):
             "act": ACT,
             "alpha": ALPHA,
             "gain": GAIN,
-            "tensors_moved": TENSORS_MOVED[mode],
+            "tensors_moved": tensors_moved(mode, dtype),
             "baseline": "F.leaky_relu(x + b.view(1, -1, 1, 1), 0.2) * sqrt(2)",
         }
         self.table = TABLES[mode]
@@ -211,8 +222,9 @@ def summarize(records: Sequence[CaseRecord]) -> OpSummary:
     notes = [
         f"{WORKLOAD} {SHAPE}, bias ({SHAPE[1]},); baseline: F.leaky_relu(x + b.view(1, -1, 1, 1), 0.2) * sqrt(2), "
         "eager and torch.compile; genkernels: ops.bias_act(x, b, act='lrelu').",
-        "floor ms: the bytes that must move (2 tensors forward, 5 forward + backward) at the copy bandwidth "
-        "measured in this run; % copy BW = floor / ms.",
+        "floor ms: the bytes that must move (2 tensors forward; forward + backward 4 and 2 bits an element of "
+        "gradient codes written and read, 4.25 tensors in bf16, 4.125 in float32) at the copy bandwidth measured "
+        "in this run; % copy BW = floor / ms.",
         f"Goals on bf16 (the ANCHORS case), each on the genkernels backend that does best: forward >= "
         f"{EAGER_GOAL:g}x eager and >= {COMPILE_GOAL:.1f}x torch.compile; forward + backward >= {BWD_EAGER_GOAL:g}x "
         "eager. float32 is reported without goals. ANCHORS measured the bf16 forward (0.313 ms eager, 0.068 ms "

@@ -34,6 +34,18 @@ call).
                                                                         bias gradient (bias's dtype)
                                                                         reduced in float32 from the
                                                                         unrounded dz
+
+Optional, gradient codes (the cuda backend): for the piecewise-linear activations, whose act' takes two
+values, the forward can write 2 bits an element from which the backward follows without x: element e (in
+memory order) at bits 2 (e % 4) of byte e // 4 of a uint8 tensor of 2 * ceil(numel / 8) bytes; bit 0
+z > 0, bit 1 the clamp passes the gradient (always set without a clamp). The backward then reads a quarter
+of a byte an element in place of x (2 or 4 bytes), and autograd keeps the codes instead of x.
+
+    CODE_ACTS                                                           the activations with codes
+    forward_codes(x, bias, act, alpha, gain, clamp, dim) -> (y, codes) | None
+                                                                        y and the codes in one pass (None:
+                                                                        not for this call)
+    grad(..., codes=codes), grad_bias(..., codes=codes)                 the codes in place of x (x None)
 """
 
 from __future__ import annotations
@@ -45,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _autograd, _registry
-from .._layout import dense_layout, match_layout
+from .._layout import dense_layout, is_channels_last, match_layout
 from ..cuda import bias_act as _cuda
 from ..triton import bias_act as _triton
 
@@ -206,13 +218,77 @@ def _reference_grad_bias(dy, x, bias, act, alpha, gain, clamp, dim, need_dz):
     return (dz.to(x.dtype) if need_dz else None), _sum_except(dz, dim).to(bias.dtype)
 
 
+# Gradient codes (see the module doc): the format in torch, for the reference kernels.
+CODE_ACTS = ("linear", "relu", "lrelu")
+_CODE_SHIFTS = (0, 2, 4, 6)
+
+
+def _memory_order(t: Tensor, like: Tensor) -> Tensor:
+    """t (like's shape) flattened in like's memory order (contiguous or channels last)."""
+    if is_channels_last(like):
+        return t.permute(0, *range(2, t.dim()), 1).reshape(-1)
+    return t.reshape(-1)
+
+
+def _from_memory_order(flat: Tensor, like: Tensor) -> Tensor:
+    """The inverse of :func:`_memory_order`: flat (numel,) back to like's shape, in like's layout."""
+    if is_channels_last(like):
+        shape = (like.shape[0], *like.shape[2:], like.shape[1])
+        return flat.view(shape).permute(0, like.dim() - 1, *range(1, like.dim() - 1))
+    return flat.view(like.shape)
+
+
+def _reference_forward_codes(x, bias, act, alpha, gain, clamp, dim):
+    if act not in CODE_ACTS:
+        return None
+    z = _pre(x, bias, dim)
+    mask = _clamp_mask(z, act, alpha, gain, clamp)
+    passes = torch.ones_like(z, dtype=torch.uint8) if mask is None else mask.to(torch.uint8)
+    code = (z > 0).to(torch.uint8) + 2 * passes
+    flat = _memory_order(code, x)
+    flat = F.pad(flat, (0, -flat.numel() % 8)).view(-1, 4)
+    shifts = torch.tensor(_CODE_SHIFTS, dtype=torch.uint8, device=x.device)
+    return _reference_forward(x, bias, act, alpha, gain, clamp, dim), (flat << shifts).sum(1, dtype=torch.uint8)
+
+
+def _codes_grad(dy: Tensor, codes: Tensor, act: str, alpha: float, gain: float, clamp, acc: torch.dtype) -> Tensor:
+    """dz from the codes: dy * gain * slope, 0 where the clamp stops the gradient (the same operations as from z)."""
+    shifts = torch.tensor(_CODE_SHIFTS, dtype=torch.uint8, device=codes.device)
+    code = _from_memory_order(((codes[:, None] >> shifts) & 3).view(-1)[: dy.numel()], dy)
+    slope = {"linear": 1.0, "relu": 0.0, "lrelu": alpha}[act]
+    one = torch.ones((), dtype=acc, device=dy.device)
+    grad1 = torch.where((code & 1).bool(), one, one * slope)
+    dz = dy.to(acc) * gain * grad1
+    if clamp is not None:
+        dz = torch.where((code & 2).bool(), dz, torch.zeros_like(dz))
+    return dz
+
+
+def _reference_grad_any(dy, x, bias, act, alpha, gain, clamp, dim, out_dtype=None, codes=None):
+    if codes is None:
+        return _reference_grad(dy, x, bias, act, alpha, gain, clamp, dim, out_dtype)
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    return match_layout(_codes_grad(dy, codes, act, alpha, gain, clamp, acc).to(out_dtype or dy.dtype), dy)
+
+
+def _reference_grad_bias_any(dy, x, bias, act, alpha, gain, clamp, dim, need_dz, codes=None):
+    if codes is None:
+        return _reference_grad_bias(dy, x, bias, act, alpha, gain, clamp, dim, need_dz)
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    dz = _codes_grad(dy, codes, act, alpha, gain, clamp, acc)
+    return (match_layout(dz.to(dy.dtype), dy) if need_dz else None), _sum_except(dz, dim).to(bias.dtype)
+
+
 class _ReferenceKernels:
-    """The reference formulas behind the fast backends' interface (the traced op uses it)."""
+    """The reference formulas behind the fast backends' interface (the traced op uses it), gradient codes
+    included (what the tests run the op's autograd on)."""
 
     BIAS_DTYPES = DTYPES
+    CODE_ACTS = CODE_ACTS
     forward = staticmethod(_reference_forward)
-    grad = staticmethod(_reference_grad)
-    grad_bias = staticmethod(_reference_grad_bias)
+    forward_codes = staticmethod(_reference_forward_codes)
+    grad = staticmethod(_reference_grad_any)
+    grad_bias = staticmethod(_reference_grad_bias_any)
 
 
 def _act_grad2(z: Tensor, act: str) -> Tensor | None:
@@ -310,26 +386,55 @@ def _second_order(ddz, dy, x, bias, act, alpha, gain, clamp, dim, need_x, need_b
     return (term.to(x.dtype) if need_x else None), (_sum_except(term, dim).to(bias.dtype) if need_bias else None)
 
 
+def _kernel_grads(impl, dy, x, codes, kb, act, alpha, gain, clamp, dim, want_bias, need_dz):
+    """(dz, dbias): the backend's grad_bias when ``want_bias`` (dz None without ``need_dz``), else its grad and
+    None; from the gradient codes in place of x when ``codes`` is given."""
+    extra = {} if codes is None else {"codes": codes}
+    if want_bias:
+        return impl.grad_bias(dy, x, kb, act, alpha, gain, clamp, dim, need_dz, **extra)
+    return impl.grad(dy, x, kb, act, alpha, gain, clamp, dim, None, **extra), None
+
+
+def _layout_of(x: Tensor) -> Tensor:
+    """A meta tensor with x's shape, strides and dtype: what the backward needs of x when it keeps the codes."""
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+
+
 class _BiasActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kb, act, alpha, gain, clamp, dim, impl):
-        """kb: the bias as the kernels read it (:func:`_kernel_bias`), or None."""
-        ctx.save_for_backward(x, kb)
+        """kb: the bias as the kernels read it (:func:`_kernel_bias`), or None. When a backward may follow and
+        the backend has gradient codes for ``act``, the forward writes them and the backward reads them in
+        place of x (which autograd then does not keep)."""
         ctx.args = (act, alpha, gain, clamp, dim, impl)
-        return impl.forward(x, kb, act, alpha, gain, clamp, dim)
+        coded = None
+        if _autograd.records(ctx) and act in getattr(impl, "CODE_ACTS", ()):
+            coded = impl.forward_codes(x, kb, act, alpha, gain, clamp, dim)
+        if coded is None:
+            ctx.save_for_backward(x, kb)
+            ctx.like = None
+            return impl.forward(x, kb, act, alpha, gain, clamp, dim)
+        y, codes = coded
+        ctx.save_for_backward(codes, kb)
+        ctx.like = _layout_of(x)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, kb = ctx.saved_tensors
+        first, kb = ctx.saved_tensors
         act, alpha, gain, clamp, dim, impl = ctx.args
-        dy = match_layout(dy, x)
+        x, codes = (first, None) if ctx.like is None else (None, first)
+        like = first if ctx.like is None else ctx.like
+        dy = match_layout(dy, like)
         want_bias, need_dz = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
         if torch.is_grad_enabled():  # create_graph: the gradient is differentiated again (R1)
-            dz, db = _BiasActGradFunction.apply(dy, x, kb, act, alpha, gain, clamp, dim, impl, want_bias, need_dz)
-        elif want_bias:  # a plain backward: the kernels directly, without building a graph node
-            dz, db = impl.grad_bias(dy, x, kb, act, alpha, gain, clamp, dim, need_dz)
-        else:
-            dz, db = impl.grad(dy, x, kb, act, alpha, gain, clamp, dim, None), None
+            if codes is None:
+                dz, db = _BiasActGradFunction.apply(dy, x, kb, act, alpha, gain, clamp, dim, impl, want_bias, need_dz)
+            else:
+                args = (act, alpha, gain, clamp, dim, impl, want_bias, need_dz)
+                dz, db = _CodesGradFunction.apply(dy, codes, like, kb, *args)
+        else:  # a plain backward: the kernels directly, without building a graph node
+            dz, db = _kernel_grads(impl, dy, x, codes, kb, act, alpha, gain, clamp, dim, want_bias, need_dz)
         dbias = db.to(kb.dtype) if want_bias else None  # no copy: the kernels write kb's dtype
         return dz, dbias, None, None, None, None, None, None
 
@@ -367,6 +472,33 @@ class _BiasActGradFunction(torch.autograd.Function):
             ddy = ddy.to(dy.dtype)
         dx, db = _second_order(ddz, dy, x, kb, act, alpha, gain, clamp, dim, needs[1], needs[2])
         return ddy, dx, db, None, None, None, None, None, None, None, None
+
+
+class _CodesGradFunction(torch.autograd.Function):
+    """(dz, dbias) of :class:`_BiasActGradFunction` from the gradient codes (piecewise-linear activations):
+    dz = dy * gain * slope * m, linear in dy, and constant in x and the bias almost everywhere (act'' = 0),
+    so differentiable in dy alone. ``like``: a meta tensor with x's shape, strides and dtype."""
+
+    @staticmethod
+    def forward(ctx, dy, codes, like, kb, act, alpha, gain, clamp, dim, impl, want_bias, need_dz):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(codes, kb)
+        ctx.like = like
+        ctx.args = (act, alpha, gain, clamp, dim, impl)
+        dz, db = _kernel_grads(impl, dy, None, codes, kb, act, alpha, gain, clamp, dim, want_bias, need_dz)
+        return dz, (db if want_bias else dy.new_empty((0,), dtype=torch.float32))
+
+    @staticmethod
+    def backward(ctx, ddz, ddb):
+        codes, kb = ctx.saved_tensors
+        act, alpha, gain, clamp, dim, impl = ctx.args
+        ddz = _spread_bias_grad(ddz, ddb, ctx.like, dim)
+        if ddz is None or not ctx.needs_input_grad[0]:
+            return (None,) * 12
+        # d dz / d dy: the same map from the codes, applied to the incoming gradient (itself differentiable).
+        args = (act, alpha, gain, clamp, dim, impl, False, True)
+        ddy, _ = _CodesGradFunction.apply(match_layout(ddz, ctx.like).to(ctx.like.dtype), codes, ctx.like, kb, *args)
+        return ddy, *(None,) * 11
 
 
 # --------------------------------------------------------------------------- torch.library ops (traced path)

@@ -27,6 +27,7 @@ import re
 from tests.cuda._emulator import driver_fixture, run_driver
 
 RESULT = re.compile(r"^RESULT (ok|FAIL) (.*?) \| vec (\d+) (\d+) n (\d+); (.*)$")
+CODES = re.compile(r"; codes fwd (\d+) grad (\d+)( bias)?")
 BIAS_GRAD = re.compile(
     r"bias-grad vec (\d+) tq (\d+) (per-tile|per-column) (uniform|mixed) (store|no-store) blocks (\d+)x(\d+)"
 )
@@ -75,3 +76,16 @@ def test_bias_act_emulated(emulator):
     # Vectors in one channel (one bias value and one sum a thread) and across channels, per column too.
     assert {t[4] for t in tiles if int(t[1]) > 1} == {"uniform", "mixed"}
     assert any(t[3] == "per-column" and t[4] == "uniform" and int(t[1]) > 1 for t in tiles), "no uniform per-column"
+
+    # Gradient codes (linear, relu, lrelu on the forward's vector path): the forward writes them at both
+    # widths, and the gradients read them on the vector paths and on the scalar one (dz misaligned), with
+    # and without the bias gradient and the clamp; every other case runs none.
+    coded = [(m, CODES.search(m[6])) for m in results]
+    ran = [(m, c) for m, c in coded if c]
+    assert all(bool(c) == (int(m[3]) > 1 and m[2].split()[2] in ("linear", "relu", "lrelu")) for m, c in coded), (
+        "codes ran where they should not, or not where they should"
+    )
+    assert {int(c[1]) for _, c in ran} == {4, 8} and {int(c[2]) for _, c in ran} == {1, 4, 8}
+    assert any(c[3] for _, c in ran) and any(not c[3] for _, c in ran)
+    assert any(" clamp" in m[2] for m, _ in ran) and any(" clamp" not in m[2] for m, _ in ran)
+    assert any(int(m[5]) % 8 for m, _ in ran), "no coded case with a partial last word"

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from genkernels.cuda import bias_act as cba
 from genkernels.ops import bias_act
 from tests.criterion import assert_criterion
 from tests.op_inputs import skip_unsupported, to_layout
@@ -297,3 +298,102 @@ def test_compile_fullgraph(backend, device):
     torch.testing.assert_close(cy, y)
     for g, cg in zip(grads, cgrads):
         torch.testing.assert_close(cg, g)
+
+
+# --------------------------------------------------------------------------- gradient codes
+
+
+class _XKernels(BA._ReferenceKernels):
+    """The reference kernels without gradient codes: the backward reads x."""
+
+    CODE_ACTS = ()
+
+
+def test_gradient_codes_format():
+    """2 bits an element in memory order, element e at bits 2 (e % 4) of byte e // 4 (bit 0 z > 0, bit 1 the
+    clamp passes), 2 * ceil(n / 8) bytes; channels_last tensors in their own memory order; no codes for the
+    smooth activations."""
+    x = torch.tensor([[1.0, -1.0, 0.0, 3.0, -4.0]]).view(1, 1, 5)  # z = x (no bias)
+    y, codes = BA._reference_forward_codes(x, None, "relu", 0.2, 1.0, 2.0, 1)
+    # Codes 3 (z > 0, passes), 2, 2, 1 (3 > clamp 2: stopped), 2.
+    assert codes.dtype == torch.uint8 and codes.tolist() == [3 | 2 << 2 | 2 << 4 | 1 << 6, 2]
+    assert torch.equal(y, x.relu().clamp(max=2))
+    _, unclamped = BA._reference_forward_codes(x, None, "relu", 0.2, 1.0, None, 1)
+    assert unclamped.tolist() == [3 | 2 << 2 | 2 << 4 | 3 << 6, 2]
+    nhwc = torch.tensor([1.0, -1.0]).view(1, 2, 1, 1).expand(1, 2, 1, 3).contiguous(memory_format=torch.channels_last)
+    _, codes = BA._reference_forward_codes(nhwc, None, "lrelu", 0.2, 1.0, None, 1)
+    assert codes.tolist() == [3 | 2 << 2 | 3 << 4 | 2 << 6, 3 | 2 << 2]  # channels innermost: +, -, +, -, +, -
+    assert BA._reference_forward_codes(x, None, "gelu", 0.2, 1.0, None, 1) is None
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act", BA.CODE_ACTS)
+@pytest.mark.parametrize("clamp", [None, 0.7])
+def test_gradient_codes_autograd(act, clamp, layout):
+    """With a backend that has codes, the forward keeps the codes and not x, and y, dx, dbias and the double
+    backward (the R1 path) are bit for bit those of the backward from x."""
+    torch.manual_seed(0)
+    x = to_layout(torch.randn(2, 5, 3, 7, dtype=torch.float64), layout)
+    x[0, 0, 0, :3] = -0.0  # z = 0 where the bias is 0 below
+    bias = torch.randn(5, dtype=torch.float64)
+    bias[0] = 0.0
+    got = {}
+    for impl in (BA._ReferenceKernels, _XKernels):
+        xx, bb = x.clone().requires_grad_(), bias.clone().requires_grad_()
+        y = BA._autograd.apply(BA._BiasActFunction, xx, bb, act, 0.2, 1.4, clamp, 1, impl)
+        saved = y.grad_fn.saved_tensors[0]
+        dy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(1))
+        dx, db = torch.autograd.grad(y, (xx, bb), dy, create_graph=True)
+        penalty = (dx**2).sum() + (db**3).sum()
+        gx, gb = torch.autograd.grad(penalty, (xx, bb), allow_unused=True)
+        zero = [torch.zeros_like(t) if g is None else g for g, t in ((gx, x), (gb, bias))]
+        got[impl] = (y, dx, db, *zero, saved)
+    coded, plain = got[BA._ReferenceKernels], got[_XKernels]
+    assert coded[-1].dtype == torch.uint8 and coded[-1].numel() == 2 * math.ceil(x.numel() / 8)
+    assert plain[-1] is not None and plain[-1].shape == x.shape  # the backward from x keeps x
+    for a, b in zip(coded[:-1], plain[:-1]):
+        assert torch.equal(a, b)
+    assert coded[1].stride() == x.stride()
+
+
+def test_gradient_codes_double_backward_in_dy():
+    """The gradient from codes is differentiable in dy (the R1 penalty's path through the map): d/d dy of
+    sum(dz * v) is the map applied to v, as from x."""
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    bias = torch.randn(4, dtype=torch.float64)
+    v = torch.randn(3, 4, 5, dtype=torch.float64)
+    out = []
+    for impl in (BA._ReferenceKernels, _XKernels):
+        xx, bb = x.clone().requires_grad_(), bias.clone().requires_grad_()
+        y = BA._autograd.apply(BA._BiasActFunction, xx, bb, "lrelu", 0.2, 1.4, 1.1, 1, impl)
+        dy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        dx, db = torch.autograd.grad(y, (xx, bb), dy, create_graph=True)
+        out.append(torch.autograd.grad((dx * v).sum() + db.sum(), dy)[0])
+    assert torch.equal(out[0], out[1])
+
+
+def test_no_codes_without_a_graph(monkeypatch):
+    """Under no_grad (no backward can follow) the forward writes no codes."""
+    calls = []
+    monkeypatch.setattr(BA._ReferenceKernels, "forward_codes", staticmethod(lambda *a: calls.append(a)))
+    x, bias = torch.randn(2, 3, 4), torch.randn(3)
+    with torch.no_grad():
+        BA._autograd.apply(BA._BiasActFunction, x, bias, "lrelu", 0.2, 1.4, None, 1, BA._ReferenceKernels)
+    assert calls == []
+    BA._autograd.apply(BA._BiasActFunction, x.requires_grad_(), bias, "lrelu", 0.2, 1.4, None, 1, BA._ReferenceKernels)
+    assert len(calls) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", BA.CODE_ACTS)
+@pytest.mark.parametrize(("layout", "clamp"), [("contiguous", None), ("channels_last", 0.7)])
+def test_cuda_gradient_codes(act, dtype, layout, clamp):
+    """The cuda backend on a tensor large enough for gradient codes: autograd keeps the codes, not x, and
+    outputs, gradients and the double backward meet the criterion against the reference."""
+    x, bias = _inputs((2, 16, 48, 48), dtype, torch.device("cuda"), layout)
+    assert x.numel() >= cba.CODES_MIN_NUMEL
+    y = bias_act(x.detach().requires_grad_(), bias, act=act, clamp=clamp, backend="cuda")
+    saved = y.grad_fn.saved_tensors[0]
+    assert saved.dtype == torch.uint8 and saved.numel() == 2 * math.ceil(x.numel() / 8)
+    _check("cuda", x, bias, order=2, act=act, clamp=clamp)

@@ -204,23 +204,31 @@ struct BiasActProblem {
 };
 
 // y = act(x + bias) * gain, clamped to [-clamp, clamp] when has_clamp (NaN passes), in float32;
-// bias may be 0 (none). Launches on `stream`, never synchronizes.
-void bias_act_forward(const BiasActProblem& p, uintptr_t x, uintptr_t bias, uintptr_t y, uintptr_t stream);
+// bias may be 0 (none). codes (0: none): also write the gradient codes there, 2 bits an element
+// (bias_act_codes_bytes(n) bytes; linear, relu and lrelu, x and y 16-byte aligned; see
+// genkernels/bias_act.cuh). Launches on `stream`, never synchronizes.
+void bias_act_forward(const BiasActProblem& p, uintptr_t x, uintptr_t bias, uintptr_t y, uintptr_t stream,
+                      uintptr_t codes = 0);
+
+// The bytes of the gradient codes of n elements: 2 * ceil(n / 8).
+int64_t bias_act_codes_bytes(int64_t n);
 
 // dz = dy * gain * act'(x + bias) * m (m: 1 where -clamp <= act(z) * gain <= clamp, else 0; 1 without a
-// clamp), written in out_dtype (p.dtype or float32). Launches on `stream`, never synchronizes.
+// clamp), written in out_dtype (p.dtype or float32); from the forward's gradient codes instead of x and
+// the bias when codes is not 0 (x then unused). Launches on `stream`, never synchronizes.
 void bias_act_grad(const BiasActProblem& p, uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dz, int out_dtype,
-                   uintptr_t stream);
+                   uintptr_t stream, uintptr_t codes = 0);
 
-// The launch of bias_act_grad_bias for these tensors (dz 0: not written): {vec, tq, per_tile, rows, grid_x, grid_y,
-// width}; its partials are (grid_y, width) float32.
+// The launch of bias_act_grad_bias for these tensors (dz 0: not written; x 0 with codes): {vec, tq, per_tile, rows,
+// grid_x, grid_y, width}; its partials are (grid_y, width) float32.
 std::array<int64_t, 7> bias_act_grad_bias_plan(const BiasActProblem& p, uintptr_t dy, uintptr_t x, uintptr_t dz);
 
 // bias_act_grad's dz in x's dtype (dz may be 0: not written) and, in the same pass, float32 partial sums of the
 // unrounded dz: per tile (grid_y, grid_x) when each tile lies in one channel, else per column (grid_y, C *
-// stride_c); summed per channel they give the bias gradient. bias must be non-null. Never synchronizes.
+// stride_c); summed per channel they give the bias gradient. bias must be non-null (its dtype and channels
+// are the gradient's; with codes its values are not read). codes: as in bias_act_grad. Never synchronizes.
 void bias_act_grad_bias(const BiasActProblem& p, uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dz,
-                        uintptr_t partials, int64_t partials_size, uintptr_t stream);
+                        uintptr_t partials, int64_t partials_size, uintptr_t stream, uintptr_t codes = 0);
 
 // Demodulation coefficients of StyleGAN2's modulated convolution, weight (O, I, K) in dtype code
 // `dtype`, styles float32 (N, I), all contiguous and > 0 in size: writes the float32 (N, O)

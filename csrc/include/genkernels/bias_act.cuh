@@ -27,6 +27,16 @@
 // Memory traffic: forward x read once, y written once; gradient dy and x read once, dz written
 // once; the bias gathered through the read-only cache.
 //
+// Gradient codes (the piecewise-linear activations linear, relu and lrelu, whose act' takes two values):
+// the forward can also write 2 bits an element from which the gradient follows without x, element e's at
+// bits 2 (e % 4) of byte e / 4 of `codes`: bit 0 z > 0, bit 1 the clamp passes the gradient (always set
+// without a clamp). The gradient kernels then read the codes in place of x (a quarter of a byte an
+// element instead of 2 or 4) and compute dz = dy * gain * slope, slope 1, alpha (lrelu) or 0 (relu) by
+// bit 0 (1 for linear), and 0 where bit 1 is clear: the float32 operations of the gradient from z, so the
+// same bits. A forward vector of W elements (W = 4 or 8, the 16-byte width: the forward writes codes on
+// its vector path only) writes W / 4 whole bytes, so no two threads share a byte; the codes buffer holds
+// 2 * ceil(n / 8) bytes (whole words for a partial last vector). The gradients read them at any width.
+//
 // This header is the device code alone; it expects its includer to provide the CUDA built-ins it
 // uses (threadIdx, blockIdx, __ldg, __ldcs, __stcs, expf, tanhf, erff, fabsf and those of
 // chunk_walk.cuh). csrc/bias_act.cu compiles it with nvcc; tests/cuda/emulator runs the same
@@ -83,6 +93,8 @@ struct BiasActArgs {
   const void* bias;    // (C,) in bias_dtype, or nullptr
   int bias_dtype;      // kFloat32, kFloat16 or kBFloat16 (a branch the whole grid takes alike)
   void* out;           // y (dtype D) or dz (dtype O)
+  void* codes;         // gradient codes (uint8, 2 bits an element): written by the forward, read by the
+                       // gradients in place of x, when their CODES flag is set
   int64_t n;           // elements
   int64_t stride_c;    // x.stride(dim) (> 0)
   int64_t channels;    // C = x.shape[dim] (> 0)
@@ -250,6 +262,69 @@ __device__ __forceinline__ void grad_element(const BiasActArgs& a, int64_t e) {
   store_out<O, 1>(a.out, e, g);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Gradient codes (see the header).
+template <int ACT>
+constexpr bool kCodable = ACT == kActLinear || ACT == kActRelu || ACT == kActLrelu;
+
+// The 2-bit code of one element from its pre-activation z: bit 0 z > 0, bit 1 the clamp passes.
+template <int ACT>
+__device__ __forceinline__ unsigned int grad_code(const BiasActArgs& a, float z) {
+  static_assert(kCodable<ACT>, "codes are for the piecewise-linear activations");
+  unsigned int c = z > 0.f ? 1u : 0u;
+  if (a.has_clamp) {
+    const float pre = act_value<ACT>(z, a.alpha) * a.gain;
+    if (pre >= -a.clamp && pre <= a.clamp) c |= 2u;
+  } else {
+    c |= 2u;
+  }
+  return c;
+}
+
+// W codes at element e (a multiple of W) as one word, element e + i at bits 2 i: a 16-bit load for W = 8,
+// an 8-bit one for W = 4, and for W = 1 the byte holding element e shifted down to it.
+template <int W>
+__device__ __forceinline__ unsigned int load_codes(const void* codes, int64_t e) {
+  const auto* bytes = static_cast<const unsigned char*>(codes);
+  if constexpr (W == 8) {
+    return __ldcs(reinterpret_cast<const unsigned short*>(bytes) + e / 8);
+  } else if constexpr (W == 4) {
+    return __ldcs(bytes + e / 4);
+  } else {
+    static_assert(W == 1, "codes are read 1, 4 or 8 elements at a time");
+    return static_cast<unsigned int>(__ldcs(bytes + e / 4)) >> (2 * (e % 4));
+  }
+}
+
+// The word of W codes (W = 4 or 8) of the forward vector at element e.
+template <int W>
+__device__ __forceinline__ void store_codes(void* codes, int64_t e, unsigned int word) {
+  auto* bytes = static_cast<unsigned char*>(codes);
+  if constexpr (W == 8) {
+    __stcs(reinterpret_cast<unsigned short*>(bytes) + e / 8, static_cast<unsigned short>(word));
+  } else {
+    static_assert(W == 4, "the forward writes codes on its 16-byte vector path only");
+    __stcs(bytes + e / 4, static_cast<unsigned char>(word));
+  }
+}
+
+// dz of W elements, in place of dy, from their codes (element i at bits 2 i of word): the operations of
+// grad_map on the slope the code stands for.
+template <int ACT, int W>
+__device__ __forceinline__ void grad_map_codes(const BiasActArgs& a, unsigned int word, float (&dy)[W]) {
+  static_assert(kCodable<ACT>, "codes are for the piecewise-linear activations");
+#pragma unroll
+  for (int i = 0; i < W; ++i) {
+    const unsigned int c = word >> (2 * i);
+    float slope = 1.f;
+    if constexpr (ACT == kActRelu) slope = (c & 1u) ? 1.f : 0.f;
+    if constexpr (ACT == kActLrelu) slope = (c & 1u) ? 1.f : a.alpha;
+    float g = dy[i] * a.gain * slope;
+    if (a.has_clamp && !(c & 2u)) g = 0.f;
+    dy[i] = g;
+  }
+}
+
 // The elementwise kernels are flat walks (chunk_walk.cuh's flat_walk) in blocks of kBiasActThreads;
 // the gradient with dbias takes kBiasActUnroll rows a step the same way.
 constexpr int kBiasActUnroll = kFlatUnroll;
@@ -257,8 +332,10 @@ constexpr int kBiasActUnroll = kFlatUnroll;
 // Host: blocks of the elementwise kernels' 1-D grid for n elements in vectors of vec.
 inline int64_t bias_act_blocks(int64_t n, int vec) { return flat_blocks(n, kBiasActThreads, vec); }
 
-template <int ACT, class D, int VEC>
+// CODES: also write the gradient codes (kCodable activations, the 16-byte vector path only).
+template <int ACT, class D, int VEC, bool CODES = false>
 __global__ void __launch_bounds__(kBiasActThreads) bias_act_forward_kernel(const BiasActArgs a) {
+  static_assert(!CODES || (kCodable<ACT> && VEC > 1), "codes: a piecewise-linear activation, 16-byte vectors");
   RawT<D, VEC> raw[kBiasActUnroll];
   flat_walk<kBiasActThreads, VEC>(
       a.n, [&](int u, int64_t e) { raw[u] = load_raw<D, VEC, Cache::kStream>(a.x, e); },
@@ -267,31 +344,68 @@ __global__ void __launch_bounds__(kBiasActThreads) bias_act_forward_kernel(const
         decode<D, VEC>(raw[u], z);
         add_bias<VEC>(a, e, z);
         forward_store<ACT, D, VEC>(a, e, z);
+        if constexpr (CODES) {
+          unsigned int word = 0;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) word |= grad_code<ACT>(a, z[i]) << (2 * i);
+          store_codes<VEC>(a.codes, e, word);
+        }
       },
       [&](int64_t e) {
-        for (int64_t k = e; k < a.n; ++k) forward_element<ACT, D>(a, k);
+        unsigned int word = 0;
+        for (int64_t k = e; k < a.n; ++k) {
+          forward_element<ACT, D>(a, k);
+          if constexpr (CODES) {
+            float z[1];
+            load_stream<D, 1>(a.x, k, z);
+            add_bias<1>(a, k, z);
+            word |= grad_code<ACT>(a, z[0]) << (2 * (k - e));
+          }
+        }
+        if constexpr (CODES) store_codes<VEC>(a.codes, e, word);
       });
 }
 
-template <int ACT, class D, class O, int VEC>
+// CODES: from the gradient codes in place of x (kCodable activations; a.x unused).
+template <int ACT, class D, class O, int VEC, bool CODES = false>
 __global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_kernel(const BiasActArgs a) {
-  RawT<D, VEC> raw_x[kBiasActUnroll], raw_dy[kBiasActUnroll];
+  static_assert(!CODES || kCodable<ACT>, "codes are for the piecewise-linear activations");
+  RawT<D, VEC> raw_x[CODES ? 1 : kBiasActUnroll], raw_dy[kBiasActUnroll];
+  unsigned int words[CODES ? kBiasActUnroll : 1];
   flat_walk<kBiasActThreads, VEC>(
       a.n,
       [&](int u, int64_t e) {
-        raw_x[u] = load_raw<D, VEC, Cache::kStream>(a.x, e);
+        if constexpr (CODES) {
+          words[u] = load_codes<VEC>(a.codes, e);
+        } else {
+          raw_x[u] = load_raw<D, VEC, Cache::kStream>(a.x, e);
+        }
         raw_dy[u] = load_raw<D, VEC, Cache::kStream>(a.dy, e);
       },
       [&](int u, int64_t e) {
-        float z[VEC], g[VEC];
-        decode<D, VEC>(raw_x[u], z);
+        float g[VEC];
         decode<D, VEC>(raw_dy[u], g);
-        add_bias<VEC>(a, e, z);
-        grad_map<ACT, VEC>(a, z, g);
+        if constexpr (CODES) {
+          grad_map_codes<ACT, VEC>(a, words[u], g);
+        } else {
+          float z[VEC];
+          decode<D, VEC>(raw_x[u], z);
+          add_bias<VEC>(a, e, z);
+          grad_map<ACT, VEC>(a, z, g);
+        }
         store_out<O, VEC>(a.out, e, g);
       },
       [&](int64_t e) {
-        for (int64_t k = e; k < a.n; ++k) grad_element<ACT, D, O>(a, k);
+        for (int64_t k = e; k < a.n; ++k) {
+          if constexpr (CODES) {
+            float g[1];
+            load_stream<D, 1>(a.dy, k, g);
+            grad_map_codes<ACT, 1>(a, load_codes<1>(a.codes, k), g);
+            store_out<O, 1>(a.out, k, g);
+          } else {
+            grad_element<ACT, D, O>(a, k);
+          }
+        }
       });
 }
 
@@ -357,10 +471,12 @@ struct BiasGradTile {
   bool store;          // write dz
 };
 
-template <int ACT, class D, int VEC, bool UNIFORM>
+template <int ACT, class D, int VEC, bool UNIFORM, bool CODES = false>
 __global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_bias_kernel(const BiasActArgs a, const BiasGradTile t) {
   // UNIFORM: each vector lies in one channel (VEC = 1, or stride_c a multiple of VEC): one bias value
   // and one running sum a thread, the sum standing for the vector's first column (its other columns 0).
+  // CODES: from the gradient codes in place of x and the bias (kCodable activations).
+  static_assert(!CODES || kCodable<ACT>, "codes are for the piecewise-linear activations");
   constexpr int NB = UNIFORM ? 1 : VEC;
   const int tq = t.tq, tr = kBiasActThreads / t.tq;
   const int cq = static_cast<int>(threadIdx.x) % tq, cr = static_cast<int>(threadIdx.x) / tq;
@@ -378,7 +494,7 @@ __global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_bias_kernel(con
     split_index(wraps, a.channels, wraps, c);
 #pragma unroll
     for (int i = 0; i < NB; ++i) {
-      b[i] = bias_value(a, c);
+      b[i] = CODES ? 0.f : bias_value(a, c);
       if (++r == a.stride_c) {
         r = 0;
         if (++c == a.channels) c = 0;
@@ -390,26 +506,36 @@ __global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_bias_kernel(con
     constexpr int U = kBiasActUnroll;
     const int64_t row_step = static_cast<int64_t>(tr) * t.cols;
     for (int64_t row = row0 + cr; row < row_end; row += U * tr) {
-      RawT<D, VEC> raw_x[U], raw_dy[U];
+      RawT<D, VEC> raw_x[CODES ? 1 : U], raw_dy[U];
+      unsigned int words[CODES ? U : 1];
       const int64_t e0 = row * t.cols + q;
       const int64_t left = (row_end - row + tr - 1) / tr;  // rows of this thread from row on
       const int rows_here = left < U ? static_cast<int>(left) : U;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (u < rows_here) {
-          raw_x[u] = load_raw<D, VEC, Cache::kStream>(a.x, e0 + u * row_step);
+          if constexpr (CODES) {
+            words[u] = load_codes<VEC>(a.codes, e0 + u * row_step);
+          } else {
+            raw_x[u] = load_raw<D, VEC, Cache::kStream>(a.x, e0 + u * row_step);
+          }
           raw_dy[u] = load_raw<D, VEC, Cache::kStream>(a.dy, e0 + u * row_step);
         }
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (u < rows_here) {
-          float z[VEC], g[VEC];
-          decode<D, VEC>(raw_x[u], z);
+          float g[VEC];
           decode<D, VEC>(raw_dy[u], g);
+          if constexpr (CODES) {
+            grad_map_codes<ACT, VEC>(a, words[u], g);
+          } else {
+            float z[VEC];
+            decode<D, VEC>(raw_x[u], z);
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) z[i] += b[UNIFORM ? 0 : i];
-          grad_map<ACT, VEC>(a, z, g);
+            for (int i = 0; i < VEC; ++i) z[i] += b[UNIFORM ? 0 : i];
+            grad_map<ACT, VEC>(a, z, g);
+          }
 #pragma unroll
           for (int i = 0; i < VEC; ++i) acc[UNIFORM ? 0 : i] += g[i];
           if (t.store) store_stream<D, VEC>(a.out, e0 + u * row_step, g);

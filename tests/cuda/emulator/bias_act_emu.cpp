@@ -37,8 +37,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -368,9 +370,143 @@ simt::Outcome run(const Case& c, unsigned seed) {
   if (y.untouched() || dz.untouched()) found.flag("an output element never written");
   if (y.stray() || dz.stray()) found.flag("a store outside y or dz");
 
-  char buf[320];
-  snprintf(buf, sizeof buf, "vec %d %d n %lld; max |err| / tol %.3g%s", fvec, gvec, static_cast<long long>(n),
-           found.worst, extra);
+  // Gradient codes (linear, relu, lrelu on the forward's vector path): the forward writes y bit for bit
+  // as without them and the codes of the format (z > 0, the clamp passes); the gradient kernels, from the
+  // codes and never x, write dz and the partials bit for bit as from x.
+  char codes_extra[120] = "";
+  if (c.act <= 2 && fvec > 1) {
+    const int64_t words = (n + 7) / 8;  // 2 * ceil(n / 8) bytes: whole 16-bit words
+    std::vector<uint16_t> code_store(words + 2, 0xa5a5);  // sentinel words on both sides
+    unsigned char* codes = reinterpret_cast<unsigned char*>(code_store.data() + 1);
+    simt::register_global(global, codes, static_cast<size_t>(words) * 2);
+    Buffer y3, dz3;
+    y3.init(c.dtype, n, mis_in);
+    dz3.init(c.out_dtype, n, mis_out);
+    BiasActArgs fc = fa;
+    fc.out = y3.data();
+    fc.codes = codes;
+    genkernels::with_vector(c.dtype, fvec, [&](auto d, auto v) {
+      using D = decltype(d);
+      constexpr int kVec = decltype(v)::value;
+      if constexpr (kVec > 1) {
+        genkernels::with_act(c.act, [&](auto act) {
+          constexpr int kAct = decltype(act)::value;
+          if constexpr (genkernels::kCodable<kAct>) {
+            simt::launch(blocks(kVec), kThreads, 0, {}, global, label + " (forward + codes)", [&] {
+              genkernels::bias_act_forward_kernel<kAct, D, kVec, true>(fc);
+            });
+          }
+        });
+      }
+    });
+    for (int64_t e = 0; e < n; ++e) {
+      if (y3.bits(e) != y.bits(e)) {
+        found.flag("y[%lld] = %.9g with codes, %.9g without", (long long)e, y3.at(e), y.at(e));
+        break;
+      }
+    }
+    if (y3.stray()) found.flag("a store outside y (forward with codes)");
+    if (code_store.front() != 0xa5a5 || code_store.back() != 0xa5a5) found.flag("a store outside the codes");
+    for (int64_t e = 0; e < n; ++e) {
+      const float b = has_bias ? bias[1 + channel[e]] : 0.f;
+      const float z = x.at(e) + b;
+      double v, vmag;
+      act64(c.act, z, alpha, v, vmag);
+      const double pre = v * gain;
+      if (c.clamp && std::fabs(std::fabs(pre) - clamp) <= tol_rel * clamp) continue;  // either way
+      const unsigned want = (z > 0.f ? 1u : 0u) | (!c.clamp || (pre >= -clamp && pre <= clamp) ? 2u : 0u);
+      const unsigned got = (codes[e / 4] >> (2 * (e % 4))) & 3u;
+      if (got != want) {
+        found.flag("code[%lld] = %u, want %u (z %.9g)", (long long)e, got, want, z);
+        break;
+      }
+    }
+    BiasActArgs gc = ga;
+    gc.x = nullptr;  // from the codes alone
+    gc.codes = codes;
+    gc.out = dz3.data();
+    const int cvec = driver::vector_width(c.dtype, wide, {dy.data(), dz3.data()});
+    genkernels::with_vector(c.dtype, cvec, [&](auto d, auto v) {
+      using D = decltype(d);
+      constexpr int kVec = decltype(v)::value;
+      auto go = [&](auto o) {
+        using O = decltype(o);
+        genkernels::with_act(c.act, [&](auto act) {
+          constexpr int kAct = decltype(act)::value;
+          if constexpr (genkernels::kCodable<kAct>) {
+            simt::launch(blocks(kVec), kThreads, 0, {}, global, label + " (grad from codes)", [&] {
+              genkernels::bias_act_grad_kernel<kAct, D, O, kVec, true>(gc);
+            });
+          }
+        });
+      };
+      if (c.out_dtype == c.dtype) {
+        go(D{});
+      } else {
+        go(genkernels::F32{});
+      }
+    });
+    for (int64_t e = 0; e < n; ++e) {
+      if (dz3.bits(e) != dz.bits(e)) {
+        found.flag("dz[%lld] = %.9g from codes, %.9g from x", (long long)e, dz3.at(e), dz.at(e));
+        break;
+      }
+    }
+    if (dz3.untouched() || dz3.stray()) found.flag("dz from codes: an element never written or a stray store");
+    const char* bias_codes = "";
+    if (bias_grad) {
+      Buffer dz4;
+      dz4.init(c.dtype, n, mis_out);
+      const bool aligned = c.store ? driver::vector_width(c.dtype, wide, {dy.data(), dz4.data()}) == wide
+                                   : driver::vector_width(c.dtype, wide, {dy.data()}) == wide;
+      const genkernels::BiasGradPlan plan2 = genkernels::bias_grad_plan(wide, aligned, n, stride_c, c.C);
+      std::vector<float> partials2(plan2.grid_y * plan2.width + 2, NAN);
+      const genkernels::BiasGradTile t2{partials2.data() + 1, n / cols, cols, plan2.rows, plan2.width, plan2.grid_x,
+                                        plan2.tq, plan2.per_tile, c.store};
+      BiasActArgs bc = a;
+      bc.x = nullptr;
+      bc.codes = codes;
+      bc.dy = dy.data();
+      bc.out = c.store ? static_cast<void*>(dz4.data()) : static_cast<void*>(dy.data());
+      genkernels::with_vector(c.dtype, plan2.vec, [&](auto d, auto v) {
+        using D = decltype(d);
+        constexpr int kVec = decltype(v)::value;
+        const auto blocks_total = static_cast<unsigned>(plan2.grid_x * plan2.grid_y);
+        genkernels::with_uniform<kVec>(bc.stride_c, [&](auto uniform) {
+          constexpr bool kUniform = std::decay_t<decltype(uniform)>::value;
+          genkernels::with_act(c.act, [&](auto act) {
+            constexpr int kAct = decltype(act)::value;
+            if constexpr (genkernels::kCodable<kAct>) {
+              simt::launch(blocks_total, kThreads, 0, {}, global, label + " (grad + bias from codes)", [&] {
+                genkernels::bias_act_grad_bias_kernel<kAct, D, kVec, kUniform, true>(bc, t2);
+              });
+            }
+          });
+        });
+      });
+      if (plan2.vec != plan.vec || plan2.grid_y != plan.grid_y || plan2.width != plan.width) {
+        found.flag("the bias-grad plan from codes differs from the plan from x");
+      } else if (std::memcmp(partials2.data(), partials.data(), partials.size() * sizeof(float)) != 0) {
+        found.flag("bias-grad partials from codes differ from those from x");
+      }
+      if (c.store) {
+        for (int64_t e = 0; e < n; ++e) {
+          if (dz4.bits(e) != dz2.bits(e)) {
+            found.flag("bias-grad dz[%lld] = %.9g from codes, %.9g from x", (long long)e, dz4.at(e), dz2.at(e));
+            break;
+          }
+        }
+      } else if (dz4.untouched() != static_cast<size_t>(n)) {
+        found.flag("dz written by the bias-grad kernel from codes without store");
+      }
+      bias_codes = " bias";
+    }
+    snprintf(codes_extra, sizeof codes_extra, "; codes fwd %d grad %d%s", fvec, cvec, bias_codes);
+  }
+
+  char buf[400];
+  snprintf(buf, sizeof buf, "vec %d %d n %lld; max |err| / tol %.3g%s%s", fvec, gvec, static_cast<long long>(n),
+           found.worst, extra, codes_extra);
   return found.outcome(label, buf);
 }
 
