@@ -372,6 +372,20 @@ def test_gradient_codes_double_backward_in_dy():
     assert torch.equal(out[0], out[1])
 
 
+def test_gradient_codes_graph_without_x():
+    """The documented difference: the gradient from codes is not a function of x in autograd's graph, so with
+    a dy that needs no grad it needs none under create_graph, where the one from x does (zero second order)."""
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    got = []
+    for impl in (BA._ReferenceKernels, _XKernels):
+        xx = x.clone().requires_grad_()
+        y = BA._autograd.apply(BA._BiasActFunction, xx, None, "lrelu", 0.2, 1.4, None, 1, impl)
+        (dx,) = torch.autograd.grad(y, xx, torch.ones_like(y), create_graph=True)
+        got.append(dx)
+    assert not got[0].requires_grad and torch.equal(got[0], got[1])
+    assert torch.equal(torch.autograd.grad(got[1].sum(), xx)[0], torch.zeros_like(x))
+
+
 def test_no_codes_without_a_graph(monkeypatch):
     """Under no_grad (no backward can follow) the forward writes no codes."""
     calls = []
