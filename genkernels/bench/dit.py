@@ -199,9 +199,13 @@ def cases(quick: bool = False) -> list[DiTBlockCase]:
 
 
 def _counted(rec: CaseRecord | None) -> dict[str, int]:
-    """The record's bytes outside the matrix products by variant ({} when not counted)."""
+    """The record's bytes outside the matrix products by variant ({} when not counted); the CUDA graph
+    replays the genkernels variant's ops."""
     counted = {} if rec is None else rec.params.get("bytes_outside_matmuls") or {}
-    return {name: moved for name, moved in counted.items() if name != "error"}
+    counted = {name: moved for name, moved in counted.items() if name != "error"}
+    if _model.GENKERNELS in counted:
+        counted[_model.GRAPH] = counted[_model.GENKERNELS]
+    return counted
 
 
 def floors_ms(rec: CaseRecord) -> dict[str, float]:
@@ -211,17 +215,12 @@ def floors_ms(rec: CaseRecord) -> dict[str, float]:
     counted = _counted(rec)
     if rec.floor_ms is None or not rec.copy_gbs:
         return {}
-    floors = {name: rec.floor_ms + moved / (rec.copy_gbs * 1e9) * 1e3 for name, moved in counted.items()}
-    if _model.GENKERNELS in floors:
-        floors[_model.GRAPH] = floors[_model.GENKERNELS]
-    return floors
+    return {name: rec.floor_ms + moved / (rec.copy_gbs * 1e9) * 1e3 for name, moved in counted.items()}
 
 
 def _traffic_columns(rec: CaseRecord | None, variant: str) -> list[str]:
     """MB outside the matrix products, floor ms and % of the floor for one row (n/a where not counted or run)."""
-    counted = _counted(rec)
-    counted.setdefault(_model.GRAPH, counted.get(_model.GENKERNELS))
-    moved = counted.get(variant)
+    moved = _counted(rec).get(variant)
     floor = {} if rec is None else floors_ms(rec)
     mb = "n/a" if moved is None else f"{moved / 1e6:.0f}"
     if variant not in floor:

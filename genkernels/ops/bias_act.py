@@ -204,18 +204,27 @@ def _reference_forward(x, bias, act, alpha, gain, clamp, dim):
     return match_layout(y.to(x.dtype), x)
 
 
-def _reference_grad(dy, x, bias, act, alpha, gain, clamp, dim, out_dtype=None):
+def _reference_dz(dy, x, bias, act, alpha, gain, clamp, dim, codes):
+    """dz in the accumulation dtype: from z = x + bias, or from the gradient codes when given (x unused)."""
+    if codes is not None:
+        return _codes_grad(dy, codes, act, alpha, gain, clamp, _acc(dy))
     z = _pre(x, bias, dim)
     dz = dy.to(z.dtype) * gain * _act_grad1(z, act, alpha)
     mask = _clamp_mask(z, act, alpha, gain, clamp)
     if mask is not None:
         dz = torch.where(mask, dz, torch.zeros_like(dz))
-    return match_layout(dz.to(out_dtype or x.dtype), x)
+    return dz
 
 
-def _reference_grad_bias(dy, x, bias, act, alpha, gain, clamp, dim, need_dz):
-    dz = _reference_grad(dy, x, bias, act, alpha, gain, clamp, dim, out_dtype=_acc(x))
-    return (dz.to(x.dtype) if need_dz else None), _sum_except(dz, dim).to(bias.dtype)
+def _reference_grad(dy, x, bias, act, alpha, gain, clamp, dim, out_dtype=None, codes=None):
+    """dy has x's dtype and layout (as every caller passes it)."""
+    dz = _reference_dz(dy, x, bias, act, alpha, gain, clamp, dim, codes)
+    return match_layout(dz.to(out_dtype or dy.dtype), dy)
+
+
+def _reference_grad_bias(dy, x, bias, act, alpha, gain, clamp, dim, need_dz, codes=None):
+    dz = _reference_dz(dy, x, bias, act, alpha, gain, clamp, dim, codes)
+    return (match_layout(dz.to(dy.dtype), dy) if need_dz else None), _sum_except(dz, dim).to(bias.dtype)
 
 
 # Gradient codes (see the module doc): the format in torch, for the reference kernels.
@@ -264,21 +273,6 @@ def _codes_grad(dy: Tensor, codes: Tensor, act: str, alpha: float, gain: float, 
     return dz
 
 
-def _reference_grad_any(dy, x, bias, act, alpha, gain, clamp, dim, out_dtype=None, codes=None):
-    if codes is None:
-        return _reference_grad(dy, x, bias, act, alpha, gain, clamp, dim, out_dtype)
-    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    return match_layout(_codes_grad(dy, codes, act, alpha, gain, clamp, acc).to(out_dtype or dy.dtype), dy)
-
-
-def _reference_grad_bias_any(dy, x, bias, act, alpha, gain, clamp, dim, need_dz, codes=None):
-    if codes is None:
-        return _reference_grad_bias(dy, x, bias, act, alpha, gain, clamp, dim, need_dz)
-    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    dz = _codes_grad(dy, codes, act, alpha, gain, clamp, acc)
-    return (match_layout(dz.to(dy.dtype), dy) if need_dz else None), _sum_except(dz, dim).to(bias.dtype)
-
-
 class _ReferenceKernels:
     """The reference formulas behind the fast backends' interface (the traced op uses it), gradient codes
     included (what the tests run the op's autograd on)."""
@@ -287,8 +281,8 @@ class _ReferenceKernels:
     CODE_ACTS = CODE_ACTS
     forward = staticmethod(_reference_forward)
     forward_codes = staticmethod(_reference_forward_codes)
-    grad = staticmethod(_reference_grad_any)
-    grad_bias = staticmethod(_reference_grad_bias_any)
+    grad = staticmethod(_reference_grad)
+    grad_bias = staticmethod(_reference_grad_bias)
 
 
 def _act_grad2(z: Tensor, act: str) -> Tensor | None:

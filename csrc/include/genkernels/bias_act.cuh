@@ -252,16 +252,6 @@ __device__ __forceinline__ void forward_element(const BiasActArgs& a, int64_t e)
   forward_store<ACT, D, 1>(a, e, z);
 }
 
-template <int ACT, class D, class O>
-__device__ __forceinline__ void grad_element(const BiasActArgs& a, int64_t e) {
-  float z[1], g[1];
-  load_stream<D, 1>(a.x, e, z);
-  load_stream<D, 1>(a.dy, e, g);
-  add_bias<1>(a, e, z);
-  grad_map<ACT, 1>(a, z, g);
-  store_out<O, 1>(a.out, e, g);
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Gradient codes (see the header).
 template <int ACT>
@@ -325,6 +315,46 @@ __device__ __forceinline__ void grad_map_codes(const BiasActArgs& a, unsigned in
   }
 }
 
+// What a gradient kernel reads besides dy for W elements at e: x (dz from z = x + bias, through grad_map)
+// or, CODES, their codes (through grad_map_codes). load() issues the read; map() turns the decoded dy into
+// dz in place, adding the bias to z with add_bias(z) (the caller's: by index, or the values it holds).
+template <int ACT, class D, int W, bool CODES>
+struct GradSource {
+  static_assert(!CODES || kCodable<ACT>, "codes are for the piecewise-linear activations");
+  RawT<D, W> x;
+  unsigned int word;
+
+  __device__ __forceinline__ void load(const BiasActArgs& a, int64_t e) {
+    if constexpr (CODES) {
+      word = load_codes<W>(a.codes, e);
+    } else {
+      x = load_raw<D, W, Cache::kStream>(a.x, e);
+    }
+  }
+
+  template <class AddBias>
+  __device__ __forceinline__ void map(const BiasActArgs& a, float (&g)[W], AddBias add_bias) const {
+    if constexpr (CODES) {
+      grad_map_codes<ACT, W>(a, word, g);
+    } else {
+      float z[W];
+      decode<D, W>(x, z);
+      add_bias(z);
+      grad_map<ACT, W>(a, z, g);
+    }
+  }
+};
+
+template <int ACT, class D, class O, bool CODES>
+__device__ __forceinline__ void grad_element(const BiasActArgs& a, int64_t e) {
+  GradSource<ACT, D, 1, CODES> src;
+  src.load(a, e);
+  float g[1];
+  load_stream<D, 1>(a.dy, e, g);
+  src.map(a, g, [&](float(&z)[1]) { add_bias<1>(a, e, z); });
+  store_out<O, 1>(a.out, e, g);
+}
+
 // The elementwise kernels are flat walks (chunk_walk.cuh's flat_walk) in blocks of kBiasActThreads;
 // the gradient with dbias takes kBiasActUnroll rows a step the same way.
 constexpr int kBiasActUnroll = kFlatUnroll;
@@ -355,7 +385,7 @@ __global__ void __launch_bounds__(kBiasActThreads) bias_act_forward_kernel(const
         unsigned int word = 0;
         for (int64_t k = e; k < a.n; ++k) {
           forward_element<ACT, D>(a, k);
-          if constexpr (CODES) {
+          if constexpr (CODES) {  // z read again (at most VEC - 1 elements a tensor): keeping it spills
             float z[1];
             load_stream<D, 1>(a.x, k, z);
             add_bias<1>(a, k, z);
@@ -369,43 +399,22 @@ __global__ void __launch_bounds__(kBiasActThreads) bias_act_forward_kernel(const
 // CODES: from the gradient codes in place of x (kCodable activations; a.x unused).
 template <int ACT, class D, class O, int VEC, bool CODES = false>
 __global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_kernel(const BiasActArgs a) {
-  static_assert(!CODES || kCodable<ACT>, "codes are for the piecewise-linear activations");
-  RawT<D, VEC> raw_x[CODES ? 1 : kBiasActUnroll], raw_dy[kBiasActUnroll];
-  unsigned int words[CODES ? kBiasActUnroll : 1];
+  GradSource<ACT, D, VEC, CODES> src[kBiasActUnroll];
+  RawT<D, VEC> raw_dy[kBiasActUnroll];
   flat_walk<kBiasActThreads, VEC>(
       a.n,
       [&](int u, int64_t e) {
-        if constexpr (CODES) {
-          words[u] = load_codes<VEC>(a.codes, e);
-        } else {
-          raw_x[u] = load_raw<D, VEC, Cache::kStream>(a.x, e);
-        }
+        src[u].load(a, e);
         raw_dy[u] = load_raw<D, VEC, Cache::kStream>(a.dy, e);
       },
       [&](int u, int64_t e) {
         float g[VEC];
         decode<D, VEC>(raw_dy[u], g);
-        if constexpr (CODES) {
-          grad_map_codes<ACT, VEC>(a, words[u], g);
-        } else {
-          float z[VEC];
-          decode<D, VEC>(raw_x[u], z);
-          add_bias<VEC>(a, e, z);
-          grad_map<ACT, VEC>(a, z, g);
-        }
+        src[u].map(a, g, [&](float(&z)[VEC]) { add_bias<VEC>(a, e, z); });
         store_out<O, VEC>(a.out, e, g);
       },
       [&](int64_t e) {
-        for (int64_t k = e; k < a.n; ++k) {
-          if constexpr (CODES) {
-            float g[1];
-            load_stream<D, 1>(a.dy, k, g);
-            grad_map_codes<ACT, 1>(a, load_codes<1>(a.codes, k), g);
-            store_out<O, 1>(a.out, k, g);
-          } else {
-            grad_element<ACT, D, O>(a, k);
-          }
-        }
+        for (int64_t k = e; k < a.n; ++k) grad_element<ACT, D, O, CODES>(a, k);
       });
 }
 
@@ -476,7 +485,6 @@ __global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_bias_kernel(con
   // UNIFORM: each vector lies in one channel (VEC = 1, or stride_c a multiple of VEC): one bias value
   // and one running sum a thread, the sum standing for the vector's first column (its other columns 0).
   // CODES: from the gradient codes in place of x and the bias (kCodable activations).
-  static_assert(!CODES || kCodable<ACT>, "codes are for the piecewise-linear activations");
   constexpr int NB = UNIFORM ? 1 : VEC;
   const int tq = t.tq, tr = kBiasActThreads / t.tq;
   const int cq = static_cast<int>(threadIdx.x) % tq, cr = static_cast<int>(threadIdx.x) / tq;
@@ -506,19 +514,15 @@ __global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_bias_kernel(con
     constexpr int U = kBiasActUnroll;
     const int64_t row_step = static_cast<int64_t>(tr) * t.cols;
     for (int64_t row = row0 + cr; row < row_end; row += U * tr) {
-      RawT<D, VEC> raw_x[CODES ? 1 : U], raw_dy[U];
-      unsigned int words[CODES ? U : 1];
+      GradSource<ACT, D, VEC, CODES> src[U];
+      RawT<D, VEC> raw_dy[U];
       const int64_t e0 = row * t.cols + q;
       const int64_t left = (row_end - row + tr - 1) / tr;  // rows of this thread from row on
       const int rows_here = left < U ? static_cast<int>(left) : U;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (u < rows_here) {
-          if constexpr (CODES) {
-            words[u] = load_codes<VEC>(a.codes, e0 + u * row_step);
-          } else {
-            raw_x[u] = load_raw<D, VEC, Cache::kStream>(a.x, e0 + u * row_step);
-          }
+          src[u].load(a, e0 + u * row_step);
           raw_dy[u] = load_raw<D, VEC, Cache::kStream>(a.dy, e0 + u * row_step);
         }
       }
@@ -527,15 +531,10 @@ __global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_bias_kernel(con
         if (u < rows_here) {
           float g[VEC];
           decode<D, VEC>(raw_dy[u], g);
-          if constexpr (CODES) {
-            grad_map_codes<ACT, VEC>(a, words[u], g);
-          } else {
-            float z[VEC];
-            decode<D, VEC>(raw_x[u], z);
+          src[u].map(a, g, [&](float(&z)[VEC]) {
 #pragma unroll
             for (int i = 0; i < VEC; ++i) z[i] += b[UNIFORM ? 0 : i];
-            grad_map<ACT, VEC>(a, z, g);
-          }
+          });
 #pragma unroll
           for (int i = 0; i < VEC; ++i) acc[UNIFORM ? 0 : i] += g[i];
           if (t.store) store_stream<D, VEC>(a.out, e0 + u * row_step, g);
