@@ -566,7 +566,8 @@ class DiTAttention(_OpsModule):
 
 class DiTMlp(_OpsModule):
     """fc2(gelu_tanh(fc1(x))): (B, L, dim) -> (B, L, dim), hidden channels ``hidden``
-    (genkernels.ops.gelu_tanh; F.gelu(approximate="tanh") when ``torch_layers``)."""
+    (fc1 and the GELU as genkernels.ops.linear_gelu_tanh: on CUDA without autograd, one matrix product with the
+    bias and GELU in its epilogue; fc1 then F.gelu(approximate="tanh") when ``torch_layers``)."""
 
     def __init__(self, dim: int, hidden: int, backend: str | None = None, torch_layers: bool = False) -> None:
         super().__init__(backend, torch_layers)
@@ -575,8 +576,10 @@ class DiTMlp(_OpsModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L, dim) -> (B, L, dim): fc2(gelu_tanh(fc1(x)))."""
-        h = self.fc1(x)
-        h = F.gelu(h, approximate="tanh") if self.torch_layers else ops.gelu_tanh(h, backend=self.backend)
+        if self.torch_layers:
+            h = F.gelu(self.fc1(x), approximate="tanh")
+        else:
+            h = ops.linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias, backend=self.backend)
         return self.fc2(h)
 
 
@@ -671,7 +674,7 @@ class DiT(torch.nn.Module):
     RoPE (positions="rope"): cos, sin = genkernels.ops.rope_frequencies_2d(h, w, dim_head, rope_base),
     applied to q and k in the "rotate half" convention (channel j paired with j + dim_head / 2): pairs
     j < dim_head / 4 turn with the patch row, the others with its column. The ops (layer_norm_modulate,
-    gated_residual_layer_norm_modulate, gated_residual, rope, gelu_tanh, attention) go through the
+    gated_residual_layer_norm_modulate, gated_residual, rope, linear_gelu_tanh, attention) go through the
     genkernels registry; ``backend`` pins all of them.
 
     Args:

@@ -3,7 +3,7 @@ with a key/value cache.
 
     LayerNormModulate    y = norm(x) * (1 + scale) + shift          genkernels.ops.layer_norm_modulate
     SwiGLU               fc2(silu(a) * b), [a; b] = fc1(x)           genkernels.ops.swiglu
-    GeluMLP              fc2(gelu_tanh(fc1(x)))                      genkernels.ops.gelu_tanh
+    GeluMLP              fc2(gelu_tanh(fc1(x)))                      genkernels.ops.linear_gelu_tanh
     RotaryEmbedding      cos / sin tables of 1-D positions           genkernels.ops.rope_frequencies
     KVCache              preallocated keys and values of one attention layer, written in place
     CausalSelfAttention  causal multi-head self-attention (optionally rotary, optionally cached)
@@ -17,7 +17,7 @@ import torch
 from .._checks import check_backend, positive_int
 from ..ops.adaln import layer_norm_modulate
 from ..ops.attention import attention
-from ..ops.gated_mlp import gelu_tanh, swiglu
+from ..ops.gated_mlp import linear_gelu_tanh, swiglu
 from ..ops.rope import rope, rope_frequencies
 from .attention import Attention
 
@@ -115,6 +115,8 @@ class GeluMLP(torch.nn.Module):
     """fc2(gelu_tanh(fc1(x))): the ViT / DiT MLP, with the tanh-approximated GELU as one fused op.
 
     fc1: Linear(dim, hidden), fc2: Linear(hidden, dim), both with bias. (..., dim) -> (..., dim).
+    fc1 and the GELU run as genkernels.ops.linear_gelu_tanh (fc1's weight and bias; hooks on fc1 do not
+    run): on CUDA without autograd, one matrix product with the bias and GELU in its epilogue.
     """
 
     def __init__(
@@ -136,7 +138,7 @@ class GeluMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., dim) -> (..., dim)."""
-        return self.fc2(gelu_tanh(self.fc1(x), backend=self.backend))
+        return self.fc2(linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias, backend=self.backend))
 
 
 class RotaryEmbedding(torch.nn.Module):

@@ -11,7 +11,7 @@ from .adaln import (
 from .attention import attention, attention_reference
 from .bias_act import bias_act, bias_act_reference
 from .coupling import actnorm, affine_coupling
-from .gated_mlp import gelu_tanh, gelu_tanh_reference, swiglu, swiglu_reference
+from .gated_mlp import gelu_tanh, gelu_tanh_reference, linear_gelu_tanh, swiglu, swiglu_reference
 from .group_norm import group_norm, group_norm_reference
 from .modconv import demodulation_coefficients, modconv_epilogue
 from .reparam import reparameterize, reparameterize_reference
@@ -52,6 +52,7 @@ __all__ = [
     "group_norm_reference",
     "layer_norm_modulate",
     "layer_norm_modulate_reference",
+    "linear_gelu_tanh",
     "modconv_epilogue",
     "reparameterize",
     "reparameterize_reference",

@@ -208,12 +208,13 @@ def test_dit_cases_and_flops():
 def test_dit_bytes_outside_matmuls():
     """The counted traffic at L = 4096 in units of one (2, 4096, 1152) bf16 tensor T: the PyTorch layers 48 T
     (LayerNorm + modulation 6 twice, rotate-half RoPE 9 for q and 9 for k, gated residuals 5 twice, GELU on the
-    4x wide hidden 8) plus the casts and statistics; the genkernels ops 21 T (norm 2, RoPE 4, residual + norm 4,
-    GELU 8, gated residual 3) plus the (B, D) modulations, the RoPE tables and the statistics."""
+    4x wide hidden 8) plus the casts and statistics; the genkernels ops 13 T (norm 2, RoPE 4, residual + norm 4,
+    gated residual 3; the GELU runs in fc1's epilogue) plus the (B, D) modulations, the RoPE tables and the
+    statistics."""
     t = 2 * 4096 * 1152 * 2
     counted = dit.cases()[0].params["bytes_outside_matmuls"]
     assert 48 * t < counted[core.EAGER] < 48.5 * t
-    assert 21 * t < counted[_model.GENKERNELS] < 21.1 * t
+    assert 13 * t < counted[_model.GENKERNELS] < 13.1 * t
     assert counted == dit.traffic_bytes("dit_xl_2", 2, 64, torch.bfloat16)
 
 
@@ -232,10 +233,10 @@ def test_dit_floors():
     floors = {n: records[0].floor_ms + counted[n] / 3002e9 * 1e3 for n in (core.EAGER, _model.GENKERNELS)}
     assert dit.floors_ms(records[0])[_model.GRAPH] == floors[_model.GENKERNELS]
     assert rows["4096", core.EAGER][4:6] == [f"{floors[core.EAGER]:.3f}", f"{100 * floors[core.EAGER] / 1.2:.0f}%"]
-    assert rows["4096", _model.GRAPH][3:6] == ["398", f"{floors[_model.GENKERNELS]:.3f}", "76%"]
+    assert rows["4096", _model.GRAPH][3:6] == ["247", f"{floors[_model.GENKERNELS]:.3f}", "70%"]
     assert rows["4096", core.COMPILE][3:6] == ["n/a"] * 3
     ratio = floors[core.EAGER] / floors[_model.GENKERNELS]
-    assert 1.2 < ratio < 1.3 and f"L = 4096: {ratio:.2f}x" in summary.notes[-1]
+    assert 1.3 < ratio < 1.4 and f"L = 4096: {ratio:.2f}x" in summary.notes[-1]
 
 
 def test_dit_count_failure_is_reported(monkeypatch):

@@ -132,6 +132,31 @@ def test_ops_path_equals_torch_layers(positions, backend, device):
         assert_criterion(grads[name], ref_grads[name], ref64_grads[name], name=name, relative_floor=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inference_on_cuda_auto_backend(dtype, monkeypatch):
+    """The auto-backend model under no_grad on CUDA: every block's fc1 + GELU is one cuBLASLt epilogue call
+    (torch._addmm_activation, counted), and the output is within the criterion of the PyTorch-layer model."""
+    calls = []
+    addmm_activation = torch._addmm_activation
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("use_gelu"))
+        return addmm_activation(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_addmm_activation", counted)
+    model = _randomized(DiT(DiTConfig.tiny(depth=3))).cuda().requires_grad_(False)
+    twin = with_torch_layers(model)
+    x, t, labels = (v.cuda() for v in _inputs(3))
+    with torch.no_grad():
+        out = model.to(dtype)(x.to(dtype), t, labels)
+        ref = twin.to(dtype)(x.to(dtype), t, labels)
+        ref64 = copy.deepcopy(twin).double()(x.double(), t.double(), labels)
+    assert calls == [True] * 3
+    assert out.abs().max() > 0.1
+    assert_criterion(out, ref, ref64)
+
+
 def test_torch_layers_model_loads_the_ops_model_state():
     model = _randomized(DiT(DiTConfig.tiny()))
     eager = DiT(DiTConfig.tiny(), torch_layers=True)

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genkernels.ops import gelu_tanh, swiglu
+import genkernels
+from genkernels.ops import gelu_tanh, linear_gelu_tanh, swiglu
 from tests.criterion import assert_criterion
 from tests.op_inputs import skip_unsupported, to_layout
 
@@ -206,6 +207,119 @@ def test_second_derivative_expressions():
     ddy, dxx = GM._swiglu_second(ddx, dy3, x, 1, True, True)
     torch.testing.assert_close(dxx, want[0])
     torch.testing.assert_close(ddy, want[1])
+
+
+# --------------------------------------------------------------------------- linear_gelu_tanh
+
+
+def _linear_inputs(device, dtype, bias=True, hidden=40):
+    x = torch.randn(2, 5, 72, device=device).to(dtype)
+    w = (torch.randn(hidden, 72, device=device) / 72**0.5).to(dtype)
+    b = torch.randn(hidden, device=device).to(dtype) if bias else None
+    return x, w, b
+
+
+def _linear_gelu(inputs, backend, grad):
+    """y = linear_gelu_tanh(x, w, b) and, with ``grad``, the gradients of sum(y * dy) for x, w and b."""
+    leaves = [t.detach().requires_grad_(grad) if t is not None else None for t in inputs]
+    y = linear_gelu_tanh(*leaves, backend=backend)
+    if not grad:
+        return (y,)
+    dy = torch.ones_like(y) + torch.arange(y.numel(), device=y.device).view(y.shape).to(y.dtype).sin()
+    wrt = [t for t in leaves if t is not None]
+    return (y, *torch.autograd.grad(y, wrt, dy))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gelu_tanh(backend, bias, device):
+    """Outputs and gradients of x, weight and bias against the reference (F.linear, then gelu_tanh)."""
+    inputs = _linear_inputs(device, torch.float32, bias)
+    skip_unsupported(backend, GM.GELU_OP, inputs[0])
+    out = _linear_gelu(inputs, backend, True)
+    ref = _linear_gelu(inputs, "reference", True)
+    truth = _linear_gelu([t.double() if t is not None else None for t in inputs], "reference", True)
+    for name, o, r, t in zip(("y", "dx", "dweight", "dbias"), out, ref, truth):
+        assert_criterion(o, r, t, name, relative_floor=name != "y")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_linear_gelu_tanh_cuda_epilogue(dtype):
+    """On CUDA without autograd the call is the cuBLASLt GELU epilogue (the tanh approximation, as gelu_tanh),
+    within the criterion of F.linear then gelu_tanh in float64; with autograd, the gradients path."""
+    inputs = _linear_inputs("cuda", dtype, hidden=4608)
+    assert GM.gelu_epilogue(*inputs)
+    with torch.no_grad():
+        out = _linear_gelu(inputs, None, False)
+    ref = _linear_gelu(inputs, "reference", False)
+    truth = _linear_gelu([t.double() for t in inputs], "reference", False)
+    assert_criterion(out[0], ref[0], truth[0], "y")
+    assert not GM.gelu_epilogue(*[t.requires_grad_(True) for t in inputs])
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops a call runs (inside a FakeTensorMode: fake CUDA tensors on a machine without one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func._schema.name, args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def test_linear_gelu_tanh_epilogue_dispatch():
+    """Which path a call takes: on (fake) CUDA tensors without autograd in auto mode, one aten call,
+    _addmm_activation(bias, x, weight.T, use_gelu=True), and nothing else that reads the (10, 4608) output;
+    F.linear then gelu_tanh when a gradient is needed, a backend is asked for, there is no bias, the dtypes
+    differ or are float64. On CPU never (its _addmm_activation applies the exact erf GELU)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, w, b = _linear_inputs("cuda", torch.bfloat16, hidden=4608)
+        assert GM.gelu_epilogue(x, w, b)
+        ops = _Ops()
+        with torch.no_grad(), ops:
+            y = linear_gelu_tanh(x, w.requires_grad_(True), b)
+        names = [name for name, _, _ in ops.calls]
+        assert names.count("aten::_addmm_activation") == 1
+        ((args, kwargs),) = [(a, k) for name, a, k in ops.calls if name == "aten::_addmm_activation"]
+        assert args[0] is b and args[1].shape == (10, 72) and args[2].shape == (72, 4608)
+        assert kwargs.get("use_gelu") is True
+        assert not any("gelu" in name or "genkernels" in name for name in names)
+        assert y.shape == (2, 5, 4608) and y.dtype == torch.bfloat16 and y.is_cuda
+        assert not GM.gelu_epilogue(x, w, b)  # w requires grad, autograd on
+        with torch.no_grad():
+            assert GM.gelu_epilogue(x, w, b)
+        w.requires_grad_(False)
+        assert not GM.gelu_epilogue(x, w, b, backend="triton")
+        assert GM.gelu_epilogue(x, w, b, backend="auto")
+        with genkernels.backend("cuda"):
+            assert not GM.gelu_epilogue(x, w, b)
+        assert not GM.gelu_epilogue(x, w, None)
+        assert not GM.gelu_epilogue(x, w, b.float())
+        assert not GM.gelu_epilogue(x.double(), w.double(), b.double())
+        assert not GM.gelu_epilogue(torch.empty(0, 72, device="cuda", dtype=torch.bfloat16), w, b)
+    cpu = _linear_inputs("cpu", torch.float32)
+    assert not GM.gelu_epilogue(*cpu)
+    meta = [t.to("meta") for t in cpu]
+    assert GM.gelu_epilogue(*meta) and linear_gelu_tanh(*meta).shape == (2, 5, 40)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((torch.randn(2, 8), torch.randn(8), None), r"weight must be 2-D"),
+        ((torch.randn(2, 7), torch.randn(4, 8), None), r"in_features = weight.shape\[1\] = 8 .* got shape \(2, 7\)"),
+        ((torch.randn(2, 8), torch.randn(4, 8), torch.randn(5)), r"bias must have shape \(4,\)"),
+        ((torch.randn(2, 8), [1.0], None), "weight must be a torch.Tensor"),
+    ],
+)
+def test_linear_gelu_tanh_bad_input(args, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        linear_gelu_tanh(*args)
 
 
 # --------------------------------------------------------------------------- torch.library ops and compile
