@@ -460,9 +460,18 @@ def _autocast_on(x: Tensor) -> bool:
         return torch.is_autocast_enabled()
 
 
+def _is_compiling() -> bool:
+    """torch.compiler.is_compiling(), behind a seam of its own: ``genkernels.bench.traffic`` routes the ops
+    through their torch.library ops while it counts (it patches torch.compiler.is_compiling) and patches this
+    one back, so that the count follows the eager GPU path's epilogue."""
+    return torch.compiler.is_compiling()
+
+
 def gelu_epilogue(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str | None = None) -> bool:
     """Whether :func:`linear_gelu_tanh` runs these arguments as one matrix product with the bias and GELU in its
     epilogue (True) or as F.linear then :func:`gelu_tanh` (False); see linear_gelu_tanh for the conditions."""
+    if _is_compiling():  # traced: the backend scope is read when the graph runs, in gelu_tanh's op
+        return False
     if bias is None or x.device.type not in _EPILOGUE_DEVICES or x.numel() == 0:
         return False
     if not (x.dtype == weight.dtype == bias.dtype and x.dtype in _EPILOGUE_DTYPES):
@@ -485,8 +494,9 @@ def linear_gelu_tanh(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, b
     to x's dtype): the (..., out_features) activations are written once, instead of written by the product, then
     read and written again by the activation. At DiT-XL/2's mlp_ratio 4 that is 8 of the 21 passes over a
     (B, L, dim) tensor a block forward moves outside its matrix products. Otherwise (training, CPU, an explicit
-    backend): ``gelu_tanh(F.linear(x, weight, bias), backend=backend)``, whose fused backward reads the
-    pre-activation autograd keeps. ``gelu_epilogue(x, weight, bias, backend)`` says which path a call takes.
+    backend, or under torch.compile, which traces the ``genkernels::gelu_tanh`` op):
+    ``gelu_tanh(F.linear(x, weight, bias), backend=backend)``, whose fused backward reads the pre-activation
+    autograd keeps. ``gelu_epilogue(x, weight, bias, backend)`` says which path a call takes.
 
     Args:
         x: (..., in_features).

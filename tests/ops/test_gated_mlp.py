@@ -308,6 +308,25 @@ def test_linear_gelu_tanh_epilogue_dispatch():
     assert GM.gelu_epilogue(*meta) and linear_gelu_tanh(*meta).shape == (2, 5, 40)
 
 
+def test_linear_gelu_tanh_compiles_fullgraph_on_the_epilogue_device():
+    """Under torch.compile the call traces without graph breaks on a device that takes the epilogue eagerly
+    (meta here): the decision reads no backend scope at trace time, and the traced path is F.linear then the
+    genkernels::gelu_tanh op."""
+    torch._dynamo.reset()
+    x, w, b = (t.to("meta") for t in _linear_inputs("cpu", torch.float32))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    y = torch.compile(linear_gelu_tanh, fullgraph=True, backend=backend)(x, w, b)
+    assert y.shape == (2, 5, 40) and y.device.type == "meta"
+    (gm,) = graphs
+    targets = {str(node.target) for node in gm.graph.nodes if node.op == "call_function"}
+    assert "genkernels.gelu_tanh.default" in targets and not any("addmm_activation" in t for t in targets)
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
