@@ -490,9 +490,9 @@ def linear_gelu_tanh(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, b
     GENKERNELS_BACKEND), nothing needs a gradient (inference, sampling, or ``torch.no_grad``), there is a bias,
     autocast is off, and x, weight and bias share a float32, float16 or bfloat16 dtype, the bias and the GELU
     run in the matrix product's epilogue (cuBLASLt, through ``torch._addmm_activation(bias, x, weight.T,
-    use_gelu=True)``, the tanh approximation on CUDA, applied to the float32 accumulator before the one rounding
-    to x's dtype): the (..., out_features) activations are written once, instead of written by the product, then
-    read and written again by the activation. At DiT-XL/2's mlp_ratio 4 that is 8 of the 21 passes over a
+    use_gelu=True)``, the tanh approximation on CUDA, applied before the product is rounded to x's dtype):
+    the (..., out_features) activations are written once, instead of written by the product, then read and
+    written again by the activation. At DiT-XL/2's mlp_ratio 4 that is 8 of the 21 passes over a
     (B, L, dim) tensor a block forward moves outside its matrix products. Otherwise (training, CPU, an explicit
     backend, or under torch.compile, which traces the ``genkernels::gelu_tanh`` op):
     ``gelu_tanh(F.linear(x, weight, bias), backend=backend)``, whose fused backward reads the pre-activation
