@@ -85,10 +85,9 @@ void adaln_forward(const AdalnProblem& p, const AdalnTensor& x, const AdalnTenso
                    bool norm, uintptr_t stream_handle) {
   check_problem(p);
   if (x.ptr == 0) fail("x must be non-null");
-  if ((res.ptr == 0) != (gate.ptr == 0) || (res.ptr == 0) != (h.ptr == 0)) {
-    fail("the residual's y, gate and h come together (all non-null or all null)");
-  }
-  if (!norm && res.ptr == 0) fail("without the norm there must be a residual (y, gate, h)");
+  if ((res.ptr == 0) != (h.ptr == 0)) fail("the residual's y and h come together (both non-null or both null)");
+  if (gate.ptr != 0 && res.ptr == 0) fail("a gate needs the residual's y (and h)");
+  if (!norm && res.ptr == 0) fail("without the norm there must be a residual (y, h)");
   if (norm && out.ptr == 0) fail("out must be non-null");
   if (norm && !(eps > 0.f)) fail("eps must be > 0, got " + std::to_string(eps));
   check_float32({weight, bias, mean, rstd}, "weight, bias, mean and rstd");

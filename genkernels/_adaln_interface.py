@@ -5,8 +5,9 @@ The interface (six functions; tensors, dtypes and what each returns are describe
 :mod:`genkernels.ops.adaln`) maps onto one forward and one backward launch that every backend provides:
 
     forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm) -> (h, out, mean, rstd)
-        res, gate: the gated residual's y and gate (None: no residual, h is None); norm: normalize and
-        modulate (else out, mean and rstd are None). x and res read once; h and out written once.
+        res, gate: the gated residual's y and gate (res None: no residual, h is None; gate None with a res:
+        h = x + y); norm: normalize and modulate (else out, mean and rstd are None). x and res read once; h and
+        out written once.
     backward(v, dout, dh, res, gate, weight, bias, shift, scale, mean, rstd, tokens, rms, norm, needs)
         -> (dx, dres, dgate, dweight, dbias, dshift, dscale)
         v: the normalized rows (x, or the fused op's h; None without norm); dout: the gradient of the
@@ -80,18 +81,19 @@ class AdalnInterface:
         )
         return dx, dweight, dbias, dshift, dscale
 
-    def gated_residual_forward(self, x: Tensor, y: Tensor, gate: Tensor, tokens: int) -> Tensor:
-        """out = x + gate * y of rows (R, D), in float32 then rounded to x's dtype, a new contiguous tensor. One
-        pass: x, y read once, out written once."""
+    def gated_residual_forward(self, x: Tensor, y: Tensor, gate: Tensor | None, tokens: int) -> Tensor:
+        """out = x + gate * y (x + y when gate is None) of rows (R, D), in float32 then rounded to x's dtype, a
+        new contiguous tensor. One pass: x, y read once, out written once."""
         out, _, _, _ = self._forward(x, y, gate, None, None, None, None, tokens, 1.0, False, False)
         return out
 
     def gated_residual_backward(
         self, dout: Tensor, y: Tensor, gate: Tensor, tokens: int, need_dy: bool, need_dgate: bool
     ) -> tuple[Tensor | None, Tensor | None]:
-        """(dy, dgate) of :meth:`gated_residual_forward` (x's gradient is dout itself): dy = dout * gate in y's
-        dtype; dgate = dout * y, float32 (S, D) summed over each sample's tokens for a per-sample gate, else
-        (R, D) in gate's dtype. None where not needed. One pass over dout and y."""
+        """(dy, dgate) of :meth:`gated_residual_forward` with a gate (x's gradient is dout itself; without a gate
+        so is y's, and the op takes it without a launch): dy = dout * gate in y's dtype; dgate = dout * y,
+        float32 (S, D) summed over each sample's tokens for a per-sample gate, else (R, D) in gate's dtype. None
+        where not needed. One pass over dout and y."""
         needs = (False, need_dy, need_dgate, False, False, False, False)
         _, dy, dgate, *_ = self._backward(
             None, dout, None, y, gate, None, None, None, None, None, None, tokens, False, False, needs
@@ -102,7 +104,7 @@ class AdalnInterface:
         self,
         x: Tensor,
         y: Tensor,
-        gate: Tensor,
+        gate: Tensor | None,
         weight: Tensor | None,
         bias: Tensor | None,
         shift: Tensor | None,
@@ -111,7 +113,8 @@ class AdalnInterface:
         eps: float,
         rms: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(h, out, mean, rstd): h = x + gate * y (x's dtype) and out = layer_norm_modulate(h), in one pass (x, y
+        """(h, out, mean, rstd): h = x + gate * y (x + y when gate is None; x's dtype) and
+        out = layer_norm_modulate(h), in one pass (x, y
         read once; h, out written once, new contiguous tensors); the statistics (float32 (R,)) are those of
         the rounded h."""
         return self._forward(x, y, gate, weight, bias, shift, scale, tokens, eps, rms, True)
@@ -121,8 +124,8 @@ class AdalnInterface:
         dh: Tensor | None,
         dout: Tensor,
         h: Tensor,
-        y: Tensor,
-        gate: Tensor,
+        y: Tensor | None,
+        gate: Tensor | None,
         weight: Tensor | None,
         bias: Tensor | None,
         shift: Tensor | None,
@@ -140,8 +143,9 @@ class AdalnInterface:
     ) -> tuple[Tensor | None, ...]:
         """(dx, dy, dgate, dweight, dbias, dshift, dscale) of the fused forward in one pass: dx = dh + the norm's
         input gradient (x's dtype, always), dy = dx * gate, dgate = dx * y; the others as
-        :meth:`layer_norm_modulate_backward` gives them. dh: None (h's gradient is zero) or (R, D). Reads dout,
-        h, y (and dh) once; writes dx and dy once."""
+        :meth:`layer_norm_modulate_backward` gives them. dh: None (h's gradient is zero) or (R, D). Without a
+        gate, y and gate are None and need_dy, need_dgate False (y's gradient is dx: the op takes it). Reads
+        dout, h, y (and dh) once; writes dx and dy once."""
         needs = (True, need_dy, need_dgate, need_dweight, need_dbias, need_dshift, need_dscale)
         return self._backward(h, dout, dh, y, gate, weight, bias, shift, scale, mean, rstd, tokens, rms, True, needs)
 

@@ -26,6 +26,7 @@ class TransformerCall:
     affine: bool = False
     per_token: bool = False
     fused: bool = False
+    gated: bool = True  # fused: with a gate (else the plain residual x + y, and the backward without y)
     pairs: int = 0  # rope: rotated pairs P (0: Dh / 2)
     interleaved: bool = False
     workload: tuple[int, ...] = ()
@@ -35,7 +36,7 @@ class TransformerCall:
         if self.kind == "adaln":
             text += " rms" if self.rms else " layernorm"
             text += (" affine" if self.affine else "") + (" per-token" if self.per_token else " per-sample")
-            text += " fused" if self.fused else ""
+            text += (" fused" if self.gated else " fused ungated") if self.fused else ""
         if self.kind == "rope":
             text += f" P={self.pairs or self.shape[-1] // 2}" + (" interleaved" if self.interleaved else "")
         return text
@@ -52,13 +53,15 @@ def run_transformer_call(ad, rp, gm, call: TransformerCall) -> None:
         modulation = rows if call.per_token else rows // call.tokens
         shift, scale = (torch.empty(modulation, d, dtype=call.dtype) for _ in range(2))
         if call.fused:
-            y, gate = torch.empty_like(x), torch.empty(modulation, d, dtype=call.dtype)
+            y = torch.empty_like(x)
+            gate = torch.empty(modulation, d, dtype=call.dtype) if call.gated else None
             h, out, mean, rstd = ad.gated_residual_layer_norm_modulate_forward(
                 x, y, gate, weight, bias, shift, scale, call.tokens, 1e-6, call.rms
             )
+            # Without a gate the op launches the backward with neither y nor gate (y's gradient is x's).
             ad.gated_residual_layer_norm_modulate_backward(
-                torch.empty_like(h), torch.empty_like(out), h, y, gate, weight, bias, shift, scale, mean, rstd,
-                call.tokens, call.rms, True, True, True, True, True, True,
+                torch.empty_like(h), torch.empty_like(out), h, y if call.gated else None, gate, weight, bias, shift,
+                scale, mean, rstd, call.tokens, call.rms, call.gated, call.gated, True, True, True, True,
             )  # fmt: skip
         else:
             out, mean, rstd = ad.layer_norm_modulate_forward(x, weight, bias, shift, scale, call.tokens, 1e-6, call.rms)

@@ -14,7 +14,8 @@ the reference):
     gated_residual(x, y, gate)                        -> out = x + gate * y
     gated_residual_layer_norm_modulate(x, y, gate, ...) -> (h, out): h = x + gate * y, out = the norm of h
 
-shift, scale and gate are (B, D) (per sample: broadcast over the L tokens) or (B, L, D) (per token).
+shift, scale and gate are (B, D) (per sample: broadcast over the L tokens) or (B, L, D) (per token). gate
+may be None: the plain residual x + y (a pre-norm transformer's residual add and the next norm, in one pass).
 In the fused op, h is rounded to x's dtype before it is normalized: out is exactly the norm of the h that
 is returned (as the two unfused calls would give).
 
@@ -26,8 +27,8 @@ Backward, with dy the incoming gradient of y:
     RMSNorm:    dx = rstd * (dxhat - xhat * mean_D(dxhat * xhat))
 
 with dshift / dscale summed over the L tokens of each sample when they are (B, D). The gated residual:
-dx = dout, dy = dout * gate, dgate = dout * y (summed over L for a (B, D) gate); in the fused op the
-gradient reaching h is the incoming dh plus the norm's dx, and that sum is x's gradient.
+dx = dout, dy = dout * gate (dout without a gate), dgate = dout * y (summed over L for a (B, D) gate); in
+the fused op the gradient reaching h is the incoming dh plus the norm's dx, and that sum is x's gradient.
 
 Reference path: ``*_reference`` below are the formulas in eager PyTorch (differentiable to any order);
 ``backend="reference"`` runs them, and so does auto where no fast backend can run (CPU without the triton
@@ -160,8 +161,6 @@ def _check_gate(x, y, gate) -> None:
         raise TypeError(f"y must have x's dtype ({x.dtype}), got {y.dtype}")
     if y.device != x.device:
         raise ValueError(f"y is on {y.device} but x is on {x.device}: all tensors must be on one device")
-    if gate is None:
-        raise TypeError("gate must be a torch.Tensor of shape (B, D) or (B, L, D), got None")
     _check_modulation(gate, "gate", x)
 
 
@@ -229,14 +228,15 @@ def layer_norm_modulate_reference(
     return y.to(x.dtype, memory_format=torch.contiguous_format)
 
 
-def _gated(x: Tensor, y: Tensor, gate3: Tensor) -> Tensor:
+def _gated(x: Tensor, y: Tensor, gate3: Tensor | None) -> Tensor:
     acc = _acc(x)
-    return (x.to(acc) + gate3.to(acc) * y.to(acc)).to(x.dtype, memory_format=torch.contiguous_format)
+    branch = y.to(acc) if gate3 is None else gate3.to(acc) * y.to(acc)
+    return (x.to(acc) + branch).to(x.dtype, memory_format=torch.contiguous_format)
 
 
-def gated_residual_reference(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
-    """The specification of :func:`gated_residual`: x + gate * y in float32 (float64 for float64 x), in
-    x's dtype; differentiable to any order."""
+def gated_residual_reference(x: Tensor, y: Tensor, gate: Tensor | None = None) -> Tensor:
+    """The specification of :func:`gated_residual`: x + gate * y (x + y without a gate) in float32 (float64
+    for float64 x), in x's dtype; differentiable to any order."""
     _check_gate(x, y, gate)
     return _gated(x, y, _mod3(gate, x.shape[0], x.shape[1]))
 
@@ -244,7 +244,7 @@ def gated_residual_reference(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
 def gated_residual_layer_norm_modulate_reference(
     x: Tensor,
     y: Tensor,
-    gate: Tensor,
+    gate: Tensor | None = None,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     shift: Tensor | None = None,
@@ -253,7 +253,8 @@ def gated_residual_layer_norm_modulate_reference(
     eps: float = 1e-6,
     rms: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """The specification of :func:`gated_residual_layer_norm_modulate`: (h, out) with h = x + gate * y
+    """The specification of :func:`gated_residual_layer_norm_modulate`: (h, out) with h = x + gate * y (x + y
+    without a gate)
     rounded to x's dtype and out = layer_norm_modulate_reference(h, ...); differentiable to any order."""
     _check_gate(x, y, gate)
     _check_norm(x, weight, bias, shift, scale, eps, rms)
@@ -341,12 +342,14 @@ def _ref_gate_forward(x2, y2, gate, tokens):
 
 
 def _ref_gate_backward_acc(dh3, y2, gate, tokens, need_dy, need_dgate):
-    """(dy, dgate) of the gated residual from h's gradient dh3 (groups, tokens, D) in the accumulation dtype."""
-    rows = y2.shape[0]
-    g = _groups(y2, tokens)
-    dy = (dh3 * _mod3(gate, g, tokens).to(dh3.dtype)).reshape(y2.shape).to(y2.dtype) if need_dy else None
-    dgate = None
+    """(dy, dgate) of the gated residual from h's gradient dh3 (groups, tokens, D) in the accumulation dtype
+    (without a gate dy is dh3 itself; y2 may be None when dy and dgate are not asked for)."""
+    dy = dgate = None
+    if need_dy:
+        scaled = dh3 if gate is None else dh3 * _mod3(gate, dh3.shape[0], tokens).to(dh3.dtype)
+        dy = scaled.reshape(y2.shape).to(y2.dtype)
     if need_dgate:
+        rows, g = y2.shape[0], _groups(y2, tokens)
         dgate = _sum_tokens(dh3 * y2.reshape(g, tokens, -1).to(dh3.dtype), _per_token(gate, rows))
         dgate = _out_dtype(dgate, gate, rows)
     return dy, dgate
@@ -530,7 +533,10 @@ class _GateFunction(torch.autograd.Function):
         shape, gate, impl = ctx.args
         needs = ctx.needs_input_grad
         dout = dout.to(y2.dtype)
-        dy, dgate = impl.gated_residual_backward(_rows(dout), y2, gate2, shape[1], needs[1], needs[2])
+        if gate is None:  # x + y: both gradients are dout, no launch
+            dy, dgate = (dout if needs[1] else None), None
+        else:
+            dy, dgate = impl.gated_residual_backward(_rows(dout), y2, gate2, shape[1], needs[1], needs[2])
         return (
             dout if needs[0] else None,
             None if dy is None else dy.view(shape),
@@ -548,7 +554,8 @@ class _FusedFunction(torch.autograd.Function):
         h, out, mean, rstd = impl.gated_residual_layer_norm_modulate_forward(
             _rows(x), y2, gate2, *kernel_args, x.shape[1], eps, rms
         )
-        ctx.save_for_backward(h, y2, gate2, *kernel_args, mean, rstd)
+        # Without a gate y's gradient is x's: y is not needed (nor kept) for the backward.
+        ctx.save_for_backward(h, None if gate is None else y2, gate2, *kernel_args, mean, rstd)
         ctx.args = (x.shape, gate, weight, bias, shift, scale, rms, impl)
         return h.view(x.shape), out.view(x.shape)
 
@@ -557,8 +564,12 @@ class _FusedFunction(torch.autograd.Function):
     def backward(ctx, dh, dout):
         h, y2, gate2, w32, b32, shift2, scale2, mean, rstd = ctx.saved_tensors
         shape, gate, weight, bias, shift, scale, rms, impl = ctx.args
-        needs = ctx.needs_input_grad
+        needs = list(ctx.needs_input_grad)
         tokens = shape[1]
+        gated = gate is not None
+        need_dy = needs[1]
+        if not gated:  # y's gradient is x's, taken below: the kernels compute neither dy nor dgate
+            needs[1] = needs[2] = False
         dh2 = None if dh is None else _rows(dh.to(h.dtype))
         grads = [None] * 7  # dx, dy, dgate, dweight, dbias, dshift, dscale
         if dout is not None:
@@ -572,7 +583,11 @@ class _FusedFunction(torch.autograd.Function):
                 grads[5] = dout2
         elif dh2 is not None:  # only h is used downstream: the gated residual's backward
             grads[0] = dh2
-            grads[1], grads[2] = impl.gated_residual_backward(dh2, y2, gate2, tokens, needs[1], needs[2])
+            if gated:
+                grads[1], grads[2] = impl.gated_residual_backward(dh2, y2, gate2, tokens, needs[1], needs[2])
+        if not gated and need_dy:
+            grads[1] = grads[0]
+        needs[1] = need_dy
         dx, dy, dgate, dweight, dbias, dshift, dscale = grads
         return (
             dx.view(shape) if dx is not None and needs[0] else None,
@@ -722,7 +737,7 @@ _norm_op.register_autograd(_norm_op_backward, setup_context=_norm_setup)
 
 
 @torch.library.custom_op(
-    "genkernels::gated_residual", mutates_args=(), schema="(Tensor x, Tensor y, Tensor gate, str backend) -> Tensor"
+    "genkernels::gated_residual", mutates_args=(), schema="(Tensor x, Tensor y, Tensor? gate, str backend) -> Tensor"
 )
 def _gate_op(x, y, gate, backend):
     """x + gate * y, (B, L, D) in x's dtype."""
@@ -763,6 +778,8 @@ def _gate_setup(ctx, inputs, output):
 def _gate_op_backward(ctx, dout):
     y, gate = ctx.saved_tensors
     n = ctx.needs_input_grad
+    if gate is None:  # x + y: both gradients are dout
+        return dout if n[0] else None, dout if n[1] else None, None, None
     dy, dgate = _gate_backward_op(dout, y, gate, n[1], n[2], ctx.backend)
     return dout if n[0] else None, dy if n[1] else None, dgate if n[2] else None, None
 
@@ -773,7 +790,7 @@ _gate_op.register_autograd(_gate_op_backward, setup_context=_gate_setup)
 @torch.library.custom_op(
     "genkernels::gated_residual_layer_norm_modulate",
     mutates_args=(),
-    schema="(Tensor x, Tensor y, Tensor gate, Tensor? weight, Tensor? bias, Tensor? shift, Tensor? scale, float eps,"
+    schema="(Tensor x, Tensor y, Tensor? gate, Tensor? weight, Tensor? bias, Tensor? shift, Tensor? scale, float eps,"
     " bool rms, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 def _fused_op(x, y, gate, weight, bias, shift, scale, eps, rms, backend):
@@ -802,7 +819,7 @@ def _(x, y, gate, weight, bias, shift, scale, eps, rms, backend):
 @torch.library.custom_op(
     "genkernels::gated_residual_layer_norm_modulate_backward",
     mutates_args=(),
-    schema="(Tensor? dh, Tensor dout, Tensor h, Tensor y, Tensor gate, Tensor? weight, Tensor? bias, Tensor? shift,"
+    schema="(Tensor? dh, Tensor dout, Tensor h, Tensor? y, Tensor? gate, Tensor? weight, Tensor? bias, Tensor? shift,"
     " Tensor? scale, Tensor mean, Tensor rstd, bool rms, bool need_dy, bool need_dgate, bool need_dweight,"
     " bool need_dbias, bool need_dshift, bool need_dscale, str backend)"
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
@@ -811,14 +828,15 @@ def _fused_backward_op(
     dh, dout, h, y, gate, weight, bias, shift, scale, mean, rstd, rms, ny, ng, nw, nb, nsh, nsc, backend
 ):
     """(dx, dy, dgate, dweight, dbias, dshift, dscale) in their inputs' shapes and dtypes; empty (0,) when not
-    needed, and for a per-token shift (its gradient is dout: the autograd formula takes it)."""
+    needed, and for a per-token shift (its gradient is dout: the autograd formula takes it). Without a gate, y
+    is None (and need_dy, need_dgate False): y's gradient is dx, which the autograd formula takes."""
     impl = _impl_for(FUSED_OP, backend, h)
     dout2 = _rows(dout.to(h.dtype))
     dx, dy, dgate, dweight, dbias, dshift, dscale = impl.gated_residual_layer_norm_modulate_backward(
         None if dh is None else _rows(dh.to(h.dtype)),
         dout2,
         _rows(h),
-        _rows(y),
+        None if y is None else _rows(y),
         *_kernel_mods(impl, h, gate),
         *_kernel_affine(impl, weight, bias),
         *_kernel_mods(impl, h, shift, scale),
@@ -860,7 +878,7 @@ def _(dh, dout, h, y, gate, weight, bias, shift, scale, mean, rstd, rms, ny, ng,
 def _fused_setup(ctx, inputs, output):
     x, y, gate, weight, bias, shift, scale, eps, rms, backend = inputs
     h, _, mean, rstd = output
-    ctx.save_for_backward(h, y, gate, weight, bias, shift, scale, mean, rstd)
+    ctx.save_for_backward(h, None if gate is None else y, gate, weight, bias, shift, scale, mean, rstd)
     ctx.args = (rms, backend)
 
 
@@ -868,9 +886,10 @@ def _fused_op_backward(ctx, dh, dout, _dmean, _drstd):
     h, y, gate, weight, bias, shift, scale, mean, rstd = ctx.saved_tensors
     rms, backend = ctx.args
     n = ctx.needs_input_grad
+    gated = gate is not None
     needs = (
-        n[1],
-        n[2],
+        n[1] and gated,
+        n[2] and gated,
         n[3] and weight is not None,
         n[4] and bias is not None,
         n[5] and shift is not None,
@@ -881,7 +900,10 @@ def _fused_op_backward(ctx, dh, dout, _dmean, _drstd):
     dx, *rest = _fused_backward_op(dh, dout, h, y, gate, weight, bias, shift, scale, mean, rstd, rms, *needs, backend)
     if needs[4] and _token_shift(shift, h):
         rest[4] = dout.reshape(shift.shape).to(shift.dtype)
-    return (dx if n[0] else None, *(g if need else None for g, need in zip(rest, needs)), None, None, None)
+    grads = [g if need else None for g, need in zip(rest, needs)]
+    if not gated and n[1]:  # x + y: y's gradient is x's
+        grads[0] = dx
+    return (dx if n[0] else None, *grads, None, None, None)
 
 
 _fused_op.register_autograd(_fused_op_backward, setup_context=_fused_setup)
@@ -934,18 +956,18 @@ def layer_norm_modulate(
     return _autograd.apply(_NormFunction, x, weight, bias, shift, scale, eps, rms, chosen.impl)
 
 
-def gated_residual(x: Tensor, y: Tensor, gate: Tensor, *, backend: str | None = None) -> Tensor:
+def gated_residual(x: Tensor, y: Tensor, gate: Tensor | None = None, *, backend: str | None = None) -> Tensor:
     """The gated residual of adaLN-Zero blocks, out = x + gate * y, in one pass.
 
     Args:
         x: (B, L, D) the residual stream, float32, float16 or bfloat16 (float64: reference only).
         y: (B, L, D) the branch output, x's dtype.
-        gate: (B, D) (per sample) or (B, L, D) (per token), any float dtype.
+        gate: (B, D) (per sample) or (B, L, D) (per token), any float dtype; None: out = x + y.
         backend: "auto" / None, "reference", "triton" or "cuda".
 
     Returns out, (B, L, D) in x's dtype, contiguous (arithmetic in float32). Differentiable in x, y and
     gate (dx = dout, dy = dout * gate, dgate = dout * y summed over L for a (B, D) gate; fused, first order
-    on the fast backends).
+    on the fast backends; without a gate dx = dy = dout, no launch).
     """
     _check_gate(x, y, gate)
     if torch.compiler.is_compiling():
@@ -962,7 +984,7 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor, *, backend: str | None = 
 def gated_residual_layer_norm_modulate(
     x: Tensor,
     y: Tensor,
-    gate: Tensor,
+    gate: Tensor | None = None,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     shift: Tensor | None = None,
@@ -974,11 +996,14 @@ def gated_residual_layer_norm_modulate(
 ) -> tuple[Tensor, Tensor]:
     """The residual add of one DiT sub-block and the next sub-block's modulated norm, in one pass:
 
-        h = x + gate * y                                    (rounded to x's dtype)
+        h = x + gate * y                                    (rounded to x's dtype; x + y without a gate)
         out = layer_norm_modulate(h, weight, bias, shift, scale, eps=eps, rms=rms)
 
+    Without a gate it is a pre-norm transformer's residual add and the next norm (for example RMSNorm with a
+    weight: ``gated_residual_layer_norm_modulate(h, attn_out, None, norm_weight, rms=True)``).
+
     Args:
-        x, y, gate: as :func:`gated_residual`.
+        x, y, gate: as :func:`gated_residual` (gate None: h = x + y).
         weight, bias, shift, scale, eps, rms: as :func:`layer_norm_modulate` (shapes against x's).
         backend: "auto" / None, "reference", "triton" or "cuda".
 

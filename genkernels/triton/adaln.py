@@ -115,7 +115,7 @@ def _forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm):
         _adaln_forward_kernel[(cdiv(rows, block_r),)](
             x,
             res if residual else x,
-            gate if residual else x,
+            gate if gate is not None else x,
             weight if weight is not None else mean,
             bias if bias is not None else mean,
             shift if shift is not None else x,
@@ -134,6 +134,7 @@ def _forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm):
             _stride(scale),
             float(eps),
             RESIDUAL=residual,
+            HAS_GATE=gate is not None,
             GATE_TOKEN=_per_token(gate, rows),
             NORM=norm,
             RMS=rms,
@@ -276,21 +277,25 @@ if triton is not None:
         stride_r,
         stride_g,
         RESIDUAL: tl.constexpr,
+        HAS_GATE: tl.constexpr,
         GATE_TOKEN: tl.constexpr,
         COL0: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
         """Columns COL0 .. COL0 + BLOCK_C of the tile's rows: (v, cols, mask), v the float32 input of the norm
-        (0 past D): x, or h = x + gate * y, which is stored (rounded to x's dtype) and then read back rounded."""
+        (0 past D): x, or h = x + gate * y (x + y without HAS_GATE), which is stored (rounded to x's dtype) and
+        then read back rounded."""
         cols = COL0 + tl.arange(0, BLOCK_C)
         col_ok = cols < D
         mask = row_ok[:, None] & col_ok[None, :]
         v = tl.load(x_ptr + r64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if RESIDUAL:
             branch = tl.load(r_ptr + r64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            grow = r64 if GATE_TOKEN else sample
-            g = tl.load(g_ptr + grow[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            h = (v + g * branch).to(h_ptr.dtype.element_ty)
+            if HAS_GATE:
+                grow = r64 if GATE_TOKEN else sample
+                g = tl.load(g_ptr + grow[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                branch = g * branch
+            h = (v + branch).to(h_ptr.dtype.element_ty)
             tl.store(h_ptr + r64[:, None] * D + cols[None, :], h, mask=mask)
             v = h.to(tl.float32)  # the norm of the h that is returned
         return v, cols, mask
@@ -358,6 +363,7 @@ if triton is not None:
         stride_scale,
         eps,
         RESIDUAL: tl.constexpr,
+        HAS_GATE: tl.constexpr,
         GATE_TOKEN: tl.constexpr,
         NORM: tl.constexpr,
         RMS: tl.constexpr,
@@ -371,7 +377,8 @@ if triton is not None:
         BLOCK_D: tl.constexpr,
         BLOCK_D2: tl.constexpr,
     ):
-        """BLOCK_R rows: h = x + gate * y (RESIDUAL), then (NORM) out = modulated norm of h (or of x);
+        """BLOCK_R rows: h = x + gate * y (RESIDUAL; x + y without HAS_GATE), then (NORM) out = modulated norm
+        of h (or of x);
         grid (ceil(R / BLOCK_R),). The row is one column block of BLOCK_D, or with BLOCK_D2 > 0 two, BLOCK_D
         then BLOCK_D2 (:func:`_column_blocks`). Memory traffic: x (y) read once, h (out) written once."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -380,12 +387,12 @@ if triton is not None:
         sample = r64 // tokens
         v, cols, mask = _forward_cols(
             x_ptr, r_ptr, g_ptr, h_ptr, r64, sample, row_ok, D, stride_x, stride_r, stride_g,
-            RESIDUAL, GATE_TOKEN, 0, BLOCK_D,
+            RESIDUAL, HAS_GATE, GATE_TOKEN, 0, BLOCK_D,
         )  # fmt: skip
         if BLOCK_D2 > 0:
             v2, cols2, mask2 = _forward_cols(
                 x_ptr, r_ptr, g_ptr, h_ptr, r64, sample, row_ok, D, stride_x, stride_r, stride_g,
-                RESIDUAL, GATE_TOKEN, BLOCK_D, BLOCK_D2,
+                RESIDUAL, HAS_GATE, GATE_TOKEN, BLOCK_D, BLOCK_D2,
             )  # fmt: skip
         if NORM:
             if RMS:

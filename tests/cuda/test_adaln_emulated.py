@@ -2,23 +2,22 @@
 
 Why this exists: no GPU runs the suite, and the CUDA kernels of ``layer_norm_modulate``, ``gated_residual``
 and ``gated_residual_layer_norm_modulate`` (``csrc/include/genkernels/adaln.cuh``, compiled by
-``csrc/adaln.cu``) would otherwise be checked only when a GPU runs them. The same device source compiles
-with a plain C++ compiler against the emulated CUDA built-ins of ``tests/cuda/emulator/simt.h``;
-``tests/cuda/emulator/adaln_emu.cpp`` runs the forward kernel, the fused backward kernel and the
-fixed-order reduction of its column partials on 80 small cases: fp32, fp16 and bf16; the three ops,
-LayerNorm and RMSNorm; weight and bias present or absent; shift, scale and gate per sample, per token or
-absent, in x's dtype or float32; with and without the gradient of h; odd D (33, 40, 72, 1000, 2000, 2500)
-up to 4096 and L = 1; 8-element vectors and the scalar path (misaligned x, a padded row stride, D); row
+``csrc/adaln.cu``) would otherwise be checked only when a GPU runs them. The same device source compiles with
+a plain C++ compiler against the emulated CUDA built-ins of ``tests/cuda/emulator/simt.h``;
+``tests/cuda/emulator/adaln_emu.cpp`` runs the forward kernel, the fused backward kernel and the fixed-order
+reduction of its column partials on 89 small cases: fp32, fp16 and bf16; the three ops, LayerNorm and RMSNorm;
+weight and bias present or absent; shift, scale and gate per sample, per token or absent (no gate: the plain
+residual x + y), in x's dtype or float32; with and without the gradient of h; odd D (33, 40, 72, 1000, 2000,
+2500) up to 4096 and L = 1; 8-element vectors and the scalar path (misaligned x, a padded row stride, D); row
 groups of 32 to 1024 threads, several rows a block and several vectors a thread (up to 4 in the forward);
-backward samples split into several chunks (partials summed in a fixed order); inputs around 1e3. Every
-output (h, out, mean, rstd, dx, dy, the elementwise dscale / dgate, dweight, dbias and the per-sample
-dshift / dscale / dgate) is compared with a float64 reference under an error model of the kernels'
-float32 arithmetic (see the driver's header), and sentinels around every output catch stray or missing
-stores. What the emulator cannot see (the device's rsqrtf rounding, speed, registers) is listed in
-simt.h.
+backward samples split into several chunks (partials summed in a fixed order); inputs around 1e3. Every output
+(h, out, mean, rstd, dx, dy, the elementwise dscale / dgate, dweight, dbias and the per-sample dshift / dscale
+/ dgate) is compared with a float64 reference under an error model of the kernels' float32 arithmetic (see the
+driver's header), and sentinels around every output catch stray or missing stores. What the emulator cannot
+see (the device's rsqrtf rounding, speed, registers) is listed in simt.h.
 
-Needs what ``tests/cuda/_emulator.py`` builds with, and skips without it.
-About 20 s to compile and a few seconds to run.
+Needs what ``tests/cuda/_emulator.py`` builds with, and skips without it. About 20 s to compile and a few
+seconds to run.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ emulator = driver_fixture("adaln_emu.cpp")
 def test_adaln_emulated(emulator):
     """Every case of the emulator driver passes, and the cases reach every path they are meant to."""
     (cases,), results = run_driver(emulator, RESULT)
-    assert len(results) == cases >= 80, f"expected {cases} results, got {len(results)}"
+    assert len(results) == cases >= 89, f"expected {cases} results, got {len(results)}"
 
     names = [m[2] + " " + m[3] + m[4] for m in results]
     for dtype in ("f32", "f16", "bf16"):
@@ -49,6 +48,9 @@ def test_adaln_emulated(emulator):
     for what in ("shift", "scale", "gate"):
         for mode in ("bd", "bld"):
             assert any(f" {what}:{mode} " in n for n in names), (what, mode)
+    for op in ("fused", "gate"):  # no gate: the plain residual x + y (and, fused, the backward without y)
+        assert any(n.split()[1] == op and " gate:- " in n for n in names), op
+    assert any(n.split()[1] == "fused" and " gate:- " in n and " dh" in n for n in names)
     norm_cases = [n for n in names if n.split()[1] != "gate"]
     assert any(" shift:- " in n for n in norm_cases) and any(" scale:- " in n for n in norm_cases)
     for d in (33, 72, 1000, 2500, 4096):

@@ -6,9 +6,9 @@ would surface only there. Here each launcher runs on CPU tensors with the extens
 that binds every call to the real function's signature (read from its pybind11 docstring: the parameter
 names, and which have defaults) and launches nothing. The calls are those of the compile harness's small
 cases (tests/transformer_calls.py): every op, LayerNorm and RMSNorm, per-sample and per-token modulation,
-the fused residual, partial and interleaved rope; and attention's forward on a heads-outer and a heads-inner
-q. bias_act's launcher is checked by its own test (tests/cuda/test_bias_act_bindings.py). Skips when the
-extension is not built.
+the fused residual with and without a gate, partial and interleaved rope; and attention's forward on a
+heads-outer and a heads-inner q. bias_act's launcher is checked by its own test
+(tests/cuda/test_bias_act_bindings.py). Skips when the extension is not built.
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ CALLS = [
         for rms, affine, per_token, d in ((True, True, False, 72), (False, True, True, 1000), (True, False, True, 40))
         for fused in (False, True)
     ),
+    TransformerCall("paths", "adaln", (6, 72), F16, 3, True, True, fused=True, gated=False),
     TransformerCall("paths", "rope", (2, 3, 5, 72), F32, pairs=20),
     TransformerCall("paths", "rope", (2, 3, 5, 40), F16, interleaved=True),
     TransformerCall("paths", "mlp", (3, 1000), F32),

@@ -1,7 +1,8 @@
 """adaLN ops (layer_norm_modulate, gated_residual, gated_residual_layer_norm_modulate): outputs and every
 gradient of each backend against the reference under the DESIGN.md criterion (LayerNorm / RMSNorm,
-per-sample / per-token / absent modulations, affine present / absent, odd D, L = 1, strided inputs, large
-magnitudes), gradcheck of the reference, determinism, opcheck, torch.compile(fullgraph=True) and errors."""
+per-sample / per-token / absent modulations and gates, affine present / absent, odd D, L = 1, strided inputs,
+large magnitudes), gradcheck of the reference, determinism, opcheck, torch.compile(fullgraph=True) and
+errors."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ BACKENDS = ["reference", *FAST]
 # The Triton interpreter mishandles bfloat16: bf16 runs on the GPU only.
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 MODS = ["sample", "token", None]
+# None: the plain residual x + y (a pre-norm transformer's residual add, fused with the next norm).
+GATES = ["sample", "token", None]
 # Gradients that are sums over rows: their floor scales with their magnitude (tests/criterion.py).
 COLUMN_SUMS = {"dweight", "dbias"}
 
@@ -131,7 +134,7 @@ def test_layer_norm_modulate(backend, dtype, rms, mod, affine, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
-@pytest.mark.parametrize("gate_kind", ["sample", "token"])
+@pytest.mark.parametrize("gate_kind", GATES, ids=str)
 @pytest.mark.parametrize("mod", MODS, ids=str)
 def test_gated_residual_layer_norm_modulate(backend, dtype, rms, gate_kind, mod, device):
     x, *rest = _norm_inputs((2, 5, 40), dtype, device, (mod, mod), True, rms)
@@ -140,7 +143,7 @@ def test_gated_residual_layer_norm_modulate(backend, dtype, rms, gate_kind, mod,
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("gate_kind", ["sample", "token"])
+@pytest.mark.parametrize("gate_kind", GATES, ids=str)
 def test_gated_residual(backend, dtype, gate_kind, device):
     x = torch.randn(2, 5, 40, device=device).to(dtype)
     tensors = _fused_tensors(x, gate_kind, (), device)
@@ -214,13 +217,27 @@ def test_large_magnitudes(backend, rms, scale, offset, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("used", ["h", "out"])
-def test_fused_one_output_used(backend, used, device):
+@pytest.mark.parametrize("gate_kind", ["token", None], ids=str)
+def test_fused_one_output_used(backend, used, gate_kind, device):
     """Only h (or only out) feeds the loss: the other output's gradient is absent, not zero-filled."""
     x, *rest = _norm_inputs((2, 3, 40), torch.float32, device, ("sample", "token"))
-    tensors = _fused_tensors(x, "token", rest, device)
+    tensors = _fused_tensors(x, gate_kind, rest, device)
     cot = torch.randn(x.shape, device=device, dtype=torch.float64)
     cotangents = [cot, None] if used == "h" else [None, cot]
-    _check_fused(backend, tensors, False, "token", ("sample", "token"), cotangents)
+    _check_fused(backend, tensors, False, gate_kind, ("sample", "token"), cotangents)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_gate_gradients_are_shared(backend, device):
+    """Without a gate y's gradient is x's (the same values: h = x + y), and y is not kept for the backward."""
+    x, w, _, _, _ = _norm_inputs((2, 3, 40), torch.float32, device, (None, None), rms=True)
+    skip_unsupported(backend, A.FUSED_OP, x)
+    x, y = x.requires_grad_(True), torch.randn_like(x, requires_grad=True)
+    h, out = gated_residual_layer_norm_modulate(x, y, None, w, rms=True, backend=backend)
+    dx, dy = torch.autograd.grad((h * 0.5).sum() + out.square().sum(), (x, y))
+    assert torch.equal(dx, dy) and dx.abs().max() > 0
+    dx, dy = torch.autograd.grad(gated_residual(x, y, backend=backend).square().sum(), (x, y))
+    assert torch.equal(dx, dy)
 
 
 def test_reference_gradcheck():
@@ -304,6 +321,10 @@ def test_opcheck(backend, device):
     token_shift = torch.randn_like(x, requires_grad=True)  # its gradient is dy itself: never an alias
     torch.library.opcheck(ops.layer_norm_modulate.default, (x, None, b, token_shift, None, 1e-6, False, backend))
     torch.library.opcheck(ops.gated_residual.default, (x, y, gate, backend))
+    torch.library.opcheck(ops.gated_residual.default, (x, y, None, backend))
+    torch.library.opcheck(
+        ops.gated_residual_layer_norm_modulate.default, (x, y, None, w, None, None, None, 1e-6, True, backend)
+    )
     torch.library.opcheck(
         ops.gated_residual_layer_norm_modulate.default, (x, y, gate, w, None, token_shift, shift, 0.1, True, backend)
     )
@@ -314,13 +335,14 @@ def test_opcheck(backend, device):
 
 def _block(x, y, mods, w, token_shift):
     """A DiT-style chain: modulated norm, gated residual, then the fused pair (per-sample and per-token
-    modulations)."""
+    modulations), then the fused pair without a gate."""
     shift, scale, gate = mods.chunk(3, dim=-1)
     n = layer_norm_modulate(x, None, None, token_shift, scale)
     h = gated_residual(x, n * y, gate)
     h2, out = gated_residual_layer_norm_modulate(h, y, gate, w, None, shift, scale, rms=True)
-    _, out2 = gated_residual_layer_norm_modulate(h2, out, gate, w, None, token_shift, None)
-    return (h2 * out).sum() + out2.square().sum()
+    h3, out2 = gated_residual_layer_norm_modulate(h2, out, gate, w, None, token_shift, None)
+    _, out3 = gated_residual_layer_norm_modulate(h3, out2, None, w, rms=True)  # a pre-norm residual + RMSNorm
+    return (h2 * out).sum() + out2.square().sum() + (out3 * h).sum()
 
 
 @pytest.mark.parametrize("backend", ["reference", *FAST])
@@ -377,7 +399,7 @@ X = torch.randn(2, 3, 4)
         (lambda: gated_residual(X, torch.ones(2, 3, 5), torch.ones(2, 4)), ValueError, "y must have x's shape"),
         (lambda: gated_residual(X, X.half(), torch.ones(2, 4)), TypeError, r"y must have x's dtype \(torch.float32\)"),
         (lambda: gated_residual(X, X, torch.ones(4)), ValueError, r"gate must have shape \(2, 4\)"),
-        (lambda: gated_residual(X, X, None), TypeError, "gate must be a torch.Tensor"),
+        (lambda: gated_residual(X, X, [1.0]), TypeError, "gate must be a torch.Tensor or None"),
         (lambda: gated_residual(X, X, torch.ones(2, 4, device="meta")), ValueError, "gate is on meta"),
         (
             lambda: gated_residual_layer_norm_modulate(X, X, torch.ones(2, 4), shift=torch.ones(2, 2, 4)),
@@ -406,6 +428,7 @@ def test_large_shapes_gpu(backend, dtype, shape, mod):
     x, w, b, shift, scale = _norm_inputs(shape, dtype, "cuda", (mod, mod))
     _check_norm(backend, x, w, b, shift, scale, False, (mod, mod))
     _check_fused(backend, _fused_tensors(x, mod, (w, None, shift, scale), "cuda"), True, mod, (mod, mod))
+    _check_fused(backend, _fused_tensors(x, None, (w, None, None, None), "cuda"), True, None, (None, None))
 
 
 @pytest.mark.gpu

@@ -3,7 +3,7 @@
 //
 // Every big tensor is (B, L, D) with a contiguous last dim; its row r = b L + l starts at element
 // b sb + l sl (an Operand). A per-sample (B, D) modulation is the same with sl = 0. Per row, in float32:
-//     h    = x + gate * res                       (the residual variants; else h = x)
+//     h    = x + gate * res                       (the residual variants, gate 1 when absent; else h = x)
 //     LayerNorm: xhat = (h - mean) rstd, mean = sum(h) / D, rstd = rsqrt(sum((h - mean)^2) / D + eps)
 //     RMSNorm:   xhat = h rstd,          rstd = rsqrt(sum(h^2) / D + eps)        (mean stored as 0)
 //     n    = xhat * weight + bias                 (weight 1 / bias 0 when absent)
@@ -103,7 +103,7 @@ struct AdalnShape {
 
 struct AdalnForwardArgs {
   AdalnShape s;
-  Operand x, res, gate;            // res and gate: residual variants only (res.p null: h = x)
+  Operand x, res, gate;            // res and gate: residual variants only (res.p null: h = x; gate.p null: 1)
   Operand shift, scale;            // optional modulation
   const void* weight;              // (D,) or null
   const void* bias;                // (D,) or null
@@ -355,8 +355,8 @@ __global__ void __launch_bounds__(adaln_max_threads(VEC)) adaln_forward_kernel(c
     for (int k = 0; k < K; ++k) {
       if (!valid[k]) continue;
       const int64_t col = (t + static_cast<int64_t>(k) * group) * VEC;
-      float gv[VEC];
-      load_side<VEC>(a.gate.p, a.gate.dtype, operand_row(a.gate, b, l) + col, gv);
+      float gv[VEC];  // no gate: the plain residual x + y
+      load_optional<VEC>(a.gate.p, a.gate.dtype, operand_row(a.gate, b, l) + col, 1.f, gv);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) v[k][i] += gv[i] * yv[k][i];
       // h rounded to the dtype, stored, and normalized as stored: out is the norm of the returned h.

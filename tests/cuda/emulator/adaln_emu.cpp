@@ -139,6 +139,9 @@ simt::Outcome run(const Case& c, unsigned seed) {
   std::mt19937 rng(seed);
   const int64_t R = int64_t{c.B} * c.L, D = c.D, L = c.L;
   const bool norm = c.op != Op::kGate, residual = c.op != Op::kNorm;
+  // Without a gate the residual is x + y, and the op's backward takes y's gradient from x's: it launches the
+  // backward with neither y nor gate (the norm's, with dh), or (gated_residual alone) no backward at all.
+  const bool gated = residual && c.gate != Mod::kAbsent;
   const int side = c.side32 ? kF32 : c.dtype;
   auto mod_rows = [&](Mod m) { return m == Mod::kAbsent ? 0 : m == Mod::kSample ? c.B : R; };
 
@@ -223,7 +226,7 @@ simt::Outcome run(const Case& c, unsigned seed) {
   const int64_t B = c.B;
   Buffer dweight, dbias, dshift_s, dscale_s, dgate_s;  // column sums, float32
   if (norm) dx.init(c.dtype, R, D, 0, true, false);  // gated_residual: x's gradient is dout (the op uses it)
-  if (residual) {
+  if (gated) {
     dres.init(c.dtype, R, D, 0, true, false);
     if (c.gate == Mod::kToken) dgate_t.init(side, R, D, 0, true, false);
     if (c.gate == Mod::kSample) dgate_s.init(kF32, B * D, false);
@@ -244,7 +247,7 @@ simt::Outcome run(const Case& c, unsigned seed) {
   ba.h = norm ? hin.operand(L) : Operand{nullptr, 0, 0, kF32};
   ba.dout = dout.operand(L);
   ba.dh = dh.operand(L);
-  ba.res = res.operand(L);
+  ba.res = gated ? res.operand(L) : Operand{nullptr, 0, 0, kF32};
   ba.gate = gate.operand(L);
   ba.shift = shift.operand(L);
   ba.scale = scale.operand(L);
@@ -261,7 +264,7 @@ simt::Outcome run(const Case& c, unsigned seed) {
   ba.norm = norm;
   ba.rms = c.rms;
   const int bvec = vector_width(
-      D, {norm ? hin.buf.data() : nullptr, dout.data(), dh.data(), res.data(), gate.data(), shift.data(), scale.data(),
+      D, {norm ? hin.buf.data() : nullptr, dout.data(), dh.data(), gated ? res.data() : nullptr, gate.data(), shift.data(), scale.data(),
                    dx.data(), dres.data(), dscale_t.data(), dgate_t.data(), c.weight ? weight.data() : nullptr,
                    c.bias ? bias.data() : nullptr},
       {norm ? hin.stride : 0, dout.stride, dh.stride, res.stride, gate.stride, shift.stride, scale.stride, dx.stride,
@@ -274,10 +277,13 @@ simt::Outcome run(const Case& c, unsigned seed) {
     partials[q].assign(bblocks * D + 2, NAN);  // NaN sentinels on both sides
     ba.partials[q] = partials[q].data() + 1;
   }
-  genkernels::with_adaln_vector(c.dtype, bvec, [&](auto d, auto v) {
-    simt::launch(static_cast<unsigned>(bblocks), ba.s.group * ba.s.slots, 0, {}, global, label + " (backward)",
-                 [&] { genkernels::adaln_backward_kernel<decltype(d), decltype(v)::value>(ba); });
-  });
+  const bool backward = norm || gated;
+  if (backward) {
+    genkernels::with_adaln_vector(c.dtype, bvec, [&](auto d, auto v) {
+      simt::launch(static_cast<unsigned>(bblocks), ba.s.group * ba.s.slots, 0, {}, global, label + " (backward)",
+                   [&] { genkernels::adaln_backward_kernel<decltype(d), decltype(v)::value>(ba); });
+    });
+  }
   for (int q = 0; q < genkernels::kAdalnQuantities; ++q) {
     if (sums[q]->count == 0) continue;
     genkernels::AdalnReduceArgs r{};
@@ -325,10 +331,10 @@ simt::Outcome run(const Case& c, unsigned seed) {
       for (int64_t j = 0; j < D; ++j) {
         const double xv = x.at(b, l, L, j);
         if (residual) {
-          const float want = static_cast<float>(xv + static_cast<float>(static_cast<float>(gate.at(b, l, L, j)) *
-                                                                        static_cast<float>(res.at(b, l, L, j))));
+          const float gv = gated ? gate.at(b, l, L, j) : 1.f;  // no gate: x + y
+          const float want = static_cast<float>(xv + static_cast<float>(gv * static_cast<float>(res.at(b, l, L, j))));
           const double got = h.at(b, l, L, j);
-          const double mag = std::fabs(xv) + std::fabs(gate.at(b, l, L, j) * res.at(b, l, L, j));
+          const double mag = std::fabs(xv) + std::fabs(gv * res.at(b, l, L, j));
           if (driver::decode(c.dtype, driver::encode(c.dtype, want)) != got) {
             check("h", c.dtype, r * D + j, got, want, 2 * mag);
           }
@@ -409,7 +415,7 @@ simt::Outcome run(const Case& c, unsigned seed) {
           check("dx", c.dtype, r * D + j, dx.at(b, l, L, j), dxv[j], dxmag[j]);
         }
       }
-      if (residual) {
+      if (gated) {
         for (int64_t j = 0; j < D; ++j) {
           const double gv = gate.at(b, l, L, j), rv = res.at(b, l, L, j);
           check("dy", c.dtype, r * D + j, dres.at(b, l, L, j), dxv[j] * gv, dxmag[j] * std::fabs(gv));
@@ -512,6 +518,16 @@ std::vector<Case> make_cases() {
   }
   cases.push_back(Case{kF32, Op::kNorm, false, true, true, Mod::kSample, Mod::kToken, Mod::kAbsent, false, 1, 2,
                        2000, 1, false, false, false});
+  // No gate: a pre-norm transformer's residual add and RMSNorm (vectors, with and without dh; scalars), and
+  // the plain residual alone.
+  for (const int dtype : {kF32, kF16, kBF16}) {
+    cases.push_back(Case{dtype, Op::kFused, true, true, false, Mod::kAbsent, Mod::kAbsent, Mod::kAbsent, false, 2, 3,
+                         512, 0, false, dtype != kF16, false});
+    cases.push_back(Case{dtype, Op::kFused, false, false, false, Mod::kSample, Mod::kToken, Mod::kAbsent, false, 2,
+                         5, 33, 0, false, true, false});
+    cases.push_back(Case{dtype, Op::kGate, false, false, false, Mod::kAbsent, Mod::kAbsent, Mod::kAbsent, false, 2,
+                         3, 72, 0, false, false, false});
+  }
   cases.push_back(Case{kBF16, Op::kFused, true, true, false, Mod::kToken, Mod::kSample, Mod::kToken, true, 2, 2,
                        2500, 1, false, true, true});
   return cases;
