@@ -16,7 +16,10 @@ Blocks (pre-norm, ``depth`` of them), then the head:
     h = h + mlp(rms_norm2(h))            SwiGLU: fc2(silu(a) * b), [a; b] = fc1(h)   (genkernels.ops.swiglu)
     logits = head(rms_norm_out(h))       (B, T, levels)
 
-RMSNorm is genkernels.ops.layer_norm_modulate(rms=True) with a learned weight and no modulation.
+RMSNorm is genkernels.ops.layer_norm_modulate(rms=True) with a learned weight and no modulation. Every
+residual add is fused with the norm after it (rms_norm2, the next block's rms_norm1, rms_norm_out) in one
+genkernels.ops.gated_residual_layer_norm_modulate call without a gate, which returns both the new h and
+its norm: per block two kernels (and two passes over h) fewer than an add and a norm apart.
 Training minimizes the next-token cross-entropy (:meth:`ImageGPT.loss`, nats per token).
 
 Sampling (:meth:`ImageGPT.sample`) draws the L tokens one at a time. With the KV cache every layer keeps
@@ -52,9 +55,18 @@ import torch.nn.functional as F
 from .._checks import check_backend as _check_backend
 from .._checks import positive_int as _positive_int
 from ..nn.transformer import CausalSelfAttention, KVCache, LayerNormModulate, RotaryEmbedding, SwiGLU
+from ..ops.adaln import gated_residual_layer_norm_modulate
 from ._config import ConfigIO
 
 POSITIONS = ("rope", "learned")
+
+
+def _residual_norm(h: torch.Tensor, branch: torch.Tensor, norm: LayerNormModulate) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + branch, norm(h + branch)) in one pass: genkernels.ops.gated_residual_layer_norm_modulate without a
+    gate, with ``norm``'s weight, bias, eps, rms and backend."""
+    return gated_residual_layer_norm_modulate(
+        h, branch, None, norm.weight, norm.bias, eps=norm.eps, rms=norm.rms, backend=norm.backend
+    )
 
 
 def _default_mlp_hidden(dim: int) -> int:
@@ -183,6 +195,15 @@ class Block(torch.nn.Module):
         h = h + self.attn(self.norm1(h), rotary, cache)
         return h + self.mlp(self.norm2(h))
 
+    def forward_fused(
+        self, h: torch.Tensor, n: torch.Tensor, rotary, cache: KVCache | None, next_norm: LayerNormModulate
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` with each residual add fused with the norm after it: given h and n = norm1(h), returns
+        (h', next_norm(h')) with h' = forward(h); next_norm is the next block's norm1 or the model's norm_out.
+        Two genkernels.ops.gated_residual_layer_norm_modulate calls (no gate) replace two adds and two norms."""
+        h, n = _residual_norm(h, self.attn(n, rotary, cache), self.norm2)
+        return _residual_norm(h, self.mlp(n), next_norm)
+
 
 class ImageGPT(torch.nn.Module):
     """An autoregressive, class-conditional transformer over quantized pixels (see the module doc).
@@ -298,19 +319,28 @@ class ImageGPT(torch.nn.Module):
         return labels.to(device=device, dtype=torch.long)
 
     def _run(self, x: torch.Tensor, start: int, caches: list[KVCache] | None) -> torch.Tensor:
-        """The blocks on embedded inputs x (B, l, dim) at positions start .. start + l - 1 -> hidden (B, l, dim)."""
+        """The blocks and the output norm on embedded inputs x (B, l, dim) at positions start .. start + l - 1
+        -> norm_out(hidden) (B, l, dim). On genkernels layers every residual add is fused with the norm after
+        it (:meth:`Block.forward_fused`); the PyTorch layers add and normalize apart."""
         length = x.shape[1]
         rotary = None
         if self.rotary is not None:
             rotary = self.rotary(start, length)
         else:
             x = x + self.pos_emb[start : start + length].to(x.dtype)
+        if self.torch_layers:
+            for i, block in enumerate(self.blocks):
+                x = block(x, rotary, None if caches is None else caches[i])
+            return self.norm_out(x)
+        n = self.blocks[0].norm1(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, None if caches is None else caches[i])
-        return x
+            next_norm = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else self.norm_out
+            x, n = block.forward_fused(x, n, rotary, None if caches is None else caches[i], next_norm)
+        return n
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm_out(h))
+    def _logits(self, n: torch.Tensor) -> torch.Tensor:
+        """The head on the output norm's result (:meth:`_run`'s)."""
+        return self.head(n)
 
     def _inputs(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """[class token, tok_emb(tokens)] (B, 1 + T, dim)."""
@@ -411,8 +441,8 @@ class ImageGPT(torch.nn.Module):
         first = self.class_emb(class_ids)[:, None]
         tokens = torch.zeros(n, length, dtype=torch.long, device=device)
         for t in range(length):
-            h = self._run(torch.cat([first, self.tok_emb(tokens[:, :t])], dim=1), 0, None)
-            tokens[:, t] = self._draw(self._logits(h[:, -1:])[:, 0], u[:, t], temperature, top_k)
+            n = self._run(torch.cat([first, self.tok_emb(tokens[:, :t])], dim=1), 0, None)
+            tokens[:, t] = self._draw(self._logits(n[:, -1:])[:, 0], u[:, t], temperature, top_k)
         return tokens
 
     def _decode_step(self, t: int, d: _Decoder) -> None:

@@ -274,6 +274,31 @@ def test_triton_backend_matches_the_reference():
 # --------------------------------------------------------------------------- CUDA-graph decoding
 
 
+def test_decode_step_fuses_residual_adds_with_norms():
+    """A cached decoding step of the benchmark's model (depth 8, batch 64), counted on the meta device: on
+    genkernels layers every residual add is one gated_residual_layer_norm_modulate call with the RMSNorm after
+    it (two a block, no separate add), 118 calls a step against the PyTorch-layer twin's 382; the README and
+    the imagegpt benchmark quote these counts."""
+    from genkernels.bench import traffic
+    from genkernels.bench.imagegpt import CONFIGS
+    from genkernels.models.transformer import _Decoder
+
+    totals = {}
+    for torch_layers in (False, True):
+        with torch.device("meta"):
+            model = ImageGPT(**CONFIGS["bench"], torch_layers=torch_layers).to(torch.bfloat16)
+        decoder = _Decoder(model, None, 64, 1.0, None, torch.device("meta"), graphed=False)
+        for t in range(3):
+            model._decode_step(t, decoder)
+        counted = traffic.count(lambda: model._decode_step(3, decoder), genkernels_ops=not torch_layers)
+        totals[torch_layers] = counted.matmul_calls + counted.attention_calls + sum(counted.calls.values())
+        if not torch_layers:
+            assert counted.calls["genkernels.gated_residual_layer_norm_modulate"] == 2 * model.config.depth
+            assert counted.calls["genkernels.layer_norm_modulate"] == 1  # the first block's norm1
+            assert "aten.add" not in counted.calls
+    assert totals == {False: 118, True: 382}
+
+
 def test_decoder_buffers_and_copies():
     """The decoder that CUDA graphs replay, run without capture on its fixed buffers: the cached path's
     tokens, call after call (the buffers reset between calls); a copy or pickle of a model keeps no graphs;
