@@ -632,6 +632,31 @@ class DiTBlock(_OpsModule):
         )
         return ops.gated_residual(h, self.mlp(n), gate_mlp, backend=self.backend)
 
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        n: torch.Tensor,
+        mods: tuple[torch.Tensor, ...],
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        next_norm: tuple[torch.Tensor, torch.Tensor, float],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` (genkernels ops) with its last gated residual fused with the norm after the block.
+
+        Given x (B, L, dim), n = LN(x) * (1 + scale_msa) + shift_msa (computed by the caller, fused with the
+        previous block's last residual), mods = the six chunks of ``modulation(c_act)`` and next_norm = the
+        (shift, scale, eps) of the norm that follows the block (the next block's first, or the final layer's),
+        returns (out, LN(out) * (1 + scale) + shift) with out = forward(x, c_act, rope): two
+        gated_residual_layer_norm_modulate calls, where forward runs a norm, that op and a gated residual.
+        """
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        next_shift, next_scale, next_eps = next_norm
+        h, n = ops.gated_residual_layer_norm_modulate(
+            x, self.attn(n, rope), gate_msa, shift=shift_mlp, scale=scale_mlp, eps=self.eps, backend=self.backend
+        )
+        return ops.gated_residual_layer_norm_modulate(
+            h, self.mlp(n), gate_mlp, shift=next_shift, scale=next_scale, eps=next_eps, backend=self.backend
+        )
+
 
 class DiTFinalLayer(_OpsModule):
     """linear(LN(x) * (1 + scale) + shift) with (shift, scale) = modulation(c_act): (B, L, dim) -> (B, L, out).
@@ -766,6 +791,31 @@ class DiT(torch.nn.Module):
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
         return c + self.class_embedding(labels.long()).to(dtype)
 
+    def _blocks_and_final(self, tokens: torch.Tensor, c_act: torch.Tensor, rope) -> torch.Tensor:
+        """The blocks and the final layer on tokens (B, L, dim) -> (B, L, p * p * out_channels).
+
+        On the genkernels ops every block's last gated residual is fused with the norm after it (the next
+        block's first, or the final layer's): one gated_residual_layer_norm_modulate call where a gated
+        residual and a norm would run apart (:meth:`DiTBlock.forward_fused`). The stack then runs one norm
+        and two fused calls a block, 2 depth + 1 calls instead of 3 depth + 1, and a pass over the tokens
+        fewer a block (a fused call's 4 instead of a gated residual's 3 and a norm's 2). The PyTorch layers
+        run each block's own forward."""
+        if self.torch_layers:
+            for block in self.blocks:
+                tokens = block(tokens, c_act, rope)
+            return self.final_layer(tokens, c_act)
+        final = self.final_layer
+        final_shift, final_scale = final.modulation(c_act).chunk(2, dim=1)
+        norms = [block.modulation(c_act).chunk(6, dim=1) for block in self.blocks]
+        follows = [(m[0], m[1], block.eps) for m, block in zip(norms[1:], self.blocks[1:])]
+        follows.append((final_shift, final_scale, final.eps))
+        first_shift, first_scale, first_eps = (norms[0][0], norms[0][1], self.blocks[0].eps) if norms else follows[0]
+        backend = self.blocks[0].backend if len(self.blocks) else final.backend
+        n = ops.layer_norm_modulate(tokens, shift=first_shift, scale=first_scale, eps=first_eps, backend=backend)
+        for block, mods, next_norm in zip(self.blocks, norms, follows):
+            tokens, n = block.forward_fused(tokens, n, mods, rope, next_norm)
+        return final.linear(n)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Model output for noisy x at timestep t (the UNet's call).
 
@@ -796,8 +846,6 @@ class DiT(torch.nn.Module):
         if self.pos_embed is not None:
             tokens = tokens + self.pos_embed
         rope = self.rope_tables(rows, cols, x.device, x.dtype) if cfg.positions == "rope" else None
-        for block in self.blocks:
-            tokens = block(tokens, c_act, rope)
-        out = self.final_layer(tokens, c_act)  # (B, L, p * p * out_channels), channels fastest
+        out = self._blocks_and_final(tokens, c_act, rope)  # (B, L, p * p * out_channels), channels fastest
         out = out.view(b, rows, cols, p, p, cfg.out_channels).permute(0, 5, 1, 3, 2, 4)
         return out.reshape(b, cfg.out_channels, rows * p, cols * p)

@@ -157,6 +157,25 @@ def test_inference_on_cuda_auto_backend(dtype, monkeypatch):
     assert_criterion(out, ref, ref64)
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_forward_fuses_each_gated_residual_with_the_next_norm(depth):
+    """On the genkernels ops a forward runs one norm, then two gated_residual_layer_norm_modulate calls a block
+    (the second fused with the next block's norm or the final layer's), and no gated residual apart: counted
+    on the meta device, as each block on its own would run (a norm, the fused call, a gated residual) plus the
+    final norm, depth calls more. The values match the PyTorch layers (test_ops_path_equals_torch_layers)."""
+    from genkernels.bench import traffic
+
+    cfg = DiTConfig.tiny(depth=depth)
+    with torch.device("meta"):
+        model = DiT(cfg)
+    x = torch.empty(2, cfg.in_channels, 8, 8, device="meta")
+    t, labels = torch.zeros(2, device="meta"), torch.zeros(2, dtype=torch.long, device="meta")
+    calls = traffic.count(lambda: model(x, t, labels), genkernels_ops=True).calls
+    assert calls["genkernels.layer_norm_modulate"] == 1
+    assert calls["genkernels.gated_residual_layer_norm_modulate"] == 2 * depth
+    assert "genkernels.gated_residual" not in calls
+
+
 def test_torch_layers_model_loads_the_ops_model_state():
     model = _randomized(DiT(DiTConfig.tiny()))
     eager = DiT(DiTConfig.tiny(), torch_layers=True)
