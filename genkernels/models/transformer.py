@@ -158,6 +158,11 @@ class TorchCausalSelfAttention(CausalSelfAttention):
 
         return rotate(q), rotate(k)
 
+    def _rotate_into_cache(self, q, k, v, rotary, cache: KVCache):
+        q, k = self._rotate(q, k, *rotary)
+        k, v = cache.append(k, v)
+        return q, k, v
+
     def _attend(self, q, k, v):
         lq, lkv = q.shape[2], k.shape[2]
         if lq == lkv:

@@ -203,21 +203,30 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
+    def next_slots(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (B, heads, count, dim_head) of the keys and values at positions length .. length + count - 1, to be
+        written in place (for example ``rope(q, k, cos, sin, k_out=k_slot)``) and then passed to
+        :meth:`append`, which copies nothing for a tensor that is already its slot."""
+        end = self.length + count
+        if end > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} positions; appending {count} to {self.length}")
+        return self.k[:, :, self.length : end], self.v[:, :, self.length : end]
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, heads, l, dim_head) at positions length .. length + l - 1; returns the views
-        (B, heads, length + l, dim_head) of every key and value held (length grows by l)."""
+        (B, heads, length + l, dim_head) of every key and value held (length grows by l). A k or v that is
+        already its slot (:meth:`next_slots`) is not copied."""
         if k.shape != v.shape or k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]:
             raise ValueError(
                 f"k and v must be (B, heads, l, dim_head) = ({self.k.shape[0]}, {self.k.shape[1]}, l, "
                 f"{self.k.shape[3]}), got k {tuple(k.shape)} and v {tuple(v.shape)}"
             )
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"the cache holds {self.max_len} positions; appending {k.shape[2]} to {self.length}")
-        self.k[:, :, self.length : end].copy_(k)
-        self.v[:, :, self.length : end].copy_(v)
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        k_slot, v_slot = self.next_slots(k.shape[2])
+        for slot, t in ((k_slot, k), (v_slot, v)):
+            if t.data_ptr() != slot.data_ptr() or t.stride() != slot.stride():
+                slot.copy_(t)
+        self.length += k.shape[2]
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
     def reset(self) -> None:
         """Forget every position (the tensors are kept and overwritten by the next appends)."""
@@ -288,6 +297,14 @@ class CausalSelfAttention(Attention):
     def _rotate(self, q, k, cos, sin):
         return rope(q, k, cos, sin, backend=self.backend)
 
+    def _rotate_into_cache(self, q, k, v, rotary, cache: KVCache):
+        """Rotated q, and every cached key and value with this call's appended, the keys rotated straight into
+        the cache's slot (one rope launch, no copy of k after it)."""
+        k_slot, _ = cache.next_slots(k.shape[2])
+        q, k_slot = rope(q, k, *rotary, k_out=k_slot, backend=self.backend)
+        k, v = cache.append(k_slot, v)
+        return q, k, v
+
     def _attend(self, q, k, v):
         return attention(q, k, v, causal=True, backend=self.backend)
 
@@ -309,9 +326,13 @@ class CausalSelfAttention(Attention):
         q = self._split_heads(self.to_q(x))
         k = self._split_heads(self.to_k(x))
         v = self._split_heads(self.to_v(x))
-        if rotary is not None:
-            q, k = self._rotate(q, k, *rotary)
-        if cache is not None:
-            k, v = cache.append(k, v)
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        if rotary is not None and cache is not None and not grad:
+            q, k, v = self._rotate_into_cache(q, k, v, rotary, cache)
+        else:
+            if rotary is not None:
+                q, k = self._rotate(q, k, *rotary)
+            if cache is not None:
+                k, v = cache.append(k, v)
         o = self._attend(q, k, v)
         return self.to_out[1](self.to_out[0](o.transpose(1, 2).flatten(2)))

@@ -97,6 +97,37 @@ def _check(q, k, cos, sin, inplace, interleaved) -> None:
                 )
 
 
+def _check_k_out(q: Tensor, k: Tensor | None, k_out, inplace: bool) -> None:
+    """k_out: None, or where k's rotation goes (a KV cache's slot), checked against q and k."""
+    if k_out is None:
+        return
+    if not isinstance(k_out, Tensor):
+        raise TypeError(f"k_out must be a torch.Tensor or None, got {type(k_out).__name__}")
+    if k is None:
+        raise ValueError("k_out needs k (it receives k's rotation), got k=None")
+    if inplace:
+        raise ValueError("k_out and inplace=True exclude each other (inplace writes k's rotation into k)")
+    if k_out.shape != k.shape or k_out.dtype != k.dtype or k_out.device != k.device:
+        raise ValueError(
+            f"k_out must match k ({tuple(k.shape)}, {k.dtype}, {k.device}), "
+            f"got {tuple(k_out.shape)}, {k_out.dtype}, {k_out.device}"
+        )
+    if k_out.shape[-1] > 1 and k_out.stride(-1) != 1:
+        raise ValueError(f"k_out must have a unit last stride (any other strides), got strides {k_out.stride()}")
+    # Storage addresses: not on the meta device (none), nor while traced (the compiler tracks aliasing).
+    shared = k_out.device.type != "meta" and not torch.compiler.is_compiling()
+    for name, t in (("q", q), ("k", k)):
+        if shared and k_out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            raise ValueError(f"k_out must not share memory with {name} (for k's own memory use inplace=True)")
+    if torch.is_grad_enabled():
+        for name, t in (("q", q), ("k", k)):
+            if t.requires_grad:
+                raise RuntimeError(
+                    f"rope(k_out=...) writes outside autograd and {name} requires grad: call it under "
+                    "torch.no_grad(), or leave k_out None"
+                )
+
+
 # --------------------------------------------------------------------------- reference
 
 
@@ -352,6 +383,31 @@ def _(q, k, cos, sin, interleaved, backend):
     return None
 
 
+def _rotate_into(impl, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, k_out: Tensor, interleaved: bool) -> Tensor:
+    """q's rotation in a new tensor (laid out by :func:`_out_like`) and k's written into k_out, one launch."""
+    q, k, cos, sin = _unit_last(q), _unit_last(k), _unit_last(cos), _unit_last(sin)
+    qo = _out_like(q)
+    if q.numel() or k.numel():
+        impl.rotate(q, k, cos, sin, interleaved, False, qo, k_out)
+    return qo
+
+
+@torch.library.custom_op(
+    "genkernels::rope_into",
+    mutates_args=("k_out",),
+    schema="(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor(a!) k_out, bool interleaved, str backend) -> Tensor",
+)
+def _rope_into_op(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, k_out: Tensor, interleaved: bool, backend: str
+) -> Tensor:
+    return _rotate_into(_impl_for(backend, q, k, cos, sin, interleaved), q, k, cos, sin, k_out, interleaved)
+
+
+@_rope_into_op.register_fake
+def _(q, k, cos, sin, k_out, interleaved, backend):
+    return _out_like(_unit_last(q))
+
+
 # --------------------------------------------------------------------------- public op
 
 
@@ -363,6 +419,7 @@ def rope(
     *,
     inplace: bool = False,
     interleaved: bool = False,
+    k_out: Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Rotary position embedding of queries and keys, both in one pass.
@@ -378,6 +435,10 @@ def rope(
         inplace: write the results into q and k (returned as they are). Refused, with an error, for a q
             or k that requires grad while grad mode is on: autograd would need the overwritten values.
         interleaved: pairs (2j, 2j + 1) (FLUX, RoFormer) instead of (j, j + P) (rotate_half: Llama, NeoX).
+        k_out: None, or a tensor of k's shape, dtype and device with a unit last stride (any other strides,
+            no memory shared with q or k) that receives k's rotation in the same launch: a KV cache's slot,
+            with no copy after. Outside autograd only (refused while q or k requires grad with grad mode on).
+            The result's k is then k_out. Under torch.compile the call goes through ``genkernels::rope_into``.
         backend: "auto" / None, "reference", "triton" or "cuda".
 
     Returns (q_out, k_out) in q's dtype and shapes (k_out None without k); out of place they keep q's and
@@ -389,6 +450,9 @@ def rope(
     ``genkernels::rope_``).
     """
     _check(q, k, cos, sin, inplace, interleaved)
+    _check_k_out(q, k, k_out, inplace)
+    if k_out is not None:
+        return _rope_into(q, k, cos, sin, k_out, interleaved, backend)
     if torch.compiler.is_compiling():
         if inplace:
             _rope_inplace_op(q, k, cos, sin, interleaved, backend or "")
@@ -411,6 +475,22 @@ def rope(
     if chosen.name == "reference":
         return rope_reference(q, k, cos, sin, interleaved=interleaved)
     return _autograd.apply(_RopeFunction, q, k, cos, sin, interleaved, False, chosen.impl)
+
+
+def _rope_into(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, k_out: Tensor, interleaved: bool, backend):
+    """rope(..., k_out=k_out): q's rotation in a new tensor, k's written into k_out, in one launch (traced:
+    the ``genkernels::rope_into`` op, which mutates k_out)."""
+    if torch.compiler.is_compiling():
+        return _rope_into_op(q, k, cos, sin, k_out, interleaved, backend or ""), k_out
+    if q.numel() == 0 and k.numel() == 0:
+        _registry.requested(backend)
+        impl = _ReferenceKernels
+    else:
+        impl = _registry.select(OP, q, k, cos, sin, interleaved, backend=backend).impl
+    qo = _rotate_into(impl, q, k, cos, sin, k_out, interleaved)
+    if not k_out.is_inference():  # a kernel's writes do not bump the version counter
+        torch.autograd.graph.increment_version(k_out)
+    return qo, k_out
 
 
 __all__ = ["rope", "rope_frequencies", "rope_frequencies_2d", "rope_reference"]

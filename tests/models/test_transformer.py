@@ -80,6 +80,17 @@ def test_kv_cache_appends_in_place():
         cache.append(torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 4))
     cache.reset()
     assert cache.length == 0
+    # A key written into its slot first (rope(..., k_out=slot) in the attention layer) is not copied again.
+    k_slot, v_slot = cache.next_slots(2)
+    assert k_slot.data_ptr() == cache.k.data_ptr() and v_slot.shape == (2, 3, 2, 4)
+    k_slot.copy_(k1)
+    versions = cache.k._version, cache.v._version
+    k, v = cache.append(k_slot, v1)
+    assert cache.k._version == versions[0] and cache.v._version > versions[1]  # k left alone; v copied
+    torch.testing.assert_close(k, k1, rtol=0, atol=0)
+    torch.testing.assert_close(v, v1, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="the cache holds 5 positions; appending 4 to 2"):
+        cache.next_slots(4)
 
 
 @pytest.mark.parametrize("rotary", [False, True])
@@ -277,8 +288,8 @@ def test_triton_backend_matches_the_reference():
 def test_decode_step_fuses_residual_adds_with_norms():
     """A cached decoding step of the benchmark's model (depth 8, batch 64), counted on the meta device: on
     genkernels layers every residual add is one gated_residual_layer_norm_modulate call with the RMSNorm after
-    it (two a block, no separate add), 118 calls a step against the PyTorch-layer twin's 382; the README and
-    the imagegpt benchmark quote these counts."""
+    it (two a block, no separate add), and rope writes the keys into the cache (no copy after it): 110 calls
+    a step against the PyTorch-layer twin's 382; the README and the imagegpt benchmark quote these counts."""
     from genkernels.bench import traffic
     from genkernels.bench.imagegpt import CONFIGS
     from genkernels.models.transformer import _Decoder
@@ -296,7 +307,9 @@ def test_decode_step_fuses_residual_adds_with_norms():
             assert counted.calls["genkernels.gated_residual_layer_norm_modulate"] == 2 * model.config.depth
             assert counted.calls["genkernels.layer_norm_modulate"] == 1  # the first block's norm1
             assert "aten.add" not in counted.calls
-    assert totals == {False: 118, True: 382}
+            assert counted.calls["genkernels.rope_into"] == model.config.depth
+            assert counted.calls["aten.copy_"] == model.config.depth + 1  # the values, and the token drawn
+    assert totals == {False: 110, True: 382}
 
 
 def test_decoder_buffers_and_copies():

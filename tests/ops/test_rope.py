@@ -123,6 +123,48 @@ def test_inplace(backend, layout, interleaved, device):
     torch.testing.assert_close(k, want_k, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["qkv", "last"])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_k_out_writes_a_cache_slot(backend, layout, interleaved, device):
+    """k_out: k's rotation lands in a slot of a (B, Hk, max_len, Dh) cache (strided, no copy after), bit for bit
+    what out of place returns; q's rotation as out of place; the rest of the cache untouched."""
+    q = _make((2, 3, 4, 72), torch.float16, device, layout)
+    k = _make((2, 1, 4, 72), torch.float16, device, layout)
+    cos, sin = _tables(4, 20, device, offset=5)
+    skip_unsupported(backend, RP.OP, q, k, cos, sin)
+    want_q, want_k = rope(q, k, cos, sin, interleaved=interleaved, backend=backend)
+    cache = torch.full((2, 1, 16, 72), 7.0, device=device, dtype=torch.float16)
+    slot = cache[:, :, 5:9]
+    version = cache._version
+    got_q, got_k = rope(q, k, cos, sin, interleaved=interleaved, k_out=slot, backend=backend)
+    assert got_k is slot and cache._version > version
+    torch.testing.assert_close(got_q, want_q, rtol=0, atol=0)
+    torch.testing.assert_close(slot, want_k, rtol=0, atol=0)
+    assert (cache[:, :, :5] == 7).all() and (cache[:, :, 9:] == 7).all()
+
+
+def test_k_out_refusals(device):
+    q = torch.randn(1, 2, 3, 8, device=device)
+    k = torch.randn(1, 1, 3, 8, device=device)
+    cos, sin = _tables(3, 4, device)
+    for kwargs, error, match in (
+        ({"k_out": [1.0]}, TypeError, "k_out must be a torch.Tensor or None"),
+        ({"k_out": torch.empty_like(k), "inplace": True}, ValueError, "k_out and inplace=True exclude each other"),
+        ({"k_out": torch.empty(1, 2, 3, 8, device=device)}, ValueError, r"k_out must match k \(\(1, 1, 3, 8\)"),
+        ({"k_out": torch.empty(1, 1, 3, 16, device=device)[..., ::2]}, ValueError, "unit last stride"),
+        ({"k_out": k[:, :, :]}, ValueError, "must not share memory with k"),
+    ):
+        with pytest.raises(error, match=match):
+            rope(q, k, cos, sin, **kwargs)
+    with pytest.raises(ValueError, match="k_out needs k"):
+        rope(q, None, cos, sin, k_out=torch.empty_like(k))
+    with pytest.raises(RuntimeError, match=r"k_out=\.\.\.\) writes outside autograd and q requires grad"):
+        rope(q.requires_grad_(True), k, cos, sin, k_out=torch.empty_like(k))
+    with torch.no_grad():  # allowed: nothing is recorded
+        rope(q, k, cos, sin, k_out=torch.empty_like(k))
+
+
 def test_inplace_refuses_tensors_that_need_grad(device):
     q = torch.randn(1, 2, 3, 8, device=device, requires_grad=True)
     k = torch.randn(1, 2, 3, 8, device=device)
@@ -295,6 +337,10 @@ def test_opcheck(backend, with_k, device):
     qi = q.detach().clone()
     ki = None if k is None else k.detach().clone()
     torch.library.opcheck(torch.ops.genkernels.rope_.default, (qi, ki, cos, sin, True, backend))
+    if k is not None:
+        k_out = torch.empty(k.shape[0], k.shape[1], 9, k.shape[3], device=device)[:, :, 2:7]
+        args = (q.detach(), k.detach(), cos, sin, k_out, False, backend)
+        torch.library.opcheck(torch.ops.genkernels.rope_into.default, args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -329,3 +375,14 @@ def test_compile_fullgraph(backend, device):
         got = torch.compile(fn_inplace, fullgraph=True)(qc, kc)
     for a, b in zip((*got, qc, kc), (*want, *want)):
         torch.testing.assert_close(a, b)
+
+    def fn_into(q, k, k_out):
+        qo, _ = rope(q, k, cos, sin, k_out=k_out, backend=backend)
+        return qo * 2
+
+    with torch.no_grad():
+        slot = torch.zeros(1, 1, 8, 40, device=device)[:, :, 1:6]
+        got = torch.compile(fn_into, fullgraph=True)(q, k, slot)
+        want = rope(q, k, cos, sin, backend=backend)
+    torch.testing.assert_close(got, want[0] * 2)
+    torch.testing.assert_close(slot, want[1])
