@@ -6,7 +6,8 @@ compiles with a plain C++ compiler against the emulated CUDA built-ins of ``test
 ``tests/cuda/emulator/rope_emu.cpp`` runs the kernel on about 100 small cases: fp32, fp16 and bf16; rotate_half
 and interleaved pairs; forward and inverse; full and partial rotary (odd P too); grouped k, no k, an empty q
 beside k; contiguous, transposed (B, L, H, Dh) and padded-row inputs; outputs in the inputs' strides,
-contiguous or in place; float32 / float16 / bfloat16 tables with contiguous or padded rows; 16-byte vectors and
+contiguous, in place, or k's into a slot of a longer KV cache (rope's k_out, the cache's other positions left
+alone); float32 / float16 / bfloat16 tables with contiguous or padded rows; 16-byte vectors and
 the scalar path (misaligned pointers, P or strides not a multiple of the width); grids of one and of several
 blocks. Outputs are compared with a float64 reference (pair partners and angles from logical coordinates), the
 pass-through channels bit for bit, and everything outside the logical tensors (row padding, guard bytes, an
@@ -45,7 +46,7 @@ def test_rope_emulated(emulator):
             assert widths == {1, width}, (dtype, pairs, widths)
     for option in (" forward ", " inverse ", " contiguous ", " bl ", " padded8 ", " padded3 "):
         assert any(option in n for n in names), option
-    for option in (" out:same ", " out:contiguous ", " in-place "):
+    for option in (" out:same ", " out:contiguous ", " in-place ", " out:k-slot "):
         assert any(option in n for n in names), option
     for tables in ("f32/f32", "f16/f16", "bf16/f32", "f32/bf16"):
         assert any(f" tables:{tables}" in n for n in names), tables

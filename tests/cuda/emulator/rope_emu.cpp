@@ -51,8 +51,9 @@ using driver::encode;
 constexpr int kThreads = genkernels::kRopeThreads;
 constexpr int kF32 = genkernels::kFloat32, kF16 = genkernels::kFloat16, kBF16 = genkernels::kBFloat16;
 
-enum class Layout { kContiguous, kBL, kPadded8, kPadded3 };
-enum class Out { kSame, kContiguous, kInPlace };
+// kSlot (outputs only): positions 3 .. L + 2 of a (B, H, L + 6, Dh) KV cache, as rope(..., k_out=slot) writes.
+enum class Layout { kContiguous, kBL, kPadded8, kPadded3, kSlot };
+enum class Out { kSame, kContiguous, kInPlace, kSlot };  // kSlot: q_out contiguous, k_out a cache's slot
 
 struct Shape {
   int B, H, Hk, L, Dh, P;  // Hk 0: no k
@@ -70,7 +71,7 @@ struct Case {
 
   std::string name() const {
     static const char* const layouts[] = {"contiguous", "bl", "padded8", "padded3"};
-    static const char* const outs[] = {"out:same", "out:contiguous", "in-place"};
+    static const char* const outs[] = {"out:same", "out:contiguous", "in-place", "out:k-slot"};
     char buf[220];
     snprintf(buf, sizeof buf, "%s %s %s B%d H%d Hk%d L%d Dh%d P%d %s %s tables:%s/%s%s%s%s", dtype_name(dtype),
              interleaved ? "interleaved" : "rotate-half", inverse ? "inverse" : "forward", s.B, s.H, s.Hk, s.L, s.Dh,
@@ -91,6 +92,9 @@ void strides_of(Layout layout, int B, int H, int L, int Dh, int64_t (&st)[3]) {
     case Layout::kBL:  // (B, L, H, Dh) memory viewed as (B, H, L, Dh)
       st[0] = int64_t{L} * H * Dh, st[1] = Dh, st[2] = int64_t{H} * Dh;
       return;
+    case Layout::kSlot:  // positions of a (B, H, L + 6, Dh) cache
+      st[0] = int64_t{H} * (L + 6) * Dh, st[1] = int64_t{L + 6} * Dh, st[2] = Dh;
+      return;
     default: {  // rows of a wider (B, H, L, Dh + pad) tensor
       const int row = Dh + (layout == Layout::kPadded8 ? 8 : 3);
       st[0] = int64_t{H} * L * row, st[1] = int64_t{L} * row, st[2] = row;
@@ -103,6 +107,7 @@ void strides_of(Layout layout, int B, int H, int L, int Dh, int64_t (&st)[3]) {
 struct Tensor {
   int heads = 0;
   int64_t st[3] = {0, 0, 0};
+  int64_t base = 0;  // the first element (kSlot: position 3 of the cache)
   int64_t span = 0;
   Buffer buf;
   std::vector<char> logical;
@@ -110,7 +115,9 @@ struct Tensor {
   void init(int dtype, const Shape& s, int h, Layout layout, bool misaligned) {
     heads = h;
     strides_of(layout, s.B, h, s.L, s.Dh, st);
+    base = layout == Layout::kSlot ? int64_t{3} * s.Dh : 0;
     span = h == 0 ? 0 : (s.B - 1) * st[0] + (h - 1) * st[1] + (s.L - 1) * st[2] + s.Dh;
+    if (layout == Layout::kSlot && h > 0) span = s.B * st[0];  // the whole cache: its other positions too
     buf.init(dtype, span, misaligned);
     logical.assign(span, 0);
     for (int b = 0; b < s.B; ++b) {
@@ -121,7 +128,9 @@ struct Tensor {
       }
     }
   }
-  int64_t offset(int b, int h, int l) const { return b * st[0] + h * st[1] + l * st[2]; }
+  int64_t offset(int b, int h, int l) const { return base + b * st[0] + h * st[1] + l * st[2]; }
+  // The address of element (0, 0, 0, 0): what the kernel is given.
+  void* origin() { return buf.data() + base * buf.elem(); }
 };
 
 simt::Outcome run(const Case& c, unsigned seed) {
@@ -137,7 +146,7 @@ simt::Outcome run(const Case& c, unsigned seed) {
   if (!in_place) {
     const Layout out_layout = c.out == Out::kSame ? c.layout : Layout::kContiguous;
     qo.init(c.dtype, s, s.H, out_layout, c.misaligned);
-    ko.init(c.dtype, s, s.Hk, out_layout, c.misaligned);
+    ko.init(c.dtype, s, s.Hk, c.out == Out::kSlot ? Layout::kSlot : out_layout, c.misaligned);
   }
   Tensor& q_out = in_place ? q : qo;
   Tensor& k_out = in_place ? k : ko;
@@ -169,7 +178,7 @@ simt::Outcome run(const Case& c, unsigned seed) {
     t.rows = int64_t{s.B} * in.heads * s.L;
     if (t.rows == 0) return t;
     t.x = in.buf.data();
-    t.out = out.buf.data();
+    t.out = out.origin();
     t.heads = in.heads;
     for (int d = 0; d < 3; ++d) t.xs[d] = in.st[d], t.os[d] = out.st[d];
     return t;
@@ -186,8 +195,8 @@ simt::Outcome run(const Case& c, unsigned seed) {
   const void* none = nullptr;
   const int vec = driver::vector_width(
       c.dtype, c.interleaved ? 2 * s.P : s.P,
-      {a.q.rows ? q.buf.data() : none, a.q.rows ? q_out.buf.data() : none, a.k.rows ? k.buf.data() : none,
-       a.k.rows ? k_out.buf.data() : none},
+      {a.q.rows ? q.buf.data() : none, a.q.rows ? q_out.origin() : none, a.k.rows ? k.buf.data() : none,
+       a.k.rows ? k_out.origin() : none},
       {a.q.xs[0], a.q.xs[1], a.q.xs[2], a.q.os[0], a.q.os[1], a.q.os[2], a.k.xs[0], a.k.xs[1], a.k.xs[2], a.k.os[0],
        a.k.os[1], a.k.os[2], copy ? int64_t{s.Dh} : 0});
   genkernels::rope_plan(a, c.interleaved, vec, s.Dh, copy);
@@ -296,7 +305,7 @@ std::vector<Case> make_cases() {
           c.s = s;
           c.inverse = (k + round) % 2 == 1;
           c.layout = static_cast<Layout>((k + round) % 4);
-          c.out = static_cast<Out>((k / 2 + round) % 3);
+          c.out = static_cast<Out>((k / 2 + round) % 4);
           const int t = (k + 2 * round) % 4;
           c.cos_dtype = table_dtypes[t][0], c.sin_dtype = table_dtypes[t][1];
           c.padded_tables = (k + round) % 3 == 1;
