@@ -242,6 +242,8 @@ class CausalSelfAttention(Attention):
         q, k, v = to_q(x), to_k(x), to_v(x)  split in heads        (B, heads, l, dim_head)
         q, k = rope(q, k, cos, sin)                                 when ``rotary`` tables are given
         k, v = cache.append(k, v)                                   with a cache: every key so far (p0 + l)
+                                                                    (without autograd, rope writes k's
+                                                                    rotation into the cache's slot itself)
         o = genkernels.ops.attention(q, k, v, causal=True)          bottom-right aligned: the l queries are
                                                                     the last l positions, so a single query
                                                                     (decoding) sees every cached key
