@@ -805,15 +805,17 @@ class DiT(torch.nn.Module):
                 tokens = block(tokens, c_act, rope)
             return self.final_layer(tokens, c_act)
         final = self.final_layer
+        mods = [block.modulation(c_act).chunk(6, dim=1) for block in self.blocks]
         final_shift, final_scale = final.modulation(c_act).chunk(2, dim=1)
-        norms = [block.modulation(c_act).chunk(6, dim=1) for block in self.blocks]
-        follows = [(m[0], m[1], block.eps) for m, block in zip(norms[1:], self.blocks[1:])]
-        follows.append((final_shift, final_scale, final.eps))
-        first_shift, first_scale, first_eps = (norms[0][0], norms[0][1], self.blocks[0].eps) if norms else follows[0]
-        backend = self.blocks[0].backend if len(self.blocks) else final.backend
-        n = ops.layer_norm_modulate(tokens, shift=first_shift, scale=first_scale, eps=first_eps, backend=backend)
-        for block, mods, next_norm in zip(self.blocks, norms, follows):
-            tokens, n = block.forward_fused(tokens, n, mods, rope, next_norm)
+        # (shift, scale, eps) of the norm that opens each block, then of the final layer's.
+        norms = [(m[0], m[1], block.eps) for m, block in zip(mods, self.blocks)] + [
+            (final_shift, final_scale, final.eps)
+        ]
+        shift, scale, eps = norms[0]
+        first = self.blocks[0] if len(self.blocks) else final
+        n = ops.layer_norm_modulate(tokens, shift=shift, scale=scale, eps=eps, backend=first.backend)
+        for block, block_mods, next_norm in zip(self.blocks, mods, norms[1:]):
+            tokens, n = block.forward_fused(tokens, n, block_mods, rope, next_norm)
         return final.linear(n)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
