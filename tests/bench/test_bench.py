@@ -7,7 +7,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import pytest
 import torch
@@ -85,17 +84,19 @@ def test_reports(tmp_path):
     assert str(tmp_path / report.CHART_NAME) in written or any(w.startswith("no chart") for w in written)
 
 
-def test_host_ms_is_the_median_unsynchronized_call():
-    syncs, calls = [], []
-    delays = iter([0.0, 0.03, 0.0, 0.03, 0.0])  # mean 12 ms, max 30 ms, median 0
+def test_host_ms_is_the_median_unsynchronized_call(monkeypatch):
+    """On a clock the calls advance by set amounts (a real one would time this machine's load too)."""
+    syncs, calls, clock = [], [], [100.0]
+    delays = iter([0.0, 0.03, 0.001, 0.03, 0.0])  # seconds: mean 12.2 ms, max 30 ms, median 1 ms
+    monkeypatch.setattr(core.time, "perf_counter", lambda: clock[0])
 
     def fn():
         calls.append(len(syncs))  # no sync between the calls
-        time.sleep(next(delays))
+        clock[0] += next(delays)
 
     took = core.host_ms(fn, calls=5, sync=lambda: syncs.append(1))
     assert calls == [1] * 5 and len(syncs) == 2  # one sync before, one after
-    assert took < 5  # the median: neither the mean nor the maximum of the calls
+    assert took == pytest.approx(1.0)  # the median: neither the mean nor the maximum of the calls
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the path taken without a GPU")
