@@ -253,33 +253,44 @@ simt::Outcome run(const Case& c, unsigned seed) {
   // The gradient map with the bias gradient (bias_act_grad_bias_kernel, dz in x's dtype): dz again,
   // bit for bit the gradient kernel's (or nothing written), and partials that sum to the bias gradient.
   const bool bias_grad = has_bias && c.out_dtype == c.dtype;
-  Buffer dz2;
-  std::vector<float> partials;
-  genkernels::BiasGradPlan plan{};
   const int64_t cols = int64_t{c.C} * stride_c;
-  if (bias_grad) {
-    dz2.init(c.dtype, n, mis_out);
-    const bool aligned = c.store ? driver::vector_width(c.dtype, wide, {dy.data(), x.data(), dz2.data()}) == wide
-                                 : driver::vector_width(c.dtype, wide, {dy.data(), x.data()}) == wide;
-    plan = genkernels::bias_grad_plan(wide, aligned, n, stride_c, c.C);
-    partials.assign(plan.grid_y * plan.width + 2, NAN);  // NaN sentinels on both sides
-    const genkernels::BiasGradTile t{partials.data() + 1, n / cols, cols, plan.rows, plan.width, plan.grid_x,
-                                     plan.tq, plan.per_tile, c.store};
-    BiasActArgs ba = a;
-    ba.dy = dy.data();
-    ba.out = c.store ? static_cast<void*>(dz2.data()) : static_cast<void*>(x.data());
-    genkernels::with_vector(c.dtype, plan.vec, [&](auto d, auto v) {
+  // One launch of it as the host plans it, reading x or (from_codes) the gradient codes: args' out receives dz
+  // when the case stores it; the column partials go to `parts` (NaN sentinels on both sides). Returns the plan.
+  auto grad_bias = [&](auto from_codes, const BiasActArgs& args, std::vector<float>& parts, const char* what) {
+    constexpr bool kCodes = decltype(from_codes)::value;
+    const void* stored = c.store ? args.out : nullptr;
+    const bool aligned = driver::vector_width(c.dtype, wide, {args.dy, args.x, stored}) == wide;
+    const genkernels::BiasGradPlan p = genkernels::bias_grad_plan(wide, aligned, n, stride_c, c.C);
+    parts.assign(p.grid_y * p.width + 2, NAN);
+    const genkernels::BiasGradTile t{parts.data() + 1, n / cols, cols, p.rows, p.width, p.grid_x, p.tq, p.per_tile,
+                                     c.store};
+    genkernels::with_vector(c.dtype, p.vec, [&](auto d, auto v) {
       using D = decltype(d);
       constexpr int kVec = decltype(v)::value;
-      const auto blocks_total = static_cast<unsigned>(plan.grid_x * plan.grid_y);
-      genkernels::with_uniform<kVec>(ba.stride_c, [&](auto uniform) {
+      const auto blocks_total = static_cast<unsigned>(p.grid_x * p.grid_y);
+      genkernels::with_uniform<kVec>(args.stride_c, [&](auto uniform) {
+        constexpr bool kUniform = std::decay_t<decltype(uniform)>::value;
         genkernels::with_act(c.act, [&](auto act) {
-          simt::launch(blocks_total, kThreads, 0, {}, global, label + " (grad + bias)", [&] {
-            genkernels::bias_act_grad_bias_kernel<decltype(act)::value, D, kVec, decltype(uniform)::value>(ba, t);
-          });
+          constexpr int kAct = decltype(act)::value;
+          if constexpr (!kCodes || genkernels::kCodable<kAct>) {
+            simt::launch(blocks_total, kThreads, 0, {}, global, label + what, [&] {
+              genkernels::bias_act_grad_bias_kernel<kAct, D, kVec, kUniform, kCodes>(args, t);
+            });
+          }
         });
       });
     });
+    return p;
+  };
+  Buffer dz2;
+  std::vector<float> partials;
+  genkernels::BiasGradPlan plan{};
+  if (bias_grad) {
+    dz2.init(c.dtype, n, mis_out);
+    BiasActArgs ba = a;
+    ba.dy = dy.data();
+    ba.out = c.store ? static_cast<void*>(dz2.data()) : static_cast<void*>(x.data());
+    plan = grad_bias(std::false_type{}, ba, partials, " (grad + bias)");
   }
 
   driver::Findings found;
@@ -457,33 +468,13 @@ simt::Outcome run(const Case& c, unsigned seed) {
     if (bias_grad) {
       Buffer dz4;
       dz4.init(c.dtype, n, mis_out);
-      const bool aligned = c.store ? driver::vector_width(c.dtype, wide, {dy.data(), dz4.data()}) == wide
-                                   : driver::vector_width(c.dtype, wide, {dy.data()}) == wide;
-      const genkernels::BiasGradPlan plan2 = genkernels::bias_grad_plan(wide, aligned, n, stride_c, c.C);
-      std::vector<float> partials2(plan2.grid_y * plan2.width + 2, NAN);
-      const genkernels::BiasGradTile t2{partials2.data() + 1, n / cols, cols, plan2.rows, plan2.width, plan2.grid_x,
-                                        plan2.tq, plan2.per_tile, c.store};
+      std::vector<float> partials2;
       BiasActArgs bc = a;
       bc.x = nullptr;
       bc.codes = codes;
       bc.dy = dy.data();
       bc.out = c.store ? static_cast<void*>(dz4.data()) : static_cast<void*>(dy.data());
-      genkernels::with_vector(c.dtype, plan2.vec, [&](auto d, auto v) {
-        using D = decltype(d);
-        constexpr int kVec = decltype(v)::value;
-        const auto blocks_total = static_cast<unsigned>(plan2.grid_x * plan2.grid_y);
-        genkernels::with_uniform<kVec>(bc.stride_c, [&](auto uniform) {
-          constexpr bool kUniform = std::decay_t<decltype(uniform)>::value;
-          genkernels::with_act(c.act, [&](auto act) {
-            constexpr int kAct = decltype(act)::value;
-            if constexpr (genkernels::kCodable<kAct>) {
-              simt::launch(blocks_total, kThreads, 0, {}, global, label + " (grad + bias from codes)", [&] {
-                genkernels::bias_act_grad_bias_kernel<kAct, D, kVec, kUniform, true>(bc, t2);
-              });
-            }
-          });
-        });
-      });
+      const genkernels::BiasGradPlan plan2 = grad_bias(std::true_type{}, bc, partials2, " (grad + bias from codes)");
       if (plan2.vec != plan.vec || plan2.grid_y != plan.grid_y || plan2.width != plan.width) {
         found.flag("the bias-grad plan from codes differs from the plan from x");
       } else if (std::memcmp(partials2.data(), partials.data(), partials.size() * sizeof(float)) != 0) {
