@@ -564,19 +564,19 @@ class _FusedFunction(torch.autograd.Function):
     def backward(ctx, dh, dout):
         h, y2, gate2, w32, b32, shift2, scale2, mean, rstd = ctx.saved_tensors
         shape, gate, weight, bias, shift, scale, rms, impl = ctx.args
-        needs = list(ctx.needs_input_grad)
+        needs = ctx.needs_input_grad
         tokens = shape[1]
         gated = gate is not None
-        need_dy = needs[1]
-        if not gated:  # y's gradient is x's, taken below: the kernels compute neither dy nor dgate
-            needs[1] = needs[2] = False
+        # What the kernels compute: without a gate neither dy nor dgate (y's gradient is x's, taken below).
+        need_dy, need_dgate = (needs[1], needs[2]) if gated else (False, False)
+        kernel_needs = (need_dy, need_dgate, *needs[3:7])
         dh2 = None if dh is None else _rows(dh.to(h.dtype))
         grads = [None] * 7  # dx, dy, dgate, dweight, dbias, dshift, dscale
         if dout is not None:
             dout2 = _rows(dout.to(h.dtype))
             grads = list(
                 impl.gated_residual_layer_norm_modulate_backward(
-                    dh2, dout2, h, y2, gate2, w32, b32, shift2, scale2, mean, rstd, tokens, rms, *needs[1:7]
+                    dh2, dout2, h, y2, gate2, w32, b32, shift2, scale2, mean, rstd, tokens, rms, *kernel_needs
                 )
             )
             if needs[5] and grads[5] is None and shift is not None:  # per token: dshift is dout
@@ -584,10 +584,9 @@ class _FusedFunction(torch.autograd.Function):
         elif dh2 is not None:  # only h is used downstream: the gated residual's backward
             grads[0] = dh2
             if gated:
-                grads[1], grads[2] = impl.gated_residual_backward(dh2, y2, gate2, tokens, needs[1], needs[2])
-        if not gated and need_dy:
+                grads[1], grads[2] = impl.gated_residual_backward(dh2, y2, gate2, tokens, need_dy, need_dgate)
+        if not gated and needs[1]:
             grads[1] = grads[0]
-        needs[1] = need_dy
         dx, dy, dgate, dweight, dbias, dshift, dscale = grads
         return (
             dx.view(shape) if dx is not None and needs[0] else None,
