@@ -28,8 +28,9 @@
 // block of 128 threads runs 4 rows of 32-thread groups or 2 of 64 side by side; wider groups own the
 // block. Row sums go through a warp butterfly, then (groups wider than a warp) the group's warp
 // totals added in warp order from shared memory: every thread of a row sees the same bits.
-// The forward is one block per `slots` rows; its residual variants (a template flag) load all of a
-// thread's vectors of x and res before they store h. The backward's blocks each take a chunk of consecutive
+// The forward is one block per `slots` rows; a thread issues the loads of all its vectors of x (and, in
+// the residual variants, a template flag, of res) before it decodes any, and stores h after them (a row
+// waits for one DRAM round trip; tests/cuda/test_sass.py reads this off the built kernels). The backward's blocks each take a chunk of consecutive
 // rows of one sample (b, chunk p) and walk it `slots` rows at a time, keeping the column sums of their
 // rows (dweight, dbias, and the (B, D) dshift, dscale, dgate) in registers; at the end the slots are
 // added in slot order and one float32 partial row per block and quantity is written, partials[q][b P +
@@ -203,32 +204,51 @@ __device__ __forceinline__ T load_cached(const T* p) {
   }
 }
 
+// The same in two steps: the raw bits of VEC elements (`words` 32-bit words; a scalar in the low bits of
+// word 0), then their decoding. A caller that loads several vectors before it decodes any keeps every load in
+// flight at once: a decode next to its load makes the next load wait for this one's data.
+template <class S, int VEC>
+__host__ __device__ constexpr int raw_words() {
+  return VEC == 1 ? 1 : VEC * static_cast<int>(sizeof(typename S::Bits)) / 4;
+}
+
 template <class S, int VEC, Cache C = Cache::kKeep>
-__device__ __forceinline__ void load_typed(const void* base, int64_t e, float (&v)[VEC]) {
+__device__ __forceinline__ void load_raw(const void* base, int64_t e, unsigned int (&w)[raw_words<S, VEC>()]) {
   using Bits = typename S::Bits;
   const Bits* p = static_cast<const Bits*>(base) + e;
   if constexpr (VEC == 1) {
-    v[0] = S::decode(load_cached<Bits, C>(p));
+    w[0] = static_cast<unsigned int>(load_cached<Bits, C>(p));
   } else {
     constexpr int kBytes = VEC * static_cast<int>(sizeof(Bits));
-    unsigned int w[kBytes / 4];
     static_assert(kBytes % 16 == 0, "whole 16-byte accesses");
 #pragma unroll
     for (int c = 0; c < kBytes / 16; ++c) {
       const uint4 q = load_cached<uint4, C>(reinterpret_cast<const uint4*>(p) + c);
       w[4 * c] = q.x, w[4 * c + 1] = q.y, w[4 * c + 2] = q.z, w[4 * c + 3] = q.w;
     }
-    if constexpr (sizeof(Bits) == 4) {
+  }
+}
+
+template <class S, int VEC>
+__device__ __forceinline__ void decode_raw(const unsigned int (&w)[raw_words<S, VEC>()], float (&v)[VEC]) {
+  using Bits = typename S::Bits;
+  if constexpr (VEC == 1 || sizeof(Bits) == 4) {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) v[k] = S::decode(w[k]);
-    } else {
+    for (int k = 0; k < VEC; ++k) v[k] = S::decode(static_cast<Bits>(w[k]));
+  } else {
 #pragma unroll
-      for (int k = 0; k < VEC / 2; ++k) {
-        v[2 * k] = S::decode(static_cast<Bits>(w[k] & 0xffffu));
-        v[2 * k + 1] = S::decode(static_cast<Bits>(w[k] >> 16));
-      }
+    for (int k = 0; k < VEC / 2; ++k) {
+      v[2 * k] = S::decode(static_cast<Bits>(w[k] & 0xffffu));
+      v[2 * k + 1] = S::decode(static_cast<Bits>(w[k] >> 16));
     }
   }
+}
+
+template <class S, int VEC, Cache C = Cache::kKeep>
+__device__ __forceinline__ void load_typed(const void* base, int64_t e, float (&v)[VEC]) {
+  unsigned int w[raw_words<S, VEC>()];
+  load_raw<S, VEC, C>(base, e, w);
+  decode_raw<S, VEC>(w, v);
 }
 
 template <class S, int VEC>
@@ -325,46 +345,65 @@ __global__ void __launch_bounds__(adaln_max_threads(VEC)) adaln_forward_kernel(c
   if (active) split_index(r, a.s.len, b, l);
   const int64_t nvec = a.s.dim / VEC;
 
+  // Every load of the row goes out before any of its data is used: the vectors' raw bits are loaded
+  // (predicated: the conditional blocks hold nothing but the loads) and decoded after the last load is
+  // issued, so a row waits for one DRAM round trip, not one a vector; h's stores come after every load
+  // (a store may alias a later load for all the compiler knows).
+  constexpr int W = raw_words<D, VEC>();
   float v[K][VEC];
   bool valid[K];
   float sum = 0.f;
+  unsigned int xr[K][W];
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int64_t col = (t + static_cast<int64_t>(k) * group) * VEC;
     valid[k] = active && k < a.s.count && col < nvec * VEC;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) v[k][i] = 0.f;
-    if (valid[k]) {
-      load_typed<D, VEC, Cache::kStream>(a.x.p, operand_row(a.x, b, l) + col, v[k]);
-      if constexpr (!RESIDUAL) {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) sum += v[k][i];
-      }
-    }
+    for (int i = 0; i < W; ++i) xr[k][i] = 0u;  // zero bits: 0.0 in every dtype
+    if (valid[k]) load_raw<D, VEC, Cache::kStream>(a.x.p, operand_row(a.x, b, l) + col, xr[k]);
   }
-  if constexpr (RESIDUAL) {
-    // Every load of the row (x above, y here) ahead of h's stores: a store may alias a later load for all
-    // the compiler knows, so loads interleaved with them would make one DRAM round trip a vector.
-    float yv[K][VEC];
+  if constexpr (!RESIDUAL) {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const int64_t col = (t + static_cast<int64_t>(k) * group) * VEC;
-      if (valid[k]) load_typed<D, VEC, Cache::kStream>(a.res.p, operand_row(a.res, b, l) + col, yv[k]);
+      decode_raw<D, VEC>(xr[k], v[k]);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) sum += v[k][i];
     }
+  } else {
+    unsigned int yr[K][W];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      if (!valid[k]) continue;
       const int64_t col = (t + static_cast<int64_t>(k) * group) * VEC;
-      float gv[VEC];  // no gate: the plain residual x + y
-      load_optional<VEC>(a.gate.p, a.gate.dtype, operand_row(a.gate, b, l) + col, 1.f, gv);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) v[k][i] += gv[i] * yv[k][i];
+      for (int i = 0; i < W; ++i) yr[k][i] = 0u;
+      if (valid[k]) load_raw<D, VEC, Cache::kStream>(a.res.p, operand_row(a.res, b, l) + col, yr[k]);
+    }
+    // The gate (a side operand, its dtype known at run time: decoded where it is loaded) vector by vector,
+    // while x and y are in flight.
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t col = (t + static_cast<int64_t>(k) * group) * VEC;
+      float gv[VEC], yv[VEC];  // no gate: the plain residual x + y
+      if (valid[k]) {
+        load_optional<VEC>(a.gate.p, a.gate.dtype, operand_row(a.gate, b, l) + col, 1.f, gv);
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) gv[i] = 0.f;
+      }
+      decode_raw<D, VEC>(xr[k], v[k]);
+      decode_raw<D, VEC>(yr[k], yv);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) v[k][i] += gv[i] * yv[i];
       // h rounded to the dtype, stored, and normalized as stored: out is the norm of the returned h.
 #pragma unroll
       for (int i = 0; i < VEC; ++i) v[k][i] = D::decode(D::encode(v[k][i]));
-      store_typed<D, VEC>(a.h.p, operand_row(a.h, b, l) + col, v[k]);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) sum += v[k][i];
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t col = (t + static_cast<int64_t>(k) * group) * VEC;
+      if (valid[k]) store_typed<D, VEC>(a.h.p, operand_row(a.h, b, l) + col, v[k]);
     }
   }
   if (!a.norm) return;  // gated_residual: h is the output (uniform: no thread reaches a barrier)

@@ -1,0 +1,135 @@
+"""The built CUDA extension's machine code (SASS), read with cuobjdump: properties of a kernel's schedule
+that decide its speed and that no CPU test of its results can see.
+
+A thread issues its instructions in order, and one that reads a register a load writes waits until the
+load's data has arrived. So a row kernel that decodes each vector right after loading it waits for one
+memory round trip a vector; one that issues every load of the row before using any waits for one.
+:func:`loads_used_before_the_last_load` finds the first pattern in straight-line SASS (program order,
+every branch taken as falling through, which is how the row kernels' per-vector conditional blocks run
+for a full row).
+
+Skips when the extension is not built or no cuobjdump is found (triton ships one).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
+_REGISTER = re.compile(r"\bR(\d+)\b")
+_PREDICATE = re.compile(r"^@!?U?P\w+\s+")
+
+
+def _extension() -> Path:
+    try:
+        import genkernels._C as ext
+    except ImportError as e:
+        pytest.skip(f"the CUDA extension is not built: {e}")
+    return Path(ext.__file__)
+
+
+def _cuobjdump() -> str:
+    env = os.environ.get("TRITON_CUOBJDUMP_PATH")
+    if env and os.access(env, os.X_OK):
+        return env
+    try:
+        import triton
+
+        path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if os.access(path, os.X_OK):
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("cuobjdump")
+    if found is None:
+        pytest.skip("no cuobjdump (triton's or on PATH): cannot read the extension's SASS")
+    return found
+
+
+def _run(*args: str) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+
+def kernel_names(pattern: str) -> list[str]:
+    """Mangled names of the extension's kernels whose name matches ``pattern`` (a regex)."""
+    symbols = _run(_cuobjdump(), "-symbols", str(_extension()))
+    names = {line.split()[-1] for line in symbols.splitlines() if "STT_FUNC" in line and "STO_ENTRY" in line}
+    return sorted(n for n in names if re.search(pattern, n))
+
+
+def sass(name: str) -> list[list[str]]:
+    """The instructions of kernel ``name``, one list per compiled architecture (predicates kept)."""
+    text = _run(_cuobjdump(), "-sass", "-fun", name, str(_extension()))
+    bodies = re.split(r"\n\s*Function : ", text)[1:]
+    return [[m.group(1) for m in _INSTRUCTION.finditer(body)] for body in bodies]
+
+
+def _load_registers(operands: str, opcode: str) -> set[int]:
+    first = _REGISTER.match(operands.strip())
+    if first is None:
+        return set()
+    width = 4 if ".128" in opcode else 2 if ".64" in opcode else 1
+    return set(range(int(first.group(1)), int(first.group(1)) + width))
+
+
+def loads_used_before_the_last_load(instructions: list[str], load: str) -> list[str]:
+    """The instructions, in program order up to the last load whose opcode starts with ``load``, that read a
+    register an earlier such load wrote: each one makes the loads after it wait for a round trip."""
+    loads = [i for i, ins in enumerate(instructions) if _PREDICATE.sub("", ins).startswith(load)]
+    if not loads:
+        return []
+    pending: set[int] = set()
+    early = []
+    for ins in instructions[: loads[-1]]:
+        opcode, _, operands = _PREDICATE.sub("", ins).partition(" ")
+        if opcode.startswith(load):
+            pending |= _load_registers(operands, opcode)
+            continue
+        if opcode.startswith("ST"):
+            sources = operands
+        else:
+            sources = operands.partition(",")[2]
+        read = {int(r) for r in _REGISTER.findall(sources)}
+        if read & pending:
+            early.append(ins)
+            pending -= read
+    return early
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("residual", [False, True], ids=["norm", "residual+norm"])
+def test_adaln_forward_issues_every_row_load_first(dtype, residual):
+    """layer_norm_modulate's forward (and the fused residual + norm's) on 16-byte vectors: every streaming load
+    of the row (x, and the residual's y) goes out before any of their data is used, so a row waits for one
+    DRAM round trip, not one a vector (up to 4 a thread: 3 at DiT-XL's D = 1152, 8 with y)."""
+    names = kernel_names(rf"adaln_forward_kernelINS_\d*{dtype}ELi8ELb{int(residual)}E")
+    assert len(names) == 1, names
+    bodies = sass(names[0])
+    assert bodies, f"no SASS for {names[0]}"
+    for instructions in bodies:
+        streaming = [i for i in instructions if _PREDICATE.sub("", i).startswith("LDG.E.EF")]
+        vectors = 4 * (2 if residual else 1) * (2 if dtype == "F32" else 1)  # 16-byte loads a thread, at most
+        assert len(streaming) == vectors, streaming
+        assert loads_used_before_the_last_load(instructions, "LDG.E.EF") == []
+
+
+def test_the_check_finds_a_load_used_before_the_next():
+    """The helper on hand-written SASS: a decode between two loads is found, one after them is not."""
+    serial = [
+        "@P1 LDG.E.EF.128 R24, desc[UR8][R26.64]",
+        "SHF.L.U32 R75, R24, 0x10, RZ",
+        "@P2 LDG.E.EF.128 R28, desc[UR8][R30.64]",
+        "SHF.L.U32 R76, R28, 0x10, RZ",
+    ]
+    assert loads_used_before_the_last_load(serial, "LDG.E.EF") == ["SHF.L.U32 R75, R24, 0x10, RZ"]
+    together = [serial[0], serial[2], serial[1], serial[3]]
+    assert loads_used_before_the_last_load(together, "LDG.E.EF") == []
+    # the address register of a later load is not a use of an earlier load's data, a store's data is
+    stored = ["LDG.E.EF.128 R4, desc[UR8][R2.64]", "STG.E desc[UR8][R8.64], R5", "LDG.E.EF.128 R12, desc[UR8][R10.64]"]
+    assert loads_used_before_the_last_load(stored, "LDG.E.EF") == ["STG.E desc[UR8][R8.64], R5"]
