@@ -63,11 +63,23 @@ def kernel_names(pattern: str) -> list[str]:
     return sorted(n for n in names if re.search(pattern, n))
 
 
-def sass(name: str) -> list[list[str]]:
-    """The instructions of kernel ``name``, one list per compiled architecture (predicates kept)."""
-    text = _run(_cuobjdump(), "-sass", "-fun", name, str(_extension()))
-    bodies = re.split(r"\n\s*Function : ", text)[1:]
-    return [[m.group(1) for m in _INSTRUCTION.finditer(body)] for body in bodies]
+def sass(*names: str) -> dict[str, list[list[str]]]:
+    """The instructions of each kernel in ``names`` (one cuobjdump call, about a third of a second a kernel),
+    one list per compiled architecture (predicates kept)."""
+    text = _run(_cuobjdump(), "-sass", "-fun", ",".join(names), str(_extension()))
+    bodies: dict[str, list[list[str]]] = {}
+    for body in re.split(r"\n\s*Function : ", text)[1:]:
+        name = body.split(maxsplit=1)[0]
+        bodies.setdefault(name, []).append([m.group(1) for m in _INSTRUCTION.finditer(body)])
+    return bodies
+
+
+def first_path(instructions: list[str]) -> list[str]:
+    """The instructions before the kernel's first store: in a flat elementwise pass (flat_walk), the
+    full-block path's loads and arithmetic, which the compiler lays out first (a test states how many loads
+    it expects there, so a different layout fails instead of passing unchecked)."""
+    stores = [i for i, ins in enumerate(instructions) if _PREDICATE.sub("", ins).startswith("ST")]
+    return instructions[: stores[0]] if stores else instructions
 
 
 def _load_registers(operands: str, opcode: str) -> set[int]:
@@ -110,13 +122,46 @@ def test_adaln_forward_issues_every_row_load_first(dtype, residual):
     DRAM round trip, not one a vector (up to 4 a thread: 3 at DiT-XL's D = 1152, 8 with y)."""
     names = kernel_names(rf"adaln_forward_kernelINS_\d*{dtype}ELi8ELb{int(residual)}E")
     assert len(names) == 1, names
-    bodies = sass(names[0])
+    bodies = sass(*names).get(names[0])
     assert bodies, f"no SASS for {names[0]}"
     for instructions in bodies:
         streaming = [i for i in instructions if _PREDICATE.sub("", i).startswith("LDG.E.EF")]
         vectors = 4 * (2 if residual else 1) * (2 if dtype == "F32" else 1)  # 16-byte loads a thread, at most
         assert len(streaming) == vectors, streaming
         assert loads_used_before_the_last_load(instructions, "LDG.E.EF") == []
+
+
+#: The flat elementwise passes (chunk_walk.cuh's flat_walk: 4 vectors a thread a step) whose full-block path is
+#: checked, by kernel-name pattern (the 16-byte-vector instantiations of every dtype), with the streaming
+#: loads a step issues: 4 per tensor read. bias_act: its benchmark's activation, lrelu (act code 2), with and
+#: without the gradient codes (2 bits an element: one 2- or 1-byte load a vector in place of x's).
+FLAT_PASSES = {
+    "gelu_tanh forward": (r"gelu_tanh_forward_kernelINS_\w+?ELi[48]E", 4),
+    "gelu_tanh gradient": (r"gelu_tanh_grad_kernelINS_\w+?ELi[48]E", 8),
+    "swiglu forward": (r"swiglu_forward_kernelINS_\w+?ELi[48]E", 8),
+    "swiglu gradient": (r"swiglu_grad_kernelINS_\w+?ELi[48]E", 12),
+    "bias_act lrelu forward": (r"bias_act_forward_kernelILi2E\w+?ELi[48]E", 4),
+    "bias_act lrelu gradient": (r"bias_act_grad_kernelILi2E\w+?ELi[48]E", 8),
+}
+
+
+@pytest.mark.parametrize("what", list(FLAT_PASSES))
+def test_flat_passes_issue_a_steps_loads_first(what):
+    """Every streaming load of a step goes out before any of its data is used. Without the compiler barrier
+    after the step's loads (chunk_walk.cuh's loads_issued), the bf16 gelu_tanh and swiglu kernels decoded
+    their first vector, with the reciprocal's slow path in between, before issuing the others: two DRAM
+    round trips a step instead of one."""
+    pattern, loads = FLAT_PASSES[what]
+    names = kernel_names(pattern)
+    assert len(names) >= 3, names  # one a dtype at least
+    bodies = sass(*names)
+    assert sorted(bodies) == names
+    for name, per_arch in bodies.items():
+        for instructions in per_arch:
+            path = first_path(instructions)
+            streaming = [i for i in path if _PREDICATE.sub("", i).startswith("LDG.E.EF")]
+            assert len(streaming) == loads, (name, streaming)
+            assert loads_used_before_the_last_load(path, "LDG.E.EF") == [], name
 
 
 def test_the_check_finds_a_load_used_before_the_next():

@@ -69,6 +69,12 @@ inline int64_t flat_blocks(int64_t n, int threads, int vec) {
   return (n + per_block - 1) / per_block;
 }
 
+// A compiler barrier (a memory clobber: no memory access moves across it). Placed after a step's loads,
+// it keeps the compiler from sinking the later loads below the first vector's arithmetic, which it does
+// when that arithmetic has branches of its own (an IEEE division's slow path): the loads would then go
+// out one DRAM round trip apart.
+__device__ __forceinline__ void loads_issued() { asm volatile("" ::: "memory"); }
+
 // This thread's vectors of a flat pass: load(u, e) for each vector u (first element e) lying wholly
 // below n, then finish(u, e) for those and tail(e) for one partly past n. A block lying wholly below n
 // (all but the last) runs without bounds checks.
@@ -81,6 +87,7 @@ __device__ __forceinline__ void flat_walk(int64_t n, Load load, Finish finish, T
   if (block_first + U * kStep <= n) {
 #pragma unroll
     for (int u = 0; u < U; ++u) load(u, first + u * kStep);
+    loads_issued();
 #pragma unroll
     for (int u = 0; u < U; ++u) finish(u, first + u * kStep);
   } else {
@@ -88,6 +95,7 @@ __device__ __forceinline__ void flat_walk(int64_t n, Load load, Finish finish, T
     for (int u = 0; u < U; ++u) {
       if (first + u * kStep + VEC <= n) load(u, first + u * kStep);
     }
+    loads_issued();
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t e = first + u * kStep;
