@@ -131,27 +131,31 @@ def test_adaln_forward_issues_every_row_load_first(dtype, residual):
         assert loads_used_before_the_last_load(instructions, "LDG.E.EF") == []
 
 
-#: The flat elementwise passes (chunk_walk.cuh's flat_walk: 4 vectors a thread a step) whose full-block path is
-#: checked, by kernel-name pattern (the 16-byte-vector instantiations of every dtype), with the streaming
-#: loads a step issues: 4 per tensor read. bias_act: its benchmark's activation, lrelu (act code 2), with and
-#: without the gradient codes (2 bits an element: one 2- or 1-byte load a vector in place of x's).
-FLAT_PASSES = {
+#: The elementwise passes whose first path (the instructions before the first store) is checked, by kernel-name
+#: pattern (the 16-byte-vector instantiations of every dtype), with the streaming loads a step issues there.
+#: chunk_walk.cuh's flat_walk passes take 4 vectors a thread a step: 4 loads per tensor read. bias_act: its
+#: benchmark's activation, lrelu (act code 2), with and without the gradient codes (2 bits an element: one 2-
+#: or 1-byte load a vector in place of x's). The sampler step: one vector a step of its grid-stride loop, 5
+#: loads (x, the guided model output's two halves, noise, x0_prev; absent ones predicated off).
+ELEMENTWISE_PASSES = {
     "gelu_tanh forward": (r"gelu_tanh_forward_kernelINS_\w+?ELi[48]E", 4),
     "gelu_tanh gradient": (r"gelu_tanh_grad_kernelINS_\w+?ELi[48]E", 8),
     "swiglu forward": (r"swiglu_forward_kernelINS_\w+?ELi[48]E", 8),
     "swiglu gradient": (r"swiglu_grad_kernelINS_\w+?ELi[48]E", 12),
     "bias_act lrelu forward": (r"bias_act_forward_kernelILi2E\w+?ELi[48]E", 4),
     "bias_act lrelu gradient": (r"bias_act_grad_kernelILi2E\w+?ELi[48]E", 8),
+    "sampler step": (r"schedule_step_kernelINS_\w+?ELi[48]E", 5),
 }
 
 
-@pytest.mark.parametrize("what", list(FLAT_PASSES))
-def test_flat_passes_issue_a_steps_loads_first(what):
+@pytest.mark.parametrize("what", list(ELEMENTWISE_PASSES))
+def test_elementwise_passes_issue_a_steps_loads_first(what):
     """Every streaming load of a step goes out before any of its data is used. Without the compiler barrier
     after the step's loads (chunk_walk.cuh's loads_issued), the bf16 gelu_tanh and swiglu kernels decoded
     their first vector, with the reciprocal's slow path in between, before issuing the others: two DRAM
-    round trips a step instead of one."""
-    pattern, loads = FLAT_PASSES[what]
+    round trips a step instead of one. The sampler step decoded each input in the conditional block that
+    loaded it: one round trip per input."""
+    pattern, loads = ELEMENTWISE_PASSES[what]
     names = kernel_names(pattern)
     assert len(names) >= 3, names  # one a dtype at least
     bodies = sass(*names)

@@ -19,7 +19,8 @@
 // 16-byte aligned and N is a multiple of VEC (so a vector never straddles two samples and the cond
 // half starts on a vector), else VEC = 1. On the scalar path model_output, noise and x0_prev may
 // each have their own dtype (prev and x0 take the sample's). Each input is read once and each
-// output written once.
+// output written once; on the vector path a thread issues the loads of all its inputs before it decodes
+// any (one DRAM round trip a step; tests/cuda/test_sass.py reads it off the built kernel).
 //
 // Guidance rescale phi: factor[b] = phi * std(c_b) / std(out_b) + (1 - phi), std over the N
 // elements of sample b (torch's default, unbiased: the N - 1 cancels in the ratio; N = 1 gives
@@ -119,31 +120,61 @@ __global__ void __launch_bounds__(kThreads) schedule_step_kernel(const StepArgs 
     const int64_t b = a.per_sample ? e / a.n : 0;
 
     float x[VEC], out[VEC], noise[VEC], x0p[VEC];
-    load_vec<D, VEC>(a.x, e, x);
-    if (a.mo != nullptr) {
-      load_input<D, VEC>(a.mo, a.mo_dtype, e, out);
+    if constexpr (VEC > 1) {
+      // Every input's raw bits first (the conditional blocks hold nothing but loads), decoded after the
+      // last load is issued: a step waits for one DRAM round trip, not one per input (x, the model output
+      // and its cond half, noise, x0_prev: up to five). Absent inputs keep zero bits (0).
+      RawT<D, VEC> rx = load_raw<D, VEC, Cache::kStream>(a.x, e), rmo{}, rcond{}, rnoise{}, rx0p{};
+      if (a.mo != nullptr) rmo = load_raw<D, VEC, Cache::kStream>(a.mo, e);
+      if (a.mo != nullptr && a.guided) rcond = load_raw<D, VEC, Cache::kStream>(a.mo, guided_shift + e);
+      if (a.noise != nullptr) rnoise = load_raw<D, VEC, Cache::kStream>(a.noise, e);
+      if (a.x0_prev != nullptr) rx0p = load_raw<D, VEC, Cache::kStream>(a.x0_prev, e);
+      decode<D, VEC>(rx, x);
+      decode<D, VEC>(rmo, out);
       if (a.guided) {
         float cond[VEC];
-        load_input<D, VEC>(a.mo, a.mo_dtype, guided_shift + e, cond);
+        decode<D, VEC>(rcond, cond);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) out[k] = out[k] + a.guidance * (cond[k] - out[k]);
       }
-      if (a.factor != nullptr) {
+      decode<D, VEC>(rnoise, noise);
+      decode<D, VEC>(rx0p, x0p);
+      if (a.philox) {
+        const uint64_t seed = a.seed_ptr != nullptr ? static_cast<uint64_t>(__ldg(a.seed_ptr)) : a.seed;
+        stream_normals<VEC>(seed, a.offset, e, noise);
+      }
+      if (a.mo != nullptr && a.factor != nullptr) {
         const float f = __ldg(a.factor + b);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) out[k] *= f;
       }
     } else {
+      load_vec<D, VEC>(a.x, e, x);
+      if (a.mo != nullptr) {
+        load_input<D, VEC>(a.mo, a.mo_dtype, e, out);
+        if (a.guided) {
+          float cond[VEC];
+          load_input<D, VEC>(a.mo, a.mo_dtype, guided_shift + e, cond);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) out[k] = 0.f;
+          for (int k = 0; k < VEC; ++k) out[k] = out[k] + a.guidance * (cond[k] - out[k]);
+        }
+        if (a.factor != nullptr) {
+          const float f = __ldg(a.factor + b);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) out[k] *= f;
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) out[k] = 0.f;
+      }
+      if (a.noise != nullptr) {
+        load_input<D, VEC>(a.noise, a.noise_dtype, e, noise);
+      } else if (a.philox) {
+        const uint64_t seed = a.seed_ptr != nullptr ? static_cast<uint64_t>(__ldg(a.seed_ptr)) : a.seed;
+        stream_normals<VEC>(seed, a.offset, e, noise);
+      }
+      if (a.x0_prev != nullptr) load_input<D, VEC>(a.x0_prev, a.x0_prev_dtype, e, x0p);
     }
-    if (a.noise != nullptr) {
-      load_input<D, VEC>(a.noise, a.noise_dtype, e, noise);
-    } else if (a.philox) {
-      const uint64_t seed = a.seed_ptr != nullptr ? static_cast<uint64_t>(__ldg(a.seed_ptr)) : a.seed;
-      stream_normals<VEC>(seed, a.offset, e, noise);
-    }
-    if (a.x0_prev != nullptr) load_input<D, VEC>(a.x0_prev, a.x0_prev_dtype, e, x0p);
 
     const float px = a.px.at(b), po = a.po.at(b), ex = a.ex.at(b), e0 = a.e0.at(b);
     const float cx = a.cx.at(b), c0 = a.c0.at(b), ce = a.ce.at(b), cn = a.cn.at(b), cp = a.cp.at(b);
