@@ -92,11 +92,13 @@ struct ReparamBackwardArgs {
 template <int VEC>
 using ReparamWalk = VecWalk<kReparamThreads, VEC>;
 
-// eps of elements e .. e + VEC - 1 (e = b*n + j): the noise tensor or the Philox stream.
+// eps of elements e .. e + VEC - 1 (e = b*n + j): the noise tensor's, from its raw bits `raw` (loaded with
+// the step's other inputs: load_raw_if), or the Philox stream's.
 template <class D, int VEC>
-__device__ __forceinline__ void load_eps(const ReparamShape& s, uint64_t seed, int64_t e, float (&eps)[VEC]) {
+__device__ __forceinline__ void eps_of(const ReparamShape& s, uint64_t seed, int64_t e, const RawT<D, VEC>& raw,
+                                       float (&eps)[VEC]) {
   if (s.noise != nullptr) {
-    load_stream<D, VEC>(s.noise, e, eps);
+    decode<D, VEC>(raw, eps);
   } else {
     stream_normals<VEC>(seed, s.offset, e, eps);
   }
@@ -121,12 +123,16 @@ __global__ void __launch_bounds__(kReparamThreads) reparam_forward_kernel(const 
   const int64_t sample = b * a.s.n;
   float kl = 0.f;
   for (ReparamWalk<VEC> c(chunk * a.s.chunk, min(a.s.n, (chunk + 1) * a.s.chunk), a.s.cols); c.valid(); c.next()) {
+    // The step's loads (mean, logvar, a noise tensor's eps) all go out before any is decoded.
+    const RawT<D, VEC> rm = load_raw<D, VEC, Cache::kStream>(a.mean.data, a.mean.at(b, c.q, c.r));
+    const RawT<D, VEC> rl = load_raw<D, VEC, Cache::kStream>(a.logvar.data, a.logvar.at(b, c.q, c.r));
+    const RawT<D, VEC> rn = load_raw_if<D, VEC>(a.s.noise != nullptr, a.s.noise, sample + c.j);
     float m[VEC], lv[VEC], z[VEC];
-    load_stream<D, VEC>(a.mean.data, a.mean.at(b, c.q, c.r), m);
-    load_stream<D, VEC>(a.logvar.data, a.logvar.at(b, c.q, c.r), lv);
+    decode<D, VEC>(rm, m);
+    decode<D, VEC>(rl, lv);
     if (draw) {
       float eps[VEC];
-      load_eps<D, VEC>(a.s, seed, sample + c.j, eps);
+      eps_of<D, VEC>(a.s, seed, sample + c.j, rn, eps);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) z[i] = m[i] + expf(0.5f * clamp_logvar(lv[i])) * eps[i];
     } else {
@@ -167,21 +173,19 @@ __global__ void __launch_bounds__(kReparamThreads) reparam_backward_kernel(const
   const int64_t sample = b * a.s.n;
   for (ReparamWalk<VEC> c(chunk * a.s.chunk, min(a.s.n, (chunk + 1) * a.s.chunk), a.s.cols); c.valid(); c.next()) {
     const int64_t e = sample + c.j;
-    float dz[VEC];
-    if (a.dz != nullptr) {
-      load_stream<D, VEC>(a.dz, e, dz);
-    } else {
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) dz[i] = 0.f;
-    }
-    // Every load of the step ahead of its stores (a store may alias a later load for all the compiler
-    // knows: loads after a store would wait for it, leaving fewer in flight).
-    float m[VEC], lv[VEC], eps[VEC];
-    if (read_mean) load_stream<D, VEC>(a.mean.data, a.mean.at(b, c.q, c.r), m);
-    if (want_dlogvar) {
-      load_stream<D, VEC>(a.logvar.data, a.logvar.at(b, c.q, c.r), lv);
-      if (eps_term) load_eps<D, VEC>(a.s, seed, e, eps);
-    }
+    // Every load of the step (dz, mean, logvar, a noise tensor's eps) before any is decoded, and all of
+    // them ahead of the stores (a store may alias a later load for all the compiler knows: loads after a
+    // store, or after another load's decode, would wait for it, leaving fewer in flight). Absent inputs
+    // keep zero bits (0).
+    const RawT<D, VEC> rdz = load_raw_if<D, VEC>(a.dz != nullptr, a.dz, e);
+    const RawT<D, VEC> rm = load_raw_if<D, VEC>(read_mean, a.mean.data, a.mean.at(b, c.q, c.r));
+    const RawT<D, VEC> rl = load_raw_if<D, VEC>(want_dlogvar, a.logvar.data, a.logvar.at(b, c.q, c.r));
+    const RawT<D, VEC> rn = load_raw_if<D, VEC>(eps_term && a.s.noise != nullptr, a.s.noise, e);
+    float dz[VEC], m[VEC], lv[VEC], eps[VEC];
+    decode<D, VEC>(rdz, dz);
+    decode<D, VEC>(rm, m);
+    decode<D, VEC>(rl, lv);
+    if (eps_term) eps_of<D, VEC>(a.s, seed, e, rn, eps);
     if (want_dmean) {
       float dm[VEC];
       if (read_mean) {

@@ -124,11 +124,11 @@ __global__ void __launch_bounds__(kThreads) schedule_step_kernel(const StepArgs 
       // Every input's raw bits first (the conditional blocks hold nothing but loads), decoded after the
       // last load is issued: a step waits for one DRAM round trip, not one per input (x, the model output
       // and its cond half, noise, x0_prev: up to five). Absent inputs keep zero bits (0).
-      RawT<D, VEC> rx = load_raw<D, VEC, Cache::kStream>(a.x, e), rmo{}, rcond{}, rnoise{}, rx0p{};
-      if (a.mo != nullptr) rmo = load_raw<D, VEC, Cache::kStream>(a.mo, e);
-      if (a.mo != nullptr && a.guided) rcond = load_raw<D, VEC, Cache::kStream>(a.mo, guided_shift + e);
-      if (a.noise != nullptr) rnoise = load_raw<D, VEC, Cache::kStream>(a.noise, e);
-      if (a.x0_prev != nullptr) rx0p = load_raw<D, VEC, Cache::kStream>(a.x0_prev, e);
+      const RawT<D, VEC> rx = load_raw<D, VEC, Cache::kStream>(a.x, e);
+      const RawT<D, VEC> rmo = load_raw_if<D, VEC>(a.mo != nullptr, a.mo, e);
+      const RawT<D, VEC> rcond = load_raw_if<D, VEC>(a.mo != nullptr && a.guided, a.mo, guided_shift + e);
+      const RawT<D, VEC> rnoise = load_raw_if<D, VEC>(a.noise != nullptr, a.noise, e);
+      const RawT<D, VEC> rx0p = load_raw_if<D, VEC>(a.x0_prev != nullptr, a.x0_prev, e);
       decode<D, VEC>(rx, x);
       decode<D, VEC>(rmo, out);
       if (a.guided) {

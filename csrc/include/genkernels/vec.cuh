@@ -135,6 +135,16 @@ __device__ __forceinline__ RawT<D, VEC> load_raw(const void* base, int64_t elem)
   }
 }
 
+// load_raw when `when` holds, else zero bits (0 in every dtype): the load alone in its conditional block.
+// A kernel that loads a step's optional inputs this way and decodes them after the last load keeps them all
+// in flight at once; a decode inside each block would make the next load wait for this one's data.
+template <class D, int VEC, Cache C = Cache::kStream>
+__device__ __forceinline__ RawT<D, VEC> load_raw_if(bool when, const void* base, int64_t elem) {
+  RawT<D, VEC> r{};
+  if (when) r = load_raw<D, VEC, C>(base, elem);
+  return r;
+}
+
 template <class D, int VEC, Cache C = Cache::kKeep>
 __device__ __forceinline__ void store_raw(void* base, int64_t elem, RawT<D, VEC> v) {
   auto* p = reinterpret_cast<RawT<D, VEC>*>(static_cast<typename D::Bits*>(base) + elem);
