@@ -137,8 +137,9 @@ def test_adaln_forward_issues_every_row_load_first(dtype, residual):
 #: benchmark's activation, lrelu (act code 2), with and without the gradient codes (2 bits an element: one 2-
 #: or 1-byte load a vector in place of x's). The sampler step: one vector a step of its grid-stride loop, 5
 #: loads (x, the guided model output's two halves, noise, x0_prev; absent ones predicated off).
-#: Reparameterization, one vector a step of a chunk walk: mean, logvar and a noise tensor's eps forward; dz,
-#: mean, logvar and eps backward.
+#: Reparameterization and the coupling layer, one vector a step of a chunk walk: mean, logvar and a noise
+#: tensor's eps forward, dz, mean, logvar and eps backward; x and h's two channels forward, dy, h and x
+#: backward.
 ELEMENTWISE_PASSES = {
     "gelu_tanh forward": (r"gelu_tanh_forward_kernelINS_\w+?ELi[48]E", 4),
     "gelu_tanh gradient": (r"gelu_tanh_grad_kernelINS_\w+?ELi[48]E", 8),
@@ -149,6 +150,8 @@ ELEMENTWISE_PASSES = {
     "sampler step": (r"schedule_step_kernelINS_\w+?ELi[48]E", 5),
     "reparameterize forward": (r"reparam_forward_kernelINS_\w+?ELi[48]E", 3),
     "reparameterize backward": (r"reparam_backward_kernelINS_\w+?ELi[48]E", 4),
+    "coupling forward": (r"coupling_forward_kernelINS_\w+?ELi[48]E", 3),
+    "coupling backward": (r"coupling_backward_kernelINS_\w+?ELi[48]E", 3),
 }
 
 
@@ -157,8 +160,8 @@ def test_elementwise_passes_issue_a_steps_loads_first(what):
     """Every streaming load of a step goes out before any of its data is used. Without the compiler barrier
     after the step's loads (chunk_walk.cuh's loads_issued), the bf16 gelu_tanh and swiglu kernels decoded
     their first vector, with the reciprocal's slow path in between, before issuing the others: two DRAM
-    round trips a step instead of one. The sampler step and reparameterization decoded each input in the
-    conditional block that loaded it: one round trip per input."""
+    round trips a step instead of one. The sampler step, reparameterization and the coupling layer decoded
+    each input in the conditional block that loaded it: one round trip per input."""
     pattern, loads = ELEMENTWISE_PASSES[what]
     names = kernel_names(pattern)
     assert len(names) >= 3, names  # one a dtype at least

@@ -164,17 +164,22 @@ __global__ void __launch_bounds__(kCouplingThreads) coupling_forward_kernel(cons
   float sum = 0.f;
   for (Walk<VEC> w(chunk * sh.chunk, min(sh.n, (chunk + 1) * sh.chunk), inner); w.valid(); w.next()) {
     const int64_t c = sh.channels_last ? w.r : w.q, sp = sh.channels_last ? w.q : w.r;
+    // The vector is all b-channels (or all a-channels, copied as they are). x and h's channels k (the
+    // log-scale input; additive: t) and k + cb (affine: t) load together and are decoded after.
+    const bool transformed = c >= sh.ca, additive = sh.scale == kScaleAdditive;
+    const int64_t k = c - sh.ca;
+    const RawT<D, VEC> rx = load_raw<D, VEC, Cache::kStream>(a.x, sample + w.j);
+    const RawT<D, VEC> rk = load_raw_if<D, VEC>(transformed, a.h, sh.h_at(b, k, sp));
+    const RawT<D, VEC> rt = load_raw_if<D, VEC>(transformed && !additive, a.h, sh.h_at(b, k + sh.cb, sp));
     float x[VEC];
-    load_stream<D, VEC>(a.x, sample + w.j, x);
-    if (c >= sh.ca) {  // the vector is all b-channels (or all a-channels, copied as they are)
-      const int64_t k = c - sh.ca;
+    decode<D, VEC>(rx, x);
+    if (transformed) {
       float t[VEC], h[VEC], ls[VEC], g[VEC];
-      load_stream<D, VEC>(a.h, sh.h_at(b, sh.t_channel(k), sp), t);
-      if (sh.scale != kScaleAdditive) {
-        load_stream<D, VEC>(a.h, sh.h_at(b, k, sp), h);
-      } else {
+      decode<D, VEC>(rk, h);
+      decode<D, VEC>(rt, t);
+      if (additive) {
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) h[i] = 0.f;
+        for (int i = 0; i < VEC; ++i) t[i] = h[i], h[i] = 0.f;
       }
       log_scale<VEC>(sh.scale, sh.clamp, h, ls, g);
 #pragma unroll
@@ -202,24 +207,24 @@ __global__ void __launch_bounds__(kCouplingThreads) coupling_backward_kernel(con
   for (Walk<VEC> w(chunk * sh.chunk, min(sh.n, (chunk + 1) * sh.chunk), inner); w.valid(); w.next()) {
     const int64_t c = sh.channels_last ? w.r : w.q, sp = sh.channels_last ? w.q : w.r;
     const int64_t e = sample + w.j;
+    const bool scaled = c >= sh.ca && !additive;  // else s = 1: dx = dy; dh is dt = dy alone
+    const int64_t k = c - sh.ca;
+    // Every load of the step (dy, and for scaled channels h and x) before any is decoded and ahead of the
+    // stores (a store may alias a later load for all the compiler knows: loads after a store, or after
+    // another load's decode, would wait for it, leaving fewer in flight). Absent ones keep zero bits (0).
+    const RawT<D, VEC> rdy = load_raw_if<D, VEC>(a.dy != nullptr, a.dy, e);
+    const RawT<D, VEC> rh = load_raw_if<D, VEC>(scaled, a.h, sh.h_at(b, k, sp));
+    const RawT<D, VEC> rx = load_raw_if<D, VEC>(scaled && a.dh != nullptr, a.x, e);
     float dy[VEC];
-    if (a.dy != nullptr) {
-      load_stream<D, VEC>(a.dy, e, dy);
-    } else {
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) dy[i] = 0.f;
-    }
-    if (c < sh.ca || additive) {  // s = 1: dx = dy; dh is dt = dy alone
+    decode<D, VEC>(rdy, dy);
+    if (!scaled) {
       if (a.dx != nullptr) store_stream<D, VEC>(a.dx, e, dy);
-      if (c >= sh.ca && a.dh != nullptr) store_stream<D, VEC>(a.dh, sh.h_at(b, c - sh.ca, sp), dy);
+      if (c >= sh.ca && a.dh != nullptr) store_stream<D, VEC>(a.dh, sh.h_at(b, k, sp), dy);
       continue;
     }
-    const int64_t k = c - sh.ca;
-    // Every load of the step ahead of its stores (a store may alias a later load for all the compiler
-    // knows: loads after a store would wait for it, leaving fewer in flight).
     float h[VEC], ls[VEC], g[VEC], x[VEC];
-    load_stream<D, VEC>(a.h, sh.h_at(b, k, sp), h);
-    if (a.dh != nullptr) load_stream<D, VEC>(a.x, e, x);
+    decode<D, VEC>(rh, h);
+    decode<D, VEC>(rx, x);
     log_scale<VEC>(sh.scale, sh.clamp, h, ls, g);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) ls[i] = expf(ls[i]);  // s
