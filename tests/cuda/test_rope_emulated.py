@@ -7,12 +7,12 @@ compiles with a plain C++ compiler against the emulated CUDA built-ins of ``test
 and interleaved pairs; forward and inverse; full and partial rotary (odd P too); grouped k, no k, an empty q
 beside k; contiguous, transposed (B, L, H, Dh) and padded-row inputs; outputs in the inputs' strides,
 contiguous, in place, or k's into a slot of a longer KV cache (rope's k_out, the cache's other positions left
-alone); float32 / float16 / bfloat16 tables with contiguous or padded rows; 16-byte vectors and
-the scalar path (misaligned pointers, P or strides not a multiple of the width); grids of one and of several
-blocks. Outputs are compared with a float64 reference (pair partners and angles from logical coordinates), the
-pass-through channels bit for bit, and everything outside the logical tensors (row padding, guard bytes, an
-out-of-place input) must be left as it was. What the emulator cannot see (speed, registers) is listed in
-simt.h.
+alone); float32 / float16 / bfloat16 tables with contiguous or padded rows (each its own row stride);
+16-byte vectors and the scalar path (misaligned pointers, P or strides not a multiple of the width); grids of
+one and of several blocks. Outputs are compared with a float64 reference (pair partners and angles from
+logical coordinates), the pass-through channels bit for bit, and everything outside the logical tensors (row
+padding, guard bytes, an out-of-place input) must be left as it was. What the emulator cannot see (speed,
+registers) is listed in simt.h.
 
 Needs what ``tests/cuda/_emulator.py`` builds with, and skips without it.
 About 10 s to compile and a few seconds to run.

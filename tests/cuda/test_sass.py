@@ -82,6 +82,17 @@ def first_path(instructions: list[str]) -> list[str]:
     return instructions[: stores[0]] if stores else instructions
 
 
+def between_stores(instructions: list[str]) -> list[list[str]]:
+    """The instructions split at the stores (which are left out): segment i ends at store i."""
+    segments: list[list[str]] = [[]]
+    for ins in instructions:
+        if _PREDICATE.sub("", ins).startswith("ST"):
+            segments.append([])
+        else:
+            segments[-1].append(ins)
+    return segments
+
+
 def _load_registers(operands: str, opcode: str) -> set[int]:
     first = _REGISTER.match(operands.strip())
     if first is None:
@@ -173,6 +184,24 @@ def test_elementwise_passes_issue_a_steps_loads_first(what):
             streaming = [i for i in path if _PREDICATE.sub("", i).startswith("LDG.E.EF")]
             assert len(streaming) == loads, (name, streaming)
             assert loads_used_before_the_last_load(path, "LDG.E.EF") == [], name
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["rotate_half", "interleaved"])
+def test_rope_issues_a_units_loads_first(interleaved):
+    """rope's rotation unit (the code between the copy unit's store, laid out first, and its own first
+    store): x's runs (two rotate-half, one interleaved) and both tables' values (each load under either
+    table dtype's predicate) all go out before any is used. Before, each table value was decoded where it
+    was loaded: 2 * 8 cache round trips (bf16) before x was even requested."""
+    names = kernel_names(rf"rope_kernelILb{int(interleaved)}ENS_\w+?ELi[48]E")
+    assert len(names) == 3, names
+    for name, per_arch in sass(*names).items():
+        for instructions in per_arch:
+            unit = between_stores(instructions)[1]
+            opcodes = [_PREDICATE.sub("", i) for i in unit]
+            assert sum(op.startswith("LDG.E.EF") for op in opcodes) == (1 if interleaved else 2), name
+            pairs = (4 if "F32" in name else 8) // (2 if interleaved else 1)
+            assert sum(op.startswith("LDG.E.") and "CONSTANT" in op for op in opcodes) >= 2 * pairs, name
+            assert loads_used_before_the_last_load(unit, "LDG") == [], name
 
 
 def test_the_check_finds_a_load_used_before_the_next():

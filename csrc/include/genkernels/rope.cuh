@@ -19,7 +19,8 @@
 // width when every pointer is 16-byte aligned and every offset the kernel forms is a multiple of it
 // (the strides, P for rotate_half, 2P interleaved, and Dh when copying), else 1 (the host decides).
 // The tables are read per element through the read-only cache with a uniform run-time switch on their
-// dtype (load_param): they are small and stay in L1 / L2.
+// dtype: they are small and stay in L1 / L2. A unit issues all its loads (x, then the tables) before it
+// decodes any (tests/cuda/test_sass.py reads this off the built kernel).
 // Memory traffic: q and k read once, the outputs written once; cos and sin gathered from cache.
 //
 // This header is the device code alone; it expects its includer to provide the CUDA built-ins it uses
@@ -77,21 +78,6 @@ inline void rope_plan(RopeArgs& a, bool interleaved, int vec, int64_t head_dim, 
 
 // N consecutive elements at e: one 16-byte vector (N == VEC) or N single elements (VEC == 1).
 template <class D, int VEC, int N>
-__device__ __forceinline__ void load_run(const void* base, int64_t e, float (&v)[N]) {
-  if constexpr (N == VEC) {
-    load_stream<D, VEC>(base, e, v);
-  } else {
-    static_assert(VEC == 1, "a run is one vector or single elements");
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      float one[1];
-      load_stream<D, 1>(base, e + i, one);
-      v[i] = one[0];
-    }
-  }
-}
-
-template <class D, int VEC, int N>
 __device__ __forceinline__ void store_run(void* base, int64_t e, const float (&v)[N]) {
   if constexpr (N == VEC) {
     store_stream<D, VEC>(base, e, v);
@@ -103,6 +89,26 @@ __device__ __forceinline__ void store_run(void* base, int64_t e, const float (&v
       store_stream<D, 1>(base, e + i, one);
     }
   }
+}
+
+// N consecutive table elements at p[i ..] of dtype `code` as raw bits (float32's, or a 16-bit value in the
+// low half), loaded straight-line: no decode between the loads, so they are all in flight at once.
+template <int N>
+__device__ __forceinline__ void table_bits(const void* p, int code, int64_t i, unsigned int (&w)[N]) {
+  if (code == kFloat32) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) w[k] = __ldg(static_cast<const unsigned int*>(p) + i + k);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) w[k] = __ldg(static_cast<const unsigned short*>(p) + i + k);
+  }
+}
+
+// The value of table bits from table_bits.
+__device__ __forceinline__ float table_value(int code, unsigned int w) {
+  if (code == kFloat16) return F16::decode(static_cast<unsigned short>(w));
+  if (code == kBFloat16) return BF16::decode(static_cast<unsigned short>(w));
+  return __uint_as_float(w);
 }
 
 // Unit u of row r of operand t.
@@ -119,16 +125,41 @@ __device__ __forceinline__ void rope_unit(const RopeArgs& a, const RopeOperand& 
     return;
   }
   constexpr int kPairs = rope_unit_pairs(INTERLEAVED, VEC);
+  constexpr int kRuns = INTERLEAVED ? 1 : 2;  // runs of x: [2j, 2j + 2 kPairs), or [j, ..) and [P + j, ..)
+  constexpr int kRun = INTERLEAVED ? 2 * kPairs : kPairs;
   const int64_t j = u * kPairs;
+  // Every load of the unit before any is decoded: x's runs (the DRAM round trip) first, then both tables'
+  // bits (read through the cache), straight-line within a dtype's branch. Decoding each table element where
+  // it was loaded made the next load wait for it: kPairs * 2 cache round trips before x was even requested.
+  RawT<D, VEC> xr[kRuns][kRun / VEC];
+#pragma unroll
+  for (int q = 0; q < kRuns; ++q) {
+    const int64_t at = xrow + (INTERLEAVED ? 2 * j : q * a.pairs + j);
+#pragma unroll
+    for (int i = 0; i < kRun / VEC; ++i) xr[q][i] = load_raw<D, VEC, Cache::kStream>(t.x, at + i * VEC);
+  }
+  unsigned int cw[kPairs], sw[kPairs];
+  table_bits<kPairs>(a.cos, a.cos_dtype, l * a.cos_stride + j, cw);
+  table_bits<kPairs>(a.sin, a.sin_dtype, l * a.sin_stride + j, sw);
   float c[kPairs], s[kPairs];
 #pragma unroll
   for (int i = 0; i < kPairs; ++i) {
-    c[i] = load_param(a.cos, a.cos_dtype, l * a.cos_stride + j + i, 0.f);
-    s[i] = a.sign * load_param(a.sin, a.sin_dtype, l * a.sin_stride + j + i, 0.f);
+    c[i] = table_value(a.cos_dtype, cw[i]);
+    s[i] = a.sign * table_value(a.sin_dtype, sw[i]);
+  }
+  float x[kRuns][kRun];
+#pragma unroll
+  for (int q = 0; q < kRuns; ++q) {
+#pragma unroll
+    for (int i = 0; i < kRun / VEC; ++i) {
+      float part[VEC];
+      decode<D, VEC>(xr[q][i], part);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) x[q][i * VEC + k] = part[k];
+    }
   }
   if constexpr (INTERLEAVED) {
-    float v[2 * kPairs];
-    load_run<D, VEC>(t.x, xrow + 2 * j, v);
+    float (&v)[2 * kPairs] = x[0];
 #pragma unroll
     for (int i = 0; i < kPairs; ++i) {
       const float x1 = v[2 * i], x2 = v[2 * i + 1];
@@ -137,13 +168,11 @@ __device__ __forceinline__ void rope_unit(const RopeArgs& a, const RopeOperand& 
     }
     store_run<D, VEC>(t.out, orow + 2 * j, v);
   } else {
-    float x1[kPairs], x2[kPairs], o1[kPairs], o2[kPairs];
-    load_run<D, VEC>(t.x, xrow + j, x1);
-    load_run<D, VEC>(t.x, xrow + a.pairs + j, x2);
+    float o1[kPairs], o2[kPairs];
 #pragma unroll
     for (int i = 0; i < kPairs; ++i) {
-      o1[i] = x1[i] * c[i] - x2[i] * s[i];
-      o2[i] = x2[i] * c[i] + x1[i] * s[i];
+      o1[i] = x[0][i] * c[i] - x[1][i] * s[i];
+      o2[i] = x[1][i] * c[i] + x[0][i] * s[i];
     }
     store_run<D, VEC>(t.out, orow + j, o1);
     store_run<D, VEC>(t.out, orow + a.pairs + j, o2);

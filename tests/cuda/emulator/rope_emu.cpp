@@ -154,16 +154,17 @@ simt::Outcome run(const Case& c, unsigned seed) {
   const std::vector<uint4> q_before = q.buf.storage, k_before = k.buf.storage;
 
   // Tables: cos and sin of random angles in their own dtypes, NaN between padded rows and around them.
-  const int64_t ts = c.padded_tables ? s.P + 5 : s.P;
+  // Padded: each table its own row stride (a kernel reading sin through cos's stride fails).
+  const int64_t cs = c.padded_tables ? s.P + 5 : s.P, ss = c.padded_tables ? s.P + 2 : s.P;
   Buffer cos_t, sin_t;
-  cos_t.init(c.cos_dtype, s.L * ts, false);
-  sin_t.init(c.sin_dtype, s.L * ts, false);
+  cos_t.init(c.cos_dtype, s.L * cs, false);
+  sin_t.init(c.sin_dtype, s.L * ss, false);
   std::uniform_real_distribution<double> angle(-4.0, 4.0);
   for (int l = 0; l < s.L; ++l) {
     for (int j = 0; j < s.P; ++j) {
       const double a = angle(rng);
-      cos_t.set(l * ts + j, static_cast<float>(std::cos(a)));
-      sin_t.set(l * ts + j, static_cast<float>(std::sin(a)));
+      cos_t.set(l * cs + j, static_cast<float>(std::cos(a)));
+      sin_t.set(l * ss + j, static_cast<float>(std::sin(a)));
     }
   }
 
@@ -186,7 +187,7 @@ simt::Outcome run(const Case& c, unsigned seed) {
   a.q = operand(q, q_out);
   a.k = operand(k, k_out);
   a.cos = cos_t.data(), a.sin = sin_t.data();
-  a.cos_stride = ts, a.sin_stride = ts;
+  a.cos_stride = cs, a.sin_stride = ss;
   a.cos_dtype = c.cos_dtype, a.sin_dtype = c.sin_dtype;
   a.len = s.L;
   a.pairs = s.P;
@@ -240,7 +241,7 @@ simt::Outcome run(const Case& c, unsigned seed) {
             }
             const int c1 = c.interleaved ? 2 * j : j, c2 = c.interleaved ? 2 * j + 1 : j + s.P;
             const double x1 = original.at(xi + c1), x2 = original.at(xi + c2);
-            const double cv = cos_t.at(l * ts + j), sv = (c.inverse ? -1.0 : 1.0) * sin_t.at(l * ts + j);
+            const double cv = cos_t.at(l * cs + j), sv = (c.inverse ? -1.0 : 1.0) * sin_t.at(l * ss + j);
             const double want = first ? x1 * cv - x2 * sv : x2 * cv + x1 * sv;
             const double mag = std::fabs(x1 * cv) + std::fabs(x2 * sv);
             if (decode(c.dtype, encode(c.dtype, static_cast<float>(want))) == got) continue;
