@@ -114,8 +114,10 @@ void adaln_forward(const AdalnProblem& p, const AdalnTensor& x, const AdalnTenso
   const cudaStream_t stream = as_stream(stream_handle);
   with_adaln_vector(p.dtype, vec, [&](auto d, auto v) {
     with_bool(a.res.p != nullptr, [&](auto residual) {
-      adaln_forward_kernel<decltype(d), decltype(v)::value, decltype(residual)::value>
-          <<<grid, threads_of(a.s), 0, stream>>>(a);
+      with_adaln_forward_k(a.s.count, [&](auto k) {
+        adaln_forward_kernel<decltype(d), decltype(v)::value, decltype(residual)::value, decltype(k)::value>
+            <<<grid, threads_of(a.s), 0, stream>>>(a);
+      });
     });
   });
   check_launch("adaln_forward_kernel");

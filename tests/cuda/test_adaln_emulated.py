@@ -68,7 +68,7 @@ def test_adaln_emulated(emulator):
     assert (1024, 1) in {(int(m[8]), int(m[10])) for m in results}
     # The forward's 1 to 4 vectors (or scalars) a thread; the backward's several scalars a thread (rows longer
     # than 1024 on the scalar path).
-    assert {int(m[11]) for m in results} >= {1, 2, 4}
+    assert {int(m[11]) for m in results} >= {1, 2, 3, 4}
     assert {int(m[12]) for m in results} >= {1, 2, 3}
     # Column sums over several chunks of a sample (several partial rows reduced in a fixed order), all five
     # sums at once, and backward launches with none.

@@ -128,18 +128,19 @@ def loads_used_before_the_last_load(instructions: list[str], load: str) -> list[
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
 @pytest.mark.parametrize("residual", [False, True], ids=["norm", "residual+norm"])
 def test_adaln_forward_issues_every_row_load_first(dtype, residual):
-    """layer_norm_modulate's forward (and the fused residual + norm's) on 16-byte vectors: every streaming load
-    of the row (x, and the residual's y) goes out before any of their data is used, so a row waits for one
-    DRAM round trip, not one a vector (up to 4 a thread: 3 at DiT-XL's D = 1152, 8 with y)."""
-    names = kernel_names(rf"adaln_forward_kernelINS_\d*{dtype}ELi8ELb{int(residual)}E")
-    assert len(names) == 1, names
-    bodies = sass(*names).get(names[0])
-    assert bodies, f"no SASS for {names[0]}"
-    for instructions in bodies:
-        streaming = [i for i in instructions if _PREDICATE.sub("", i).startswith("LDG.E.EF")]
-        vectors = 4 * (2 if residual else 1) * (2 if dtype == "F32" else 1)  # 16-byte loads a thread, at most
-        assert len(streaming) == vectors, streaming
-        assert loads_used_before_the_last_load(instructions, "LDG.E.EF") == []
+    """layer_norm_modulate's forward (and the fused residual + norm's) on 16-byte vectors, compiled for K = 2, 3
+    and 4 vectors a thread: every streaming load of the row (x, and the residual's y) goes out before any of
+    their data is used, so a row waits for one DRAM round trip, not one a vector (3 a thread at DiT-XL's
+    D = 1152, 4 at FLUX's 3072; 8 with y)."""
+    names = kernel_names(rf"adaln_forward_kernelINS_\d*{dtype}ELi8ELb{int(residual)}ELi[234]E")
+    assert len(names) == 3, names
+    for name, per_arch in sass(*names).items():
+        k = int(re.search(r"ELi([234])EE", name)[1])
+        for instructions in per_arch:
+            streaming = [i for i in instructions if _PREDICATE.sub("", i).startswith("LDG.E.EF")]
+            loads = k * (2 if residual else 1) * (2 if dtype == "F32" else 1)  # 16-byte loads a thread
+            assert len(streaming) == loads, (name, streaming)
+            assert loads_used_before_the_last_load(instructions, "LDG.E.EF") == [], name
 
 
 #: The elementwise passes whose first path (the instructions before the first store) is checked, by kernel-name

@@ -23,8 +23,9 @@
 //
 // Work split: a row is spread over a group of G threads (a multiple of 32, at most 512, or 1024 on the
 // scalar path); thread t of the group holds the VEC-element vectors t, t + G, ... (at most
-// K of them: in the forward 4 vectors of 8 or 4 scalars, adaln_forward_vectors; in the backward one
-// 8-element vector or 4 scalars, adaln_vectors) in registers between the passes. A
+// K of them: in the forward up to 4 vectors of 8 or 4 scalars, adaln_forward_vectors, the kernel compiled
+// for K = 2, 3 and 4; in the backward one 8-element vector or 4 scalars, adaln_vectors) in registers
+// between the passes. A
 // block of 128 threads runs 4 rows of 32-thread groups or 2 of 64 side by side; wider groups own the
 // block. Row sums go through a warp butterfly, then (groups wider than a warp) the group's warp
 // totals added in warp order from shared memory: every thread of a row sees the same bits.
@@ -69,8 +70,24 @@ __host__ __device__ constexpr int adaln_max_threads(int vec) { return vec == 1 ?
 __host__ __device__ constexpr int adaln_vectors(int vec) { return vec == 1 ? 4 : 1; }
 // The forward holds up to 4 vectors (or 4 scalars) a thread: it keeps nothing but the row between its
 // passes, and a thread's fixed cost (the row's offsets, two group sums, the statistics) is then spread
-// over up to 32 elements instead of 8 (adaln_shape's `per`).
+// over up to 32 elements instead of 8 (adaln_shape's `per`). Its kernel is compiled for K = 2, 3 and 4 a
+// thread and launched with the fewest that hold the row (adaln_forward_k): registers grow with K, and fewer
+// registers fit more rows on an SM (bf16, sm_90a: K = 3, DiT-XL's D = 1152, 80 registers, 6 blocks of
+// 128 threads an SM; K = 4, 92 registers, 5).
 __host__ __device__ constexpr int adaln_forward_vectors(int) { return 4; }
+
+// Host: a call of f with std::integral_constant<int, K> for the forward's `count` vectors a thread
+// (K = 2 for 1 or 2, else count).
+template <class F>
+void with_adaln_forward_k(int count, F&& f) {
+  if (count <= 2) {
+    f(std::integral_constant<int, 2>{});
+  } else if (count == 3) {
+    f(std::integral_constant<int, 3>{});
+  } else {
+    f(std::integral_constant<int, 4>{});
+  }
+}
 constexpr int kAdalnBlock = 128;        // block size for groups of 32 or 64 threads
 constexpr int kAdalnQuantities = 5;     // column sums: dweight, dbias, dshift, dscale, dgate
 constexpr int kReduceCols = 32;         // adaln_reduce_kernel: columns per block
@@ -331,11 +348,11 @@ __device__ __forceinline__ float group_sum(float v, float* scratch, int group) {
 // ---------------------------------------------------------------------------------------------------
 // Forward: one row per slot, `slots` rows per block.
 
-template <class D, int VEC, bool RESIDUAL>
+template <class D, int VEC, bool RESIDUAL, int K>
 __global__ void __launch_bounds__(adaln_max_threads(VEC)) adaln_forward_kernel(const AdalnForwardArgs a) {
   // RESIDUAL: a.res is given (h = x + gate * y first); a template flag, so that the norm alone keeps
-  // the fewer registers it needs.
-  constexpr int K = adaln_forward_vectors(VEC);
+  // the fewer registers it needs. K: vectors a thread, at least a.s.count (with_adaln_forward_k).
+  static_assert(K >= 1 && K <= adaln_forward_vectors(VEC), "at most adaln_forward_vectors a thread");
   __shared__ float scratch[32];
   const int group = a.s.group;
   const int slot = static_cast<int>(threadIdx.x) / group, t = static_cast<int>(threadIdx.x) % group;

@@ -216,8 +216,11 @@ simt::Outcome run(const Case& c, unsigned seed) {
   const unsigned fblocks = static_cast<unsigned>((R + fa.s.slots - 1) / fa.s.slots);
   genkernels::with_adaln_vector(c.dtype, fvec, [&](auto d, auto v) {
     genkernels::with_bool(fa.res.p != nullptr, [&](auto residual) {
-      simt::launch(fblocks, fa.s.group * fa.s.slots, 0, {}, global, label + " (forward)", [&] {
-        genkernels::adaln_forward_kernel<decltype(d), decltype(v)::value, decltype(residual)::value>(fa);
+      genkernels::with_adaln_forward_k(fa.s.count, [&](auto k) {
+        simt::launch(fblocks, fa.s.group * fa.s.slots, 0, {}, global, label + " (forward)", [&] {
+          genkernels::adaln_forward_kernel<decltype(d), decltype(v)::value, decltype(residual)::value,
+                                           decltype(k)::value>(fa);
+        });
       });
     });
   });
@@ -477,10 +480,12 @@ struct Shape {
 
 // Groups of 32 (4 rows a block: D 72 at 8 a vector, 33 scalars), 64 and 128 threads and 1024 scalar
 // threads with 3 scalars each (D 2500); L = 1; several chunks per sample (L 40 with column sums); padded
-// rows that keep the vectors (pad 8) or break them (pad 1), a misaligned x, odd D.
+// rows that keep the vectors (pad 8) or break them (pad 1), a misaligned x, odd D; DiT-XL's D = 1152 (the
+// forward's 64 threads of 3 vectors, the third on 16 of them).
 const Shape kShapes[] = {
     {2, 3, 72, 0, false},  {1, 1, 72, 8, false},   {2, 40, 64, 0, false}, {2, 5, 33, 0, false},
     {2, 6, 1000, 0, false}, {1, 21, 256, 1, false}, {3, 2, 512, 8, true},  {1, 37, 40, 0, false},
+    {2, 3, 1152, 0, false},
 };
 
 std::vector<Case> make_cases() {
