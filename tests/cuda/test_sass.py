@@ -147,11 +147,11 @@ def test_adaln_forward_issues_every_row_load_first(dtype, residual):
 #: pattern (the 16-byte-vector instantiations of every dtype), with the streaming loads a step issues there.
 #: chunk_walk.cuh's flat_walk passes take 4 vectors a thread a step: 4 loads per tensor read. bias_act: its
 #: benchmark's activation, lrelu (act code 2), with and without the gradient codes (2 bits an element: one 2-
-#: or 1-byte load a vector in place of x's). The sampler step: one vector a step of its grid-stride loop, 5
-#: loads (x, the guided model output's two halves, noise, x0_prev; absent ones predicated off).
-#: Reparameterization and the coupling layer, one vector a step of a chunk walk: mean, logvar and a noise
-#: tensor's eps forward, dz, mean, logvar and eps backward; x and h's two channels forward, dy, h and x
-#: backward.
+#: or 1-byte load a vector in place of x's); the gradient with dbias walks a tile's rows 4 at a time. The
+#: sampler step: one vector a step of its grid-stride loop, 5 loads (x, the guided model output's two halves,
+#: noise, x0_prev; absent ones predicated off). Reparameterization and the coupling layer, one vector a step
+#: of a chunk walk: mean, logvar and a noise tensor's eps forward, dz, mean, logvar and eps backward; x and
+#: h's two channels forward, dy, h and x backward.
 ELEMENTWISE_PASSES = {
     "gelu_tanh forward": (r"gelu_tanh_forward_kernelINS_\w+?ELi[48]E", 4),
     "gelu_tanh gradient": (r"gelu_tanh_grad_kernelINS_\w+?ELi[48]E", 8),
@@ -159,6 +159,7 @@ ELEMENTWISE_PASSES = {
     "swiglu gradient": (r"swiglu_grad_kernelINS_\w+?ELi[48]E", 12),
     "bias_act lrelu forward": (r"bias_act_forward_kernelILi2E\w+?ELi[48]E", 4),
     "bias_act lrelu gradient": (r"bias_act_grad_kernelILi2E\w+?ELi[48]E", 8),
+    "bias_act lrelu gradient with dbias": (r"bias_act_grad_bias_kernelILi2E\w+?ELi[48]E", 8),
     "sampler step": (r"schedule_step_kernelINS_\w+?ELi[48]E", 5),
     "reparameterize forward": (r"reparam_forward_kernelINS_\w+?ELi[48]E", 3),
     "reparameterize backward": (r"reparam_backward_kernelINS_\w+?ELi[48]E", 4),
