@@ -174,7 +174,8 @@ __device__ __forceinline__ float bias_value(const BiasActArgs& a, int64_t c) {
 
 // z[i] += bias[((e + i) / stride_c) % C] for i < W (e a multiple of W): one division, then one bias
 // value for the whole vector when stride_c is a multiple of W (contiguous NCHW: the vector lies in one
-// channel), else stepped element by element (channels_last).
+// channel); channels innermost (channels_last) with the vector's W channels consecutive, W values loaded
+// straight-line before any is added; else stepped element by element (a vector across the last channel).
 template <int W>
 __device__ __forceinline__ void add_bias(const BiasActArgs& a, int64_t e, float (&z)[W]) {
   if (a.bias == nullptr) return;
@@ -185,6 +186,24 @@ __device__ __forceinline__ void add_bias(const BiasActArgs& a, int64_t e, float 
     const float b = bias_value(a, c);
 #pragma unroll
     for (int i = 0; i < W; ++i) z[i] += b;
+  } else if (W > 1 && a.stride_c == 1 && c + W <= a.channels) {
+    // Channels innermost (channels_last), the vector's W channels consecutive: their W values load
+    // straight-line, all before any is added (one loaded and added at a time would make each load wait
+    // for the one before it).
+    unsigned int bits[W];
+    if (a.bias_dtype == kFloat32) {
+#pragma unroll
+      for (int i = 0; i < W; ++i) bits[i] = __ldg(static_cast<const unsigned int*>(a.bias) + c + i);
+    } else {
+#pragma unroll
+      for (int i = 0; i < W; ++i) bits[i] = __ldg(static_cast<const unsigned short*>(a.bias) + c + i);
+    }
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      const unsigned short h = static_cast<unsigned short>(bits[i]);
+      z[i] += a.bias_dtype == kFloat32 ? __uint_as_float(bits[i])
+                                       : (a.bias_dtype == kBFloat16 ? BF16::decode(h) : F16::decode(h));
+    }
   } else {
 #pragma unroll
     for (int i = 0; i < W; ++i) {
