@@ -191,19 +191,9 @@ __device__ __forceinline__ void add_bias(const BiasActArgs& a, int64_t e, float 
     // straight-line, all before any is added (one loaded and added at a time would make each load wait
     // for the one before it).
     unsigned int bits[W];
-    if (a.bias_dtype == kFloat32) {
+    param_bits<W>(a.bias, a.bias_dtype, c, bits);
 #pragma unroll
-      for (int i = 0; i < W; ++i) bits[i] = __ldg(static_cast<const unsigned int*>(a.bias) + c + i);
-    } else {
-#pragma unroll
-      for (int i = 0; i < W; ++i) bits[i] = __ldg(static_cast<const unsigned short*>(a.bias) + c + i);
-    }
-#pragma unroll
-    for (int i = 0; i < W; ++i) {
-      const unsigned short h = static_cast<unsigned short>(bits[i]);
-      z[i] += a.bias_dtype == kFloat32 ? __uint_as_float(bits[i])
-                                       : (a.bias_dtype == kBFloat16 ? BF16::decode(h) : F16::decode(h));
-    }
+    for (int i = 0; i < W; ++i) z[i] += param_value(a.bias_dtype, bits[i]);
   } else {
 #pragma unroll
     for (int i = 0; i < W; ++i) {

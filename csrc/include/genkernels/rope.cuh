@@ -91,26 +91,6 @@ __device__ __forceinline__ void store_run(void* base, int64_t e, const float (&v
   }
 }
 
-// N consecutive table elements at p[i ..] of dtype `code` as raw bits (float32's, or a 16-bit value in the
-// low half), loaded straight-line: no decode between the loads, so they are all in flight at once.
-template <int N>
-__device__ __forceinline__ void table_bits(const void* p, int code, int64_t i, unsigned int (&w)[N]) {
-  if (code == kFloat32) {
-#pragma unroll
-    for (int k = 0; k < N; ++k) w[k] = __ldg(static_cast<const unsigned int*>(p) + i + k);
-  } else {
-#pragma unroll
-    for (int k = 0; k < N; ++k) w[k] = __ldg(static_cast<const unsigned short*>(p) + i + k);
-  }
-}
-
-// The value of table bits from table_bits.
-__device__ __forceinline__ float table_value(int code, unsigned int w) {
-  if (code == kFloat16) return F16::decode(static_cast<unsigned short>(w));
-  if (code == kBFloat16) return BF16::decode(static_cast<unsigned short>(w));
-  return __uint_as_float(w);
-}
-
 // Unit u of row r of operand t.
 template <bool INTERLEAVED, class D, int VEC>
 __device__ __forceinline__ void rope_unit(const RopeArgs& a, const RopeOperand& t, int64_t r, int64_t u) {
@@ -139,13 +119,13 @@ __device__ __forceinline__ void rope_unit(const RopeArgs& a, const RopeOperand& 
     for (int i = 0; i < kRun / VEC; ++i) xr[q][i] = load_raw<D, VEC, Cache::kStream>(t.x, at + i * VEC);
   }
   unsigned int cw[kPairs], sw[kPairs];
-  table_bits<kPairs>(a.cos, a.cos_dtype, l * a.cos_stride + j, cw);
-  table_bits<kPairs>(a.sin, a.sin_dtype, l * a.sin_stride + j, sw);
+  param_bits<kPairs>(a.cos, a.cos_dtype, l * a.cos_stride + j, cw);
+  param_bits<kPairs>(a.sin, a.sin_dtype, l * a.sin_stride + j, sw);
   float c[kPairs], s[kPairs];
 #pragma unroll
   for (int i = 0; i < kPairs; ++i) {
-    c[i] = table_value(a.cos_dtype, cw[i]);
-    s[i] = a.sign * table_value(a.sin_dtype, sw[i]);
+    c[i] = param_value(a.cos_dtype, cw[i]);
+    s[i] = a.sign * param_value(a.sin_dtype, sw[i]);
   }
   float x[kRuns][kRun];
 #pragma unroll

@@ -209,6 +209,26 @@ __device__ __forceinline__ float load_param(const void* p, int code, int64_t i, 
   }
 }
 
+// N consecutive parameter elements p[i ..] of dtype `code` as raw bits (float32's, or a 16-bit value in the
+// low half), loaded straight-line within one branch on the dtype: no decode between the loads, so they are
+// all in flight at once (load_param per element decodes each where it loads it). param_value decodes them.
+template <int N>
+__device__ __forceinline__ void param_bits(const void* p, int code, int64_t i, unsigned int (&w)[N]) {
+  if (code == kFloat32) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) w[k] = __ldg(static_cast<const unsigned int*>(p) + i + k);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) w[k] = __ldg(static_cast<const unsigned short*>(p) + i + k);
+  }
+}
+
+__device__ __forceinline__ float param_value(int code, unsigned int w) {
+  if (code == kFloat16) return F16::decode(static_cast<unsigned short>(w));
+  if (code == kBFloat16) return BF16::decode(static_cast<unsigned short>(w));
+  return __uint_as_float(w);
+}
+
 __device__ __forceinline__ void store_param(void* p, int code, int64_t i, float v) {
   switch (code) {
     case kFloat16:
