@@ -119,7 +119,8 @@ __global__ void __launch_bounds__(kThreads) schedule_step_kernel(const StepArgs 
     const int64_t e = i * VEC;
     const int64_t b = a.per_sample ? e / a.n : 0;
 
-    float x[VEC], out[VEC], noise[VEC], x0p[VEC];
+    // Absent inputs read as 0 (the model output, its cond half) or are left out below (noise, x0_prev).
+    float x[VEC], out[VEC], cond[VEC], noise[VEC], x0p[VEC];
     if constexpr (VEC > 1) {
       // Every input's raw bits first (the conditional blocks hold nothing but loads), decoded after the
       // last load is issued: a step waits for one DRAM round trip, not one per input (x, the model output
@@ -131,49 +132,29 @@ __global__ void __launch_bounds__(kThreads) schedule_step_kernel(const StepArgs 
       const RawT<D, VEC> rx0p = load_raw_if<D, VEC>(a.x0_prev != nullptr, a.x0_prev, e);
       decode<D, VEC>(rx, x);
       decode<D, VEC>(rmo, out);
-      if (a.guided) {
-        float cond[VEC];
-        decode<D, VEC>(rcond, cond);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) out[k] = out[k] + a.guidance * (cond[k] - out[k]);
-      }
+      decode<D, VEC>(rcond, cond);
       decode<D, VEC>(rnoise, noise);
       decode<D, VEC>(rx0p, x0p);
-      if (a.philox) {
-        const uint64_t seed = a.seed_ptr != nullptr ? static_cast<uint64_t>(__ldg(a.seed_ptr)) : a.seed;
-        stream_normals<VEC>(seed, a.offset, e, noise);
-      }
-      if (a.mo != nullptr && a.factor != nullptr) {
-        const float f = __ldg(a.factor + b);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) out[k] *= f;
-      }
-    } else {
+    } else {  // one element, each input in its own dtype
       load_vec<D, VEC>(a.x, e, x);
-      if (a.mo != nullptr) {
-        load_input<D, VEC>(a.mo, a.mo_dtype, e, out);
-        if (a.guided) {
-          float cond[VEC];
-          load_input<D, VEC>(a.mo, a.mo_dtype, guided_shift + e, cond);
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) out[k] = out[k] + a.guidance * (cond[k] - out[k]);
-        }
-        if (a.factor != nullptr) {
-          const float f = __ldg(a.factor + b);
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) out[k] *= f;
-        }
-      } else {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) out[k] = 0.f;
-      }
-      if (a.noise != nullptr) {
-        load_input<D, VEC>(a.noise, a.noise_dtype, e, noise);
-      } else if (a.philox) {
-        const uint64_t seed = a.seed_ptr != nullptr ? static_cast<uint64_t>(__ldg(a.seed_ptr)) : a.seed;
-        stream_normals<VEC>(seed, a.offset, e, noise);
-      }
+      out[0] = cond[0] = noise[0] = x0p[0] = 0.f;
+      if (a.mo != nullptr) load_input<D, VEC>(a.mo, a.mo_dtype, e, out);
+      if (a.mo != nullptr && a.guided) load_input<D, VEC>(a.mo, a.mo_dtype, guided_shift + e, cond);
+      if (a.noise != nullptr) load_input<D, VEC>(a.noise, a.noise_dtype, e, noise);
       if (a.x0_prev != nullptr) load_input<D, VEC>(a.x0_prev, a.x0_prev_dtype, e, x0p);
+    }
+    if (a.guided) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out[k] = out[k] + a.guidance * (cond[k] - out[k]);
+    }
+    if (a.mo != nullptr && a.factor != nullptr) {
+      const float f = __ldg(a.factor + b);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out[k] *= f;
+    }
+    if (a.philox) {  // noise drawn in the kernel (no noise tensor)
+      const uint64_t seed = a.seed_ptr != nullptr ? static_cast<uint64_t>(__ldg(a.seed_ptr)) : a.seed;
+      stream_normals<VEC>(seed, a.offset, e, noise);
     }
 
     const float px = a.px.at(b), po = a.po.at(b), ex = a.ex.at(b), e0 = a.e0.at(b);
