@@ -221,16 +221,17 @@ __device__ __forceinline__ T load_cached(const T* p) {
   }
 }
 
-// The same in two steps: the raw bits of VEC elements (`words` 32-bit words; a scalar in the low bits of
-// word 0), then their decoding. A caller that loads several vectors before it decodes any keeps every load in
-// flight at once: a decode next to its load makes the next load wait for this one's data.
+// The same in two steps: the raw bits of VEC elements as 32-bit words (a scalar in the low bits of word 0),
+// then their decoding. A caller that loads several vectors before it decodes any keeps every load in flight
+// at once: a decode next to its load makes the next load wait for this one's data. (vec.cuh's load_raw /
+// decode do this for one 16-byte access; a vector here is 8 elements in every dtype, two accesses in float32.)
 template <class S, int VEC>
-__host__ __device__ constexpr int raw_words() {
+__host__ __device__ constexpr int vector_words() {
   return VEC == 1 ? 1 : VEC * static_cast<int>(sizeof(typename S::Bits)) / 4;
 }
 
 template <class S, int VEC, Cache C = Cache::kKeep>
-__device__ __forceinline__ void load_raw(const void* base, int64_t e, unsigned int (&w)[raw_words<S, VEC>()]) {
+__device__ __forceinline__ void load_words(const void* base, int64_t e, unsigned int (&w)[vector_words<S, VEC>()]) {
   using Bits = typename S::Bits;
   const Bits* p = static_cast<const Bits*>(base) + e;
   if constexpr (VEC == 1) {
@@ -246,8 +247,17 @@ __device__ __forceinline__ void load_raw(const void* base, int64_t e, unsigned i
   }
 }
 
+// load_words when `when` holds, else zero bits (0 in every dtype): the load alone in its conditional block.
+template <class S, int VEC, Cache C = Cache::kKeep>
+__device__ __forceinline__ void load_words_if(bool when, const void* base, int64_t e,
+                                              unsigned int (&w)[vector_words<S, VEC>()]) {
+#pragma unroll
+  for (int i = 0; i < vector_words<S, VEC>(); ++i) w[i] = 0u;
+  if (when) load_words<S, VEC, C>(base, e, w);
+}
+
 template <class S, int VEC>
-__device__ __forceinline__ void decode_raw(const unsigned int (&w)[raw_words<S, VEC>()], float (&v)[VEC]) {
+__device__ __forceinline__ void decode_words(const unsigned int (&w)[vector_words<S, VEC>()], float (&v)[VEC]) {
   using Bits = typename S::Bits;
   if constexpr (VEC == 1 || sizeof(Bits) == 4) {
 #pragma unroll
@@ -263,9 +273,9 @@ __device__ __forceinline__ void decode_raw(const unsigned int (&w)[raw_words<S, 
 
 template <class S, int VEC, Cache C = Cache::kKeep>
 __device__ __forceinline__ void load_typed(const void* base, int64_t e, float (&v)[VEC]) {
-  unsigned int w[raw_words<S, VEC>()];
-  load_raw<S, VEC, C>(base, e, w);
-  decode_raw<S, VEC>(w, v);
+  unsigned int w[vector_words<S, VEC>()];
+  load_words<S, VEC, C>(base, e, w);
+  decode_words<S, VEC>(w, v);
 }
 
 template <class S, int VEC>
@@ -366,7 +376,7 @@ __global__ void __launch_bounds__(adaln_max_threads(VEC)) adaln_forward_kernel(c
   // (predicated: the conditional blocks hold nothing but the loads) and decoded after the last load is
   // issued, so a row waits for one DRAM round trip, not one a vector; h's stores come after every load
   // (a store may alias a later load for all the compiler knows).
-  constexpr int W = raw_words<D, VEC>();
+  constexpr int W = vector_words<D, VEC>();
   float v[K][VEC];
   bool valid[K];
   float sum = 0.f;
@@ -375,14 +385,12 @@ __global__ void __launch_bounds__(adaln_max_threads(VEC)) adaln_forward_kernel(c
   for (int k = 0; k < K; ++k) {
     const int64_t col = (t + static_cast<int64_t>(k) * group) * VEC;
     valid[k] = active && k < a.s.count && col < nvec * VEC;
-#pragma unroll
-    for (int i = 0; i < W; ++i) xr[k][i] = 0u;  // zero bits: 0.0 in every dtype
-    if (valid[k]) load_raw<D, VEC, Cache::kStream>(a.x.p, operand_row(a.x, b, l) + col, xr[k]);
+    load_words_if<D, VEC, Cache::kStream>(valid[k], a.x.p, operand_row(a.x, b, l) + col, xr[k]);
   }
   if constexpr (!RESIDUAL) {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      decode_raw<D, VEC>(xr[k], v[k]);
+      decode_words<D, VEC>(xr[k], v[k]);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) sum += v[k][i];
     }
@@ -391,9 +399,7 @@ __global__ void __launch_bounds__(adaln_max_threads(VEC)) adaln_forward_kernel(c
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int64_t col = (t + static_cast<int64_t>(k) * group) * VEC;
-#pragma unroll
-      for (int i = 0; i < W; ++i) yr[k][i] = 0u;
-      if (valid[k]) load_raw<D, VEC, Cache::kStream>(a.res.p, operand_row(a.res, b, l) + col, yr[k]);
+      load_words_if<D, VEC, Cache::kStream>(valid[k], a.res.p, operand_row(a.res, b, l) + col, yr[k]);
     }
     // The gate (a side operand, its dtype known at run time: decoded where it is loaded) vector by vector,
     // while x and y are in flight.
@@ -407,8 +413,8 @@ __global__ void __launch_bounds__(adaln_max_threads(VEC)) adaln_forward_kernel(c
 #pragma unroll
         for (int i = 0; i < VEC; ++i) gv[i] = 0.f;
       }
-      decode_raw<D, VEC>(xr[k], v[k]);
-      decode_raw<D, VEC>(yr[k], yv);
+      decode_words<D, VEC>(xr[k], v[k]);
+      decode_words<D, VEC>(yr[k], yv);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) v[k][i] += gv[i] * yv[i];
       // h rounded to the dtype, stored, and normalized as stored: out is the norm of the returned h.
