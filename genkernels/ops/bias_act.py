@@ -82,21 +82,26 @@ def _check(x, bias, act, alpha, gain, clamp, dim) -> tuple[float, float, float |
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in DTYPES:
         raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < max(x.dim(), 1):
-        raise ValueError(f"dim must be an int in [-{x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim!r}")
-    dim = dim % x.dim() if x.dim() else 0
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if x.dim() == 0 or tuple(bias.shape) != (x.shape[dim],):
-            raise ValueError(
-                f"bias must have shape ({x.shape[dim] if x.dim() else '?'},) (x.shape[dim] for dim={dim}), "
-                f"got {tuple(bias.shape)}"
-            )
-        if bias.dtype not in DTYPES:
-            raise TypeError(f"bias must be float32, float16, bfloat16 or float64, got {bias.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}: use one device")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ValueError(f"dim must be an int, got {dim!r}")
+    if bias is None:
+        # dim only says where a bias goes: without one any int is accepted (a 0-D or 1-D x at the default dim 1).
+        return (*act_params(act, alpha, gain, clamp), dim % x.dim() if -x.dim() <= dim < x.dim() else 0)
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if x.dim() == 0:
+        raise ValueError(f"a bias needs x with at least one dim to add it along; x is 0-D (bias {tuple(bias.shape)})")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be an int in [-{x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim}")
+    dim = dim % x.dim()
+    if tuple(bias.shape) != (x.shape[dim],):
+        raise ValueError(
+            f"bias must have shape ({x.shape[dim]},) (x.shape[dim] for dim={dim}), got {tuple(bias.shape)}"
+        )
+    if bias.dtype not in DTYPES:
+        raise TypeError(f"bias must be float32, float16, bfloat16 or float64, got {bias.dtype}")
+    if bias.device != x.device:
+        raise ValueError(f"bias is on {bias.device} but x is on {x.device}: use one device")
     return (*act_params(act, alpha, gain, clamp), dim)
 
 
@@ -695,7 +700,8 @@ def bias_act(
         alpha: lrelu's negative slope (default 0.2).
         gain: output scale (default sqrt(2) for relu and lrelu, 1 otherwise).
         clamp: clamp y to [-clamp, clamp] (None: no clamp).
-        dim: the dim bias runs along (1: channels of an (N, C, ...) tensor).
+        dim: the dim bias runs along (1: channels of an (N, C, ...) tensor); checked only with a bias, so
+            a 0-D or 1-D x without one runs at the default.
         backend: "auto" / None, "reference", "triton" or "cuda".
 
     Under torch.compile the call goes through the ``genkernels::bias_act`` op and its gradient ops,
@@ -711,7 +717,9 @@ def bias_act(
         b32 = None if bias is None else bias.float()
         has_clamp = clamp is not None
         return _bias_act_op(x, b32, act, alpha, gain, has_clamp, clamp or 0.0, dim, backend or "")
-    if x.numel() == 0 or x.dim() == 0:
+    if x.dim() == 0:  # a scalar (never with a bias): the same call on its one element
+        return bias_act(x.reshape(1), act=act, alpha=alpha, gain=gain, clamp=clamp, dim=0, backend=backend).reshape(())
+    if x.numel() == 0:
         _registry.requested(backend)
         return bias_act_reference(x, bias, act=act, alpha=alpha, gain=gain, clamp=clamp, dim=dim)
     x = dense_layout(x)

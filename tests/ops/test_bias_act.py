@@ -93,6 +93,22 @@ def test_dims_and_odd_shapes(backend, shape, dim, device):
     _check(backend, x, bias, act="gelu", dim=dim)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(37,), ()], ids=["1-D", "0-D"])
+def test_no_bias_any_dim(backend, shape, device):
+    """Without a bias, dim says nothing: a 1-D or 0-D x at the default dim=1 (or any int dim) runs."""
+    x = torch.randn(shape, device=device, dtype=torch.float64 if backend == "reference" else torch.float32)
+    x.requires_grad_(True)
+    skip_unsupported(backend, BA.OP, x.detach(), None, "lrelu", 0)
+    for dim in (1, 5, -7):
+        y = bias_act(x, act="lrelu", clamp=0.5, dim=dim, backend=backend)
+        expected = (torch.nn.functional.leaky_relu(x, 0.2) * math.sqrt(2)).clamp(-0.5, 0.5)
+        torch.testing.assert_close(y, expected)
+        (dx,) = torch.autograd.grad(y.sum(), x)
+        (dx_expected,) = torch.autograd.grad(expected.sum(), x)
+        torch.testing.assert_close(dx, dx_expected)
+
+
 # The triton backward's tiles for the bias gradient (genkernels.triton.bias_act._bias_grad_plan): one
 # partial per tile (inner a multiple of 64), one per column (channels_last, a trailing dim, odd inner);
 # and the call without dx (x needs no gradient).
@@ -225,7 +241,9 @@ def test_large_inputs(backend, act, device):
         (lambda x: bias_act(x, act="swish"), ValueError, "act must be one of"),
         (lambda x: bias_act(x, clamp=0.0), ValueError, "clamp must be None or a finite float > 0"),
         (lambda x: bias_act(x, clamp=-1.0), ValueError, "clamp must be None or a finite float > 0"),
-        (lambda x: bias_act(x, dim=3), ValueError, "dim must be an int"),
+        (lambda x: bias_act(x, torch.zeros(4), dim=3), ValueError, r"dim must be an int in \[-3, 3\)"),
+        (lambda x: bias_act(x, dim=1.0), ValueError, "dim must be an int, got 1.0"),
+        (lambda x: bias_act(x[0, 0, 0], torch.zeros(1), dim=0), ValueError, "x is 0-D"),
         (lambda x: bias_act(x.long()), TypeError, "x must be float32"),
         (lambda x: bias_act(x, torch.zeros(3, device="meta")), ValueError, "use one device"),
         (lambda x: bias_act(x, gain=float("nan")), ValueError, "gain must be a finite float"),
