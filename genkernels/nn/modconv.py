@@ -50,7 +50,7 @@ class EqualizedLinear(torch.nn.Module):
         torch_layers: run bias and activation in plain eager PyTorch (same function and parameter names).
         backend: backend of ``bias_act`` (None: the ``genkernels.backend(...)`` scope or auto).
 
-    x: (N, in_features) float; returns (N, out_features) in x's dtype.
+    x: (..., in_features) float (as F.linear takes it); returns (..., out_features) in x's dtype.
     """
 
     def __init__(
@@ -78,7 +78,7 @@ class EqualizedLinear(torch.nn.Module):
         self.weight_gain = lr_mul / math.sqrt(in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, in_features) -> (N, out_features) in x's dtype: act(x @ (W * g).T + b * lr_mul) * gain."""
+        """x (..., in_features) -> (..., out_features) in x's dtype: act(x @ (W * g).T + b * lr_mul) * gain."""
         weight = (self.weight * self.weight_gain).to(x.dtype)
         bias = (self.bias * self.lr_mul).to(x.dtype)
         if self.act == "linear":
@@ -86,7 +86,7 @@ class EqualizedLinear(torch.nn.Module):
         y = F.linear(x, weight)
         if self.torch_layers:
             return _act(y + bias, self.act, DEFAULT_ALPHA) * DEFAULT_GAIN.get(self.act, 1.0)
-        return bias_act(y, bias, act=self.act, backend=self.backend)
+        return bias_act(y, bias, act=self.act, dim=-1, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, act={self.act}, lr_mul={self.lr_mul:g}"

@@ -151,6 +151,20 @@ def test_equalized_linear_lr_mul():
     assert torch.allclose(lrelu(x), torch.nn.functional.leaky_relu(x @ (lrelu.weight / 4).T, 0.2) * math.sqrt(2))
 
 
+@pytest.mark.parametrize("shape", [(3, 16), (2, 4, 16), (2, 3, 4, 16)], ids=["2-D", "3-D", "4-D"])
+def test_equalized_linear_leading_dims(shape):
+    """The bias runs along the last dim for any leading dims, as F.linear's does: fused and eager layers agree,
+    including a 3-D x whose middle dim equals out_features (a bias along dim 1 would be silently wrong there)."""
+    fused = EqualizedLinear(16, 4, act="lrelu")
+    torch.nn.init.normal_(fused.bias)
+    eager = EqualizedLinear(16, 4, act="lrelu", torch_layers=True)
+    eager.load_state_dict(fused.state_dict())
+    x = torch.randn(shape)
+    torch.testing.assert_close(fused(x), eager(x))
+    want = torch.nn.functional.leaky_relu(x @ (fused.weight / 4).T + fused.bias, 0.2) * math.sqrt(2)
+    torch.testing.assert_close(fused(x), want)
+
+
 # --------------------------------------------------------------------------- generator and discriminator
 
 
