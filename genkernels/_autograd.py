@@ -8,6 +8,8 @@ drops what it would save: the same outputs, which require no grad either way.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,3 +48,34 @@ def apply(function: type[torch.autograd.Function], *args: Any) -> Any:
     if needs_graph(args):
         return function.apply(*args)
     return function.forward(_NoGraph(), *args)
+
+
+def first_order_only(op: str, *, reference_too: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for the backward of an op's Function whose kernels are not themselves differentiable.
+
+    Called with create_graph=True (grad mode is on inside a backward only then), the backward raises at once,
+    naming ``op``, instead of returning gradients whose own gradient would be missing this op's terms.
+    (``torch.autograd.function.once_differentiable`` defers its error to a node that ``torch.autograd.grad``
+    with ``inputs=`` never visits: the second derivative came back silently short.) The message points to the
+    reference backend, differentiable to any order, unless ``reference_too`` (the reference runs through the
+    same Function)."""
+    where = "on every backend" if reference_too else "on the fast backends"
+    advice = (
+        "differentiate it once only"
+        if reference_too
+        else "call the op with backend='reference' (differentiable to any order) for higher-order gradients"
+    )
+
+    def wrap(backward: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(backward)
+        def checked(ctx: Any, *grads: Any) -> Any:
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"genkernels.ops.{op}: the backward is first-order only {where}, so a gradient taken with "
+                    f"create_graph=True (to be differentiated again) cannot be built through it; {advice}"
+                )
+            return backward(ctx, *grads)
+
+        return checked
+
+    return wrap

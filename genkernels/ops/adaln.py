@@ -494,7 +494,7 @@ class _NormFunction(torch.autograd.Function):
         return y2.view(x.shape)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # second order: an explicit error, never a silent zero
+    @_autograd.first_order_only(NORM_OP)  # create_graph=True: an explicit error, never a silent zero
     def backward(ctx, dy):
         x2, w32, b32, shift2, scale2, mean, rstd = ctx.saved_tensors
         shape, weight, bias, shift, scale, rms, impl = ctx.args
@@ -527,7 +527,7 @@ class _GateFunction(torch.autograd.Function):
         return out.view(x.shape)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_autograd.first_order_only(GATE_OP)  # create_graph=True: an explicit error, never a silent zero
     def backward(ctx, dout):
         y2, gate2 = ctx.saved_tensors
         shape, gate, impl = ctx.args
@@ -560,7 +560,7 @@ class _FusedFunction(torch.autograd.Function):
         return h.view(x.shape), out.view(x.shape)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_autograd.first_order_only(FUSED_OP)  # create_graph=True: an explicit error, never a silent zero
     def backward(ctx, dh, dout):
         h, y2, gate2, w32, b32, shift2, scale2, mean, rstd = ctx.saved_tensors
         shape, gate, weight, bias, shift, scale, rms, impl = ctx.args

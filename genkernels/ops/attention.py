@@ -285,7 +285,7 @@ class _AttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # second order: an explicit error, never a silent zero
+    @_autograd.first_order_only(OP)  # create_graph=True: an explicit error, never a silent zero
     def backward(ctx, dout):
         q, k, v, out, lse, key_padding_mask, residual = ctx.saved_tensors
         dq, dk, dv = ctx.impl.attention_backward(

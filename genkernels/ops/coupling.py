@@ -327,7 +327,7 @@ class _CouplingFunction(torch.autograd.Function):
         return y, logdet
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # second order: an explicit error, never a silent zero
+    @_autograd.first_order_only(COUPLING_OP)  # create_graph=True: an explicit error, never a silent zero
     def backward(ctx, dy, dlogdet):
         x, h = ctx.saved_tensors
         scale, clamp, impl = ctx.args
@@ -350,7 +350,7 @@ class _ActNormFunction(torch.autograd.Function):
         return impl.actnorm_forward(x, ls, b, False)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_autograd.first_order_only(ACTNORM_OP)  # create_graph=True: an explicit error, never a silent zero
     def backward(ctx, dy):
         x, ls, b = ctx.saved_tensors
         needs = ctx.needs_input_grad

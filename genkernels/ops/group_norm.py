@@ -209,7 +209,7 @@ class _GroupNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # second order: an explicit error, never a silent zero
+    @_autograd.first_order_only(OP)  # create_graph=True: an explicit error, never a silent zero
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         needs = ctx.needs_input_grad

@@ -410,6 +410,7 @@ class _ReparameterizeFunction(torch.autograd.Function):
         return (z, kl) if want_kl else z
 
     @staticmethod
+    @_autograd.first_order_only(OP, reference_too=True)  # create_graph=True: an explicit error, never a silent zero
     def backward(ctx, dz, dkl=None):
         first, logvar, noise, seed_tensor = ctx.saved_tensors
         seed_int, offset, deterministic, impl, moments_mode, _ = ctx.args
@@ -607,7 +608,8 @@ def reparameterize(
     Returns z, in mean's dtype, shape and layout (contiguous, or channels_last when mean or
     moments is), and with return_kl the float32 (B,) kl (float64 for float64 inputs).
     Differentiable in mean and logvar (or moments) through one fused backward pass that draws eps
-    again instead of storing it, and in a given noise tensor.
+    again instead of storing it, and in a given noise tensor; first order only, on every backend (a
+    gradient taken with create_graph=True raises).
 
     Under torch.compile the call goes through the ``genkernels::reparameterize`` op; pass seed (or
     noise) or nothing there: dynamo cannot trace a torch.Generator argument.
