@@ -97,6 +97,62 @@ def _check(q, k, cos, sin, inplace, interleaved) -> None:
                 )
 
 
+def _reachable(d: int, dims: list[tuple[int, int, int]]) -> bool:
+    """Whether d = sum_j c_j s_j for some integers lo_j <= c_j <= hi_j, dims = [(s_j, lo_j, hi_j)] by stride
+    descending, each stride above the span its inner dims reach (so only c_j = floor or ceil of d / s_j can
+    work: at most two branches a level). The caller checks that nesting."""
+    if not dims:
+        return d == 0
+    (s, lo, hi), rest = dims[0], dims[1:]
+    return any(lo <= c <= hi and _reachable(d - c * s, rest) for c in {d // s, -(-d // s)})
+
+
+def _may_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two strided tensors may have an element in common: exact for views with one element size and
+    the same strides (slices of one buffer, such as q and k of a fused qkv projection, whatever their shapes),
+    otherwise True whenever their byte ranges meet."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def byte_range(t: Tensor) -> tuple[int, int]:
+        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st > 0)
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = byte_range(a), byte_range(b)
+    if a1 <= b0 or b1 <= a0:
+        return False
+    size = a.element_size()
+    if a.dim() != b.dim() or b.element_size() != size or a.stride() != b.stride() or (b0 - a0) % size:
+        return True
+    # Element offsets: b's minus a's = d = sum_j (i_j - i'_j) s_j, i_j < a.shape[j], i'_j < b.shape[j].
+    dims = sorted(
+        ((st, -(nb - 1), na - 1) for st, na, nb in zip(a.stride(), a.shape, b.shape) if max(na, nb) > 1),
+        key=lambda t: -t[0],
+    )
+    for j, (st, _, _) in enumerate(dims):
+        if st <= sum(max(-lo, hi) * inner for inner, lo, hi in dims[j + 1 :]):
+            return True  # a layout that does not nest: too hard to decide here
+    return _reachable((b0 - a0) // size, dims)
+
+
+def _check_inplace(q: Tensor, k: Tensor | None) -> None:
+    """inplace=True writes each element of q and k once from its own old value: none may be written twice."""
+    if q.device.type == "meta" or torch.compiler.is_compiling():
+        return  # no addresses (meta), or the compiler tracks aliasing
+    for name, t in (("q", q), ("k", k)):
+        if t is not None and torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(
+                f"rope(inplace=True) cannot write {name}, whose elements overlap (strides {t.stride()}, an "
+                "expanded view): use inplace=False"
+            )
+    if k is not None and _may_overlap(q, k):
+        raise ValueError(
+            "rope(inplace=True) needs q and k in separate memory (views of one qkv buffer that do not overlap "
+            f"are fine); q (shape {tuple(q.shape)}, strides {q.stride()}) and k (shape {tuple(k.shape)}, strides "
+            f"{k.stride()}) share elements: pass k=None to rotate one tensor, or use inplace=False"
+        )
+
+
 def _check_k_out(q: Tensor, k: Tensor | None, k_out, inplace: bool) -> None:
     """k_out: None, or where k's rotation goes (a KV cache's slot), checked against q and k."""
     if k_out is None:
@@ -433,7 +489,9 @@ def rope(
         cos, sin: (L, P) tables (see :func:`rope_frequencies`, :func:`rope_frequencies_2d`), any float
             dtype, 1 <= P <= Dh/2: the first 2P channels rotate, the rest pass through (partial rotary).
         inplace: write the results into q and k (returned as they are). Refused, with an error, for a q
-            or k that requires grad while grad mode is on: autograd would need the overwritten values.
+            or k that requires grad while grad mode is on: autograd would need the overwritten values, and
+            for q and k that share elements (or an expanded view): those would be rotated twice. Views of one
+            fused qkv buffer that do not overlap are fine.
         interleaved: pairs (2j, 2j + 1) (FLUX, RoFormer) instead of (j, j + P) (rotate_half: Llama, NeoX).
         k_out: None, or a tensor of k's shape, dtype and device with a unit last stride (any other strides,
             no memory shared with q or k) that receives k's rotation in the same launch: a KV cache's slot,
@@ -451,6 +509,8 @@ def rope(
     """
     _check(q, k, cos, sin, inplace, interleaved)
     _check_k_out(q, k, k_out, inplace)
+    if inplace:
+        _check_inplace(q, k)
     if k_out is not None:
         return _rope_into(q, k, cos, sin, k_out, interleaved, backend)
     if torch.compiler.is_compiling():

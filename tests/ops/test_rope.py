@@ -124,6 +124,68 @@ def test_inplace(backend, layout, interleaved, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_on_one_qkv_buffer(backend, device):
+    """q and k as views of one fused (B, L, 3, H, Dh) projection share a storage but no element: rotated in
+    place, they equal the out-of-place result and v's slot is untouched."""
+    qkv = torch.randn(2, 5, 3, 3, 16, device=device)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    cos, sin = _tables(5, 8, device)
+    skip_unsupported(backend, RP.OP, q, k, cos, sin)
+    want_q, want_k = rope(q, k, cos, sin, backend=backend)
+    v_before = v.clone()
+    rope(q, k, cos, sin, inplace=True, backend=backend)
+    torch.testing.assert_close(q, want_q, rtol=0, atol=0)
+    torch.testing.assert_close(k, want_k, rtol=0, atol=0)
+    assert torch.equal(v, v_before)
+
+
+@pytest.mark.parametrize(
+    "views",
+    [
+        lambda x: (x, x),  # the same tensor: rotated twice
+        lambda x: (x, x[:, :1]),  # k = q's first head
+        lambda x: (x[:, :2], x[:, 1:]),  # overlapping head ranges
+        lambda x: (x, x[:, :1].expand(2, 2, 3, 8)),  # k broadcast over q's heads
+    ],
+    ids=["same", "prefix", "overlap", "expanded-k"],
+)
+def test_inplace_refuses_shared_elements(views, device):
+    """In place, every element is written once from its old value: q and k sharing elements (or an expanded view
+    whose elements repeat) would be rotated twice, so the call is refused and nothing is written."""
+    x = torch.randn(2, 3, 3, 8, device=device)
+    q, k = views(x)
+    before = x.clone()
+    cos, sin = _tables(3, 4, device)
+    with pytest.raises(ValueError, match="rope\\(inplace=True\\)"):
+        rope(q, k, cos, sin, inplace=True)
+    assert torch.equal(x, before)
+
+
+def test_may_overlap_is_exact_on_views_of_one_buffer():
+    """The overlap test against the element sets themselves, on slices of one buffer with shared strides."""
+    buf = torch.zeros(2, 4, 3, 2, 5)
+    flat = buf.view(-1)
+
+    def elements(t):
+        index = torch.as_strided(torch.arange(flat.numel()), t.shape, t.stride(), t.storage_offset())
+        return set(index.flatten().tolist())
+
+    views = [buf[:, :, i].transpose(1, 2) for i in range(3)] + [buf[:, :, 0, :1].transpose(1, 2)]
+    views += [buf.view(2, -1)[:, a:b] for a, b in ((0, 10), (10, 20), (5, 15), (0, 1), (119, 120))]
+    views += [flat[a::3][:n] for a, n in ((0, 7), (1, 7), (3, 4), (2, 9))]
+    exact = 0
+    for a in views:
+        for b in views:
+            shared = bool(elements(a) & elements(b))
+            if a.stride() == b.stride():  # exact
+                assert RP._may_overlap(a, b) == shared, (a.shape, a.stride(), b.shape, b.stride())
+                exact += 1
+            elif shared:  # other layouts: never a miss (disjoint ones may be reported as overlapping)
+                assert RP._may_overlap(a, b), (a.shape, a.stride(), b.shape, b.stride())
+    assert exact > len(views)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["qkv", "last"])
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_k_out_writes_a_cache_slot(backend, layout, interleaved, device):
