@@ -51,8 +51,14 @@ def default_backend(device: torch.device | str) -> str:
 
 
 def backend_for(device: torch.device | str, backend: str | None) -> str:
-    """``backend``, or the :func:`default_backend` of ``device`` when it is None."""
-    return default_backend(device) if backend is None else backend
+    """``backend``; when it is None, the one a surrounding ``genkernels.backend(...)`` block or the
+    GENKERNELS_BACKEND variable names, else the :func:`default_backend` of ``device``."""
+    if backend is not None:
+        return backend
+    from ._registry import requested
+
+    chosen = requested(None)
+    return default_backend(device) if chosen == "auto" else chosen
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
@@ -202,7 +208,8 @@ def read_metadata(path: str | Path, model: str = "diffusion-unet", family: str =
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"checkpoint {str(path)!r} {what}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -55,6 +55,7 @@ _nonnegative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _fraction = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 _open_fraction = _checked(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
 _nonnegative = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+_seed = _checked(int, lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)")
 
 
 def _bins(text: str) -> int:
@@ -78,7 +79,7 @@ FAMILY_HELP = {
     "gan": "StyleGAN2-style GAN (modulated convolutions, R1-regularized ResNet discriminator)",
     "transformer": "autoregressive image transformer over quantized pixels (ImageGPT, KV-cache sampling)",
 }
-_SEED = _option("--seed", type=int, default=0, help="random seed (0)")
+_SEED = _option("--seed", type=_seed, default=0, help="random seed (0)")
 _SCALE = _option("--scale", type=_positive_int, default=None, help="pixel upscaling (default: to about 64 px)")
 _PNG_OUT = _option("--out", default="samples.png", help="PNG file to write (samples.png)")
 
@@ -90,7 +91,7 @@ def _runtime_options(*, progress: bool = True) -> list:
             "--backend",
             choices=("auto", "reference", "triton", "cuda"),
             default=None,
-            help="backend of every fused op (default: reference on CPU, auto on CUDA)",
+            help="backend of every fused op (default: GENKERNELS_BACKEND if set, else reference on CPU, auto on CUDA)",
         ),
     ]
     if progress:
@@ -120,7 +121,9 @@ def _train_options(checkpoint: str) -> list:
         _option("--lr", type=float, default=1e-3, help="AdamW learning rate (1e-3)"),
         _option("--model", choices=("tiny", "small"), default="small", help="model size preset (small)"),
         _SEED,
-        _option("--save-every", type=int, default=500, help="also save every N steps (500; 0: only at the end)"),
+        _option(
+            "--save-every", type=_nonnegative_int, default=500, help="also save every N steps (500; 0: only at the end)"
+        ),
         _option("--out", required=True, help=f"output folder; the checkpoint is OUT/{checkpoint}"),
         *_runtime_options(),
     ]
@@ -322,7 +325,7 @@ def _sample_families() -> dict[str, tuple[str, list]]:
                     help="images to reconstruct: 'digits' or a folder (default: the data the checkpoint was "
                     "trained on)",
                 ),
-                _option("--seed", type=int, default=0, help="random seed: which images, and the prior samples (0)"),
+                _option("--seed", type=_seed, default=0, help="random seed: which images, and the prior samples (0)"),
                 _option(
                     "--num",
                     type=_positive_int,
@@ -470,6 +473,50 @@ def _device(name: str | None):
     return device
 
 
+def _check_out(command: str, out: str) -> None:
+    """--out before any work: train writes a folder (created), sample an image file whose extension PIL
+    writes, in a folder that exists or can be created (it is, when the grid is saved)."""
+    from pathlib import Path
+
+    path = Path(out)
+    if command == "train":
+        if path.exists() and not path.is_dir():
+            raise CommandError(f"--out {out}: exists and is not a folder (train writes its checkpoints into a folder)")
+        return
+    from PIL import Image
+
+    if path.is_dir():
+        raise CommandError(f"--out {out}: is a folder; give the image file to write, e.g. {path / 'samples.png'}")
+    writable = sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
+    if path.suffix.lower() not in writable:
+        raise CommandError(f"--out {out}: the file name must end in an image extension such as .png or .jpg")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CommandError(f"--out {out}: {parent} is a file, so the image's folder cannot be created")
+
+
+def _check_backend(name: str | None, device) -> None:
+    """--backend triton or cuda where no such kernel can run, before any work (data, model, training)."""
+    import os
+
+    if name == "cuda" and device.type != "cuda":
+        raise CommandError(f"--backend cuda runs on a CUDA device; this run is on {device} (pass --device cuda)")
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise CommandError(
+            f"--backend triton runs on a CUDA device, or on {device} under the Triton interpreter "
+            "(TRITON_INTERPRET=1, slow); drop the option for the reference backend"
+        )
+
+
+def _load_model(load, *args, **kwargs):
+    """``load(*args, **kwargs)`` of a checkpoint whose metadata was read: weights that do not fit the model its
+    metadata describes are a CommandError about --ckpt."""
+    with _user_errors("--ckpt: its weights do not fit the model its metadata describes: ", (RuntimeError, KeyError)):
+        return load(*args, **kwargs)
+
+
 @contextmanager
 def _user_errors(prefix: str = "", errors: tuple = (ValueError,)):
     """Turn ``errors`` raised inside into a CommandError, its message after ``prefix``."""
@@ -514,7 +561,7 @@ def _run_train_diffusion(args) -> int:
         device=device,
         backend=args.backend,
         out=args.out,
-        save_every=max(args.save_every, 0),
+        save_every=args.save_every,
         progress=not args.no_progress,
     )
     first, last, k = _ends(result.losses)
@@ -537,7 +584,7 @@ def _run_sample_diffusion(args) -> int:
     sampler = args.sampler or ("flow" if objective == "flow" else "ddim")
     with _user_errors("--sampler: "):
         train.check_sampler(sampler, objective)
-    model, meta = train.load_checkpoint(args.ckpt, ema=not args.raw_weights, device=device)
+    model, meta = _load_model(train.load_checkpoint, args.ckpt, ema=not args.raw_weights, device=device)
     classes = model.config.num_classes
     if args.label is not None and not -1 <= args.label < classes:
         raise CommandError(
@@ -593,7 +640,7 @@ def _train(args, config_class, train_fn, checks, **options):
             lr=args.lr,
             model=args.model,
             seed=args.seed,
-            save_every=max(args.save_every, 0),
+            save_every=args.save_every,
             device=str(device),
             backend=args.backend,
             **options,
@@ -639,7 +686,7 @@ def _run_sample_vae(args) -> int:
         raise CommandError(f"--data: the images have {dataset.image_shape[0]} channels, the model takes {c}")
     if args.num > len(dataset):
         raise CommandError(f"--num must be at most the data's {len(dataset)} images, got {args.num}")
-    model, meta = train_vae.load_vae(args.ckpt, device=device)
+    model, meta = _load_model(train_vae.load_vae, args.ckpt, device=device)
     result = train_vae.sample_vae(
         model, dataset, args.num, args.seed, args.out, ncol=args.ncol, scale=args.scale, backend=args.backend
     )
@@ -682,7 +729,7 @@ def _run_sample_flow(args) -> int:
 
     device = _device(args.device)
     meta = _read_checkpoint(train_flow.read_flow_metadata, args.ckpt)
-    model, meta = train_flow.load_flow(args.ckpt, device=device)
+    model, meta = _load_model(train_flow.load_flow, args.ckpt, device=device)
     result = train_flow.sample_flow(
         model,
         args.num,
@@ -720,7 +767,7 @@ def _run_train_gan(args) -> int:
             r1_interval=args.r1_interval,
             ema_beta=args.ema_beta,
             seed=args.seed,
-            save_every=max(args.save_every, 0),
+            save_every=args.save_every,
             device=str(device),
             backend=args.backend,
         )
@@ -746,7 +793,7 @@ def _run_sample_gan(args) -> int:
     _read_checkpoint(train_gan.read_gan_metadata, args.ckpt)
     if not math.isfinite(args.truncation):
         raise CommandError(f"--truncation must be a finite number, got {args.truncation}")
-    generator, _ = train_gan.load_gan(args.ckpt, device=device, ema=not args.raw_weights)
+    generator, _ = _load_model(train_gan.load_gan, args.ckpt, device=device, ema=not args.raw_weights)
     result = train_gan.sample_gan(
         generator,
         args.num,
@@ -797,7 +844,7 @@ def _run_sample_transformer(args) -> int:
         raise CommandError(f"--label must be {accepted} (this model has {classes} classes), got {args.label}")
     if args.top_k is not None and args.top_k > levels:
         raise CommandError(f"--top-k must be at most the model's {levels} levels, got {args.top_k}")
-    model, _ = train_transformer.load_transformer(args.ckpt, device=device)
+    model, _ = _load_model(train_transformer.load_transformer, args.ckpt, device=device)
     num = args.num or max(16, 4 * classes)
     result = train_transformer.sample_transformer(
         model,
@@ -872,10 +919,17 @@ def main(argv: list[str] | None = None) -> int:
 
         print(genkernels.info())
         return 0
+    from ._registry import UnsupportedError
+
     try:
+        _check_out(args.command, args.out)
+        _check_backend(args.backend, _device(args.device))
         return RUNNERS[args.command, args.family](args)
     except CommandError as e:
         print(f"genkernels {args.command} {args.family}: error: {e}", file=sys.stderr)
+        return 2
+    except UnsupportedError as e:  # an explicit --backend that cannot run one of the model's calls
+        print(f"genkernels {args.command} {args.family}: error: --backend {args.backend}: {e}", file=sys.stderr)
         return 2
 
 

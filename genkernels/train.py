@@ -31,9 +31,10 @@ schedule, the class names and the training step. Checkpoints written before the 
 no ``backbone`` key and load as UNets.
 
 Backends: every fused op of the model (GroupNorm and attention; the DiT's adaLN, RoPE and MLP ops)
-follows ``backend``. On CPU the default is "reference" (eager PyTorch): the triton backend runs on
-CPU only under the Triton interpreter, which is far too slow to train with. On CUDA the default is
-auto (the fastest backend that can run each call).
+follows ``backend``. Without one, a surrounding ``genkernels.backend(...)`` block or the
+GENKERNELS_BACKEND variable decides; without those, on CPU the default is "reference" (eager PyTorch):
+the triton backend runs on CPU only under the Triton interpreter, which is far too slow to train with.
+On CUDA the default is auto (the fastest backend that can run each call).
 """
 
 from __future__ import annotations

@@ -111,6 +111,8 @@ def test_sampler_objective_mismatch_is_a_clear_error(runs, tmp_path, capsys):
         (["train", "diffusion", "--out", "x", "--bogus"], "unrecognized arguments: --bogus"),
         (["sample", "diffusion"], "the following arguments are required: --ckpt"),
         (["sample", "diffusion", "--ckpt", "c", "--sampler", "plms"], "argument --sampler: invalid choice: 'plms'"),
+        (["sample", "diffusion", "--ckpt", "c", "--seed", str(2**64)], "--seed: expected an integer in [0, 2^63)"),
+        (["train", "diffusion", "--out", "x", "--save-every", "-3"], "--save-every: expected an integer >= 0"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
@@ -124,6 +126,37 @@ def test_file_errors(runs, tmp_path, capsys):
     assert "--ckpt: checkpoint" in capsys.readouterr().err
     assert main(["sample", "diffusion", "--ckpt", str(runs["eps"]), "--label", "10", "--out", "x.png"]) == 2
     assert "--label must be in [-1, 9]" in capsys.readouterr().err
+
+
+def test_errors_found_before_any_work(runs, tmp_path, capsys, monkeypatch):
+    """Outputs that cannot be written, a --backend that cannot run here and a checkpoint whose weights do not fit
+    its metadata: a one-line error and status 2, found before training or sampling starts (nothing written)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    a_file, png, ckpt = tmp_path / "file", str(tmp_path / "x.png"), str(runs["eps"])
+    a_file.write_text("")
+    with safe_open(ckpt, framework="pt") as f:  # the checkpoint less one tensor, under its own metadata
+        tensors = load_file(ckpt)
+        tensors.pop(sorted(tensors)[0])
+        save_file(tensors, str(tmp_path / "broken.safetensors"), metadata=f.metadata())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    sample = ["sample", "diffusion", "--ckpt", ckpt, "--out"]
+    cases = [
+        (["train", "diffusion", "--out", str(a_file)], "exists and is not a folder"),
+        (["train", "diffusion", "--out", str(tmp_path / "o"), "--backend", "triton"], "TRITON_INTERPRET=1"),
+        ([*sample, str(tmp_path)], "is a folder; give the image file"),
+        ([*sample, str(tmp_path / "grid")], "must end in an image extension"),
+        ([*sample, str(a_file / "x.png")], "is a file, so the image's folder"),
+        ([*sample, png, "--backend", "cuda"], "--backend cuda runs on a CUDA device"),
+        (["sample", "diffusion", "--ckpt", str(tmp_path), "--out", png], "is a folder, not a checkpoint file"),
+        (["sample", "diffusion", "--ckpt", str(tmp_path / "broken.safetensors"), "--out", png], "weights do not fit"),
+    ]
+    for argv, message in cases:
+        assert main([*argv, "--no-progress"]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors", "file"]
 
 
 def test_module_entry_point():

@@ -76,3 +76,18 @@ def test_auto_falls_back_to_reference():
     x = torch.randn(2, 8, 4, 4, dtype=torch.float64)  # only the reference runs float64
     y = group_norm(x, 4, activation="silu")
     torch.testing.assert_close(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4)))
+
+
+def test_training_backend_follows_scope_and_environment(monkeypatch):
+    """train_* / sample_* without a backend: a surrounding genkernels.backend block, then GENKERNELS_BACKEND, then
+    the device's default (reference on CPU, auto on CUDA); an explicit backend wins over all of them."""
+    from genkernels._training import backend_for
+
+    monkeypatch.delenv("GENKERNELS_BACKEND", raising=False)
+    assert backend_for("cpu", None) == "reference" and backend_for("cuda", None) == "auto"
+    monkeypatch.setenv("GENKERNELS_BACKEND", "reference")
+    assert backend_for("cuda", None) == "reference"
+    with genkernels.backend("triton"):
+        assert backend_for("cpu", None) == "triton" and backend_for("cpu", "cuda") == "cuda"
+    monkeypatch.setenv("GENKERNELS_BACKEND", "auto")
+    assert backend_for("cpu", None) == "reference"
