@@ -17,7 +17,7 @@ Variants, on the same weights:
 - ``genkernels``: the model on genkernels layers (RMSNorm and every residual add with the norm after it in
   one gated_residual_layer_norm_modulate call, rope writing the keys into the KV cache, attention with
   Lq = 1, swiglu; auto backend), sampling with the KV cache, kernels launched from Python: a decoding step
-  at batch 64 is 110 calls (49 matrix products, 8 attention, 53 others), the eager twin's 382 (counted on
+  at batch 64 is 112 calls (49 matrix products, 8 attention, 55 others), the eager twin's 384 (counted on
   the meta device);
 - ``genkernels + CUDA graph``: the same with the graphs, what ``sample`` does by default on a GPU;
 - ``genkernels (no cache)``: the same model recomputing the whole prefix every step, for reference.

@@ -16,6 +16,17 @@ import torch.nn.functional as F
 from ..nn import Attention, GroupNorm, GroupNormSiLU
 
 
+def check_indices(name: str, t: torch.Tensor, limit: int) -> None:
+    """Raise a ValueError naming ``name`` when an index tensor (labels, tokens) holds a value outside [0, limit).
+
+    The values are read on the CPU only: on a GPU the check would wait for the device every call, and an
+    embedding's own bounds check catches them there (as a device-side assert)."""
+    if t.device.type == "cpu" and t.numel():
+        low, high = int(t.min()), int(t.max())
+        if low < 0 or high >= limit:
+            raise ValueError(f"{name} must be in [0, {limit}), got values {low} .. {high}")
+
+
 class TorchGroupNormSiLU(torch.nn.GroupNorm):
     """torch.nn.GroupNorm followed by SiLU as two PyTorch ops: silu(group_norm(x)); (N, C, *) -> (N, C, *).
 

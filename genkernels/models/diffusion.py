@@ -47,6 +47,7 @@ from ._layers import (
     ResnetBlock,
     Upsample,
     attention_layer,
+    check_indices,
     group_norm_layer,
     set_layers_backend,
 )
@@ -324,6 +325,7 @@ class UNet(torch.nn.Module):
             raise ValueError(f"labels must have shape ({batch},) (one per sample), got {tuple(labels.shape)}")
         if labels.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        check_indices("labels", labels, self.null_label + 1)
         return self.class_embedding(labels.long()).to(dtype)[:, None, :]
 
     def forward(
@@ -789,6 +791,7 @@ class DiT(torch.nn.Module):
             raise ValueError(f"labels must have shape ({b},) (one per sample), got {tuple(labels.shape)}")
         if labels.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        check_indices("labels", labels, self.null_label + 1)
         return c + self.class_embedding(labels.long()).to(dtype)
 
     def _blocks_and_final(self, tokens: torch.Tensor, c_act: torch.Tensor, rope) -> torch.Tensor:

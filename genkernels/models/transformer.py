@@ -57,6 +57,7 @@ from .._checks import positive_int as _positive_int
 from ..nn.transformer import CausalSelfAttention, KVCache, LayerNormModulate, RotaryEmbedding, SwiGLU
 from ..ops.adaln import gated_residual_layer_norm_modulate
 from ._config import ConfigIO
+from ._layers import check_indices
 
 POSITIONS = ("rope", "learned")
 
@@ -321,6 +322,7 @@ class ImageGPT(torch.nn.Module):
             raise ValueError(f"labels (B,) in [0, {classes}) are required: the model is class-conditional")
         if not isinstance(labels, torch.Tensor) or labels.shape != (batch,) or labels.dtype.is_floating_point:
             raise ValueError(f"labels must be an integer tensor of shape ({batch},), got {labels!r}")
+        check_indices("labels", labels, classes)
         return labels.to(device=device, dtype=torch.long)
 
     def _run(self, x: torch.Tensor, start: int, caches: list[KVCache] | None) -> torch.Tensor:
@@ -360,6 +362,7 @@ class ImageGPT(torch.nn.Module):
                 f"tokens must be int64 (B, T) with 1 <= T <= L = {self.config.seq_len}, "
                 f"got {tokens.dtype} {tuple(tokens.shape)}"
             )
+        check_indices("tokens", tokens, self.config.levels)
         labels = self._labels(labels, tokens.shape[0], tokens.device)
         return self._logits(self._run(self._inputs(tokens[:, :-1], labels), 0, None))
 
@@ -392,7 +395,9 @@ class ImageGPT(torch.nn.Module):
         """One token per row of logits (n, levels) by inverse transform sampling with uniforms u (n,) in (0, 1]."""
         if temperature == 0:
             return logits.argmax(-1)
-        scores = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+        scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        # Relative to the row's best score, so that a tiny temperature gives -inf, not inf - inf, at worst.
+        scores = (scores - scores.amax(-1, keepdim=True)) / temperature
         if top_k is not None and top_k < scores.shape[-1]:
             kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -488,7 +493,8 @@ class ImageGPT(torch.nn.Module):
             labels: the class of every image: (n,) integers, one int, or None (classes 0, 1, ... in turn;
                 must be None when num_classes = 0).
             temperature: logits are divided by it; 0 takes the most likely token (greedy).
-            top_k: sample among the k most likely tokens only (None: all).
+            top_k: sample among the k most likely tokens only (None: all); tokens tied with the k-th score are
+                kept too, as in common top-k samplers.
             seed: seeds the one CPU torch.Generator all the randomness comes from (None: a random seed).
             use_cache: decode with the KV cache (one token per step, attention with Lq = 1); False
                 recomputes the whole prefix every step. Both give the same tokens for the same seed,

@@ -119,6 +119,8 @@ def test_config_json_round_trip_and_errors():
         model(torch.randn(1, 1, 7, 7), 0)
     with pytest.raises(ValueError, match=r"labels must have shape \(2,\)"):
         model(torch.randn(2, 1, 8, 8), 0, torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 11\), got values -1 .. 3"):
+        model(torch.randn(2, 1, 8, 8), 0, torch.tensor([3, -1]))
 
 
 def test_sd_like_size():

@@ -233,6 +233,8 @@ def test_labels_condition_the_output():
     assert uncond(torch.randn(2, 1, 8, 8), 3.0).shape == (2, 1, 8, 8)
     with pytest.raises(ValueError, match="num_classes=0"):
         uncond(torch.randn(2, 1, 8, 8), 3.0, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 11\), got values 0 .. 11"):
+        model(x[:2], 250, torch.tensor([0, 11]))  # 10 is the null label, 11 is none
 
 
 def test_set_backend_pins_every_op():

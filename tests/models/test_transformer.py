@@ -222,6 +222,8 @@ def test_cached_decoding_logits_match_the_full_forward():
     assert torch.equal(model(tokens, labels).argmax(-1), tokens)
     assert torch.equal(model.sample_tokens(2, labels, temperature=0, seed=9, use_cache=False), tokens)
     assert torch.equal(model.sample_tokens(2, labels, top_k=1, seed=4), tokens)  # top-1 is greedy
+    # A temperature far below the logits' gaps is greedy too (scores divided by 1e-45 overflowed to all zeros).
+    assert torch.equal(model.sample_tokens(2, labels, temperature=1e-45, seed=4), tokens)
 
 
 def test_draw_follows_the_softmax():
@@ -260,6 +262,10 @@ def test_sample_images_and_errors():
         model(torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"tokens must be int64 \(B, T\) with 1 <= T <= L = 16"):
         model(torch.zeros(1, 17, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\), got values 1 .. 20"):
+        model(torch.zeros(2, 3, dtype=torch.long), torch.tensor([1, 20]))
+    with pytest.raises(ValueError, match=r"tokens must be in \[0, 16\), got values 0 .. 16"):
+        model(torch.tensor([[0, 16]]), torch.tensor([1]))
     with pytest.raises(ValueError, match="labels must be None for an unconditional model"):
         tiny(num_classes=0).sample(2, labels=1)
 
@@ -288,8 +294,8 @@ def test_triton_backend_matches_the_reference():
 def test_decode_step_fuses_residual_adds_with_norms():
     """A cached decoding step of the benchmark's model (depth 8, batch 64), counted on the meta device: on
     genkernels layers every residual add is one gated_residual_layer_norm_modulate call with the RMSNorm after
-    it (two a block, no separate add), and rope writes the keys into the cache (no copy after it): 110 calls
-    a step against the PyTorch-layer twin's 382; the README and the imagegpt benchmark quote these counts."""
+    it (two a block, no separate add), and rope writes the keys into the cache (no copy after it): 112 calls
+    a step against the PyTorch-layer twin's 384; the README and the imagegpt benchmark quote these counts."""
     from genkernels.bench import traffic
     from genkernels.bench.imagegpt import CONFIGS
     from genkernels.models.transformer import _Decoder
@@ -309,7 +315,7 @@ def test_decode_step_fuses_residual_adds_with_norms():
             assert "aten.add" not in counted.calls
             assert counted.calls["genkernels.rope_into"] == model.config.depth
             assert counted.calls["aten.copy_"] == model.config.depth + 1  # the values, and the token drawn
-    assert totals == {False: 110, True: 382}
+    assert totals == {False: 112, True: 384}
 
 
 def test_decoder_buffers_and_copies():
