@@ -107,8 +107,8 @@ class UNetConfig(ConfigIO):
                 raise ValueError(f"heads={self.heads} must divide every level's channels, got {c}")
         if self.layers_per_block < 1:
             raise ValueError(f"layers_per_block must be >= 1, got {self.layers_per_block}")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
 
     @classmethod
     def tiny(cls, **overrides) -> UNetConfig:
@@ -458,8 +458,8 @@ class DiTConfig(ConfigIO):
             raise ValueError(
                 f"mlp_ratio must be a positive number with int(dim * mlp_ratio) >= 1, got {self.mlp_ratio}"
             )
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
         if isinstance(self.frequency_dim, bool) or not isinstance(self.frequency_dim, int) or self.frequency_dim < 2:
             raise ValueError(f"frequency_dim must be an int >= 2, got {self.frequency_dim!r}")
         if not (math.isfinite(self.rope_base) and self.rope_base > 1):

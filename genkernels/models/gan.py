@@ -225,6 +225,12 @@ class MappingNetwork(torch.nn.Module):
     ) -> torch.Tensor:
         """ws (N, num_ws, w_dim) in z's dtype: the same w for every layer, truncated for the first
         ``truncation_cutoff`` (None: all) as w_avg + psi (w - w_avg)."""
+        if truncation_cutoff is not None and (
+            isinstance(truncation_cutoff, bool) or not isinstance(truncation_cutoff, int) or truncation_cutoff < 0
+        ):
+            raise ValueError(
+                f"truncation_cutoff must be None or an int >= 0 (layers to truncate), got {truncation_cutoff!r}"
+            )
         x = normalize_2nd_moment(z)
         for fc in self.fcs:
             x = fc(x)
@@ -423,6 +429,8 @@ def minibatch_stddev(x: torch.Tensor, group_size: int) -> torch.Tensor:
     (G the largest divisor of N up to group_size; sample n is in group n mod (N / G)), averaged over
     channels and pixels, broadcast over the group's samples and the pixels. Computed in float32."""
     n, c, h, w = x.shape
+    if n == 0:
+        return torch.cat([x, x[:, :1]], dim=1)  # no samples: no statistics, the extra channel is empty too
     g = max(d for d in range(1, min(group_size, n) + 1) if n % d == 0)
     y = x.float().reshape(g, n // g, c, h, w)
     y = (y - y.mean(dim=0)).square().mean(dim=0)  # (N / G, C, H, W) variance over the group
@@ -507,7 +515,18 @@ def r1_loss(discriminator: torch.nn.Module, real: torch.Tensor, gamma: float, in
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> None:
-    """ema <- beta * ema + (1 - beta) * model for every parameter; buffers (w_avg, noise maps) are copied."""
+    """ema <- beta * ema + (1 - beta) * model for every parameter; buffers (w_avg, noise maps) are copied.
+    beta in [0, 1]; ema and model must have the same parameters and buffers (names and shapes)."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    for kind, a, b in (
+        ("parameters", ema.named_parameters(), model.named_parameters()),
+        ("buffers", ema.named_buffers(), model.named_buffers()),
+    ):
+        shapes_a, shapes_b = ({n: tuple(t.shape) for n, t in side} for side in (a, b))
+        if shapes_a != shapes_b:
+            differ = sorted(set(shapes_a.items()) ^ set(shapes_b.items()))[:3]
+            raise ValueError(f"ema and model must have the same {kind}; they differ in {differ}")
     for p_ema, p in zip(ema.parameters(), model.parameters()):
         p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - beta)
     for b_ema, b in zip(ema.buffers(), model.buffers()):

@@ -420,8 +420,14 @@ class ImageGPT(torch.nn.Module):
     ) -> torch.Tensor:
         """Draw n token sequences (n, L) int64, one token at a time; the arguments are those of :meth:`sample`."""
         _positive_int("n", n)
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        if isinstance(temperature, bool) or not (
+            isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0
+        ):
             raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        if not isinstance(use_cache, bool):
+            raise ValueError(f"use_cache must be True or False, got {use_cache!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise ValueError(f"seed must be None or an int in [0, 2^63), got {seed!r}")
         levels, length = self.config.levels, self.config.seq_len
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= levels):
             raise ValueError(f"top_k must be None or an int in [1, levels={levels}], got {top_k!r}")

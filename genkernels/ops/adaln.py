@@ -215,7 +215,6 @@ def layer_norm_modulate_reference(
     bias: Tensor | None = None,
     shift: Tensor | None = None,
     scale: Tensor | None = None,
-    *,
     eps: float = 1e-6,
     rms: bool = False,
 ) -> Tensor:
@@ -249,7 +248,6 @@ def gated_residual_layer_norm_modulate_reference(
     bias: Tensor | None = None,
     shift: Tensor | None = None,
     scale: Tensor | None = None,
-    *,
     eps: float = 1e-6,
     rms: bool = False,
 ) -> tuple[Tensor, Tensor]:
@@ -917,9 +915,9 @@ def layer_norm_modulate(
     bias: Tensor | None = None,
     shift: Tensor | None = None,
     scale: Tensor | None = None,
-    *,
     eps: float = 1e-6,
     rms: bool = False,
+    *,
     backend: str | None = None,
 ) -> Tensor:
     """LayerNorm (or RMSNorm) over the last dim, then adaLN modulation, in one pass:
@@ -988,9 +986,9 @@ def gated_residual_layer_norm_modulate(
     bias: Tensor | None = None,
     shift: Tensor | None = None,
     scale: Tensor | None = None,
-    *,
     eps: float = 1e-6,
     rms: bool = False,
+    *,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The residual add of one DiT sub-block and the next sub-block's modulated norm, in one pass:

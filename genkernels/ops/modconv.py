@@ -146,7 +146,7 @@ def _demod(weight3: Tensor, styles: Tensor, eps: float) -> Tensor:
     return torch.rsqrt(styles.to(acc).square() @ w2.t() + eps)
 
 
-def demodulation_coefficients_reference(weight: Tensor, styles: Tensor, *, eps: float = 1e-8) -> Tensor:
+def demodulation_coefficients_reference(weight: Tensor, styles: Tensor, eps: float = 1e-8) -> Tensor:
     """The specification of :func:`demodulation_coefficients` in eager PyTorch (float32, float64 for a
     float64 weight); differentiable to any order."""
     eps = _check_demod(weight, styles, eps)
@@ -709,7 +709,7 @@ _epilogue_op.register_autograd(_epilogue_op_backward, setup_context=_epilogue_se
 
 
 def demodulation_coefficients(
-    weight: Tensor, styles: Tensor, *, eps: float = 1e-8, backend: str | None = None
+    weight: Tensor, styles: Tensor, eps: float = 1e-8, *, backend: str | None = None
 ) -> Tensor:
     """StyleGAN2's demodulation coefficients, in one fused pass (no (N, O, I, k) intermediate):
 

@@ -259,6 +259,9 @@ def test_config_errors_and_json():
     assert DiTConfig.tiny(dim=36, heads=2, positions="learned").head_dim == 18
     with pytest.raises(ValueError, match="positions must be one of"):
         DiTConfig.tiny(positions="sincos")
+    for bad in (2.5, True, -1):
+        with pytest.raises(ValueError, match="num_classes must be an int >= 0"):
+            DiTConfig.tiny(num_classes=bad)
     with pytest.raises(ValueError, match="depth must be a positive int"):
         DiTConfig.tiny(depth=0)
     model = DiT(DiTConfig.tiny(), backend="reference")

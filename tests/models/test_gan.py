@@ -276,6 +276,9 @@ def test_minibatch_stddev():
         want = (members.var(dim=0, unbiased=False) + 1e-8).sqrt().mean()
         torch.testing.assert_close(out[g::2, 3], want.expand(3, 2, 2))
     assert gan.minibatch_stddev(x[:1], 4)[:, 3].abs().max() < 1e-3  # one sample: a group of one
+    assert gan.minibatch_stddev(x[:0], 4).shape == (0, 4, 2, 2)  # no samples: an empty batch, no error
+    D = Discriminator(GANConfig.tiny(8))
+    assert D(torch.randn(0, 1, 8, 8)).shape == (0, 1)
 
 
 def test_losses():
@@ -324,6 +327,13 @@ def test_update_ema():
     for b, p_ema, p in zip(before, ema.parameters(), G.parameters()):
         torch.testing.assert_close(p_ema, 0.9 * b + 0.1 * p)
     assert torch.equal(ema.mapping.w_avg, G.mapping.w_avg)
+    with pytest.raises(ValueError, match="beta must be a number in \\[0, 1\\], got 2.0"):
+        gan.update_ema(ema, G, 2.0)
+    other = Generator(GANConfig.tiny(16))  # one block more: its parameters differ
+    with pytest.raises(ValueError, match="ema and model must have the same parameters"):
+        gan.update_ema(ema, other, 0.9)
+    with pytest.raises(ValueError, match="truncation_cutoff must be None or an int >= 0"):
+        G.mapping(torch.randn(2, cfg.z_dim), truncation_psi=0.5, truncation_cutoff=-1)
 
 
 def test_set_backend():

@@ -250,6 +250,9 @@ def test_sample_images_and_errors():
     assert torch.equal(model.quantize(images * 2 - 1), model.sample_tokens(3, labels=2, seed=0))
     for kwargs, message in (
         (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+        (dict(temperature=True), "temperature must be a finite number >= 0"),
+        (dict(use_cache="no"), "use_cache must be True or False, got 'no'"),
+        (dict(seed=2**70), r"seed must be None or an int in \[0, 2\^63\)"),
         (dict(top_k=17), r"top_k must be None or an int in \[1, levels=16\]"),
         (dict(labels=10), r"labels must be in \[0, 10\)"),
         (dict(labels=torch.zeros(2, dtype=torch.long)), r"integer tensor of shape \(3,\)"),

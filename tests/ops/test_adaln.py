@@ -468,3 +468,16 @@ def test_triton_forward_column_blocks():
     for d in range(1, 5000):
         block, block2 = _column_blocks(d)
         assert block + block2 >= d and block & (block - 1) == 0 and block2 & (block2 - 1) == 0
+
+
+def test_eps_and_rms_positional():
+    """layer_norm_modulate(x, weight, bias, shift, scale, eps, rms): eps and rms by position or by name."""
+    x, w, b, shift, scale = _norm_inputs((2, 3, 8), torch.float64, "cpu")
+    torch.testing.assert_close(
+        layer_norm_modulate(x, w, None, shift, scale, 0.5, True),
+        layer_norm_modulate(x, w, None, shift, scale, eps=0.5, rms=True),
+    )
+    h1, o1 = gated_residual_layer_norm_modulate(x, x, None, w, b, shift, scale, 0.25)
+    h2, o2 = gated_residual_layer_norm_modulate(x, x, None, w, b, shift, scale, eps=0.25)
+    torch.testing.assert_close((h1, o1), (h2, o2))
+    assert not torch.allclose(o1, gated_residual_layer_norm_modulate(x, x, None, w, b, shift, scale)[1])

@@ -77,6 +77,9 @@ def test_demod_formula(device):
     modulated = weight[None] * styles[:, None, :, None, None]
     expected = (modulated.square().sum((2, 3, 4)) + 1e-8).rsqrt()
     torch.testing.assert_close(demodulation_coefficients(weight, styles), expected)
+    # eps positional, as in demodulation_coefficients(weight, styles, eps=1e-8)'s signature
+    wide = (modulated.square().sum((2, 3, 4)) + 0.5).rsqrt()
+    torch.testing.assert_close(demodulation_coefficients(weight, styles, 0.5), wide)
 
 
 # --------------------------------------------------------------------------- modconv_epilogue
