@@ -56,6 +56,7 @@ _fraction = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 _open_fraction = _checked(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
 _nonnegative = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 _seed = _checked(int, lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)")
+_finite = _checked(float, math.isfinite, "a finite number")
 
 
 def _bins(text: str) -> int:
@@ -294,7 +295,7 @@ def _sample_families() -> dict[str, tuple[str, list]]:
                     help="default: ddim for eps/v models, flow for flow models",
                 ),
                 _option("--steps", type=_positive_int, default=25, help="sampling steps (25)"),
-                _option("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1: none (3.0)"),
+                _option("--guidance", type=_finite, default=3.0, help="classifier-free guidance scale; 1: none (3.0)"),
                 _SEED,
                 _option(
                     "--num",
@@ -584,6 +585,11 @@ def _run_sample_diffusion(args) -> int:
     sampler = args.sampler or ("flow" if objective == "flow" else "ddim")
     with _user_errors("--sampler: "):
         train.check_sampler(sampler, objective)
+    trained_steps = meta.get("schedule", {}).get("num_train_timesteps")
+    if trained_steps is not None and args.steps > trained_steps:
+        raise CommandError(
+            f"--steps must be at most the {trained_steps} timesteps the model was trained on, got {args.steps}"
+        )
     model, meta = _load_model(train.load_checkpoint, args.ckpt, ema=not args.raw_weights, device=device)
     classes = model.config.num_classes
     if args.label is not None and not -1 <= args.label < classes:

@@ -113,6 +113,7 @@ def test_sampler_objective_mismatch_is_a_clear_error(runs, tmp_path, capsys):
         (["sample", "diffusion", "--ckpt", "c", "--sampler", "plms"], "argument --sampler: invalid choice: 'plms'"),
         (["sample", "diffusion", "--ckpt", "c", "--seed", str(2**64)], "--seed: expected an integer in [0, 2^63)"),
         (["train", "diffusion", "--out", "x", "--save-every", "-3"], "--save-every: expected an integer >= 0"),
+        (["sample", "diffusion", "--ckpt", "c", "--guidance", "nan"], "--guidance: expected a finite number, got nan"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
@@ -151,6 +152,7 @@ def test_errors_found_before_any_work(runs, tmp_path, capsys, monkeypatch):
         ([*sample, png, "--backend", "cuda"], "--backend cuda runs on a CUDA device"),
         (["sample", "diffusion", "--ckpt", str(tmp_path), "--out", png], "is a folder, not a checkpoint file"),
         (["sample", "diffusion", "--ckpt", str(tmp_path / "broken.safetensors"), "--out", png], "weights do not fit"),
+        ([*sample, png, "--steps", "1001"], "--steps must be at most the 1000 timesteps the model was trained on"),
     ]
     for argv, message in cases:
         assert main([*argv, "--no-progress"]) == 2, argv

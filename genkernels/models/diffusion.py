@@ -100,6 +100,10 @@ class UNetConfig(ConfigIO):
                 f"attention must have one flag per level ({len(self.block_out_channels)} levels in "
                 f"block_out_channels={self.block_out_channels}), got {self.attention}"
             )
+        for name in ("norm_num_groups", "heads", "layers_per_block"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every level's channels, got {c}")

@@ -348,8 +348,9 @@ class Glow(torch.nn.Module):
 
     def inverse(self, zs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The images x (N, C, H, W) of latents zs (as :meth:`forward` returns them): forward's inverse.
-        With gradient enabled the couplings and ActNorms run on the reference op (see
-        genkernels.nn.AffineCoupling.inverse); under ``torch.no_grad()`` on the model's backend."""
+        Differentiated (gradient enabled and a latent or parameter requiring it), the couplings and ActNorms
+        need the reference op (see genkernels.nn.AffineCoupling.inverse): auto picks it, a model pinned to a
+        fast backend raises UnsupportedError; under ``torch.no_grad()`` they run on the model's backend."""
         if not isinstance(zs, (list, tuple)) or len(zs) != len(self.levels):
             got = f"{len(zs)} latents" if isinstance(zs, (list, tuple)) else type(zs).__name__
             raise ValueError(f"zs must be a list of {len(self.levels)} latents (one per level), got {got}")

@@ -30,6 +30,7 @@ parameter names; :func:`with_torch_layers` makes that twin of an existing model 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -320,15 +321,43 @@ class DiagonalGaussian:
         """The most likely z: mean, (B, C, *) (a view of the moments)."""
         return self.mean
 
-    def kl(self) -> torch.Tensor:
-        """KL(posterior || N(0, I)) per sample: 0.5 * sum over non-batch dims of (mean^2 + var - 1 - logvar).
+    def kl(self, other: DiagonalGaussian | None = None) -> torch.Tensor:
+        """KL(posterior || N(0, I)) per sample: 0.5 * sum over non-batch dims of (mean^2 + var - 1 - logvar);
+        with ``other`` (a DiagonalGaussian of the same shape), KL(posterior || other):
+        0.5 * sum((mean - m_o)^2 / var_o + var / var_o - 1 - logvar + logvar_o).
 
         (B,) float32 (float64 for float64 moments), summed over every non-batch dim like diffusers'
-        ``kl()``; zeros when deterministic. Differentiable in the moments.
+        ``kl()``; zeros when deterministic. Differentiable in the moments (the fused reparameterize op
+        against N(0, I), PyTorch ops against ``other``).
         """
         if self.deterministic:
             return self._zero_kl()
-        return reparameterize(moments=self.moments, deterministic=True, backend=self.backend)[1]
+        if other is None:
+            return reparameterize(moments=self.moments, deterministic=True, backend=self.backend)[1]
+        if not isinstance(other, DiagonalGaussian) or other.mean.shape != self.mean.shape:
+            got = tuple(other.mean.shape) if isinstance(other, DiagonalGaussian) else type(other).__name__
+            raise ValueError(f"other must be None or a DiagonalGaussian of shape {tuple(self.mean.shape)}, got {got}")
+        acc = self._zero_kl().dtype
+        mean, logvar = self.mean.to(acc), self.logvar.to(acc)
+        mean_o, logvar_o = other.mean.to(acc), other.logvar.to(acc)
+        terms = ((mean - mean_o).square() + logvar.exp()) / logvar_o.exp() - 1.0 - logvar + logvar_o
+        return 0.5 * terms.flatten(1).sum(1)
+
+    def nll(self, sample: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The negative log-likelihood of ``sample`` (mean's shape) under the posterior, in nats:
+        0.5 * sum over ``dims`` (None: every non-batch dim) of (log(2 pi) + logvar + (sample - mean)^2 / var).
+
+        float32 (float64 for float64 moments), the batch dim kept; zeros when deterministic (a point mass)."""
+        if sample.shape != self.mean.shape:
+            raise ValueError(
+                f"sample must have the posterior's shape {tuple(self.mean.shape)}, got {tuple(sample.shape)}"
+            )
+        if self.deterministic:
+            return self._zero_kl()
+        acc = self._zero_kl().dtype
+        mean, logvar = self.mean.to(acc), self.logvar.to(acc)
+        terms = math.log(2.0 * math.pi) + logvar + (sample.to(acc) - mean).square() / logvar.exp()
+        return 0.5 * (terms.flatten(1).sum(1) if dims is None else terms.sum(dim=dims))
 
 
 class _Output:

@@ -588,7 +588,7 @@ def actnorm(
     acc = _acc(x)
     positions = math.prod(x.shape[2:])
     total = log_scale.to(acc).sum() * positions
-    logdet = (-total if reverse else total).expand(x.shape[0])
+    logdet = (-total if reverse else total).expand(x.shape[0]).contiguous()  # a real (N,) tensor, writable
     needs_grad = _needs_grad(x, log_scale, bias)
     if torch.compiler.is_compiling():
         if not (reverse and needs_grad):

@@ -149,6 +149,11 @@ def ddpm_step(
             f"variance_type must be 'fixed_small', 'fixed_small_log' or 'fixed_large', got {variance_type!r}"
         )
     a, a_prev = _check_abar(alpha_prod_t, alpha_prod_t_prev, prediction_type)
+    if a_prev < a:
+        raise ValueError(
+            "ddpm_step runs the posterior toward less noise: alpha_prod_t_prev must be >= alpha_prod_t, got "
+            f"alpha_prod_t={a}, alpha_prod_t_prev={a_prev}"
+        )
     b = 1.0 - a
     alpha_step = a / a_prev
     beta_step = 1.0 - alpha_step
@@ -203,9 +208,14 @@ def ddim_step(
     because one pass only sees the clipped x0. Returns prev, and x0 (clipped) when return_x0.
     """
     _check_prediction(prediction_type)
-    if not isinstance(eta, (int, float)) or eta < 0:
-        raise ValueError(f"eta must be a float >= 0, got {eta!r}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
     a, a_prev = _check_abar(alpha_prod_t, alpha_prod_t_prev, prediction_type)
+    if eta > 0 and a_prev < a:
+        raise ValueError(
+            f"eta > 0 adds noise on a step toward less noise only (alpha_prod_t_prev >= alpha_prod_t); got eta={eta} "
+            f"with alpha_prod_t={a}, alpha_prod_t_prev={a_prev} (deterministic inversion runs with eta=0)"
+        )
     b = 1.0 - a
     px, po = _vp_x0_coeffs(prediction_type, math.sqrt(a), math.sqrt(b))
     ex, e0 = 1.0 / math.sqrt(b), -math.sqrt(a) / math.sqrt(b)
@@ -335,7 +345,9 @@ def dpmpp_2m_step(
             midpoint:  prev = first order - 0.5 * alpha_t' * (exp(-h) - 1) * D1
             heun:      prev = first order + alpha_t' * ((exp(-h) - 1) / h + 1) * D1
 
-    (primes: at sigma_next). sde=True is SDE-DPM-Solver++: x's coefficient gains a factor
+    (primes: at sigma_next). A step of no length (sigma_next = sigma: h = 0) returns x, the limit of both
+    orders; a previous sigma equal to sigma (r = 0: no slope to estimate) takes the first-order step.
+    sde=True is SDE-DPM-Solver++: x's coefficient gains a factor
     exp(-h), alpha_t' * (exp(-h) - 1) becomes -alpha_t' * (1 - exp(-2h)) (the heun D1 term
     alpha_t' * ((1 - exp(-2h)) / (-2h) + 1)), and sigma_t' * sqrt(1 - exp(-2h)) * noise is added.
     sigma_next = 0 (the final step) gives prev = x0. Returns (prev, x0): x0 is the next step's
@@ -368,6 +380,7 @@ def dpmpp_2m_step(
             if sigma_prev is None:
                 raise ValueError("sigma_prev is required with x0_prev (the second-order step needs lambda_prev)")
             s_prev = _check_sigma("sigma_prev", sigma_prev, allow_zero=False)
+        if x0_prev is not None and h != 0.0 and s_prev != s:
             r = math.log(s_prev / s) / h
             if solver_type == "midpoint":
                 d1 = 0.5 * d0

@@ -114,6 +114,9 @@ def test_config_json_round_trip_and_errors():
         UNetConfig(block_out_channels=(32, 64), attention=(True,))
     with pytest.raises(ValueError, match="norm_num_groups=8 must divide"):
         UNetConfig(block_out_channels=(12, 64, 64))
+    for name in ("heads", "norm_num_groups", "layers_per_block"):
+        with pytest.raises(ValueError, match=f"{name} must be a positive int, got 0"):
+            UNetConfig.tiny(**{name: 0})
     model = UNet(UNetConfig.tiny(), backend="reference")
     with pytest.raises(ValueError, match="divisible by 2"):
         model(torch.randn(1, 1, 7, 7), 0)

@@ -308,6 +308,27 @@ def test_posterior():
         DiagonalGaussian(torch.randn(2, 3, 4, 4))
 
 
+def test_posterior_kl_to_another_and_nll():
+    """kl(other) and nll(sample) (diffusers' DiagonalGaussianDistribution API) against torch.distributions in
+    float64, summed over every non-batch dim (nll: or over the dims given)."""
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(2, 6, 4, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    post, other = DiagonalGaussian(a, backend="reference"), DiagonalGaussian(b, backend="reference")
+    p = torch.distributions.Normal(post.mean, post.std)
+    q = torch.distributions.Normal(other.mean, other.std)
+    torch.testing.assert_close(post.kl(other), torch.distributions.kl_divergence(p, q).sum((1, 2, 3)))
+    torch.testing.assert_close(post.kl(None), post.kl())
+    sample = torch.randn(2, 3, 4, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(post.nll(sample), -p.log_prob(sample).sum((1, 2, 3)))
+    torch.testing.assert_close(post.nll(sample, dims=(1, 2)), -p.log_prob(sample).sum((1, 2)))
+    det = DiagonalGaussian(a, deterministic=True)
+    assert det.kl(other).abs().max() == 0 and det.nll(sample).abs().max() == 0
+    with pytest.raises(ValueError, match=r"other must be None or a DiagonalGaussian of shape \(2, 3, 4, 3\)"):
+        post.kl(DiagonalGaussian(b[:, :4]))
+    with pytest.raises(ValueError, match="sample must have the posterior's shape"):
+        post.nll(sample[:, :2])
+
+
 def test_set_backend_pins_every_op():
     model = AutoencoderKL(AutoencoderKLConfig.tiny())
     model.set_backend("reference")

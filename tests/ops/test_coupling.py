@@ -220,6 +220,8 @@ def test_actnorm_inverse_and_logdet(backend, device):
     torch.testing.assert_close(back, x, rtol=1e-5, atol=1e-5 * x.abs().max().item())
     torch.testing.assert_close(inv, -logdet)
     torch.testing.assert_close(logdet, torch.full((2,), 20 * ls.sum().item(), device=device))
+    assert logdet.stride() == (1,)  # a real (N,) tensor: accumulating in place works
+    logdet += inv
     small, ls2, b2 = _actnorm_inputs((1, 3, 2, 2), torch.float64 if backend == "reference" else torch.float32, device)
     jac = torch.autograd.functional.jacobian(lambda v: actnorm(v, ls2.to(v.dtype), b2, backend=backend)[0], small)
     _, logabsdet = torch.linalg.slogdet(jac.reshape(12, 12).double())

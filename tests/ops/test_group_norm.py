@@ -249,6 +249,12 @@ def test_bad_input(make, error, match):
         group_norm(x, groups, w, b)
 
 
+@pytest.mark.parametrize("eps", [float("nan"), float("inf"), -1e-5, True])
+def test_bad_eps(eps):
+    with pytest.raises(ValueError, match="eps must be a finite float >= 0"):
+        group_norm(torch.randn(2, 6, 4), 3, eps=eps)
+
+
 def test_bad_activation():
     with pytest.raises(ValueError, match="activation must be None or 'silu', got 'relu'"):
         group_norm(torch.randn(2, 4, 3), 2, activation="relu")

@@ -185,6 +185,21 @@ def test_final_steps_land_on_x0():
     torch.testing.assert_close(prev, x0, rtol=0, atol=0)
 
 
+def test_dpm_steps_of_no_length_and_repeated_sigmas():
+    """A schedule with repeated timesteps (1000 inference steps on 1000 trained ones) gives DPM-Solver++ a step
+    of no length (sigma_next = sigma: x itself, the limit of both orders) and a previous sigma equal to the
+    current one (no slope to estimate: the first-order step). Both divided by zero before."""
+    x, out, x0_prev = torch.randn(SHAPE), torch.randn(SHAPE), torch.randn(SHAPE)
+    for sde in (False, True):
+        for solver in ("midpoint", "heun"):
+            kw = dict(sde=sde, solver_type=solver, seed=1, backend="reference")
+            prev, _ = ss.dpmpp_2m_step(out, x, 1.0, 1.0, x0_prev, 2.0, **kw)
+            torch.testing.assert_close(prev, x, rtol=0, atol=1e-6)
+            first, _ = ss.dpmpp_2m_step(out, x, 1.0, 0.5, **kw)
+            repeated, _ = ss.dpmpp_2m_step(out, x, 1.0, 0.5, x0_prev, 1.0, **kw)
+            torch.testing.assert_close(repeated, first, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_seeded_noise_is_deterministic_and_matches_across_backends(backend):
     x, out = torch.randn(SHAPE), torch.randn(SHAPE)
@@ -212,6 +227,14 @@ def test_errors_name_the_argument():
         ss.euler_step(out, x, torch.tensor([2.0, 3.0]), 1.0)
     with pytest.raises(ValueError, match="prediction_type"):
         ss.flow_euler_step(out, x, 0.8, 0.5, prediction_type="epsilon")
+    for eta in (float("nan"), True, -0.5):
+        with pytest.raises(ValueError, match="eta must be a finite float >= 0"):
+            ss.ddim_step(out, x, 0.3, 0.6, eta=eta, seed=0)
+    with pytest.raises(ValueError, match="eta > 0 adds noise on a step toward less noise only"):
+        ss.ddim_step(out, x, 0.6, 0.3, eta=0.5, seed=0)  # the inversion direction
+    assert torch.isfinite(ss.ddim_step(out, x, 0.6, 0.3)).all()  # deterministic inversion: fine
+    with pytest.raises(ValueError, match="alpha_prod_t_prev must be >= alpha_prod_t"):
+        ss.ddpm_step(out, x, 0.6, 0.3, variance_type="fixed_large", seed=0)
 
 
 def test_compiles_without_graph_breaks():
