@@ -110,6 +110,11 @@ class DPMSolverMultistepScheduler(DiscreteVPScheduler):
             steps = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
         elif c.timestep_spacing == "leading":
             ratio = last // (n + 1)
+            if ratio == 0:
+                raise ValueError(
+                    f"num_inference_steps must be below {last} with timestep_spacing='leading' (its timesteps are "
+                    f"multiples of {last} // (num_inference_steps + 1), all 0 here), got {n}"
+                )
             steps = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + c.steps_offset
         else:
             steps = np.arange(last, 0, -c.num_train_timesteps / n).round().copy().astype(np.int64) - 1
@@ -172,6 +177,8 @@ class DPMSolverMultistepScheduler(DiscreteVPScheduler):
         if self._step_index is None:
             self._init_step_index(timestep)
         i, count = self._step_index, len(self._host_timesteps)
+        if i >= count:
+            raise ValueError(f"all {count} steps of the schedule have run: call set_timesteps again for a new run")
         last_lowered = i == count - 1 and (
             c.euler_at_final or (c.lower_order_final and count < 15) or c.final_sigmas_type == "zero"
         )

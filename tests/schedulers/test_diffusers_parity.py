@@ -359,6 +359,26 @@ def test_unsupported_config_values_are_rejected(name, bad):
         getattr(ours_mod, name).from_config(bad)
 
 
+@pytest.mark.parametrize("spacing", ["linspace", "trailing", "leading"])
+def test_dpm_solver_runs_as_many_steps_as_timesteps(spacing):
+    """DPM-Solver++ at every trained timestep: linspace then repeats timesteps (steps of no length, which
+    divided by zero), "leading" would put every step at 0 and is refused with the largest count it spaces;
+    a step past the schedule's end says so (an IndexError before)."""
+    sched = ours_mod.DPMSolverMultistepScheduler(timestep_spacing=spacing)
+    steps = 1000
+    if spacing == "leading":
+        with pytest.raises(ValueError, match="num_inference_steps must be below 1000 with timestep_spacing='leading'"):
+            sched.set_timesteps(steps)
+        steps = 999
+    sched.set_timesteps(steps)
+    x = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps:
+        x = sched.step(0.1 * x, t, x).prev_sample
+    assert torch.isfinite(x).all()
+    with pytest.raises(ValueError, match=f"all {steps} steps of the schedule have run"):
+        sched.step(0.1 * x, sched.timesteps[-1], x)
+
+
 def test_return_dict_false_gives_diffusers_tuples():
     x, out = torch.randn(SHAPE), torch.randn(SHAPE)
     for name, length in (("DDIMScheduler", 2), ("EulerDiscreteScheduler", 2), ("DPMSolverMultistepScheduler", 1)):
