@@ -142,7 +142,16 @@ def select(op: str, *args: Any, backend: str | None = None, **kwargs: Any) -> Ba
 def explain(op: str, *args: Any, **kwargs: Any) -> dict[str, str | None]:
     """For each backend of ``op`` in dispatch order, why it cannot run these arguments (None: it can).
 
+    ``args`` and ``kwargs`` are the op's own (``genkernels.ops.<op>``'s). The answer is about the backends
+    only: arguments the op itself refuses (a group count that does not divide the channels, mismatched
+    shapes) are reported by calling the op, with its error. ``op`` is a registered op (:func:`ops` lists
+    them); the ops composed of others (``linear_gelu_tanh``, the sampler steps, ``add_noise``) are not.
+
     >>> genkernels.explain("group_norm", x, 32)   # doctest: +SKIP
     {'cuda': 'extension not built (...)', 'triton': None, 'reference': None}
     """
-    return {b.name: b.not_supported(*args, **kwargs) for b in backends_of(op)}
+    backends = backends_of(op)
+    try:
+        return {b.name: b.not_supported(*args, **kwargs) for b in backends}
+    except TypeError as e:
+        raise TypeError(f"explain({op!r}, ...) takes the arguments of genkernels.ops.{op}: {e}") from None

@@ -16,8 +16,8 @@
 
 Each family has its own options (`genkernels train vae -h`); an option of another family is an
 error naming the family it belongs to. On CPU, train and sample run every fused op on the
-"reference" backend unless --backend says otherwise (the triton backend runs on CPU only under
-the slow Triton interpreter); on CUDA the default is auto.
+"reference" backend unless --backend (or GENKERNELS_BACKEND) says otherwise (the triton backend runs
+on CPU only under the slow Triton interpreter); on CUDA the default is auto.
 """
 
 from __future__ import annotations
@@ -498,16 +498,32 @@ def _check_out(command: str, out: str) -> None:
         raise CommandError(f"--out {out}: {parent} is a file, so the image's folder cannot be created")
 
 
-def _check_backend(name: str | None, device) -> None:
-    """--backend triton or cuda where no such kernel can run, before any work (data, model, training)."""
+def _backend_source(option: str | None) -> tuple[str | None, str]:
+    """(the backend this run asks for, how it was asked): --backend, else GENKERNELS_BACKEND, else (None, '')."""
     import os
 
+    if option is not None:
+        return option, f"--backend {option}"
+    env = os.environ.get("GENKERNELS_BACKEND")
+    return (env, f"GENKERNELS_BACKEND={env}") if env else (None, "")
+
+
+def _check_backend(backend: tuple[str | None, str], device) -> None:
+    """A backend (from --backend or GENKERNELS_BACKEND) that is unknown, or triton / cuda where no such kernel
+    can run: a CommandError before any work (data, model, training)."""
+    import os
+
+    from ._registry import BACKENDS
+
+    name, source = backend
+    if name is not None and name not in ("auto", *BACKENDS):
+        raise CommandError(f"{source}: not a backend; choose auto, {', '.join(BACKENDS)}")
     if name == "cuda" and device.type != "cuda":
-        raise CommandError(f"--backend cuda runs on a CUDA device; this run is on {device} (pass --device cuda)")
+        raise CommandError(f"{source}: the cuda backend runs on a CUDA device; this run is on {device}")
     if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise CommandError(
-            f"--backend triton runs on a CUDA device, or on {device} under the Triton interpreter "
-            "(TRITON_INTERPRET=1, slow); drop the option for the reference backend"
+            f"{source}: the triton backend runs on a CUDA device, or on {device} under the Triton interpreter "
+            "(TRITON_INTERPRET=1, slow); without a backend the reference runs here"
         )
 
 
@@ -927,15 +943,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from ._registry import UnsupportedError
 
+    backend = _backend_source(args.backend)
     try:
         _check_out(args.command, args.out)
-        _check_backend(args.backend, _device(args.device))
+        _check_backend(backend, _device(args.device))
         return RUNNERS[args.command, args.family](args)
     except CommandError as e:
         print(f"genkernels {args.command} {args.family}: error: {e}", file=sys.stderr)
         return 2
-    except UnsupportedError as e:  # an explicit --backend that cannot run one of the model's calls
-        print(f"genkernels {args.command} {args.family}: error: --backend {args.backend}: {e}", file=sys.stderr)
+    except UnsupportedError as e:  # an explicit backend that cannot run one of the model's calls
+        print(f"genkernels {args.command} {args.family}: error: {backend[1]}: {e}", file=sys.stderr)
         return 2
 
 

@@ -17,6 +17,8 @@ fi
 stamp="$VENV/.genkernels-build-inputs"
 inputs=$(cat pyproject.toml setup.py CMakeLists.txt $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1)
 if [ "${GENKERNELS_REBUILD:-0}" = 1 ] || [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ]; then
+  echo "installing genkernels, with its CUDA extension for ${GENKERNELS_CUDA_ARCHS:-80;86;89;90a} when nvcc is" \
+    "found (minutes; GENKERNELS_CUDA_ARCHS=90a builds one architecture, GENKERNELS_NO_CUDA=1 none)" >&2
   pip install -q -e ".[test,bench]"
   echo "$inputs" > "$stamp"
 fi

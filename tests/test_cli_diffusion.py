@@ -149,7 +149,7 @@ def test_errors_found_before_any_work(runs, tmp_path, capsys, monkeypatch):
         ([*sample, str(tmp_path)], "is a folder; give the image file"),
         ([*sample, str(tmp_path / "grid")], "must end in an image extension"),
         ([*sample, str(a_file / "x.png")], "is a file, so the image's folder"),
-        ([*sample, png, "--backend", "cuda"], "--backend cuda runs on a CUDA device"),
+        ([*sample, png, "--backend", "cuda"], "--backend cuda: the cuda backend runs on a CUDA device"),
         (["sample", "diffusion", "--ckpt", str(tmp_path), "--out", png], "is a folder, not a checkpoint file"),
         (["sample", "diffusion", "--ckpt", str(tmp_path / "broken.safetensors"), "--out", png], "weights do not fit"),
         ([*sample, png, "--steps", "1001"], "--steps must be at most the 1000 timesteps the model was trained on"),
@@ -158,6 +158,12 @@ def test_errors_found_before_any_work(runs, tmp_path, capsys, monkeypatch):
         assert main([*argv, "--no-progress"]) == 2, argv
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
+    # The backend of GENKERNELS_BACKEND is checked the same way, and named as such.
+    train = ["train", "diffusion", "--out", str(tmp_path / "o"), "--no-progress"]
+    for env, message in (("bogus", "GENKERNELS_BACKEND=bogus: not a backend"), ("cuda", "=cuda: the cuda backend")):
+        monkeypatch.setenv("GENKERNELS_BACKEND", env)
+        assert main(train) == 2
+        assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors", "file"]
 
 

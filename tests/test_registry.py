@@ -91,3 +91,8 @@ def test_training_backend_follows_scope_and_environment(monkeypatch):
         assert backend_for("cpu", None) == "triton" and backend_for("cpu", "cuda") == "cuda"
     monkeypatch.setenv("GENKERNELS_BACKEND", "auto")
     assert backend_for("cpu", None) == "reference"
+
+
+def test_explain_without_the_op_arguments_names_the_op():
+    with pytest.raises(TypeError, match=r"explain\('group_norm', \.\.\.\) takes the arguments of genkernels\.ops"):
+        genkernels.explain("group_norm")

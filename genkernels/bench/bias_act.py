@@ -228,7 +228,7 @@ def summarize(records: Sequence[CaseRecord]) -> OpSummary:
         f"Goals on bf16 (the ANCHORS case), each on the genkernels backend that does best: forward >= "
         f"{EAGER_GOAL:g}x eager and >= {COMPILE_GOAL:.1f}x torch.compile; forward + backward >= {BWD_EAGER_GOAL:g}x "
         "eager. float32 is reported without goals. ANCHORS measured the bf16 forward (0.313 ms eager, 0.068 ms "
-        "torch.compile on an H100).",
+        "torch.compile on an H200).",
     ]
     return OpSummary(OP, headers, rows, _goals(by_case), notes)
 

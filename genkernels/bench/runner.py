@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import platform
 import sys
@@ -212,13 +213,17 @@ def run(
     budget_s: float | None = None,
     interpret: bool = True,
 ) -> int:
-    """Benchmark ``ops`` (default: all) into ``out_dir`` (default: :func:`default_out_dir`); the exit status.
+    """Benchmark ``ops`` (default: all) into ``out_dir`` (default: :func:`default_out_dir`); the exit status
+    (2, before any work, when ``out_dir`` is an existing file).
 
     Without a CUDA GPU, says so and runs the CPU correctness self-check of every backend
     instead (triton under TRITON_INTERPRET=1 unless ``interpret`` is False); then the status is
     1 only when a backend produced wrong numbers.
     """
     out = Path(out_dir) if out_dir is not None else default_out_dir()
+    if out.exists() and not out.is_dir():  # before any work: the reports are written at the end
+        print(f"genkernels bench: error: --out {out}: exists and is not a folder (reports go in one)", file=sys.stderr)
+        return 2
     ops = list(ops) if ops else list(OPS)
     for op in ops:
         op_module(op)  # unknown names fail before any work
@@ -237,6 +242,16 @@ def _parse_ops(text: str) -> list[str]:
     return ops
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line of `genkernels bench` / `python -m genkernels.bench`."""
     p = argparse.ArgumentParser(
@@ -253,7 +268,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="bf16 cases only (what the goals need) and shorter timing")
     p.add_argument(
         "--budget-s",
-        type=float,
+        type=_positive_seconds,
         default=None,
         help="start no new case after this many seconds; the rest are reported as not run",
     )
@@ -262,9 +277,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="without a GPU, skip the triton self-check under TRITON_INTERPRET=1 (slow)",
     )
+    from genkernels._registry import BACKENDS
+
     p.add_argument(
         "--self-check",
         metavar="BACKEND",
+        choices=list(BACKENDS),
         default=None,
         help="only run the CPU self-check of BACKEND in this process and print it as JSON",
     )

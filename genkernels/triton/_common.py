@@ -39,8 +39,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def triton_unavailable(x: torch.Tensor) -> str | None:
-    """A one-line reason why the triton backend cannot run on ``x``, or None when it can.
+def triton_unavailable(x: torch.Tensor, name: str = "x") -> str | None:
+    """A one-line reason why the triton backend cannot run on ``x`` (the op's argument ``name``), or None
+    when it can.
 
     Triton needs to be importable and ``x`` on a CUDA device (ROCm devices also report
     "cuda"); with ``TRITON_INTERPRET=1`` CPU tensors are accepted too.
@@ -49,7 +50,7 @@ def triton_unavailable(x: torch.Tensor) -> str | None:
         return f"triton is not installed (ImportError: {_IMPORT_ERROR})"
     if x.device.type == "cuda" or (x.device.type == "cpu" and interpreting()):
         return None
-    return f"x is on {x.device.type}: the triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 for testing)"
+    return f"{name} is on {x.device.type}: the triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 for testing)"
 
 
 @functools.lru_cache(maxsize=None)

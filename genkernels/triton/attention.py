@@ -225,7 +225,7 @@ def not_supported(
     The op has validated shapes and devices; what remains is whether triton can run on q's
     device, the dtype and the head dim (the kernels pad D to a power of two up to 256). The
     backward runs wherever the forward does, so ``needs_grad`` changes nothing."""
-    reason = triton_unavailable(q)
+    reason = triton_unavailable(q, "q")
     if reason is not None:
         if triton is None:
             return reason

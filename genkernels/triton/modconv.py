@@ -52,7 +52,7 @@ def demod_not_supported(weight: Tensor, styles: Tensor) -> str | None:
     """Why the triton backend cannot run demodulation_coefficients on these inputs, or None when it can.
 
     The op has checked shapes, dtypes and devices; what remains is the device and 32-bit weight offsets."""
-    reason = triton_unavailable(weight)
+    reason = triton_unavailable(weight, "weight")
     if reason is not None:
         return reason
     if weight.numel() >= INT32_LIMIT or styles.numel() >= INT32_LIMIT:
@@ -67,7 +67,7 @@ def epilogue_not_supported(
 
     The op has checked shapes, dtypes, layouts and devices (and refused a noise that needs its gradient);
     what remains is the device, the activation and the grid."""
-    reason = triton_unavailable(y)
+    reason = triton_unavailable(y, "y")
     if reason is not None:
         return reason
     if act not in ACTS:

@@ -48,7 +48,7 @@ def not_supported(mean: Tensor, logvar: Tensor, noise: Tensor | None) -> str | N
 
     The op module has already checked dtypes, shapes and devices of the canonical (B, R, K) views;
     what remains is whether triton runs on mean's device, and the 32-bit index within a sample."""
-    reason = triton_unavailable(mean)
+    reason = triton_unavailable(mean, "mean")
     if reason is not None:
         return reason
     per_sample = mean.shape[1] * mean.shape[2]

@@ -40,7 +40,7 @@ def not_supported(q: Tensor, k: Tensor | None, cos: Tensor | None, sin: Tensor |
 
     The op module has already checked shapes, dtypes and devices, and copies any tensor whose last stride
     is not 1; what remains is whether triton runs on q's device, q's dtype and the 1-D grid."""
-    reason = triton_unavailable(q)
+    reason = triton_unavailable(q, "q")
     if reason is not None:
         return reason
     if q.dtype not in _FAST_DTYPES:

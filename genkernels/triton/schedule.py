@@ -45,7 +45,7 @@ def not_supported(sample, model_output, noise, x0_prev, coeffs, guidance_scale, 
 
     The op module has already checked dtypes and shapes; what remains is whether triton runs on
     sample's device, and the 32-bit element index within a sample."""
-    reason = triton_unavailable(sample)
+    reason = triton_unavailable(sample, "sample")
     if reason is not None:
         return reason
     per_sample = sample.numel() // max(sample.shape[0], 1)

@@ -113,6 +113,20 @@ def test_main_without_gpu_runs_the_self_check(tmp_path, capsys, monkeypatch):
         assert checks[op, "triton"] == "skipped"  # --no-interpret
 
 
+def test_command_line_errors_before_any_work(tmp_path, capsys):
+    """An --out that is a file fails before the self-check runs (the reports are written last); an unknown
+    --self-check backend and a --budget-s <= 0 are argparse errors."""
+    a_file = tmp_path / "f"
+    a_file.write_text("")
+    assert main(["--out", str(a_file), "--ops", "rope", "--no-interpret"]) == 2
+    captured = capsys.readouterr()
+    assert "exists and is not a folder" in captured.err and "No CUDA GPU" not in captured.out
+    for argv, message in ((["--self-check", "bogus"], "invalid choice: 'bogus'"), (["--budget-s", "-5"], "> 0")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- attention
 
 
