@@ -513,11 +513,11 @@ def _check_backend(backend: tuple[str | None, str], device) -> None:
     can run: a CommandError before any work (data, model, training)."""
     import os
 
-    from ._registry import BACKENDS
+    from ._registry import _CHOICES
 
     name, source = backend
-    if name is not None and name not in ("auto", *BACKENDS):
-        raise CommandError(f"{source}: not a backend; choose auto, {', '.join(BACKENDS)}")
+    if name is not None and name not in _CHOICES:
+        raise CommandError(f"{source}: not a backend; choose {', '.join(_CHOICES)}")
     if name == "cuda" and device.type != "cuda":
         raise CommandError(f"{source}: the cuda backend runs on a CUDA device; this run is on {device}")
     if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

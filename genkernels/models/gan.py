@@ -519,17 +519,16 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> Non
     beta in [0, 1]; ema and model must have the same parameters and buffers (names and shapes)."""
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
-    for kind, a, b in (
-        ("parameters", ema.named_parameters(), model.named_parameters()),
-        ("buffers", ema.named_buffers(), model.named_buffers()),
-    ):
-        shapes_a, shapes_b = ({n: tuple(t.shape) for n, t in side} for side in (a, b))
-        if shapes_a != shapes_b:
-            differ = sorted(set(shapes_a.items()) ^ set(shapes_b.items()))[:3]
-            raise ValueError(f"ema and model must have the same {kind}; they differ in {differ}")
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
+    pairs = {"parameters": (list(ema.parameters()), list(model.parameters()))}
+    pairs["buffers"] = (list(ema.buffers()), list(model.buffers()))
+    for kind, (ours, theirs) in pairs.items():  # checked before anything is written (a step's cost: shapes only)
+        if len(ours) != len(theirs) or any(a.shape != b.shape for a, b in zip(ours, theirs)):
+            raise ValueError(
+                f"ema and model must have the same {kind}: {len(ours)} vs {len(theirs)} tensors, or shapes differ"
+            )
+    for p_ema, p in zip(*pairs["parameters"]):
         p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - beta)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
+    for b_ema, b in zip(*pairs["buffers"]):
         b_ema.copy_(b)
 
 

@@ -269,9 +269,12 @@ class DiagonalGaussian:
             return torch.zeros_like(self.mean)
         return torch.exp(self.logvar)
 
+    def _acc(self) -> torch.dtype:
+        """The dtype of the KL and NLL: float32, float64 for float64 moments."""
+        return torch.float64 if self.moments.dtype == torch.float64 else torch.float32
+
     def _zero_kl(self) -> torch.Tensor:
-        dtype = torch.float64 if self.moments.dtype == torch.float64 else torch.float32
-        return torch.zeros(self.moments.shape[0], dtype=dtype, device=self.moments.device)
+        return torch.zeros(self.moments.shape[0], dtype=self._acc(), device=self.moments.device)
 
     def sample(
         self,
@@ -337,7 +340,7 @@ class DiagonalGaussian:
         if not isinstance(other, DiagonalGaussian) or other.mean.shape != self.mean.shape:
             got = tuple(other.mean.shape) if isinstance(other, DiagonalGaussian) else type(other).__name__
             raise ValueError(f"other must be None or a DiagonalGaussian of shape {tuple(self.mean.shape)}, got {got}")
-        acc = self._zero_kl().dtype
+        acc = self._acc()
         mean, logvar = self.mean.to(acc), self.logvar.to(acc)
         mean_o, logvar_o = other.mean.to(acc), other.logvar.to(acc)
         terms = ((mean - mean_o).square() + logvar.exp()) / logvar_o.exp() - 1.0 - logvar + logvar_o
@@ -354,7 +357,7 @@ class DiagonalGaussian:
             )
         if self.deterministic:
             return self._zero_kl()
-        acc = self._zero_kl().dtype
+        acc = self._acc()
         mean, logvar = self.mean.to(acc), self.logvar.to(acc)
         terms = math.log(2.0 * math.pi) + logvar + (sample.to(acc) - mean).square() / logvar.exp()
         return 0.5 * (terms.flatten(1).sum(1) if dims is None else terms.sum(dim=dims))

@@ -170,11 +170,12 @@ def _check_k_out(q: Tensor, k: Tensor | None, k_out, inplace: bool) -> None:
         )
     if k_out.shape[-1] > 1 and k_out.stride(-1) != 1:
         raise ValueError(f"k_out must have a unit last stride (any other strides), got strides {k_out.stride()}")
-    # Storage addresses: not on the meta device (none), nor while traced (the compiler tracks aliasing).
-    shared = k_out.device.type != "meta" and not torch.compiler.is_compiling()
-    for name, t in (("q", q), ("k", k)):
-        if shared and k_out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
-            raise ValueError(f"k_out must not share memory with {name} (for k's own memory use inplace=True)")
+    # Element overlap (as inplace's check): not on the meta device (no addresses), nor while traced (the
+    # compiler tracks aliasing). A slot of a buffer that also holds q or k is fine where no element is shared.
+    if k_out.device.type != "meta" and not torch.compiler.is_compiling():
+        for name, t in (("q", q), ("k", k)):
+            if _may_overlap(k_out, t):
+                raise ValueError(f"k_out must not share memory with {name} (for k's own memory use inplace=True)")
     if torch.is_grad_enabled():
         for name, t in (("q", q), ("k", k)):
             if t.requires_grad:

@@ -448,3 +448,17 @@ def test_compile_fullgraph(backend, device):
         want = rope(q, k, cos, sin, backend=backend)
     torch.testing.assert_close(got, want[0] * 2)
     torch.testing.assert_close(slot, want[1])
+
+
+def test_k_out_may_share_a_buffer_with_k_without_sharing_elements():
+    """k_out is refused where it shares elements with q or k (the overlap test of inplace), not merely a storage:
+    a slot of one buffer that also holds k receives k's rotation."""
+    buf = torch.randn(2, 1, 1, 3, 8)
+    q, k, k_out = torch.randn(1, 2, 3, 8), buf[0], buf[1]
+    cos, sin = _tables(3, 4, "cpu")
+    with torch.no_grad():
+        _, got = rope(q, k, cos, sin, k_out=k_out)
+    assert got.data_ptr() == k_out.data_ptr()
+    torch.testing.assert_close(k_out, rope(q, k, cos, sin)[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="must not share memory with k"):
+        rope(q, k, cos, sin, k_out=buf.view(-1)[4 : 4 + 24].view(1, 1, 3, 8))
