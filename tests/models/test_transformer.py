@@ -273,14 +273,16 @@ def test_sample_images_and_errors():
         tiny(num_classes=0).sample(2, labels=1)
 
 
-def test_triton_backend_matches_the_reference():
-    """The model on the Triton kernels (interpreted on CPU): the reference's logits, gradients and cached
-    greedy decoding (rope on head-split views, attention with Lq = 1 on strided cache views)."""
+def test_triton_backend_matches_the_reference(device):
+    """The model on the Triton kernels (interpreted on CPU, compiled on a GPU): the reference's logits,
+    gradients and cached greedy decoding (rope on head-split views, attention with Lq = 1 on strided cache
+    views)."""
     torch.manual_seed(0)
-    ref = ImageGPT(image_size=2, dim=16, depth=1, heads=2, backend="reference")
-    tri = ImageGPT(image_size=2, dim=16, depth=1, heads=2, backend="triton")
+    ref = ImageGPT(image_size=2, dim=16, depth=1, heads=2, backend="reference").to(device)
+    tri = ImageGPT(image_size=2, dim=16, depth=1, heads=2, backend="triton").to(device)
     tri.load_state_dict(ref.state_dict())
-    images, labels = torch.rand(2, 1, 2, 2) * 2 - 1, torch.tensor([1, 2])
+    images = (torch.rand(2, 1, 2, 2) * 2 - 1).to(device)
+    labels = torch.tensor([1, 2], device=device)
     losses = [m.loss(images, labels) for m in (ref, tri)]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
     for loss in losses:

@@ -1,0 +1,126 @@
+"""Per-kernel GPU times of the cases that decide the GAN and transformer goals (a GPU run's second look).
+
+    python scripts/gpu_profile.py [OUT_FILE]
+
+For each case and backend: the CUDA kernels one call launches, each kernel's mean device time over
+10 profiled calls (torch.profiler), and the host time a call takes with the GPU kept busy. Without a
+GPU it says so and exits 0. Cases: bias_act lrelu bf16 (32, 512, 64, 64) forward and forward +
+backward; layer_norm_modulate bf16 forward at DiT-XL (2, 4096, 1152) and FLUX (1, 4608, 3072).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+import genkernels
+from genkernels import ops
+
+
+def _bias_act_cases(dev):
+    x = torch.randn(32, 512, 64, 64, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(512, device=dev, dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+
+    def fwd(backend):
+        return lambda: ops.bias_act(x, b, act="lrelu", backend=backend)
+
+    xg = x.detach().requires_grad_(True)
+    bg = b.detach().requires_grad_(True)
+
+    def fwd_bwd(backend):
+        def run():
+            y = ops.bias_act(xg, bg, act="lrelu", backend=backend)
+            torch.autograd.grad(y, (xg, bg), dy)
+
+        return run
+
+    def eager_fwd():
+        return torch.nn.functional.leaky_relu(x + b.view(1, -1, 1, 1), 0.2) * 2**0.5
+
+    def eager_fwd_bwd():
+        y = torch.nn.functional.leaky_relu(xg + bg.view(1, -1, 1, 1), 0.2) * 2**0.5
+        torch.autograd.grad(y, (xg, bg), dy)
+
+    yield "bias_act fwd eager", eager_fwd
+    yield "bias_act fwd_bwd eager", eager_fwd_bwd
+    for be in ("cuda", "triton"):
+        yield f"bias_act fwd {be}", fwd(be)
+        yield f"bias_act fwd_bwd {be}", fwd_bwd(be)
+
+
+def _adaln_cases(dev):
+    for name, (B, L, D) in (("DiT-XL", (2, 4096, 1152)), ("FLUX", (1, 4608, 3072))):
+        x = torch.randn(B, L, D, device=dev, dtype=torch.bfloat16)
+        shift = torch.randn(B, D, device=dev, dtype=torch.bfloat16)
+        scale = torch.randn(B, D, device=dev, dtype=torch.bfloat16)
+
+        def eager(x=x, shift=shift, scale=scale, D=D):
+            n = torch.nn.functional.layer_norm(x, (D,), eps=1e-6)
+            return n * (1 + scale[:, None]) + shift[:, None]
+
+        yield f"layer_norm_modulate {name} eager", eager
+        for be in ("cuda", "triton"):
+            yield (
+                f"layer_norm_modulate {name} {be}",
+                lambda x=x, shift=shift, scale=scale, be=be: ops.layer_norm_modulate(
+                    x, None, None, shift, scale, backend=be
+                ),
+            )
+
+
+def _profile(fn, reps=10):
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        dt = getattr(ev, "device_time_total", None)
+        if dt is None:
+            dt = ev.cuda_time_total
+        if dt > 0:
+            rows.append((dt / reps, ev.count / reps, ev.key))
+    rows.sort(reverse=True)
+    # host time a call with the GPU busy: a long kernel first, then 50 calls queued behind it
+    torch.cuda._sleep(int(2e8))
+    t0 = time.perf_counter()
+    for _ in range(50):
+        fn()
+    host_us = (time.perf_counter() - t0) / 50 * 1e6
+    torch.cuda.synchronize()
+    return rows, host_us
+
+
+def main() -> int:
+    out = open(sys.argv[1], "w") if len(sys.argv) > 1 else sys.stdout  # noqa: SIM115
+    if not torch.cuda.is_available():
+        print("gpu_profile: no CUDA GPU here, nothing to profile", file=out)
+        return 0
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name()
+    print(f"gpu_profile: {name}, torch {torch.__version__}, genkernels {genkernels.__version__}", file=out)
+    for cases in (_bias_act_cases(dev), _adaln_cases(dev)):
+        for name, fn in cases:
+            try:
+                rows, host_us = _profile(fn)
+            except Exception as e:  # a backend that cannot run the case: say so, go on
+                print(f"\n## {name}: {type(e).__name__}: {e}", file=out)
+                continue
+            total = sum(r[0] for r in rows)
+            print(f"\n## {name}: kernels {total:.1f} us a call, host {host_us:.1f} us a call", file=out)
+            for us, count, key in rows:
+                print(f"  {us:9.1f} us  x{count:g}  {key[:110]}", file=out)
+            out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
