@@ -4,10 +4,11 @@ genkernels.cuda.adaln).
 The interface (six functions; tensors, dtypes and what each returns are described in the docstring of
 :mod:`genkernels.ops.adaln`) maps onto one forward and one backward launch that every backend provides:
 
-    forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm) -> (h, out, mean, rstd)
+    forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm, stats=True) -> (h, out, mean, rstd)
         res, gate: the gated residual's y and gate (res None: no residual, h is None; gate None with a res:
-        h = x + y); norm: normalize and modulate (else out, mean and rstd are None). x and res read once; h and
-        out written once.
+        h = x + y); norm: normalize and modulate (else out, mean and rstd are None); stats: with norm, also
+        write mean and rstd (else they are None: a forward no backward follows neither allocates nor writes
+        them). x and res read once; h and out written once.
     backward(v, dout, dh, res, gate, weight, bias, shift, scale, mean, rstd, tokens, rms, norm, needs)
         -> (dx, dres, dgate, dweight, dbias, dshift, dscale)
         v: the normalized rows (x, or the fused op's h; None without norm); dout: the gradient of the
@@ -46,11 +47,13 @@ class AdalnInterface:
         tokens: int,
         eps: float,
         rms: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        stats: bool = True,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """(y, mean, rstd): y = (xhat * weight + bias) * (1 + scale) + shift of x (R, D), xhat LayerNorm (RMSNorm
-        when ``rms``), a new contiguous tensor in x's dtype; mean, rstd float32 (R,) (mean 0 with rms). Reads x
-        once, writes y once; never synchronizes with the host."""
-        _, y, mean, rstd = self._forward(x, None, None, weight, bias, shift, scale, tokens, eps, rms, True)
+        when ``rms``), a new contiguous tensor in x's dtype; mean, rstd float32 (R,) (mean 0 with rms), None
+        without ``stats`` (no backward to follow). Reads x once, writes y once; never synchronizes with the
+        host."""
+        _, y, mean, rstd = self._forward(x, None, None, weight, bias, shift, scale, tokens, eps, rms, True, stats)
         return y, mean, rstd
 
     def layer_norm_modulate_backward(
@@ -112,12 +115,13 @@ class AdalnInterface:
         tokens: int,
         eps: float,
         rms: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        stats: bool = True,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """(h, out, mean, rstd): h = x + gate * y (x + y when gate is None; x's dtype) and
         out = layer_norm_modulate(h), in one pass (x, y
         read once; h, out written once, new contiguous tensors); the statistics (float32 (R,)) are those of
-        the rounded h."""
-        return self._forward(x, y, gate, weight, bias, shift, scale, tokens, eps, rms, True)
+        the rounded h, None without ``stats``."""
+        return self._forward(x, y, gate, weight, bias, shift, scale, tokens, eps, rms, True, stats)
 
     def gated_residual_layer_norm_modulate_backward(
         self,

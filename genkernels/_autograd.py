@@ -38,7 +38,12 @@ def records(ctx: Any) -> bool:
 def needs_graph(args: tuple) -> bool:
     """Whether autograd would record a node for a call with these arguments: grad mode is on and a tensor
     argument requires grad."""
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    if not torch.is_grad_enabled():
+        return False
+    for a in args:  # a plain loop: this runs on every call of every op
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return True
+    return False
 
 
 def apply(function: type[torch.autograd.Function], *args: Any) -> Any:

@@ -64,15 +64,15 @@ def _problem(x: Tensor, tokens: int) -> dict:
     return {"rows": rows, "tokens": int(tokens), "dim": dim, "dtype": dtype_code(x), "device": x.device.index}
 
 
-def _forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm):
+def _forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm, stats=True):
     """One forward launch; returns (h or None, out or None, mean or None, rstd or None)."""
     ext = require_extension()
     rows, dim = x.shape
     device = x.device
-    h = torch.empty((rows, dim), dtype=x.dtype, device=device) if res is not None else None
-    out = torch.empty((rows, dim), dtype=x.dtype, device=device) if norm else None
-    mean = torch.empty(rows, dtype=torch.float32, device=device) if norm else None
-    rstd = torch.empty(rows, dtype=torch.float32, device=device) if norm else None
+    h = x.new_empty((rows, dim)) if res is not None else None
+    out = x.new_empty((rows, dim)) if norm else None
+    mean = x.new_empty((rows,), dtype=torch.float32) if norm and stats else None  # null: the kernel skips it
+    rstd = x.new_empty((rows,), dtype=torch.float32) if norm and stats else None
     with device_guard(device):
         ext.adaln_forward(
             _rows(x, rows),

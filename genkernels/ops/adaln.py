@@ -56,8 +56,8 @@ reference). Every tensor is a 2-D view of R = B * L rows:
 
     not_supported(x) -> str | None
         x: the public (B, L, D) input (dtype float32 / float16 / bfloat16 and devices already checked).
-    layer_norm_modulate_forward(x, weight, bias, shift, scale, tokens, eps, rms) -> (y, mean, rstd)
-        reads x once, writes y once.
+    layer_norm_modulate_forward(x, weight, bias, shift, scale, tokens, eps, rms, stats=True) -> (y, mean, rstd)
+        reads x once, writes y once; mean and rstd None when not ``stats`` (no backward follows).
     layer_norm_modulate_backward(dy, x, weight, bias, shift, scale, mean, rstd, tokens, rms,
                                  need_dx, need_dweight, need_dbias, need_dshift, need_dscale)
         -> (dx, dweight, dbias, dshift, dscale)
@@ -65,10 +65,10 @@ reference). Every tensor is a 2-D view of R = B * L rows:
     gated_residual_forward(x, y, gate, tokens) -> out
     gated_residual_backward(dout, y, gate, tokens, need_dy, need_dgate) -> (dy, dgate)
         (x's gradient is dout itself: the op uses it.)
-    gated_residual_layer_norm_modulate_forward(x, y, gate, weight, bias, shift, scale, tokens, eps, rms)
-        -> (h, out, mean, rstd)
+    gated_residual_layer_norm_modulate_forward(x, y, gate, weight, bias, shift, scale, tokens, eps, rms,
+                                               stats=True) -> (h, out, mean, rstd)
         one pass: x, y read once; h (x's dtype) and out written once; the statistics are those of the
-        rounded h.
+        rounded h (None when not ``stats``).
     gated_residual_layer_norm_modulate_backward(dh, dout, h, y, gate, weight, bias, shift, scale, mean,
                                                 rstd, tokens, rms, need_dy, need_dgate, need_dweight,
                                                 need_dbias, need_dshift, need_dscale)
@@ -272,7 +272,7 @@ def _per_token(t: Tensor | None, rows: int) -> bool:
     return t is not None and t.shape[0] == rows
 
 
-def _ref_norm_forward(x2, weight, bias, shift, scale, tokens, eps, rms):
+def _ref_norm_forward(x2, weight, bias, shift, scale, tokens, eps, rms, stats=True):
     g = _groups(x2, tokens)
     x3 = x2.reshape(g, tokens, -1)
     n, _, mean, rstd = _norm(x3, weight, bias, eps, rms)
@@ -358,7 +358,7 @@ def _ref_gate_backward(dout, y2, gate, tokens, need_dy, need_dgate):
     return _ref_gate_backward_acc(dout.reshape(g, tokens, -1).to(_acc(y2)), y2, gate, tokens, need_dy, need_dgate)
 
 
-def _ref_fused_forward(x2, y2, gate, weight, bias, shift, scale, tokens, eps, rms):
+def _ref_fused_forward(x2, y2, gate, weight, bias, shift, scale, tokens, eps, rms, stats=True):
     h = _ref_gate_forward(x2, y2, gate, tokens)
     out, mean, rstd = _ref_norm_forward(h, weight, bias, shift, scale, tokens, eps, rms)
     return h, out, mean, rstd
@@ -486,10 +486,13 @@ class _NormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, shift, scale, eps, rms, impl):
         x2 = _rows(x)
         kernel_args = (_affine32(weight), _affine32(bias), _mod_rows(shift, x), _mod_rows(scale, x))
-        y2, mean, rstd = impl.layer_norm_modulate_forward(x2, *kernel_args, x.shape[1], eps, rms)
-        ctx.save_for_backward(x2, *kernel_args, mean, rstd)
-        ctx.args = (x.shape, weight, bias, shift, scale, rms, impl)
-        return y2.view(x.shape)
+        # The statistics only where a backward may follow (autograd records this call).
+        stats = _autograd.records(ctx)
+        y2, mean, rstd = impl.layer_norm_modulate_forward(x2, *kernel_args, x.shape[1], eps, rms, stats)
+        if stats:
+            ctx.save_for_backward(x2, *kernel_args, mean, rstd)
+            ctx.args = (x.shape, weight, bias, shift, scale, rms, impl)
+        return y2.view_as(x)
 
     @staticmethod
     @_autograd.first_order_only(NORM_OP)  # create_graph=True: an explicit error, never a silent zero
@@ -522,7 +525,7 @@ class _GateFunction(torch.autograd.Function):
         out = impl.gated_residual_forward(_rows(x), y2, gate2, x.shape[1])
         ctx.save_for_backward(y2, gate2)
         ctx.args = (x.shape, gate, impl)
-        return out.view(x.shape)
+        return out.view_as(x)
 
     @staticmethod
     @_autograd.first_order_only(GATE_OP)  # create_graph=True: an explicit error, never a silent zero
@@ -549,13 +552,15 @@ class _FusedFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused h (or out) costs no zero-filled gradient
         y2, gate2 = _rows(y), _mod_rows(gate, x)
         kernel_args = (_affine32(weight), _affine32(bias), _mod_rows(shift, x), _mod_rows(scale, x))
+        stats = _autograd.records(ctx)  # the statistics only where a backward may follow
         h, out, mean, rstd = impl.gated_residual_layer_norm_modulate_forward(
-            _rows(x), y2, gate2, *kernel_args, x.shape[1], eps, rms
+            _rows(x), y2, gate2, *kernel_args, x.shape[1], eps, rms, stats
         )
-        # Without a gate y's gradient is x's: y is not needed (nor kept) for the backward.
-        ctx.save_for_backward(h, None if gate is None else y2, gate2, *kernel_args, mean, rstd)
-        ctx.args = (x.shape, gate, weight, bias, shift, scale, rms, impl)
-        return h.view(x.shape), out.view(x.shape)
+        if stats:
+            # Without a gate y's gradient is x's: y is not needed (nor kept) for the backward.
+            ctx.save_for_backward(h, None if gate is None else y2, gate2, *kernel_args, mean, rstd)
+            ctx.args = (x.shape, gate, weight, bias, shift, scale, rms, impl)
+        return h.view_as(x), out.view_as(x)
 
     @staticmethod
     @_autograd.first_order_only(FUSED_OP)  # create_graph=True: an explicit error, never a silent zero

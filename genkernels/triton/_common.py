@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
 
 import torch
 
@@ -78,14 +77,17 @@ def l2_cache_bytes(device: torch.device) -> int:
     return _properties(device)[1]
 
 
-@contextlib.contextmanager
-def on_device(x: torch.Tensor) -> Iterator[None]:
-    """Make ``x``'s CUDA device current, since triton launches on the current device."""
-    if x.device.type == "cuda":
-        with torch.cuda.device(x.device):
-            yield
-    else:
-        yield
+_CURRENT = contextlib.nullcontext()
+
+
+def on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context in which ``x``'s CUDA device is current, since triton launches on the current device: a
+    no-op (one shared object, nothing entered) when it already is, or when x is not on CUDA. A launch pays
+    this on every call, so the common case costs one device query."""
+    device = x.device
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return _CURRENT
+    return torch.cuda.device(device)
 
 
 def next_power_of_2(n: int) -> int:

@@ -100,16 +100,18 @@ def _column_blocks(d: int) -> tuple[int, int]:
     return low, rest
 
 
-def _forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm):
-    """(h or None, out or None, mean, rstd) of one fused forward launch (see the module docstring)."""
+def _forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm, stats=True):
+    """(h or None, out or None, mean, rstd) of one fused forward launch (see the module docstring); mean and
+    rstd None without ``stats`` (or ``norm``)."""
     rows, d = x.shape
     block_d, block_d2 = _column_blocks(d)
     width = block_d + block_d2
     block_r = max(1, min(next_power_of_2(rows), _floor_power_of_2(max(1, FORWARD_TILE // width))))
     residual = res is not None
-    h = torch.empty((rows, d), device=x.device, dtype=x.dtype) if residual else None
-    out = torch.empty((rows, d), device=x.device, dtype=x.dtype) if norm else None
-    mean = torch.empty(rows if norm else 0, device=x.device, dtype=torch.float32)
+    h = x.new_empty((rows, d)) if residual else None
+    out = x.new_empty((rows, d)) if norm else None
+    stats = norm and stats
+    mean = x.new_empty((rows if stats else 0,), dtype=torch.float32)
     rstd = torch.empty_like(mean)
     with on_device(x):
         _adaln_forward_kernel[(cdiv(rows, block_r),)](
@@ -137,6 +139,7 @@ def _forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm):
             HAS_GATE=gate is not None,
             GATE_TOKEN=_per_token(gate, rows),
             NORM=norm,
+            STATS=stats,
             RMS=rms,
             HAS_W=weight is not None,
             HAS_B=bias is not None,
@@ -149,7 +152,7 @@ def _forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm):
             BLOCK_D2=block_d2,
             num_warps=_forward_warps(block_r * width),
         )
-    return h, out, mean, rstd
+    return h, out, (mean if stats else None), (rstd if stats else None)
 
 
 def _backward(v, dout, dh, res, gate, weight, bias, shift, scale, mean, rstd, tokens, rms, norm, needs):
@@ -366,6 +369,7 @@ if triton is not None:
         HAS_GATE: tl.constexpr,
         GATE_TOKEN: tl.constexpr,
         NORM: tl.constexpr,
+        STATS: tl.constexpr,
         RMS: tl.constexpr,
         HAS_W: tl.constexpr,
         HAS_B: tl.constexpr,
@@ -378,7 +382,7 @@ if triton is not None:
         BLOCK_D2: tl.constexpr,
     ):
         """BLOCK_R rows: h = x + gate * y (RESIDUAL; x + y without HAS_GATE), then (NORM) out = modulated norm
-        of h (or of x);
+        of h (or of x), and (STATS) each row's mean and rstd;
         grid (ceil(R / BLOCK_R),). The row is one column block of BLOCK_D, or with BLOCK_D2 > 0 two, BLOCK_D
         then BLOCK_D2 (:func:`_column_blocks`). Memory traffic: x (y) read once, h (out) written once."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -421,8 +425,9 @@ if triton is not None:
                     centered2, rstd, cols2, mask2, r64, sample, w_ptr, b_ptr, shift_ptr, scale_ptr, out_ptr, D,
                     stride_shift, stride_scale, HAS_W, HAS_B, HAS_SHIFT, SHIFT_TOKEN, HAS_SCALE, SCALE_TOKEN,
                 )  # fmt: skip
-            tl.store(mean_ptr + rows, mean, mask=row_ok)
-            tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+            if STATS:
+                tl.store(mean_ptr + rows, mean, mask=row_ok)
+                tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
     @triton.jit
     def _adaln_backward_kernel(
