@@ -135,8 +135,9 @@ def test_ops_path_equals_torch_layers(positions, backend, device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_inference_on_cuda_auto_backend(dtype, monkeypatch):
-    """The auto-backend model under no_grad on CUDA: every block's fc1 + GELU is one cuBLASLt epilogue call
-    (torch._addmm_activation, counted), and the output is within the criterion of the PyTorch-layer model."""
+    """The auto-backend model under no_grad on CUDA: in bfloat16 every block's fc1 + GELU is one cuBLASLt epilogue
+    call (torch._addmm_activation, counted; float32 takes F.linear then gelu_tanh, the epilogue's GELU being
+    less accurate than float32), and the output is within the criterion of the PyTorch-layer model."""
     calls = []
     addmm_activation = torch._addmm_activation
 
@@ -152,7 +153,7 @@ def test_inference_on_cuda_auto_backend(dtype, monkeypatch):
         out = model.to(dtype)(x.to(dtype), t, labels)
         ref = twin.to(dtype)(x.to(dtype), t, labels)
         ref64 = copy.deepcopy(twin).double()(x.double(), t.double(), labels)
-    assert calls == [True] * 3
+    assert calls == ([] if dtype == torch.float32 else [True] * 3)
     assert out.abs().max() > 0.1
     assert_criterion(out, ref, ref64)
 

@@ -246,10 +246,11 @@ def test_linear_gelu_tanh(backend, bias, device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_linear_gelu_tanh_cuda_epilogue(dtype):
-    """On CUDA without autograd the call is the cuBLASLt GELU epilogue (the tanh approximation, as gelu_tanh),
-    within the criterion of F.linear then gelu_tanh in float64; with autograd, the gradients path."""
+    """On CUDA without autograd a 16-bit call is the cuBLASLt GELU epilogue (the tanh approximation, as
+    gelu_tanh), a float32 one F.linear then gelu_tanh; either within the criterion of F.linear then gelu_tanh
+    in float64; with autograd, the gradients path."""
     inputs = _linear_inputs("cuda", dtype, hidden=4608)
-    assert GM.gelu_epilogue(*inputs)
+    assert GM.gelu_epilogue(*inputs) == (dtype != torch.float32)
     with torch.no_grad():
         out = _linear_gelu(inputs, None, False)
     ref = _linear_gelu(inputs, "reference", False)
@@ -274,7 +275,7 @@ def test_linear_gelu_tanh_epilogue_dispatch():
     """Which path a call takes: on (fake) CUDA tensors without autograd in auto mode, one aten call,
     _addmm_activation(bias, x, weight.T, use_gelu=True), and nothing else that reads the (10, 4608) output;
     F.linear then gelu_tanh when a gradient is needed, a backend is asked for, there is no bias, the dtypes
-    differ or are float64. On CPU never (its _addmm_activation applies the exact erf GELU)."""
+    differ or are float32 or float64. On CPU never (its _addmm_activation applies the exact erf GELU)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
@@ -301,10 +302,11 @@ def test_linear_gelu_tanh_epilogue_dispatch():
         assert not GM.gelu_epilogue(x, w, None)
         assert not GM.gelu_epilogue(x, w, b.float())
         assert not GM.gelu_epilogue(x.double(), w.double(), b.double())
+        assert not GM.gelu_epilogue(x.float(), w.float(), b.float())  # float32: the accurate path
         assert not GM.gelu_epilogue(torch.empty(0, 72, device="cuda", dtype=torch.bfloat16), w, b)
     cpu = _linear_inputs("cpu", torch.float32)
     assert not GM.gelu_epilogue(*cpu)
-    meta = [t.to("meta") for t in cpu]
+    meta = [t.to("meta", torch.bfloat16) for t in cpu]
     assert GM.gelu_epilogue(*meta) and linear_gelu_tanh(*meta).shape == (2, 5, 40)
 
 
