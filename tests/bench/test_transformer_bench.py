@@ -341,6 +341,26 @@ def test_imagegpt_case_on_cpu(monkeypatch):
         case.release()
 
 
+def test_imagegpt_baseline_timed_when_its_calls_differ(monkeypatch):
+    """A sampler whose second call draws other tokens than its first at the same seed: the eager baseline is
+    timed anyway (as users run it), its check column saying so; a genkernels variant doing the same fails."""
+    monkeypatch.setattr(core, "time_ms", lambda fn, timing=None: 10.0)
+    draw = imagegpt.sample
+    calls = {}
+
+    def drifting(model, n, use_cache, seed=imagegpt.SEED, cuda_graph=False):
+        calls[id(model)] = calls.get(id(model), 0) + 1
+        tokens = draw(model, n, use_cache, seed=seed, cuda_graph=cuda_graph)
+        return tokens if calls[id(model)] == 1 else (tokens + 1) % model.config.levels
+
+    monkeypatch.setattr(imagegpt, "sample", drifting)
+    case = imagegpt.SamplingCase("tiny", batch=3, dtype=torch.float32, backend="reference", check_batch=2)
+    rec = core.run_case(case, CPU, core.QUICK_TIMING, core.Ceilings(1.0, 1.0))
+    eager, gk = rec.result(core.EAGER), rec.result(imagegpt.GENKERNELS)
+    assert eager.status == "ok" and eager.ms == 10.0 and "timed anyway (a baseline)" in eager.reason
+    assert gk.status == "failed" and "wrong numbers: tokens" in gk.reason
+
+
 @pytest.mark.parametrize(
     ("gk_ms", "graph_ms", "passed", "on"),
     [
