@@ -19,16 +19,16 @@ import genkernels
 from genkernels import ops
 
 
-def _bias_act_cases(dev):
+def bias_act_calls(dev) -> dict:
+    """The ANCHORS bias_act case (lrelu, bf16 (32, 512, 64, 64), bias (512,)) as {name: call}: eager and each
+    fast backend, forward and forward + backward (x and the bias differentiated)."""
     x = torch.randn(32, 512, 64, 64, device=dev, dtype=torch.bfloat16)
     b = torch.randn(512, device=dev, dtype=torch.bfloat16)
     dy = torch.randn_like(x)
+    xg, bg = x.detach().requires_grad_(True), b.detach().requires_grad_(True)
 
     def fwd(backend):
         return lambda: ops.bias_act(x, b, act="lrelu", backend=backend)
-
-    xg = x.detach().requires_grad_(True)
-    bg = b.detach().requires_grad_(True)
 
     def fwd_bwd(backend):
         def run():
@@ -44,11 +44,15 @@ def _bias_act_cases(dev):
         y = torch.nn.functional.leaky_relu(xg + bg.view(1, -1, 1, 1), 0.2) * 2**0.5
         torch.autograd.grad(y, (xg, bg), dy)
 
-    yield "bias_act fwd eager", eager_fwd
-    yield "bias_act fwd_bwd eager", eager_fwd_bwd
+    calls = {"bias_act fwd eager": eager_fwd, "bias_act fwd_bwd eager": eager_fwd_bwd}
     for be in ("cuda", "triton"):
-        yield f"bias_act fwd {be}", fwd(be)
-        yield f"bias_act fwd_bwd {be}", fwd_bwd(be)
+        calls[f"bias_act fwd {be}"] = fwd(be)
+        calls[f"bias_act fwd_bwd {be}"] = fwd_bwd(be)
+    return calls
+
+
+def _bias_act_cases(dev):
+    yield from bias_act_calls(dev).items()
 
 
 def _adaln_cases(dev):
