@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from . import _registry
 
 
@@ -10,6 +12,13 @@ def positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def nonnegative_float(name: str, value) -> float:
+    """``value`` as a float if it is a finite real >= 0 (not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+    return float(value)
 
 
 def check_backend(backend: str | None) -> str | None:

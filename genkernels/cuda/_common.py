@@ -9,13 +9,14 @@ module never fails.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import re
 from types import ModuleType
 
 import torch
+
+from genkernels._device import device_context
 
 try:
     # import_module, not "from .. import _C": during package initialization the latter reports a
@@ -157,11 +158,8 @@ def stream_handle(device: torch.device) -> int:
     return torch.cuda.current_stream(index).cuda_stream
 
 
-def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
-    """A context in which ``device`` is torch's current CUDA device (a no-op when it already is)."""
-    if device.index is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
+#: A context in which a device is torch's current CUDA device (a shared no-op when it already is).
+device_guard = device_context
 
 
 def workspace(nbytes: int, device: torch.device) -> torch.Tensor | None:

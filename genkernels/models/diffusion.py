@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .._checks import check_backend
+from .._checks import check_backend, positive_int
 from ._config import ConfigIO
 from ._layers import (
     Downsample,
@@ -101,9 +101,7 @@ class UNetConfig(ConfigIO):
                 f"block_out_channels={self.block_out_channels}), got {self.attention}"
             )
         for name in ("norm_num_groups", "heads", "layers_per_block"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            positive_int(name, getattr(self, name))
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every level's channels, got {c}")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _autograd, _registry
+from .._checks import nonnegative_float
 from .._layout import dense_layout, match_layout
 from ..cuda import group_norm as _cuda
 from ..triton import group_norm as _triton
@@ -54,8 +55,7 @@ def _check(x, groups, weight, bias, eps, activation) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must be on one device")
         if t.dtype not in DTYPES:
             raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    nonnegative_float("eps", eps)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
 

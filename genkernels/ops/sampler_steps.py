@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from .._checks import nonnegative_float
 from .schedule import StepCoeffs, add_noise, schedule_step
 
 __all__ = [
@@ -208,8 +209,7 @@ def ddim_step(
     because one pass only sees the clipped x0. Returns prev, and x0 (clipped) when return_x0.
     """
     _check_prediction(prediction_type)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
+    nonnegative_float("eta", eta)
     a, a_prev = _check_abar(alpha_prod_t, alpha_prod_t_prev, prediction_type)
     if eta > 0 and a_prev < a:
         raise ValueError(

@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from genkernels._device import device_context
+
 try:
     import triton
     import triton.language as tl
@@ -77,17 +79,10 @@ def l2_cache_bytes(device: torch.device) -> int:
     return _properties(device)[1]
 
 
-_CURRENT = contextlib.nullcontext()
-
-
 def on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """A context in which ``x``'s CUDA device is current, since triton launches on the current device: a
-    no-op (one shared object, nothing entered) when it already is, or when x is not on CUDA. A launch pays
-    this on every call, so the common case costs one device query."""
-    device = x.device
-    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
-        return _CURRENT
-    return torch.cuda.device(device)
+    """A context in which ``x``'s CUDA device is current, since triton launches on the current device
+    (:func:`genkernels._device.device_context`: a shared no-op when it already is)."""
+    return device_context(x.device)
 
 
 def next_power_of_2(n: int) -> int:
