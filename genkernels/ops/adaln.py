@@ -276,8 +276,8 @@ def _ref_norm_forward(x2, weight, bias, shift, scale, tokens, eps, rms, stats=Tr
     g = _groups(x2, tokens)
     x3 = x2.reshape(g, tokens, -1)
     n, _, mean, rstd = _norm(x3, weight, bias, eps, rms)
-    y = _modulate(n, _mod3(shift, g, tokens), _mod3(scale, g, tokens))
-    return y.reshape(x2.shape).to(x2.dtype), mean.reshape(-1), rstd.reshape(-1)
+    y = _modulate(n, _mod3(shift, g, tokens), _mod3(scale, g, tokens)).reshape(x2.shape).to(x2.dtype)
+    return (y, mean.reshape(-1), rstd.reshape(-1)) if stats else (y, None, None)
 
 
 def _sum_tokens(t: Tensor, per_token: bool) -> Tensor:
@@ -360,7 +360,7 @@ def _ref_gate_backward(dout, y2, gate, tokens, need_dy, need_dgate):
 
 def _ref_fused_forward(x2, y2, gate, weight, bias, shift, scale, tokens, eps, rms, stats=True):
     h = _ref_gate_forward(x2, y2, gate, tokens)
-    out, mean, rstd = _ref_norm_forward(h, weight, bias, shift, scale, tokens, eps, rms)
+    out, mean, rstd = _ref_norm_forward(h, weight, bias, shift, scale, tokens, eps, rms, stats)
     return h, out, mean, rstd
 
 

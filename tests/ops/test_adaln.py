@@ -296,6 +296,50 @@ def test_double_backward_is_refused(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused", [False, True])
+def test_forward_without_statistics(backend, fused, device, monkeypatch):
+    """A forward no backward follows (no grad needed) asks its backend for no row statistics: the interface's
+    stats=False returns mean and rstd as None and the same outputs, bit for bit, as stats=True; the op's
+    no-grad call passes stats=False and a recorded call stats=True, with equal outputs."""
+    x, w, b, shift, scale = _norm_inputs((2, 5, 40), torch.float32, device, mods=("sample", "token"))
+    y = torch.randn_like(x)
+    gate = _mod("sample", 2, 5, 40, device)
+    skip_unsupported(backend, A.FUSED_OP, x, y, gate, w, b, shift, scale)
+    impl = A._ReferenceKernels if backend == "reference" else importlib.import_module(f"genkernels.{backend}.adaln")
+    rows = [t.reshape(10, 40) if t is not None and t.dim() == 3 else t for t in (x, y, shift, scale)]
+    x2, y2, shift2, scale2 = rows
+    if fused:
+        args = (x2, y2, gate, w, b, shift2, scale2, 5, 1e-6, False)
+        name = "gated_residual_layer_norm_modulate_forward"
+    else:
+        args = (x2, w, b, shift2, scale2, 5, 1e-6, False)
+        name = "layer_norm_modulate_forward"
+    full, bare = getattr(impl, name)(*args, stats=True), getattr(impl, name)(*args, stats=False)
+    assert full[-1] is not None and full[-2] is not None and bare[-1] is None and bare[-2] is None
+    for got, want in zip(bare[:-2], full[:-2]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if backend == "reference":  # the op runs the reference formulas directly, not through the interface
+        return
+
+    asked = []
+    forward = getattr(impl, name)
+
+    def spy(*a, **k):
+        asked.append(a[-1])
+        return forward(*a, **k)
+
+    monkeypatch.setattr(impl, name, spy)
+    op = gated_residual_layer_norm_modulate if fused else layer_norm_modulate
+    call = (x, y, gate, w, b, shift, scale) if fused else (x, w, b, shift, scale)
+    with torch.no_grad():
+        plain = op(*call, backend=backend)
+    recorded = op(*[t.detach().requires_grad_(True) for t in call], backend=backend)
+    assert asked == [False, True]
+    for got, want in zip(plain if fused else (plain,), recorded if fused else (recorded,)):
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty(backend, device):
     x, w, b, shift, scale = _norm_inputs((0, 3, 8), torch.float32, device)
     w.requires_grad_(True)
