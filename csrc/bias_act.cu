@@ -156,8 +156,14 @@ std::array<int64_t, 7> bias_act_grad_bias_plan(const BiasActProblem& p, uintptr_
 }
 
 void bias_act_grad_bias(const BiasActProblem& p, uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dz,
-                        uintptr_t partials, int64_t partials_size, uintptr_t stream_handle, uintptr_t codes) {
+                        uintptr_t partials, int64_t partials_size, uintptr_t stream_handle, uintptr_t codes,
+                        uintptr_t dbias) {
   if (dy == 0 || bias == 0 || partials == 0) fail("dy, bias and partials must be non-null");
+  if (dbias % static_cast<uintptr_t>(element_bytes(p.bias_dtype)) != 0) fail("dbias is not aligned to its dtype");
+  // The finishing kernel's grid (with dbias): a warp a channel.
+  constexpr int64_t kWarps = kBiasFinishThreads / 32;
+  const int64_t blocks = (p.channels + kWarps - 1) / kWarps;
+  if (blocks > INT32_MAX) fail("the bias gradient of " + std::to_string(p.channels) + " channels does not fit a grid");
   if (codes != 0) {
     check_codes(p, codes);
     x = 0;
@@ -192,6 +198,14 @@ void bias_act_grad_bias(const BiasActProblem& p, uintptr_t dy, uintptr_t x, uint
     });
   });
   check_launch("bias_act_grad_bias_kernel");
+  if (dbias == 0) return;
+  const int64_t inner = p.stride_c;
+  const BiasGradFinish f{reinterpret_cast<const float*>(partials), reinterpret_cast<void*>(dbias), plan.grid_y,
+                         p.channels, plan.per_tile ? inner / (int64_t{plan.tq} * plan.vec) : inner};
+  with_dtype(p.bias_dtype, [&](auto o) {
+    bias_grad_finish_kernel<decltype(o)><<<static_cast<unsigned int>(blocks), kBiasFinishThreads, 0, stream>>>(f);
+  });
+  check_launch("bias_grad_finish_kernel");
 }
 
 }  // namespace genkernels

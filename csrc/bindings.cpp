@@ -338,17 +338,19 @@ PYBIND11_MODULE(_C, m) {
       "bias_act_grad_bias",
       [](uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dz, uintptr_t partials, int64_t partials_size, int64_t n,
          int64_t stride_c, int64_t channels, int dtype, int device, int act, float alpha, float gain, bool has_clamp,
-         float clamp, int bias_dtype, uintptr_t stream, uintptr_t codes) {
+         float clamp, int bias_dtype, uintptr_t stream, uintptr_t codes, uintptr_t dbias) {
         const BiasActProblem p{n, stride_c, channels, dtype, device, act, alpha, gain, has_clamp, clamp, bias_dtype};
-        genkernels::bias_act_grad_bias(p, dy, x, bias, dz, partials, partials_size, stream, codes);
+        genkernels::bias_act_grad_bias(p, dy, x, bias, dz, partials, partials_size, stream, codes, dbias);
       },
       py::arg("dy"), py::arg("x"), py::arg("bias"), py::arg("dz"), py::arg("partials"), py::arg("partials_size"),
       py::arg("n"), py::arg("stride_c"), py::arg("channels"), py::arg("dtype"), py::arg("device"), py::arg("act"),
       py::arg("alpha"), py::arg("gain"), py::arg("has_clamp"), py::arg("clamp"), py::arg("bias_dtype"),
-      py::arg("stream"), py::arg("codes") = 0,
+      py::arg("stream"), py::arg("codes") = 0, py::arg("dbias") = 0,
       "bias_act_grad's dz (in `dtype`; dz 0: not written) and, in the same pass, float32 partial sums of it "
       "(see bias_act_grad_bias_plan) that summed per channel give the bias gradient; deterministic, no atomics. "
-      "codes: as in bias_act_grad (x then 0 in the plan too). Launches on `stream`, never synchronizes.");
+      "codes: as in bias_act_grad (x then 0 in the plan too). dbias (0: none): a second kernel then sums the "
+      "partials per channel in a fixed order into dbias, (channels,) in bias_dtype. Launches on `stream`, never "
+      "synchronizes.");
   m.def(
       "modconv_demod_forward",
       [](uintptr_t weight, uintptr_t styles, uintptr_t dcoef, int64_t o, int64_t i, int64_t k, int64_t n, int dtype,

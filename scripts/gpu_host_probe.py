@@ -207,6 +207,7 @@ def main() -> int:
     dit_float32_sources(dev)
     profile("ops.layer_norm_modulate triton", cases["ops.layer_norm_modulate triton"])
     profile("ops.bias_act triton fwd+bwd", cases["ops.bias_act triton fwd+bwd"], calls=100)
+    profile("ops.bias_act cuda fwd+bwd", cases["ops.bias_act cuda fwd+bwd"], calls=100)
     profile("eager bias_act fwd+bwd", bias_act["bias_act fwd_bwd eager"], calls=100, top=15)
     say(f"\ngenkernels {genkernels.__version__}: done")
     return 0

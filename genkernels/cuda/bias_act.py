@@ -177,9 +177,10 @@ def grad_bias(
 
     Memory order is tiled as R rows by Q = C * x.stride(dim) columns (csrc bias_act.cuh,
     bias_act_grad_bias_kernel); each block leaves float32 partial sums, per tile when a tile lies in one
-    channel, else per column, and they are summed here per channel in a fixed order (deterministic, no
-    atomics). bias: a contiguous (C,) tensor of a BIAS_DTYPES dtype (not None). codes: as in :func:`grad` (x
-    may then be None). Never synchronizes with the host."""
+    channel, else per column, and a second kernel of the same extension call (bias_grad_finish_kernel) sums
+    them per channel in a fixed order into dbias (deterministic, no atomics). bias: a contiguous (C,) tensor of
+    a BIAS_DTYPES dtype (not None). codes: as in :func:`grad` (x may then be None). Never synchronizes with the
+    host."""
     ext = require_extension()
     dz = torch.empty_like(dy) if need_dz else None
     problem = _problem(dy, bias, act, alpha, gain, clamp, dim)
@@ -187,10 +188,11 @@ def grad_bias(
     x_ptr = 0 if codes is not None else x.data_ptr()
     with device_guard(device):
         common = {"dtype": dtype_code(dy), "device": device.index, **problem}
-        vec, tq, per_tile, _rows, grid_x, grid_y, width = ext.bias_act_grad_bias_plan(
+        _vec, _tq, _per_tile, _rows, _grid_x, grid_y, width = ext.bias_act_grad_bias_plan(
             dy.data_ptr(), x_ptr, 0 if dz is None else dz.data_ptr(), **common
         )
         partials = torch.empty((grid_y, width), device=device, dtype=torch.float32)
+        dbias = torch.empty((dy.shape[dim],), device=device, dtype=bias.dtype)
         ext.bias_act_grad_bias(
             dy.data_ptr(),
             x_ptr,
@@ -200,8 +202,7 @@ def grad_bias(
             partials.numel(),
             stream=stream_handle(device),
             codes=0 if codes is None else codes.data_ptr(),
+            dbias=dbias.data_ptr(),
             **common,
         )
-    channels, inner = dy.shape[dim], dy.stride(dim)
-    per = inner // (tq * vec) if per_tile else inner
-    return dz, partials.view(grid_y, channels, per).sum((0, 2)).to(bias.dtype)
+    return dz, dbias

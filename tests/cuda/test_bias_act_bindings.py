@@ -39,6 +39,8 @@ def test_launcher_arguments_reach_the_bindings(ext, bias_dtype):
         ext.bias_act_grad_bias_plan(16, 16, 16, **common, **empty)
     with pytest.raises(ValueError, match="dy, bias and partials must be non-null"):
         ext.bias_act_grad_bias(0, 16, 16, 16, 16, 1, stream=0, **common, **problem)
+    with pytest.raises(ValueError, match="dbias is not aligned to its dtype"):  # the finishing kernel's output
+        ext.bias_act_grad_bias(16, 16, 16, 16, 16, 1, stream=0, dbias=17, **common, **problem)
 
 
 def test_gradient_codes_reach_the_bindings(ext):

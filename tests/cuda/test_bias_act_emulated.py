@@ -6,9 +6,10 @@ only when a GPU runs them. The same device source compiles with a plain C++ comp
 CUDA built-ins of ``tests/cuda/emulator/simt.h``; ``tests/cuda/emulator/bias_act_emu.cpp`` runs the
 forward kernel, the gradient-map kernel and the gradient map with the bias gradient reduced in the same
 pass (dz bit for bit the gradient kernel's, or not written; per-tile and per-column partials summed per
-channel against float64) on about 250 small cases: every activation; fp32, fp16 and
-bf16, dz in x's dtype or float32; a bias along the channels of contiguous (stride_c = S) and
-channels_last (stride_c = 1) tensors, along dim 0 of a matrix, or none; with and without a clamp;
+channel against float64, and by the finishing kernel into the bias gradient in the bias's dtype) on about
+350 small cases: every activation; fp32, fp16 and bf16, dz in x's dtype or float32; a bias along the
+channels of contiguous (stride_c = S) and channels_last (stride_c = 1) tensors, along dim 0 of a matrix,
+or none; with and without a clamp;
 16-byte vectors with a scalar tail, the scalar path (misaligned pointers), vectors forward and scalars
 in the gradient (dz alone misaligned); |z| up to 1e4. y and dz are compared with a float64 reference
 (the bias index taken from logical coordinates, not the kernel's formula) under an error model of the
@@ -30,6 +31,7 @@ RESULT = re.compile(r"^RESULT (ok|FAIL) (.*?) \| vec (\d+) (\d+) n (\d+); (.*)$"
 CODES = re.compile(r"; codes fwd (\d+) grad (\d+)( bias)?")
 BIAS_GRAD = re.compile(
     r"bias-grad vec (\d+) tq (\d+) (per-tile|per-column) (uniform|mixed) (store|no-store) blocks (\d+)x(\d+)"
+    r"; finish per (\d+) terms (\d+)"
 )
 
 emulator = driver_fixture("bias_act_emu.cpp")
@@ -76,6 +78,13 @@ def test_bias_act_emulated(emulator):
     # Vectors in one channel (one bias value and one sum a thread) and across channels, per column too.
     assert {t[4] for t in tiles if int(t[1]) > 1} == {"uniform", "mixed"}
     assert any(t[3] == "per-column" and t[4] == "uniform" and int(t[1]) > 1 for t in tiles), "no uniform per-column"
+    # The finishing kernel (dbias from the partials, one warp a channel) walks more than 32 partials a channel
+    # with one partial per row tile, with a few per row tile (its walk wraps to the next tile within a lane's
+    # step), and with more than 32 per row tile.
+    finish = [(int(t[8]), int(t[9])) for t in tiles]
+    assert any(per == 1 and terms > 32 for per, terms in finish), "no finish over many row tiles"
+    assert any(1 < per < 32 and terms > 32 for per, terms in finish), "no finish that wraps within a lane's step"
+    assert any(per > 32 for per, terms in finish), "no finish over many partials a row tile"
 
     # Gradient codes (linear, relu, lrelu on the forward's vector path): the forward writes them at both
     # widths, and the gradients read them on the vector paths and on the scalar one (dz misaligned), with

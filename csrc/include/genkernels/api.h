@@ -226,9 +226,12 @@ std::array<int64_t, 7> bias_act_grad_bias_plan(const BiasActProblem& p, uintptr_
 // bias_act_grad's dz in x's dtype (dz may be 0: not written) and, in the same pass, float32 partial sums of the
 // unrounded dz: per tile (grid_y, grid_x) when each tile lies in one channel, else per column (grid_y, C *
 // stride_c); summed per channel they give the bias gradient. bias must be non-null (its dtype and channels
-// are the gradient's; with codes its values are not read). codes: as in bias_act_grad. Never synchronizes.
+// are the gradient's; with codes its values are not read). codes: as in bias_act_grad. dbias (0: none): a
+// second launch then sums the partials per channel in a fixed order into dbias, (C,) in the bias's dtype.
+// Never synchronizes.
 void bias_act_grad_bias(const BiasActProblem& p, uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dz,
-                        uintptr_t partials, int64_t partials_size, uintptr_t stream, uintptr_t codes = 0);
+                        uintptr_t partials, int64_t partials_size, uintptr_t stream, uintptr_t codes = 0,
+                        uintptr_t dbias = 0);
 
 // Demodulation coefficients of StyleGAN2's modulated convolution, weight (O, I, K) in dtype code
 // `dtype`, styles float32 (N, I), all contiguous and > 0 in size: writes the float32 (N, O)

@@ -577,6 +577,37 @@ __global__ void __launch_bounds__(kBiasActThreads) bias_act_grad_bias_kernel(con
   }
 }
 
+// The bias gradient from bias_act_grad_bias_kernel's partials, which are (groups, channels, per) float32
+// (groups = grid_y; per = the partials of one channel in a row of them: inner / (tq vec) tiles, or inner
+// columns): dbias[c] = the sum of channel c's groups * per partials, written in dtype O. One warp a
+// channel: lane i adds terms i, i + 32, ... (term k = (group k / per, partial k % per)) in order, then
+// the warp's butterfly: the same bits every run, no atomics. Memory traffic: the partials read once.
+constexpr int kBiasFinishThreads = 256;
+struct BiasGradFinish {
+  const float* partials;
+  void* dbias;  // (channels,) in O
+  int64_t groups, channels, per;
+};
+
+template <class O>
+__global__ void __launch_bounds__(kBiasFinishThreads) bias_grad_finish_kernel(const BiasGradFinish f) {
+  constexpr int kWarps = kBiasFinishThreads / 32;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  if (c >= f.channels) return;  // a whole warp: the butterfly below has every lane of the ones that stay
+  const int64_t terms = f.groups * f.per, stride = f.channels * f.per;
+  float s = 0.f;
+  int64_t g = lane / f.per, k = lane - g * f.per;  // term `lane` as (group, partial), then advanced by 32
+  const int64_t step_g = 32 / f.per, step_k = 32 - step_g * f.per;
+  for (int64_t i = lane; i < terms; i += 32) {
+    s += f.partials[g * stride + c * f.per + k];
+    g += step_g, k += step_k;
+    if (k >= f.per) g += 1, k -= f.per;
+  }
+  s = warp_sum(s);
+  if (lane == 0) static_cast<typename O::Bits*>(f.dbias)[c] = O::encode(s);
+}
+
 // Host: a call of f with std::integral_constant<bool, UNIFORM> for a launch of vectors of vec elements
 // along a dim of stride stride_c (always true for vec = 1: one instantiation fewer).
 template <int VEC, class F>

@@ -340,7 +340,7 @@ simt::Outcome run(const Case& c, unsigned seed) {
       db_mag[ch] += std::fabs(d * gain) * gmag;
     }
   }
-  char extra[120] = "";
+  char extra[200] = "";
   if (bias_grad) {
     if (c.store) {
       for (int64_t e = 0; e < n; ++e) {
@@ -373,10 +373,32 @@ simt::Outcome run(const Case& c, unsigned seed) {
       found.worst = std::max(found.worst, driver::ratio(err, tol));
       if (!(err <= tol)) found.flag("dbias[%d] = %.9g, want %.9g (tol %.3g)", ch, got[ch], db_want[ch], tol);
     }
-    snprintf(extra, sizeof extra, "; bias-grad vec %d tq %d %s %s %s blocks %lldx%lld", plan.vec, plan.tq,
-             plan.per_tile ? "per-tile" : "per-column", stride_c % plan.vec == 0 ? "uniform" : "mixed",
-             c.store ? "store" : "no-store", (long long)plan.grid_x,
-             (long long)plan.grid_y);
+    // The finishing kernel, launched as csrc/bias_act.cu does: dbias in the bias's dtype from the partials,
+    // each channel within the partials' tolerance and one rounding to that dtype, every element written once
+    // and nothing outside it.
+    Buffer dbias;
+    dbias.init(c.bias_dtype, c.C, false);
+    const int64_t per = plan.per_tile ? stride_c / (int64_t{plan.tq} * plan.vec) : stride_c;
+    const genkernels::BiasGradFinish fin{partials.data() + 1, dbias.data(), plan.grid_y, c.C, per};
+    constexpr int kFinishWarps = genkernels::kBiasFinishThreads / 32;
+    genkernels::with_dtype(c.bias_dtype, [&](auto o) {
+      simt::launch((c.C + kFinishWarps - 1) / kFinishWarps, genkernels::kBiasFinishThreads, 0, {}, global,
+                   label + " (bias-grad finish)", [&] { genkernels::bias_grad_finish_kernel<decltype(o)>(fin); });
+    });
+    if (dbias.untouched() || dbias.stray()) found.flag("dbias: an element never written or a stray store");
+    for (int ch = 0; ch < c.C; ++ch) {
+      const double tol = (terms * std::ldexp(1.0, -24) + tol_rel) * db_mag[ch] + db_slack[ch] + 1e-30;
+      const double want = db_want[ch], rounded = driver::unit_roundoff(c.bias_dtype) * std::fabs(want);
+      const double err = std::fabs(dbias.at(ch) - want);
+      found.worst = std::max(found.worst, driver::ratio(err, tol + rounded));
+      if (!(err <= tol + rounded)) {
+        found.flag("finished dbias[%d] = %.9g, want %.9g (tol %.3g)", ch, dbias.at(ch), want, tol + rounded);
+      }
+    }
+    snprintf(extra, sizeof extra, "; bias-grad vec %d tq %d %s %s %s blocks %lldx%lld; finish per %lld terms %lld",
+             plan.vec, plan.tq, plan.per_tile ? "per-tile" : "per-column",
+             stride_c % plan.vec == 0 ? "uniform" : "mixed", c.store ? "store" : "no-store", (long long)plan.grid_x,
+             (long long)plan.grid_y, (long long)per, (long long)(plan.grid_y * per));
   }
   if (y.untouched() || dz.untouched()) found.flag("an output element never written");
   if (y.stray() || dz.stray()) found.flag("a store outside y or dz");
@@ -516,6 +538,11 @@ const Shape kShapes[] = {
     // The bias-gradient kernel's tiles: one channel per tile (S a multiple of 256 vectors, or of 256
     // elements on the scalar path), and many row tiles of per-column partials.
     {Layout::kChannelsFirst, 1, 2, 2048}, {Layout::kChannelsFirst, 2, 3, 256}, {Layout::kChannelsLast, 8, 16, 64},
+    // The finishing kernel's walk over more than a warp's worth of partials a channel: a few columns a channel
+    // over many row tiles (per 5 and 3), one partial a channel (channels last) over many row tiles, and a
+    // matrix's 100 columns a channel in one row tile. (17 shapes: prime to the option cycles below.)
+    {Layout::kChannelsFirst, 64, 3, 5}, {Layout::kChannelsLast, 80, 8, 4}, {Layout::kChannelsFirst, 48, 2, 3},
+    {Layout::kRows, 1, 3, 100},
     // Several blocks of the elementwise kernels (kBiasActUnroll vectors a thread), the last one partly
     // past n and ending in a partial vector.
     {Layout::kChannelsFirst, 2, 5, 1001},
