@@ -8,6 +8,7 @@ genkernels.train re-exports the public names (save_checkpoint, read_metadata, de
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,11 +16,21 @@ from typing import Callable
 
 import torch
 
+from ._checks import as_number
+
 CHECKPOINT_FORMAT = 1
 METADATA_KEY = "genkernels"
 
 
 # --------------------------------------------------------------------------- config checks
+
+
+def python_numbers(config) -> None:
+    """Replace the NumPy scalars among the fields of the dataclass ``config`` by the equal Python numbers
+    (:func:`genkernels._checks.as_number`), so that its checks, the training loop and the checkpoint's JSON
+    metadata see Python numbers only."""
+    for field in dataclasses.fields(config):
+        setattr(config, field.name, as_number(getattr(config, field.name)))
 
 
 def check_choice(name: str, value, choices: tuple) -> None:

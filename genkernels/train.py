@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from . import _registry
+from ._checks import as_number
 from ._training import (  # noqa: F401  (re-exported: the public names of every family's checkpoints)
     CHECKPOINT_FORMAT,
     METADATA_KEY,
@@ -64,6 +65,7 @@ from ._training import (  # noqa: F401  (re-exported: the public names of every 
     run_metadata,
     save_checkpoint,
 )
+from ._training import python_numbers as _python_numbers
 from ._training import read_metadata as _read_metadata
 from .data import ImageDataset
 from .models.diffusion import DiT, DiTConfig, UNet, UNetConfig
@@ -99,6 +101,9 @@ class Schedule:
     beta_start: float = 1e-4
     beta_end: float = 0.02
 
+    def __post_init__(self) -> None:
+        _python_numbers(self)
+
     def scheduler_kwargs(self) -> dict:
         return {
             "num_train_timesteps": self.num_train_timesteps,
@@ -124,6 +129,7 @@ class TrainConfig:
     schedule: Schedule = field(default_factory=Schedule)
 
     def __post_init__(self) -> None:
+        _python_numbers(self)
         check_choice("objective", self.objective, OBJECTIVES)
         check_steps(self.steps, self.batch_size)
         if not 0.0 <= self.label_dropout < 1.0:
@@ -377,7 +383,7 @@ def sample_diffusion(
     schedule = Schedule(**metadata["schedule"])
     scheduler = make_scheduler(sampler, objective, schedule)
     scheduler.set_timesteps(steps, device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(as_number(seed))
     c, h, w = metadata["image_shape"]
     n = labels.shape[0]
     labels = labels.to(device)

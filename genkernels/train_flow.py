@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 from . import _registry, _training
+from ._checks import as_number
 from .data import ImageDataset
 from .models.flow import Glow, GlowConfig
 
@@ -99,6 +100,7 @@ class FlowTrainConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
+        _training.python_numbers(self)
         _training.check_choice("model", self.model, MODEL_PRESETS)
         _training.check_steps(self.steps, self.batch_size)
         _training.check_positive("lr", self.lr)
@@ -182,7 +184,7 @@ def split(data: ImageDataset, heldout: float, seed: int) -> tuple[ImageDataset, 
     n_held = max(1, round(heldout * n))
     if n_held >= n:
         raise ValueError(f"holding out {n_held} of {n} images leaves none to train on; lower heldout ({heldout})")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(as_number(seed)))
 
     def subset(idx: torch.Tensor) -> ImageDataset:
         return ImageDataset(data.images[idx], data.labels[idx], list(data.class_names))
@@ -199,7 +201,7 @@ def evaluate(model: Glow, images: torch.Tensor, n_bins: int, seed: int = 0) -> f
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(as_number(seed))
     total = 0.0
     for i in range(0, images.shape[0], EVAL_BATCH):
         x = dequantize(images[i : i + EVAL_BATCH].to(device), n_bins, gen)

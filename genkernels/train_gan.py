@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from . import _registry, _training
 from . import data as data_mod
+from ._checks import as_number, is_finite_real, is_integer
 from .data import ImageDataset
 from .models.gan import (  # noqa: F401 (GANConfig: the CLI checks --image-size with it)
     Discriminator,
@@ -81,6 +82,7 @@ class GANTrainConfig:
     backend: str | None = None
 
     def __post_init__(self) -> None:
+        _training.python_numbers(self)
         _training.check_choice("model", self.model, MODEL_PRESETS)
         _training.check_steps(self.steps, self.batch_size)
         _training.check_positive("lr", self.lr)
@@ -264,14 +266,15 @@ def sample_gan(
     gives the same grid on every device); each layer uses its fixed noise map. ``ncol`` images per row
     (default ceil(sqrt(num))), upscaled ``scale`` times (default: to about 64 px).
     """
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+    if not is_integer(num) or num < 1:
         raise ValueError(f"num must be a positive int, got {num!r}")
-    if not (isinstance(truncation, (int, float)) and math.isfinite(truncation)):
+    if not is_finite_real(truncation):
         raise ValueError(f"truncation must be a finite number, got {truncation!r}")
+    num, truncation = int(num), as_number(truncation)
     ncol = _training.check_ncol(math.ceil(math.sqrt(num)) if ncol is None else ncol)
     param = next(generator.parameters())
     backend = _training.backend_for(param.device, backend)
-    z = torch.randn(num, generator.config.z_dim, generator=torch.Generator().manual_seed(seed))
+    z = torch.randn(num, generator.config.z_dim, generator=torch.Generator().manual_seed(as_number(seed)))
     with _registry.backend(backend):
         images = generator(z.to(param.device, param.dtype), truncation_psi=truncation, noise_mode="const")
     images = images.float().cpu()

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import _registry, _training
+from ._checks import is_integer
 from .data import ImageDataset
 from .models.transformer import POSITIONS, ImageGPT, ImageGPTConfig
 
@@ -71,6 +72,7 @@ class TransformerTrainConfig:
     backend: str | None = None
 
     def __post_init__(self) -> None:
+        _training.python_numbers(self)
         _training.check_choice("model", self.model, MODEL_PRESETS)
         _training.check_choice("positions", self.positions, POSITIONS)
         _training.check_steps(self.steps, self.batch_size)
@@ -234,8 +236,9 @@ def sample_transformer(
     else ceil(sqrt(num))), upscaled ``scale`` times (default: to about 64 px). backend: of every fused op
     (None: "reference" on CPU, "auto" elsewhere).
     """
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+    if not is_integer(num) or num < 1:
         raise ValueError(f"num must be a positive int, got {num!r}")
+    num = int(num)
     classes = model.config.num_classes
     if ncol is None:
         ncol = min(classes, num) if labels is None and classes > 1 else math.ceil(math.sqrt(num))

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from . import _registry, _training
+from ._checks import as_number
 from .data import ImageDataset
 from .models.vae import AutoencoderKL, AutoencoderKLConfig
 
@@ -87,6 +88,7 @@ class VAETrainConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
+        _training.python_numbers(self)
         _training.check_choice("loss", self.loss, LOSSES)
         _training.check_choice("model", self.model, MODEL_PRESETS)
         _training.check_steps(self.steps, self.batch_size)
@@ -263,7 +265,7 @@ def sample_vae(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     backend = _training.backend_for(device, backend)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(as_number(seed))
     x = data.images[torch.randperm(len(data), generator=gen)[:num]]
     with _registry.backend(backend):
         posterior = model.encode(x.to(device, dtype)).latent_dist

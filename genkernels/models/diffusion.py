@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .._checks import check_backend, positive_int
+from .._checks import as_number, check_backend, is_finite_real, is_integer, positive_int
 from ._config import ConfigIO
 from ._layers import (
     Downsample,
@@ -101,7 +101,10 @@ class UNetConfig(ConfigIO):
                 f"block_out_channels={self.block_out_channels}), got {self.attention}"
             )
         for name in ("norm_num_groups", "heads", "layers_per_block"):
-            positive_int(name, getattr(self, name))
+            setattr(self, name, positive_int(name, getattr(self, name)))
+        # Unchecked numbers too: a config holds Python numbers only (to_json cannot write NumPy scalars).
+        for name in ("sample_size", "in_channels", "out_channels", "cross_attention_dim", "dropout"):
+            setattr(self, name, as_number(getattr(self, name)))
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every level's channels, got {c}")
@@ -109,8 +112,9 @@ class UNetConfig(ConfigIO):
                 raise ValueError(f"heads={self.heads} must divide every level's channels, got {c}")
         if self.layers_per_block < 1:
             raise ValueError(f"layers_per_block must be >= 1, got {self.layers_per_block}")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+        if not is_integer(self.num_classes) or self.num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
+        self.num_classes = int(self.num_classes)
 
     @classmethod
     def tiny(cls, **overrides) -> UNetConfig:
@@ -356,7 +360,7 @@ class UNet(torch.nn.Module):
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"H and W must be divisible by {factor} (2 ** (levels - 1)), got {tuple(x.shape[2:])}")
         b = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
+        t = torch.as_tensor(as_number(t), device=x.device)  # NumPy scalars as Python's: float32 for a float
         if t.dim() == 0:
             t = t.expand(b)
         if t.shape != (b,):
@@ -438,9 +442,7 @@ class DiTConfig(ConfigIO):
 
     def __post_init__(self) -> None:
         for name in ("sample_size", "patch_size", "in_channels", "out_channels", "dim", "depth", "heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            setattr(self, name, positive_int(name, getattr(self, name)))
         if self.sample_size % self.patch_size:
             raise ValueError(
                 f"patch_size={self.patch_size} must divide sample_size={self.sample_size} "
@@ -456,18 +458,20 @@ class DiTConfig(ConfigIO):
                 f"the patch row, half with its column, in pairs), got dim={self.dim}, heads={self.heads}: "
                 f"dim_head={self.head_dim}"
             )
-        if not (math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0 and int(self.dim * self.mlp_ratio) >= 1):
+        if not (is_finite_real(self.mlp_ratio) and self.mlp_ratio > 0 and int(self.dim * self.mlp_ratio) >= 1):
             raise ValueError(
                 f"mlp_ratio must be a positive number with int(dim * mlp_ratio) >= 1, got {self.mlp_ratio}"
             )
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+        if not is_integer(self.num_classes) or self.num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
-        if isinstance(self.frequency_dim, bool) or not isinstance(self.frequency_dim, int) or self.frequency_dim < 2:
+        if not is_integer(self.frequency_dim) or self.frequency_dim < 2:
             raise ValueError(f"frequency_dim must be an int >= 2, got {self.frequency_dim!r}")
-        if not (math.isfinite(self.rope_base) and self.rope_base > 1):
+        if not (is_finite_real(self.rope_base) and self.rope_base > 1):
             raise ValueError(f"rope_base must be a number > 1, got {self.rope_base}")
-        if not (math.isfinite(self.eps) and self.eps > 0):
+        if not (is_finite_real(self.eps) and self.eps > 0):
             raise ValueError(f"eps must be a positive number, got {self.eps}")
+        for name in ("mlp_ratio", "num_classes", "frequency_dim", "rope_base", "eps"):
+            setattr(self, name, as_number(getattr(self, name)))
 
     @property
     def head_dim(self) -> int:
@@ -841,7 +845,7 @@ class DiT(torch.nn.Module):
             raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got shape {tuple(x.shape)}")
         rows, cols = cfg.grid_size(x.shape[2], x.shape[3])
         b, p = x.shape[0], cfg.patch_size
-        t = torch.as_tensor(t, device=x.device)
+        t = torch.as_tensor(as_number(t), device=x.device)  # NumPy scalars as Python's: float32 for a float
         if t.dim() == 0:
             t = t.expand(b)
         if t.shape != (b,):

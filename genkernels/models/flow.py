@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import as_number, is_finite_real, is_integer, is_real
 from .._checks import check_backend as _check_backend
 from .._checks import positive_int as _positive_int
 from ..nn.flow import SCALES, ActNorm, AffineCoupling, InvConv1x1, zero_conv3x3
@@ -89,11 +90,11 @@ class GlowConfig(ConfigIO):
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "levels", "steps_per_level", "hidden_channels"):
-            _positive_int(name, getattr(self, name))
+            setattr(self, name, _positive_int(name, getattr(self, name)))
         if self.scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
         clamp = self.clamp
-        if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not (math.isfinite(clamp) and clamp > 0):
+        if not (is_finite_real(clamp) and clamp > 0):
             raise ValueError(f"clamp must be a finite number > 0, got {clamp!r}")
         self.clamp = float(clamp)
         if not isinstance(self.lu, bool):
@@ -206,9 +207,9 @@ class Glow(torch.nn.Module):
         self.config = cfg
         self.backend = _check_backend(backend)
         blocks = []
-        channels = in_channels
-        for i in range(levels):
-            last = i == levels - 1
+        channels = cfg.in_channels
+        for i in range(cfg.levels):
+            last = i == cfg.levels - 1
             blocks.append(GlowLevel(channels, cfg, not last, backend))
             channels = 4 * channels if last else 2 * channels
         self.levels = torch.nn.ModuleList(blocks)
@@ -319,7 +320,7 @@ class Glow(torch.nn.Module):
 
         For data scaled otherwise, add D log(scale) to log p first.
         """
-        _positive_int("n_bins", n_bins)
+        n_bins = _positive_int("n_bins", n_bins)
         dims = math.prod(x.shape[1:])
         return -(self.log_prob(x) - dims * math.log(n_bins)) / (dims * math.log(2))
 
@@ -382,17 +383,17 @@ class Glow(torch.nn.Module):
         eps comes from ``generator``, else a generator seeded with ``seed``, else the default one of
         the parameters' device. ``image_size`` (int or (H, W)) defaults to config.image_size.
         """
-        _positive_int("n", n)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        n = _positive_int("n", n)
+        if not (is_real(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
         if generator is None and seed is not None:
-            generator = torch.Generator(device=self.top_mean.device).manual_seed(seed)
+            generator = torch.Generator(device=self.top_mean.device).manual_seed(as_number(seed))
         if image_size is None:
             height, width = self.config.hw
         elif isinstance(image_size, (list, tuple)) and len(image_size) == 2:
             height, width = image_size
-        elif isinstance(image_size, int) and not isinstance(image_size, bool):
-            height = width = image_size
+        elif is_integer(image_size):
+            height = width = int(image_size)
         else:
             raise ValueError(f"image_size must be None, an int or an (H, W) pair, got {image_size!r}")
         shapes = self.latent_shapes(height, width)
@@ -423,8 +424,7 @@ class RealNVP2D(torch.nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        _positive_int("hidden", hidden)
-        _positive_int("layers", layers)
+        hidden, layers = _positive_int("hidden", hidden), _positive_int("layers", layers)
         self.backend = _check_backend(backend)
         self.norms = torch.nn.ModuleList(ActNorm(2, backend=backend) for _ in range(layers))
         self.couplings = torch.nn.ModuleList(
@@ -483,11 +483,12 @@ class RealNVP2D(torch.nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, seed: int | None = None) -> torch.Tensor:
         """n points (n, 2): inverse(temperature * eps), eps ~ N(0, I) from ``seed`` (None: the default generator)."""
-        _positive_int("n", n)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        n = _positive_int("n", n)
+        if not (is_real(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        temperature = float(temperature)
         param = self.norms[0].log_scale
-        generator = None if seed is None else torch.Generator(device=param.device).manual_seed(seed)
+        generator = None if seed is None else torch.Generator(device=param.device).manual_seed(as_number(seed))
         eps = torch.randn(n, 2, generator=generator, device=param.device, dtype=param.dtype)
         return self.inverse(temperature * eps)
 

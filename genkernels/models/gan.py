@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_backend as _check_backend
+from .._checks import is_finite_real, is_integer, is_real
 from .._checks import positive_int as _positive_int
 from ..nn.modconv import NOISE_MODES, EqualizedLinear, ModulatedConv2d
 from ..ops import bias_act
@@ -56,8 +57,7 @@ W_AVG_BETA = 0.995
 
 
 def _number(name: str, value, low: float, high: float = math.inf, *, open_low: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if open_low else value >= low) and value <= high
+    ok = is_finite_real(value) and (value > low if open_low else value >= low) and value <= high
     if not ok:
         bound = f"{'>' if open_low else '>='} {low}" + ("" if high == math.inf else f" and <= {high}")
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
@@ -102,20 +102,16 @@ class GANConfig(ConfigIO):
 
     def __post_init__(self) -> None:
         res = self.resolution
-        if (
-            isinstance(res, bool)
-            or not isinstance(res, int)
-            or not MIN_RESOLUTION <= res <= MAX_RESOLUTION
-            or res & (res - 1)
-        ):
+        if not is_integer(res) or not MIN_RESOLUTION <= res <= MAX_RESOLUTION or res & (res - 1):
             raise ValueError(
                 f"resolution must be a power of 2 from {MIN_RESOLUTION} to {MAX_RESOLUTION} "
                 f"(8, 16, 32, 64, 128, 256), got {res!r}"
             )
+        self.resolution = int(res)
         for name in ("img_channels", "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max"):
-            _positive_int(name, getattr(self, name))
-        _positive_int("r1_interval", self.r1_interval)
-        _positive_int("mbstd_group", self.mbstd_group)
+            setattr(self, name, _positive_int(name, getattr(self, name)))
+        self.r1_interval = _positive_int("r1_interval", self.r1_interval)
+        self.mbstd_group = _positive_int("mbstd_group", self.mbstd_group)
         self.mapping_lr_mul = _number("mapping_lr_mul", self.mapping_lr_mul, 0.0, open_low=True)
         if self.conv_clamp is not None:
             self.conv_clamp = _number("conv_clamp", self.conv_clamp, 0.0, open_low=True)
@@ -225,12 +221,12 @@ class MappingNetwork(torch.nn.Module):
     ) -> torch.Tensor:
         """ws (N, num_ws, w_dim) in z's dtype: the same w for every layer, truncated for the first
         ``truncation_cutoff`` (None: all) as w_avg + psi (w - w_avg)."""
-        if truncation_cutoff is not None and (
-            isinstance(truncation_cutoff, bool) or not isinstance(truncation_cutoff, int) or truncation_cutoff < 0
-        ):
-            raise ValueError(
-                f"truncation_cutoff must be None or an int >= 0 (layers to truncate), got {truncation_cutoff!r}"
-            )
+        if truncation_cutoff is not None:
+            if not is_integer(truncation_cutoff) or truncation_cutoff < 0:
+                raise ValueError(
+                    f"truncation_cutoff must be None or an int >= 0 (layers to truncate), got {truncation_cutoff!r}"
+                )
+            truncation_cutoff = int(truncation_cutoff)
         x = normalize_2nd_moment(z)
         for fc in self.fcs:
             x = fc(x)
@@ -517,8 +513,9 @@ def r1_loss(discriminator: torch.nn.Module, real: torch.Tensor, gamma: float, in
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> None:
     """ema <- beta * ema + (1 - beta) * model for every parameter; buffers (w_avg, noise maps) are copied.
     beta in [0, 1]; ema and model must have the same parameters and buffers (names and shapes)."""
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+    if not (is_real(beta) and 0.0 <= beta <= 1.0):
         raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    beta = float(beta)
     pairs = {"parameters": (list(ema.parameters()), list(model.parameters()))}
     pairs["buffers"] = (list(ema.buffers()), list(model.buffers()))
     for kind, (ours, theirs) in pairs.items():  # checked before anything is written (a step's cost: shapes only)

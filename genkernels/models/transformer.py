@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .._checks import as_number, is_finite_real, is_integer, is_real
 from .._checks import check_backend as _check_backend
 from .._checks import positive_int as _positive_int
 from ..nn.transformer import CausalSelfAttention, KVCache, LayerNormModulate, RotaryEmbedding, SwiGLU
@@ -93,11 +94,12 @@ class ImageGPTConfig(ConfigIO):
 
     def __post_init__(self) -> None:
         for name in ("image_size", "channels", "dim", "depth", "heads"):
-            _positive_int(name, getattr(self, name))
-        if isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 2:
+            setattr(self, name, _positive_int(name, getattr(self, name)))
+        if not is_integer(self.levels) or self.levels < 2:
             raise ValueError(f"levels must be an int >= 2, got {self.levels!r}")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+        if not is_integer(self.num_classes) or self.num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0 (0: unconditional), got {self.num_classes!r}")
+        self.levels, self.num_classes = int(self.levels), int(self.num_classes)
         if self.dim % self.heads:
             raise ValueError(f"heads must divide dim, got dim={self.dim}, heads={self.heads}")
         if self.positions not in POSITIONS:
@@ -106,11 +108,12 @@ class ImageGPTConfig(ConfigIO):
             raise ValueError(f"rotary positions need an even head size dim // heads, got {self.dim // self.heads}")
         if self.mlp_hidden is None:
             self.mlp_hidden = _default_mlp_hidden(self.dim)
-        _positive_int("mlp_hidden", self.mlp_hidden)
+        self.mlp_hidden = _positive_int("mlp_hidden", self.mlp_hidden)
         for name in ("eps", "rope_base"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+            if not (is_real(value) and 0 < value < math.inf):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+            setattr(self, name, as_number(value))
 
     @property
     def seq_len(self) -> int:
@@ -383,8 +386,8 @@ class ImageGPT(torch.nn.Module):
             return None
         if labels is None:
             return torch.arange(n, device=device) % classes
-        if isinstance(labels, int) and not isinstance(labels, bool):
-            labels = torch.full((n,), labels, dtype=torch.long)
+        if is_integer(labels):
+            labels = torch.full((n,), int(labels), dtype=torch.long)
         if not isinstance(labels, torch.Tensor) or labels.shape != (n,) or labels.dtype.is_floating_point:
             raise ValueError(f"labels must be None, an int or an integer tensor of shape ({n},), got {labels!r}")
         if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < classes):
@@ -419,18 +422,21 @@ class ImageGPT(torch.nn.Module):
         cuda_graph: bool | None = None,
     ) -> torch.Tensor:
         """Draw n token sequences (n, L) int64, one token at a time; the arguments are those of :meth:`sample`."""
-        _positive_int("n", n)
-        if isinstance(temperature, bool) or not (
-            isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0
-        ):
+        n = _positive_int("n", n)
+        if not (is_finite_real(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        temperature = as_number(temperature)
         if not isinstance(use_cache, bool):
             raise ValueError(f"use_cache must be True or False, got {use_cache!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise ValueError(f"seed must be None or an int in [0, 2^63), got {seed!r}")
+        if seed is not None:
+            if not is_integer(seed) or not 0 <= seed < 2**63:
+                raise ValueError(f"seed must be None or an int in [0, 2^63), got {seed!r}")
+            seed = int(seed)
         levels, length = self.config.levels, self.config.seq_len
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= levels):
-            raise ValueError(f"top_k must be None or an int in [1, levels={levels}], got {top_k!r}")
+        if top_k is not None:
+            if not is_integer(top_k) or not 1 <= top_k <= levels:
+                raise ValueError(f"top_k must be None or an int in [1, levels={levels}], got {top_k!r}")
+            top_k = int(top_k)
         if cuda_graph not in (None, True, False):
             raise ValueError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
         param = self.head.weight

@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
+from .._checks import is_integer
 from .._checks import positive_int as _positive_int
 from ..nn import Attention
 from ..ops import reparameterize
@@ -130,18 +132,19 @@ class AutoencoderKLConfig(ConfigIO):
     mid_block_add_attention: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.block_out_channels, int):
+        if isinstance(self.block_out_channels, numbers.Integral):  # one int (a bool is refused below)
             self.block_out_channels = (self.block_out_channels,)
         self.block_out_channels = tuple(self.block_out_channels)
         if not self.block_out_channels:
             raise ValueError("block_out_channels must name at least one level, got ()")
-        for c in self.block_out_channels:
-            _positive_int("every entry of block_out_channels", c)
+        self.block_out_channels = tuple(
+            _positive_int("every entry of block_out_channels", c) for c in self.block_out_channels
+        )
         levels = len(self.block_out_channels)
         self.down_block_types = _block_types("down_block_types", self.down_block_types, DOWN_BLOCK, levels)
         self.up_block_types = _block_types("up_block_types", self.up_block_types, UP_BLOCK, levels)
         for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
-            _positive_int(name, getattr(self, name))
+            setattr(self, name, _positive_int(name, getattr(self, name)))
         if self.act_fn not in ("silu", "swish"):
             raise ValueError(
                 f"act_fn must be 'silu' (or its alias 'swish'), got {self.act_fn!r}: the fused GroupNorm+SiLU "
@@ -158,7 +161,7 @@ class AutoencoderKLConfig(ConfigIO):
                 raise ValueError(f"sample_size must be an int or an (H, W) pair, got {self.sample_size!r}")
             self.sample_size = tuple(_positive_int("sample_size", s) for s in self.sample_size)
         else:
-            _positive_int("sample_size", self.sample_size)
+            self.sample_size = _positive_int("sample_size", self.sample_size)
         try:
             self.scaling_factor = float(self.scaling_factor)
             self.shift_factor = None if self.shift_factor is None else float(self.shift_factor)
@@ -646,10 +649,11 @@ class AutoencoderKL(torch.nn.Module):
     def _set_tiles(self, tile_sample_min_size: int | None, tile_overlap_factor: float) -> None:
         size = self.config.sample_size if tile_sample_min_size is None else tile_sample_min_size
         size = size[0] if isinstance(size, tuple) else size
-        if isinstance(size, bool) or not isinstance(size, int) or size < self.config.downscale:
+        if not is_integer(size) or size < self.config.downscale:
             raise ValueError(
                 f"tile_sample_min_size must be an int >= {self.config.downscale} (2 ** (levels - 1)), got {size!r}"
             )
+        size = int(size)
         latent = size // self.config.downscale
         overlap = float(tile_overlap_factor)
         if not 0.0 <= overlap < 1.0 or int(latent * (1 - overlap)) < 1:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_backend as _check_backend
+from .._checks import is_finite_real, is_real
 from .._checks import positive_int as _positive_int
 from ..ops import actnorm, affine_coupling
 from ..ops.coupling import SCALES
@@ -87,12 +88,12 @@ class AffineCoupling(torch.nn.Module):
         conditioner: torch.nn.Module | None = None,
     ) -> None:
         super().__init__()
-        _positive_int("channels", channels)
+        channels = _positive_int("channels", channels)
         if channels < 2:
             raise ValueError(f"channels must be >= 2 (one half conditions the other), got {channels}")
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-        if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp > 0 or math.isinf(clamp):
+        if not (is_finite_real(clamp) and clamp > 0):
             raise ValueError(f"clamp must be a finite number > 0, got {clamp!r}")
         self.channels = channels
         self.scale = scale
@@ -114,7 +115,7 @@ class AffineCoupling(torch.nn.Module):
         else:
             if hidden_channels is None:
                 raise ValueError("hidden_channels (the conditioner's width) is required when no conditioner is given")
-            _positive_int("hidden_channels", hidden_channels)
+            hidden_channels = _positive_int("hidden_channels", hidden_channels)
             self.net = torch.nn.Sequential(
                 torch.nn.Conv2d(ca, hidden_channels, 3, padding=1),
                 torch.nn.ReLU(),
@@ -177,8 +178,8 @@ class ActNorm(torch.nn.Module):
 
     def __init__(self, channels: int, eps: float = 1e-6, backend: str | None = None) -> None:
         super().__init__()
-        self.channels = _positive_int("channels", channels)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        self.channels = channels = _positive_int("channels", channels)
+        if not (is_real(eps) and eps > 0):
             raise ValueError(f"eps must be a number > 0, got {eps!r}")
         self.eps = float(eps)
         self.backend = _check_backend(backend)
@@ -255,7 +256,7 @@ class InvConv1x1(torch.nn.Module):
 
     def __init__(self, channels: int, lu: bool = True) -> None:
         super().__init__()
-        self.channels = _positive_int("channels", channels)
+        self.channels = channels = _positive_int("channels", channels)
         if not isinstance(lu, bool):
             raise ValueError(f"lu must be a bool, got {lu!r}")
         self.lu = lu

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_backend as _check_backend
+from .._checks import is_finite_real
 from .._checks import positive_int as _positive_int
 from ..ops import bias_act, demodulation_coefficients, modconv_epilogue
 from ..ops.bias_act import ACTS, DEFAULT_ALPHA, DEFAULT_GAIN, _act
@@ -65,13 +66,14 @@ class EqualizedLinear(torch.nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        _positive_int("in_features", in_features)
-        _positive_int("out_features", out_features)
+        in_features = _positive_int("in_features", in_features)
+        out_features = _positive_int("out_features", out_features)
         if act not in ACTS:
             raise ValueError(f"act must be one of {ACTS}, got {act!r}")
-        if not (isinstance(lr_mul, (int, float)) and math.isfinite(lr_mul) and lr_mul > 0):
+        if not (is_finite_real(lr_mul) and lr_mul > 0):
             raise ValueError(f"lr_mul must be a finite number > 0, got {lr_mul!r}")
-        self.act, self.lr_mul, self.torch_layers = act, float(lr_mul), bool(torch_layers)
+        lr_mul = float(lr_mul)
+        self.act, self.lr_mul, self.torch_layers = act, lr_mul, bool(torch_layers)
         self.backend = _check_backend(backend)
         self.weight = torch.nn.Parameter(torch.randn(out_features, in_features) / lr_mul)
         self.bias = torch.nn.Parameter(torch.full((out_features,), float(bias_init) / lr_mul))
@@ -142,22 +144,22 @@ class ModulatedConv2d(torch.nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_channels", in_channels),
-            ("out_channels", out_channels),
-            ("kernel_size", kernel_size),
-            ("w_dim", w_dim),
-        ):
+        in_channels, out_channels, kernel_size, w_dim = (
             _positive_int(name, value)
+            for name, value in (
+                ("in_channels", in_channels),
+                ("out_channels", out_channels),
+                ("kernel_size", kernel_size),
+                ("w_dim", w_dim),
+            )
+        )
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (the convolution keeps the size), got {kernel_size}")
         if act not in ACTS:
             raise ValueError(f"act must be one of {ACTS}, got {act!r}")
         if resolution is not None:
-            _positive_int("resolution", resolution)
-        if conv_clamp is not None and not (
-            isinstance(conv_clamp, (int, float)) and math.isfinite(conv_clamp) and conv_clamp > 0
-        ):
+            resolution = _positive_int("resolution", resolution)
+        if conv_clamp is not None and not (is_finite_real(conv_clamp) and conv_clamp > 0):
             raise ValueError(f"conv_clamp must be None or a finite number > 0, got {conv_clamp!r}")
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.demodulate, self.up, self.act = bool(demodulate), bool(up), act

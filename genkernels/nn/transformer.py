@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_backend, positive_int
+from .._checks import check_backend, is_integer, is_real, positive_int
 from ..ops.adaln import layer_norm_modulate
 from ..ops.attention import attention
 from ..ops.gated_mlp import linear_gelu_tanh, swiglu
@@ -55,8 +55,8 @@ class LayerNormModulate(torch.nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        positive_int("dim", dim)
-        if not (isinstance(eps, (int, float)) and eps > 0):
+        dim = positive_int("dim", dim)
+        if not (is_real(eps) and eps > 0):
             raise ValueError(f"eps must be a positive number, got {eps!r}")
         self.dim, self.eps, self.rms, self.elementwise_affine = dim, float(eps), bool(rms), bool(elementwise_affine)
         self.backend = check_backend(backend)
@@ -99,8 +99,7 @@ class SwiGLU(torch.nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        positive_int("dim", dim)
-        positive_int("hidden", hidden)
+        dim, hidden = positive_int("dim", dim), positive_int("hidden", hidden)
         self.backend = check_backend(backend)
         factory = {"device": device, "dtype": dtype}
         self.fc1 = torch.nn.Linear(dim, 2 * hidden, bias=bias, **factory)
@@ -129,8 +128,7 @@ class GeluMLP(torch.nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        positive_int("dim", dim)
-        positive_int("hidden", hidden)
+        dim, hidden = positive_int("dim", dim), positive_int("hidden", hidden)
         self.backend = check_backend(backend)
         factory = {"device": device, "dtype": dtype}
         self.fc1 = torch.nn.Linear(dim, hidden, **factory)
@@ -151,9 +149,10 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, dim_head: int, max_len: int, base: float = 10000.0) -> None:
         super().__init__()
-        positive_int("max_len", max_len)
-        if isinstance(dim_head, bool) or not isinstance(dim_head, int) or dim_head < 2 or dim_head % 2:
+        max_len = positive_int("max_len", max_len)
+        if not is_integer(dim_head) or dim_head < 2 or dim_head % 2:
             raise ValueError(f"dim_head must be an even int >= 2 for rotary embeddings, got {dim_head!r}")
+        dim_head = int(dim_head)
         self.dim_head, self.max_len, self.base = dim_head, max_len, float(base)
         cos, sin = rope_frequencies(torch.arange(max_len), dim_head, base=self.base)
         self.register_buffer("cos", cos.float(), persistent=False)
@@ -193,8 +192,10 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        for name, value in (("batch", batch), ("heads", heads), ("max_len", max_len), ("dim_head", dim_head)):
+        batch, heads, max_len, dim_head = (
             positive_int(name, value)
+            for name, value in (("batch", batch), ("heads", heads), ("max_len", max_len), ("dim_head", dim_head))
+        )
         self.k = torch.zeros(batch, heads, max_len, dim_head, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.length = 0
@@ -272,13 +273,12 @@ class CausalSelfAttention(Attention):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        positive_int("dim", dim)
-        positive_int("heads", heads)
+        dim, heads = positive_int("dim", dim), positive_int("heads", heads)
         if dim_head is None:
             if dim % heads:
                 raise ValueError(f"heads must divide dim when dim_head is None, got dim={dim}, heads={heads}")
             dim_head = dim // heads
-        positive_int("dim_head", dim_head)
+        dim_head = positive_int("dim_head", dim_head)
         super().__init__(
             dim,
             heads=heads,

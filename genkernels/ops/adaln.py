@@ -80,12 +80,10 @@ reference). Every tensor is a 2-D view of R = B * L rows:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .. import _autograd, _registry
+from .. import _autograd, _checks, _registry
 from ..cuda import adaln as _cuda
 from ..triton import adaln as _triton
 
@@ -147,7 +145,7 @@ def _check_norm(x, weight, bias, shift, scale, eps, rms) -> float:
         raise ValueError("bias must be None when rms=True (RMSNorm has no bias), got a tensor")
     _check_modulation(shift, "shift", x)
     _check_modulation(scale, "scale", x)
-    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps > 0):
+    if not (_checks.is_finite_real(eps) and eps > 0):
         raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
     return float(eps)
 

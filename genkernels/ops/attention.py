@@ -26,6 +26,7 @@ import math
 import torch
 
 from .. import _autograd, _registry
+from .._checks import is_finite_real
 from .._layout import heads_inner, heads_like
 from ..cuda import attention as _cuda
 from ..triton import attention as _triton
@@ -71,8 +72,7 @@ def _check(q, k, v, causal, scale, key_padding_mask) -> None:
         )
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
-    real = isinstance(scale, (int, float)) and not isinstance(scale, bool)
-    if scale is not None and not (real and math.isfinite(scale)):
+    if scale is not None and not is_finite_real(scale):
         raise ValueError(f"scale must be None or a finite float, got {scale!r}")
     if key_padding_mask is not None:
         m = key_padding_mask

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _autograd, _registry
+from .. import _autograd, _checks, _registry
 from .._layout import dense_layout, is_channels_last, match_layout
 from ..cuda import bias_act as _cuda
 from ..triton import bias_act as _triton
@@ -73,7 +73,7 @@ FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return _checks.is_finite_real(value)
 
 
 def _check(x, bias, act, alpha, gain, clamp, dim) -> tuple[float, float, float | None, int]:
@@ -82,8 +82,10 @@ def _check(x, bias, act, alpha, gain, clamp, dim) -> tuple[float, float, float |
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in DTYPES:
         raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise ValueError(f"dim must be an int, got {dim!r}")
+    if type(dim) is not int:
+        if not _checks.is_integer(dim):
+            raise ValueError(f"dim must be an int, got {dim!r}")
+        dim = int(dim)
     if bias is None:
         # dim only says where a bias goes: without one any int is accepted (a 0-D or 1-D x at the default dim 1).
         return (*act_params(act, alpha, gain, clamp), dim % x.dim() if -x.dim() <= dim < x.dim() else 0)

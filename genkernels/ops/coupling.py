@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from .. import _autograd, _registry
+from .._checks import is_finite_real
 from .._layout import dense_layout, match_layout
 from ..cuda import coupling as _cuda
 from ..triton import coupling as _triton
@@ -96,8 +97,7 @@ def _check_coupling(x, h, scale, clamp, reverse) -> float:
         raise ValueError(f"x must have at least 2 channels to split, got shape {tuple(x.shape)}")
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    real = isinstance(clamp, (int, float)) and not isinstance(clamp, bool)
-    if not (real and math.isfinite(clamp) and clamp > 0):
+    if not (is_finite_real(clamp) and clamp > 0):
         raise ValueError(f"clamp must be a finite float > 0, got {clamp!r}")
     _check_flag("reverse", reverse)
     _check_image("h", h)

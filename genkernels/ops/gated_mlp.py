@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _autograd, _registry
+from .._checks import is_integer
 from .._layout import dense_layout, match_layout
 from ..cuda import gated_mlp as _cuda
 from ..triton import gated_mlp as _triton
@@ -68,9 +69,9 @@ def _check_swiglu(x, dim) -> int:
     _check_x(x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the one split into [a; b]), got a 0-d tensor")
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+    if not is_integer(dim) or not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim must be an int in [-{x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim!r}")
-    dim %= x.dim()
+    dim = int(dim) % x.dim()
     if x.shape[dim] % 2:
         raise ValueError(
             f"x.shape[dim] must be even (x = [a; b] split in halves along dim={dim}), got shape {tuple(x.shape)}"

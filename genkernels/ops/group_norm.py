@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _autograd, _registry
-from .._checks import nonnegative_float
+from .._checks import is_integer, nonnegative_float
 from .._layout import dense_layout, match_layout
 from ..cuda import group_norm as _cuda
 from ..triton import group_norm as _triton
@@ -31,16 +31,18 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # --------------------------------------------------------------------------- validation
 
 
-def _check(x, groups, weight, bias, eps, activation) -> None:
-    """Raise a clear error naming the argument for anything the op does not accept."""
+def _check(x, groups, weight, bias, eps, activation) -> tuple[int, float]:
+    """Raise a clear error naming the argument for anything the op does not accept; returns (groups, eps) as
+    Python numbers."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2:
         raise ValueError(f"x must have at least 2 dimensions (N, C, *), got shape {tuple(x.shape)}")
     if x.dtype not in DTYPES:
         raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+    if not is_integer(groups) or groups <= 0:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
+    groups = int(groups)
     c = x.shape[1]
     if c % groups:
         raise ValueError(f"groups={groups} must divide the number of channels C={c} (x.shape[1])")
@@ -55,9 +57,10 @@ def _check(x, groups, weight, bias, eps, activation) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must be on one device")
         if t.dtype not in DTYPES:
             raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
-    nonnegative_float("eps", eps)
+    eps = nonnegative_float("eps", eps)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    return groups, eps
 
 
 def _fast_not_supported(x, weight, bias) -> str | None:
@@ -352,14 +355,14 @@ def group_norm(
     and cuda backends run fused backward kernels, first order only (a second derivative
     through them raises; the reference backend differentiates to any order).
     """
-    _check(x, groups, weight, bias, eps, activation)
+    groups, eps = _check(x, groups, weight, bias, eps, activation)
     silu = activation == "silu"
     if torch.compiler.is_compiling():
-        return _group_norm_op(x, weight, bias, groups, float(eps), silu, backend or "")[0]
+        return _group_norm_op(x, weight, bias, groups, eps, silu, backend or "")[0]
     if x.numel() == 0:  # empty results without a launch; autograd still gives zero gradients
         return group_norm_reference(x, groups, weight, bias, eps, activation)
     x = dense_layout(x)
     chosen = _registry.select(OP, x, groups, weight, bias, eps, activation, backend=backend)
     if chosen.name == "reference":
         return group_norm_reference(x, groups, weight, bias, eps, activation)
-    return _autograd.apply(_GroupNormFunction, x, weight, bias, groups, float(eps), silu, chosen.impl)
+    return _autograd.apply(_GroupNormFunction, x, weight, bias, groups, eps, silu, chosen.impl)

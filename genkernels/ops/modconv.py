@@ -52,11 +52,12 @@ import torch
 from torch import Tensor
 
 from .. import _autograd, _registry
+from .._checks import is_finite_real
 from .._layout import dense_layout, match_layout
 from ..cuda import modconv as _cuda
 from ..triton import modconv as _triton
 from .bias_act import ACTS as ACTS  # the activations the epilogue takes (tests and callers read them here)
-from .bias_act import _act, _act_grad1, _clamp_mask, _real, act_params
+from .bias_act import _act, _act_grad1, _clamp_mask, act_params
 
 DEMOD_OP = "demodulation_coefficients"
 EPILOGUE_OP = "modconv_epilogue"
@@ -90,13 +91,14 @@ def _check_demod(weight, styles, eps) -> float:
         raise ValueError(
             f"styles must have shape (N, {weight.shape[1]}) (I = weight.shape[1]), got {tuple(styles.shape)}"
         )
-    if not (_real(eps) and eps > 0):
+    if not (is_finite_real(eps) and eps > 0):
         raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
     return float(eps)
 
 
 def _check_epilogue(y, dcoef, noise, noise_strength, bias, act, alpha, gain, clamp):
-    """Raise a clear error naming the argument; returns (alpha, gain, clamp) with defaults filled in."""
+    """Raise a clear error naming the argument; returns (noise_strength, alpha, gain, clamp) with defaults filled
+    in, a number noise_strength as a Python float."""
     if not isinstance(y, Tensor):
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
     if y.dtype not in DTYPES:
@@ -121,15 +123,17 @@ def _check_epilogue(y, dcoef, noise, noise_strength, bias, act, alpha, gain, cla
                 "noise_strength must be a float, a 0-d or (1,) tensor, or None, "
                 f"got shape {tuple(noise_strength.shape)}"
             )
-    elif noise_strength is not None and not _real(noise_strength):
-        raise ValueError(
-            f"noise_strength must be a finite float, a 0-d or (1,) tensor, or None, got {noise_strength!r}"
-        )
+    elif noise_strength is not None:
+        if not is_finite_real(noise_strength):
+            raise ValueError(
+                f"noise_strength must be a finite float, a 0-d or (1,) tensor, or None, got {noise_strength!r}"
+            )
+        noise_strength = float(noise_strength)
     if bias is not None:
         _float_tensor(bias, "bias", y.device, "y")
         if tuple(bias.shape) != (c,):
             raise ValueError(f"bias must have shape ({c},) (y's C) or be None, got {tuple(bias.shape)}")
-    return act_params(act, alpha, gain, clamp)
+    return (noise_strength, *act_params(act, alpha, gain, clamp))
 
 
 # --------------------------------------------------------------------------- reference
@@ -207,7 +211,7 @@ def modconv_epilogue_reference(
 ) -> Tensor:
     """The specification of :func:`modconv_epilogue` in eager PyTorch (float32, float64 for float64 y);
     differentiable to any order in every tensor argument."""
-    alpha, gain, clamp = _check_epilogue(y, dcoef, noise, noise_strength, bias, act, alpha, gain, clamp)
+    noise_strength, alpha, gain, clamp = _check_epilogue(y, dcoef, noise, noise_strength, bias, act, alpha, gain, clamp)
     return _epilogue(y, dcoef, noise, noise_strength, bias, act, alpha, gain, clamp)
 
 
@@ -780,7 +784,7 @@ def modconv_epilogue(
     reference. A create_graph backward runs the formulas in torch ops (differentiable again). Under
     torch.compile the call goes through ``genkernels::modconv_epilogue`` (and its _backward op).
     """
-    alpha, gain, clamp = _check_epilogue(y, dcoef, noise, noise_strength, bias, act, alpha, gain, clamp)
+    noise_strength, alpha, gain, clamp = _check_epilogue(y, dcoef, noise, noise_strength, bias, act, alpha, gain, clamp)
     if torch.compiler.is_compiling():
         acc = _acc(y)
         return _epilogue_op(

@@ -64,6 +64,7 @@ import torch
 from torch import Tensor
 
 from .. import _autograd, _registry
+from .._checks import is_integer
 from .._layout import is_channels_last
 from ..cuda import reparam as _cuda
 from ..triton import reparam as _triton
@@ -88,9 +89,9 @@ def _check_input(name: str, t) -> None:
         raise ValueError(f"{name} must have a batch dimension (B, *), got shape {tuple(t.shape)}")
 
 
-def _check(mean, logvar, moments, noise, generator, seed, offset, return_kl, deterministic) -> tuple[Tensor, Tensor]:
-    """Raise a clear error naming the argument for anything the op does not accept; returns (mean, logvar)
-    (the two halves of moments as views when moments is given)."""
+def _check(mean, logvar, moments, noise, generator, seed, offset, return_kl, deterministic) -> tuple:
+    """Raise a clear error naming the argument for anything the op does not accept; returns (mean, logvar,
+    seed, offset): the two halves of moments as views when moments is given, seed and offset as Python ints."""
     if moments is not None:
         if mean is not None or logvar is not None:
             raise ValueError("pass either mean and logvar, or moments (mean and logvar stacked along dim 1), not both")
@@ -123,14 +124,17 @@ def _check(mean, logvar, moments, noise, generator, seed, offset, return_kl, det
             raise ValueError(f"noise is on {noise.device} but mean is on {mean.device}: use one device")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT):
-        raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < _SEED_LIMIT:
+    if seed is not None:
+        if not is_integer(seed) or not 0 <= seed < _SEED_LIMIT:
+            raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
+        seed = int(seed)
+    if not is_integer(offset) or not 0 <= offset < _SEED_LIMIT:
         raise ValueError(f"offset must be an int in [0, 2**63), got {offset!r}")
+    offset = int(offset)
     for name, flag in (("return_kl", return_kl), ("deterministic", deterministic)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
-    return mean, logvar
+    return mean, logvar, seed, offset
 
 
 # --------------------------------------------------------------------------- canonical views
@@ -614,7 +618,7 @@ def reparameterize(
     Under torch.compile the call goes through the ``genkernels::reparameterize`` op; pass seed (or
     noise) or nothing there: dynamo cannot trace a torch.Generator argument.
     """
-    mean, logvar = _check(mean, logvar, moments, noise, generator, seed, offset, return_kl, deterministic)
+    mean, logvar, seed, offset = _check(mean, logvar, moments, noise, generator, seed, offset, return_kl, deterministic)
     moments_mode = moments is not None
     first = moments if moments_mode else mean
     lv_arg = None if moments_mode else logvar

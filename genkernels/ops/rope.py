@@ -33,12 +33,11 @@ speed ranking):
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from .. import _autograd, _registry
+from .._checks import is_finite_real, is_integer
 from .._layout import heads_inner, heads_like
 from ..cuda import rope as _cuda
 from ..triton import rope as _triton
@@ -251,9 +250,9 @@ def rope_frequencies(positions: Tensor, dim: int, base: float = 10000.0) -> tupl
         raise ValueError(f"positions must have shape (L,), got {tuple(positions.shape)}")
     if positions.is_complex() or positions.dtype == torch.bool:
         raise TypeError(f"positions must be an integer or floating-point tensor, got {positions.dtype}")
-    _check_dim_base(dim, base, 2)
+    dim, base = _check_dim_base(dim, base, 2)
     j = torch.arange(dim // 2, device=positions.device, dtype=torch.float64)
-    inv_freq = torch.pow(torch.tensor(float(base), dtype=torch.float64, device=positions.device), -2.0 * j / dim)
+    inv_freq = torch.pow(torch.tensor(base, dtype=torch.float64, device=positions.device), -2.0 * j / dim)
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
     return torch.cos(angles).float(), torch.sin(angles).float()
 
@@ -274,9 +273,10 @@ def rope_frequencies_2d(height: int, width: int, dim: int, base: float = 10000.0
 
     Returns (cos, sin), float32 (height * width, dim/2) each, on the CPU (move them with ``.to(device)``)."""
     for name, v in (("height", height), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not is_integer(v) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    _check_dim_base(dim, base, 4)
+    height, width = int(height), int(width)
+    dim, base = _check_dim_base(dim, base, 4)
     rows = torch.arange(height).repeat_interleave(width)
     cols = torch.arange(width).repeat(height)
     cr, sr = rope_frequencies(rows, dim // 2, base)
@@ -284,11 +284,13 @@ def rope_frequencies_2d(height: int, width: int, dim: int, base: float = 10000.0
     return torch.cat((cr, cc), dim=-1), torch.cat((sr, sc), dim=-1)
 
 
-def _check_dim_base(dim, base, multiple: int) -> None:
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < multiple or dim % multiple:
+def _check_dim_base(dim, base, multiple: int) -> tuple[int, float]:
+    """(dim, base) as a Python int and float, or a ValueError naming the argument."""
+    if not is_integer(dim) or dim < multiple or dim % multiple:
         raise ValueError(f"dim must be a positive int multiple of {multiple}, got {dim!r}")
-    if isinstance(base, bool) or not isinstance(base, (int, float)) or not (math.isfinite(base) and base > 1):
+    if not (is_finite_real(base) and base > 1):
         raise ValueError(f"base must be a finite float > 1, got {base!r}")
+    return int(dim), float(base)
 
 
 # --------------------------------------------------------------------------- registry

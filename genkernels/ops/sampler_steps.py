@@ -209,7 +209,7 @@ def ddim_step(
     because one pass only sees the clipped x0. Returns prev, and x0 (clipped) when return_x0.
     """
     _check_prediction(prediction_type)
-    nonnegative_float("eta", eta)
+    eta = nonnegative_float("eta", eta)
     a, a_prev = _check_abar(alpha_prod_t, alpha_prod_t_prev, prediction_type)
     if eta > 0 and a_prev < a:
         raise ValueError(

@@ -67,13 +67,13 @@ with exactly these arguments; the op module validates and normalizes everything 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .. import _autograd, _registry
+from .._checks import is_finite_real, is_integer
 from .._layout import dense_layout, is_channels_last, match_layout
 from ..cuda import schedule as _cuda
 from ..triton import schedule as _triton
@@ -128,7 +128,7 @@ def _check_tensor(name: str, t, sample: Tensor, shape: tuple) -> None:
 
 
 def _check_number(name: str, value, low: float | None = None, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_finite_real(value):
         raise TypeError(f"{name} must be a finite float, got {value!r}")
     if low is not None and (value <= low if strict else value < low):
         raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value!r}")
@@ -159,10 +159,11 @@ def _check_coeffs(coeffs, sample: Tensor) -> StepCoeffs:
 
 def _check(
     sample, model_output, coeffs, guidance_scale, guidance_rescale, clip_sample, noise, generator, seed, offset, x0_prev
-) -> tuple[StepCoeffs, float | None, float, float | None]:
+) -> tuple[StepCoeffs, float | None, float, float | None, int | None, int]:
     """Raise a clear error naming the argument for anything the op does not accept.
 
-    Returns the normalized (coeffs, guidance_scale, guidance_rescale, clip_sample)."""
+    Returns the normalized (coeffs, guidance_scale, guidance_rescale, clip_sample, seed, offset), numbers as
+    Python floats and ints."""
     if not isinstance(sample, Tensor):
         raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
     if sample.dim() < 1:
@@ -195,15 +196,18 @@ def _check(
         raise ValueError("coeffs.cp is nonzero (a multistep update) but x0_prev is None: pass the previous x0")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT):
-        raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < _SEED_LIMIT:
+    if seed is not None:
+        if not is_integer(seed) or not 0 <= seed < _SEED_LIMIT:
+            raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
+        seed = int(seed)
+    if not is_integer(offset) or not 0 <= offset < _SEED_LIMIT:
         raise ValueError(f"offset must be an int in [0, 2**63), got {offset!r}")
+    offset = int(offset)
     if coeffs.uses("cn") and noise is None and generator is None and seed is None:
         raise ValueError(
             "coeffs.cn is nonzero (the step adds noise) but no noise source was given: pass noise=, generator= or seed="
         )
-    return coeffs, guidance_scale, guidance_rescale, clip_sample
+    return coeffs, guidance_scale, guidance_rescale, clip_sample, seed, offset
 
 
 def _fast_not_supported(sample, model_output, noise, x0_prev, coeffs) -> str | None:
@@ -630,7 +634,7 @@ def schedule_step(
     reaches every backend as a tensor (the reference reads it on the host, computing the Philox
     stream instead of drawing from the generator, a synchronization for a CUDA generator).
     """
-    coeffs, guidance_scale, guidance_rescale, clip_sample = _check(
+    coeffs, guidance_scale, guidance_rescale, clip_sample, seed, offset = _check(
         sample,
         model_output,
         coeffs,
@@ -744,10 +748,11 @@ def add_noise(
         raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
     # Validation (shapes, devices, dtypes of alpha and sigma) is the step's, with the names of this op.
     try:
-        _check(x0, None, StepCoeffs(cx=alpha, cn=sigma), None, 0.0, None, noise, None, None, 0, None)
+        coeffs = _check(x0, None, StepCoeffs(cx=alpha, cn=sigma), None, 0.0, None, noise, None, None, 0, None)[0]
     except (TypeError, ValueError) as error:
         message = str(error).replace("coeffs.cx", "alpha").replace("coeffs.cn", "sigma").replace("sample", "x0")
         raise type(error)(message) from None
+    alpha, sigma = coeffs.cx, coeffs.cn
     return _autograd.apply(_AddNoiseFunction, x0, noise, alpha, sigma, backend)
 
 

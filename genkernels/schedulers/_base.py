@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import as_number, is_integer
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("linspace", "leading", "trailing")
 
@@ -186,10 +188,12 @@ class SchedulerBase:
         for key, accepted in self._choices.items():
             if values[key] not in accepted:
                 raise ValueError(f"{name}: {key} must be one of {', '.join(map(repr, accepted))}, got {values[key]!r}")
-        if not isinstance(values["num_train_timesteps"], int) or values["num_train_timesteps"] < 1:
+        if not is_integer(values["num_train_timesteps"]) or values["num_train_timesteps"] < 1:
             got = values["num_train_timesteps"]
             raise ValueError(f"{name}: num_train_timesteps must be a positive int, got {got!r}")
-        self._config = SchedulerConfig({**values, **self._only, **extra, **inert})
+        # Python numbers only (NumPy scalars converted), as in a config read from JSON.
+        merged = {**values, **self._only, **extra, **inert}
+        self._config = SchedulerConfig({key: as_number(value) for key, value in merged.items()})
         self.num_inference_steps: int | None = None
         self._step_index: int | None = None
         self._begin_index: int | None = None

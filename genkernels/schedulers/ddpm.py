@@ -47,7 +47,7 @@ class DDPMScheduler(DiscreteVPScheduler):
         self._set_config(dict(locals()), kwargs)
         self._build_tables()
         self.init_noise_sigma = 1.0
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
+        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
         self._reset_steps(self.timesteps.tolist())
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:

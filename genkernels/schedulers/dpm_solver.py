@@ -88,10 +88,9 @@ class DPMSolverMultistepScheduler(DiscreteVPScheduler):
         self._train_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         self.sigmas = self._train_sigmas
         self.init_noise_sigma = 1.0
-        self.order = solver_order
-        self._schedule_timesteps = torch.from_numpy(
-            np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy()
-        )
+        self.order = self.config.solver_order
+        n = self.config.num_train_timesteps
+        self._schedule_timesteps = torch.from_numpy(np.linspace(0, n - 1, n, dtype=np.float32)[::-1].copy())
         self.timesteps = self._schedule_timesteps
         self._reset_steps(self.timesteps.tolist())
         self._x0_prev: torch.Tensor | None = None

@@ -47,7 +47,7 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         **kwargs: Any,
     ) -> None:
         self._set_config(dict(locals()), kwargs)
-        n = num_train_timesteps
+        n, shift = self.config.num_train_timesteps, self.config.shift
         sigmas = torch.from_numpy(np.linspace(1, n, n, dtype=np.float32)[::-1].copy()) / n
         if not use_dynamic_shifting:
             sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
