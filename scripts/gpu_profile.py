@@ -5,7 +5,9 @@
 For each case and backend: the CUDA kernels one call launches, each kernel's mean device time over
 10 profiled calls (torch.profiler), and the host time a call takes with the GPU kept busy. Without a
 GPU it says so and exits 0. Cases: bias_act lrelu bf16 (32, 512, 64, 64) forward and forward +
-backward; layer_norm_modulate bf16 forward at DiT-XL (2, 4096, 1152) and FLUX (1, 4608, 3072).
+backward; layer_norm_modulate bf16 forward at DiT-XL (2, 4096, 1152) and FLUX (1, 4608, 3072); one
+DiT-XL/2 block forward at L = 4096 (batch 2, bf16), genkernels and its PyTorch-layer twin, and its
+attention alone (2 x 16 heads x 4096 x 4096, head dim 72) on each backend and each SDPA kernel.
 """
 
 from __future__ import annotations
@@ -75,6 +77,46 @@ def _adaln_cases(dev):
             )
 
 
+def _dit_cases(dev):
+    """The DiT-XL/2 block at L = 4096 (the benchmark's shape): genkernels (auto) and the PyTorch-layer twin, then
+    its attention alone (q, k, v (2, 16, 4096, 72) bf16) on genkernels' backends and on SDPA's kernels."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from genkernels.bench import dit
+
+    config = dit._config("dit_xl_2")
+    with torch.no_grad():
+        ours, twin = dit.build_models(config, dev, torch.bfloat16)
+        inputs = dit.make_inputs(config, dit.BATCH, 64, torch.bfloat16, dev)
+
+    def block(model):
+        def run():
+            with torch.no_grad():
+                model(*inputs)
+
+        return run
+
+    yield "DiT-XL/2 block L=4096 genkernels", block(ours)
+    yield "DiT-XL/2 block L=4096 PyTorch layers", block(twin)
+    q, k, v = (
+        torch.randn(dit.BATCH, config.heads, 4096, config.head_dim, device=dev, dtype=torch.bfloat16) for _ in range(3)
+    )
+    for be in ("cuda", "triton"):
+        yield f"attention d{config.head_dim} L=4096 {be}", lambda be=be: ops.attention(q, k, v, backend=be)
+    F = torch.nn.functional
+    for name, kernel in (
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("cuDNN", SDPBackend.CUDNN_ATTENTION),
+        ("mem-efficient", SDPBackend.EFFICIENT_ATTENTION),
+    ):
+
+        def sdpa(kernel=kernel):
+            with sdpa_kernel(kernel):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        yield f"attention d{config.head_dim} L=4096 SDPA {name}", sdpa
+
+
 def _profile(fn, reps=10):
     from torch.profiler import ProfilerActivity, profile
 
@@ -111,7 +153,7 @@ def main() -> int:
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name()
     print(f"gpu_profile: {name}, torch {torch.__version__}, genkernels {genkernels.__version__}", file=out)
-    for cases in (_bias_act_cases(dev), _adaln_cases(dev)):
+    for cases in (_bias_act_cases(dev), _adaln_cases(dev), _dit_cases(dev)):
         for name, fn in cases:
             try:
                 rows, host_us = _profile(fn)

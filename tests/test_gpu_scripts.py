@@ -40,3 +40,24 @@ def test_float32_error_breakdown_runs(capsys, monkeypatch):
     assert any(line.startswith("## tiny DiT float32") for line in lines)
     rows = [line for line in lines if line.startswith("  ")]
     assert len(rows) == 6 and all(re.match(r"\s+\d", row) for row in rows), rows
+
+
+def test_profile_dit_cases_build(monkeypatch):
+    """The DiT block and head-dim-72 attention cases of scripts/gpu_profile.py build their models and inputs (on the
+    CPU here: the calls themselves are GPU-sized and run on a GPU only), one per variant the profile compares."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_profile
+    finally:
+        sys.path.pop(0)
+    cases = dict(gpu_profile._dit_cases(torch.device("cpu")))
+    assert list(cases) == [
+        "DiT-XL/2 block L=4096 genkernels",
+        "DiT-XL/2 block L=4096 PyTorch layers",
+        "attention d72 L=4096 cuda",
+        "attention d72 L=4096 triton",
+        "attention d72 L=4096 SDPA flash",
+        "attention d72 L=4096 SDPA cuDNN",
+        "attention d72 L=4096 SDPA mem-efficient",
+    ]
+    assert all(callable(fn) for fn in cases.values())
