@@ -14,6 +14,13 @@ Selection, strongest first:
 An explicit backend (1-3) that cannot run a call raises :class:`UnsupportedError`
 with its reason; it never falls back silently. Auto never fails where the
 reference can run.
+
+Empty inputs return empty results without a kernel launch, on every backend, but
+an explicit backend is asked first (:func:`check_explicit`, with the arguments
+:func:`select` would get): one that cannot run the call raises the same
+UnsupportedError whether the batch is empty or not. Auto never raises for empty
+inputs. A backend's ``not_supported`` must not refuse a call because its inputs
+are empty: nothing is launched for them.
 """
 
 from __future__ import annotations
@@ -114,6 +121,19 @@ def backend(name: str) -> Iterator[None]:
         _scoped.reset(token)
 
 
+def _explicit(op: str, want: str, args: tuple, kwargs: dict) -> Backend:
+    """Backend ``want`` (not "auto") of ``op``; raises UnsupportedError when it is not registered or has a
+    reason not to run ``op(*args, **kwargs)``."""
+    candidates = backends_of(op)
+    for b in candidates:
+        if b.name == want:
+            reason = b.not_supported(*args, **kwargs)
+            if reason is not None:
+                raise UnsupportedError(f"{op}: backend {want!r} cannot run this call: {reason}")
+            return b
+    raise UnsupportedError(f"{op}: backend {want!r} is not registered; available: {[b.name for b in candidates]}")
+
+
 def select(op: str, *args: Any, backend: str | None = None, **kwargs: Any) -> Backend:
     """The backend that runs ``op(*args, **kwargs)``.
 
@@ -121,15 +141,9 @@ def select(op: str, *args: Any, backend: str | None = None, **kwargs: Any) -> Ba
     not to run, or (auto) when no backend can.
     """
     want = requested(backend)
-    candidates = backends_of(op)
     if want != "auto":
-        for b in candidates:
-            if b.name == want:
-                reason = b.not_supported(*args, **kwargs)
-                if reason is not None:
-                    raise UnsupportedError(f"{op}: backend {want!r} cannot run this call: {reason}")
-                return b
-        raise UnsupportedError(f"{op}: backend {want!r} is not registered; available: {[b.name for b in candidates]}")
+        return _explicit(op, want, args, kwargs)
+    candidates = backends_of(op)
     reasons = []
     for b in candidates:
         reason = b.not_supported(*args, **kwargs)
@@ -137,6 +151,18 @@ def select(op: str, *args: Any, backend: str | None = None, **kwargs: Any) -> Ba
             return b
         reasons.append(f"{b.name}: {reason}")
     raise UnsupportedError(f"{op}: no backend can run this call ({'; '.join(reasons)})")
+
+
+def check_explicit(op: str, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
+    """The check an op makes before it returns the result of empty inputs without a launch.
+
+    Takes what :func:`select` takes. When the requested backend is explicit (not "auto"), raises the
+    UnsupportedError that ``select`` raises for these arguments (the backend is not registered, or its
+    ``not_supported`` has a reason); under auto it only validates the backend name.
+    """
+    want = requested(backend)
+    if want != "auto":
+        _explicit(op, want, args, kwargs)
 
 
 def explain(op: str, *args: Any, **kwargs: Any) -> dict[str, str | None]:

@@ -96,3 +96,25 @@ def test_training_backend_follows_scope_and_environment(monkeypatch):
 def test_explain_without_the_op_arguments_names_the_op():
     with pytest.raises(TypeError, match=r"explain\('group_norm', \.\.\.\) takes the arguments of genkernels\.ops"):
         genkernels.explain("group_norm")
+
+
+def test_check_explicit_raises_what_select_raises(toy_op, monkeypatch):
+    for backend in ("cuda", "triton"):  # a reason, and a backend the op does not have
+        with pytest.raises(genkernels.UnsupportedError) as selected:
+            _registry.select(toy_op, 3, backend=backend)
+        with pytest.raises(genkernels.UnsupportedError) as checked:
+            _registry.check_explicit(toy_op, 3, backend=backend)
+        assert str(checked.value) == str(selected.value)
+    monkeypatch.setenv("GENKERNELS_BACKEND", "cuda")
+    with pytest.raises(genkernels.UnsupportedError, match="odd sizes"):
+        _registry.check_explicit(toy_op, 3)
+
+
+def test_check_explicit_passes(toy_op):
+    assert _registry.check_explicit(toy_op, 2, backend="cuda") is None
+    assert _registry.check_explicit(toy_op, 3, backend="reference") is None
+    assert _registry.check_explicit(toy_op, 3) is None  # auto: no backend is asked
+    with genkernels.backend("cuda"):
+        assert _registry.check_explicit(toy_op, 3, backend="auto") is None
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _registry.check_explicit(toy_op, 2, backend="fastest")

@@ -17,6 +17,8 @@ on every run and every GPU.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -77,7 +79,7 @@ def coupling_not_supported(x: Tensor, h: Tensor, scale: str, reverse: bool) -> s
     if reason is None and x.shape[1] < 2:
         reason = f"x has {x.shape[1]} channels; the coupling needs at least 2"
     if reason is None:
-        reason = grid_unavailable(x.shape[0], x[0].numel())
+        reason = grid_unavailable(x.shape[0], math.prod(x.shape[1:]))
     return reason
 
 
@@ -174,7 +176,7 @@ def actnorm_not_supported(x: Tensor, log_scale: Tensor, bias: Tensor, reverse: b
         for name, p in (("log_scale", log_scale), ("bias", bias)):
             if p.device != x.device:
                 return f"{name} is on {p.device}, x on {x.device}"
-        reason = grid_unavailable(x.shape[0], x[0].numel())
+        reason = grid_unavailable(x.shape[0], math.prod(x.shape[1:]))
     return reason
 
 

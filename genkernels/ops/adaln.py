@@ -32,7 +32,9 @@ the fused op the gradient reaching h is the incoming dh plus the norm's dx, and 
 
 Reference path: ``*_reference`` below are the formulas in eager PyTorch (differentiable to any order);
 ``backend="reference"`` runs them, and so does auto where no fast backend can run (CPU without the triton
-interpreter, float64, empty tensors). The fast backends' backward is one fused pass, first order only.
+interpreter, float64). Empty tensors take them on every backend, without a launch, once an explicitly
+requested backend has said it can run the call (else its UnsupportedError, as for non-empty inputs). The
+fast backends' backward is one fused pass, first order only.
 
 Fused backend interface (genkernels.triton.adaln and genkernels.cuda.adaln implement it; registry ops
 "layer_norm_modulate", "gated_residual", "gated_residual_layer_norm_modulate", order cuda, triton,
@@ -608,7 +610,8 @@ class _FusedFunction(torch.autograd.Function):
 
 def _impl_for(op: str, backend: str, x: Tensor):
     """Resolve the backend at run time (the scope and environment apply to compiled code too)."""
-    if x.numel() == 0:
+    if x.numel() == 0:  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(op, x, backend=backend or None)
         return _ReferenceKernels
     return _registry.select(op, x, backend=backend or None).impl
 
@@ -947,8 +950,8 @@ def layer_norm_modulate(
     eps = _check_norm(x, weight, bias, shift, scale, eps, rms)
     if torch.compiler.is_compiling():
         return _norm_op(x, weight, bias, shift, scale, eps, rms, backend or "")[0]
-    if x.numel() == 0:
-        _registry.requested(backend)
+    if x.numel() == 0:  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(NORM_OP, x, weight, bias, shift, scale, eps=eps, rms=rms, backend=backend)
         return layer_norm_modulate_reference(x, weight, bias, shift, scale, eps=eps, rms=rms)
     chosen = _registry.select(NORM_OP, x, weight, bias, shift, scale, eps=eps, rms=rms, backend=backend)
     if chosen.name == "reference":
@@ -972,8 +975,8 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor | None = None, *, backend:
     _check_gate(x, y, gate)
     if torch.compiler.is_compiling():
         return _gate_op(x, y, gate, backend or "")
-    if x.numel() == 0:
-        _registry.requested(backend)
+    if x.numel() == 0:  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(GATE_OP, x, y, gate, backend=backend)
         return gated_residual_reference(x, y, gate)
     chosen = _registry.select(GATE_OP, x, y, gate, backend=backend)
     if chosen.name == "reference":
@@ -1016,8 +1019,8 @@ def gated_residual_layer_norm_modulate(
     if torch.compiler.is_compiling():
         h, out, _, _ = _fused_op(x, y, gate, weight, bias, shift, scale, eps, rms, backend or "")
         return h, out
-    if x.numel() == 0:
-        _registry.requested(backend)
+    if x.numel() == 0:  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(FUSED_OP, x, y, gate, weight, bias, shift, scale, eps=eps, rms=rms, backend=backend)
         return gated_residual_layer_norm_modulate_reference(x, y, gate, weight, bias, shift, scale, eps=eps, rms=rms)
     chosen = _registry.select(FUSED_OP, x, y, gate, weight, bias, shift, scale, eps=eps, rms=rms, backend=backend)
     if chosen.name == "reference":

@@ -267,10 +267,14 @@ def _probe(device: torch.device) -> tuple:
 _registry.register_probe(OP, _probe)
 
 
-def _select(backend, q, k, v, causal, scale, key_padding_mask, needs_grad):
-    return _registry.select(
-        OP, q, k, v, causal, scale, key_padding_mask, needs_grad=needs_grad, backend=backend or None
-    )
+def _select(backend, q, k, v, causal, scale, key_padding_mask, needs_grad) -> _registry.Backend:
+    """The backend that runs this call: for empty inputs (no query or no key) the reference, without a launch,
+    once an explicit backend has said it can run the call."""
+    args = (OP, q, k, v, causal, scale, key_padding_mask)
+    if min(q.numel(), k.numel()) == 0:
+        _registry.check_explicit(*args, needs_grad=needs_grad, backend=backend or None)
+        return _registry.backends_of(OP)[-1]
+    return _registry.select(*args, needs_grad=needs_grad, backend=backend or None)
 
 
 # --------------------------------------------------------------------------- autograd (eager path)
@@ -316,10 +320,7 @@ def _attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, out's rounding residual); custom ops cannot return None: an empty residual is none."""
     q, k, v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
-    if min(q.numel(), k.numel()) == 0:
-        impl = _ReferenceKernels
-    else:
-        impl = _select(backend, q, k, v, causal, scale, key_padding_mask, needs_grad).impl
+    impl = _select(backend, q, k, v, causal, scale, key_padding_mask, needs_grad).impl
     out, lse, residual = impl.attention_forward(q, k, v, causal, scale, key_padding_mask, needs_grad)
     return out, lse, q.new_empty((0,)) if residual is None else residual
 
@@ -350,10 +351,7 @@ def _attention_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, dout = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v), _last_dim_unit(dout)
-    if min(q.numel(), k.numel()) == 0:
-        impl = _ReferenceKernels
-    else:
-        impl = _select(backend, q, k, v, causal, scale, key_padding_mask, True).impl
+    impl = _select(backend, q, k, v, causal, scale, key_padding_mask, True).impl
     residual = out_residual if out_residual.numel() else None
     return impl.attention_backward(dout, q, k, v, out, lse, causal, scale, key_padding_mask, residual)
 
@@ -430,11 +428,9 @@ def attention(
     needs_grad = _needs_grad(q, k, v)
     if torch.compiler.is_compiling():
         return _attention_op(q, k, v, key_padding_mask, causal, scale, needs_grad, backend or "")[0]
-    if min(q.numel(), k.numel()) == 0:  # empty results without a launch; autograd still gives zero gradients
-        return _in_q_order(attention_reference(q, k, v, causal, scale, key_padding_mask), _last_dim_unit(q))
     q, k, v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
     chosen = _select(backend, q, k, v, causal, scale, key_padding_mask, needs_grad)
-    if chosen.name == "reference":
+    if chosen.name == "reference":  # empty inputs too: no launch, and autograd still gives zero gradients
         return _in_q_order(attention_reference(q, k, v, causal, scale, key_padding_mask), q)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.contiguous()

@@ -506,7 +506,8 @@ class _CodesGradFunction(torch.autograd.Function):
 
 
 def _impl_for(backend: str, x: Tensor, bias: Tensor | None, act: str, dim: int):
-    if x.numel() == 0:
+    if x.numel() == 0:  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(OP, x, bias, act, dim, backend=backend or None)
         return _ReferenceKernels
     return _registry.select(OP, x, bias, act, dim, backend=backend or None).impl
 
@@ -721,8 +722,8 @@ def bias_act(
         return _bias_act_op(x, b32, act, alpha, gain, has_clamp, clamp or 0.0, dim, backend or "")
     if x.dim() == 0:  # a scalar (never with a bias): the same call on its one element
         return bias_act(x.reshape(1), act=act, alpha=alpha, gain=gain, clamp=clamp, dim=0, backend=backend).reshape(())
-    if x.numel() == 0:
-        _registry.requested(backend)
+    if x.numel() == 0:  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(OP, x, bias, act, dim, backend=backend)
         return bias_act_reference(x, bias, act=act, alpha=alpha, gain=gain, clamp=clamp, dim=dim)
     x = dense_layout(x)
     chosen = _registry.select(OP, x, bias, act, dim, backend=backend)

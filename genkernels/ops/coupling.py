@@ -306,8 +306,9 @@ _registry.register_probe(ACTNORM_OP, _actnorm_probe)
 
 
 def _select(op: str, backend: str | None, *args, needs_grad: bool):
-    if args[0].numel() == 0:
-        _registry.requested(backend or None)  # still reject an unknown backend name
+    """The implementation that runs this call (the reference, without a launch, for empty inputs)."""
+    if args[0].numel() == 0:  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(op, *args, needs_grad=needs_grad, backend=backend or None)
         return _ReferenceKernels
     return _registry.select(op, *args, needs_grad=needs_grad, backend=backend or None).impl
 

@@ -261,7 +261,8 @@ class _SwigluGradFunction(torch.autograd.Function):
 
 
 def _impl_for(op: str, backend: str, *args):
-    if args[0].numel() == 0:
+    if args[0].numel() == 0:  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(op, *args, backend=backend or None)
         return _ReferenceKernels
     return _registry.select(op, *args, backend=backend or None).impl
 
@@ -394,8 +395,8 @@ def gelu_tanh(x: Tensor, *, backend: str | None = None) -> Tensor:
     _check_x(x)
     if torch.compiler.is_compiling():
         return _gelu_tanh_op(x, backend or "")
-    if x.numel() == 0:
-        _registry.requested(backend)
+    if x.numel() == 0:  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(GELU_OP, x, backend=backend)
         return gelu_tanh_reference(x)
     x = dense_layout(x)
     chosen = _registry.select(GELU_OP, x, backend=backend)
@@ -421,8 +422,8 @@ def swiglu(x: Tensor, *, dim: int = -1, backend: str | None = None) -> Tensor:
     dim = _check_swiglu(x, dim)
     if torch.compiler.is_compiling():
         return _swiglu_op(x, dim, backend or "")
-    if x.numel() == 0:
-        _registry.requested(backend)
+    if x.numel() == 0:  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(SWIGLU_OP, x, dim, backend=backend)
         return swiglu_reference(x, dim)
     x = x.contiguous()
     chosen = _registry.select(SWIGLU_OP, x, dim, backend=backend)

@@ -227,10 +227,11 @@ class _GroupNormFunction(torch.autograd.Function):
 
 def _impl_for(backend: str, x, weight, bias, groups, eps, silu):
     """Resolve the backend at run time (the scope and environment apply to compiled code too)."""
-    if x.numel() == 0:  # empty results without a launch, as on the eager path
+    args = (OP, x, groups, weight, bias, eps, "silu" if silu else None)
+    if x.numel() == 0:  # empty: no launch, after an explicit backend's check, as on the eager path
+        _registry.check_explicit(*args, backend=backend or None)
         return _ReferenceKernels
-    chosen = _registry.select(OP, x, groups, weight, bias, eps, "silu" if silu else None, backend=backend or None)
-    return chosen.impl
+    return _registry.select(*args, backend=backend or None).impl
 
 
 # Explicit schemas: torch 2.4 cannot infer them from postponed (string) annotations.
@@ -359,7 +360,8 @@ def group_norm(
     silu = activation == "silu"
     if torch.compiler.is_compiling():
         return _group_norm_op(x, weight, bias, groups, eps, silu, backend or "")[0]
-    if x.numel() == 0:  # empty results without a launch; autograd still gives zero gradients
+    if x.numel() == 0:  # empty: no launch, after an explicit backend's check; autograd gives zero gradients
+        _registry.check_explicit(OP, x, groups, weight, bias, eps, activation, backend=backend)
         return group_norm_reference(x, groups, weight, bias, eps, activation)
     x = dense_layout(x)
     chosen = _registry.select(OP, x, groups, weight, bias, eps, activation, backend=backend)

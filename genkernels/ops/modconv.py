@@ -453,7 +453,8 @@ class _EpilogueFunction(torch.autograd.Function):
 
 
 def _demod_impl(backend: str, weight3: Tensor, styles: Tensor):
-    if weight3.numel() == 0 or styles.numel() == 0:
+    if weight3.numel() == 0 or styles.numel() == 0:  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(DEMOD_OP, weight3, styles, backend=backend or None)
         return _ReferenceKernels
     return _registry.select(DEMOD_OP, weight3, styles, backend=backend or None).impl
 
@@ -510,9 +511,11 @@ _demod_op.register_autograd(_demod_op_backward, setup_context=_demod_setup)
 
 
 def _epilogue_impl(backend: str, y: Tensor, dcoef, noise, bias, act: str):
-    if y.numel() == 0:
+    options = {"noise": noise, "bias": bias, "act": act, "backend": backend or None}
+    if y.numel() == 0:  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(EPILOGUE_OP, y, dcoef, **options)
         return _ReferenceKernels
-    return _registry.select(EPILOGUE_OP, y, dcoef, noise=noise, bias=bias, act=act, backend=backend or None).impl
+    return _registry.select(EPILOGUE_OP, y, dcoef, **options).impl
 
 
 _EPILOGUE_ARGS = (
@@ -735,8 +738,8 @@ def demodulation_coefficients(
     eps = _check_demod(weight, styles, eps)
     if torch.compiler.is_compiling():
         return _demod_op(weight.reshape(weight.shape[0], weight.shape[1], -1), styles, eps, backend or "")
-    if weight.numel() == 0 or styles.numel() == 0:
-        _registry.requested(backend)
+    if weight.numel() == 0 or styles.numel() == 0:  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(DEMOD_OP, weight, styles, backend=backend)
         return demodulation_coefficients_reference(weight, styles, eps=eps)
     chosen = _registry.select(DEMOD_OP, weight, styles, backend=backend)
     if chosen.name == "reference":
@@ -800,13 +803,12 @@ def modconv_epilogue(
             clamp or 0.0,
             backend or "",
         )
-    if y.numel() == 0:
-        _registry.requested(backend)
+    options = {"noise": noise, "noise_strength": noise_strength, "bias": bias, "act": act, "backend": backend}
+    if y.numel() == 0:  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(EPILOGUE_OP, y, dcoef, **options)
         return _epilogue(y, dcoef, noise, noise_strength, bias, act, alpha, gain, clamp)
     y = dense_layout(y)
-    chosen = _registry.select(
-        EPILOGUE_OP, y, dcoef, noise=noise, noise_strength=noise_strength, bias=bias, act=act, backend=backend
-    )
+    chosen = _registry.select(EPILOGUE_OP, y, dcoef, **options)
     if chosen.name == "reference":
         return _epilogue(y, dcoef, noise, noise_strength, bias, act, alpha, gain, clamp)
     args = (y, dcoef, noise, noise_strength, bias, act, alpha, gain, clamp, chosen.impl)

@@ -353,8 +353,8 @@ _registry.register_probe(OP, _probe)
 
 def _select(canon: _Canonical, backend: str | None):
     """The implementation that runs this call (the reference, without a launch, for empty inputs)."""
-    if canon.mean.numel() == 0:
-        _registry.requested(backend)  # still reject an unknown backend name
+    if canon.mean.numel() == 0:  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(OP, canon, backend=backend)
         return _ReferenceKernels
     return _registry.select(OP, canon, backend=backend).impl
 

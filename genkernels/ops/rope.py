@@ -386,7 +386,8 @@ class _RopeFunction(torch.autograd.Function):
 
 
 def _impl_for(backend: str, q, k, cos, sin, interleaved):
-    if q.numel() == 0 and (k is None or k.numel() == 0):
+    if q.numel() == 0 and (k is None or k.numel() == 0):  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(OP, q, k, cos, sin, interleaved, backend=backend or None)
         return _ReferenceKernels
     return _registry.select(OP, q, k, cos, sin, interleaved, backend=backend or None).impl
 
@@ -522,9 +523,8 @@ def rope(
             return q, k
         qo, ko = _rope_op(q, k, cos, sin, interleaved, False, backend or "")
         return qo, (ko if k is not None else None)
-    empty = q.numel() == 0 and (k is None or k.numel() == 0)
-    if empty:
-        _registry.requested(backend)
+    if q.numel() == 0 and (k is None or k.numel() == 0):  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(OP, q, k, cos, sin, interleaved, backend=backend)
         chosen = _registry.backends_of(OP)[-1]
     else:
         chosen = _registry.select(OP, q, k, cos, sin, interleaved, backend=backend)
@@ -545,8 +545,8 @@ def _rope_into(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, k_out: Tensor, in
     the ``genkernels::rope_into`` op, which mutates k_out)."""
     if torch.compiler.is_compiling():
         return _rope_into_op(q, k, cos, sin, k_out, interleaved, backend or ""), k_out
-    if q.numel() == 0 and k.numel() == 0:
-        _registry.requested(backend)
+    if q.numel() == 0 and k.numel() == 0:  # empty: no launch, after an explicit backend's check
+        _registry.check_explicit(OP, q, k, cos, sin, interleaved, backend=backend)
         impl = _ReferenceKernels
     else:
         impl = _registry.select(OP, q, k, cos, sin, interleaved, backend=backend).impl

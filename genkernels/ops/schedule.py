@@ -403,27 +403,30 @@ def _seed_from_generator(generator: torch.Generator, sample: Tensor) -> int | Te
     return drawn.to(sample.device)
 
 
+# --------------------------------------------------------------------------- dispatch
+
+
+def _select(
+    backend: str | None, sample, model_output, noise, x0_prev, coeffs, guidance_scale, guidance_rescale, clip_sample
+) -> _registry.Backend:
+    """The backend that runs this step: for empty inputs the reference, without a launch, once an explicit
+    backend has said it can run the call."""
+    args = (OP, sample, model_output, coeffs)
+    options = {
+        "guidance_scale": guidance_scale,
+        "guidance_rescale": guidance_rescale,
+        "clip_sample": clip_sample,
+        "noise": noise,
+        "x0_prev": x0_prev,
+        "backend": backend,
+    }
+    if sample.numel() == 0:
+        _registry.check_explicit(*args, **options)
+        return _registry.backends_of(OP)[-1]
+    return _registry.select(*args, **options)
+
+
 # --------------------------------------------------------------------------- torch.library op (traced path)
-
-
-def _impl_for(
-    backend: str, sample, model_output, noise, x0_prev, coeffs, guidance_scale, guidance_rescale, clip_sample
-):
-    if sample.numel() == 0:  # empty results without a launch, as on the eager path
-        return _ReferenceKernels
-    chosen = _registry.select(
-        OP,
-        sample,
-        model_output,
-        coeffs,
-        guidance_scale=guidance_scale,
-        guidance_rescale=guidance_rescale,
-        clip_sample=clip_sample,
-        noise=noise,
-        x0_prev=x0_prev,
-        backend=backend or None,
-    )
-    return chosen.impl
 
 
 def _pack_coeffs(coeffs: StepCoeffs) -> tuple[list[Tensor], list[float], list[int]]:
@@ -478,7 +481,7 @@ def _schedule_step_op(
     g = guidance_scale if guided else None
     c = clip_sample if clip else None
     sample, model_output, noise, x0_prev = _normalize(sample, model_output, noise, x0_prev)
-    impl = _impl_for(backend, sample, model_output, noise, x0_prev, coeffs, g, guidance_rescale, c)
+    impl = _select(backend or None, sample, model_output, noise, x0_prev, coeffs, g, guidance_rescale, c).impl
     if impl is not _ReferenceKernels:
         coeffs = _fast_coeffs(coeffs)
     chosen_seed = None
@@ -669,22 +672,7 @@ def schedule_step(
     x0_prev = x0_prev if coeffs.uses("cp") else None
     sample, model_output, noise, x0_prev = _normalize(sample, model_output, noise, x0_prev)
     step_args = (guidance_scale, guidance_rescale, clip_sample)
-    if sample.numel() == 0:  # empty results without a launch
-        _registry.requested(backend)  # still reject an unknown backend name
-        chosen = _registry.Backend("reference", lambda *a, **k: None, _ReferenceKernels)
-    else:
-        chosen = _registry.select(
-            OP,
-            sample,
-            model_output,
-            coeffs,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            clip_sample=clip_sample,
-            noise=noise,
-            x0_prev=x0_prev,
-            backend=backend,
-        )
+    chosen = _select(backend, sample, model_output, noise, x0_prev, coeffs, *step_args)
     prev, x0 = _run_eager(
         chosen, sample, model_output, noise, x0_prev, coeffs, step_args, generator, seed, offset, return_x0
     )
