@@ -298,22 +298,43 @@ def test_runs_empty_in_scope_and_environment(name, backend, device, monkeypatch)
     _check_result(call(), shapes, device)
 
 
-# The adaLN ops' torch.library ops hand empty inputs to the 2-D reference kernels, whose (groups, tokens, -1)
-# reshapes cannot infer D from zero elements.
-_TRACED_EMPTY_FAILS = ("layer_norm_modulate", "gated_residual", "gated_residual_layer_norm_modulate")
-_TRACED = [
-    pytest.param(name, marks=pytest.mark.xfail(raises=RuntimeError, strict=True, reason="2-D adaLN reshapes"))
-    if name in _TRACED_EMPTY_FAILS
-    else name
-    for name in CASES
-]
-
-
 @pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
-@pytest.mark.parametrize("name", _TRACED)
+@pytest.mark.parametrize("name", CASES)
 def test_runs_empty_traced(name, backend, device, traced):
     call, _, shapes = CASES[name](0, device)
     _check_result(call(backend=backend), shapes, device)
+
+
+_ADALN_CALLS = {
+    "layer_norm_modulate": lambda x, y, gate, w, shift, scale, **kw: ops.layer_norm_modulate(
+        x, w, None, shift, scale, **kw
+    ),
+    "gated_residual": lambda x, y, gate, w, shift, scale, **kw: ops.gated_residual(x, y, gate, **kw),
+    "gated_residual_layer_norm_modulate": lambda x, y, gate, w, shift, scale, **kw: (
+        ops.gated_residual_layer_norm_modulate(x, y, gate, w, None, shift, scale, **kw)
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
+@pytest.mark.parametrize("shape", [(0, 2, 8), (2, 0, 8)], ids=["B=0", "L=0"])
+@pytest.mark.parametrize("name", list(_ADALN_CALLS))
+def test_adaln_traced_empty_batch_or_sequence(name, shape, backend, traced):
+    """The adaLN ops' torch.library ops (what torch.compile runs) on no rows: an empty batch, or an empty
+    sequence with per-sample modulations of B = 2; outputs of x's shape and zero gradients of every input's."""
+    b, _, d = shape
+    x, y = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
+    gate, shift, scale = (torch.randn(b, d, requires_grad=True) for _ in range(3))
+    w = torch.randn(d, requires_grad=True)
+    out = _ADALN_CALLS[name](x, y, gate, w, shift, scale, backend=backend)
+    outs = out if isinstance(out, tuple) else (out,)
+    assert all(t.shape == shape for t in outs)
+    inputs = [x, y, gate, w, shift, scale]
+    grads = torch.autograd.grad(sum(t.float().sum() for t in outs), inputs, allow_unused=True)
+    used = [(t, g) for t, g in zip(inputs, grads) if g is not None]
+    assert len(used) == {"layer_norm_modulate": 4, "gated_residual": 3}.get(name, 6)
+    for t, g in used:
+        assert g.shape == t.shape and torch.equal(g, torch.zeros_like(t))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
@@ -345,7 +366,7 @@ def test_cuda_coupling_not_supported_accepts_an_empty_batch(monkeypatch):
 @pytest.mark.gpu
 def test_cuda_runs_empty_batch_of_coupling():
     x = torch.randn(1, 4, 3, 3, device="cuda")
-    skip_unsupported("cuda", "affine_coupling", x, x, "sigmoid")
+    skip_unsupported("cuda", "affine_coupling", x, x, scale="sigmoid")
     empty = x[:0]
     y, logdet = ops.affine_coupling(empty, empty, backend="cuda")
     assert y.shape == empty.shape and logdet.shape == (0,)

@@ -178,6 +178,8 @@ def _mod3(t: Tensor | None, groups: int, tokens: int) -> Tensor | None:
         return None
     if t.dim() == 3 or (t.shape[0] == groups * tokens and tokens > 1):
         return t.reshape(groups, tokens, t.shape[-1])
+    if tokens == 0:  # no rows (L = 0): the groups are not known from them, and nothing is modulated
+        return t[:0, None, :]
     return t[:, None, :]
 
 
@@ -265,16 +267,17 @@ def gated_residual_layer_norm_modulate_reference(
 
 
 def _groups(x2: Tensor, tokens: int) -> int:
-    return x2.shape[0] // tokens
+    return x2.shape[0] // tokens if tokens else 0
 
 
 def _per_token(t: Tensor | None, rows: int) -> bool:
-    return t is not None and t.shape[0] == rows
+    # No rows (B = 0): a (0, D) modulation is taken per sample, as the autograd formulas take it.
+    return t is not None and rows > 0 and t.shape[0] == rows
 
 
 def _ref_norm_forward(x2, weight, bias, shift, scale, tokens, eps, rms, stats=True):
     g = _groups(x2, tokens)
-    x3 = x2.reshape(g, tokens, -1)
+    x3 = x2.reshape(g, tokens, x2.shape[-1])
     n, _, mean, rstd = _norm(x3, weight, bias, eps, rms)
     y = _modulate(n, _mod3(shift, g, tokens), _mod3(scale, g, tokens)).reshape(x2.shape).to(x2.dtype)
     return (y, mean.reshape(-1), rstd.reshape(-1)) if stats else (y, None, None)
@@ -292,8 +295,8 @@ def _ref_norm_backward_acc(dy, x2, weight, bias, shift, scale, mean, rstd, token
     rows = x2.shape[0]
     g = _groups(x2, tokens)
     acc = _acc(x2)
-    x3 = x2.reshape(g, tokens, -1).to(acc)
-    dy3 = dy.reshape(g, tokens, -1).to(acc)
+    x3 = x2.reshape(g, tokens, x2.shape[-1]).to(acc)
+    dy3 = dy.reshape(g, tokens, dy.shape[-1]).to(acc)
     xhat = (x3 - mean.reshape(g, tokens, 1).to(acc)) * rstd.reshape(g, tokens, 1).to(acc)
     scale3 = _mod3(scale, g, tokens)
     dn = dy3 if scale3 is None else dy3 * (1 + scale3.to(acc))
@@ -335,7 +338,7 @@ def _ref_norm_backward(dy, x2, weight, bias, shift, scale, mean, rstd, tokens, r
 
 def _ref_gate_forward(x2, y2, gate, tokens):
     g = _groups(x2, tokens)
-    out = _gated(x2.reshape(g, tokens, -1), y2.reshape(g, tokens, -1), _mod3(gate, g, tokens))
+    out = _gated(x2.reshape(g, tokens, x2.shape[-1]), y2.reshape(g, tokens, y2.shape[-1]), _mod3(gate, g, tokens))
     return out.reshape(x2.shape)
 
 
@@ -348,14 +351,16 @@ def _ref_gate_backward_acc(dh3, y2, gate, tokens, need_dy, need_dgate):
         dy = scaled.reshape(y2.shape).to(y2.dtype)
     if need_dgate:
         rows, g = y2.shape[0], _groups(y2, tokens)
-        dgate = _sum_tokens(dh3 * y2.reshape(g, tokens, -1).to(dh3.dtype), _per_token(gate, rows))
+        dgate = _sum_tokens(dh3 * y2.reshape(g, tokens, y2.shape[-1]).to(dh3.dtype), _per_token(gate, rows))
         dgate = _out_dtype(dgate, gate, rows)
     return dy, dgate
 
 
 def _ref_gate_backward(dout, y2, gate, tokens, need_dy, need_dgate):
     g = _groups(y2, tokens)
-    return _ref_gate_backward_acc(dout.reshape(g, tokens, -1).to(_acc(y2)), y2, gate, tokens, need_dy, need_dgate)
+    return _ref_gate_backward_acc(
+        dout.reshape(g, tokens, dout.shape[-1]).to(_acc(y2)), y2, gate, tokens, need_dy, need_dgate
+    )
 
 
 def _ref_fused_forward(x2, y2, gate, weight, bias, shift, scale, tokens, eps, rms, stats=True):
@@ -641,6 +646,8 @@ def _token_shift(shift: Tensor | None, x: Tensor) -> bool:
 def _grad_or_empty(grad: Tensor | None, like: Tensor | None, x: Tensor) -> Tensor:
     if grad is None or like is None:
         return x.new_empty((0,))
+    if x.numel() == 0 and grad.numel() != like.numel():  # L = 0: a per-sample sum over no tokens is zero
+        return torch.zeros_like(like)
     return grad.reshape(like.shape).to(like.dtype)
 
 
