@@ -68,8 +68,8 @@ def info() -> Info:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backends = {}
     for op in _registry.ops():
-        args = _registry.probe(op, device)
-        backends[op] = _registry.explain(op, *args)
+        args, kwargs = _registry.probe(op, device)
+        backends[op] = _registry.explain(op, *args, **kwargs)
     return Info(
         genkernels=sys.modules["genkernels"].__version__,
         python=platform.python_version(),

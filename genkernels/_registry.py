@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ class Backend:
 
 _OPS: dict[str, list[Backend]] = {}
 _PROBES: dict[str, Callable[[Any], tuple]] = {}
+_CHECKS: dict[str, tuple[inspect.Signature, Callable[..., Any], tuple[str, ...]]] = {}
 _scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("genkernels_backend", default=None)
 
 
@@ -70,13 +72,40 @@ def register(op: str, name: str, not_supported: Callable[..., str | None], impl:
 
 
 def register_probe(op: str, make_args: Callable[[Any], tuple]) -> None:
-    """Give ``op`` a typical call's arguments on a device, so `genkernels.info()` can say what runs here."""
+    """Give ``op`` a typical call's arguments on a device, so `genkernels.info()` can say what runs here.
+
+    ``make_args(device)`` returns the call's positional arguments, then, as a last item, a dict of its keyword
+    arguments where it has any. The call must be one the op accepts: :func:`explain` checks it.
+    """
     _PROBES[op] = make_args
 
 
-def probe(op: str, device: Any) -> tuple:
-    """Arguments of a typical ``op`` call on ``device`` (see :func:`register_probe`)."""
-    return _PROBES[op](device)
+def register_check(op: str, public: Callable, check: Callable) -> None:
+    """Give ``op`` its own argument checks, so that :func:`explain` refuses what the op refuses.
+
+    ``public`` is the op's public function (``genkernels.ops.<op>``); ``check`` takes a subset of
+    ``public``'s parameters, by the same names, and raises the error the op raises (ValueError or
+    TypeError, with the op's message) for arguments the op refuses. Its return value is ignored.
+    """
+    signature = inspect.signature(public)
+    names = tuple(inspect.signature(check).parameters)
+    unknown = [name for name in names if name not in signature.parameters]
+    if unknown:
+        raise ValueError(f"the check of op {op!r} takes {unknown}, which {public.__name__} does not")
+    _CHECKS[op] = (signature, check, names)
+
+
+def checked_ops() -> list[str]:
+    """Names of the ops that have a check (see :func:`register_check`)."""
+    return sorted(_CHECKS)
+
+
+def probe(op: str, device: Any) -> tuple[tuple, dict[str, Any]]:
+    """Positional and keyword arguments of a typical ``op`` call on ``device`` (see :func:`register_probe`)."""
+    args = _PROBES[op](device)
+    if args and isinstance(args[-1], dict):
+        return tuple(args[:-1]), dict(args[-1])
+    return tuple(args), {}
 
 
 def ops() -> list[str]:
@@ -168,15 +197,25 @@ def check_explicit(op: str, *args: Any, backend: str | None = None, **kwargs: An
 def explain(op: str, *args: Any, **kwargs: Any) -> dict[str, str | None]:
     """For each backend of ``op`` in dispatch order, why it cannot run these arguments (None: it can).
 
-    ``args`` and ``kwargs`` are the op's own (``genkernels.ops.<op>``'s). The answer is about the backends
-    only: arguments the op itself refuses (a group count that does not divide the channels, mismatched
-    shapes) are reported by calling the op, with its error. ``op`` is a registered op (:func:`ops` lists
-    them); the ops composed of others (``linear_gelu_tanh``, the sampler steps, ``add_noise``) are not.
+    ``args`` and ``kwargs`` are the op's own (``genkernels.ops.<op>``'s). They are first checked as the op
+    checks them (:func:`register_check`): arguments the op itself refuses (a group count that does not
+    divide the channels, mismatched shapes) raise the op's own error, ValueError or TypeError, instead of an
+    answer. ``op`` is a registered op (:func:`ops` lists them); the ops composed of others
+    (``linear_gelu_tanh``, the sampler steps, ``add_noise``) are not.
 
     >>> genkernels.explain("group_norm", x, 32)   # doctest: +SKIP
     {'cuda': 'extension not built (...)', 'triton': None, 'reference': None}
     """
     backends = backends_of(op)
+    checked = _CHECKS.get(op)
+    if checked is not None:
+        signature, check, names = checked
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"explain({op!r}, ...) takes the arguments of genkernels.ops.{op}: {e}") from None
+        bound.apply_defaults()
+        check(**{name: bound.arguments[name] for name in names})
     try:
         return {b.name: b.not_supported(*args, **kwargs) for b in backends}
     except TypeError as e:

@@ -8,6 +8,8 @@ import torch
 import genkernels
 from genkernels import _registry
 from genkernels.ops import group_norm
+from genkernels.ops.rope import rope_frequencies
+from genkernels.ops.schedule import StepCoeffs
 
 
 @pytest.fixture
@@ -118,3 +120,76 @@ def test_check_explicit_passes(toy_op):
         assert _registry.check_explicit(toy_op, 3, backend="auto") is None
     with pytest.raises(ValueError, match="backend must be one of"):
         _registry.check_explicit(toy_op, 2, backend="fastest")
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def _rope_args():
+    q = _t(1, 2, 4, 8)
+    cos, sin = rope_frequencies(torch.arange(4), 8)
+    return q, cos, sin
+
+
+# Per op: a call the op accepts, and one it refuses in its own argument checks; (args, kwargs) each.
+_CALLS = {
+    "actnorm": (
+        ((_t(2, 3, 4, 4), torch.zeros(3), torch.zeros(3)), {}),
+        ((_t(2, 3, 4, 4), torch.zeros(4), torch.zeros(3)), {}),
+    ),
+    "affine_coupling": (((_t(2, 4, 3, 3), _t(2, 4, 3, 3)), {}), ((_t(2, 4, 3, 3), _t(2, 4, 3, 3)), {"scale": "nope"})),
+    "attention": (((_t(1, 2, 4, 8),) * 3, {"causal": True}), ((_t(1, 2, 4, 8), _t(1, 2, 4, 4), _t(1, 2, 4, 8)), {})),
+    "bias_act": (((_t(2, 3, 4), torch.zeros(3)), {"act": "lrelu"}), ((_t(2, 3, 4), torch.zeros(3)), {"act": "nope"})),
+    "demodulation_coefficients": (((_t(4, 3, 3, 3), _t(2, 3)), {}), ((_t(4, 3, 3, 3), _t(2, 5)), {})),
+    "gated_residual": (((_t(2, 3, 8), _t(2, 3, 8), _t(2, 8)), {}), ((_t(2, 3, 8), _t(2, 3, 7)), {})),
+    "gated_residual_layer_norm_modulate": (
+        ((_t(2, 3, 8), _t(2, 3, 8), _t(2, 8), torch.ones(8)), {"rms": True}),
+        ((_t(2, 3, 8), _t(2, 3, 8), None, None, None, _t(2, 7)), {}),
+    ),
+    "gelu_tanh": (((_t(2, 8),), {}), ((torch.ones(2, 8, dtype=torch.int32),), {})),
+    "group_norm": (((_t(2, 8, 4, 4), 4), {"activation": "silu"}), ((_t(2, 8, 4, 4), 3), {})),
+    "layer_norm_modulate": (((_t(2, 3, 8), torch.ones(8), torch.zeros(8)), {}), ((_t(2, 3, 8), torch.ones(7)), {})),
+    "modconv_epilogue": (((_t(2, 4, 3, 3), _t(2, 4)), {"bias": torch.zeros(4)}), ((_t(2, 4, 3, 3),), {"act": "nope"})),
+    "reparameterize": (((_t(2, 4, 3, 3), _t(2, 4, 3, 3)), {}), ((_t(2, 4, 3, 3), _t(2, 4, 3, 2)), {})),
+    "rope": (
+        (lambda q, cos, sin: ((q, q.clone(), cos, sin), {}))(*_rope_args()),
+        (lambda q, cos, sin: ((q, None, cos, sin), {"k_out": q.clone()}))(*_rope_args()),
+    ),
+    "schedule_step": (((_t(2, 4), _t(2, 4), StepCoeffs(px=1.0, c0=1.0)), {}), ((_t(2, 4), _t(2, 4), (1.0, 0.0)), {})),
+    "swiglu": (((_t(2, 8),), {"dim": -1}), ((_t(2, 7),), {})),
+}
+
+
+def test_every_op_has_a_check_and_test_calls():
+    assert set(_registry.checked_ops()) == set(_registry.ops())
+    assert set(_CALLS) == set(_registry.ops())
+
+
+@pytest.mark.parametrize("op", sorted(_CALLS))
+def test_explain_refuses_what_the_op_refuses(op):
+    args, kwargs = _CALLS[op][1]
+    with pytest.raises((ValueError, TypeError)) as from_op:
+        getattr(genkernels.ops, op)(*args, **kwargs)
+    with pytest.raises(from_op.type) as from_explain:
+        genkernels.explain(op, *args, **kwargs)
+    assert type(from_explain.value) is from_op.type
+    assert str(from_explain.value) == str(from_op.value)
+
+
+@pytest.mark.parametrize("op", sorted(_CALLS))
+def test_explain_answers_for_a_call_the_op_accepts(op):
+    args, kwargs = _CALLS[op][0]
+    reasons = genkernels.explain(op, *args, **kwargs)
+    assert list(reasons) == [b.name for b in _registry.backends_of(op)]
+    assert reasons["reference"] is None
+    getattr(genkernels.ops, op)(*args, **kwargs, backend="reference")
+
+
+def test_register_check_refuses_names_the_op_does_not_take():
+    def check(x, nope):
+        pass
+
+    with pytest.raises(ValueError, match="nope"):
+        _registry.register_check("toy_op_for_tests", group_norm, check)
+    assert "toy_op_for_tests" not in _registry.checked_ops()

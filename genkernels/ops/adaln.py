@@ -1043,3 +1043,14 @@ __all__ = [
     "layer_norm_modulate",
     "layer_norm_modulate_reference",
 ]
+
+
+def _check_fused(x, y, gate, weight, bias, shift, scale, eps, rms) -> None:
+    """gated_residual_layer_norm_modulate's argument checks, in the order it runs them."""
+    _check_gate(x, y, gate)
+    _check_norm(x, weight, bias, shift, scale, eps, rms)
+
+
+_registry.register_check(NORM_OP, layer_norm_modulate, _check_norm)
+_registry.register_check(GATE_OP, gated_residual, _check_gate)
+_registry.register_check(FUSED_OP, gated_residual_layer_norm_modulate, _check_fused)

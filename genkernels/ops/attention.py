@@ -261,7 +261,7 @@ def _probe(device: torch.device) -> tuple:
     """Arguments of a typical call, for `genkernels.info()`."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     q = torch.randn(1, 2, 64, 64, device=device, dtype=dtype)
-    return (q, q, q, True)
+    return (q, q, q, {"causal": True})
 
 
 _registry.register_probe(OP, _probe)
@@ -435,3 +435,6 @@ def attention(
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.contiguous()
     return _autograd.apply(_AttentionFunction, q, k, v, key_padding_mask, causal, scale, needs_grad, chosen.impl)
+
+
+_registry.register_check(OP, attention, _check)

@@ -334,7 +334,7 @@ _registry.register(OP, "reference", lambda *a, **k: None, _ReferenceKernels)
 def _probe(device: torch.device) -> tuple:
     """Arguments of a typical call (a StyleGAN layer's bias + leaky ReLU), for `genkernels.info()`."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    return (torch.randn(4, 64, 16, 16, device=device, dtype=dtype), torch.zeros(64, device=device), "lrelu")
+    return (torch.randn(4, 64, 16, 16, device=device, dtype=dtype), torch.zeros(64, device=device), {"act": "lrelu"})
 
 
 _registry.register_probe(OP, _probe)
@@ -734,3 +734,6 @@ def bias_act(
 
 
 __all__ = ["ACTS", "DEFAULT_GAIN", "bias_act", "bias_act_reference"]
+
+
+_registry.register_check(OP, bias_act, _check)

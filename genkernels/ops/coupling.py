@@ -292,7 +292,7 @@ def _coupling_probe(device: torch.device) -> tuple:
     """Arguments of a typical call (a Glow coupling at 32x32 after a squeeze), for `genkernels.info()`."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     x = torch.randn(4, 12, 16, 16, device=device, dtype=dtype)
-    return (x, torch.randn(4, 12, 16, 16, device=device, dtype=dtype), "sigmoid")
+    return (x, torch.randn(4, 12, 16, 16, device=device, dtype=dtype), {"scale": "sigmoid"})
 
 
 def _actnorm_probe(device: torch.device) -> tuple:
@@ -606,3 +606,7 @@ def actnorm(
 
 
 __all__ = ["ATAN_FACTOR", "SCALES", "actnorm", "affine_coupling", "h_channels", "log_scale_of"]
+
+
+_registry.register_check(COUPLING_OP, affine_coupling, _check_coupling)
+_registry.register_check(ACTNORM_OP, actnorm, _check_actnorm)

@@ -521,3 +521,7 @@ def linear_gelu_tanh(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, b
 
 
 __all__ = ["gelu_epilogue", "gelu_tanh", "gelu_tanh_reference", "linear_gelu_tanh", "swiglu", "swiglu_reference"]
+
+
+_registry.register_check(GELU_OP, gelu_tanh, _check_x)
+_registry.register_check(SWIGLU_OP, swiglu, _check_swiglu)

@@ -368,3 +368,6 @@ def group_norm(
     if chosen.name == "reference":
         return group_norm_reference(x, groups, weight, bias, eps, activation)
     return _autograd.apply(_GroupNormFunction, x, weight, bias, groups, eps, silu, chosen.impl)
+
+
+_registry.register_check(OP, group_norm, _check)

@@ -328,7 +328,8 @@ def _epilogue_probe(device: torch.device) -> tuple:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     y = torch.randn(4, 64, 16, 16, device=device, dtype=dtype)
     dcoef = torch.rand(4, 64, device=device)
-    return (y, dcoef, torch.randn(4, 1, 16, 16, device=device), torch.zeros(64, device=device), "lrelu")
+    noise = torch.randn(4, 1, 16, 16, device=device)
+    return (y, dcoef, {"noise": noise, "bias": torch.zeros(64, device=device), "act": "lrelu"})
 
 
 _registry.register_probe(DEMOD_OP, _demod_probe)
@@ -821,3 +822,7 @@ __all__ = [
     "modconv_epilogue",
     "modconv_epilogue_reference",
 ]
+
+
+_registry.register_check(DEMOD_OP, demodulation_coefficients, _check_demod)
+_registry.register_check(EPILOGUE_OP, modconv_epilogue, _check_epilogue)

@@ -679,3 +679,6 @@ def reparameterize_reference(
 
 
 __all__ = ["LOGVAR_MIN", "LOGVAR_MAX", "reparameterize", "reparameterize_reference"]
+
+
+_registry.register_check(OP, reparameterize, _check)

@@ -557,3 +557,14 @@ def _rope_into(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, k_out: Tensor, in
 
 
 __all__ = ["rope", "rope_frequencies", "rope_frequencies_2d", "rope_reference"]
+
+
+def _check_call(q, k, cos, sin, inplace, interleaved, k_out) -> None:
+    """rope's argument checks, in the order it runs them."""
+    _check(q, k, cos, sin, inplace, interleaved)
+    _check_k_out(q, k, k_out, inplace)
+    if inplace:
+        _check_inplace(q, k)
+
+
+_registry.register_check(OP, rope, _check_call)

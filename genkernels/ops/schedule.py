@@ -745,3 +745,6 @@ def add_noise(
 
 
 __all__ = ["COEFF_NAMES", "StepCoeffs", "add_noise", "philox_normal", "schedule_step", "schedule_step_reference"]
+
+
+_registry.register_check(OP, schedule_step, _check)

@@ -231,7 +231,7 @@ def test_fused_one_output_used(backend, used, gate_kind, device):
 def test_no_gate_gradients_are_shared(backend, device):
     """Without a gate y's gradient is x's (the same values: h = x + y), and y is not kept for the backward."""
     x, w, _, _, _ = _norm_inputs((2, 3, 40), torch.float32, device, (None, None), rms=True)
-    skip_unsupported(backend, A.FUSED_OP, x)
+    skip_unsupported(backend, A.FUSED_OP, x, x)
     x, y = x.requires_grad_(True), torch.randn_like(x, requires_grad=True)
     h, out = gated_residual_layer_norm_modulate(x, y, None, w, rms=True, backend=backend)
     dx, dy = torch.autograd.grad((h * 0.5).sum() + out.square().sum(), (x, y))

@@ -73,7 +73,7 @@ def _check(backend, x, bias, order=1, **kwargs):
 @pytest.mark.parametrize("act", ACTS)
 def test_acts_and_dtypes(backend, dtype, act, device):
     x, bias = _inputs((2, 6, 5, 7), dtype, device)
-    skip_unsupported(backend, BA.OP, x, bias, act)
+    skip_unsupported(backend, BA.OP, x, bias, act=act)
     _check(backend, x, bias, act=act)
 
 
@@ -82,7 +82,7 @@ def test_acts_and_dtypes(backend, dtype, act, device):
 @pytest.mark.parametrize("clamp", [None, 0.7])
 def test_layouts_and_clamp(backend, layout, clamp, device):
     x, bias = _inputs((2, 5, 4, 6), torch.float16, device, layout)
-    skip_unsupported(backend, BA.OP, x, bias, "lrelu")
+    skip_unsupported(backend, BA.OP, x, bias, act="lrelu")
     _check(backend, x, bias, act="lrelu", clamp=clamp)
     y = bias_act(x, bias, act="lrelu", clamp=clamp, backend=backend)
     if layout == "channels_last":
@@ -93,7 +93,7 @@ def test_layouts_and_clamp(backend, layout, clamp, device):
 @pytest.mark.parametrize("shape, dim", [((3, 7), 1), ((2, 3, 9), -1), ((4, 5, 3), 0), ((1, 1, 1, 1), 1), ((33,), 0)])
 def test_dims_and_odd_shapes(backend, shape, dim, device):
     x, bias = _inputs(shape, torch.float32, device, dim=dim)
-    skip_unsupported(backend, BA.OP, x, bias, "gelu", dim)
+    skip_unsupported(backend, BA.OP, x, bias, act="gelu", dim=dim)
     _check(backend, x, bias, act="gelu", dim=dim)
 
 
@@ -103,7 +103,7 @@ def test_no_bias_any_dim(backend, shape, device):
     """Without a bias, dim says nothing: a 1-D or 0-D x at the default dim=1 (or any int dim) runs."""
     x = torch.randn(shape, device=device, dtype=torch.float64 if backend == "reference" else torch.float32)
     x.requires_grad_(True)
-    skip_unsupported(backend, BA.OP, x.detach(), None, "lrelu", 0)
+    skip_unsupported(backend, BA.OP, x.detach(), None, act="lrelu", dim=0)
     for dim in (1, 5, -7):
         y = bias_act(x, act="lrelu", clamp=0.5, dim=dim, backend=backend)
         expected = (torch.nn.functional.leaky_relu(x, 0.2) * math.sqrt(2)).clamp(-0.5, 0.5)
@@ -130,7 +130,7 @@ TILE_CASES = [
 @pytest.mark.parametrize("need_dx", [True, False])
 def test_bias_gradient_tiles(backend, shape, layout, dim, per_tile, need_dx, device):
     x, bias = _inputs(shape, torch.float16, device, layout, dim=dim)
-    skip_unsupported(backend, BA.OP, x, bias, "lrelu", dim)
+    skip_unsupported(backend, BA.OP, x, bias, act="lrelu", dim=dim)
     if backend == "triton":
         from genkernels.triton.bias_act import _bias_grad_plan
 
@@ -146,7 +146,7 @@ def test_bias_gradient_row_loads(load_tiles, device, monkeypatch):
     from genkernels.triton import bias_act as tba
 
     x, bias = _inputs((2, 96, 24, 24), torch.float16, device, "channels_last")
-    skip_unsupported("triton", BA.OP, x, bias, "lrelu")
+    skip_unsupported("triton", BA.OP, x, bias, act="lrelu")
     monkeypatch.setattr(tba, "LOAD_TILES", load_tiles)
     plan = tba._bias_grad_plan(x, 1)
     assert not plan["PER_TILE"] and plan["ROW_ITERS"] == (2 if load_tiles == 1 else 1)
@@ -174,7 +174,7 @@ def test_bias_dtypes(backend, x_dtype, bias_dtype, device):
     and dbias in the bias's dtype."""
     x, bias = _inputs((2, 4, 3, 5), x_dtype, device)
     bias = bias.to(bias_dtype)
-    skip_unsupported(backend, BA.OP, x, bias, "silu")
+    skip_unsupported(backend, BA.OP, x, bias, act="silu")
     _check(backend, x, bias, order=2, act="silu")
     leaf = bias.detach().requires_grad_(True)
     (db,) = torch.autograd.grad(bias_act(x, leaf, act="silu", backend=backend).sum(), leaf)
@@ -188,7 +188,7 @@ def test_channel_uniform_tiles(backend, shape, device, monkeypatch):
     scalar a program, and the backward walks several row tiles a program (a partial row tile at the end
     of (3, 2, 64, 64)), the programs' floor lowered so that these small shapes take that path too."""
     x, bias = _inputs(shape, torch.float16, device)
-    skip_unsupported(backend, BA.OP, x, bias, "lrelu")
+    skip_unsupported(backend, BA.OP, x, bias, act="lrelu")
     if backend == "triton":
         from genkernels.triton import bias_act as tba
 
@@ -205,7 +205,7 @@ def test_channel_uniform_tiles(backend, shape, device, monkeypatch):
 def test_double_backward(backend, act, device):
     """The R1 penalty's path: gradients of a gradient, against the reference under the criterion."""
     x, bias = _inputs((2, 4, 3, 5), torch.float32, device)
-    skip_unsupported(backend, BA.OP, x, bias, act)
+    skip_unsupported(backend, BA.OP, x, bias, act=act)
     _check(backend, x, bias, order=2, act=act, clamp=1.5 if act in ("silu", "lrelu") else None)
 
 
@@ -231,7 +231,7 @@ def test_defaults(device):
 @pytest.mark.parametrize("act", ACTS)
 def test_large_inputs(backend, act, device):
     x, bias = _inputs((2, 4, 3, 3), torch.float32, device, scale=1e4)
-    skip_unsupported(backend, BA.OP, x, bias, act)
+    skip_unsupported(backend, BA.OP, x, bias, act=act)
     x.requires_grad_(True)
     y = bias_act(x, bias, act=act, clamp=256.0, backend=backend)
     (dx,) = torch.autograd.grad(y.sum(), x)
@@ -265,7 +265,7 @@ def test_bad_input(call, error, match):
 @pytest.mark.parametrize("clamp", [None, 0.8])
 def test_opcheck(backend, clamp, device):
     x, bias = _inputs((2, 5, 3, 4), torch.float32, device, "channels_last")
-    skip_unsupported(backend, BA.OP, x, bias, "silu")
+    skip_unsupported(backend, BA.OP, x, bias, act="silu")
     x.requires_grad_(True)
     bias.requires_grad_(True)
     args = ("silu", 0.2, 1.0, clamp is not None, clamp or 0.0, 1)
@@ -283,7 +283,7 @@ def test_traced_op_second_order(backend, act, device):
     """The genkernels::bias_act op (what torch.compile traces) differentiated twice, dbias from the fused
     genkernels::bias_act_grad_bias: the eager function's gradients of both orders under the criterion."""
     x, bias = _inputs((2, 4, 3, 5), torch.float32, device)
-    skip_unsupported(backend, BA.OP, x, bias, act)
+    skip_unsupported(backend, BA.OP, x, bias, act=act)
     torch.manual_seed(5)
     dy, v, w = torch.randn_like(x), torch.randn_like(x), torch.randn_like(bias)
 
@@ -306,7 +306,7 @@ def test_compile_fullgraph(backend, device):
     """Forward and backward trace without graph breaks and match the eager call."""
     torch._dynamo.reset()
     x, bias = _inputs((2, 4, 3, 5), torch.float32, device, "channels_last")
-    skip_unsupported(backend, BA.OP, x, bias, "lrelu")
+    skip_unsupported(backend, BA.OP, x, bias, act="lrelu")
 
     def fn(x, bias):
         return bias_act(x, bias, act="lrelu", clamp=2.0, backend=backend)

@@ -60,7 +60,7 @@ def _check_coupling(backend, x, h, scale, reverse=False, grads=True):
 @pytest.mark.parametrize("scale", SCALES)
 def test_coupling_scales_and_dtypes(backend, dtype, scale, device):
     x, h = _coupling_inputs((2, 6, 5, 7), scale, dtype, device)
-    skip_unsupported(backend, CP.COUPLING_OP, x, h, scale)
+    skip_unsupported(backend, CP.COUPLING_OP, x, h, scale=scale)
     _check_coupling(backend, x, h, scale)
 
 
@@ -69,7 +69,7 @@ def test_coupling_scales_and_dtypes(backend, dtype, scale, device):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_coupling_layouts(backend, layout, reverse, device):
     x, h = _coupling_inputs((2, 5, 4, 6), "sigmoid", torch.float16, device, layout)
-    skip_unsupported(backend, CP.COUPLING_OP, x, h, "sigmoid", reverse=reverse)
+    skip_unsupported(backend, CP.COUPLING_OP, x, h, scale="sigmoid", reverse=reverse)
     y = _check_coupling(backend, x, h, "sigmoid", reverse=reverse, grads=not reverse)
     if layout == "channels_last":
         assert is_channels_last(y)
@@ -82,7 +82,7 @@ def test_coupling_layouts(backend, layout, reverse, device):
 @pytest.mark.parametrize("scale", ["softclamp_atan", "additive"])
 def test_coupling_odd_shapes(backend, shape, scale, device):
     x, h = _coupling_inputs(shape, scale, torch.float32, device)
-    skip_unsupported(backend, CP.COUPLING_OP, x, h, scale)
+    skip_unsupported(backend, CP.COUPLING_OP, x, h, scale=scale)
     _check_coupling(backend, x, h, scale)
     _check_coupling(backend, x, h, scale, reverse=True, grads=False)
 
@@ -92,7 +92,7 @@ def test_coupling_odd_shapes(backend, shape, scale, device):
 def test_coupling_inverse(backend, scale, device):
     """inverse(forward(x)) == x to 1e-5 relative in float32, and the two log-dets cancel."""
     x, h = _coupling_inputs((2, 6, 8, 8), scale, torch.float32, device)
-    skip_unsupported(backend, CP.COUPLING_OP, x, h, scale)
+    skip_unsupported(backend, CP.COUPLING_OP, x, h, scale=scale)
     y, logdet = affine_coupling(x, h, scale=scale, backend=backend)
     back, inv_logdet = affine_coupling(y, h, scale=scale, reverse=True, backend=backend)
     torch.testing.assert_close(back, x, rtol=1e-5, atol=1e-5 * x.abs().max().item())
@@ -107,7 +107,7 @@ def test_coupling_logdet_is_log_abs_det_jacobian(backend, scale, device):
     """logdet == log|det dy/dx| with autograd's Jacobian (through the op's own backward)."""
     dtype = torch.float64 if backend == "reference" else torch.float32
     x, h = _coupling_inputs((1, 3, 2, 2), scale, dtype, device)
-    skip_unsupported(backend, CP.COUPLING_OP, x, h, scale)
+    skip_unsupported(backend, CP.COUPLING_OP, x, h, scale=scale)
     jac = torch.autograd.functional.jacobian(lambda v: affine_coupling(v, h, scale=scale, backend=backend)[0], x)
     _, logabsdet = torch.linalg.slogdet(jac.reshape(x.numel(), x.numel()).double())
     logdet = affine_coupling(x, h, scale=scale, backend=backend)[1]
@@ -119,7 +119,7 @@ def test_coupling_logdet_is_log_abs_det_jacobian(backend, scale, device):
 def test_coupling_large_h(backend, scale, device):
     """|h| up to 1e4: no NaN or inf in y, logdet or the gradients of the bounded scale modes."""
     x, h = _coupling_inputs((2, 4, 3, 3), scale, torch.float32, device, h_scale=1e4)
-    skip_unsupported(backend, CP.COUPLING_OP, x, h, scale)
+    skip_unsupported(backend, CP.COUPLING_OP, x, h, scale=scale)
     x.requires_grad_(True)
     h.requires_grad_(True)
     y, logdet = affine_coupling(x, h, scale=scale, backend=backend)
@@ -162,7 +162,7 @@ def test_coupling_reference_formula(device):
 def test_differentiated_reverse_runs_on_the_reference(backend, device):
     x, h = _coupling_inputs((2, 4, 3, 3), "sigmoid", torch.float32, device)
     h.requires_grad_(True)
-    reasons = genkernels.explain(CP.COUPLING_OP, x, h, "sigmoid", reverse=True)
+    reasons = genkernels.explain(CP.COUPLING_OP, x, h, scale="sigmoid", reverse=True)
     assert "reverse=True" in reasons[backend]
     with pytest.raises(genkernels.UnsupportedError, match="reverse=True"):
         affine_coupling(x, h, reverse=True, backend=backend)
@@ -270,7 +270,7 @@ def test_explicit_backend_refuses_float64():
 @pytest.mark.parametrize("scale", ["sigmoid", "additive"])
 def test_opcheck(backend, scale, device):
     x, h = _coupling_inputs((2, 5, 3, 4), scale, torch.float32, device, "channels_last")
-    skip_unsupported(backend, CP.COUPLING_OP, x, h, scale)
+    skip_unsupported(backend, CP.COUPLING_OP, x, h, scale=scale)
     x.requires_grad_(True)
     h.requires_grad_(True)
     torch.library.opcheck(torch.ops.genkernels.affine_coupling.default, (x, h, scale, 1.5, False, backend))
@@ -289,7 +289,7 @@ def test_compile_fullgraph(backend, device):
     torch._dynamo.reset()
     x, h = _coupling_inputs((2, 4, 3, 5), "sigmoid", torch.float32, device, "channels_last")
     _, ls, b = _actnorm_inputs((2, 4, 3, 5), torch.float32, device)
-    skip_unsupported(backend, CP.COUPLING_OP, x, h, "sigmoid")
+    skip_unsupported(backend, CP.COUPLING_OP, x, h, scale="sigmoid")
 
     def step(x, h, ls, b):
         a, ld_a = actnorm(x, ls, b, backend=backend)

@@ -105,7 +105,7 @@ def _half_shape(shape, dim):
 @pytest.mark.parametrize("shape, dim", [((2, 5, 144), -1), ((3, 2000), -1), ((1, 1, 2), 2), ((6, 7, 3), 0)])
 def test_swiglu_dtypes_and_shapes(backend, dtype, shape, dim, device):
     x = (torch.randn(shape, device=device) * 3).to(dtype)
-    skip_unsupported(backend, GM.SWIGLU_OP, x, dim)
+    skip_unsupported(backend, GM.SWIGLU_OP, x, dim=dim)
     y, _ = _check(_swiglu_fn(dim), x, backend, _half_shape(shape, dim))
     assert y.shape == _half_shape(shape, dim) and y.is_contiguous()
 
@@ -115,7 +115,7 @@ def test_swiglu_dtypes_and_shapes(backend, dtype, shape, dim, device):
 def test_swiglu_layouts_and_dims(backend, layout, dim, device):
     """A middle dim (several rows of 2 * M columns) and non-contiguous inputs (copied once)."""
     x = to_layout((torch.randn(2, 6, 3, 10, device=device) * 3).half(), layout)
-    skip_unsupported(backend, GM.SWIGLU_OP, x, dim)
+    skip_unsupported(backend, GM.SWIGLU_OP, x, dim=dim)
     _check(_swiglu_fn(dim), x, backend, _half_shape(x.shape, dim))
 
 
