@@ -72,10 +72,6 @@ FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # --------------------------------------------------------------------------- validation
 
 
-def _real(value) -> bool:
-    return _checks.is_finite_real(value)
-
-
 def _check(x, bias, act, alpha, gain, clamp, dim) -> tuple[float, float, float | None, int]:
     """Raise a clear error naming the argument; returns (alpha, gain, clamp, dim) with defaults filled in."""
     if not isinstance(x, Tensor):
@@ -114,13 +110,13 @@ def act_params(act, alpha, gain, clamp) -> tuple[float, float, float | None]:
         raise ValueError(f"act must be one of {ACTS}, got {act!r}")
     if alpha is None:
         alpha = DEFAULT_ALPHA
-    elif not _real(alpha):
+    elif not _checks.is_finite_real(alpha):
         raise ValueError(f"alpha must be a finite float or None, got {alpha!r}")
     if gain is None:
         gain = DEFAULT_GAIN.get(act, 1.0)
-    elif not _real(gain):
+    elif not _checks.is_finite_real(gain):
         raise ValueError(f"gain must be a finite float or None, got {gain!r}")
-    if clamp is not None and not (_real(clamp) and clamp > 0):
+    if clamp is not None and not (_checks.is_finite_real(clamp) and clamp > 0):
         raise ValueError(f"clamp must be None or a finite float > 0, got {clamp!r}")
     return float(alpha), float(gain), (None if clamp is None else float(clamp))
 
