@@ -55,6 +55,7 @@ from .core import (
     OpSummary,
     SelfCheck,
     Variant,
+    capture_graph,
     compare,
     expected,
     first_call_s,
@@ -265,17 +266,7 @@ class ModelCase(Case):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        # Warm-up outside the capture, on a side stream (as torch.cuda.graphs' documentation does it):
-        # kernels compile and autotune, allocations settle, then the capture records only launches.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                _call(self.forward, model, static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = _call(self.forward, model, static)
+        graph, out = capture_graph(functools.partial(_call, self.forward, model, static))
 
         def fn() -> tuple[torch.Tensor, ...]:
             for buf, a in zip(static, inputs):

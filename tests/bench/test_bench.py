@@ -407,7 +407,7 @@ def timed_record(case: core.Case, ms: dict[str, float | None], copy_gbs: float =
     rec = core.record_of(case)
     rec.floor_ms = core.floor_ms(case.work, case.unit, copy_gbs)
     for name in case.variant_names():
-        role = "baseline" if name in (core.EAGER, core.COMPILE) else "genkernels"
+        role = core._role(case, name)
         value = ms.get(name)
         if value is None:
             rec.results.append(core.Result(name, role, "skipped", "extension not built"))

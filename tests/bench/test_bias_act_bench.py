@@ -34,7 +34,13 @@ def test_cases():
     assert [c.label for c in bias_act.cases(quick=True)] == [c.label for c in cases[:2]]
     assert len({c.label for c in cases}) == len(cases)
     assert bias_act.SHAPE == (32, 512, 64, 64) and all(c.params["bias"] == [512] for c in cases)
-    assert all(c.unit == "GB/s" and c.variant_names() == [core.EAGER, core.COMPILE, "triton", "cuda"] for c in cases)
+    assert all(c.unit == "GB/s" for c in cases)
+    assert all(c.variant_names() == [core.EAGER, core.COMPILE, "triton", "cuda"] for c in cases[:2])
+    # Forward + backward also under CUDA graphs, eager's and each backend's (the graphs are genkernels' own).
+    graphed = [core.EAGER, core.COMPILE, "eager + CUDA graph", "triton", "cuda"]
+    graphed += ["triton + CUDA graph", "cuda + CUDA graph"]
+    assert all(c.variant_names() == graphed for c in cases[2:])
+    assert [core._role(cases[2], n) for n in graphed] == ["baseline"] * 3 + ["genkernels"] * 4
     n = math.prod(bias_act.SHAPE)
     # Bytes that must move: x read + y written (2 tensors); forward + backward adds dy read, dx written and the
     # gradient codes (2 bits an element) written and read: 4 tensors + n / 2 bytes.
@@ -79,6 +85,11 @@ def test_case_end_to_end_on_cpu(mode):
         assert not core.compare(wrong, case.expected()).ok
         cuda = case.variant("cuda")
         assert cuda.fn is None and "cuda" in cuda.skip.lower()
+        for name in case.variant_names()[len(core.genkernels_backends()) + 2 :]:
+            if name.endswith(" + CUDA graph"):  # graphs need a CUDA device: said, not faked
+                graph = case.variant(name)
+                assert graph.fn is None and "CUDA graphs need a CUDA device" in graph.skip, name
+        assert (mode == "fwd+bwd") == any(n.endswith(" + CUDA graph") for n in case.variant_names())
     finally:
         case.release()
 
@@ -106,9 +117,12 @@ def test_goals(ms, passed, backend):
         "bf16 fwd 32x512x64x64",
         "bf16 fwd+bwd 32x512x64x64",
     ]
-    for goal in summary.goals:
+    for goal in summary.goals[:2]:
         assert goal.measured.startswith("unmeasured") if goal.passed is None else f"({backend})" in goal.measured
-    assert len(summary.rows) == 4 * 4 and summary.rows[0][2] == core.EAGER and summary.rows[0][4] == "-"
+    bwd = summary.goals[2]
+    assert bwd.measured.startswith("unmeasured") if bwd.passed is None else f"({backend} vs eager)" in bwd.measured
+    # 4 variants a forward case, 7 a forward + backward case (eager, each backend, and their CUDA graphs).
+    assert len(summary.rows) == 2 * 4 + 2 * 7 and summary.rows[0][2] == core.EAGER and summary.rows[0][4] == "-"
     assert summary.rows[0][0].endswith("bf16 fwd")
 
 
@@ -119,6 +133,34 @@ def test_backward_goal_threshold():
         rec = timed_record(case, {core.EAGER: 1.0, core.COMPILE: 0.3, "triton": triton_ms})
         (goal,) = [g for g in bias_act.summarize([rec]).goals if g.passed is not None]
         assert goal.passed is passed and goal.target == ">= 2.5x"
+
+
+@pytest.mark.parametrize(
+    ("ms", "measured", "passed"),
+    [
+        # Plain calls bound by their CPU time: the graphs decide.
+        (
+            {core.EAGER: 0.6, "eager + CUDA graph": 0.58, "cuda": 0.65, "cuda + CUDA graph": 0.16},
+            "3.62x (cuda + CUDA graph vs eager + CUDA graph)",
+            True,
+        ),
+        # The faster eager is the baseline, whichever it is.
+        ({core.EAGER: 0.5, "eager + CUDA graph": 0.6, "triton": 0.21}, "2.38x (triton vs eager)", False),
+        (
+            {"eager + CUDA graph": 0.5, "triton + CUDA graph": 0.2},
+            "2.50x (triton + CUDA graph vs eager + CUDA graph)",
+            True,
+        ),
+        ({core.EAGER: 0.5, core.COMPILE: 0.1}, "unmeasured (no genkernels variant ran)", None),
+        ({core.COMPILE: 0.1, "triton": 0.1}, "unmeasured (no eager ran)", None),
+    ],
+)
+def test_backward_goal_with_graphs(ms, measured, passed):
+    """Forward + backward: the fastest genkernels variant, plain or replayed from a CUDA graph, against the
+    faster of eager and eager replayed from a CUDA graph."""
+    rec = timed_record(bias_act.BiasActCase(torch.bfloat16, "fwd+bwd"), ms)
+    (goal,) = bias_act.summarize([rec]).goals[2:]
+    assert (goal.measured, goal.passed, goal.target) == (measured, passed, ">= 2.5x")
 
 
 def test_goals_without_records():
@@ -140,11 +182,14 @@ def test_run_case_on_cpu(monkeypatch):
     assert {k: v for k, v in status.items() if k != "triton"} == {
         core.EAGER: "ok",
         core.COMPILE: "ok",
+        "eager + CUDA graph": "skipped",
         "cuda": "skipped",
+        "triton + CUDA graph": "skipped",
+        "cuda + CUDA graph": "skipped",
     }, rec.results
     assert rec.floor_ms == pytest.approx(4.125 * math.prod(SMALL) * 4 / 1e9 * 1e3)
     rows = bias_act.summarize([rec]).rows
-    assert [r[2] for r in rows] == [core.EAGER, core.COMPILE, "triton", "cuda"] and rows[3][3] == "skipped"
+    assert [r[2] for r in rows] == case.variant_names() and rows[4][3] == "skipped"
 
 
 def test_reports(tmp_path):

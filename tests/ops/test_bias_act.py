@@ -419,3 +419,39 @@ def test_cuda_gradient_codes(act, dtype, layout, clamp):
     saved = y.grad_fn.saved_tensors[0]
     assert saved.dtype == torch.uint8 and saved.numel() == 2 * math.ceil(x.numel() / 8)
     _check("cuda", x, bias, order=2, act=act, clamp=clamp)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_capture_forward_backward(backend):
+    """Forward and autograd.grad record into one CUDA graph (no host synchronization in the op or its
+    backward, gradient codes and the bias gradient's finishing pass included) and a replay on new values of
+    x, bias and dy gives what the reference gives on them (the benchmark's "+ CUDA graph" variants)."""
+    x, bias = _inputs((2, 16, 48, 48), torch.bfloat16, torch.device("cuda"))
+    skip_unsupported(backend, BA.OP, x, bias, act="lrelu")
+    x.requires_grad_(True)
+    bias = bias.to(torch.bfloat16).requires_grad_(True)
+    dy = torch.randn_like(x)
+
+    def step():
+        y = bias_act(x, bias, act="lrelu", backend=backend)
+        return (y, *torch.autograd.grad(y, (x, bias), dy))
+
+    step()  # compiles (triton), settles the allocator: the capture then records launches only
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    with torch.no_grad():
+        for t in (x, bias, dy):
+            t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+
+    def reference(dtype):
+        xr, br = (t.detach().to(dtype).requires_grad_(True) for t in (x, bias))
+        y = bias_act(xr, br, act="lrelu", backend="reference")
+        return (y, *torch.autograd.grad(y, (xr, br), dy.to(dtype)))
+
+    for name, o, r, t in zip(("y", "dx", "dbias"), outputs, reference(None), reference(torch.float64)):
+        assert_criterion(o, r, t, name, relative_floor=name == "dbias")
