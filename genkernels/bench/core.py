@@ -188,6 +188,18 @@ def _copy_gbs(timing: Timing) -> float:
     return 2 * 2**30 / (ms * 1e-3) / 1e9
 
 
+def same_bytes_copy_ms(work: float, timing: Timing = FULL_TIMING) -> float:
+    """Milliseconds of one ``copy_`` that reads ``work / 2`` bytes and writes as many, timed by :func:`time_ms`
+    as every variant is (L2 flushed before each call, CUDA events around it).
+
+    The floor is the bytes at the 1 GiB copy's rate; a call of tens of microseconds also pays its launch and
+    ramp-up, which a 1 GiB copy spreads thin. A copy of the same bytes, measured the same way, is the fastest a
+    single kernel that moves them is measured to run here: what a percentage of the copy bandwidth can reach."""
+    src = torch.ones(max(1, int(work // 8)), dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    return time_ms(lambda: dst.copy_(src), timing)
+
+
 def _matmul_tflops(timing: Timing) -> float:
     n = 8192
     # Random data: zeros make the tensor cores draw less power and run faster than on real work.
@@ -356,7 +368,8 @@ class CaseRecord:
     ``peer``: the case's peer variant (see :class:`Case`), or None. ``floor_ms``: the case's work
     at the device ceiling of its unit (work / ceiling), the time no variant can beat; a variant's
     % of the ceiling is this floor over its time. ``copy_gbs``: the copy rate measured in the run, for
-    summaries whose floor also has a memory-bound part.
+    summaries whose floor also has a memory-bound part. ``copy_ms``: for a memory-bound case on a GPU, one
+    ``copy_`` of the case's bytes (half read, half written) timed as the variants are (:func:`same_bytes_copy_ms`).
     """
 
     op: str
@@ -370,6 +383,7 @@ class CaseRecord:
     peer: str | None = None
     floor_ms: float | None = None
     copy_gbs: float | None = None
+    copy_ms: float | None = None
 
     def result(self, variant: str) -> Result | None:
         """The result of ``variant``, or None when the case has no such variant."""
@@ -474,6 +488,8 @@ def run_case(case: Case, device: torch.device, timing: Timing, ceilings: Ceiling
     record.floor_ms = floor_ms(case.work, case.unit, ceiling)
     record.copy_gbs = ceilings.copy_gbs
     try:
+        if case.unit == "GB/s" and device.type == "cuda":
+            record.copy_ms = same_bytes_copy_ms(case.work, timing)
         case.prepare(device)
         for name in case.variant_names():
             record.results.append(run_variant(case, name, timing, ceiling))

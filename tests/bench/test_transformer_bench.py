@@ -137,6 +137,25 @@ def test_adaln_bandwidth_goal_picks_the_best_backend():
     goal = adaln.bandwidth_goal(rec, "bw", 75.0)
     assert goal.passed and goal.measured == "80% (cuda)"
     assert adaln.bandwidth_goal(None, "bw", 75.0).passed is None
+    # On a GPU the record also holds a copy of the same bytes timed the same way: shown next to the best.
+    rec.copy_ms = floor / 0.85
+    assert adaln.bandwidth_goal(rec, "bw", 75.0).measured == "80% (cuda); a copy of the same bytes: 85%"
+
+
+def test_same_bytes_copy_timed_like_the_variants(monkeypatch):
+    """A copy_ of a memory-bound case's bytes (half read, half written) is timed with the variants' timer;
+    run_case measures it on a CUDA device only."""
+    timed, sizes = [], []
+    monkeypatch.setattr(core, "time_ms", lambda fn, timing=None: timed.append(fn) or 0.5)
+    monkeypatch.setattr(torch, "ones", lambda n, **kw: sizes.append((n, kw["device"])) or torch.zeros(n))
+    assert core.same_bytes_copy_ms(8000.0) == 0.5 and sizes == [(1000, "cuda")] and len(timed) == 1
+    monkeypatch.setattr(core, "same_bytes_copy_ms", lambda work, timing: work)
+    monkeypatch.setattr(core, "run_variant", lambda case, name, timing, ceiling: core.Result(name, "x", "skipped"))
+    case = adaln.cases()[0]
+    monkeypatch.setattr(case, "prepare", lambda device: None)
+    for device, copy_ms in (("cuda", case.work), ("cpu", None)):
+        rec = core.run_case(case, torch.device(device), core.QUICK_TIMING, core.Ceilings(4000.0, 700.0))
+        assert rec.copy_ms == copy_ms and rec.to_dict()["copy_ms"] == copy_ms, device
 
 
 # --------------------------------------------------------------------------- rope
