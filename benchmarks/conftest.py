@@ -43,14 +43,13 @@ def _id(text: str) -> str:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize ``case`` x ``variant`` from the test module's ``BENCH`` (ids: the label, then the variant)."""
+    """Parametrize ``case`` and ``variant`` from the test module's ``BENCH``: each case with each of its own
+    variants (ids: the label, then the variant)."""
     bench = getattr(metafunc.module, "BENCH", None)
     if bench is None or not {"case", "variant"} <= set(metafunc.fixturenames):
         return
-    cases = bench.cases()
-    variants = cases[0].variant_names()
-    metafunc.parametrize("case", cases, ids=[_id(c.label) for c in cases])
-    metafunc.parametrize("variant", variants, ids=[_id(v) for v in variants])
+    pairs = [(c, v) for c in bench.cases() for v in c.variant_names()]
+    metafunc.parametrize(("case", "variant"), pairs, ids=[f"{_id(c.label)}-{_id(v)}" for c, v in pairs])
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2,24 +2,16 @@
 
 pytest benchmarks/test_bias_act.py -k "bf16 and not fwd_bwd" --benchmark-json=bias_act.json
 
-Variant ids: eager, torch.compile (of the eager formula), triton, cuda.
+Variant ids: eager, torch.compile (of the eager formula), triton, cuda; forward + backward also eager, triton and
+cuda replayed from a CUDA graph (eager_CUDA-graph, triton_CUDA-graph, cuda_CUDA-graph).
 """
 
 from __future__ import annotations
 
-import pytest
-
 from genkernels.bench import bias_act
 
-CASES = bias_act.cases()
-VARIANTS = CASES[0].variant_names()
+BENCH = bias_act  # conftest.py parametrizes each case with its variants
 
 
-def _id(text: str) -> str:
-    return text.replace("/", "-").replace(" ", "-").replace("+", "_")
-
-
-@pytest.mark.parametrize("variant", VARIANTS, ids=[_id(v) for v in VARIANTS])
-@pytest.mark.parametrize("case", CASES, ids=[_id(c.label) for c in CASES])
 def test_bias_act(run_benchmark, case, variant: str) -> None:
     run_benchmark(case, variant)

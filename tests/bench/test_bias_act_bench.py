@@ -220,3 +220,33 @@ def test_self_check_triton():
         pytest.skip(f"triton backend cannot run: {check.detail}")
     assert check.status == "ok", check.detail
     assert "fp32, fp16" in check.detail and "bf16" not in check.detail
+
+
+def test_pytest_benchmark_harness_collects_each_cases_variants():
+    """benchmarks/test_bias_act.py runs each case with its own variants: the CUDA-graph ones on forward +
+    backward only (collected without a GPU; they skip there)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "benchmarks/test_bias_act.py",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    ids = [line.split("[", 1)[1].rstrip("]") for line in out.splitlines() if line.startswith("benchmarks/")]
+    want = [f"{c.label.replace(' ', '-')}-{v}" for c in bias_act.cases() for v in c.variant_names()]
+    assert ids == [w.replace(" + ", "_").replace(" ", "-") for w in want]
+    assert sum(i.endswith("_CUDA-graph") for i in ids) == 6 and not any("fwd-" in i and "graph" in i for i in ids)
