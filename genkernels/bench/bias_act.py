@@ -98,6 +98,14 @@ def graph_variants() -> list[str]:
     return [b + GRAPH_SUFFIX for b in genkernels_backends()]
 
 
+def variants_of(mode: str) -> list[str]:
+    """A case's variants in report order: eager, torch.compile, each genkernels backend; forward + backward
+    adds eager and each backend replayed from a CUDA graph."""
+    if mode == "fwd":
+        return [EAGER, COMPILE, *genkernels_backends()]
+    return [EAGER, COMPILE, EAGER_GRAPH, *genkernels_backends(), *graph_variants()]
+
+
 def tensors_moved(mode: str, dtype: torch.dtype) -> float:
     """Tensors of x's size that must move (module doc): 2 forward; forward + backward 4 plus the gradient codes,
     n / 4 bytes written and read back."""
@@ -194,12 +202,8 @@ class BiasActCase(MemoryBoundCase):
         self.genkernels_variants = genkernels_backends() + (graph_variants() if mode == "fwd+bwd" else [])
 
     def variant_names(self) -> list[str]:
-        """eager, torch.compile, each genkernels backend; forward + backward adds eager and each backend
-        replayed from a CUDA graph."""
-        names = super().variant_names()
-        if self.mode == "fwd":
-            return names
-        return [EAGER, COMPILE, EAGER_GRAPH, *genkernels_backends(), *graph_variants()]
+        """:func:`variants_of` the case's mode."""
+        return variants_of(self.mode)
 
     def prepare(self, device: torch.device) -> None:
         """Seeded inputs and the references (float64 truth)."""
@@ -236,14 +240,15 @@ class BiasActCase(MemoryBoundCase):
         device = self._state["args"][0].device
         if device.type != "cuda":
             return Variant(name, role, skip=f"CUDA graphs need a CUDA device, inputs are on {device}")
+        from genkernels import UnsupportedError
+
         impl = eager_bias_act if base == EAGER else functools.partial(_genkernels, base)
-        if role == "genkernels":
-            probe = build(base, self._fn(impl))  # the backend's refusal (UnsupportedError) is a skip
-            if probe.skip is not None:
-                return Variant(name, role, skip=probe.skip)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        graph, out = capture_graph(self._fn(impl))
+        try:
+            graph, out = capture_graph(self._fn(impl))
+        except UnsupportedError as e:  # a backend's refusal, raised by the first warm-up call: a skip, as plain
+            return Variant(name, role, skip=" ".join(str(e).split()))
 
         def replay() -> tuple[torch.Tensor, ...]:
             graph.replay()
@@ -273,12 +278,9 @@ def summarize(records: Sequence[CaseRecord]) -> OpSummary:
     and the goals per dtype and mode, each on the genkernels backend that does best."""
     by_case = records_by(records, OP, ("dtype", "mode"))
     headers = ["case", "floor ms", "variant", "ms", "vs eager", "vs torch.compile", "% copy BW"]
-    rows = case_rows(by_case, [(DTYPE_NAMES[dtype], "fwd") for dtype in DTYPES])
-    rows += case_rows(
-        by_case,
-        [(DTYPE_NAMES[dtype], "fwd+bwd") for dtype in DTYPES],
-        [EAGER, COMPILE, EAGER_GRAPH, *genkernels_backends(), *graph_variants()],
-    )
+    rows = [
+        row for mode in MODES for row in case_rows(by_case, [(DTYPE_NAMES[d], mode) for d in DTYPES], variants_of(mode))
+    ]
     notes = [
         f"{WORKLOAD} {SHAPE}, bias ({SHAPE[1]},); baseline: F.leaky_relu(x + b.view(1, -1, 1, 1), 0.2) * sqrt(2), "
         "eager and torch.compile; genkernels: ops.bias_act(x, b, act='lrelu').",

@@ -182,10 +182,8 @@ def measure_ceilings(timing: Timing = FULL_TIMING) -> Ceilings:
 
 
 def _copy_gbs(timing: Timing) -> float:
-    src = torch.ones(2**30 // 4, dtype=torch.float32, device="cuda")
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), timing)
-    return 2 * 2**30 / (ms * 1e-3) / 1e9
+    moved = 2 * 2**30  # 1 GiB read, 1 GiB written
+    return moved / (same_bytes_copy_ms(moved, timing) * 1e-3) / 1e9
 
 
 def same_bytes_copy_ms(work: float, timing: Timing = FULL_TIMING) -> float:
