@@ -66,13 +66,16 @@ def _check(backend, q, k, cos, sin, interleaved):
     return out
 
 
-# (B, H, Hk, L, Dh, pairs): head dims 40 / 72 / 128, odd L, L = 1, grouped k, partial rotary (pairs < Dh/2).
+# (B, H, Hk, L, Dh, pairs): head dims 40 / 72 / 128, odd L, L = 1, grouped k, partial rotary (pairs < Dh/2);
+# head dims 12 and 6: rows whose strides are multiples of 4 and of 2 elements only (the triton kernel's VEC).
 CASES = [
     (2, 3, 1, 5, 40, 20),
     (1, 2, 2, 7, 72, 36),
     (2, 2, 1, 3, 128, 64),
     (1, 2, 1, 1, 72, 16),
     (2, 1, 1, 9, 40, 13),
+    (2, 2, 1, 3, 12, 6),
+    (1, 3, 1, 5, 6, 3),
 ]
 
 

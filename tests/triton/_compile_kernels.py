@@ -746,14 +746,16 @@ def run_bias_act_call(ba, call: BiasActCall) -> None:
 
 def transformer_calls() -> Iterator[TransformerCall]:
     """The transformer sweep: the benchmark's shapes on every target (DiT-XL rows (2 * 4096, 1152) and FLUX
-    rows (4608, 3072) in bf16, per-sample modulation, plain and fused with the gated residual; FLUX's rope
-    (1, 24, 4608, 128); the MLP activations at DiT-XL's hidden size), then small calls covering the other
-    paths on sm_90 (RMSNorm, affine, per-token modulation, odd D, partial and interleaved rope, fp16/fp32)."""
+    rows (4608, 3072) in bf16, per-sample modulation, plain and fused with the gated residual; FLUX's and
+    DiT-XL's rope, (1, 24, 4608, 128) and (2, 16, 4096, 72); the MLP activations at DiT-XL's hidden size),
+    then small calls covering the other paths on sm_90 (RMSNorm, affine, per-token modulation, odd D,
+    partial and interleaved rope, fp16/fp32)."""
     bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
     for rows, tokens, d in ((8192, 4096, 1152), (4608, 4608, 3072)):
         for fused in (False, True):
             yield TransformerCall("bench", "adaln", (rows, d), bf16, tokens, fused=fused, workload=ALL_ARCHS)
     yield TransformerCall("bench", "rope", (1, 24, 4608, 128), bf16, workload=ALL_ARCHS)
+    yield TransformerCall("bench", "rope", (2, 16, 4096, 72), bf16, workload=ALL_ARCHS)
     yield TransformerCall("bench", "mlp", (8192, 4608), bf16, workload=ALL_ARCHS)
     for rms, affine, per_token, d in ((True, True, False, 72), (False, True, True, 1000), (True, False, True, 40)):
         for fused in (False, True):

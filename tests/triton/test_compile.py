@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -397,6 +398,17 @@ TRANSFORMER_KERNELS = (
 )
 
 
+def _widest_possible(variant) -> int:
+    """The widest access, in bytes, a bf16 launch of the benchmark can make: 16, but for rope with P pairs a
+    row's second half starts P elements in, so 2 bytes times the largest power of two dividing P (8 at
+    DiT-XL's P = 36)."""
+    pairs = re.search(r" P=(\d+)", variant["call"])
+    if variant["kernel"] != "_rope_kernel" or pairs is None:
+        return 16
+    p = int(pairs[1])
+    return min(16, 2 * (p & -p))
+
+
 def test_transformer_launches_compiled(report):
     """adaln (layer_norm_modulate and the gated residual + norm, forward and backward), rope (forward and
     inverse) and the MLP activations compiled on each target at the benchmark's shapes, and on sm_90 with
@@ -411,9 +423,9 @@ def test_transformer_launches_compiled(report):
         for v in variants
         if v["label"] == "bench"
         and ("forward" in v["kernel"] or v["kernel"] == "_rope_kernel")
-        and min(max(map(_bytes, v["loads"]), default=0), max(map(_bytes, v["stores"]), default=0)) < 16
+        and min(max(map(_bytes, v["loads"]), default=0), max(map(_bytes, v["stores"]), default=0)) < _widest_possible(v)
     ]
-    assert not bad, "scalar global accesses at the benchmark's shapes:\n" + "\n".join(bad)
+    assert not bad, "narrower global accesses than the shapes allow at the benchmark's shapes:\n" + "\n".join(bad)
     calls = {v["call"] for v in variants if v["arch"] == 90}
     for feature in ("rms", "affine", "per-token", "fused", "P=20", "interleaved"):
         assert any(feature in c for c in calls), f"no sm_90 launch with {feature}"
