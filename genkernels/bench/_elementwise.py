@@ -7,6 +7,7 @@ backend, and the CPU self-check's dtypes and single check.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from .core import (
     SelfCheck,
     SelfCheckTally,
     Variant,
+    capture_graph,
     compare,
     first_call_s,
     genkernels_backends,
@@ -82,6 +84,77 @@ def build(name: str, fn: Callable[[], tuple[torch.Tensor, ...]]) -> Variant:
     except UnsupportedError as e:
         return Variant(name, "genkernels", skip=" ".join(str(e).split()))
     return Variant(name, "genkernels", fn, first_call_s=took)
+
+
+#: A variant replayed from a CUDA graph is named after the one it captures: "triton + CUDA graph".
+GRAPH_SUFFIX = " + CUDA graph"
+
+
+def graphed(name: str) -> str:
+    """The name of ``name`` (eager, torch.compile or a backend) replayed from a CUDA graph."""
+    return name + GRAPH_SUFFIX
+
+
+def graph_variants() -> list[str]:
+    """Each genkernels backend replayed from a CUDA graph."""
+    return [graphed(b) for b in genkernels_backends()]
+
+
+def graph_variant(name: str, fn: Callable[[], tuple[torch.Tensor, ...]], device: torch.device, keep: list) -> Variant:
+    """Variant ``name`` (a :func:`graphed` name): ``fn`` captured once in a CUDA graph (warm-up calls, then
+    the capture: its first call's time); each call replays it on the same inputs and returns the graph's
+    outputs. The graph is appended to ``keep`` (a case's state, dropped with the case). A genkernels backend's
+    refusal (UnsupportedError, raised by the first warm-up call) is a skip, as for the plain call; a baseline
+    is strict only for eager, as :func:`build`'s."""
+    base = name[: -len(GRAPH_SUFFIX)]
+    role = "baseline" if base in (EAGER, COMPILE) else "genkernels"
+    if device.type != "cuda":
+        return Variant(name, role, skip=f"CUDA graphs need a CUDA device, inputs are on {device}")
+    from genkernels import UnsupportedError
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    try:
+        graph, out = capture_graph(fn)
+    except UnsupportedError as e:
+        if role == "baseline":
+            raise
+        return Variant(name, role, skip=" ".join(str(e).split()))
+
+    def replay() -> tuple[torch.Tensor, ...]:
+        graph.replay()
+        return out
+
+    replay()
+    torch.cuda.synchronize()
+    keep.append(graph)
+    return Variant(name, role, replay, first_call_s=time.perf_counter() - start, strict=base != COMPILE)
+
+
+def best_speedup_goal(
+    rec: CaseRecord | None, name: str, ours: Sequence[str], baselines: Sequence[str], threshold: float
+) -> Goal:
+    """Goal ``name``: the fastest of the variants ``ours`` against the fastest of ``baselines`` (each a plain
+    call or one replayed from a CUDA graph), at least ``threshold``; unmeasured with the reason when either
+    side has no time (``baselines[0]`` names the baseline in it)."""
+    target = f">= {threshold:g}x" if threshold != 1 else ">= 1.0x"
+
+    def timed(names: Sequence[str]) -> list[tuple[float, str]]:
+        return [(r.ms, r.variant) for n in names if rec is not None and (r := rec.result(n)) and r.ms]
+
+    mine, base = timed(ours), timed(baselines)
+    if not mine or not base:
+        why = (
+            "the case did not run"
+            if rec is None
+            else "no genkernels variant ran"
+            if not mine
+            else f"no {baselines[0]} ran"
+        )
+        return Goal(name, target, f"unmeasured ({why})", None)
+    (mine_ms, mine_name), (base_ms, base_name) = min(mine), min(base)
+    value = base_ms / mine_ms
+    return Goal(name, target, f"{value:.2f}x ({mine_name} vs {base_name})", value >= threshold)
 
 
 def in_dtypes(t: torch.Tensor, dtypes: Sequence[torch.dtype]) -> dict[torch.dtype, torch.Tensor]:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,11 +43,16 @@ import torch
 import torch.nn.functional as F
 
 from ._elementwise import (
+    GRAPH_SUFFIX,
     MemoryBoundCase,
+    best_speedup_goal,
     build,
     case_rows,
     check_one,
     compiled,
+    graph_variant,
+    graph_variants,
+    graphed,
     import_failed,
     records_by,
     self_check_dtypes,
@@ -65,7 +69,6 @@ from .core import (
     SelfCheck,
     SelfCheckTally,
     Variant,
-    capture_graph,
     expected,
     expected_sum,
     genkernels_backends,
@@ -89,13 +92,7 @@ GOAL_DTYPES = (torch.bfloat16,)
 
 TABLES = {"fwd": "bias + leaky ReLU, forward", "fwd+bwd": "bias + leaky ReLU, forward + backward"}
 #: Forward + backward is also timed under CUDA graphs, eager and each genkernels backend alike (module doc).
-GRAPH_SUFFIX = " + CUDA graph"
-EAGER_GRAPH = EAGER + GRAPH_SUFFIX
-
-
-def graph_variants() -> list[str]:
-    """The genkernels forward + backward variants replayed from a CUDA graph: one per backend."""
-    return [b + GRAPH_SUFFIX for b in genkernels_backends()]
+EAGER_GRAPH = graphed(EAGER)
 
 
 def variants_of(mode: str) -> list[str]:
@@ -236,28 +233,8 @@ class BiasActCase(MemoryBoundCase):
         """``name`` (eager or a backend, + CUDA graph): the forward + backward captured once; each call replays
         it on the same inputs and returns the graph's dx and dbias."""
         base = name[: -len(GRAPH_SUFFIX)]
-        role = "baseline" if base == EAGER else "genkernels"
-        device = self._state["args"][0].device
-        if device.type != "cuda":
-            return Variant(name, role, skip=f"CUDA graphs need a CUDA device, inputs are on {device}")
-        from genkernels import UnsupportedError
-
         impl = eager_bias_act if base == EAGER else functools.partial(_genkernels, base)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        try:
-            graph, out = capture_graph(self._fn(impl))
-        except UnsupportedError as e:  # a backend's refusal, raised by the first warm-up call: a skip, as plain
-            return Variant(name, role, skip=" ".join(str(e).split()))
-
-        def replay() -> tuple[torch.Tensor, ...]:
-            graph.replay()
-            return out
-
-        replay()
-        torch.cuda.synchronize()
-        self._state.setdefault("graphs", []).append(graph)  # dropped with the case (release)
-        return Variant(name, role, replay, first_call_s=time.perf_counter() - start)
+        return graph_variant(name, self._fn(impl), self._state["args"][0].device, self._state.setdefault("graphs", []))
 
     def expected(self) -> list[Expected]:
         """y (forward), or dx and dbias (forward + backward)."""
@@ -311,26 +288,11 @@ def _goals(by_case: dict[tuple, CaseRecord]) -> list[Goal]:
                 goals.append(speedup_goal(rec, f"{what} vs eager", EAGER, EAGER_GOAL))
                 goals.append(speedup_goal(rec, f"{what} vs torch.compile", COMPILE, COMPILE_GOAL))
             else:
-                goals.append(_graphed_goal(rec, f"{what} vs eager (with or without CUDA graphs)"))
+                # The fastest genkernels variant against the faster eager one, each plain or replayed from a graph.
+                ours, eager = genkernels_backends() + graph_variants(), [EAGER, EAGER_GRAPH]
+                name = f"{what} vs eager (with or without CUDA graphs)"
+                goals.append(best_speedup_goal(rec, name, ours, eager, BWD_EAGER_GOAL))
     return goals
-
-
-def _graphed_goal(rec: CaseRecord | None, name: str) -> Goal:
-    """Forward + backward: the fastest genkernels variant (a backend, plain or replayed from a CUDA graph)
-    against the faster eager variant (plain or replayed), at least BWD_EAGER_GOAL; unmeasured with the reason
-    when either side has no time."""
-    target = f">= {BWD_EAGER_GOAL:g}x"
-
-    def timed(names: Sequence[str]) -> list[tuple[float, str]]:
-        return [(r.ms, r.variant) for n in names if rec is not None and (r := rec.result(n)) and r.ms]
-
-    ours, eager = timed(genkernels_backends() + graph_variants()), timed([EAGER, EAGER_GRAPH])
-    if not ours or not eager:
-        why = "the case did not run" if rec is None else "no genkernels variant ran" if not ours else "no eager ran"
-        return Goal(name, target, f"unmeasured ({why})", None)
-    (ours_ms, ours_name), (eager_ms, eager_name) = min(ours), min(eager)
-    value = eager_ms / ours_ms
-    return Goal(name, target, f"{value:.2f}x ({ours_name} vs {eager_name})", value >= BWD_EAGER_GOAL)
 
 
 # --------------------------------------------------------------------------- CPU self-check
