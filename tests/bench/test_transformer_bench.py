@@ -39,7 +39,11 @@ def test_adaln_cases():
     ]
     assert [c.label for c in adaln.cases(quick=True)] == [c.label for c in cases[:4]]
     assert len({c.label for c in cases}) == 8 and all(c.params["dtype"] == "bf16" for c in cases)
-    assert all(c.variant_names() == [core.EAGER, core.COMPILE, "triton", "cuda"] for c in cases)
+    graphs = [core.EAGER, core.COMPILE, "triton", "cuda"]
+    graphs = [n + adaln.GRAPH_SUFFIX for n in graphs]
+    assert all(
+        c.variant_names() == [core.EAGER, core.COMPILE, *graphs[:2], "triton", "cuda", *graphs[2:]] for c in cases
+    )
     # Bytes that must move: DiT-XL forward of layer_norm_modulate = x read + y written + shift, scale read.
     n, bd = 2 * 4096 * 1152, 2 * 1152
     assert cases[0].work == (2 * n + 2 * bd) * 2 == adaln.work_bytes(adaln.NORM, "fwd", (2, 4096, 1152))
@@ -127,7 +131,71 @@ def test_adaln_goals(ms, passed):
     assert [g.passed for g in summary.goals[:3]] == passed
     assert all(g.passed is None and "did not run" in g.measured for g in summary.goals[3:])  # FLUX not run
     assert summary.goals[0].name.startswith("layer_norm_modulate bf16 fwd DiT-XL 2x4096x1152")
-    assert len(summary.rows) == 4 * 4 and summary.rows[0][2] == core.EAGER
+    assert len(summary.rows) == 4 * len(adaln.variants_of()) and summary.rows[0][2] == core.EAGER
+
+
+TRITON_GRAPH = "triton" + adaln.GRAPH_SUFFIX
+
+
+@pytest.mark.parametrize(
+    ("ms", "measured", "passed"),
+    [
+        # The plain call waits for its CPU time; replayed from a graph, the kernel meets all three.
+        (
+            {core.EAGER: 0.08, core.COMPILE: 0.037, "triton": 0.1, TRITON_GRAPH: 0.012},
+            [
+                "6.67x (triton + CUDA graph vs eager)",
+                "3.08x (triton + CUDA graph vs torch.compile)",
+                "79% (triton + CUDA graph)",
+            ],
+            [True, True, True],
+        ),
+        # Eager's own graph is its faster side: 0.03 / 0.012 = 2.5x, under 3x.
+        (
+            {core.EAGER: 0.08, adaln.EAGER_GRAPH: 0.03, core.COMPILE: 0.037, TRITON_GRAPH: 0.012},
+            ["2.50x (triton + CUDA graph vs eager + CUDA graph)", "3.08x", "79% (triton + CUDA graph)"],
+            [False, True, True],
+        ),
+        # torch.compile's graph is its faster side: 0.011 / 0.012, under 1.0x.
+        (
+            {core.EAGER: 0.08, core.COMPILE: 0.037, adaln.COMPILE_GRAPH: 0.011, TRITON_GRAPH: 0.012},
+            ["6.67x", "0.92x (triton + CUDA graph vs torch.compile + CUDA graph)", "79% (triton + CUDA graph)"],
+            [True, False, True],
+        ),
+        # No baseline at all: unmeasured, naming it.
+        (
+            {TRITON_GRAPH: 0.012},
+            ["unmeasured (no eager ran)", "unmeasured (no torch.compile ran)", "79% (triton + CUDA graph)"],
+            [None, None, True],
+        ),
+    ],
+)
+def test_adaln_goals_take_each_side_at_its_fastest(ms, measured, passed):
+    """Each goal compares the fastest genkernels variant (a backend, plain or replayed from a CUDA graph) with the
+    faster of the baseline plain and replayed; the bandwidth goal takes the best genkernels variant."""
+    records = [timed_record(c, ms) for c in adaln.cases() if c.params["workload"] == "DiT-XL"]
+    goals = adaln.summarize(records).goals[:3]
+    assert [g.passed for g in goals] == passed
+    for goal, text in zip(goals, measured):
+        assert goal.measured.startswith(text), (goal.measured, text)
+
+
+def test_adaln_graph_variants_on_cpu():
+    """Every case lists eager, torch.compile and each backend plain and replayed from a CUDA graph; the graph
+    variants are genkernels' own (the backends') or baselines (eager's, torch.compile's), and on the CPU each
+    graph variant is skipped with its reason."""
+    case = adaln.AdaLNCase(adaln.NORM, "small", (2, 6, 40), "fwd", dtype=torch.float32)
+    names = case.variant_names()
+    assert names[:4] == [core.EAGER, core.COMPILE, adaln.EAGER_GRAPH, adaln.COMPILE_GRAPH]
+    assert {core._role(case, n) for n in names[4:]} == {"genkernels"}
+    assert {core._role(case, n) for n in names[:4]} == {"baseline"}
+    case.prepare(CPU)
+    try:
+        for name in (adaln.EAGER_GRAPH, TRITON_GRAPH):
+            v = case.variant(name)
+            assert v.fn is None and "CUDA graphs need a CUDA device" in v.skip
+    finally:
+        case.release()
 
 
 def test_adaln_bandwidth_goal_picks_the_best_backend():
