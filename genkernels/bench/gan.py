@@ -120,9 +120,8 @@ class GeneratorCase(_model.ModelCase):
         )
 
     def variant_names(self) -> list[str]:
-        """eager (PyTorch layers), genkernels, genkernels + CUDA graph, then torch.compile: the compile, the
-        slowest step, comes after everything else is measured."""
-        return [_model.EAGER, _model.GENKERNELS, _model.GRAPH, _model.COMPILE]
+        """:data:`._model.COMPILE_LAST`: torch.compile, the slowest step, after everything else is measured."""
+        return list(_model.COMPILE_LAST)
 
     def models(self, device: torch.device) -> tuple[Any, Any]:
         """The seeded float32 Generator and its PyTorch-layer twin (:func:`build_models`)."""

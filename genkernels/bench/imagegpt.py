@@ -42,8 +42,9 @@ layers' 2 * (multiply-adds), the attention's 4 * dim * (keys so far), the head; 
 bf16 matmul rate measured in the run (decoding at batch 64 is far from it: launch latency and the KV
 cache's reads bound it). The summary shows tokens/s = 64 * 256 / seconds per call.
 
-Goal (the issue's): genkernels with the KV cache at least 2x eager's tokens/s, on the faster of the two
-genkernels cached variants; each is reported.
+Goal (the issue's): genkernels with the KV cache at least 2x eager's tokens/s, each side at its fastest: the
+faster of the two genkernels cached variants against the faster of eager and eager + CUDA graph; each is
+reported.
 """
 
 from __future__ import annotations
@@ -54,13 +55,13 @@ from typing import Any
 import torch
 
 from . import _model
+from ._elementwise import best_speedup_goal
 from .core import (
     DTYPE_NAMES,
     EAGER,
     Case,
     CaseRecord,
     Expected,
-    Goal,
     OpSummary,
     SelfCheck,
     Variant,
@@ -323,15 +324,9 @@ def summarize(records: Sequence[CaseRecord]) -> OpSummary:
         vs = "-" if name == EAGER else _fmt(res.vs_eager, "x")
         rate = tokens / (res.ms * 1e-3)
         rows.append([name, _fmt(res.ms, "ms"), _fmt(rate, "tok/s"), vs, same, plain, first])
-    name, target = "ImageGPT KV-cache sampling, genkernels vs eager tokens/s", f">= {EAGER_GOAL:g}x"
-    measured = [] if rec is None else [(rec.result(v), v) for v in GOAL_VARIANTS]
-    measured = [(r.vs_eager, v) for r, v in measured if r is not None and r.vs_eager is not None]
-    if not measured:
-        why = "the case did not run" if rec is None else "genkernels or eager did not run"
-        goal = Goal(name, target, f"unmeasured ({why})", None)
-    else:
-        best, variant = max(measured)
-        goal = Goal(name, target, f"{best:.2f}x ({variant})", best >= EAGER_GOAL)
+    # Each side at its fastest: genkernels' faster variant against the faster of eager and eager + CUDA graph.
+    name = "ImageGPT KV-cache sampling, genkernels vs eager tokens/s"
+    goal = best_speedup_goal(rec, name, GOAL_VARIANTS, (EAGER, EAGER_GRAPH), EAGER_GOAL)
     cfg = CONFIGS["bench"]
     notes = [
         f"ImageGPT(image_size={cfg['image_size']}, channels=1, levels=16, num_classes=10, dim={cfg['dim']}, "
@@ -345,9 +340,10 @@ def summarize(records: Sequence[CaseRecord]) -> OpSummary:
         "baselines are timed even where they do not: the check column says so). sequences = "
         "eager's: the share of sampled sequences identical to eager's (a logit rounded differently flips a draw "
         "near a boundary, and the sequence diverges from there).",
-        f"Goal (the issue's): genkernels with the KV cache >= {EAGER_GOAL:g}x eager's tokens/s, on the faster of "
-        "genkernels and genkernels + CUDA graph. = without graph: the share of a graphed variant's sequences "
-        "identical to the same layers' without graphs.",
+        f"Goal (the issue's): genkernels with the KV cache >= {EAGER_GOAL:g}x eager's tokens/s, each side at its "
+        "fastest: the faster of genkernels and genkernels + CUDA graph against the faster of eager and eager + CUDA "
+        "graph (vs eager in the table compares with plain eager). = without graph: the share of a graphed "
+        "variant's sequences identical to the same layers' without graphs.",
     ]
     return OpSummary(OP, headers, rows, [goal], notes)
 

@@ -47,7 +47,8 @@ def test_cases_and_flops():
     (case,) = unet.cases()
     (quick,) = unet.cases(quick=True)
     assert quick.label == case.label
-    assert case.variant_names() == [core.EAGER, core.COMPILE, GENKERNELS, GRAPH]
+    assert case.variant_names() == list(VARIANTS)
+    assert VARIANTS == (core.EAGER, core.COMPILE, GENKERNELS, GRAPH, _model.EAGER_GRAPH, _model.COMPILE_GRAPH)
     assert case.params["latent"] == [4, 64, 64] and case.params["context"] == [77, 768]
     assert case.params["batch"] == 2 and case.params["dtype"] == "bf16" and case.params["config"] == "sd_like"
     assert case.unit == "TFLOP/s" and "TFLOP per step" in case.rate_note
@@ -117,7 +118,7 @@ def test_goals_and_summary(ms, passed, best):
         if goal.passed is None:
             assert goal.measured.startswith("unmeasured")
         else:
-            assert f"({best})" in goal.measured
+            assert f"({best} vs " in goal.measured
     assert ("; vs eager: " in summary.goals[0].measured) == (GRAPH in ms and summary.goals[0].passed is not None)
     assert summary.headers == ["variant", "ms", "vs eager", "vs torch.compile", "first call s"]
     rows = {r[0]: r for r in summary.rows}
