@@ -73,8 +73,7 @@ COMPILE_GRAPH = "torch.compile + CUDA graph"
 VARIANTS = (EAGER, COMPILE, GENKERNELS, GRAPH, EAGER_GRAPH, COMPILE_GRAPH)
 GK_VARIANTS = (GENKERNELS, GRAPH)
 #: The order of a model whose torch.compile is its slowest step: the compile after everything else is measured.
-#: In both orders the genkernels variants come before the baselines' graphs, whose memory pools would otherwise
-#: be held while the genkernels peaks are measured.
+#: In both orders the genkernels graph is the first captured: peaks are measured while no graph holds memory.
 COMPILE_LAST = (EAGER, GENKERNELS, GRAPH, EAGER_GRAPH, COMPILE, COMPILE_GRAPH)
 #: Each graphed variant and the plain one it captures.
 GRAPHED = {GRAPH: GENKERNELS, EAGER_GRAPH: EAGER, COMPILE_GRAPH: COMPILE}
@@ -83,8 +82,9 @@ COMPILE_GOAL = 1.0
 GIB = 2**30
 PEAK_NOTE = (
     "peak GiB: torch.cuda.max_memory_allocated over one call (the weights included); for the genkernels CUDA "
-    "graph, over its warm-up and capture too (the graph keeps that memory); not measured for the baselines' "
-    "graphs, captured while the genkernels graph holds its memory."
+    "graph, over its warm-up and capture too (the graph keeps that memory). Measured while no other CUDA graph "
+    "holds memory: eager, genkernels and its graph (the first captured), and torch.compile where it runs "
+    "before them; n/a for the variants run after."
 )
 
 Forward = Callable[..., torch.Tensor]
@@ -256,7 +256,7 @@ class ModelCase(Case):
     def _built(self, name: str, fn: Callable[[], tuple[torch.Tensor, ...]], strict: bool = True) -> Variant:
         """The variant after its first call (compiles, autotunes), with its peak memory if measured."""
         took = first_call_s(fn)
-        if self.measures_peak and self._on_cuda():
+        if self.measures_peak and self._on_cuda() and not self._state.get("graphs"):  # no graph's pool held
             self.peaks[name] = peak_gib(fn)
         role = "genkernels" if name in GK_VARIANTS else "baseline"
         return Variant(name, role, fn, first_call_s=took, strict=strict)
@@ -304,7 +304,7 @@ class ModelCase(Case):
         fn()
         torch.cuda.synchronize()
         took = time.perf_counter() - start
-        if self.measures_peak and name == GRAPH:  # the baselines' graphs: not measured (GRAPH's pool is held then)
+        if self.measures_peak and not self._state.get("graphs"):  # the first graph only: no other pool held
             capture_peak = torch.cuda.max_memory_allocated() / GIB
             self.peaks[name] = max(capture_peak, peak_gib(fn))
         self._state.setdefault("graphs", []).append(graph)
