@@ -15,9 +15,11 @@ can prove about the offsets, so the kernel tells it: the row strides go in units
 as 0), and P, Dh and the tables' row strides are constexprs (one compilation per head layout a model
 uses). At DiT-XL's head dim, Dh = 72 and P = 36, where neither is a multiple of 16 and the rows were
 accessed element by element, the second half of a row then moves as 8-byte vectors (36 elements = 4 x 9)
-and the tables as 16-byte ones. SASS on sm_90 (``python -m tests.triton._compile_kernels --arch 90 --label
-bench --sass``, triton 3.6), both tensors' paths, instructions a thread: bf16 (2, 16, 4096, 72) 804 -> 553
-(registers 62 -> 34); (1, 24, 4608, 128) 417 -> 387.
+and the tables as 16-byte ones. A row's pairs are one power-of-two block, or two where they cover fewer lanes
+(``_pair_blocks``: 36 = 32 + 4, where one block of 64 left 28 lanes masked). SASS on sm_90 (``python -m
+tests.triton._compile_kernels --arch 90 --label bench --sass``, triton 3.6), both tensors' paths,
+instructions a thread over q's elements a thread: bf16 (2, 16, 4096, 72) 178.7 -> 74.3 (registers 62 -> 46);
+(1, 24, 4608, 128) 52.1 -> 48.4.
 
 Pairs: non-interleaved (rotate_half) pairs (j, j + P), each half loaded as a contiguous run; interleaved
 pairs (2j, 2j + 1), loaded as one contiguous (P, 2) tile and split in registers. P = cos.shape[-1]; the
@@ -68,13 +70,25 @@ def not_supported(q: Tensor, k: Tensor | None, cos: Tensor | None, sin: Tensor |
     return None
 
 
-def _plan(pairs: int, dh: int, n_rows: int) -> tuple[int, int, int]:
-    """(ROWS, HB, PB): rows per program (a power of two, at most next_pow2(n_rows)), the pair block
-    (next_pow2(pairs)) and the pass-through block."""
-    hb = next_power_of_2(pairs)
+def _pair_blocks(pairs: int) -> tuple[int, int]:
+    """(HB, HB2): the pairs of a row as a power-of-two block and a smaller one after it where the two cover
+    fewer lanes than next_pow2(pairs) (DiT-XL's P = 36: 32 + 4, where one block of 64 left 28 lanes masked),
+    else (next_pow2(pairs), 0)."""
+    full = next_power_of_2(pairs)
+    low = 1 << (pairs.bit_length() - 1)
+    if low == pairs:
+        return pairs, 0
+    tail = next_power_of_2(pairs - low)
+    return (low, tail) if low + tail < full else (full, 0)
+
+
+def _plan(pairs: int, dh: int, n_rows: int) -> tuple[int, int, int, int]:
+    """(ROWS, HB, HB2, PB): rows per program (a power of two, at most next_pow2(n_rows)), the pair blocks
+    (:func:`_pair_blocks`) and the pass-through block."""
+    hb, hb2 = _pair_blocks(pairs)
     pb = next_power_of_2(dh - 2 * pairs) if dh > 2 * pairs else 1
-    rows = 1 << (max(1, MAX_TILE // (2 * hb + pb)).bit_length() - 1)
-    return min(rows, next_power_of_2(n_rows)), hb, pb
+    rows = 1 << (max(1, MAX_TILE // (2 * (hb + hb2) + pb)).bit_length() - 1)
+    return min(rows, next_power_of_2(n_rows)), hb, hb2, pb
 
 
 def _strides(t: Tensor, vec: int) -> tuple[int, int, int]:
@@ -103,7 +117,7 @@ def rotate(
     pairs = cos.shape[-1]
     q_rows = b * hq * length
     k_rows = 0 if k is None else k.shape[0] * k.shape[1] * length
-    rows_block, hb, pb = _plan(pairs, dh, max(q_rows, k_rows))
+    rows_block, hb, hb2, pb = _plan(pairs, dh, max(q_rows, k_rows))
     q_progs = cdiv(q_rows, rows_block)
     progs = q_progs + cdiv(k_rows, rows_block)
     if progs == 0:
@@ -143,6 +157,7 @@ def rotate(
             COPY_REST=copy_rest,
             ROWS=rows_block,
             HB=hb,
+            HB2=hb2,
             PB=pb,
             VEC=vec,
             num_warps=4,
@@ -150,6 +165,33 @@ def rotate(
 
 
 if triton is not None:
+
+    @triton.jit
+    def _rope_pairs(
+        x_ptr, o_ptr, cos_ptr, sin_ptr, xrow, orow, pos, row_ok, j, scos: tl.constexpr, ssin: tl.constexpr,
+        P: tl.constexpr, sign, INTERLEAVED: tl.constexpr,
+    ):  # fmt: skip
+        """Rotate pairs j (a block of a row's P pairs; those >= P masked) of rows xrow into orow."""
+        m2 = row_ok[:, None] & (j < P)[None, :]
+        c = tl.load(cos_ptr + pos[:, None] * scos + j[None, :], mask=m2, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + pos[:, None] * ssin + j[None, :], mask=m2, other=0.0).to(tl.float32) * sign
+        if INTERLEAVED:
+            # One contiguous (len(j), 2) tile per row: channel 2j + t.
+            t = tl.arange(0, 2)
+            col = (2 * j)[None, :, None] + t[None, None, :]
+            m3 = m2[:, :, None] & (t < 2)[None, None, :]
+            x = tl.load(x_ptr + xrow[:, None, None] + col, mask=m3, other=0.0).to(tl.float32)
+            x1, x2 = tl.split(x)
+            o = tl.join(x1 * c - x2 * s, x2 * c + x1 * s)
+            tl.store(o_ptr + orow[:, None, None] + col, o.to(o_ptr.dtype.element_ty), mask=m3)
+        else:
+            off1 = j[None, :]
+            x1 = tl.load(x_ptr + xrow[:, None] + off1, mask=m2, other=0.0).to(tl.float32)
+            x2 = tl.load(x_ptr + xrow[:, None] + (off1 + P), mask=m2, other=0.0).to(tl.float32)
+            o1 = x1 * c - x2 * s
+            o2 = x2 * c + x1 * s
+            tl.store(o_ptr + orow[:, None] + off1, o1.to(o_ptr.dtype.element_ty), mask=m2)
+            tl.store(o_ptr + orow[:, None] + (off1 + P), o2.to(o_ptr.dtype.element_ty), mask=m2)
 
     @triton.jit
     def _rope_rows(
@@ -176,6 +218,7 @@ if triton is not None:
         COPY_REST: tl.constexpr,
         ROWS: tl.constexpr,
         HB: tl.constexpr,
+        HB2: tl.constexpr,
         PB: tl.constexpr,
         VEC: tl.constexpr,
     ):
@@ -190,27 +233,11 @@ if triton is not None:
         head = bh - batch * H
         xrow = (batch.to(tl.int64) * sxb + head.to(tl.int64) * sxh + pos.to(tl.int64) * sxl) * VEC
         orow = (batch.to(tl.int64) * sob + head.to(tl.int64) * soh + pos.to(tl.int64) * sol) * VEC
-        j = tl.arange(0, HB)
-        m2 = row_ok[:, None] & (j < P)[None, :]
-        c = tl.load(cos_ptr + pos[:, None] * scos + j[None, :], mask=m2, other=0.0).to(tl.float32)
-        s = tl.load(sin_ptr + pos[:, None] * ssin + j[None, :], mask=m2, other=0.0).to(tl.float32) * sign
-        if INTERLEAVED:
-            # One contiguous (HB, 2) tile per row: channel 2j + t.
-            t = tl.arange(0, 2)
-            col = (2 * j)[None, :, None] + t[None, None, :]
-            m3 = m2[:, :, None] & (t < 2)[None, None, :]
-            x = tl.load(x_ptr + xrow[:, None, None] + col, mask=m3, other=0.0).to(tl.float32)
-            x1, x2 = tl.split(x)
-            o = tl.join(x1 * c - x2 * s, x2 * c + x1 * s)
-            tl.store(o_ptr + orow[:, None, None] + col, o.to(o_ptr.dtype.element_ty), mask=m3)
-        else:
-            off1 = j[None, :]
-            x1 = tl.load(x_ptr + xrow[:, None] + off1, mask=m2, other=0.0).to(tl.float32)
-            x2 = tl.load(x_ptr + xrow[:, None] + (off1 + P), mask=m2, other=0.0).to(tl.float32)
-            o1 = x1 * c - x2 * s
-            o2 = x2 * c + x1 * s
-            tl.store(o_ptr + orow[:, None] + off1, o1.to(o_ptr.dtype.element_ty), mask=m2)
-            tl.store(o_ptr + orow[:, None] + (off1 + P), o2.to(o_ptr.dtype.element_ty), mask=m2)
+        _rope_pairs(x_ptr, o_ptr, cos_ptr, sin_ptr, xrow, orow, pos, row_ok, tl.arange(0, HB), scos, ssin, P,
+                    sign, INTERLEAVED)  # fmt: skip
+        if HB2 > 0:
+            _rope_pairs(x_ptr, o_ptr, cos_ptr, sin_ptr, xrow, orow, pos, row_ok, HB + tl.arange(0, HB2), scos, ssin,
+                        P, sign, INTERLEAVED)  # fmt: skip
         if COPY_REST:
             r = tl.arange(0, PB)
             mr = row_ok[:, None] & (r < DH - 2 * P)[None, :]
@@ -252,6 +279,7 @@ if triton is not None:
         COPY_REST: tl.constexpr,
         ROWS: tl.constexpr,
         HB: tl.constexpr,
+        HB2: tl.constexpr,
         PB: tl.constexpr,
         VEC: tl.constexpr,
     ):
@@ -262,10 +290,10 @@ if triton is not None:
         if pid < q_progs:
             _rope_rows(
                 q_ptr, qo_ptr, cos_ptr, sin_ptr, pid, q_rows, HQ, L, sqb, sqh, sql, sqob, sqoh, sqol,
-                scos, ssin, P, DH, sign, INTERLEAVED, COPY_REST, ROWS, HB, PB, VEC,
+                scos, ssin, P, DH, sign, INTERLEAVED, COPY_REST, ROWS, HB, HB2, PB, VEC,
             )  # fmt: skip
         else:
             _rope_rows(
                 k_ptr, ko_ptr, cos_ptr, sin_ptr, pid - q_progs, k_rows, HK, L, skb, skh, skl, skob, skoh, skol,
-                scos, ssin, P, DH, sign, INTERLEAVED, COPY_REST, ROWS, HB, PB, VEC,
+                scos, ssin, P, DH, sign, INTERLEAVED, COPY_REST, ROWS, HB, HB2, PB, VEC,
             )  # fmt: skip

@@ -67,8 +67,10 @@ def _check(backend, q, k, cos, sin, interleaved):
 
 
 # (B, H, Hk, L, Dh, pairs): head dims 40 / 72 / 128, odd L, L = 1, grouped k, partial rotary (pairs < Dh/2);
-# head dims 12 and 6: rows whose strides are multiples of 4 and of 2 elements only (the triton kernel's VEC).
+# head dims 12 and 6: rows whose strides are multiples of 4 and of 2 elements only (the triton kernel's VEC);
+# P = 20 and 36 of the triton kernel's two pair blocks (16 + 4, 32 + 4), partial (72, 20) and whole.
 CASES = [
+    (1, 2, 1, 3, 72, 20),
     (2, 3, 1, 5, 40, 20),
     (1, 2, 2, 7, 72, 36),
     (2, 2, 1, 3, 128, 64),
@@ -283,6 +285,18 @@ def test_tables_need_grad_run_on_the_reference(device):
 
 
 # --------------------------------------------------------------------------- the reference and the tables
+
+
+def test_triton_pair_blocks():
+    """A row's pairs are one power-of-two block, or two where they cover fewer lanes than next_pow2(P)."""
+    from genkernels.triton.rope import _pair_blocks
+
+    assert _pair_blocks(36) == (32, 4)  # DiT-XL: 36 lanes, where one block had 64
+    assert _pair_blocks(20) == (16, 4) and _pair_blocks(40) == (32, 8) and _pair_blocks(3) == (2, 1)
+    assert _pair_blocks(64) == (64, 0) and _pair_blocks(13) == (16, 0) and _pair_blocks(100) == (128, 0)
+    for p in range(1, 300):
+        hb, hb2 = _pair_blocks(p)
+        assert hb + hb2 >= p and hb & (hb - 1) == 0 and hb2 & (hb2 - 1) == 0 and hb + hb2 <= 1 << (p - 1).bit_length()
 
 
 def test_reference_is_the_complex_rotation():
