@@ -18,8 +18,8 @@ accessed element by element, the second half of a row then moves as 8-byte vecto
 and the tables as 16-byte ones. A row's pairs are one power-of-two block, or two where they cover fewer lanes
 (``_pair_blocks``: 36 = 32 + 4, where one block of 64 left 28 lanes masked). SASS on sm_90 (``python -m
 tests.triton._compile_kernels --arch 90 --label bench --sass``, triton 3.6), both tensors' paths,
-instructions a thread over q's elements a thread: bf16 (2, 16, 4096, 72) 178.7 -> 74.3 (registers 62 -> 46);
-(1, 24, 4608, 128) 52.1 -> 48.4.
+instructions a thread over q's elements a thread (q's elements over every thread launched: half of what a
+thread moves): bf16 (2, 16, 4096, 72) 178.7 -> 74.3 (registers 62 -> 46); (1, 24, 4608, 128) 52.1 -> 48.4.
 
 Pairs: non-interleaved (rotate_half) pairs (j, j + P), each half loaded as a contiguous run; interleaved
 pairs (2j, 2j + 1), loaded as one contiguous (P, 2) tile and split in registers. P = cos.shape[-1]; the
