@@ -825,6 +825,34 @@ def test_model_goals_take_each_side_at_its_fastest():
     assert compile_goal.passed and compile_goal.measured.startswith(f"1.14x ({_model.GRAPH} vs torch.compile)")
 
 
+def test_model_peaks_only_while_no_graph_holds_memory(monkeypatch):
+    """With measures_peak, each variant's peak is measured while no CUDA graph of the case holds its pool: eager,
+    genkernels and the genkernels graph (captured first), not the variants built after it (the GPU's calls
+    stubbed: a pretend CUDA device, the capture and the memory statistics)."""
+    monkeypatch.setattr(_model.ModelCase, "_on_cuda", lambda self: True)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
+
+    class Graph:
+        def replay(self):
+            pass
+
+    monkeypatch.setattr(_model, "capture_graph", lambda fn: (Graph(), fn()))
+    measured = []
+    monkeypatch.setattr(_model, "peak_gib", lambda fn: measured.append(fn) or 1.0)
+    case = gan.GeneratorCase("tiny", batch=1, size=8, dtype=torch.float32, backend="reference")
+    case.prepare(torch.device("cpu"))
+    try:
+        for name in case.variant_names():
+            assert case.variant(name).fn is not None, name
+    finally:
+        case.release()
+    assert set(case.peaks) == {core.EAGER, _model.GENKERNELS, _model.GRAPH}
+    assert len(measured) == 3
+
+
 def test_gan_run_case_on_cpu(monkeypatch):
     """core.run_case on the tiny generator, the GPU timer and torch.compile's compile stubbed out."""
     monkeypatch.setattr(core, "time_ms", lambda fn, timing=None: 2.0)
