@@ -91,11 +91,6 @@ def _plan(pairs: int, dh: int, n_rows: int) -> tuple[int, int, int, int]:
     return min(rows, next_power_of_2(n_rows)), hb, hb2, pb
 
 
-def _strides(t: Tensor, vec: int) -> tuple[int, int, int]:
-    """t's (batch, head, position) strides over vec (0 for a dim of size 1)."""
-    return tuple(s // vec if n > 1 else 0 for n, s in zip(t.shape[:3], t.stride()[:3]))
-
-
 def rotate(
     q: Tensor,
     k: Tensor | None,
@@ -129,7 +124,11 @@ def rotate(
     # The row strides as multiples of the widest VEC in 8, 4, 2, 1 that divides them all (a size-1 dim's
     # stride is never used: 0), so that the compiler sees rows starting at multiples of VEC elements.
     strides = [s if n > 1 else 0 for t in (q, q_out, kk, ko) for n, s in zip(t.shape[:3], t.stride()[:3])]
-    vec = next(v for v in (8, 4, 2, 1) if all(s % v == 0 for s in strides))
+    bits = 8
+    for s in strides:
+        bits |= s
+    vec = bits & -bits  # the lowest set bit of them all (and of 8): the widest power of two up to 8 dividing each
+    strides = [s // vec for s in strides]
     with on_device(q):
         _rope_kernel[(progs,)](
             q,
@@ -144,10 +143,7 @@ def rotate(
             hq,
             kk.shape[1],
             length,
-            *_strides(q, vec),
-            *_strides(q_out, vec),
-            *_strides(kk, vec),
-            *_strides(ko, vec),
+            *strides,
             -1.0 if inverse else 1.0,
             scos=cos.stride(0),
             ssin=sin.stride(0),
