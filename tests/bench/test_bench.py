@@ -431,7 +431,7 @@ def timed_record(case: core.Case, ms: dict[str, float | None], copy_gbs: float =
             ["4.00x (triton)", "unmeasured (torch.compile did not run (skipped))"],
             [True, None],
         ),
-        ({core.EAGER: 1.0, core.COMPILE: 0.3}, ["unmeasured (no genkernels backend ran)"] * 2, [None] * 2),
+        ({core.EAGER: 1.0, core.COMPILE: 0.3}, ["unmeasured (no genkernels variant ran)"] * 2, [None] * 2),
     ],
 )
 def test_speedup_goal_on_the_best_backend(ms, measured, passed):

@@ -152,7 +152,7 @@ def test_backward_goal_threshold():
             True,
         ),
         ({core.EAGER: 0.5, core.COMPILE: 0.1}, "unmeasured (no genkernels variant ran)", None),
-        ({core.COMPILE: 0.1, "triton": 0.1}, "unmeasured (no eager ran)", None),
+        ({core.COMPILE: 0.1, "triton": 0.1}, "unmeasured (eager did not run (skipped))", None),
     ],
 )
 def test_backward_goal_with_graphs(ms, measured, passed):

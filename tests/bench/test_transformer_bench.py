@@ -165,7 +165,11 @@ TRITON_GRAPH = "triton" + adaln.GRAPH_SUFFIX
         # No baseline at all: unmeasured, naming it.
         (
             {TRITON_GRAPH: 0.012},
-            ["unmeasured (no eager ran)", "unmeasured (no torch.compile ran)", "79% (triton + CUDA graph)"],
+            [
+                "unmeasured (eager did not run (skipped))",
+                "unmeasured (torch.compile did not run (skipped))",
+                "79% (triton + CUDA graph)",
+            ],
             [None, None, True],
         ),
     ],
