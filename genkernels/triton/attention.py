@@ -153,7 +153,15 @@ CONFIGS: dict[tuple[int, int, int, str], tuple[int, int, int, int]] = {
 # Under the interpreter every program runs serially on the CPU: small tiles, and unequal ones, as on
 # the GPU (BLOCK_M > BLOCK_N for fwd and dq, BLOCK_M < BLOCK_N for dk/dv), so that the causal
 # block bounds are exercised with tiles that do not line up.
-_INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)}
+# The decoding forward (at most DECODE_ROWS queries) gets 16-row tiles and 32-key blocks there, as on the GPU
+# a query block smaller than its key block.
+_INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "decode": (16, 32, 4, 1)}
+# Decoding: a few queries (a KV cache's step: Lq = 1) against many keys. A CONFIGS query block would be
+# almost all padding (Lq = 1 in a 128-row tile: 127 of every 128 rows of each dot wasted, and 8 warps for
+# one row), so the forward runs queries up to DECODE_ROWS in 16-row tiles (the smallest dot) on 4 warps,
+# with the key block and stages of the head dim's entry (sm_90 d128: 16 + 2 x 3 x 64 rows of 128 columns,
+# 102 KB of shared memory; tests/triton/test_compile.py compiles ImageGPT's decoding call).
+DECODE_ROWS = 16
 # The delta kernel is elementwise: rows per program, so that a thread of its 4 warps holds at
 # most 16 elements of each of out, its residual and dout.
 _DELTA_ELEMENTS = 2048
@@ -205,10 +213,15 @@ def _backward_split(q: Tensor) -> tuple[int, int]:
 
 
 def _config(q: Tensor, kernel: str) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` ("fwd", "dkdv", "dq") for q."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` ("fwd", "dkdv", "dq") for q; the forward of at
+    most DECODE_ROWS queries takes 16-row tiles on 4 warps (decoding)."""
+    decode = kernel == "fwd" and q.shape[2] <= DECODE_ROWS
     if interpreting():
-        return _INTERPRETER_CONFIGS[kernel]
-    return CONFIGS[(_arch(q.device), max(64, _block_d(q.shape[-1])), q.element_size(), kernel)]
+        return _INTERPRETER_CONFIGS["decode" if decode else kernel]
+    block_m, block_n, num_warps, num_stages = CONFIGS[
+        (_arch(q.device), max(64, _block_d(q.shape[-1])), q.element_size(), kernel)
+    ]
+    return (DECODE_ROWS, block_n, 4, num_stages) if decode else (block_m, block_n, num_warps, num_stages)
 
 
 def not_supported(

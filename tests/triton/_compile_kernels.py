@@ -207,13 +207,16 @@ class AttentionCall:
     label: str = "attention"
     shape: tuple[int, int, int, int] = (2, 8, 2, 1024)  # B, Hq, Hkv, L: GQA, lengths as in diffusion models
     heads_inner: bool = False  # q, k (and so out) as (B, L, H, D) memory viewed as (B, H, L, D)
+    # Decoding (forward only, no grad): one query per sequence against L cached keys, q, k and v views of a
+    # KVCache's (B, L, 3, H, D) rows, as ImageGPT's cached step calls it (genkernels.nn.CausalSelfAttention).
+    decode: bool = False
 
     def __str__(self) -> str:
         b, hq, hkv, length = self.shape
         return (
             f"attention B={b} Hq={hq} Hkv={hkv} L={length} D={self.head_dim} {str(self.dtype)[6:]}"
             f"{' causal' if self.causal else ''}{' key_padding_mask' if self.mask else ''}"
-            f"{' heads inner' if self.heads_inner else ''}"
+            f"{' heads inner' if self.heads_inner else ''}{' decode Lq=1 KV cache' if self.decode else ''}"
         )
 
 
@@ -230,11 +233,21 @@ def attention_calls() -> Iterator[AttentionCall]:
         if not (dtype == torch.bfloat16 and causal and mask):
             yield AttentionCall(d, dtype, causal, mask)
     yield AttentionCall(64, torch.float32, True, True)  # float32: IEEE dots, no residual
+    # ImageGPT's cached decoding step (the imagegpt benchmark: batch 64, 8 heads of 64, up to 256 keys), and
+    # the head dims of the sweep decoding, on every target: the 16-row decoding tiles.
+    yield AttentionCall(64, torch.bfloat16, True, False, ALL_ARCHS, "bench", (64, 8, 8, 256), decode=True)
+    for d in ATTENTION_HEAD_DIMS:
+        yield AttentionCall(d, torch.bfloat16, True, False, ALL_ARCHS, shape=(2, 8, 8, 255), decode=True)
 
 
 def run_attention_call(at, call: AttentionCall) -> None:
     """The forward and backward launches of ``call``, as a call that needs gradients makes them."""
     b, hq, hkv, length = call.shape
+    if call.decode:
+        rows = torch.empty((b, length, 3, hq, call.head_dim), dtype=call.dtype)
+        q, k, v = (rows[:, -1:, 0], rows[:, :, 1], rows[:, :, 2])
+        at.attention_forward(*(t.transpose(1, 2) for t in (q, k, v)), call.causal, 0.125, None)
+        return
     if call.heads_inner:
         q = torch.empty((b, length, hq, call.head_dim), dtype=call.dtype).transpose(1, 2)
         k = torch.empty((b, length, hkv, call.head_dim), dtype=call.dtype).transpose(1, 2)

@@ -235,6 +235,16 @@ def test_attention_launches_compiled(report):
     wanted = {(arch, k, d) for arch in (90, 80) for k in ATTENTION_KERNELS for d in ATTENTION_HEAD_DIMS}
     assert not wanted - compiled, f"attention launches not compiled: {sorted(wanted - compiled)}"
     assert any(v["kernel"] == "_attn_bwd_delta_kernel" for v in report["variants"])
+    # Decoding (one query against a KV cache's rows) takes the forward's 16-row tiles, on 4 warps, every head dim.
+    decoding = {
+        (v["arch"], v["constexprs"].get("HEAD_DIM"))
+        for v in report["variants"]
+        if v["kernel"] == "_attn_fwd_kernel"
+        and "decode" in v["call"]
+        and (v["constexprs"].get("BLOCK_M"), v["constexprs"].get("num_warps")) == (16, 4)
+    }
+    wanted = {(arch, d) for arch in (90, 80) for d in ATTENTION_HEAD_DIMS}
+    assert not wanted - decoding, f"decoding attention launches not compiled: {sorted(wanted - decoding)}"
 
 
 # The kernels of the sampler step (genkernels.triton.schedule) and of reparameterize (genkernels.triton.reparam).
