@@ -7,7 +7,9 @@ For each case and backend: the CUDA kernels one call launches, each kernel's mea
 GPU it says so and exits 0. Cases: bias_act lrelu bf16 (32, 512, 64, 64) forward and forward +
 backward; layer_norm_modulate bf16 forward at DiT-XL (2, 4096, 1152) and FLUX (1, 4608, 3072); one
 DiT-XL/2 block forward at L = 4096 (batch 2, bf16), genkernels and its PyTorch-layer twin, and its
-attention alone (2 x 16 heads x 4096 x 4096, head dim 72) on each backend and each SDPA kernel.
+attention alone (2 x 16 heads x 4096 x 4096, head dim 72) on each backend and each SDPA kernel; one cached
+ImageGPT decoding step (the imagegpt benchmark's model, batch 64), genkernels and its twin, plain and from
+its CUDA graph.
 """
 
 from __future__ import annotations
@@ -117,6 +119,32 @@ def _dit_cases(dev):
         yield f"attention d{config.head_dim} L=4096 SDPA {name}", sdpa
 
 
+def _imagegpt_cases(dev):
+    """One cached decoding step of the imagegpt benchmark's model (batch 64, bf16, step t = 128 of 256: every
+    layer against 129 cached keys), genkernels (auto) and the PyTorch-layer twin, launched from Python and (on
+    a GPU) replayed from the step's CUDA graph."""
+    from genkernels.bench import imagegpt
+    from genkernels.models.transformer import _Decoder
+
+    ours, twin = imagegpt.build_models("bench", dev)
+    t = ours.config.seq_len // 2
+    for label, model in (("genkernels", ours), ("PyTorch layers", twin)):
+        model.to(torch.bfloat16)
+        for graphed in (False, True) if dev.type == "cuda" else (False,):
+            decoder = _Decoder(model, None, imagegpt.BATCH, 1.0, None, dev, graphed=graphed)
+
+            def step(model=model, decoder=decoder, graphed=graphed):
+                if graphed:
+                    decoder.graphs[t].replay()
+                    return
+                for cache in decoder.caches:  # step t again: the cache holds positions 0 .. t - 1
+                    cache.length = t
+                with torch.no_grad():
+                    model._decode_step(t, decoder)
+
+            yield f"ImageGPT decode step t={t} batch {imagegpt.BATCH} {label}{' CUDA graph' if graphed else ''}", step
+
+
 def _profile(fn, reps=10):
     from torch.profiler import ProfilerActivity, profile
 
@@ -153,7 +181,7 @@ def main() -> int:
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name()
     print(f"gpu_profile: {name}, torch {torch.__version__}, genkernels {genkernels.__version__}", file=out)
-    for cases in (_bias_act_cases(dev), _adaln_cases(dev), _dit_cases(dev)):
+    for cases in (_bias_act_cases(dev), _adaln_cases(dev), _dit_cases(dev), _imagegpt_cases(dev)):
         for name, fn in cases:
             try:
                 rows, host_us = _profile(fn)

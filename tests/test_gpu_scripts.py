@@ -61,3 +61,26 @@ def test_profile_dit_cases_build(monkeypatch):
         "attention d72 L=4096 SDPA mem-efficient",
     ]
     assert all(callable(fn) for fn in cases.values())
+
+
+def test_profile_imagegpt_cases_run(monkeypatch):
+    """The ImageGPT decoding-step cases of scripts/gpu_profile.py, on the benchmark's tiny config on the CPU (the
+    CUDA-graph ones need a GPU): each runs its step again and again (the caches rewound to step t), and the two
+    models draw the same tokens there."""
+    from genkernels.bench import imagegpt
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_profile
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setitem(imagegpt.CONFIGS, "bench", imagegpt.CONFIGS["tiny"])
+    monkeypatch.setattr(imagegpt, "BATCH", 2)
+    cases = dict(gpu_profile._imagegpt_cases(torch.device("cpu")))
+    assert list(cases) == [f"ImageGPT decode step t=4 batch 2 {label}" for label in ("genkernels", "PyTorch layers")]
+    for fn in cases.values():
+        for _ in range(3):
+            fn()
+    decoders = [fn.__defaults__[1] for fn in cases.values()]
+    assert all(d.caches[0].length == 5 for d in decoders)
+    assert torch.equal(decoders[0].tokens[:, 4], decoders[1].tokens[:, 4])

@@ -15,10 +15,11 @@ Variants, on the same weights:
 - ``eager + CUDA graph``: the same with each decoding step replayed as a captured CUDA graph
   (``cuda_graph=True``), for reference: what the graphs alone buy PyTorch ops;
 - ``genkernels``: the model on genkernels layers (RMSNorm and every residual add with the norm after it in
-  one gated_residual_layer_norm_modulate call, rope writing the keys into the KV cache, attention with
-  Lq = 1, swiglu; auto backend), sampling with the KV cache, kernels launched from Python: a decoding step
-  at batch 64 is 112 calls (49 matrix products, 8 attention, 55 others), the eager twin's 384 (counted on
-  the meta device);
+  one gated_residual_layer_norm_modulate call, q, k and v projected by one matrix product into the KV
+  cache's rows and rotated there in place by rope, attention with Lq = 1, swiglu; auto backend), sampling
+  with the KV cache, kernels launched from Python: a decoding step at batch 64 is 81 calls (33 matrix
+  products, 8 attention, 40 others), the eager twin's 353 (counted on the meta device; the twin shares the
+  stacked projection, the cache rows and the draw);
 - ``genkernels + CUDA graph``: the same with the graphs, what ``sample`` does by default on a GPU;
 - ``genkernels (no cache)``: the same model recomputing the whole prefix every step, for reference.
 

@@ -106,6 +106,8 @@ class _Counter(TorchDispatchMode):
             self.traffic.attention_calls += 1
         elif what == "other":
             tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            if not tensors:  # an op on no tensor (aten.promote_types: dtypes) launches nothing
+                return out
             name = func._schema.name.replace("::", ".")
             self._bytes[name] += sum(_nbytes(t) for t in tensors)
             self._calls[name] += 1

@@ -23,8 +23,10 @@ its norm: per block two kernels (and two passes over h) fewer than an add and a 
 Training minimizes the next-token cross-entropy (:meth:`ImageGPT.loss`, nats per token).
 
 Sampling (:meth:`ImageGPT.sample`) draws the L tokens one at a time. With the KV cache every layer keeps
-its keys and values in preallocated (n, heads, L, dim_head) tensors and each step feeds one token, whose
-query attends (Lq = 1) to every cached key; without it each step recomputes the whole prefix. All the
+its keys and values in a preallocated :class:`genkernels.nn.KVCache` (one (n, L, 3, heads, dim_head) buffer:
+the projection of a step writes its query, key and value there in one matrix product) and each step feeds
+one token, whose query attends (Lq = 1) to every cached key; without it each step recomputes the whole
+prefix. All the
 randomness is drawn up front from one torch.Generator (one uniform number per token), so both paths give
 the same tokens for the same seed whenever their logits agree up to rounding.
 
@@ -154,18 +156,19 @@ class TorchCausalSelfAttention(CausalSelfAttention):
     """:class:`genkernels.nn.CausalSelfAttention` on F.scaled_dot_product_attention and a rotate-half RoPE."""
 
     def _rotate(self, q, k, cos, sin):
+        half = cos.shape[-1]
+        c, s = cos.to(q.dtype), sin.to(q.dtype)  # once for both
+
         def rotate(t):
-            half = cos.shape[-1]
             a, b, rest = t[..., :half], t[..., half : 2 * half], t[..., 2 * half :]
-            c, s = cos.to(t.dtype), sin.to(t.dtype)
             return torch.cat([a * c - b * s, b * c + a * s, rest], dim=-1)
 
         return rotate(q), rotate(k)
 
-    def _rotate_into_cache(self, q, k, v, rotary, cache: KVCache):
-        q, k = self._rotate(q, k, *rotary)
-        k, v = cache.append(k, v)
-        return q, k, v
+    def _rotate_into_slots(self, q, k, cos, sin):
+        q, k_rotated = self._rotate(q, k, cos, sin)
+        k.copy_(k_rotated)
+        return q, k
 
     def _attend(self, q, k, v):
         lq, lkv = q.shape[2], k.shape[2]
@@ -394,21 +397,36 @@ class ImageGPT(torch.nn.Module):
             raise ValueError(f"labels must be in [0, {classes}), got values {labels.min()} .. {labels.max()}")
         return labels.to(device=device, dtype=torch.long)
 
-    def _draw(self, logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
-        """One token per row of logits (n, levels) by inverse transform sampling with uniforms u (n,) in (0, 1]."""
+    def _draw(
+        self,
+        logits: torch.Tensor,
+        u: torch.Tensor,
+        temperature: float,
+        top_k: int | None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One token per row of logits (n, levels) by inverse transform sampling with uniforms u (n,) in (0, 1]
+        (into ``out`` (n,) int64 when given)."""
         if temperature == 0:
-            return logits.argmax(-1)
-        scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        # Relative to the row's best score, so that a tiny temperature gives -inf, not inf - inf, at worst.
-        scores = (scores - scores.amax(-1, keepdim=True)) / temperature
-        if top_k is not None and top_k < scores.shape[-1]:
-            kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        cdf = torch.softmax(scores, dim=-1).cumsum(-1)
-        # The first token whose cumulative probability reaches u * total; zero-probability tokens never
-        # are (u > 0), and the clamp guards the last one against rounding.
-        index = (cdf < u.to(cdf.dtype)[:, None] * cdf[:, -1:]).sum(-1)
-        return index.clamp_max(scores.shape[-1] - 1)
+            index = logits.argmax(-1)
+            return index if out is None else out.copy_(index)
+        wide = torch.promote_types(logits.dtype, torch.float32)
+        if temperature == 1 and top_k is None:
+            p = torch.softmax(logits, -1, dtype=wide)  # the same numbers as the general path: softmax takes the max
+        else:
+            # Relative to the row's best score, so that a tiny temperature gives -inf, not inf - inf, at worst.
+            scores = logits.to(wide)
+            scores = (scores - scores.amax(-1, keepdim=True)) / temperature
+            if top_k is not None and top_k < scores.shape[-1]:
+                kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            p = torch.softmax(scores, dim=-1)
+        cdf = p.cumsum(-1)
+        # The first token whose cumulative probability reaches u * total (the count of entries below it: cdf does
+        # not decrease); zero-probability tokens never are (u > 0), and the clamp guards the last one against
+        # rounding.
+        index = torch.searchsorted(cdf, u.to(wide)[:, None] * cdf[:, -1:])[:, 0]
+        return torch.clamp_max(index, cdf.shape[-1] - 1, out=out)
 
     @torch.no_grad()
     def sample_tokens(
@@ -471,7 +489,7 @@ class ImageGPT(torch.nn.Module):
         """Cached decoding step t on the decoder's buffers: token t of every sequence into d.tokens[:, t]."""
         x = self.class_emb(d.class_ids)[:, None] if t == 0 else self.tok_emb(d.tokens[:, t - 1 : t])
         logits = self._logits(self._run(x, t, d.caches)[:, -1:])[:, 0]
-        d.tokens[:, t] = self._draw(logits, d.u[:, t], d.temperature, d.top_k)
+        self._draw(logits, d.u[:, t], d.temperature, d.top_k, out=d.tokens[:, t])
 
     def _decoder_for(self, n: int, temperature: float, top_k: int | None, device, graphed: bool) -> _Decoder:
         """The decoder of this call: the kept graphs when they fit it, else a new one (kept when graphed)."""
@@ -534,9 +552,13 @@ class _Decoder:
         length = model.config.seq_len
         self.model, self.key, self.temperature, self.top_k = model, key, temperature, top_k
         self.class_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.u = torch.ones(n, length, dtype=torch.float64, device=device)
+        # The uniforms in the dtype the draw compares them in (the same numbers as casting float64 there).
+        wide = torch.promote_types(model.head.weight.dtype, torch.float32)
+        self.u = torch.ones(n, length, dtype=wide, device=device)
         self.tokens = torch.zeros(n, length, dtype=torch.long, device=device)
         self.caches = [block.attn.new_cache(n, length) for block in model.blocks]
+        for block, cache in zip(model.blocks, self.caches):  # the stacked projections, refreshed by every run
+            cache.projection = block.attn.stacked_projection()
         self.graphs: list = []
         if graphed:
             self._capture(device)
@@ -582,10 +604,13 @@ class _Decoder:
     def __reduce__(self):
         return (_no_decoder, ())
 
+    @torch.no_grad()
     def run(self, class_ids: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The tokens (n, L) of the sequences of class_ids (n,) drawn with the uniforms u (n, L)."""
         self.class_ids.copy_(class_ids)
         self.u.copy_(u)
+        for block, cache in zip(self.model.blocks, self.caches):  # the weights as they are now, where graphs read them
+            block.attn.stacked_projection(out=cache.projection)
         if self.graphs:
             for graph in self.graphs:
                 graph.replay()

@@ -171,11 +171,22 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 class KVCache:
-    """The keys and values one attention layer has seen, in preallocated (B, heads, max_len, dim_head) tensors.
+    """The keys and values one attention layer has seen, in one preallocated buffer written in place.
+
+    ``qkv`` (B, max_len, 3, heads, dim_head) holds, for every position, a query slot, the key and the value:
+    :class:`CausalSelfAttention` projects a step's queries, keys and values with one matrix product straight
+    into the positions' rows (the query slot is scratch it then reads; the keys are rotated in place there).
+    ``k`` and ``v`` are (B, heads, max_len, dim_head) views of it (strides (max_len * 3 * heads * dim_head,
+    dim_head, 3 * heads * dim_head, 1): a key row is dim_head contiguous elements). The query slots make the
+    buffer 1.5 times the keys' and values' size.
 
     :meth:`append` writes the new keys / values in place after the ``length`` already held and returns
     views of everything held so far; nothing is reallocated while decoding (so the tensors' addresses
     stay fixed, as CUDA graphs need).
+
+    ``projection``: None, or (weight, bias) of the layer's three projections stacked
+    (:meth:`CausalSelfAttention.stacked_projection`), set by a decoder that keeps them up to date itself (ImageGPT's
+    refreshes them before every sampling call); None: the layer stacks its weights at every cached call.
 
     Args:
         batch, heads, max_len, dim_head: the cache shape.
@@ -196,34 +207,54 @@ class KVCache:
             positive_int(name, value)
             for name, value in (("batch", batch), ("heads", heads), ("max_len", max_len), ("dim_head", dim_head))
         )
-        self.k = torch.zeros(batch, heads, max_len, dim_head, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
+        self.qkv = torch.zeros(batch, max_len, 3, heads, dim_head, device=device, dtype=dtype)
         self.length = 0
+        self.projection: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    @property
+    def k(self) -> torch.Tensor:
+        """Every key slot, (B, heads, max_len, dim_head), a view of ``qkv``."""
+        return self.qkv[:, :, 1].transpose(1, 2)
+
+    @property
+    def v(self) -> torch.Tensor:
+        """Every value slot, (B, heads, max_len, dim_head), a view of ``qkv``."""
+        return self.qkv[:, :, 2].transpose(1, 2)
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.qkv.shape[1]
+
+    def _end(self, count: int) -> int:
+        end = self.length + count
+        if end > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} positions; appending {count} to {self.length}")
+        return end
 
     def next_slots(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (B, heads, count, dim_head) of the keys and values at positions length .. length + count - 1, to be
         written in place (for example ``rope(q, k, cos, sin, k_out=k_slot)``) and then passed to
         :meth:`append`, which copies nothing for a tensor that is already its slot."""
-        end = self.length + count
-        if end > self.max_len:
-            raise ValueError(f"the cache holds {self.max_len} positions; appending {count} to {self.length}")
+        end = self._end(count)
         return self.k[:, :, self.length : end], self.v[:, :, self.length : end]
+
+    def next_rows(self, count: int) -> torch.Tensor:
+        """The view (B, count, 3, heads, dim_head) of ``qkv`` at positions length .. length + count - 1: where one
+        projection writes those positions' queries, keys and values (then :meth:`append` of the key and value
+        slots, which copies nothing)."""
+        return self.qkv[:, self.length : self._end(count)]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, heads, l, dim_head) at positions length .. length + l - 1; returns the views
         (B, heads, length + l, dim_head) of every key and value held (length grows by l). A k or v that is
-        already its slot (:meth:`next_slots`) is not copied."""
+        already its slot (:meth:`next_slots`, :meth:`next_rows`) is not copied."""
         if k.shape != v.shape or k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]:
             raise ValueError(
                 f"k and v must be (B, heads, l, dim_head) = ({self.k.shape[0]}, {self.k.shape[1]}, l, "
                 f"{self.k.shape[3]}), got k {tuple(k.shape)} and v {tuple(v.shape)}"
             )
-        k_slot, v_slot = self.next_slots(k.shape[2])
-        for slot, t in ((k_slot, k), (v_slot, v)):
+        for i, t in enumerate((k, v)):
+            slot = self.next_slots(k.shape[2])[i]  # a view taken after the previous copy (autograd's view rules)
             if t.data_ptr() != slot.data_ptr() or t.stride() != slot.stride():
                 slot.copy_(t)
         self.length += k.shape[2]
@@ -243,12 +274,16 @@ class CausalSelfAttention(Attention):
         q, k, v = to_q(x), to_k(x), to_v(x)  split in heads        (B, heads, l, dim_head)
         q, k = rope(q, k, cos, sin)                                 when ``rotary`` tables are given
         k, v = cache.append(k, v)                                   with a cache: every key so far (p0 + l)
-                                                                    (without autograd, rope writes k's
-                                                                    rotation into the cache's slot itself)
         o = genkernels.ops.attention(q, k, v, causal=True)          bottom-right aligned: the l queries are
                                                                     the last l positions, so a single query
                                                                     (decoding) sees every cached key
         out = to_out(merged heads of o)                             (B, l, dim)
+
+    With a cache and nothing to differentiate (grad mode off, or no parameter nor x requiring grad), the three
+    projections are one matrix product of the stacked weights (:meth:`stacked_projection`) writing q, k and v
+    straight into the cache's rows (:meth:`KVCache.next_rows`), and rope rotates q and k there in place: a
+    decoding step's attention is three launches (the product, rope, attention) where the three projections, the
+    rotation and the copies of k and v into the cache would take six.
 
     Parameters are those of :class:`genkernels.nn.Attention` (to_q, to_k, to_v, to_out.0).
 
@@ -296,15 +331,45 @@ class CausalSelfAttention(Attention):
         w = self.to_k.weight
         return KVCache(batch, self.heads, max_len, self.dim_head, device=w.device, dtype=w.dtype)
 
+    def stacked_projection(
+        self, out: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight (3 inner, dim), bias (3 inner,) or None): to_q's, to_k's and to_v's stacked, a copy (written
+        into ``out``'s tensors when given, in place); one matrix product with them gives [q | k | v]."""
+        layers = (self.to_q, self.to_k, self.to_v)
+        with torch.no_grad():
+            weight = torch.cat([m.weight for m in layers], out=None if out is None else out[0])
+            bias = None
+            if self.to_q.bias is not None:
+                bias = torch.cat([m.bias for m in layers], out=None if out is None else out[1])
+        return weight, bias
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        projections = (self.to_q, self.to_k, self.to_v)
+        return x.requires_grad or any(p.requires_grad for m in projections for p in m.parameters())
+
     def _rotate(self, q, k, cos, sin):
+        """(q, k) rotated, out of place (differentiable)."""
         return rope(q, k, cos, sin, backend=self.backend)
 
-    def _rotate_into_cache(self, q, k, v, rotary, cache: KVCache):
-        """Rotated q, and every cached key and value with this call's appended, the keys rotated straight into
-        the cache's slot (one rope launch, no copy of k after it)."""
-        k_slot, _ = cache.next_slots(k.shape[2])
-        q, k_slot = rope(q, k, *rotary, k_out=k_slot, backend=self.backend)
-        k, v = cache.append(k_slot, v)
+    def _rotate_into_slots(self, q, k, cos, sin):
+        """(q, k) rotated, k's rotation in k's own memory (its slot in a cache's rows; outside autograd): here both
+        in place, one launch."""
+        return rope(q, k, cos, sin, inplace=True, backend=self.backend)
+
+    def _project_into_cache(self, x: torch.Tensor, rotary, cache: KVCache):
+        """Rotated q, and every cached key and value with this call's appended: one matrix product into the cache's
+        rows, rope in place there, nothing copied (outside autograd)."""
+        b, length = x.shape[:2]
+        rows = cache.next_rows(length)  # (B, l, 3, heads, dim_head)
+        weight, bias = cache.projection if cache.projection is not None else self.stacked_projection()
+        _linear_into(x, weight, bias, rows.flatten(2))
+        q, k, v = (rows[:, :, i].transpose(1, 2) for i in range(3))
+        if rotary is not None:
+            q, k = self._rotate_into_slots(q, k, *rotary)
+        k, v = cache.append(k, v)
         return q, k, v
 
     def _attend(self, q, k, v):
@@ -325,16 +390,29 @@ class CausalSelfAttention(Attention):
         """
         if x.dim() != 3 or x.shape[-1] != self.query_dim:
             raise ValueError(f"x must be (B, l, dim={self.query_dim}), got shape {tuple(x.shape)}")
-        q = self._split_heads(self.to_q(x))
-        k = self._split_heads(self.to_k(x))
-        v = self._split_heads(self.to_v(x))
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-        if rotary is not None and cache is not None and not grad:
-            q, k, v = self._rotate_into_cache(q, k, v, rotary, cache)
+        if cache is not None and not self._needs_grad(x):
+            q, k, v = self._project_into_cache(x, rotary, cache)
         else:
+            q = self._split_heads(self.to_q(x))
+            k = self._split_heads(self.to_k(x))
+            v = self._split_heads(self.to_v(x))
             if rotary is not None:
                 q, k = self._rotate(q, k, *rotary)
             if cache is not None:
                 k, v = cache.append(k, v)
         o = self._attend(q, k, v)
         return self.to_out[1](self.to_out[0](o.transpose(1, 2).flatten(2)))
+
+
+def _linear_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out (B, l, n) = x (B, l, k) @ weight.T (+ bias), out a view with a unit last stride: one matrix product
+    written where out lies when it is one matrix (l = 1 or B = 1: rows at a fixed stride, which cuBLAS writes
+    directly), else the product and a copy."""
+    if x.shape[1] == 1 or x.shape[0] == 1:
+        x2, out2 = (x[:, 0], out[:, 0]) if x.shape[1] == 1 else (x[0], out[0])
+        if bias is None:
+            torch.mm(x2, weight.t(), out=out2)
+        else:
+            torch.addmm(bias, x2, weight.t(), out=out2)
+    else:
+        out.copy_(torch.nn.functional.linear(x, weight, bias))

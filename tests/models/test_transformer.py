@@ -19,6 +19,7 @@ from genkernels.nn.transformer import (
     RotaryEmbedding,
     SwiGLU,
 )
+from genkernels.ops import rope
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,52 +67,95 @@ def test_mlps_formulas():
 
 def test_kv_cache_appends_in_place():
     cache = KVCache(2, 3, 5, 4, dtype=torch.float64)
-    k_buffer = cache.k
+    buffer = cache.qkv
+    # One buffer: per position a query slot, the key and the value; k and v are its (B, heads, max_len, dim_head)
+    # views, a key row dim_head contiguous elements.
+    assert buffer.shape == (2, 5, 3, 3, 4) and cache.max_len == 5
+    assert cache.k.shape == cache.v.shape == (2, 3, 5, 4) and cache.k.stride() == (180, 4, 36, 1)
+    assert cache.k.data_ptr() == buffer[:, :, 1].data_ptr() and cache.v.data_ptr() == buffer[:, :, 2].data_ptr()
     k1, v1 = torch.randn(2, 3, 2, 4, dtype=torch.float64), torch.randn(2, 3, 2, 4, dtype=torch.float64)
     k2, v2 = torch.randn(2, 3, 1, 4, dtype=torch.float64), torch.randn(2, 3, 1, 4, dtype=torch.float64)
     cache.append(k1, v1)
     k, v = cache.append(k2, v2)
-    assert cache.length == 3 and cache.k is k_buffer and k.data_ptr() == k_buffer.data_ptr()
+    assert cache.length == 3 and cache.qkv is buffer and k.data_ptr() == cache.k.data_ptr()
     torch.testing.assert_close(k, torch.cat([k1, k2], 2), rtol=0, atol=0)
     torch.testing.assert_close(v, torch.cat([v1, v2], 2), rtol=0, atol=0)
+    torch.testing.assert_close(buffer[:, :3, 1].transpose(1, 2), k, rtol=0, atol=0)
+    assert not buffer[:, :, 0].any() and not buffer[:, 3:].any()  # query slots and later positions untouched
     with pytest.raises(ValueError, match="the cache holds 5 positions; appending 3 to 3"):
         cache.append(torch.zeros(2, 3, 3, 4), torch.zeros(2, 3, 3, 4))
     with pytest.raises(ValueError, match=r"k and v must be \(B, heads, l, dim_head\) = \(2, 3, l, 4\)"):
         cache.append(torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 4))
+    with pytest.raises(ValueError, match="the cache holds 5 positions; appending 3 to 3"):
+        cache.next_rows(3)
+    rows = cache.next_rows(2)
+    assert rows.shape == (2, 2, 3, 3, 4) and rows.data_ptr() == buffer[:, 3].data_ptr()
     cache.reset()
     assert cache.length == 0
-    # A key written into its slot first (rope(..., k_out=slot) in the attention layer) is not copied again.
+    # A key written into its slot first (rope(..., k_out=slot), or a projection into next_rows) is not copied
+    # again: the buffer's version (shared by its views) grows by one, the copy of v.
     k_slot, v_slot = cache.next_slots(2)
     assert k_slot.data_ptr() == cache.k.data_ptr() and v_slot.shape == (2, 3, 2, 4)
     k_slot.copy_(k1)
-    versions = cache.k._version, cache.v._version
+    version = buffer._version
     k, v = cache.append(k_slot, v1)
-    assert cache.k._version == versions[0] and cache.v._version > versions[1]  # k left alone; v copied
+    assert buffer._version == version + 1
     torch.testing.assert_close(k, k1, rtol=0, atol=0)
     torch.testing.assert_close(v, v1, rtol=0, atol=0)
     with pytest.raises(ValueError, match="the cache holds 5 positions; appending 4 to 2"):
         cache.next_slots(4)
+    # Keys and values that require grad are appended by autograd (the gradient reaches them through the cache).
+    cache.reset()
+    kg, vg = k1.clone().requires_grad_(), v1.clone().requires_grad_()
+    k, v = cache.append(kg, vg)
+    (k.sum() + 2 * v.sum()).backward()
+    assert torch.equal(kg.grad, torch.ones_like(k1)) and torch.equal(vg.grad, torch.full_like(v1, 2.0))
 
 
 @pytest.mark.parametrize("rotary", [False, True])
-def test_causal_attention_cached_equals_full(rotary):
-    """Feeding a sequence in chunks through the cache gives the rows of one causal pass over all of it."""
+@pytest.mark.parametrize("batch, bias, grad", [(2, False, True), (2, False, False), (1, True, False), (2, True, False)])
+def test_causal_attention_cached_equals_full(rotary, batch, bias, grad):
+    """Feeding a sequence in chunks through the cache gives the rows of one causal pass over all of it: with
+    grad (projections apart, appended by copies) and without (one product of the stacked weights into the
+    cache's rows: a matrix written in place for one token or one sequence, a product and a copy otherwise)."""
     torch.manual_seed(0)
-    layer = CausalSelfAttention(16, heads=2).double()
-    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    layer = CausalSelfAttention(16, heads=2, bias=bias).double()
+    x = torch.randn(batch, 7, 16, dtype=torch.float64)
     table = RotaryEmbedding(8, 7) if rotary else None
     full = layer(x, None if table is None else table(0, 7))
     # Causal: the first rows do not see the later ones.
     torch.testing.assert_close(layer(x[:, :3], None if table is None else table(0, 3)), full[:, :3])
-    cache = layer.new_cache(2, 7)
+    cache = layer.new_cache(batch, 7)
     parts = []
-    for start, end in ((0, 3), (3, 4), (4, 5), (5, 7)):
-        parts.append(layer(x[:, start:end], None if table is None else table(start, end - start), cache))
+    with torch.set_grad_enabled(grad):
+        for start, end in ((0, 3), (3, 4), (4, 5), (5, 7)):
+            parts.append(layer(x[:, start:end], None if table is None else table(start, end - start), cache))
+    assert parts[0].requires_grad == grad
     torch.testing.assert_close(torch.cat(parts, 1), full)
+    # The cache holds the (rotated) keys and the values of all 7 positions.
+    k = layer._split_heads(layer.to_k(x))
+    if table is not None:
+        k = rope(k, None, *table(0, 7))[0]
+    torch.testing.assert_close(cache.k, k)
+    torch.testing.assert_close(cache.v, layer._split_heads(layer.to_v(x)))
     with pytest.raises(ValueError, match="heads must divide dim"):
         CausalSelfAttention(10, heads=4)
     with pytest.raises(ValueError, match="positions 5 .. 7 are outside the table's 0 .. 6"):
         RotaryEmbedding(8, 7)(5, 3)
+
+
+def test_stacked_projection():
+    """to_q's, to_k's and to_v's weights and biases stacked, a copy; ``out`` is written in place."""
+    layer = CausalSelfAttention(8, heads=2, bias=True).double()
+    weight, bias = layer.stacked_projection()
+    torch.testing.assert_close(weight, torch.cat([layer.to_q.weight, layer.to_k.weight, layer.to_v.weight]))
+    torch.testing.assert_close(bias, torch.cat([layer.to_q.bias, layer.to_k.bias, layer.to_v.bias]))
+    assert not weight.requires_grad and weight.data_ptr() != layer.to_q.weight.data_ptr()
+    with torch.no_grad():
+        layer.to_v.weight.add_(1.0)
+    assert layer.stacked_projection(out=(weight, bias))[0] is weight
+    torch.testing.assert_close(weight[16:], layer.to_v.weight, rtol=0, atol=0)
+    assert CausalSelfAttention(8, heads=2).stacked_projection()[1] is None
 
 
 # --------------------------------------------------------------------------- ImageGPT
@@ -240,6 +284,21 @@ def test_draw_follows_the_softmax():
         assert (counts - probs).abs().max() < 0.01, (counts, probs)
         if top_k is not None:
             assert counts[probs == 0].sum() == 0
+    # Token by token: the first index whose cumulative probability reaches u * total, the same on the path for
+    # T = 1 without top_k (softmax straight from the logits) as on the general one; written into out when given.
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float64, torch.bfloat16):
+        noisy = (3 * torch.randn(2000, 16, generator=g, dtype=torch.float64)).to(dtype)
+        uu = 1 - torch.rand(2000, generator=g, dtype=torch.float64)
+        wide = torch.promote_types(dtype, torch.float32)
+        cdf = torch.softmax(noisy.to(wide), -1).cumsum(-1)
+        want = (cdf < uu.to(wide)[:, None] * cdf[:, -1:]).sum(-1).clamp_max(15)
+        fast = model._draw(noisy, uu, 1.0, None)
+        assert torch.equal(fast, want) and torch.equal(model._draw(noisy, uu, 1.0, 16), want)
+        out = torch.zeros(2000, 3, dtype=torch.long)
+        model._draw(noisy, uu, 1.0, None, out=out[:, 1])
+        model._draw(noisy, uu, 0, None, out=out[:, 2])
+        assert torch.equal(out[:, 1], want) and torch.equal(out[:, 2], noisy.argmax(-1)) and not out[:, 0].any()
 
 
 def test_sample_images_and_errors():
@@ -299,8 +358,10 @@ def test_triton_backend_matches_the_reference(device):
 def test_decode_step_fuses_residual_adds_with_norms():
     """A cached decoding step of the benchmark's model (depth 8, batch 64), counted on the meta device: on
     genkernels layers every residual add is one gated_residual_layer_norm_modulate call with the RMSNorm after
-    it (two a block, no separate add), and rope writes the keys into the cache (no copy after it): 112 calls
-    a step against the PyTorch-layer twin's 384; the README and the imagegpt benchmark quote these counts."""
+    it (two a block, no separate add); on both, each layer's q, k and v are one matrix product written into the
+    KV cache's rows (four products a layer), rope rotates q and k there in place (genkernels: nothing copied; the
+    PyTorch twin copies its rotated keys back), and the draw writes its token without a copy: 81 calls a step
+    against the PyTorch-layer twin's 353; the README and the imagegpt benchmark quote these counts."""
     from genkernels.bench import traffic
     from genkernels.bench.imagegpt import CONFIGS
     from genkernels.models.transformer import _Decoder
@@ -310,17 +371,23 @@ def test_decode_step_fuses_residual_adds_with_norms():
         with torch.device("meta"):
             model = ImageGPT(**CONFIGS["bench"], torch_layers=torch_layers).to(torch.bfloat16)
         decoder = _Decoder(model, None, 64, 1.0, None, torch.device("meta"), graphed=False)
-        for t in range(3):
-            model._decode_step(t, decoder)
+        with torch.no_grad():  # as sample_tokens decodes
+            for t in range(3):
+                model._decode_step(t, decoder)
         counted = traffic.count(lambda: model._decode_step(3, decoder), genkernels_ops=not torch_layers)
         totals[torch_layers] = counted.matmul_calls + counted.attention_calls + sum(counted.calls.values())
+        depth = model.config.depth
+        assert counted.matmul_calls == 4 * depth + 1 and counted.attention_calls == depth
         if not torch_layers:
-            assert counted.calls["genkernels.gated_residual_layer_norm_modulate"] == 2 * model.config.depth
+            assert counted.calls["genkernels.gated_residual_layer_norm_modulate"] == 2 * depth
             assert counted.calls["genkernels.layer_norm_modulate"] == 1  # the first block's norm1
             assert "aten.add" not in counted.calls
-            assert counted.calls["genkernels.rope_into"] == model.config.depth
-            assert counted.calls["aten.copy_"] == model.config.depth + 1  # the values, and the token drawn
-    assert totals == {False: 112, True: 384}
+            assert counted.calls["genkernels.rope_"] == depth
+            assert "aten.copy_" not in counted.calls
+        else:
+            assert counted.calls["aten.copy_"] == depth  # the rotated keys into their slots
+        assert "aten.promote_types" not in counted.calls  # no tensor: no launch
+    assert totals == {False: 81, True: 353}
 
 
 def test_decoder_buffers_and_copies():
@@ -353,6 +420,24 @@ def test_decoder_buffers_and_copies():
         model.sample(2, cuda_graph=True)
     with pytest.raises(ValueError, match="cuda_graph must be None, True or False, got 'yes'"):
         model.sample(2, cuda_graph="yes")
+
+
+def test_decoder_reads_the_weights_of_each_call():
+    """A kept decoder (what CUDA graphs replay) stacks the attention projections again at every run: weights
+    changed in place since the last run, even through ``.data`` (which autograd's version counter does not see),
+    give the tokens a new decoder draws."""
+    from genkernels.models.transformer import _Decoder
+
+    model, other = tiny(), tiny(seed=1)
+    decoder = _Decoder(model, None, 3, 1.0, None, torch.device("cpu"), graphed=False)
+    labels = torch.arange(3) % 10
+    u = 1.0 - torch.rand(3, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    before = decoder.run(labels, u)
+    for p, q in zip(model.parameters(), other.parameters()):
+        p.data.copy_(q.data)
+    want = model.sample_tokens(3, seed=5, cuda_graph=False)  # a new decoder
+    assert not torch.equal(want, before)  # the weights changed the tokens
+    assert torch.equal(decoder.run(labels, u), want)
 
 
 @pytest.mark.gpu
