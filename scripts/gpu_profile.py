@@ -7,7 +7,8 @@ For each case and backend: the CUDA kernels one call launches, each kernel's mea
 GPU it says so and exits 0. Cases: bias_act lrelu bf16 (32, 512, 64, 64) forward and forward +
 backward; layer_norm_modulate bf16 forward at DiT-XL (2, 4096, 1152) and FLUX (1, 4608, 3072); one
 DiT-XL/2 block forward at L = 4096 (batch 2, bf16), genkernels and its PyTorch-layer twin, and its
-attention alone (2 x 16 heads x 4096 x 4096, head dim 72) on each backend and each SDPA kernel; one cached
+attention alone (2 x 16 heads x 4096 x 4096, head dim 72) on each backend (triton on both its tiles) and each
+SDPA kernel; one cached
 ImageGPT decoding step (the imagegpt benchmark's model, batch 64), genkernels and its twin, plain and from
 its CUDA graph.
 """
@@ -105,6 +106,10 @@ def _dit_cases(dev):
     )
     for be in ("cuda", "triton"):
         yield f"attention d{config.head_dim} L=4096 {be}", lambda be=be: ops.attention(q, k, v, backend=be)
+    yield (
+        f"attention d{config.head_dim} L=4096 triton, d128's 128 x 64 tiles",
+        _with_d128_tiles(lambda: ops.attention(q, k, v, backend="triton")),
+    )
     F = torch.nn.functional
     for name, kernel in (
         ("flash", SDPBackend.FLASH_ATTENTION),
@@ -117,6 +122,22 @@ def _dit_cases(dev):
                 return F.scaled_dot_product_attention(q, k, v)
 
         yield f"attention d{config.head_dim} L=4096 SDPA {name}", sdpa
+
+
+def _with_d128_tiles(fn):
+    """fn with the triton attention forward on the tiles of the padded head dim (at 72 and 80: d128's 128 x 64,
+    which the forward took before it took d64's 128 x 128 there), to time the two side by side."""
+    import genkernels.triton.attention as tri
+
+    def run():
+        chosen = tri._config_block
+        tri._config_block = lambda head_dim, arch, kernel, masked: max(64, tri._block_d(head_dim))
+        try:
+            return fn()
+        finally:
+            tri._config_block = chosen
+
+    return run
 
 
 def _imagegpt_cases(dev):

@@ -56,11 +56,22 @@ def test_profile_dit_cases_build(monkeypatch):
         "DiT-XL/2 block L=4096 PyTorch layers",
         "attention d72 L=4096 cuda",
         "attention d72 L=4096 triton",
+        "attention d72 L=4096 triton, d128's 128 x 64 tiles",
         "attention d72 L=4096 SDPA flash",
         "attention d72 L=4096 SDPA cuDNN",
         "attention d72 L=4096 SDPA mem-efficient",
     ]
     assert all(callable(fn) for fn in cases.values())
+    # The d128-tile variant runs the forward on those tiles and then restores the choice (on the interpreter here,
+    # whose own tiles ignore the choice: what is checked is the swap).
+    import genkernels.triton.attention as tri
+
+    chosen, seen = tri._config_block, []
+    record = lambda *a, **k: seen.append(tri._config_block(72, 90, "fwd", False))  # noqa: E731
+    monkeypatch.setattr(gpu_profile.ops, "attention", record)
+    cases["attention d72 L=4096 triton, d128's 128 x 64 tiles"]()
+    assert seen == [128] and tri._config_block is chosen and chosen(72, 90, "fwd", False) == 64
+    assert chosen(72, 90, "fwd", True) == chosen(72, 80, "fwd", False) == chosen(72, 90, "dq", False) == 128
 
 
 def test_profile_imagegpt_cases_run(monkeypatch):

@@ -212,16 +212,27 @@ def _backward_split(q: Tensor) -> tuple[int, int]:
     return _head_split(d) if _arch(q.device) == 90 else (_block_d(d), 0)
 
 
-def _config(q: Tensor, kernel: str) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` ("fwd", "dkdv", "dq") for q; the forward of at
-    most DECODE_ROWS queries takes 16-row tiles on 4 warps (decoding)."""
+def _config(q: Tensor, kernel: str, masked: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` ("fwd", "dkdv", "dq") for q (``masked``: with a
+    key padding mask); the forward of at most DECODE_ROWS queries takes 16-row tiles on 4 warps (decoding)."""
     decode = kernel == "fwd" and q.shape[2] <= DECODE_ROWS
     if interpreting():
         return _INTERPRETER_CONFIGS["decode" if decode else kernel]
-    block_m, block_n, num_warps, num_stages = CONFIGS[
-        (_arch(q.device), max(64, _block_d(q.shape[-1])), q.element_size(), kernel)
-    ]
+    arch, d = _arch(q.device), q.shape[-1]
+    block = _config_block(d, arch, kernel, masked)
+    block_m, block_n, num_warps, num_stages = CONFIGS[(arch, block, q.element_size(), kernel)]
     return (DECODE_ROWS, block_n, 4, num_stages) if decode else (block_m, block_n, num_warps, num_stages)
+
+
+def _config_block(head_dim: int, arch: int, kernel: str, masked: bool) -> int:
+    """The BLOCK_D class of CONFIGS whose tiles ``kernel`` takes at ``head_dim``: the padded head dim (at least
+    64), except for the sm_90 forward without a key padding mask at head dims 65 to 80 (DiT's 72), split
+    64 + 16: its 80 columns take d64's 128 x 128 tiles (half the key-block steps of the online softmax of
+    d128's 128 x 64), which compile there without spills (225 to 232 registers, 143 KB of shared memory;
+    the mask's extra live values spill 24 to 80 bytes, so masked calls keep d128's tiles)."""
+    if arch == 90 and kernel == "fwd" and not masked and _head_split(head_dim) == (64, 16):
+        return 64
+    return max(64, _block_d(head_dim))
 
 
 def not_supported(
@@ -305,7 +316,7 @@ def attention_forward(
     lse = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
     keep = keep_residual and q.element_size() < 4
     residual = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype) if keep else None
-    block_m, block_n, num_warps, num_stages = _config(q, "fwd")
+    block_m, block_n, num_warps, num_stages = _config(q, "fwd", key_padding_mask is not None)
     block_d, block_d2 = _head_split(d)
     with on_device(q):
         _attn_fwd_kernel[(cdiv(lq, block_m), b * hq)](
