@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from ._elementwise import best_speedup_goal
 from .core import (
     COMPILE,
     DTYPE_NAMES,
@@ -380,25 +381,16 @@ def goals(rec: CaseRecord | None, case: type[ModelCase]) -> list[Goal]:
     and with ``measures_peak`` a peak no higher than eager's."""
     ran = [] if rec is None else [r for name in GK_VARIANTS if (r := rec.result(name)) is not None and r.ms]
     best = min(ran, key=lambda r: r.ms) if ran else None
-    out = []
-    specs = [
-        (f"{case.workload}, genkernels vs eager", f">= {case.eager_goal}x (floor for resolving)", case.eager_goal,
-         (EAGER, EAGER_GRAPH)),
-        ("genkernels (best of eager / CUDA graph) vs torch.compile", f">= {COMPILE_GOAL}x", COMPILE_GOAL,
-         (COMPILE, COMPILE_GRAPH)),
+    out = [
+        best_speedup_goal(
+            rec, f"{case.workload}, genkernels vs eager", GK_VARIANTS, (EAGER, EAGER_GRAPH), case.eager_goal,
+            target=f">= {case.eager_goal}x (floor for resolving)", each=True,
+        ),
+        best_speedup_goal(
+            rec, "genkernels (best of eager / CUDA graph) vs torch.compile", GK_VARIANTS, (COMPILE, COMPILE_GRAPH),
+            COMPILE_GOAL, target=f">= {COMPILE_GOAL}x", each=True,
+        ),
     ]  # fmt: skip
-    for name, target, threshold, baselines in specs:
-        base = [] if rec is None else [r for b in baselines if (r := rec.result(b)) is not None and r.ms]
-        if best is None or not base:
-            why = "no genkernels variant ran" if best is None else f"{baselines[0]} did not run"
-            out.append(Goal(name, target, f"unmeasured ({why})", None))
-            continue
-        fastest = min(base, key=lambda r: r.ms)
-        value = fastest.ms / best.ms
-        shown = f"{value:.2f}x ({best.variant} vs {fastest.variant})"
-        if len(ran) > 1:
-            shown += f"; vs {fastest.variant}: " + ", ".join(f"{m.variant} {fastest.ms / m.ms:.2f}x" for m in ran)
-        out.append(Goal(name, target, shown, value >= threshold))
     if case.measures_peak:
         out.append(_peak_goal(rec, best))
     return out
