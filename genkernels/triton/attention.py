@@ -159,8 +159,8 @@ _INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16
 # Decoding: a few queries (a KV cache's step: Lq = 1) against many keys. A CONFIGS query block would be
 # almost all padding (Lq = 1 in a 128-row tile: 127 of every 128 rows of each dot wasted, and 8 warps for
 # one row), so the forward runs queries up to DECODE_ROWS in 16-row tiles (the smallest dot) on 4 warps,
-# with the key block and stages of the head dim's entry (sm_90 d128: 16 + 2 x 3 x 64 rows of 128 columns,
-# 102 KB of shared memory; tests/triton/test_compile.py compiles ImageGPT's decoding call).
+# with the key block and stages of the head dim's entry (sm_90, d64 and d128: 71,680 bytes of shared memory,
+# 134 and 136 registers, as compiled by tests/triton/test_compile.py, which builds ImageGPT's decoding call).
 DECODE_ROWS = 16
 # The delta kernel is elementwise: rows per program, so that a thread of its 4 warps holds at
 # most 16 elements of each of out, its residual and dout.
