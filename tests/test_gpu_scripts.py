@@ -72,6 +72,7 @@ def test_profile_dit_cases_build(monkeypatch):
     cases["attention d72 L=4096 triton, d128's 128 x 64 tiles"]()
     assert seen == [128] and tri._config_block is chosen and chosen(72, 90, "fwd", False) == 64
     assert chosen(72, 90, "fwd", True) == chosen(72, 80, "fwd", False) == chosen(72, 90, "dq", False) == 128
+    assert chosen(72, 90, "decode", False) == 128
 
 
 def test_profile_imagegpt_cases_run(monkeypatch):

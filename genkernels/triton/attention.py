@@ -219,17 +219,19 @@ def _config(q: Tensor, kernel: str, masked: bool = False) -> tuple[int, int, int
     if interpreting():
         return _INTERPRETER_CONFIGS["decode" if decode else kernel]
     arch, d = _arch(q.device), q.shape[-1]
-    block = _config_block(d, arch, kernel, masked)
+    block = _config_block(d, arch, "decode" if decode else kernel, masked)
     block_m, block_n, num_warps, num_stages = CONFIGS[(arch, block, q.element_size(), kernel)]
     return (DECODE_ROWS, block_n, 4, num_stages) if decode else (block_m, block_n, num_warps, num_stages)
 
 
 def _config_block(head_dim: int, arch: int, kernel: str, masked: bool) -> int:
-    """The BLOCK_D class of CONFIGS whose tiles ``kernel`` takes at ``head_dim``: the padded head dim (at least
-    64), except for the sm_90 forward without a key padding mask at head dims 65 to 80 (DiT's 72), split
-    64 + 16: its 80 columns take d64's 128 x 128 tiles (half the key-block steps of the online softmax of
-    d128's 128 x 64), which compile there without spills (225 to 232 registers, 143 KB of shared memory;
-    the mask's extra live values spill 24 to 80 bytes, so masked calls keep d128's tiles)."""
+    """The BLOCK_D class of CONFIGS whose tiles ``kernel`` ("fwd", "dkdv", "dq", or "decode": the forward of at
+    most DECODE_ROWS queries) takes at ``head_dim``: the padded head dim (at least 64), except for the sm_90
+    forward without a key padding mask at head dims 65 to 80 (DiT's 72), split 64 + 16: its 80 columns take
+    d64's 128 x 128 tiles (half the key-block steps of the online softmax of d128's 128 x 64), which compile
+    there without spills (225 to 232 registers, 143 KB of shared memory). The mask's extra live values spill
+    24 to 80 bytes on them, and so do 16-row decoding tiles with 128 keys at 80 (56 bytes, 4 warps): those
+    keep d128's key block."""
     if arch == 90 and kernel == "fwd" and not masked and _head_split(head_dim) == (64, 16):
         return 64
     return max(64, _block_d(head_dim))
