@@ -240,8 +240,7 @@ class KVCache:
 
     def next_rows(self, count: int) -> torch.Tensor:
         """The view (B, count, 3, heads, dim_head) of ``qkv`` at positions length .. length + count - 1: where one
-        projection writes those positions' queries, keys and values (then :meth:`append` of the key and value
-        slots, which copies nothing)."""
+        projection writes those positions' queries, keys and values (then :meth:`commit`)."""
         return self.qkv[:, self.length : self._end(count)]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,6 +258,14 @@ class KVCache:
                 slot.copy_(t)
         self.length += k.shape[2]
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def commit(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``count`` positions after ``length``, written in place through :meth:`next_rows`, are now held:
+        length grows by count; returns the views (B, heads, length, dim_head) of every key and value held.
+        :meth:`append` without its checks and copies, for a caller that wrote the rows itself."""
+        held = self.qkv[:, : self._end(count)]
+        self.length += count
+        return held[:, :, 1].transpose(1, 2), held[:, :, 2].transpose(1, 2)
 
     def reset(self) -> None:
         """Forget every position (the tensors are kept and overwritten by the next appends)."""
@@ -368,8 +375,8 @@ class CausalSelfAttention(Attention):
         _linear_into(x, weight, bias, rows.flatten(2))
         q, k, v = (rows[:, :, i].transpose(1, 2) for i in range(3))
         if rotary is not None:
-            q, k = self._rotate_into_slots(q, k, *rotary)
-        k, v = cache.append(k, v)
+            q, _ = self._rotate_into_slots(q, k, *rotary)
+        k, v = cache.commit(length)
         return q, k, v
 
     def _attend(self, q, k, v):

@@ -90,6 +90,15 @@ def test_kv_cache_appends_in_place():
         cache.next_rows(3)
     rows = cache.next_rows(2)
     assert rows.shape == (2, 2, 3, 3, 4) and rows.data_ptr() == buffer[:, 3].data_ptr()
+    # commit: the rows written in place are held, nothing copied (the version does not move).
+    rows[:, :, 1], rows[:, :, 2] = 7.0, 8.0
+    version = buffer._version
+    k, v = cache.commit(2)
+    assert cache.length == 5 and buffer._version == version and k.shape == v.shape == (2, 3, 5, 4)
+    assert (k[:, :, 3:] == 7).all() and (v[:, :, 3:] == 8).all()
+    torch.testing.assert_close(k[:, :, :3], torch.cat([k1, k2], 2), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="the cache holds 5 positions; appending 1 to 5"):
+        cache.commit(1)
     cache.reset()
     assert cache.length == 0
     # A key written into its slot first (rope(..., k_out=slot), or a projection into next_rows) is not copied
