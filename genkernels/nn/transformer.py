@@ -247,17 +247,19 @@ class KVCache:
         """Store k, v (B, heads, l, dim_head) at positions length .. length + l - 1; returns the views
         (B, heads, length + l, dim_head) of every key and value held (length grows by l). A k or v that is
         already its slot (:meth:`next_slots`, :meth:`next_rows`) is not copied."""
-        if k.shape != v.shape or k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]:
+        batch, _, _, heads, dim_head = self.qkv.shape
+        if k.shape != v.shape or k.shape[:2] != (batch, heads) or k.shape[3] != dim_head:
             raise ValueError(
-                f"k and v must be (B, heads, l, dim_head) = ({self.k.shape[0]}, {self.k.shape[1]}, l, "
-                f"{self.k.shape[3]}), got k {tuple(k.shape)} and v {tuple(v.shape)}"
+                f"k and v must be (B, heads, l, dim_head) = ({batch}, {heads}, l, {dim_head}), got k "
+                f"{tuple(k.shape)} and v {tuple(v.shape)}"
             )
+        count = k.shape[2]
+        end = self._end(count)
         for i, t in enumerate((k, v)):
-            slot = self.next_slots(k.shape[2])[i]  # a view taken after the previous copy (autograd's view rules)
+            slot = self.qkv[:, self.length : end, 1 + i].transpose(1, 2)  # taken after the previous copy (autograd)
             if t.data_ptr() != slot.data_ptr() or t.stride() != slot.stride():
                 slot.copy_(t)
-        self.length += k.shape[2]
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+        return self.commit(count)
 
     def commit(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``count`` positions after ``length``, written in place through :meth:`next_rows`, are now held:
@@ -369,13 +371,13 @@ class CausalSelfAttention(Attention):
     def _project_into_cache(self, x: torch.Tensor, rotary, cache: KVCache):
         """Rotated q, and every cached key and value with this call's appended: one matrix product into the cache's
         rows, rope in place there, nothing copied (outside autograd)."""
-        b, length = x.shape[:2]
+        length = x.shape[1]
         rows = cache.next_rows(length)  # (B, l, 3, heads, dim_head)
         weight, bias = cache.projection if cache.projection is not None else self.stacked_projection()
         _linear_into(x, weight, bias, rows.flatten(2))
-        q, k, v = (rows[:, :, i].transpose(1, 2) for i in range(3))
+        q = rows[:, :, 0].transpose(1, 2)
         if rotary is not None:
-            q, _ = self._rotate_into_slots(q, k, *rotary)
+            q, _ = self._rotate_into_slots(q, rows[:, :, 1].transpose(1, 2), *rotary)
         k, v = cache.commit(length)
         return q, k, v
 
