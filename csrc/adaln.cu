@@ -108,15 +108,13 @@ void adaln_forward(const AdalnProblem& p, const AdalnTensor& x, const AdalnTenso
   a.norm = norm;
   a.rms = rms;
   const int vec = vector_of(p, {x, res, gate, shift, scale, h, out}, {weight, bias});
-  const int bytes = element_bytes(p.dtype);
-  a.s = adaln_shape(p.rows, p.tokens, p.dim, vec, 1, adaln_forward_vectors(bytes, vec),
-                    adaln_forward_block(bytes, vec));
+  a.s = adaln_shape(p.rows, p.tokens, p.dim, vec, 1, adaln_forward_vectors(vec));
   const unsigned int grid = grid_of(ceil_div(p.rows, a.s.slots));
   use_device(p.device);
   const cudaStream_t stream = as_stream(stream_handle);
   with_adaln_vector(p.dtype, vec, [&](auto d, auto v) {
     with_bool(a.res.p != nullptr, [&](auto residual) {
-      with_adaln_forward_k<decltype(d), decltype(v)::value>(a.s.count, [&](auto k) {
+      with_adaln_forward_k(a.s.count, [&](auto k) {
         adaln_forward_kernel<decltype(d), decltype(v)::value, decltype(residual)::value, decltype(k)::value>
             <<<grid, threads_of(a.s), 0, stream>>>(a);
       });

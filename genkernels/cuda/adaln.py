@@ -6,14 +6,13 @@ gated_residual_layer_norm_modulate, forward and backward. Every tensor is an (S,
 along D and any row stride; a modulation (shift, scale, gate) has a row per token (S = R) or per sample
 (S = R // tokens), in x's dtype or float32; weight and bias are contiguous float32 (D,).
 
-A row of D <= 4096 elements lives in registers: 8-element vectors (16 bytes of fp16 / bf16, or two 16-byte
-accesses of float32) when D and every row stride are multiples of 8 and every pointer is 16-byte aligned, else
-single elements. The forward holds an fp16 / bf16 row as its loaded bits in one warp up to D = 3072 (two
-above), float32 and single elements in groups of 32 to 1024 threads of up to 4; the backward one vector (or 4
-elements) a thread. Statistics are float32, two exact passes over the row. The backward recomputes xhat from
-the saved mean and rstd and writes the input gradient in one pass over the rows; dweight, dbias and the
-per-sample dshift, dscale and dgate are summed from float32 per-block partials in a fixed order (deterministic,
-no atomics). Launches on torch's current stream without synchronizing (CUDA-graph capturable).
+A row of D <= 4096 elements lives in the registers of a group of 32 to 1024 threads (one 8-element vector a
+thread, 16 bytes of fp16 / bf16 or two 16-byte accesses of float32, when D and every row stride are multiples
+of 8 and every pointer is 16-byte aligned; else up to 4 single elements a thread); statistics are float32,
+two exact passes over the row. The backward recomputes xhat from the saved mean and rstd and writes the input
+gradient in one pass over the rows; dweight, dbias and the per-sample dshift, dscale and dgate are summed
+from float32 per-block partials in a fixed order (deterministic, no atomics). Launches on torch's current
+stream without synchronizing (CUDA-graph capturable).
 """
 
 from __future__ import annotations

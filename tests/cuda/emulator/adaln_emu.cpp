@@ -6,25 +6,21 @@
 // without the gradient of h; odd D (33, 40, 72, 1000, 2000, 2500) and L = 1; 8-element vectors (16 bytes
 // of fp16 / bf16, two 16-byte accesses of float32) and the scalar path (a pointer one element off, a row
 // stride that is not a multiple of 8, or D itself); row groups of 32 threads (4 rows a block), 64, 128
-// and wider, up to 1024 scalar threads with several scalars each; the forward's packed path (fp16 / bf16
-// vectors) at each K it is compiled for, one warp a row (K 3, 5, 8, 12: D up to 3072) and two (K 8: 3080,
-// 4096), with the last block of two rows half empty; backward chunks of several blocks per sample (the
-// partials' fixed-order reduction); inputs far from zero (mean 1e3).
+// and wider, up to 1024 scalar threads with several scalars each; backward chunks of several blocks per
+// sample (the partials' fixed-order reduction); inputs far from zero (mean 1e3).
 //
 //   adaln_emu [--jobs N] [--case SUBSTRING]
 //
 // prints "CASES <cases>", then one line per case:
 //   RESULT ok|FAIL <case> | vec <fwd> <bwd> group <fwd> <bwd> (threads a row) slots <fwd> <bwd> (rows a
-//   block) count <fwd> <bwd> (vectors a thread) k <K> packed|floats (the forward kernel's K and how it
-//   held the row) blocks <fwd> <bwd> chunks <per sample> sums <column sums>; max |err| / tol <worst>;
-//   <bad> bad; <first bad element>
+//   block) count <fwd> <bwd> (vectors a thread) blocks <fwd> <bwd> chunks <per sample> sums <column
+//   sums>; max |err| / tol <worst>; <bad> bad; <first bad element>
 // and "PASSED" or "FAILED <count>"; exit status 0 when every case passes, 1 when one fails, 2 when the
 // emulator stops on a broken rule of the execution model.
 //
 // The launch choices replicate csrc/adaln.cu (vector width from D, the row strides and the pointers;
-// adaln_shape, adaln_forward_block, with_adaln_forward_k and adaln_chunk for the split, with 2 SMs so that
-// samples split into several chunks; one adaln_reduce_kernel per column sum). The backward takes the
-// forward's mean and rstd, as the op does.
+// adaln_shape and adaln_chunk for the split, with 2 SMs so that samples split into several chunks; one
+// adaln_reduce_kernel per column sum). The backward takes the forward's mean and rstd, as the op does.
 //
 // Reference (float64): h = x + gate * res, rounded to the dtype as the kernel does; the norm, out and
 // every gradient from the h the kernel wrote (the op's contract: out is the norm of the returned h), with
@@ -216,17 +212,11 @@ simt::Outcome run(const Case& c, unsigned seed) {
       D, {x.buf.data(), res.data(), gate.data(), shift.data(), scale.data(), h.data(), out.data(),
                    c.weight ? weight.data() : nullptr, c.bias ? bias.data() : nullptr},
       {x.stride, res.stride, gate.stride, shift.stride, scale.stride, h.stride, out.stride});
-  const int bytes = genkernels::element_bytes(c.dtype);
-  fa.s = genkernels::adaln_shape(R, L, D, fvec, 1, genkernels::adaln_forward_vectors(bytes, fvec),
-                                 genkernels::adaln_forward_block(bytes, fvec));
+  fa.s = genkernels::adaln_shape(R, L, D, fvec, 1, genkernels::adaln_forward_vectors(fvec));
   const unsigned fblocks = static_cast<unsigned>((R + fa.s.slots - 1) / fa.s.slots);
-  int fk = 0;            // the K the forward was compiled for (with_adaln_forward_k's choice)
-  bool fpacked = false;  // and whether it held the row packed (adaln_packed)
   genkernels::with_adaln_vector(c.dtype, fvec, [&](auto d, auto v) {
     genkernels::with_bool(fa.res.p != nullptr, [&](auto residual) {
-      genkernels::with_adaln_forward_k<decltype(d), decltype(v)::value>(fa.s.count, [&](auto k) {
-        fk = decltype(k)::value;
-        fpacked = genkernels::adaln_packed(sizeof(typename decltype(d)::Bits), decltype(v)::value);
+      genkernels::with_adaln_forward_k(fa.s.count, [&](auto k) {
         simt::launch(fblocks, fa.s.group * fa.s.slots, 0, {}, global, label + " (forward)", [&] {
           genkernels::adaln_forward_kernel<decltype(d), decltype(v)::value, decltype(residual)::value,
                                            decltype(k)::value>(fa);
@@ -477,11 +467,9 @@ simt::Outcome run(const Case& c, unsigned seed) {
 
   char buf[320];
   snprintf(buf, sizeof buf,
-           "vec %d %d group %d %d slots %d %d count %d %d k %d %s blocks %u %lld chunks %d sums %d; "
-           "max |err| / tol %.3g",
-           fvec, bvec, fa.s.group, ba.s.group, fa.s.slots, ba.s.slots, fa.s.count, ba.s.count, fk,
-           fpacked ? "packed" : "floats", fblocks, static_cast<long long>(bblocks), ba.s.chunks, quantities,
-           found.worst);
+           "vec %d %d group %d %d slots %d %d count %d %d blocks %u %lld chunks %d sums %d; max |err| / tol %.3g", fvec,
+           bvec, fa.s.group, ba.s.group, fa.s.slots, ba.s.slots, fa.s.count, ba.s.count, fblocks,
+           static_cast<long long>(bblocks), ba.s.chunks, quantities, found.worst);
   return found.outcome(label, buf);
 }
 
@@ -547,37 +535,6 @@ std::vector<Case> make_cases() {
   }
   cases.push_back(Case{kBF16, Op::kFused, true, true, false, Mod::kToken, Mod::kSample, Mod::kToken, true, 2, 2,
                        2500, 1, false, true, true});
-  // The packed forward (fp16 / bf16 on 8-element vectors) at every K it is compiled for and both widths:
-  // one warp a row (K 3 for D 768; 5 for DiT-XL's 1152; 8 for 1536, 6 vectors a lane, and 2048; 12 for 2304,
-  // 9 a lane, and FLUX's 3072) and two (8 a lane for 3080, the second warp holding 129 vectors, and 4096).
-  // 3 rows (B 1, L 3 or B 3, L 1): the last block of two rows is half empty. Every option in turn, the
-  // side operands in x's dtype and (side:f32) in float32.
-  const Shape packed[] = {{1, 3, 768, 0, false},  {1, 3, 1152, 0, false}, {3, 1, 1536, 0, false},
-                          {1, 3, 2048, 0, false}, {3, 1, 2304, 0, false}, {1, 3, 3072, 0, false},
-                          {3, 1, 3080, 0, false}, {1, 3, 4096, 0, false}};
-  int j = 0;
-  for (const int dtype : {kF16, kBF16}) {
-    for (const Shape& s : packed) {
-      for (const Op op : {Op::kNorm, Op::kFused, Op::kGate}) {
-        if (op == Op::kGate && s.D != 1152 && s.D != 3072 && s.D != 4096) continue;
-        Case c{};
-        c.dtype = dtype;
-        c.op = op;
-        c.rms = op != Op::kGate && j % 3 == 2;
-        c.weight = op != Op::kGate && j % 4 != 1;
-        c.bias = op != Op::kGate && !c.rms && j % 5 != 3;
-        c.shift = op != Op::kGate ? mods[j % 3] : Mod::kAbsent;
-        c.scale = op != Op::kGate ? mods[(j / 3 + 1) % 3] : Mod::kAbsent;
-        c.gate = op != Op::kNorm ? mods[(j + 1) % 3] : Mod::kAbsent;
-        c.side32 = j % 3 == 1;
-        c.B = s.B, c.L = s.L, c.D = s.D;
-        c.dh = op == Op::kFused && j % 2 == 1;
-        c.far = op != Op::kGate && j % 5 == 2;
-        cases.push_back(c);
-        ++j;
-      }
-    }
-  }
   return cases;
 }
 
