@@ -299,8 +299,9 @@ def test_double_backward_is_refused(backend, device):
 @pytest.mark.parametrize("fused", [False, True])
 def test_forward_without_statistics(backend, fused, device, monkeypatch):
     """A forward no backward follows (no grad needed) asks its backend for no row statistics: the interface's
-    stats=False returns mean and rstd as None and the same outputs, bit for bit, as stats=True; the op's
-    no-grad call passes stats=False and a recorded call stats=True, with equal outputs."""
+    stats=False returns mean and rstd as None and the same outputs as stats=True (bit for bit, but for compiled
+    triton: see below); the op's no-grad call passes stats=False and a recorded call stats=True, with equal
+    outputs."""
     x, w, b, shift, scale = _norm_inputs((2, 5, 40), torch.float32, device, mods=("sample", "token"))
     y = torch.randn_like(x)
     gate = _mod("sample", 2, 5, 40, device)
@@ -316,8 +317,13 @@ def test_forward_without_statistics(backend, fused, device, monkeypatch):
         name = "layer_norm_modulate_forward"
     full, bare = getattr(impl, name)(*args, stats=True), getattr(impl, name)(*args, stats=False)
     assert full[-1] is not None and full[-2] is not None and bare[-1] is None and bare[-2] is None
+    # Bit for bit where one code runs both: the reference, the interpreter, the cuda kernel (stats a runtime
+    # flag). Compiled triton is two specializations (STATS a constexpr) that the compiler may schedule and
+    # contract differently: equal within float32 rounding (an H200 gave 4.8e-7 at most, in 35 of 400 elements).
+    exact = backend != "triton" or device.type != "cuda"
+    tol = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-5, "atol": 1e-6}
     for got, want in zip(bare[:-2], full[:-2]):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got, want, **tol)
     if backend == "reference":  # the op runs the reference formulas directly, not through the interface
         return
 
@@ -336,7 +342,7 @@ def test_forward_without_statistics(backend, fused, device, monkeypatch):
     recorded = op(*[t.detach().requires_grad_(True) for t in call], backend=backend)
     assert asked == [False, True]
     for got, want in zip(plain if fused else (plain,), recorded if fused else (recorded,)):
-        torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(got, want.detach(), **tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
