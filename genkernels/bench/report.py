@@ -205,9 +205,27 @@ def markdown(
 # --------------------------------------------------------------------------- chart
 
 
+#: Colors of variants no _COLORS entry names, handed out in order of first appearance in a chart.
+_SPARE_COLORS = ("tab:purple", "tab:red", "tab:pink", "tab:olive", "tab:cyan", "tab:blue", "black")
+GRAPH_SUFFIX = " + CUDA graph"
+
+
+def _family(variant: str) -> str:
+    """The variant a bar's color comes from: "triton + CUDA graph" and "genkernels (no cache)" take the
+    colors of "triton" and "genkernels"; the suffix shows as the bar's hatch or shade."""
+    return variant.split(GRAPH_SUFFIX)[0].split(" (")[0]
+
+
+def _wrap(label: str, width: int = 36) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(label, width)) or label
+
+
 def chart(records: Sequence[CaseRecord], path: Path, title: str) -> str | None:
-    """Bar chart of each variant's speedup vs eager (vs the peer where the op has one), one panel per
-    (op, table); None, or why no chart."""
+    """Horizontal bar chart of each variant's speedup vs eager (vs the peer where the op has one), log scale,
+    one panel per (op, table), a row of bars per case, each bar labeled with its speedup. A variant keeps its
+    color in every panel; its CUDA-graph variant is the same color, hatched. None, or why no chart."""
     try:
         import matplotlib
         import matplotlib.ticker
@@ -221,38 +239,80 @@ def chart(records: Sequence[CaseRecord], path: Path, title: str) -> str | None:
         groups.setdefault((rec.op, rec.table), []).append(rec)
     if not groups:
         return "no cases"
-    width = max(8.0, 0.55 * max(len(r) for r in groups.values()) + 2)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(width, 4.2 * len(groups)), squeeze=False)
-    for ax, ((op, table), recs) in zip(axes[:, 0], groups.items()):
+    colors = dict(_COLORS)
+    panels = []  # (op, table, recs, base, attr, variants)
+    for (op, table), recs in groups.items():
         base, attr = _base(recs[0])
         variants = [r.variant for r in recs[0].results if r.variant != base]
-        bar = 0.8 / max(1, len(variants))
+        for v in variants:
+            if _family(v) not in colors:
+                used = set(colors.values())
+                colors[_family(v)] = next((c for c in _SPARE_COLORS if c not in used), "tab:gray")
+        panels.append((op, table, recs, base, attr, variants))
+    bar = 0.28  # inches a bar
+    heights = [0.9 + bar * max(1, len(p[5])) * len(p[2]) + 0.15 * len(p[2]) for p in panels]
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(12.0, sum(heights) + 0.6), squeeze=False, gridspec_kw={"height_ratios": heights}
+    )
+    for ax, (op, table, recs, base, attr, variants) in zip(axes[:, 0], panels):
+        slot = 0.8 / max(1, len(variants))
+        values = []
         for i, v in enumerate(variants):
-            xs, ys = [], []
+            ys, xs = [], []
             for j, rec in enumerate(recs):
                 res = rec.result(v)
                 if res is not None and getattr(res, attr) is not None:
-                    xs.append(j + (i - (len(variants) - 1) / 2) * bar)
-                    ys.append(getattr(res, attr))
+                    ys.append(j + (i - (len(variants) - 1) / 2) * slot)
+                    xs.append(getattr(res, attr))
+            values += xs
             # A variant that never ran still gets its legend entry, so its absence reads as such.
-            label = v if ys else f"{v} (did not run)"
-            ax.bar(xs, ys, width=bar, label=label, color=_COLORS.get(v, f"C{i + 3}"))
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.set_xticks(range(len(recs)))
-        ax.set_xticklabels([rec.label.replace(" ", "\n", 1) for rec in recs], rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel(f"speedup vs {base} (log)")
-        ax.set_title(f"{op}, {table}")
-        ax.grid(axis="y", which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
-    fig.suptitle(title, fontsize=10)
+            label = v if xs else f"{v} (did not run)"
+            graphed = v.endswith(GRAPH_SUFFIX)
+            shaded = "(" in v.split(GRAPH_SUFFIX)[0]
+            bars = ax.barh(
+                ys, xs, height=slot * 0.92, label=label, color=colors[_family(v)], alpha=0.45 if shaded else 0.9,
+                hatch="///" if graphed else None, edgecolor="white" if graphed else None, linewidth=0,
+            )  # fmt: skip
+            ax.bar_label(bars, labels=[f"{x:.2f}x" for x in xs], padding=2, fontsize=7)
+        ax.axvline(1.0, color="black", linewidth=0.9)
+        ax.set_xscale("log")
+        if values:
+            lo, hi = min(min(values), 1.0), max(max(values), 1.0)
+            ax.set_xlim(lo / 1.6, hi * 2.0)  # room for the labels at the bars' ends
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_yticks(range(len(recs)))
+        ax.set_yticklabels([_wrap(rec.label) for rec in recs], fontsize=7.5)
+        ax.set_ylim(len(recs) - 0.5, -0.5)  # the first case on top
+        ax.set_xlabel(f"speedup vs {base} (log scale; the black line: {base})", fontsize=8)
+        ax.set_title(f"{op}, {table}", fontsize=10, loc="left")
+        ax.grid(axis="x", which="major", alpha=0.3)
+        ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
+    fig.suptitle(title, fontsize=11)
     # Half an inch above the first chart for the title, so that it never covers that chart's own title.
     fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.5 / fig.get_figheight()))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return None
+
+
+def records_from_json(path: Path) -> tuple[dict[str, Any], list[CaseRecord]]:
+    """The meta and the case records of a bench.json that :func:`write` wrote."""
+    data = json.loads(Path(path).read_text())
+    fields = {f.name for f in dataclasses.fields(Result)}
+    records = []
+    for d in data["cases"]:
+        results = [Result(**{k: v for k, v in r.items() if k in fields}) for r in d["results"]]
+        records.append(CaseRecord(**{**d, "results": results}))
+    return data.get("meta", {}), records
+
+
+def redraw(json_path: Path, png_path: Path) -> str | None:
+    """Draw the chart of a bench.json again (a run's JSON outlives the chart code it was drawn with):
+    ``genkernels bench --redraw bench.json``. None, or why no chart."""
+    meta, records = records_from_json(json_path)
+    return chart(records, png_path, f"genkernels and baselines: speedups, {meta.get('device')}")
 
 
 # --------------------------------------------------------------------------- files

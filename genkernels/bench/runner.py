@@ -286,12 +286,25 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="only run the CPU self-check of BACKEND in this process and print it as JSON",
     )
+    p.add_argument(
+        "--redraw",
+        metavar="BENCH_JSON",
+        type=Path,
+        default=None,
+        help="draw the chart of a run's bench.json again, into bench.png beside it (or into --out); no timing",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `genkernels bench` and `python -m genkernels.bench`; returns the exit status."""
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.redraw is not None:
+        png = (args.out if args.out is not None else args.redraw.parent) / report.CHART_NAME
+        png.parent.mkdir(parents=True, exist_ok=True)
+        why = report.redraw(args.redraw, png)
+        print(f"no chart: {why}" if why else f"wrote {png}")
+        return 1 if why else 0
     if args.self_check is not None:
         from .selfcheck import self_check_child
 

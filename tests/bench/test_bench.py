@@ -84,6 +84,21 @@ def test_reports(tmp_path):
     assert str(tmp_path / report.CHART_NAME) in written or any(w.startswith("no chart") for w in written)
 
 
+def test_redraw_reads_back_the_records(tmp_path):
+    """bench.json holds every field of every result, so a run's chart can be drawn again from it alone."""
+    pytest.importorskip("matplotlib")
+    records = _records(4.0, 2.0, 70.0)
+    records[0].results[2].host_ms = 0.0123
+    meta = {"device": "test", "torch": torch.__version__, "flush_ms": 0.0875}
+    report.write(tmp_path, meta, core.Ceilings(3000.0, 700.0), records, [], with_chart=False)
+    got_meta, got = report.records_from_json(tmp_path / report.JSON_NAME)
+    assert got_meta == meta and got == records
+    out = tmp_path / "again"
+    assert runner.main(["--redraw", str(tmp_path / report.JSON_NAME), "--out", str(out)]) == 0
+    assert (out / report.CHART_NAME).stat().st_size > 10_000
+    assert report._family("triton + CUDA graph") == "triton" and report._family("genkernels (no cache)") == "genkernels"
+
+
 def test_host_ms_is_the_median_unsynchronized_call(monkeypatch):
     """On a clock the calls advance by set amounts (a real one would time this machine's load too)."""
     syncs, calls, clock = [], [], [100.0]
