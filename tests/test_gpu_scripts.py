@@ -55,6 +55,7 @@ def test_profile_dit_cases_build(monkeypatch):
     cases = dict(gpu_profile._dit_cases(torch.device("cpu")))
     assert list(cases) == [
         "DiT-XL/2 block L=4096 genkernels",
+        "DiT-XL/2 block L=4096 genkernels, adaLN on triton",
         "DiT-XL/2 block L=4096 PyTorch layers",
         "attention d72 L=4096 cuda",
         "attention d72 L=4096 triton",
@@ -75,6 +76,14 @@ def test_profile_dit_cases_build(monkeypatch):
     assert seen == [128] and tri._config_block is chosen and chosen(72, 90, "fwd", False) == 64
     assert chosen(72, 90, "fwd", True) == chosen(72, 80, "fwd", False) == chosen(72, 90, "dq", False) == 128
     assert chosen(72, 90, "decode", False) == 128
+    # The adaLN-on-triton variant dispatches the three adaLN ops to triton first, then restores auto's order.
+    from genkernels import _registry
+
+    order = {op: [b.name for b in _registry.backends_of(op)] for op in gpu_profile.ADALN_OPS}
+    seen = []
+    gpu_profile._adaln_first("triton", lambda: seen.append([_registry.backends_of(op)[0].name for op in order]))()
+    assert seen == [["triton"] * 3] and all(order[op][0] == "cuda" for op in order)
+    assert {op: [b.name for b in _registry.backends_of(op)] for op in order} == order
 
 
 def test_profile_imagegpt_cases_run(monkeypatch):
