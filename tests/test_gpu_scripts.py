@@ -117,3 +117,34 @@ def test_profile_imagegpt_cases_run(monkeypatch):
         assert ours.k[:, :, 4].abs().amax() > 0
         torch.testing.assert_close(ours.k[:, :, 4].float(), twin.k[:, :, 4].float(), rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(ours.v[:, :, 4].float(), twin.v[:, :, 4].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_attention_sweep_dry_run(capsys, monkeypatch):
+    """scripts/gpu_attention_sweep.py on the CPU under the interpreter: the forward runs on each tile it is given
+    (and on its own choice again after), a tile that cannot launch is listed with its error, and the table
+    lists every row."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_attention_sweep as sweep
+    finally:
+        sys.path.pop(0)
+    import genkernels.triton.attention as tri
+    from genkernels import ops
+
+    seen, chosen, attention = [], tri._config, ops.attention
+
+    def spy(q, *args, **kwargs):
+        seen.append(tri._config(q, "fwd"))
+        return attention(q, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "attention", spy)
+    time_ms = lambda fn: fn() is not None and 1.0  # noqa: E731  # one more call, as do_bench makes many
+    rows = sweep.sweep((1, 2, 20, 72), torch.device("cpu"), [(16, 32, 4, 1), (24, 16, 4, 1)], float("inf"), time_ms)
+    assert [r[0] for r in rows] == ["triton, current choice", "(16, 32, 4, 1)", "(24, 16, 4, 1)"]
+    assert seen == [tri._INTERPRETER_CONFIGS["fwd"]] * 2 + [(16, 32, 4, 1)] * 2 + [(24, 16, 4, 1)]
+    assert rows[1][1] == 1.0 and rows[2][1] is None and "Error" in rows[2][2]  # 24 rows: no power of two
+    assert tri._config is chosen
+    monkeypatch.undo()
+    assert sweep.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "## tiny d72" in out and out.count("| err ") == 3

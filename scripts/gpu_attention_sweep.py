@@ -1,0 +1,181 @@
+"""The triton attention forward's tiles, timed on a GPU: which (BLOCK_M, BLOCK_N, num_warps, num_stages) is fastest.
+
+    python scripts/gpu_attention_sweep.py [OUT_FILE] [--deadline-s S] [--shapes NAME,...]
+
+The forward takes its tiles from ``genkernels.triton.attention.CONFIGS`` (nothing is autotuned at run time).
+This sweeps them at the shapes the goals are measured on: for each shape, every tile of the grid below that
+fits in shared memory, launched through ``ops.attention(..., backend="triton")`` with the forward's choice
+replaced, checked against SDPA's output (relative error under 2e-2 in bf16) and timed with
+``triton.testing.do_bench`` (median), beside the current choice and SDPA's cuDNN and flash kernels. Prints each
+shape's table fastest first, and writes it to OUT_FILE when given. A tile that does not compile (out of
+registers or shared memory) is listed with its error. Stops starting new tiles after ``--deadline-s`` seconds
+(default 150): each tile compiles once, a few seconds.
+
+Without a GPU it says so and exits 0; ``--dry-run`` runs the sweep's own path on the CPU under the triton
+interpreter at a tiny shape with two tiles (what the tests run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from collections.abc import Callable
+
+if __name__ == "__main__" and "--dry-run" in sys.argv:  # before triton is imported: its kernels then interpret
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+#: name: (batch, heads, tokens, head dim), bf16, self-attention without a mask.
+SHAPES = {
+    "DiT-XL d72": (2, 16, 4096, 72),
+    "SDXL d64": (2, 10, 4096, 64),
+    "FLUX d128": (1, 24, 4608, 128),
+    "SD1.5 d40": (2, 8, 4096, 40),
+}
+GRID = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
+SMEM_BYTES = 227 * 1024  # sm_90's shared memory a block
+MAX_REL_ERR = 2e-2
+
+
+def _smem(block_m: int, block_n: int, block_d: int, stages: int) -> int:
+    """Shared memory of the forward's tiles, 2-byte elements: q, and num_stages blocks of k and of v."""
+    return (block_m + 2 * stages * block_n) * block_d * 2
+
+
+def _with_tiles(tiles: tuple[int, int, int, int] | None, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fn() with the triton forward on ``tiles`` (None: its own choice)."""
+    import genkernels.triton.attention as tri
+
+    if tiles is None:
+        return fn()
+    chosen = tri._config
+    tri._config = lambda q, kernel, masked=False: tiles if kernel == "fwd" else chosen(q, kernel, masked)
+    try:
+        return fn()
+    finally:
+        tri._config = chosen
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def sweep(
+    shape: tuple[int, int, int, int],
+    device: torch.device,
+    grid: list[tuple[int, int, int, int]],
+    deadline: float,
+    time_ms: Callable[[Callable[[], object]], float],
+) -> list[tuple[str, float | None, str]]:
+    """Rows (variant, ms or None, note) of one shape: the current choice, SDPA's kernels, then each tile."""
+    from genkernels import ops
+    from genkernels.triton.attention import _head_split
+
+    b, h, n, d = shape
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype) for _ in range(3))
+    F = torch.nn.functional
+    ref = F.scaled_dot_product_attention(q, k, v)
+    rows: list[tuple[str, float | None, str]] = []
+
+    def add(name: str, tiles: tuple[int, int, int, int] | None) -> None:
+        def call():
+            return _with_tiles(tiles, lambda: ops.attention(q, k, v, backend="triton"))
+
+        try:
+            err = _rel_err(call(), ref)
+            if not err < MAX_REL_ERR:  # NaN fails too
+                rows.append((name, None, f"WRONG: relative error {err:.3g}"))
+                return
+            rows.append((name, time_ms(call), f"err {err:.1e}"))
+        except Exception as e:  # a tile that does not compile: say so, go on
+            rows.append((name, None, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"))
+
+    add("triton, current choice", None)
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for label, kernel in (("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION), ("SDPA flash", SDPBackend.FLASH_ATTENTION)):
+
+            def sdpa(kernel=kernel):
+                with sdpa_kernel(kernel):
+                    return F.scaled_dot_product_attention(q, k, v)
+
+            try:
+                rows.append((label, time_ms(sdpa), ""))
+            except Exception as e:  # a kernel SDPA does not have for this shape
+                rows.append((label, None, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"))
+    block_d = sum(_head_split(d))
+    for tiles in grid:
+        block_m, block_n, _warps, stages = tiles
+        if _smem(block_m, block_n, block_d, stages) > SMEM_BYTES:
+            continue
+        if time.monotonic() > deadline:
+            rows.append((f"{tiles} and the rest", None, "not run: deadline"))
+            break
+        add(str(tiles), tiles)
+    return rows
+
+
+def _table(name: str, shape: tuple[int, int, int, int], rows: list[tuple[str, float | None, str]]) -> list[str]:
+    b, h, n, d = shape
+    flops = 4 * b * h * n * n * d
+    lines = [f"## {name}: {b} x {h} heads x {n} x {n}, head dim {d}", "", "| variant | ms | TFLOP/s | note |"]
+    lines.append("| --- | --- | --- | --- |")
+    for variant, ms, note in sorted(rows, key=lambda r: (r[1] is None, r[1] or 0.0)):
+        rate = f"{flops / ms / 1e9:.0f}" if ms else "-"
+        lines.append(f"| {variant} | {f'{ms:.4f}' if ms else '-'} | {rate} | {note} |")
+    return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", nargs="?", default=None, help="also write the tables to this file")
+    p.add_argument("--deadline-s", type=float, default=150.0, help="start no new tile after this many seconds")
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of: {', '.join(SHAPES)}")
+    p.add_argument("--dry-run", action="store_true", help="the CPU path under the triton interpreter, tiny shape")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    start = time.monotonic()
+    if args.dry_run:
+        device = torch.device("cpu")
+        shapes = {"tiny d72": (1, 2, 40, 72)}
+        grid = [(32, 16, 4, 1), (16, 32, 4, 1)]
+
+        def time_ms(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+
+    else:
+        if not torch.cuda.is_available():
+            print("gpu_attention_sweep: no CUDA GPU here, nothing to time")
+            return 0
+        import triton.testing
+
+        device = torch.device("cuda")
+        shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
+        grid = GRID
+
+        def time_ms(fn):
+            return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+    lines = [f"gpu_attention_sweep: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU dry run'}", ""]
+    print(lines[0], flush=True)
+    for i, (name, shape) in enumerate(shapes.items()):
+        # An equal share each, in absolute time: what a shape leaves unused goes to the next.
+        deadline = start + args.deadline_s * (i + 1) / len(shapes)
+        table = _table(name, shape, sweep(shape, device, grid, deadline, time_ms))
+        print("\n".join(table), flush=True)
+        lines += table
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
