@@ -148,3 +148,30 @@ def test_attention_sweep_dry_run(capsys, monkeypatch):
     assert sweep.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "## tiny d72" in out and out.count("| err ") == 3
+
+
+@pytest.mark.parametrize(
+    ("deadline", "elapsed", "asked", "bench_min", "want"),
+    [
+        (400, 141, 140, 120, 60),  # run 5's first call: 259 s left, less the 105 s reserve and 120 s: 34 -> 60
+        (450, 130, 150, 120, 95),  # 320 - 105 - 120
+        (600, 130, 150, 120, 150),  # room for what was asked
+        (400, 141, 140, 0, 140),  # GPU_CHECK_BENCH_MIN_S=0: the tests first
+        (400, 141, 30, 120, 30),  # never more than what was asked
+    ],
+)
+def test_gpu_check_leaves_the_benchmarks_their_time(tmp_path, deadline, elapsed, asked, bench_min, want):
+    """scripts/gpu_check.sh's GPU test step stops early enough to leave the benchmarks GPU_CHECK_BENCH_MIN_S of
+    the deadline (a test step that left them 30 s once cost a run its benchmarks), and says so when it cuts."""
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path),
+        "GPU_CHECK_DEADLINE_S": str(deadline),
+        "GPU_CHECK_TEST_LIMIT_S": str(asked),
+        "GPU_CHECK_BENCH_MIN_S": str(bench_min),
+    }
+    script = f'source "{ROOT}/scripts/gpu_check.sh"; SECONDS={elapsed}; gpu_test_limit'
+    got = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == str(want)
+    assert ("the GPU tests get" in got.stderr) == (want < asked)
