@@ -249,7 +249,11 @@ def chart(records: Sequence[CaseRecord], path: Path, title: str) -> str | None:
                 used = set(colors.values())
                 colors[_family(v)] = next((c for c in _SPARE_COLORS if c not in used), "tab:gray")
         panels.append((op, table, recs, base, attr, variants))
-    bar = 0.28  # inches a bar
+    # Inches a bar: 0.28, thinner for a whole-suite run (hundreds of bars), so that the figure stays under about
+    # 80 inches; the bars' labels shrink with them.
+    bars_in_all = sum(max(1, len(p[5])) * len(p[2]) for p in panels)
+    bar = min(0.28, max(0.08, 50.0 / bars_in_all))
+    label_pt = max(4.5, min(7.0, bar * 26))
     heights = [0.9 + bar * max(1, len(p[5])) * len(p[2]) + 0.15 * len(p[2]) for p in panels]
     fig, axes = plt.subplots(
         len(panels), 1, figsize=(12.0, sum(heights) + 0.6), squeeze=False, gridspec_kw={"height_ratios": heights}
@@ -273,7 +277,7 @@ def chart(records: Sequence[CaseRecord], path: Path, title: str) -> str | None:
                 ys, xs, height=slot * 0.92, label=label, color=colors[_family(v)], alpha=0.45 if shaded else 0.9,
                 hatch="///" if graphed else None, edgecolor="white" if graphed else None, linewidth=0,
             )  # fmt: skip
-            ax.bar_label(bars, labels=[f"{x:.2f}x" for x in xs], padding=2, fontsize=7)
+            ax.bar_label(bars, labels=[f"{x:.2f}x" for x in xs], padding=2, fontsize=label_pt)
         ax.axvline(1.0, color="black", linewidth=0.9)
         ax.set_xscale("log")
         if values:
@@ -289,7 +293,7 @@ def chart(records: Sequence[CaseRecord], path: Path, title: str) -> str | None:
         ax.set_title(f"{op}, {table}", fontsize=10, loc="left")
         ax.grid(axis="x", which="major", alpha=0.3)
         ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title, fontsize=11, y=1.0 - 0.15 / fig.get_figheight(), va="top")  # 0.15 inch from the top
     # Half an inch above the first chart for the title, so that it never covers that chart's own title.
     fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.5 / fig.get_figheight()))
     fig.savefig(path, dpi=100)
@@ -300,11 +304,13 @@ def chart(records: Sequence[CaseRecord], path: Path, title: str) -> str | None:
 def records_from_json(path: Path) -> tuple[dict[str, Any], list[CaseRecord]]:
     """The meta and the case records of a bench.json that :func:`write` wrote."""
     data = json.loads(Path(path).read_text())
+    # Fields a record of another version may lack or add: the dataclasses' defaults, and ignored.
     fields = {f.name for f in dataclasses.fields(Result)}
+    case_fields = {f.name for f in dataclasses.fields(CaseRecord)} - {"results"}
     records = []
     for d in data["cases"]:
         results = [Result(**{k: v for k, v in r.items() if k in fields}) for r in d["results"]]
-        records.append(CaseRecord(**{**d, "results": results}))
+        records.append(CaseRecord(**{k: v for k, v in d.items() if k in case_fields}, results=results))
     return data.get("meta", {}), records
 
 
