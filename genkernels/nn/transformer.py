@@ -170,6 +170,12 @@ class RotaryEmbedding(torch.nn.Module):
         return f"dim_head={self.dim_head}, max_len={self.max_len}, base={self.base}"
 
 
+def _slots(rows: torch.Tensor, i: int) -> torch.Tensor:
+    """Slot ``i`` (0 query, 1 key, 2 value) of a KV cache's rows (B, l, 3, heads, dim_head), as the attention
+    takes it: a view (B, heads, l, dim_head)."""
+    return rows[:, :, i].transpose(1, 2)
+
+
 class KVCache:
     """The keys and values one attention layer has seen, in one preallocated buffer written in place.
 
@@ -214,12 +220,12 @@ class KVCache:
     @property
     def k(self) -> torch.Tensor:
         """Every key slot, (B, heads, max_len, dim_head), a view of ``qkv``."""
-        return self.qkv[:, :, 1].transpose(1, 2)
+        return _slots(self.qkv, 1)
 
     @property
     def v(self) -> torch.Tensor:
         """Every value slot, (B, heads, max_len, dim_head), a view of ``qkv``."""
-        return self.qkv[:, :, 2].transpose(1, 2)
+        return _slots(self.qkv, 2)
 
     @property
     def max_len(self) -> int:
@@ -256,7 +262,7 @@ class KVCache:
         count = k.shape[2]
         end = self._end(count)
         for i, t in enumerate((k, v)):
-            slot = self.qkv[:, self.length : end, 1 + i].transpose(1, 2)  # taken after the previous copy (autograd)
+            slot = _slots(self.qkv[:, self.length : end], 1 + i)  # taken after the previous copy (autograd)
             if t.data_ptr() != slot.data_ptr() or t.stride() != slot.stride():
                 slot.copy_(t)
         return self.commit(count)
@@ -267,7 +273,7 @@ class KVCache:
         :meth:`append` without its checks and copies, for a caller that wrote the rows itself."""
         held = self.qkv[:, : self._end(count)]
         self.length += count
-        return held[:, :, 1].transpose(1, 2), held[:, :, 2].transpose(1, 2)
+        return _slots(held, 1), _slots(held, 2)
 
     def reset(self) -> None:
         """Forget every position (the tensors are kept and overwritten by the next appends)."""
@@ -375,9 +381,9 @@ class CausalSelfAttention(Attention):
         rows = cache.next_rows(length)  # (B, l, 3, heads, dim_head)
         weight, bias = cache.projection if cache.projection is not None else self.stacked_projection()
         _linear_into(x, weight, bias, rows.flatten(2))
-        q = rows[:, :, 0].transpose(1, 2)
+        q = _slots(rows, 0)
         if rotary is not None:
-            q, _ = self._rotate_into_slots(q, rows[:, :, 1].transpose(1, 2), *rotary)
+            q, _ = self._rotate_into_slots(q, _slots(rows, 1), *rotary)
         k, v = cache.commit(length)
         return q, k, v
 
