@@ -5,11 +5,11 @@
 The forward takes its tiles from ``genkernels.triton.attention.CONFIGS`` (nothing is autotuned at run time).
 This sweeps them at the shapes the goals are measured on: for each shape, every tile of the grid below that
 fits in shared memory, launched through ``ops.attention(..., backend="triton")`` with the forward's choice
-replaced, checked against SDPA's output (relative error under 2e-2 in bf16) and timed with
-``triton.testing.do_bench`` (median), beside the current choice and SDPA's cuDNN and flash kernels. Prints each
-shape's table fastest first, and writes it to OUT_FILE when given. A tile that does not compile (out of
-registers or shared memory) is listed with its error. Stops starting new tiles after ``--deadline-s`` seconds
-(default 150): each tile compiles once, a few seconds.
+replaced, checked against SDPA's output (relative error under 2e-2 in bf16) and timed as the benchmark times
+(``genkernels.bench.core.time_ms``: median, L2 flushed before each call), beside the current choice and
+SDPA's cuDNN and flash kernels. Prints each shape's table fastest first, and writes it to OUT_FILE when given.
+A tile that does not compile (out of registers or shared memory) is listed with its error. Stops starting new
+tiles after ``--deadline-s`` seconds (default 150): each tile compiles once, a few seconds.
 
 Without a GPU it says so and exits 0; ``--dry-run`` runs the sweep's own path on the CPU under the triton
 interpreter at a tiny shape with two tiles (what the tests run).
@@ -156,14 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("gpu_attention_sweep: no CUDA GPU here, nothing to time")
             return 0
-        import triton.testing
+        from genkernels.bench.core import QUICK_TIMING
+        from genkernels.bench.core import time_ms as bench_time_ms
 
         device = torch.device("cuda")
         shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
         grid = GRID
 
-        def time_ms(fn):
-            return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+        def time_ms(fn):  # as the benchmark times: median of CUDA-event times, L2 flushed before each call
+            return bench_time_ms(fn, QUICK_TIMING)
 
     lines = [f"gpu_attention_sweep: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU dry run'}", ""]
     print(lines[0], flush=True)
