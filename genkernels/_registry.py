@@ -7,7 +7,9 @@ inputs, or None) and an implementation object the op module knows how to call.
 Selection, strongest first:
 
 1. ``backend=`` passed to the op call;
-2. the innermost ``with genkernels.backend(name):`` block;
+2. the ``with genkernels.backend(name):`` blocks around the call: a block naming no op replaces what
+   the blocks around it chose; a block with ``ops=`` chooses for those ops alone, over the blocks
+   around it;
 3. the ``GENKERNELS_BACKEND`` environment variable;
 4. ``"auto"``: the first backend in the op's order that has no reason.
 
@@ -29,7 +31,7 @@ import contextlib
 import contextvars
 import inspect
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +60,25 @@ class Backend:
 _OPS: dict[str, list[Backend]] = {}
 _PROBES: dict[str, Callable[[Any], tuple]] = {}
 _CHECKS: dict[str, tuple[inspect.Signature, Callable[..., Any], tuple[str, ...]]] = {}
-_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("genkernels_backend", default=None)
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """What the ``genkernels.backend`` blocks around a call chose: ``default`` for every op (None: none chose),
+    ``per_op`` for single ops ((op name, backend) pairs), which beats ``default``."""
+
+    default: str | None = None
+    per_op: tuple[tuple[str, str], ...] = ()
+
+    def choice(self, op: str | None) -> str | None:
+        if op is not None:
+            for name, chosen in self.per_op:
+                if name == op:
+                    return chosen
+        return self.default
+
+
+_scoped: contextvars.ContextVar[_Scope] = contextvars.ContextVar("genkernels_backend", default=_Scope())
 
 
 def register(op: str, name: str, not_supported: Callable[..., str | None], impl: Any) -> None:
@@ -127,11 +147,12 @@ def _check_choice(name: str, source: str) -> str:
     return name
 
 
-def requested(backend: str | None = None) -> str:
-    """The backend a call asks for: the argument, else the scope, else the environment, else auto."""
+def requested(backend: str | None = None, op: str | None = None) -> str:
+    """The backend a call of ``op`` asks for: the argument, else the scope (its choice for ``op``, else its
+    choice for every op; ``op`` None: the latter alone), else the environment, else auto."""
     if backend is not None:
         return _check_choice(backend, "backend")
-    scoped = _scoped.get()
+    scoped = _scoped.get().choice(op)
     if scoped is not None:
         return scoped
     env = os.environ.get("GENKERNELS_BACKEND")
@@ -141,13 +162,53 @@ def requested(backend: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def backend(name: str) -> Iterator[None]:
-    """Use backend ``name`` ("auto", "reference", "triton" or "cuda") for every op call inside the block."""
-    token = _scoped.set(_check_choice(name, "backend"))
+def backend(name: str, ops: str | Iterable[str] | None = None) -> Iterator[None]:
+    """Use backend ``name`` ("auto", "reference", "triton" or "cuda") for the op calls inside the block.
+
+    ``ops`` None: for every op, replacing whatever the blocks around this one chose. ``ops`` an op name or
+    names (:func:`ops` lists them): for those ops only; the other ops keep what the blocks around chose
+    (or auto)::
+
+        with genkernels.backend("triton", ops=("layer_norm_modulate", "gated_residual_layer_norm_modulate")):
+            model(x)   # the adaLN ops on triton, everything else on auto
+    """
+    name = _check_choice(name, "backend")
+    outer = _scoped.get()
+    if ops is None:
+        scope = _Scope(name)
+    else:
+        chosen = _op_names(ops)
+        kept = tuple((op, b) for op, b in outer.per_op if op not in chosen)
+        scope = _Scope(outer.default, kept + tuple((op, name) for op in chosen))
+    token = _scoped.set(scope)
     try:
         yield
     finally:
         _scoped.reset(token)
+
+
+@contextlib.contextmanager
+def fallback(name: str) -> Iterator[None]:
+    """Use backend ``name`` for every op that no surrounding block chose a backend for by name: the choices
+    for single ops (``backend(..., ops=...)``) around this block stay. What training and sampling enter
+    for their device's default (reference on CPU)."""
+    outer = _scoped.get()
+    token = _scoped.set(_Scope(_check_choice(name, "backend"), outer.per_op))
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
+
+
+def _op_names(ops: str | Iterable[str]) -> tuple[str, ...]:
+    """``ops`` (one name or several) as a tuple of registered op names; a ValueError names any unknown one."""
+    names = (ops,) if isinstance(ops, str) else tuple(ops)
+    if not names:
+        raise ValueError("ops must name at least one op (None: every op)")
+    unknown = [n for n in names if not isinstance(n, str) or n not in _OPS]
+    if unknown:
+        raise ValueError(f"ops: unknown op name(s) {unknown}; registered ops: {sorted(_OPS)}")
+    return names
 
 
 def _explicit(op: str, want: str, args: tuple, kwargs: dict) -> Backend:
@@ -169,7 +230,7 @@ def select(op: str, *args: Any, backend: str | None = None, **kwargs: Any) -> Ba
     Raises UnsupportedError when an explicitly requested backend has a reason
     not to run, or (auto) when no backend can.
     """
-    want = requested(backend)
+    want = requested(backend, op)
     if want != "auto":
         return _explicit(op, want, args, kwargs)
     candidates = backends_of(op)
@@ -189,7 +250,7 @@ def check_explicit(op: str, *args: Any, backend: str | None = None, **kwargs: An
     UnsupportedError that ``select`` raises for these arguments (the backend is not registered, or its
     ``not_supported`` has a reason); under auto it only validates the backend name.
     """
-    want = requested(backend)
+    want = requested(backend, op)
     if want != "auto":
         _explicit(op, want, args, kwargs)
 

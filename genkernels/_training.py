@@ -8,6 +8,7 @@ genkernels.train re-exports the public names (save_checkpoint, read_metadata, de
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -61,15 +62,20 @@ def default_backend(device: torch.device | str) -> str:
     return "reference" if torch.device(device).type == "cpu" else "auto"
 
 
-def backend_for(device: torch.device | str, backend: str | None) -> str:
-    """``backend``; when it is None, the one a surrounding ``genkernels.backend(...)`` block or the
-    GENKERNELS_BACKEND variable names, else the :func:`default_backend` of ``device``."""
-    if backend is not None:
-        return backend
-    from ._registry import requested
+def backend_scope(device: torch.device | str, backend: str | None) -> contextlib.AbstractContextManager:
+    """The ``genkernels.backend`` block that training and sampling on ``device`` run in.
 
-    chosen = requested(None)
-    return default_backend(device) if chosen == "auto" else chosen
+    ``backend`` given: that backend for every op. Else, when nothing around chose a backend for every op (no
+    ``genkernels.backend(name)`` block, no GENKERNELS_BACKEND), the device's :func:`default_backend` for every
+    op not chosen by name (a surrounding ``genkernels.backend(name, ops=...)`` block's choices stay); else no
+    block of its own, so what surrounds the call applies."""
+    from . import _registry
+
+    if backend is not None:
+        return _registry.backend(backend)
+    if _registry.requested(None) == "auto":
+        return _registry.fallback(default_backend(device))
+    return contextlib.nullcontext()
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:

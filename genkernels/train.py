@@ -46,13 +46,12 @@ from pathlib import Path
 
 import torch
 
-from . import _registry
 from ._checks import as_number
 from ._training import (  # noqa: F401  (re-exported: the public names of every family's checkpoints)
     CHECKPOINT_FORMAT,
     METADATA_KEY,
     TrainLoop,
-    backend_for,
+    backend_scope,
     check_choice,
     check_steps,
     checkpoint_weights,
@@ -255,7 +254,6 @@ def train_diffusion(
     if backbone == "dit":
         model_config.grid_size(*data.image_shape[1:])  # a ValueError before training for images it cannot take
     device = torch.device(device)
-    backend = backend_for(device, backend)
     model, opt, gen = init_training(lambda: model_class(model_config), config, device)
     ema = copy.deepcopy(model).requires_grad_(False)
     noise_scheduler = None if config.objective == "flow" else make_noise_scheduler(config.schedule, config.objective)
@@ -270,7 +268,7 @@ def train_diffusion(
     loop = TrainLoop("diffusion", model, metadata, config.steps, save_every, out, progress, ema=ema)
     losses: list[float] = []
     batches = data.batches(config.batch_size, gen)
-    with _registry.backend(backend):
+    with backend_scope(device, backend):
         model.train()
         for step in loop:
             x0, labels = next(batches)
@@ -379,7 +377,6 @@ def sample_diffusion(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     device = next(model.parameters()).device
-    backend = backend_for(device, backend)
     schedule = Schedule(**metadata["schedule"])
     scheduler = make_scheduler(sampler, objective, schedule)
     scheduler.set_timesteps(steps, device=device)
@@ -398,7 +395,7 @@ def sample_diffusion(
     step_kwargs = dict(STEP_KWARGS.get(sampler, {}), generator=gen)
     if guided:
         step_kwargs["guidance_scale"] = guidance
-    with _registry.backend(backend):
+    with backend_scope(device, backend):
         for t in tqdm(scheduler.timesteps, desc=f"sample {sampler}", disable=not progress, dynamic_ncols=True):
             x_in = scheduler.scale_model_input(x, t)
             out = model(torch.cat([x_in, x_in]) if guided else x_in, t, labels)

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from . import _registry, _training
+from . import _training
 from ._checks import as_number
 from .data import ImageDataset
 from .models.flow import Glow, GlowConfig
@@ -235,7 +235,6 @@ def train_flow(
     n_bins = pixel_levels(data.images) if config.n_bins is None else config.n_bins
     train_data, heldout = split(data, config.heldout, config.seed)
     device = _training.resolve_device(config.device)
-    backend = _training.backend_for(device, config.backend)
     model, opt, gen = _training.init_training(lambda: Glow.from_config(model_config), config, device)
     history: list[dict] = []
     metadata = _training.run_metadata(
@@ -260,7 +259,7 @@ def train_flow(
         history.append({"step": step, "train": train_bpd, "heldout": heldout_bpd})
         since_eval.clear()
 
-    with _registry.backend(backend):
+    with _training.backend_scope(device, config.backend):
         model.train()
         for step in loop:
             x = dequantize(next(batches)[0].to(device), n_bins, gen)
@@ -339,8 +338,7 @@ def sample_flow(
     if not 2 <= n_bins <= MAX_BINS:
         raise ValueError(f"n_bins must be in [2, {MAX_BINS}], got {n_bins}")
     ncol = _training.check_ncol(math.ceil(math.sqrt(num)) if ncol is None else ncol)
-    backend = _training.backend_for(next(model.parameters()).device, backend)
-    with _registry.backend(backend):
+    with _training.backend_scope(next(model.parameters()).device, backend):
         x = model.sample(num, temperature=temperature, seed=seed)
     images = quantize(x.float().cpu(), n_bins)
     size = _training.write_grid(images, out, ncol, scale)

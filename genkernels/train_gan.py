@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import _registry, _training
+from . import _training
 from . import data as data_mod
 from ._checks import as_number, is_finite_real, is_integer
 from .data import ImageDataset
@@ -166,7 +166,6 @@ def train_gan(
         data, config.model, r1_gamma=config.r1_gamma, r1_interval=config.r1_interval, ema_beta=config.ema_beta
     )
     device = _training.resolve_device(config.device)
-    backend = _training.backend_for(device, config.backend)
     torch.manual_seed(config.seed)  # parameter initialization and the synthesis noise
     gen = torch.Generator().manual_seed(config.seed)
     G, D = Generator(cfg).to(device), Discriminator(cfg).to(device)
@@ -185,7 +184,7 @@ def train_gan(
     def latents() -> torch.Tensor:
         return torch.randn(config.batch_size, cfg.z_dim, generator=gen).to(device)
 
-    with _registry.backend(backend):
+    with _training.backend_scope(device, config.backend):
         pair.train()
         for step in loop:
             real, _ = next(batches)
@@ -273,9 +272,8 @@ def sample_gan(
     num, truncation = int(num), as_number(truncation)
     ncol = _training.check_ncol(math.ceil(math.sqrt(num)) if ncol is None else ncol)
     param = next(generator.parameters())
-    backend = _training.backend_for(param.device, backend)
     z = torch.randn(num, generator.config.z_dim, generator=torch.Generator().manual_seed(as_number(seed)))
-    with _registry.backend(backend):
+    with _training.backend_scope(param.device, backend):
         images = generator(z.to(param.device, param.dtype), truncation_psi=truncation, noise_mode="const")
     images = images.float().cpu()
     return GANSamples(images, _training.write_grid(images, out, ncol, scale))

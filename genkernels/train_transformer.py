@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import _registry, _training
+from . import _training
 from ._checks import is_integer
 from .data import ImageDataset
 from .models.transformer import POSITIONS, ImageGPT, ImageGPTConfig
@@ -156,7 +156,6 @@ def train_transformer(
     """
     cfg = model_config_for(data, config.model, config.levels, config.positions)
     device = _training.resolve_device(config.device)
-    backend = _training.backend_for(device, config.backend)
     torch.manual_seed(config.seed)  # parameter initialization
     gen = torch.Generator().manual_seed(config.seed)
     model = ImageGPT.from_config(cfg).to(device)
@@ -166,7 +165,7 @@ def train_transformer(
     loop = _training.TrainLoop("transformer", model, metadata, config.steps, config.save_every, out_dir, progress)
     losses: list[float] = []
     batches = data.batches(config.batch_size, gen)
-    with _registry.backend(backend):
+    with _training.backend_scope(device, config.backend):
         model.train()
         for step in loop:
             images, labels = next(batches)
@@ -244,7 +243,7 @@ def sample_transformer(
         ncol = min(classes, num) if labels is None and classes > 1 else math.ceil(math.sqrt(num))
     ncol = _training.check_ncol(ncol)
     device = model.head.weight.device
-    with _registry.backend(_training.backend_for(device, backend)):
+    with _training.backend_scope(device, backend):
         labels = model._sample_labels(num, labels, device)
         # One call: decoding without CUDA graphs (their capture decodes once uncaptured and then captures
         # every step, which repeated calls repay and a single one does not).

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from . import _registry, _training
+from . import _training
 from ._checks import as_number
 from .data import ImageDataset
 from .models.vae import AutoencoderKL, AutoencoderKLConfig
@@ -163,7 +163,6 @@ def train_vae(
     """
     model_config = model_config_for(data, config.model)
     device = _training.resolve_device(config.device)
-    backend = _training.backend_for(device, config.backend)
     model, opt, gen = _training.init_training(lambda: AutoencoderKL(model_config), config, device)
     pixels = math.prod(data.image_shape)
     metadata = _training.run_metadata(
@@ -174,7 +173,7 @@ def train_vae(
     recs: list[float] = []
     kls: list[float] = []
     batches = data.batches(config.batch_size, gen)
-    with _registry.backend(backend):
+    with _training.backend_scope(device, config.backend):
         model.train()
         for step in loop:
             x, _ = next(batches)
@@ -264,10 +263,9 @@ def sample_vae(
     ncol = _training.check_ncol(min(num, 10) if ncol is None else ncol)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    backend = _training.backend_for(device, backend)
     gen = torch.Generator().manual_seed(as_number(seed))
     x = data.images[torch.randperm(len(data), generator=gen)[:num]]
-    with _registry.backend(backend):
+    with _training.backend_scope(device, backend):
         posterior = model.encode(x.to(device, dtype)).latent_dist
         mode = posterior.mode()
         rec = model.decode(mode).sample.float().cpu()

@@ -101,12 +101,12 @@ def _dit_cases(dev):
         return run
 
     yield "DiT-XL/2 block L=4096 genkernels", block(ours)
-    yield "DiT-XL/2 block L=4096 genkernels, adaLN on triton", _adaln_first("triton", block(ours))
+    yield "DiT-XL/2 block L=4096 genkernels, adaLN on triton", _adaln_on("triton", block(ours))
     if dev.type == "cuda":  # the adaLN kernels replayed: which backend's are faster in the block, without CPU time
         yield "DiT-XL/2 block L=4096 genkernels CUDA graph", _graphed(block(ours))
         yield (
             "DiT-XL/2 block L=4096 genkernels CUDA graph, adaLN on triton",
-            _adaln_first("triton", _graphed(block(ours))),
+            _adaln_on("triton", _graphed(block(ours))),
         )
     yield "DiT-XL/2 block L=4096 PyTorch layers", block(twin)
     q, k, v = (
@@ -132,22 +132,14 @@ def _dit_cases(dev):
         yield f"attention d{config.head_dim} L=4096 SDPA {name}", sdpa
 
 
-ADALN_OPS = ("layer_norm_modulate", "gated_residual", "gated_residual_layer_norm_modulate")
-
-
-def _adaln_first(name, fn):
-    """fn with auto taking backend ``name`` first for the three adaLN ops (auto takes cuda first: its call costs
-    less CPU time, while run 5 measured the triton kernels 2 to 2.3x faster)."""
-    from genkernels import _registry
+def _adaln_on(name, fn):
+    """fn with the three adaLN ops on backend ``name`` and every other op on auto (auto takes cuda for them: its
+    call costs less CPU time, while run 5 measured the triton kernels 2 to 2.3x faster)."""
+    from genkernels.ops.adaln import OPS
 
     def run():
-        saved = {op: _registry.backends_of(op) for op in ADALN_OPS}
-        try:
-            for op, backends in saved.items():
-                _registry._OPS[op] = sorted(backends, key=lambda b: b.name != name)
+        with genkernels.backend(name, ops=OPS):
             return fn()
-        finally:
-            _registry._OPS.update(saved)
 
     return run
 

@@ -76,14 +76,16 @@ def test_profile_dit_cases_build(monkeypatch):
     assert seen == [128] and tri._config_block is chosen and chosen(72, 90, "fwd", False) == 64
     assert chosen(72, 90, "fwd", True) == chosen(72, 80, "fwd", False) == chosen(72, 90, "dq", False) == 128
     assert chosen(72, 90, "decode", False) == 128
-    # The adaLN-on-triton variant dispatches the three adaLN ops to triton first, then restores auto's order.
+    # The adaLN-on-triton variant asks for triton for the three adaLN ops alone, inside its call only.
     from genkernels import _registry
+    from genkernels.ops.adaln import OPS
 
-    order = {op: [b.name for b in _registry.backends_of(op)] for op in gpu_profile.ADALN_OPS}
-    seen = []
-    gpu_profile._adaln_first("triton", lambda: seen.append([_registry.backends_of(op)[0].name for op in order]))()
-    assert seen == [["triton"] * 3] and all(order[op][0] == "cuda" for op in order)
-    assert {op: [b.name for b in _registry.backends_of(op)] for op in order} == order
+    def asked():
+        return [_registry.requested(None, op) for op in (*OPS, "attention")]
+
+    before, seen = asked(), []
+    gpu_profile._adaln_on("triton", lambda: seen.append(asked()))()
+    assert seen == [["triton"] * 3 + before[-1:]] and asked() == before
 
 
 def test_profile_imagegpt_cases_run(monkeypatch):

@@ -80,19 +80,82 @@ def test_auto_falls_back_to_reference():
     torch.testing.assert_close(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4)))
 
 
-def test_training_backend_follows_scope_and_environment(monkeypatch):
-    """train_* / sample_* without a backend: a surrounding genkernels.backend block, then GENKERNELS_BACKEND, then
-    the device's default (reference on CPU, auto on CUDA); an explicit backend wins over all of them."""
-    from genkernels._training import backend_for
+@pytest.fixture
+def toy_ops():
+    """Two throwaway ops with a cuda, a triton and a reference backend each, every one able to run."""
+    names = ("toy_a_for_tests", "toy_b_for_tests")
+    for name in names:
+        for backend in ("cuda", "triton", "reference"):
+            _registry.register(name, backend, lambda *a, **k: None, f"{backend}-impl")
+    yield names
+    for name in names:
+        del _registry._OPS[name]
+
+
+def _chosen(*ops: str) -> tuple[str, ...]:
+    return tuple(_registry.select(op).name for op in ops)
+
+
+def test_scope_for_some_ops(toy_ops, monkeypatch):
+    """backend(name, ops=...) chooses for those ops alone, over the blocks around it; a block naming no op
+    replaces every choice around it; the call's own backend= beats both."""
+    a, b = toy_ops
+    monkeypatch.delenv("GENKERNELS_BACKEND", raising=False)
+    with genkernels.backend("triton", ops=a):  # one name as a string
+        assert _chosen(a, b) == ("triton", "cuda")
+        assert _registry.requested(None) == "auto" and _registry.requested(None, a) == "triton"
+        with genkernels.backend("reference", ops=[b]):  # adds to the outer block's choice
+            assert _chosen(a, b) == ("triton", "reference")
+            with genkernels.backend("cuda"):  # every op: replaces both
+                assert _chosen(a, b) == ("cuda", "cuda")
+            assert _chosen(a, b) == ("triton", "reference")
+        with genkernels.backend("reference", ops=(a, b)):  # an inner choice for the same op wins
+            assert _chosen(a, b) == ("reference", "reference")
+        assert _registry.select(a, backend="cuda").name == "cuda"  # the call beats the scope
+    assert _chosen(a, b) == ("cuda", "cuda")
+    with genkernels.backend("reference"), genkernels.backend("triton", ops=b):  # on top of an every-op block
+        assert _chosen(a, b) == ("reference", "triton")
+    monkeypatch.setenv("GENKERNELS_BACKEND", "reference")  # the environment: below every block
+    with genkernels.backend("triton", ops=a):
+        assert _chosen(a, b) == ("triton", "reference")
+
+
+def test_scope_for_some_ops_refuses_bad_names(toy_ops):
+    with pytest.raises(ValueError, match=r"unknown op name\(s\) \['rope_', 3\]; registered ops: \["):
+        with genkernels.backend("triton", ops=("rope_", 3, toy_ops[0])):
+            pass
+    with pytest.raises(ValueError, match="ops must name at least one op"):
+        with genkernels.backend("triton", ops=()):
+            pass
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with genkernels.backend("fast", ops=toy_ops):
+            pass
+
+
+def test_training_backend_follows_scope_and_environment(toy_ops, monkeypatch):
+    """train_* / sample_* without a backend run in: a surrounding genkernels.backend block, else
+    GENKERNELS_BACKEND, else the device's default (reference on CPU, auto on CUDA) for every op not chosen by
+    name (a surrounding block's choices for single ops stay); an explicit backend wins over all of them."""
+    from genkernels._training import backend_scope
+
+    a, b = toy_ops
+
+    def inside(device, backend=None):
+        with backend_scope(device, backend):
+            return _chosen(a, b)
 
     monkeypatch.delenv("GENKERNELS_BACKEND", raising=False)
-    assert backend_for("cpu", None) == "reference" and backend_for("cuda", None) == "auto"
+    assert inside("cpu") == ("reference", "reference") and inside("cuda") == ("cuda", "cuda")
+    with genkernels.backend("triton", ops=a):
+        assert inside("cpu") == ("triton", "reference") and inside("cuda") == ("triton", "cuda")
+        assert inside("cpu", "cuda") == ("cuda", "cuda")
     monkeypatch.setenv("GENKERNELS_BACKEND", "reference")
-    assert backend_for("cuda", None) == "reference"
+    assert inside("cuda") == ("reference", "reference")
     with genkernels.backend("triton"):
-        assert backend_for("cpu", None) == "triton" and backend_for("cpu", "cuda") == "cuda"
+        assert inside("cpu") == ("triton", "triton") and inside("cpu", "cuda") == ("cuda", "cuda")
     monkeypatch.setenv("GENKERNELS_BACKEND", "auto")
-    assert backend_for("cpu", None) == "reference"
+    assert inside("cpu") == ("reference", "reference")
+    assert _chosen(a, b) == ("cuda", "cuda")  # nothing left behind
 
 
 def test_explain_without_the_op_arguments_names_the_op():

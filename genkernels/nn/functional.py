@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _registry
+from ..ops.attention import OP as ATTENTION_OP
 from ..ops.attention import attention
 
 __all__ = ["scaled_dot_product_attention"]
@@ -21,7 +22,7 @@ _TORCH_HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) 
 
 
 def _requested(backend: str | None) -> str:
-    return _registry.requested(backend)
+    return _registry.requested(backend, ATTENTION_OP)
 
 
 # torch._dynamo.assume_constant_result(_requested), spelled out because importing torch._dynamo

@@ -92,6 +92,8 @@ from ..triton import adaln as _triton
 NORM_OP = "layer_norm_modulate"
 GATE_OP = "gated_residual"
 FUSED_OP = "gated_residual_layer_norm_modulate"
+#: The three adaLN ops' registry names, e.g. for ``genkernels.backend("triton", ops=OPS)``.
+OPS = (NORM_OP, GATE_OP, FUSED_OP)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = "float32, float16, bfloat16 or float64"

@@ -483,7 +483,7 @@ def gelu_epilogue(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str |
         return False
     if x.device != weight.device or x.device != bias.device:
         return False
-    if _registry.requested(backend) != "auto" or _autocast_on(x):
+    if _registry.requested(backend, GELU_OP) != "auto" or _autocast_on(x):
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad))
 
@@ -491,17 +491,17 @@ def gelu_epilogue(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str |
 def linear_gelu_tanh(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: str | None = None) -> Tensor:
     """gelu_tanh(x @ weight.T + bias): the first layer of a GELU MLP (ViT, DiT) with its activation.
 
-    On CUDA, when the call is in auto mode (no ``backend`` from the argument, a ``genkernels.backend`` scope or
-    GENKERNELS_BACKEND), nothing needs a gradient (inference, sampling, or ``torch.no_grad``), there is a bias,
-    autocast is off, and x, weight and bias share a float16 or bfloat16 dtype, the bias and the GELU
-    run in the matrix product's epilogue (cuBLASLt, through ``torch._addmm_activation(bias, x, weight.T,
-    use_gelu=True)``, the tanh approximation on CUDA, applied before the product is rounded to x's dtype):
-    the (..., out_features) activations are written once, instead of written by the product, then read and
-    written again by the activation. At DiT-XL/2's mlp_ratio 4 that is 8 of the 21 passes over a
-    (B, L, dim) tensor a block forward moves outside its matrix products. Otherwise (training, CPU, an explicit
-    backend, or under torch.compile, which traces the ``genkernels::gelu_tanh`` op):
-    ``gelu_tanh(F.linear(x, weight, bias), backend=backend)``, whose fused backward reads the pre-activation
-    autograd keeps. ``gelu_epilogue(x, weight, bias, backend)`` says which path a call takes.
+    On CUDA, when the call is in auto mode (no ``backend`` from the argument, a ``genkernels.backend`` scope (for
+    every op, or for ``gelu_tanh``) or GENKERNELS_BACKEND), nothing needs a gradient (inference, sampling, or
+    ``torch.no_grad``), there is a bias, autocast is off, and x, weight and bias share a float16 or bfloat16 dtype,
+    the bias and the GELU run in the matrix product's epilogue (cuBLASLt, through ``torch._addmm_activation(bias, x,
+    weight.T, use_gelu=True)``, the tanh approximation on CUDA, applied before the product is rounded to x's dtype):
+    the (..., out_features) activations are written once, instead of written by the product, then read and written
+    again by the activation. At DiT-XL/2's mlp_ratio 4 that is 8 of the 21 passes over a (B, L, dim) tensor a block
+    forward moves outside its matrix products. Otherwise (training, CPU, an explicit backend, or under
+    torch.compile, which traces the ``genkernels::gelu_tanh`` op): ``gelu_tanh(F.linear(x, weight, bias),
+    backend=backend)``, whose fused backward reads the pre-activation autograd keeps. ``gelu_epilogue(x, weight,
+    bias, backend)`` says which path a call takes.
 
     Args:
         x: (..., in_features).

@@ -588,7 +588,7 @@ def _epilogue_backward_op(
     need_dcoef, need_bias = need_dcoef and dcoef is not None, need_bias and bias is not None
     need_strength, need_noise = need_strength and noise is not None, need_noise and noise is not None
     if need_noise:
-        chosen = _registry.requested(backend or None)
+        chosen = _registry.requested(backend or None, EPILOGUE_OP)
         if chosen not in ("auto", "reference"):  # as the eager path refuses it: no fast noise gradient
             raise _registry.UnsupportedError(
                 f"modconv_epilogue: backend {chosen!r} cannot run this call: noise requires grad, and only the "
