@@ -57,8 +57,11 @@ computed in both backward kernels, so that neither needs atomics (a single-kerne
 adds dq with atomics computes 10 Lq Lkv D, but its sums depend on the order of the atomics).
 
 Causal launches skip key (or query) blocks that the mask removes entirely, by their loop bounds.
-The forward and dq kernels split the remaining key blocks into those crossing the diagonal or the
-end of the keys, which apply the masks, and those fully inside, which do not. The dk/dv kernel
+In the forward and dq kernels, the remaining key blocks that cross the diagonal or the end of the keys
+apply the masks and those fully inside do not: one loop over all of them tests each block at run time
+(a launch with no such block, TAIL false, compiles without the test). Two loops in a row, the masked
+blocks' after the others', made ptxas serialize every wgmma of those kernels on sm_90 (each product
+waited for before the next one issued; tests/triton/test_compile.py reads ptxas's verdict). The dk/dv kernel
 applies the causal mask to each visible query block: a second, unmasked copy of its loop pushed
 it past 255 registers (sm_90, d128), and one compare-and-select per score is cheap next to its
 four dots. The key padding mask is a (B, Lkv) uint8 view of the bool mask, read one key block
@@ -186,6 +189,15 @@ def _arch(device: torch.device) -> int:
     if major in (9, 10):
         return 90
     return 80 if (major, minor) in ((8, 0), (8, 7)) else 86
+
+
+def _one_loop(q: Tensor) -> bool:
+    """Whether the forward and dq kernels walk the key blocks in one loop (a run-time test masks the blocks
+    that Lkv's end or the causal diagonal cuts) or in two (the unmasked blocks, then the masked ones). One on
+    the sm_90 class: two loops in a row made ptxas serialize every wgmma of the kernel. Two elsewhere, where
+    tl.dot is mma.sync: on sm_80 the one loop took d64's masked forward from 255 registers to 168 and a 4-byte
+    spill (ptxas of triton 3.6 and 3.9)."""
+    return _arch(q.device) == 90
 
 
 def _block_d(head_dim: int) -> int:
@@ -340,6 +352,8 @@ def attention_forward(
             scale * _LOG2E,
             CAUSAL=causal,
             HAS_MASK=key_padding_mask is not None,
+            TAIL=causal or lkv % block_n != 0,
+            ONE_LOOP=_one_loop(q),
             HAS_RESIDUAL=residual is not None,
             HEAD_DIM=d,
             BLOCK_M=block_m,
@@ -425,6 +439,8 @@ def attention_backward(
             dq,
             *strides,
             *sizes,
+            TAIL=causal or lkv % block_n != 0,
+            ONE_LOOP=_one_loop(q),
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             num_warps=num_warps,
@@ -604,49 +620,70 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         offs_m,
         start,
         end,
+        full_end,
         lq,
         lkv,
         scale_log2,
         CAUSAL: tl.constexpr,
         HAS_MASK: tl.constexpr,
+        TAIL: tl.constexpr,
         MASKED: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
-        """Online softmax over key blocks [start, end): running max m_i and sum l_i (base 2) and
-        the unnormalized output acc. MASKED blocks apply the key range and the causal mask."""
+        """Online softmax over the key blocks [start, end): running max m_i and sum l_i (base 2) and the
+        unnormalized output acc. :func:`_masked` applies the masks: to every block (MASKED), or (TAIL) to the
+        blocks from full_end on, tested at run time, so that one loop can walk them all (:func:`_one_loop`)."""
         for n0 in range(start, end, BLOCK_N):
-            k = _load_rows(k_base, n0, lkv, stride_kl, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, False)
+            k = _load_rows(k_base, n0, lkv, stride_kl, BLOCK_N, HEAD_DIM, BLOCK_D, TAIL or MASKED, False)
             s = _dot(q, tl.trans(k), None, INPUT_PRECISION) * scale_log2
-            p, alpha, m_i, l_i = _softmax_step(
-                s, m_i, l_i, mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, MASKED, BLOCK_N
+            s = _masked(
+                s, float("-inf"), mask_row, offs_m, n0, full_end, lq, lkv, CAUSAL, HAS_MASK, TAIL, MASKED, BLOCK_N
             )
-            v = _load_rows(v_base, n0, lkv, stride_vl, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, False)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+            v = _load_rows(v_base, n0, lkv, stride_vl, BLOCK_N, HEAD_DIM, BLOCK_D, TAIL or MASKED, False)
             acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], INPUT_PRECISION)
         return acc, m_i, l_i
 
     @triton.jit
-    def _softmax_step(
-        s,
-        m_i,
-        l_i,
+    def _masked(
+        x,
+        fill,
         mask_row,
         offs_m,
         n0,
+        full_end,
         lq,
         lkv,
         CAUSAL: tl.constexpr,
         HAS_MASK: tl.constexpr,
+        TAIL: tl.constexpr,
         MASKED: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        """One key block of the online softmax on its scores s [BLOCK_M, BLOCK_N] (base 2): (p, alpha, the
-        new running max, the new running sum). MASKED blocks apply the key range and the causal mask."""
-        if HAS_MASK or MASKED:
-            allowed = _allowed(mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, MASKED, BLOCK_N)
-            s = tl.where(allowed, s, float("-inf"))
+        """x [BLOCK_M, BLOCK_N] of the key block at n0 (scores, or probabilities), ``fill`` where the query may
+        not see the key: padding keys (HAS_MASK), and in a MASKED block, or with TAIL in a block from full_end
+        on (a launch with blocks that Lkv's end or the causal diagonal cuts; the test is at run time, uniform
+        over the program), the keys past Lkv and above the diagonal."""
+        if MASKED:
+            x = tl.where(_allowed(mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, True, BLOCK_N), x, fill)
+        elif TAIL:
+            if n0 >= full_end:
+                x = tl.where(_allowed(mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, True, BLOCK_N), x, fill)
+            else:
+                if HAS_MASK:
+                    x = tl.where(_allowed(mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, False, BLOCK_N), x, fill)
+        else:
+            if HAS_MASK:
+                x = tl.where(_allowed(mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, False, BLOCK_N), x, fill)
+        return x
+
+    @triton.jit
+    def _softmax_step(s, m_i, l_i):
+        """One key block of the online softmax on its (masked) scores s [BLOCK_M, BLOCK_N] (base 2): (p,
+        alpha, the new running max, the new running sum)."""
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row that has seen no allowed key yet has m_new = -inf: shift it by 0 instead, so
         # that its p = exp2(-inf) = 0 and alpha = exp2(-inf) = 0 rather than NaN.
@@ -671,11 +708,13 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         offs_m,
         start,
         end,
+        full_end,
         lq,
         lkv,
         scale_log2,
         CAUSAL: tl.constexpr,
         HAS_MASK: tl.constexpr,
+        TAIL: tl.constexpr,
         MASKED: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -686,14 +725,15 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         """:func:`_fwd_key_loop` with the head dim in two column blocks, [0, BLOCK_D) and [BLOCK_D,
         BLOCK_D + BLOCK_D2): two dots add up each score, and each block has its own accumulator."""
         for n0 in range(start, end, BLOCK_N):
-            k = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, MASKED)
-            k2 = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, MASKED)
+            k = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, TAIL or MASKED)
+            k2 = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, TAIL or MASKED)
             s = _dot(q2, tl.trans(k2), _dot(q, tl.trans(k), None, INPUT_PRECISION), INPUT_PRECISION) * scale_log2
-            p, alpha, m_i, l_i = _softmax_step(
-                s, m_i, l_i, mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, MASKED, BLOCK_N
+            s = _masked(
+                s, float("-inf"), mask_row, offs_m, n0, full_end, lq, lkv, CAUSAL, HAS_MASK, TAIL, MASKED, BLOCK_N
             )
-            v = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, MASKED)
-            v2 = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, MASKED)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+            v = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, TAIL or MASKED)
+            v2 = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, TAIL or MASKED)
             p = p.to(v.dtype)
             acc = _dot(p, v, acc * alpha[:, None], INPUT_PRECISION)
             acc2 = _dot(p, v2, acc2 * alpha[:, None], INPUT_PRECISION)
@@ -760,6 +800,8 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         scale_log2,
         CAUSAL: tl.constexpr,
         HAS_MASK: tl.constexpr,
+        TAIL: tl.constexpr,
+        ONE_LOOP: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -795,14 +837,20 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         full_end, end = _key_blocks(m0, lq, lkv, CAUSAL, BLOCK_M, BLOCK_N)
         if BLOCK_D2 == 0:
             q = _load_rows(q_base, m0, lq, stride_ql, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
-            acc, m_i, l_i = _fwd_key_loop(
-                acc, m_i, l_i, q, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, full_end, lq, lkv,
-                scale_log2, CAUSAL, HAS_MASK, False, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
-            )  # fmt: skip
-            acc, m_i, l_i = _fwd_key_loop(
-                acc, m_i, l_i, q, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, full_end, end, lq, lkv,
-                scale_log2, CAUSAL, HAS_MASK, True, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
-            )  # fmt: skip
+            if ONE_LOOP:
+                acc, m_i, l_i = _fwd_key_loop(
+                    acc, m_i, l_i, q, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, end, full_end,
+                    lq, lkv, scale_log2, CAUSAL, HAS_MASK, TAIL, False, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+                )  # fmt: skip
+            else:
+                acc, m_i, l_i = _fwd_key_loop(
+                    acc, m_i, l_i, q, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, full_end, full_end,
+                    lq, lkv, scale_log2, CAUSAL, HAS_MASK, False, False, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+                )  # fmt: skip
+                acc, m_i, l_i = _fwd_key_loop(
+                    acc, m_i, l_i, q, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, full_end, end, full_end,
+                    lq, lkv, scale_log2, CAUSAL, HAS_MASK, False, True, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+                )  # fmt: skip
             # The output rows' offsets, formed after the loops so that they are not live through them.
             rows = bh.to(tl.int64) * lq + offs_m
             out_rows = _out_rows(b, h, offs_m, stride_ob, stride_oh, stride_ol, ALIGN)
@@ -813,14 +861,23 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             q = _load_cols(q_base, m0, lq, stride_ql, BLOCK_M, 0, BLOCK_D, HEAD_DIM, True)
             q2 = _load_cols(q_base, m0, lq, stride_ql, BLOCK_M, BLOCK_D, BLOCK_D2, HEAD_DIM, True)
             acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
-            acc, acc2, m_i, l_i = _fwd_key_loop_split(
-                acc, acc2, m_i, l_i, q, q2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, full_end,
-                lq, lkv, scale_log2, CAUSAL, HAS_MASK, False, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, INPUT_PRECISION,
-            )  # fmt: skip
-            acc, acc2, m_i, l_i = _fwd_key_loop_split(
-                acc, acc2, m_i, l_i, q, q2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, full_end, end,
-                lq, lkv, scale_log2, CAUSAL, HAS_MASK, True, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, INPUT_PRECISION,
-            )  # fmt: skip
+            if ONE_LOOP:
+                acc, acc2, m_i, l_i = _fwd_key_loop_split(
+                    acc, acc2, m_i, l_i, q, q2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, end,
+                    full_end, lq, lkv, scale_log2, CAUSAL, HAS_MASK, TAIL, False,
+                    HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, INPUT_PRECISION,
+                )  # fmt: skip
+            else:
+                acc, acc2, m_i, l_i = _fwd_key_loop_split(
+                    acc, acc2, m_i, l_i, q, q2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, full_end,
+                    full_end, lq, lkv, scale_log2, CAUSAL, HAS_MASK, False, False,
+                    HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, INPUT_PRECISION,
+                )  # fmt: skip
+                acc, acc2, m_i, l_i = _fwd_key_loop_split(
+                    acc, acc2, m_i, l_i, q, q2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, full_end,
+                    end, full_end, lq, lkv, scale_log2, CAUSAL, HAS_MASK, False, True,
+                    HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, INPUT_PRECISION,
+                )  # fmt: skip
             rows = bh.to(tl.int64) * lq + offs_m
             out_rows = _out_rows(b, h, offs_m, stride_ob, stride_oh, stride_ol, ALIGN)
             row_ok = offs_m < lq
@@ -1128,24 +1185,26 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         offs_m,
         start,
         end,
+        full_end,
         lq,
         lkv,
         scale_log2,
         CAUSAL: tl.constexpr,
         HAS_MASK: tl.constexpr,
+        TAIL: tl.constexpr,
         MASKED: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
-        """Over key blocks [start, end): add to dq [BLOCK_M, BLOCK_D] (unscaled) the terms ds k,
-        ds = p (dp - delta). MASKED blocks apply the key range and the causal mask."""
+        """Over the key blocks [start, end): add to dq [BLOCK_M, BLOCK_D] (unscaled) the terms ds k,
+        ds = p (dp - delta); masks as the forward's (:func:`_fwd_key_loop`)."""
         for n0 in range(start, end, BLOCK_N):
-            k = _load_rows(k_base, n0, lkv, stride_kl, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, False)
+            k = _load_rows(k_base, n0, lkv, stride_kl, BLOCK_N, HEAD_DIM, BLOCK_D, TAIL or MASKED, False)
             s = _dot(q, tl.trans(k), None, INPUT_PRECISION) * scale_log2
-            p = _probs(s, lse2, mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, MASKED, BLOCK_N)
-            v = _load_rows(v_base, n0, lkv, stride_vl, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, False)
+            p = _probs(s, lse2, mask_row, offs_m, n0, full_end, lq, lkv, CAUSAL, HAS_MASK, TAIL, MASKED, BLOCK_N)
+            v = _load_rows(v_base, n0, lkv, stride_vl, BLOCK_N, HEAD_DIM, BLOCK_D, TAIL or MASKED, False)
             dp = _dot(do, tl.trans(v), None, INPUT_PRECISION)
             ds = p * (dp - delta[:, None])
             dq = _dot(ds.to(k.dtype), k, dq, INPUT_PRECISION)
@@ -1158,21 +1217,20 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         mask_row,
         offs_m,
         n0,
+        full_end,
         lq,
         lkv,
         CAUSAL: tl.constexpr,
         HAS_MASK: tl.constexpr,
+        TAIL: tl.constexpr,
         MASKED: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
         """p = exp2(s - lse) [BLOCK_M, BLOCK_N] of key block n0 from its scores (base 2), exactly 0 where a key
-        is not allowed; MASKED blocks apply the key range and the causal mask."""
+        is not allowed (:func:`_masked`). Exactly 0, not exp2(-inf - lse): a row with no allowed key has lse =
+        -inf."""
         p = tl.math.exp2(s - lse2[:, None])
-        if HAS_MASK or MASKED:
-            allowed = _allowed(mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, MASKED, BLOCK_N)
-            # Exactly 0, not exp2(-inf - lse): a row with no allowed key has lse = -inf.
-            p = tl.where(allowed, p, 0.0)
-        return p
+        return _masked(p, 0.0, mask_row, offs_m, n0, full_end, lq, lkv, CAUSAL, HAS_MASK, TAIL, MASKED, BLOCK_N)
 
     @triton.jit
     def _dq_key_loop_split(
@@ -1192,11 +1250,13 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         offs_m,
         start,
         end,
+        full_end,
         lq,
         lkv,
         scale_log2,
         CAUSAL: tl.constexpr,
         HAS_MASK: tl.constexpr,
+        TAIL: tl.constexpr,
         MASKED: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -1207,12 +1267,12 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         """:func:`_dq_key_loop` with the head dim in two column blocks (BLOCK_D, then BLOCK_D2): the scores
         and dp sum two dots, dq is two accumulators."""
         for n0 in range(start, end, BLOCK_N):
-            k = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, MASKED)
-            k2 = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, MASKED)
+            k = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, TAIL or MASKED)
+            k2 = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, TAIL or MASKED)
             s = _dot(q2, tl.trans(k2), _dot(q, tl.trans(k), None, INPUT_PRECISION), INPUT_PRECISION) * scale_log2
-            p = _probs(s, lse2, mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, MASKED, BLOCK_N)
-            v = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, MASKED)
-            v2 = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, MASKED)
+            p = _probs(s, lse2, mask_row, offs_m, n0, full_end, lq, lkv, CAUSAL, HAS_MASK, TAIL, MASKED, BLOCK_N)
+            v = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, TAIL or MASKED)
+            v2 = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, TAIL or MASKED)
             dp = _dot(do2, tl.trans(v2), _dot(do, tl.trans(v), None, INPUT_PRECISION), INPUT_PRECISION)
             ds = (p * (dp - delta[:, None])).to(k.dtype)
             dq = _dot(ds, k, dq, INPUT_PRECISION)
@@ -1249,6 +1309,8 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         scale_log2,
         CAUSAL: tl.constexpr,
         HAS_MASK: tl.constexpr,
+        TAIL: tl.constexpr,
+        ONE_LOOP: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -1288,14 +1350,22 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             q = _load_rows(q_base, m0, lq, stride_ql, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
             do = _load_rows(do_base, m0, lq, stride_dl, BLOCK_M, HEAD_DIM, BLOCK_D, True, False)
             dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            dq = _dq_key_loop(
-                dq, delta, q, do, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, full_end,
-                lq, lkv, scale_log2, CAUSAL, HAS_MASK, False, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
-            )  # fmt: skip
-            dq = _dq_key_loop(
-                dq, delta, q, do, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, full_end, end,
-                lq, lkv, scale_log2, CAUSAL, HAS_MASK, True, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
-            )  # fmt: skip
+            if ONE_LOOP:
+                dq = _dq_key_loop(
+                    dq, delta, q, do, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, end, full_end,
+                    lq, lkv, scale_log2, CAUSAL, HAS_MASK, TAIL, False, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+                )  # fmt: skip
+            else:
+                dq = _dq_key_loop(
+                    dq, delta, q, do, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0, full_end,
+                    full_end, lq, lkv, scale_log2, CAUSAL, HAS_MASK, False, False,
+                    HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+                )  # fmt: skip
+                dq = _dq_key_loop(
+                    dq, delta, q, do, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, full_end, end,
+                    full_end, lq, lkv, scale_log2, CAUSAL, HAS_MASK, False, True,
+                    HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+                )  # fmt: skip
             _store_cols(dq_ptr, dq * scale, rows, row_ok, HEAD_DIM, 0, BLOCK_D)
         else:
             q = _load_cols(q_base, m0, lq, stride_ql, BLOCK_M, 0, BLOCK_D, HEAD_DIM, True)
@@ -1304,15 +1374,22 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             do2 = _load_cols(do_base, m0, lq, stride_dl, BLOCK_M, BLOCK_D, BLOCK_D2, HEAD_DIM, True)
             dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
-            dq, dq2 = _dq_key_loop_split(
-                dq, dq2, delta, q, q2, do, do2, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m, 0,
-                full_end, lq, lkv, scale_log2,
-                CAUSAL, HAS_MASK, False, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, INPUT_PRECISION,
-            )  # fmt: skip
-            dq, dq2 = _dq_key_loop_split(
-                dq, dq2, delta, q, q2, do, do2, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m,
-                full_end, end, lq, lkv, scale_log2,
-                CAUSAL, HAS_MASK, True, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, INPUT_PRECISION,
-            )  # fmt: skip
+            if ONE_LOOP:
+                dq, dq2 = _dq_key_loop_split(
+                    dq, dq2, delta, q, q2, do, do2, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m,
+                    0, end, full_end, lq, lkv, scale_log2,
+                    CAUSAL, HAS_MASK, TAIL, False, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, INPUT_PRECISION,
+                )  # fmt: skip
+            else:
+                dq, dq2 = _dq_key_loop_split(
+                    dq, dq2, delta, q, q2, do, do2, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m,
+                    0, full_end, full_end, lq, lkv, scale_log2,
+                    CAUSAL, HAS_MASK, False, False, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, INPUT_PRECISION,
+                )  # fmt: skip
+                dq, dq2 = _dq_key_loop_split(
+                    dq, dq2, delta, q, q2, do, do2, lse2, k_base, v_base, mask_row, stride_kl, stride_vl, offs_m,
+                    full_end, end, full_end, lq, lkv, scale_log2,
+                    CAUSAL, HAS_MASK, False, True, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, INPUT_PRECISION,
+                )  # fmt: skip
             _store_cols(dq_ptr, dq * scale, rows, row_ok, HEAD_DIM, 0, BLOCK_D)
             _store_cols(dq_ptr, dq2 * scale, rows, row_ok, HEAD_DIM, BLOCK_D, BLOCK_D2)

@@ -423,3 +423,47 @@ def test_triton_backward_split_by_arch(arch, d, monkeypatch):
     assert triton_attention._backward_split(q) == want
     _skip_unsupported("triton", q, k, v)
     _compare("triton", q, k, v, causal=True)
+
+
+class _LaunchSpy:
+    """Stands for a triton kernel: records each launch's keyword arguments, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("case", ["causal", "ragged", "mask", "even"])
+@pytest.mark.parametrize("d", [32, 40])
+def test_triton_key_loops_by_arch(arch, case, d, monkeypatch):
+    """The forward and dq kernels walk the key blocks in one loop on sm_90 (the blocks that Lkv's end or the
+    causal diagonal cut, TAIL, masked by a run-time test; on sm_90 two loops made ptxas serialize every wgmma)
+    and in two loops elsewhere (the unmasked blocks, then the masked ones): each against the reference,
+    gradients included, with a padding mask, with tail blocks (causal, Lkv not a multiple of BLOCK_N) and
+    without (CPU tensors take FALLBACK_ARCH's choice; BLOCK_N is 16 under the interpreter)."""
+    from genkernels.triton import attention as triton_attention
+
+    monkeypatch.setattr(triton_attention, "FALLBACK_ARCH", arch)
+    spies = {name: _LaunchSpy(getattr(triton_attention, name)) for name in ("_attn_fwd_kernel", "_attn_bwd_dq_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(triton_attention, name, spy)
+    lkv = {"causal": 37, "ragged": 45, "mask": 48, "even": 64}[case]
+    q, k, v = _qkv(1, 2, 1, 37 if case == "causal" else 19, lkv, d, torch.float16, torch.device("cpu"))
+    kwargs = {"causal": case == "causal"}
+    if case == "mask":
+        kwargs["key_padding_mask"] = _padding_mask(1, lkv, torch.device("cpu"), "random")
+    _skip_unsupported("triton", q, k, v, **kwargs)
+    _compare("triton", q, k, v, **kwargs)
+    launches = [launch for spy in spies.values() for launch in spy.launches]
+    assert len(launches) == 2, "one forward and one dq launch"
+    for launch in launches:
+        assert launch["ONE_LOOP"] is (arch == 90)
+        assert launch["TAIL"] is (case in ("causal", "ragged"))
+        assert launch["HAS_MASK"] is (case == "mask")

@@ -932,6 +932,31 @@ def _print_sass(report: dict) -> None:
         )
 
 
+def _wgmma_serialization(ptx: str, arch: int, workdir: str) -> str | None:
+    """For a kernel whose PTX issues wgmma: ptxas's reason for serializing its wgmmas (each waited for before
+    the next is issued; ptxas -v's C7515 "Potential Performance Loss"), "" when it does not, None when this
+    triton's ptxas cannot be found or run. The ptxas triton compiles the target with reads the PTX again."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(arch).path
+    except Exception:  # noqa: BLE001 - an older triton: the check is not made
+        return None
+    target = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M)
+    path = os.path.join(workdir, "kernel.ptx")
+    with open(path, "w") as f:
+        f.write(ptx)
+    arch_flag = f"--gpu-name={target.group(1) if target else f'sm_{arch}'}"
+    run = subprocess.run(
+        [ptxas, arch_flag, "-v", path, "-o", os.path.join(workdir, "kernel_v.cubin")], capture_output=True, text=True
+    )
+    if run.returncode != 0:
+        return None
+    serialized = r"wgmma\.mma_async instructions are serialized due to ([^\n]*?)(?: in the function|$)"
+    match = re.search(serialized, run.stderr, re.M)
+    return match.group(1) if match else ""
+
+
 def _accesses(ptx: str, op: str) -> list[str]:
     """Distinct global loads or stores of the PTX by vector form and width: 'v4.b32', 'b16', ..."""
     forms = set()
@@ -1076,6 +1101,8 @@ def compile_all(
             "stores": _accesses(ptx, "st"),
             **_resources(cuobjdump, compiled.asm["cubin"], workdir),
         }
+        if "wgmma.mma_async" in ptx:
+            variants[key]["wgmma_serialized"] = _wgmma_serialization(ptx, arch, workdir)
 
     saved_arch = at.FALLBACK_ARCH
     try:
