@@ -11,7 +11,9 @@ Selection, strongest first:
    the blocks around it chose; a block with ``ops=`` chooses for those ops alone, over the blocks
    around it;
 3. the ``GENKERNELS_BACKEND`` environment variable;
-4. ``"auto"``: the first backend in the op's order that has no reason.
+4. ``"auto"``: the first backend in the op's order that has no reason. Inside :func:`graph_mode` (the warm-up
+   and capture of a CUDA graph), an op with a graph order (:func:`register_graph_order`) may put other
+   backends first for a call: those whose kernels are the faster ones once the call's CPU time is not paid.
 
 An explicit backend (1-3) that cannot run a call raises :class:`UnsupportedError`
 with its reason; it never falls back silently. Auto never fails where the
@@ -58,6 +60,8 @@ class Backend:
 
 
 _OPS: dict[str, list[Backend]] = {}
+_GRAPH_ORDERS: dict[str, Callable[..., tuple[str, ...] | None]] = {}
+_graphing: contextvars.ContextVar[bool] = contextvars.ContextVar("genkernels_graph_mode", default=False)
 _PROBES: dict[str, Callable[[Any], tuple]] = {}
 _CHECKS: dict[str, tuple[inspect.Signature, Callable[..., Any], tuple[str, ...]]] = {}
 
@@ -89,6 +93,41 @@ def register(op: str, name: str, not_supported: Callable[..., str | None], impl:
     if any(b.name == name for b in backends):
         raise ValueError(f"backend {name!r} is already registered for op {op!r}")
     backends.append(Backend(name, not_supported, impl))
+
+
+def register_graph_order(op: str, order: Callable[..., tuple[str, ...] | None]) -> None:
+    """Give ``op`` an auto order for :func:`graph_mode`: ``order(*args, **kwargs)`` (the op's arguments, as
+    ``not_supported`` takes them) returns the backend names auto tries first for that call, in that order (the
+    others follow in registration order), or None for the registration order."""
+    backends_of(op)  # a registered op: its ValueError otherwise
+    _GRAPH_ORDERS[op] = order
+
+
+@contextlib.contextmanager
+def graph_mode() -> Iterator[None]:
+    """Auto picks backends for a CUDA graph inside the block: put it around both the warm-up calls and the
+    capture (so that what the capture records was compiled and loaded before it).
+
+    A plain call pays its CPU time (Python, the launch) on top of its kernels; a replayed graph pays only the
+    kernels. Auto's order comes from plain calls; an op whose kernels on another backend are faster when
+    replayed registers a graph order (:func:`register_graph_order`), which auto follows inside this block:
+    the adaLN ops take triton for tensors of at least ``genkernels.ops.adaln.GRAPH_TRITON_MIN_ELEMENTS``
+    elements. An explicit backend (argument, ``backend(...)`` block, GENKERNELS_BACKEND) is not affected."""
+    token = _graphing.set(True)
+    try:
+        yield
+    finally:
+        _graphing.reset(token)
+
+
+def _auto_order(op: str, args: tuple, kwargs: dict) -> list[Backend]:
+    """``op``'s backends in the order auto tries them for this call (:func:`graph_mode`'s, inside it)."""
+    backends = backends_of(op)
+    order = _GRAPH_ORDERS.get(op) if _graphing.get() else None
+    first = order(*args, **kwargs) if order is not None else None
+    if first:
+        backends.sort(key=lambda b: first.index(b.name) if b.name in first else len(first))
+    return backends
 
 
 def register_probe(op: str, make_args: Callable[[Any], tuple]) -> None:
@@ -233,7 +272,7 @@ def select(op: str, *args: Any, backend: str | None = None, **kwargs: Any) -> Ba
     want = requested(backend, op)
     if want != "auto":
         return _explicit(op, want, args, kwargs)
-    candidates = backends_of(op)
+    candidates = _auto_order(op, args, kwargs)
     reasons = []
     for b in candidates:
         reason = b.not_supported(*args, **kwargs)

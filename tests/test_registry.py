@@ -132,6 +132,29 @@ def test_scope_for_some_ops_refuses_bad_names(toy_ops):
             pass
 
 
+def test_graph_mode_order(toy_ops, monkeypatch):
+    """Inside graph_mode auto follows an op's graph order (names first, the rest in registration order; a
+    backend with a reason is passed over as outside); explicit choices and other ops are unaffected."""
+    a, b = toy_ops
+    monkeypatch.delenv("GENKERNELS_BACKEND", raising=False)
+    _registry.register_graph_order(a, lambda n=0: ("reference", "triton") if n >= 10 else None)
+    try:
+        assert _registry.select(a, 10).name == "cuda"
+        with genkernels.graph_mode():
+            assert _registry.select(a, 10).name == "reference" and _registry.select(a, 3).name == "cuda"
+            assert [x.name for x in _registry._auto_order(a, (10,), {})] == ["reference", "triton", "cuda"]
+            assert _registry.select(b).name == "cuda"  # no graph order
+            assert _registry.select(a, 10, backend="triton").name == "triton"
+            with genkernels.backend("cuda", ops=a):
+                assert _registry.select(a, 10).name == "cuda"
+        assert _registry.select(a, 10).name == "cuda"  # the block restores auto's order
+        assert [x.name for x in _registry.backends_of(a)] == ["cuda", "triton", "reference"]
+    finally:
+        del _registry._GRAPH_ORDERS[a]
+    with pytest.raises(ValueError, match="unknown op"):
+        _registry.register_graph_order("no_such_op", lambda *a: None)
+
+
 def test_training_backend_follows_scope_and_environment(toy_ops, monkeypatch):
     """train_* / sample_* without a backend run in: a surrounding genkernels.backend block, else
     GENKERNELS_BACKEND, else the device's default (reference on CPU, auto on CUDA) for every op not chosen by

@@ -141,17 +141,21 @@ def first_call_s(fn: Callable[[], Any]) -> float:
 def capture_graph(fn: Callable[[], Any], warmups: int = 2) -> tuple[torch.cuda.CUDAGraph, Any]:
     """``fn`` captured in a ``torch.cuda.CUDAGraph``: ``warmups`` calls on a side stream first (as
     torch.cuda.graphs' documentation does it: kernels compile, allocations settle, and the capture then
-    records launches only), then one call under capture. Returns the graph and that call's outputs, which
-    every ``graph.replay()`` rewrites in place. ``fn`` must not synchronize with the host."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmups):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    records launches only), then one call under capture, both in ``genkernels.graph_mode()`` (auto's choices
+    for a graph; explicit backends keep theirs). Returns the graph and that call's outputs, which every
+    ``graph.replay()`` rewrites in place. ``fn`` must not synchronize with the host."""
+    from genkernels import graph_mode
+
+    with graph_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmups):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
     return graph, out
 
 

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import _registry
 from .._checks import as_number, is_finite_real, is_integer, is_real
 from .._checks import check_backend as _check_backend
 from .._checks import positive_int as _positive_int
@@ -578,11 +579,11 @@ class _Decoder:
     def _capture(self, device) -> None:
         """Run the steps once uncaptured on a side stream (kernels compiled, workspaces allocated), then capture
         each step in its own graph on that stream (capture_begin / capture_end directly: torch.cuda.graph
-        would empty the allocator's cache at every one of the L captures)."""
+        would empty the allocator's cache at every one of the L captures); both in ``genkernels.graph_mode()``."""
         current = torch.cuda.current_stream(device)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(current)
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), _registry.graph_mode():
             self._steps()
             torch.cuda.synchronize(device)
             pool = torch.cuda.graph_pool_handle()

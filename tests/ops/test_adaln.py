@@ -581,3 +581,43 @@ def test_cuda_graph_capture_benchmark_calls(backend, fused, backward):
         names += ["dx", "dy", "dgate", "dshift", "dscale"] if fused else ["dx", "dshift", "dscale"]
     for name, o, r, t in zip(names, outputs, reference(None), reference(torch.float64), strict=True):
         assert_criterion(o, r, t, name, relative_floor=name in ("dgate", "dshift", "dscale"))
+
+
+def test_graph_order():
+    """Inside genkernels.graph_mode auto takes triton first for CUDA tensors of at least GRAPH_TRITON_MIN_ELEMENTS
+    elements (their kernels measured faster replayed from a graph), else the registration order (cuda first)."""
+    from types import SimpleNamespace
+
+    from genkernels.ops import adaln
+
+    def x(numel, cuda=True):
+        return SimpleNamespace(is_cuda=cuda, numel=lambda: numel)
+
+    big = adaln.GRAPH_TRITON_MIN_ELEMENTS
+    assert adaln._graph_order(x(big)) == ("triton",)
+    assert adaln._graph_order(x(big - 1)) is None
+    assert adaln._graph_order(x(big, cuda=False)) is None
+    assert adaln._graph_order(torch.zeros(2, 3, 4)) is None  # a CPU tensor
+    assert 2 * 4096 * 1152 >= big > 2 * 256 * 1152  # DiT-XL's 4096 tokens in, DiT-XL/2's 256 out
+
+
+@pytest.mark.gpu
+def test_graph_mode_dispatch():
+    """graph_mode changes auto's pick for large CUDA tensors alone, and never an explicit backend's."""
+    from genkernels import _registry
+    from genkernels.ops import adaln
+
+    big = torch.zeros(2, 4096, 1152, device="cuda", dtype=torch.bfloat16)
+    small = torch.zeros(2, 256, 1152, device="cuda", dtype=torch.bfloat16)
+    y, gate = torch.zeros_like(big), torch.zeros(2, 1152, device="cuda", dtype=torch.bfloat16)
+    for op, args in ((adaln.NORM_OP, (big,)), (adaln.GATE_OP, (big, y, gate)), (adaln.FUSED_OP, (big, y, gate))):
+        assert _registry.select(op, *args).name == "cuda"
+        with genkernels.graph_mode():
+            assert _registry.select(op, *args).name == "triton"
+            assert _registry.select(op, small).name == "cuda"
+            assert _registry.select(op, *args, backend="cuda").name == "cuda"
+            with genkernels.backend("cuda", ops=adaln.OPS):
+                assert _registry.select(op, *args).name == "cuda"
+    out = genkernels.ops.layer_norm_modulate(big, shift=gate, scale=gate)
+    with genkernels.graph_mode():
+        torch.testing.assert_close(genkernels.ops.layer_norm_modulate(big, shift=gate, scale=gate), out)
