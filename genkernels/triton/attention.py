@@ -640,8 +640,9 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             k = _load_rows(k_base, n0, lkv, stride_kl, BLOCK_N, HEAD_DIM, BLOCK_D, TAIL or MASKED, False)
             s = _dot(q, tl.trans(k), None, INPUT_PRECISION) * scale_log2
             s = _masked(
-                s, float("-inf"), mask_row, offs_m, n0, full_end, lq, lkv, CAUSAL, HAS_MASK, TAIL, MASKED, BLOCK_N
-            )
+                s, float("-inf"), mask_row, offs_m, n0, full_end, lq, lkv, CAUSAL, HAS_MASK, TAIL, MASKED, BLOCK_N,
+                BLOCK_D,
+            )  # fmt: skip
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
             v = _load_rows(v_base, n0, lkv, stride_vl, BLOCK_N, HEAD_DIM, BLOCK_D, TAIL or MASKED, False)
             acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], INPUT_PRECISION)
@@ -662,13 +663,22 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         TAIL: tl.constexpr,
         MASKED: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """x [BLOCK_M, BLOCK_N] of the key block at n0 (scores, or probabilities), ``fill`` where the query may
         not see the key: padding keys (HAS_MASK), and in a MASKED block, or with TAIL in a block from full_end
         on (a launch with blocks that Lkv's end or the causal diagonal cuts; the test is at run time, uniform
-        over the program), the keys past Lkv and above the diagonal."""
+        over the program), the keys past Lkv and above the diagonal. At BLOCK_D 256 (key blocks of 16 and 32)
+        TAIL selects in every block instead of branching: around the branch ptxas serialized the wgmmas."""
         if MASKED:
             x = tl.where(_allowed(mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, True, BLOCK_N), x, fill)
+        elif TAIL and BLOCK_D >= 256:
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            inside = (offs_n < lkv)[None, :]
+            if CAUSAL:
+                inside = inside & (offs_n[None, :] <= offs_m[:, None] + (lkv - lq))
+            allowed = _kept_keys(mask_row, offs_n, lkv, HAS_MASK)[None, :] & (inside | (n0 < full_end))
+            x = tl.where(allowed, x, fill)
         elif TAIL:
             if n0 >= full_end:
                 x = tl.where(_allowed(mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, True, BLOCK_N), x, fill)
@@ -729,8 +739,9 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             k2 = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, TAIL or MASKED)
             s = _dot(q2, tl.trans(k2), _dot(q, tl.trans(k), None, INPUT_PRECISION), INPUT_PRECISION) * scale_log2
             s = _masked(
-                s, float("-inf"), mask_row, offs_m, n0, full_end, lq, lkv, CAUSAL, HAS_MASK, TAIL, MASKED, BLOCK_N
-            )
+                s, float("-inf"), mask_row, offs_m, n0, full_end, lq, lkv, CAUSAL, HAS_MASK, TAIL, MASKED, BLOCK_N,
+                BLOCK_D,
+            )  # fmt: skip
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
             v = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, TAIL or MASKED)
             v2 = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, TAIL or MASKED)
@@ -1203,7 +1214,9 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         for n0 in range(start, end, BLOCK_N):
             k = _load_rows(k_base, n0, lkv, stride_kl, BLOCK_N, HEAD_DIM, BLOCK_D, TAIL or MASKED, False)
             s = _dot(q, tl.trans(k), None, INPUT_PRECISION) * scale_log2
-            p = _probs(s, lse2, mask_row, offs_m, n0, full_end, lq, lkv, CAUSAL, HAS_MASK, TAIL, MASKED, BLOCK_N)
+            p = _probs(
+                s, lse2, mask_row, offs_m, n0, full_end, lq, lkv, CAUSAL, HAS_MASK, TAIL, MASKED, BLOCK_N, BLOCK_D
+            )
             v = _load_rows(v_base, n0, lkv, stride_vl, BLOCK_N, HEAD_DIM, BLOCK_D, TAIL or MASKED, False)
             dp = _dot(do, tl.trans(v), None, INPUT_PRECISION)
             ds = p * (dp - delta[:, None])
@@ -1225,12 +1238,15 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         TAIL: tl.constexpr,
         MASKED: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """p = exp2(s - lse) [BLOCK_M, BLOCK_N] of key block n0 from its scores (base 2), exactly 0 where a key
         is not allowed (:func:`_masked`). Exactly 0, not exp2(-inf - lse): a row with no allowed key has lse =
         -inf."""
         p = tl.math.exp2(s - lse2[:, None])
-        return _masked(p, 0.0, mask_row, offs_m, n0, full_end, lq, lkv, CAUSAL, HAS_MASK, TAIL, MASKED, BLOCK_N)
+        return _masked(
+            p, 0.0, mask_row, offs_m, n0, full_end, lq, lkv, CAUSAL, HAS_MASK, TAIL, MASKED, BLOCK_N, BLOCK_D
+        )
 
     @triton.jit
     def _dq_key_loop_split(
@@ -1270,7 +1286,9 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             k = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, TAIL or MASKED)
             k2 = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, TAIL or MASKED)
             s = _dot(q2, tl.trans(k2), _dot(q, tl.trans(k), None, INPUT_PRECISION), INPUT_PRECISION) * scale_log2
-            p = _probs(s, lse2, mask_row, offs_m, n0, full_end, lq, lkv, CAUSAL, HAS_MASK, TAIL, MASKED, BLOCK_N)
+            p = _probs(
+                s, lse2, mask_row, offs_m, n0, full_end, lq, lkv, CAUSAL, HAS_MASK, TAIL, MASKED, BLOCK_N, BLOCK_D
+            )
             v = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, TAIL or MASKED)
             v2 = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, TAIL or MASKED)
             dp = _dot(do2, tl.trans(v2), _dot(do, tl.trans(v), None, INPUT_PRECISION), INPUT_PRECISION)

@@ -441,13 +441,14 @@ class _LaunchSpy:
 
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("case", ["causal", "ragged", "mask", "even"])
-@pytest.mark.parametrize("d", [32, 40])
+@pytest.mark.parametrize("d", [32, 40, 256])
 def test_triton_key_loops_by_arch(arch, case, d, monkeypatch):
     """The forward and dq kernels walk the key blocks in one loop on sm_90 (the blocks that Lkv's end or the
     causal diagonal cut, TAIL, masked by a run-time test; on sm_90 two loops made ptxas serialize every wgmma)
     and in two loops elsewhere (the unmasked blocks, then the masked ones): each against the reference,
     gradients included, with a padding mask, with tail blocks (causal, Lkv not a multiple of BLOCK_N) and
-    without (CPU tensors take FALLBACK_ARCH's choice; BLOCK_N is 16 under the interpreter)."""
+    without (CPU tensors take FALLBACK_ARCH's choice; BLOCK_N is 16 under the interpreter). At head dim 256
+    (BLOCK_D 256) the tail blocks are masked by selects in every block rather than a branch."""
     from genkernels.triton import attention as triton_attention
 
     monkeypatch.setattr(triton_attention, "FALLBACK_ARCH", arch)
