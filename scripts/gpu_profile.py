@@ -178,17 +178,18 @@ def _capture_unwarmed_triton(dev):
 
 
 def _with_d128_tiles(fn):
-    """fn with the triton attention forward on the tiles of the padded head dim (at 72 and 80: d128's 128 x 64,
-    which the forward took before it took d64's 128 x 128 there), to time the two side by side."""
+    """fn with the triton attention forward on the tiles of the padded head dim (at 72 and 80: d128's 128 x 64 on
+    8 warps, which the forward took before d64's 128 x 128 and then FWD_90_UNMASKED), to time them side by side."""
     import genkernels.triton.attention as tri
 
     def run():
-        chosen = tri._config_block
+        chosen, max_d = tri._config_block, tri.FWD_90_UNMASKED_MAX_D
         tri._config_block = lambda head_dim, arch, kernel, masked: max(64, tri._block_d(head_dim))
+        tri.FWD_90_UNMASKED_MAX_D = 0
         try:
             return fn()
         finally:
-            tri._config_block = chosen
+            tri._config_block, tri.FWD_90_UNMASKED_MAX_D = chosen, max_d
 
     return run
 

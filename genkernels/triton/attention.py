@@ -153,6 +153,14 @@ CONFIGS: dict[tuple[int, int, int, str], tuple[int, int, int, int]] = {
     (86, 256, 2, "dq"): (64, 16, 8, 1),
     **{(arch, block_d, 4, kernel): c for arch in (90, 80, 86) for (block_d, kernel), c in _FP32_CONFIGS.items()},
 }
+# The sm_90 16-bit forward without a key padding mask at head dims up to 72 (SD1.5's 40, SDXL's 64, DiT's 72 split
+# 64 + 16), beyond decoding: one warpgroup on 128 query rows, key blocks of 64, three stages. Timed on an H200
+# (triton 3.6, bf16, scripts/gpu_attention_sweep.py, once the wgmmas were no longer serialized) against CONFIGS'
+# (128, 128, 8, 3): 0.446 against 0.563 ms at DiT-XL d72 (2, 16, 4096, 4096), 0.229 against 0.252 at SDXL d64
+# (2, 10, 4096, 4096), 0.185 against 0.226 at SD1.5 d40 (2, 8, 4096, 4096). It takes 255 registers at d72 and
+# spills 4 bytes at d80, which keeps CONFIGS' tiles, as do masked calls and decoding (not timed with it).
+FWD_90_UNMASKED = (128, 64, 4, 3)
+FWD_90_UNMASKED_MAX_D = 72
 # Under the interpreter every program runs serially on the CPU: small tiles, and unequal ones, as on
 # the GPU (BLOCK_M > BLOCK_N for fwd and dq, BLOCK_M < BLOCK_N for dk/dv), so that the causal
 # block bounds are exercised with tiles that do not line up.
@@ -226,11 +234,15 @@ def _backward_split(q: Tensor) -> tuple[int, int]:
 
 def _config(q: Tensor, kernel: str, masked: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` ("fwd", "dkdv", "dq") for q (``masked``: with a
-    key padding mask); the forward of at most DECODE_ROWS queries takes 16-row tiles on 4 warps (decoding)."""
+    key padding mask); the forward of at most DECODE_ROWS queries takes 16-row tiles on 4 warps (decoding), and
+    the sm_90 16-bit forward without a mask up to head dim 72 FWD_90_UNMASKED."""
     decode = kernel == "fwd" and q.shape[2] <= DECODE_ROWS
     if interpreting():
         return _INTERPRETER_CONFIGS["decode" if decode else kernel]
     arch, d = _arch(q.device), q.shape[-1]
+    if kernel == "fwd" and not (decode or masked) and arch == 90 and q.element_size() == 2:
+        if d <= FWD_90_UNMASKED_MAX_D:
+            return FWD_90_UNMASKED
     block = _config_block(d, arch, "decode" if decode else kernel, masked)
     block_m, block_n, num_warps, num_stages = CONFIGS[(arch, block, q.element_size(), kernel)]
     return (DECODE_ROWS, block_n, 4, num_stages) if decode else (block_m, block_n, num_warps, num_stages)
@@ -238,7 +250,8 @@ def _config(q: Tensor, kernel: str, masked: bool = False) -> tuple[int, int, int
 
 def _config_block(head_dim: int, arch: int, kernel: str, masked: bool) -> int:
     """The BLOCK_D class of CONFIGS whose tiles ``kernel`` ("fwd", "dkdv", "dq", or "decode": the forward of at
-    most DECODE_ROWS queries) takes at ``head_dim``: the padded head dim (at least 64), except for the sm_90
+    most DECODE_ROWS queries) takes at ``head_dim``, where :func:`_config` does not take FWD_90_UNMASKED (the
+    sm_90 16-bit unmasked forward up to head dim 72): the padded head dim (at least 64), except for the sm_90
     forward without a key padding mask at head dims 65 to 80 (DiT's 72), split 64 + 16: its 80 columns take
     d64's 128 x 128 tiles (half the key-block steps of the online softmax of d128's 128 x 64), which compile
     there without spills (225 to 232 registers, 143 KB of shared memory). The mask's extra live values spill

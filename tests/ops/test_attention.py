@@ -468,3 +468,27 @@ def test_triton_key_loops_by_arch(arch, case, d, monkeypatch):
         assert launch["ONE_LOOP"] is (arch == 90)
         assert launch["TAIL"] is (case in ("causal", "ragged"))
         assert launch["HAS_MASK"] is (case == "mask")
+
+
+def test_triton_forward_tiles(monkeypatch):
+    """The sm_90 16-bit forward without a key padding mask at head dims up to 72 takes FWD_90_UNMASKED (timed
+    faster on an H200); d80 (it spills there), masked calls, decoding, float32 and other GPUs keep CONFIGS'."""
+    from genkernels.triton import attention as ta
+
+    monkeypatch.setattr(ta, "interpreting", lambda: False)
+    monkeypatch.setattr(ta, "FALLBACK_ARCH", 90)
+
+    def q(d, lq=128, dtype=torch.bfloat16):
+        return torch.empty(1, 1, lq, d, dtype=dtype)
+
+    for d in (40, 64, 72):
+        assert ta._config(q(d), "fwd") == ta.FWD_90_UNMASKED
+        assert ta._config(q(d, dtype=torch.float16), "fwd") == ta.FWD_90_UNMASKED
+    d64 = ta.CONFIGS[(90, 64, 2, "fwd")]
+    assert ta._config(q(80), "fwd") == d64 != ta.FWD_90_UNMASKED
+    assert ta._config(q(64), "fwd", masked=True) == d64
+    assert ta._config(q(64, lq=1), "fwd") == (ta.DECODE_ROWS, d64[1], 4, d64[3])
+    assert ta._config(q(64, dtype=torch.float32), "fwd") == ta.CONFIGS[(90, 64, 4, "fwd")]
+    assert ta._config(q(64), "dq") == ta.CONFIGS[(90, 64, 2, "dq")]
+    monkeypatch.setattr(ta, "FALLBACK_ARCH", 80)
+    assert ta._config(q(64), "fwd") == ta.CONFIGS[(80, 64, 2, "fwd")]

@@ -265,14 +265,16 @@ def test_attention_launches_compiled(report):
     }
     wanted = {(arch, d) for arch in (90, 80) for d in ATTENTION_HEAD_DIMS}
     assert not wanted - decoding, f"decoding attention launches not compiled: {sorted(wanted - decoding)}"
-    # DiT's head dim 72 without a mask takes d64's 128 x 128 tiles on sm_90; with the mask (the sweep's causal,
-    # masked workload at 80) d128's 128 x 64.
+    # DiT's head dim 72 without a mask takes FWD_90_UNMASKED on sm_90 (128 x 64 tiles on one warpgroup); with the
+    # mask (the sweep's causal, masked workload at 80) d128's 128 x 64 on 8 warps.
     tiles = {
-        (v["constexprs"].get("HEAD_DIM"), "key_padding_mask" in v["call"], v["constexprs"].get("BLOCK_N"))
+        (c.get("HEAD_DIM"), "key_padding_mask" in v["call"], c.get("BLOCK_N"), v["num_warps"])
         for v in report["variants"]
+        for c in (v["constexprs"],)
         if (v["arch"], v["kernel"]) == (90, "_attn_fwd_kernel") and v["constexprs"].get("BLOCK_M") == 128
     }
-    assert {(72, False, 128), (80, True, 64)} <= tiles and not {(72, False, 64), (80, True, 128)} & tiles, tiles
+    assert {(72, False, 64, 4), (80, True, 64, 8)} <= tiles, tiles
+    assert not {(72, False, 128, 8), (80, True, 128, 8), (80, True, 64, 4)} & tiles, tiles
 
 
 # The kernels of the sampler step (genkernels.triton.schedule) and of reparameterize (genkernels.triton.reparam).
