@@ -429,7 +429,7 @@ def _graph_order(x, *_args, **_kwargs) -> tuple[str, ...] | None:
     return None
 
 
-for _op in (NORM_OP, GATE_OP, FUSED_OP):
+for _op in OPS:
     _registry.register(_op, "cuda", _fast_not_supported(_cuda.not_supported), _cuda)
     _registry.register(_op, "triton", _fast_not_supported(_triton.not_supported), _triton)
     _registry.register(_op, "reference", _no_reason, _ReferenceKernels)
