@@ -1,15 +1,18 @@
-"""The triton attention forward's tiles, timed on a GPU: which (BLOCK_M, BLOCK_N, num_warps, num_stages) is fastest.
+"""The triton attention kernels' tiles, timed on a GPU: which (BLOCK_M, BLOCK_N, num_warps, num_stages) is fastest.
 
-    python scripts/gpu_attention_sweep.py [OUT_FILE] [--deadline-s S] [--shapes NAME,...]
+    python scripts/gpu_attention_sweep.py [OUT_FILE] [--deadline-s S] [--shapes NAME,...] [--kernel fwd|dkdv|dq]
 
-The forward takes its tiles from ``genkernels.triton.attention.CONFIGS`` (nothing is autotuned at run time).
-This sweeps them at the shapes the goals are measured on: for each shape, every tile of the grid below that
-fits in shared memory, launched through ``ops.attention(..., backend="triton")`` with the forward's choice
-replaced, checked against SDPA's output (relative error under 2e-2 in bf16) and timed as the benchmark times
-(``genkernels.bench.core.time_ms``: median, L2 flushed before each call), beside the current choice and
-SDPA's cuDNN and flash kernels. Prints each shape's table fastest first, and writes it to OUT_FILE when given.
-A tile that does not compile (out of registers or shared memory) is listed with its error. Stops starting new
-tiles after ``--deadline-s`` seconds (default 150): each tile compiles once, a few seconds.
+The kernels take their tiles from ``genkernels.triton.attention.CONFIGS`` (nothing is autotuned at run time).
+This sweeps one kernel's at the shapes the goals are measured on: for each shape, every tile of the kernel's
+grid below (the forward's: those that fit in shared memory), launched through ``ops.attention(...,
+backend="triton")`` with that kernel's choice replaced, checked against SDPA (relative error under 2e-2 in bf16:
+the output, or each of dq, dk, dv) and timed as the benchmark times (``genkernels.bench.core.time_ms``: median,
+L2 flushed before each call), beside the current choice and SDPA's cuDNN and flash kernels. ``--kernel fwd``
+(the default) times the forward; ``dkdv`` and ``dq`` time the backward (``torch.autograd.grad`` of one forward's
+output: the delta, dq and dk/dv kernels, the other backward kernel on its own choice), counted as 2.5 times the
+forward's FLOPs. Prints each shape's table fastest first, and writes it to OUT_FILE when given. A tile that does
+not compile (out of registers or shared memory) is listed with its error. Stops starting new tiles after
+``--deadline-s`` seconds (default 150): each tile compiles once, a few seconds.
 
 Without a GPU it says so and exits 0; ``--dry-run`` runs the sweep's own path on the CPU under the triton
 interpreter at a tiny shape with two tiles (what the tests run).
@@ -44,6 +47,21 @@ SHAPES = {
 # family; BLOCK_N 32 and 2 stages come last.
 _SHARED_SM = [(64, 128, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2)]
 GRID = _SHARED_SM + [t for t in itertools.product((128, 64), (128, 64, 32), (8, 4), (3, 4, 2)) if t not in _SHARED_SM]
+# The backward kernels' grids (sm_90a, triton 3.6, compiled without a GPU by tests/triton/_compile_kernels.py's
+# means): first the tiles that compile without spills at d72 (split 64 + 16) and at d128, the current choices
+# among them ((32, 64, 8, 2) for dk/dv at d72 and d128, (128, 32, 8, 2) for dq), then the rest. dk/dv: k, v, dk,
+# dv [BLOCK_N, D] stay put while q and dout stream in BLOCK_M rows; (32, 128, 8, 3) 216 registers at d72,
+# (64, 64, 8, 3) 252; at d128 only BLOCK_N 64 on 8 warps is spill-free. dq: q, dout, dq [BLOCK_M, D] stay put;
+# (128, 64, 8, 3) 166 registers at d72, (64, 64, 8, 3) 153 at d128.
+_DKDV_CLEAN = [(32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (32, 64, 8, 3), (32, 64, 8, 2)]
+_DQ_CLEAN = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 2)]
+GRIDS = {
+    "fwd": GRID,
+    "dkdv": _DKDV_CLEAN + [t for t in itertools.product((32, 64), (64, 128), (8, 4), (3, 2)) if t not in _DKDV_CLEAN],
+    "dq": _DQ_CLEAN + [t for t in itertools.product((128, 64), (64, 32), (8, 4), (3, 2)) if t not in _DQ_CLEAN],
+}
+#: The backward's FLOPs over the forward's (five matrix products of the forward's size against two).
+BACKWARD_FLOPS = 2.5
 SMEM_BYTES = 227 * 1024  # sm_90's shared memory a block
 MAX_REL_ERR = 2e-2
 
@@ -53,14 +71,14 @@ def _smem(block_m: int, block_n: int, block_d: int, stages: int) -> int:
     return (block_m + 2 * stages * block_n) * block_d * 2
 
 
-def _with_tiles(tiles: tuple[int, int, int, int] | None, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """fn() with the triton forward on ``tiles`` (None: its own choice)."""
+def _with_tiles(tiles: tuple[int, int, int, int] | None, fn: Callable[[], object], kernel: str = "fwd") -> object:
+    """fn() with the triton ``kernel`` ("fwd", "dkdv" or "dq") on ``tiles`` (None: its own choice)."""
     import genkernels.triton.attention as tri
 
     if tiles is None:
         return fn()
     chosen = tri._config
-    tri._config = lambda q, kernel, masked=False: tiles if kernel == "fwd" else chosen(q, kernel, masked)
+    tri._config = lambda q, which, masked=False: tiles if which == kernel else chosen(q, which, masked)
     try:
         return fn()
     finally:
@@ -77,24 +95,32 @@ def sweep(
     grid: list[tuple[int, int, int, int]],
     deadline: float,
     time_ms: Callable[[Callable[[], object]], float],
+    kernel: str = "fwd",
 ) -> list[tuple[str, float | None, str]]:
-    """Rows (variant, ms or None, note) of one shape: the current choice, SDPA's kernels, then each tile."""
+    """Rows (variant, ms or None, note) of one shape: the current choice, SDPA's kernels, then each tile of
+    ``kernel`` ("fwd": the forward timed; "dkdv" or "dq": the backward timed, that kernel's tiles swept)."""
     from genkernels import ops
     from genkernels.triton.attention import _head_split
 
     b, h, n, d = shape
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype) for _ in range(3))
+    backward = kernel != "fwd"
+    q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=backward) for _ in range(3))
+    dout = torch.randn(b, h, n, d, device=device, dtype=dtype)
     F = torch.nn.functional
-    ref = F.scaled_dot_product_attention(q, k, v)
+    ref_out = F.scaled_dot_product_attention(q, k, v)
+    ref = torch.autograd.grad(ref_out, (q, k, v), dout) if backward else (ref_out.detach(),)
+    ours = ops.attention(q, k, v, backend="triton") if backward else None  # the forward the backward reuses
     rows: list[tuple[str, float | None, str]] = []
 
     def add(name: str, tiles: tuple[int, int, int, int] | None) -> None:
         def call():
-            return _with_tiles(tiles, lambda: ops.attention(q, k, v, backend="triton"))
+            if backward:
+                return _with_tiles(tiles, lambda: torch.autograd.grad(ours, (q, k, v), dout, retain_graph=True), kernel)
+            return (_with_tiles(tiles, lambda: ops.attention(q, k, v, backend="triton"), kernel),)
 
         try:
-            err = _rel_err(call(), ref)
+            err = max(_rel_err(got, want) for got, want in zip(call(), ref))
             if not err < MAX_REL_ERR:  # NaN fails too
                 rows.append((name, None, f"WRONG: relative error {err:.3g}"))
                 return
@@ -106,20 +132,24 @@ def sweep(
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        for label, kernel in (("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION), ("SDPA flash", SDPBackend.FLASH_ATTENTION)):
-
-            def sdpa(kernel=kernel):
-                with sdpa_kernel(kernel):
-                    return F.scaled_dot_product_attention(q, k, v)
-
+        for label, sdp in (("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION), ("SDPA flash", SDPBackend.FLASH_ATTENTION)):
             try:
+                with sdpa_kernel(sdp):
+                    out = F.scaled_dot_product_attention(q, k, v)
+
+                def sdpa(sdp=sdp, out=out):
+                    if backward:  # the backward kernel was chosen with the forward's
+                        return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+                    with sdpa_kernel(sdp):
+                        return F.scaled_dot_product_attention(q, k, v)
+
                 rows.append((label, time_ms(sdpa), ""))
             except Exception as e:  # a kernel SDPA does not have for this shape
                 rows.append((label, None, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"))
     block_d = sum(_head_split(d))
     for tiles in grid:
         block_m, block_n, _warps, stages = tiles
-        if _smem(block_m, block_n, block_d, stages) > SMEM_BYTES:
+        if not backward and _smem(block_m, block_n, block_d, stages) > SMEM_BYTES:
             continue
         if time.monotonic() > deadline:
             rows.append((f"{tiles} and the rest", None, "not run: deadline"))
@@ -128,10 +158,13 @@ def sweep(
     return rows
 
 
-def _table(name: str, shape: tuple[int, int, int, int], rows: list[tuple[str, float | None, str]]) -> list[str]:
+def _table(
+    name: str, shape: tuple[int, int, int, int], rows: list[tuple[str, float | None, str]], kernel: str = "fwd"
+) -> list[str]:
     b, h, n, d = shape
-    flops = 4 * b * h * n * n * d
-    lines = [f"## {name}: {b} x {h} heads x {n} x {n}, head dim {d}", "", "| variant | ms | TFLOP/s | note |"]
+    flops = 4 * b * h * n * n * d * (1 if kernel == "fwd" else BACKWARD_FLOPS)
+    what = "forward" if kernel == "fwd" else f"backward, {kernel} tiles swept"
+    lines = [f"## {name}: {b} x {h} heads x {n} x {n}, head dim {d}; {what}", "", "| variant | ms | TFLOP/s | note |"]
     lines.append("| --- | --- | --- | --- |")
     for variant, ms, note in sorted(rows, key=lambda r: (r[1] is None, r[1] or 0.0)):
         rate = f"{flops / ms / 1e9:.0f}" if ms else "-"
@@ -144,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", nargs="?", default=None, help="also write the tables to this file")
     p.add_argument("--deadline-s", type=float, default=150.0, help="start no new tile after this many seconds")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of: {', '.join(SHAPES)}")
+    p.add_argument("--kernel", choices=tuple(GRIDS), default="fwd", help="the kernel whose tiles are swept")
     p.add_argument("--dry-run", action="store_true", help="the CPU path under the triton interpreter, tiny shape")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     start = time.monotonic()
@@ -166,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
         device = torch.device("cuda")
         shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
-        grid = GRID
+        grid = GRIDS[args.kernel]
 
         def time_ms(fn):  # as the benchmark times: median of CUDA-event times, L2 flushed before each call
             return bench_time_ms(fn, QUICK_TIMING)
@@ -176,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, (name, shape) in enumerate(shapes.items()):
         # An equal share each, in absolute time: what a shape leaves unused goes to the next.
         deadline = start + args.deadline_s * (i + 1) / len(shapes)
-        table = _table(name, shape, sweep(shape, device, grid, deadline, time_ms))
+        table = _table(name, shape, sweep(shape, device, grid, deadline, time_ms, args.kernel), args.kernel)
         print("\n".join(table), flush=True)
         lines += table
     if args.out:

@@ -1,6 +1,6 @@
-"""scripts/gpu_profile.py and scripts/gpu_host_probe.py, the GPU diagnostics: without a GPU each says so and
-exits 0; the probe's float32 error breakdown runs its variants (every op family forced to the reference in
-turn) and reports a number for each."""
+"""The GPU diagnostics in scripts/ (gpu_profile.py, gpu_host_probe.py, gpu_bandwidth_probe.py,
+gpu_attention_sweep.py, gpu_check.sh): without a GPU each says so and exits 0; their CPU paths run (the host
+probe's float32 error breakdown, the dry runs) and their tables say what they measured."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU path")
-@pytest.mark.parametrize("script", ["gpu_profile.py", "gpu_host_probe.py"])
+@pytest.mark.parametrize("script", ["gpu_profile.py", "gpu_host_probe.py", "gpu_bandwidth_probe.py"])
 def test_script_without_a_gpu(script, tmp_path):
     out = tmp_path / "out.txt"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -28,6 +28,38 @@ def test_script_without_a_gpu(script, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "no CUDA GPU" in out.read_text()
+
+
+def test_bandwidth_probe(capsys, monkeypatch):
+    """scripts/gpu_bandwidth_probe.py: its dry run calls every variant on every input set (the triton ones under
+    the interpreter, bias_act's forward on each tile), and its table turns times into % of the copy rate and
+    ratios to torch.compile."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_bandwidth_probe as probe
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(probe, "OUT", sys.stdout)
+    assert probe.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    tiles = [f"triton {b}/{w}w" for b, w in probe.BIAS_ACT_TILES]
+    for name in ["copy_", "torch.compile", "triton (default)", *tiles]:
+        assert f"bias_act lrelu (32, 512, 64, 64): {name}: 2 input sets called" in out
+    assert out.count("layer_norm_modulate") == 8  # copy_, eager, torch.compile, reference at both shapes
+    # 10 MB a call at 1,000 GB/s: a 0.01 ms floor.
+    variants = {"copy_": (10e6, [None] * 3), "torch.compile": (10e6, [None] * 3)}
+    probe.report(
+        "t",
+        variants,
+        {"copy_": [0.02, 0.0125, 0.03], "torch.compile": [0.02] * 3},
+        {"copy_": [0.01] * 3, "torch.compile": [0.0125] * 3},
+        1000.0,
+    )
+    out = capsys.readouterr().out
+    assert "input sets: 3; rounds: 3" in out
+    assert "| copy_ | 10.0 | 0.0200 | 50% | 0.0100 | 100% | 1.000x | 1.250x |" in out
+    assert "| torch.compile | 10.0 | 0.0200 | 50% | 0.0125 | 80% | 1.000x | 1.000x |" in out
+    assert "cold ms per round: copy_ 0.0200 0.0125 0.0300;" in out
 
 
 def test_float32_error_breakdown_runs(capsys, monkeypatch):
@@ -150,6 +182,49 @@ def test_attention_sweep_dry_run(capsys, monkeypatch):
     assert sweep.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "## tiny d72" in out and out.count("| err ") == 3
+
+
+@pytest.mark.parametrize("kernel", ["dkdv", "dq"])
+def test_attention_sweep_backward_dry_run(capsys, monkeypatch, kernel):
+    """scripts/gpu_attention_sweep.py --kernel dkdv / dq: the backward runs with that kernel on each tile and the
+    other backward kernel on its own choice, its gradients are checked against SDPA's (a wrong one is listed
+    as WRONG, not timed), and the table counts the backward's FLOPs."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_attention_sweep as sweep
+    finally:
+        sys.path.pop(0)
+    import genkernels.triton.attention as tri
+
+    other = {"dkdv": "dq", "dq": "dkdv"}[kernel]
+    seen, chosen, backward = [], tri._config, tri.attention_backward
+
+    def spy(dout, q, *args):
+        seen.append((tri._config(q, kernel), tri._config(q, other)))
+        return backward(dout, q, *args)
+
+    monkeypatch.setattr(tri, "attention_backward", spy)
+    time_ms = lambda fn: fn() is not None and 1.0  # noqa: E731
+    rows = sweep.sweep((1, 2, 20, 72), torch.device("cpu"), [(16, 32, 4, 1)], float("inf"), time_ms, kernel)
+    assert [r[0] for r in rows] == ["triton, current choice", "(16, 32, 4, 1)"]
+    assert all(r[1] == 1.0 and r[2].startswith("err ") for r in rows)
+    own = tri._INTERPRETER_CONFIGS
+    assert seen == [(own[kernel], own[other])] * 2 + [((16, 32, 4, 1), own[other])] * 2
+    assert tri._config is chosen
+
+    def wrong(dout, q, *args):  # a backward whose dq is off: reported, not timed
+        dq, dk, dv = backward(dout, q, *args)
+        return 2 * dq, dk, dv
+
+    monkeypatch.setattr(tri, "attention_backward", wrong)
+    rows = sweep.sweep((1, 2, 20, 72), torch.device("cpu"), [], float("inf"), time_ms, kernel)
+    assert rows[0][1] is None and rows[0][2].startswith("WRONG")
+    table = sweep._table("DiT", (2, 16, 4096, 72), [("x", 2.0, "")], kernel)
+    assert f"backward, {kernel} tiles swept" in table[0]
+    assert table[4] == "| x | 2.0000 | 193 |  |"  # 2.5 x the forward's 4 B H L^2 D FLOPs in 2 ms
+    monkeypatch.undo()
+    assert sweep.main(["--dry-run", "--kernel", kernel]) == 0
+    assert capsys.readouterr().out.count("| err ") == 3
 
 
 @pytest.mark.parametrize(
