@@ -47,13 +47,15 @@ SHAPES = {
 # family; BLOCK_N 32 and 2 stages come last.
 _SHARED_SM = [(64, 128, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2)]
 GRID = _SHARED_SM + [t for t in itertools.product((128, 64), (128, 64, 32), (8, 4), (3, 4, 2)) if t not in _SHARED_SM]
-# The backward kernels' grids (sm_90a, triton 3.6, compiled without a GPU by tests/triton/_compile_kernels.py's
-# means): first the tiles that compile without spills at d72 (split 64 + 16) and at d128, the current choices
-# among them ((32, 64, 8, 2) for dk/dv at d72 and d128, (128, 32, 8, 2) for dq), then the rest. dk/dv: k, v, dk,
-# dv [BLOCK_N, D] stay put while q and dout stream in BLOCK_M rows; (32, 128, 8, 3) 216 registers at d72,
-# (64, 64, 8, 3) 252; at d128 only BLOCK_N 64 on 8 warps is spill-free. dq: q, dout, dq [BLOCK_M, D] stay put;
-# (128, 64, 8, 3) 166 registers at d72, (64, 64, 8, 3) 153 at d128.
-_DKDV_CLEAN = [(32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (32, 64, 8, 3), (32, 64, 8, 2)]
+# The backward kernels' grids. First the tiles that compile without spills for sm_90a (triton 3.6, compiled without
+# a GPU as tests/triton/_compile_kernels.py does) at d64 and d72 (split 64 + 16), then the rest. The current
+# choices are among them: dk/dv (32, 128, 8, 3) at d64, (32, 64, 8, 2) at d72 and d128; dq (128, 32, 8, 3) at d64,
+# (128, 32, 8, 2) at d72 and d128. dk/dv keeps k, v, dk, dv [BLOCK_N, D] in place while q and dout stream in
+# BLOCK_M rows: (64, 128, 8, 2) takes 229 registers at d64 (8 bytes spilled at d72), (32, 128, 8, 3) 173 / 216,
+# (64, 64, 8, 3) 221 / 252; at d128 only BLOCK_N 64 on 8 warps is spill-free. dq keeps q, dout, dq [BLOCK_M, D]:
+# (128, 64, 8, 3) takes 126 / 166 / 205 registers at d64 / d72 / d128.
+_DKDV_CLEAN = [(64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (32, 64, 8, 3)]
+_DKDV_CLEAN += [(32, 64, 8, 2)]
 _DQ_CLEAN = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 2)]
 GRIDS = {
     "fwd": GRID,
