@@ -80,7 +80,11 @@ def _with_tiles(tiles: tuple[int, int, int, int] | None, fn: Callable[[], object
     if tiles is None:
         return fn()
     chosen = tri._config
-    tri._config = lambda q, which, masked=False: tiles if which == kernel else chosen(q, which, masked)
+
+    def config(q, which, masked=False, causal=False):
+        return tiles if which == kernel else chosen(q, which, masked, causal)
+
+    tri._config = config
     try:
         return fn()
     finally:
