@@ -161,13 +161,15 @@ CONFIGS: dict[tuple[int, int, int, str], tuple[int, int, int, int]] = {
 # spills 4 bytes at d80, which keeps CONFIGS' tiles, as do masked calls and decoding (not timed with it).
 FWD_90_UNMASKED = (128, 64, 4, 3)
 FWD_90_UNMASKED_MAX_D = 72
-# The same forward, not causal, at head dims 97 to 128 (BLOCK_D 128: FLUX's and SD3's 128): one warpgroup on 64
-# query rows, key blocks of 64, three stages. 112 KB of shared memory, so two blocks share an SM (CONFIGS' 128 x 64
-# on 8 warps takes 128 KB: one). Timed on an H200 (the same sweep) at FLUX d128 (1, 24, 4608, 4608): 0.534 ms
-# against 0.580 for CONFIGS' (128, 64, 8, 3); with 2 or 4 stages it took 0.685 and 0.775 (4 stages: one block an
-# SM). 214 registers (triton 3.6; 218 under 3.9), no spill, ragged Lkv included. Causal and masked calls keep
-# CONFIGS' (not timed with it).
-FWD_90_D128 = (64, 64, 4, 3)
+# The same forward, not causal, at head dims that take one unsplit block of 64 or 128 columns (57 to 64: SDXL's 64;
+# 97 to 128: FLUX's and SD3's 128): one warpgroup on 64 query rows, key blocks of 64, three stages, so that blocks
+# share an SM (d64: 56 KB of shared memory, 119 registers; d128: 112 KB, 214: two blocks). Timed on an H200 (the
+# same sweep): 0.216 ms against 0.229 for FWD_90_UNMASKED at SDXL d64 (2, 10, 4096, 4096), 0.534 against 0.580 for
+# CONFIGS' (128, 64, 8, 3) at FLUX d128 (1, 24, 4608, 4608), where 2 and 4 stages took 0.685 and 0.775 (4 stages:
+# one block an SM). Registers under triton 3.6 (3.9: 117 and 218), no spill, ragged Lkv included. Causal and
+# masked calls keep the tiles above (not timed with it); at d72 and d40 it was slower (0.495 against 0.446 ms and
+# 0.210 against 0.185).
+FWD_90_UNSPLIT = (64, 64, 4, 3)
 # Under the interpreter every program runs serially on the CPU: small tiles, and unequal ones, as on
 # the GPU (BLOCK_M > BLOCK_N for fwd and dq, BLOCK_M < BLOCK_N for dk/dv), so that the causal
 # block bounds are exercised with tiles that do not line up.
@@ -242,17 +244,17 @@ def _backward_split(q: Tensor) -> tuple[int, int]:
 def _config(q: Tensor, kernel: str, masked: bool = False, causal: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` ("fwd", "dkdv", "dq") for q (``masked``: with a
     key padding mask; ``causal``: the causal mask); the forward of at most DECODE_ROWS queries takes 16-row tiles
-    on 4 warps (decoding); the sm_90 16-bit forward without a key padding mask takes FWD_90_UNMASKED up to head
-    dim 72, and FWD_90_D128 at BLOCK_D 128 when not causal."""
+    on 4 warps (decoding); the sm_90 16-bit forward without a key padding mask takes FWD_90_UNSPLIT at an unsplit
+    BLOCK_D of 64 or 128 when not causal, else FWD_90_UNMASKED up to head dim 72."""
     decode = kernel == "fwd" and q.shape[2] <= DECODE_ROWS
     if interpreting():
         return _INTERPRETER_CONFIGS["decode" if decode else kernel]
     arch, d = _arch(q.device), q.shape[-1]
     if kernel == "fwd" and not (decode or masked) and arch == 90 and q.element_size() == 2:
+        if not causal and _head_split(d) in ((64, 0), (128, 0)):
+            return FWD_90_UNSPLIT
         if d <= FWD_90_UNMASKED_MAX_D:
             return FWD_90_UNMASKED
-        if not causal and _head_split(d) == (128, 0):
-            return FWD_90_D128
     block = _config_block(d, arch, "decode" if decode else kernel, masked)
     block_m, block_n, num_warps, num_stages = CONFIGS[(arch, block, q.element_size(), kernel)]
     return (DECODE_ROWS, block_n, 4, num_stages) if decode else (block_m, block_n, num_warps, num_stages)
@@ -261,7 +263,7 @@ def _config(q: Tensor, kernel: str, masked: bool = False, causal: bool = False) 
 def _config_block(head_dim: int, arch: int, kernel: str, masked: bool) -> int:
     """The BLOCK_D class of CONFIGS whose tiles ``kernel`` ("fwd", "dkdv", "dq", or "decode": the forward of at
     most DECODE_ROWS queries) takes at ``head_dim``, where :func:`_config` does not take FWD_90_UNMASKED or
-    FWD_90_D128 (the sm_90 16-bit forward without a key padding mask): the padded head dim (at least 64), except
+    FWD_90_UNSPLIT (the sm_90 16-bit forward without a key padding mask): the padded head dim (at least 64), except
     for the sm_90 forward without a key padding mask at head dims 65 to 80 (DiT's 72), split 64 + 16: its 80
     columns take d64's 128 x 128 tiles (half the key-block steps of the online softmax of d128's 128 x 64),
     which compile there without spills (225 to 232 registers, 143 KB of shared memory). The mask's extra live

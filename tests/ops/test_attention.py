@@ -471,9 +471,10 @@ def test_triton_key_loops_by_arch(arch, case, d, monkeypatch):
 
 
 def test_triton_forward_tiles(monkeypatch):
-    """The sm_90 16-bit forward without a key padding mask takes FWD_90_UNMASKED at head dims up to 72 and, not
-    causal, FWD_90_D128 at BLOCK_D 128 (each timed faster on an H200); d80 (it spills there), d96 (split 64 +
-    32), causal d128, masked calls, decoding, float32 and other GPUs keep CONFIGS'."""
+    """The sm_90 16-bit forward without a key padding mask takes FWD_90_UNSPLIT at unsplit head dims of 64 and
+    128 columns when not causal, else FWD_90_UNMASKED up to head dim 72 (each timed faster on an H200); d80 (it
+    spills there), d96 (split 64 + 32), causal d128, masked calls, decoding, float32 and other GPUs keep
+    CONFIGS'."""
     from genkernels.triton import attention as ta
 
     monkeypatch.setattr(ta, "interpreting", lambda: False)
@@ -482,20 +483,20 @@ def test_triton_forward_tiles(monkeypatch):
     def q(d, lq=128, dtype=torch.bfloat16):
         return torch.empty(1, 1, lq, d, dtype=dtype)
 
-    for d in (40, 64, 72):
+    for d in (40, 48, 72):
         assert ta._config(q(d), "fwd") == ta.FWD_90_UNMASKED
-        assert ta._config(q(d, dtype=torch.float16), "fwd") == ta.FWD_90_UNMASKED
-    d64 = ta.CONFIGS[(90, 64, 2, "fwd")]
-    assert ta._config(q(80), "fwd") == d64 != ta.FWD_90_UNMASKED
+        assert ta._config(q(d, dtype=torch.float16), "fwd", causal=True) == ta.FWD_90_UNMASKED
+    for d in (60, 64, 100, 112, 128):
+        assert ta._config(q(d), "fwd") == ta.FWD_90_UNSPLIT
+        assert ta._config(q(d, dtype=torch.float16), "fwd") == ta.FWD_90_UNSPLIT
+    assert ta._config(q(64), "fwd", causal=True) == ta.FWD_90_UNMASKED != ta.FWD_90_UNSPLIT
+    d64, d128 = ta.CONFIGS[(90, 64, 2, "fwd")], ta.CONFIGS[(90, 128, 2, "fwd")]
+    assert ta._config(q(80), "fwd") == d64 not in (ta.FWD_90_UNMASKED, ta.FWD_90_UNSPLIT)
     assert ta._config(q(64), "fwd", masked=True) == d64
     assert ta._config(q(64, lq=1), "fwd") == (ta.DECODE_ROWS, d64[1], 4, d64[3])
     assert ta._config(q(64, dtype=torch.float32), "fwd") == ta.CONFIGS[(90, 64, 4, "fwd")]
     assert ta._config(q(64), "dq") == ta.CONFIGS[(90, 64, 2, "dq")]
-    assert ta._config(q(72), "fwd", causal=True) == ta.FWD_90_UNMASKED
-    d128 = ta.CONFIGS[(90, 128, 2, "fwd")]
-    for d in (100, 112, 128):
-        assert ta._config(q(d), "fwd") == ta.FWD_90_D128 != d128
-        assert ta._config(q(d, dtype=torch.float16), "fwd") == ta.FWD_90_D128
+    assert d128 != ta.FWD_90_UNSPLIT
     assert ta._config(q(128), "fwd", causal=True) == d128
     assert ta._config(q(128), "fwd", masked=True) == d128
     assert ta._config(q(96), "fwd") == d128

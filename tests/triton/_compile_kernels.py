@@ -225,8 +225,8 @@ def attention_calls() -> Iterator[AttentionCall]:
     for d in ATTENTION_HEAD_DIMS:
         yield AttentionCall(d, torch.bfloat16, True, True, workload=ALL_ARCHS)
     # Projections split in heads (nn.Attention, DiT: D = 72), out written heads inner through its strides; and
-    # FLUX's 128 (FWD_90_D128 on sm_90).
-    for d in (40, 72, 128):
+    # SDXL's 64 and FLUX's 128 (FWD_90_UNSPLIT on sm_90).
+    for d in (40, 64, 72, 128):
         yield AttentionCall(
             d, torch.bfloat16, False, False, workload=MAIN_ARCHS, shape=(2, 16, 16, 1024), heads_inner=True
         )

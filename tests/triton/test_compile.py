@@ -275,15 +275,16 @@ def test_attention_launches_compiled(report):
     }
     assert {(72, False, 64, 4), (80, True, 64, 8)} <= tiles, tiles
     assert not {(72, False, 128, 8), (80, True, 128, 8), (80, True, 64, 4)} & tiles, tiles
-    # FLUX's head dim 128, neither causal nor masked, takes FWD_90_D128 there: 64 x 64 tiles, 4 warps, 3 stages.
-    d128 = {
-        (c.get("BLOCK_M"), c.get("BLOCK_N"), v["num_warps"], c.get("num_stages"))
+    # Head dims 64 and 128, neither causal nor masked, take FWD_90_UNSPLIT there: 64 x 64 tiles, 4 warps, 3 stages.
+    unsplit = {
+        (c.get("HEAD_DIM"), c.get("BLOCK_M"), c.get("BLOCK_N"), v["num_warps"], c.get("num_stages"))
         for v in report["variants"]
         for c in (v["constexprs"],)
-        if (v["arch"], v["kernel"], c.get("HEAD_DIM")) == (90, "_attn_fwd_kernel", 128)
+        if (v["arch"], v["kernel"]) == (90, "_attn_fwd_kernel")
+        and c.get("HEAD_DIM") in (64, 128)
         and not (c.get("CAUSAL") or c.get("HAS_MASK") or "decode" in v["call"])
     }
-    assert d128 == {(64, 64, 4, 3)}, d128
+    assert unsplit == {(64, 64, 64, 4, 3), (128, 64, 64, 4, 3)}, unsplit
 
 
 # The kernels of the sampler step (genkernels.triton.schedule) and of reparameterize (genkernels.triton.reparam).
