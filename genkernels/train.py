@@ -104,6 +104,7 @@ class Schedule:
         _python_numbers(self)
 
     def scheduler_kwargs(self) -> dict:
+        """The schedule as keyword arguments of a ``genkernels.schedulers`` scheduler (as of a diffusers one)."""
         return {
             "num_train_timesteps": self.num_train_timesteps,
             "beta_schedule": self.beta_schedule,
