@@ -558,8 +558,9 @@ class _Decoder:
         self.u = torch.ones(n, length, dtype=wide, device=device)
         self.tokens = torch.zeros(n, length, dtype=torch.long, device=device)
         self.caches = [block.attn.new_cache(n, length) for block in model.blocks]
-        for block, cache in zip(model.blocks, self.caches):  # the stacked projections, refreshed by every run
+        for block, cache in zip(model.blocks, self.caches):  # the stacked projections, refreshed by every later run
             cache.projection = block.attn.stacked_projection()
+        self.stacked_now = True  # the projections above are the weights as they are: the first run keeps them
         self.graphs: list = []
         if graphed:
             self._capture(device)
@@ -610,8 +611,10 @@ class _Decoder:
         """The tokens (n, L) of the sequences of class_ids (n,) drawn with the uniforms u (n, L)."""
         self.class_ids.copy_(class_ids)
         self.u.copy_(u)
-        for block, cache in zip(self.model.blocks, self.caches):  # the weights as they are now, where graphs read them
-            block.attn.stacked_projection(out=cache.projection)
+        if not self.stacked_now:  # the weights as they are now, where graphs read them
+            for block, cache in zip(self.model.blocks, self.caches):
+                block.attn.stacked_projection(out=cache.projection)
+        self.stacked_now = False
         if self.graphs:
             for graph in self.graphs:
                 graph.replay()

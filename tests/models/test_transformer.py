@@ -432,9 +432,9 @@ def test_decoder_buffers_and_copies():
 
 
 def test_decoder_reads_the_weights_of_each_call():
-    """A kept decoder (what CUDA graphs replay) stacks the attention projections again at every run: weights
-    changed in place since the last run, even through ``.data`` (which autograd's version counter does not see),
-    give the tokens a new decoder draws."""
+    """A kept decoder (what CUDA graphs replay) stacks the attention projections again at every run after its
+    first: weights changed in place since the last run, even through ``.data`` (which autograd's version counter
+    does not see), give the tokens a new decoder draws. A decoder of one call stacks them once."""
     from genkernels.models.transformer import _Decoder
 
     model, other = tiny(), tiny(seed=1)
@@ -442,6 +442,17 @@ def test_decoder_reads_the_weights_of_each_call():
     labels = torch.arange(3) % 10
     u = 1.0 - torch.rand(3, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     before = decoder.run(labels, u)
+    stacked = []
+    spy = CausalSelfAttention.stacked_projection
+
+    def counting(self, *args, **kwargs):
+        stacked.append(self)
+        return spy(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:  # a decoder of one call stacks each layer's projections once
+        mp.setattr(CausalSelfAttention, "stacked_projection", counting)
+        model.sample_tokens(3, seed=5, cuda_graph=False)
+    assert stacked == [block.attn for block in model.blocks]
     for p, q in zip(model.parameters(), other.parameters()):
         p.data.copy_(q.data)
     want = model.sample_tokens(3, seed=5, cuda_graph=False)  # a new decoder
