@@ -11,10 +11,12 @@ Each call below is timed two ways, on the same inputs and outputs:
   an output of its own, the sets together larger than the L2 (so every call reads its inputs from DRAM), the
   graph's time over the calls. A call then pays the write-back of its own outputs, on average, and no launch gap.
 
-The calls: copy_ of the bytes of each case, layer_norm_modulate at DiT-XL (2, 4096, 1152) and FLUX (1, 4608,
-3072) in bf16 (eager, torch.compile, triton, cuda), and bias + leaky ReLU at the ANCHORS shape (32, 512, 64,
-64) in bf16 (torch.compile, cuda, and the triton forward at several BLOCK / num_warps). The copy rate is the
-suite's: a 1 GiB float32 copy_, cold. Rounds repeat every timing; the tables give the median over rounds.
+The calls: copy_ of the bytes of each case (PyTorch's device-to-device copy), a triton copy of them (BLOCK
+4096, 16-byte vectors: another kernel that moves the same bytes and nothing else), layer_norm_modulate at
+DiT-XL (2, 4096, 1152) and FLUX (1, 4608, 3072) in bf16 (eager, torch.compile, triton, cuda), and bias + leaky
+ReLU at the ANCHORS shape (32, 512, 64, 64) in bf16 (torch.compile, cuda, and the triton forward at several
+BLOCK / num_warps). The copy rate is the suite's: a 1 GiB float32 copy_, cold. Rounds repeat every timing; the
+tables give the median over rounds.
 
 Without a GPU it says so and exits 0; --dry-run then calls every variant once on small CPU tensors (triton ones
 under TRITON_INTERPRET=1) to check the script itself.
@@ -76,6 +78,29 @@ def batch_ms(fns: list[Callable[[], object]], calls: int, reps: int = 10) -> flo
     return statistics.median(times)
 
 
+def triton_copy(x: torch.Tensor) -> torch.Tensor:
+    """A copy of contiguous ``x`` by a triton kernel: BLOCK = 4096 elements a program on 8 warps."""
+    import triton
+    import triton.language as tl
+
+    global _COPY_KERNEL
+    if _COPY_KERNEL is None:
+
+        @triton.jit
+        def _copy_kernel(src, dst, n, BLOCK: tl.constexpr):
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < n
+            tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+
+        _COPY_KERNEL = _copy_kernel
+    y = torch.empty_like(x)
+    _COPY_KERNEL[(triton.cdiv(x.numel(), 4096),)](x, y, x.numel(), BLOCK=4096, num_warps=8)
+    return y
+
+
+_COPY_KERNEL = None
+
+
 def _sets(in_bytes: int, dry: bool) -> int:
     return 2 if dry else max(2, math.ceil(L2_SPAN / in_bytes))
 
@@ -100,6 +125,7 @@ def layer_norm_cases(shape, device, dry: bool) -> dict[str, tuple[int, list[Call
     compiled = torch.compile(eager) if device.type == "cuda" else eager
     variants = {
         "copy_": [(lambda x=x: torch.empty_like(x).copy_(x)) for x in xs],
+        "triton copy": [(lambda x=x: triton_copy(x)) for x in xs],
         "eager": [(lambda x=x: eager(x)) for x in xs],
         "torch.compile": [(lambda x=x: compiled(x)) for x in xs],
     }
@@ -109,7 +135,7 @@ def layer_norm_cases(shape, device, dry: bool) -> dict[str, tuple[int, list[Call
             (lambda x=x, be=backend: ops.layer_norm_modulate(x, shift=shift, scale=scale, eps=1e-6, backend=be))
             for x in xs
         ]
-    return {name: (moved if name != "copy_" else 2 * row_bytes, fns) for name, fns in variants.items()}
+    return {name: (2 * row_bytes if "copy" in name else moved, fns) for name, fns in variants.items()}
 
 
 def bias_act_cases(shape, device, dry: bool) -> dict[str, tuple[int, list[Callable[[], object]]]]:
@@ -128,6 +154,7 @@ def bias_act_cases(shape, device, dry: bool) -> dict[str, tuple[int, list[Callab
     compiled = torch.compile(eager) if device.type == "cuda" else eager
     variants = {
         "copy_": [(lambda x=x: torch.empty_like(x).copy_(x)) for x in xs],
+        "triton copy": [(lambda x=x: triton_copy(x)) for x in xs],
         "torch.compile": [(lambda x=x: compiled(x)) for x in xs],
     }
     if device.type == "cuda":

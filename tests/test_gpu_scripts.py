@@ -43,9 +43,11 @@ def test_bandwidth_probe(capsys, monkeypatch):
     assert probe.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     tiles = [f"triton {b}/{w}w" for b, w in probe.BIAS_ACT_TILES]
-    for name in ["copy_", "torch.compile", "triton (default)", *tiles]:
+    for name in ["copy_", "triton copy", "torch.compile", "triton (default)", *tiles]:
         assert f"bias_act lrelu (32, 512, 64, 64): {name}: 2 input sets called" in out
-    assert out.count("layer_norm_modulate") == 8  # copy_, eager, torch.compile, reference at both shapes
+    assert out.count("layer_norm_modulate") == 10  # copy_, triton copy, eager, torch.compile, reference; 2 shapes
+    x = torch.randn(3, 1000)
+    assert torch.equal(probe.triton_copy(x), x)
     # 10 MB a call at 1,000 GB/s: a 0.01 ms floor.
     variants = {"copy_": (10e6, [None] * 3), "torch.compile": (10e6, [None] * 3)}
     probe.report(
