@@ -47,6 +47,17 @@ Target target(const AdalnProblem& p, const AdalnTensor& t, const char* name, boo
   return Target{const_cast<void*>(o.p), o.sb, o.sl, o.dtype};
 }
 
+// weight and bias: in p.param_dtype, float32 or x's dtype, aligned to it.
+void check_params(const AdalnProblem& p, std::initializer_list<uintptr_t> ptrs) {
+  if (p.param_dtype != kFloat32 && p.param_dtype != p.dtype) {
+    fail("weight and bias must be float32 or have x's dtype, got dtype code " + std::to_string(p.param_dtype));
+  }
+  const auto bytes = static_cast<uintptr_t>(element_bytes(p.param_dtype));
+  for (const uintptr_t ptr : ptrs) {
+    if (ptr % bytes != 0) fail("weight and bias must be aligned to their dtype");
+  }
+}
+
 void check_float32(std::initializer_list<uintptr_t> ptrs, const char* names) {
   for (const uintptr_t ptr : ptrs) {
     if (ptr % 4 != 0) fail(std::string(names) + " must be float32 tensors");
@@ -90,7 +101,8 @@ void adaln_forward(const AdalnProblem& p, const AdalnTensor& x, const AdalnTenso
   if (!norm && res.ptr == 0) fail("without the norm there must be a residual (y, h)");
   if (norm && out.ptr == 0) fail("out must be non-null");
   if (norm && !(eps > 0.f)) fail("eps must be > 0, got " + std::to_string(eps));
-  check_float32({weight, bias, mean, rstd}, "weight, bias, mean and rstd");
+  check_params(p, {weight, bias});
+  check_float32({mean, rstd}, "mean and rstd");
   AdalnForwardArgs a{};
   a.x = operand(p, x, "x", false);
   a.res = operand(p, res, "y", false);
@@ -99,7 +111,7 @@ void adaln_forward(const AdalnProblem& p, const AdalnTensor& x, const AdalnTenso
   a.scale = norm ? operand(p, scale, "scale", true) : Operand{nullptr, 0, 0, kFloat32};
   a.weight = norm ? reinterpret_cast<const void*>(weight) : nullptr;
   a.bias = norm ? reinterpret_cast<const void*>(bias) : nullptr;
-  a.w_dtype = a.b_dtype = kFloat32;
+  a.w_dtype = a.b_dtype = p.param_dtype;
   a.h = target(p, h, "h", false);
   a.out = norm ? target(p, out, "out", false) : Target{nullptr, 0, 0, kFloat32};
   a.mean = norm ? reinterpret_cast<float*>(mean) : nullptr;
@@ -151,8 +163,8 @@ void adaln_backward(const AdalnProblem& p, const AdalnTensor& h, const AdalnTens
       (dweight != 0 && weight == 0) || (dbias != 0 && bias == 0)) {
     fail("a gradient was asked of an absent input (shift, scale, weight or bias)");
   }
-  check_float32({weight, bias, mean, rstd, dweight, dbias, workspace},
-                "weight, bias, mean, rstd, dweight, dbias and workspace");
+  check_params(p, {weight, bias});
+  check_float32({mean, rstd, dweight, dbias, workspace}, "mean, rstd, dweight, dbias and workspace");
   for (const AdalnTensor* t : {&dshift, &dscale, &dgate}) {
     if (t->ptr != 0 && !t->per_token && (t->dtype != kFloat32 || t->ptr % 4 != 0)) {
       fail("per-sample gradients (dshift, dscale, dgate) are contiguous float32 (B, D)");
@@ -174,7 +186,7 @@ void adaln_backward(const AdalnProblem& p, const AdalnTensor& h, const AdalnTens
   a.scale = norm ? operand(p, scale, "scale", true) : none;
   a.weight = norm ? reinterpret_cast<const void*>(weight) : nullptr;
   a.bias = norm ? reinterpret_cast<const void*>(bias) : nullptr;
-  a.w_dtype = a.b_dtype = kFloat32;
+  a.w_dtype = a.b_dtype = p.param_dtype;
   a.mean = reinterpret_cast<const float*>(mean);
   a.rstd = reinterpret_cast<const float*>(rstd);
   a.dx = target(p, dx, "dx", false);

@@ -431,19 +431,21 @@ PYBIND11_MODULE(_C, m) {
       [](const AdalnTuple& x, const AdalnTuple& res, const AdalnTuple& gate, uintptr_t weight, uintptr_t bias,
          const AdalnTuple& shift, const AdalnTuple& scale, const AdalnTuple& h, const AdalnTuple& out, uintptr_t mean,
          uintptr_t rstd, int64_t rows, int64_t tokens, int64_t dim, int dtype, int device, float eps, bool rms,
-         bool norm, uintptr_t stream) {
-        genkernels::adaln_forward(AdalnProblem{rows, tokens, dim, dtype, device}, adaln_tensor(x), adaln_tensor(res),
+         bool norm, uintptr_t stream, int param_dtype) {
+        genkernels::adaln_forward(AdalnProblem{rows, tokens, dim, dtype, device, param_dtype}, adaln_tensor(x),
+                                  adaln_tensor(res),
                                   adaln_tensor(gate), weight, bias, adaln_tensor(shift), adaln_tensor(scale),
                                   adaln_tensor(h), adaln_tensor(out), mean, rstd, eps, rms, norm, stream);
       },
       py::arg("x"), py::arg("res"), py::arg("gate"), py::arg("weight"), py::arg("bias"), py::arg("shift"),
       py::arg("scale"), py::arg("h"), py::arg("out"), py::arg("mean"), py::arg("rstd"), py::arg("rows"),
       py::arg("tokens"), py::arg("dim"), py::arg("dtype"), py::arg("device"), py::arg("eps"), py::arg("rms"),
-      py::arg("norm"), py::arg("stream"),
+      py::arg("norm"), py::arg("stream"), py::arg("param_dtype") = 0,
       "adaLN forward over R = rows rows of D = dim: h = x + gate * res (when res is given; written rounded), "
       "out = norm(h) * (1 + scale) + shift with norm = LayerNorm or RMSNorm (rms) times weight plus bias (when "
       "norm), float32 mean and rstd per row. Tensors are (address or 0, row stride, dtype code, per token) "
-      "tuples; weight, bias, mean and rstd float32 addresses or 0. Launches on `stream`, never synchronizes.");
+      "tuples; weight and bias addresses or 0, in dtype code param_dtype (float32, or x's dtype); mean and rstd "
+      "float32 addresses or 0. Launches on `stream`, never synchronizes.");
   m.def(
       "adaln_backward_workspace",
       [](int64_t rows, int64_t tokens, int64_t dim, int dtype, int device, int quantities) {
@@ -459,8 +461,9 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t mean, uintptr_t rstd, const AdalnTuple& dx, const AdalnTuple& dres, const AdalnTuple& dshift,
          const AdalnTuple& dscale, const AdalnTuple& dgate, uintptr_t dweight, uintptr_t dbias, uintptr_t workspace,
          size_t workspace_bytes, int64_t rows, int64_t tokens, int64_t dim, int dtype, int device, bool rms,
-         bool norm, uintptr_t stream) {
-        genkernels::adaln_backward(AdalnProblem{rows, tokens, dim, dtype, device}, adaln_tensor(h), adaln_tensor(dout),
+         bool norm, uintptr_t stream, int param_dtype) {
+        genkernels::adaln_backward(AdalnProblem{rows, tokens, dim, dtype, device, param_dtype}, adaln_tensor(h),
+                                   adaln_tensor(dout),
                                    adaln_tensor(dh), adaln_tensor(res), adaln_tensor(gate), weight, bias,
                                    adaln_tensor(shift), adaln_tensor(scale), mean, rstd, adaln_tensor(dx),
                                    adaln_tensor(dres), adaln_tensor(dshift), adaln_tensor(dscale), adaln_tensor(dgate),
@@ -471,6 +474,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dres"), py::arg("dshift"), py::arg("dscale"), py::arg("dgate"), py::arg("dweight"), py::arg("dbias"),
       py::arg("workspace"), py::arg("workspace_bytes"), py::arg("rows"), py::arg("tokens"), py::arg("dim"),
       py::arg("dtype"), py::arg("device"), py::arg("rms"), py::arg("norm"), py::arg("stream"),
+      py::arg("param_dtype") = 0,
       "adaLN backward in one pass over the rows: dx (the norm's input gradient plus dh; dout itself without "
       "norm), dres = dx * gate, dgate = dx * res, dshift = dout, dscale = dout * n, dweight and dbias; per-token "
       "targets written elementwise, per-sample ones (contiguous float32 (B, D)) and dweight / dbias reduced from "

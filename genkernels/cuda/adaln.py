@@ -4,7 +4,8 @@ Implements the fused backend interface of :mod:`genkernels.ops.adaln` (see its m
 formulas, the 2-D row views and what each function returns): layer_norm_modulate, gated_residual and
 gated_residual_layer_norm_modulate, forward and backward. Every tensor is an (S, D) view with unit stride
 along D and any row stride; a modulation (shift, scale, gate) has a row per token (S = R) or per sample
-(S = R // tokens), in x's dtype or float32; weight and bias are contiguous float32 (D,).
+(S = R // tokens), in x's dtype or float32; weight and bias are contiguous (D,), both float32 or both in x's
+dtype.
 
 A row of D <= 4096 elements lives in the registers of a group of 32 to 1024 threads (one 8-element vector a
 thread, 16 bytes of fp16 / bf16 or two 16-byte accesses of float32, when D and every row stride are multiples
@@ -64,6 +65,13 @@ def _problem(x: Tensor, tokens: int) -> dict:
     return {"rows": rows, "tokens": int(tokens), "dim": dim, "dtype": dtype_code(x), "device": x.device.index}
 
 
+def _param_dtype(weight: Tensor | None, bias: Tensor | None) -> int:
+    """The dtype code of weight and bias (one dtype for both; float32's when both are absent)."""
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise ValueError(f"weight and bias must share a dtype, got {weight.dtype} and {bias.dtype}")
+    return dtype_code(weight if weight is not None else bias)
+
+
 def _forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm, stats=True):
     """One forward launch; returns (h or None, out or None, mean or None, rstd or None)."""
     ext = require_extension()
@@ -90,6 +98,7 @@ def _forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm, s
             rms=bool(rms),
             norm=norm,
             stream=stream_handle(device),
+            param_dtype=_param_dtype(weight, bias),
             **_problem(x, tokens),
         )
     return h, out, mean, rstd
@@ -152,6 +161,7 @@ def _backward(h, dout, dh, res, gate, weight, bias, shift, scale, mean, rstd, to
             rms=bool(rms),
             norm=h is not None,
             stream=stream_handle(device),
+            param_dtype=_param_dtype(weight, bias),
             **problem,
         )
     return outputs

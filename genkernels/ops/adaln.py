@@ -46,7 +46,8 @@ reference). Every tensor is a 2-D view of R = B * L rows:
 - a modulation tensor (shift, scale, gate): None or (S, D) with stride(1) == 1 and any row stride, dtype
   x's or float32 (the op converts any other dtype to float32). S == R: per token, row r reads row r; else
   S == R // tokens: per sample, row r reads row r // tokens. (With tokens == 1, S == R: per token.)
-- weight, bias: None or contiguous float32 (D,).
+- weight, bias: None or contiguous (D,), in float32 or in x's dtype, one dtype for both (the op converts other
+  dtypes, and a pair of two dtypes, to float32).
 - tokens: L, the rows per sample. eps: float > 0. rms: bool (bias is then None).
 - mean, rstd: contiguous float32 (R,) (mean is written as 0 with rms=True).
 - outputs are new contiguous tensors; (R, D) outputs in x's dtype unless said otherwise.
@@ -486,8 +487,13 @@ def _mod_rows(t: Tensor | None, x: Tensor) -> Tensor | None:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _affine32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.float().contiguous()
+def _affine(weight: Tensor | None, bias: Tensor | None, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """(weight, bias) in the interface's form: contiguous, as they are when they share a dtype that is x's or
+    float32 (a bf16 model's norms launch no conversion), else both float32."""
+    present = [t for t in (weight, bias) if t is not None]
+    dtypes = {t.dtype for t in present}
+    keep = len(dtypes) <= 1 and dtypes <= {x.dtype, torch.float32}
+    return tuple(None if t is None else (t if keep else t.float()).contiguous() for t in (weight, bias))
 
 
 def _mod_grad(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
@@ -508,7 +514,7 @@ class _NormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, shift, scale, eps, rms, impl):
         x2 = _rows(x)
-        kernel_args = (_affine32(weight), _affine32(bias), _mod_rows(shift, x), _mod_rows(scale, x))
+        kernel_args = (*_affine(weight, bias, x), _mod_rows(shift, x), _mod_rows(scale, x))
         # The statistics only where a backward may follow (autograd records this call).
         stats = _autograd.records(ctx)
         y2, mean, rstd = impl.layer_norm_modulate_forward(x2, *kernel_args, x.shape[1], eps, rms, stats)
@@ -574,7 +580,7 @@ class _FusedFunction(torch.autograd.Function):
     def forward(ctx, x, y, gate, weight, bias, shift, scale, eps, rms, impl):
         ctx.set_materialize_grads(False)  # an unused h (or out) costs no zero-filled gradient
         y2, gate2 = _rows(y), _mod_rows(gate, x)
-        kernel_args = (_affine32(weight), _affine32(bias), _mod_rows(shift, x), _mod_rows(scale, x))
+        kernel_args = (*_affine(weight, bias, x), _mod_rows(shift, x), _mod_rows(scale, x))
         stats = _autograd.records(ctx)  # the statistics only where a backward may follow
         h, out, mean, rstd = impl.gated_residual_layer_norm_modulate_forward(
             _rows(x), y2, gate2, *kernel_args, x.shape[1], eps, rms, stats
@@ -646,8 +652,8 @@ def _kernel_mods(impl, x: Tensor, *mods):
     return tuple(_mod_rows(t, x) for t in mods)
 
 
-def _kernel_affine(impl, *ts):
-    return ts if impl is _ReferenceKernels else tuple(_affine32(t) for t in ts)
+def _kernel_affine(impl, x: Tensor, weight: Tensor | None, bias: Tensor | None):
+    return (weight, bias) if impl is _ReferenceKernels else _affine(weight, bias, x)
 
 
 def _empty_like_or_none(t: Tensor | None, x: Tensor, needed: bool) -> Tensor:
@@ -679,7 +685,7 @@ def _norm_op(x, weight, bias, shift, scale, eps, rms, backend):
     """(y (B, L, D), mean (R,), rstd (R,)); statistics in the accumulation dtype."""
     impl = _impl_for(NORM_OP, backend, x)
     y2, mean, rstd = impl.layer_norm_modulate_forward(
-        _rows(x), *_kernel_affine(impl, weight, bias), *_kernel_mods(impl, x, shift, scale), x.shape[1], eps, rms
+        _rows(x), *_kernel_affine(impl, x, weight, bias), *_kernel_mods(impl, x, shift, scale), x.shape[1], eps, rms
     )
     return y2.view(x.shape), mean, rstd
 
@@ -706,7 +712,7 @@ def _norm_backward_op(dy, x, weight, bias, shift, scale, mean, rstd, rms, nw, nb
     dx, dweight, dbias, dshift, dscale = impl.layer_norm_modulate_backward(
         dy2,
         _rows(x),
-        *_kernel_affine(impl, weight, bias),
+        *_kernel_affine(impl, x, weight, bias),
         *_kernel_mods(impl, x, shift, scale),
         mean,
         rstd,
@@ -828,7 +834,7 @@ def _fused_op(x, y, gate, weight, bias, shift, scale, eps, rms, backend):
         _rows(x),
         _rows(y),
         *_kernel_mods(impl, x, gate),
-        *_kernel_affine(impl, weight, bias),
+        *_kernel_affine(impl, x, weight, bias),
         *_kernel_mods(impl, x, shift, scale),
         x.shape[1],
         eps,
@@ -866,7 +872,7 @@ def _fused_backward_op(
         _rows(h),
         None if y is None else _rows(y),
         *_kernel_mods(impl, h, gate),
-        *_kernel_affine(impl, weight, bias),
+        *_kernel_affine(impl, h, weight, bias),
         *_kernel_mods(impl, h, shift, scale),
         mean,
         rstd,

@@ -330,9 +330,9 @@ if triton is not None:
         col_ok = cols < D
         n = centered * rstd[:, None]
         if HAS_W:
-            n = n * tl.load(w_ptr + cols, mask=col_ok, other=0.0)[None, :]
+            n = n * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_B:
-            n = n + tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
+            n = n + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_SCALE:
             srow = r64 if SCALE_TOKEN else sample
             sc = tl.load(scale_ptr + srow[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0)
@@ -491,11 +491,11 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D
         if HAS_W:
-            w = tl.load(w_ptr + cols, mask=col_ok, other=0.0)
+            w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         else:
             w = tl.full((BLOCK_D,), 1.0, tl.float32)
         if HAS_B:
-            b = tl.load(b_ptr + cols, mask=col_ok, other=0.0)
+            b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         else:
             b = tl.zeros((BLOCK_D,), tl.float32)
         acc_w = tl.zeros((BLOCK_D,), tl.float32)

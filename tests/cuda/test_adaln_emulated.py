@@ -6,7 +6,8 @@ and ``gated_residual_layer_norm_modulate`` (``csrc/include/genkernels/adaln.cuh`
 a plain C++ compiler against the emulated CUDA built-ins of ``tests/cuda/emulator/simt.h``;
 ``tests/cuda/emulator/adaln_emu.cpp`` runs the forward kernel, the fused backward kernel and the fixed-order
 reduction of its column partials on 89 small cases: fp32, fp16 and bf16; the three ops, LayerNorm and RMSNorm;
-weight and bias present or absent; shift, scale and gate per sample, per token or absent (no gate: the plain
+weight and bias present or absent, in float32 or in x's dtype; shift, scale and gate per sample, per token or
+absent (no gate: the plain
 residual x + y), in x's dtype or float32; with and without the gradient of h; odd D (33, 40, 72, 1000, 2000,
 2500) up to 4096 and L = 1; 8-element vectors and the scalar path (misaligned x, a padded row stride, D); row
 groups of 32 to 1024 threads, several rows a block and several vectors a thread (up to 4 in the forward);
@@ -45,6 +46,10 @@ def test_adaln_emulated(emulator):
             assert any(n.startswith(f"{dtype} {op}") for n in names), (dtype, op)
     for option in (" rms ", " w1 ", " w0 ", " b1 ", " b0 ", " side:f32", " dh", " far", " misaligned", " L1 "):
         assert any(option in n for n in names), option
+    # weight and bias in x's dtype (a bf16 or fp16 model's own parameters), with bias, and in RMSNorm alone.
+    for dtype in ("f16", "bf16"):
+        assert any(n.startswith(f"{dtype} ") and " param:x " in n and " b1 " in n for n in names), dtype
+    assert any(n.startswith("bf16 fused rms w1 b0 param:x ") for n in names)
     for what in ("shift", "scale", "gate"):
         for mode in ("bd", "bld"):
             assert any(f" {what}:{mode} " in n for n in names), (what, mode)

@@ -207,6 +207,43 @@ def test_strided_and_mixed_dtypes(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+@pytest.mark.parametrize("fused", [False, True], ids=["norm", "fused"])
+def test_affine_in_x_dtype(backend, dtype, fused, device, monkeypatch):
+    """weight and bias in x's dtype (a half-precision model's own norm parameters): the criterion on outputs and
+    gradients (dweight and dbias in that dtype). The fast backends get them as they are, so a call launches no
+    conversion of them; float32 ones too; a third dtype, or a pair of two dtypes, reaches them as float32."""
+    x, w, b, shift, scale = _norm_inputs((2, 5, 40), dtype, device, mods=("sample", "token"))
+    w, b = w.to(dtype), b.to(dtype)
+    if fused:
+        tensors = _fused_tensors(x, "sample", (w, b, shift, scale), device)
+        _check_fused(backend, tensors, False, "sample", ("sample", "token"))
+    else:
+        _check_norm(backend, x, w, b, shift, scale, False, ("sample", "token"))
+    if backend == "reference":
+        return
+    impl = importlib.import_module(f"genkernels.{backend}.adaln")
+    name = "gated_residual_layer_norm_modulate_forward" if fused else "layer_norm_modulate_forward"
+    forward, seen = getattr(impl, name), []
+
+    def spy(*args, **kwargs):
+        seen.append(args[3:5] if fused else args[1:3])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(impl, name, spy)
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    pairs = [(w, b), (w.float(), b.float()), (w.to(other), b.to(other)), (w, b.float())]
+    with torch.no_grad():
+        for weight, bias in pairs:
+            args = (*tensors[:3], weight, bias, shift, scale) if fused else (x, weight, bias, shift, scale)
+            (gated_residual_layer_norm_modulate if fused else layer_norm_modulate)(*args, backend=backend)
+    assert seen[0][0] is w and seen[0][1] is b
+    assert seen[1][0] is pairs[1][0] and seen[1][1] is pairs[1][1]
+    for got in seen[2:]:
+        assert [t.dtype for t in got] == [torch.float32] * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("scale,offset", [(3000.0, 0.0), (10.0, 1e4)], ids=["wide", "offset"])
 def test_large_magnitudes(backend, rms, scale, offset, device):

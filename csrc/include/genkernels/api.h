@@ -287,6 +287,7 @@ struct AdalnProblem {
   int64_t rows, tokens, dim;  // R (> 0, a multiple of tokens), L (> 0), D (> 0, at most adaln_max_dim())
   int dtype;                  // DtypeCode of the big tensors
   int device;                 // CUDA device ordinal that holds the tensors
+  int param_dtype = 0;        // DtypeCode of weight and bias: float32 (kFloat32) or the big tensors' dtype
 };
 
 // One (S, D) operand: device address (0: absent), row stride in elements (>= 0), DtypeCode, and whether it
@@ -304,7 +305,8 @@ int64_t adaln_max_dim();
 // Per row r, in float32: h = x + gate * res when res is given (h rounded to the dtype and written once),
 // else h = x; with norm, out = (xhat * weight + bias) * (1 + scale) + shift, xhat = (h - mean) * rstd
 // (LayerNorm) or h * rstd (rms), statistics over D of the (rounded) h; mean and rstd float32 (R,) (mean 0
-// when rms), each may be 0. weight and bias: float32 (D,) or 0; shift / scale / gate: x's dtype or float32.
+// when rms), each may be 0. weight and bias: (D,) in p.param_dtype (float32 or x's dtype), or 0; shift / scale /
+// gate: x's dtype or float32.
 // Without norm only h is written. Launches on `stream`, never synchronizes.
 void adaln_forward(const AdalnProblem& p, const AdalnTensor& x, const AdalnTensor& res, const AdalnTensor& gate,
                    uintptr_t weight, uintptr_t bias, const AdalnTensor& shift, const AdalnTensor& scale,
@@ -318,7 +320,8 @@ size_t adaln_backward_workspace(const AdalnProblem& p, int quantities);
 // Gradients of adaln_forward, in one pass over the rows. With norm: h is the forward's normalized input
 // (x, or the returned h), dout the gradient of out and dh (or 0) that of h; the input gradient
 // dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) + dh (no mean(dxhat) term when rms), with
-// g = dout (1 + scale), dxhat = g weight. Without norm: dx = dout. With res: dres = dx * gate and
+// g = dout (1 + scale), dxhat = g weight (weight and bias in p.param_dtype, as in the forward). Without norm:
+// dx = dout. With res: dres = dx * gate and
 // dgate = dx * res. dweight = sum g xhat, dbias = sum g (float32 (D,)); dshift = dout, dscale = dout * n.
 // An elementwise gradient target (dshift, dscale, dgate) marked per_token is written (R, D) in its dtype;
 // one marked per sample receives the sum over the sample's rows as contiguous float32 (R / L, D). Any

@@ -1,7 +1,8 @@
 // Runs the adaLN kernels of genkernels/adaln.cuh, the same source that csrc/adaln.cu compiles with nvcc, on
 // the CPU under the SIMT emulator of simt.h, and checks every output against a float64 reference, on cases
 // that cover the kernels' paths: fp32, fp16 and bf16; the three ops (layer_norm_modulate, gated_residual,
-// gated_residual_layer_norm_modulate), LayerNorm and RMSNorm; weight and bias present or absent; shift,
+// gated_residual_layer_norm_modulate), LayerNorm and RMSNorm; weight and bias present or absent, in float32 or
+// in x's dtype; shift,
 // scale and gate per sample (B, D), per token (B, L, D) or absent, in x's dtype or float32; with and
 // without the gradient of h; odd D (33, 40, 72, 1000, 2000, 2500) and L = 1; 8-element vectors (16 bytes
 // of fp16 / bf16, two 16-byte accesses of float32) and the scalar path (a pointer one element off, a row
@@ -75,16 +76,17 @@ struct Case {
   bool misalign;    // x one element past a 16-byte boundary
   bool dh;          // fused: a gradient of h too
   bool far;         // inputs around 1e3 with spread 1
+  bool param16 = false;  // weight and bias in x's dtype (else float32)
 
   std::string name() const {
     static const char* const ops[] = {"norm", "gate", "fused"};
     static const char* const mods[] = {"-", "bd", "bld"};
     char buf[240];
-    snprintf(buf, sizeof buf, "%s %s%s w%d b%d shift:%s scale:%s gate:%s%s B%d L%d D%d pad%d%s%s%s",
+    snprintf(buf, sizeof buf, "%s %s%s w%d b%d%s shift:%s scale:%s gate:%s%s B%d L%d D%d pad%d%s%s%s",
              dtype_name(dtype), ops[static_cast<int>(op)], rms ? " rms" : "", weight, bias,
-             mods[static_cast<int>(shift)], mods[static_cast<int>(scale)], mods[static_cast<int>(gate)],
-             side32 ? " side:f32" : "", B, L, D, pad, misalign ? " misaligned" : "", dh ? " dh" : "",
-             far ? " far" : "");
+             param16 ? " param:x" : "", mods[static_cast<int>(shift)], mods[static_cast<int>(scale)],
+             mods[static_cast<int>(gate)], side32 ? " side:f32" : "", B, L, D, pad, misalign ? " misaligned" : "",
+             dh ? " dh" : "", far ? " far" : "");
     return buf;
   }
 };
@@ -158,8 +160,9 @@ simt::Outcome run(const Case& c, unsigned seed) {
   dout.init(c.dtype, R, D, c.pad, true, false);
   if (c.dh) dh.init(c.dtype, R, D, 0, true, false);
   Buffer weight, bias;
-  if (c.weight) weight.init(kF32, D, false);
-  if (c.bias) bias.init(kF32, D, false);
+  const int param = c.param16 ? c.dtype : kF32;
+  if (c.weight) weight.init(param, D, false);
+  if (c.bias) bias.init(param, D, false);
 
   std::normal_distribution<float> normal(0.f, 1.f);
   const float offset = c.far ? 1000.f : 0.f;
@@ -200,7 +203,7 @@ simt::Outcome run(const Case& c, unsigned seed) {
   fa.scale = scale.operand(L);
   fa.weight = c.weight ? weight.data() : nullptr;
   fa.bias = c.bias ? bias.data() : nullptr;
-  fa.w_dtype = fa.b_dtype = kF32;
+  fa.w_dtype = fa.b_dtype = param;
   fa.h = h.target(L);
   fa.out = out.target(L);
   fa.mean = norm ? mean.data() + 1 : nullptr;
@@ -256,7 +259,7 @@ simt::Outcome run(const Case& c, unsigned seed) {
   ba.scale = scale.operand(L);
   ba.weight = fa.weight;
   ba.bias = fa.bias;
-  ba.w_dtype = ba.b_dtype = kF32;
+  ba.w_dtype = ba.b_dtype = param;
   ba.mean = mean.data() + 1;
   ba.rstd = rstd.data() + 1;
   ba.dx = dx.target(L);
@@ -508,6 +511,7 @@ std::vector<Case> make_cases() {
         c.B = s.B, c.L = s.L, c.D = s.D, c.pad = s.pad, c.misalign = s.misalign;
         c.dh = op == Op::kFused && k % 2 == 0;
         c.far = op != Op::kGate && k % 7 == 3;
+        c.param16 = dtype != kF32 && (c.weight || c.bias) && k % 3 == 2;
         cases.push_back(c);
         ++k;
       }
@@ -527,7 +531,7 @@ std::vector<Case> make_cases() {
   // the plain residual alone.
   for (const int dtype : {kF32, kF16, kBF16}) {
     cases.push_back(Case{dtype, Op::kFused, true, true, false, Mod::kAbsent, Mod::kAbsent, Mod::kAbsent, false, 2, 3,
-                         512, 0, false, dtype != kF16, false});
+                         512, 0, false, dtype != kF16, false, dtype == kBF16});
     cases.push_back(Case{dtype, Op::kFused, false, false, false, Mod::kSample, Mod::kToken, Mod::kAbsent, false, 2,
                          5, 33, 0, false, true, false});
     cases.push_back(Case{dtype, Op::kGate, false, false, false, Mod::kAbsent, Mod::kAbsent, Mod::kAbsent, false, 2,
