@@ -27,6 +27,7 @@ class TransformerCall:
     per_token: bool = False
     fused: bool = False
     gated: bool = True  # fused: with a gate (else the plain residual x + y, and the backward without y)
+    params_like_x: bool = False  # adaln affine: weight and bias in x's dtype (else float32)
     pairs: int = 0  # rope: rotated pairs P (0: Dh / 2)
     interleaved: bool = False
     workload: tuple[int, ...] = ()
@@ -35,7 +36,8 @@ class TransformerCall:
         text = f"{self.label} {self.kind} {tuple(self.shape)} {str(self.dtype)[6:]}"
         if self.kind == "adaln":
             text += " rms" if self.rms else " layernorm"
-            text += (" affine" if self.affine else "") + (" per-token" if self.per_token else " per-sample")
+            text += (" affine" if self.affine else "") + (" in x's dtype" if self.params_like_x else "")
+            text += " per-token" if self.per_token else " per-sample"
             text += (" fused" if self.gated else " fused ungated") if self.fused else ""
         if self.kind == "rope":
             text += f" P={self.pairs or self.shape[-1] // 2}" + (" interleaved" if self.interleaved else "")
@@ -48,8 +50,9 @@ def run_transformer_call(ad, rp, gm, call: TransformerCall) -> None:
     if call.kind == "adaln":
         rows, d = call.shape
         x = torch.empty(call.shape, dtype=call.dtype)
-        weight = torch.empty(d, dtype=f32) if call.affine else None
-        bias = torch.empty(d, dtype=f32) if call.affine and not call.rms else None
+        param = call.dtype if call.params_like_x else f32
+        weight = torch.empty(d, dtype=param) if call.affine else None
+        bias = torch.empty(d, dtype=param) if call.affine and not call.rms else None
         modulation = rows if call.per_token else rows // call.tokens
         shift, scale = (torch.empty(modulation, d, dtype=call.dtype) for _ in range(2))
         if call.fused:

@@ -86,7 +86,7 @@ CALLS = [
         for rms, affine, per_token, d in ((True, True, False, 72), (False, True, True, 1000), (True, False, True, 40))
         for fused in (False, True)
     ),
-    TransformerCall("paths", "adaln", (6, 72), F16, 3, True, True, fused=True, gated=False),
+    TransformerCall("paths", "adaln", (6, 72), F16, 3, True, True, fused=True, gated=False, params_like_x=True),
     TransformerCall("paths", "rope", (2, 3, 5, 72), F32, pairs=20),
     TransformerCall("paths", "rope", (2, 3, 5, 40), F16, interleaved=True),
     TransformerCall("paths", "mlp", (3, 1000), F32),

@@ -776,7 +776,9 @@ def transformer_calls() -> Iterator[TransformerCall]:
             yield TransformerCall(
                 "paths", "adaln", (6, d), f16, 3, rms, affine, per_token, fused, workload=MAIN_ARCHS
             )  # fmt: skip
-    yield TransformerCall("paths", "adaln", (6, 72), f16, 3, True, True, fused=True, gated=False, workload=MAIN_ARCHS)
+    yield TransformerCall(
+        "paths", "adaln", (6, 72), f16, 3, True, True, fused=True, gated=False, params_like_x=True, workload=MAIN_ARCHS
+    )
     yield TransformerCall("paths", "rope", (2, 3, 5, 72), f32, pairs=20, workload=MAIN_ARCHS)
     yield TransformerCall("paths", "rope", (2, 3, 5, 40), f16, interleaved=True, workload=MAIN_ARCHS)
     yield TransformerCall("paths", "mlp", (3, 1000), f32, workload=MAIN_ARCHS)
