@@ -2,11 +2,13 @@
 
     python scripts/gpu_bandwidth_probe.py [OUT_FILE] [--rounds R] [--dry-run]
 
-Each call below is timed two ways, on the same inputs and outputs:
+Each call below is timed three ways, on the same inputs and outputs:
 
 - cold: the suite's method (genkernels.bench.core.time_ms: triton's do_bench, a 256 MiB L2 flush before each
   call, CUDA events around it, the median). The flush is a write, so the call starts with up to an L2's worth of
   the flush's dirty lines, which its own traffic evicts and DRAM writes back inside the timed window.
+- clean: the same flush, then a read of the flush buffer, then the call: its inputs are out of L2 and no dirty
+  line is left to write back, but its own writes may stay in L2 past the end (so it errs the other way).
 - batch: many calls back to back, replayed from one CUDA graph, each on the next of several input sets and into
   an output of its own, the sets together larger than the L2 (so every call reads its inputs from DRAM), the
   graph's time over the calls. A call then pays the write-back of its own outputs, on average, and no launch gap.
@@ -46,6 +48,25 @@ def cold_ms(fn: Callable[[], object]) -> float:
     from genkernels.bench.core import FULL_TIMING, time_ms
 
     return time_ms(fn, FULL_TIMING)
+
+
+def clean_ms(fn: Callable[[], object], reps: int = 50) -> float:
+    """Median milliseconds of one call, CUDA events around it, after the suite's 256 MiB flush (a write) and then
+    a read of the flush buffer: the call starts with its inputs out of L2 and no dirty lines there to write back
+    (its own writes may stay in L2 past the end event, so this errs the other way from cold)."""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        flush.sum(dtype=torch.int32)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        times.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in times)
 
 
 def batch_ms(fns: list[Callable[[], object]], calls: int, reps: int = 10) -> float:
@@ -180,23 +201,27 @@ def _bias_act_tile(x: torch.Tensor, bias: torch.Tensor, block: int, warps: int) 
     return y
 
 
-def report(title: str, variants: dict, cold: dict[str, list[float]], batch: dict[str, list[float]], gbs: float) -> None:
-    """One group's table: per variant the median of its rounds, cold and batch, as % of the copy rate ``gbs``
-    (GB/s) and against torch.compile's; then every round's times."""
-    sets, rounds = len(next(iter(variants.values()))[1]), len(next(iter(cold.values())))
+def report(title: str, variants: dict, times: dict[str, dict[str, list[float]]], gbs: float) -> None:
+    """One group's table: per variant and timing mode (``times[mode][variant]``: ms per round) the median of the
+    rounds, as % of the copy rate ``gbs`` (GB/s) and against torch.compile's; then every round's times."""
+    modes = list(times)
+    sets, rounds = len(next(iter(variants.values()))[1]), len(next(iter(times[modes[0]].values())))
     say(f"## {title}\n\ninput sets: {sets}; rounds: {rounds}; ms: median over rounds\n")
-    heads = ("variant", "MB a call", "cold ms", "cold % copy BW", "batch ms", "batch % copy BW")
-    say("| " + " | ".join(heads + ("cold vs compile", "batch vs compile")) + " |")
-    say("|" + " --- |" * (len(heads) + 2))
-    cc, bc = statistics.median(cold["torch.compile"]), statistics.median(batch["torch.compile"])
+    heads = ["variant", "MB a call"]
+    for mode in modes:
+        heads += [f"{mode} ms", f"{mode} % copy BW", f"{mode} vs compile"]
+    say("| " + " | ".join(heads) + " |")
+    say("|" + " --- |" * len(heads))
     for key, (moved, _) in variants.items():
-        c, bt = statistics.median(cold[key]), statistics.median(batch[key])
         floor = moved / (gbs * 1e9) * 1e3
-        pc, pb = 100 * floor / c, 100 * floor / bt
-        cells = (f"{moved / 1e6:.1f}", f"{c:.4f}", f"{pc:.0f}%", f"{bt:.4f}", f"{pb:.0f}%")
-        say(f"| {key} | " + " | ".join(cells) + f" | {cc / c:.3f}x | {bc / bt:.3f}x |")
-    for label, times in (("cold", cold), ("batch", batch)):
-        say(f"\n{label} ms per round: " + "; ".join(f"{k} {' '.join(f'{t:.4f}' for t in v)}" for k, v in times.items()))
+        cells = [f"{moved / 1e6:.1f}"]
+        for mode in modes:
+            ms, compiled = statistics.median(times[mode][key]), statistics.median(times[mode]["torch.compile"])
+            cells += [f"{ms:.4f}", f"{100 * floor / ms:.0f}%", f"{compiled / ms:.3f}x"]
+        say(f"| {key} | " + " | ".join(cells) + " |")
+    for mode in modes:
+        per = "; ".join(f"{k} {' '.join(f'{t:.4f}' for t in v)}" for k, v in times[mode].items())
+        say(f"\n{mode} ms per round: {per}")
     say("")
 
 
@@ -235,16 +260,20 @@ def main(argv: list[str] | None = None) -> int:
 
     name = torch.cuda.get_device_name()
     gbs = statistics.median(_copy_gbs(FULL_TIMING) for _ in range(3))
-    say(f"# Cold against batch timing, {name}, torch {torch.__version__}\n")
+    say(f"# Cold, clean and batch timing, {name}, torch {torch.__version__}\n")
     say(f"copy rate (1 GiB float32 copy_, cold, median of 3): {gbs:,.0f} GB/s\n")
+    timers = {
+        "cold": lambda fns: cold_ms(fns[0]),
+        "clean": lambda fns: clean_ms(fns[0]),
+        "batch": lambda fns: batch_ms(fns, calls=max(16, 2 * len(fns))),
+    }
     for title, variants in groups.items():
-        cold = {k: [] for k in variants}
-        batch = {k: [] for k in variants}
+        times = {mode: {k: [] for k in variants} for mode in timers}
         for _ in range(opts.rounds):
             for key, (_, fns) in variants.items():
-                cold[key].append(cold_ms(fns[0]))
-                batch[key].append(batch_ms(fns, calls=max(16, 2 * len(fns))))
-        report(title, variants, cold, batch, gbs)
+                for mode, timer in timers.items():
+                    times[mode][key].append(timer(fns))
+        report(title, variants, times, gbs)
     return 0
 
 

@@ -50,17 +50,16 @@ def test_bandwidth_probe(capsys, monkeypatch):
     assert torch.equal(probe.triton_copy(x), x)
     # 10 MB a call at 1,000 GB/s: a 0.01 ms floor.
     variants = {"copy_": (10e6, [None] * 3), "torch.compile": (10e6, [None] * 3)}
-    probe.report(
-        "t",
-        variants,
-        {"copy_": [0.02, 0.0125, 0.03], "torch.compile": [0.02] * 3},
-        {"copy_": [0.01] * 3, "torch.compile": [0.0125] * 3},
-        1000.0,
-    )
+    times = {
+        "cold": {"copy_": [0.02, 0.0125, 0.03], "torch.compile": [0.02] * 3},
+        "batch": {"copy_": [0.01] * 3, "torch.compile": [0.0125] * 3},
+    }
+    probe.report("t", variants, times, 1000.0)
     out = capsys.readouterr().out
     assert "input sets: 3; rounds: 3" in out
-    assert "| copy_ | 10.0 | 0.0200 | 50% | 0.0100 | 100% | 1.000x | 1.250x |" in out
-    assert "| torch.compile | 10.0 | 0.0200 | 50% | 0.0125 | 80% | 1.000x | 1.000x |" in out
+    assert "| variant | MB a call | cold ms | cold % copy BW | cold vs compile | batch ms |" in out
+    assert "| copy_ | 10.0 | 0.0200 | 50% | 1.000x | 0.0100 | 100% | 1.250x |" in out
+    assert "| torch.compile | 10.0 | 0.0200 | 50% | 1.000x | 0.0125 | 80% | 1.000x |" in out
     assert "cold ms per round: copy_ 0.0200 0.0125 0.0300;" in out
 
 
