@@ -20,20 +20,30 @@ ReLU at the ANCHORS shape (32, 512, 64, 64) in bf16 (torch.compile, cuda, and th
 BLOCK / num_warps). The copy rate is the suite's: a 1 GiB float32 copy_, cold. Rounds repeat every timing; the
 tables give the median over rounds.
 
-Without a GPU it says so and exits 0; --dry-run then calls every variant once on small CPU tensors (triton ones
-under TRITON_INTERPRET=1) to check the script itself.
+Without a GPU it says so and exits 0; --dry-run then calls every variant once on small CPU tensors (the triton
+ones under the interpreter, TRITON_INTERPRET=1, which it sets) to check the script itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
+if __name__ == "__main__" and "--dry-run" in sys.argv:  # before triton is imported: its kernels then interpret
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the no-GPU message and the tests do without it
+    triton = tl = None
 
 OUT = sys.stdout
 L2_SPAN = 256 * 2**20  # the input sets of a batch together: at least this many bytes (an H200's L2 is 50 MiB)
@@ -99,27 +109,20 @@ def batch_ms(fns: list[Callable[[], object]], calls: int, reps: int = 10) -> flo
     return statistics.median(times)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _copy_kernel(src, dst, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+
+
 def triton_copy(x: torch.Tensor) -> torch.Tensor:
     """A copy of contiguous ``x`` by a triton kernel: BLOCK = 4096 elements a program on 8 warps."""
-    import triton
-    import triton.language as tl
-
-    global _COPY_KERNEL
-    if _COPY_KERNEL is None:
-
-        @triton.jit
-        def _copy_kernel(src, dst, n, BLOCK: tl.constexpr):
-            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < n
-            tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
-
-        _COPY_KERNEL = _copy_kernel
     y = torch.empty_like(x)
-    _COPY_KERNEL[(triton.cdiv(x.numel(), 4096),)](x, y, x.numel(), BLOCK=4096, num_warps=8)
+    _copy_kernel[(triton.cdiv(x.numel(), 4096),)](x, y, x.numel(), BLOCK=4096, num_warps=8)
     return y
-
-
-_COPY_KERNEL = None
 
 
 def _sets(in_bytes: int, dry: bool) -> int:
