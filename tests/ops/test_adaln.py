@@ -211,15 +211,21 @@ def test_strided_and_mixed_dtypes(backend, device):
 @pytest.mark.parametrize("fused", [False, True], ids=["norm", "fused"])
 def test_affine_in_x_dtype(backend, dtype, fused, device, monkeypatch):
     """weight and bias in x's dtype (a half-precision model's own norm parameters): the criterion on outputs and
-    gradients (dweight and dbias in that dtype). The fast backends get them as they are, so a call launches no
-    conversion of them; float32 ones too; a third dtype, or a pair of two dtypes, reaches them as float32."""
+    gradients (dweight and dbias in that dtype), and torch.library.opcheck on the traced op. The fast backends get
+    them as they are, so a call launches no conversion of them; float32 ones too; a third dtype, or a pair of two
+    dtypes, reaches them as float32."""
     x, w, b, shift, scale = _norm_inputs((2, 5, 40), dtype, device, mods=("sample", "token"))
     w, b = w.to(dtype), b.to(dtype)
     if fused:
         tensors = _fused_tensors(x, "sample", (w, b, shift, scale), device)
         _check_fused(backend, tensors, False, "sample", ("sample", "token"))
+        traced = (torch.ops.genkernels.gated_residual_layer_norm_modulate.default, (*tensors, 1e-6, False, backend))
     else:
         _check_norm(backend, x, w, b, shift, scale, False, ("sample", "token"))
+        traced = (torch.ops.genkernels.layer_norm_modulate.default, (x, w, b, shift, scale, 1e-6, False, backend))
+    torch.library.opcheck(
+        traced[0], tuple(t.detach().requires_grad_(True) if torch.is_tensor(t) else t for t in traced[1])
+    )
     if backend == "reference":
         return
     impl = importlib.import_module(f"genkernels.{backend}.adaln")
