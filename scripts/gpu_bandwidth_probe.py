@@ -60,23 +60,17 @@ def cold_ms(fn: Callable[[], object]) -> float:
     return time_ms(fn, FULL_TIMING)
 
 
-def clean_ms(fn: Callable[[], object], reps: int = 50) -> float:
+def clean_ms(fn: Callable[[], object]) -> float:
     """Median milliseconds of one call, CUDA events around it, after the suite's 256 MiB flush (a write) and then
     a read of the flush buffer: the call starts with its inputs out of L2 and no dirty lines there to write back
     (its own writes may stay in L2 past the end event, so this errs the other way from cold)."""
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    fn()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        flush.sum(dtype=torch.int32)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        times.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in times)
+    from genkernels.bench.core import FULL_TIMING, _time_ms_events
+
+    def clear(buffer: torch.Tensor) -> None:
+        buffer.zero_()
+        buffer.sum(dtype=torch.int32)
+
+    return _time_ms_events(fn, FULL_TIMING, clear)
 
 
 def batch_ms(fns: list[Callable[[], object]], calls: int, reps: int = 10) -> float:

@@ -60,14 +60,17 @@ def time_ms(fn: Callable[[], Any], timing: Timing = FULL_TIMING) -> float:
     return float(do_bench(fn, warmup=timing.warmup_ms, rep=timing.rep_ms, return_mode="median"))
 
 
-def _time_ms_events(fn: Callable[[], Any], timing: Timing) -> float:
+def _time_ms_events(fn: Callable[[], Any], timing: Timing, clear: Callable[[Any], Any] | None = None) -> float:
+    """:func:`time_ms` written out: ``clear(buffer)`` on a 256 MiB buffer before every call (default: zero it,
+    the L2 flush)."""
     flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    clear = clear or torch.Tensor.zero_
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(5):
-        flush.zero_()
+        clear(flush)
         fn()
     end.record()
     torch.cuda.synchronize()
@@ -79,7 +82,7 @@ def _time_ms_events(fn: Callable[[], Any], timing: Timing) -> float:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for s, e in zip(starts, ends):
-        flush.zero_()
+        clear(flush)
         s.record()
         fn()
         e.record()

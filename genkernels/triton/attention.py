@@ -611,10 +611,17 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         offs_n = n0 + tl.arange(0, BLOCK_N)
         allowed = _kept_keys(mask_row, offs_n, lkv, HAS_MASK)[None, :]
         if MASKED:
-            allowed = allowed & (offs_n < lkv)[None, :]
-            if CAUSAL:
-                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (lkv - lq))
+            allowed = allowed & _inside(offs_m, offs_n, lq, lkv, CAUSAL)
         return allowed
+
+    @triton.jit
+    def _inside(offs_m, offs_n, lq, lkv, CAUSAL: tl.constexpr):
+        """[BLOCK_M, BLOCK_N] (or [1, BLOCK_N] when not causal) True where key offs_n is inside Lkv and (causal)
+        on or below query offs_m's bottom-right-aligned diagonal."""
+        inside = (offs_n < lkv)[None, :]
+        if CAUSAL:
+            inside = inside & (offs_n[None, :] <= offs_m[:, None] + (lkv - lq))
+        return inside
 
     @triton.jit
     def _key_blocks(m0, lq, lkv, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -699,10 +706,8 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             x = tl.where(_allowed(mask_row, offs_m, n0, lq, lkv, CAUSAL, HAS_MASK, True, BLOCK_N), x, fill)
         elif TAIL and BLOCK_D >= 256:
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            inside = (offs_n < lkv)[None, :]
-            if CAUSAL:
-                inside = inside & (offs_n[None, :] <= offs_m[:, None] + (lkv - lq))
-            allowed = _kept_keys(mask_row, offs_n, lkv, HAS_MASK)[None, :] & (inside | (n0 < full_end))
+            inside = _inside(offs_m, offs_n, lq, lkv, CAUSAL) | (n0 < full_end)
+            allowed = _kept_keys(mask_row, offs_n, lkv, HAS_MASK)[None, :] & inside
             x = tl.where(allowed, x, fill)
         elif TAIL:
             if n0 >= full_end:
