@@ -312,6 +312,12 @@ def _sample_families() -> dict[str, tuple[str, list]]:
                 _ncol("classes"),
                 _SCALE,
                 _option("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights"),
+                _option(
+                    "--no-cuda-graph",
+                    action="store_true",
+                    help="call the model plainly at every step (default on a GPU from 8 steps: one CUDA graph "
+                    "replayed)",
+                ),
                 _PNG_OUT,
                 *_runtime_options(),
             ],
@@ -627,6 +633,7 @@ def _run_sample_diffusion(args) -> int:
         seed=args.seed,
         backend=args.backend,
         progress=not args.no_progress,
+        cuda_graph=False if args.no_cuda_graph else None,
     )
     height = images.shape[-2]
     ncol = args.ncol or (classes if args.label is None and classes > 1 else math.ceil(math.sqrt(num)))

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from . import _graphs
 from ._checks import as_number
 from ._training import (  # noqa: F401  (re-exported: the public names of every family's checkpoints)
     CHECKPOINT_FORMAT,
@@ -365,6 +366,7 @@ def sample_diffusion(
     seed: int = 0,
     backend: str | None = None,
     progress: bool = False,
+    cuda_graph: bool | None = None,
 ) -> torch.Tensor:
     """Generate len(labels) images with ``sampler`` in ``steps`` steps; returns (N, C, H, W) in the data range.
 
@@ -372,12 +374,26 @@ def sample_diffusion(
     classifier-free guidance scale g (1: the conditional model alone; see the module doc). The
     initial noise and every noise draw of the sampler come from a generator seeded with ``seed``
     on the model's device: the same seed gives the same images.
+
+    cuda_graph: run the model's forward as one CUDA graph, captured at the first step and replayed at the
+    others (every step has the same shapes), instead of a plain call per step whose CPU time (an op's
+    dispatch and launches) the GPU would wait for. None (default): on a CUDA device when ``steps`` is at
+    least :data:`GRAPH_MIN_STEPS` (the capture runs the model three times: two warm-up calls and the
+    captured one), falling back to plain calls with a warning if the capture fails; True: always, on a CUDA
+    device only, a failed capture raising; False: never. The scheduler's step runs outside the graph. The
+    model must not synchronize with the host in its forward, and auto backend choices follow
+    ``genkernels.graph_mode()``.
     """
     objective = metadata["objective"]
     check_sampler(sampler, objective)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if cuda_graph not in (None, True, False):
+        raise ValueError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
     device = next(model.parameters()).device
+    if cuda_graph and not _graphs.available(device):
+        raise ValueError(f"cuda_graph=True needs a model on a CUDA device, got one on {device}")
+    graphed = _graphs.available(device) and steps >= GRAPH_MIN_STEPS if cuda_graph is None else cuda_graph
     schedule = Schedule(**metadata["schedule"])
     scheduler = make_scheduler(sampler, objective, schedule)
     scheduler.set_timesteps(steps, device=device)
@@ -397,8 +413,46 @@ def sample_diffusion(
     if guided:
         step_kwargs["guidance_scale"] = guidance
     with backend_scope(device, backend):
+        denoise = _Denoiser(model, labels, graphed, strict=bool(cuda_graph))
         for t in tqdm(scheduler.timesteps, desc=f"sample {sampler}", disable=not progress, dynamic_ncols=True):
             x_in = scheduler.scale_model_input(x, t)
-            out = model(torch.cat([x_in, x_in]) if guided else x_in, t, labels)
+            out = denoise(torch.cat([x_in, x_in]) if guided else x_in, t)
             x = scheduler.step(out, t, x, **step_kwargs).prev_sample
     return x
+
+
+#: The fewest sampling steps for which :func:`sample_diffusion` captures the model in a CUDA graph by default.
+GRAPH_MIN_STEPS = 8
+
+
+class _Denoiser:
+    """The model call of one sampling loop, model(x, t, labels) with fixed labels: plain, or (``graphed``)
+    replayed from a CUDA graph captured at the first call (:class:`genkernels._graphs.GraphedCall`; t passed
+    as a 0-d tensor, as the loop's timesteps are). A failed capture raises when ``strict``, else warns and
+    leaves the calls plain."""
+
+    def __init__(self, model: torch.nn.Module, labels: torch.Tensor, graphed: bool, strict: bool) -> None:
+        self.model, self.labels, self.graphed, self.strict = model, labels, graphed, strict
+        self.call: _graphs.GraphedCall | None = None
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        if not self.graphed:
+            return self.model(x, t, self.labels)
+        t = torch.as_tensor(t, device=x.device)
+        if self.call is None:
+            try:
+                self.call = _graphs.GraphedCall(lambda x_, t_: self.model(x_, t_, self.labels), (x, t))
+            except Exception as e:
+                if self.strict:
+                    raise
+                import warnings
+
+                warnings.warn(
+                    f"sample_diffusion: the model's forward could not be captured in a CUDA graph "
+                    f"({type(e).__name__}: {e}); sampling with plain calls (cuda_graph=False skips the attempt)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self.graphed = False
+                return self.model(x, t, self.labels)
+        return self.call(x, t)

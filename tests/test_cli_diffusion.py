@@ -83,6 +83,23 @@ def test_sample_layout_options_and_default_sampler(runs, tmp_path):
         assert im.size == (5 * 17 + 1, 17 + 1)
 
 
+def test_no_cuda_graph_option(runs, tmp_path, monkeypatch):
+    """The sampler's cuda_graph: None (auto: a graph on a GPU from 8 steps) by default, False with the option."""
+    from genkernels import train
+
+    seen, sample = [], train.sample_diffusion
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["cuda_graph"])
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(train, "sample_diffusion", spy)
+    argv = ["sample", "diffusion", "--ckpt", str(runs["eps"]), "--steps", "2", "--num", "2", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a.png")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "b.png"), "--no-cuda-graph"]) == 0
+    assert seen == [None, False]
+
+
 def test_same_seed_same_grid(runs, tmp_path):
     argv = ["sample", "diffusion", "--ckpt", str(runs["eps"]), "--sampler", "ddpm", "--steps", "2", "--num", "4"]
     assert_same_grid_twice([*argv, "--seed", "7", "--no-progress"], tmp_path)

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from genkernels._graphs import capture
+
 EAGER = "eager"
 COMPILE = "torch.compile"
 
@@ -141,25 +143,8 @@ def first_call_s(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def capture_graph(fn: Callable[[], Any], warmups: int = 2) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """``fn`` captured in a ``torch.cuda.CUDAGraph``: ``warmups`` calls on a side stream first (as
-    torch.cuda.graphs' documentation does it: kernels compile, allocations settle, and the capture then
-    records launches only), then one call under capture, both in ``genkernels.graph_mode()`` (auto's choices
-    for a graph; explicit backends keep theirs). Returns the graph and that call's outputs, which every
-    ``graph.replay()`` rewrites in place. ``fn`` must not synchronize with the host."""
-    from genkernels import graph_mode
-
-    with graph_mode():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmups):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn()
-    return graph, out
+#: ``fn`` captured in a CUDA graph after warm-up calls, in ``genkernels.graph_mode()``: (graph, outputs).
+capture_graph = capture
 
 
 # --------------------------------------------------------------------------- ceilings
