@@ -68,10 +68,16 @@ POSITIONS = ("rope", "learned")
 
 def _residual_norm(h: torch.Tensor, branch: torch.Tensor, norm: LayerNormModulate) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + branch, norm(h + branch)) in one pass: genkernels.ops.gated_residual_layer_norm_modulate without a
-    gate, with ``norm``'s weight, bias, eps, rms and backend."""
+    gate, with ``norm``'s weight, bias, eps, rms and backend. The branch is added in h's dtype, as h + branch
+    promotes it in the PyTorch twin (under autocast it leaves its matrix product in the autocast dtype)."""
     return gated_residual_layer_norm_modulate(
-        h, branch, None, norm.weight, norm.bias, eps=norm.eps, rms=norm.rms, backend=norm.backend
+        h, branch.to(h.dtype), None, norm.weight, norm.bias, eps=norm.eps, rms=norm.rms, backend=norm.backend
     )
+
+
+def _is_index_tensor(t) -> bool:
+    """Whether t is a tensor of integers (not bool, floating-point or complex): class or token indices."""
+    return isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
 def _default_mlp_hidden(dim: int) -> int:
@@ -327,7 +333,7 @@ class ImageGPT(torch.nn.Module):
             return torch.zeros(batch, dtype=torch.long, device=device)
         if labels is None:
             raise ValueError(f"labels (B,) in [0, {classes}) are required: the model is class-conditional")
-        if not isinstance(labels, torch.Tensor) or labels.shape != (batch,) or labels.dtype.is_floating_point:
+        if not _is_index_tensor(labels) or labels.shape != (batch,):
             raise ValueError(f"labels must be an integer tensor of shape ({batch},), got {labels!r}")
         check_indices("labels", labels, classes)
         return labels.to(device=device, dtype=torch.long)
@@ -364,6 +370,8 @@ class ImageGPT(torch.nn.Module):
         """Next-token logits: tokens (B, T) int64 in [0, levels), 1 <= T <= L; labels (B,) in [0, num_classes)
         (None when num_classes = 0) -> logits (B, T, levels) in the parameters' dtype, where logits[:, i]
         predicts tokens[:, i] from the class and tokens[:, :i]."""
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens must be an int64 torch.Tensor (B, T), got {type(tokens).__name__}")
         if tokens.dim() != 2 or not 1 <= tokens.shape[1] <= self.config.seq_len or tokens.dtype != torch.long:
             raise ValueError(
                 f"tokens must be int64 (B, T) with 1 <= T <= L = {self.config.seq_len}, "
@@ -392,7 +400,7 @@ class ImageGPT(torch.nn.Module):
             return torch.arange(n, device=device) % classes
         if is_integer(labels):
             labels = torch.full((n,), int(labels), dtype=torch.long)
-        if not isinstance(labels, torch.Tensor) or labels.shape != (n,) or labels.dtype.is_floating_point:
+        if not _is_index_tensor(labels) or labels.shape != (n,):
             raise ValueError(f"labels must be None, an int or an integer tensor of shape ({n},), got {labels!r}")
         if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < classes):
             raise ValueError(f"labels must be in [0, {classes}), got values {labels.min()} .. {labels.max()}")
@@ -415,9 +423,11 @@ class ImageGPT(torch.nn.Module):
         if temperature == 1 and top_k is None:
             p = torch.softmax(logits, -1, dtype=wide)  # the same numbers as the general path: softmax takes the max
         else:
-            # Relative to the row's best score, so that a tiny temperature gives -inf, not inf - inf, at worst.
+            # Relative to the row's best score, so that a tiny temperature gives -inf, not inf - inf, at worst. A
+            # temperature below wide's normal range could round to 0 there (0 / 0 = nan at the best score); at its
+            # smallest normal number any score 1e-36 or more short of the best already has probability 0.
             scores = logits.to(wide)
-            scores = (scores - scores.amax(-1, keepdim=True)) / temperature
+            scores = (scores - scores.amax(-1, keepdim=True)) / max(temperature, torch.finfo(wide).tiny)
             if top_k is not None and top_k < scores.shape[-1]:
                 kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
                 scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -444,7 +444,7 @@ _EPILOGUE_DTYPES = (torch.float16, torch.bfloat16)
 
 def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is not None and not isinstance(t, Tensor):
+        if (t is not None or name != "bias") and not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")

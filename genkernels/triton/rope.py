@@ -117,8 +117,10 @@ def rotate(
     progs = q_progs + cdiv(k_rows, rows_block)
     if progs == 0:
         return
-    # In place (the outputs are the inputs, both or neither) the pass-through channels are already there.
-    copy_rest = dh > 2 * pairs and q_out.data_ptr() != q.data_ptr()
+    # In place (the outputs are the inputs, both or neither) the pass-through channels are already there. An
+    # empty q (no heads) and its output share the null address, so k tells then.
+    src, dst = (q, q_out) if q.numel() or k is None else (k, k_out)
+    copy_rest = dh > 2 * pairs and dst.data_ptr() != src.data_ptr()
     kk = q if k is None else k
     ko = q_out if k_out is None else k_out
     # The row strides as multiples of the widest VEC in 8, 4, 2, 1 that divides them all (a size-1 dim's

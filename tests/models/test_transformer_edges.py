@@ -1,0 +1,71 @@
+"""ImageGPT at the edges of its public arguments: what users pass to forward and sample."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genkernels.models.transformer import ImageGPT
+from tests.criterion import assert_criterion
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny(**kwargs) -> ImageGPT:
+    torch.manual_seed(kwargs.pop("seed", 0))
+    kwargs = {"image_size": 2, "levels": 5, "num_classes": 3, "dim": 16, "depth": 1, "heads": 2, **kwargs}
+    return ImageGPT(**kwargs, backend="reference").eval()
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+@pytest.mark.parametrize("temperature", [1e-46, 1e-100, 5e-324])
+def test_temperature_below_the_logits_dtype_range_is_greedy(temperature, top_k):
+    """A positive temperature that rounds to zero in the draw's float32 arithmetic divided 0 by 0 at the best token:
+    NaN probabilities, and the last token was drawn everywhere. Its limit is greedy decoding."""
+    model = tiny()
+    greedy = model.sample_tokens(3, temperature=0)
+    assert torch.equal(model.sample_tokens(3, temperature=temperature, top_k=top_k, seed=1), greedy)
+    logits = torch.randn(6, 5)
+    u = 1 - torch.rand(6, dtype=torch.float64)
+    assert torch.equal(model._draw(logits, u, temperature, top_k), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_forward_and_sampling_under_autocast(positions):
+    """Under torch.autocast the blocks' branches come out of their matrix products in bfloat16 while the residual
+    stream stays float32: the fused residual-norm refused the pair ("y must have x's dtype"). The model now adds
+    them as its PyTorch twin does (in the stream's dtype), within the criterion of the twin under autocast."""
+    model = tiny(positions=positions, depth=2)
+    twin = ImageGPT(model.config, torch_layers=True).eval()
+    twin.load_state_dict(model.state_dict())
+    tokens, labels = torch.randint(0, 5, (2, 4)), torch.tensor([0, 2])
+    truth = ImageGPT(model.config, backend="reference").double().eval()
+    truth.load_state_dict(model.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, want = model(tokens, labels), twin(tokens, labels)
+        for use_cache in (True, False):  # the two paths round differently under autocast: no equality asked
+            tokens_drawn = model.sample_tokens(3, seed=2, use_cache=use_cache)
+            assert tokens_drawn.shape == (3, 4) and 0 <= tokens_drawn.min() and tokens_drawn.max() < 5
+        model.train()
+        model.loss(torch.rand(2, 1, 2, 2) * 2 - 1, labels).backward()
+    assert_criterion(logits, want, truth(tokens, labels), "logits")
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.complex64])
+def test_labels_must_be_an_integer_tensor(dtype):
+    """A bool tensor was taken for classes 1 / 0 (while labels=True is refused) and a complex one crashed in
+    torch.min ("min_all" not implemented): both are refused by name, by forward and by sample alike."""
+    model = tiny()
+    labels = torch.tensor([1, 0]).to(dtype)
+    with pytest.raises(ValueError, match=r"labels must be an integer tensor of shape \(2,\)"):
+        model(torch.zeros(2, 3, dtype=torch.long), labels)
+    with pytest.raises(ValueError, match=r"labels must be None, an int or an integer tensor of shape \(2,\)"):
+        model.sample(2, labels=labels)
+    assert model.sample(2, labels=labels.to(torch.uint8) if dtype == torch.bool else 1, seed=0).shape == (2, 1, 2, 2)
+
+
+def test_forward_names_tokens_that_are_not_a_tensor():
+    """A nested list of tokens failed with "'list' object has no attribute 'dim'"."""
+    with pytest.raises(TypeError, match=r"tokens must be an int64 torch.Tensor \(B, T\), got list"):
+        tiny()([[0, 1]], torch.tensor([0]))
