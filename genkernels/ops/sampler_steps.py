@@ -60,7 +60,10 @@ def _host_float(name: str, value) -> float:
     """A schedule scalar as a host float (a device tensor would need a sync: rejected)."""
     if isinstance(value, torch.Tensor):
         if value.device.type != "cpu" or value.numel() != 1:
-            raise TypeError(f"{name} must be a Python float or a one-element CPU tensor, got one on {value.device}")
+            raise TypeError(
+                f"{name} must be a Python float or a one-element CPU tensor, "
+                f"got a tensor of shape {tuple(value.shape)} on {value.device}"
+            )
         value = value.item()
     return float(value)
 

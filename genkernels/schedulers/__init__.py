@@ -9,7 +9,8 @@
 
 Extra keyword arguments of ``step`` beyond diffusers': guidance_scale (model_output is then
 [uncond; cond]), guidance_rescale, variance_noise, seed / offset (in-kernel Philox noise) and
-backend.
+backend. A stochastic step given no noise source (no variance_noise, generator or seed) draws from
+torch's global RNG, as diffusers' does with generator=None.
 """
 
 from ._base import SchedulerConfig, SchedulerOutput

@@ -92,6 +92,15 @@ def make_betas(
     return betas
 
 
+def check_num_inference_steps(num_inference_steps: Any, num_train_timesteps: int | None) -> int:
+    """num_inference_steps as a Python int in [1, num_train_timesteps] (no upper bound when None), else a ValueError."""
+    n, top = num_inference_steps, num_train_timesteps
+    if not (is_integer(n) and n >= 1 and (top is None or n <= top)):
+        accepted = "an int >= 1" if top is None else f"an int in [1, {top}]"
+        raise ValueError(f"num_inference_steps must be {accepted}, got {n!r}")
+    return int(num_inference_steps)
+
+
 def spaced_timesteps(config: SchedulerConfig, num_inference_steps: int, dtype) -> np.ndarray:
     """Descending inference timesteps, as numpy ``dtype`` (int64 for discrete, float32 for sigma schedulers).
 
@@ -99,10 +108,7 @@ def spaced_timesteps(config: SchedulerConfig, num_inference_steps: int, dtype) -
     leading: multiples of N // n, plus config.steps_offset; trailing: N - 1 downwards in steps of
     N / n, rounded (N = config.num_train_timesteps, n = num_inference_steps).
     """
-    if not 0 < num_inference_steps <= config.num_train_timesteps:
-        raise ValueError(
-            f"num_inference_steps must be in [1, {config.num_train_timesteps}], got {num_inference_steps!r}"
-        )
+    num_inference_steps = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
     spacing, steps_offset = config.timestep_spacing, config.steps_offset
     n, big_n = num_inference_steps, config.num_train_timesteps
     if spacing == "linspace":
@@ -246,6 +252,12 @@ class SchedulerBase:
         if self.num_inference_steps is None:
             raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step()")
 
+    def _check_steps_left(self, index: int) -> None:
+        """Refuse a step at ``index`` past the schedule's last step."""
+        count = len(self._host_timesteps)
+        if index >= count:
+            raise ValueError(f"all {count} steps of the schedule have run: call set_timesteps again for a new run")
+
     def _index_for_timestep(self, value: float) -> int:
         """Position of value in the schedule; the second match when it repeats (diffusers' rule)."""
         matches = [i for i, t in enumerate(self._host_timesteps) if t == value]
@@ -276,10 +288,11 @@ class SchedulerBase:
         """Each sample's position in the schedule, as an int64 (B,) tensor on the samples' device.
 
         With no begin_index, each timestep is matched against the schedule on the device (the
-        second match where a value repeats, the first otherwise, as diffusers' lookup; a value
-        that is not in the schedule maps to ``_missing_step_index``, where diffusers would fail
-        or, for DPM-Solver, take the last step): no host synchronization. Otherwise every sample
-        is at the current step (or begin_index), as in diffusers.
+        second match where a value repeats, the first otherwise, as diffusers' lookup): no host
+        synchronization. A value that is not in the schedule takes DPM-Solver's last step (its
+        diffusers rule); for the other schedulers it is an error (as in diffusers) when the
+        timesteps are on the host, and maps to the first step when they are on a device, which is
+        not read. Otherwise every sample is at the current step (or begin_index), as in diffusers.
         """
         batch = samples.shape[0]
         if self._begin_index is not None:
@@ -287,6 +300,12 @@ class SchedulerBase:
             return torch.full((batch,), index, dtype=torch.long, device=samples.device)
         if not isinstance(timesteps, torch.Tensor):
             timesteps = torch.tensor(timesteps)
+        if self._missing_step_index == "first" and timesteps.device.type == "cpu":
+            missing = timesteps[~torch.isin(timesteps.to(self._schedule_timesteps.dtype), self._schedule_timesteps)]
+            if missing.numel():
+                raise ValueError(
+                    f"timesteps {missing.tolist()} are not in this scheduler's timesteps {self._host_timesteps}"
+                )
         schedule = self._on_device("timesteps", self._schedule_timesteps, samples.device)
         wanted = timesteps.to(samples.device, schedule.dtype).flatten()
         if wanted.numel() == 1:
@@ -302,13 +321,18 @@ class SchedulerBase:
         return torch.where(seen[:, -1] > 0, index, missing)
 
     def _noise_options(self, sample: torch.Tensor, generator, variance_noise, seed, offset) -> dict[str, Any]:
-        """The step's noise source: explicit tensor, generator, or Philox (seed, offset).
+        """The step's noise source: explicit tensor, generator, Philox (seed, offset), else torch's global RNG.
 
         With a seed and no offset, the offset is the count of stochastic steps so far: each step
-        draws its own Philox stream and successive steps never reuse noise.
+        draws its own Philox stream and successive steps never reuse noise. With none of the three,
+        the noise comes from torch's default (CPU) generator, as diffusers' does from the global RNG
+        when generator is None: the reference draws torch.randn with it (diffusers' noise for a CPU
+        sample), the fast backends one Philox seed (a host int: no synchronization).
         """
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise, not both")
+        if variance_noise is None and generator is None and seed is None:
+            generator = torch.default_generator
         if seed is not None and offset is None:
             offset = self._noise_offset
             self._noise_offset += 1

@@ -40,6 +40,8 @@ class DiscreteVPScheduler(SchedulerBase):
             value = self._host_timesteps[self._step_index]
             self._step_index += 1
         else:
+            if value != int(value):
+                raise ValueError(f"timestep must be an integer (one of scheduler.timesteps), got {value!r}")
             value = int(value)
             if value in self._host_timesteps:
                 self._step_index = self._host_timesteps.index(value) + 1
@@ -61,6 +63,10 @@ def _gather(table: torch.Tensor, timesteps: Any, samples: torch.Tensor) -> torch
     """table[timesteps] as a float32 (B,) tensor on the samples' device."""
     if not isinstance(timesteps, torch.Tensor):
         timesteps = torch.tensor(timesteps)
+    if timesteps.device.type == "cpu":  # checked where it needs no synchronization: host values
+        bad = timesteps[(timesteps != timesteps.long()) | (timesteps < 0) | (timesteps >= table.shape[0])]
+        if bad.numel():
+            raise ValueError(f"timesteps must be integers in [0, {table.shape[0]}), got {bad.tolist()}")
     index = timesteps.to(samples.device).long().flatten()
     if index.numel() == 1:
         index = index.expand(samples.shape[0])

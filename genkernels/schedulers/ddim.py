@@ -81,7 +81,8 @@ class DDIMScheduler(DiscreteVPScheduler):
         """x_t -> x_{t - N // n} by DDIM with eta (noise only when eta > 0).
 
         model_output: (B, *), or (2B, *) = [uncond; cond] with guidance_scale. Noise (eta > 0):
-        variance_noise, else generator, else a Philox seed (offset advances per step unless given).
+        variance_noise, else generator, else a Philox seed (offset advances per step unless given),
+        else torch's global RNG.
         """
         self._require_timesteps()
         c = self.config

@@ -65,7 +65,7 @@ class DDPMScheduler(DiscreteVPScheduler):
         """The next (smaller) timestep of the schedule; -1 after the last."""
         if self.num_inference_steps is None:
             return timestep - 1
-        index = self._host_timesteps.index(timestep)
+        index = self._index_for_timestep(timestep)
         return self._host_timesteps[index + 1] if index + 1 < len(self._host_timesteps) else -1
 
     def step(
@@ -87,7 +87,7 @@ class DDPMScheduler(DiscreteVPScheduler):
 
         model_output: (B, *), or (2B, *) = [uncond; cond] with guidance_scale (classifier-free
         guidance, optionally rescaled, fused into the step). Noise: variance_noise (B, *), else
-        generator, else a Philox seed (offset advances per step unless given).
+        generator, else a Philox seed (offset advances per step unless given), else torch's global RNG.
         """
         c = self.config
         t = self._discrete_timestep(timestep)

@@ -9,7 +9,14 @@ import torch
 
 from ..ops.sampler_steps import add_noise as _add_noise
 from ..ops.sampler_steps import dpmpp_2m_step
-from ._base import BETA_SCHEDULES, SPACINGS, SchedulerOutput, karras_sigmas, sigmas_to_timesteps
+from ._base import (
+    BETA_SCHEDULES,
+    SPACINGS,
+    SchedulerOutput,
+    check_num_inference_steps,
+    karras_sigmas,
+    sigmas_to_timesteps,
+)
 from ._vp import DiscreteVPScheduler
 
 
@@ -100,8 +107,7 @@ class DPMSolverMultistepScheduler(DiscreteVPScheduler):
         """num_inference_steps int64 timesteps by timestep_spacing (the n + 1 grid without its last point for
         linspace / leading), the sigmas interpolated there, then the final sigma; resets the solver history."""
         c = self.config
-        if not 0 < num_inference_steps <= c.num_train_timesteps:
-            raise ValueError(f"num_inference_steps must be in [1, {c.num_train_timesteps}], got {num_inference_steps}")
+        num_inference_steps = check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
         clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped).item()
         last = c.num_train_timesteps - clipped
         n = num_inference_steps
@@ -168,16 +174,15 @@ class DPMSolverMultistepScheduler(DiscreteVPScheduler):
         """One multistep DPM-Solver++ step; returns prev_sample and the step's x0 (pred_original_sample).
 
         model_output: (B, *), or (2B, *) = [uncond; cond] with guidance_scale. Noise (SDE variant
-        only): variance_noise, else generator, else a Philox seed. return_dict=False gives
-        (prev_sample,), as diffusers.
+        only): variance_noise, else generator, else a Philox seed, else torch's global RNG.
+        return_dict=False gives (prev_sample,), as diffusers.
         """
         self._require_timesteps()
         c = self.config
         if self._step_index is None:
             self._init_step_index(timestep)
         i, count = self._step_index, len(self._host_timesteps)
-        if i >= count:
-            raise ValueError(f"all {count} steps of the schedule have run: call set_timesteps again for a new run")
+        self._check_steps_left(i)
         last_lowered = i == count - 1 and (
             c.euler_at_final or (c.lower_order_final and count < 15) or c.final_sigmas_type == "zero"
         )

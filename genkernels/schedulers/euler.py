@@ -69,6 +69,7 @@ class _SigmaScheduler(DiscreteVPScheduler):
             )
         if self._step_index is None:
             self._init_step_index(timestep)
+        self._check_steps_left(self._step_index)
         return self._sigmas[self._step_index], self._sigmas[self._step_index + 1]
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -215,7 +216,8 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         """One Euler-ancestral step: Euler down to sigma_down, plus sigma_up * noise.
 
         model_output: (B, *), or (2B, *) = [uncond; cond] with guidance_scale. Noise:
-        variance_noise, else generator, else a Philox seed (offset advances per step unless given).
+        variance_noise, else generator, else a Philox seed (offset advances per step unless given),
+        else torch's global RNG.
         """
         sigma, sigma_next = self._current_sigmas(timestep)
         noise = self._noise_options(sample, generator, variance_noise, seed, offset) if sigma_next > 0 else {}

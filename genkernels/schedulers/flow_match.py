@@ -10,7 +10,7 @@ import torch
 
 from ..ops.sampler_steps import add_noise as _add_noise
 from ..ops.sampler_steps import flow_euler_step
-from ._base import SchedulerBase, SchedulerOutput
+from ._base import SchedulerBase, SchedulerOutput, check_num_inference_steps
 
 
 class FlowMatchEulerDiscreteScheduler(SchedulerBase):
@@ -90,8 +90,7 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         if c.use_dynamic_shifting and mu is None:
             raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting is True")
         if sigmas is None:
-            if num_inference_steps is None or num_inference_steps < 1:
-                raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+            num_inference_steps = check_num_inference_steps(num_inference_steps, None)
             n = c.num_train_timesteps
             values = np.linspace(self.sigma_max * n, self.sigma_min * n, num_inference_steps) / n
         else:
@@ -136,8 +135,9 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         """One Euler step along the predicted velocity (or, with stochastic_sampling, re-noise x0 to sigma_next).
 
         model_output: the velocity (B, *), or (2B, *) = [uncond; cond] with guidance_scale. s_churn,
-        s_tmin, s_tmax, s_noise are accepted and unused, as in diffusers. return_dict=False gives
-        (prev_sample,), as diffusers.
+        s_tmin, s_tmax, s_noise are accepted and unused, as in diffusers. Noise (stochastic_sampling
+        only): variance_noise, else generator, else a Philox seed, else torch's global RNG.
+        return_dict=False gives (prev_sample,), as diffusers.
         """
         if per_token_timesteps is not None:
             raise ValueError("per_token_timesteps is not supported")
@@ -145,6 +145,7 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
             raise ValueError("FlowMatchEulerDiscreteScheduler.step() takes one of scheduler.timesteps, not an index")
         if self._step_index is None:
             self._init_step_index(timestep)
+        self._check_steps_left(self._step_index)
         sigma, sigma_next = self._sigmas[self._step_index], self._sigmas[self._step_index + 1]
         stochastic = self.config.stochastic_sampling
         noise = self._noise_options(sample, generator, variance_noise, seed, offset) if stochastic else {}
