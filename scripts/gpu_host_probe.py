@@ -1,7 +1,8 @@
 """Where a call's CPU time goes on a GPU machine: host microseconds of eager ops, genkernels ops and autograd,
-cProfile of the genkernels paths, and Triton's launch cost against its compiled launcher alone.
+cProfile of the genkernels paths, Triton's launch cost against its compiled launcher alone, and a DiT-XL/2
+sampling loop with plain calls against one replayed CUDA graph.
 
-    python scripts/gpu_host_probe.py [OUT_FILE]
+    python scripts/gpu_host_probe.py [OUT_FILE] [--sampling-only]
 
 Without a GPU it says so and exits 0.
 """
@@ -103,12 +104,57 @@ def dit_float32_sources(dev) -> None:
             _registry.select, gated_mlp.gelu_epilogue = select, epilogue
 
 
+def sampling_loops(dev, config=None, batch: int = 2, steps: int = 10, modes=("plain", "graph")) -> dict:
+    """Wall milliseconds of ``genkernels.train.sample_diffusion`` on a DiT (default: DiT-XL/2 on 32 x 32 x 4
+    latents, bf16 on a GPU), ``batch`` images with guidance (the model runs on 2 x batch), ddim, ``steps`` steps:
+    the genkernels model and its PyTorch-layers twin, each with plain calls and replayed from a CUDA graph (the
+    capture, three forwards, counted in). One untimed call of each first (compiles, autotuning). Returns
+    {row: ms}; also printed."""
+    from genkernels import train
+    from genkernels.models import DiT, DiTConfig
+    from genkernels.models._layers import with_torch_layers
+
+    config = config or DiTConfig.dit_xl_2()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    with torch.device(dev):  # initialized where it runs: 675 M parameters
+        model = DiT(config).to(dtype).eval()
+    models = {"genkernels": model, "PyTorch layers": with_torch_layers(model)}
+    size = config.sample_size
+    meta = {"objective": "eps", "schedule": train.Schedule().__dict__, "image_shape": [config.in_channels, size, size]}
+    labels = torch.arange(batch) % max(1, config.num_classes)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    times = {}
+    say(f"\n## sampling loop: DiT dim {config.dim} depth {config.depth}, {size}x{size}x{config.in_channels}, ")
+    say(f"batch {batch} with guidance (model batch {2 * batch}), ddim {steps} steps, {dtype}: wall ms a call")
+    for name, m in models.items():
+        for mode in modes:
+
+            def call(m=m, mode=mode):
+                return train.sample_diffusion(
+                    m, meta, labels, sampler="ddim", steps=steps, guidance=4.0, seed=0, cuda_graph=mode == "graph"
+                )
+
+            call()
+            sync()
+            t0 = time.perf_counter()
+            call()
+            sync()
+            times[f"{name}, {mode}"] = ms = (time.perf_counter() - t0) * 1e3
+            say(f"  {ms:10.1f}  {name}, {mode} ({ms / steps:.2f} ms a step)")
+    return times
+
+
 def main() -> int:
     global OUT
-    if len(sys.argv) > 1:
-        OUT = open(sys.argv[1], "w")  # noqa: SIM115
+    args = [a for a in sys.argv[1:] if a != "--sampling-only"]
+    if args:
+        OUT = open(args[0], "w")  # noqa: SIM115
     if not torch.cuda.is_available():
         say("gpu_host_probe: no CUDA GPU here")
+        return 0
+    if "--sampling-only" in sys.argv:
+        say(f"gpu_host_probe: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        sampling_loops(torch.device("cuda"))
         return 0
     import triton
     from triton.runtime import jit
@@ -205,6 +251,7 @@ def main() -> int:
             say(f"  {name}: failed: {type(e).__name__}: {e}")
 
     dit_float32_sources(dev)
+    sampling_loops(dev)
     profile("ops.layer_norm_modulate triton", cases["ops.layer_norm_modulate triton"])
     profile("ops.bias_act triton fwd+bwd", cases["ops.bias_act triton fwd+bwd"], calls=100)
     profile("ops.bias_act cuda fwd+bwd", cases["ops.bias_act cuda fwd+bwd"], calls=100)

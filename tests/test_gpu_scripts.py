@@ -77,6 +77,20 @@ def test_float32_error_breakdown_runs(capsys, monkeypatch):
     assert len(rows) == 6 and all(re.match(r"\s+\d", row) for row in rows), rows
 
 
+def test_sampling_loops_run(capsys, monkeypatch):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_host_probe
+    finally:
+        sys.path.pop(0)
+    from genkernels.models import DiTConfig
+
+    monkeypatch.setattr(gpu_host_probe, "OUT", sys.stdout)
+    times = gpu_host_probe.sampling_loops(torch.device("cpu"), DiTConfig.tiny(num_classes=3), steps=2, modes=("plain",))
+    assert set(times) == {"genkernels, plain", "PyTorch layers, plain"} and all(v > 0 for v in times.values())
+    assert "## sampling loop: DiT dim 32 depth 2, 8x8x1, " in capsys.readouterr().out
+
+
 def test_profile_dit_cases_build(monkeypatch):
     """The DiT block and head-dim-72 attention cases of scripts/gpu_profile.py build their models and inputs (on the
     CPU here: the calls themselves are GPU-sized and run on a GPU only), one per variant the profile compares."""
