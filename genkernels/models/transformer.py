@@ -577,9 +577,10 @@ class _Decoder:
 
     @staticmethod
     def key_of(model: ImageGPT, n: int, temperature: float, top_k) -> tuple:
-        """What the graphs depend on: the arguments, and the parameters' and buffers' addresses and dtypes."""
+        """What the graphs depend on: the arguments, the parameters' and buffers' addresses and dtypes, and CUDA
+        autocast's state (a graph captured under autocast runs its casts at every replay)."""
         tensors = [*model.parameters(), *model.buffers()]
-        return (n, float(temperature), top_k, tuple((t.data_ptr(), t.dtype) for t in tensors))
+        return (n, float(temperature), top_k, tuple((t.data_ptr(), t.dtype) for t in tensors), _cuda_autocast())
 
     def _steps(self) -> None:
         for cache in self.caches:
@@ -631,6 +632,14 @@ class _Decoder:
         else:
             self._steps()
         return self.tokens.clone()
+
+
+def _cuda_autocast() -> torch.dtype | None:
+    """The dtype CUDA autocast casts to in this context, or None when it is off."""
+    if not torch.is_autocast_enabled("cuda"):
+        return None
+    get = getattr(torch, "get_autocast_dtype", None)  # torch >= 2.4; before, the GPU-only getter
+    return get("cuda") if get is not None else torch.get_autocast_gpu_dtype()
 
 
 def _no_decoder() -> None:

@@ -69,3 +69,18 @@ def test_forward_names_tokens_that_are_not_a_tensor():
     """A nested list of tokens failed with "'list' object has no attribute 'dim'"."""
     with pytest.raises(TypeError, match=r"tokens must be an int64 torch.Tensor \(B, T\), got list"):
         tiny()([[0, 1]], torch.tensor([0]))
+
+
+def test_graph_key_follows_cuda_autocast(monkeypatch):
+    """Graphs captured under CUDA autocast replay its casts: a call outside autocast (or under another dtype) must
+    not reuse them, so the decoder's key holds autocast's state."""
+    from genkernels.models.transformer import _Decoder
+
+    model = tiny()
+    plain = _Decoder.key_of(model, 3, 1.0, None)
+    assert plain == _Decoder.key_of(model, 3, 1.0, None)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda")
+    for dtype in (torch.bfloat16, torch.float16):
+        monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type, dtype=dtype: dtype)
+        key = _Decoder.key_of(model, 3, 1.0, None)
+        assert key != plain and key[-1] == dtype
