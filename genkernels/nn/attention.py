@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_backend, positive_int
 from ..ops.attention import attention
 
 
@@ -51,8 +52,13 @@ class Attention(torch.nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        query_dim = positive_int("query_dim", query_dim)
+        heads, dim_head = positive_int("heads", heads), positive_int("dim_head", dim_head)
         inner = heads * dim_head
-        context_dim = query_dim if cross_attention_dim is None else cross_attention_dim
+        context_dim = (
+            query_dim if cross_attention_dim is None else positive_int("cross_attention_dim", cross_attention_dim)
+        )
+        backend = check_backend(backend)
         self.query_dim, self.cross_attention_dim = query_dim, context_dim
         self.heads, self.dim_head, self.backend = heads, dim_head, backend
         self.to_q = torch.nn.Linear(query_dim, inner, bias=bias, **factory)
@@ -93,11 +99,22 @@ class Attention(torch.nn.Module):
                 "hidden_states must be (B, L, query_dim) or (B, query_dim, H, W), got shape "
                 f"{tuple(hidden_states.shape)}"
             )
-        if encoder_hidden_states is not None and encoder_hidden_states.dim() != 3:
+        if hidden_states.shape[-1 if hidden_states.dim() == 3 else 1] != self.query_dim:
             raise ValueError(
-                "encoder_hidden_states must be None or (B, S, cross_attention_dim), got shape "
-                f"{tuple(encoder_hidden_states.shape)}"
+                f"hidden_states must be (B, L, query_dim = {self.query_dim}) or (B, query_dim = {self.query_dim}, "
+                f"H, W), got shape {tuple(hidden_states.shape)}"
             )
+        if encoder_hidden_states is not None:
+            if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[-1] != self.cross_attention_dim:
+                raise ValueError(
+                    f"encoder_hidden_states must be None or (B, S, cross_attention_dim = {self.cross_attention_dim}), "
+                    f"got shape {tuple(encoder_hidden_states.shape)}"
+                )
+            if encoder_hidden_states.shape[0] != hidden_states.shape[0]:
+                raise ValueError(
+                    f"encoder_hidden_states has batch size {encoder_hidden_states.shape[0]} but hidden_states has "
+                    f"{hidden_states.shape[0]}: they must be equal"
+                )
         image_shape = None
         if hidden_states.dim() == 4:
             image_shape = hidden_states.shape

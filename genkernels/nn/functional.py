@@ -17,6 +17,8 @@ from ..ops.attention import attention
 
 __all__ = ["scaled_dot_product_attention"]
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 # torch.nn.functional.scaled_dot_product_attention takes enable_gqa from torch 2.5 on.
 _TORCH_HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -48,6 +50,21 @@ def _check_valid(query, key, value, attn_mask, enable_gqa) -> None:
                 f"scaled_dot_product_attention: {name} must have at least 2 dimensions (N, ..., L, E), "
                 f"got shape {tuple(t.shape)}"
             )
+    if not query.dtype == key.dtype == value.dtype:
+        raise RuntimeError(
+            f"scaled_dot_product_attention: query, key and value must share one dtype, got query {query.dtype}, "
+            f"key {key.dtype} and value {value.dtype}"
+        )
+    if query.dtype not in _DTYPES:
+        raise RuntimeError(
+            "scaled_dot_product_attention: query, key and value must be float16, bfloat16, float32 or float64, "
+            f"got {query.dtype}"
+        )
+    if not query.device == key.device == value.device:
+        raise RuntimeError(
+            f"scaled_dot_product_attention: query, key and value must be on one device, got query {query.device}, "
+            f"key {key.device} and value {value.device}"
+        )
     if query.shape[-1] != key.shape[-1]:
         raise RuntimeError(
             f"scaled_dot_product_attention: query and key must have the same embedding size E (last dimension), "

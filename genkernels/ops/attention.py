@@ -104,6 +104,12 @@ def _last_dim_unit(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _dense_mask(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The key padding mask as the fast kernels read it: a contiguous (B, Lkv) array (a transposed or expanded
+    mask, as a traced call passes it with its own strides, is copied once)."""
+    return None if key_padding_mask is None else key_padding_mask.contiguous()
+
+
 def _in_q_order(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """out (B, Hq, Lq, D) in q's memory order (:func:`genkernels._layout.heads_like`), as the fast backends
     write it: copied into heads-inner memory where q's heads are inner and out's are not."""
@@ -320,6 +326,7 @@ def _attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, out's rounding residual); custom ops cannot return None: an empty residual is none."""
     q, k, v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
+    key_padding_mask = _dense_mask(key_padding_mask)
     impl = _select(backend, q, k, v, causal, scale, key_padding_mask, needs_grad).impl
     out, lse, residual = impl.attention_forward(q, k, v, causal, scale, key_padding_mask, needs_grad)
     return out, lse, q.new_empty((0,)) if residual is None else residual
@@ -351,6 +358,7 @@ def _attention_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, dout = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v), _last_dim_unit(dout)
+    key_padding_mask = _dense_mask(key_padding_mask)
     impl = _select(backend, q, k, v, causal, scale, key_padding_mask, True).impl
     residual = out_residual if out_residual.numel() else None
     return impl.attention_backward(dout, q, k, v, out, lse, causal, scale, key_padding_mask, residual)
@@ -432,9 +440,9 @@ def attention(
     chosen = _select(backend, q, k, v, causal, scale, key_padding_mask, needs_grad)
     if chosen.name == "reference":  # empty inputs too: no launch, and autograd still gives zero gradients
         return _in_q_order(attention_reference(q, k, v, causal, scale, key_padding_mask), q)
-    if key_padding_mask is not None:
-        key_padding_mask = key_padding_mask.contiguous()
-    return _autograd.apply(_AttentionFunction, q, k, v, key_padding_mask, causal, scale, needs_grad, chosen.impl)
+    return _autograd.apply(
+        _AttentionFunction, q, k, v, _dense_mask(key_padding_mask), causal, scale, needs_grad, chosen.impl
+    )
 
 
 _registry.register_check(OP, attention, _check)
