@@ -59,6 +59,7 @@ class _SigmaScheduler(DiscreteVPScheduler):
         """sample / sqrt(sigma^2 + 1): the model sees a unit-variance input."""
         if self._step_index is None:
             self._init_step_index(timestep)
+        self._check_steps_left(self._step_index)
         sigma = self._sigmas[self._step_index]
         return sample / math.sqrt(sigma * sigma + 1.0)
 

@@ -106,6 +106,9 @@ def test_a_step_past_the_end_says_so(name):
         x = sched.step(0.1 * x, t, x, **_noise_like(name, x)).prev_sample
     with pytest.raises(ValueError, match="all 3 steps of the schedule have run"):
         sched.step(0.1 * x, sched.timesteps[-1], x, **_noise_like(name, x))
+    if hasattr(sched, "scale_model_input") and name != "FlowMatchEulerDiscreteScheduler":
+        with pytest.raises(ValueError, match="all 3 steps of the schedule have run"):  # was an IndexError
+            sched.scale_model_input(x, sched.timesteps[-1])
 
 
 def _noise_like(name, x):
