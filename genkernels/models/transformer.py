@@ -308,11 +308,19 @@ class ImageGPT(torch.nn.Module):
 
     def quantize(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) in [-1, 1] -> tokens (B, L) int64 in [0, levels): round((x + 1) / 2 * (levels - 1)),
-        raster order, channels interleaved (values outside [-1, 1] clamp)."""
+        raster order, channels interleaved (values outside [-1, 1] clamp; NaN is refused, checked on CPU tensors,
+        where it needs no synchronization)."""
         cfg = self.config
         shape = (cfg.channels, cfg.image_size, cfg.image_size)
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            what = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+            raise TypeError(
+                f"images must be a floating-point tensor in [-1, 1], got {what} (8-bit images: x / 127.5 - 1)"
+            )
         if images.dim() != 4 or tuple(images.shape[1:]) != shape:
             raise ValueError(f"images must be (B, {', '.join(map(str, shape))}), got shape {tuple(images.shape)}")
+        if images.device.type == "cpu" and torch.isnan(images).any():
+            raise ValueError("images hold NaN")
         t = torch.round((images.float().clamp(-1, 1) + 1) * ((cfg.levels - 1) / 2)).long()
         return t.permute(0, 2, 3, 1).flatten(1)
 

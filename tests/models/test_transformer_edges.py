@@ -84,3 +84,18 @@ def test_graph_key_follows_cuda_autocast(monkeypatch):
         monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type, dtype=dtype: dtype)
         key = _Decoder.key_of(model, 3, 1.0, None)
         assert key != plain and key[-1] == dtype
+
+
+def test_quantize_refuses_integer_and_nan_images():
+    """uint8 images in 0..255 all clamped to the top level, and NaN became an out-of-range token that loss()
+    reported as "tokens must be in [0, levels)"."""
+    model = tiny()
+    with pytest.raises(TypeError, match=r"images must be a floating-point tensor in \[-1, 1\], got torch.uint8"):
+        model.quantize(torch.full((2, 1, 2, 2), 200, dtype=torch.uint8))
+    images = torch.zeros(2, 1, 2, 2)
+    images[1, 0, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match="images hold NaN"):
+        model.loss(images, torch.tensor([0, 1]))
+    assert torch.equal(
+        model.quantize(torch.tensor([-1.0, -0.5, 0.5, 1.0]).view(1, 1, 2, 2)), torch.tensor([[0, 1, 3, 4]])
+    )
