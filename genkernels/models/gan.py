@@ -220,7 +220,11 @@ class MappingNetwork(torch.nn.Module):
         self, z: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None
     ) -> torch.Tensor:
         """ws (N, num_ws, w_dim) in z's dtype: the same w for every layer, truncated for the first
-        ``truncation_cutoff`` (None: all) as w_avg + psi (w - w_avg)."""
+        ``truncation_cutoff`` (None: all) as w_avg + psi (w - w_avg); psi a finite number (or a tensor)."""
+        if not isinstance(truncation_psi, torch.Tensor):
+            if not is_finite_real(truncation_psi):  # NaN / inf would make every image NaN, silently
+                raise ValueError(f"truncation_psi must be a finite number, got {truncation_psi!r}")
+            truncation_psi = float(truncation_psi)
         if truncation_cutoff is not None:
             if not is_integer(truncation_cutoff) or truncation_cutoff < 0:
                 raise ValueError(

@@ -646,7 +646,7 @@ class AutoencoderKL(torch.nn.Module):
         """Encode and decode the whole batch at once (the default)."""
         self.use_slicing = False
 
-    def _set_tiles(self, tile_sample_min_size: int | None, tile_overlap_factor: float) -> None:
+    def _set_tiles(self, tile_sample_min_size: int | None, tile_overlap_factor: float, aligned: bool = False) -> None:
         size = self.config.sample_size if tile_sample_min_size is None else tile_sample_min_size
         size = size[0] if isinstance(size, tuple) else size
         if not is_integer(size) or size < self.config.downscale:
@@ -661,6 +661,18 @@ class AutoencoderKL(torch.nn.Module):
                 f"tile_overlap_factor must be in [0, 1) and leave a step of at least one latent pixel of the "
                 f"{latent}-pixel latent tile, got {tile_overlap_factor!r}"
             )
+        if aligned:
+            # Each tile's kept part must span as many image pixels as the step between tiles, in both
+            # directions, or the stitched result has the wrong size (the formulas _tiled_decode / _encode use).
+            down = self.config.downscale
+            decode_ok = int(latent * (1 - overlap)) * down == size - int(size * overlap)
+            encode_ok = int(size * (1 - overlap)) == (latent - int(latent * overlap)) * down
+            if size % down or not (decode_ok and encode_ok):
+                raise ValueError(
+                    f"tile_sample_min_size={size} and tile_overlap_factor={overlap} do not tile evenly: the tile must "
+                    f"be a multiple of 2 ** (levels - 1) = {down} and its step and overlap whole latent pixels (e.g. a "
+                    f"multiple of {4 * down} with overlap 0.25)"
+                )
         self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor = size, latent, overlap
 
     def enable_tiling(self, tile_sample_min_size: int | None = None, tile_overlap_factor: float = 0.25) -> None:
@@ -673,9 +685,11 @@ class AutoencoderKL(torch.nn.Module):
         (already blended) neighbours with linear ramps, and keeps its first tile_sample_min_size - blend
         rows and columns (diffusers' tiled_decode); encoding does the same with the roles of the image
         and latent tiles swapped. Memory is that of one tile; the result differs slightly from untiled
-        decoding (each tile sees only its own context).
+        decoding (each tile sees only its own context). The tile size must be a multiple of 2 ** (levels - 1)
+        and the steps and blends whole latent pixels (e.g. a multiple of 4 * 2 ** (levels - 1) with overlap
+        0.25), else a ValueError: tiles that do not line up would stitch into an image of the wrong size.
         """
-        self._set_tiles(tile_sample_min_size, tile_overlap_factor)
+        self._set_tiles(tile_sample_min_size, tile_overlap_factor, aligned=True)
         self.use_tiling = True
 
     def disable_tiling(self) -> None:
@@ -707,7 +721,8 @@ class AutoencoderKL(torch.nn.Module):
         """The posterior of images x.
 
         Args:
-            x: (B, in_channels, H, W), contiguous or channels_last, in the parameters' dtype.
+            x: (B, in_channels, H, W), H and W divisible by 2 ** (levels - 1), contiguous or
+                channels_last, in the parameters' dtype.
             return_dict: return an :class:`AutoencoderKLOutput` (``.latent_dist``), else a 1-tuple.
 
         Returns the :class:`DiagonalGaussian` over the (B, latent_channels, H / 2^(L-1), W / 2^(L-1))
@@ -715,6 +730,11 @@ class AutoencoderKL(torch.nn.Module):
         """
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"x must be (B, {self.config.in_channels}, H, W), got shape {tuple(x.shape)}")
+        down = self.config.downscale
+        if x.shape[2] % down or x.shape[3] % down:  # the stride-2 convolutions would drop the remainder
+            raise ValueError(
+                f"x must have H and W divisible by 2 ** (levels - 1) = {down}, got H={x.shape[2]}, W={x.shape[3]}"
+            )
         if self.use_slicing and x.shape[0] > 1:
             moments = torch.cat([self._encode_moments(s) for s in x.split(1)])
         else:

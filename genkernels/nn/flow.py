@@ -124,8 +124,16 @@ class AffineCoupling(torch.nn.Module):
                 zero_conv3x3(hidden_channels, h_channels),
             )
         self.h_channels = h_channels
+        self._default_net = conditioner is None
 
-    def _conditioner(self, x_a: torch.Tensor) -> torch.Tensor:
+    def _conditioner(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        # Conv2d reads a 3-D input as one unbatched image: (N, Ca, L) would mix the samples silently.
+        if self._default_net and x.dim() != 4:
+            raise ValueError(
+                f"{name} must be (N, C, H, W) for the default conditioner (2-D convolutions), got shape "
+                f"{tuple(x.shape)}; pass conditioner= for other shapes"
+            )
+        x_a = x[:, : self.split]
         h = self.net(x_a)
         if h.shape[0] != x_a.shape[0] or h.shape[1] != self.h_channels or h.shape[2:] != x_a.shape[2:]:
             raise ValueError(
@@ -137,7 +145,7 @@ class AffineCoupling(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, C, *spatial) -> (y in x's dtype and layout, logdet (N,) = sum log s)."""
         _check_input("x", x, self.channels)
-        h = self._conditioner(x[:, : self.split])
+        h = self._conditioner("x", x)
         return affine_coupling(x, h, scale=self.scale, clamp=self.clamp, backend=self.backend)
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +155,7 @@ class AffineCoupling(torch.nn.Module):
         runs on the reference op: auto picks it, a pinned fast backend raises UnsupportedError (wrap
         sampling in ``torch.no_grad()``)."""
         _check_input("y", y, self.channels)
-        h = self._conditioner(y[:, : self.split])
+        h = self._conditioner("y", y)
         return affine_coupling(y, h, scale=self.scale, clamp=self.clamp, reverse=True, backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -599,7 +599,8 @@ def reparameterize(
             and logvar = moments[:, C:] (diffusers' DiagonalGaussianDistribution), read in place.
         noise: eps given explicitly, mean's shape and dtype.
         seed, offset: key and stream of the in-kernel Philox eps (genkernels.ops.schedule's
-            stream; every backend draws the same numbers for the same seed and offset).
+            stream; every backend draws the same numbers for the same seed and offset). Ignored
+            when noise or a generator is given.
         generator: a torch.Generator: the fast backends draw one int64 seed with it (on its device,
             no host synchronization); the reference draws eps with ``torch.randn`` on it.
             Without noise, generator and seed, the seed comes from the default generator of
@@ -625,7 +626,7 @@ def reparameterize(
     needs_noise = not deterministic and noise is None
     if torch.compiler.is_compiling():
         seed_tensor = None
-        if needs_noise and seed is None:
+        if needs_noise and (seed is None or generator is not None):  # a generator outranks a seed
             seed_tensor = _seed_from(generator, mean.device)
         z, kl = _reparameterize_op(
             first,
@@ -651,7 +652,7 @@ def reparameterize(
         if generator is not None and impl is _ReferenceKernels:
             drawn = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=torch.float32)
             noise = drawn.to(device=mean.device, dtype=mean.dtype if mean.dtype == torch.float64 else torch.float32)
-        elif seed is not None:
+        elif seed is not None and generator is None:  # a generator outranks a seed (as on the reference)
             seed_int = seed
         else:
             drawn = _seed_from(generator, mean.device)
