@@ -166,6 +166,30 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+def _timesteps(t, batch: int, device: torch.device) -> torch.Tensor:
+    """t (a number, a 0-d or (batch,) tensor) as a (batch,) tensor on ``device``; NumPy scalars as Python's
+    (float32 for a float). A bool is no timestep (True would run at t = 1): a TypeError."""
+    t = torch.as_tensor(as_number(t), device=device)
+    if t.dtype == torch.bool:  # True, np.bool_ or a bool tensor
+        raise TypeError(f"t must be a number, a 0-d tensor or shape ({batch},) of timesteps, got bools")
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"t must be a number, a 0-d tensor or shape ({batch},), got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_labels(labels, batch: int, limit: int) -> None:
+    """Raise a clear error unless labels is a (batch,) tensor of integers (any integer dtype) in [0, limit)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be None or an integer tensor of shape ({batch},), got {type(labels).__name__}")
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape ({batch},) (one per sample), got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (int64, int32, int16, uint8 ...), got {labels.dtype}")
+    check_indices("labels", labels, limit)
+
+
 class FeedForward(torch.nn.Module):
     """GEGLU feed-forward: proj_out(a * gelu(g)) with (a, g) = proj_in(x) split in two; (B, L, C) -> (B, L, C)."""
 
@@ -318,7 +342,7 @@ class UNet(torch.nn.Module):
 
         No effect on a ``torch_layers`` model (its layers run PyTorch's own kernels).
         """
-        set_layers_backend(self, backend)
+        set_layers_backend(self, check_backend(backend))
         return self
 
     def context(self, labels: torch.Tensor | None, batch: int, device: torch.device, dtype: torch.dtype):
@@ -327,11 +351,7 @@ class UNet(torch.nn.Module):
             raise ValueError("this UNet has num_classes=0: pass encoder_hidden_states instead of labels")
         if labels is None:
             labels = torch.full((batch,), self.null_label, device=device, dtype=torch.long)
-        if labels.shape != (batch,):
-            raise ValueError(f"labels must have shape ({batch},) (one per sample), got {tuple(labels.shape)}")
-        if labels.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        check_indices("labels", labels, self.null_label + 1)
+        _check_labels(labels, batch, self.null_label + 1)
         return self.class_embedding(labels.long()).to(dtype)[:, None, :]
 
     def forward(
@@ -360,11 +380,7 @@ class UNet(torch.nn.Module):
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"H and W must be divisible by {factor} (2 ** (levels - 1)), got {tuple(x.shape[2:])}")
         b = x.shape[0]
-        t = torch.as_tensor(as_number(t), device=x.device)  # NumPy scalars as Python's: float32 for a float
-        if t.dim() == 0:
-            t = t.expand(b)
-        if t.shape != (b,):
-            raise ValueError(f"t must be a number, a 0-d tensor or shape ({b},), got shape {tuple(t.shape)}")
+        t = _timesteps(t, b, x.device)
         if encoder_hidden_states is None:
             context = self.context(labels, b, x.device, x.dtype)
         else:
@@ -793,11 +809,7 @@ class DiT(torch.nn.Module):
             return c
         if labels is None:
             labels = torch.full((b,), self.null_label, device=t.device, dtype=torch.long)
-        if labels.shape != (b,):
-            raise ValueError(f"labels must have shape ({b},) (one per sample), got {tuple(labels.shape)}")
-        if labels.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        check_indices("labels", labels, self.null_label + 1)
+        _check_labels(labels, b, self.null_label + 1)
         return c + self.class_embedding(labels.long()).to(dtype)
 
     def _blocks_and_final(self, tokens: torch.Tensor, c_act: torch.Tensor, rope) -> torch.Tensor:
@@ -845,11 +857,7 @@ class DiT(torch.nn.Module):
             raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got shape {tuple(x.shape)}")
         rows, cols = cfg.grid_size(x.shape[2], x.shape[3])
         b, p = x.shape[0], cfg.patch_size
-        t = torch.as_tensor(as_number(t), device=x.device)  # NumPy scalars as Python's: float32 for a float
-        if t.dim() == 0:
-            t = t.expand(b)
-        if t.shape != (b,):
-            raise ValueError(f"t must be a number, a 0-d tensor or shape ({b},), got shape {tuple(t.shape)}")
+        t = _timesteps(t, b, x.device)
         c_act = F.silu(self.condition(t, labels, x.dtype))
 
         # (B, dim, rows, cols) -> (B, L, dim), made contiguous once: every op reads whole token rows.

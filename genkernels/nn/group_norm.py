@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_backend
 from ..ops.group_norm import group_norm
 
 
@@ -20,7 +21,7 @@ class GroupNorm(torch.nn.GroupNorm):
 
     def __init__(self, *args, backend: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.backend = backend
+        self.backend = check_backend(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, C, *) -> (N, C, *) in x's dtype and layout: (x - mean) / sqrt(var + eps) * weight + bias, mean
@@ -34,6 +35,7 @@ class GroupNorm(torch.nn.GroupNorm):
     @classmethod
     def from_torch(cls, module: torch.nn.GroupNorm, backend: str | None = None) -> GroupNorm:
         """A genkernels module sharing ``module``'s parameters (no copy)."""
+        backend = check_backend(backend)
         new = cls.__new__(cls)
         new.__dict__.update(module.__dict__)
         new.backend = backend

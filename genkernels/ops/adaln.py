@@ -188,8 +188,8 @@ def _mod3(t: Tensor | None, groups: int, tokens: int) -> Tensor | None:
         return None
     if t.dim() == 3 or (t.shape[0] == groups * tokens and tokens > 1):
         return t.reshape(groups, tokens, t.shape[-1])
-    if tokens == 0:  # no rows (L = 0): the groups are not known from them, and nothing is modulated
-        return t[:0, None, :]
+    if tokens == 0:  # L = 0, nothing modulated: groups is B in the public ops, 0 for the kernels' 2-D views
+        return t[:groups, None, :]
     return t[:, None, :]
 
 

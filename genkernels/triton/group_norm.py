@@ -257,8 +257,8 @@ def group_norm_forward(
     """GroupNorm of x over ``groups`` groups, affine, then SiLU when ``silu``.
 
     x: (N, C, *spatial) fp32/fp16/bf16, contiguous or channels last, numel > 0. weight, bias:
-    None or contiguous (C,) in x's dtype or float32. Returns (y, mean, rstd): y like x (dtype,
-    shape, layout); mean and rstd float32 (N, groups), statistics in float32.
+    None or (C,) in x's dtype or float32 (copied once when not contiguous). Returns (y, mean,
+    rstd): y like x (dtype, shape, layout); mean and rstd float32 (N, groups), statistics in float32.
     """
     lay = image_layout(x)
     plan = _plan(lay, groups, x.element_size(), x.device, backward=False)
@@ -267,8 +267,9 @@ def group_norm_forward(
     y = torch.empty_like(x)
     mean = torch.empty((n, groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty((n, groups), device=x.device, dtype=torch.float32)
-    w = weight if weight is not None else x  # never read: HAS_WEIGHT is False
-    b = bias if bias is not None else x
+    # The kernels index weight and bias as contiguous (C,): a strided view (weight[::2]) is copied once.
+    w = weight.contiguous() if weight is not None else x  # x: never read, HAS_WEIGHT is False
+    b = bias.contiguous() if bias is not None else x
     tiling, affine = _tiling(plan, cg), _affine(weight, bias, silu)
     with on_device(x):
         if plan.single_pass:
@@ -322,8 +323,9 @@ def group_norm_backward(
         dbias = torch.empty(c, device=x.device, dtype=(bias if bias is not None else x).dtype)
     if not (needs_dx or needs_sums):
         return None, None, None
-    w = weight if weight is not None else x  # never read: HAS_WEIGHT is False
-    b = bias if bias is not None else x
+    # The kernels index weight and bias as contiguous (C,): a strided view (weight[::2]) is copied once.
+    w = weight.contiguous() if weight is not None else x  # x: never read, HAS_WEIGHT is False
+    b = bias.contiguous() if bias is not None else x
     splits, tps = plan.splits, plan.tiles_per_split
     # Per (n, split, c) sums of dz and dz * xhat, float32.
     sum_dz = torch.empty((n * splits * c,), device=x.device, dtype=torch.float32)
