@@ -137,7 +137,7 @@ def _may_overlap(a: Tensor, b: Tensor) -> bool:
 def _check_inplace(q: Tensor, k: Tensor | None) -> None:
     """inplace=True writes each element of q and k once from its own old value: none may be written twice."""
     if q.device.type == "meta" or torch.compiler.is_compiling():
-        return  # no addresses (meta), or the compiler tracks aliasing
+        return  # no addresses: meta, or traced (``genkernels::rope_`` checks the tensors it runs on)
     for name, t in (("q", q), ("k", k)):
         if t is not None and torch._debug_has_internal_overlap(t) == 1:
             raise ValueError(
@@ -169,12 +169,7 @@ def _check_k_out(q: Tensor, k: Tensor | None, k_out, inplace: bool) -> None:
         )
     if k_out.shape[-1] > 1 and k_out.stride(-1) != 1:
         raise ValueError(f"k_out must have a unit last stride (any other strides), got strides {k_out.stride()}")
-    # Element overlap (as inplace's check): not on the meta device (no addresses), nor while traced (the
-    # compiler tracks aliasing). A slot of a buffer that also holds q or k is fine where no element is shared.
-    if k_out.device.type != "meta" and not torch.compiler.is_compiling():
-        for name, t in (("q", q), ("k", k)):
-            if _may_overlap(k_out, t):
-                raise ValueError(f"k_out must not share memory with {name} (for k's own memory use inplace=True)")
+    _check_k_out_memory(q, k, k_out)
     if torch.is_grad_enabled():
         for name, t in (("q", q), ("k", k)):
             if t.requires_grad:
@@ -182,6 +177,16 @@ def _check_k_out(q: Tensor, k: Tensor | None, k_out, inplace: bool) -> None:
                     f"rope(k_out=...) writes outside autograd and {name} requires grad: call it under "
                     "torch.no_grad(), or leave k_out None"
                 )
+
+
+def _check_k_out_memory(q: Tensor, k: Tensor, k_out: Tensor) -> None:
+    """k_out shares no element with q or k (a slot of a buffer that also holds them is fine). Not on the meta
+    device (no addresses), nor while traced (``genkernels::rope_into`` checks the tensors it runs on)."""
+    if k_out.device.type == "meta" or torch.compiler.is_compiling():
+        return
+    for name, t in (("q", q), ("k", k)):
+        if _may_overlap(k_out, t):
+            raise ValueError(f"k_out must not share memory with {name} (for k's own memory use inplace=True)")
 
 
 # --------------------------------------------------------------------------- reference
@@ -435,6 +440,7 @@ _rope_op.register_autograd(_op_backward, setup_context=_op_setup)
     schema="(Tensor(a!) q, Tensor(b!)? k, Tensor cos, Tensor sin, bool interleaved, str backend) -> ()",
 )
 def _rope_inplace_op(q: Tensor, k: Tensor | None, cos: Tensor, sin: Tensor, interleaved: bool, backend: str) -> None:
+    _check_inplace(q, k)  # the traced call's tensors, as the graph runs (a trace has no addresses)
     _apply_inplace(_impl_for(backend, q, k, cos, sin, interleaved), q, k, cos, sin, interleaved)
 
 
@@ -460,6 +466,7 @@ def _rotate_into(impl, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, k_out: Te
 def _rope_into_op(
     q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, k_out: Tensor, interleaved: bool, backend: str
 ) -> Tensor:
+    _check_k_out_memory(q, k, k_out)  # the traced call's tensors, as the graph runs (a trace has no addresses)
     return _rotate_into(_impl_for(backend, q, k, cos, sin, interleaved), q, k, cos, sin, k_out, interleaved)
 
 
@@ -521,6 +528,15 @@ def rope(
         if inplace:
             _rope_inplace_op(q, k, cos, sin, interleaved, backend or "")
             return q, k
+        if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+            # As the eager call: genkernels::rope's autograd differentiates q and k only, so tables that require
+            # grad run on the reference (its torch operations trace), and an explicit fast backend refuses them.
+            if backend in ("triton", "cuda"):
+                raise _registry.UnsupportedError(
+                    f"{OP}: backend {backend!r} cannot run this call: cos or sin requires grad: the fused backward "
+                    "differentiates q and k only"
+                )
+            return rope_reference(q, k, cos, sin, interleaved=interleaved)
         qo, ko = _rope_op(q, k, cos, sin, interleaved, False, backend or "")
         return qo, (ko if k is not None else None)
     if q.numel() == 0 and (k is None or k.numel() == 0):  # empty: no launch, after an explicit backend's check
