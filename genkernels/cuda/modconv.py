@@ -156,11 +156,13 @@ def epilogue_not_supported(
     return None
 
 
-def _check_float32(**tensors: Tensor | None) -> None:
-    """Raises ValueError for a side input that is not a contiguous float32 tensor (the kernels read raw float32)."""
+def _dense_float32(**tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The side inputs as the kernels index them, dense (a strided view, as the traced op passes a float32 dcoef or
+    bias, is copied once); ValueError for one that is not float32 (the kernels read raw float32)."""
     for name, t in tensors.items():
-        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous float32 tensor, got {t.dtype} with strides {t.stride()}")
+        if t is not None and t.dtype != torch.float32:
+            raise ValueError(f"{name} must be a float32 tensor, got {t.dtype}")
+    return tuple(None if t is None else t.contiguous() for t in tensors.values())
 
 
 def _layout(y: Tensor) -> tuple[bool, torch.memory_format]:
@@ -216,13 +218,13 @@ def epilogue_forward(
     """out = clamp(act(y * dcoef[n, c] + noise[n or 0, 0, h, w] * strength + bias[c]) * gain), one pass.
 
     y: dense (contiguous or channels_last) (N, C, H, W), float32 / float16 / bfloat16, numel > 0.
-    dcoef32: None or contiguous float32 (N, C); noise: None or contiguous (Nn, 1, H, W), Nn in {1, N},
-    float32 / float16 / bfloat16 (others are converted to float32); strength32: None (strength 1) or a
-    float32 (1,) device tensor read in the kernel; bias32: None or contiguous float32 (C,). act: a key of
-    ACTS; alpha, gain: floats; clamp: None or > 0. Returns out with y's shape, strides and dtype. Reads y
-    once and writes out once; never synchronizes with the host."""
+    dcoef32: None or float32 (N, C); noise: None or (Nn, 1, H, W), Nn in {1, N}, float32 / float16 /
+    bfloat16 (others are converted to float32); strength32: None (strength 1) or a float32 (1,) device tensor
+    read in the kernel; bias32: None or float32 (C,); side inputs with other strides are copied once to
+    contiguous. act: a key of ACTS; alpha, gain: floats; clamp: None or > 0. Returns out with y's shape,
+    strides and dtype. Reads y once and writes out once; never synchronizes with the host."""
     ext = require_extension()
-    _check_float32(dcoef32=dcoef32, strength32=strength32, bias32=bias32)
+    dcoef32, strength32, bias32 = _dense_float32(dcoef32=dcoef32, strength32=strength32, bias32=bias32)
     out = torch.empty_like(y)
     noise = _noise(noise)
     device = y.device
@@ -264,7 +266,7 @@ def epilogue_backward(
     other arguments as in :func:`epilogue_forward`. The sums come from per-warp / per-block float32
     partials merged in a fixed order (deterministic, no atomics); never synchronizes."""
     ext = require_extension()
-    _check_float32(dcoef32=dcoef32, strength32=strength32, bias32=bias32)
+    dcoef32, strength32, bias32 = _dense_float32(dcoef32=dcoef32, strength32=strength32, bias32=bias32)
     _, memory_format = _layout(y)
     if not dout.is_contiguous(memory_format=memory_format):
         dout = dout.contiguous(memory_format=memory_format)
