@@ -447,7 +447,8 @@ _coupling_op.register_autograd(_coupling_backward, setup_context=_coupling_setup
 def _actnorm_op(x: Tensor, log_scale: Tensor, bias: Tensor, reverse: bool, backend: str) -> Tensor:
     x = dense_layout(x)
     impl = _select(ACTNORM_OP, backend, x, log_scale, bias, reverse, needs_grad=False)
-    return impl.actnorm_forward(x, log_scale.float().contiguous(), bias.float().contiguous(), reverse)
+    acc = _acc(x)  # float32 for the kernels; float64 for float64 x (the reference only, as on the eager path)
+    return impl.actnorm_forward(x, log_scale.to(acc).contiguous(), bias.to(acc).contiguous(), reverse)
 
 
 @_actnorm_op.register_fake
@@ -467,8 +468,9 @@ def _actnorm_backward_op(
     """(dx or empty, sum_dy, sum_dy_x) of the forward direction."""
     x = dense_layout(x)
     impl = _select(ACTNORM_OP, backend, x, log_scale, bias, False, needs_grad=False)
+    acc = _acc(x)
     dx, sum_dy, sum_dy_x = impl.actnorm_backward(
-        match_layout(dy, x), x, log_scale.float().contiguous(), bias.float().contiguous(), need_dx
+        match_layout(dy, x), x, log_scale.to(acc).contiguous(), bias.to(acc).contiguous(), need_dx
     )
     return (dx if dx is not None else x.new_empty((0,))), sum_dy, sum_dy_x
 

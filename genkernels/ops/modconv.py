@@ -369,13 +369,14 @@ class _DemodFunction(torch.autograd.Function):
         return dweight, dstyles, None, None
 
 
-def _as_tensor32(strength, device: torch.device) -> Tensor | None:
-    """The noise strength as the float32 (1,) tensor the kernels read (None: strength 1)."""
+def _strength_tensor(strength, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor | None:
+    """The noise strength as the (1,) tensor the kernels read, float32 (float64 for float64 y, on the reference)
+    (None: strength 1)."""
     if strength is None:
         return None
     if isinstance(strength, Tensor):
-        return strength.float().reshape(1)
-    return torch.full((1,), float(strength), dtype=torch.float32, device=device)
+        return strength.to(dtype).reshape(1)
+    return torch.full((1,), float(strength), dtype=dtype, device=device)
 
 
 def _noise_for_fast(noise: Tensor | None) -> Tensor | None:
@@ -389,7 +390,7 @@ class _EpilogueFunction(torch.autograd.Function):
     def forward(ctx, y, dcoef, noise, strength, bias, act, alpha, gain, clamp, impl):
         d32 = None if dcoef is None else dcoef.float().contiguous()
         b32 = None if bias is None else bias.float().contiguous()
-        s32 = _as_tensor32(strength, y.device) if noise is not None else None
+        s32 = _strength_tensor(strength, y.device) if noise is not None else None
         nz = _noise_for_fast(noise)
         ctx.save_for_backward(y, dcoef, noise, strength if isinstance(strength, Tensor) else None, bias)
         ctx.kernel_inputs = (d32, nz, s32, b32)
@@ -519,6 +520,13 @@ def _epilogue_impl(backend: str, y: Tensor, dcoef, noise, bias, act: str):
     return _registry.select(EPILOGUE_OP, y, dcoef, **options).impl
 
 
+def _dense(t: Tensor | None) -> Tensor | None:
+    """dcoef or bias as the kernels index them, dense: the traced call's cast to the accumulation dtype leaves a
+    view already in that dtype (a transpose, a slice with a step) as it is, so the ops copy it here, as the eager
+    path does."""
+    return None if t is None else t.contiguous()
+
+
 _EPILOGUE_ARGS = (
     "Tensor? dcoef, Tensor? noise, Tensor? strength, Tensor? bias, str act, float alpha, float gain,"
     " bool has_clamp, float clamp"
@@ -545,7 +553,7 @@ def _epilogue_op(
     backend: str,
 ) -> Tensor:
     """out = clamp(act(y * dcoef + noise * strength + bias) * gain) in y's dtype and layout."""
-    y = dense_layout(y)
+    y, dcoef, bias = dense_layout(y), _dense(dcoef), _dense(bias)
     impl = _epilogue_impl(backend, y, dcoef, noise, bias, act)
     nz = noise if impl is _ReferenceKernels else _noise_for_fast(noise)
     return impl.epilogue_forward(y, dcoef, nz, strength, bias, act, alpha, gain, clamp if has_clamp else None)
@@ -583,7 +591,7 @@ def _epilogue_backward_op(
     """(dy, ddcoef, dbias, dstrength, dnoise): dy like y, the others float32 (float64 for float64 y);
     a gradient that is not needed (or whose input is None) comes back as an empty (0,) tensor. The noise
     gradient is the reference's (the fast backends do not compute it)."""
-    y = dense_layout(y)
+    y, dcoef, bias = dense_layout(y), _dense(dcoef), _dense(bias)
     clamp_ = clamp if has_clamp else None
     need_dcoef, need_bias = need_dcoef and dcoef is not None, need_bias and bias is not None
     need_strength, need_noise = need_strength and noise is not None, need_noise and noise is not None
@@ -795,7 +803,7 @@ def modconv_epilogue(
             y,
             None if dcoef is None else dcoef.to(acc),
             noise,
-            None if noise is None or noise_strength is None else _as_tensor32(noise_strength, y.device).to(acc),
+            None if noise is None or noise_strength is None else _strength_tensor(noise_strength, y.device, acc),
             None if bias is None else bias.to(acc),
             act,
             alpha,

@@ -522,8 +522,8 @@ def _reparameterize_backward_op(
 
 @_reparameterize_backward_op.register_fake
 def _(dz, dkl, first, logvar, noise, seed_tensor, seed, offset, deterministic, need_first, need_logvar, backend):
-    if logvar is None:
-        return torch.empty_like(first), first.new_empty((0,))
+    if logvar is None:  # dmoments is laid out like the moments the kernels read (a dense copy of other strides)
+        return torch.empty_like(_canonical_moments(first)[0]), first.new_empty((0,))
     z, _ = _fake_outputs(first, logvar, False)
     return (torch.empty_like(z) if need_first else first.new_empty((0,))), (
         torch.empty_like(z) if need_logvar else first.new_empty((0,))
