@@ -2,8 +2,9 @@
 
 ``Function.apply`` costs a call about 10 us of CPU time (the node, its inputs' bookkeeping, the forward
 run under no_grad) even when nothing requires a gradient, as in sampling. When grad mode is off or no
-tensor argument requires grad, :func:`apply` runs the Function's ``forward`` directly with a context that
-drops what it would save: the same outputs, which require no grad either way.
+tensor argument requires grad (and no forward-mode AD is active), :func:`apply` runs the Function's
+``forward`` directly with a context that drops what it would save: the same outputs, which require no grad
+either way.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.autograd import forward_ad
+
+#: Whether torch keeps forward AD's current level where :func:`needs_graph` reads it (torch 2.4 to 2.13 do).
+_FORWARD_LEVEL = hasattr(forward_ad, "_current_level")
 
 
 class _NoGraph:
@@ -37,7 +42,11 @@ def records(ctx: Any) -> bool:
 
 def needs_graph(args: tuple) -> bool:
     """Whether autograd would record a node for a call with these arguments: grad mode is on and a tensor
-    argument requires grad."""
+    argument requires grad; or forward-mode AD is active (a ``forward_ad.dual_level`` block, in or out of
+    grad mode), where ``Function.apply`` carries (or, without a jvp, refuses) the inputs' tangents that the
+    bare forward would drop."""
+    if _FORWARD_LEVEL and forward_ad._current_level >= 0:  # a module global: no cost worth measuring
+        return True
     if not torch.is_grad_enabled():
         return False
     for a in args:  # a plain loop: this runs on every call of every op

@@ -22,6 +22,7 @@ class Info(dict):
             f"triton     {self['triton'] or 'not installed'}",
             f"GPU        {self['gpu'] or 'none'}",
             f"_C         {self['extension']}",
+            f"backend    {self['requested']}",
             "",
             f"backends on {self['probe_device']} (a typical call of each op; 'ok' = can run, else why not):",
         ]
@@ -59,9 +60,23 @@ def _extension() -> str:
     return f"built for {', '.join(ext.built_archs())}, CUDA runtime {ext.cuda_version()} (static)"
 
 
+def _requested() -> str:
+    """The backend op calls without ``backend=`` ask for here, and what chose it (a bad GENKERNELS_BACKEND is
+    reported, not raised: every such call would raise it)."""
+    try:
+        name = _registry.requested()
+    except ValueError as e:
+        return f"{e}: every op call without backend= raises this"
+    if name == "auto":
+        return "auto: each op runs the first backend below that can run the call"
+    return f"{name} ({_registry._origin(None, '')}): op calls without backend= run it or raise UnsupportedError"
+
+
 def info() -> Info:
     """Versions (genkernels, Python, torch, triton, CUDA), the GPU, the architectures `genkernels._C`
-    was built for, and per op which backends can run a typical call here, with the reason when not.
+    was built for, the backend that op calls ask for (``requested``: auto, or what a ``genkernels.backend``
+    block or GENKERNELS_BACKEND chose), and per op which backends can run a typical call here, with the reason
+    when not.
 
     Prints as a report (``print(genkernels.info())``); it is also a dict for programs.
     """
@@ -79,6 +94,7 @@ def info() -> Info:
         triton=_triton_version(),
         gpu=_gpu(),
         extension=_extension(),
+        requested=_requested(),
         probe_device=str(device),
         backends=backends,
     )

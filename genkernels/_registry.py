@@ -176,7 +176,7 @@ def backends_of(op: str) -> list[Backend]:
     """The backends of ``op`` in dispatch order."""
     try:
         return list(_OPS[op])
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: an unhashable name (a list), unknown all the same
         raise ValueError(f"unknown op {op!r}; registered ops: {ops()}") from None
 
 
@@ -210,6 +210,10 @@ def backend(name: str, ops: str | Iterable[str] | None = None) -> Iterator[None]
 
         with genkernels.backend("triton", ops=("layer_norm_modulate", "gated_residual_layer_norm_modulate")):
             model(x)   # the adaLN ops on triton, everything else on auto
+
+    The choice is held in a ``contextvars.ContextVar``: asyncio tasks created inside the block see it, but a
+    thread started inside it does not (like ``torch.no_grad``; it gets GENKERNELS_BACKEND or auto): enter the
+    block in the thread, or run the thread's work through ``contextvars.copy_context().run``.
     """
     name = _check_choice(name, "backend")
     outer = _scoped.get()
@@ -250,17 +254,36 @@ def _op_names(ops: str | Iterable[str]) -> tuple[str, ...]:
     return names
 
 
-def _explicit(op: str, want: str, args: tuple, kwargs: dict) -> Backend:
-    """Backend ``want`` (not "auto") of ``op``; raises UnsupportedError when it is not registered or has a
-    reason not to run ``op(*args, **kwargs)``."""
+def _origin(backend: str | None, op: str) -> str:
+    """Where the explicit backend of a call of ``op`` came from, for its UnsupportedError: nothing for the
+    call's own argument, else the ``genkernels.backend`` block or the environment variable (a user who passed
+    no ``backend=`` is told what forced it)."""
+    if backend is not None:
+        return ""
+    scope = _scoped.get()
+    for name, chosen in scope.per_op:
+        if name == op:
+            return f"chosen by a genkernels.backend({chosen!r}, ops=...) block around the call"
+    if scope.default is not None:
+        return f"chosen by a genkernels.backend({scope.default!r}) block around the call"
+    return f"chosen by GENKERNELS_BACKEND={os.environ.get('GENKERNELS_BACKEND')!r}"
+
+
+def _explicit(op: str, want: str, args: tuple, kwargs: dict, backend: str | None) -> Backend:
+    """Backend ``want`` (not "auto"; ``backend`` the call's own argument) of ``op``; raises UnsupportedError
+    when it is not registered or has a reason not to run ``op(*args, **kwargs)``."""
     candidates = backends_of(op)
     for b in candidates:
         if b.name == want:
             reason = b.not_supported(*args, **kwargs)
-            if reason is not None:
-                raise UnsupportedError(f"{op}: backend {want!r} cannot run this call: {reason}")
-            return b
-    raise UnsupportedError(f"{op}: backend {want!r} is not registered; available: {[b.name for b in candidates]}")
+            if reason is None:
+                return b
+            problem = f"cannot run this call: {reason}"
+            break
+    else:
+        problem = f"is not registered; available: {[b.name for b in candidates]}"
+    origin = _origin(backend, op)
+    raise UnsupportedError(f"{op}: backend {want!r} {problem}" + (f" (the backend was {origin})" if origin else ""))
 
 
 def select(op: str, *args: Any, backend: str | None = None, **kwargs: Any) -> Backend:
@@ -271,7 +294,7 @@ def select(op: str, *args: Any, backend: str | None = None, **kwargs: Any) -> Ba
     """
     want = requested(backend, op)
     if want != "auto":
-        return _explicit(op, want, args, kwargs)
+        return _explicit(op, want, args, kwargs, backend)
     candidates = _auto_order(op, args, kwargs)
     reasons = []
     for b in candidates:
@@ -291,22 +314,24 @@ def check_explicit(op: str, *args: Any, backend: str | None = None, **kwargs: An
     """
     want = requested(backend, op)
     if want != "auto":
-        _explicit(op, want, args, kwargs)
+        _explicit(op, want, args, kwargs, backend)
 
 
 def explain(op: str, *args: Any, **kwargs: Any) -> dict[str, str | None]:
-    """For each backend of ``op`` in dispatch order, why it cannot run these arguments (None: it can).
+    """For each backend of ``op`` in the order auto tries them for this call (:func:`graph_mode`'s order inside
+    it), why it cannot run these arguments (None: it can).
 
     ``args`` and ``kwargs`` are the op's own (``genkernels.ops.<op>``'s). They are first checked as the op
     checks them (:func:`register_check`): arguments the op itself refuses (a group count that does not
-    divide the channels, mismatched shapes) raise the op's own error, ValueError or TypeError, instead of an
-    answer. ``op`` is a registered op (:func:`ops` lists them); the ops composed of others
+    divide the channels, mismatched shapes, an unknown ``backend=`` name) raise the op's own error, ValueError
+    or TypeError, instead of an answer. A ``backend=`` argument changes nothing else: every backend is
+    answered for. ``op`` is a registered op (:func:`ops` lists them); the ops composed of others
     (``linear_gelu_tanh``, the sampler steps, ``add_noise``) are not.
 
     >>> genkernels.explain("group_norm", x, 32)   # doctest: +SKIP
     {'cuda': 'extension not built (...)', 'triton': None, 'reference': None}
     """
-    backends = backends_of(op)
+    backends_of(op)  # a registered op: its ValueError otherwise
     checked = _CHECKS.get(op)
     if checked is not None:
         signature, check, names = checked
@@ -316,7 +341,11 @@ def explain(op: str, *args: Any, **kwargs: Any) -> dict[str, str | None]:
             raise TypeError(f"explain({op!r}, ...) takes the arguments of genkernels.ops.{op}: {e}") from None
         bound.apply_defaults()
         check(**{name: bound.arguments[name] for name in names})
+        if "backend" in signature.parameters and "backend" in kwargs:  # the op's own choice, not a backend input
+            chosen = kwargs.pop("backend")
+            if chosen is not None:
+                _check_choice(chosen, "backend")
     try:
-        return {b.name: b.not_supported(*args, **kwargs) for b in backends}
+        return {b.name: b.not_supported(*args, **kwargs) for b in _auto_order(op, args, kwargs)}
     except TypeError as e:
         raise TypeError(f"explain({op!r}, ...) takes the arguments of genkernels.ops.{op}: {e}") from None
