@@ -54,6 +54,12 @@ def check_steps(steps: int, batch_size: int) -> None:
     check_at_least("batch_size", batch_size, 1)
 
 
+def check_seed(seed: int) -> None:
+    """A seed every generator of the training loops takes (torch's, the Philox ops'): an int in [0, 2^63)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+
+
 # --------------------------------------------------------------------------- device, backend, model presets
 
 

@@ -309,7 +309,7 @@ def _sample_families() -> dict[str, tuple[str, list]]:
                     default=None,
                     help="class of every image (default: cycle through the classes); -1: unconditional",
                 ),
-                _ncol("classes"),
+                _ncol("classes, or ceil(sqrt(num)) with --label or one class"),
                 _SCALE,
                 _option("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights"),
                 _option(
@@ -475,8 +475,12 @@ def _device(name: str | None):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with _user_errors("--device: ", (RuntimeError,)):
         device = torch.device(name)
+    if device.type not in ("cpu", "cuda"):
+        raise CommandError(f"--device {name}: training and sampling run on cpu or cuda[:N], got a {device.type} device")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CommandError(f"--device {name}: this torch sees no CUDA GPU (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CommandError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -489,6 +493,11 @@ def _check_out(command: str, out: str) -> None:
     if command == "train":
         if path.exists() and not path.is_dir():
             raise CommandError(f"--out {out}: exists and is not a folder (train writes its checkpoints into a folder)")
+        parent = path.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not path.exists() and not parent.is_dir():
+            raise CommandError(f"--out {out}: {parent} is a file, so the output folder cannot be created")
         return
     from PIL import Image
 
@@ -713,6 +722,11 @@ def _run_sample_vae(args) -> int:
         dataset = data_mod.load(source["data"], source.get("image_size"), source.get("channels", 3))
     if dataset.image_shape[0] != c:
         raise CommandError(f"--data: the images have {dataset.image_shape[0]} channels, the model takes {c}")
+    if tuple(dataset.image_shape) != tuple(meta["image_shape"]):
+        raise CommandError(
+            f"--data: the images are {'x'.join(map(str, dataset.image_shape))}, the model was trained on "
+            f"{'x'.join(map(str, meta['image_shape']))} (its prior samples have that size)"
+        )
     if args.num > len(dataset):
         raise CommandError(f"--num must be at most the data's {len(dataset)} images, got {args.num}")
     model, meta = _load_model(train_vae.load_vae, args.ckpt, device=device)
@@ -960,6 +974,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except UnsupportedError as e:  # an explicit backend that cannot run one of the model's calls
         print(f"genkernels {args.command} {args.family}: error: {backend[1]}: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:  # a diverged training run (TrainLoop.update: the step and a lower --lr)
+        print(f"genkernels {args.command} {args.family}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -81,7 +81,8 @@ def image_folder(path: str | Path, size: int, channels: int = 3) -> ImageDataset
     Layout: either subfolders, one per class (``root/cat/*.png``, ``root/dog/*.jpg``: labels follow
     the sorted subfolder names), or images directly in ``root`` (one class, label 0). Files whose
     suffix is not an image suffix are skipped. channels: 1 (greyscale) or 3 (RGB). Non-square
-    images are center-cropped to a square first.
+    images are center-cropped to a square first. 16-bit images are read as their 8-bit equivalent
+    (v / 257); a file PIL cannot read is a ValueError naming it.
     """
     try:
         from PIL import Image
@@ -110,17 +111,37 @@ def image_folder(path: str | Path, size: int, channels: int = 3) -> ImageDataset
     mode = "L" if channels == 1 else "RGB"
     arrays = []
     for f, _ in files:
-        with Image.open(f) as im:
-            im = im.convert(mode)
-            w, h = im.size
-            s = min(w, h)
-            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            im = im.resize((size, size), Image.BICUBIC)
-            a = np.asarray(im, dtype=np.float32).reshape(size, size, channels)
+        try:
+            with Image.open(f) as im:
+                im.load()
+        except (OSError, SyntaxError) as e:  # PIL's errors for a file that is not (or no longer) an image
+            raise ValueError(f"cannot read image {str(f)!r}: {e}") from None
+        im = _eight_bit(im, f).convert(mode)
+        w, h = im.size
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        im = im.resize((size, size), Image.BICUBIC)
+        a = np.asarray(im, dtype=np.float32).reshape(size, size, channels)
         arrays.append(a.transpose(2, 0, 1))
     images = torch.from_numpy(np.stack(arrays) / 127.5 - 1.0).float()
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return ImageDataset(images, labels, names)
+
+
+def _eight_bit(im, path: Path):
+    """``im`` with 16-bit pixels (modes I;16*, and I, which older Pillows open 16-bit PNGs as) as 8-bit grey,
+    v / 257 rounded: PIL's own conversion clips them at 255 (a 16-bit image turns white). Float pixels (mode F)
+    have no fixed range: refused."""
+    from PIL import Image
+
+    if im.mode == "F":
+        raise ValueError(
+            f"image {str(path)!r} has float pixels (mode F), which have no fixed range; save it as 8 or 16 bits"
+        )
+    if im.mode != "I" and not im.mode.startswith("I;16"):
+        return im
+    pixels = np.asarray(im, dtype=np.float64) / 257.0
+    return Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
 
 
 def load(data: str, size: int | None = None, channels: int = 3) -> ImageDataset:
@@ -141,7 +162,8 @@ def save_grid(images: torch.Tensor, path: str | Path, ncol: int, scale: int = 1,
 
     ncol images per row, rows = ceil(N / ncol); each image is upscaled ``scale`` times (nearest)
     and separated by ``pad`` mid-grey (128) pixels, so width = ncol * (W * scale + pad) + pad and
-    height = rows * (H * scale + pad) + pad. C = 1 writes greyscale, C = 3 RGB.
+    height = rows * (H * scale + pad) + pad. C = 1 writes greyscale, C = 3 RGB. The folder of ``path`` is
+    created if needed.
     """
     from PIL import Image
 
@@ -160,5 +182,6 @@ def save_grid(images: torch.Tensor, path: str | Path, ncol: int, scale: int = 1,
         r, q = divmod(i, ncol)
         y, x = pad + r * (hs + pad), pad + q * (ws + pad)
         grid[y : y + hs, x : x + ws] = pixels[i]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid[:, :, 0] if c == 1 else grid).save(path)
     return grid.shape[1], grid.shape[0]

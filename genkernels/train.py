@@ -54,6 +54,8 @@ from ._training import (  # noqa: F401  (re-exported: the public names of every 
     TrainLoop,
     backend_scope,
     check_choice,
+    check_positive,
+    check_seed,
     check_steps,
     checkpoint_weights,
     default_backend,
@@ -133,6 +135,8 @@ class TrainConfig:
         _python_numbers(self)
         check_choice("objective", self.objective, OBJECTIVES)
         check_steps(self.steps, self.batch_size)
+        check_positive("lr", self.lr)
+        check_seed(self.seed)
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:

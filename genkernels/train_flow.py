@@ -103,6 +103,7 @@ class FlowTrainConfig:
         _training.python_numbers(self)
         _training.check_choice("model", self.model, MODEL_PRESETS)
         _training.check_steps(self.steps, self.batch_size)
+        _training.check_seed(self.seed)
         _training.check_positive("lr", self.lr)
         if self.n_bins is not None and not 2 <= self.n_bins <= MAX_BINS:
             raise ValueError(f"n_bins must be None or an int in [2, {MAX_BINS}], got {self.n_bins}")

@@ -85,6 +85,7 @@ class GANTrainConfig:
         _training.python_numbers(self)
         _training.check_choice("model", self.model, MODEL_PRESETS)
         _training.check_steps(self.steps, self.batch_size)
+        _training.check_seed(self.seed)
         _training.check_positive("lr", self.lr)
         _training.check_at_least("save_every", self.save_every, 0)
 

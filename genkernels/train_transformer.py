@@ -76,6 +76,7 @@ class TransformerTrainConfig:
         _training.check_choice("model", self.model, MODEL_PRESETS)
         _training.check_choice("positions", self.positions, POSITIONS)
         _training.check_steps(self.steps, self.batch_size)
+        _training.check_seed(self.seed)
         _training.check_positive("lr", self.lr)
         _training.check_at_least("warmup", self.warmup, 0)
         _training.check_at_least("save_every", self.save_every, 0)

@@ -92,6 +92,7 @@ class VAETrainConfig:
         _training.check_choice("loss", self.loss, LOSSES)
         _training.check_choice("model", self.model, MODEL_PRESETS)
         _training.check_steps(self.steps, self.batch_size)
+        _training.check_seed(self.seed)
         _training.check_positive("lr", self.lr)
         if not (math.isfinite(self.beta) and self.beta >= 0):
             raise ValueError(f"beta must be a number >= 0, got {self.beta}")
@@ -118,10 +119,13 @@ def model_config_for(data: ImageDataset, preset: str = "small") -> AutoencoderKL
 
     preset: "tiny" (:meth:`AutoencoderKLConfig.tiny`) or "small" (:meth:`AutoencoderKLConfig.digits`).
     The encoder halves the resolution at every level but the last; levels whose latent would not
-    divide the image evenly or fall below 2x2 are dropped (the 8x8 digits keep at most 3 levels).
+    divide the image evenly or fall below 2x2 are dropped (the 8x8 digits keep at most 3 levels); images
+    smaller than 2x2 are a ValueError.
     """
     presets = {"tiny": AutoencoderKLConfig.tiny, "small": AutoencoderKLConfig.digits}
     base, c, h = _training.preset_for(presets, preset, data)
+    if h < 2:
+        raise ValueError(f"images must be at least 2x2 for the VAE, got {h}x{h}")
     levels = _training.levels_that_fit(h, len(base.block_out_channels))
     return dataclasses.replace(
         base,

@@ -1,0 +1,155 @@
+"""Edges of `genkernels train/sample FAMILY` and of the training functions: unreadable and 16-bit images in a
+--data folder, --device, --out, a diverging run, configs the Python API must refuse, and a VAE sampled on
+images of another size. Each is a clear error (exit status 2, no traceback) or the right result."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from genkernels import data, train, train_flow, train_gan, train_transformer, train_vae
+from genkernels.cli import main
+from tests._cli import train_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["--steps", "1", "--model", "tiny", "--batch-size", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def vae_ckpt(tmp_path_factory):
+    """A one-step tiny VAE trained on the digits (8x8 grey)."""
+    return train_run(tmp_path_factory, "vae", "--steps", "1", "--model", "tiny", "--batch-size", "4")
+
+
+def _folder(path, shapes_and_modes) -> str:
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (shape, mode) in enumerate(shapes_and_modes):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).convert(mode).save(path / f"{i}.png")
+    return str(path)
+
+
+def _assert_error(argv, message, capsys) -> str:
+    """``main(argv)`` returns 2 with ``message`` on stderr and no traceback; returns stderr."""
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    return err
+
+
+def test_unreadable_image_in_the_folder_is_named(tmp_path, capsys):
+    folder = _folder(tmp_path / "images", [((8, 8, 3), "RGB"), ((8, 8, 3), "RGB")])
+    (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        data.image_folder(folder, 8)
+    argv = ["train", "vae", "--data", folder, "--image-size", "8", *TINY, "--out", str(tmp_path / "o")]
+    _assert_error(argv, "--data: cannot read image", capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_16_bit_images_keep_their_levels(tmp_path):
+    """A 16-bit grey PNG (mode I;16) read as its 8-bit equivalent, not clipped to white."""
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    levels = np.array([[0, 1000], [30000, 65535]], dtype=np.uint16).repeat(4, 0).repeat(4, 1)
+    Image.fromarray(levels).save(folder / "a.png")
+    with Image.open(folder / "a.png") as im:
+        assert im.mode.startswith("I")
+    images = data.image_folder(folder, 8, channels=1).images
+    expected = torch.from_numpy(np.round(levels / 257.0) / 127.5 - 1.0).float()
+    torch.testing.assert_close(images[0, 0], expected, atol=1e-6, rtol=0)
+    rgb = data.image_folder(folder, 8, channels=3).images
+    torch.testing.assert_close(rgb[0], expected.expand(3, 8, 8), atol=1e-6, rtol=0)
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(folder / "b.tif")  # mode F: no fixed range
+    with pytest.raises(ValueError, match="float pixels"):
+        data.image_folder(folder, 8, channels=1)
+
+
+@pytest.mark.parametrize("device", ["meta", "mps"])
+def test_device_that_cannot_train(device, tmp_path, capsys):
+    argv = ["train", "vae", *TINY, "--device", device, "--out", str(tmp_path / "o")]
+    _assert_error(argv, f"--device {device}: ", capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_device_index_past_the_gpus(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    argv = ["train", "vae", *TINY, "--device", "cuda:3", "--out", str(tmp_path / "o")]
+    _assert_error(argv, "--device cuda:3: this machine has 1 CUDA device(s)", capsys)
+
+
+def test_train_out_below_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    out = str(tmp_path / "file" / "run")
+    _assert_error(["train", "vae", *TINY, "--out", out], "is a file, so the output folder cannot be created", capsys)
+
+
+def test_sample_out_in_a_new_folder(vae_ckpt, tmp_path, capsys):
+    """The folder of --out is created, as `genkernels sample` promises."""
+    out = tmp_path / "new" / "sub" / "grid.png"
+    assert main(["sample", "vae", "--ckpt", str(vae_ckpt), "--num", "2", "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.size == (2 * 65 + 1, 3 * 65 + 1)
+
+
+@pytest.mark.parametrize("family", ["vae", "transformer"])
+def test_diverging_run_is_a_one_line_error(family, tmp_path, capsys):
+    argv = ["train", family, *TINY, "--steps", "4", "--lr", "1e30", "--out", str(tmp_path / "o")]
+    _assert_error(argv, f"genkernels train {family}: error: training diverged", capsys)
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan"), float("inf")])
+def test_diffusion_refuses_a_learning_rate_that_is_not_positive(lr, tmp_path, capsys):
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        train.TrainConfig(lr=lr)
+    _assert_error(["train", "diffusion", *TINY, "--lr", str(lr), "--out", str(tmp_path / "o")], "lr must be", capsys)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda seed: train.TrainConfig(seed=seed),
+        lambda seed: train_vae.VAETrainConfig(seed=seed),
+        lambda seed: train_flow.FlowTrainConfig(seed=seed),
+        lambda seed: train_gan.GANTrainConfig(seed=seed),
+        lambda seed: train_transformer.TransformerTrainConfig(seed=seed),
+    ],
+)
+@pytest.mark.parametrize("seed", [-1, 2**63, 1.5])
+def test_configs_refuse_a_seed_out_of_range(make, seed):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\^63\)"):
+        make(seed)
+    assert make(np.int64(5)).seed == 5
+
+
+def test_vae_on_one_pixel_images(tmp_path, capsys):
+    folder = _folder(tmp_path / "images", [((4, 4, 3), "RGB")] * 2)
+    with pytest.raises(ValueError, match="at least 2x2"):
+        train_vae.model_config_for(data.image_folder(folder, 1), "tiny")
+    argv = ["train", "vae", "--data", folder, "--image-size", "1", *TINY, "--out", str(tmp_path / "o")]
+    _assert_error(argv, "at least 2x2", capsys)
+
+
+def test_sample_vae_on_images_of_another_size(tmp_path, capsys):
+    """A VAE trained on 16x16 grey images, shown the 8x8 digits: refused (the prior samples would be 8x8)."""
+    folder = _folder(tmp_path / "images", [((16, 16), "L")] * 4)
+    out = tmp_path / "run"
+    argv = ["train", "vae", "--data", folder, "--image-size", "16", "--channels", "1", *TINY, "--out", str(out)]
+    assert main(argv) == 0
+    ckpt = str(out / "vae.safetensors")
+    png = tmp_path / "x.png"
+    argv = ["sample", "vae", "--ckpt", ckpt, "--data", "digits", "--num", "2", "--out", str(png)]
+    _assert_error(argv, "--data: the images are 1x8x8, the model was trained on 1x16x16", capsys)
+    assert not png.exists()
+
+
+def test_sample_diffusion_ncol_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "diffusion", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: classes, or ceil(sqrt(num)) with --label or one class)" in help_text
