@@ -409,8 +409,8 @@ def _coupling_backward_op(
     dy = None if dy is None else match_layout(dy, x)
     dlogdet = None if dlogdet is None else dlogdet.to(_acc(x)).contiguous()
     dx, dh = impl.coupling_backward(dy, dlogdet, x, h, scale, clamp, need_dx, need_dh)
-    empty = x.new_empty((0,))
-    return (dx if dx is not None else empty), (dh if dh is not None else empty)
+    # Each absent gradient its own empty tensor: outputs of a custom op may not alias one another.
+    return (dx if dx is not None else x.new_empty((0,))), (dh if dh is not None else x.new_empty((0,)))
 
 
 @_coupling_backward_op.register_fake

@@ -286,16 +286,19 @@ def _group_norm_backward_op(
     dx, dweight, dbias = impl.group_norm_backward(
         match_layout(dy, x), x, weight, bias, mean, rstd, groups, silu, True, weight is not None, bias is not None
     )
-    # Custom ops cannot return None: an absent affine parameter gets an empty gradient.
-    empty = x.new_empty((0,))
-    return dx, empty if dweight is None else dweight, empty if dbias is None else dbias
+    # Custom ops cannot return None: an absent affine parameter gets an empty gradient, each its own (outputs of
+    # a custom op may not alias one another).
+    return dx, _or_empty(dweight, x), _or_empty(dbias, x)
+
+
+def _or_empty(grad: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((0,)) if grad is None else grad
 
 
 @_group_norm_backward_op.register_fake
 def _(dy, x, weight, bias, mean, rstd, groups, eps, silu, backend):
-    empty = x.new_empty((0,))
-    dweight = empty if weight is None else torch.empty_like(weight)
-    dbias = empty if bias is None else torch.empty_like(bias)
+    dweight = x.new_empty((0,)) if weight is None else torch.empty_like(weight)
+    dbias = x.new_empty((0,)) if bias is None else torch.empty_like(bias)
     return torch.empty_like(dense_layout(x)), dweight, dbias
 
 

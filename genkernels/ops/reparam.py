@@ -516,8 +516,8 @@ def _reparameterize_backward_op(
     impl = _impl_for(backend, canon)
     seed_arg = seed_tensor if seed_tensor is not None else seed
     da, db = _run_backward(impl, canon, moments, dz, dkl, seed_arg, offset, deterministic, need_first, need_logvar)
-    empty = first.new_empty((0,))
-    return (da if da is not None else empty), (db if db is not None else empty)
+    # Each absent gradient its own empty tensor: outputs of a custom op may not alias one another.
+    return (da if da is not None else first.new_empty((0,))), (db if db is not None else first.new_empty((0,)))
 
 
 @_reparameterize_backward_op.register_fake
