@@ -276,6 +276,14 @@ class DiagonalGaussian:
         """The dtype of the KL and NLL: float32, float64 for float64 moments."""
         return torch.float64 if self.moments.dtype == torch.float64 else torch.float32
 
+    def _generator_noise(self, noise: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor | None:
+        """eps for float64 moments and a generator: diffusers draws randn in the moments' dtype, and float64's
+        randn is another stream than the float32 one reparameterize draws; other dtypes keep ``noise``."""
+        if noise is None and generator is not None and self.moments.dtype == torch.float64 and not self.deterministic:
+            shape, device = self.mean.shape, generator.device
+            return torch.randn(shape, generator=generator, device=device, dtype=torch.float64).to(self.moments.device)
+        return noise
+
     def _zero_kl(self) -> torch.Tensor:
         return torch.zeros(self.moments.shape[0], dtype=self._acc(), device=self.moments.device)
 
@@ -288,13 +296,14 @@ class DiagonalGaussian:
     ) -> torch.Tensor:
         """z = mean + std * eps, (B, C, *) in the moments' dtype and layout (mean when deterministic).
 
-        eps: ``noise`` (mean's shape and dtype) if given, else drawn from ``generator``, else from the
-        Philox stream keyed by (``seed``, ``offset``), else from a seed of torch's default generator
-        (see genkernels.ops.reparameterize). Differentiable in the moments (and in noise).
+        eps: ``noise`` (mean's shape and dtype) if given, else drawn from ``generator`` (randn in float64 for
+        float64 moments, as diffusers draws it), else from the Philox stream keyed by (``seed``, ``offset``),
+        else from a seed of torch's default generator (see genkernels.ops.reparameterize). Differentiable in
+        the moments (and in noise).
         """
         return reparameterize(
             moments=self.moments,
-            noise=noise,
+            noise=self._generator_noise(noise, generator),
             seed=seed,
             offset=offset,
             generator=generator,
@@ -315,7 +324,7 @@ class DiagonalGaussian:
             return self.sample(), self._zero_kl()
         return reparameterize(
             moments=self.moments,
-            noise=noise,
+            noise=self._generator_noise(noise, generator),
             seed=seed,
             offset=offset,
             generator=generator,
@@ -787,15 +796,16 @@ class AutoencoderKL(torch.nn.Module):
         self,
         sample: torch.Tensor,
         sample_posterior: bool = False,
-        *,
-        generator: torch.Generator | None = None,
-        seed: int | None = None,
         return_dict: bool = True,
+        generator: torch.Generator | None = None,
+        *,
+        seed: int | None = None,
     ) -> DecoderOutput | tuple[torch.Tensor]:
         """Reconstruction decode(z) of images ``sample`` (B, in_channels, H, W), z the posterior mode or,
         with ``sample_posterior``, a posterior sample drawn from ``generator`` or ``seed`` (see
         :meth:`DiagonalGaussian.sample`). Returns (B, out_channels, H, W) (a :class:`DecoderOutput`
-        unless ``return_dict`` is False)."""
+        unless ``return_dict`` is False). The positional order is diffusers' (sample, sample_posterior,
+        return_dict, generator); ``seed`` is keyword-only."""
         posterior = self.encode(sample).latent_dist
         z = posterior.sample(generator=generator, seed=seed) if sample_posterior else posterior.mode()
         return self.decode(z, return_dict=return_dict)

@@ -359,6 +359,17 @@ class CausalSelfAttention(Attention):
                 bias = torch.cat([m.bias for m in layers], out=None if out is None else out[1])
         return weight, bias
 
+    def _check_cache(self, x: torch.Tensor, cache: KVCache) -> None:
+        # A cache of another head split with the same row width (heads * dim_head) would be read silently.
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be None or a KVCache (new_cache), got {type(cache).__name__}")
+        batch, _, _, heads, dim_head = cache.qkv.shape
+        if (batch, heads, dim_head) != (x.shape[0], self.heads, self.dim_head):
+            raise ValueError(
+                f"cache holds (batch, heads, dim_head) = ({batch}, {heads}, {dim_head}) but this layer and x need "
+                f"({x.shape[0]}, {self.heads}, {self.dim_head}): make it with new_cache(batch, max_len)"
+            )
+
     def _needs_grad(self, x: torch.Tensor) -> bool:
         if not torch.is_grad_enabled():
             return False
@@ -405,6 +416,8 @@ class CausalSelfAttention(Attention):
         """
         if x.dim() != 3 or x.shape[-1] != self.query_dim:
             raise ValueError(f"x must be (B, l, dim={self.query_dim}), got shape {tuple(x.shape)}")
+        if cache is not None:
+            self._check_cache(x, cache)
         if cache is not None and not self._needs_grad(x):
             q, k, v = self._project_into_cache(x, rotary, cache)
         else:
