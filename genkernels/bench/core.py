@@ -550,7 +550,8 @@ class OpSummary:
 
 @dataclass(frozen=True)
 class SelfCheck:
-    """Outcome of one backend's CPU correctness check: status "ok", "failed" or "skipped", and why."""
+    """Outcome of one backend's CPU correctness check: status "ok", "failed", "error" (the check could not
+    finish) or "skipped", and why."""
 
     op: str
     backend: str

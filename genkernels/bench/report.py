@@ -205,8 +205,12 @@ def markdown(
 # --------------------------------------------------------------------------- chart
 
 
-#: Colors of variants no _COLORS entry names, handed out in order of first appearance in a chart.
-_SPARE_COLORS = ("tab:purple", "tab:red", "tab:pink", "tab:olive", "tab:cyan", "tab:blue", "black")
+#: Colors of variants no _COLORS entry names, handed out in order of first appearance in a chart: enough for
+#: the whole suite's variants (twelve families) with room to spare, none of them a _COLORS entry.
+_SPARE_COLORS = (
+    "tab:purple", "tab:red", "tab:pink", "tab:olive", "tab:cyan", "black",
+    "gold", "navy", "teal", "magenta", "lime", "maroon", "darkkhaki", "slateblue",
+)  # fmt: skip
 GRAPH_SUFFIX = " + CUDA graph"
 
 
@@ -214,6 +218,17 @@ def _family(variant: str) -> str:
     """The variant a bar's color comes from: "triton + CUDA graph" and "genkernels (no cache)" take the
     colors of "triton" and "genkernels"; the suffix shows as the bar's hatch or shade."""
     return variant.split(GRAPH_SUFFIX)[0].split(" (")[0]
+
+
+def variant_colors(families: Sequence[str]) -> dict[str, str]:
+    """A color per variant family: _COLORS' own, then the spare colors in order; no two families share one."""
+    colors = dict(_COLORS)
+    spare = [c for c in _SPARE_COLORS if c not in colors.values()]
+    for fam in families:
+        if fam not in colors:
+            # Past the spares (more variants than any current op has), distinct grays rather than a repeat.
+            colors[fam] = spare.pop(0) if spare else str(round(0.15 + 0.7 * ((len(colors) * 0.618) % 1), 3))
+    return colors
 
 
 def _wrap(label: str, width: int = 36) -> str:
@@ -239,16 +254,12 @@ def chart(records: Sequence[CaseRecord], path: Path, title: str) -> str | None:
         groups.setdefault((rec.op, rec.table), []).append(rec)
     if not groups:
         return "no cases"
-    colors = dict(_COLORS)
     panels = []  # (op, table, recs, base, attr, variants)
     for (op, table), recs in groups.items():
         base, attr = _base(recs[0])
         variants = [r.variant for r in recs[0].results if r.variant != base]
-        for v in variants:
-            if _family(v) not in colors:
-                used = set(colors.values())
-                colors[_family(v)] = next((c for c in _SPARE_COLORS if c not in used), "tab:gray")
         panels.append((op, table, recs, base, attr, variants))
+    colors = variant_colors([_family(v) for p in panels for v in p[5]])
     # Inches a bar: 0.28, thinner for a whole-suite run (hundreds of bars), so that the figure stays under about
     # 80 inches; the bars' labels shrink with them.
     bars_in_all = sum(max(1, len(p[5])) * len(p[2]) for p in panels)

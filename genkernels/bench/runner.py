@@ -206,6 +206,19 @@ def bench_gpu(out_dir: Path, ops: Sequence[str], quick: bool = False, budget_s: 
     return 0
 
 
+def _out_dir_error(out: Path) -> str | None:
+    """None when ``out`` is a folder the reports can be written into (created if missing), else why not."""
+    if out.exists() and not out.is_dir():
+        return "exists and is not a folder (reports go in one)"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the folder ({e.strerror or e})"
+    if not os.access(out, os.W_OK | os.X_OK):
+        return "the folder is not writable"
+    return None
+
+
 def run(
     out_dir: Path | str | None = None,
     ops: Sequence[str] | None = None,
@@ -214,15 +227,17 @@ def run(
     interpret: bool = True,
 ) -> int:
     """Benchmark ``ops`` (default: all) into ``out_dir`` (default: :func:`default_out_dir`); the exit status
-    (2, before any work, when ``out_dir`` is an existing file).
+    (2, before any work, when ``out_dir`` is a file or cannot be created).
 
     Without a CUDA GPU, says so and runs the CPU correctness self-check of every backend
-    instead (triton under TRITON_INTERPRET=1 unless ``interpret`` is False); then the status is
-    1 only when a backend produced wrong numbers.
+    instead (triton under TRITON_INTERPRET=1 unless ``interpret`` is False; ``quick`` and
+    ``budget_s`` do not apply and are said to be ignored); then the status is 1 only when a backend
+    produced wrong numbers (checks that could not finish are listed).
     """
     out = Path(out_dir) if out_dir is not None else default_out_dir()
-    if out.exists() and not out.is_dir():  # before any work: the reports are written at the end
-        print(f"genkernels bench: error: --out {out}: exists and is not a folder (reports go in one)", file=sys.stderr)
+    why = _out_dir_error(out)  # before any work: the reports are written at the end
+    if why:
+        print(f"genkernels bench: error: --out {out}: {why}", file=sys.stderr)
         return 2
     ops = list(ops) if ops else list(OPS)
     for op in ops:
@@ -230,15 +245,20 @@ def run(
     if not torch.cuda.is_available():
         from .selfcheck import run_cpu
 
+        ignored = [flag for flag, given in (("--quick", quick), ("--budget-s", budget_s is not None)) if given]
+        if ignored:
+            print(f"{' and '.join(ignored)} ignored: there is no CUDA GPU here, and only timing uses them.", flush=True)
         return run_cpu(out, ops, _versions(), interpret=interpret)
     return bench_gpu(out, ops, quick=quick, budget_s=budget_s)
 
 
 def _parse_ops(text: str) -> list[str]:
-    ops = [o.strip() for o in text.split(",") if o.strip()]
+    ops = list(dict.fromkeys(o.strip() for o in text.split(",") if o.strip()))  # each op once, in the order given
     unknown = [o for o in ops if o not in OPS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown op(s) {', '.join(unknown)}; benchmarked ops: {', '.join(OPS)}")
+    if not ops:
+        raise argparse.ArgumentTypeError(f"no op named in {text!r}; benchmarked ops: {', '.join(OPS)}")
     return ops
 
 
@@ -265,7 +285,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ops", type=_parse_ops, default=None, help=f"comma-separated ops to run (default: all: {','.join(OPS)})"
     )
-    p.add_argument("--quick", action="store_true", help="bf16 cases only (what the goals need) and shorter timing")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="shorter timing and fewer cases: each op's first ones (bf16, or the forwards; "
+        "schedule_step: float32 DDIM); goals that need the others show UNMEASURED",
+    )
     p.add_argument(
         "--budget-s",
         type=_positive_seconds,
@@ -296,13 +321,45 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _given(args: argparse.Namespace) -> list[tuple[str, bool]]:
+    """Each option's flag and whether it was given."""
+    return [
+        ("--out", args.out is not None),
+        ("--ops", args.ops is not None),
+        ("--quick", args.quick),
+        ("--budget-s", args.budget_s is not None),
+        ("--no-interpret", args.no_interpret),
+        ("--self-check", args.self_check is not None),
+        ("--redraw", args.redraw is not None),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `genkernels bench` and `python -m genkernels.bench`; returns the exit status."""
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    p = parser()
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    # The options --redraw and --self-check would ignore: an error rather than a silent no-op.
+    for mode, uses in (("--redraw", ("--out",)), ("--self-check", ("--ops",))):
+        given = [flag for flag, value in _given(args) if value]
+        others = [flag for flag in given if flag not in (mode, *uses)]
+        if mode in given and others:
+            p.error(f"{mode} cannot be combined with {', '.join(others)}")
     if args.redraw is not None:
         png = (args.out if args.out is not None else args.redraw.parent) / report.CHART_NAME
-        png.parent.mkdir(parents=True, exist_ok=True)
-        why = report.redraw(args.redraw, png)
+        why = None if args.redraw.is_file() else "not a readable bench.json (no such file)"
+        if why:
+            print(f"genkernels bench: error: --redraw {args.redraw}: {why}", file=sys.stderr)
+            return 2
+        why = _out_dir_error(png.parent)
+        if why:
+            print(f"genkernels bench: error: --out {png.parent}: {why}", file=sys.stderr)
+            return 2
+        try:
+            why = report.redraw(args.redraw, png)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # missing, not JSON, or not a bench.json
+            why = f"not a readable bench.json ({type(e).__name__}: {e})"
+            print(f"genkernels bench: error: --redraw {args.redraw}: {why}", file=sys.stderr)
+            return 2
         print(f"no chart: {why}" if why else f"wrote {png}")
         return 1 if why else 0
     if args.self_check is not None:
