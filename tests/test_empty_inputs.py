@@ -244,16 +244,18 @@ def test_explicit_argument_refuses_as_for_nonempty(name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_explicit_scope_refuses_as_for_nonempty(name):
-    expected = _refusal(CASES[name](1, CPU)[0], backend="cuda")
     with genkernels.backend("cuda"):
+        expected = _refusal(CASES[name](1, CPU)[0])
         assert _refusal(CASES[name](0, CPU)[0]) == expected
+    assert "chosen by a genkernels.backend('cuda') block" in expected
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_explicit_environment_refuses_as_for_nonempty(name, monkeypatch):
-    expected = _refusal(CASES[name](1, CPU)[0], backend="cuda")
     monkeypatch.setenv("GENKERNELS_BACKEND", "cuda")
+    expected = _refusal(CASES[name](1, CPU)[0])
     assert _refusal(CASES[name](0, CPU)[0]) == expected
+    assert "chosen by GENKERNELS_BACKEND='cuda'" in expected
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -262,6 +264,7 @@ def test_explicit_traced_refuses_as_for_nonempty(name, traced):
     expected = _refusal(CASES[name](1, CPU)[0], backend="cuda")
     assert _refusal(CASES[name](0, CPU)[0], backend="cuda") == expected
     with genkernels.backend("cuda"):
+        expected = _refusal(CASES[name](1, CPU)[0])
         assert _refusal(CASES[name](0, CPU)[0]) == expected
 
 
