@@ -19,9 +19,11 @@ from ..nn import Attention, GroupNorm, GroupNormSiLU
 def check_indices(name: str, t: torch.Tensor, limit: int) -> None:
     """Raise a ValueError naming ``name`` when an index tensor (labels, tokens) holds a value outside [0, limit).
 
-    The values are read on the CPU only: on a GPU the check would wait for the device every call, and an
-    embedding's own bounds check catches them there (as a device-side assert)."""
-    if t.device.type == "cpu" and t.numel():
+    The values are read on the CPU only, and not under torch.compile: on a GPU the check would wait for the
+    device every call, and reading a value while tracing is a graph break (an error with fullgraph=True); an
+    embedding's own bounds check catches them there (a device-side assert; compiled on the CPU, an "index out of
+    bounds" RuntimeError)."""
+    if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
         low, high = int(t.min()), int(t.max())
         if low < 0 or high >= limit:
             raise ValueError(f"{name} must be in [0, {limit}), got values {low} .. {high}")

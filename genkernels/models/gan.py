@@ -222,7 +222,10 @@ class MappingNetwork(torch.nn.Module):
         """ws (N, num_ws, w_dim) in z's dtype: the same w for every layer, truncated for the first
         ``truncation_cutoff`` (None: all) as w_avg + psi (w - w_avg); psi a finite number (or a tensor)."""
         if not isinstance(truncation_psi, torch.Tensor):
-            if not is_finite_real(truncation_psi):  # NaN / inf would make every image NaN, silently
+            # NaN / inf would make every image NaN, silently. psi - psi is 0 exactly when psi is finite; unlike
+            # math.isfinite, torch.compile can trace it when it holds psi as a symbol (a psi that changed since
+            # the first compiled call).
+            if not (is_real(truncation_psi) and truncation_psi - truncation_psi == 0):
                 raise ValueError(f"truncation_psi must be a finite number, got {truncation_psi!r}")
             truncation_psi = float(truncation_psi)
         if truncation_cutoff is not None:

@@ -309,7 +309,7 @@ class ImageGPT(torch.nn.Module):
     def quantize(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) in [-1, 1] -> tokens (B, L) int64 in [0, levels): round((x + 1) / 2 * (levels - 1)),
         raster order, channels interleaved (values outside [-1, 1] clamp; NaN is refused, checked on CPU tensors,
-        where it needs no synchronization)."""
+        where it needs no synchronization, outside torch.compile, where reading a value would break the graph)."""
         cfg = self.config
         shape = (cfg.channels, cfg.image_size, cfg.image_size)
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
@@ -319,7 +319,7 @@ class ImageGPT(torch.nn.Module):
             )
         if images.dim() != 4 or tuple(images.shape[1:]) != shape:
             raise ValueError(f"images must be (B, {', '.join(map(str, shape))}), got shape {tuple(images.shape)}")
-        if images.device.type == "cpu" and torch.isnan(images).any():
+        if images.device.type == "cpu" and not torch.compiler.is_compiling() and torch.isnan(images).any():
             raise ValueError("images hold NaN")
         t = torch.round((images.float().clamp(-1, 1) + 1) * ((cfg.levels - 1) / 2)).long()
         return t.permute(0, 2, 3, 1).flatten(1)
