@@ -123,8 +123,10 @@ void grad64(int act, double z, double alpha, double& g, double& mag) {
       g = z > 0 ? 1 : alpha, mag = std::fabs(g);
       return;
     case 3: {
-      const double t = std::tanh(z);
-      g = 1 - t * t, mag = g;
+      // 1 - tanh(z)^2 without the cancellation that makes it exactly 0 past |z| ~ 19 in float64: with
+      // e = exp(-2|z|), it is 4e / (1 + e)^2 (the form the kernels compute).
+      const double e = std::exp(-2 * std::fabs(z));
+      g = 4 * e / ((1 + e) * (1 + e)), mag = g;
       return;
     }
     case 4: {
