@@ -4,6 +4,7 @@ probe's float32 error breakdown, the dry runs) and their tables say what they me
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -16,6 +17,15 @@ import torch
 import genkernels
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    """The module scripts/<name>.py, imported as the GPU machine runs it (scripts/ on the path for its imports)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU path")
@@ -34,11 +44,7 @@ def test_bandwidth_probe(capsys, monkeypatch):
     """scripts/gpu_bandwidth_probe.py: its dry run calls every variant on every input set (the triton ones under
     the interpreter, bias_act's forward on each tile), and its table turns times into % of the copy rate and
     ratios to torch.compile."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import gpu_bandwidth_probe as probe
-    finally:
-        sys.path.pop(0)
+    probe = _script("gpu_bandwidth_probe")
     monkeypatch.setattr(probe, "OUT", sys.stdout)
     assert probe.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -64,11 +70,7 @@ def test_bandwidth_probe(capsys, monkeypatch):
 
 
 def test_float32_error_breakdown_runs(capsys, monkeypatch):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import gpu_host_probe
-    finally:
-        sys.path.pop(0)
+    gpu_host_probe = _script("gpu_host_probe")
     monkeypatch.setattr(gpu_host_probe, "OUT", sys.stdout)
     gpu_host_probe.dit_float32_sources(torch.device("cpu"))
     lines = capsys.readouterr().out.splitlines()
@@ -78,11 +80,7 @@ def test_float32_error_breakdown_runs(capsys, monkeypatch):
 
 
 def test_sampling_loops_run(capsys, monkeypatch):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import gpu_host_probe
-    finally:
-        sys.path.pop(0)
+    gpu_host_probe = _script("gpu_host_probe")
     from genkernels.models import DiTConfig
 
     monkeypatch.setattr(gpu_host_probe, "OUT", sys.stdout)
@@ -94,11 +92,7 @@ def test_sampling_loops_run(capsys, monkeypatch):
 def test_profile_dit_cases_build(monkeypatch):
     """The DiT block and head-dim-72 attention cases of scripts/gpu_profile.py build their models and inputs (on the
     CPU here: the calls themselves are GPU-sized and run on a GPU only), one per variant the profile compares."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import gpu_profile
-    finally:
-        sys.path.pop(0)
+    gpu_profile = _script("gpu_profile")
     cases = dict(gpu_profile._dit_cases(torch.device("cpu")))
     assert list(cases) == [
         "DiT-XL/2 block L=4096 genkernels",
@@ -141,11 +135,7 @@ def test_profile_imagegpt_cases_run(monkeypatch):
     models write the same keys and values there from the same cache and token."""
     from genkernels.bench import imagegpt
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import gpu_profile
-    finally:
-        sys.path.pop(0)
+    gpu_profile = _script("gpu_profile")
     monkeypatch.setitem(imagegpt.CONFIGS, "bench", imagegpt.CONFIGS["tiny"])
     monkeypatch.setattr(imagegpt, "BATCH", 2)
     cases = dict(gpu_profile._imagegpt_cases(torch.device("cpu")))
@@ -172,11 +162,7 @@ def test_attention_sweep_dry_run(capsys, monkeypatch):
     """scripts/gpu_attention_sweep.py on the CPU under the interpreter: the forward runs on each tile it is given
     (and on its own choice again after), a tile that cannot launch is listed with its error, and the table
     lists every row."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import gpu_attention_sweep as sweep
-    finally:
-        sys.path.pop(0)
+    sweep = _script("gpu_attention_sweep")
     import genkernels.triton.attention as tri
     from genkernels import ops
 
@@ -204,11 +190,7 @@ def test_attention_sweep_backward_dry_run(capsys, monkeypatch, kernel):
     """scripts/gpu_attention_sweep.py --kernel dkdv / dq: the backward runs with that kernel on each tile and the
     other backward kernel on its own choice, its gradients are checked against SDPA's (a wrong one is listed
     as WRONG, not timed), and the table counts the backward's FLOPs."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import gpu_attention_sweep as sweep
-    finally:
-        sys.path.pop(0)
+    sweep = _script("gpu_attention_sweep")
     import genkernels.triton.attention as tri
 
     other = {"dkdv": "dq", "dq": "dkdv"}[kernel]
