@@ -23,6 +23,21 @@ def _strided_like(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.T
     return torch.randn(shape[::-1], dtype=dtype, device=device).permute(*reversed(range(len(shape))))
 
 
+def _check_traced(got, leaves, inputs, ref_fn, upstream, names):
+    """Compare outputs ``got`` and their gradients in ``leaves`` (the first inputs) to ``ref_fn`` on the inputs in
+    their own dtypes and in float64 (gradients named d<bias> with the relative floor: sums over rows)."""
+    grads = torch.autograd.grad(got, leaves, upstream)
+    refs = []
+    for dtype in (None, torch.float64):
+        rl = [t.detach().to(dtype or t.dtype).requires_grad_(i < len(leaves)) for i, t in enumerate(inputs)]
+        outs = ref_fn(*rl)
+        up = [u.to(o.dtype) for u, o in zip(upstream, outs)]
+        refs.append((*outs, *torch.autograd.grad(outs, rl[: len(leaves)], up)))
+    assert len(names) == len(got) + len(grads)
+    for i, (value, name) in enumerate(zip((*got, *grads), names)):
+        assert_criterion(value, refs[0][i], refs[1][i], name, relative_floor=name.startswith("dbias"))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bias_act_strided_bias(backend, device):
     """A float32 bias that is a strided view (a slice with a step, an expand()) is read as the (C,) vector it is:
@@ -112,3 +127,58 @@ def test_rope_traced_table_gradients(device):
         refs.append(torch.autograd.grad(out, rt, [g.to(dtype) for g in grads]))
     for name, got, ref, ref64 in zip(("dcos", "dsin"), (dcos, dsin), *refs):
         assert_criterion(got, ref, ref64, name, relative_floor=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_ops_traced_on_strided_upstream_gradients(backend, device):
+    """The backward ops of bias_act (``genkernels::bias_act_grad_bias`` with a bias that requires grad,
+    ``genkernels::bias_act_grad`` without one), rope, gelu_tanh and swiglu, traced, handed strided upstream
+    gradients: consumers inside the graph give the ops slices along H of a wider gradient (a cat, one of them in a
+    channels_last layout), a transposed one and expanded (stride 0) ones. A gradient passed to autograd.grad from
+    outside the graph would not do: the compiled backward gives it the output's own strides first."""
+    torch._dynamo.reset()
+    rope_op = importlib.import_module("genkernels.ops.rope")
+    gm = importlib.import_module("genkernels.ops.gated_mlp")
+    length, dh = 6, 8
+    cos, sin = rope_op.rope_frequencies(torch.arange(length, device=device), dh)
+    inputs = [
+        torch.randn(2, 6, 3, 5, device=device).to(memory_format=torch.channels_last),  # x: bias_act with a bias
+        torch.randn(6, device=device),  # bias
+        torch.randn(2, 6, 3, 5, device=device),  # x2: bias_act without a bias
+        torch.randn(2, 3, length, dh, device=device),  # q
+        torch.randn(2, 3, length, dh, device=device),  # k
+        torch.randn(2, 5, 7, device=device),  # g: gelu_tanh
+        torch.randn(2, 5, 10, device=device),  # s: swiglu along the last dim
+        cos,
+        sin,
+    ]
+
+    def block(bias_act, rope, gelu, swiglu, x, bias, x2, q, k, g, s, cos, sin):
+        y = bias_act(x, bias, act="silu", clamp=2.5)
+        y2 = bias_act(x2, None, act="lrelu")
+        qo, ko = rope(q, k, cos, sin)
+        return (
+            torch.cat([y, y2], 2),  # dy of each: a slice along H of the wider gradient
+            qo.transpose(1, 2).contiguous(),  # dqo: transposed
+            ko.sum(2),  # dko: expanded along L
+            gelu(g).sum(1),  # dy: expanded along L
+            swiglu(s).transpose(0, 2).contiguous(),  # dy: transposed
+        )
+
+    def ours(*args):
+        return block(
+            lambda *a, **kw: BA.bias_act(*a, **kw, backend=backend),
+            lambda *a: rope_op.rope(*a, backend=backend),
+            lambda t: gm.gelu_tanh(t, backend=backend),
+            lambda t: gm.swiglu(t, backend=backend),
+            *args,
+        )
+
+    def reference(*args):
+        return block(BA.bias_act_reference, rope_op.rope_reference, gm.gelu_tanh_reference, gm.swiglu_reference, *args)
+
+    leaves = [t.detach().requires_grad_(i < 7) for i, t in enumerate(inputs)]
+    got = torch.compile(ours, fullgraph=True)(*leaves)
+    upstream = [torch.randn(t.shape, device=device) for t in got]
+    names = ("y, y2", "qo", "ko", "gelu", "swiglu", "dx", "dbias", "dx2", "dq", "dk", "dg", "ds")
+    _check_traced(got, leaves[:7], inputs, reference, upstream, names)

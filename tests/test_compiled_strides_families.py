@@ -141,7 +141,9 @@ def test_reparameterize_moments_of_other_strides_backward(backend, device):
 @pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_coupling_channels_last_x_with_offset_h(backend, device):
     """The riskiest coupling layout: channels_last x with h an offset channel slice of a larger conditioner
-    output (neither layout), and strided upstream gradients; h is matched to x's layout once, on both paths."""
+    output (neither layout); h is matched to x's layout once, on both paths. (Gradients passed from outside the
+    graph reach the backward op in y's own strides: the strided ones are in
+    test_backward_ops_traced_on_strided_upstream_gradients.)"""
     torch._dynamo.reset()
     n, c, h, w = 2, 5, 3, 4
     cb = c - c // 2
@@ -163,3 +165,86 @@ def test_coupling_channels_last_x_with_offset_h(backend, device):
         refs.append((ry, rld, *torch.autograd.grad((ry, rld), rl, (dy.to(dt), dlogdet.to(dt)))))
     for i, name in enumerate(("y", "logdet", "dx", "dh")):
         assert_criterion(got[i], refs[0][i], refs[1][i], name, relative_floor=i == 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_ops_traced_on_strided_upstream_gradients(backend, device):
+    """The backward ops of reparameterize (dz and dkl), affine_coupling (dy and dlogdet), actnorm, the modconv
+    epilogue and the demodulation coefficients, traced, handed strided upstream gradients: consumers inside the
+    graph give them slices along H of a wider gradient (a cat, one of them into a channels_last x), slices with a
+    step (a stack), transposed ones and expanded (stride 0) ones. A gradient passed to autograd.grad from outside
+    the graph would not do: the compiled backward gives it the output's own strides first."""
+    torch._dynamo.reset()
+    n, c, h, w = 2, 5, 3, 4
+    inputs = [
+        torch.randn(n, 3, h, w, device=device),  # mean
+        torch.randn(n, 3, h, w, device=device),  # logvar
+        torch.randn(n, c, h, w, device=device).to(memory_format=torch.channels_last),  # coupling x
+        torch.randn(n, CP.h_channels(c, "sigmoid"), h, w, device=device),  # coupling h
+        torch.randn(n, c, h, w, device=device),  # actnorm x
+        0.3 * torch.randn(c, device=device),  # log_scale
+        torch.randn(c, device=device),  # actnorm bias
+        torch.randn(n, c, h, w, device=device),  # epilogue y
+        torch.rand(n, c, device=device) + 0.5,  # dcoef
+        torch.randn(c, device=device),  # epilogue bias
+        torch.tensor([0.7], device=device),  # noise strength
+        torch.randn(c, 4, 3, 3, device=device),  # weight
+        torch.randn(n, 4, device=device),  # styles
+        torch.randn(n, 3, h, w, device=device),  # reparameterization noise
+        torch.randn(n, 1, h, w, device=device),  # epilogue noise
+    ]
+
+    def block(ops, mean, logvar, xc, hc, xa, log_scale, bias_a, ye, dcoef, bias_e, strength, weight, styles, eps, nz):
+        reparameterize, coupling, act_norm, epilogue, demod = ops
+        z, kl = reparameterize(mean, logvar, noise=eps)
+        yc, logdet = coupling(xc, hc, scale="sigmoid")
+        ya, logdet_a = act_norm(xa, log_scale, bias_a)
+        out = epilogue(ye, dcoef, noise=nz, noise_strength=strength, bias=bias_e)
+        return (
+            z.transpose(1, 3).contiguous(),  # dz: transposed
+            kl.sum(),  # dkl: expanded
+            torch.cat([yc, out], 2),  # coupling's dy (x channels_last) and the epilogue's dout: slices along H
+            torch.stack([logdet, logdet_a], 1),  # dlogdet: a slice with a step
+            ya.sum(3),  # actnorm's dy: expanded along W
+            demod(weight, styles).t().contiguous(),  # demodulation's grad: transposed
+        )
+
+    def ours(*args):
+        ops = (
+            lambda *a, **kw: RP.reparameterize(*a, **kw, backend=backend),
+            lambda *a, **kw: CP.affine_coupling(*a, **kw, backend=backend),
+            lambda *a: CP.actnorm(*a, backend=backend),
+            lambda *a, **kw: MC.modconv_epilogue(*a, **kw, backend=backend),
+            lambda *a: MC.demodulation_coefficients(*a, backend=backend),
+        )
+        return block(ops, *args)
+
+    def reference(*args):
+        ops = (
+            RP.reparameterize_reference,
+            lambda *a, **kw: CP.affine_coupling(*a, **kw, backend="reference"),
+            lambda *a: CP.actnorm(*a, backend="reference"),
+            MC.modconv_epilogue_reference,
+            MC.demodulation_coefficients_reference,
+        )
+        return block(ops, *args)
+
+    n_leaves = len(inputs) - 2  # the noise tensors are constants
+    leaves = [t.detach().requires_grad_(i < n_leaves) for i, t in enumerate(inputs)]
+    assert leaves[2].is_contiguous(memory_format=torch.channels_last)
+    got = torch.compile(ours, fullgraph=True)(*leaves)
+    upstream = [torch.randn(t.shape, device=device) for t in got]
+    grads = torch.autograd.grad(got, leaves[:n_leaves], upstream)
+    refs = []
+    for dt in (torch.float32, torch.float64):
+        rl = [t.detach().to(dt).requires_grad_(i < n_leaves) for i, t in enumerate(inputs)]
+        outs = reference(*rl)
+        refs.append((*outs, *torch.autograd.grad(outs, rl[:n_leaves], [u.to(dt) for u in upstream])))
+    outputs = ("z", "kl summed", "yc, out", "logdet, logdet_a", "ya summed over W", "dcoef")
+    names = (*outputs, "dmean", "dlogvar", "dxc", "dhc", "dxa", "dlog_scale", "dbias_a", "dye", "ddcoef", "dbias_e")
+    names = (*names, "dstrength", "dweight", "dstyles")
+    sums = {"kl summed", "logdet, logdet_a", "ya summed over W", "dlog_scale", "dbias_a", "ddcoef", "dbias_e"}
+    sums |= {"dstrength", "dweight", "dstyles"}
+    assert len(names) == len(got) + len(grads)
+    for i, (value, name) in enumerate(zip((*got, *grads), names)):
+        assert_criterion(value, refs[0][i], refs[1][i], name, relative_floor=name in sums)
