@@ -54,6 +54,14 @@ def dense_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def contiguous_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A side input as kernels index it, a dense array (t itself when contiguous), or None.
+
+    The registered ops call it too: a traced call passes its tensors with their own strides (a transposed mask,
+    a float32 bias[::2], an expanded vector), where the eager path would have copied them."""
+    return None if t is None else t.contiguous()
+
+
 def match_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """t in the same dense layout as ``like`` (copied only when it differs)."""
     if is_channels_last(like):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._layout import contiguous_or_none
 from ._common import (
     DTYPE_CODES,
     MAX_BLOCKS,
@@ -162,7 +163,7 @@ def _dense_float32(**tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     for name, t in tensors.items():
         if t is not None and t.dtype != torch.float32:
             raise ValueError(f"{name} must be a float32 tensor, got {t.dtype}")
-    return tuple(None if t is None else t.contiguous() for t in tensors.values())
+    return tuple(contiguous_or_none(t) for t in tensors.values())
 
 
 def _layout(y: Tensor) -> tuple[bool, torch.memory_format]:

@@ -27,7 +27,7 @@ import torch
 
 from .. import _autograd, _registry
 from .._checks import is_finite_real
-from .._layout import heads_inner, heads_like
+from .._layout import contiguous_or_none, heads_inner, heads_like
 from ..cuda import attention as _cuda
 from ..triton import attention as _triton
 
@@ -102,12 +102,6 @@ def _needs_grad(*tensors) -> bool:
 def _last_dim_unit(t: torch.Tensor) -> torch.Tensor:
     """t with stride 1 along its last dimension (the one layout requirement of the fast kernels)."""
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _dense_mask(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The key padding mask as the fast kernels read it: a contiguous (B, Lkv) array (a transposed or expanded
-    mask, as a traced call passes it with its own strides, is copied once)."""
-    return None if key_padding_mask is None else key_padding_mask.contiguous()
 
 
 def _in_q_order(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -326,7 +320,7 @@ def _attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, out's rounding residual); custom ops cannot return None: an empty residual is none."""
     q, k, v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
-    key_padding_mask = _dense_mask(key_padding_mask)
+    key_padding_mask = contiguous_or_none(key_padding_mask)
     impl = _select(backend, q, k, v, causal, scale, key_padding_mask, needs_grad).impl
     out, lse, residual = impl.attention_forward(q, k, v, causal, scale, key_padding_mask, needs_grad)
     return out, lse, q.new_empty((0,)) if residual is None else residual
@@ -358,7 +352,7 @@ def _attention_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, dout = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v), _last_dim_unit(dout)
-    key_padding_mask = _dense_mask(key_padding_mask)
+    key_padding_mask = contiguous_or_none(key_padding_mask)
     impl = _select(backend, q, k, v, causal, scale, key_padding_mask, True).impl
     residual = out_residual if out_residual.numel() else None
     return impl.attention_backward(dout, q, k, v, out, lse, causal, scale, key_padding_mask, residual)
@@ -441,7 +435,7 @@ def attention(
     if chosen.name == "reference":  # empty inputs too: no launch, and autograd still gives zero gradients
         return _in_q_order(attention_reference(q, k, v, causal, scale, key_padding_mask), q)
     return _autograd.apply(
-        _AttentionFunction, q, k, v, _dense_mask(key_padding_mask), causal, scale, needs_grad, chosen.impl
+        _AttentionFunction, q, k, v, contiguous_or_none(key_padding_mask), causal, scale, needs_grad, chosen.impl
     )
 
 

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _autograd, _checks, _registry
-from .._layout import dense_layout, is_channels_last, match_layout
+from .._layout import contiguous_or_none, dense_layout, is_channels_last, match_layout
 from ..cuda import bias_act as _cuda
 from ..triton import bias_act as _triton
 
@@ -508,12 +508,6 @@ def _impl_for(backend: str, x: Tensor, bias: Tensor | None, act: str, dim: int):
     return _registry.select(OP, x, bias, act, dim, backend=backend or None).impl
 
 
-def _dense_bias(bias: Tensor | None) -> Tensor | None:
-    """The bias as the kernels index it, a dense (C,) vector: the traced call's float32 cast leaves a float32 view
-    (a slice with a step, an expand()) as it is, so the ops copy it here, as the eager path does."""
-    return None if bias is None else bias.contiguous()
-
-
 # Explicit schemas: torch 2.4 cannot infer them from postponed (string) annotations. bias is the float32
 # (C,) the kernels read; clamp travels as (has_clamp, clamp).
 @torch.library.custom_op(
@@ -533,7 +527,7 @@ def _bias_act_op(
     dim: int,
     backend: str,
 ) -> Tensor:
-    x, bias = dense_layout(x), _dense_bias(bias)
+    x, bias = dense_layout(x), contiguous_or_none(bias)
     impl = _impl_for(backend, x, bias, act, dim)
     return impl.forward(x, bias, act, alpha, gain, clamp if has_clamp else None, dim)
 
@@ -563,7 +557,7 @@ def _bias_act_grad_op(
     backend: str,
 ) -> Tensor:
     """dz = dy * gain * act'(z) * m, in float32 when float32_out (for the bias gradient's sum), else x's dtype."""
-    x, bias = dense_layout(x), _dense_bias(bias)
+    x, bias = dense_layout(x), contiguous_or_none(bias)
     impl = _impl_for(backend, x, bias, act, dim)
     out_dtype = torch.float32 if float32_out and x.dtype != torch.float64 else None
     return impl.grad(
@@ -646,7 +640,7 @@ def _bias_act_grad_bias_op(
 ) -> tuple[Tensor, Tensor]:
     """(dz in x's dtype, or an empty tensor without ``need_dz``; dbias = dz summed over every dim but ``dim``,
     in bias's dtype) in one fused pass (the backends' grad_bias)."""
-    x, bias = dense_layout(x), _dense_bias(bias)
+    x, bias = dense_layout(x), contiguous_or_none(bias)
     impl = _impl_for(backend, x, bias, act, dim)
     dz, dbias = impl.grad_bias(
         match_layout(dy, x).to(x.dtype), x, bias, act, alpha, gain, clamp if has_clamp else None, dim, need_dz

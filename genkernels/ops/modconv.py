@@ -53,7 +53,7 @@ from torch import Tensor
 
 from .. import _autograd, _registry
 from .._checks import is_finite_real
-from .._layout import dense_layout, match_layout
+from .._layout import contiguous_or_none, dense_layout, match_layout
 from ..cuda import modconv as _cuda
 from ..triton import modconv as _triton
 from .bias_act import ACTS as ACTS  # the activations the epilogue takes (tests and callers read them here)
@@ -520,13 +520,6 @@ def _epilogue_impl(backend: str, y: Tensor, dcoef, noise, bias, act: str):
     return _registry.select(EPILOGUE_OP, y, dcoef, **options).impl
 
 
-def _dense(t: Tensor | None) -> Tensor | None:
-    """dcoef or bias as the kernels index them, dense: the traced call's cast to the accumulation dtype leaves a
-    view already in that dtype (a transpose, a slice with a step) as it is, so the ops copy it here, as the eager
-    path does."""
-    return None if t is None else t.contiguous()
-
-
 _EPILOGUE_ARGS = (
     "Tensor? dcoef, Tensor? noise, Tensor? strength, Tensor? bias, str act, float alpha, float gain,"
     " bool has_clamp, float clamp"
@@ -553,7 +546,7 @@ def _epilogue_op(
     backend: str,
 ) -> Tensor:
     """out = clamp(act(y * dcoef + noise * strength + bias) * gain) in y's dtype and layout."""
-    y, dcoef, bias = dense_layout(y), _dense(dcoef), _dense(bias)
+    y, dcoef, bias = dense_layout(y), contiguous_or_none(dcoef), contiguous_or_none(bias)
     impl = _epilogue_impl(backend, y, dcoef, noise, bias, act)
     nz = noise if impl is _ReferenceKernels else _noise_for_fast(noise)
     return impl.epilogue_forward(y, dcoef, nz, strength, bias, act, alpha, gain, clamp if has_clamp else None)
@@ -591,7 +584,7 @@ def _epilogue_backward_op(
     """(dy, ddcoef, dbias, dstrength, dnoise): dy like y, the others float32 (float64 for float64 y);
     a gradient that is not needed (or whose input is None) comes back as an empty (0,) tensor. The noise
     gradient is the reference's (the fast backends do not compute it)."""
-    y, dcoef, bias = dense_layout(y), _dense(dcoef), _dense(bias)
+    y, dcoef, bias = dense_layout(y), contiguous_or_none(dcoef), contiguous_or_none(bias)
     clamp_ = clamp if has_clamp else None
     need_dcoef, need_bias = need_dcoef and dcoef is not None, need_bias and bias is not None
     need_strength, need_noise = need_strength and noise is not None, need_noise and noise is not None
