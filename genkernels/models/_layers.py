@@ -16,6 +16,12 @@ import torch.nn.functional as F
 from ..nn import Attention, GroupNorm, GroupNormSiLU
 
 
+def is_index_tensor(t) -> bool:
+    """Whether t is a tensor of integers of any width (not bool, floating-point or complex): class or token
+    indices."""
+    return isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
 def check_indices(name: str, t: torch.Tensor, limit: int) -> None:
     """Raise a ValueError naming ``name`` when an index tensor (labels, tokens) holds a value outside [0, limit).
 

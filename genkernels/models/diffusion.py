@@ -49,6 +49,7 @@ from ._layers import (
     attention_layer,
     check_indices,
     group_norm_layer,
+    is_index_tensor,
     set_layers_backend,
 )
 
@@ -185,7 +186,7 @@ def _check_labels(labels, batch: int, limit: int) -> None:
         raise TypeError(f"labels must be None or an integer tensor of shape ({batch},), got {type(labels).__name__}")
     if labels.shape != (batch,):
         raise ValueError(f"labels must have shape ({batch},) (one per sample), got {tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    if not is_index_tensor(labels):
         raise TypeError(f"labels must be an integer tensor (int64, int32, int16, uint8 ...), got {labels.dtype}")
     check_indices("labels", labels, limit)
 

@@ -61,7 +61,7 @@ from .._checks import positive_int as _positive_int
 from ..nn.transformer import CausalSelfAttention, KVCache, LayerNormModulate, RotaryEmbedding, SwiGLU
 from ..ops.adaln import gated_residual_layer_norm_modulate
 from ._config import ConfigIO
-from ._layers import check_indices
+from ._layers import check_indices, is_index_tensor
 
 POSITIONS = ("rope", "learned")
 
@@ -73,11 +73,6 @@ def _residual_norm(h: torch.Tensor, branch: torch.Tensor, norm: LayerNormModulat
     return gated_residual_layer_norm_modulate(
         h, branch.to(h.dtype), None, norm.weight, norm.bias, eps=norm.eps, rms=norm.rms, backend=norm.backend
     )
-
-
-def _is_index_tensor(t) -> bool:
-    """Whether t is a tensor of integers (not bool, floating-point or complex): class or token indices."""
-    return isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
 def _default_mlp_hidden(dim: int) -> int:
@@ -341,7 +336,7 @@ class ImageGPT(torch.nn.Module):
             return torch.zeros(batch, dtype=torch.long, device=device)
         if labels is None:
             raise ValueError(f"labels (B,) in [0, {classes}) are required: the model is class-conditional")
-        if not _is_index_tensor(labels) or labels.shape != (batch,):
+        if not is_index_tensor(labels) or labels.shape != (batch,):
             raise ValueError(f"labels must be an integer tensor of shape ({batch},), got {labels!r}")
         check_indices("labels", labels, classes)
         return labels.to(device=device, dtype=torch.long)
@@ -408,7 +403,7 @@ class ImageGPT(torch.nn.Module):
             return torch.arange(n, device=device) % classes
         if is_integer(labels):
             labels = torch.full((n,), int(labels), dtype=torch.long)
-        if not _is_index_tensor(labels) or labels.shape != (n,):
+        if not is_index_tensor(labels) or labels.shape != (n,):
             raise ValueError(f"labels must be None, an int or an integer tensor of shape ({n},), got {labels!r}")
         if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < classes):
             raise ValueError(f"labels must be in [0, {classes}), got values {labels.min()} .. {labels.max()}")
