@@ -8,7 +8,8 @@ masked loads inside the kernels, so nothing is copied to pad; the forward and (o
 dq and dk/dv kernels instead split a head dim that a power-of-two block and a narrower one cover in fewer
 columns (40 = 32 + 16 with 8 masked, 72 and 80 = 64 + 16, 96 = 64 + 32: 83 to 100% of the
 tensor-core columns useful instead of 56 to 75%), with two dots for each product over D and an
-accumulator per block. out has q's memory order (heads inner
+accumulator per block. float32 head dims beyond 128 are split 128 + the rest on every target and in all
+three kernels, for precision (below). out has q's memory order (heads inner
 where q's are: genkernels._layout.heads_like); the other outputs are contiguous. Row strides that
 are not multiples of 16 elements (D = 40, 72) are passed with their largest power-of-two divisor
 (ALIGN), so that loads are 16-byte vectors and the forward's key and value blocks are pipelined.
@@ -69,7 +70,18 @@ at a time.
 
 Precision. All dots accumulate in float32. 16-bit inputs: p and ds are cast to the input dtype
 before their dots, as the tensor cores take them. float32 inputs: dots are IEEE float32 (no
-TF32), so float32 results meet the float32 test criterion.
+TF32), so float32 results meet the float32 test criterion. Such a dot is an FMA chain per element
+(triton's lowering: acc = fma(a_k, b_k, acc), k in order), whose rounding grows with the chain: over a
+head dim of 200 to 256 the scores' rounding, multiplied by |dp - delta| ~ sqrt(D) in ds, took dq and dk
+past the criterion (the reference's sgemm sums K in blocks of 128); so a float32 product over the head dim
+is two chains of at most 128 terms, added (``_dot2``, :data:`FP32_CHAIN`). The recomputed p sums to 1
+over a row, as the reference's softmax does, only because the backward recomputes the forward's q . k bit
+for bit: the same chains in the same order give the same bits in either orientation (q k^T, k q^T) and
+any tiling; a score off by e makes the dominant p of a peaked row off by p e, where a normalized one is
+off by p (1 - p) e. (Under the interpreter tl.dot is numpy's matmul, whose summation order depends on the
+operands' roles and tile shapes: there the dk/dv kernel's scores differ from the forward's, by 2e-5 in a
+200-term q . k, and its dk, dv at large head dims carry that; tests/ops/test_attention_edges.py gives the
+interpreter the GPU's float32 dot for that check.)
 
 Launch configurations come from :data:`CONFIGS` (see there); nothing is autotuned, so the same
 shapes always give the same launches and the same bits.
@@ -185,6 +197,12 @@ DECODE_ROWS = 16
 # The delta kernel is elementwise: rows per program, so that a thread of its 4 warps holds at
 # most 16 elements of each of out, its residual and dout.
 _DELTA_ELEMENTS = 2048
+# The longest FMA chain of a float32 product over the head dim (:func:`_column_blocks`). An IEEE float32 tl.dot
+# is one chain of fused multiply-adds per element; at head dims 200 to 256 its rounding was twice that of the
+# reference's sgemm (which sums K in blocks of 128), and the scores' rounding, multiplied by |dp - delta| ~ sqrt(D)
+# in ds = p (dp - delta), put dq and dk at up to 2.3 times the float32 test criterion's bound (scores of std 4 to
+# 6: tests/ops/test_attention_edges.py). Two chains of at most 128, added, measure as the reference does.
+FP32_CHAIN = 128
 
 
 # Head counts and lengths vary from call to call and only bound loops and masks: compiling a
@@ -239,6 +257,17 @@ def _backward_split(q: Tensor) -> tuple[int, int]:
     kernel at D = 80 split spilled 40 bytes at 255 registers under triton 3.9, with CONFIGS' tiles)."""
     d = q.shape[-1]
     return _head_split(d) if _arch(q.device) == 90 else (_block_d(d), 0)
+
+
+def _column_blocks(q: Tensor, backward: bool) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2) of the forward (``backward`` False) or of the dq and dk/dv kernels. float32 head dims
+    beyond FP32_CHAIN: (FP32_CHAIN, the rest padded), on every target and in every kernel, so that each product
+    over the head dim is two FMA chains of at most FP32_CHAIN terms (:func:`_dot2`), and the backward recomputes
+    the forward's scores bit for bit. Otherwise :func:`_head_split` (forward) and :func:`_backward_split`."""
+    d = q.shape[-1]
+    if q.dtype == torch.float32 and d > FP32_CHAIN:
+        return FP32_CHAIN, max(16, next_power_of_2(d - FP32_CHAIN))
+    return _backward_split(q) if backward else _head_split(d)
 
 
 def _config(q: Tensor, kernel: str, masked: bool = False, causal: bool = False) -> tuple[int, int, int, int]:
@@ -356,7 +385,7 @@ def attention_forward(
     keep = keep_residual and q.element_size() < 4
     residual = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype) if keep else None
     block_m, block_n, num_warps, num_stages = _config(q, "fwd", key_padding_mask is not None, causal)
-    block_d, block_d2 = _head_split(d)
+    block_d, block_d2 = _column_blocks(q, backward=False)
     with on_device(q):
         _attn_fwd_kernel[(cdiv(lq, block_m), b * hq)](
             q,
@@ -421,7 +450,7 @@ def attention_backward(
     dv = torch.empty((b, hkv, lkv, d), device=q.device, dtype=v.dtype)
     delta = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
     block_d = _block_d(d)
-    split_d, split_d2 = _backward_split(q)
+    split_d, split_d2 = _column_blocks(q, backward=True)
     mask = _mask_arg(key_padding_mask, q)
     common = dict(
         CAUSAL=causal,
@@ -504,6 +533,17 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             return tl.dot(a, b, acc, input_precision="ieee")
         else:
             return tl.dot(a, b, acc, allow_tf32=False)
+
+    @triton.jit
+    def _dot2(a, b, a2, b2, INPUT_PRECISION: tl.constexpr):
+        """a @ b + a2 @ b2 in float32: a product over the head dim in its two column blocks. 16-bit operands
+        chain the second dot onto the first's accumulator (the tensor cores add in place). float32 operands are
+        FMA loops, one chain per element, whose rounding grows with its length: each block is its own chain
+        and the two are added (at most FP32_CHAIN terms a chain, :func:`_column_blocks`)."""
+        if a.dtype == tl.float32:
+            return _dot(a, b, None, INPUT_PRECISION) + _dot(a2, b2, None, INPUT_PRECISION)
+        else:
+            return _dot(a2, b2, _dot(a, b, None, INPUT_PRECISION), INPUT_PRECISION)
 
     @triton.jit
     def _load_rows(
@@ -763,11 +803,12 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         INPUT_PRECISION: tl.constexpr,
     ):
         """:func:`_fwd_key_loop` with the head dim in two column blocks, [0, BLOCK_D) and [BLOCK_D,
-        BLOCK_D + BLOCK_D2): two dots add up each score, and each block has its own accumulator."""
+        BLOCK_D + BLOCK_D2): two dots add up each score (:func:`_dot2`), and each block has its own
+        accumulator."""
         for n0 in range(start, end, BLOCK_N):
             k = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, TAIL or MASKED)
             k2 = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, TAIL or MASKED)
-            s = _dot(q2, tl.trans(k2), _dot(q, tl.trans(k), None, INPUT_PRECISION), INPUT_PRECISION) * scale_log2
+            s = _dot2(q, tl.trans(k), q2, tl.trans(k2), INPUT_PRECISION) * scale_log2
             s = _masked(
                 s, float("-inf"), mask_row, offs_m, n0, full_end, lq, lkv, CAUSAL, HAS_MASK, TAIL, MASKED, BLOCK_N,
                 BLOCK_D,
@@ -854,7 +895,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
     ):
         """Attention output and lse of BLOCK_M queries of one (b, h); grid (cdiv(Lq, BLOCK_M), B * Hq).
         With HAS_RESIDUAL, also out's rounding residual (float32 out - rounded out). BLOCK_D2 > 0: the
-        head dim in two column blocks, BLOCK_D then BLOCK_D2 (:func:`_head_split`).
+        head dim in two column blocks, BLOCK_D then BLOCK_D2 (:func:`_column_blocks`).
 
         Memory traffic: the q block read once, k and v of the visible key blocks read once per
         program, the out block (and its residual) and its lse written once."""
@@ -1063,22 +1104,23 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         BLOCK_D2: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
-        """:func:`_dkdv_query_loop` with the head dim in two column blocks (BLOCK_D, then BLOCK_D2: the
-        forward's :func:`_head_split`): the scores and dp sum two dots, dk and dv are two accumulators each."""
+        """:func:`_dkdv_query_loop` with the head dim in two column blocks (BLOCK_D, then BLOCK_D2:
+        :func:`_column_blocks`): the scores and dp sum two dots (:func:`_dot2`), dk and dv are two accumulators
+        each."""
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             row_ok = offs_m < lq
             q_t = _load_cols_t(q_base, m0, lq, stride_ql, BLOCK_M, 0, BLOCK_D, HEAD_DIM)
             q2_t = _load_cols_t(q_base, m0, lq, stride_ql, BLOCK_M, BLOCK_D, BLOCK_D2, HEAD_DIM)
             lse2 = tl.load(lse_row + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-            s_t = _dot(k2, q2_t, _dot(k, q_t, None, INPUT_PRECISION), INPUT_PRECISION) * scale_log2
+            s_t = _dot2(k, q_t, k2, q2_t, INPUT_PRECISION) * scale_log2
             p_t = _probs_t(s_t, lse2, keep, offs_n, offs_m, lq, lkv, CAUSAL, HAS_MASK)
             do = _load_cols(do_base, m0, lq, stride_dl, BLOCK_M, 0, BLOCK_D, HEAD_DIM, True)
             do2 = _load_cols(do_base, m0, lq, stride_dl, BLOCK_M, BLOCK_D, BLOCK_D2, HEAD_DIM, True)
             pc = p_t.to(do.dtype)
             dv = _dot(pc, do, dv, INPUT_PRECISION)
             dv2 = _dot(pc, do2, dv2, INPUT_PRECISION)
-            dp_t = _dot(v2, tl.trans(do2), _dot(v, tl.trans(do), None, INPUT_PRECISION), INPUT_PRECISION)
+            dp_t = _dot2(v, tl.trans(do), v2, tl.trans(do2), INPUT_PRECISION)
             delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)
             ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
             dk = _dot(ds_t, tl.trans(q_t), dk, INPUT_PRECISION)
@@ -1311,17 +1353,17 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         INPUT_PRECISION: tl.constexpr,
     ):
         """:func:`_dq_key_loop` with the head dim in two column blocks (BLOCK_D, then BLOCK_D2): the scores
-        and dp sum two dots, dq is two accumulators."""
+        and dp sum two dots (:func:`_dot2`), dq is two accumulators."""
         for n0 in range(start, end, BLOCK_N):
             k = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, TAIL or MASKED)
             k2 = _load_cols(k_base, n0, lkv, stride_kl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, TAIL or MASKED)
-            s = _dot(q2, tl.trans(k2), _dot(q, tl.trans(k), None, INPUT_PRECISION), INPUT_PRECISION) * scale_log2
+            s = _dot2(q, tl.trans(k), q2, tl.trans(k2), INPUT_PRECISION) * scale_log2
             p = _probs(
                 s, lse2, mask_row, offs_m, n0, full_end, lq, lkv, CAUSAL, HAS_MASK, TAIL, MASKED, BLOCK_N, BLOCK_D
             )
             v = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, 0, BLOCK_D, HEAD_DIM, TAIL or MASKED)
             v2 = _load_cols(v_base, n0, lkv, stride_vl, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM, TAIL or MASKED)
-            dp = _dot(do2, tl.trans(v2), _dot(do, tl.trans(v), None, INPUT_PRECISION), INPUT_PRECISION)
+            dp = _dot2(do, tl.trans(v), do2, tl.trans(v2), INPUT_PRECISION)
             ds = (p * (dp - delta[:, None])).to(k.dtype)
             dq = _dot(ds, k, dq, INPUT_PRECISION)
             dq2 = _dot(ds, k2, dq2, INPUT_PRECISION)

@@ -425,6 +425,27 @@ def test_triton_backward_split_by_arch(arch, d, monkeypatch):
     _compare("triton", q, k, v, causal=True)
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_float32_column_blocks(arch, monkeypatch):
+    """float32 head dims beyond 128 take two column blocks of at most 128 in the forward and in both backward
+    kernels on every target (each product over D two FMA chains, added; the backward recomputes the forward's
+    scores with the same chains); 16-bit and narrower float32 calls keep their splits."""
+    from genkernels.triton import attention as triton_attention
+
+    monkeypatch.setattr(triton_attention, "FALLBACK_ARCH", arch)
+
+    def blocks(d, dtype, backward):
+        return triton_attention._column_blocks(torch.empty(1, 1, 1, d, dtype=dtype), backward)
+
+    for d, want in {129: (128, 16), 160: (128, 32), 200: (128, 128), 256: (128, 128)}.items():
+        assert blocks(d, torch.float32, False) == blocks(d, torch.float32, True) == want
+    for d in (40, 72, 128, 160, 256):
+        q = torch.empty(1, 1, 1, d, dtype=torch.float16)
+        assert blocks(d, torch.float16, False) == triton_attention._head_split(d)
+        assert blocks(d, torch.float16, True) == triton_attention._backward_split(q)
+    assert blocks(40, torch.float32, False) == triton_attention._head_split(40)
+
+
 class _LaunchSpy:
     """Stands for a triton kernel: records each launch's keyword arguments, then launches it."""
 

@@ -2,13 +2,72 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import genkernels
 from genkernels.nn import functional as GF
 from genkernels.ops import attention, attention_reference
+from genkernels.triton._common import interpreting
 from tests.criterion import assert_criterion
+
+
+def _gpu_float32_dot(monkeypatch):
+    """Under the interpreter, make float32 ``tl.dot`` the GPU's: one FMA chain per element in k order.
+
+    The interpreter's tl.dot is numpy's matmul, whose summation order depends on which operand is which and
+    on the tile shapes; the forward (q k^T, 32 x 16 tiles) and the dk/dv kernel (k q^T, 16 x 32) then round a
+    score differently, and p = exp(s - lse) loses the normalization the forward gave it (measured: 1.9e-5 of
+    max|fwd - bwd| on a 200-term q . k, enough to put dk and dv at 5 to 10 times the float32 reference's
+    error). On the GPU an IEEE float32 tl.dot is triton's FMA lowering, acc = fma(a_k, b_k, acc) for
+    k = 0 .. K - 1, the same bits in either orientation and tiling. Nothing to do on a GPU."""
+    if not interpreting():
+        return
+    from triton.runtime import interpreter
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def fma_chain_dot(self, a, b, acc, *args):
+        result = create_dot(self, a, b, acc, *args)
+        if a.data.dtype == np.float32 and b.data.dtype == np.float32:
+            x, y = a.data.astype(np.float64), b.data.astype(np.float64)
+            chain = np.broadcast_to(acc.data, result.data.shape).astype(np.float32)
+            for i in range(x.shape[-1]):  # each product is exact in float64, then one rounding
+                chain = (x[..., i : i + 1] * y[..., i : i + 1, :] + chain).astype(np.float32)
+            result.data[...] = chain
+        return result
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", fma_chain_dot)
+
+
+@pytest.mark.parametrize("d", [200, 256])
+def test_triton_float32_gradients_large_head_dims_peaked(d, device, monkeypatch):
+    """float32 gradients at head dims beyond 128 with peaked scores (std about 5), GQA and ragged lengths.
+
+    An IEEE float32 product over the head dim is one FMA chain; over 200 to 256 terms its rounding is about twice
+    that of the reference's sgemm (which sums K in blocks of 128), and in ds = p (dp - delta) it is multiplied by
+    |dp - delta| ~ sqrt(D): dq and dk were up to 2.3 times the bound (dv, which has no dp, was not). The
+    kernels now sum the head dim's two column blocks as separate chains of at most 128 terms (float32 only)."""
+    _gpu_float32_dot(monkeypatch)
+    for _ in range(6):
+        q, k, v = _qkv_peaked(d, device)
+        dout = torch.randn(q.shape, device=device)
+        kernel = lambda q, k, v: attention(q, k, v, scale=0.4, backend="triton")  # noqa: E731
+        ref = lambda q, k, v: attention_reference(q, k, v, scale=0.4)  # noqa: E731
+        _, grads = _outputs_and_grads(kernel, q, k, v, dout)
+        _, gref = _outputs_and_grads(ref, q, k, v, dout)
+        _, g64 = _outputs_and_grads(ref, q.double(), k.double(), v.double(), dout.double())
+        for name, g, r, r64 in zip(("dq", "dk", "dv"), grads, gref, g64):
+            assert_criterion(g, r, r64, name)
+
+
+def _qkv_peaked(d, device):
+    """(B, Hq, Hkv, Lq, Lkv) = (1, 3, 1, 31, 33) in float32: three query heads a kv head, lengths not multiples
+    of 16; unit normal entries, so that scale 0.4 gives scores of std 0.4 sqrt(d) (5.7 to 6.4)."""
+    q = torch.randn(1, 3, 31, d, device=device)
+    k, v = (torch.randn(1, 1, 33, d, device=device) for _ in range(2))
+    return q, k, v
 
 
 def _outputs_and_grads(fn, q, k, v, dout):
