@@ -42,12 +42,22 @@ addresses: in-place updates such as optimizer steps are seen, a reassigned param
 decodes once uncaptured and then captures every step, so the graphs pay off over repeated calls; a
 single call (``genkernels sample transformer``) is faster without them.
 
+torch.compile. Compile the method: ``torch.compile(model.sample)`` (``torch.compile(model)`` and ``model.compile()``
+compile forward, which training calls and sampling does not). The decoding steps, with or without the cache, trace
+without a graph break and draw the eager tokens; the Python loop over the L steps unrolls into one graph, so
+compiling takes longer the longer L. Two things stay out of the graph: the draw of the uniforms (a seeded CPU
+torch.Generator, which dynamo cannot trace; one graph break, so ``fullgraph=True`` fails with an error that says so)
+and the CUDA graphs above (captured and replayed eagerly, apart from dynamo: ``cuda_graph=None`` decodes without
+them under torch.compile, leaving graphs to ``mode="reduce-overhead"``; ``cuda_graph=True`` runs its graphed
+decoding eagerly).
+
 ``torch_layers=True`` builds the same network on plain PyTorch ops (F.scaled_dot_product_attention, the
 RMSNorm formula, F.silu, a rotate-half RoPE) with the same parameter names: the eager baseline.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -64,6 +74,34 @@ from ._config import ConfigIO
 from ._layers import check_indices, is_index_tensor
 
 POSITIONS = ("rope", "learned")
+
+
+def _outside_graph(reason: str):
+    """torch.compiler.disable as a decorator, with ``reason`` (dynamo's error under fullgraph=True shows it)
+    where torch takes one."""
+
+    def disable(fn):
+        if "reason" in inspect.signature(torch.compiler.disable).parameters:
+            return torch.compiler.disable(fn, reason=reason)
+        return torch.compiler.disable(fn)
+
+    return disable
+
+
+@_outside_graph(
+    "ImageGPT sampling draws its uniforms from a seeded CPU torch.Generator, which torch.compile cannot trace: "
+    "compile sample without fullgraph=True (this draw is then a graph break)"
+)
+def _uniforms(n: int, length: int, seed: int | None) -> torch.Tensor:
+    """1 - U[0, 1): (n, length) float64 uniforms in (0, 1] from a CPU torch.Generator seeded with ``seed`` (None:
+    a random seed). Every uniform up front, on the CPU: the same numbers in the same order on every path and
+    device."""
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return 1.0 - torch.rand(n, length, generator=gen, dtype=torch.float64)
 
 
 def _residual_norm(h: torch.Tensor, branch: torch.Tensor, norm: LayerNormModulate) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,6 +432,9 @@ class ImageGPT(torch.nn.Module):
     # ----------------------------------------------------------------------- sampling
 
     def _sample_labels(self, n: int, labels, device) -> torch.Tensor | None:
+        """The class ids (n,) int64 on ``device`` of :meth:`sample`'s labels (None without classes). A tensor's
+        values are range-checked outside torch.compile only (reading them there is a graph break; traced, a class
+        out of range fails in the embedding instead)."""
         classes = self.config.num_classes
         if classes == 0:
             if labels is not None:
@@ -402,11 +443,15 @@ class ImageGPT(torch.nn.Module):
         if labels is None:
             return torch.arange(n, device=device) % classes
         if is_integer(labels):
-            labels = torch.full((n,), int(labels), dtype=torch.long)
+            if not 0 <= labels < classes:
+                raise ValueError(f"labels must be in [0, {classes}), got {int(labels)}")
+            return torch.full((n,), int(labels), dtype=torch.long, device=device)
         if not is_index_tensor(labels) or labels.shape != (n,):
             raise ValueError(f"labels must be None, an int or an integer tensor of shape ({n},), got {labels!r}")
-        if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < classes):
-            raise ValueError(f"labels must be in [0, {classes}), got values {labels.min()} .. {labels.max()}")
+        if not torch.compiler.is_compiling():
+            low, high = int(labels.min()), int(labels.max())  # n >= 1: not empty
+            if low < 0 or high >= classes:
+                raise ValueError(f"labels must be in [0, {classes}), got values {low} .. {high}")
         return labels.to(device=device, dtype=torch.long)
 
     def _draw(
@@ -440,6 +485,8 @@ class ImageGPT(torch.nn.Module):
         # not decrease); zero-probability tokens never are (u > 0), and the clamp guards the last one against
         # rounding.
         index = torch.searchsorted(cdf, u.to(wide)[:, None] * cdf[:, -1:])[:, 0]
+        if out is not None and torch.compiler.is_dynamo_compiling():  # dynamo refuses an out= with gaps
+            return out.copy_(torch.clamp_max(index, cdf.shape[-1] - 1))
         return torch.clamp_max(index, cdf.shape[-1] - 1, out=out)
 
     @torch.no_grad()
@@ -469,7 +516,7 @@ class ImageGPT(torch.nn.Module):
             if not is_integer(top_k) or not 1 <= top_k <= levels:
                 raise ValueError(f"top_k must be None or an int in [1, levels={levels}], got {top_k!r}")
             top_k = int(top_k)
-        if cuda_graph not in (None, True, False):
+        if cuda_graph is not None and not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
         param = self.head.weight
         device = param.device
@@ -479,18 +526,14 @@ class ImageGPT(torch.nn.Module):
                 f"on {device}"
             )
         labels = self._sample_labels(n, labels, device)
-        gen = torch.Generator()
-        if seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(seed)
-        # Every uniform up front, on the CPU: the same numbers in the same order on every path and device.
-        u = 1.0 - torch.rand(n, length, generator=gen, dtype=torch.float64)
+        u = _uniforms(n, length, seed)
         class_ids = torch.zeros(n, dtype=torch.long, device=device) if labels is None else labels
         if use_cache:
-            graphed = device.type == "cuda" if cuda_graph is None else cuda_graph
-            decoder = self._decoder_for(n, temperature, top_k, device, graphed)
-            return decoder.run(class_ids, u)
+            if cuda_graph is None:  # traced, the steps are the compiler's to fuse (and graph: "reduce-overhead")
+                cuda_graph = device.type == "cuda" and not torch.compiler.is_compiling()
+            if cuda_graph:
+                return self._sample_graphed(n, temperature, top_k, device, class_ids, u)
+            return _Decoder(self, None, n, temperature, top_k, device, graphed=False).run(class_ids, u)
         u = u.to(device)
         first = self.class_emb(class_ids)[:, None]
         tokens = torch.zeros(n, length, dtype=torch.long, device=device)
@@ -505,15 +548,18 @@ class ImageGPT(torch.nn.Module):
         logits = self._logits(self._run(x, t, d.caches)[:, -1:])[:, 0]
         self._draw(logits, d.u[:, t], d.temperature, d.top_k, out=d.tokens[:, t])
 
-    def _decoder_for(self, n: int, temperature: float, top_k: int | None, device, graphed: bool) -> _Decoder:
-        """The decoder of this call: the kept graphs when they fit it, else a new one (kept when graphed)."""
-        if not graphed:  # nothing kept, so nothing to match
-            return _Decoder(self, None, n, temperature, top_k, device, graphed=False)
+    @_outside_graph(
+        "ImageGPT's CUDA graphs are captured and replayed in eager mode: sample with cuda_graph=None or False to "
+        "have torch.compile trace the decoding steps"
+    )
+    def _sample_graphed(self, n: int, temperature: float, top_k: int | None, device, class_ids, u) -> torch.Tensor:
+        """Cached sampling on CUDA graphs: the kept graphs when they fit this call, else new ones (then kept).
+        Outside torch.compile (dynamo would trace the steps while they are captured)."""
         key = _Decoder.key_of(self, n, temperature, top_k)
         if self._decoder is None or self._decoder.key != key:
             self._decoder = None  # the graphs of other arguments go before new ones are captured
             self._decoder = _Decoder(self, key, n, temperature, top_k, device, graphed=True)
-        return self._decoder
+        return self._decoder.run(class_ids, u)
 
     def release_graphs(self) -> None:
         """Free the CUDA graphs (and their memory) that cached sampling keeps for its next call."""
@@ -535,7 +581,8 @@ class ImageGPT(torch.nn.Module):
         Args:
             n: number of images.
             labels: the class of every image: (n,) integers, one int, or None (classes 0, 1, ... in turn;
-                must be None when num_classes = 0).
+                must be None when num_classes = 0). Out of range: a ValueError (under torch.compile, which cannot
+                read a tensor's values, the embedding's index error).
             temperature: logits are divided by it; 0 takes the most likely token (greedy).
             top_k: sample among the k most likely tokens only (None: all); tokens tied with the k-th score are
                 kept too, as in common top-k samplers.
@@ -544,8 +591,11 @@ class ImageGPT(torch.nn.Module):
                 recomputes the whole prefix every step. Both give the same tokens for the same seed,
                 up to ties flipped by floating-point rounding.
             cuda_graph: replay the cached decoding steps as CUDA graphs captured on the first call (see
-                the module docstring): None (default) on a CUDA device with use_cache, True to require
-                it, False never. The same tokens as without graphs.
+                the module docstring): None (default) on a CUDA device with use_cache (not under torch.compile),
+                True to require it, False never. The same tokens as without graphs.
+
+        Under torch.compile, compile this method itself (``torch.compile(model.sample)``, not fullgraph: the seeded
+        draw of the uniforms is a graph break); see the module docstring.
         """
         return self.dequantize(self.sample_tokens(n, labels, temperature, top_k, seed, use_cache, cuda_graph))
 
@@ -620,21 +670,21 @@ class _Decoder:
     def __reduce__(self):
         return (_no_decoder, ())
 
-    @torch.no_grad()
     def run(self, class_ids: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The tokens (n, L) of the sequences of class_ids (n,) drawn with the uniforms u (n, L)."""
-        self.class_ids.copy_(class_ids)
-        self.u.copy_(u)
-        if not self.stacked_now:  # the weights as they are now, where graphs read them
-            for block, cache in zip(self.model.blocks, self.caches):
-                block.attn.stacked_projection(out=cache.projection)
-        self.stacked_now = False
-        if self.graphs:
-            for graph in self.graphs:
-                graph.replay()
-        else:
-            self._steps()
-        return self.tokens.clone()
+        with torch.no_grad():  # not the decorator: dynamo cannot inline a decorated method of an object it made
+            self.class_ids.copy_(class_ids)
+            self.u.copy_(u)
+            if not self.stacked_now:  # the weights as they are now, where graphs read them
+                for block, cache in zip(self.model.blocks, self.caches):
+                    block.attn.stacked_projection(out=cache.projection)
+            self.stacked_now = False
+            if self.graphs:
+                for graph in self.graphs:
+                    graph.replay()
+            else:
+                self._steps()
+            return self.tokens.clone()
 
 
 def _cuda_autocast() -> torch.dtype | None:

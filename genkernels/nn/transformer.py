@@ -142,9 +142,13 @@ class GeluMLP(torch.nn.Module):
 class RotaryEmbedding(torch.nn.Module):
     """The cos / sin tables of 1-D rotary position embeddings for positions 0 .. max_len - 1.
 
-    cos, sin: (max_len, dim_head / 2) float32 buffers (not saved in the state_dict: they follow from the
-    arguments) from genkernels.ops.rope_frequencies; ``forward(start, length)`` gives the rows of
-    positions start .. start + length - 1, in the shape genkernels.ops.rope takes.
+    cos, sin: (max_len, dim_head / 2) buffers (not saved in the state_dict: they follow from the arguments):
+    the cos and sin of genkernels.ops.rope_frequencies' angles, computed in float64 and rounded once to the
+    buffers' dtype; float32 (rope_frequencies' tables) when made. Converting the module to float64 (``.double()``,
+    ``.to(torch.float64)``) computes them again in float64, so that a float64 model rotates with float64 tables
+    rather than float32 values widened; other conversions (devices, float16, bfloat16) act on them as on any
+    buffer. ``forward(start, length)`` gives the rows of positions start .. start + length - 1, in the shape
+    genkernels.ops.rope takes.
     """
 
     def __init__(self, dim_head: int, max_len: int, base: float = 10000.0) -> None:
@@ -155,8 +159,24 @@ class RotaryEmbedding(torch.nn.Module):
         dim_head = int(dim_head)
         self.dim_head, self.max_len, self.base = dim_head, max_len, float(base)
         cos, sin = rope_frequencies(torch.arange(max_len), dim_head, base=self.base)
-        self.register_buffer("cos", cos.float(), persistent=False)
-        self.register_buffer("sin", sin.float(), persistent=False)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.cos.dtype == torch.float64:  # widened float32 values: their float64 values instead
+            cos, sin = self._tables64()
+            self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+        return self
+
+    def _tables64(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) in float64 on the CPU, each (max_len, dim_head / 2): cos and sin of angle[p, j] =
+        p * base^(-2j / dim_head), computed as genkernels.ops.rope_frequencies computes them, which rounds them
+        to float32."""
+        j = torch.arange(self.dim_head // 2, dtype=torch.float64)
+        inv_freq = torch.pow(torch.tensor(self.base, dtype=torch.float64), -2.0 * j / self.dim_head)
+        angles = torch.arange(self.max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        return torch.cos(angles), torch.sin(angles)
 
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of positions start .. start + length - 1, each (length, dim_head / 2)."""
@@ -435,8 +455,11 @@ class CausalSelfAttention(Attention):
 def _linear_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
     """out (B, l, n) = x (B, l, k) @ weight.T (+ bias), out a view with a unit last stride: one matrix product
     written where out lies when it is one matrix (l = 1 or B = 1: rows at a fixed stride, which cuBLAS writes
-    directly), else the product and a copy."""
-    if x.shape[1] == 1 or x.shape[0] == 1:
+    directly), else the product and a copy. Traced by dynamo, always the product and a copy (the compiler fuses
+    them): dynamo refuses an ``out=`` with gaps, and that graph break inside a cached step left a graph returning
+    views of two aliased inputs (the rows and the cache's buffer), which AOTAutograd failed to rebuild ("incorrect
+    out shape after application of ViewMeta sequence")."""
+    if (x.shape[1] == 1 or x.shape[0] == 1) and not torch.compiler.is_dynamo_compiling():
         x2, out2 = (x[:, 0], out[:, 0]) if x.shape[1] == 1 else (x[0], out[0])
         if bias is None:
             torch.mm(x2, weight.t(), out=out2)

@@ -99,3 +99,69 @@ def test_generator_compiles_again_for_another_truncation_psi():
             assert_criterion(out, model(z, psi, None, "const"), model64(z.double(), psi, None, "const"), f"psi={psi}")
     with pytest.raises(ValueError, match="truncation_psi must be a finite number"):
         model(z, float("nan"))
+
+
+def _tiny_image_gpt(**kwargs) -> ImageGPT:
+    """A float64 ImageGPT of L = 4 tokens: no draw can flip between paths by rounding, and the steps trace fast."""
+    torch.manual_seed(0)
+    config = {"image_size": 2, "levels": 5, "num_classes": 3, "dim": 16, "depth": 2, "heads": 2, **kwargs}
+    return _perturbed(ImageGPT(**config, backend="reference")).double().eval()
+
+
+IMAGE_GPT_VARIANTS = [{}, {"torch_layers": True}, {"positions": "learned", "num_classes": 0}]
+
+
+@pytest.mark.parametrize("kwargs", IMAGE_GPT_VARIANTS)
+def test_image_gpt_sampling_compiles_with_and_without_the_cache(kwargs):
+    """torch.compile(model.sample_tokens) with the KV cache crashed inside AOTAutograd ("incorrect out shape after
+    application of ViewMeta sequence"): the projection into the cache's rows used an out= with gaps, which dynamo
+    refuses, and the graph after that break returned views of two aliased inputs (the rows and the cache's buffer).
+    Compiled, the cached and the uncached paths draw the eager tokens, token for token, seed after seed, with one
+    graph break at most: the seeded draw of the uniforms (a labels tensor's range check, a read, is skipped when
+    traced)."""
+    model = _tiny_image_gpt(**kwargs)
+    labels = None if model.config.num_classes == 0 else torch.tensor([2, 0, 1])
+    sample = dict(labels=labels, temperature=0.8, top_k=3)
+    compiled = torch.compile(model.sample_tokens, backend="aot_eager")
+    for seed in (1, 2):
+        want = model.sample_tokens(3, **sample, seed=seed)
+        assert torch.equal(model.sample_tokens(3, **sample, seed=seed, use_cache=False), want)
+        for use_cache in (True, False):
+            assert torch.equal(compiled(3, **sample, seed=seed, use_cache=use_cache), want), (seed, use_cache)
+    for use_cache in (True, False):
+        explained = torch._dynamo.explain(model.sample_tokens)(3, **sample, seed=1, use_cache=use_cache)
+        assert explained.graph_break_count <= 1, explained.break_reasons
+
+
+@pytest.mark.parametrize("kwargs", IMAGE_GPT_VARIANTS)
+def test_image_gpt_cached_decoding_step_traces_in_one_graph(kwargs):
+    """The cause of the crash above: a cached decoding step (embedding, every layer with its cache, the logits and
+    the draw into the tokens buffer) must trace without a graph break; the out= writes into strided views (the
+    cache's rows, a column of the tokens) broke it. Compiled with fullgraph=True, the steps give the eager tokens."""
+    from genkernels.models.transformer import _Decoder
+
+    model = _tiny_image_gpt(**kwargs)
+    decoder = _Decoder(model, None, 3, 0.8, 3, torch.device("cpu"), graphed=False)
+    labels = torch.tensor([0, 2, 1]) % max(model.config.num_classes, 1)
+    u = 1 - torch.rand(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = decoder.run(labels, u)
+    decoder.tokens.zero_()
+    for cache in decoder.caches:
+        cache.reset()
+    step = torch.compile(model._decode_step, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        for t in range(model.config.seq_len):
+            step(t, decoder)
+    assert torch.equal(decoder.tokens, want)
+
+
+def test_image_gpt_sample_with_fullgraph_names_the_seeded_draw():
+    """The uniforms come from a seeded CPU torch.Generator, which dynamo cannot trace: fullgraph=True cannot hold,
+    and the error names that draw (it said "an opaque object was created in the middle of the program")."""
+    import inspect
+
+    model = _tiny_image_gpt()
+    takes_reason = "reason" in inspect.signature(torch.compiler.disable).parameters
+    match = "seeded CPU torch.Generator" if takes_reason else "disable"
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=match):
+        torch.compile(model.sample, fullgraph=True, backend="eager")(2, seed=0)

@@ -99,3 +99,27 @@ def test_quantize_refuses_integer_and_nan_images():
     assert torch.equal(
         model.quantize(torch.tensor([-1.0, -0.5, 0.5, 1.0]).view(1, 1, 2, 2)), torch.tensor([[0, 1, 3, 4]])
     )
+
+
+@pytest.mark.parametrize("cuda_graph", [1, 0, 1.0])
+def test_cuda_graph_must_be_a_bool(cuda_graph):
+    """cuda_graph=1 passed the check (1 == True) and then failed as "cuda_graph=True needs ..." (and, on a GPU, 0 and 1
+    stood for False and True) while use_cache=1 is refused: both flags take True, False (and None) only."""
+    with pytest.raises(ValueError, match=rf"cuda_graph must be None, True or False, got {cuda_graph!r}"):
+        tiny().sample(2, cuda_graph=cuda_graph)
+
+
+@pytest.mark.parametrize("convert", [lambda m: m.double(), lambda m: m.to(torch.float64)], ids=["double", "to"])
+def test_float64_model_rotates_with_float64_tables(convert):
+    """A float64 ImageGPT rotated its queries and keys with float32 tables widened to float64 (errors of ~3e-8 in cos
+    and sin, where float64 rounding is ~1e-16); converted, it holds the tables computed in float64, and the cached
+    and uncached paths still draw the same tokens."""
+    model = convert(tiny(image_size=4))
+    cfg = model.config
+    j = torch.arange(cfg.dim_head // 2, dtype=torch.float64)
+    angles = torch.arange(cfg.seq_len, dtype=torch.float64)[:, None] * cfg.rope_base ** (-2 * j / cfg.dim_head)
+    assert model.rotary.cos.dtype == model.rotary.sin.dtype == torch.float64
+    assert (model.rotary.cos - angles.cos()).abs().max() < 1e-14
+    assert (model.rotary.sin - angles.sin()).abs().max() < 1e-14
+    cached = model.sample_tokens(3, seed=4)
+    assert torch.equal(model.sample_tokens(3, seed=4, use_cache=False), cached)
