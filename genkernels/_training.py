@@ -54,6 +54,19 @@ def check_steps(steps: int, batch_size: int) -> None:
     check_at_least("batch_size", batch_size, 1)
 
 
+def check_batch_size(batch_size: int, images: int, name: str = "batch_size", held_out: int = 0) -> None:
+    """A ValueError naming ``name`` when a batch of ``batch_size`` cannot be drawn from ``images`` training images
+    (``held_out`` more were set aside for evaluation: the message says so).
+
+    An error rather than a cap: the batch size sets the gradient's noise and, with the learning rate, the
+    run's dynamics, so a run that quietly trains on a smaller batch than the one asked for (the whole data
+    set) is not the run the user configured; a warning would scroll by under the progress bar. The error
+    says the largest batch that fits, and the user chooses."""
+    if batch_size > images:
+        of = f"the {images} training images" + (f" ({images + held_out} less {held_out} held out)" if held_out else "")
+        raise ValueError(f"{name} must be at most {of}, got {batch_size}")
+
+
 def check_seed(seed: int) -> None:
     """A seed every generator of the training loops takes (torch's, the Philox ops'): an int in [0, 2^63)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
@@ -135,13 +148,37 @@ def run_metadata(model_name: str, model_config, dataset, /, **entries) -> dict:
     }
 
 
+def checkpoint_path(
+    out_dir: str | Path | None, family: str, overwrite: bool, option: str = "overwrite=True"
+) -> Path | None:
+    """``out_dir/FAMILY.safetensors``, the checkpoint a training run writes (None when ``out_dir`` is None).
+
+    Called before any work, and creates nothing. A checkpoint already there (an earlier run's) is a
+    FileExistsError unless ``overwrite``: a second run into the same folder would otherwise replace the
+    first one's weights without a word. A folder of that name is a FileExistsError either way (the run
+    could not write its checkpoint at the end). ``option``: how the message tells to overwrite.
+    """
+    if out_dir is None:
+        return None
+    path = Path(out_dir) / f"{family}.safetensors"
+    if path.is_dir():
+        raise FileExistsError(f"{str(path)!r} is a folder, so the checkpoint cannot be written there")
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{str(path)!r} exists (an earlier run's checkpoint); pass {option} to replace it, "
+            "or write to another folder"
+        )
+    return path
+
+
 class TrainLoop:
     """The bookkeeping of every family's training loop.
 
     Iterating gives the step numbers behind a tqdm bar ("train FAMILY"); :meth:`update` takes one
     optimizer step; :meth:`show` sets the bar's postfix every 10 steps and at the last;
-    :meth:`saved` writes ``out_dir/FAMILY.safetensors`` every ``save_every`` steps before the last;
-    :meth:`finish` puts the models in eval mode and writes the final checkpoint.
+    :meth:`saved` writes the checkpoint ``out_path`` (:func:`checkpoint_path`; its folder is created here)
+    every ``save_every`` steps before the last; :meth:`finish` puts the models in eval mode and writes the
+    final checkpoint.
     """
 
     def __init__(
@@ -151,15 +188,14 @@ class TrainLoop:
         metadata: dict,
         steps: int,
         save_every: int,
-        out_dir: str | Path | None,
+        out_path: Path | None,
         progress: bool,
         ema: torch.nn.Module | None = None,
     ) -> None:
         self.steps, self.model, self.ema, self.metadata, self.save_every = steps, model, ema, metadata, save_every
-        self.out_path = None
-        if out_dir is not None:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            self.out_path = Path(out_dir) / f"{family}.safetensors"
+        self.out_path = out_path
+        if out_path is not None:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
 
         from tqdm.auto import tqdm
 

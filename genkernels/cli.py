@@ -118,14 +118,24 @@ def _train_options(checkpoint: str) -> list:
             help="folder images: 1 grey or 3 RGB (3; not for digits)",
         ),
         _option("--steps", type=_positive_int, default=2000, help="optimizer steps (2000)"),
-        _option("--batch-size", type=_positive_int, default=64, help="batch size (64)"),
+        _option(
+            "--batch-size",
+            type=_positive_int,
+            default=64,
+            help="images per step, at most the training images; an epoch's last N %% batch-size are dropped (64)",
+        ),
         _option("--lr", type=float, default=1e-3, help="AdamW learning rate (1e-3)"),
         _option("--model", choices=("tiny", "small"), default="small", help="model size preset (small)"),
         _SEED,
         _option(
             "--save-every", type=_nonnegative_int, default=500, help="also save every N steps (500; 0: only at the end)"
         ),
-        _option("--out", required=True, help=f"output folder; the checkpoint is OUT/{checkpoint}"),
+        _option("--out", required=True, help=f"output folder (created); the checkpoint is OUT/{checkpoint}"),
+        _option(
+            "--overwrite",
+            action="store_true",
+            help=f"replace an OUT/{checkpoint} of an earlier run (default: refuse, exit status 2, before any work)",
+        ),
         *_runtime_options(),
     ]
 
@@ -140,7 +150,12 @@ def _gan_train_options() -> list:
             default=None,
             help="images (digits included) are resized to this: the GAN's resolution, a power of 2 in [8, 256] (16)",
         ),
-        "--batch-size": _option("--batch-size", type=_positive_int, default=32, help="batch size (32)"),
+        "--batch-size": _option(
+            "--batch-size",
+            type=_positive_int,
+            default=32,
+            help="images per step, at most the training images; an epoch's last N %% batch-size are dropped (32)",
+        ),
         "--lr": _option("--lr", type=float, default=2e-3, help="Adam learning rate of G; D's is adjusted (2e-3)"),
     }
     return [replaced.get(flags[0], (flags, kwargs)) for flags, kwargs in _train_options("gan.safetensors")]
@@ -484,13 +499,16 @@ def _device(name: str | None):
     return device
 
 
-def _check_out(command: str, out: str) -> None:
-    """--out before any work: train writes a folder (created), sample an image file whose extension PIL
-    writes, in a folder that exists or can be created (it is, when the grid is saved)."""
+def _check_out(command: str, family: str, out: str, overwrite: bool = False) -> None:
+    """--out before any work: train writes a folder (created) and refuses to replace the checkpoint of an earlier
+    run there unless --overwrite; sample writes an image file whose extension PIL writes, in a folder that exists
+    or can be created (it is, when the grid is saved)."""
     from pathlib import Path
 
     path = Path(out)
     if command == "train":
+        if not out.strip():  # an unset shell variable, most likely: not the current folder
+            raise CommandError(f"--out must name a folder, got {out!r}")
         if path.exists() and not path.is_dir():
             raise CommandError(f"--out {out}: exists and is not a folder (train writes its checkpoints into a folder)")
         parent = path.parent
@@ -498,6 +516,10 @@ def _check_out(command: str, out: str) -> None:
             parent = parent.parent
         if not path.exists() and not parent.is_dir():
             raise CommandError(f"--out {out}: {parent} is a file, so the output folder cannot be created")
+        from ._training import checkpoint_path
+
+        with _user_errors(f"--out {out}: ", (FileExistsError,)):
+            checkpoint_path(path, family, overwrite, option="--overwrite")
         return
     from PIL import Image
 
@@ -565,8 +587,10 @@ def _read_checkpoint(read, path: str) -> dict:
 
 
 def _ends(values) -> tuple[float, float, int]:
-    """(mean of the first k, mean of the last k, k) of a run's per-step values, k = min(10, len(values))."""
-    k = min(10, len(values))
+    """(mean of the first k, mean of the last k, k) of a run's per-step values, k = min(10, len(values) // 2)
+    (at least 1): the two windows do not overlap, so a short run's report shows the change its steps made
+    rather than the same mean twice."""
+    k = max(1, min(10, len(values) // 2))
     return sum(values[:k]) / k, sum(values[-k:]) / k, k
 
 
@@ -586,6 +610,7 @@ def _run_train_diffusion(args) -> int:
             objective=args.objective,
             seed=args.seed,
         )
+        _check_batch_size(args.batch_size, len(dataset))
     result = train.train_diffusion(
         dataset,
         model_config,
@@ -595,11 +620,12 @@ def _run_train_diffusion(args) -> int:
         out=args.out,
         save_every=args.save_every,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     first, last, k = _ends(result.losses)
     print(
         f"trained {args.steps} steps ({args.backbone}, {args.objective}): loss {first:.4f} (first {k}) -> "
-        f"{last:.4f} (last {k}); checkpoint {args.out}/diffusion.safetensors"
+        f"{last:.4f} (last {k}); checkpoint {Path(args.out) / 'diffusion.safetensors'}"
     )
     return 0
 
@@ -655,6 +681,14 @@ def _run_sample_diffusion(args) -> int:
     return 0
 
 
+def _check_batch_size(batch_size: int, images: int, held_out: int = 0) -> None:
+    """--batch-size against the training images (``held_out`` more set aside): a ValueError, not a smaller batch
+    (genkernels._training.check_batch_size says why)."""
+    from ._training import check_batch_size
+
+    check_batch_size(batch_size, images, "--batch-size", held_out)
+
+
 def _data_source(data: str, dataset) -> dict:
     """How `sample vae` loads the training data again (stored in the checkpoint)."""
     if data == "digits":
@@ -667,7 +701,8 @@ def _train(args, config_class, train_fn, checks, **options):
     """Train a family whose config takes the common options (vae, flow) on the data of --data.
 
     ``checks``: functions of the data set that raise ValueError for data the family cannot train
-    on, called before training starts (and before anything is written).
+    on, called before training starts (and before anything is written); the last of them checks
+    --batch-size against the data (:func:`_check_batch_size`).
     """
     device = _device(args.device)
     dataset = _load_data(args.data, args.image_size, args.channels)
@@ -686,7 +721,12 @@ def _train(args, config_class, train_fn, checks, **options):
         for check in checks:
             check(dataset)
     return train_fn(
-        dataset, config, args.out, progress=not args.no_progress, data_source=_data_source(args.data, dataset)
+        dataset,
+        config,
+        args.out,
+        progress=not args.no_progress,
+        data_source=_data_source(args.data, dataset),
+        overwrite=args.overwrite,
     )
 
 
@@ -694,13 +734,16 @@ def _run_train_vae(args) -> int:
     from . import train_vae
 
     # A non-square folder fails in model_config_for, before training.
-    checks = [lambda dataset: train_vae.model_config_for(dataset, args.model)]
+    checks = [
+        lambda dataset: train_vae.model_config_for(dataset, args.model),
+        lambda dataset: _check_batch_size(args.batch_size, len(dataset)),
+    ]
     result = _train(args, train_vae.VAETrainConfig, train_vae.train_vae, checks, loss=args.loss, beta=args.beta)
     first, last, k = _ends(result.losses)
     print(
         f"trained {args.steps} steps ({args.loss}, beta {args.beta:g}): loss {first:.4f} (first {k}) -> "
         f"{last:.4f} (last {k}); reconstruction {_ends(result.reconstruction)[1]:.4f}, "
-        f"KL {_ends(result.kl)[1]:.2f} nats per sample; checkpoint {args.out}/{train_vae.CHECKPOINT_NAME}"
+        f"KL {_ends(result.kl)[1]:.2f} nats per sample; checkpoint {Path(args.out) / train_vae.CHECKPOINT_NAME}"
     )
     return 0
 
@@ -747,7 +790,9 @@ def _run_train_flow(args) -> int:
     # A non-square or odd-sized folder, or one too small to hold images out, fails here, before training.
     checks = [
         lambda dataset: train_flow.model_config_for(dataset, args.model),
-        lambda dataset: train_flow.split(dataset, args.heldout, args.seed),
+        lambda dataset: _check_batch_size(
+            args.batch_size, *map(len, train_flow.split(dataset, args.heldout, args.seed))
+        ),
     ]
     result = _train(
         args,
@@ -762,7 +807,7 @@ def _run_train_flow(args) -> int:
     print(
         f"trained {args.steps} steps ({result.metadata['n_bins']} bins): held-out bits/dim {first['heldout']:.3f} "
         f"(step {first['step']}) -> {last['heldout']:.3f} (step {last['step']}); training bits/dim "
-        f"{last['train']:.3f}; checkpoint {args.out}/{train_flow.CHECKPOINT_NAME}"
+        f"{last['train']:.3f}; checkpoint {Path(args.out) / train_flow.CHECKPOINT_NAME}"
     )
     return 0
 
@@ -815,8 +860,14 @@ def _run_train_gan(args) -> int:
             backend=args.backend,
         )
         train_gan.model_config_for(dataset, args.model)  # a non-square folder fails here, before training
+        _check_batch_size(args.batch_size, len(dataset))
     result = train_gan.train_gan(
-        dataset, config, args.out, progress=not args.no_progress, data_source=_data_source(args.data, dataset)
+        dataset,
+        config,
+        args.out,
+        progress=not args.no_progress,
+        data_source=_data_source(args.data, dataset),
+        overwrite=args.overwrite,
     )
     d_first, d_last, k = _ends(result.d_losses)
     g_first, g_last, _ = _ends(result.g_losses)
@@ -824,7 +875,7 @@ def _run_train_gan(args) -> int:
         f"trained {args.steps} steps: D loss {d_first:.4f} -> {d_last:.4f}, "
         f"G loss {g_first:.4f} -> {g_last:.4f} (mean of the first / last {k}); "
         f"R1 penalty {result.r1[0][1]:.4g} -> {result.r1[-1][1]:.4g}; "
-        f"checkpoint {args.out}/{train_gan.CHECKPOINT_NAME}"
+        f"checkpoint {Path(args.out) / train_gan.CHECKPOINT_NAME}"
     )
     return 0
 
@@ -856,7 +907,10 @@ def _run_train_transformer(args) -> int:
     from . import train_transformer
 
     # A non-square folder fails in model_config_for, before training.
-    checks = [lambda dataset: train_transformer.model_config_for(dataset, args.model, args.levels, args.positions)]
+    checks = [
+        lambda dataset: train_transformer.model_config_for(dataset, args.model, args.levels, args.positions),
+        lambda dataset: _check_batch_size(args.batch_size, len(dataset)),
+    ]
     result = _train(
         args,
         train_transformer.TransformerTrainConfig,
@@ -871,7 +925,7 @@ def _run_train_transformer(args) -> int:
     print(
         f"trained {args.steps} steps ({args.levels} levels, {args.positions} positions): loss {first:.4f} "
         f"(first {k}) -> {last:.4f} (last {k}) nats per token ({last / math.log(2):.3f} bits); "
-        f"checkpoint {args.out}/{train_transformer.CHECKPOINT_NAME}"
+        f"checkpoint {Path(args.out) / train_transformer.CHECKPOINT_NAME}"
     )
     return 0
 
@@ -966,7 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
 
     backend = _backend_source(args.backend)
     try:
-        _check_out(args.command, args.out)
+        _check_out(args.command, args.family, args.out, getattr(args, "overwrite", False))
         _check_backend(backend, _device(args.device))
         return RUNNERS[args.command, args.family](args)
     except CommandError as e:

@@ -7,6 +7,7 @@ folder is read from disk.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,14 +49,26 @@ class ImageDataset:
         """(C, H, W)."""
         return tuple(self.images.shape[1:])
 
-    def batches(self, batch_size: int, generator: torch.Generator):
-        """Endless shuffled minibatches (images, labels), reshuffled every epoch with ``generator``."""
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless shuffled minibatches (images, labels) of exactly ``batch_size`` distinct images.
+
+        Every epoch is a fresh permutation of the N images (drawn with ``generator``) cut into
+        N // batch_size batches; the N % batch_size images left at its end are dropped for that epoch
+        (a different few every epoch), so that every step has the same batch size. batch_size must be
+        in [1, N]: anything else is a ValueError here, when called, not a smaller batch (see
+        genkernels._training.check_batch_size).
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size > len(self):
+            raise ValueError(f"batch_size must be at most the data set's {len(self)} images, got {batch_size}")
+        return self._epochs(batch_size, generator)
+
+    def _epochs(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self)
         while True:
             order = torch.randperm(n, generator=generator)
-            for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            for i in range(0, n - batch_size + 1, batch_size):
                 idx = order[i : i + batch_size]
                 yield self.images[idx], self.labels[idx]
 

@@ -53,10 +53,12 @@ from ._training import (  # noqa: F401  (re-exported: the public names of every 
     METADATA_KEY,
     TrainLoop,
     backend_scope,
+    check_batch_size,
     check_choice,
     check_positive,
     check_seed,
     check_steps,
+    checkpoint_path,
     checkpoint_weights,
     default_backend,
     init_training,
@@ -234,6 +236,7 @@ def train_diffusion(
     out: str | Path | None = None,
     save_every: int = 0,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train a class-conditional UNet or DiT on ``data`` (see the module doc); returns the model, EMA and losses.
 
@@ -242,14 +245,20 @@ def train_diffusion(
         model_config: a UNetConfig (UNet backbone) or a DiTConfig (DiT backbone); its num_classes
             must equal data.num_classes, its channels the data's (and a DiT's patch size must
             divide the images; with learned positions its sample_size must be theirs).
-        config: steps, batch size, objective, learning rate, EMA decay, label dropout, seed.
+        config: steps, batch size (at most len(data): a ValueError otherwise; each step takes that many
+            distinct images, see ImageDataset.batches), objective, learning rate, EMA decay, label
+            dropout, seed.
         device: where to train.
         backend: for every fused op of the model; None: :func:`default_backend` of device.
-        out: a folder: ``diffusion.safetensors`` is written there at the end (and every
+        out: a folder (created): ``diffusion.safetensors`` is written there at the end (and every
             ``save_every`` steps when > 0).
         progress: show a tqdm progress bar with the running loss.
+        overwrite: replace a ``diffusion.safetensors`` already in ``out``; False (default): a
+            FileExistsError before any work (genkernels._training.checkpoint_path).
     """
     backbone = backbone_of(model_config)
+    out_path = checkpoint_path(out, "diffusion", overwrite)
+    check_batch_size(config.batch_size, len(data))
     if model_config.num_classes != data.num_classes:
         raise ValueError(
             f"model_config.num_classes={model_config.num_classes} but the data has {data.num_classes} classes"
@@ -271,7 +280,7 @@ def train_diffusion(
         objective=config.objective,
         schedule=config.schedule.__dict__,
     )
-    loop = TrainLoop("diffusion", model, metadata, config.steps, save_every, out, progress, ema=ema)
+    loop = TrainLoop("diffusion", model, metadata, config.steps, save_every, out_path, progress, ema=ema)
     losses: list[float] = []
     batches = data.batches(config.batch_size, gen)
     with backend_scope(device, backend):

@@ -70,7 +70,9 @@ class FlowTrainConfig:
 
     Args:
         steps: optimizer steps.
-        batch_size: images per step.
+        batch_size: images per step, at most the N training images (those not held out; more is a
+            ValueError when training starts, not a smaller batch). Each step takes that many distinct
+            images; the last N % batch_size of every shuffled epoch are dropped (ImageDataset.batches).
         lr: AdamW learning rate.
         model: size preset, "tiny" (:meth:`GlowConfig.tiny`, tests) or "small" (:meth:`GlowConfig.digits`).
         n_bins: levels per pixel element, 2..256; None: :func:`pixel_levels` of the data (17 for the
@@ -218,6 +220,7 @@ def train_flow(
     progress: bool = True,
     *,
     data_source: dict | None = None,
+    overwrite: bool = False,
 ) -> FlowTrainResult:
     """Train a Glow on ``data`` by maximum likelihood (module doc); returns the model, losses and bits/dim history.
 
@@ -225,16 +228,20 @@ def train_flow(
         data: images (N, C, H, W) float32 in [-1, 1] (labels are unused; their names are kept in
             the metadata). A fraction ``config.heldout`` is held out for evaluation.
         config: see :class:`FlowTrainConfig`.
-        out_dir: a folder: ``flow.safetensors`` is written there at the end (and every
+        out_dir: a folder (created): ``flow.safetensors`` is written there at the end (and every
             ``config.save_every`` steps when > 0); None: nothing is written.
         progress: show a tqdm progress bar with the running training bits/dim and the last
             held-out bits/dim.
         data_source: how to load ``data`` again (``{"data": "digits"}`` or a folder with
             ``image_size`` and ``channels``), stored in the metadata.
+        overwrite: replace a ``flow.safetensors`` already in ``out_dir``; False (default): a
+            FileExistsError before any work (genkernels._training.checkpoint_path).
     """
+    out_path = _training.checkpoint_path(out_dir, "flow", overwrite)
     model_config = model_config_for(data, config.model)
-    n_bins = pixel_levels(data.images) if config.n_bins is None else config.n_bins
     train_data, heldout = split(data, config.heldout, config.seed)
+    _training.check_batch_size(config.batch_size, len(train_data), held_out=len(heldout))
+    n_bins = pixel_levels(data.images) if config.n_bins is None else config.n_bins
     device = _training.resolve_device(config.device)
     model, opt, gen = _training.init_training(lambda: Glow.from_config(model_config), config, device)
     history: list[dict] = []
@@ -247,7 +254,7 @@ def train_flow(
         split={"heldout": config.heldout, "seed": config.seed, "train_images": len(train_data)},
         data=data_source,
     )
-    loop = _training.TrainLoop("flow", model, metadata, config.steps, config.save_every, out_dir, progress)
+    loop = _training.TrainLoop("flow", model, metadata, config.steps, config.save_every, out_path, progress)
     # Seeded apart from the batches, so the held-out noise is the same whatever eval_every is.
     eval_seed = config.seed + 1
     losses: list[float] = []

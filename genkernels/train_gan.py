@@ -59,7 +59,9 @@ class GANTrainConfig:
 
     Args:
         steps: training steps (each a D step, a G step and, every r1_interval steps, an R1 step).
-        batch_size: real images (and latents) per step.
+        batch_size: real images (and latents) per step, at most the data's N images (more is a ValueError
+            when training starts, not a smaller batch). Each step takes that many distinct images; the last
+            N % batch_size of every shuffled epoch are dropped (ImageDataset.batches).
         lr: Adam learning rate of G (D's is adjusted for lazy R1, see the module doc).
         model: size preset, "tiny" (:meth:`GANConfig.tiny`, tests) or "small" (:meth:`GANConfig.digits`).
         r1_gamma, r1_interval, ema_beta: override the preset's (None: keep it).
@@ -152,17 +154,22 @@ def train_gan(
     progress: bool = True,
     *,
     data_source: dict | None = None,
+    overwrite: bool = False,
 ) -> GANTrainResult:
     """Train a generator / discriminator pair on ``data`` with the losses of the module doc.
 
     Args:
         data: images (N, C, R, R) float32 in [-1, 1], R a power of 2 in [8, 256] (labels unused).
         config: see :class:`GANTrainConfig`.
-        out_dir: a folder: ``gan.safetensors`` is written there at the end (and every ``config.save_every``
-            steps when > 0); None: nothing is written.
+        out_dir: a folder (created): ``gan.safetensors`` is written there at the end (and every
+            ``config.save_every`` steps when > 0); None: nothing is written.
         progress: a tqdm progress bar with the running D loss, G loss and R1 penalty.
         data_source: how the data was loaded (stored in the metadata).
+        overwrite: replace a ``gan.safetensors`` already in ``out_dir``; False (default): a
+            FileExistsError before any work (genkernels._training.checkpoint_path).
     """
+    out_path = _training.checkpoint_path(out_dir, "gan", overwrite)
+    _training.check_batch_size(config.batch_size, len(data))
     cfg = model_config_for(
         data, config.model, r1_gamma=config.r1_gamma, r1_interval=config.r1_interval, ema_beta=config.ema_beta
     )
@@ -176,7 +183,7 @@ def train_gan(
     opt_d = torch.optim.Adam(D.parameters(), lr=config.lr * c, betas=(0.0, 0.99**c), eps=1e-8)
     metadata = _training.run_metadata(MODEL_NAME, cfg, data, data=data_source)
     pair = GANPair(G, D)
-    loop = _training.TrainLoop("gan", pair, metadata, config.steps, config.save_every, out_dir, progress, ema=G_ema)
+    loop = _training.TrainLoop("gan", pair, metadata, config.steps, config.save_every, out_path, progress, ema=G_ema)
     d_losses: list[float] = []
     g_losses: list[float] = []
     r1s: list[tuple[int, float]] = []

@@ -43,7 +43,9 @@ class TransformerTrainConfig:
 
     Args:
         steps: optimizer steps.
-        batch_size: images per step.
+        batch_size: images per step, at most the data's N images (more is a ValueError when training
+            starts, not a smaller batch). Each step takes that many distinct images; the last N % batch_size
+            of every shuffled epoch are dropped (ImageDataset.batches).
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay of the weight matrices.
         warmup: steps of linear learning-rate warm-up (then a cosine decay to lr / 10).
@@ -144,17 +146,22 @@ def train_transformer(
     progress: bool = True,
     *,
     data_source: dict | None = None,
+    overwrite: bool = False,
 ) -> TransformerTrainResult:
     """Train an ImageGPT on ``data`` by next-token cross-entropy (see the module doc).
 
     Args:
         data: images (N, C, H, W) float32 in [-1, 1], square, with labels (N,).
         config: see :class:`TransformerTrainConfig`.
-        out_dir: a folder: ``transformer.safetensors`` is written there at the end (and every
+        out_dir: a folder (created): ``transformer.safetensors`` is written there at the end (and every
             ``config.save_every`` steps when > 0); None: nothing is written.
         progress: a tqdm progress bar with the running loss (nats per token) and the learning rate.
         data_source: how the data was loaded (stored in the metadata).
+        overwrite: replace a ``transformer.safetensors`` already in ``out_dir``; False (default): a
+            FileExistsError before any work (genkernels._training.checkpoint_path).
     """
+    out_path = _training.checkpoint_path(out_dir, "transformer", overwrite)
+    _training.check_batch_size(config.batch_size, len(data))
     cfg = model_config_for(data, config.model, config.levels, config.positions)
     device = _training.resolve_device(config.device)
     torch.manual_seed(config.seed)  # parameter initialization
@@ -163,7 +170,7 @@ def train_transformer(
     opt = _optimizer(model, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, config.steps, config.warmup))
     metadata = _training.run_metadata(MODEL_NAME, cfg, data, data=data_source)
-    loop = _training.TrainLoop("transformer", model, metadata, config.steps, config.save_every, out_dir, progress)
+    loop = _training.TrainLoop("transformer", model, metadata, config.steps, config.save_every, out_path, progress)
     losses: list[float] = []
     batches = data.batches(config.batch_size, gen)
     with _training.backend_scope(device, config.backend):

@@ -56,7 +56,9 @@ class VAETrainConfig:
 
     Args:
         steps: optimizer steps.
-        batch_size: images per step.
+        batch_size: images per step, at most the data's N images (more is a ValueError when training
+            starts, not a smaller batch). Each step takes that many distinct images; the last N % batch_size
+            of every shuffled epoch are dropped (ImageDataset.batches).
         lr: AdamW learning rate.
         loss: reconstruction loss, "l1" (mean absolute error) or "l2" (mean squared error).
         beta: weight of the KL term, per pixel element (see the module doc); 0 trains an
@@ -151,6 +153,7 @@ def train_vae(
     progress: bool = True,
     *,
     data_source: dict | None = None,
+    overwrite: bool = False,
 ) -> VAETrainResult:
     """Train an AutoencoderKL on ``data`` with the loss of the module doc; returns the model and losses.
 
@@ -158,13 +161,17 @@ def train_vae(
         data: images (N, C, H, W) float32 in [-1, 1] (labels are unused; their names are kept in the
             metadata).
         config: see :class:`VAETrainConfig`.
-        out_dir: a folder: ``vae.safetensors`` is written there at the end (and every
+        out_dir: a folder (created): ``vae.safetensors`` is written there at the end (and every
             ``config.save_every`` steps when > 0); None: nothing is written.
         progress: show a tqdm progress bar with the running loss, reconstruction error and KL.
         data_source: how to load ``data`` again (``{"data": "digits"}`` or a folder with
             ``image_size`` and ``channels``), stored in the metadata so ``genkernels sample vae`` can
             show reconstructions without a ``--data`` option.
+        overwrite: replace a ``vae.safetensors`` already in ``out_dir``; False (default): a
+            FileExistsError before any work (genkernels._training.checkpoint_path).
     """
+    out_path = _training.checkpoint_path(out_dir, "vae", overwrite)
+    _training.check_batch_size(config.batch_size, len(data))
     model_config = model_config_for(data, config.model)
     device = _training.resolve_device(config.device)
     model, opt, gen = _training.init_training(lambda: AutoencoderKL(model_config), config, device)
@@ -172,7 +179,7 @@ def train_vae(
     metadata = _training.run_metadata(
         MODEL_NAME, model_config, data, loss=config.loss, beta=config.beta, latent_shape=None, data=data_source
     )
-    loop = _training.TrainLoop("vae", model, metadata, config.steps, config.save_every, out_dir, progress)
+    loop = _training.TrainLoop("vae", model, metadata, config.steps, config.save_every, out_path, progress)
     losses: list[float] = []
     recs: list[float] = []
     kls: list[float] = []

@@ -153,3 +153,103 @@ def test_sample_diffusion_ncol_help(capsys):
         main(["sample", "diffusion", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "(default: classes, or ceil(sqrt(num)) with --label or one class)" in help_text
+
+
+# --------------------------------------------------------------------------- batch size against the data
+
+
+def _family_train(family: str, dataset, out, **options):
+    """One tiny step of ``family`` through its Python function (``options``: the config's batch_size, the
+    function's overwrite)."""
+    batch_size = options.pop("batch_size", 4)
+    common = dict(steps=1, batch_size=batch_size, model="tiny", device="cpu")
+    if family == "diffusion":
+        config = train.TrainConfig(steps=1, batch_size=batch_size)
+        model_config = train.model_config_for(dataset, "tiny")
+        return train.train_diffusion(dataset, model_config, config, out=out, progress=False, **options)
+    config_class, fn = {
+        "vae": (train_vae.VAETrainConfig, train_vae.train_vae),
+        "flow": (train_flow.FlowTrainConfig, train_flow.train_flow),
+        "gan": (train_gan.GANTrainConfig, train_gan.train_gan),
+        "transformer": (train_transformer.TransformerTrainConfig, train_transformer.train_transformer),
+    }[family]
+    return fn(dataset, config_class(**common), out, progress=False, **options)
+
+
+def _family_data(family: str):
+    return train_gan.load_dataset("digits", 8) if family == "gan" else data.digits()
+
+
+FAMILIES = ["diffusion", "vae", "flow", "gan", "transformer"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_larger_than_the_data_is_refused(family, tmp_path, capsys):
+    """--batch-size 4096 on the 1,797 digits: an error naming the option, the size given and the data's (the
+    flow trains on what it does not hold out), before anything is written; not a silently smaller batch."""
+    images = "1617 training images (1797 less 180 held out)" if family == "flow" else "1797 training images"
+    out = tmp_path / "o"
+    argv = ["train", family, *TINY, "--batch-size", "4096", "--out", str(out)]
+    _assert_error(argv, f"--batch-size must be at most the {images}, got 4096", capsys)
+    with pytest.raises(ValueError) as e:
+        _family_train(family, _family_data(family), out, batch_size=4096)
+    assert str(e.value) == f"batch_size must be at most the {images}, got 4096"
+    assert not out.exists()
+
+
+def test_batches_have_the_size_asked_for():
+    """Every batch holds batch_size distinct images; an epoch's last N % batch_size are dropped (different ones
+    every epoch); a batch of all N images is one batch per epoch; more than N is a ValueError, not a cap."""
+    dataset = data.ImageDataset(torch.arange(10.0).view(10, 1, 1, 1), torch.zeros(10, dtype=torch.int64), ["x"])
+    batches = dataset.batches(4, torch.Generator().manual_seed(0))
+    dropped = []
+    for _ in range(3):
+        epoch = [next(batches)[0].flatten() for _ in range(2)]
+        assert all(b.shape == (4,) for b in epoch)
+        seen = torch.cat(epoch)
+        assert seen.unique().numel() == 8
+        dropped.append(sorted(set(range(10)) - set(seen.long().tolist())))
+    assert len({tuple(d) for d in dropped}) > 1
+    whole = dataset.batches(10, torch.Generator().manual_seed(0))
+    assert [sorted(next(whole)[0].flatten().long().tolist()) for _ in range(2)] == [list(range(10))] * 2
+    with pytest.raises(ValueError, match="batch_size must be at most the data set's 10 images, got 11"):
+        dataset.batches(11, torch.Generator())
+
+
+# --------------------------------------------------------------------------- a second run into the same folder
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_second_run_does_not_replace_the_first_without_overwrite(family, tmp_path, capsys):
+    """A second `train FAMILY --out DIR`: exit status 2 before any work, the first run's checkpoint untouched (the
+    function: a FileExistsError); --overwrite (overwrite=True) replaces it. Another family's checkpoint in the
+    folder is no obstacle."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f"{'gan' if family == 'vae' else 'vae'}.safetensors").write_bytes(b"another family")
+    argv = ["train", family, *TINY, "--out", str(out)]
+    assert main(argv) == 0
+    ckpt = out / f"{family}.safetensors"
+    first = ckpt.read_bytes()
+    _assert_error(argv, f"--out {out}: '{ckpt}' exists (an earlier run's checkpoint); pass --overwrite", capsys)
+    with pytest.raises(FileExistsError, match="exists .* pass overwrite=True to replace it"):
+        _family_train(family, _family_data(family), out)
+    assert ckpt.read_bytes() == first
+    assert main([*argv, "--seed", "1", "--overwrite"]) == 0
+    assert ckpt.read_bytes() != first
+
+
+def test_empty_out_is_refused(capsys):
+    """--out "" (an unset shell variable) would train into the current folder: refused."""
+    _assert_error(["train", "vae", *TINY, "--out", ""], "--out must name a folder, got ''", capsys)
+
+
+def test_the_run_report_compares_windows_that_do_not_overlap():
+    """A short run's "first k -> last k" means: k = min(10, steps // 2), at least 1, so 2 steps compare step 0
+    with step 1 rather than the mean of both with itself."""
+    from genkernels.cli import _ends
+
+    assert _ends([4.0, 2.0]) == (4.0, 2.0, 1)
+    assert _ends([3.0]) == (3.0, 3.0, 1)
+    assert _ends([1.0, 1.0, 1.0, 5.0, 9.0, 9.0, 9.0]) == (1.0, 9.0, 3)
+    assert _ends([float(v) for v in range(40)]) == (4.5, 34.5, 10)
