@@ -12,6 +12,9 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import secrets
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -246,14 +249,32 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, ema: torch.nn.Modu
     """Write ``model.*`` (and ``ema.*``) weights and the JSON metadata as one safetensors file.
 
     Shared by every family: the metadata's ``model`` key names what the weights are, and
-    :func:`read_metadata` checks it.
+    :func:`read_metadata` checks it. The file appears at ``path`` only once complete (written to a
+    temporary file beside it, then renamed over it), with the permissions ``open(path, "w")`` would
+    give: an existing file's mode, else 0666 less the umask (not safetensors' private 0600).
     """
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    # The kernel applies the umask (and a folder's default ACL) to the mode of a file created 0666: read
+    # that off a new file rather than calling os.umask, which sets the umask of every thread to learn it.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            mode = stat.S_IMODE(os.stat(path).st_mode)  # open(path, "w") keeps an existing file's mode
+        # safetensors writes through a private (0600) temporary file of its own, renamed over ``tmp``.
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_metadata(path: str | Path, model: str = "diffusion-unet", family: str = "diffusion") -> dict:

@@ -278,7 +278,12 @@ def _train_families() -> dict[str, tuple[str, list]]:
             [
                 _option("--levels", type=_levels, default=16, help="quantization levels per pixel value (16)"),
                 _option("--positions", choices=POSITIONS, default="rope", help="1-D rotary or learned (rope)"),
-                _option("--warmup", type=_nonnegative_int, default=100, help="learning-rate warm-up steps (100)"),
+                _option(
+                    "--warmup",
+                    type=_nonnegative_int,
+                    default=None,
+                    help="learning-rate warm-up steps, at most --steps (100, or --steps when fewer)",
+                ),
                 _option("--grad-clip", type=_nonnegative, default=1.0, help="gradient norm clip; 0: none (1.0)"),
                 *_transformer_train_options(),
             ],
@@ -906,6 +911,11 @@ def _run_sample_gan(args) -> int:
 def _run_train_transformer(args) -> int:
     from . import train_transformer
 
+    if args.warmup is not None and args.warmup > args.steps:  # the learning rate would never reach --lr
+        raise CommandError(
+            f"--warmup must be at most --steps (the learning rate reaches --lr when the warm-up ends), got "
+            f"--warmup {args.warmup} with --steps {args.steps}"
+        )
     # A non-square folder fails in model_config_for, before training.
     checks = [
         lambda dataset: train_transformer.model_config_for(dataset, args.model, args.levels, args.positions),

@@ -35,6 +35,7 @@ MODEL_PRESETS = ("tiny", "small")
 CHECKPOINT_NAME = "transformer.safetensors"
 MODEL_NAME = "transformer"  # the metadata's "model" entry
 FINAL_LR_FRACTION = 0.1
+DEFAULT_WARMUP = 100  # warm-up steps when none are given (fewer in a shorter run: all of its steps)
 
 
 @dataclass
@@ -48,7 +49,9 @@ class TransformerTrainConfig:
             of every shuffled epoch are dropped (ImageDataset.batches).
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay of the weight matrices.
-        warmup: steps of linear learning-rate warm-up (then a cosine decay to lr / 10).
+        warmup: steps of linear learning-rate warm-up (then a cosine decay to lr / 10), at most ``steps``:
+            more is a ValueError, as the learning rate would never reach ``lr``. None (default):
+            DEFAULT_WARMUP (100), or ``steps`` in a shorter run; the field holds the number after init.
         grad_clip: clip the gradient norm to this (0: no clipping).
         model: size preset, "tiny" (dim 32, 1 block: tests) or "small" (ImageGPT's defaults: dim 128, 4 blocks).
         levels: quantization levels per pixel value (>= 2).
@@ -63,7 +66,7 @@ class TransformerTrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01
-    warmup: int = 100
+    warmup: int | None = None
     grad_clip: float = 1.0
     model: str = "small"
     levels: int = 16
@@ -80,7 +83,14 @@ class TransformerTrainConfig:
         _training.check_steps(self.steps, self.batch_size)
         _training.check_seed(self.seed)
         _training.check_positive("lr", self.lr)
+        if self.warmup is None:
+            self.warmup = min(DEFAULT_WARMUP, self.steps)
         _training.check_at_least("warmup", self.warmup, 0)
+        if self.warmup > self.steps:
+            raise ValueError(
+                f"warmup must be at most steps (the learning rate reaches lr when the warm-up ends), got "
+                f"warmup={self.warmup} with steps={self.steps}"
+            )
         _training.check_at_least("save_every", self.save_every, 0)
         _training.check_at_least("levels", self.levels, 2)
         for name in ("weight_decay", "grad_clip"):

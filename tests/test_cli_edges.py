@@ -4,6 +4,9 @@ images of another size. Each is a clear error (exit status 2, no traceback) or t
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
@@ -100,6 +103,16 @@ def test_sample_out_in_a_new_folder(vae_ckpt, tmp_path, capsys):
 def test_diverging_run_is_a_one_line_error(family, tmp_path, capsys):
     argv = ["train", family, *TINY, "--steps", "4", "--lr", "1e30", "--out", str(tmp_path / "o")]
     _assert_error(argv, f"genkernels train {family}: error: training diverged", capsys)
+
+
+@pytest.mark.parametrize("warmup, steps", [(5, 4), (100, 99)])
+def test_transformer_warmup_longer_than_the_run_is_refused(warmup, steps, tmp_path, capsys):
+    """--warmup past --steps: the learning rate would never reach --lr. Exit status 2 naming both, before any work."""
+    out = tmp_path / "o"
+    argv = ["train", "transformer", *TINY, "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]
+    message = "--warmup must be at most --steps (the learning rate reaches --lr when the warm-up ends), got "
+    _assert_error(argv, f"{message}--warmup {warmup} with --steps {steps}", capsys)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan"), float("inf")])
@@ -253,3 +266,47 @@ def test_the_run_report_compares_windows_that_do_not_overlap():
     assert _ends([3.0]) == (3.0, 3.0, 1)
     assert _ends([1.0, 1.0, 1.0, 5.0, 9.0, 9.0, 9.0]) == (1.0, 9.0, 3)
     assert _ends([float(v) for v in range(40)]) == (4.5, 34.5, 10)
+
+
+# --------------------------------------------------------------------------- checkpoint file permissions
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_checkpoint_permissions_follow_the_umask(mask, tmp_path):
+    """The checkpoint of a run (periodic saves, then the final one) gets 0666 less the umask, as a file written
+    with open(path, "w"), not safetensors' private 0600; no temporary file is left beside it."""
+    out = tmp_path / "run"
+    old = os.umask(mask)
+    try:
+        argv = ["train", "transformer", *TINY, "--steps", "2", "--save-every", "1", "--out", str(out)]
+        assert main(argv) == 0
+    finally:
+        os.umask(old)
+    ckpt = out / "transformer.safetensors"
+    assert stat.S_IMODE(ckpt.stat().st_mode) == 0o666 & ~mask
+    assert os.listdir(out) == ["transformer.safetensors"]
+
+
+def test_checkpoint_save_is_atomic_and_keeps_an_existing_mode(tmp_path, monkeypatch):
+    """A save that fails midway leaves the previous checkpoint as it was and no partial file; a save over an
+    existing checkpoint keeps its mode (as open(path, "w") would)."""
+    import safetensors.torch
+
+    path = tmp_path / "vae.safetensors"
+    train.save_checkpoint(path, torch.nn.Linear(1, 1), None, {"model": "x"})
+    os.chmod(path, 0o640)
+    before = path.read_bytes()
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        train.save_checkpoint(path, torch.nn.Linear(2, 2), None, {"model": "x"})
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["vae.safetensors"]
+    monkeypatch.undo()
+    train.save_checkpoint(path, torch.nn.Linear(2, 2), None, {"model": "x"})
+    assert path.read_bytes() != before and stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert os.listdir(tmp_path) == ["vae.safetensors"]

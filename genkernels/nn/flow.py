@@ -172,12 +172,16 @@ class ActNorm(torch.nn.Module):
     Data-dependent initialization (Glow's): the first :meth:`forward` in training mode sets, from
     its batch and without gradient, bias = -mean and log_scale = -log(std + eps) per channel (the
     mean and biased std over the batch and positions, in float32), so that batch comes out with
-    zero mean and unit variance per channel. The persistent buffer ``initialized`` records it, so
-    a loaded state_dict is not initialized again. Eval-mode calls and :meth:`inverse` never initialize.
+    zero mean and unit variance per channel. A channel without spread in that batch (std <= eps: a
+    batch of one value per channel, such as one image whose squeezed channels are 1x1, or a constant
+    channel) keeps log_scale = 0 (scale 1) and is only centred (bias = -mean): Glow's 1 / (std + eps)
+    would there be ~1 / eps, a scale of a million that sends bits/dim to ~1e21. The persistent buffer
+    ``initialized`` records the initialization, so a loaded state_dict is not initialized again.
+    Eval-mode calls and :meth:`inverse` never initialize.
 
     Args:
         channels: C.
-        eps: added to the std before the log (guards constant channels).
+        eps: added to the std before the log; a std at most eps counts as no spread (scale 1, above).
         backend: backend of the op ("reference", "triton", "cuda"; None: the scope or auto).
 
     x: (N, C, *spatial) or (N, C), contiguous or channels_last, float32, float16 or bfloat16 (float64
@@ -203,14 +207,21 @@ class ActNorm(torch.nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
-        """Set bias = -mean and log_scale = -log(std + eps) per channel from the batch x (N, C, *spatial)
-        and mark the layer initialized (what the first training-mode forward does)."""
+        """Set bias = -mean and log_scale = -log(std + eps) per channel from the batch x (N, C, *spatial),
+        log_scale = 0 where std <= eps, and mark the layer initialized (what the first training-mode
+        forward does)."""
         _check_input("x", x, self.channels)
         dims = [0, *range(2, x.dim())]
         x32 = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         var, mean = torch.var_mean(x32, dim=dims, correction=0)
+        std = var.sqrt()
+        # Scale 1 rather than an error for a channel without spread: the batch tells nothing about its
+        # scale, and the identity is the neutral start that training then adjusts (a batch of one image,
+        # or a channel the data never varies, is a legitimate run); 1 / (std + eps) would be ~1 / eps
+        # there, a huge scale that silently wrecks the likelihood. torch.where keeps every other channel
+        # bit-for-bit Glow's value, with no host sync.
         self.bias.copy_(-mean)
-        self.log_scale.copy_(-torch.log(var.sqrt() + self.eps))
+        self.log_scale.copy_(torch.where(std <= self.eps, 0.0, -torch.log(std + self.eps)))
         self.initialized.fill_(True)
         self._known_initialized = True
 

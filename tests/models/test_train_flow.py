@@ -34,6 +34,17 @@ def test_training_lowers_heldout_bits_per_dim(digits):
     assert last < math.log2(17)
 
 
+def test_batch_of_one_2x2_image_trains_to_sane_bits_per_dim():
+    """Batch 1 of 2x2 RGB images: every ActNorm's first batch holds one value per channel (std 0). The
+    bits/dim stay near the 8 of 256 uniform levels (ActNorm keeps scale 1 there), not ~1e21."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 2, 2), generator=gen).float() / 255 * 2 - 1
+    dataset = data.ImageDataset(images, torch.zeros(8, dtype=torch.int64), ["x"])
+    result = _run(dataset, 3, batch_size=1, heldout=0.25, n_bins=256)
+    bits = [h["heldout"] for h in result.history] + list(result.losses)
+    assert all(math.isfinite(b) and 7 < b < 12 for b in bits), bits
+
+
 def test_pixel_levels(digits):
     assert train_flow.pixel_levels(digits.images) == 17
     eight_bit = torch.arange(256.0) / 127.5 - 1

@@ -88,6 +88,21 @@ def test_sample_transformer(run, tmp_path):
         train_transformer.sample_transformer(model, 0, 1, out)
 
 
+def test_warmup_must_end_within_the_run():
+    """A warm-up longer than the run would never reach the peak lr: a ValueError naming both values. The default
+    (100) shortens to the run's steps; a warm-up of all the steps reaches the peak at the last one."""
+    config = train_transformer.TransformerTrainConfig
+    with pytest.raises(ValueError) as e:
+        config(steps=10, warmup=11)
+    assert str(e.value) == (
+        "warmup must be at most steps (the learning rate reaches lr when the warm-up ends), got warmup=11 with steps=10"
+    )
+    assert config(steps=10, warmup=10).warmup == 10 and config(steps=10, warmup=0).warmup == 0
+    assert config(steps=10).warmup == 10 and config().warmup == train_transformer.DEFAULT_WARMUP == 100
+    assert config(steps=np.int64(5), warmup=np.int64(5)).warmup == 5
+    assert train_transformer.lr_factor(9, 10, 10) == 1.0
+
+
 def test_config_errors(digits):
     with pytest.raises(ValueError, match="model must be one of"):
         train_transformer.TransformerTrainConfig(model="huge")

@@ -109,6 +109,32 @@ def test_actnorm_initializes_from_first_training_batch():
         torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_actnorm_init_keeps_scale_1_for_channels_without_spread(dtype):
+    """One value per channel (a batch of one 1x1 image) or a constant channel: std 0, where Glow's
+    1 / (std + eps) would be a scale of 1e6. Such a channel is only centred (log_scale 0, bias -mean); the
+    other channels get Glow's values exactly."""
+    one = torch.tensor([[[[0.3]], [[-2.0]], [[5.0]]]], dtype=dtype)  # (1, 3, 1, 1)
+    norm = ActNorm(3, backend="reference")
+    y, logdet = norm(one)
+    assert norm.initialized
+    assert torch.equal(norm.log_scale.detach(), torch.zeros(3))
+    torch.testing.assert_close(norm.bias.detach(), -one.flatten().float(), rtol=0, atol=0)
+    torch.testing.assert_close(y, torch.zeros_like(one), rtol=0, atol=1e-6)
+    assert torch.equal(logdet, torch.zeros(1, dtype=logdet.dtype))
+
+    x = torch.randn(8, 3, 4, 4, dtype=dtype) * 3 + 1
+    x[:, 1] = 0.7  # constant channel
+    x[:, 2] = 0.7 + 1e-7 * torch.randn(8, 4, 4, dtype=dtype)  # spread below eps = 1e-6
+    norm = ActNorm(3, backend="reference")
+    norm.initialize(x)
+    var, _ = torch.var_mean(x, dim=[0, 2, 3], correction=0)
+    expected = -torch.log(var[0].sqrt() + norm.eps).float()
+    assert torch.equal(norm.log_scale.detach(), torch.stack([expected, torch.tensor(0.0), torch.tensor(0.0)]))
+    y, _ = norm(x)
+    assert y.abs().max() < 20
+
+
 def test_actnorm_no_init_in_eval_or_inverse():
     norm = ActNorm(3, backend="reference")
     x = torch.randn(4, 3, 2, 2) + 5
