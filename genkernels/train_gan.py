@@ -270,7 +270,8 @@ def sample_gan(
     """Write a PNG grid of ``num`` images G(z, truncation_psi=truncation, noise_mode="const").
 
     z ~ N(0, I) (num, z_dim) is drawn on the CPU from a generator seeded with ``seed`` (the same seed
-    gives the same grid on every device); each layer uses its fixed noise map. ``ncol`` images per row
+    gives the same grid on every device); each layer uses its fixed noise map. The generator runs in eval
+    mode (its w_avg untouched) and is left in the mode it was in. ``ncol`` images per row
     (default ceil(sqrt(num))), upscaled ``scale`` times (default: to about 64 px).
     """
     if not is_integer(num) or num < 1:
@@ -281,7 +282,15 @@ def sample_gan(
     ncol = _training.check_ncol(math.ceil(math.sqrt(num)) if ncol is None else ncol)
     param = next(generator.parameters())
     z = torch.randn(num, generator.config.z_dim, generator=torch.Generator().manual_seed(as_number(seed)))
-    with _training.backend_scope(param.device, backend):
-        images = generator(z.to(param.device, param.dtype), truncation_psi=truncation, noise_mode="const")
+    # Eval mode for the call, whatever the caller left: in training mode the mapping would first move w_avg
+    # towards these samples' w (changing the model, and the point the truncation pulls towards).
+    modes = [(m, m.training) for m in generator.modules()]
+    generator.eval()
+    try:
+        with _training.backend_scope(param.device, backend):
+            images = generator(z.to(param.device, param.dtype), truncation_psi=truncation, noise_mode="const")
+    finally:
+        for m, training in modes:
+            m.training = training
     images = images.float().cpu()
     return GANSamples(images, _training.write_grid(images, out, ncol, scale))

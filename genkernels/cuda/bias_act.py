@@ -5,10 +5,11 @@ formulas), with the semantics of :mod:`genkernels.triton.bias_act`: x is dense (
 channels_last), and y, dy and dz share its strides, so every tensor is walked as one flat run of
 numel elements in memory order; the bias ((C,) in float32, float16 or bfloat16, read in its own
 dtype, or None) of flat element e is
-bias[(e // x.stride(dim)) % C]. One thread per 16-byte vector when every pointer is 16-byte aligned
-(the tail of a length that is not a multiple of the width one element at a time), else one thread
-per element. Arithmetic is float32 with accurate expf / tanhf / erff. Launches on torch's current
-stream without synchronizing (CUDA-graph capturable).
+bias[(e // stride_c) % C], stride_c = x.stride(dim) (genkernels.triton.bias_act.channel_stride: the
+product of the later sizes for a size-1 dim, whose stride torch leaves free). One thread per 16-byte
+vector when every pointer is 16-byte aligned (the tail of a length that is not a multiple of the width
+one element at a time), else one thread per element. Arithmetic is float32 with accurate expf / tanhf /
+erff. Launches on torch's current stream without synchronizing (CUDA-graph capturable).
 
 Gradient codes: for the piecewise-linear activations (CODE_ACTS) :func:`forward_codes` also writes 2 bits
 an element (z > 0, and whether the clamp passes the gradient), and :func:`grad` and :func:`grad_bias` take
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..triton.bias_act import channel_stride
 from ._common import MAX_BLOCKS, device_guard, dtype_code, kernels_unavailable, require_extension, stream_handle
 
 # The activation codes of csrc/include/genkernels/bias_act.cuh (BiasActKind).
@@ -64,7 +66,7 @@ def _problem(x: Tensor, bias: Tensor | None, act: str, alpha: float, gain: float
     has_bias = bias is not None
     return {
         "n": x.numel(),
-        "stride_c": x.stride(dim) if has_bias else 1,
+        "stride_c": channel_stride(x, dim) if has_bias else 1,
         "channels": x.shape[dim] if has_bias else 1,
         "act": ACTS[act],
         "alpha": float(alpha),
@@ -175,7 +177,7 @@ def grad_bias(
     then nothing is written) and dbias = dz summed over every dim but ``dim``, (C,) in bias's dtype,
     reduced in float32 from the unrounded dz.
 
-    Memory order is tiled as R rows by Q = C * x.stride(dim) columns (csrc bias_act.cuh,
+    Memory order is tiled as R rows by Q = C * stride_c columns (csrc bias_act.cuh,
     bias_act_grad_bias_kernel); each block leaves float32 partial sums, per tile when a tile lies in one
     channel, else per column, and a second kernel of the same extension call (bias_grad_finish_kernel) sums
     them per channel in a fixed order into dbias (deterministic, no atomics). bias: a contiguous (C,) tensor of

@@ -220,8 +220,16 @@ class MappingNetwork(torch.nn.Module):
         self, z: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None
     ) -> torch.Tensor:
         """ws (N, num_ws, w_dim) in z's dtype: the same w for every layer, truncated for the first
-        ``truncation_cutoff`` (None: all) as w_avg + psi (w - w_avg); psi a finite number (or a tensor)."""
-        if not isinstance(truncation_psi, torch.Tensor):
+        ``truncation_cutoff`` (None: all) as w_avg + psi (w - w_avg); psi a finite number or a one-element
+        tensor (not checked for NaN: that would read it on the host)."""
+        if isinstance(truncation_psi, torch.Tensor):
+            if truncation_psi.numel() != 1:  # several values broadcast along w's features, or fail on bool()
+                raise ValueError(
+                    "truncation_psi must be a finite number or a one-element tensor, got a tensor of shape "
+                    f"{tuple(truncation_psi.shape)}"
+                )
+            truncation_psi = truncation_psi.reshape(())
+        else:
             # NaN / inf would make every image NaN, silently. psi - psi is 0 exactly when psi is finite; unlike
             # math.isfinite, torch.compile can trace it when it holds psi as a symbol (a psi that changed since
             # the first compiled call).
@@ -237,7 +245,7 @@ class MappingNetwork(torch.nn.Module):
         x = normalize_2nd_moment(z)
         for fc in self.fcs:
             x = fc(x)
-        if self.training:
+        if self.training and x.shape[0] > 0:  # the mean of no w is NaN: an empty batch leaves w_avg as it is
             with torch.no_grad():
                 self.w_avg.copy_(x.detach().mean(dim=0).to(self.w_avg.dtype).lerp(self.w_avg, W_AVG_BETA))
         ws = x[:, None, :].repeat(1, self.num_ws, 1)
@@ -367,6 +375,8 @@ class Generator(torch.nn.Module):
         """
         if z.dim() != 2 or z.shape[1] != self.config.z_dim:
             raise ValueError(f"z must be (N, z_dim) = (N, {self.config.z_dim}), got {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
         return self.synthesis(self.mapping(z, truncation_psi, truncation_cutoff), noise_mode)
 
 
@@ -511,7 +521,10 @@ def r1_penalty(discriminator: torch.nn.Module, real: torch.Tensor) -> tuple[torc
 
 
 def r1_loss(discriminator: torch.nn.Module, real: torch.Tensor, gamma: float, interval: int = 1) -> torch.Tensor:
-    """The lazy R1 regularizer: gamma / 2 * mean_n ||grad_x D(x_n)||^2 * interval (float32 0-d)."""
+    """The lazy R1 regularizer: gamma / 2 * mean_n ||grad_x D(x_n)||^2 * interval (float32 0-d); gamma a finite
+    number >= 0, interval a positive int (ValueError otherwise)."""
+    gamma = _number("gamma", gamma, 0.0)
+    interval = _positive_int("interval", interval)
     penalty, _ = r1_penalty(discriminator, real)
     return penalty.mean() * (gamma / 2 * interval)
 

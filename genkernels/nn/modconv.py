@@ -112,7 +112,8 @@ class ModulatedConv2d(torch.nn.Module):
             (1, 1, res, res) is kept as a buffer for ``noise_mode="const"``.
         conv_clamp: clamp the output to [-conv_clamp, conv_clamp] (None: no clamp).
         grouped: compute it as StyleGAN2's inference path does: per-sample weights W' * s * dcoef and one
-            grouped convolution (groups = N), then the epilogue without dcoef. The same function.
+            grouped convolution (groups = N), then the epilogue without dcoef. The same function (an empty
+            batch takes the shared convolution).
         torch_layers: the same function in plain eager PyTorch (materialized modulated weight for dcoef,
             x * s, conv, y * dcoef + noise * strength, + bias, activation, gain, clamp), with the same
             parameter names: the eager baseline of the benchmarks.
@@ -202,6 +203,8 @@ class ModulatedConv2d(torch.nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be (N, {self.in_channels}, H, W), got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         w_dim = self.affine.weight.shape[1]
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or tuple(w.shape) != (x.shape[0], w_dim):
             shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
@@ -226,7 +229,7 @@ class ModulatedConv2d(torch.nn.Module):
         dcoef = (
             demodulation_coefficients(weight, styles, eps=DEMOD_EPS, backend=self.backend) if self.demodulate else None
         )
-        if self.grouped:
+        if self.grouped and n > 0:  # no samples, no groups: an empty batch takes the shared convolution
             wmod = weight[None] * styles[:, None, :, None, None]  # (N, O, I, k, k)
             if dcoef is not None:
                 wmod = wmod * dcoef[:, :, None, None, None].to(wmod.dtype)

@@ -48,6 +48,8 @@ Fused backend interface (genkernels.triton.modconv and genkernels.cuda.modconv i
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -143,6 +145,12 @@ def _acc(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _weight3_view(weight: Tensor) -> Tensor:
+    """weight (O, I, kh, kw) or (O, I) as (O, I, K), K = kh kw (1 for a 2-D weight); K spelled out rather than
+    -1, which a weight with no elements (O or I zero) leaves ambiguous."""
+    return weight.reshape(weight.shape[0], weight.shape[1], math.prod(weight.shape[2:]))
+
+
 def _demod(weight3: Tensor, styles: Tensor, eps: float) -> Tensor:
     """rsqrt(s^2 @ W2^T + eps) in weight3's accumulation dtype (differentiable torch ops)."""
     acc = _acc(weight3)
@@ -154,7 +162,7 @@ def demodulation_coefficients_reference(weight: Tensor, styles: Tensor, eps: flo
     """The specification of :func:`demodulation_coefficients` in eager PyTorch (float32, float64 for a
     float64 weight); differentiable to any order."""
     eps = _check_demod(weight, styles, eps)
-    return _demod(weight.reshape(weight.shape[0], weight.shape[1], -1), styles, eps)
+    return _demod(_weight3_view(weight), styles, eps)
 
 
 def _demod_backward_reference(grad: Tensor, dcoef: Tensor, weight3: Tensor, styles: Tensor):
@@ -340,7 +348,7 @@ _registry.register_probe(EPILOGUE_OP, _epilogue_probe)
 
 
 def _weight3(weight: Tensor) -> Tensor:
-    return weight.reshape(weight.shape[0], weight.shape[1], -1).contiguous()
+    return _weight3_view(weight).contiguous()
 
 
 class _DemodFunction(torch.autograd.Function):
@@ -739,7 +747,7 @@ def demodulation_coefficients(
     """
     eps = _check_demod(weight, styles, eps)
     if torch.compiler.is_compiling():
-        return _demod_op(weight.reshape(weight.shape[0], weight.shape[1], -1), styles, eps, backend or "")
+        return _demod_op(_weight3_view(weight), styles, eps, backend or "")
     if weight.numel() == 0 or styles.numel() == 0:  # empty: no launch, after an explicit backend's check
         _registry.check_explicit(DEMOD_OP, weight, styles, backend=backend)
         return demodulation_coefficients_reference(weight, styles, eps=eps)

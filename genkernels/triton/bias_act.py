@@ -7,10 +7,12 @@ consecutive elements (grid (ceil(numel / BLOCK),); smaller tensors get one progr
 tuning BLOCK and the warp count per size with triton.autotune measured no gain on an H100),
 so that loads and stores of 16-byte vectors (eight bf16 / fp16 or four fp32 elements per thread access)
 cover contiguous memory, with no division for the data. The bias of flat element e is
-bias[(e // x.stride(dim)) % C], which holds in both dense layouts (channels_last has stride(1) == 1, a
-stride triton specializes, so the division folds away); the bias, a (C,) tensor in float32, float16 or
-bfloat16 (read in its own dtype: no cast kernel before the launch), is a gather that stays in L1 / L2.
-When x.stride(dim) is a multiple of BLOCK (contiguous NCHW from 64 x 64 up: every program's BLOCK
+bias[(e // stride_c) % C] with stride_c = x.stride(dim) (:func:`channel_stride`: the product of the later
+sizes for a size-1 dim, whose stride torch leaves free), which holds in both dense layouts (channels_last
+has stride(1) == 1, a stride triton specializes, so the division folds away); the bias, a (C,) tensor in
+float32, float16 or bfloat16 (read in its own dtype: no cast kernel before the launch), is a gather that
+stays in L1 / L2.
+When stride_c is a multiple of BLOCK (contiguous NCHW from 64 x 64 up: every program's BLOCK
 elements lie in one channel), the channel is one scalar per program and the bias one scalar load
 (the constexpr UNIFORM_C) instead of an index and a gather per element. Offsets are 32-bit unless
 numel > 2^31 - BLOCK (the constexpr INDEX_64: then 64-bit, so that the masked tail of the last program
@@ -35,7 +37,7 @@ each computed without cancellation. Memory traffic: dy and x read once, dz writt
 
 Gradient map with the bias gradient (``grad_bias``): the same dz, plus dbias = dz summed over every dim
 but ``dim``, in the same pass. Memory order is viewed as a matrix of R = numel / (C * inner) rows and
-Q = C * inner columns (inner = x.stride(dim): every dense layout is (outer, C, inner) in memory). A
+Q = C * inner columns (inner = stride_c: every dense layout is (outer, C, inner) in memory). A
 program reduces a tile of ROW_ITERS * RB rows by BQ columns in float32, from the unrounded dz: when BQ
 divides inner (contiguous NCHW and its like: a tile lies in one channel, whose bias is one scalar
 load), to one partial per tile; else to one partial per column (channels_last: inner = 1). A program
@@ -62,6 +64,8 @@ of the first store instead of 3). `python -m tests.triton._compile_kernels --arc
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -75,6 +79,15 @@ ACTS = {"linear": 0, "relu": 1, "lrelu": 2, "tanh": 3, "sigmoid": 4, "silu": 5, 
 MAX_PROGRAMS = 2**31 - 1
 # The bias dtypes the kernels read as they are (genkernels.ops.bias_act casts any other to float32).
 BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def channel_stride(x: Tensor, dim: int) -> int:
+    """The elements between consecutive indices along ``dim`` in x's memory order: x.stride(dim), except for a
+    size-1 dim, whose stride torch leaves free (a contiguous (4, 1, 3) tensor may have stride 7 there), where
+    it is the product of the later sizes (a divisor of numel, as the kernels' (outer, C, inner) view needs)."""
+    if x.shape[dim] != 1:
+        return x.stride(dim)
+    return math.prod(x.shape[dim + 1 :])
 
 
 def not_supported(x: Tensor, bias: Tensor | None, act: str, dim: int) -> str | None:
@@ -97,7 +110,7 @@ def _launch_args(x: Tensor, bias: Tensor | None, act: str, alpha: float, gain: f
     n = x.numel()
     block = min(MAX_BLOCK, next_power_of_2(n))
     has_bias = bias is not None
-    stride_c = x.stride(dim) if has_bias else 1
+    stride_c = channel_stride(x, dim) if has_bias else 1
     args = {
         "N": n,
         "stride_c": stride_c,
@@ -171,7 +184,7 @@ LOAD_TILES = 4
 def _bias_grad_plan(x: Tensor, dim: int) -> dict:
     """Tile shape and partial layout of grad_bias's launch over the (R, Q) memory-order matrix."""
     c = x.shape[dim]
-    inner = x.stride(dim)
+    inner = channel_stride(x, dim)
     q = c * inner
     r = x.numel() // q
     # The widest power of two (64 .. TILE) dividing inner: each tile then lies in one channel.
