@@ -33,6 +33,7 @@ training loop and the samplers run either backbone.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -533,6 +534,17 @@ class DiTConfig(ConfigIO):
         return cls(**{**base, **overrides})
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (then the layers cast their inputs: x may differ from the
+    parameters' dtype)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
+
+
 def _modulate(n: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """n * (1 + scale) + shift with per-sample (B, D) shift and scale over (B, L, D) tokens (PyTorch ops)."""
     return n * (1 + scale[:, None]) + shift[:, None]
@@ -792,12 +804,16 @@ class DiT(torch.nn.Module):
 
     def rope_tables(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype):
         """(cos, sin), each (rows * cols, dim_head / 2), of the 2-D axial RoPE of a rows x cols patch grid
-        (float64 for a float64 model, else float32); cached per grid, device and dtype."""
+        (float64 for a float64 model, else float32); cached per grid, device and dtype. Made as ordinary tensors
+        even under torch.inference_mode() (inference tensors in the cache would fail every later training step
+        in autograd)."""
         table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         key = (rows, cols, device, table_dtype)
         if key not in self._rope_cache:
-            cos, sin = ops.rope_frequencies_2d(rows, cols, self.config.head_dim, base=self.config.rope_base)
-            self._rope_cache[key] = (cos.to(device, table_dtype), sin.to(device, table_dtype))
+            eager_inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+            with torch.inference_mode(False) if eager_inference else contextlib.nullcontext():
+                cos, sin = ops.rope_frequencies_2d(rows, cols, self.config.head_dim, base=self.config.rope_base)
+                self._rope_cache[key] = (cos.to(device, table_dtype), sin.to(device, table_dtype))
         return self._rope_cache[key]
 
     def condition(self, t: torch.Tensor, labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -845,7 +861,8 @@ class DiT(torch.nn.Module):
 
         Args:
             x: (B, in_channels, H, W), H and W divisible by patch_size (with learned positions:
-                H = W = sample_size); float32, float16, bfloat16 or float64, the parameters' dtype.
+                H = W = sample_size); float32, float16, bfloat16 or float64, the parameters' dtype (any
+                floating dtype under torch.autocast; otherwise a TypeError names both).
             t: timesteps on the training scale ([0, num_train_timesteps), fractional allowed),
                 a number or a (B,) or 0-d tensor.
             labels: (B,) int class labels in [0, num_classes]; num_classes is the null label;
@@ -856,6 +873,12 @@ class DiT(torch.nn.Module):
         cfg = self.config
         if x.dim() != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got shape {tuple(x.shape)}")
+        weight_dtype = self.patch_embed.weight.dtype
+        if x.dtype != weight_dtype and not _autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the model's parameters are {weight_dtype}: convert one of them "
+                f"(x.to({weight_dtype}) or model.to({x.dtype})), or run under torch.autocast"
+            )
         rows, cols = cfg.grid_size(x.shape[2], x.shape[3])
         b, p = x.shape[0], cfg.patch_size
         t = _timesteps(t, b, x.device)

@@ -94,6 +94,12 @@ def _check(q, k, cos, sin, inplace, interleaved) -> None:
                     f"rope(inplace=True) cannot overwrite {name}, which requires grad (autograd needs its "
                     "values): use inplace=False, or call it under torch.no_grad()"
                 )
+        for name, t in (("cos", cos), ("sin", sin)):
+            if t.requires_grad:  # its gradient needs q's and k's old values, which the call overwrites
+                raise RuntimeError(
+                    f"rope(inplace=True) writes outside autograd and {name} requires grad (its gradient needs "
+                    "the values inplace overwrites): use inplace=False, or call it under torch.no_grad()"
+                )
 
 
 def _reachable(d: int, dims: list[tuple[int, int, int]]) -> bool:
@@ -152,8 +158,8 @@ def _check_inplace(q: Tensor, k: Tensor | None) -> None:
         )
 
 
-def _check_k_out(q: Tensor, k: Tensor | None, k_out, inplace: bool) -> None:
-    """k_out: None, or where k's rotation goes (a KV cache's slot), checked against q and k."""
+def _check_k_out(q: Tensor, k: Tensor | None, cos: Tensor, sin: Tensor, k_out, inplace: bool) -> None:
+    """k_out: None, or where k's rotation goes (a KV cache's slot), checked against q, k and the tables."""
     if k_out is None:
         return
     if not isinstance(k_out, Tensor):
@@ -171,7 +177,7 @@ def _check_k_out(q: Tensor, k: Tensor | None, k_out, inplace: bool) -> None:
         raise ValueError(f"k_out must have a unit last stride (any other strides), got strides {k_out.stride()}")
     _check_k_out_memory(q, k, k_out)
     if torch.is_grad_enabled():
-        for name, t in (("q", q), ("k", k)):
+        for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
             if t.requires_grad:
                 raise RuntimeError(
                     f"rope(k_out=...) writes outside autograd and {name} requires grad: call it under "
@@ -180,10 +186,16 @@ def _check_k_out(q: Tensor, k: Tensor | None, k_out, inplace: bool) -> None:
 
 
 def _check_k_out_memory(q: Tensor, k: Tensor, k_out: Tensor) -> None:
-    """k_out shares no element with q or k (a slot of a buffer that also holds them is fine). Not on the meta
-    device (no addresses), nor while traced (``genkernels::rope_into`` checks the tensors it runs on)."""
+    """k_out shares no element with q or k (a slot of a buffer that also holds them is fine), nor with itself
+    (an expanded view: two rows of k would land in one place). Not on the meta device (no addresses), nor while
+    traced (``genkernels::rope_into`` checks the tensors it runs on)."""
     if k_out.device.type == "meta" or torch.compiler.is_compiling():
         return
+    if torch._debug_has_internal_overlap(k_out) == 1:
+        raise ValueError(
+            f"k_out must not have overlapping elements (strides {k_out.stride()}, an expanded view): each of k's "
+            "rows needs a place of its own"
+        )
     for name, t in (("q", q), ("k", k)):
         if _may_overlap(k_out, t):
             raise ValueError(f"k_out must not share memory with {name} (for k's own memory use inplace=True)")
@@ -499,14 +511,15 @@ def rope(
         k: None or (B, Hk, L, Dh) (Hk may differ from H: grouped-query attention), q's dtype and device.
         cos, sin: (L, P) tables (see :func:`rope_frequencies`, :func:`rope_frequencies_2d`), any float
             dtype, 1 <= P <= Dh/2: the first 2P channels rotate, the rest pass through (partial rotary).
-        inplace: write the results into q and k (returned as they are). Refused, with an error, for a q
-            or k that requires grad while grad mode is on: autograd would need the overwritten values, and
-            for q and k that share elements (or an expanded view): those would be rotated twice. Views of one
-            fused qkv buffer that do not overlap are fine.
+        inplace: write the results into q and k (returned as they are). Refused, with an error, for a q,
+            k, cos or sin that requires grad while grad mode is on: autograd would need the overwritten values,
+            and for q and k that share elements (or an expanded view): those would be rotated twice. Views of
+            one fused qkv buffer that do not overlap are fine.
         interleaved: pairs (2j, 2j + 1) (FLUX, RoFormer) instead of (j, j + P) (rotate_half: Llama, NeoX).
         k_out: None, or a tensor of k's shape, dtype and device with a unit last stride (any other strides,
-            no memory shared with q or k) that receives k's rotation in the same launch: a KV cache's slot,
-            with no copy after. Outside autograd only (refused while q or k requires grad with grad mode on).
+            no memory shared with q or k, no element of its own twice) that receives k's rotation in the same
+            launch: a KV cache's slot, with no copy after. Outside autograd only (refused while q, k, cos or sin
+            requires grad with grad mode on).
             The result's k is then k_out. Under torch.compile the call goes through ``genkernels::rope_into``.
         backend: "auto" / None, "reference", "triton" or "cuda".
 
@@ -519,7 +532,7 @@ def rope(
     ``genkernels::rope_``).
     """
     _check(q, k, cos, sin, inplace, interleaved)
-    _check_k_out(q, k, k_out, inplace)
+    _check_k_out(q, k, cos, sin, k_out, inplace)
     if inplace:
         _check_inplace(q, k)
     if k_out is not None:
@@ -578,7 +591,7 @@ __all__ = ["rope", "rope_frequencies", "rope_frequencies_2d", "rope_reference"]
 def _check_call(q, k, cos, sin, inplace, interleaved, k_out) -> None:
     """rope's argument checks, in the order it runs them."""
     _check(q, k, cos, sin, inplace, interleaved)
-    _check_k_out(q, k, k_out, inplace)
+    _check_k_out(q, k, cos, sin, k_out, inplace)
     if inplace:
         _check_inplace(q, k)
 

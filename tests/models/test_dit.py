@@ -353,3 +353,39 @@ def test_training_config_errors(digits):
         train.train_diffusion(digits, DiTConfig.tiny(sample_size=6, patch_size=3), config, progress=False)
     with pytest.raises(TypeError, match="UNetConfig or a DiTConfig"):
         train.train_diffusion(digits, {"dim": 32}, config, progress=False)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_trains_after_sampling_under_inference_mode(backend):
+    """A forward under torch.inference_mode() (sampling, as diffusers pipelines run it) cached its RoPE tables as
+    inference tensors, and every later training step at that grid size failed in autograd ("Inference tensors
+    cannot be saved for backward"). The tables are ordinary tensors now; the gradients match a fresh model's."""
+    model = _randomized(DiT(DiTConfig.tiny(), backend=backend))
+    fresh = copy.deepcopy(model)
+    x, t, labels = _inputs()
+    with torch.inference_mode():
+        sampled = model(x, t, labels)
+    cos, sin = model.rope_tables(4, 4, x.device, x.dtype)
+    assert not cos.is_inference() and not sin.is_inference()
+    model(x, t, labels).square().sum().backward()
+    fresh(x, t, labels).square().sum().backward()
+    torch.testing.assert_close(sampled, fresh(x, t, labels).detach(), rtol=0, atol=0)
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.uint8], ids=str)
+def test_input_dtype_other_than_the_parameters_is_named(dtype):
+    """x in another dtype than the model (float16 latents into a float32 DiT, uint8 images) failed deep inside
+    the timestep MLP with "mat1 and mat2 must have the same dtype, but got Half and Float". Named now; under
+    autocast, where the layers cast, the call runs as before."""
+    model = DiT(DiTConfig.tiny(), backend="reference")
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(TypeError, match=f"x has dtype {dtype} but the model's parameters are torch.float32"):
+        model(x.to(dtype), 1.0)
+    with torch.device("meta"):  # a device autocast does not know
+        meta_model = DiT(DiTConfig.tiny())
+    with pytest.raises(TypeError, match=f"x has dtype {dtype} but"):
+        meta_model(x.to("meta", dtype), 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x.bfloat16(), 1.0).shape == x.shape
