@@ -234,6 +234,8 @@ def attention_calls() -> Iterator[AttentionCall]:
         if not (dtype == torch.bfloat16 and causal and mask):
             yield AttentionCall(d, dtype, causal, mask)
     yield AttentionCall(64, torch.float32, True, True)  # float32: IEEE dots, no residual
+    # float32 beyond 128: every kernel splits the head dim 128 + the rest, two FMA chains a product (_dot2).
+    yield AttentionCall(200, torch.float32, True, True)
     # ImageGPT's cached decoding step (the imagegpt benchmark: batch 64, 8 heads of 64, up to 256 keys), and
     # the head dims of the sweep decoding, on every target: the 16-row decoding tiles.
     yield AttentionCall(64, torch.bfloat16, True, False, ALL_ARCHS, "bench", (64, 8, 8, 256), decode=True)
