@@ -148,12 +148,15 @@ def _plan(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> _Pl
                 f"scaled_dot_product_attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                 f"the attention weights {full} (N, ..., L, S)"
             ) from None
+        if attn_mask.dim() >= 2 and attn_mask.shape[-2] > 1 and attn_mask.stride(-2) == 0:
+            # Expanded along the queries (a padding mask (N, 1, 1, S) .expand(N, 1, L, S)): one row for all.
+            attn_mask = attn_mask[..., :1, :]
         shape = (1,) * (len(full) - attn_mask.dim()) + tuple(attn_mask.shape)
         if shape[-2] != 1:
             return (
-                f"attn_mask of shape {tuple(attn_mask.shape)} varies along the queries (dimension -2); accepted: "
+                f"attn_mask of shape {tuple(attn_mask.shape)} has a row per query (dimension -2); accepted: "
                 f"None or a bool key padding mask, constant along dimension -2 (shape (N, 1, 1, S), (1, 1, 1, S), "
-                f"(S,), ... with S = {source})"
+                f"(S,), ... with S = {source}, or one expanded to L rows with stride 0)"
             )
         keep = attn_mask.reshape(shape).expand(*batch, shape[-3], 1, source).reshape(nb, shape[-3], source)
         if shape[-3] == 1:
@@ -219,10 +222,11 @@ def scaled_dot_product_attention(
 
     What runs on genkernels.ops.attention: Ev == E; attn_mask None or a bool key padding mask,
     one constant along the queries (shape (N, 1, 1, S), (1, 1, 1, S), (N, H, 1, S), (1, S),
-    ...; it becomes the op's key_padding_mask = ~attn_mask, a mask that differs between heads
-    making each head a batch entry, at the cost of copying q, k and v); is_causal with L == S
+    ..., or such a mask expanded to L rows with stride 0 along dimension -2; it becomes the
+    op's key_padding_mask = ~attn_mask, a mask that differs between heads making each head a
+    batch entry, at the cost of copying q, k and v); is_causal with L == S
     (where top-left and bottom-right alignment agree); dropout_p == 0. Anything else (dropout,
-    a float mask, a bool mask varying along the queries, is_causal with L != S, Ev != E,
+    a float mask, a bool mask with a row per query, is_causal with L != S, Ev != E,
     attn_mask together with is_causal) goes to torch's own scaled_dot_product_attention under
     the "auto" backend, and raises genkernels.UnsupportedError, naming the argument, under an
     explicit backend (under torch.compile, that choice follows the backend in force when the

@@ -62,8 +62,6 @@ def _check(q, k, v, causal, scale, key_padding_mask) -> None:
         raise ValueError(f"batch sizes differ: q has B={b}, k and v have B={k.shape[0]}")
     if k.shape[3] != d:
         raise ValueError(f"head dims differ: q has D={d}, k and v have D={k.shape[3]}")
-    if d < 1:
-        raise ValueError(f"head dim D (q.shape[3]) must be at least 1, got {d}")
     hkv = k.shape[1]
     if hkv < 1 or hq % hkv:
         raise ValueError(
@@ -93,6 +91,11 @@ def _fast_not_supported(q) -> str | None:
     if q.dtype not in _FAST_DTYPES:
         return f"q has dtype {q.dtype}; supported: float16, bfloat16, float32 (float64 runs on the reference only)"
     return None
+
+
+def _default_scale(head_dim: int) -> float:
+    """1 / sqrt(D); 1.0 for D = 0, whose out (B, Hq, Lq, 0) has no element for a scale to change."""
+    return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
 
 
 def _needs_grad(*tensors) -> bool:
@@ -162,7 +165,7 @@ def attention_reference(
     (B, Hq, Lq, Lkv) score matrix, is differentiable by autograd to any order, and returns out
     in q's dtype. Rows with no allowed key give zeros and zero gradients (no NaN).
     """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _default_scale(q.shape[-1]) if scale is None else float(scale)
     s, allowed = _reference_scores(q, k, scale, causal, key_padding_mask)
     if allowed is not None:
         # A row with no allowed key: softmax over finite stand-in scores, then zeroed, so that
@@ -230,7 +233,7 @@ class _ReferenceKernels:
 
 
 def _public_args(q, k, v, causal=False, scale=None, key_padding_mask=None):
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _default_scale(q.shape[-1]) if scale is None else float(scale)
     return q, k, v, causal, scale, key_padding_mask
 
 
@@ -412,7 +415,8 @@ def attention(
     float32 dot products, no TF32); float64 on the reference. q, k and v share one dtype and
     device. Any strides work (the (B, L, H, D) -> (B, H, L, D) transposed views that
     attention layers make run in place); a tensor whose last dimension is not contiguous is
-    copied once.
+    copied once. Empty inputs (B, Hq, Lq, Lkv or D of 0) launch nothing: out is empty, or zeros
+    where only Lkv is 0 (no key to attend to).
 
     Returns out (B, Hq, Lq, D) in q's dtype and memory order: where q's heads are inner to its
     positions (a (B, Lq, Hq, D) tensor viewed through ``.transpose(1, 2)``, as a linear layer's output
@@ -426,7 +430,7 @@ def attention(
     that need gradients go to triton.
     """
     _check(q, k, v, causal, scale, key_padding_mask)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _default_scale(q.shape[-1]) if scale is None else float(scale)
     needs_grad = _needs_grad(q, k, v)
     if torch.compiler.is_compiling():
         return _attention_op(q, k, v, key_padding_mask, causal, scale, needs_grad, backend or "")[0]

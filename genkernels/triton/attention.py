@@ -98,6 +98,11 @@ from genkernels._layout import heads_like
 from genkernels.triton._common import cdiv, interpreting, next_power_of_2, on_device, tl, triton, triton_unavailable
 
 MAX_HEAD_DIM = 256
+# CUDA's limit on a grid's y dimension, where every kernel puts its (batch, head) pairs: launches of more than
+# MAX_GRID_Y // Hq batch entries are split along the batch (:func:`_batch_parts`), so that B * Hq beyond it
+# (temporal attention over every pixel of a video latent: B = frames' pixels) launches, where one launch failed
+# with "Triton Error [CUDA]: invalid argument".
+MAX_GRID_Y = 65535
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
@@ -327,7 +332,23 @@ def not_supported(
     head_dim = q.shape[-1]
     if head_dim > MAX_HEAD_DIM:
         return f"head dim {head_dim}: the triton backend supports head dims up to {MAX_HEAD_DIM}"
+    if q.shape[1] > MAX_GRID_Y:
+        return f"{q.shape[1]} query heads: the triton backend supports up to {MAX_GRID_Y} (programs along the grid's y)"
     return None
+
+
+def _batch_parts(batch: int, heads: int, *tensors: Tensor):
+    """(entries, views) of each launch: the tensors (batch-first) themselves when batch * heads programs fit the
+    grid's y (MAX_GRID_Y, one program per (batch entry, head)), else consecutive slices of at most
+    MAX_GRID_Y // heads entries. Sliced along B, every tensor keeps its strides, and the kernels index lse,
+    delta, the residual, the mask and the gradients from the slice's start: each launch computes its entries."""
+    if batch * heads <= MAX_GRID_Y:
+        yield batch, tensors
+        return
+    step = MAX_GRID_Y // heads
+    for start in range(0, batch, step):
+        stop = min(start + step, batch)
+        yield stop - start, tuple(t[start:stop] for t in tensors)
 
 
 def _align(*tensors: Tensor) -> int:
@@ -386,39 +407,43 @@ def attention_forward(
     residual = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype) if keep else None
     block_m, block_n, num_warps, num_stages = _config(q, "fwd", key_padding_mask is not None, causal)
     block_d, block_d2 = _column_blocks(q, backward=False)
+    mask = _mask_arg(key_padding_mask, q)
+    res = out if residual is None else residual
+    align = _align(q, k, v, out)
     with on_device(q):
-        _attn_fwd_kernel[(cdiv(lq, block_m), b * hq)](
-            q,
-            k,
-            v,
-            _mask_arg(key_padding_mask, q),
-            out,
-            lse,
-            out if residual is None else residual,
-            *_bh_strides(q),
-            *_bh_strides(k),
-            *_bh_strides(v),
-            *_bh_strides(out),
-            hq,
-            hq // hkv,
-            lq,
-            lkv,
-            scale * _LOG2E,
-            CAUSAL=causal,
-            HAS_MASK=key_padding_mask is not None,
-            TAIL=causal or lkv % block_n != 0,
-            ONE_LOOP=_one_loop(q),
-            HAS_RESIDUAL=residual is not None,
-            HEAD_DIM=d,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_D=block_d,
-            BLOCK_D2=block_d2,
-            INPUT_PRECISION=_DOT_INPUT_PRECISION,
-            ALIGN=_align(q, k, v, out),
-            num_warps=num_warps,
-            num_stages=num_stages,
-        )
+        for entries, (q_, k_, v_, mask_, out_, lse_, res_) in _batch_parts(b, hq, q, k, v, mask, out, lse, res):
+            _attn_fwd_kernel[(cdiv(lq, block_m), entries * hq)](
+                q_,
+                k_,
+                v_,
+                mask_,
+                out_,
+                lse_,
+                res_,
+                *_bh_strides(q),
+                *_bh_strides(k),
+                *_bh_strides(v),
+                *_bh_strides(out),
+                hq,
+                hq // hkv,
+                lq,
+                lkv,
+                scale * _LOG2E,
+                CAUSAL=causal,
+                HAS_MASK=key_padding_mask is not None,
+                TAIL=causal or lkv % block_n != 0,
+                ONE_LOOP=_one_loop(q),
+                HAS_RESIDUAL=residual is not None,
+                HEAD_DIM=d,
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                BLOCK_D=block_d,
+                BLOCK_D2=block_d2,
+                INPUT_PRECISION=_DOT_INPUT_PRECISION,
+                ALIGN=align,
+                num_warps=num_warps,
+                num_stages=num_stages,
+            )
     return out, lse, residual
 
 
@@ -463,63 +488,68 @@ def attention_backward(
     )
     sizes = (hq, hkv, lq, lkv, scale, scale * _LOG2E)
     strides = (*_bh_strides(q), *_bh_strides(k), *_bh_strides(v), *_bh_strides(dout))
+    res = out if out_residual is None else out_residual
+    block_rows = 16 if interpreting() else max(16, min(64, _DELTA_ELEMENTS // block_d))
+    align_delta = _align(out, dout)
+    dq_config, dkdv_config = _config(q, "dq"), _config(q, "dkdv")
+    parts = _batch_parts(b, hq, q, k, v, dout, out, res, lse, delta, mask, dq, dk, dv)
     with on_device(q):
-        block_rows = 16 if interpreting() else max(16, min(64, _DELTA_ELEMENTS // block_d))
-        _attn_bwd_delta_kernel[(cdiv(lq, block_rows), b * hq)](
-            out,
-            out if out_residual is None else out_residual,
-            dout,
-            delta,
-            *_bh_strides(out),
-            *_bh_strides(dout),
-            hq,
-            lq,
-            HAS_RESIDUAL=out_residual is not None,
-            HEAD_DIM=d,
-            BLOCK_M=block_rows,
-            BLOCK_D=block_d,
-            ALIGN=_align(out, dout),
-            num_warps=4,
-        )
-        block_m, block_n, num_warps, num_stages = _config(q, "dq")
-        _attn_bwd_dq_kernel[(cdiv(lq, block_m), b * hq)](
-            q,
-            k,
-            v,
-            dout,
-            lse,
-            delta,
-            mask,
-            dq,
-            *strides,
-            *sizes,
-            TAIL=causal or lkv % block_n != 0,
-            ONE_LOOP=_one_loop(q),
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            num_warps=num_warps,
-            num_stages=num_stages,
-            **common,
-        )
-        block_m, block_n, num_warps, num_stages = _config(q, "dkdv")
-        _attn_bwd_dkdv_kernel[(cdiv(lkv, block_n), b * hkv)](
-            q,
-            k,
-            v,
-            dout,
-            lse,
-            delta,
-            mask,
-            dk,
-            dv,
-            *strides,
-            *sizes,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            num_warps=num_warps,
-            num_stages=num_stages,
-            **common,
-        )
+        for entries, (q_, k_, v_, dout_, out_, res_, lse_, delta_, mask_, dq_, dk_, dv_) in parts:
+            _attn_bwd_delta_kernel[(cdiv(lq, block_rows), entries * hq)](
+                out_,
+                res_,
+                dout_,
+                delta_,
+                *_bh_strides(out),
+                *_bh_strides(dout),
+                hq,
+                lq,
+                HAS_RESIDUAL=out_residual is not None,
+                HEAD_DIM=d,
+                BLOCK_M=block_rows,
+                BLOCK_D=block_d,
+                ALIGN=align_delta,
+                num_warps=4,
+            )
+            block_m, block_n, num_warps, num_stages = dq_config
+            _attn_bwd_dq_kernel[(cdiv(lq, block_m), entries * hq)](
+                q_,
+                k_,
+                v_,
+                dout_,
+                lse_,
+                delta_,
+                mask_,
+                dq_,
+                *strides,
+                *sizes,
+                TAIL=causal or lkv % block_n != 0,
+                ONE_LOOP=_one_loop(q),
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                num_warps=num_warps,
+                num_stages=num_stages,
+                **common,
+            )
+            block_m, block_n, num_warps, num_stages = dkdv_config
+            _attn_bwd_dkdv_kernel[(cdiv(lkv, block_n), entries * hkv)](
+                q_,
+                k_,
+                v_,
+                dout_,
+                lse_,
+                delta_,
+                mask_,
+                dk_,
+                dv_,
+                *strides,
+                *sizes,
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                num_warps=num_warps,
+                num_stages=num_stages,
+                **common,
+            )
     return dq, dk, dv
 
 
