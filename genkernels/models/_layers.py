@@ -35,6 +35,36 @@ def check_indices(name: str, t: torch.Tensor, limit: int) -> None:
             raise ValueError(f"{name} must be in [0, {limit}), got values {low} .. {high}")
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (then the layers cast floating inputs to their dtype)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
+
+
+# What autocast casts: floating tensors other than float64, which it leaves alone.
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_input_dtype(name: str, t: torch.Tensor, param_dtype: torch.dtype) -> None:
+    """Raise a TypeError naming both dtypes unless ``t`` has the parameters' dtype, or autocast is on for its
+    device and casts it (float32, float16 or bfloat16; not float64 or integers). Without it torch fails deep
+    inside the first layer ("mat1 and mat2 must have the same dtype", "Input type (c10::Half) and bias type
+    (float) ...")."""
+    if t.dtype == param_dtype or (t.dtype in _AUTOCAST_DTYPES and _autocast_enabled(t.device.type)):
+        return
+    if not t.is_floating_point():
+        fix = f"{name} must be floating point ({name}.to({param_dtype}), images scaled to the model's range)"
+    else:
+        fix = f"convert one of them ({name}.to({param_dtype}) or model.to({t.dtype}))"
+        if t.dtype in _AUTOCAST_DTYPES:
+            fix += ", or run under torch.autocast"
+    raise TypeError(f"{name} has dtype {t.dtype} but the model's parameters are {param_dtype}: {fix}")
+
+
 class TorchGroupNormSiLU(torch.nn.GroupNorm):
     """torch.nn.GroupNorm followed by SiLU as two PyTorch ops: silu(group_norm(x)); (N, C, *) -> (N, C, *).
 

@@ -49,6 +49,7 @@ from ._layers import (
     Upsample,
     attention_layer,
     check_indices,
+    check_input_dtype,
     group_norm_layer,
     is_index_tensor,
     set_layers_backend,
@@ -93,8 +94,12 @@ class UNetConfig(ConfigIO):
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
-        self.attention = tuple(bool(a) for a in self.attention)
+        # Sizes are whole and flags real bools: int(16.7) or bool("False") would build another network than asked.
+        self.block_out_channels = tuple(
+            positive_int("every entry of block_out_channels", c) for c in self.block_out_channels
+        )
+        self.attention = tuple(_flag("every entry of attention", a) for a in self.attention)
+        self.mid_attention = _flag("mid_attention", self.mid_attention)
         if not self.block_out_channels:
             raise ValueError("block_out_channels must name at least one level")
         if len(self.attention) != len(self.block_out_channels):
@@ -102,18 +107,17 @@ class UNetConfig(ConfigIO):
                 f"attention must have one flag per level ({len(self.block_out_channels)} levels in "
                 f"block_out_channels={self.block_out_channels}), got {self.attention}"
             )
-        for name in ("norm_num_groups", "heads", "layers_per_block"):
+        names = ("norm_num_groups", "heads", "layers_per_block", "sample_size", "in_channels", "out_channels")
+        for name in (*names, "cross_attention_dim"):
             setattr(self, name, positive_int(name, getattr(self, name)))
-        # Unchecked numbers too: a config holds Python numbers only (to_json cannot write NumPy scalars).
-        for name in ("sample_size", "in_channels", "out_channels", "cross_attention_dim", "dropout"):
-            setattr(self, name, as_number(getattr(self, name)))
+        if not (is_finite_real(self.dropout) and 0 <= self.dropout <= 1):
+            raise ValueError(f"dropout must be a number in [0, 1], got {self.dropout!r}")
+        self.dropout = float(self.dropout)  # a config holds Python numbers only (to_json cannot write NumPy scalars)
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every level's channels, got {c}")
             if c % self.heads:
                 raise ValueError(f"heads={self.heads} must divide every level's channels, got {c}")
-        if self.layers_per_block < 1:
-            raise ValueError(f"layers_per_block must be >= 1, got {self.layers_per_block}")
         if not is_integer(self.num_classes) or self.num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
         self.num_classes = int(self.num_classes)
@@ -148,6 +152,16 @@ class UNetConfig(ConfigIO):
             cross_attention_dim=768,
         )
         return cls(**{**base, **overrides})
+
+
+def _flag(name: str, value) -> bool:
+    """``value`` as a Python bool if it is a bool (or a NumPy bool), else a ValueError naming ``name``."""
+    numpy_bool = (
+        type(value).__module__ == "numpy" and getattr(value, "shape", None) == () and str(value.dtype) == "bool"
+    )
+    if isinstance(value, bool) or numpy_bool:
+        return bool(value)
+    raise ValueError(f"{name} must be a bool, got {value!r}")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -190,6 +204,25 @@ def _check_labels(labels, batch: int, limit: int) -> None:
     if not is_index_tensor(labels):
         raise TypeError(f"labels must be an integer tensor (int64, int32, int16, uint8 ...), got {labels.dtype}")
     check_indices("labels", labels, limit)
+
+
+def _check_context(context, labels, batch: int, width: int) -> None:
+    """Raise a clear error unless the UNet's encoder_hidden_states is a floating (batch, S, width) tensor given
+    without labels (it replaces their embedding: labels given too would be ignored)."""
+    if labels is not None:
+        raise ValueError(
+            "pass labels or encoder_hidden_states, not both: the context replaces the label embedding (the labels "
+            "would be ignored)"
+        )
+    if not isinstance(context, torch.Tensor):
+        raise TypeError(f"encoder_hidden_states must be None or a tensor, got {type(context).__name__}")
+    if not context.is_floating_point():
+        raise TypeError(f"encoder_hidden_states must be floating point, got {context.dtype}")
+    if context.dim() != 3 or context.shape[0] != batch or context.shape[2] != width:
+        raise ValueError(
+            f"encoder_hidden_states must be (B, S, {width}) with B = {batch} (x's batch) and {width} = "
+            f"cross_attention_dim, got shape {tuple(context.shape)}"
+        )
 
 
 class FeedForward(torch.nn.Module):
@@ -366,28 +399,39 @@ class UNet(torch.nn.Module):
         """Model output for noisy x at timestep t.
 
         Args:
-            x: (B, in_channels, H, W), H and W divisible by 2 ** (levels - 1).
+            x: (B, in_channels, H, W), H and W positive and divisible by 2 ** (levels - 1); in the
+                parameters' dtype (float32, float16 or bfloat16 under torch.autocast; otherwise a
+                TypeError names both).
             t: timesteps on the training scale ([0, num_train_timesteps), fractional allowed),
-                a number or a (B,) or 0-d tensor.
+                a number or a (B,) or 0-d tensor. A float64 model embeds them in float64.
             labels: (B,) int class labels in [0, num_classes]; num_classes is the null label;
                 None: all null.
-            encoder_hidden_states: (B, S, cross_attention_dim) context that replaces the label
-                embedding (text conditioning).
+            encoder_hidden_states: (B, S, cross_attention_dim) floating-point context that replaces
+                the label embedding (text conditioning); labels must then be None.
 
         Returns (B, out_channels, H, W) in x's dtype.
         """
-        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"x must be (B, {self.config.in_channels}, H, W), got shape {tuple(x.shape)}")
-        factor = 2 ** (len(self.config.block_out_channels) - 1)
-        if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"H and W must be divisible by {factor} (2 ** (levels - 1)), got {tuple(x.shape[2:])}")
+        cfg = self.config
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got shape {tuple(x.shape)}")
+        check_input_dtype("x", x, self.conv_in.weight.dtype)
+        factor = 2 ** (len(cfg.block_out_channels) - 1)
+        if x.shape[2] < 1 or x.shape[3] < 1 or x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(
+                f"H and W must be at least 1 and divisible by {factor} (2 ** (levels - 1)), got {tuple(x.shape[2:])}"
+            )
         b = x.shape[0]
+        if x.dtype == torch.float64 and isinstance(as_number(t), float):  # torch.as_tensor would round to float32
+            t = torch.tensor(t, dtype=torch.float64)
         t = _timesteps(t, b, x.device)
+        if x.dtype == torch.float64:  # the embedding is computed in t's precision: float64 for a float64 model
+            t = t.to(torch.float64)
         if encoder_hidden_states is None:
             context = self.context(labels, b, x.device, x.dtype)
         else:
+            _check_context(encoder_hidden_states, labels, b, cfg.cross_attention_dim)
             context = encoder_hidden_states.to(x.dtype)
-        temb = timestep_embedding(t, self.config.block_out_channels[0]).to(x.dtype)
+        temb = timestep_embedding(t, cfg.block_out_channels[0]).to(x.dtype)
         temb_act = F.silu(self.time_embedding(temb))
 
         h = self.conv_in(x)
@@ -532,17 +576,6 @@ class DiTConfig(ConfigIO):
         dim 1152, 28 blocks, 16 heads, MLP 4608, 1000 classes (about 675 M parameters)."""
         base = dict(sample_size=32, in_channels=4, out_channels=4, dim=1152, depth=28, heads=16, num_classes=1000)
         return cls(**{**base, **overrides})
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type`` (then the layers cast their inputs: x may differ from the
-    parameters' dtype)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 takes no device type
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-    except RuntimeError:  # a device type autocast does not know (meta)
-        return False
 
 
 def _modulate(n: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -873,12 +906,7 @@ class DiT(torch.nn.Module):
         cfg = self.config
         if x.dim() != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got shape {tuple(x.shape)}")
-        weight_dtype = self.patch_embed.weight.dtype
-        if x.dtype != weight_dtype and not _autocast_enabled(x.device.type):
-            raise TypeError(
-                f"x has dtype {x.dtype} but the model's parameters are {weight_dtype}: convert one of them "
-                f"(x.to({weight_dtype}) or model.to({x.dtype})), or run under torch.autocast"
-            )
+        check_input_dtype("x", x, self.patch_embed.weight.dtype)
         rows, cols = cfg.grid_size(x.shape[2], x.shape[3])
         b, p = x.shape[0], cfg.patch_size
         t = _timesteps(t, b, x.device)

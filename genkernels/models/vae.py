@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import is_integer
+from .._checks import check_backend, is_integer
 from .._checks import positive_int as _positive_int
 from ..nn import Attention
 from ..ops import reparameterize
@@ -47,6 +47,7 @@ from ._layers import (
     ResnetBlock,
     TorchAttention,
     Upsample,
+    check_input_dtype,
     group_norm_layer,
     set_layers_backend,
     with_torch_layers,
@@ -276,14 +277,6 @@ class DiagonalGaussian:
         """The dtype of the KL and NLL: float32, float64 for float64 moments."""
         return torch.float64 if self.moments.dtype == torch.float64 else torch.float32
 
-    def _generator_noise(self, noise: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor | None:
-        """eps for float64 moments and a generator: diffusers draws randn in the moments' dtype, and float64's
-        randn is another stream than the float32 one reparameterize draws; other dtypes keep ``noise``."""
-        if noise is None and generator is not None and self.moments.dtype == torch.float64 and not self.deterministic:
-            shape, device = self.mean.shape, generator.device
-            return torch.randn(shape, generator=generator, device=device, dtype=torch.float64).to(self.moments.device)
-        return noise
-
     def _zero_kl(self) -> torch.Tensor:
         return torch.zeros(self.moments.shape[0], dtype=self._acc(), device=self.moments.device)
 
@@ -296,14 +289,15 @@ class DiagonalGaussian:
     ) -> torch.Tensor:
         """z = mean + std * eps, (B, C, *) in the moments' dtype and layout (mean when deterministic).
 
-        eps: ``noise`` (mean's shape and dtype) if given, else drawn from ``generator`` (randn in float64 for
-        float64 moments, as diffusers draws it), else from the Philox stream keyed by (``seed``, ``offset``),
-        else from a seed of torch's default generator (see genkernels.ops.reparameterize). Differentiable in
-        the moments (and in noise).
+        eps: ``noise`` (mean's shape and dtype) if given, else drawn with ``generator`` (on the reference
+        backend torch.randn in the moments' dtype, as diffusers draws it; the fast backends draw a Philox
+        seed with it), else from the Philox stream keyed by (``seed``, ``offset``), else from a seed of
+        torch's default generator (see genkernels.ops.reparameterize). Differentiable in the moments (and
+        in noise).
         """
         return reparameterize(
             moments=self.moments,
-            noise=self._generator_noise(noise, generator),
+            noise=noise,
             seed=seed,
             offset=offset,
             generator=generator,
@@ -324,7 +318,7 @@ class DiagonalGaussian:
             return self.sample(), self._zero_kl()
         return reparameterize(
             moments=self.moments,
-            noise=self._generator_noise(noise, generator),
+            noise=noise,
             seed=seed,
             offset=offset,
             generator=generator,
@@ -404,14 +398,27 @@ class MidBlockAttention(Attention):
 
     x (B, C, H, W) -> x + to_out(attention(to_q(n), to_k(n), to_v(n))), n = group_norm(x) as (B, H * W, C)
     tokens; one head of dim C (scale 1 / sqrt(C)), biases in to_q, to_k, to_v. Parameter names are
-    diffusers' (``group_norm``, ``to_q``, ``to_k``, ``to_v``, ``to_out.0``).
+    diffusers' (``group_norm``, ``to_q``, ``to_k``, ``to_v``, ``to_out.0``); a state_dict with the names of
+    older diffusers checkpoints (``query``, ``key``, ``value``, ``proj_attn``) loads too, renamed as
+    diffusers renames them when it loads such a file.
     """
 
     torch_layers = False
+    # Older diffusers checkpoints' names of the projections (diffusers' _fix_state_dict_keys_on_load).
+    DEPRECATED_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
     def __init__(self, channels: int, groups: int, backend: str | None = None) -> None:
         super().__init__(channels, heads=1, dim_head=channels, bias=True, backend=backend)
         self.group_norm = group_norm_layer(self.torch_layers, False, groups, channels, NORM_EPS, backend)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Renamed in place before this module and its children read their keys (torch loads a copy).
+        for old, new in self.DEPRECATED_NAMES.items():
+            for suffix in ("weight", "bias"):
+                key = f"{prefix}{old}.{suffix}"
+                if key in state_dict and f"{prefix}{new}.{suffix}" not in state_dict:
+                    state_dict[f"{prefix}{new}.{suffix}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) -> (B, C, H, W): x + single-head self-attention over the H * W group-normed pixels."""
@@ -612,7 +619,7 @@ class AutoencoderKL(torch.nn.Module):
                 config = dataclasses.replace(config, **config_kwargs)
         self.config = config
         self.torch_layers = torch_layers
-        self.backend = backend
+        self.backend = backend = check_backend(backend)  # refused now, not at the first (posterior) call
         self.encoder = Encoder(config, backend, torch_layers)
         self.decoder = Decoder(config, backend, torch_layers)
         lat = config.latent_channels
@@ -640,8 +647,9 @@ class AutoencoderKL(torch.nn.Module):
 
     def set_backend(self, backend: str | None) -> AutoencoderKL:
         """Pin every GroupNorm, attention and reparameterize op of the model to ``backend`` (None: scope /
-        auto); returns self. PyTorch layers of a ``torch_layers`` model are left alone."""
-        set_layers_backend(self, backend)
+        auto); returns self. PyTorch layers of a ``torch_layers`` model are left alone. An unknown backend name
+        is a ValueError here."""
+        set_layers_backend(self, check_backend(backend))
         self.backend = backend
         return self
 
@@ -730,8 +738,9 @@ class AutoencoderKL(torch.nn.Module):
         """The posterior of images x.
 
         Args:
-            x: (B, in_channels, H, W), H and W divisible by 2 ** (levels - 1), contiguous or
-                channels_last, in the parameters' dtype.
+            x: (B, in_channels, H, W), H and W positive and divisible by 2 ** (levels - 1), contiguous
+                or channels_last, in the parameters' dtype (float32, float16 or bfloat16 under
+                torch.autocast; otherwise a TypeError names both).
             return_dict: return an :class:`AutoencoderKLOutput` (``.latent_dist``), else a 1-tuple.
 
         Returns the :class:`DiagonalGaussian` over the (B, latent_channels, H / 2^(L-1), W / 2^(L-1))
@@ -739,7 +748,10 @@ class AutoencoderKL(torch.nn.Module):
         """
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"x must be (B, {self.config.in_channels}, H, W), got shape {tuple(x.shape)}")
+        check_input_dtype("x", x, self.encoder.conv_in.weight.dtype)
         down = self.config.downscale
+        if x.shape[2] < 1 or x.shape[3] < 1:  # a 3x3 convolution fails on an empty image
+            raise ValueError(f"x must have H and W at least 1, got H={x.shape[2]}, W={x.shape[3]}")
         if x.shape[2] % down or x.shape[3] % down:  # the stride-2 convolutions would drop the remainder
             raise ValueError(
                 f"x must have H and W divisible by 2 ** (levels - 1) = {down}, got H={x.shape[2]}, W={x.shape[3]}"
@@ -777,8 +789,10 @@ class AutoencoderKL(torch.nn.Module):
         """Images of latents z.
 
         Args:
-            z: (B, latent_channels, h, w), contiguous or channels_last (unscaled: divide a diffusion
-                model's latent by config.scaling_factor first).
+            z: (B, latent_channels, h, w), h and w positive, contiguous or channels_last, in the
+                parameters' dtype (float32, float16 or bfloat16 under torch.autocast; otherwise a
+                TypeError names both); unscaled: divide a diffusion model's latent by
+                config.scaling_factor first.
             return_dict: return a :class:`DecoderOutput` (``.sample``), else a 1-tuple.
             generator: unused (accepted as diffusers' decode does, for pipelines that pass one).
 
@@ -786,6 +800,9 @@ class AutoencoderKL(torch.nn.Module):
         """
         if z.dim() != 4 or z.shape[1] != self.config.latent_channels:
             raise ValueError(f"z must be (B, {self.config.latent_channels}, h, w), got shape {tuple(z.shape)}")
+        check_input_dtype("z", z, self.decoder.conv_in.weight.dtype)
+        if z.shape[2] < 1 or z.shape[3] < 1:
+            raise ValueError(f"z must have H and W at least 1, got h={z.shape[2]}, w={z.shape[3]}")
         if self.use_slicing and z.shape[0] > 1:
             image = torch.cat([self._decode_image(s) for s in z.split(1)])
         else:

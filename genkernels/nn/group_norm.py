@@ -25,7 +25,13 @@ class GroupNorm(torch.nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, C, *) -> (N, C, *) in x's dtype and layout: (x - mean) / sqrt(var + eps) * weight + bias, mean
-        and var over each group of C / num_groups channels (then SiLU in :class:`GroupNormSiLU`)."""
+        and var over each group of C / num_groups channels (then SiLU in :class:`GroupNormSiLU`). C must be
+        num_channels (a ValueError otherwise, with or without affine parameters)."""
+        if x.dim() >= 2 and x.shape[1] != self.num_channels:
+            raise ValueError(
+                f"x has {x.shape[1]} channels (dim 1) but this layer has num_channels={self.num_channels}, got "
+                f"shape {tuple(x.shape)}"
+            )
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation, backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -25,7 +25,8 @@ draw fresh noise; ``torch.manual_seed`` makes it reproducible). The fast backend
 kernel from the Philox stream of genkernels.ops.schedule (element e of z in memory order is element
 e of the stream keyed by (seed, offset)), and their backward draws it again instead of saving it.
 The reference computes the same stream for a seed (``philox_normal``) and, like the scheduler
-steps, draws from a generator with ``torch.randn`` on it (diffusers' sampling with a generator).
+steps, draws from a generator with ``torch.randn`` on it, in mean's dtype (diffusers' sampling with
+a generator).
 
 Layouts. The kernels see canonical (B, R, K) views with unit stride along K and any batch and row
 strides, so that both halves of a moments tensor (N, 2C, *) (diffusers' DiagonalGaussianDistribution
@@ -602,7 +603,8 @@ def reparameterize(
             stream; every backend draws the same numbers for the same seed and offset). Ignored
             when noise or a generator is given.
         generator: a torch.Generator: the fast backends draw one int64 seed with it (on its device,
-            no host synchronization); the reference draws eps with ``torch.randn`` on it.
+            no host synchronization); the reference draws eps with ``torch.randn`` on it in mean's
+            dtype (diffusers' DiagonalGaussianDistribution.sample).
             Without noise, generator and seed, the seed comes from the default generator of
             mean's device (capturable in a CUDA graph; reproducible under torch.manual_seed).
         return_kl: also return kl.
@@ -650,8 +652,10 @@ def reparameterize(
         noise = None
     elif noise is None:
         if generator is not None and impl is _ReferenceKernels:
-            drawn = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=torch.float32)
-            noise = drawn.to(device=mean.device, dtype=mean.dtype if mean.dtype == torch.float64 else torch.float32)
+            # In mean's dtype, as diffusers' posterior draws it: on the CPU, fp16's, bf16's and float64's randn
+            # are other streams than float32's (for most sizes), so a float32 draw would give other numbers.
+            drawn = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
+            noise = drawn.to(mean.device)
         elif seed is not None and generator is None:  # a generator outranks a seed (as on the reference)
             seed_int = seed
         else:

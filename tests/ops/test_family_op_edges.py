@@ -64,3 +64,15 @@ def test_coupling_user_conditioner_still_takes_any_shape():
         y1, logdet1 = layer(x[1:2])
     torch.testing.assert_close(y[1:2], y1)
     torch.testing.assert_close(logdet[1:2], logdet1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_reparameterize_reference_generator_draws_in_the_input_dtype(dtype):
+    """The reference draws eps as diffusers' posterior does: torch.randn on the generator in mean's dtype. It drew
+    float32 randn, which on the CPU is another stream than fp16's, bf16's or float64's: other numbers."""
+    mean, logvar = torch.randn(2, 3, 4, 5).to(dtype), torch.randn(2, 3, 4, 5).to(dtype)
+    z = reparameterize(mean, logvar, generator=torch.Generator().manual_seed(4), backend="reference", return_kl=False)
+    eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    ref = mean + torch.exp(0.5 * logvar) * eps
+    truth = mean.double() + torch.exp(0.5 * logvar.double()) * eps.double()
+    assert_criterion(z, ref, truth, "z")

@@ -303,3 +303,14 @@ def test_cuda_graph_capture():
             group_norm_reference(x, 32, w, b, activation="silu"),
             group_norm_reference(x.double(), 32, w.double(), b.double(), activation="silu"),
         )
+
+
+@pytest.mark.parametrize("cls", [genkernels.nn.GroupNorm, genkernels.nn.GroupNormSiLU])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_refuses_another_channel_count(cls, affine):
+    """A layer built for 8 channels normalized a 12-channel input without affine parameters (4 groups of 3, not
+    of 2: other numbers, no error); with them the error spoke of the weight's shape. Both now name the layer's
+    num_channels and x's channels."""
+    layer = cls(4, 8, affine=affine, backend="reference")
+    with pytest.raises(ValueError, match=r"x has 12 channels \(dim 1\) but this layer has num_channels=8"):
+        layer(torch.randn(2, 12, 3, 3))
