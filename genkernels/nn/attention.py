@@ -76,6 +76,7 @@ class Attention(torch.nn.Module):
         self,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
+        *,
         key_padding_mask: torch.Tensor | None = None,
         causal: bool = False,
     ) -> torch.Tensor:
@@ -87,7 +88,9 @@ class Attention(torch.nn.Module):
             encoder_hidden_states: (B, S, cross_attention_dim) context for cross-attention;
                 None: self-attention (S = L).
             key_padding_mask: optional bool (B, S), True where a context token is padding and
-                must be ignored. A query with no key left outputs zeros before to_out.
+                must be ignored. A query with no key left outputs zeros before to_out. Keyword-only:
+                diffusers' third argument, attention_mask, means the opposite (True: attend), so a
+                positional mask is a TypeError rather than inverted.
             causal: query i sees key j iff j <= i + S - L (bottom-right aligned; the usual
                 lower triangle for self-attention).
 

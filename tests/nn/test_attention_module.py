@@ -229,3 +229,19 @@ def test_heads_are_views_of_the_projections(monkeypatch):
         assert t.shape == (b, 3, length, 4)
         assert t.data_ptr() == projections[name].data_ptr()
         assert t.stride() == (length * 12, 4, 12, 1)
+
+
+def test_mask_and_causal_are_keyword_only():
+    """diffusers' Attention takes attention_mask (True: attend) third; ours is key_padding_mask (True: ignore).
+    A mask passed by position would be inverted silently, so it is a TypeError; by keyword it works."""
+    attn = genkernels.nn.Attention(12, 6, heads=3, dim_head=4, backend="reference")
+    x, context = torch.randn(2, 5, 12), torch.randn(2, 4, 6)
+    keep = torch.ones(2, 4, dtype=torch.bool)
+    with pytest.raises(TypeError):
+        attn(x, context, keep)
+    with pytest.raises(TypeError):
+        attn(x, None, None, True)
+    padding = ~keep
+    padding[:, 3] = True
+    out = attn(x, context, key_padding_mask=padding)
+    assert torch.equal(out, attn(x, context[:, :3]))
