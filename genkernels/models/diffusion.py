@@ -182,16 +182,27 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-def _timesteps(t, batch: int, device: torch.device) -> torch.Tensor:
-    """t (a number, a 0-d or (batch,) tensor) as a (batch,) tensor on ``device``; NumPy scalars as Python's
-    (float32 for a float). A bool is no timestep (True would run at t = 1): a TypeError."""
-    t = torch.as_tensor(as_number(t), device=device)
+def _timesteps(t, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """t (a number, a 0-d, (1,) or (batch,) tensor) as a (batch,) tensor on ``device`` (a 0-d or (1,) t
+    broadcast over the batch, as diffusers' models do); NumPy scalars as Python's. For a float64 model
+    (``dtype``, x's) t is float64, so that the embedding is computed in float64 (a Python float is not rounded
+    through float32 first); else as torch.as_tensor makes it (float32 for a float). A bool is no timestep
+    (True would run at t = 1) and a complex t has no order: TypeErrors."""
+    t = as_number(t)
+    wide = dtype == torch.float64
+    if wide and isinstance(t, float):  # torch.as_tensor would round it to float32
+        t = torch.tensor(t, dtype=torch.float64, device=device)
+    t = torch.as_tensor(t, device=device)
     if t.dtype == torch.bool:  # True, np.bool_ or a bool tensor
-        raise TypeError(f"t must be a number, a 0-d tensor or shape ({batch},) of timesteps, got bools")
-    if t.dim() == 0:
-        t = t.expand(batch)
+        raise TypeError(f"t must be a number, a 0-d tensor or shape (1,) or ({batch},) of timesteps, got bools")
+    if t.is_complex():
+        raise TypeError(f"t must be real timesteps, got {t.dtype}")
+    if wide:
+        t = t.to(torch.float64)
+    if t.dim() == 0 or t.shape == (1,):
+        t = t.reshape(()).expand(batch)
     if t.shape != (batch,):
-        raise ValueError(f"t must be a number, a 0-d tensor or shape ({batch},), got shape {tuple(t.shape)}")
+        raise ValueError(f"t must be a number, a 0-d tensor or shape (1,) or ({batch},), got shape {tuple(t.shape)}")
     return t
 
 
@@ -403,7 +414,8 @@ class UNet(torch.nn.Module):
                 parameters' dtype (float32, float16 or bfloat16 under torch.autocast; otherwise a
                 TypeError names both).
             t: timesteps on the training scale ([0, num_train_timesteps), fractional allowed),
-                a number or a (B,) or 0-d tensor. A float64 model embeds them in float64.
+                a number, or a 0-d, (1,) or (B,) tensor (one value broadcast over the batch). A float64
+                model embeds them in float64.
             labels: (B,) int class labels in [0, num_classes]; num_classes is the null label;
                 None: all null.
             encoder_hidden_states: (B, S, cross_attention_dim) floating-point context that replaces
@@ -421,11 +433,7 @@ class UNet(torch.nn.Module):
                 f"H and W must be at least 1 and divisible by {factor} (2 ** (levels - 1)), got {tuple(x.shape[2:])}"
             )
         b = x.shape[0]
-        if x.dtype == torch.float64 and isinstance(as_number(t), float):  # torch.as_tensor would round to float32
-            t = torch.tensor(t, dtype=torch.float64)
-        t = _timesteps(t, b, x.device)
-        if x.dtype == torch.float64:  # the embedding is computed in t's precision: float64 for a float64 model
-            t = t.to(torch.float64)
+        t = _timesteps(t, b, x.device, x.dtype)
         if encoder_hidden_states is None:
             context = self.context(labels, b, x.device, x.dtype)
         else:
@@ -897,7 +905,8 @@ class DiT(torch.nn.Module):
                 H = W = sample_size); float32, float16, bfloat16 or float64, the parameters' dtype (any
                 floating dtype under torch.autocast; otherwise a TypeError names both).
             t: timesteps on the training scale ([0, num_train_timesteps), fractional allowed),
-                a number or a (B,) or 0-d tensor.
+                a number, or a 0-d, (1,) or (B,) tensor (one value broadcast over the batch). A float64
+                model embeds them in float64.
             labels: (B,) int class labels in [0, num_classes]; num_classes is the null label;
                 None: all null (must be None when num_classes = 0).
 
@@ -909,7 +918,7 @@ class DiT(torch.nn.Module):
         check_input_dtype("x", x, self.patch_embed.weight.dtype)
         rows, cols = cfg.grid_size(x.shape[2], x.shape[3])
         b, p = x.shape[0], cfg.patch_size
-        t = _timesteps(t, b, x.device)
+        t = _timesteps(t, b, x.device, x.dtype)
         c_act = F.silu(self.condition(t, labels, x.dtype))
 
         # (B, dim, rows, cols) -> (B, L, dim), made contiguous once: every op reads whole token rows.

@@ -389,3 +389,24 @@ def test_input_dtype_other_than_the_parameters_is_named(dtype):
         meta_model(x.to("meta", dtype), 1.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(x.bfloat16(), 1.0).shape == x.shape
+
+
+@pytest.mark.parametrize("model_class", ["dit", "unet"])
+def test_timesteps_broadcast_round_and_refuse_as_diffusers(model_class):
+    """t of shape (1,) broadcasts over the batch as in diffusers' models (it was refused); a float64 model embeds a
+    Python float t in float64 (the DiT rounded it through float32 first: another output than the same t as a
+    float64 tensor); complex t is refused (its imaginary part was dropped with a warning)."""
+    if model_class == "dit":
+        model = _randomized(DiT(DiTConfig.tiny(), backend="reference")).double()
+    else:
+        model = UNet(UNetConfig.tiny(), backend="reference").double()
+    x = torch.randn(2, model.config.in_channels, 8, 8, dtype=torch.float64)
+    labels = torch.tensor([1, 2])
+    t = 123.456789
+    want = model(x, torch.tensor(t, dtype=torch.float64), labels)
+    torch.testing.assert_close(model(x, t, labels), want, rtol=0, atol=0)
+    torch.testing.assert_close(model(x, torch.tensor([t], dtype=torch.float64), labels), want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="real timesteps"):
+        model(x, torch.tensor([1 + 2j, 3 + 0j]), labels)
+    with pytest.raises(ValueError, match=r"shape \(1,\) or \(2,\), got shape \(3,\)"):
+        model(x, torch.ones(3), labels)
