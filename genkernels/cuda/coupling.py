@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._layout import image_layout, is_channels_last
+from .._layout import image_layout
 from ._common import (
     address,
     device_guard,
@@ -45,19 +45,6 @@ _SYMBOLS = (
 SCALE_CODES = {"exp": 0, "sigmoid": 1, "softclamp_tanh": 2, "softclamp_atan": 3, "additive": 4}
 
 
-def _layout_reason(name: str, t: Tensor, like: Tensor) -> str | None:
-    """Why t is not a dense tensor in x's layout (the op arranges that), or None."""
-    if t.device != like.device:
-        return f"{name} is on {t.device}, x on {like.device}"
-    if t.dtype != like.dtype:
-        return f"{name} is {t.dtype}, x {like.dtype}: one dtype for both"
-    if is_channels_last(like):
-        dense = t.permute(0, *range(2, t.dim()), 1).is_contiguous()
-    else:
-        dense = t.is_contiguous()
-    return None if dense else f"{name} is not dense in x's layout (contiguous or channels_last)"
-
-
 def _problem(x: Tensor, h_channels: int | None = None) -> tuple:
     """The (N, C, S, [Ch,] channels_last, dtype, device) arguments of ``_C`` for dense x."""
     lay = image_layout(x)
@@ -68,12 +55,11 @@ def _problem(x: Tensor, h_channels: int | None = None) -> tuple:
 def coupling_not_supported(x: Tensor, h: Tensor, scale: str, reverse: bool) -> str | None:
     """Why the cuda backend cannot run this affine coupling (one line), or None when it can.
 
-    The op has validated shapes, dtypes and the scale mode and brought h to x's layout; what remains
-    is the device, the extension, the layout, and the grid size of csrc/coupling.cu.
+    The op has validated shapes, dtypes, devices and the scale mode, and copies x to a dense layout
+    and h to x's before a kernel runs (so layouts are no reason here: ``genkernels.explain`` passes the
+    raw arguments); what remains is the device, the extension and the grid size of csrc/coupling.cu.
     """
     reason = kernels_unavailable(x, "x", "coupling", _SYMBOLS)
-    if reason is None:
-        reason = _layout_reason("h", h, x)
     if reason is None and scale not in SCALE_CODES:
         reason = f"scale {scale!r}; supported: {', '.join(SCALE_CODES)}"
     if reason is None and x.shape[1] < 2:
@@ -166,16 +152,13 @@ def coupling_backward(
 def actnorm_not_supported(x: Tensor, log_scale: Tensor, bias: Tensor, reverse: bool) -> str | None:
     """Why the cuda backend cannot run this ActNorm (one line), or None when it can.
 
-    The op has validated shapes and dtypes and made log_scale and bias float32; what remains is the
-    device, the extension and the grid size of csrc/coupling.cu.
+    The op has validated shapes, dtypes and devices, copies x to a dense layout (contiguous or
+    channels_last) and makes log_scale and bias contiguous float32 before a kernel runs (so layouts
+    are no reason here: ``genkernels.explain`` passes the raw arguments); what remains is the device,
+    the extension and the grid size of csrc/coupling.cu.
     """
     reason = kernels_unavailable(x, "x", "coupling", _SYMBOLS)
-    if reason is None and not (x.is_contiguous() or is_channels_last(x)):
-        reason = "x is not dense (contiguous or channels_last)"
     if reason is None:
-        for name, p in (("log_scale", log_scale), ("bias", bias)):
-            if p.device != x.device:
-                return f"{name} is on {p.device}, x on {x.device}"
         reason = grid_unavailable(x.shape[0], math.prod(x.shape[1:]))
     return reason
 

@@ -29,13 +29,30 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import as_number, is_finite_real, is_integer, is_real
 from .._checks import check_backend as _check_backend
+from .._checks import is_finite_real, is_integer
 from .._checks import positive_int as _positive_int
 from ..nn.flow import SCALES, ActNorm, AffineCoupling, InvConv1x1, zero_conv3x3
 from ._config import ConfigIO
+from ._layers import check_input_dtype
 
 _LOG_2PI = math.log(2 * math.pi)
+
+
+def _check_temperature(temperature) -> float:
+    """temperature as a Python float: a finite number >= 0 (inf would draw mean + inf * std * eps: NaN)."""
+    if not (is_finite_real(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: the prior means), got {temperature!r}")
+    return float(temperature)
+
+
+def _seeded(seed, device: torch.device) -> torch.Generator | None:
+    """A generator on ``device`` seeded with ``seed`` (an int in [0, 2^63)), or None for seed None."""
+    if seed is None:
+        return None
+    if not is_integer(seed) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be None or an int in [0, 2^63), got {seed!r}")
+    return torch.Generator(device=device).manual_seed(int(seed))
 
 
 def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
@@ -244,8 +261,8 @@ class Glow(torch.nn.Module):
         return self
 
     def latent_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:
-        """(C, H, W) of each latent z_i for images of size height x width (finest level first)."""
-        self._check_size(height, width)
+        """(C, H, W) of each latent z_i for images of size height x width (ints; finest level first)."""
+        height, width = self._check_size(height, width)
         shapes = []
         c, h, w = self.config.in_channels, height, width
         for i in range(len(self.levels)):
@@ -257,12 +274,14 @@ class Glow(torch.nn.Module):
                 shapes.append((c, h, w))
         return shapes
 
-    def _check_size(self, height: int, width: int) -> None:
+    def _check_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) as Python ints, if both are positive multiples of 2 ** levels."""
         multiple = 2 ** len(self.levels)
-        if height % multiple or width % multiple or height < 1 or width < 1:
+        if not all(is_integer(v) and v >= 1 and v % multiple == 0 for v in (height, width)):
             raise ValueError(
-                f"H and W must be positive multiples of 2 ** levels = {multiple}, got H={height}, W={width}"
+                f"H and W must be positive multiples of 2 ** levels = {multiple}, got H={height!r}, W={width!r}"
             )
+        return int(height), int(width)
 
     def _check_x(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -270,6 +289,7 @@ class Glow(torch.nn.Module):
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"x must be (N, {self.config.in_channels}, H, W), got shape {tuple(x.shape)}")
         self._check_size(x.shape[2], x.shape[3])
+        check_input_dtype("x", x, self.top_mean.dtype)
 
     def _encode(self, x: torch.Tensor, with_prior: bool):
         """(zs, logdet, log prior (N,) or None)."""
@@ -321,8 +341,9 @@ class Glow(torch.nn.Module):
         For data scaled otherwise, add D log(scale) to log p first.
         """
         n_bins = _positive_int("n_bins", n_bins)
+        log_p = self.log_prob(x)  # checks x
         dims = math.prod(x.shape[1:])
-        return -(self.log_prob(x) - dims * math.log(n_bins)) / (dims * math.log(2))
+        return -(log_p - dims * math.log(n_bins)) / (dims * math.log(2))
 
     def _top_prior(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.top_mean.view(1, -1, 1, 1), self.top_log_std.view(1, -1, 1, 1)
@@ -364,6 +385,7 @@ class Glow(torch.nn.Module):
             want = (top.shape[0], *shape)
             if not isinstance(z, torch.Tensor) or tuple(z.shape) != want:
                 raise ValueError(f"zs[{i}] must have shape {want}, got {getattr(z, 'shape', type(z).__name__)}")
+            check_input_dtype(f"zs[{i}]", z, self.top_mean.dtype)
         return self._decode(list(zs), 1.0, None, top.shape[0], shapes)
 
     @torch.no_grad()
@@ -379,15 +401,17 @@ class Glow(torch.nn.Module):
         """n images (n, C, H, W) drawn from the model, without gradient.
 
         Each latent is mean + temperature * std * eps with its prior's (mean, std) (the split priors
-        conditioned on the already decoded coarser latents); temperature 0 is the prior-mean path.
-        eps comes from ``generator``, else a generator seeded with ``seed``, else the default one of
-        the parameters' device. ``image_size`` (int or (H, W)) defaults to config.image_size.
+        conditioned on the already decoded coarser latents); temperature, a finite number >= 0: 0 is
+        the prior-mean path (every latent its prior's mean: one image whatever the seed).
+        eps comes from ``generator``, else a generator seeded with ``seed`` (an int in [0, 2^63)), else
+        the default one of the parameters' device. ``image_size`` (int or (H, W), positive multiples of
+        2 ** levels) defaults to config.image_size.
         """
         n = _positive_int("n", n)
-        if not (is_real(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        if generator is None and seed is not None:
-            generator = torch.Generator(device=self.top_mean.device).manual_seed(as_number(seed))
+        temperature = _check_temperature(temperature)
+        seeded = _seeded(seed, self.top_mean.device)
+        if generator is None:
+            generator = seeded
         if image_size is None:
             height, width = self.config.hw
         elif isinstance(image_size, (list, tuple)) and len(image_size) == 2:
@@ -397,7 +421,7 @@ class Glow(torch.nn.Module):
         else:
             raise ValueError(f"image_size must be None, an int or an (H, W) pair, got {image_size!r}")
         shapes = self.latent_shapes(height, width)
-        return self._decode([None] * len(self.levels), float(temperature), generator, n, shapes)
+        return self._decode([None] * len(self.levels), temperature, generator, n, shapes)
 
 
 class RealNVP2D(torch.nn.Module):
@@ -453,6 +477,7 @@ class RealNVP2D(torch.nn.Module):
     def _check_points(self, name: str, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != 2:
             raise ValueError(f"{name} must be (N, 2) points, got {getattr(x, 'shape', type(x).__name__)}")
+        check_input_dtype(name, x, self.norms[0].log_scale.dtype)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Points x (N, 2) -> (z (N, 2), logdet (N,) float32)."""
@@ -482,13 +507,12 @@ class RealNVP2D(torch.nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, seed: int | None = None) -> torch.Tensor:
-        """n points (n, 2): inverse(temperature * eps), eps ~ N(0, I) from ``seed`` (None: the default generator)."""
+        """n points (n, 2): inverse(temperature * eps), eps ~ N(0, I) from ``seed`` (an int in [0, 2^63);
+        None: the default generator); temperature a finite number >= 0 (0: inverse(0) for every point)."""
         n = _positive_int("n", n)
-        if not (is_real(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        temperature = float(temperature)
+        temperature = _check_temperature(temperature)
         param = self.norms[0].log_scale
-        generator = None if seed is None else torch.Generator(device=param.device).manual_seed(as_number(seed))
+        generator = _seeded(seed, param.device)
         eps = torch.randn(n, 2, generator=generator, device=param.device, dtype=param.dtype)
         return self.inverse(temperature * eps)
 

@@ -177,7 +177,8 @@ class ActNorm(torch.nn.Module):
     channel) keeps log_scale = 0 (scale 1) and is only centred (bias = -mean): Glow's 1 / (std + eps)
     would there be ~1 / eps, a scale of a million that sends bits/dim to ~1e21. The persistent buffer
     ``initialized`` records the initialization, so a loaded state_dict is not initialized again.
-    Eval-mode calls and :meth:`inverse` never initialize.
+    Eval-mode calls, :meth:`inverse` and empty batches (N = 0 or a spatial size 0: no statistics, NaN
+    parameters) never initialize; the next non-empty training batch does.
 
     Args:
         channels: C.
@@ -209,8 +210,10 @@ class ActNorm(torch.nn.Module):
     def initialize(self, x: torch.Tensor) -> None:
         """Set bias = -mean and log_scale = -log(std + eps) per channel from the batch x (N, C, *spatial),
         log_scale = 0 where std <= eps, and mark the layer initialized (what the first training-mode
-        forward does)."""
+        forward does). x must hold at least one value per channel (else a ValueError)."""
         _check_input("x", x, self.channels)
+        if x.numel() == 0:
+            raise ValueError(f"cannot initialize from an empty batch (x of shape {tuple(x.shape)})")
         dims = [0, *range(2, x.dim())]
         x32 = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         var, mean = torch.var_mean(x32, dim=dims, correction=0)
@@ -227,9 +230,9 @@ class ActNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, C, *spatial) -> (y, logdet (N,) = S * sum(log_scale)); initializes on the first
-        training-mode call (see the class doc)."""
+        non-empty training-mode call (see the class doc)."""
         _check_input("x", x, self.channels)
-        if self.training and not self._known_initialized:
+        if self.training and not self._known_initialized and x.numel() > 0:
             if not bool(self.initialized):
                 self.initialize(x)
             self._known_initialized = True
@@ -266,7 +269,8 @@ class InvConv1x1(torch.nn.Module):
     P a fixed permutation (buffer ``perm``), L strictly lower and U strictly upper triangular (parameters
     ``lower`` and ``upper``, masked to their triangles), sign_s fixed (buffer) and log_s learned, so
     log |det W| = sum(log_s) costs O(C). With ``lu=False`` W is a plain parameter ``weight`` and
-    log |det W| comes from ``torch.linalg.slogdet``. Either starts from a random orthogonal matrix
+    log |det W| comes from ``torch.linalg.slogdet`` (in float64). The logdet accumulates in float32
+    (float64 for float64 x) whatever the parameters' dtype. Either starts from a random orthogonal matrix
     drawn from torch's default generator (``torch.manual_seed`` makes it reproducible).
 
     x: (N, C) or (N, C, *spatial) with up to 3 spatial dims, any float dtype, contiguous or channels_last;
@@ -302,15 +306,19 @@ class InvConv1x1(torch.nn.Module):
         upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * self.log_s.exp())
         return self.perm @ lower @ upper
 
-    def log_abs_det(self) -> torch.Tensor:
-        """log |det W| (a scalar in the parameters' dtype)."""
+    def log_abs_det(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """log |det W|, a scalar of ``dtype`` (default: the parameters' dtype), summed in float32 (float64
+        for float64) and rounded once."""
+        param = self.log_s if self.lu else self.weight
+        dtype = param.dtype if dtype is None else dtype
         if self.lu:
-            return self.log_s.sum()
-        return torch.linalg.slogdet(self.weight.double())[1].to(self.weight.dtype)
+            return self.log_s.to(_logdet_dtype(self.log_s)).sum().to(dtype)
+        return torch.linalg.slogdet(self.weight.double())[1].to(dtype)
 
     def _logdet(self, x: torch.Tensor, sign: float) -> torch.Tensor:
+        # S * log |det W| from a float32 log |det W|: one rounded in half precision is off by S / 2 ulp.
         positions = math.prod(x.shape[2:])
-        return (sign * positions * self.log_abs_det().to(_logdet_dtype(x))).expand(x.shape[0]).contiguous()
+        return (sign * positions * self.log_abs_det(_logdet_dtype(x))).expand(x.shape[0]).contiguous()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, C, *spatial) -> (W x, logdet (N,) = S * log |det W|)."""

@@ -178,7 +178,7 @@ def test_bad_arguments():
         model.inverse([zs[0][:, :1], zs[1]])
     with pytest.raises(ValueError, match="n must be a positive int"):
         model.sample(0)
-    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         model.sample(2, temperature=-1.0)
     with pytest.raises(ValueError, match="n_bins must be a positive int"):
         model.bits_per_dim(torch.rand(2, 1, 4, 4), n_bins=0)

@@ -307,3 +307,19 @@ def test_compile_fullgraph(backend, device):
     torch.testing.assert_close(cback, back)
     for g, cg in zip(grads, cgrads):
         torch.testing.assert_close(cg, g)
+
+
+@pytest.mark.parametrize("layout", ["strided", "channels_last_h"])
+def test_cuda_reasons_ignore_layouts_the_op_arranges(layout, monkeypatch):
+    """The op copies a strided x once and brings h to x's layout before a backend runs, yet the cuda backend
+    answered genkernels.explain with 'h is not dense in x's layout' / 'x is not dense' for such inputs (auto
+    then ran cuda anyway, and the strided GPU tests skipped themselves). With the device and the extension
+    taken as available, the reason is now None, as the triton backend's."""
+    monkeypatch.setattr(CP._cuda, "kernels_unavailable", lambda *args: None)
+    x, h = _coupling_inputs(
+        (2, 4, 3, 5), "sigmoid", torch.float32, "cpu", "strided" if layout == "strided" else "contiguous"
+    )
+    if layout == "channels_last_h":
+        h = to_layout(h, "channels_last")
+    assert genkernels.explain(CP.COUPLING_OP, x, h)["cuda"] is None
+    assert genkernels.explain(CP.ACTNORM_OP, x, torch.zeros(4), torch.zeros(4))["cuda"] is None
