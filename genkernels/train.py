@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from . import _graphs
-from ._checks import as_number
+from ._checks import as_number, is_integer
 from ._training import (  # noqa: F401  (re-exported: the public names of every family's checkpoints)
     CHECKPOINT_FORMAT,
     METADATA_KEY,
@@ -399,8 +399,12 @@ def sample_diffusion(
     """
     objective = metadata["objective"]
     check_sampler(sampler, objective)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a (N,) tensor of class labels, got {type(labels).__name__}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be a (N,) tensor of class labels, got shape {tuple(labels.shape)}")
+    if not is_integer(steps) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if cuda_graph not in (None, True, False):
         raise ValueError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
     device = next(model.parameters()).device

@@ -218,6 +218,13 @@ def _fast_not_supported(sample, model_output, noise, x0_prev, coeffs) -> str | N
     for name, value in zip(COEFF_NAMES, coeffs.values()):
         if isinstance(value, Tensor) and value.dtype != torch.float32:
             return f"coeffs.{name} has dtype {value.dtype}; supported: float32"
+    if torch.is_grad_enabled():
+        # The kernels have no backward: their output would be silently detached from the graph.
+        named = (("sample", sample), ("model_output", model_output), ("noise", noise), ("x0_prev", x0_prev))
+        named += tuple((f"coeffs.{n}", v) for n, v in zip(COEFF_NAMES, coeffs.values()) if isinstance(v, Tensor))
+        for name, t in named:
+            if t is not None and t.requires_grad:
+                return f"{name} requires grad and the fused step has no backward (the reference differentiates)"
     return None
 
 
@@ -629,7 +636,10 @@ def schedule_step(
             run the call raises UnsupportedError).
 
     Returns prev, or (prev, x0) with return_x0, in sample's dtype, shape and layout. All math in
-    float32. Not differentiable (sampling); see :func:`add_noise` for the training-side op.
+    float32. The fused kernels have no backward: with grad enabled and an input (or a tensor
+    coefficient) that requires grad, auto runs the reference, which torch's autograd differentiates
+    (sampling with gradients, as fine-tuning through the sampler does), and an explicit fast backend
+    raises UnsupportedError. See :func:`add_noise` for the training-side op.
 
     Under torch.compile the call goes through the ``genkernels::schedule_step`` op. Pass seed and
     offset (or noise) there: dynamo cannot trace a torch.Generator argument, so with fullgraph=True

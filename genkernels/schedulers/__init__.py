@@ -10,7 +10,14 @@
 Extra keyword arguments of ``step`` beyond diffusers': guidance_scale (model_output is then
 [uncond; cond]), guidance_rescale, variance_noise, seed / offset (in-kernel Philox noise) and
 backend. A stochastic step given no noise source (no variance_noise, generator or seed) draws from
-torch's global RNG, as diffusers' does with generator=None.
+torch's global RNG, as diffusers' does with generator=None. generator may be a list of generators,
+one per sample, as in diffusers' pipelines (sample i's noise drawn with generator i). Where diffusers
+draws noise that a step does not use (the last step of Euler ancestral, SDE-DPM-Solver++ and stochastic
+flow matching; a DDIM step of zero variance), the generator is advanced by the same draw, so that one
+generator reused for several images gives diffusers' images on the reference backend.
+
+``order`` is 1 for every scheduler, as in diffusers (timesteps per denoising step). from_config takes
+its own defaults for the keys a diffusers config lists in ``_use_default_values``, as diffusers does.
 """
 
 from ._base import SchedulerConfig, SchedulerOutput

@@ -67,11 +67,17 @@ def make_betas(
     linear: evenly spaced from beta_start to beta_end; scaled_linear: the square of evenly spaced
     values from sqrt(beta_start) to sqrt(beta_end); squaredcos_cap_v2: beta_i = min(1 - f(t_{i+1}) /
     f(t_i), 0.999) with f(t) = cos((t + 0.008) / 1.008 * pi / 2)^2 and t_i = i / N (Nichol &
-    Dhariwal's cosine schedule); trained_betas, when given, is used as is. rescale_betas_zero_snr
+    Dhariwal's cosine schedule); trained_betas, when given, is used as is (one beta per training
+    timestep: another length is a ValueError, not a schedule clamped at its end). rescale_betas_zero_snr
     shifts and scales sqrt(abar) so that the last timestep has zero signal (Lin et al. 2023).
     """
     if trained_betas is not None:
         betas = torch.tensor(trained_betas, dtype=torch.float32)
+        if betas.shape != (num_train_timesteps,):
+            raise ValueError(
+                f"trained_betas has shape {tuple(betas.shape)} but num_train_timesteps is {num_train_timesteps}: "
+                "pass one beta per training timestep"
+            )
     elif beta_schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
     elif beta_schedule == "scaled_linear":
@@ -215,9 +221,15 @@ class SchedulerBase:
         """Build from a diffusers scheduler config dict (e.g. ``pipe.scheduler.config``), overridden by kwargs.
 
         Keys this class does not know (``_class_name``, other schedulers' options) are ignored, as
-        diffusers does; known options set to values we do not support raise ValueError.
+        diffusers does; so are the keys the config lists in ``_use_default_values`` (those its scheduler
+        took by default, not from its own config): this class takes its own defaults there, as
+        diffusers' from_config does (Stable Diffusion 1.x's PNDM config defaults timestep_spacing to
+        "leading"; an Euler scheduler made from it spaces by its own "linspace"). Known options set to
+        values we do not support raise ValueError.
         """
-        merged = {**dict(config or {}), **kwargs}
+        config = dict(config or {})
+        defaulted = set(config.pop("_use_default_values", None) or ())
+        merged = {**{k: v for k, v in config.items() if k not in defaulted}, **kwargs}
         if merged.get("trained_betas") is not None:
             merged["trained_betas"] = list(merged["trained_betas"])
         known = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
@@ -320,20 +332,62 @@ class SchedulerBase:
         missing = len(self._host_timesteps) - 1 if self._missing_step_index == "last" else 0
         return torch.where(seen[:, -1] > 0, index, missing)
 
-    def _noise_options(self, sample: torch.Tensor, generator, variance_noise, seed, offset) -> dict[str, Any]:
+    def _noise_options(
+        self, sample: torch.Tensor, generator, variance_noise, seed, offset, used: bool = True
+    ) -> dict[str, Any]:
         """The step's noise source: explicit tensor, generator, Philox (seed, offset), else torch's global RNG.
 
-        With a seed and no offset, the offset is the count of stochastic steps so far: each step
-        draws its own Philox stream and successive steps never reuse noise. With none of the three,
-        the noise comes from torch's default (CPU) generator, as diffusers' does from the global RNG
-        when generator is None: the reference draws torch.randn with it (diffusers' noise for a CPU
-        sample), the fast backends one Philox seed (a host int: no synchronization).
+        Call it where diffusers' step draws noise. With a seed and no offset, the offset is the count of
+        stochastic steps so far: each step draws its own Philox stream and successive steps never reuse
+        noise. With none of the three, the noise comes from torch's default (CPU) generator, as diffusers'
+        does from the global RNG when generator is None: the reference draws torch.randn with it
+        (diffusers' noise for a CPU sample), the fast backends one Philox seed (a host int: no
+        synchronization). generator may also be a list of generators, one per sample, as diffusers'
+        randn_tensor takes them (a one-element list is its generator): the noise is then drawn here,
+        sample i's as torch.randn of shape (1, *) with generator i on its device, float32, and the step
+        runs on it as on variance_noise, whatever the backend.
+
+        used=False: this step adds no noise (its noise coefficient is 0, as at a last step) although
+        diffusers' draws some: the generator (or the global one) is advanced by the same draw, so that a
+        generator reused for the next image is where diffusers' would be. Returns {} then.
         """
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise, not both")
+        generator = _generators(generator, sample.shape[0])
         if variance_noise is None and generator is None and seed is None:
             generator = torch.default_generator
+        if isinstance(generator, list):
+            variance_noise, generator = _draw(generator, sample), None
+        elif not used and variance_noise is None and generator is not None:
+            torch.randn(sample.shape, generator=generator, device=generator.device, dtype=torch.float32)
+        if not used:
+            return {}
         if seed is not None and offset is None:
             offset = self._noise_offset
             self._noise_offset += 1
         return dict(noise=variance_noise, generator=generator, seed=seed, offset=offset or 0)
+
+
+def _generators(generator: Any, batch: int) -> torch.Generator | list[torch.Generator] | None:
+    """generator as None, one torch.Generator, or a list of one per sample (a one-element list: its generator)."""
+    if not isinstance(generator, (list, tuple)):
+        return generator  # None, a generator, or what schedule_step refuses with its own message
+    if not all(isinstance(g, torch.Generator) for g in generator):
+        kinds = ", ".join(type(g).__name__ for g in generator)
+        raise TypeError(f"generator must be a torch.Generator, a list of them or None, got list of [{kinds}]")
+    if len(generator) == 1:
+        return generator[0]
+    if len(generator) != batch:
+        raise ValueError(
+            f"generator is a list of {len(generator)} generators but the batch has {batch} samples: pass one per sample"
+        )
+    return list(generator)
+
+
+def _draw(generators: list[torch.Generator], sample: torch.Tensor) -> torch.Tensor:
+    """Sample i's standard normal noise drawn with generators[i] (diffusers' randn_tensor for a list), float32."""
+    if not generators:
+        return torch.zeros(sample.shape, device=sample.device)
+    shape = (1, *sample.shape[1:])
+    draws = [torch.randn(shape, generator=g, device=g.device, dtype=torch.float32) for g in generators]
+    return torch.cat([d.to(sample.device) for d in draws])

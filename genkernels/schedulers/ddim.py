@@ -88,12 +88,16 @@ class DDIMScheduler(DiscreteVPScheduler):
         c = self.config
         t = self._discrete_timestep(timestep)
         prev_t = t - c.num_train_timesteps // self.num_inference_steps
-        noise = self._noise_options(sample, generator, variance_noise, seed, offset) if eta > 0 else {}
+        abar, abar_prev = self._abar[t], self._abar[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        noise = {}
+        if eta > 0:  # diffusers draws then, also where the step's std is 0 (abar_prev 1 or abar_t)
+            used = abar_prev not in (1.0, abar)
+            noise = self._noise_options(sample, generator, variance_noise, seed, offset, used=used)
         prev, x0 = ddim_step(
             model_output,
             sample,
-            self._abar[t],
-            self._abar[prev_t] if prev_t >= 0 else self.final_alpha_cumprod,
+            abar,
+            abar_prev,
             eta=eta,
             prediction_type=c.prediction_type,
             use_clipped_model_output=use_clipped_model_output,

@@ -15,7 +15,8 @@ from ._vp import DiscreteVPScheduler
 class DDPMScheduler(DiscreteVPScheduler):
     """Denoising diffusion probabilistic model sampler (see genkernels.ops.ddpm_step for the formula).
 
-    Constructor keywords and defaults are diffusers'. Not supported (rejected): thresholding, the
+    Constructor keywords and defaults are diffusers'; variance_type None (as in other schedulers'
+    configs) is "fixed_small", as in diffusers. Not supported (rejected): thresholding, the
     "learned" / "learned_range" / "fixed_large_log" variance types.
     """
 
@@ -23,7 +24,7 @@ class DDPMScheduler(DiscreteVPScheduler):
         "beta_schedule": BETA_SCHEDULES,
         "timestep_spacing": SPACINGS,
         "prediction_type": ("epsilon", "v_prediction", "sample"),
-        "variance_type": ("fixed_small", "fixed_small_log", "fixed_large"),
+        "variance_type": ("fixed_small", "fixed_small_log", "fixed_large", None),
     }
     _only = {"thresholding": False}
     _inert = {"dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
@@ -35,7 +36,7 @@ class DDPMScheduler(DiscreteVPScheduler):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: Any = None,
-        variance_type: str = "fixed_small",
+        variance_type: str | None = "fixed_small",
         clip_sample: bool = True,
         prediction_type: str = "epsilon",
         clip_sample_range: float = 1.0,
@@ -100,7 +101,7 @@ class DDPMScheduler(DiscreteVPScheduler):
             self._abar[t],
             self._abar[prev_t] if prev_t >= 0 else 1.0,
             prediction_type=c.prediction_type,
-            variance_type=c.variance_type,
+            variance_type=c.variance_type or "fixed_small",
             add_variance=stochastic,
             guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale,

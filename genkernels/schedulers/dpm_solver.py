@@ -31,6 +31,10 @@ class DPMSolverMultistepScheduler(DiscreteVPScheduler):
     training range ("DPM++ 2M Karras") with the timesteps mapped back and rounded. Not supported
     (rejected): solver_order 3, the noise-prediction "dpmsolver" variants, thresholding,
     exponential / beta / Lu / flow sigmas, learned variance, dynamic shifting.
+
+    ``order`` is 1 whatever solver_order, as in diffusers: it counts timesteps per denoising step
+    (one model call each), which pipelines multiply by to slice and begin partial (img2img) schedules.
+    variance_type is accepted as None or a fixed variance type (a DDPM config's, unused here).
     """
 
     _choices = {
@@ -41,6 +45,7 @@ class DPMSolverMultistepScheduler(DiscreteVPScheduler):
         "solver_type": ("midpoint", "heun"),
         "solver_order": (1, 2),
         "final_sigmas_type": ("zero", "sigma_min"),
+        "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large"),
     }
     _only = {
         "thresholding": False,
@@ -48,7 +53,6 @@ class DPMSolverMultistepScheduler(DiscreteVPScheduler):
         "use_beta_sigmas": False,
         "use_lu_lambdas": False,
         "use_flow_sigmas": False,
-        "variance_type": None,
         "use_dynamic_shifting": False,
     }
     _inert = {
@@ -77,6 +81,7 @@ class DPMSolverMultistepScheduler(DiscreteVPScheduler):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
         use_karras_sigmas: bool = False,
+        variance_type: str | None = None,
         **kwargs: Any,
     ) -> None:
         if algorithm_type == "deis":
@@ -95,7 +100,6 @@ class DPMSolverMultistepScheduler(DiscreteVPScheduler):
         self._train_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         self.sigmas = self._train_sigmas
         self.init_noise_sigma = 1.0
-        self.order = self.config.solver_order
         n = self.config.num_train_timesteps
         self._schedule_timesteps = torch.from_numpy(np.linspace(0, n - 1, n, dtype=np.float32)[::-1].copy())
         self.timesteps = self._schedule_timesteps
@@ -188,7 +192,10 @@ class DPMSolverMultistepScheduler(DiscreteVPScheduler):
         )
         second = c.solver_order == 2 and self.lower_order_nums >= 1 and not last_lowered
         sde = c.algorithm_type == "sde-dpmsolver++"
-        noise = self._noise_options(sample, generator, variance_noise, seed, offset) if sde else {}
+        noise = {}
+        if sde:  # diffusers draws at every step, the last (sigma_next = 0: no noise) included
+            used = self._sigmas[i + 1] > 0
+            noise = self._noise_options(sample, generator, variance_noise, seed, offset, used=used)
         prev, x0 = dpmpp_2m_step(
             model_output,
             sample,

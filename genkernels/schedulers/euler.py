@@ -221,7 +221,8 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         else torch's global RNG.
         """
         sigma, sigma_next = self._current_sigmas(timestep)
-        noise = self._noise_options(sample, generator, variance_noise, seed, offset) if sigma_next > 0 else {}
+        # diffusers draws at every step, the last (sigma_next = 0: no noise) included
+        noise = self._noise_options(sample, generator, variance_noise, seed, offset, used=sigma_next > 0)
         prev, x0 = euler_ancestral_step(
             model_output,
             sample,

@@ -148,7 +148,10 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         self._check_steps_left(self._step_index)
         sigma, sigma_next = self._sigmas[self._step_index], self._sigmas[self._step_index + 1]
         stochastic = self.config.stochastic_sampling
-        noise = self._noise_options(sample, generator, variance_noise, seed, offset) if stochastic else {}
+        noise = {}
+        if stochastic:  # diffusers draws at every step, the last (sigma_next = 0: no noise) included
+            used = sigma_next > 0
+            noise = self._noise_options(sample, generator, variance_noise, seed, offset, used=used)
         prev, x0 = flow_euler_step(
             model_output,
             sample,
