@@ -342,7 +342,7 @@ def sample_flow(
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0, got {temperature}")
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if not 2 <= n_bins <= MAX_BINS:
         raise ValueError(f"n_bins must be in [2, {MAX_BINS}], got {n_bins}")
     ncol = _training.check_ncol(math.ceil(math.sqrt(num)) if ncol is None else ncol)

@@ -135,5 +135,5 @@ def test_config_errors(digits):
     odd = data.ImageDataset(torch.zeros(4, 1, 7, 7), torch.zeros(4, dtype=torch.int64), ["x"])
     with pytest.raises(ValueError, match="image size must be even"):
         train_flow.model_config_for(odd)
-    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         train_flow.sample_flow(None, 4, -1.0, 0, "x.png")
