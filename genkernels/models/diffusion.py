@@ -853,8 +853,9 @@ class DiT(torch.nn.Module):
         if key not in self._rope_cache:
             eager_inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
             with torch.inference_mode(False) if eager_inference else contextlib.nullcontext():
-                cos, sin = ops.rope_frequencies_2d(rows, cols, self.config.head_dim, base=self.config.rope_base)
-                self._rope_cache[key] = (cos.to(device, table_dtype), sin.to(device, table_dtype))
+                cfg = self.config
+                cos, sin = ops.rope_frequencies_2d(rows, cols, cfg.head_dim, base=cfg.rope_base, dtype=table_dtype)
+                self._rope_cache[key] = (cos.to(device), sin.to(device))
         return self._rope_cache[key]
 
     def condition(self, t: torch.Tensor, labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -902,8 +903,8 @@ class DiT(torch.nn.Module):
 
         Args:
             x: (B, in_channels, H, W), H and W divisible by patch_size (with learned positions:
-                H = W = sample_size); float32, float16, bfloat16 or float64, the parameters' dtype (any
-                floating dtype under torch.autocast; otherwise a TypeError names both).
+                H = W = sample_size); float32, float16, bfloat16 or float64, the parameters' dtype
+                (float32, float16 or bfloat16 under torch.autocast; otherwise a TypeError names both).
             t: timesteps on the training scale ([0, num_train_timesteps), fractional allowed),
                 a number, or a 0-d, (1,) or (B,) tensor (one value broadcast over the batch). A float64
                 model embeds them in float64.

@@ -165,18 +165,9 @@ class RotaryEmbedding(torch.nn.Module):
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
         if self.cos.dtype == torch.float64:  # widened float32 values: their float64 values instead
-            cos, sin = self._tables64()
-            self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+            positions = torch.arange(self.max_len, device=self.cos.device)
+            self.cos, self.sin = rope_frequencies(positions, self.dim_head, self.base, torch.float64)
         return self
-
-    def _tables64(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) in float64 on the CPU, each (max_len, dim_head / 2): cos and sin of angle[p, j] =
-        p * base^(-2j / dim_head), computed as genkernels.ops.rope_frequencies computes them, which rounds them
-        to float32."""
-        j = torch.arange(self.dim_head // 2, dtype=torch.float64)
-        inv_freq = torch.pow(torch.tensor(self.base, dtype=torch.float64), -2.0 * j / self.dim_head)
-        angles = torch.arange(self.max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
-        return torch.cos(angles), torch.sin(angles)
 
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of positions start .. start + length - 1, each (length, dim_head / 2)."""

@@ -251,16 +251,19 @@ class _ReferenceKernels:
 # --------------------------------------------------------------------------- tables
 
 
-def rope_frequencies(positions: Tensor, dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+def rope_frequencies(
+    positions: Tensor, dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
     """cos and sin tables of 1-D positions: angle[l, j] = positions[l] * base^(-2j / dim), j < dim/2.
 
     Args:
         positions: (L,) integer or floating-point positions (token indices, possibly offset for a cache).
         dim: the rotated channels (even, >= 2): Dh for full rotary, less for partial rotary.
         base: the frequency base (10000 in Llama / RoFormer).
+        dtype: the tables' floating dtype (float32; float64 for a float64 model).
 
-    Returns (cos, sin), float32 (L, dim/2) each on positions' device, computed in float64 (large positions
-    keep their angles exact to float32 rounding)."""
+    Returns (cos, sin), (L, dim/2) each in ``dtype`` on positions' device, computed in float64 and rounded
+    once (large positions keep their angles exact to the dtype's rounding)."""
     if not isinstance(positions, Tensor):
         raise TypeError(f"positions must be a torch.Tensor of shape (L,), got {type(positions).__name__}")
     if positions.dim() != 1:
@@ -268,13 +271,17 @@ def rope_frequencies(positions: Tensor, dim: int, base: float = 10000.0) -> tupl
     if positions.is_complex() or positions.dtype == torch.bool:
         raise TypeError(f"positions must be an integer or floating-point tensor, got {positions.dtype}")
     dim, base = _check_dim_base(dim, base, 2)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     j = torch.arange(dim // 2, device=positions.device, dtype=torch.float64)
     inv_freq = torch.pow(torch.tensor(base, dtype=torch.float64, device=positions.device), -2.0 * j / dim)
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
-    return torch.cos(angles).float(), torch.sin(angles).float()
+    return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
 
 
-def rope_frequencies_2d(height: int, width: int, dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+def rope_frequencies_2d(
+    height: int, width: int, dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
     """cos and sin tables of axial 2-D positions for a height x width grid of image patches, row-major
     (patch l = row * width + col).
 
@@ -287,8 +294,9 @@ def rope_frequencies_2d(height: int, width: int, dim: int, base: float = 10000.0
         height, width: the patch grid (>= 1 each).
         dim: the rotated channels, a multiple of 4.
         base: the frequency base.
+        dtype: the tables' floating dtype (as in :func:`rope_frequencies`).
 
-    Returns (cos, sin), float32 (height * width, dim/2) each, on the CPU (move them with ``.to(device)``)."""
+    Returns (cos, sin), (height * width, dim/2) each in ``dtype``, on the CPU (move them with ``.to(device)``)."""
     for name, v in (("height", height), ("width", width)):
         if not is_integer(v) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -296,8 +304,8 @@ def rope_frequencies_2d(height: int, width: int, dim: int, base: float = 10000.0
     dim, base = _check_dim_base(dim, base, 4)
     rows = torch.arange(height).repeat_interleave(width)
     cols = torch.arange(width).repeat(height)
-    cr, sr = rope_frequencies(rows, dim // 2, base)
-    cc, sc = rope_frequencies(cols, dim // 2, base)
+    cr, sr = rope_frequencies(rows, dim // 2, base, dtype)
+    cc, sc = rope_frequencies(cols, dim // 2, base, dtype)
     return torch.cat((cr, cc), dim=-1), torch.cat((sr, sc), dim=-1)
 
 

@@ -219,6 +219,13 @@ def test_rope_tables_and_position_parameters():
     assert rope(torch.randn(1, 1, 4, 12), 1.0).shape == (1, 1, 4, 12)
     with pytest.raises(ValueError, match="learned positions takes 8x8 inputs only"):
         learned(torch.randn(1, 1, 4, 12), 1.0)
+    # A float64 model's tables are the float64 values (they were float32 tables widened: ~3e-8 off).
+    cos64, sin64 = rope.double().rope_tables(2, 3, torch.device("cpu"), torch.float64)
+    rows, cols = torch.arange(6) // 3, torch.arange(6) % 3
+    inv_freq = 10000.0 ** (-torch.arange(4, dtype=torch.float64) / 4)  # the rope_frequencies of dim 8 per axis
+    angles = torch.cat((rows[:, None] * inv_freq, cols[:, None] * inv_freq), -1)
+    assert cos64.dtype == sin64.dtype == torch.float64
+    torch.testing.assert_close((cos64, sin64), (torch.cos(angles), torch.sin(angles)), atol=1e-15, rtol=0)
 
 
 def test_labels_condition_the_output():

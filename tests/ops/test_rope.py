@@ -338,6 +338,10 @@ def test_rope_frequencies():
     torch.testing.assert_close(sin, torch.sin(angles).float(), atol=1e-7, rtol=0)
     c2, s2 = rope_frequencies(positions.float(), 6, base=100)
     torch.testing.assert_close((c2, s2), (cos, sin))
+    # dtype=torch.float64: the float64 values, rounded once (not float32 tables widened).
+    c64, s64 = rope_frequencies(positions, 6, base=100.0, dtype=torch.float64)
+    assert c64.dtype == s64.dtype == torch.float64
+    torch.testing.assert_close((c64, s64), (torch.cos(angles), torch.sin(angles)), atol=1e-15, rtol=0)
 
 
 def test_rope_frequencies_2d():
@@ -385,6 +389,7 @@ def test_rope_frequencies_2d():
         (lambda q, c, s: rope_frequencies(torch.arange(3), 4, base=1.0), ValueError, "base must be a finite"),
         (lambda q, c, s: rope_frequencies_2d(2, 3, 6), ValueError, "dim must be a positive int multiple of 4"),
         (lambda q, c, s: rope_frequencies_2d(0, 3, 8), ValueError, "height must be an int >= 1"),
+        (lambda q, c, s: rope_frequencies(torch.arange(3), 4, dtype=torch.int32), TypeError, "floating torch.dtype"),
     ],
 )
 def test_bad_input(call, error, match):
