@@ -62,6 +62,16 @@ def positive_int(name: str, value) -> int:
     return int(value)
 
 
+def optional_seed(seed) -> int | None:
+    """None, or ``seed`` as a Python int if it is an integer in [0, 2^63) (what torch.Generator.manual_seed
+    and the Philox ops take), else a ValueError."""
+    if seed is None:
+        return None
+    if not is_integer(seed) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be None or an int in [0, 2^63), got {seed!r}")
+    return int(seed)
+
+
 def nonnegative_float(name: str, value) -> float:
     """``value`` as a Python float if it is a finite real >= 0 (:func:`is_real`), else a ValueError naming ``name``."""
     if type(value) is float and value >= 0 and value != math.inf:  # NaN fails value >= 0

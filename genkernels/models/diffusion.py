@@ -37,6 +37,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -156,10 +157,7 @@ class UNetConfig(ConfigIO):
 
 def _flag(name: str, value) -> bool:
     """``value`` as a Python bool if it is a bool (or a NumPy bool), else a ValueError naming ``name``."""
-    numpy_bool = (
-        type(value).__module__ == "numpy" and getattr(value, "shape", None) == () and str(value.dtype) == "bool"
-    )
-    if isinstance(value, bool) or numpy_bool:
+    if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise ValueError(f"{name} must be a bool, got {value!r}")
 

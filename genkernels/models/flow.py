@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_backend as _check_backend
-from .._checks import is_finite_real, is_integer
+from .._checks import is_finite_real, is_integer, optional_seed
 from .._checks import positive_int as _positive_int
 from ..nn.flow import SCALES, ActNorm, AffineCoupling, InvConv1x1, zero_conv3x3
 from ._config import ConfigIO
@@ -48,11 +48,8 @@ def _check_temperature(temperature) -> float:
 
 def _seeded(seed, device: torch.device) -> torch.Generator | None:
     """A generator on ``device`` seeded with ``seed`` (an int in [0, 2^63)), or None for seed None."""
-    if seed is None:
-        return None
-    if not is_integer(seed) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be None or an int in [0, 2^63), got {seed!r}")
-    return torch.Generator(device=device).manual_seed(int(seed))
+    seed = optional_seed(seed)
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
 def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:

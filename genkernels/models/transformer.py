@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _registry
-from .._checks import as_number, is_finite_real, is_integer, is_real
+from .._checks import as_number, is_finite_real, is_integer, is_real, optional_seed
 from .._checks import check_backend as _check_backend
 from .._checks import positive_int as _positive_int
 from ..nn.transformer import CausalSelfAttention, KVCache, LayerNormModulate, RotaryEmbedding, SwiGLU
@@ -507,10 +507,7 @@ class ImageGPT(torch.nn.Module):
         temperature = as_number(temperature)
         if not isinstance(use_cache, bool):
             raise ValueError(f"use_cache must be True or False, got {use_cache!r}")
-        if seed is not None:
-            if not is_integer(seed) or not 0 <= seed < 2**63:
-                raise ValueError(f"seed must be None or an int in [0, 2^63), got {seed!r}")
-            seed = int(seed)
+        seed = optional_seed(seed)
         levels, length = self.config.levels, self.config.seq_len
         if top_k is not None:
             if not is_integer(top_k) or not 1 <= top_k <= levels:

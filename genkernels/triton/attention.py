@@ -202,11 +202,8 @@ DECODE_ROWS = 16
 # The delta kernel is elementwise: rows per program, so that a thread of its 4 warps holds at
 # most 16 elements of each of out, its residual and dout.
 _DELTA_ELEMENTS = 2048
-# The longest FMA chain of a float32 product over the head dim (:func:`_column_blocks`). An IEEE float32 tl.dot
-# is one chain of fused multiply-adds per element; at head dims 200 to 256 its rounding was twice that of the
-# reference's sgemm (which sums K in blocks of 128), and the scores' rounding, multiplied by |dp - delta| ~ sqrt(D)
-# in ds = p (dp - delta), put dq and dk at up to 2.3 times the float32 test criterion's bound (scores of std 4 to
-# 6: tests/ops/test_attention_edges.py). Two chains of at most 128, added, measure as the reference does.
+# The longest FMA chain of a float32 product over the head dim (:func:`_column_blocks`; why: "Precision" in the
+# module docstring).
 FP32_CHAIN = 128
 
 

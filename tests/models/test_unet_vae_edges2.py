@@ -226,3 +226,7 @@ def test_training_after_inference_mode():
     unet(x, 5, torch.tensor([1, 2])).square().mean().backward()
     posterior = vae.encode(torch.randn(1, 3, 8, 8)).latent_dist
     (vae.decode(posterior.sample(seed=2)).sample.square().mean() + posterior.kl().mean()).backward()
+    for model in (unet, vae):
+        grads = [p.grad for p in model.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
