@@ -90,7 +90,9 @@ class Attention(torch.nn.Module):
             key_padding_mask: optional bool (B, S), True where a context token is padding and
                 must be ignored. A query with no key left outputs zeros before to_out. Keyword-only:
                 diffusers' third argument, attention_mask, means the opposite (True: attend), so a
-                positional mask is a TypeError rather than inverted.
+                positional mask is a TypeError rather than inverted. A float (additive) mask is a
+                TypeError too (nothing runs it through torch): diffusers' additive (B, 1, S) mask of
+                0 (attend) and -10000 (ignore) is ``key_padding_mask=mask[:, 0] < 0``.
             causal: query i sees key j iff j <= i + S - L (bottom-right aligned; the usual
                 lower triangle for self-attention).
 

@@ -207,6 +207,11 @@ _DELTA_ELEMENTS = 2048
 FP32_CHAIN = 128
 
 
+# The most rows of a tile in any kernel (:func:`_rows64`).
+_MAX_TILE_ROWS = max(
+    max(c[:2]) for c in (*CONFIGS.values(), *_INTERPRETER_CONFIGS.values(), FWD_90_UNMASKED, FWD_90_UNSPLIT)
+)
+
 # Head counts and lengths vary from call to call and only bound loops and masks: compiling a
 # kernel per value class (1, multiple of 16, other) would multiply the compiles for nothing. (Each
 # kernel names exactly its own parameters: some triton versions reject unknown names.)
@@ -367,6 +372,15 @@ def _align(*tensors: Tensor) -> int:
     return align
 
 
+def _rows64(*tensors: Tensor) -> bool:
+    """ROWS64 of the kernels: whether an element offset inside a tile, row * the row (L) stride + column, can pass
+    2^31 - 1 for one of the tensors (tiles of at most _MAX_TILE_ROWS rows and 2 * MAX_HEAD_DIM columns). The
+    kernels form those offsets in 32 bits otherwise (fewer registers); a row stride of 2^24 elements or more (a
+    (L, B, H, D) tensor seen as (B, H, L, D) with B * H * D >= 2^24: temporal attention over a video latent's
+    pixels) made them wrap, and the kernels read and wrote the wrong rows."""
+    return any((_MAX_TILE_ROWS - 1) * t.stride(2) + 2 * MAX_HEAD_DIM > 2**31 - 1 for t in tensors)
+
+
 def _mask_arg(key_padding_mask: Tensor | None, q: Tensor) -> Tensor:
     """The key padding mask as uint8 (same bytes as bool), or q as a never-read placeholder."""
     return key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
@@ -438,6 +452,7 @@ def attention_forward(
                 BLOCK_D2=block_d2,
                 INPUT_PRECISION=_DOT_INPUT_PRECISION,
                 ALIGN=align,
+                ROWS64=_rows64(q, k, v),
                 num_warps=num_warps,
                 num_stages=num_stages,
             )
@@ -482,6 +497,7 @@ def attention_backward(
         BLOCK_D2=split_d2,
         INPUT_PRECISION=_DOT_INPUT_PRECISION,
         ALIGN=_align(q, k, v, dout),
+        ROWS64=_rows64(q, k, v, dout),
     )
     sizes = (hq, hkv, lq, lkv, scale, scale * _LOG2E)
     strides = (*_bh_strides(q), *_bh_strides(k), *_bh_strides(v), *_bh_strides(dout))
@@ -506,6 +522,7 @@ def attention_backward(
                 BLOCK_M=block_rows,
                 BLOCK_D=block_d,
                 ALIGN=align_delta,
+                ROWS64=_rows64(out, dout),
                 num_warps=4,
             )
             block_m, block_n, num_warps, num_stages = dq_config
@@ -587,7 +604,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         """Rows row0 .. row0 + ROWS of a (rows, HEAD_DIM) matrix with row stride ``stride``, as a
         [ROWS, BLOCK_D] tile ([BLOCK_D, ROWS] when TRANSPOSED), zero beyond HEAD_DIM and, when
         CHECK_ROWS, beyond ``rows``. The block's start is added in 64 bits, the offsets inside
-        the tile in 32."""
+        the tile in the stride's type (int32 unless the launcher asked for ROWS64: :func:`_rows64`)."""
         r = tl.arange(0, ROWS)
         c = tl.arange(0, BLOCK_D)
         base = base + tl.cast(row0, tl.int64) * stride
@@ -603,9 +620,13 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             return tl.load(ptrs)
 
     @triton.jit
-    def _aligned3(s0, s1, s2, ALIGN: tl.constexpr):
+    def _aligned3(s0, s1, s2, ALIGN: tl.constexpr, ROWS64: tl.constexpr):
         """The three strides as multiples of ALIGN that the compiler can see: (s // ALIGN) * ALIGN, which is s
-        itself (the launcher checked: :func:`_align`); tl.multiple_of does not take on a scalar argument."""
+        itself (the launcher checked: :func:`_align`); tl.multiple_of does not take on a scalar argument. With
+        ROWS64 (:func:`_rows64`), the row stride s2 as int64, so that the offsets inside a tile (row * s2) are
+        formed in 64 bits (the batch and head strides multiply int64 indices already)."""
+        if ROWS64:
+            s2 = tl.cast(s2, tl.int64)
         if ALIGN > 1:
             return (s0 // ALIGN) * ALIGN, (s1 // ALIGN) * ALIGN, (s2 // ALIGN) * ALIGN
         else:
@@ -878,7 +899,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
     def _out_rows(b, h, offs_m, stride_ob, stride_oh, stride_ol, ALIGN: tl.constexpr):
         """Element offsets of out's rows (b, h, offs_m), int64, with the strides rebuilt as multiples of ALIGN
         (:func:`_aligned3`) so that the stores stay 16-byte vectors in either memory order."""
-        stride_ob, stride_oh, stride_ol = _aligned3(stride_ob, stride_oh, stride_ol, ALIGN)
+        stride_ob, stride_oh, stride_ol = _aligned3(stride_ob, stride_oh, stride_ol, ALIGN, False)
         return b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m.to(tl.int64) * stride_ol
 
     @triton.jit(do_not_specialize=("hq", "group", "lq", "lkv"))
@@ -919,6 +940,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         BLOCK_D2: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         ALIGN: tl.constexpr,
+        ROWS64: tl.constexpr,
     ):
         """Attention output and lse of BLOCK_M queries of one (b, h); grid (cdiv(Lq, BLOCK_M), B * Hq).
         With HAS_RESIDUAL, also out's rounding residual (float32 out - rounded out). BLOCK_D2 > 0: the
@@ -926,9 +948,9 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
 
         Memory traffic: the q block read once, k and v of the visible key blocks read once per
         program, the out block (and its residual) and its lse written once."""
-        stride_qb, stride_qh, stride_ql = _aligned3(stride_qb, stride_qh, stride_ql, ALIGN)
-        stride_kb, stride_kh, stride_kl = _aligned3(stride_kb, stride_kh, stride_kl, ALIGN)
-        stride_vb, stride_vh, stride_vl = _aligned3(stride_vb, stride_vh, stride_vl, ALIGN)
+        stride_qb, stride_qh, stride_ql = _aligned3(stride_qb, stride_qh, stride_ql, ALIGN, ROWS64)
+        stride_kb, stride_kh, stride_kl = _aligned3(stride_kb, stride_kh, stride_kl, ALIGN, ROWS64)
+        stride_vb, stride_vh, stride_vl = _aligned3(stride_vb, stride_vh, stride_vl, ALIGN, ROWS64)
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // hq
@@ -1017,13 +1039,14 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         BLOCK_M: tl.constexpr,
         BLOCK_D: tl.constexpr,
         ALIGN: tl.constexpr,
+        ROWS64: tl.constexpr,
     ):
         """delta[b, h, i] = sum_d dout * out in float32, out + residual when HAS_RESIDUAL (the
         contiguous (B, Hq, Lq, D) rounding residual of a 16-bit out); grid (cdiv(Lq, BLOCK_M), B * Hq).
 
         Memory traffic: out (and its residual) and dout read once, 4 bytes per row written."""
-        stride_ob, stride_oh, stride_ol = _aligned3(stride_ob, stride_oh, stride_ol, ALIGN)
-        stride_db, stride_dh, stride_dl = _aligned3(stride_db, stride_dh, stride_dl, ALIGN)
+        stride_ob, stride_oh, stride_ol = _aligned3(stride_ob, stride_oh, stride_ol, ALIGN, ROWS64)
+        stride_db, stride_dh, stride_dl = _aligned3(stride_db, stride_dh, stride_dl, ALIGN, ROWS64)
         m0 = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1)
         b = bh // hq
@@ -1207,6 +1230,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         BLOCK_D2: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         ALIGN: tl.constexpr,
+        ROWS64: tl.constexpr,
     ):
         """dk, dv of BLOCK_N keys of one (b, kv head), summed over the query heads of its group
         in registers; grid (cdiv(Lkv, BLOCK_N), B * Hkv). BLOCK_D2 > 0: the head dim in two column
@@ -1214,10 +1238,10 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
 
         Memory traffic: the k, v blocks read once, the dk, dv blocks written once; q, dout, lse
         and delta of the group's visible query blocks read once per program."""
-        stride_qb, stride_qh, stride_ql = _aligned3(stride_qb, stride_qh, stride_ql, ALIGN)
-        stride_kb, stride_kh, stride_kl = _aligned3(stride_kb, stride_kh, stride_kl, ALIGN)
-        stride_vb, stride_vh, stride_vl = _aligned3(stride_vb, stride_vh, stride_vl, ALIGN)
-        stride_db, stride_dh, stride_dl = _aligned3(stride_db, stride_dh, stride_dl, ALIGN)
+        stride_qb, stride_qh, stride_ql = _aligned3(stride_qb, stride_qh, stride_ql, ALIGN, ROWS64)
+        stride_kb, stride_kh, stride_kl = _aligned3(stride_kb, stride_kh, stride_kl, ALIGN, ROWS64)
+        stride_vb, stride_vh, stride_vl = _aligned3(stride_vb, stride_vh, stride_vl, ALIGN, ROWS64)
+        stride_db, stride_dh, stride_dl = _aligned3(stride_db, stride_dh, stride_dl, ALIGN, ROWS64)
         pid_n = tl.program_id(0)
         bkv = tl.program_id(1)
         b = bkv // hkv
@@ -1435,16 +1459,17 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         BLOCK_D2: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         ALIGN: tl.constexpr,
+        ROWS64: tl.constexpr,
     ):
         """dq of BLOCK_M queries of one (b, h); grid (cdiv(Lq, BLOCK_M), B * Hq). BLOCK_D2 > 0: the head dim
         in two column blocks, as the forward's.
 
         Memory traffic: q, dout, lse and delta of the block read once, the dq block written once;
         k and v of the visible key blocks read once."""
-        stride_qb, stride_qh, stride_ql = _aligned3(stride_qb, stride_qh, stride_ql, ALIGN)
-        stride_kb, stride_kh, stride_kl = _aligned3(stride_kb, stride_kh, stride_kl, ALIGN)
-        stride_vb, stride_vh, stride_vl = _aligned3(stride_vb, stride_vh, stride_vl, ALIGN)
-        stride_db, stride_dh, stride_dl = _aligned3(stride_db, stride_dh, stride_dl, ALIGN)
+        stride_qb, stride_qh, stride_ql = _aligned3(stride_qb, stride_qh, stride_ql, ALIGN, ROWS64)
+        stride_kb, stride_kh, stride_kl = _aligned3(stride_kb, stride_kh, stride_kl, ALIGN, ROWS64)
+        stride_vb, stride_vh, stride_vl = _aligned3(stride_vb, stride_vh, stride_vl, ALIGN, ROWS64)
+        stride_db, stride_dh, stride_dl = _aligned3(stride_db, stride_dh, stride_dl, ALIGN, ROWS64)
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // hq
