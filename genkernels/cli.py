@@ -23,6 +23,7 @@ on CPU only under the slow Triton interpreter); on CUDA the default is auto.
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
 from contextlib import contextmanager
@@ -82,7 +83,12 @@ FAMILY_HELP = {
 }
 _SEED = _option("--seed", type=_seed, default=0, help="random seed (0)")
 _SCALE = _option("--scale", type=_positive_int, default=None, help="pixel upscaling (default: to about 64 px)")
-_PNG_OUT = _option("--out", default="samples.png", help="PNG file to write (samples.png)")
+_PNG_OUT = _option(
+    "--out",
+    default="samples.png",
+    help="image file to write, its folder created (samples.png); an existing file is replaced (the grid is "
+    "reproducible from the checkpoint, seed and options), and the run says so",
+)
 
 
 def _runtime_options(*, progress: bool = True) -> list:
@@ -507,7 +513,7 @@ def _device(name: str | None):
 def _check_out(command: str, family: str, out: str, overwrite: bool = False) -> None:
     """--out before any work: train writes a folder (created) and refuses to replace the checkpoint of an earlier
     run there unless --overwrite; sample writes an image file whose extension PIL writes, in a folder that exists
-    or can be created (it is, when the grid is saved)."""
+    or can be created (it is, when the grid is saved), replacing a file of that name (main says so)."""
     from pathlib import Path
 
     path = Path(out)
@@ -530,9 +536,18 @@ def _check_out(command: str, family: str, out: str, overwrite: bool = False) -> 
 
     if path.is_dir():
         raise CommandError(f"--out {out}: is a folder; give the image file to write, e.g. {path / 'samples.png'}")
-    writable = sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
-    if path.suffix.lower() not in writable:
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt not in Image.SAVE:
         raise CommandError(f"--out {out}: the file name must end in an image extension such as .png or .jpg")
+    # Some formats PIL lists as writable take other modes only (XBM: 1-bit) or need a plugin (HDF5): a grey
+    # or RGB grid would fail at the end, after the sampling.
+    for mode in ("L", "RGB"):
+        try:
+            Image.new(mode, (1, 1)).save(io.BytesIO(), format=fmt)
+        except (OSError, ValueError, KeyError):
+            raise CommandError(
+                f"--out {out}: PIL cannot write grey and RGB images as {fmt} here; use .png or .jpg"
+            ) from None
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
@@ -702,15 +717,16 @@ def _data_source(data: str, dataset) -> dict:
     return {"data": str(Path(data).resolve()), "image_size": h, "channels": c}
 
 
-def _train(args, config_class, train_fn, checks, **options):
-    """Train a family whose config takes the common options (vae, flow) on the data of --data.
+def _train(args, config_class, train_fn, checks, load=None, **options):
+    """Train a family whose config takes the common options (vae, flow, gan, transformer) on the data of --data.
 
     ``checks``: functions of the data set that raise ValueError for data the family cannot train
     on, called before training starts (and before anything is written); the last of them checks
-    --batch-size against the data (:func:`_check_batch_size`).
+    --batch-size against the data (:func:`_check_batch_size`). ``load``: the data set of ``args``
+    (None: :func:`_load_data`, which takes --image-size and --channels for a folder only).
     """
     device = _device(args.device)
-    dataset = _load_data(args.data, args.image_size, args.channels)
+    dataset = _load_data(args.data, args.image_size, args.channels) if load is None else load(args)
     with _user_errors():
         config = config_class(
             steps=args.steps,
@@ -839,40 +855,36 @@ def _run_sample_flow(args) -> int:
     return 0
 
 
-def _run_train_gan(args) -> int:
+def _load_gan_data(args):
+    """The GAN's data set of --data: --image-size (a power of 2 in [8, 256]) resizes the digits too."""
     from . import train_gan
 
-    device = _device(args.device)
     if args.image_size is not None:
         with _user_errors("--image-size: "):
             train_gan.GANConfig(resolution=args.image_size)
     if args.data == "digits" and args.channels is not None:
         raise CommandError("--channels applies to an image folder; --data digits is grey (drop the option)")
     with _user_errors("--data: ", (FileNotFoundError, ValueError)):
-        dataset = train_gan.load_dataset(args.data, args.image_size, args.channels)
-    with _user_errors():
-        config = train_gan.GANTrainConfig(
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            model=args.model,
-            r1_gamma=args.r1_gamma,
-            r1_interval=args.r1_interval,
-            ema_beta=args.ema_beta,
-            seed=args.seed,
-            save_every=args.save_every,
-            device=str(device),
-            backend=args.backend,
-        )
-        train_gan.model_config_for(dataset, args.model)  # a non-square folder fails here, before training
-        _check_batch_size(args.batch_size, len(dataset))
-    result = train_gan.train_gan(
-        dataset,
-        config,
-        args.out,
-        progress=not args.no_progress,
-        data_source=_data_source(args.data, dataset),
-        overwrite=args.overwrite,
+        return train_gan.load_dataset(args.data, args.image_size, args.channels)
+
+
+def _run_train_gan(args) -> int:
+    from . import train_gan
+
+    # A non-square folder fails in model_config_for, before training.
+    checks = [
+        lambda dataset: train_gan.model_config_for(dataset, args.model),
+        lambda dataset: _check_batch_size(args.batch_size, len(dataset)),
+    ]
+    result = _train(
+        args,
+        train_gan.GANTrainConfig,
+        train_gan.train_gan,
+        checks,
+        load=_load_gan_data,
+        r1_gamma=args.r1_gamma,
+        r1_interval=args.r1_interval,
+        ema_beta=args.ema_beta,
     )
     d_first, d_last, k = _ends(result.d_losses)
     g_first, g_last, _ = _ends(result.g_losses)
@@ -1032,7 +1044,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_out(args.command, args.family, args.out, getattr(args, "overwrite", False))
         _check_backend(backend, _device(args.device))
-        return RUNNERS[args.command, args.family](args)
+        replaces = args.command == "sample" and Path(args.out).exists()
+        status = RUNNERS[args.command, args.family](args)
+        if replaces and status == 0:
+            print(f"(replaced the file that was at {args.out})")
+        return status
     except CommandError as e:
         print(f"genkernels {args.command} {args.family}: error: {e}", file=sys.stderr)
         return 2

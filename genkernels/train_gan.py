@@ -8,6 +8,9 @@ One training step, on a batch of real images x (B, C, R, R) in [-1, 1] and fresh
     G step:    loss_G = mean softplus(-D(G(z')))                                 (D frozen), z' fresh
     EMA:       G_ema <- ema_beta * G_ema + (1 - ema_beta) * G                      (buffers copied)
 
+G's w_avg takes one step per training step, when the D phase makes its fakes (as StyleGAN3's loss,
+update_emas=True there only): moving it in the G phase too would decay it at 0.995^2 per step.
+
 Adam with betas (0, 0.99) for G; D's learning rate and beta2 are adjusted for the lazy R1 steps as
 StyleGAN2 does: lr * c and 0.99 ** c with c = r1_interval / (r1_interval + 1). The synthesis noise comes
 from torch's global generator (seeded with the run's seed), latents and batch order from a CPU
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 
 from . import _training
 from . import data as data_mod
-from ._checks import as_number, is_finite_real, is_integer
+from ._checks import as_number, is_finite_real, is_integer, positive_int
 from .data import ImageDataset
 from .models.gan import (  # noqa: F401 (GANConfig: the CLI checks --image-size with it)
     Discriminator,
@@ -207,7 +210,7 @@ def train_gan(
                 loop.update(opt_d, r1_value * (cfg.r1_gamma / 2 * cfg.r1_interval), step, 0.0, "R1 loss")
                 r1s.append((step, r1_value.item()))
             D.requires_grad_(False)
-            g_loss = generator_loss(D(G(latents())))
+            g_loss = generator_loss(D(G(latents(), update_w_avg=False)))  # w_avg moved in the D phase
             g_losses.append(loop.update(opt_g, g_loss, step, 0.0, "G loss"))
             D.requires_grad_(True)
             update_ema(G_ema, G, cfg.ema_beta)
@@ -272,16 +275,20 @@ def sample_gan(
     z ~ N(0, I) (num, z_dim) is drawn on the CPU from a generator seeded with ``seed`` (the same seed
     gives the same grid on every device); each layer uses its fixed noise map. The generator runs in eval
     mode (its w_avg untouched) and is left in the mode it was in. ``ncol`` images per row
-    (default ceil(sqrt(num))), upscaled ``scale`` times (default: to about 64 px).
+    (default ceil(sqrt(num))), upscaled ``scale`` times (default: to about 64 px); both positive ints. seed:
+    an int in [0, 2^63). Each argument is checked (ValueError naming it) before the generator runs.
     """
+    seed = as_number(seed)
+    _training.check_seed(seed)
     if not is_integer(num) or num < 1:
         raise ValueError(f"num must be a positive int, got {num!r}")
     if not is_finite_real(truncation):
         raise ValueError(f"truncation must be a finite number, got {truncation!r}")
     num, truncation = int(num), as_number(truncation)
-    ncol = _training.check_ncol(math.ceil(math.sqrt(num)) if ncol is None else ncol)
+    ncol = math.ceil(math.sqrt(num)) if ncol is None else positive_int("ncol", ncol)
+    scale = None if scale is None else positive_int("scale", scale)
     param = next(generator.parameters())
-    z = torch.randn(num, generator.config.z_dim, generator=torch.Generator().manual_seed(as_number(seed)))
+    z = torch.randn(num, generator.config.z_dim, generator=torch.Generator().manual_seed(seed))
     # Eval mode for the call, whatever the caller left: in training mode the mapping would first move w_avg
     # towards these samples' w (changing the model, and the point the truncation pulls towards).
     modes = [(m, m.training) for m in generator.modules()]

@@ -4,7 +4,8 @@ Generator (resolution R = 2 ** L, ch(r) = min(channel_base // r, channel_max) ch
 
     mapping:    w = fc_{m-1}(... fc_0(z / sqrt(mean(z^2) + 1e-8)))    equalized-lr FC layers with the
                 learning-rate multiplier mapping_lr_mul, each bias + lrelu one genkernels.ops.bias_act;
-                w_avg tracks the mean w (EMA, beta 0.995, updated in training mode);
+                w_avg tracks the mean w (EMA, beta 0.995, updated by calls in training mode, or as
+                update_w_avg says: train_gan moves it once per step, in the D phase, as StyleGAN3 does);
                 truncation: w' = w_avg + psi (w - w_avg) for the first ``truncation_cutoff`` layers (all: None)
     synthesis:  x = const (ch(4), 4, 4), rgb = 0
                 block r = 4, 8, ..., R:  x = conv1(conv0(x, ws[2b]), ws[2b + 1])   conv0 upsamples 2x (not at 4x4)
@@ -196,12 +197,12 @@ class MappingNetwork(torch.nn.Module):
     """z (N, z_dim) -> ws (N, num_ws, w_dim): pixel norm, ``mapping_layers`` lrelu FC layers, truncation.
 
     Buffer ``w_avg`` (w_dim,): the running mean of w, w_avg <- lerp(mean_n w, w_avg, 0.995) at every call in
-    training mode; the truncation trick pulls w towards it.
+    training mode (or as ``update_w_avg`` says); the truncation trick pulls w towards it.
     """
 
     def __init__(self, config: GANConfig, torch_layers: bool = False, backend: str | None = None) -> None:
         super().__init__()
-        self.num_ws = config.num_ws
+        self.num_ws, self.z_dim = config.num_ws, config.z_dim
         dims = [config.z_dim] + [config.w_dim] * config.mapping_layers
         self.fcs = torch.nn.ModuleList(
             EqualizedLinear(
@@ -217,11 +218,29 @@ class MappingNetwork(torch.nn.Module):
         self.register_buffer("w_avg", torch.zeros(config.w_dim))
 
     def forward(
-        self, z: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None
+        self,
+        z: torch.Tensor,
+        truncation_psi: float = 1.0,
+        truncation_cutoff: int | None = None,
+        *,
+        update_w_avg: bool | None = None,
     ) -> torch.Tensor:
         """ws (N, num_ws, w_dim) in z's dtype: the same w for every layer, truncated for the first
         ``truncation_cutoff`` (None: all) as w_avg + psi (w - w_avg); psi a finite number or a one-element
-        tensor (not checked for NaN: that would read it on the host)."""
+        tensor (not checked for NaN: that would read it on the host).
+
+        update_w_avg: move w_avg towards this batch's mean w before truncating (True), leave it (False), or
+        do so in training mode only (None). A training step whose generator runs twice (D and G phases)
+        updates it in one of them, or w_avg would decay twice as fast.
+        """
+        if z.dim() != 2 or z.shape[1] != self.z_dim:
+            raise ValueError(f"z must be (N, z_dim) = (N, {self.z_dim}), got {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
+        if update_w_avg is None:
+            update_w_avg = self.training
+        elif not isinstance(update_w_avg, bool):
+            raise TypeError(f"update_w_avg must be None, True or False, got {update_w_avg!r}")
         if isinstance(truncation_psi, torch.Tensor):
             if truncation_psi.numel() != 1:  # several values broadcast along w's features, or fail on bool()
                 raise ValueError(
@@ -245,7 +264,7 @@ class MappingNetwork(torch.nn.Module):
         x = normalize_2nd_moment(z)
         for fc in self.fcs:
             x = fc(x)
-        if self.training and x.shape[0] > 0:  # the mean of no w is NaN: an empty batch leaves w_avg as it is
+        if update_w_avg and x.shape[0] > 0:  # the mean of no w is NaN: an empty batch leaves w_avg as it is
             with torch.no_grad():
                 self.w_avg.copy_(x.detach().mean(dim=0).to(self.w_avg.dtype).lerp(self.w_avg, W_AVG_BETA))
         ws = x[:, None, :].repeat(1, self.num_ws, 1)
@@ -367,17 +386,17 @@ class Generator(torch.nn.Module):
         truncation_psi: float = 1.0,
         truncation_cutoff: int | None = None,
         noise_mode: str = "random",
+        *,
+        update_w_avg: bool | None = None,
     ) -> torch.Tensor:
-        """images = synthesis(mapping(z, truncation_psi, truncation_cutoff), noise_mode).
+        """images = synthesis(mapping(z, truncation_psi, truncation_cutoff, update_w_avg=...), noise_mode).
 
         z: (N, z_dim) float; returns (N, img_channels, R, R) in z's dtype. noise_mode: "random" (fresh
         torch.randn noise), "const" (each layer's fixed noise map: the same z gives the same image), "none".
+        update_w_avg: see :meth:`MappingNetwork.forward` (None: in training mode).
         """
-        if z.dim() != 2 or z.shape[1] != self.config.z_dim:
-            raise ValueError(f"z must be (N, z_dim) = (N, {self.config.z_dim}), got {tuple(z.shape)}")
-        if not z.is_floating_point():
-            raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
-        return self.synthesis(self.mapping(z, truncation_psi, truncation_cutoff), noise_mode)
+        ws = self.mapping(z, truncation_psi, truncation_cutoff, update_w_avg=update_w_avg)
+        return self.synthesis(ws, noise_mode)
 
 
 # --------------------------------------------------------------------------- discriminator
@@ -440,7 +459,9 @@ class DiscriminatorBlock(torch.nn.Module):
 def minibatch_stddev(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """x (N, C, H, W) with one more channel: the standard deviation of each feature over a group of G samples
     (G the largest divisor of N up to group_size; sample n is in group n mod (N / G)), averaged over
-    channels and pixels, broadcast over the group's samples and the pixels. Computed in float32."""
+    channels and pixels, broadcast over the group's samples and the pixels. Computed in float32.
+    group_size: a positive int (ValueError otherwise)."""
+    group_size = _positive_int("group_size", group_size)
     n, c, h, w = x.shape
     if n == 0:
         return torch.cat([x, x[:, :1]], dim=1)  # no samples: no statistics, the extra channel is empty too
