@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from . import _graphs
-from ._checks import as_number, is_integer
+from ._checks import is_finite_real, is_integer
 from ._training import (  # noqa: F401  (re-exported: the public names of every family's checkpoints)
     CHECKPOINT_FORMAT,
     METADATA_KEY,
@@ -384,9 +384,9 @@ def sample_diffusion(
     """Generate len(labels) images with ``sampler`` in ``steps`` steps; returns (N, C, H, W) in the data range.
 
     labels: (N,) class labels (the null label num_classes gives unconditional samples). guidance:
-    classifier-free guidance scale g (1: the conditional model alone; see the module doc). The
-    initial noise and every noise draw of the sampler come from a generator seeded with ``seed``
-    on the model's device: the same seed gives the same images.
+    classifier-free guidance scale g, a finite float (1: the conditional model alone; see the module doc).
+    The initial noise and every noise draw of the sampler come from a generator seeded with ``seed`` (an
+    int in [0, 2^63)) on the model's device: the same seed gives the same images.
 
     cuda_graph: run the model's forward as one CUDA graph, captured at the first step and replayed at the
     others (every step has the same shapes), instead of a plain call per step whose CPU time (an op's
@@ -405,6 +405,10 @@ def sample_diffusion(
         raise ValueError(f"labels must be a (N,) tensor of class labels, got shape {tuple(labels.shape)}")
     if not is_integer(steps) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if not is_integer(seed) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
+    if not is_finite_real(guidance):
+        raise ValueError(f"guidance must be a finite float, got {guidance!r}")
     if cuda_graph not in (None, True, False):
         raise ValueError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
     device = next(model.parameters()).device
@@ -414,7 +418,7 @@ def sample_diffusion(
     schedule = Schedule(**metadata["schedule"])
     scheduler = make_scheduler(sampler, objective, schedule)
     scheduler.set_timesteps(steps, device=device)
-    gen = torch.Generator(device=device).manual_seed(as_number(seed))
+    gen = torch.Generator(device=device).manual_seed(int(seed))
     c, h, w = metadata["image_shape"]
     n = labels.shape[0]
     labels = labels.to(device)

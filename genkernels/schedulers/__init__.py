@@ -16,6 +16,10 @@ draws noise that a step does not use (the last step of Euler ancestral, SDE-DPM-
 flow matching; a DDIM step of zero variance), the generator is advanced by the same draw, so that one
 generator reused for several images gives diffusers' images on the reference backend.
 
+set_timesteps takes custom schedules where diffusers' scheduler does (DDPM and DPM-Solver++: timesteps;
+Euler: timesteps or sigmas; flow matching: sigmas and / or timesteps), with diffusers' checks, and refuses
+values diffusers would cast, clamp or wrap (fractional or out-of-range timesteps, negative sigmas).
+
 ``order`` is 1 for every scheduler, as in diffusers (timesteps per denoising step). from_config takes
 its own defaults for the keys a diffusers config lists in ``_use_default_values``, as diffusers does.
 """

@@ -10,6 +10,7 @@ arithmetic as diffusers so that timesteps and sigmas agree bit for bit.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ class SchedulerConfig(dict):
 class SchedulerOutput:
     """The result of ``step``: ``prev_sample`` (x at the next timestep) and ``pred_original_sample`` (x0).
 
-    Indexable like a tuple (``out[0]`` is prev_sample), as diffusers' outputs are.
+    Indexable like a tuple (``out[0]`` is prev_sample) and by field name (``out["prev_sample"]``), as
+    diffusers' outputs are.
     """
 
     prev_sample: torch.Tensor
@@ -51,6 +53,10 @@ class SchedulerOutput:
         return (self.prev_sample, self.pred_original_sample)
 
     def __getitem__(self, index):
+        if isinstance(index, str):
+            if index == "prev_sample" or (index == "pred_original_sample" and self.pred_original_sample is not None):
+                return getattr(self, index)
+            raise KeyError(index)
         return self.to_tuple()[index]
 
 
@@ -159,6 +165,43 @@ def sigmas_to_timesteps(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.
     return ((1 - weight) * low + weight * (low + 1)).reshape(sigmas.shape)
 
 
+def describe_schedule(values: list) -> str:
+    """A timestep schedule in a few words, for error messages: its first and last entries, count and range."""
+
+    def show(v: Any) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    if not values:
+        return "[] (no values)"
+    if len(values) <= 6:
+        listed = ", ".join(map(show, values))
+    else:
+        listed = ", ".join(map(show, values[:3])) + ", ..., " + ", ".join(map(show, values[-2:]))
+    return f"[{listed}] ({len(values)} values, from {show(values[0])} down to {show(values[-1])})"
+
+
+def custom_schedule(
+    values: Any, name: str, low: float, high: float, *, integers: bool, high_open: bool, minimum: int = 1
+) -> np.ndarray:
+    """A custom timestep / sigma list as a float64 array, checked: at least ``minimum`` entries, each finite and in
+    [low, high] ([low, high) with high_open), integers when asked; else a ValueError naming ``name``."""
+    array = np.asarray(values.tolist() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    if array.ndim != 1 or array.shape[0] < minimum:
+        raise ValueError(
+            f"{name} must be a list of at least {'one value' if minimum == 1 else f'{minimum} values'}, "
+            f"got {len(array) if array.ndim == 1 else f'shape {array.shape}'}"
+        )
+    inside = np.isfinite(array) & (array >= low) & ((array < high) if high_open else (array <= high))
+    if not inside.all():
+        bound = f"[{low:g}, {high:g}{')' if high_open else ']'}"
+        bad = array[~inside].tolist()[:5]
+        what = "finite and >= 0" if high == math.inf else f"in {bound}"
+        raise ValueError(f"{name} must be {what}, got {bad}")
+    if integers and (array != np.round(array)).any():
+        raise ValueError(f"{name} must be integers, got {array[array != np.round(array)].tolist()[:5]}")
+    return array
+
+
 def host_scalar(value: Any, name: str = "timestep") -> float | None:
     """value as a Python number if it is one (or a CPU tensor); None for a device tensor (no sync)."""
     if isinstance(value, torch.Tensor):
@@ -188,6 +231,22 @@ class SchedulerBase:
 
     # ------------------------------------------------------------------ config
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        names = [name for name in inspect.signature(init).parameters if name not in ("self", "kwargs")]
+
+        @functools.wraps(init)
+        def init_noting_passed_arguments(self, *args: Any, **kwargs: Any) -> None:
+            # The outermost constructor's arguments: the config lists the others as defaulted.
+            if "_passed" not in self.__dict__:
+                self._passed = set(names[: len(args)]) | set(kwargs)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = init_noting_passed_arguments
+
     def _set_config(self, values: dict[str, Any], extra: dict[str, Any]) -> None:
         name = type(self).__name__
         values = {k: v for k, v in values.items() if k not in ("self", "kwargs", "__class__")}
@@ -206,6 +265,12 @@ class SchedulerBase:
         # Python numbers only (NumPy scalars converted), as in a config read from JSON.
         merged = {**values, **self._only, **extra, **inert}
         self._config = SchedulerConfig({key: as_number(value) for key, value in merged.items()})
+        # As diffusers' configs: the options the caller left at their defaults, which from_config (ours and
+        # diffusers') leaves out, so that another scheduler made from this config takes its own defaults there.
+        passed = self.__dict__.get("_passed", set(merged))
+        defaulted = [key for key in merged if key not in passed]
+        if defaulted:
+            self._config["_use_default_values"] = defaulted
         self.num_inference_steps: int | None = None
         self._step_index: int | None = None
         self._begin_index: int | None = None
@@ -213,7 +278,8 @@ class SchedulerBase:
 
     @property
     def config(self) -> SchedulerConfig:
-        """The constructor's arguments (diffusers-style), including the fixed-value options."""
+        """The constructor's arguments (diffusers-style), including the fixed-value options, and, as in
+        diffusers, ``_use_default_values``: the names of those the caller did not pass (absent when none)."""
         return self._config
 
     @classmethod
@@ -222,8 +288,8 @@ class SchedulerBase:
 
         Keys this class does not know (``_class_name``, other schedulers' options) are ignored, as
         diffusers does; so are the keys the config lists in ``_use_default_values`` (those its scheduler
-        took by default, not from its own config): this class takes its own defaults there, as
-        diffusers' from_config does (Stable Diffusion 1.x's PNDM config defaults timestep_spacing to
+        took by default, not from its own config; our configs list them too): this class takes its own
+        defaults there, as diffusers' from_config does (Stable Diffusion 1.x's PNDM config defaults timestep_spacing to
         "leading"; an Euler scheduler made from it spaces by its own "linspace"). Known options set to
         values we do not support raise ValueError.
         """
@@ -249,7 +315,15 @@ class SchedulerBase:
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start the schedule at ``timesteps[begin_index]`` (as diffusers' pipelines do for img2img)."""
+        """Start the schedule at ``timesteps[begin_index]`` (as diffusers' pipelines do for img2img).
+
+        begin_index: an int in [0, len(timesteps)] (len(timesteps): no step left, as at img2img strength 0).
+        """
+        count = len(self._host_timesteps)
+        if not (is_integer(begin_index) and 0 <= begin_index <= count):
+            raise ValueError(
+                f"begin_index must be an int in [0, {count}] (a position in scheduler.timesteps), got {begin_index!r}"
+            )
         self._begin_index = int(begin_index)
 
     def _reset_steps(self, host_timesteps: list) -> None:
@@ -270,12 +344,44 @@ class SchedulerBase:
         if index >= count:
             raise ValueError(f"all {count} steps of the schedule have run: call set_timesteps again for a new run")
 
-    def _index_for_timestep(self, value: float) -> int:
-        """Position of value in the schedule; the second match when it repeats (diffusers' rule)."""
-        matches = [i for i, t in enumerate(self._host_timesteps) if t == value]
+    def _not_in_schedule(self, what: str) -> ValueError:
+        """The error for a timestep that is not in the schedule: the schedule in short, and what to pass."""
+        hint = "pass one of scheduler.timesteps"
+        if self.num_inference_steps is None:
+            hint = "set_timesteps has not been called, so these are the training timesteps: call set_timesteps first"
+        return ValueError(f"{what} not in this scheduler's timesteps {describe_schedule(self._host_timesteps)}; {hint}")
+
+    def _matches(self, timestep: Any) -> list[int]:
+        """Positions of timestep in the host schedule. A CPU tensor is compared as torch's ``==`` compares it with
+        the schedule tensor (in their promoted dtype: a bfloat16 timestep against the schedule rounded to
+        bfloat16), as diffusers' lookup does; a number is compared by value."""
+        value = host_scalar(timestep)
+        schedule = getattr(self, "_schedule_timesteps", None)
+        if isinstance(timestep, torch.Tensor) and schedule is not None:
+            return torch.nonzero(schedule == timestep.reshape(())).flatten().tolist()
+        return [i for i, t in enumerate(self._host_timesteps) if t == value]
+
+    def _index_for_timestep(self, timestep: Any) -> int:
+        """Position of timestep in the schedule; the second match when it repeats (diffusers' rule)."""
+        matches = self._matches(timestep)
         if not matches:
-            raise ValueError(f"timestep {value!r} is not in this scheduler's timesteps {self._host_timesteps}")
+            value = host_scalar(timestep)
+            raise self._not_in_schedule(f"timestep {value!r} is")
         return matches[1] if len(matches) > 1 else matches[0]
+
+    def _refuse_index(self, timestep: Any) -> None:
+        """Refuse a Python int (bool included) or an integer tensor as a sigma scheduler's timestep.
+
+        diffusers' Euler and flow-matching steps refuse a Python int and a CPU int32 / int64 tensor (an index, as
+        from ``enumerate(timesteps)``) and look everything else up as a value, NumPy integers included. Here an
+        integer tensor of any dtype or device is refused too: its meaning does not depend on where it lives.
+        """
+        if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
+            got = repr(timestep) if isinstance(timestep, int) else f"a {timestep.dtype} tensor on {timestep.device}"
+            raise ValueError(
+                f"{type(self).__name__}.step() takes a timestep value, not an integer index (got {got}): pass one "
+                "of scheduler.timesteps (as `for t in scheduler.timesteps` gives it), not its position"
+            )
 
     def _init_step_index(self, timestep: Any) -> None:
         """Find the current step without reading device memory.
@@ -286,8 +392,8 @@ class SchedulerBase:
         if self._begin_index is not None:
             self._step_index = self._begin_index
             return
-        value = host_scalar(timestep)
-        self._step_index = 0 if value is None else self._index_for_timestep(value)
+        on_host = host_scalar(timestep) is not None
+        self._step_index = self._index_for_timestep(timestep) if on_host else 0
 
     def _on_device(self, name: str, table: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A schedule table copied to device once (per set_timesteps), for add_noise's gathers."""
@@ -312,14 +418,15 @@ class SchedulerBase:
             return torch.full((batch,), index, dtype=torch.long, device=samples.device)
         if not isinstance(timesteps, torch.Tensor):
             timesteps = torch.tensor(timesteps)
+        # Compared in the dtype torch's == promotes the two to, as diffusers' lookup: a float timestep is not cast
+        # to an int64 schedule (999.6 is not 999).
         if self._missing_step_index == "first" and timesteps.device.type == "cpu":
-            missing = timesteps[~torch.isin(timesteps.to(self._schedule_timesteps.dtype), self._schedule_timesteps)]
+            flat = timesteps.flatten()
+            missing = flat[~(flat[:, None] == self._schedule_timesteps[None, :]).any(1)]
             if missing.numel():
-                raise ValueError(
-                    f"timesteps {missing.tolist()} are not in this scheduler's timesteps {self._host_timesteps}"
-                )
+                raise self._not_in_schedule(f"timesteps {missing.tolist()[:5]} are")
         schedule = self._on_device("timesteps", self._schedule_timesteps, samples.device)
-        wanted = timesteps.to(samples.device, schedule.dtype).flatten()
+        wanted = timesteps.to(samples.device).flatten()
         if wanted.numel() == 1:
             wanted = wanted.expand(batch)
         if wanted.numel() != batch:

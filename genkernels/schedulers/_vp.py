@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .._checks import is_finite_real
 from ..ops.sampler_steps import add_noise as _add_noise
 from ._base import SchedulerBase, host_scalar, make_betas
 
@@ -23,6 +24,15 @@ class DiscreteVPScheduler(SchedulerBase):
         # Python floats: step() reads them without touching a tensor.
         self._abar = self.alphas_cumprod.tolist()
         self._device_abar: dict[torch.device, torch.Tensor] = {}
+
+    def _check_clip_range(self) -> None:
+        """With clip_sample on, clip_sample_range must be a finite float > 0 (checked here, not at the first step)."""
+        c = self.config
+        if c.clip_sample and not (is_finite_real(c.clip_sample_range) and c.clip_sample_range > 0):
+            raise ValueError(
+                f"{type(self).__name__}: clip_sample_range must be a finite float > 0 with clip_sample=True (x0 is "
+                f"clamped to [-clip_sample_range, clip_sample_range]), got {c.clip_sample_range!r}"
+            )
 
     def _abar_on(self, device: torch.device) -> torch.Tensor:
         """alphas_cumprod on device, copied once per device (add_noise gathers from it there)."""

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import nonnegative_float
 from ..ops.sampler_steps import ddim_step
 from ._base import BETA_SCHEDULES, SPACINGS, SchedulerOutput, spaced_timesteps
 from ._vp import DiscreteVPScheduler
@@ -44,6 +45,7 @@ class DDIMScheduler(DiscreteVPScheduler):
         **kwargs: Any,
     ) -> None:
         self._set_config(dict(locals()), kwargs)
+        self._check_clip_range()
         self._build_tables()
         self.final_alpha_cumprod = 1.0 if set_alpha_to_one else self._abar[0]
         self.init_noise_sigma = 1.0
@@ -85,6 +87,7 @@ class DDIMScheduler(DiscreteVPScheduler):
         else torch's global RNG.
         """
         self._require_timesteps()
+        eta = nonnegative_float("eta", eta)
         c = self.config
         t = self._discrete_timestep(timestep)
         prev_t = t - c.num_train_timesteps // self.num_inference_steps

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..ops.sampler_steps import ddpm_step
-from ._base import BETA_SCHEDULES, SPACINGS, SchedulerOutput, spaced_timesteps
+from ._base import BETA_SCHEDULES, SPACINGS, SchedulerOutput, custom_schedule, spaced_timesteps
 from ._vp import DiscreteVPScheduler
 
 
@@ -46,15 +46,39 @@ class DDPMScheduler(DiscreteVPScheduler):
         **kwargs: Any,
     ) -> None:
         self._set_config(dict(locals()), kwargs)
+        self._check_clip_range()
         self._build_tables()
         self.init_noise_sigma = 1.0
+        self.custom_timesteps = False
         self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
         self._reset_steps(self.timesteps.tolist())
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """Choose num_inference_steps timesteps (int64, descending) by the config's timestep_spacing."""
-        steps = spaced_timesteps(self.config, num_inference_steps, np.int64)
-        self.num_inference_steps = num_inference_steps
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+    ) -> None:
+        """Choose num_inference_steps timesteps (int64, descending) by the config's timestep_spacing, or take the
+        custom ``timesteps`` (pass one of the two): distinct integers in [0, num_train_timesteps), descending. Each
+        step then goes to the next listed timestep (``custom_timesteps`` is True), as in diffusers.
+        num_inference_steps becomes the length of the list (diffusers leaves it unset there)."""
+        if num_inference_steps is not None and timesteps is not None:
+            raise ValueError("pass only one of num_inference_steps or timesteps to set_timesteps, not both")
+        if timesteps is None and num_inference_steps is None:
+            top = self.config.num_train_timesteps
+            raise ValueError(f"num_inference_steps must be an int in [1, {top}], got None: pass it or timesteps")
+        if timesteps is not None:
+            n = self.config.num_train_timesteps
+            values = custom_schedule(timesteps, "timesteps", 0, n, integers=True, high_open=True)
+            if (np.diff(values) >= 0).any():
+                got = values.astype(np.int64).tolist()
+                raise ValueError(f"timesteps must be in descending order (each below the one before), got {got}")
+            steps = values.astype(np.int64)
+        else:
+            steps = spaced_timesteps(self.config, num_inference_steps, np.int64)
+        self.custom_timesteps = timesteps is not None
+        self.num_inference_steps = len(steps)
         self.timesteps = torch.from_numpy(steps).to(device)
         self._reset_steps(steps.tolist())
 

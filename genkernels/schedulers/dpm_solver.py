@@ -14,6 +14,7 @@ from ._base import (
     SPACINGS,
     SchedulerOutput,
     check_num_inference_steps,
+    custom_schedule,
     karras_sigmas,
     sigmas_to_timesteps,
 )
@@ -107,10 +108,32 @@ class DPMSolverMultistepScheduler(DiscreteVPScheduler):
         self._x0_prev: torch.Tensor | None = None
         self.lower_order_nums = 0
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        mu: float | None = None,
+        timesteps: list[int] | None = None,
+    ) -> None:
         """num_inference_steps int64 timesteps by timestep_spacing (the n + 1 grid without its last point for
-        linspace / leading), the sigmas interpolated there, then the final sigma; resets the solver history."""
+        linspace / leading), or the custom ``timesteps`` (integers in [0, num_train_timesteps), not with
+        use_karras_sigmas); the sigmas interpolated there, then the final sigma; resets the solver history.
+        Pass one of num_inference_steps and timesteps. mu (dynamic shifting) is not supported: it must be None."""
         c = self.config
+        if mu is not None:
+            raise ValueError(f"mu={mu!r} needs use_dynamic_shifting, which this scheduler does not support: pass None")
+        if num_inference_steps is None and timesteps is None:
+            top = c.num_train_timesteps
+            raise ValueError(f"num_inference_steps must be an int in [1, {top}], got None: pass it or timesteps")
+        if num_inference_steps is not None and timesteps is not None:
+            raise ValueError("pass only one of num_inference_steps or timesteps to set_timesteps, not both")
+        if timesteps is not None:
+            if c.use_karras_sigmas:
+                raise ValueError("set_timesteps cannot take timesteps with use_karras_sigmas=True")
+            n = c.num_train_timesteps
+            steps = custom_schedule(timesteps, "timesteps", 0, n, integers=True, high_open=True).astype(np.int64)
+            self._set_tables(steps, np.interp(steps, np.arange(0, n), self._train_sigmas.numpy()), device)
+            return
         num_inference_steps = check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
         clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped).item()
         last = c.num_train_timesteps - clipped
@@ -136,6 +159,11 @@ class DPMSolverMultistepScheduler(DiscreteVPScheduler):
             steps = steps.astype(np.int64)
         else:
             sigmas = np.interp(steps, np.arange(0, len(table)), table)
+        self._set_tables(steps, sigmas, device)
+
+    def _set_tables(self, steps: np.ndarray, sigmas: np.ndarray, device) -> None:
+        """Install int64 timesteps and their sigmas (the final sigma appended); reset the solver history."""
+        c = self.config
         final = 0.0
         if c.final_sigmas_type == "sigma_min":
             final = (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5).item()
@@ -154,8 +182,8 @@ class DPMSolverMultistepScheduler(DiscreteVPScheduler):
 
     _missing_step_index = "last"  # diffusers' rule for this scheduler: an unknown timestep is the last step
 
-    def _index_for_timestep(self, value: float) -> int:
-        matches = [i for i, t in enumerate(self._host_timesteps) if t == value]
+    def _index_for_timestep(self, timestep: Any) -> int:
+        matches = self._matches(timestep)
         if not matches:
             return len(self._host_timesteps) - 1
         return matches[1] if len(matches) > 1 else matches[0]

@@ -10,7 +10,15 @@ import torch
 
 from ..ops.sampler_steps import add_noise as _add_noise
 from ..ops.sampler_steps import euler_ancestral_step, euler_step
-from ._base import BETA_SCHEDULES, SPACINGS, SchedulerOutput, karras_sigmas, sigmas_to_timesteps, spaced_timesteps
+from ._base import (
+    BETA_SCHEDULES,
+    SPACINGS,
+    SchedulerOutput,
+    custom_schedule,
+    karras_sigmas,
+    sigmas_to_timesteps,
+    spaced_timesteps,
+)
 from ._vp import DiscreteVPScheduler
 
 
@@ -64,10 +72,7 @@ class _SigmaScheduler(DiscreteVPScheduler):
         return sample / math.sqrt(sigma * sigma + 1.0)
 
     def _current_sigmas(self, timestep: Any) -> tuple[float, float]:
-        if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
-            raise ValueError(
-                f"{type(self).__name__}.step() takes one of scheduler.timesteps (a float), not an integer index"
-            )
+        self._refuse_index(timestep)
         if self._step_index is None:
             self._init_step_index(timestep)
         self._check_steps_left(self._step_index)
@@ -125,12 +130,51 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         self._set_config(dict(locals()), kwargs)
         self._build_sigma_tables()
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """num_inference_steps float32 timesteps by timestep_spacing; sigmas interpolated there, then the final one."""
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[float] | None = None,
+        sigmas: list[float] | None = None,
+    ) -> None:
+        """The schedule, from exactly one of (as diffusers'):
+
+        - num_inference_steps: float32 timesteps by timestep_spacing, sigmas interpolated there (or spaced as
+          Karras et al.'s), then the final sigma;
+        - timesteps: custom training timesteps in [0, num_train_timesteps - 1] (fractional ones too), sigmas
+          interpolated there, then the final sigma (not with use_karras_sigmas);
+        - sigmas: custom sigmas, the final one included (len(sigmas) - 1 steps), each >= 0, their timesteps
+          interpolated in log sigma.
+        """
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("pass only one of timesteps or sigmas to set_timesteps, not both")
+        if num_inference_steps is None and timesteps is None and sigmas is None:
+            top = self.config.num_train_timesteps
+            raise ValueError(
+                f"num_inference_steps must be an int in [1, {top}], got None: pass it, timesteps or sigmas"
+            )
+        if num_inference_steps is not None and (timesteps is not None or sigmas is not None):
+            raise ValueError("pass only one of num_inference_steps, timesteps or sigmas to set_timesteps")
+        if timesteps is not None and self.config.use_karras_sigmas:
+            raise ValueError("set_timesteps cannot take timesteps with use_karras_sigmas=True (pass sigmas instead)")
         final = 0.0
         if self.config.final_sigmas_type == "sigma_min":
             final = (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5).item()
-        self._inference_sigmas(num_inference_steps, device, final)
+        table = self._train_sigmas.numpy()
+        if sigmas is not None:
+            values = custom_schedule(sigmas, "sigmas", 0, math.inf, integers=False, high_open=False, minimum=2)
+            values = values.astype(np.float32)
+            self.num_inference_steps = len(values) - 1
+            self._set_schedule(sigmas_to_timesteps(values[:-1], np.log(table)), values, device)
+        elif timesteps is not None:
+            top = self.config.num_train_timesteps - 1
+            steps = custom_schedule(timesteps, "timesteps", 0, top, integers=False, high_open=False)
+            steps = steps.astype(np.float32)
+            self.num_inference_steps = len(steps)
+            values = np.interp(steps, np.arange(0, len(table)), table)
+            self._set_schedule(steps, np.concatenate([values, [final]]).astype(np.float32), device)
+        else:
+            self._inference_sigmas(num_inference_steps, device, final)
 
     def step(
         self,
@@ -171,7 +215,12 @@ class EulerDiscreteScheduler(_SigmaScheduler):
 
 
 class EulerAncestralDiscreteScheduler(_SigmaScheduler):
-    """Euler-ancestral sampler (see genkernels.ops.euler_ancestral_step), diffusers interface."""
+    """Euler-ancestral sampler (see genkernels.ops.euler_ancestral_step), diffusers interface.
+
+    prediction_type "sample" (x0 = model_output, as in EulerDiscreteScheduler) is supported; diffusers'
+    scheduler raises NotImplementedError for it at step(). The step is then diffusers' epsilon step on the
+    noise the prediction implies, eps = (x - x0) / sigma.
+    """
 
     _choices = {
         "beta_schedule": BETA_SCHEDULES,

@@ -10,7 +10,7 @@ import torch
 
 from ..ops.sampler_steps import add_noise as _add_noise
 from ..ops.sampler_steps import flow_euler_step
-from ._base import SchedulerBase, SchedulerOutput, check_num_inference_steps
+from ._base import SchedulerBase, SchedulerOutput, check_num_inference_steps, custom_schedule
 
 
 class FlowMatchEulerDiscreteScheduler(SchedulerBase):
@@ -84,19 +84,38 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         device: str | torch.device | None = None,
         sigmas: list[float] | None = None,
         mu: float | None = None,
+        timesteps: list[float] | None = None,
     ) -> None:
-        """num_inference_steps sigmas evenly spaced from sigma_max to sigma_min (or the given sigmas), shifted."""
+        """The schedule, as diffusers': num_inference_steps sigmas evenly spaced from sigma_max to sigma_min, or the
+        given sigmas (in [0, 1], the final 0 left out), or timesteps / num_train_timesteps for the given timesteps;
+        then shifted (and stretched to shift_terminal). timesteps are the shifted sigmas times num_train_timesteps,
+        or the given timesteps as they are (not shifted, as in diffusers: pass sigmas too to choose both). With
+        lists, num_inference_steps may be left out; given, it must be their length.
+        """
         c = self.config
         if c.use_dynamic_shifting and mu is None:
             raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting is True")
-        if sigmas is None:
+        if sigmas is not None:
+            sigmas = custom_schedule(sigmas, "sigmas", 0, 1, integers=False, high_open=False)
+        if timesteps is not None:
+            top = c.num_train_timesteps
+            timesteps = custom_schedule(timesteps, "timesteps", 0, top, integers=False, high_open=False)
+        if sigmas is not None and timesteps is not None and len(sigmas) != len(timesteps):
+            raise ValueError(
+                f"sigmas and timesteps must have the same length, got {len(sigmas)} and {len(timesteps)} entries"
+            )
+        given = sigmas if sigmas is not None else timesteps
+        if given is not None and num_inference_steps is not None and len(given) != num_inference_steps:
+            what = "sigmas" if sigmas is not None else "timesteps"
+            raise ValueError(f"{what} has {len(given)} entries but num_inference_steps is {num_inference_steps}")
+        if sigmas is not None:
+            values = sigmas.astype(np.float32)
+        elif timesteps is not None:
+            values = timesteps.astype(np.float32) / c.num_train_timesteps
+        else:
             num_inference_steps = check_num_inference_steps(num_inference_steps, None)
             n = c.num_train_timesteps
             values = np.linspace(self.sigma_max * n, self.sigma_min * n, num_inference_steps) / n
-        else:
-            values = np.array(sigmas).astype(np.float32)
-            if num_inference_steps is not None and len(values) != num_inference_steps:
-                raise ValueError(f"sigmas has {len(values)} entries but num_inference_steps is {num_inference_steps}")
         if c.use_dynamic_shifting:
             values = self._time_shift(mu, values)
         else:
@@ -106,7 +125,10 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
             values = 1 - one_minus / (one_minus[-1] / (1 - c.shift_terminal))
         self.num_inference_steps = len(values)
         table = torch.from_numpy(np.asarray(values)).to(torch.float32)
-        self._set_schedule(table * c.num_train_timesteps, table, device)
+        steps = table * c.num_train_timesteps
+        if timesteps is not None:
+            steps = torch.from_numpy(timesteps.astype(np.float32))
+        self._set_schedule(steps, table, device)
 
     def scale_model_input(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The sample unchanged (the flow model takes x_sigma as is)."""
@@ -141,8 +163,7 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         """
         if per_token_timesteps is not None:
             raise ValueError("per_token_timesteps is not supported")
-        if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
-            raise ValueError("FlowMatchEulerDiscreteScheduler.step() takes one of scheduler.timesteps, not an index")
+        self._refuse_index(timestep)
         if self._step_index is None:
             self._init_step_index(timestep)
         self._check_steps_left(self._step_index)

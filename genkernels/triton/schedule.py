@@ -277,7 +277,11 @@ if triton is not None:
                     out = out * _rescale_factor(partial_ptr, b, N, T, phi, BLOCK_T)
             x0 = x0 + _coeff(po, b, PO_T) * out
         if CLIP:
-            x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+            # NaN stays NaN, as in torch.clamp (the default min / max would return the bound)
+            # (the enum inline: a local variable holding it does not compile)
+            x0 = tl.minimum(
+                tl.maximum(x0, -clip, propagate_nan=tl.PropagateNan.ALL), clip, propagate_nan=tl.PropagateNan.ALL
+            )
         eps = _coeff(ex, b, EX_T) * x + _coeff(e0, b, E0_T) * x0
         prev = _coeff(cx, b, CX_T) * x + _coeff(c0, b, C0_T) * x0 + _coeff(ce, b, CE_T) * eps
         if NOISE == 1:

@@ -6,7 +6,8 @@ checked only when a GPU runs them. The same device source compiles with a plain 
 emulated CUDA built-ins of ``tests/cuda/emulator/simt.h``; ``tests/cuda/emulator/schedule_step_emu.cpp``
 runs the step kernel and the two guidance-rescale statistics kernels, one fiber per CUDA thread, on about
 400 small cases: no model output, unguided, guided and guided with rescale (one chunk per sample, three,
-and more than a warp's worth); scalar and per-sample coefficients; clipping; x0 returned or not; x0_prev;
+and more than a warp's worth); scalar and per-sample coefficients; clipping (a NaN model output stays NaN
+through it, as in torch.clamp); x0 returned or not; x0_prev;
 noise from a tensor, from the in-kernel Philox stream (seed by value or in an int64 tensor) or none; fp32,
 fp16, bf16 and mixed input dtypes; 16-byte vectors and the scalar path (misaligned pointers, N not a
 multiple of the vector width); one block striding over the tensor or one thread per vector. prev, x0 and
@@ -45,6 +46,6 @@ def test_schedule_step_emulated(emulator):
     names = [m[2] for m in results]
     for kind in ("no-model", "plain", "guided", "rescale", "no-noise", "noise-tensor", "philox ", "philox-seed-tensor"):
         assert any(f" {kind}" in n for n in names), kind
-    for option in (" per-sample", " clip", " x0 ", " x0_prev", " misaligned", " noise-only", " chunk1 "):
+    for option in (" per-sample", " clip", " x0 ", " x0_prev", " misaligned", " noise-only", " chunk1 ", " nonfinite"):
         assert any(option in n for n in names), option
     assert any(n.startswith("f16 mo:f32 noise:bf16") for n in names), "no mixed-dtype case"

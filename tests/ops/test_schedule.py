@@ -218,6 +218,28 @@ def test_many_tiles(backend, device, small_tiles):
     _compare(backend, sample, mo, coeffs, guidance_scale=5.0, guidance_rescale=0.9, noise=noise)
 
 
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clipping_keeps_nan(backend, dtype, device):
+    """A NaN model output stays NaN through clip_sample, as in torch.clamp (the reference, diffusers): the triton
+    and cuda kernels clamped it to -clip_sample with min / max, so a diverged model gave finite, wrong images.
+    +-inf still clamps to the bounds."""
+    sample, mo, _, _ = _inputs((2, 3, 4, 4), dtype, device, False)
+    mo[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    coeffs = StepCoeffs(px=1.0, po=-0.5, cx=0.3, c0=0.7)
+    _skip_unsupported(backend, sample, mo, None, None, coeffs, None, 0.0, 1.0)
+    runs = [
+        schedule_step(x, out, coeffs, clip_sample=1.0, return_x0=True, backend=b)
+        for x, out, b in ((sample, mo, backend), (sample, mo, "reference"), (sample.double(), mo.double(), "reference"))
+    ]
+    for k, name in enumerate(("prev", "x0")):
+        got, ref, ref64 = (run[k] for run in runs)
+        nan = ref64.isnan()
+        assert nan.sum() == 1 and nan[0, 0, 0, 0], name
+        assert torch.equal(got.isnan(), nan), name
+        assert_criterion(*(t.masked_fill(nan, 0.0) for t in (got, ref, ref64)), name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_without_model_output(backend, device):
     """model_output=None: out = 0 (a pure forward-process update)."""

@@ -3,6 +3,10 @@ from_config, ``order``, lists of generators and generators reused across runs, a
 
 from __future__ import annotations
 
+import importlib
+import re
+
+import numpy as np
 import pytest
 import torch
 
@@ -213,3 +217,107 @@ def test_sample_diffusion_steps(steps):
     meta = {"objective": "eps", "schedule": train.Schedule().__dict__, "image_shape": [1, 8, 8]}
     with pytest.raises(ValueError, match=rf"steps must be an int >= 1, got {steps!r}"):
         train.sample_diffusion(_model(), meta, torch.tensor([0]), sampler="ddim", steps=steps)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n not in ("DDPMScheduler", "FlowMatchEulerDiscreteScheduler")])
+def test_our_configs_list_the_options_left_at_their_defaults(name):
+    """``X.from_config(ours.config)``, ours or diffusers' X: our configs did not list ``_use_default_values``, so
+    every option counted as chosen. Euler, Euler ancestral and DPM-Solver made from our DDPM's config took its
+    "leading" spacing (Euler: [801, 601, ...] instead of [999, 749.25, ...] and a third of the initial noise),
+    where diffusers' own DDPM config gives X's defaults. Options passed explicitly still carry over."""
+    mine_src = S.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    theirs_src = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    assert sorted(mine_src.config["_use_default_values"]) == sorted(theirs_src.config["_use_default_values"])
+    expected = getattr(diffusers, name).from_config(theirs_src.config)
+    built = [getattr(S, name).from_config(mine_src.config), getattr(diffusers, name).from_config(mine_src.config)]
+    for s in (*built, expected):
+        s.set_timesteps(5)
+    for s in built:
+        assert s.config.timestep_spacing == expected.config.timestep_spacing
+        assert s.config.beta_schedule == "scaled_linear"
+        torch.testing.assert_close(s.timesteps, expected.timesteps, rtol=0, atol=0)
+        assert float(s.init_noise_sigma) == pytest.approx(float(expected.init_noise_sigma), rel=1e-6)
+    # The scheduler made by from_config lists its own defaults in turn, as diffusers' does.
+    assert sorted(built[0].config["_use_default_values"]) == sorted(expected.config["_use_default_values"])
+    # An option passed explicitly, even at its default value, is the source's choice: it carries over.
+    chosen = S.DDPMScheduler(timestep_spacing="leading", steps_offset=1)
+    for cls in (getattr(S, name), getattr(diffusers, name)):
+        config = cls.from_config(chosen.config).config
+        assert (config.timestep_spacing, config.steps_offset) == ("leading", 1)
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf"), "1"])
+def test_clip_sample_range_is_checked_at_construction(name, value):
+    """clip_sample_range 0 or below (or not a finite number) with clip_sample on was accepted by the constructor
+    and from_config, and refused at the first step() as "clip_sample must be > 0", a name the user never wrote.
+    With clipping off the value is unused, as in diffusers."""
+    match = rf"{name}: clip_sample_range must be a finite float > 0 with clip_sample=True .* got {value!r}"
+    with pytest.raises(ValueError, match=match):
+        getattr(S, name)(clip_sample_range=value)
+    with pytest.raises(ValueError, match=match):
+        getattr(S, name).from_config({"clip_sample_range": value})
+    assert repr(getattr(S, name)(clip_sample=False, clip_sample_range=value).config.clip_sample_range) == repr(value)
+
+
+@pytest.mark.parametrize("seed", [2.5, -1, True, 2**63, None, "0"])
+def test_sample_diffusion_seed(seed):
+    """2.5, True, None and "0" were torch errors ("manual_seed expected a long, but got float"); -1 sampled, as
+    seed 2^64 - 1 (torch wraps it), so seeds -1 and 2^64 - 1 gave the same images."""
+    meta = {"objective": "eps", "schedule": train.Schedule().__dict__, "image_shape": [1, 8, 8]}
+    with pytest.raises(ValueError, match=rf"seed must be an int in \[0, 2\^63\), got {re.escape(repr(seed))}"):
+        train.sample_diffusion(_model(), meta, torch.tensor([0]), sampler="ddim", steps=2, seed=seed)
+
+
+@pytest.mark.parametrize("guidance", [float("nan"), float("inf"), "3", None])
+def test_sample_diffusion_guidance(guidance):
+    """NaN and inf reached the step as "guidance_scale must be a finite float"; None was a TypeError of the same
+    check after the model had run. Now the argument the caller passed is named, before any work."""
+    meta = {"objective": "eps", "schedule": train.Schedule().__dict__, "image_shape": [1, 8, 8]}
+    with pytest.raises(ValueError, match=rf"guidance must be a finite float, got {re.escape(repr(guidance))}"):
+        train.sample_diffusion(_model(), meta, torch.tensor([0]), sampler="ddim", steps=2, guidance=guidance)
+    x = train.sample_diffusion(_model(), meta, torch.tensor([0]), sampler="ddim", steps=2, seed=np.int64(3))
+    assert x.shape == (1, 1, 8, 8) and x.isfinite().all()
+
+
+def test_step_output_by_field_name():
+    """diffusers' outputs are dicts too (``out["prev_sample"]``); ours raised TypeError (tuple indices must be
+    integers). A field that is None is no key, as in diffusers."""
+    sched = S.DDIMScheduler()
+    sched.set_timesteps(4)
+    x, out = torch.randn(SHAPE), torch.randn(SHAPE)
+    result = sched.step(out, sched.timesteps[0], x)
+    assert result["prev_sample"] is result.prev_sample and result["pred_original_sample"] is result[1]
+    with pytest.raises(KeyError):
+        S.SchedulerOutput(x)["pred_original_sample"]
+    with pytest.raises(KeyError):
+        result["sample"]
+
+
+@pytest.mark.parametrize("eta", ["0.5", -0.5, float("nan"), None])
+def test_ddim_eta_is_checked(eta):
+    """A string eta was "'>' not supported between instances of 'str' and 'int'", None the same for NoneType."""
+    sched = S.DDIMScheduler()
+    sched.set_timesteps(4)
+    with pytest.raises(ValueError, match=rf"eta must be a finite float >= 0, got {re.escape(repr(eta))}"):
+        sched.step(torch.randn(SHAPE), sched.timesteps[0], torch.randn(SHAPE), eta=eta)
+
+
+def test_euler_ancestral_sample_prediction_is_the_implied_epsilon_step(monkeypatch):
+    """diffusers' Euler ancestral raises NotImplementedError for prediction_type "sample"; ours runs it with
+    x0 = model_output. That step must be diffusers' epsilon step on eps = (x - x0) / sigma."""
+    mine = S.EulerAncestralDiscreteScheduler(prediction_type="sample")
+    theirs = diffusers.EulerAncestralDiscreteScheduler()
+    for s in (mine, theirs):
+        s.set_timesteps(5)
+    x = torch.randn(SHAPE) * mine.init_noise_sigma
+    for i, t in enumerate(mine.timesteps[:3]):
+        x0, noise = torch.randn(SHAPE), torch.randn(SHAPE)
+        eps = (x - x0) / mine.sigmas[i]
+        got = mine.step(x0, t, x, variance_noise=noise, backend="reference").prev_sample
+        module = importlib.import_module("diffusers.schedulers.scheduling_euler_ancestral_discrete")
+        monkeypatch.setattr(module, "randn_tensor", lambda *args, **kwargs: noise)
+        expected = theirs.step(eps, t, x).prev_sample
+        # float32 rounding of x (|x| up to about 50) and of eps, which divides by sigma
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+        x = expected

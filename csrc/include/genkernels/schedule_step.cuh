@@ -31,7 +31,7 @@
 // This header is the device code alone. It includes the genkernels headers it is built on (vec.cuh,
 // philox.cuh, welford.cuh: plain CUDA C++) and expects its includer to provide the CUDA built-ins
 // it uses (threadIdx, blockIdx, gridDim, blockDim, __syncthreads, __shfl_xor_sync, __shfl_sync,
-// __ldg, __ldcs, __stcs, __frcp_rn, min, sqrtf, fminf, fmaxf, float4, make_float4, and those of the
+// __ldg, __ldcs, __stcs, __frcp_rn, min, sqrtf, float4, make_float4, and those of the
 // headers it includes). csrc/schedule.cu compiles it with nvcc; tests/cuda/emulator provides CPU
 // emulations of the same names and runs the same source on the CPU. Everything here sits in an
 // unnamed namespace, as the kernels are private to the one translation unit that includes them.
@@ -164,7 +164,8 @@ __global__ void __launch_bounds__(kThreads) schedule_step_kernel(const StepArgs 
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       float v = px * x[k] + po * out[k];
-      if (a.clipped) v = fminf(fmaxf(v, -a.clip), a.clip);
+      // Comparisons, not fminf / fmaxf: those return the bound for a NaN, torch.clamp keeps the NaN.
+      if (a.clipped) v = v < -a.clip ? -a.clip : (v > a.clip ? a.clip : v);
       x0[k] = v;
       const float eps = ex * x[k] + e0 * v;
       float p = cx * x[k] + c0 * v + ce * eps;

@@ -7,7 +7,7 @@
 // from a tensor, from the in-kernel Philox stream (seed given by value or in an int64 tensor) or
 // none; fp32, fp16, bf16 and mixed input dtypes; 16-byte vectors and the scalar path (misaligned
 // pointers, N not a multiple of the vector width); one block striding over the whole tensor and
-// one thread per vector.
+// one thread per vector; NaN and +-inf model outputs under clipping (a NaN x0 stays NaN).
 //
 //   schedule_step_emu [--jobs N] [--case SUBSTRING]
 //
@@ -69,17 +69,19 @@ struct Case {
   int64_t chunk_vectors;  // rescale statistics: vectors per chunk
   unsigned max_blocks;    // cap on the step kernel's grid (1: one block strides over everything)
   bool noise_only;        // every coefficient 0 but cn = 1: prev is the noise itself
+  bool nonfinite;         // model output elements 1, 2, 3 are NaN, +inf, -inf (unguided, clipped)
   uint64_t seed, offset;
 
   std::string name() const {
     static const char* const models[] = {"no-model", "plain", "guided", "rescale"};
     static const char* const noises[] = {"no-noise", "noise-tensor", "philox", "philox-seed-tensor"};
     char buf[256];
-    snprintf(buf, sizeof buf, "%s mo:%s noise:%s x0p:%s B%d N%d%s %s %s%s%s%s%s%s chunk%lld grid<=%u seed%llx off%llx",
+    snprintf(buf, sizeof buf, "%s mo:%s noise:%s x0p:%s B%d N%d%s %s %s%s%s%s%s%s%s chunk%lld grid<=%u seed%llx off%llx",
              dtype_name(dtype), dtype_name(mo_dtype), dtype_name(noise_dtype), dtype_name(x0_prev_dtype), B, N,
              misalign ? " misaligned" : "", models[static_cast<int>(model)], noises[static_cast<int>(noise)],
              per_sample ? " per-sample" : " scalar", clip ? " clip" : "", want_x0 ? " x0" : "",
-             x0_prev ? " x0_prev" : "", noise_only ? " noise-only" : "", static_cast<long long>(chunk_vectors),
+             x0_prev ? " x0_prev" : "", noise_only ? " noise-only" : "", nonfinite ? " nonfinite" : "",
+             static_cast<long long>(chunk_vectors),
              max_blocks, static_cast<unsigned long long>(seed), static_cast<unsigned long long>(offset));
     return buf;
   }
@@ -108,6 +110,7 @@ Outcome run(const Case& c, unsigned seed) {
   mo.fill(rng, 1.5f);
   noise.fill(rng, 1.f);
   x0p.fill(rng, 1.f);
+  if (c.nonfinite) mo.set(1, NAN), mo.set(2, INFINITY), mo.set(3, -INFINITY);
 
   // Coefficients: scalars, and with per_sample every other one a (B,) array (both kinds in one launch).
   std::uniform_real_distribution<float> coef(-1.5f, 1.5f);
@@ -222,6 +225,10 @@ Outcome run(const Case& c, unsigned seed) {
     if (!std::isnan(factor.front()) || !std::isnan(factor.back())) found.flag("a store outside factor");
   }
   auto check = [&](const char* what, int64_t e, double got, double want, double magnitude) {
+    if (std::isnan(want)) {  // a NaN model output stays NaN through the clamp, as in torch.clamp
+      if (!std::isnan(got)) found.flag("%s[%lld] = %.9g, want NaN", what, static_cast<long long>(e), got);
+      return;
+    }
     found.check(what, c.dtype, e, e / c.N, got, want, magnitude);
   };
   for (int64_t e = 0; e < total; ++e) {
@@ -243,7 +250,7 @@ Outcome run(const Case& c, unsigned seed) {
     const double cp = coefficient(8, b);
     double v = px * xv + po * out;
     const double v_m = std::fabs(px * xv) + std::fabs(po) * out_m;
-    if (c.clip) v = std::min(std::max(v, -double{clip}), double{clip});
+    if (c.clip && !std::isnan(v)) v = std::min(std::max(v, -double{clip}), double{clip});
     const double eps = ex * xv + e0 * v;
     const double eps_m = std::fabs(ex * xv) + std::fabs(e0) * v_m;
     double p = cx * xv + c0 * v + ce * eps;
@@ -366,6 +373,20 @@ std::vector<Case> make_cases() {
         c.offset = kOffsets[2 + s.misalign];
         cases.push_back(c);
       }
+    }
+  }
+  // Non-finite model outputs, clipped: NaN stays NaN (x0 and prev), +-inf clamps to the bounds; vectors and scalars.
+  for (const int dtype : {kF32, kF16, kBF16}) {
+    for (const Shape& s : {Shape{2, 48, false}, Shape{2, 40, true}}) {
+      Case c{};
+      c.dtype = c.mo_dtype = c.noise_dtype = c.x0_prev_dtype = dtype;
+      c.B = s.B, c.N = s.N, c.misalign = s.misalign;
+      c.model = Model::kPlain;
+      c.noise = Noise::kNone;
+      c.clip = c.want_x0 = c.nonfinite = true;
+      c.chunk_vectors = genkernels::kThreads;
+      c.max_blocks = 1u << 20;
+      cases.push_back(c);
     }
   }
   return cases;
