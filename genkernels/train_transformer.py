@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import _training
-from ._checks import is_integer
+from ._checks import is_integer, is_real
 from .data import ImageDataset
 from .models.transformer import POSITIONS, ImageGPT, ImageGPTConfig
 
@@ -78,6 +78,14 @@ class TransformerTrainConfig:
 
     def __post_init__(self) -> None:
         _training.python_numbers(self)
+        # Counts are whole (a warm-up of 1.5 steps would lift the learning rate above lr) and no field is a bool.
+        for name in ("steps", "batch_size", "warmup", "save_every", "levels"):
+            value = getattr(self, name)
+            if not (is_integer(value) or (name == "warmup" and value is None)):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        for name in ("lr", "weight_decay", "grad_clip"):
+            if not is_real(getattr(self, name)):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
         _training.check_choice("model", self.model, MODEL_PRESETS)
         _training.check_choice("positions", self.positions, POSITIONS)
         _training.check_steps(self.steps, self.batch_size)

@@ -162,6 +162,17 @@ def _flag(name: str, value) -> bool:
     raise ValueError(f"{name} must be a bool, got {value!r}")
 
 
+def _check_model_args(config, config_class: type, torch_layers) -> bool:
+    """Raise a TypeError unless ``config`` is a ``config_class`` (a dict would fail deep inside the constructor), a
+    ValueError unless ``torch_layers`` is a bool (any truthy value would build the other flavour); returns it."""
+    if not isinstance(config, config_class):
+        name = config_class.__name__
+        raise TypeError(
+            f"config must be a {name} ({name}.from_dict(d) makes one from a dict), got {type(config).__name__}"
+        )
+    return _flag("torch_layers", torch_layers)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps.
 
@@ -316,6 +327,7 @@ class UNet(torch.nn.Module):
 
     def __init__(self, config: UNetConfig, *, backend: str | None = None, torch_layers: bool = False) -> None:
         super().__init__()
+        torch_layers = _check_model_args(config, UNetConfig, torch_layers)
         self.config = config
         self.torch_layers = torch_layers
         cfg = config
@@ -419,7 +431,7 @@ class UNet(torch.nn.Module):
             encoder_hidden_states: (B, S, cross_attention_dim) floating-point context that replaces
                 the label embedding (text conditioning); labels must then be None.
 
-        Returns (B, out_channels, H, W) in x's dtype.
+        Returns (B, out_channels, H, W) in x's dtype (under torch.autocast: the autocast dtype).
         """
         cfg = self.config
         if x.dim() != 4 or x.shape[1] != cfg.in_channels:
@@ -669,6 +681,8 @@ class DiTBlock(_OpsModule):
         out  = h + gate_mlp * mlp(n)                          gated_residual
 
     ``modulation`` is zero-initialized: every gate starts at 0, so the block starts as the identity.
+    The branches are added in x's dtype (under autocast they leave their matrix products in the autocast dtype,
+    while learned positions keep the residual stream in float32), as x + gate * branch promotes them.
     """
 
     def __init__(
@@ -704,9 +718,15 @@ class DiTBlock(_OpsModule):
             return h + gate_mlp[:, None] * self.mlp(n)
         n = ops.layer_norm_modulate(x, shift=shift_msa, scale=scale_msa, eps=self.eps, backend=self.backend)
         h, n = ops.gated_residual_layer_norm_modulate(
-            x, self.attn(n, rope), gate_msa, shift=shift_mlp, scale=scale_mlp, eps=self.eps, backend=self.backend
+            x,
+            self.attn(n, rope).to(x.dtype),
+            gate_msa,
+            shift=shift_mlp,
+            scale=scale_mlp,
+            eps=self.eps,
+            backend=self.backend,
         )
-        return ops.gated_residual(h, self.mlp(n), gate_mlp, backend=self.backend)
+        return ops.gated_residual(h, self.mlp(n).to(h.dtype), gate_mlp, backend=self.backend)
 
     def forward_fused(
         self,
@@ -727,10 +747,16 @@ class DiTBlock(_OpsModule):
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         next_shift, next_scale, next_eps = next_norm
         h, n = ops.gated_residual_layer_norm_modulate(
-            x, self.attn(n, rope), gate_msa, shift=shift_mlp, scale=scale_mlp, eps=self.eps, backend=self.backend
+            x,
+            self.attn(n, rope).to(x.dtype),
+            gate_msa,
+            shift=shift_mlp,
+            scale=scale_mlp,
+            eps=self.eps,
+            backend=self.backend,
         )
         return ops.gated_residual_layer_norm_modulate(
-            h, self.mlp(n), gate_mlp, shift=next_shift, scale=next_scale, eps=next_eps, backend=self.backend
+            h, self.mlp(n).to(h.dtype), gate_mlp, shift=next_shift, scale=next_scale, eps=next_eps, backend=self.backend
         )
 
 
@@ -789,6 +815,7 @@ class DiT(torch.nn.Module):
 
     def __init__(self, config: DiTConfig, *, backend: str | None = None, torch_layers: bool = False) -> None:
         super().__init__()
+        torch_layers = _check_model_args(config, DiTConfig, torch_layers)
         self.config = config
         self.torch_layers = torch_layers
         cfg = config
@@ -909,7 +936,7 @@ class DiT(torch.nn.Module):
             labels: (B,) int class labels in [0, num_classes]; num_classes is the null label;
                 None: all null (must be None when num_classes = 0).
 
-        Returns (B, out_channels, H, W) in x's dtype.
+        Returns (B, out_channels, H, W) in x's dtype (under torch.autocast: the autocast dtype).
         """
         cfg = self.config
         if x.dim() != 4 or x.shape[1] != cfg.in_channels:

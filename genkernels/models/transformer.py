@@ -61,6 +61,7 @@ import inspect
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -301,6 +302,8 @@ class ImageGPT(torch.nn.Module):
             cfg = ImageGPTConfig(
                 image_size, channels, levels, num_classes, dim, depth, heads, positions, mlp_hidden, eps, rope_base
             )
+        if not isinstance(torch_layers, (bool, np.bool_)):  # any truthy value would build the other flavour
+            raise ValueError(f"torch_layers must be a bool, got {torch_layers!r}")
         self.config, self.torch_layers = cfg, bool(torch_layers)
         self.backend = None if torch_layers else _check_backend(backend)
         self.tok_emb = torch.nn.Embedding(cfg.levels, cfg.dim)
@@ -358,8 +361,13 @@ class ImageGPT(torch.nn.Module):
         return t.permute(0, 2, 3, 1).flatten(1)
 
     def dequantize(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, L) -> images (B, C, H, W) float32 in [0, 1]: token / (levels - 1)."""
+        """tokens (B, L), any integer dtype -> images (B, C, H, W) float32 in [0, 1]: token / (levels - 1)."""
         cfg = self.config
+        if not is_index_tensor(tokens) or tokens.dim() != 2 or tokens.shape[1] != cfg.seq_len:
+            what = (
+                f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            )
+            raise ValueError(f"tokens must be an integer tensor (B, {cfg.seq_len}) (B, L = H * W * C), got {what}")
         images = tokens.reshape(-1, cfg.image_size, cfg.image_size, cfg.channels).permute(0, 3, 1, 2)
         return (images.float() / (cfg.levels - 1)).contiguous()
 
@@ -423,11 +431,12 @@ class ImageGPT(torch.nn.Module):
         return self._logits(self._run(self._inputs(tokens[:, :-1], labels), 0, None))
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean next-token cross-entropy (nats per token, float32) of images (B, C, H, W) in [-1, 1]
-        (genkernels.data's range) given their labels (B,) (None when num_classes = 0)."""
+        """Mean next-token cross-entropy (nats per token; float32, float64 for a float64 model) of images
+        (B, C, H, W) in [-1, 1] (genkernels.data's range) given their labels (B,) (None when num_classes = 0)."""
         tokens = self.quantize(images)
         logits = self(tokens, labels)
-        return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+        wide = torch.promote_types(logits.dtype, torch.float32)
+        return F.cross_entropy(logits.to(wide).flatten(0, 1), tokens.flatten())
 
     # ----------------------------------------------------------------------- sampling
 
