@@ -10,10 +10,17 @@ Activations (default gain): linear (1), relu (sqrt 2), lrelu (sqrt 2; alpha 0.2:
 alpha z), tanh (1), sigmoid (1), silu (1: z sigmoid(z)), gelu (1: exact, 0.5 z (1 + erf(z / sqrt 2))).
 
 Backward: dz = dy * gain * act'(z) * m, with m = 1 where -clamp <= act(z) * gain <= clamp (torch.clamp's
-gradient) and everywhere without a clamp; dx = dz, dbias = dz summed over every dim but ``dim``.
+gradient) and everywhere without a clamp; dx = dz, dbias = dz summed over every dim but ``dim``. At
+non-finite values it is torch's autograd of the same composition, which applies the clamp's gradient first:
+dz = act_backward(m ? dy * gain : 0, z), act_backward(g, z) = g * act'(z) except for relu, a select
+(0 where z <= 0, else g, as torch's threshold_backward): so relu passes the gradient at a NaN z, gives 0 and
+not NaN where z <= 0 whatever dy, and an act'(z) that is NaN (a NaN z; silu and gelu at +-inf) makes dz NaN
+even where the clamp stops the gradient.
 The backward is itself differentiable (the R1 penalty of GAN training differentiates a gradient):
-d dz / d dy = gain * act'(z) * m (the same fused kernel, applied to the incoming gradient), and
-d dz / d z = dy * gain * act''(z) * m, zero for the piecewise-linear activations.
+d dz / d dy = gain * act'(z) * m (the same fused kernel, applied to the incoming gradient; torch applies
+m last there, which differs only where act'(z) is NaN: for the smooth activations with a clamp the map then
+runs unclamped and m is applied after it), and d dz / d z = dy * gain * act''(z) * m, zero for the
+piecewise-linear activations.
 
 All arithmetic is float32 (float64 for float64 inputs on the reference).
 
@@ -38,8 +45,9 @@ call).
 Optional, gradient codes (the cuda backend): for the piecewise-linear activations, whose act' takes two
 values, the forward can write 2 bits an element from which the backward follows without x: element e (in
 memory order) at bits 2 (e % 4) of byte e // 4 of a uint8 tensor of 2 * ceil(numel / 8) bytes; bit 0
-z > 0, bit 1 the clamp passes the gradient (always set without a clamp). The backward then reads a quarter
-of a byte an element in place of x (2 or 4 bytes), and autograd keeps the codes instead of x.
+the slope is 1 (z > 0; for relu not z <= 0, so also at a NaN z), bit 1 the clamp passes the gradient
+(always set without a clamp). The backward then reads a quarter of a byte an element in place of x (2 or 4
+bytes), and autograd keeps the codes instead of x.
 
     CODE_ACTS                                                           the activations with codes
     forward_codes(x, bias, act, alpha, gain, clamp, dim) -> (y, codes) | None
@@ -173,11 +181,10 @@ def bias_act_reference(
 
 
 def _act_grad1(z: Tensor, act: str, alpha: float) -> Tensor:
-    """act'(z), with torch's conventions at the kinks (relu'(0) = 0, leaky_relu'(0) = alpha)."""
+    """act'(z) of every activation but relu (a select: :func:`_act_backward`), with torch's conventions at the
+    kink and at NaN (leaky_relu'(0) = leaky_relu'(NaN) = alpha)."""
     if act == "linear":
         return torch.ones_like(z)
-    if act == "relu":
-        return (z > 0).to(z.dtype)
     if act == "lrelu":
         return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, alpha))
     if act == "tanh":
@@ -190,6 +197,24 @@ def _act_grad1(z: Tensor, act: str, alpha: float) -> Tensor:
         sg = torch.sigmoid(z)
         return sg * (1.0 + z * (1.0 - sg))
     return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+
+def _act_backward(g: Tensor, z: Tensor, act: str, alpha: float) -> Tensor:
+    """g * act'(z), as torch's autograd applies act' to an incoming gradient g: for relu a select (0 where
+    z <= 0, else g, as threshold_backward), so a NaN z passes g and a NaN or infinite g gives 0 where z <= 0."""
+    if act == "relu":
+        return torch.where(z <= 0, torch.zeros_like(g), g)
+    return g * _act_grad1(z, act, alpha)
+
+
+def _grad_map(dy: Tensor, z: Tensor, act: str, alpha: float, gain: float, clamp: float | None) -> Tensor:
+    """dz = act_backward(m ? dy * gain : 0, z) in z's dtype, in torch's autograd order (the clamp's gradient
+    first): an act'(z) that is NaN keeps dz NaN where the clamp stops the gradient, as in torch."""
+    g = dy.to(z.dtype) * gain
+    mask = _clamp_mask(z, act, alpha, gain, clamp)
+    if mask is not None:
+        g = torch.where(mask, g, torch.zeros_like(g))
+    return _act_backward(g, z, act, alpha)
 
 
 def _clamp_mask(z: Tensor, act: str, alpha: float, gain: float, clamp: float | None) -> Tensor | None:
@@ -211,12 +236,7 @@ def _reference_dz(dy, x, bias, act, alpha, gain, clamp, dim, codes):
     """dz in the accumulation dtype: from z = x + bias, or from the gradient codes when given (x unused)."""
     if codes is not None:
         return _codes_grad(dy, codes, act, alpha, gain, clamp, _acc(dy))
-    z = _pre(x, bias, dim)
-    dz = dy.to(z.dtype) * gain * _act_grad1(z, act, alpha)
-    mask = _clamp_mask(z, act, alpha, gain, clamp)
-    if mask is not None:
-        dz = torch.where(mask, dz, torch.zeros_like(dz))
-    return dz
+    return _grad_map(dy, _pre(x, bias, dim), act, alpha, gain, clamp)
 
 
 def _reference_grad(dy, x, bias, act, alpha, gain, clamp, dim, out_dtype=None, codes=None):
@@ -256,7 +276,8 @@ def _reference_forward_codes(x, bias, act, alpha, gain, clamp, dim):
     z = _pre(x, bias, dim)
     mask = _clamp_mask(z, act, alpha, gain, clamp)
     passes = torch.ones_like(z, dtype=torch.uint8) if mask is None else mask.to(torch.uint8)
-    code = (z > 0).to(torch.uint8) + 2 * passes
+    slope_one = ~(z <= 0) if act == "relu" else z > 0  # relu's gradient passes at a NaN z, lrelu's is alpha
+    code = slope_one.to(torch.uint8) + 2 * passes
     flat = _memory_order(code, x)
     flat = F.pad(flat, (0, -flat.numel() % 8)).view(-1, 4)
     shifts = torch.tensor(_CODE_SHIFTS, dtype=torch.uint8, device=x.device)
@@ -264,16 +285,16 @@ def _reference_forward_codes(x, bias, act, alpha, gain, clamp, dim):
 
 
 def _codes_grad(dy: Tensor, codes: Tensor, act: str, alpha: float, gain: float, clamp, acc: torch.dtype) -> Tensor:
-    """dz from the codes: dy * gain * slope, 0 where the clamp stops the gradient (the same operations as from z)."""
+    """dz from the codes: dy * gain, 0 where the clamp stops the gradient, then where the slope bit is clear
+    0 (relu) or times alpha (lrelu): the same operations as from z."""
     shifts = torch.tensor(_CODE_SHIFTS, dtype=torch.uint8, device=codes.device)
     code = _from_memory_order(((codes[:, None] >> shifts) & 3).view(-1)[: dy.numel()], dy)
-    slope = {"linear": 1.0, "relu": 0.0, "lrelu": alpha}[act]
-    one = torch.ones((), dtype=acc, device=dy.device)
-    grad1 = torch.where((code & 1).bool(), one, one * slope)
-    dz = dy.to(acc) * gain * grad1
+    g = dy.to(acc) * gain
     if clamp is not None:
-        dz = torch.where((code & 2).bool(), dz, torch.zeros_like(dz))
-    return dz
+        g = torch.where((code & 2).bool(), g, torch.zeros_like(g))
+    if act == "linear":
+        return g
+    return torch.where((code & 1).bool(), g, torch.zeros_like(g) if act == "relu" else g * alpha)
 
 
 class _ReferenceKernels:
@@ -368,19 +389,34 @@ def _sum_except(t: Tensor, dim: int) -> Tensor:
 
 
 def _second_order(ddz, dy, x, bias, act, alpha, gain, clamp, dim, need_x, need_bias):
-    """d/dx and d/dbias of sum(ddz * dz) with dz = dy * gain * act'(z) * m: ddz * dy * gain * act''(z) * m
-    (zero for the piecewise-linear activations), as torch expressions (differentiable again)."""
+    """d/dx and d/dbias of sum(ddz * dz) with dz = act_backward(m ? dy * gain : 0, z): ddz * (m ? dy * gain : 0)
+    * act''(z) (zero for the piecewise-linear activations; NaN where act''(z) is, as torch's), as torch
+    expressions (differentiable again)."""
     if not (need_x or need_bias):
         return None, None
     z = _pre(x, bias, dim)
     second = _act_grad2(z, act)
     if second is None:  # piecewise-linear: act'' = 0 almost everywhere
         return (torch.zeros_like(x) if need_x else None), (torch.zeros_like(bias) if need_bias else None)
-    term = ddz.to(z.dtype) * dy.to(z.dtype) * gain * second
+    g = dy.to(z.dtype) * gain
     mask = _clamp_mask(z, act, alpha, gain, clamp)
     if mask is not None:
-        term = torch.where(mask, term, torch.zeros_like(term))
+        g = torch.where(mask, g, torch.zeros_like(g))
+    term = ddz.to(z.dtype) * g * second
     return (term.to(x.dtype) if need_x else None), (_sum_except(term, dim).to(bias.dtype) if need_bias else None)
+
+
+def _masks_late(act: str, clamp: float | None) -> bool:
+    """Whether d dz / d dy applies the clamp's mask after the map rather than in it: torch masks the product
+    gain * act'(z) * ddz there, which differs from masking ddz where act'(z) is NaN, possible for the smooth
+    activations only. Their map then runs unclamped and :func:`_mask_after` follows."""
+    return clamp is not None and act not in CODE_ACTS
+
+
+def _mask_after(ddy: Tensor, x: Tensor, bias: Tensor | None, act, alpha, gain, clamp, dim) -> Tensor:
+    """ddy, 0 where the clamp stops the gradient."""
+    mask = _clamp_mask(_pre(x, bias, dim), act, alpha, gain, clamp)
+    return torch.where(mask, ddy, torch.zeros_like(ddy))
 
 
 def _kernel_grads(impl, dy, x, codes, kb, act, alpha, gain, clamp, dim, want_bias, need_dz):
@@ -463,10 +499,13 @@ class _BiasActGradFunction(torch.autograd.Function):
         # d dz / d dy: the same fused map applied to the incoming gradient (itself differentiable).
         ddy = None
         if needs[0]:
+            late = _masks_late(act, clamp)
             ddy, _ = _BiasActGradFunction.apply(
-                ddz.to(dy.dtype), x, kb, act, alpha, gain, clamp, dim, impl, False, True
+                ddz.to(dy.dtype), x, kb, act, alpha, gain, None if late else clamp, dim, impl, False, True
             )
             ddy = ddy.to(dy.dtype)
+            if late:
+                ddy = _mask_after(ddy, x, kb, act, alpha, gain, clamp, dim)
         dx, db = _second_order(ddz, dy, x, kb, act, alpha, gain, clamp, dim, needs[1], needs[2])
         return ddy, dx, db, None, None, None, None, None, None, None, None
 
@@ -603,7 +642,12 @@ def _traced_grad_grads(ddz, dy, x, bias, args, needs):
     act, alpha, gain, has_clamp, clamp, dim, backend = args
     ddy = None
     if needs[0]:
-        ddy = _bias_act_grad_op(ddz.to(dy.dtype), x, bias, act, alpha, gain, has_clamp, clamp, dim, False, backend)
+        late = has_clamp and _masks_late(act, clamp)
+        ddy = _bias_act_grad_op(
+            ddz.to(dy.dtype), x, bias, act, alpha, gain, has_clamp and not late, clamp, dim, False, backend
+        )
+        if late:
+            ddy = _mask_after(ddy, x, bias, act, alpha, gain, clamp, dim)
     b32 = bias if bias is not None else x.new_zeros((x.shape[dim],), dtype=torch.float32)
     dx, db = _second_order(
         ddz, dy, x, b32, act, alpha, gain, clamp if has_clamp else None, dim, needs[1], needs[2] and bias is not None

@@ -20,7 +20,8 @@ Gradients (first order). demodulation_coefficients, with G = grad * dcoef^3 (N, 
 
     d s[n, i] = -s[n, i] sum_o G[n, o] W2[o, i],   d w[o, i, k] = -w[o, i, k] sum_n G[n, o] s[n, i]^2.
 
-modconv_epilogue, with g = dout * gain * act'(z) * m (m: the clamp's pass mask, as in bias_act):
+modconv_epilogue, with g = dout * gain * act'(z) * m (m: the clamp's pass mask; bias_act's gradient map,
+in torch's order at non-finite values):
 
     dy = g * dcoef,  d dcoef[n, o] = sum_{h,w} g y,  d bias[o] = sum_{n,h,w} g,
     d strength = sum g noise,  d noise[n, 0, h, w] = sum_o g strength.
@@ -59,7 +60,7 @@ from .._layout import contiguous_or_none, dense_layout, match_layout
 from ..cuda import modconv as _cuda
 from ..triton import modconv as _triton
 from .bias_act import ACTS as ACTS  # the activations the epilogue takes (tests and callers read them here)
-from .bias_act import _act, _act_grad1, _clamp_mask, act_params
+from .bias_act import _act, _grad_map, act_params
 
 DEMOD_OP = "demodulation_coefficients"
 EPILOGUE_OP = "modconv_epilogue"
@@ -230,10 +231,7 @@ def _epilogue_backward_reference(
     dtype and layout, the others in the accumulation dtype ((N, C), (C,), (1,), noise's shape) or None."""
     acc = _acc(y)
     z = _preact(y, dcoef, noise, strength, bias)
-    g = match_layout(dout, y).to(acc) * gain * _act_grad1(z, act, alpha)
-    mask = _clamp_mask(z, act, alpha, gain, clamp)
-    if mask is not None:
-        g = torch.where(mask, g, torch.zeros_like(g))
+    g = _grad_map(match_layout(dout, y).to(acc), z, act, alpha, gain, clamp)
     dy = g * dcoef.to(acc)[:, :, None, None] if dcoef is not None else g
     ddcoef = (g * y.to(acc)).sum((2, 3)) if need_dcoef and dcoef is not None else None
     dbias = g.sum((0, 2, 3)) if need_bias and bias is not None else None

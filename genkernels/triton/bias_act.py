@@ -30,8 +30,11 @@ Forward, per element: z = x + b, y = act(z) * gain, then y = min(max(y, -clamp),
 as in torch.clamp). Memory traffic: x read once, y written once, bias gathered (C elements, cached).
 
 Gradient map, per element: dz = dy * gain * act'(z) * m, m = (-clamp <= act(z) * gain <= clamp) when
-clamped (torch.clamp's gradient: passed at the bounds, zero outside and for NaN), else 1; act' is
-torch's autograd's: relu (z > 0), lrelu (z > 0 ? 1 : alpha), tanh 1 - tanh^2 = 4t / (1 + t)^2 with
+clamped (torch.clamp's gradient: passed at the bounds, zero outside and for NaN), else 1, in torch's
+autograd order: g = m ? dy * gain : 0, then dz = g * act'(z), for relu a select (z <= 0 ? 0 : g, as
+threshold_backward: a NaN z passes g, and a NaN dy gives 0 where z <= 0), so a NaN act'(z) keeps dz NaN
+where the clamp stops the gradient, as torch's does. act' is torch's autograd's: lrelu (z > 0 ? 1 : alpha),
+tanh 1 - tanh^2 = 4t / (1 + t)^2 with
 t = exp(-2|z|), sigmoid s (1 - s), silu s (1 + z (1 - s)), gelu Phi(z) + z phi(z), with s and 1 - s
 each computed without cancellation. Memory traffic: dy and x read once, dz written once.
 
@@ -345,11 +348,10 @@ if triton is not None:
 
     @triton.jit
     def _act_grad(z, alpha, ACT: tl.constexpr):
-        """act'(z) in float32, as torch's autograd gives it (relu: 0 at 0; lrelu: alpha at 0)."""
+        """act'(z) in float32, as torch's autograd gives it (lrelu: alpha at 0 and at NaN), for every
+        activation but relu (a select: :func:`_act_backward`)."""
         if ACT == 0:
             return tl.full(z.shape, 1.0, tl.float32)
-        elif ACT == 1:
-            return tl.where(z > 0.0, 1.0, 0.0)
         elif ACT == 2:
             return tl.where(z > 0.0, 1.0, alpha)
         elif ACT == 3:
@@ -364,6 +366,24 @@ if triton is not None:
             return s * (1.0 + z * sc)
         else:
             return _gelu_cdf(z) + z * (0.3989422804014327 * _exp(-0.5 * z * z))
+
+    @triton.jit
+    def _act_backward(g, z, alpha, ACT: tl.constexpr):
+        """g * act'(z), as torch's autograd applies act' to an incoming gradient g: for relu a select (0 where
+        z <= 0, else g, as threshold_backward: a NaN z passes g, a NaN or infinite g gives 0 where z <= 0)."""
+        if ACT == 1:
+            return tl.where(z <= 0.0, 0.0, g)
+        else:
+            return g * _act_grad(z, alpha, ACT)
+
+    @triton.jit
+    def _grad_map(dy, z, alpha, gain, clamp, ACT: tl.constexpr, HAS_CLAMP: tl.constexpr):
+        """dz = act_backward(m ? dy * gain : 0, z) in float32 (m: the clamp's pass mask), torch's order."""
+        g = dy * gain
+        if HAS_CLAMP:
+            y = _act(z, alpha, ACT) * gain
+            g = tl.where((y >= -clamp) & (y <= clamp), g, 0.0)
+        return _act_backward(g, z, alpha, ACT)
 
     @triton.jit
     def _preact(
@@ -447,10 +467,7 @@ if triton is not None:
         Memory traffic: dy and x read once, dz written once, bias gathered from cache."""
         offs, mask, z = _preact(x_ptr, b_ptr, N, stride_c, C, HAS_BIAS, UNIFORM_C, INDEX_64, BLOCK)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dz = dy * gain * _act_grad(z, alpha, ACT)
-        if HAS_CLAMP:
-            y = _act(z, alpha, ACT) * gain
-            dz = tl.where((y >= -clamp) & (y <= clamp), dz, 0.0)
+        dz = _grad_map(dy, z, alpha, gain, clamp, ACT, HAS_CLAMP)
         tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -502,10 +519,7 @@ if triton is not None:
                 mask = (rows < R)[:, None] & col_ok[None, :]
             z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + b
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            dz = dy * gain * _act_grad(z, alpha, ACT)
-            if HAS_CLAMP:
-                y = _act(z, alpha, ACT) * gain
-                dz = tl.where((y >= -clamp) & (y <= clamp), dz, 0.0)
+            dz = _grad_map(dy, z, alpha, gain, clamp, ACT, HAS_CLAMP)
             if STORE_DZ:
                 tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
             acc += tl.sum(tl.where(mask, dz, 0.0), axis=0)

@@ -19,7 +19,8 @@ multiple of 8), with arithmetic in float32. Offsets are 32-bit unless numel > 2^
 
 Forward: one pass, y read once and out written once (dcoef, bias, noise gathered from cache).
 
-Backward: one pass, dout and y read once, dy written once, g = dout * gain * act'(z) * m. The
+Backward: one pass, dout and y read once, dy written once, g = dout * gain * act'(z) * m (bias_act's
+gradient map, in torch's order at non-finite values). The
 reductions are deterministic per-program float32 partials, summed afterwards by torch in a fixed order:
 in NCHW a row is one (n, c), so each program writes its rows' sums of g * y (ddcoef) and g (dbias) into
 a (column blocks, R) array; in channels_last a program walks a chunk of positions of one sample (rows
@@ -35,7 +36,7 @@ from torch import Tensor
 from genkernels._layout import is_channels_last
 from genkernels.triton._common import cdiv, next_power_of_2, on_device, sm_count, tl, triton, triton_unavailable
 
-# The ACT constexpr of each activation (genkernels.triton.bias_act's codes, whose _act / _act_grad run here).
+# The ACT constexpr of each activation (genkernels.triton.bias_act's codes, whose _act / _grad_map run here).
 ACTS = {"linear": 0, "relu": 1, "lrelu": 2, "tanh": 3, "sigmoid": 4, "silu": 5, "gelu": 6}
 # Elements of an epilogue tile, forward and backward (the backward holds more live values).
 FORWARD_TILE = 2048
@@ -301,7 +302,7 @@ def epilogue_backward(
 
 
 if triton is not None:
-    from genkernels.triton.bias_act import _act, _act_grad
+    from genkernels.triton.bias_act import _act, _grad_map
 
     # ----------------------------------------------------------------------- demodulation kernels
 
@@ -499,11 +500,7 @@ if triton is not None:
                 CHANNELS_LAST, HAS_DCOEF, HAS_NOISE, NOISE_PER_SAMPLE, HAS_STRENGTH, HAS_BIAS,
             )  # fmt: skip
             dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            g = dout * gain * _act_grad(z, alpha, ACT)
-            if HAS_CLAMP:
-                out = _act(z, alpha, ACT) * gain
-                g = tl.where((out >= -clamp) & (out <= clamp), g, 0.0)
-            g = tl.where(mask, g, 0.0)
+            g = tl.where(mask, _grad_map(dout, z, alpha, gain, clamp, ACT, HAS_CLAMP), 0.0)
             tl.store(dy_ptr + offs, (g * d).to(dy_ptr.dtype.element_ty), mask=mask)
             if CHANNELS_LAST:  # per-channel sums, accumulated over the chunk
                 if NEED_DCOEF:

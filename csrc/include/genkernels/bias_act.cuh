@@ -8,9 +8,12 @@
 //     z  = x + b
 //     y  = act(z) * gain, then y = y < -clamp ? -clamp : (y > clamp ? clamp : y) when clamped (NaN passes)
 //     dz = dy * gain * act'(z) * m,  m = (-clamp <= act(z) * gain <= clamp) when clamped, else 1
+// in torch's autograd order: g = m ? dy * gain : 0, then dz = g * act'(z), for relu a select
+// (z <= 0 ? 0 : g, as threshold_backward: a NaN z passes g, a NaN dy gives 0 where z <= 0), so a NaN
+// act'(z) keeps dz NaN where the clamp stops the gradient, as torch's does.
 // act: linear 0, relu 1 (z < 0 ? 0 : z), lrelu 2 (z > 0 ? z : alpha z), tanh 3, sigmoid 4, silu 5
 // (z sigmoid(z)), gelu 6 (exact: z Phi(z), Phi(z) = 0.5 (1 + erf(z / sqrt 2))). act' is torch's
-// autograd's: relu z > 0 ? 1 : 0, lrelu z > 0 ? 1 : alpha, tanh 4t / (1 + t)^2 with t = exp(-2|z|)
+// autograd's: lrelu z > 0 ? 1 : alpha, tanh 4t / (1 + t)^2 with t = exp(-2|z|)
 // (1 - tanh^2 without cancellation), sigmoid s (1 - s), silu s (1 + z (1 - s)), gelu Phi(z) + z phi(z).
 // sigmoid and 1 - sigmoid come from e = exp(-|z|) (1 / (1 + e) and e / (1 + e)): no overflow and no
 // cancellation, and every exponential sees a non-positive argument, so all of it stays finite for
@@ -29,12 +32,13 @@
 //
 // Gradient codes (the piecewise-linear activations linear, relu and lrelu, whose act' takes two values):
 // the forward can also write 2 bits an element from which the gradient follows without x, element e's at
-// bits 2 (e % 4) of byte e / 4 of `codes`: bit 0 z > 0, bit 1 the clamp passes the gradient (always set
-// without a clamp). The gradient kernels then read the codes in place of x (a quarter of a byte an
-// element instead of 2 or 4) and compute dz = dy * gain * slope, slope 1, alpha (lrelu) or 0 (relu) by
-// bit 0 (1 for linear), and 0 where bit 1 is clear: the float32 operations of the gradient from z, so the
-// same bits. A forward vector of W elements (W = 4 or 8, the 16-byte width: the forward writes codes on
-// its vector path only) writes W / 4 whole bytes, so no two threads share a byte; the codes buffer holds
+// bits 2 (e % 4) of byte e / 4 of `codes`: bit 0 the slope is 1 (z > 0; relu: !(z <= 0), so a NaN z),
+// bit 1 the clamp passes the gradient (always set without a clamp). The gradient kernels then read the
+// codes in place of x (a quarter of a byte an element instead of 2 or 4) and compute g = dy * gain, 0
+// where bit 1 is clear, then where bit 0 is clear 0 (relu) or g * alpha (lrelu): the float32 operations
+// of the gradient from z, so the same bits. A forward vector of W elements (W = 4 or 8, the 16-byte
+// width: the forward writes codes on its vector path only) writes W / 4 whole bytes, so no two threads
+// share a byte; the codes buffer holds
 // 2 * ceil(n / 8) bytes (whole words for a partial last vector). The gradients read them at any width.
 //
 // This header is the device code alone; it expects its includer to provide the CUDA built-ins it
@@ -139,12 +143,12 @@ __device__ __forceinline__ float act_value(float z, float alpha) {
   }
 }
 
+// act'(z) of every activation but relu (a select: act_backward).
 template <int ACT>
 __device__ __forceinline__ float act_grad(float z, float alpha) {
+  static_assert(ACT != kActRelu, "relu's derivative is a select: act_backward");
   if constexpr (ACT == kActLinear) {
     return 1.f;
-  } else if constexpr (ACT == kActRelu) {
-    return z > 0.f ? 1.f : 0.f;
   } else if constexpr (ACT == kActLrelu) {
     return z > 0.f ? 1.f : alpha;
   } else if constexpr (ACT == kActTanh) {
@@ -163,6 +167,29 @@ __device__ __forceinline__ float act_grad(float z, float alpha) {
     static_assert(ACT == kActGelu, "unknown activation");
     return gelu_cdf(z) + z * (0.3989422804014327f * expf(-0.5f * z * z));
   }
+}
+
+// g * act'(z), as torch's autograd applies act' to an incoming gradient g: for relu a select (0 where
+// z <= 0, else g, as threshold_backward: a NaN z passes g, a NaN or infinite g gives 0 where z <= 0).
+template <int ACT>
+__device__ __forceinline__ float act_backward(float g, float z, float alpha) {
+  if constexpr (ACT == kActRelu) {
+    return z <= 0.f ? 0.f : g;
+  } else {
+    return g * act_grad<ACT>(z, alpha);
+  }
+}
+
+// dz = act_backward(m ? dy * gain : 0, z), m the clamp's pass mask (torch.clamp's gradient; NaN: 0), in
+// torch's order: a NaN act'(z) keeps dz NaN where the clamp stops the gradient.
+template <int ACT>
+__device__ __forceinline__ float grad_value(float dy, float z, float alpha, float gain, bool has_clamp, float clamp) {
+  float g = dy * gain;
+  if (has_clamp) {
+    const float pre = act_value<ACT>(z, alpha) * gain;
+    if (!(pre >= -clamp && pre <= clamp)) g = 0.f;
+  }
+  return act_backward<ACT>(g, z, alpha);
 }
 
 // bias[c] as float32, read in the bias's own dtype.
@@ -242,14 +269,7 @@ __device__ __forceinline__ void forward_store(const BiasActArgs& a, int64_t e, c
 template <int ACT, int W>
 __device__ __forceinline__ void grad_map(const BiasActArgs& a, const float (&z)[W], float (&dy)[W]) {
 #pragma unroll
-  for (int i = 0; i < W; ++i) {
-    float g = dy[i] * a.gain * act_grad<ACT>(z[i], a.alpha);
-    if (a.has_clamp) {
-      const float pre = act_value<ACT>(z[i], a.alpha) * a.gain;
-      if (!(pre >= -a.clamp && pre <= a.clamp)) g = 0.f;  // torch.clamp's gradient; NaN: 0
-    }
-    dy[i] = g;
-  }
+  for (int i = 0; i < W; ++i) dy[i] = grad_value<ACT>(dy[i], z[i], a.alpha, a.gain, a.has_clamp, a.clamp);
 }
 
 // One element at e (the tail of a length that is not a multiple of the vector width).
@@ -266,11 +286,12 @@ __device__ __forceinline__ void forward_element(const BiasActArgs& a, int64_t e)
 template <int ACT>
 constexpr bool kCodable = ACT == kActLinear || ACT == kActRelu || ACT == kActLrelu;
 
-// The 2-bit code of one element from its pre-activation z: bit 0 z > 0, bit 1 the clamp passes.
+// The 2-bit code of one element from its pre-activation z: bit 0 the slope is 1 (z > 0; relu !(z <= 0), as
+// act_backward: its gradient passes at a NaN z), bit 1 the clamp passes.
 template <int ACT>
 __device__ __forceinline__ unsigned int grad_code(const BiasActArgs& a, float z) {
   static_assert(kCodable<ACT>, "codes are for the piecewise-linear activations");
-  unsigned int c = z > 0.f ? 1u : 0u;
+  unsigned int c = (ACT == kActRelu ? !(z <= 0.f) : z > 0.f) ? 1u : 0u;
   if (a.has_clamp) {
     const float pre = act_value<ACT>(z, a.alpha) * a.gain;
     if (pre >= -a.clamp && pre <= a.clamp) c |= 2u;
@@ -315,11 +336,10 @@ __device__ __forceinline__ void grad_map_codes(const BiasActArgs& a, unsigned in
 #pragma unroll
   for (int i = 0; i < W; ++i) {
     const unsigned int c = word >> (2 * i);
-    float slope = 1.f;
-    if constexpr (ACT == kActRelu) slope = (c & 1u) ? 1.f : 0.f;
-    if constexpr (ACT == kActLrelu) slope = (c & 1u) ? 1.f : a.alpha;
-    float g = dy[i] * a.gain * slope;
+    float g = dy[i] * a.gain;
     if (a.has_clamp && !(c & 2u)) g = 0.f;
+    if constexpr (ACT == kActRelu) g = (c & 1u) ? g : 0.f;
+    if constexpr (ACT == kActLrelu) g = (c & 1u) ? g : g * a.alpha;
     dy[i] = g;
   }
 }

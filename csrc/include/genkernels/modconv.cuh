@@ -20,7 +20,7 @@
 //     z   = y * dc + (nz * st + bias[c])     (fused multiply-adds; dc = dcoef[b, c] or 1,
 //                                              nz = noise[b or 0, s] or 0, st = *strength or 1)
 //     out = act(z) * gain, clamped to [-clamp, clamp] when clamped (NaN passes)
-//     g   = dout * gain * act'(z) * m    (m: the clamp's pass mask, as in bias_act.cuh)
+//     g   = dout * gain * act'(z) * m    (m: the clamp's pass mask; bias_act.cuh's grad_value)
 //     dy  = g * dc,  ddcoef[b, c] = sum_s g y,  dbias[c] = sum_{b, s} g,  dstrength = sum g nz
 // with act / act' those of bias_act.cuh. noise is (Nn, 1, H, W) contiguous in its own dtype (fp32,
 // fp16 or bf16), Nn = N or 1 (noise_stride S or 0); dcoef and bias are float32; the strength is read
@@ -249,15 +249,10 @@ __device__ __forceinline__ float epilogue_value(const EpilogueArgs& a, float z) 
   return v;
 }
 
-// dout * gain * act'(z) * m.
+// dout * gain * act'(z) * m, in torch's order (bias_act.cuh's grad_value).
 template <int ACT>
 __device__ __forceinline__ float epilogue_grad(const EpilogueArgs& a, float z, float dout) {
-  float g = dout * a.gain * act_grad<ACT>(z, a.alpha);
-  if (a.has_clamp) {
-    const float pre = act_value<ACT>(z, a.alpha) * a.gain;
-    if (!(pre >= -a.clamp && pre <= a.clamp)) g = 0.f;  // torch.clamp's gradient; NaN: 0
-  }
-  return g;
+  return grad_value<ACT>(dout, z, a.alpha, a.gain, a.has_clamp, a.clamp);
 }
 
 template <int ACT, class D, int W>

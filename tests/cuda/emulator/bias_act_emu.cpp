@@ -6,8 +6,11 @@
 // of a (C, K) matrix, or no bias; a clamp or none; 16-byte vectors (with a scalar tail when n is
 // not a multiple of the width) and the scalar path (pointers one element past a 16-byte boundary:
 // every tensor, or dz alone: vectors forward, scalars in the gradient); inputs of every size,
-// including |z| up to 1e4, z = 0 exactly (where relu' is 0 and lrelu' alpha, as in torch) and
-// values where the clamp bites.
+// including |z| up to 1e4, z = 0 exactly (where relu' is 0 and lrelu' alpha, as in torch), values
+// where the clamp bites, and (with the large values, fp32 and bf16) a NaN x and a NaN dy where z = 0,
+// checked against torch's autograd order: g = m ? dy * gain : 0, then g * act'(z), relu's a select
+// (z <= 0 ? 0 : g), so relu passes the gradient at a NaN z, gives 0 for a NaN dy where z <= 0, and a NaN
+// act'(z) gives NaN even where the clamp stops the gradient. A NaN reference wants a NaN.
 //
 //   bias_act_emu [--jobs N] [--case SUBSTRING]
 //
@@ -34,6 +37,7 @@
 #include "genkernels/bias_act.cuh"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -80,6 +84,11 @@ struct Case {
   }
 };
 
+// The partials' sentinel: a NaN whose payload no computation makes (a NaN partial is a NaN sum, not an
+// unwritten one).
+constexpr uint32_t kUnwrittenBits = 0x7fedcba9u;
+bool unwritten(float v) { return std::bit_cast<uint32_t>(v) == kUnwrittenBits; }
+
 double sigmoid64(double z) { return z >= 0 ? 1 / (1 + std::exp(-z)) : std::exp(z) / (1 + std::exp(z)); }
 
 // act(z) and its magnitude (every term in absolute value).
@@ -117,7 +126,7 @@ void grad64(int act, double z, double alpha, double& g, double& mag) {
       g = 1, mag = 1;
       return;
     case 1:
-      g = z > 0 ? 1 : 0, mag = g;
+      g = z <= 0 ? 0 : 1, mag = g;  // a NaN z passes the gradient (torch's threshold_backward)
       return;
     case 2:
       g = z > 0 ? 1 : alpha, mag = std::fabs(g);
@@ -182,6 +191,14 @@ simt::Outcome run(const Case& c, unsigned seed) {
   // Bias values exact in bf16 (so in every dtype): x = -b below gives z = 0 exactly.
   for (int i = 1; i <= c.C; ++i) bias[i] = decode(kBF16, encode(kBF16, normal(rng)));
   for (int64_t i = 3; i < n; i += 11) x.set(i, has_bias ? -bias[1 + channel[i]] : 0.f);  // z = 0: relu' = 0
+  if (c.large && n > 7 && c.dtype != kF16) {  // a NaN z, and a NaN dy where z = 0 (element 3)
+    // Not in fp16, whose NaN widens to 0x7fffffff (a negated one then has the all-ones bits of the outputs'
+    // sentinel); bf16 widens its NaN by a shift. The quiet NaN with the smallest payload, so that no float32
+    // NaN computed from it has all bits set either.
+    const uint32_t nan_bits = c.dtype == kBF16 ? 0x7fc0u : 0x7fc00000u;
+    std::memcpy(x.at_elem(7), &nan_bits, x.elem());
+    std::memcpy(dy.at_elem(3), &nan_bits, dy.elem());
+  }
   const float alpha = c.act == 2 ? 0.2f : 0.37f;
   const float gain = c.act == 1 || c.act == 2 ? static_cast<float>(std::sqrt(2.0)) : 1.25f;
   // The clamp bites on a fair share of the elements.
@@ -263,7 +280,7 @@ simt::Outcome run(const Case& c, unsigned seed) {
     const void* stored = c.store ? args.out : nullptr;
     const bool aligned = driver::vector_width(c.dtype, wide, {args.dy, args.x, stored}) == wide;
     const genkernels::BiasGradPlan p = genkernels::bias_grad_plan(wide, aligned, n, stride_c, c.C);
-    parts.assign(p.grid_y * p.width + 2, NAN);
+    parts.assign(p.grid_y * p.width + 2, std::bit_cast<float>(kUnwrittenBits));
     const genkernels::BiasGradTile t{parts.data() + 1, n / cols, cols, p.rows, p.width, p.grid_x, p.tq, p.per_tile,
                                      c.store};
     genkernels::with_vector(c.dtype, p.vec, [&](auto d, auto v) {
@@ -297,6 +314,10 @@ simt::Outcome run(const Case& c, unsigned seed) {
 
   driver::Findings found;
   auto check = [&](const char* what, int dtype, int64_t e, float got, double want, double magnitude) {
+    if (std::isnan(want)) {
+      if (!std::isnan(got)) found.flag("%s[%lld] = %.9g, want NaN", what, (long long)e, got);
+      return;
+    }
     if (decode(dtype, encode(dtype, static_cast<float>(want))) == got) return;
     found.check(what, dtype, e, 0, got, want, magnitude);
   };
@@ -324,22 +345,27 @@ simt::Outcome run(const Case& c, unsigned seed) {
       check("y", c.dtype, e, static_cast<float>(yg), want_y, std::fabs(gain) * vmag);
     }
     const double d = dy.at(e);
-    const double want_dz = d * gain * g;
+    // torch's order: the clamp's gradient, then act' (relu's a select).
+    auto through = [&](double gd) { return c.act == 1 ? (z <= 0 ? 0.0 : gd) : gd * g; };
+    const double want_dz = through(d * gain), stopped = through(0.0);
+    const double dz_mag = c.act == 1 && z <= 0 ? 0.0 : std::fabs(d * gain) * gmag;
     const float got = dz.at(e);
     if (either) {
-      if (got != 0.f) check("dz", c.out_dtype, e, got, want_dz, std::fabs(d * gain) * gmag);
+      if (got != stopped) check("dz", c.out_dtype, e, got, want_dz, dz_mag);
     } else {
-      check("dz", c.out_dtype, e, got, pass ? want_dz : 0.0, std::fabs(d * gain) * gmag);
-      if (!pass && got != 0.f) found.flag("dz[%lld] = %.9g outside the clamp: want 0", (long long)e, got);
+      check("dz", c.out_dtype, e, got, pass ? want_dz : stopped, dz_mag);
+      if (!pass && !std::isnan(stopped) && got != 0.f) {
+        found.flag("dz[%lld] = %.9g outside the clamp: want 0", (long long)e, got);
+      }
     }
     if (has_bias) {
       const int ch = channel[e];
       if (either) {
         db_slack[ch] += std::fabs(want_dz);
-      } else if (pass) {
-        db_want[ch] += want_dz;
+      } else {
+        db_want[ch] += pass ? want_dz : stopped;
       }
-      db_mag[ch] += std::fabs(d * gain) * gmag;
+      if (std::isfinite(dz_mag)) db_mag[ch] += dz_mag;  // a NaN dy stopped by the clamp adds 0
     }
   }
   char extra[200] = "";
@@ -355,12 +381,12 @@ simt::Outcome run(const Case& c, unsigned seed) {
     } else if (dz2.untouched() != static_cast<size_t>(n)) {
       found.flag("dz written by the bias-grad kernel without store");
     }
-    if (!std::isnan(partials.front()) || !std::isnan(partials.back())) found.flag("a store outside the partials");
+    if (!unwritten(partials.front()) || !unwritten(partials.back())) found.flag("a store outside the partials");
     std::vector<double> got(c.C, 0.0);
     for (int64_t by = 0; by < plan.grid_y; ++by) {
       for (int64_t j = 0; j < plan.width; ++j) {
         const float v = partials[1 + by * plan.width + j];
-        if (std::isnan(v)) {
+        if (unwritten(v)) {
           found.flag("partial (%lld, %lld) never written", (long long)by, (long long)j);
           continue;
         }
@@ -371,6 +397,10 @@ simt::Outcome run(const Case& c, unsigned seed) {
     const double terms = static_cast<double>(n) / c.C;
     for (int ch = 0; ch < c.C; ++ch) {
       const double tol = (terms * std::ldexp(1.0, -24) + tol_rel) * db_mag[ch] + db_slack[ch] + 1e-30;
+      if (std::isnan(db_want[ch])) {
+        if (!std::isnan(got[ch])) found.flag("dbias[%d] = %.9g, want NaN", ch, got[ch]);
+        continue;
+      }
       const double err = std::fabs(got[ch] - db_want[ch]);
       found.worst = std::max(found.worst, driver::ratio(err, tol));
       if (!(err <= tol)) found.flag("dbias[%d] = %.9g, want %.9g (tol %.3g)", ch, got[ch], db_want[ch], tol);
@@ -391,6 +421,10 @@ simt::Outcome run(const Case& c, unsigned seed) {
     for (int ch = 0; ch < c.C; ++ch) {
       const double tol = (terms * std::ldexp(1.0, -24) + tol_rel) * db_mag[ch] + db_slack[ch] + 1e-30;
       const double want = db_want[ch], rounded = driver::unit_roundoff(c.bias_dtype) * std::fabs(want);
+      if (std::isnan(want)) {
+        if (!std::isnan(dbias.at(ch))) found.flag("finished dbias[%d] = %.9g, want NaN", ch, dbias.at(ch));
+        continue;
+      }
       const double err = std::fabs(dbias.at(ch) - want);
       found.worst = std::max(found.worst, driver::ratio(err, tol + rounded));
       if (!(err <= tol + rounded)) {
@@ -449,7 +483,8 @@ simt::Outcome run(const Case& c, unsigned seed) {
       act64(c.act, z, alpha, v, vmag);
       const double pre = v * gain;
       if (c.clamp && std::fabs(std::fabs(pre) - clamp) <= tol_rel * clamp) continue;  // either way
-      const unsigned want = (z > 0.f ? 1u : 0u) | (!c.clamp || (pre >= -clamp && pre <= clamp) ? 2u : 0u);
+      const bool slope_one = c.act == 1 ? !(z <= 0.f) : z > 0.f;  // relu's gradient passes at a NaN z
+      const unsigned want = (slope_one ? 1u : 0u) | (!c.clamp || (pre >= -clamp && pre <= clamp) ? 2u : 0u);
       const unsigned got = (codes[e / 4] >> (2 * (e % 4))) & 3u;
       if (got != want) {
         found.flag("code[%lld] = %u, want %u (z %.9g)", (long long)e, got, want, z);
