@@ -103,9 +103,8 @@ def test_rope_traced_refuses_overlapping_writes(device):
 
 
 def test_rope_traced_table_gradients(device):
-    """Tables that require grad get their gradients on the traced path too: the eager call runs them on the
-    reference (the fused backward differentiates q and k only), while ``genkernels::rope``'s autograd gives cos and
-    sin none, so a compiled call once left them without a gradient, and no error."""
+    """Tables that require grad get their gradients on the traced path too, as in the eager call: a compiled call
+    once left cos and sin without a gradient, and no error."""
     rope_op = importlib.import_module("genkernels.ops.rope")
     torch._dynamo.reset()
     buf = torch.randn(2, 6, 3, 3, 8, device=device)  # a fused (B, L, 3, H, Dh) qkv projection

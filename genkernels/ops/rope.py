@@ -11,7 +11,8 @@ Pairs are (j, j + P) by default (the "rotate_half" convention of Llama / GPT-Neo
 pass through unchanged (partial rotary). The rotation is orthogonal, so the backward is the inverse
 rotation (sin negated) of the incoming gradient, one fused pass again; and that map is linear, so it
 differentiates to any order through the same kernel. Arithmetic is float32 (float64 for float64 q on the
-reference). The fast backends differentiate q and k only: tables that require grad run on the reference.
+reference). Tables that require grad (learned) get dcos = sum of g1 x1 + g2 x2 and dsin = sum of g2 x1 - g1 x2
+over batch and heads, in torch operations beside the fused backward, on every backend.
 
 Tables: ``rope_frequencies(positions, dim, base)`` gives angle[l, j] = positions[l] * base^(-2j / dim),
 j < dim/2; ``rope_frequencies_2d(height, width, dim, base)`` the axial tables of row-major image patches:
@@ -325,9 +326,6 @@ def _fast_not_supported(backend_not_supported):
     """A not_supported taking rope's public arguments (as `genkernels.explain` passes them)."""
 
     def not_supported(q, k=None, cos=None, sin=None, interleaved=False, **_rest) -> str | None:
-        for name, t in (("cos", cos), ("sin", sin)):
-            if t is not None and t.requires_grad and torch.is_grad_enabled():
-                return f"{name} requires grad: the fused backward differentiates q and k only"
         return backend_not_supported(q, k, cos, sin, interleaved)
 
     return not_supported
@@ -389,22 +387,49 @@ def _apply_inplace(impl, q, k, cos, sin, interleaved: bool) -> None:
         k.copy_(wk)
 
 
+def _table_grads(
+    xs: tuple, grads: tuple, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool
+) -> tuple[Tensor, Tensor]:
+    """The gradients of cos and sin (learned tables) from the rotated inputs xs and their outputs' incoming
+    gradients: with the pairs (x1, x2) and (g1, g2), dcos[l, j] = sum over batch and heads of g1 x1 + g2 x2 and
+    dsin[l, j] = sum of g2 x1 - g1 x2 (negated for the inverse rotation). In float32 (float64 for float64
+    inputs), in torch operations (differentiable to any order); the tables' dtypes."""
+    pairs = cos.shape[-1]
+    acc = torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
+    dcos = torch.zeros(cos.shape, dtype=acc, device=cos.device)
+    dsin = torch.zeros(sin.shape, dtype=acc, device=sin.device)
+    for x, g in zip(xs, grads):
+        if x is None or g is None:
+            continue
+        x, g = x[..., : 2 * pairs].to(acc), g[..., : 2 * pairs].to(acc)
+        (x1, x2), (g1, g2) = ((t[..., 0::2], t[..., 1::2]) if interleaved else t.split(pairs, -1) for t in (x, g))
+        dcos = dcos + (g1 * x1 + g2 * x2).sum((0, 1))
+        dsin = dsin + (g2 * x1 - g1 * x2).sum((0, 1))
+    return dcos.to(cos.dtype), (-dsin if inverse else dsin).to(sin.dtype)
+
+
 class _RopeFunction(torch.autograd.Function):
     """(q_out, k_out) = the rotation of (q, k) (by -angle when inverse); its backward is this function with
-    the opposite direction, so it differentiates to any order."""
+    the opposite direction, so it differentiates to any order. Tables that require grad (learned) get their
+    gradients from :func:`_table_grads` (q and k are then kept for the backward)."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, interleaved, inverse, impl):
-        ctx.save_for_backward(cos, sin)
+        tables = cos.requires_grad or sin.requires_grad
+        ctx.save_for_backward(cos, sin, *((q, k) if tables else ()))
         ctx.args = (interleaved, inverse, impl, k is not None)
         return _apply(impl, q, k, cos, sin, interleaved, inverse)
 
     @staticmethod
     def backward(ctx, dqo, dko):
-        cos, sin = ctx.saved_tensors
+        cos, sin, *inputs = ctx.saved_tensors
         interleaved, inverse, impl, has_k = ctx.args
-        dq, dk = _RopeFunction.apply(dqo, dko if has_k else None, cos, sin, interleaved, not inverse, impl)
-        return dq, dk, None, None, None, None, None
+        dko = dko if has_k else None
+        dq, dk = _RopeFunction.apply(dqo, dko, cos, sin, interleaved, not inverse, impl)
+        dcos = dsin = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            dcos, dsin = _table_grads(tuple(inputs), (dqo, dko), cos, sin, interleaved, inverse)
+        return dq, dk, dcos, dsin, None, None, None
 
 
 # --------------------------------------------------------------------------- torch.library ops (traced path)
@@ -440,15 +465,19 @@ def _(q, k, cos, sin, interleaved, inverse, backend):
 
 def _op_setup(ctx, inputs, output):
     q, k, cos, sin, interleaved, inverse, backend = inputs
-    ctx.save_for_backward(cos, sin)
+    ctx.save_for_backward(cos, sin, *((q, k) if cos.requires_grad or sin.requires_grad else ()))
     ctx.args = (interleaved, inverse, backend, k is not None)
 
 
 def _op_backward(ctx, dqo, dko):
-    cos, sin = ctx.saved_tensors
+    cos, sin, *inputs = ctx.saved_tensors
     interleaved, inverse, backend, has_k = ctx.args
-    dq, dk = _rope_op(dqo, dko if has_k else None, cos, sin, interleaved, not inverse, backend)
-    return dq, (dk if has_k else None), None, None, None, None, None
+    dko = dko if has_k else None
+    dq, dk = _rope_op(dqo, dko, cos, sin, interleaved, not inverse, backend)
+    dcos = dsin = None
+    if inputs:
+        dcos, dsin = _table_grads(tuple(inputs), (dqo, dko), cos, sin, interleaved, inverse)
+    return dq, (dk if has_k else None), dcos, dsin, None, None, None
 
 
 _rope_op.register_autograd(_op_backward, setup_context=_op_setup)
@@ -534,10 +563,11 @@ def rope(
     Returns (q_out, k_out) in q's dtype and shapes (k_out None without k); out of place they keep q's and
     k's strides where those are dense; views with their heads inner (q and k split from one qkv projection)
     get dense heads-inner memory, (B, L, H, Dh) viewed as (B, H, L, Dh), so that attention's output follows
-    suit and merges its heads without a copy; anything else is contiguous. Differentiable in q and k (to any order): the
-    backward is the inverse rotation of the incoming gradients, one fused pass; gradients for cos and sin
-    run on the reference. Under torch.compile the call goes through ``genkernels::rope`` (or the mutating
-    ``genkernels::rope_``).
+    suit and merges its heads without a copy; anything else is contiguous. Differentiable in q, k, cos and sin (to
+    any order): the backward is the inverse rotation of the incoming gradients, one fused pass; tables that require
+    grad (learned) get their gradients as sums over batch and heads, in torch operations, on every backend (q and
+    k are then kept for the backward). Under torch.compile the call goes through ``genkernels::rope`` (or the
+    mutating ``genkernels::rope_``).
     """
     _check(q, k, cos, sin, inplace, interleaved)
     _check_k_out(q, k, cos, sin, k_out, inplace)
@@ -549,15 +579,6 @@ def rope(
         if inplace:
             _rope_inplace_op(q, k, cos, sin, interleaved, backend or "")
             return q, k
-        if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
-            # As the eager call: genkernels::rope's autograd differentiates q and k only, so tables that require
-            # grad run on the reference (its torch operations trace), and an explicit fast backend refuses them.
-            if backend in ("triton", "cuda"):
-                raise _registry.UnsupportedError(
-                    f"{OP}: backend {backend!r} cannot run this call: cos or sin requires grad: the fused backward "
-                    "differentiates q and k only"
-                )
-            return rope_reference(q, k, cos, sin, interleaved=interleaved)
         qo, ko = _rope_op(q, k, cos, sin, interleaved, False, backend or "")
         return qo, (ko if k is not None else None)
     if q.numel() == 0 and (k is None or k.numel() == 0):  # empty: no launch, after an explicit backend's check
