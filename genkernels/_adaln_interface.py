@@ -6,9 +6,10 @@ The interface (six functions; tensors, dtypes and what each returns are describe
 
     forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm, stats=True) -> (h, out, mean, rstd)
         res, gate: the gated residual's y and gate (res None: no residual, h is None; gate None with a res:
-        h = x + y); norm: normalize and modulate (else out, mean and rstd are None); stats: with norm, also
-        write mean and rstd (else they are None: a forward no backward follows neither allocates nor writes
-        them). x and res read once; h and out written once.
+        h = x + y); res may have another dtype than x (h is in x's dtype, dres in res's); norm: normalize and
+        modulate (else out, mean and rstd are None); stats: with norm, also write mean and rstd (else they are
+        None: a forward no backward follows neither allocates nor writes them). x and res read once; h and out
+        written once.
     backward(v, dout, dh, res, gate, weight, bias, shift, scale, mean, rstd, tokens, rms, norm, needs)
         -> (dx, dres, dgate, dweight, dbias, dshift, dscale)
         v: the normalized rows (x, or the fused op's h; None without norm); dout: the gradient of the
@@ -94,7 +95,7 @@ class AdalnInterface:
         self, dout: Tensor, y: Tensor, gate: Tensor, tokens: int, need_dy: bool, need_dgate: bool
     ) -> tuple[Tensor | None, Tensor | None]:
         """(dy, dgate) of :meth:`gated_residual_forward` with a gate (x's gradient is dout itself; without a gate
-        so is y's, and the op takes it without a launch): dy = dout * gate in y's dtype; dgate = dout * y,
+        so is y's, and the op takes it without a launch): dy = dout * gate in y's dtype (dout in x's); dgate = dout * y,
         float32 (S, D) summed over each sample's tokens for a per-sample gate, else (R, D) in gate's dtype. None
         where not needed. One pass over dout and y."""
         needs = (False, need_dy, need_dgate, False, False, False, False)

@@ -3,9 +3,10 @@
 Implements the fused backend interface of :mod:`genkernels.ops.adaln` (see its module docstring for the
 formulas, the 2-D row views and what each function returns): layer_norm_modulate, gated_residual and
 gated_residual_layer_norm_modulate, forward and backward. Every tensor is an (S, D) view with unit stride
-along D and any row stride; a modulation (shift, scale, gate) has a row per token (S = R) or per sample
-(S = R // tokens), in x's dtype or float32; weight and bias are contiguous (D,), both float32 or both in x's
-dtype.
+along D and any row stride; the residual's y is read in x's dtype (one in another dtype is converted once:
+fused_y_not_supported declines a y that x's dtype does not hold exactly); a modulation (shift, scale, gate)
+has a row per token (S = R) or per sample (S = R // tokens), in x's dtype or float32; weight and bias are
+contiguous (D,), both float32 or both in x's dtype.
 
 A row of D <= 4096 elements lives in the registers of a group of 32 to 1024 threads (one 8-element vector a
 thread, 16 bytes of fp16 / bf16 or two 16-byte accesses of float32, when D and every row stride are multiples
@@ -49,6 +50,25 @@ def not_supported(x: Tensor) -> str | None:
     return None
 
 
+def fused_y_not_supported(x: Tensor, y: Tensor) -> str | None:
+    """Why the cuda backend cannot run the fused residual + norm on a branch output y in another dtype than x's, or
+    None: its kernels read y in x's dtype, so a y that x's dtype holds exactly (a float16 or bfloat16 y with a
+    float32 x) is converted once, and a wider one (a float32 y with a bfloat16 x) is declined rather than rounded
+    before the residual add."""
+    if torch.promote_types(x.dtype, y.dtype) != x.dtype:
+        return (
+            f"y is {y.dtype}, x {x.dtype}: the cuda adaln kernels read y in x's dtype, which would round y before "
+            "the residual add"
+        )
+    return None
+
+
+def _in_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """The residual's y in x's dtype (the kernels' big-tensor dtype): a conversion where y has another (exact: the
+    op sends no wider y, fused_y_not_supported)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def _rows(t: Tensor | None, rows: int) -> tuple[int, int, int, bool]:
     """An (S, D) tensor as ``_C`` takes it: (address, row stride, dtype code, per token (S == R))."""
     if t is None:
@@ -77,6 +97,7 @@ def _forward(x, res, gate, weight, bias, shift, scale, tokens, eps, rms, norm, s
     ext = require_extension()
     rows, dim = x.shape
     device = x.device
+    res = _in_dtype(res, x.dtype)
     h = x.new_empty((rows, dim)) if res is not None else None
     out = x.new_empty((rows, dim)) if norm else None
     mean = x.new_empty((rows,), dtype=torch.float32) if norm and stats else None  # null: the kernel skips it
@@ -120,6 +141,8 @@ def _backward(h, dout, dh, res, gate, weight, bias, shift, scale, mean, rstd, to
     need_dx, need_dres, need_dgate, need_dweight, need_dbias, need_dshift, need_dscale = needs
     rows, dim = dout.shape
     device = dout.device
+    res_dtype = None if res is None else res.dtype
+    res = _in_dtype(res, dout.dtype)
     dx = torch.empty((rows, dim), dtype=dout.dtype, device=device) if need_dx else None
     dres = torch.empty((rows, dim), dtype=dout.dtype, device=device) if need_dres and res is not None else None
     dgate = _grad_target(gate, need_dgate, rows, dim, device)
@@ -164,6 +187,8 @@ def _backward(h, dout, dh, res, gate, weight, bias, shift, scale, mean, rstd, to
             param_dtype=_param_dtype(weight, bias),
             **problem,
         )
+    if dres is not None and dres.dtype != res_dtype:  # y in another dtype than x's: its gradient in y's
+        outputs = (dx, dres.to(res_dtype), *outputs[2:])
     return outputs
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_backend, is_integer, is_real, positive_int
+from .._checks import check_backend, is_finite_real, is_integer, positive_int
 from ..ops.adaln import layer_norm_modulate
 from ..ops.attention import attention
 from ..ops.gated_mlp import linear_gelu_tanh, swiglu
@@ -56,8 +56,8 @@ class LayerNormModulate(torch.nn.Module):
     ) -> None:
         super().__init__()
         dim = positive_int("dim", dim)
-        if not (is_real(eps) and eps > 0):
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
+        if not (is_finite_real(eps) and eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
         self.dim, self.eps, self.rms, self.elementwise_affine = dim, float(eps), bool(rms), bool(elementwise_affine)
         self.backend = check_backend(backend)
         factory = {"device": device, "dtype": dtype}
@@ -70,7 +70,14 @@ class LayerNormModulate(torch.nn.Module):
     def forward(
         self, x: torch.Tensor, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x (B, L, D) -> y (B, L, D) in x's dtype; shift / scale None, (B, D) or (B, L, D)."""
+        """x (B, L, D) -> y (B, L, D) in x's dtype; shift / scale None, (B, D) or (B, 1, D) (per sample) or
+        (B, L, D) (per token), 1 in place of B for one shared by every sample (as genkernels.ops.layer_norm_modulate
+        takes them). D must be the layer's dim (a ValueError otherwise, with or without affine parameters)."""
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] != self.dim:
+            raise ValueError(
+                f"x has {x.shape[-1]} channels in its last dim but this layer has dim={self.dim}, got shape "
+                f"{tuple(x.shape)}"
+            )
         return layer_norm_modulate(
             x, self.weight, self.bias, shift, scale, eps=self.eps, rms=self.rms, backend=self.backend
         )
@@ -144,11 +151,11 @@ class RotaryEmbedding(torch.nn.Module):
 
     cos, sin: (max_len, dim_head / 2) buffers (not saved in the state_dict: they follow from the arguments):
     the cos and sin of genkernels.ops.rope_frequencies' angles, computed in float64 and rounded once to the
-    buffers' dtype; float32 (rope_frequencies' tables) when made. Converting the module to float64 (``.double()``,
-    ``.to(torch.float64)``) computes them again in float64, so that a float64 model rotates with float64 tables
-    rather than float32 values widened; other conversions (devices, float16, bfloat16) act on them as on any
-    buffer. ``forward(start, length)`` gives the rows of positions start .. start + length - 1, in the shape
-    genkernels.ops.rope takes.
+    buffers' dtype; float32 (rope_frequencies' tables) when made. Converting the module to another dtype
+    (``.double()``, ``.half()``, ``.to(torch.bfloat16)``) computes them again in that dtype, so that a float64
+    model rotates with float64 tables rather than float32 values widened, and a model taken to half precision and
+    back gets its float32 tables again; moving it to a device moves them as any buffer. ``forward(start, length)``
+    gives the rows of positions start .. start + length - 1, in the shape genkernels.ops.rope takes.
     """
 
     def __init__(self, dim_head: int, max_len: int, base: float = 10000.0) -> None:
@@ -163,14 +170,17 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def _apply(self, fn, recurse: bool = True):
+        before = self.cos.dtype
         super()._apply(fn, recurse)
-        if self.cos.dtype == torch.float64:  # widened float32 values: their float64 values instead
+        if self.cos.dtype != before:  # converted values (widened, or rounded twice): the new dtype's own instead
             positions = torch.arange(self.max_len, device=self.cos.device)
-            self.cos, self.sin = rope_frequencies(positions, self.dim_head, self.base, torch.float64)
+            self.cos, self.sin = rope_frequencies(positions, self.dim_head, self.base, self.cos.dtype)
         return self
 
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of positions start .. start + length - 1, each (length, dim_head / 2)."""
+        if not (is_integer(start) and is_integer(length)):
+            raise TypeError(f"start and length must be ints, got start={start!r}, length={length!r}")
         if start < 0 or length < 0 or start + length > self.max_len:
             raise ValueError(
                 f"positions {start} .. {start + length - 1} are outside the table's 0 .. {self.max_len - 1}"

@@ -14,10 +14,18 @@ the reference):
     gated_residual(x, y, gate)                        -> out = x + gate * y
     gated_residual_layer_norm_modulate(x, y, gate, ...) -> (h, out): h = x + gate * y, out = the norm of h
 
-shift, scale and gate are (B, D) (per sample: broadcast over the L tokens) or (B, L, D) (per token). gate
-may be None: the plain residual x + y (a pre-norm transformer's residual add and the next norm, in one pass).
-In the fused op, h is rounded to x's dtype before it is normalized: out is exactly the norm of the h that
-is returned (as the two unfused calls would give).
+shift, scale and gate are (B, D) or (B, 1, D) (per sample: broadcast over the L tokens, diffusers'
+``shift[:, None]``) or (B, L, D) (per token); a batch dim of 1 in place of B gives every sample the same one, as
+torch broadcasts it. The ops take them as views (a (B, 1, D) one as (B, D), a batch dim of 1 expanded with stride
+0): no copy, except a (1, L, D) one, which the fast backends copy once as (B, L, D). Their gradients have their
+own shapes (summed over the batch for a batch dim of 1). gate may be None: the plain residual x + y (a pre-norm
+transformer's residual add and the next norm, in one pass).
+
+y may have another dtype than x (autocast's float32 residual stream and bfloat16 branch output). gated_residual's
+out is in torch.promote_types(x.dtype, y.dtype), as x + gate * y is in torch (the gate, like shift and scale,
+does not widen it). The fused op's h and out stay in x's dtype: the residual stream keeps its dtype. In the fused
+op, h is rounded to x's dtype before it is normalized: out is exactly the norm of the h that is returned (as
+the two unfused calls would give where y's dtype is not wider than x's). Gradients are in each input's dtype.
 
 Backward, with dy the incoming gradient of y:
 
@@ -42,7 +50,8 @@ reference). Every tensor is a 2-D view of R = B * L rows:
 
 - a row tensor (x, y, h, dy, dout, dh): (R, D), dtype x's (float32, float16 or bfloat16), stride(1) == 1
   and any row stride stride(0) (a (B, L, D) tensor whose rows are evenly spaced is passed as a view;
-  anything else is copied once by the op). numel > 0.
+  anything else is copied once by the op). numel > 0. y may have another of those dtypes (the op gives
+  gated_residual's x the output's dtype first); dy is in y's dtype.
 - a modulation tensor (shift, scale, gate): None or (S, D) with stride(1) == 1 and any row stride, dtype
   x's or float32 (the op converts any other dtype to float32). S == R: per token, row r reads row r; else
   S == R // tokens: per sample, row r reads row r // tokens. (With tokens == 1, S == R: per token.)
@@ -65,7 +74,7 @@ reference). Every tensor is a 2-D view of R = B * L rows:
                                  need_dx, need_dweight, need_dbias, need_dshift, need_dscale)
         -> (dx, dweight, dbias, dshift, dscale)
         recomputes xhat from x, mean and rstd; reads dy and x once, writes dx once.
-    gated_residual_forward(x, y, gate, tokens) -> out
+    gated_residual_forward(x, y, gate, tokens) -> out (x's dtype)
     gated_residual_backward(dout, y, gate, tokens, need_dy, need_dgate) -> (dy, dgate)
         (x's gradient is dout itself: the op uses it.)
     gated_residual_layer_norm_modulate_forward(x, y, gate, weight, bias, shift, scale, tokens, eps, rms,
@@ -129,16 +138,33 @@ def _check_tensor(t, name: str, x: Tensor) -> None:
 
 
 def _check_modulation(t, name: str, x: Tensor) -> None:
-    """shift / scale / gate: None, (B, D) or (B, L, D)."""
+    """shift / scale / gate: None, per sample (B, D) or (B, 1, D), per token (B, L, D); 1 in place of B: one for
+    every sample."""
     if t is None:
         return
     _check_tensor(t, name, x)
     b, length, d = x.shape
-    if tuple(t.shape) not in ((b, d), (b, length, d)):
+    shape = tuple(t.shape)
+    if not (t.dim() in (2, 3) and shape[0] in (b, 1) and shape[-1] == d and (t.dim() == 2 or shape[1] in (length, 1))):
         raise ValueError(
-            f"{name} must have shape ({b}, {d}) (per sample) or ({b}, {length}, {d}) (per token) for x of shape "
-            f"{tuple(x.shape)}, got {tuple(t.shape)}"
+            f"{name} must have shape ({b}, {d}) or ({b}, 1, {d}) (per sample) or ({b}, {length}, {d}) (per token), "
+            f"or one of these with 1 in place of B (one for every sample), for x of shape {tuple(x.shape)}, "
+            f"got {shape}"
         )
+
+
+def _as_modulation(t: Tensor | None, x: Tensor) -> Tensor | None:
+    """A checked modulation as (B, D) (per sample) or (B, L, D) (per token), a view of t: (B, 1, D) as (B, D)
+    (for L != 1), and a batch dim of 1 expanded to B (stride 0). Autograd takes the gradient back to t's shape
+    (summed over B where t had a batch dim of 1)."""
+    if t is None:
+        return None
+    b, length, _ = x.shape
+    if t.dim() == 3 and t.shape[1] == 1 and length != 1:
+        t = t[:, 0]
+    if t.shape[0] != b:
+        t = t.expand(b, *t.shape[1:])
+    return t
 
 
 def _check_norm(x, weight, bias, shift, scale, eps, rms) -> float:
@@ -167,18 +193,22 @@ def _check_gate(x, y, gate) -> None:
     _check_x(y, "y")
     if y.shape != x.shape:
         raise ValueError(f"y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
-    if y.dtype != x.dtype:
-        raise TypeError(f"y must have x's dtype ({x.dtype}), got {y.dtype}")
     if y.device != x.device:
         raise ValueError(f"y is on {y.device} but x is on {x.device}: all tensors must be on one device")
     _check_modulation(gate, "gate", x)
 
 
+def _gate_dtype(x: Tensor, y: Tensor) -> torch.dtype:
+    """gated_residual's output dtype: torch's promotion of x's and y's (a gate, like shift and scale, does not
+    widen it)."""
+    return torch.promote_types(x.dtype, y.dtype)
+
+
 # --------------------------------------------------------------------------- reference
 
 
-def _acc(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def _acc(*tensors: Tensor | None) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _mod3(t: Tensor | None, groups: int, tokens: int) -> Tensor | None:
@@ -233,6 +263,7 @@ def layer_norm_modulate_reference(
     """The specification of :func:`layer_norm_modulate` in eager PyTorch (float32 arithmetic, float64 for
     float64 x), differentiable to any order. Returns y in x's dtype, contiguous."""
     eps = _check_norm(x, weight, bias, shift, scale, eps, rms)
+    shift, scale = _as_modulation(shift, x), _as_modulation(scale, x)
     b, length, _ = x.shape
     n, _, _, _ = _norm(x, weight, bias, eps, rms)
     y = _modulate(n, _mod3(shift, b, length), _mod3(scale, b, length))
@@ -240,16 +271,18 @@ def layer_norm_modulate_reference(
 
 
 def _gated(x: Tensor, y: Tensor, gate3: Tensor | None) -> Tensor:
-    acc = _acc(x)
+    """x + gate * y in float32 (float64 where x or y is) rounded once to x's dtype."""
+    acc = _acc(x, y)
     branch = y.to(acc) if gate3 is None else gate3.to(acc) * y.to(acc)
     return (x.to(acc) + branch).to(x.dtype, memory_format=torch.contiguous_format)
 
 
 def gated_residual_reference(x: Tensor, y: Tensor, gate: Tensor | None = None) -> Tensor:
     """The specification of :func:`gated_residual`: x + gate * y (x + y without a gate) in float32 (float64
-    for float64 x), in x's dtype; differentiable to any order."""
+    where x or y is float64), in torch.promote_types(x.dtype, y.dtype); differentiable to any order."""
     _check_gate(x, y, gate)
-    return _gated(x, y, _mod3(gate, x.shape[0], x.shape[1]))
+    gate = _as_modulation(gate, x)
+    return _gated(x.to(_gate_dtype(x, y)), y, _mod3(gate, x.shape[0], x.shape[1]))
 
 
 def gated_residual_layer_norm_modulate_reference(
@@ -265,10 +298,11 @@ def gated_residual_layer_norm_modulate_reference(
 ) -> tuple[Tensor, Tensor]:
     """The specification of :func:`gated_residual_layer_norm_modulate`: (h, out) with h = x + gate * y (x + y
     without a gate)
-    rounded to x's dtype and out = layer_norm_modulate_reference(h, ...); differentiable to any order."""
+    rounded to x's dtype (whatever y's dtype: the residual stream keeps its dtype) and
+    out = layer_norm_modulate_reference(h, ...); differentiable to any order."""
     _check_gate(x, y, gate)
     _check_norm(x, weight, bias, shift, scale, eps, rms)
-    h = gated_residual_reference(x, y, gate)
+    h = _gated(x, y, _mod3(_as_modulation(gate, x), x.shape[0], x.shape[1]))
     return h, layer_norm_modulate_reference(h, weight, bias, shift, scale, eps=eps, rms=rms)
 
 
@@ -369,7 +403,7 @@ def _ref_gate_backward_acc(dh3, y2, gate, tokens, need_dy, need_dgate):
 def _ref_gate_backward(dout, y2, gate, tokens, need_dy, need_dgate):
     g = _groups(y2, tokens)
     return _ref_gate_backward_acc(
-        dout.reshape(g, tokens, dout.shape[-1]).to(_acc(y2)), y2, gate, tokens, need_dy, need_dgate
+        dout.reshape(g, tokens, dout.shape[-1]).to(_acc(dout, y2)), y2, gate, tokens, need_dy, need_dgate
     )
 
 
@@ -406,14 +440,22 @@ class _ReferenceKernels:
 # --------------------------------------------------------------------------- registry
 
 
-def _fast_not_supported(backend_not_supported):
-    """A not_supported taking any of the three ops' public arguments (as `genkernels.explain` passes them):
-    the first is x, whose dtype decides; the backend then checks its device and D."""
+def _fast_not_supported(backend, op: str):
+    """A not_supported taking the op's public arguments (as `genkernels.explain` passes them): the first is x,
+    whose dtype decides, and the gated ops' second y, whose dtype must be one the kernels read; the backend module
+    then checks x's device and D, and (the fused op) a y in another dtype than x's (``fused_y_not_supported``)."""
+    y_not_supported = getattr(backend, "fused_y_not_supported", None) if op == FUSED_OP else None
 
-    def not_supported(x, *_args, **_kwargs) -> str | None:
+    def not_supported(x, *args, **kwargs) -> str | None:
         if x.dtype not in FAST_DTYPES:
             return f"x has dtype {x.dtype}; supported: float32, float16, bfloat16"
-        return backend_not_supported(x)
+        y = None if op == NORM_OP else (args[0] if args else kwargs.get("y"))
+        if isinstance(y, Tensor) and y.dtype not in FAST_DTYPES:
+            return f"y has dtype {y.dtype}; supported: float32, float16, bfloat16"
+        reason = backend.not_supported(x)
+        if reason is None and isinstance(y, Tensor) and y_not_supported is not None:
+            reason = y_not_supported(x, y)
+        return reason
 
     return not_supported
 
@@ -431,8 +473,8 @@ def _graph_order(x, *_args, **_kwargs) -> tuple[str, ...] | None:
 
 
 for _op in OPS:
-    _registry.register(_op, "cuda", _fast_not_supported(_cuda.not_supported), _cuda)
-    _registry.register(_op, "triton", _fast_not_supported(_triton.not_supported), _triton)
+    _registry.register(_op, "cuda", _fast_not_supported(_cuda, _op), _cuda)
+    _registry.register(_op, "triton", _fast_not_supported(_triton, _op), _triton)
     _registry.register(_op, "reference", _no_reason, _ReferenceKernels)
     _registry.register_graph_order(_op, _graph_order)
 
@@ -553,18 +595,18 @@ class _GateFunction(torch.autograd.Function):
         y2, gate2 = _rows(y), _mod_rows(gate, x)
         out = impl.gated_residual_forward(_rows(x), y2, gate2, x.shape[1])
         ctx.save_for_backward(y2, gate2)
-        ctx.args = (x.shape, gate, impl)
+        ctx.args = (x.shape, x.dtype, gate, impl)
         return out.view_as(x)
 
     @staticmethod
     @_autograd.first_order_only(GATE_OP)  # create_graph=True: an explicit error, never a silent zero
     def backward(ctx, dout):
         y2, gate2 = ctx.saved_tensors
-        shape, gate, impl = ctx.args
+        shape, dtype, gate, impl = ctx.args
         needs = ctx.needs_input_grad
-        dout = dout.to(y2.dtype)
-        if gate is None:  # x + y: both gradients are dout, no launch
-            dy, dgate = (dout if needs[1] else None), None
+        dout = dout.to(dtype)
+        if gate is None:  # x + y: both gradients are dout (in y's dtype), no launch
+            dy, dgate = (dout.to(y2.dtype) if needs[1] else None), None
         else:
             dy, dgate = impl.gated_residual_backward(_rows(dout), y2, gate2, shape[1], needs[1], needs[2])
         return (
@@ -588,14 +630,14 @@ class _FusedFunction(torch.autograd.Function):
         if stats:
             # Without a gate y's gradient is x's: y is not needed (nor kept) for the backward.
             ctx.save_for_backward(h, None if gate is None else y2, gate2, *kernel_args, mean, rstd)
-            ctx.args = (x.shape, gate, weight, bias, shift, scale, rms, impl)
+            ctx.args = (x.shape, y.dtype, gate, weight, bias, shift, scale, rms, impl)
         return h.view_as(x), out.view_as(x)
 
     @staticmethod
     @_autograd.first_order_only(FUSED_OP)  # create_graph=True: an explicit error, never a silent zero
     def backward(ctx, dh, dout):
         h, y2, gate2, w32, b32, shift2, scale2, mean, rstd = ctx.saved_tensors
-        shape, gate, weight, bias, shift, scale, rms, impl = ctx.args
+        shape, y_dtype, gate, weight, bias, shift, scale, rms, impl = ctx.args
         needs = ctx.needs_input_grad
         tokens = shape[1]
         gated = gate is not None
@@ -617,8 +659,8 @@ class _FusedFunction(torch.autograd.Function):
             grads[0] = dh2
             if gated:
                 grads[1], grads[2] = impl.gated_residual_backward(dh2, y2, gate2, tokens, need_dy, need_dgate)
-        if not gated and needs[1]:
-            grads[1] = grads[0]
+        if not gated and needs[1] and grads[0] is not None:  # x + y: y's gradient is x's, in y's dtype
+            grads[1] = grads[0].to(y_dtype)
         dx, dy, dgate, dweight, dbias, dshift, dscale = grads
         return (
             dx.view(shape) if dx is not None and needs[0] else None,
@@ -637,12 +679,13 @@ class _FusedFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------- torch.library ops (traced path)
 
 
-def _impl_for(op: str, backend: str, x: Tensor):
-    """Resolve the backend at run time (the scope and environment apply to compiled code too)."""
+def _impl_for(op: str, backend: str, x: Tensor, *args):
+    """Resolve the backend at run time (the scope and environment apply to compiled code too); args: the gated
+    ops' y (or None), whose dtype the fast backends check."""
     if x.numel() == 0:  # empty: no launch, after an explicit backend's check
-        _registry.check_explicit(op, x, backend=backend or None)
+        _registry.check_explicit(op, x, *args, backend=backend or None)
         return _ReferenceKernels
-    return _registry.select(op, x, backend=backend or None).impl
+    return _registry.select(op, x, *args, backend=backend or None).impl
 
 
 def _kernel_mods(impl, x: Tensor, *mods):
@@ -774,8 +817,8 @@ _norm_op.register_autograd(_norm_op_backward, setup_context=_norm_setup)
     "genkernels::gated_residual", mutates_args=(), schema="(Tensor x, Tensor y, Tensor? gate, str backend) -> Tensor"
 )
 def _gate_op(x, y, gate, backend):
-    """x + gate * y, (B, L, D) in x's dtype."""
-    impl = _impl_for(GATE_OP, backend, x)
+    """x + gate * y, (B, L, D) in x's dtype (the public op gives x the output's dtype)."""
+    impl = _impl_for(GATE_OP, backend, x, y)
     (gate2,) = _kernel_mods(impl, x, gate)
     return impl.gated_residual_forward(_rows(x), _rows(y), gate2, x.shape[1]).view(x.shape)
 
@@ -791,10 +834,11 @@ def _(x, y, gate, backend):
     schema="(Tensor dout, Tensor y, Tensor gate, bool need_dy, bool need_dgate, str backend) -> (Tensor, Tensor)",
 )
 def _gate_backward_op(dout, y, gate, need_dy, need_dgate, backend):
-    """(dy, dgate) in y's and gate's shapes and dtypes; empty (0,) when not needed."""
-    impl = _impl_for(GATE_OP, backend, y)
-    (gate2,) = _kernel_mods(impl, y, gate)
-    dy, dgate = impl.gated_residual_backward(_rows(dout.to(y.dtype)), _rows(y), gate2, y.shape[1], need_dy, need_dgate)
+    """(dy, dgate) in y's and gate's shapes and dtypes; empty (0,) when not needed. dout is in x's dtype (the
+    output's)."""
+    impl = _impl_for(GATE_OP, backend, dout, y)
+    (gate2,) = _kernel_mods(impl, dout, gate)
+    dy, dgate = impl.gated_residual_backward(_rows(dout), _rows(y), gate2, y.shape[1], need_dy, need_dgate)
     return _grad_or_empty(dy, y if need_dy else None, y), _grad_or_empty(dgate, gate if need_dgate else None, y)
 
 
@@ -812,8 +856,8 @@ def _gate_setup(ctx, inputs, output):
 def _gate_op_backward(ctx, dout):
     y, gate = ctx.saved_tensors
     n = ctx.needs_input_grad
-    if gate is None:  # x + y: both gradients are dout
-        return dout if n[0] else None, dout if n[1] else None, None, None
+    if gate is None:  # x + y: both gradients are dout (y's in its dtype)
+        return dout if n[0] else None, dout.to(y.dtype) if n[1] else None, None, None
     dy, dgate = _gate_backward_op(dout, y, gate, n[1], n[2], ctx.backend)
     return dout if n[0] else None, dy if n[1] else None, dgate if n[2] else None, None
 
@@ -829,7 +873,7 @@ _gate_op.register_autograd(_gate_op_backward, setup_context=_gate_setup)
 )
 def _fused_op(x, y, gate, weight, bias, shift, scale, eps, rms, backend):
     """(h, out, mean, rstd): h and out (B, L, D) in x's dtype, the statistics of h (R,)."""
-    impl = _impl_for(FUSED_OP, backend, x)
+    impl = _impl_for(FUSED_OP, backend, x, y)
     h, out, mean, rstd = impl.gated_residual_layer_norm_modulate_forward(
         _rows(x),
         _rows(y),
@@ -864,7 +908,7 @@ def _fused_backward_op(
     """(dx, dy, dgate, dweight, dbias, dshift, dscale) in their inputs' shapes and dtypes; empty (0,) when not
     needed, and for a per-token shift (its gradient is dout: the autograd formula takes it). Without a gate, y
     is None (and need_dy, need_dgate False): y's gradient is dx, which the autograd formula takes."""
-    impl = _impl_for(FUSED_OP, backend, h)
+    impl = _impl_for(FUSED_OP, backend, h, y)
     dout2 = _rows(dout.to(h.dtype))
     dx, dy, dgate, dweight, dbias, dshift, dscale = impl.gated_residual_layer_norm_modulate_backward(
         None if dh is None else _rows(dh.to(h.dtype)),
@@ -913,12 +957,12 @@ def _fused_setup(ctx, inputs, output):
     x, y, gate, weight, bias, shift, scale, eps, rms, backend = inputs
     h, _, mean, rstd = output
     ctx.save_for_backward(h, None if gate is None else y, gate, weight, bias, shift, scale, mean, rstd)
-    ctx.args = (rms, backend)
+    ctx.args = (rms, backend, y.dtype)
 
 
 def _fused_op_backward(ctx, dh, dout, _dmean, _drstd):
     h, y, gate, weight, bias, shift, scale, mean, rstd = ctx.saved_tensors
-    rms, backend = ctx.args
+    rms, backend, y_dtype = ctx.args
     n = ctx.needs_input_grad
     gated = gate is not None
     needs = (
@@ -935,8 +979,8 @@ def _fused_op_backward(ctx, dh, dout, _dmean, _drstd):
     if needs[4] and _token_shift(shift, h):
         rest[4] = dout.reshape(shift.shape).to(shift.dtype)
     grads = [g if need else None for g, need in zip(rest, needs)]
-    if not gated and n[1]:  # x + y: y's gradient is x's
-        grads[0] = dx
+    if not gated and n[1]:  # x + y: y's gradient is x's (in y's dtype)
+        grads[0] = dx.to(y_dtype)
     return (dx if n[0] else None, *grads, None, None, None)
 
 
@@ -968,7 +1012,9 @@ def layer_norm_modulate(
             with the last dim contiguous to run without a copy; anything else is copied once.
         weight, bias: None or (D,) (the norm's affine), any float dtype (used in float32). bias must be
             None with rms=True.
-        shift, scale: None, (B, D) (per sample) or (B, L, D) (per token), any float dtype.
+        shift, scale: None, (B, D) or (B, 1, D) (per sample) or (B, L, D) (per token), any float dtype; 1 in
+            place of B: the same for every sample. Taken as views (no copy; a (1, L, D) one is copied once by
+            the fast backends); their gradients have their shapes.
         eps: finite float > 0 added to the variance (to the mean square with rms=True).
         rms: RMSNorm instead of LayerNorm.
         backend: "auto" / None, "reference", "triton" or "cuda".
@@ -979,6 +1025,7 @@ def layer_norm_modulate(
     torch.compile the call goes through ``genkernels::layer_norm_modulate`` (and its _backward op).
     """
     eps = _check_norm(x, weight, bias, shift, scale, eps, rms)
+    shift, scale = _as_modulation(shift, x), _as_modulation(scale, x)
     if torch.compiler.is_compiling():
         return _norm_op(x, weight, bias, shift, scale, eps, rms, backend or "")[0]
     if x.numel() == 0:  # empty: no launch, after an explicit backend's check
@@ -995,15 +1042,22 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor | None = None, *, backend:
 
     Args:
         x: (B, L, D) the residual stream, float32, float16 or bfloat16 (float64: reference only).
-        y: (B, L, D) the branch output, x's dtype.
-        gate: (B, D) (per sample) or (B, L, D) (per token), any float dtype; None: out = x + y.
+        y: (B, L, D) the branch output, any of x's dtypes (an autocast branch's bfloat16 with a float32 x: the
+            kernels read it in its own dtype, or the cuda backend converts it to the output's once).
+        gate: (B, D) or (B, 1, D) (per sample) or (B, L, D) (per token), any float dtype, 1 in place of B: the
+            same for every sample; None: out = x + y.
         backend: "auto" / None, "reference", "triton" or "cuda".
 
-    Returns out, (B, L, D) in x's dtype, contiguous (arithmetic in float32). Differentiable in x, y and
-    gate (dx = dout, dy = dout * gate, dgate = dout * y summed over L for a (B, D) gate; fused, first order
-    on the fast backends; without a gate dx = dy = dout, no launch).
+    Returns out, (B, L, D) in torch.promote_types(x.dtype, y.dtype) (x's where y has it; the gate's dtype does
+    not widen it), contiguous (arithmetic in float32; a narrower x is widened to the output's dtype first, exactly).
+    Differentiable in x, y and gate, each gradient in its input's dtype and shape (dx = dout, dy = dout * gate,
+    dgate = dout * y summed over L for a per-sample gate; fused, first order on the fast backends; without a
+    gate dx = dy = dout, no launch).
     """
     _check_gate(x, y, gate)
+    gate = _as_modulation(gate, x)
+    if y.dtype != x.dtype:  # x in the output's dtype: exact
+        x = x.to(_gate_dtype(x, y))
     if torch.compiler.is_compiling():
         return _gate_op(x, y, gate, backend or "")
     if x.numel() == 0:  # empty: no launch, after an explicit backend's check
@@ -1037,16 +1091,19 @@ def gated_residual_layer_norm_modulate(
     weight: ``gated_residual_layer_norm_modulate(h, attn_out, None, norm_weight, rms=True)``).
 
     Args:
-        x, y, gate: as :func:`gated_residual` (gate None: h = x + y).
+        x, y, gate: as :func:`gated_residual` (gate None: h = x + y). y may have another dtype than x (a
+            float32 y with a bfloat16 x: the cuda backend declines it, the others read it as it is).
         weight, bias, shift, scale, eps, rms: as :func:`layer_norm_modulate` (shapes against x's).
         backend: "auto" / None, "reference", "triton" or "cuda".
 
-    Returns (h, out), each (B, L, D) in x's dtype, contiguous: h is the new residual stream, out the next
-    branch's input. x and y are read once, h and out written once. Differentiable in every tensor
-    argument (one fused backward pass on the fast backends, first order only).
+    Returns (h, out), each (B, L, D) in x's dtype whatever y's (the residual stream keeps its dtype),
+    contiguous: h is the new residual stream, out the next branch's input. x and y are read once, h and out
+    written once. Differentiable in every tensor argument (one fused backward pass on the fast backends, first
+    order only).
     """
     _check_gate(x, y, gate)
     eps = _check_norm(x, weight, bias, shift, scale, eps, rms)
+    gate, shift, scale = (_as_modulation(t, x) for t in (gate, shift, scale))
     if torch.compiler.is_compiling():
         h, out, _, _ = _fused_op(x, y, gate, weight, bias, shift, scale, eps, rms, backend or "")
         return h, out

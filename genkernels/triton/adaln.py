@@ -184,7 +184,7 @@ def _backward(v, dout, dh, res, gate, weight, bias, shift, scale, mean, rstd, to
     partials = torch.empty((groups * chunks, _PARTS, d) if reduce else (0,), device=device, dtype=torch.float32)
     store_dx = need_dx or residual
     dx = torch.empty((rows, d), device=device, dtype=dout.dtype) if store_dx else None
-    dr = torch.empty((rows, d), device=device, dtype=dout.dtype) if need_dr else None
+    dr = torch.empty((rows, d), device=device, dtype=res.dtype) if need_dr else None  # y's own dtype
     dgate = torch.empty((rows, d), device=device, dtype=gate.dtype) if need_dgate and gate_token else None
     dscale = torch.empty((rows, d), device=device, dtype=scale.dtype) if need_dscale and scale_token else None
     dummy = dout
