@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from ._checks import as_number
+from ._checks import as_number, is_integer, is_real, positive_int
 
 CHECKPOINT_FORMAT = 1
 METADATA_KEY = "genkernels"
@@ -43,13 +43,23 @@ def check_choice(name: str, value, choices: tuple) -> None:
 
 
 def check_at_least(name: str, value: int, low: int) -> None:
+    """A ValueError naming ``name`` unless ``value`` is an int (not a bool, not a float such as 2.0) >= ``low``."""
+    if not is_integer(value):
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 def check_positive(name: str, value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number, got {value}")
+    """A ValueError naming ``name`` unless ``value`` is a finite real number > 0 (not a bool)."""
+    if not (is_real(value) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_nonnegative(name: str, value: float) -> None:
+    """A ValueError naming ``name`` unless ``value`` is a finite real number >= 0 (not a bool)."""
+    if not (is_real(value) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_steps(steps: int, batch_size: int) -> None:
@@ -321,8 +331,26 @@ def check_ncol(ncol: int) -> int:
     return ncol
 
 
+def grid_options(seed, ncol, scale, default_ncol: int, channels: int | None = None) -> tuple[int, int, int | None]:
+    """(seed, ncol, scale) of a sampler that writes a PNG grid (:func:`write_grid`), checked before it samples.
+
+    seed: an int in [0, 2^63) (:func:`check_seed`; NumPy integers taken as the Python int). ncol: a positive int,
+    None: ``default_ncol``. scale: a positive int, None: kept (:func:`write_grid` upscales to about 64 px). Bools
+    and floats are refused with a ValueError naming the option, before any sampling rather than after it (NumPy
+    would otherwise fail on a float only when the grid is drawn, and take True as 1). ``channels``: the images'
+    channels, when known: a PNG holds 1 (grey) or 3 (RGB), else a ValueError before sampling too."""
+    seed = as_number(seed)
+    check_seed(seed)
+    ncol = default_ncol if ncol is None else positive_int("ncol", ncol)
+    scale = None if scale is None else positive_int("scale", scale)
+    if channels is not None and channels not in (1, 3):
+        raise ValueError(f"the images have {channels} channels; a PNG grid takes 1 (grey) or 3 (RGB)")
+    return seed, ncol, scale
+
+
 def write_grid(images: torch.Tensor, out: str | Path, ncol: int, scale: int | None) -> tuple[int, int]:
-    """genkernels.data.save_grid with images upscaled ``scale`` times (None: to about 64 px)."""
+    """genkernels.data.save_grid with images upscaled ``scale`` times (None: to about 64 px); ``ncol`` and
+    ``scale`` as :func:`grid_options` returns them."""
     from .data import save_grid
 
     scale = max(1, 64 // images.shape[-2]) if scale is None else scale

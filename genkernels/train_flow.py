@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from . import _training
-from ._checks import as_number
+from ._checks import as_number, check_backend, is_finite_real, is_integer, positive_int
 from .data import ImageDataset
 from .models.flow import Glow, GlowConfig
 
@@ -107,12 +107,15 @@ class FlowTrainConfig:
         _training.check_steps(self.steps, self.batch_size)
         _training.check_seed(self.seed)
         _training.check_positive("lr", self.lr)
-        if self.n_bins is not None and not 2 <= self.n_bins <= MAX_BINS:
-            raise ValueError(f"n_bins must be None or an int in [2, {MAX_BINS}], got {self.n_bins}")
+        if self.n_bins is not None and not (is_integer(self.n_bins) and 2 <= self.n_bins <= MAX_BINS):
+            raise ValueError(f"n_bins must be None or an int in [2, {MAX_BINS}], got {self.n_bins!r}")
         if not 0.0 < self.heldout < 1.0:
             raise ValueError(f"heldout must be a fraction in (0, 1), got {self.heldout}")
         _training.check_at_least("eval_every", self.eval_every, 0)
         _training.check_at_least("save_every", self.save_every, 0)
+        _training.check_nonnegative("weight_decay", self.weight_decay)
+        _training.check_nonnegative("grad_clip", self.grad_clip)
+        check_backend(self.backend)  # here, not once the model is built and the output folder made
 
 
 @dataclass
@@ -337,15 +340,16 @@ def sample_flow(
     temperature, seed)`` (the same seed gives the same grid); the flow's x in [0, 1] is mapped to
     the level floor(x * n_bins) of the ``n_bins`` the model was trained with (the checkpoint's
     ``n_bins``; :func:`quantize`). ``ncol`` images per row (default ceil(sqrt(num))), upscaled
-    ``scale`` times (default: to about 64 px), written by genkernels.data.save_grid.
+    ``scale`` times (default: to about 64 px), written by genkernels.data.save_grid. num, n_bins, ncol and scale:
+    ints; seed: an int in [0, 2^63); each is checked (a ValueError naming it) before any sampling.
     """
-    if num < 1:
-        raise ValueError(f"num must be >= 1, got {num}")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    if not 2 <= n_bins <= MAX_BINS:
-        raise ValueError(f"n_bins must be in [2, {MAX_BINS}], got {n_bins}")
-    ncol = _training.check_ncol(math.ceil(math.sqrt(num)) if ncol is None else ncol)
+    num = positive_int("num", num)
+    if not (is_finite_real(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not (is_integer(n_bins) and 2 <= n_bins <= MAX_BINS):
+        raise ValueError(f"n_bins must be an int in [2, {MAX_BINS}], got {n_bins!r}")
+    n_bins = int(n_bins)
+    seed, ncol, scale = _training.grid_options(seed, ncol, scale, math.ceil(math.sqrt(num)), model.config.in_channels)
     with _training.backend_scope(next(model.parameters()).device, backend):
         x = model.sample(num, temperature=temperature, seed=seed)
     images = quantize(x.float().cpu(), n_bins)

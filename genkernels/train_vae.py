@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from . import _training
-from ._checks import as_number
+from ._checks import check_backend, is_integer, is_real
 from .data import ImageDataset
 from .models.vae import AutoencoderKL, AutoencoderKLConfig
 
@@ -96,9 +96,12 @@ class VAETrainConfig:
         _training.check_steps(self.steps, self.batch_size)
         _training.check_seed(self.seed)
         _training.check_positive("lr", self.lr)
-        if not (math.isfinite(self.beta) and self.beta >= 0):
-            raise ValueError(f"beta must be a number >= 0, got {self.beta}")
+        if not (is_real(self.beta) and math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"beta must be a number >= 0, got {self.beta!r}")
         _training.check_at_least("save_every", self.save_every, 0)
+        _training.check_nonnegative("weight_decay", self.weight_decay)
+        _training.check_nonnegative("grad_clip", self.grad_clip)
+        check_backend(self.backend)  # here, not once the model is built and the output folder made
 
 
 @dataclass
@@ -263,18 +266,24 @@ def sample_vae(
 
     Layout: ``ncol`` images per row (default min(num, 10)); for every ``ncol`` inputs, a row of inputs
     then the row of their reconstructions beneath; then the prior samples, ``ncol`` per row. A short
-    last row is padded with mid-grey. Images are upscaled ``scale`` times (default: to about 64 px).
+    last row is padded with mid-grey. Images are upscaled ``scale`` times (default: to about 64 px). num, ncol and
+    scale: positive ints; seed: an int in [0, 2^63); each is checked (a ValueError naming it) before any sampling.
     Returns the tensors and the grid's (width, height) as written by genkernels.data.save_grid.
     """
-    if not 1 <= num <= len(data):
-        raise ValueError(f"num must be in [1, {len(data)}] (the data's size), got {num}")
+    if not (is_integer(num) and 1 <= num <= len(data)):
+        raise ValueError(f"num must be an int in [1, {len(data)}] (the data's size), got {num!r}")
+    num = int(num)
     channels = model.config.in_channels
     if data.image_shape[0] != channels:
         raise ValueError(f"the data has {data.image_shape[0]} channels but the model takes {channels}")
-    ncol = _training.check_ncol(min(num, 10) if ncol is None else ncol)
+    if model.config.out_channels != channels:  # inputs and reconstructions share the grid
+        raise ValueError(
+            f"the model must output as many channels as it takes, got {channels} -> {model.config.out_channels}"
+        )
+    seed, ncol, scale = _training.grid_options(seed, ncol, scale, min(num, 10), channels)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    gen = torch.Generator().manual_seed(as_number(seed))
+    gen = torch.Generator().manual_seed(seed)
     x = data.images[torch.randperm(len(data), generator=gen)[:num]]
     with _training.backend_scope(device, backend):
         posterior = model.encode(x.to(device, dtype)).latent_dist

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_backend, is_integer
+from .._checks import check_backend, is_finite_real, is_integer
 from .._checks import positive_int as _positive_int
 from ..nn import Attention
 from ..ops import reparameterize
@@ -163,14 +163,13 @@ class AutoencoderKLConfig(ConfigIO):
             self.sample_size = tuple(_positive_int("sample_size", s) for s in self.sample_size)
         else:
             self.sample_size = _positive_int("sample_size", self.sample_size)
-        try:
-            self.scaling_factor = float(self.scaling_factor)
-            self.shift_factor = None if self.shift_factor is None else float(self.shift_factor)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"scaling_factor must be a number and shift_factor a number or None, got {self.scaling_factor!r} "
-                f"and {self.shift_factor!r}"
-            ) from None
+        # A pipeline multiplies latents by these: NaN, inf or a bool would pass a float() conversion silently.
+        if not (is_finite_real(self.scaling_factor) and self.scaling_factor != 0):
+            raise ValueError(f"scaling_factor must be a finite nonzero number, got {self.scaling_factor!r}")
+        if not (self.shift_factor is None or is_finite_real(self.shift_factor)):
+            raise ValueError(f"shift_factor must be None or a finite number, got {self.shift_factor!r}")
+        self.scaling_factor = float(self.scaling_factor)
+        self.shift_factor = None if self.shift_factor is None else float(self.shift_factor)
         self.latents_mean = _float_tuple("latents_mean", self.latents_mean)
         self.latents_std = _float_tuple("latents_std", self.latents_std)
         for name in ("force_upcast", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):

@@ -263,7 +263,7 @@ class InvConv1x1(torch.nn.Module):
     """Invertible 1x1 convolution (Glow): y[n, :, s] = W x[n, :, s] at every position s.
 
     logdet[n] = S * log |det W|, S the number of positions; the inverse applies W^-1 (the C x C
-    inverse computed in float64, then cast), logdet = -S * log |det W|.
+    inverse computed in float64, then cast, without a host sync), logdet = -S * log |det W|.
 
     With ``lu=True`` (the default) W is kept in LU form, W = P @ (L + I) @ (U + diag(sign_s * exp(log_s))):
     P a fixed permutation (buffer ``perm``), L strictly lower and U strictly upper triangular (parameters
@@ -328,8 +328,10 @@ class InvConv1x1(torch.nn.Module):
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """y (N, C, *spatial) -> (W^-1 y, logdet (N,) = -S * log |det W|)."""
         _check_input("y", y, self.channels)
-        # A float64 inverse of the small matrix keeps inverse(forward(x)) at the input dtype's precision.
-        w_inv = torch.linalg.inv(self.weight_matrix().double()).to(y.dtype)
+        # A float64 inverse of the small matrix keeps inverse(forward(x)) at the input dtype's precision. inv_ex:
+        # torch.linalg.inv reads its error code on the host (a device sync per layer, and no CUDA graph capture);
+        # a singular W (log |det W| = -inf) gives non-finite values instead of that error.
+        w_inv = torch.linalg.inv_ex(self.weight_matrix().double()).inverse.to(y.dtype)
         return _mix_channels(y, w_inv), self._logdet(y, -1.0)
 
     def extra_repr(self) -> str:

@@ -105,5 +105,5 @@ def test_config_errors(digits):
         train_vae.VAETrainConfig(beta=-1)
     with pytest.raises(ValueError, match="model must be one of"):
         train_vae.VAETrainConfig(model="huge")
-    with pytest.raises(ValueError, match="num must be in"):
+    with pytest.raises(ValueError, match=r"num must be an int in \[1, "):
         train_vae.sample_vae(None, digits, 0, 0, "x.png")
