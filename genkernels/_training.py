@@ -326,11 +326,6 @@ def checkpoint_weights(path: str | Path, prefix: str = "model.") -> dict[str, to
 # --------------------------------------------------------------------------- sample grids
 
 
-def check_ncol(ncol: int) -> int:
-    check_at_least("ncol", ncol, 1)
-    return ncol
-
-
 def grid_options(seed, ncol, scale, default_ncol: int, channels: int | None = None) -> tuple[int, int, int | None]:
     """(seed, ncol, scale) of a sampler that writes a PNG grid (:func:`write_grid`), checked before it samples.
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from . import _graphs
-from ._checks import is_finite_real, is_integer
+from ._checks import as_number, is_finite_real, is_integer
 from ._training import (  # noqa: F401  (re-exported: the public names of every family's checkpoints)
     CHECKPOINT_FORMAT,
     METADATA_KEY,
@@ -405,8 +405,8 @@ def sample_diffusion(
         raise ValueError(f"labels must be a (N,) tensor of class labels, got shape {tuple(labels.shape)}")
     if not is_integer(steps) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if not is_integer(seed) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
+    seed = as_number(seed)  # a NumPy integer as the Python int
+    check_seed(seed)
     if not is_finite_real(guidance):
         raise ValueError(f"guidance must be a finite float, got {guidance!r}")
     if cuda_graph not in (None, True, False):
@@ -418,7 +418,7 @@ def sample_diffusion(
     schedule = Schedule(**metadata["schedule"])
     scheduler = make_scheduler(sampler, objective, schedule)
     scheduler.set_timesteps(steps, device=device)
-    gen = torch.Generator(device=device).manual_seed(int(seed))
+    gen = torch.Generator(device=device).manual_seed(seed)
     c, h, w = metadata["image_shape"]
     n = labels.shape[0]
     labels = labels.to(device)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from . import _training
 from . import data as data_mod
-from ._checks import as_number, is_finite_real, is_integer, positive_int
+from ._checks import as_number, is_finite_real, is_integer
 from .data import ImageDataset
 from .models.gan import (  # noqa: F401 (GANConfig: the CLI checks --image-size with it)
     Discriminator,
@@ -278,15 +278,13 @@ def sample_gan(
     (default ceil(sqrt(num))), upscaled ``scale`` times (default: to about 64 px); both positive ints. seed:
     an int in [0, 2^63). Each argument is checked (ValueError naming it) before the generator runs.
     """
-    seed = as_number(seed)
-    _training.check_seed(seed)
     if not is_integer(num) or num < 1:
         raise ValueError(f"num must be a positive int, got {num!r}")
     if not is_finite_real(truncation):
         raise ValueError(f"truncation must be a finite number, got {truncation!r}")
     num, truncation = int(num), as_number(truncation)
-    ncol = math.ceil(math.sqrt(num)) if ncol is None else positive_int("ncol", ncol)
-    scale = None if scale is None else positive_int("scale", scale)
+    default_ncol = math.ceil(math.sqrt(num))
+    seed, ncol, scale = _training.grid_options(seed, ncol, scale, default_ncol, generator.config.img_channels)
     param = next(generator.parameters())
     z = torch.randn(num, generator.config.z_dim, generator=torch.Generator().manual_seed(seed))
     # Eval mode for the call, whatever the caller left: in training mode the mapping would first move w_avg

@@ -265,9 +265,8 @@ def sample_transformer(
         raise ValueError(f"num must be a positive int, got {num!r}")
     num = int(num)
     classes = model.config.num_classes
-    if ncol is None:
-        ncol = min(classes, num) if labels is None and classes > 1 else math.ceil(math.sqrt(num))
-    ncol = _training.check_ncol(ncol)
+    default_ncol = min(classes, num) if labels is None and classes > 1 else math.ceil(math.sqrt(num))
+    seed, ncol, scale = _training.grid_options(seed, ncol, scale, default_ncol, model.config.channels)
     device = model.head.weight.device
     with _training.backend_scope(device, backend):
         labels = model._sample_labels(num, labels, device)

@@ -265,7 +265,7 @@ def test_sample_diffusion_seed(seed):
     """2.5, True, None and "0" were torch errors ("manual_seed expected a long, but got float"); -1 sampled, as
     seed 2^64 - 1 (torch wraps it), so seeds -1 and 2^64 - 1 gave the same images."""
     meta = {"objective": "eps", "schedule": train.Schedule().__dict__, "image_shape": [1, 8, 8]}
-    with pytest.raises(ValueError, match=rf"seed must be an int in \[0, 2\^63\), got {re.escape(repr(seed))}"):
+    with pytest.raises(ValueError, match=rf"seed must be an integer in \[0, 2\^63\), got {re.escape(repr(seed))}"):
         train.sample_diffusion(_model(), meta, torch.tensor([0]), sampler="ddim", steps=2, seed=seed)
 
 
