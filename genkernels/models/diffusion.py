@@ -717,16 +717,16 @@ class DiTBlock(_OpsModule):
             n = _modulate(F.layer_norm(h, norm, eps=self.eps), shift_mlp, scale_mlp)
             return h + gate_mlp[:, None] * self.mlp(n)
         n = ops.layer_norm_modulate(x, shift=shift_msa, scale=scale_msa, eps=self.eps, backend=self.backend)
-        h, n = ops.gated_residual_layer_norm_modulate(
-            x,
-            self.attn(n, rope).to(x.dtype),
-            gate_msa,
-            shift=shift_mlp,
-            scale=scale_mlp,
-            eps=self.eps,
-            backend=self.backend,
+        h, n = self._attention_residual(x, n, rope, gate_msa, shift_mlp, scale_mlp)
+        return ops.gated_residual(h, self.mlp(n), gate_mlp, backend=self.backend)
+
+    def _attention_residual(self, x, n, rope, gate_msa, shift_mlp, scale_mlp) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, LN(h) * (1 + scale_mlp) + shift_mlp) with h = x + gate_msa * attn(n) in x's dtype: the attention's
+        gated residual fused with the MLP's norm. Under autocast the attention's output is in the autocast dtype
+        and the residual stream in x's; the op reads each in its own."""
+        return ops.gated_residual_layer_norm_modulate(
+            x, self.attn(n, rope), gate_msa, shift=shift_mlp, scale=scale_mlp, eps=self.eps, backend=self.backend
         )
-        return ops.gated_residual(h, self.mlp(n).to(h.dtype), gate_mlp, backend=self.backend)
 
     def forward_fused(
         self,
@@ -746,17 +746,9 @@ class DiTBlock(_OpsModule):
         """
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         next_shift, next_scale, next_eps = next_norm
-        h, n = ops.gated_residual_layer_norm_modulate(
-            x,
-            self.attn(n, rope).to(x.dtype),
-            gate_msa,
-            shift=shift_mlp,
-            scale=scale_mlp,
-            eps=self.eps,
-            backend=self.backend,
-        )
+        h, n = self._attention_residual(x, n, rope, gate_msa, shift_mlp, scale_mlp)
         return ops.gated_residual_layer_norm_modulate(
-            h, self.mlp(n).to(h.dtype), gate_mlp, shift=next_shift, scale=next_scale, eps=next_eps, backend=self.backend
+            h, self.mlp(n), gate_mlp, shift=next_shift, scale=next_scale, eps=next_eps, backend=self.backend
         )
 
 
