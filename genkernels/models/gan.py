@@ -197,7 +197,8 @@ class MappingNetwork(torch.nn.Module):
     """z (N, z_dim) -> ws (N, num_ws, w_dim): pixel norm, ``mapping_layers`` lrelu FC layers, truncation.
 
     Buffer ``w_avg`` (w_dim,): the running mean of w, w_avg <- lerp(mean_n w, w_avg, 0.995) at every call in
-    training mode (or as ``update_w_avg`` says); the truncation trick pulls w towards it.
+    training mode (or as ``update_w_avg`` says); the truncation trick pulls w towards it. It stays float32 when
+    the module is converted to float16 or bfloat16.
     """
 
     def __init__(self, config: GANConfig, torch_layers: bool = False, backend: str | None = None) -> None:
@@ -216,6 +217,15 @@ class MappingNetwork(torch.nn.Module):
             for i in range(config.mapping_layers)
         )
         self.register_buffer("w_avg", torch.zeros(config.w_dim))
+
+    def _apply(self, fn, recurse: bool = True):
+        """Module conversions, except that w_avg stays in float32 (or float64) when the module goes to float16 or
+        bfloat16: a 0.005 EMA step is below their rounding, so a half-precision w_avg would stop moving."""
+        before = self.w_avg
+        super()._apply(fn, recurse)
+        if self.w_avg.dtype in (torch.float16, torch.bfloat16) and before.dtype not in (torch.float16, torch.bfloat16):
+            self.w_avg = before.to(self.w_avg.device)
+        return self
 
     def forward(
         self,
@@ -266,7 +276,7 @@ class MappingNetwork(torch.nn.Module):
             x = fc(x)
         if update_w_avg and x.shape[0] > 0:  # the mean of no w is NaN: an empty batch leaves w_avg as it is
             with torch.no_grad():
-                self.w_avg.copy_(x.detach().mean(dim=0).to(self.w_avg.dtype).lerp(self.w_avg, W_AVG_BETA))
+                self.w_avg.copy_(x.detach().to(self.w_avg.dtype).mean(dim=0).lerp(self.w_avg, W_AVG_BETA))
         ws = x[:, None, :].repeat(1, self.num_ws, 1)
         if truncation_psi != 1:
             cutoff = self.num_ws if truncation_cutoff is None else truncation_cutoff

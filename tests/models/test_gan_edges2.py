@@ -105,3 +105,24 @@ def test_mapping_network_checks_z_by_name():
         G.mapping(torch.randn(2, 7))
     with pytest.raises(TypeError, match="z must be a floating-point tensor, got torch.int64"):
         G.mapping(torch.ones(2, 8, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_w_avg_stays_float32_in_a_half_precision_mapping(dtype):
+    """A half-precision w_avg stopped moving: 0.005 of the step from w_avg to the batch's mean w is below
+    bfloat16's rounding. The buffer stays float32 through .to(dtype) and takes the float32 EMA step."""
+    torch.manual_seed(0)
+    mapping = gan.MappingNetwork(GANConfig(resolution=8, z_dim=16, w_dim=16, mapping_layers=2))
+    mapping.w_avg.fill_(1.0)
+    mapping.to(dtype).train()
+    assert mapping.w_avg.dtype == torch.float32
+    assert next(mapping.parameters()).dtype == dtype
+    z = torch.randn(8, 16, dtype=dtype)
+    ws = mapping(z)
+    expected = mapping(z, update_w_avg=False)[:, 0].float().mean(0).lerp(torch.ones(16), gan.W_AVG_BETA)
+    assert ws.dtype == dtype
+    assert mapping.w_avg.dtype == torch.float32
+    torch.testing.assert_close(mapping.w_avg, expected, rtol=0, atol=0)
+    assert (mapping.w_avg != 1.0).all()  # it moved (in bfloat16, 1 + 0.005 * (w - 1) rounds back to 1 for small w)
+    mapping.float()
+    torch.testing.assert_close(mapping.w_avg, expected, rtol=0, atol=0)  # and keeps its value when converted back
