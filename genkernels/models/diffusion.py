@@ -408,7 +408,7 @@ class UNet(torch.nn.Module):
         if labels is None:
             labels = torch.full((batch,), self.null_label, device=device, dtype=torch.long)
         _check_labels(labels, batch, self.null_label + 1)
-        return self.class_embedding(labels.long()).to(dtype)[:, None, :]
+        return self.class_embedding(labels.to(device=device, dtype=torch.long)).to(dtype)[:, None, :]
 
     def forward(
         self,
@@ -426,7 +426,7 @@ class UNet(torch.nn.Module):
             t: timesteps on the training scale ([0, num_train_timesteps), fractional allowed),
                 a number, or a 0-d, (1,) or (B,) tensor (one value broadcast over the batch). A float64
                 model embeds them in float64.
-            labels: (B,) int class labels in [0, num_classes]; num_classes is the null label;
+            labels: (B,) int class labels in [0, num_classes] (on any device); num_classes is the null label;
                 None: all null.
             encoder_hidden_states: (B, S, cross_attention_dim) floating-point context that replaces
                 the label embedding (text conditioning); labels must then be None.
@@ -886,7 +886,7 @@ class DiT(torch.nn.Module):
         if labels is None:
             labels = torch.full((b,), self.null_label, device=t.device, dtype=torch.long)
         _check_labels(labels, b, self.null_label + 1)
-        return c + self.class_embedding(labels.long()).to(dtype)
+        return c + self.class_embedding(labels.to(device=c.device, dtype=torch.long)).to(dtype)
 
     def _blocks_and_final(self, tokens: torch.Tensor, c_act: torch.Tensor, rope) -> torch.Tensor:
         """The blocks and the final layer on tokens (B, L, dim) -> (B, L, p * p * out_channels).
@@ -925,7 +925,7 @@ class DiT(torch.nn.Module):
             t: timesteps on the training scale ([0, num_train_timesteps), fractional allowed),
                 a number, or a 0-d, (1,) or (B,) tensor (one value broadcast over the batch). A float64
                 model embeds them in float64.
-            labels: (B,) int class labels in [0, num_classes]; num_classes is the null label;
+            labels: (B,) int class labels in [0, num_classes] (on any device); num_classes is the null label;
                 None: all null (must be None when num_classes = 0).
 
         Returns (B, out_channels, H, W) in x's dtype (under torch.autocast: the autocast dtype).

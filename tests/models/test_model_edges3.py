@@ -111,3 +111,21 @@ def test_torch_layers_must_be_a_bool(kind, flag):
     }[kind]
     with pytest.raises(ValueError, match=f"torch_layers must be a bool, got {flag!r}"):
         make()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_labels_on_the_cpu_for_a_cuda_model(kind):
+    """Labels on the CPU for a model on CUDA (as a training loop's dataset gives them) failed inside the label
+    embedding ("Expected all tensors to be on the same device"); they go to the model's device, as t does and as
+    ImageGPT's labels do."""
+    from genkernels.models import UNet, UNetConfig
+
+    model = (UNet(UNetConfig.tiny()) if kind == "unet" else DiT(DiTConfig.tiny())).cuda().eval()
+    size, channels = model.config.sample_size, model.config.in_channels
+    x = torch.randn(2, channels, size, size, device="cuda")
+    labels = torch.tensor([0, 1])
+    with torch.no_grad():
+        got = model(x, 0.5, labels)
+        want = model(x, 0.5, labels.cuda())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
