@@ -194,12 +194,14 @@ def actnorm_forward(x: Tensor, log_scale: Tensor, bias: Tensor, reverse: bool) -
 def actnorm_backward(
     dy: Tensor, x: Tensor, log_scale: Tensor, bias: Tensor, need_dx: bool
 ) -> tuple[Tensor | None, Tensor, Tensor]:
-    """(dx or None, sum_dy, sum_dy_x) of ActNorm's forward direction, in one pass over dy and x.
+    """(dx or None, sum_dy, sum_dy_xb) of ActNorm's forward direction, in one pass over dy and x.
 
     dx = dy * exp(log_scale[c]) (x's dtype and layout, when need_dx); sum_dy[c] = sum_{n,s} dy and
-    sum_dy_x[c] = sum_{n,s} dy * x, float32 (C,), from fixed per-chunk partials merged in a fixed
-    order (deterministic). dy: x's shape, dtype and layout; log_scale: float32 (C,); bias is unused
-    (the op forms dbias and dlog_scale from the sums). No host synchronization.
+    sum_dy_xb[c] = sum_{n,s} dy * (x + bias[c]), float32 (C,), from fixed per-chunk partials merged in a
+    fixed order (deterministic). dy: x's shape, dtype and layout; log_scale, bias: float32 (C,). The
+    kernel takes no bias and sums dy * x: sum_dy_xb is formed here as sum dy x + bias sum dy, which loses
+    digits where |bias| is large against x + bias (the triton kernel sums dy * (x + bias) itself). No
+    host synchronization.
     """
     ext = require_extension()
     c = x.shape[1]
@@ -224,4 +226,4 @@ def actnorm_backward(
             nbytes,
             stream_handle(x.device),
         )
-    return dx, sums[0], sums[1]
+    return dx, sums[0], sums[1] + _param(bias) * sums[0]

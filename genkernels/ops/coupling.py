@@ -22,7 +22,8 @@ dh_s = (dy_b * x_b * s + dlogdet[n]) * g.
 ActNorm. Per channel, y = (x + bias) * exp(log_scale), logdet[n] = S * sum(log_scale) with S the
 product of the spatial sizes; reverse: x = y * exp(-log_scale) - bias, logdet = -S * sum(log_scale).
 Gradients: dx = dy * exp(ls), dbias = exp(ls) * sum_{n,s} dy, dlog_scale = exp(ls) * sum_{n,s} dy *
-(x + bias) + S * sum_n dlogdet[n].
+(x + bias) + S * sum_n dlogdet[n] (the kernels sum dy * (x + bias) itself: sum dy x + bias sum dy would
+cancel where |bias| is large against x + bias, as after ActNorm's initialization on data far from zero).
 
 Everything is float32 (float64 for float64 inputs on the reference); log-determinants and the
 per-channel sums accumulate in float32. Differentiated calls in the reverse direction (the sampling
@@ -39,8 +40,9 @@ to contiguous), every other big tensor in x's layout, numel > 0:
         forward direction; dy None (zero) or in x's layout; dlogdet None (zero) or float32 (N,)
     actnorm_not_supported(x, log_scale, bias, reverse) -> str | None
     actnorm_forward(x, log_scale, bias, reverse) -> y                 log_scale, bias: float32 (C,)
-    actnorm_backward(dy, x, log_scale, bias, need_dx) -> (dx or None, sum_dy (C,), sum_dy_x (C,))
-        forward direction; the sums are float32 over the batch and the positions.
+    actnorm_backward(dy, x, log_scale, bias, need_dx) -> (dx or None, sum_dy (C,), sum_dy_xb (C,))
+        forward direction; sum_dy_xb = sum dy * (x + bias); the sums are float32 over the batch and the
+        positions (float64 for float64 inputs on the reference).
 
 Each fast kernel reads its inputs once and writes each output once; the reductions come from fixed
 per-chunk partials merged in a fixed order (deterministic, no atomics, no host synchronization).
@@ -222,7 +224,7 @@ def _reference_actnorm_backward(dy, x, log_scale, bias, need_dx):
     g = dy.to(acc)
     dims = (0, *range(2, x.dim()))
     dx = match_layout((g * torch.exp(log_scale.to(acc).view(shape))).to(x.dtype), x) if need_dx else None
-    return dx, g.sum(dims), (g * x.to(acc)).sum(dims)
+    return dx, g.sum(dims), (g * (x.to(acc) + bias.to(acc).view(shape))).sum(dims)
 
 
 def _none(*args, **kwargs) -> None:
@@ -355,9 +357,9 @@ class _ActNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, ls, b = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dx, sum_dy, sum_dy_x = ctx.impl.actnorm_backward(match_layout(dy, x), x, ls, b, needs[0])
+        dx, sum_dy, sum_dy_xb = ctx.impl.actnorm_backward(match_layout(dy, x), x, ls, b, needs[0])
         e = torch.exp(ls)
-        dls = (e * (sum_dy_x + b * sum_dy)).to(ctx.dtypes[0]) if needs[1] else None
+        dls = (e * sum_dy_xb).to(ctx.dtypes[0]) if needs[1] else None
         db = (e * sum_dy).to(ctx.dtypes[1]) if needs[2] else None
         return dx, dls, db, None
 
@@ -465,14 +467,14 @@ def _(x, log_scale, bias, reverse, backend):
 def _actnorm_backward_op(
     dy: Tensor, x: Tensor, log_scale: Tensor, bias: Tensor, need_dx: bool, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx or empty, sum_dy, sum_dy_x) of the forward direction."""
+    """(dx or empty, sum_dy, sum_dy_xb) of the forward direction."""
     x = dense_layout(x)
     impl = _select(ACTNORM_OP, backend, x, log_scale, bias, False, needs_grad=False)
     acc = _acc(x)
-    dx, sum_dy, sum_dy_x = impl.actnorm_backward(
+    dx, sum_dy, sum_dy_xb = impl.actnorm_backward(
         match_layout(dy, x), x, log_scale.to(acc).contiguous(), bias.to(acc).contiguous(), need_dx
     )
-    return (dx if dx is not None else x.new_empty((0,))), sum_dy, sum_dy_x
+    return (dx if dx is not None else x.new_empty((0,))), sum_dy, sum_dy_xb
 
 
 @_actnorm_backward_op.register_fake
@@ -493,9 +495,9 @@ def _actnorm_backward(ctx, dy):
         raise RuntimeError("genkernels::actnorm: no backward for reverse=True; call actnorm()")
     x, log_scale, bias = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    dx, sum_dy, sum_dy_x = _actnorm_backward_op(dy, x, log_scale, bias, needs[0], ctx.backend)
+    dx, sum_dy, sum_dy_xb = _actnorm_backward_op(dy, x, log_scale, bias, needs[0], ctx.backend)
     e = torch.exp(log_scale.to(sum_dy.dtype))
-    dls = (e * (sum_dy_x + bias.to(sum_dy.dtype) * sum_dy)).to(log_scale.dtype) if needs[1] else None
+    dls = (e * sum_dy_xb).to(log_scale.dtype) if needs[1] else None
     db = (e * sum_dy).to(bias.dtype) if needs[2] else None
     return (dx if needs[0] else None), dls, db, None, None
 

@@ -24,7 +24,8 @@ log s per scale mode, in float32 (u = h_s; for every mode s = exp(log s) and g =
 - exp: log s = u, g = 1;
 - sigmoid: v = u + 2, e = exp(-|v|), log s = -softplus(-v) = min(v, 0) - log1p(e), g = sigmoid(-v) =
   (v >= 0 ? e : 1) / (1 + e): nothing overflows or takes log(0) for any finite u;
-- softclamp_tanh: z = u / clamp, e = exp(-2|z|), tanh z = sign(z) (1 - e) / (1 + e), g = 4e / (1 + e)^2;
+- softclamp_tanh: z = u / clamp, tanh z from _math (a polynomial for |z| < 0.625, where (1 - e) / (1 + e)
+  with e = exp(-2|z|) would cancel), g = 4e / (1 + e)^2;
 - softclamp_atan: z = u / clamp, log s = 0.636 clamp atan(z) (atan below), g = 0.636 / (1 + z^2);
 - additive: log s = 0, no h_s.
 
@@ -36,8 +37,10 @@ axis). A tile is [BLOCK_C, BLOCK_A, BLOCK_B]: a channel's values in channels fir
 a tile is a few channels by up to MAX_BLOCK positions of one or more samples (the benchmark's: one
 channel, 2,048 positions); in channels last it is the C consecutive channels of MAX_BLOCK / C pixels.
 The forward is elementwise with exp(log_scale[c]) per tile channel. The backward writes dx and, per
-program, the per-channel sums of dy and dy * x over its chunk (up to _MAX_TILES_PER_CHUNK tiles along
-A, one B tile), as float32 partials (2, chunks, C) that torch sums in a fixed order.
+program, the per-channel sums of dy and dy * (x + bias) over its chunk (up to _MAX_TILES_PER_CHUNK tiles
+along A, one B tile), as float32 partials (2, chunks, C) that torch sums in a fixed order. dlog_scale is
+exp(log_scale) times the second: formed as sum dy x + bias sum dy it would cancel where |bias| is large
+against x + bias (ActNorm's initialization sets bias = -mean).
 """
 
 from __future__ import annotations
@@ -285,14 +288,13 @@ def actnorm_forward(x: Tensor, log_scale: Tensor, bias: Tensor, reverse: bool) -
 def actnorm_backward(
     dy: Tensor, x: Tensor, log_scale: Tensor, bias: Tensor, need_dx: bool
 ) -> tuple[Tensor | None, Tensor, Tensor]:
-    """dx = dy * exp(log_scale[c]) and the per-channel sums sum_{n,s} dy and sum_{n,s} dy * x.
+    """dx = dy * exp(log_scale[c]) and the per-channel sums sum_{n,s} dy and sum_{n,s} dy * (x + bias[c]).
 
     dy, x: (N, C, *spatial) in one dtype (float32, float16, bfloat16) and layout (contiguous or
-    channels_last); log_scale, bias: contiguous float32 (C,) (bias is not read: the op forms dbias and
-    dlog_scale from the sums). Returns dx (x's dtype and layout) when need_dx (else None), and the two
-    sums, float32 (C,). One pass over dy and x: each program loops over its chunk of rows, writes dx
-    and one float32 partial per channel and sum; torch sums the partials in a fixed order (no atomics).
-    Never synchronizes with the host.
+    channels_last); log_scale, bias: contiguous float32 (C,). Returns dx (x's dtype and layout) when
+    need_dx (else None), and the two sums, float32 (C,). One pass over dy and x: each program loops over
+    its chunk of rows, writes dx and one float32 partial per channel and sum; torch sums the partials in a
+    fixed order (no atomics). Never synchronizes with the host.
     """
     p = _actnorm_plan(x)
     target = _PROGRAMS_PER_SM * sm_count(x.device)
@@ -306,6 +308,7 @@ def actnorm_backward(
             dy,
             x,
             log_scale,
+            bias,
             dx if dx is not None else x,
             partials,
             p["A"],
@@ -326,7 +329,7 @@ def actnorm_backward(
 
 
 if triton is not None:
-    from genkernels.triton._math import _exp
+    from genkernels.triton._math import _exp, _tanh
 
     @triton.jit
     def _atan(z):
@@ -371,11 +374,10 @@ if triton is not None:
                 g = tl.where(v >= 0.0, e, 1.0) / (1.0 + e)
         elif SCALE == 2:  # softclamp_tanh
             z = u * inv_clamp
-            e = _exp(-2.0 * tl.abs(z))
-            r = 1.0 / (1.0 + e)
-            th = (1.0 - e) * r
-            log_s = clamp * tl.where(z < 0.0, -th, th)
+            log_s = clamp * _tanh(z)  # to a few ulp for small |z| too, where (1 - e) / (1 + e) cancels
             if WANT_G:
+                e = _exp(-2.0 * tl.abs(z))
+                r = 1.0 / (1.0 + e)
                 g = 4.0 * e * r * r  # 1 - tanh^2 without the cancellation near |z| large
         else:  # softclamp_atan
             z = u * inv_clamp
@@ -599,6 +601,7 @@ if triton is not None:
         dy_ptr,
         x_ptr,
         log_scale_ptr,
+        bias_ptr,
         dx_ptr,
         partial_ptr,
         A,
@@ -614,32 +617,34 @@ if triton is not None:
         BLOCK_B: tl.constexpr,
     ):
         """dx of ``per_chunk`` consecutive [BLOCK_C, BLOCK_A, BLOCK_B] tiles along A, and the chunk's
-        per-channel sums of dy and dy * x into partials (2, chunks, C); grid (chunks * c_tiles,), chunk =
-        a_chunk * b_tiles + b_tile.
+        per-channel sums of dy and dy * (x + bias) into partials (2, chunks, C); grid (chunks * c_tiles,),
+        chunk = a_chunk * b_tiles + b_tile.
 
-        Memory traffic: dy and x read once, dx written once, 2 * BLOCK_C float32 partials per program."""
+        Memory traffic: dy and x read once, dx written once, 2 * BLOCK_C float32 partials and BLOCK_C
+        parameters per program."""
         pid = tl.program_id(0)
         ct = pid % c_tiles
         chunk = pid // c_tiles
         bt = chunk % b_tiles
         ac = chunk // b_tiles
         c0 = ct * BLOCK_C
+        tile_c = c0 + tl.arange(0, BLOCK_C)[:, None, None]
+        bias = tl.load(bias_ptr + tile_c, mask=tile_c < C, other=0.0)
         scale = 0.0
         if NEED_DX:
-            c = c0 + tl.arange(0, BLOCK_C)[:, None, None]
-            scale = _exp(tl.load(log_scale_ptr + c, mask=c < C, other=0.0))
+            scale = _exp(tl.load(log_scale_ptr + tile_c, mask=tile_c < C, other=0.0))
         sum_dy = tl.zeros([BLOCK_C, BLOCK_A, BLOCK_B], dtype=tl.float32)
-        sum_dy_x = tl.zeros([BLOCK_C, BLOCK_A, BLOCK_B], dtype=tl.float32)
+        sum_dy_xb = tl.zeros([BLOCK_C, BLOCK_A, BLOCK_B], dtype=tl.float32)
         for step in range(0, per_chunk):
             a0 = (ac * per_chunk + step) * BLOCK_A
             off, mask, c, c_in = _actnorm_tile(a0, c0, bt * BLOCK_B, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B)
             dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
             sum_dy += dy
-            sum_dy_x += dy * x
+            sum_dy_xb += dy * (x + bias)
             if NEED_DX:
                 tl.store(dx_ptr + off, (dy * scale).to(dx_ptr.dtype.element_ty), mask=mask)
         channels = c0 + tl.arange(0, BLOCK_C)
         at = partial_ptr + chunk * C + channels
         tl.store(at, tl.sum(tl.sum(sum_dy, axis=2), axis=1), mask=channels < C)
-        tl.store(at + chunks * C, tl.sum(tl.sum(sum_dy_x, axis=2), axis=1), mask=channels < C)
+        tl.store(at + chunks * C, tl.sum(tl.sum(sum_dy_xb, axis=2), axis=1), mask=channels < C)

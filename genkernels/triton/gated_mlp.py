@@ -5,7 +5,7 @@ gelu_tanh: x is dense (contiguous or channels_last) and y, dy, dx share its stri
 walked as one flat run of numel elements in memory order, BLOCK = 2,048 per program (smaller tensors:
 one program of next_pow2(numel)), loads and stores in 16-byte vectors. The tanh terms come from one
 sigmoid, s = sigmoid(2u): 0.5 (1 + tanh u) = s and 1 - tanh^2 u = 4 s (1 - s), s and 1 - s each from the
-accurate bias_act helper (exp(-|2u|) through an exact range reduction), so nothing cancels where tanh is
+accurate _math helper (exp(-|2u|) through an exact range reduction), so nothing cancels where tanh is
 near +-1 and an element costs one exp and one division (SASS a thread of 8 bf16 elements on sm_90: the
 forward 351, the gradient 433, against 431 and 570 from tanh and its own exp).
 Memory traffic: forward x read, y written; gradient dy and x read, dx written.
@@ -155,7 +155,7 @@ def swiglu_grad(dy: Tensor, x: Tensor, dim: int) -> Tensor:
 
 
 if triton is not None:
-    from genkernels.triton.bias_act import _sigmoid_pair
+    from genkernels.triton._math import _sigmoid_pair
 
     @triton.jit
     def _sigmoid_pair_for(z, x_ptr):
