@@ -424,6 +424,12 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             return n * S * C + c.to(tl.int64)[:, None] * S + s[None, :]
 
     @triton.jit
+    def _group_count(S, cg):
+        """Elements of a group, Cg * S, as float32: converted before multiplying, since the int32 product of two
+        int32 arguments wraps for groups of 2^31 elements or more."""
+        return S * 1.0 * cg
+
+    @triton.jit
     def _group_sum(v, member):
         """Per-group sums [BLOCK_G] of per-channel values v [BLOCK_C]."""
         return tl.sum(tl.where(member, v[None, :], 0.0), axis=1)
@@ -540,7 +546,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         mask = col_mask[:, None] & (s < S)[None, :]
         offs = _offsets(n, c, s, C, S, CHANNELS_LAST)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        count = S * cg * 1.0
+        count = _group_count(S, cg)
         mean, m2, centered = _tile_moments(x, mask, tl.zeros([BLOCK_C], dtype=tl.float32), member, count)
         rstd = 1.0 / tl.sqrt(m2 / count + eps)
         tl.store(mean_ptr + n * G + g, mean, mask=group_mask)
@@ -624,15 +630,15 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             m = group_mask[:, None] & (t < T)[None, :]
-            count = (tl.minimum(S - t * rows_per_split, rows_per_split) * cg).to(tl.float32)
+            count = tl.minimum(S - t * rows_per_split, rows_per_split).to(tl.float32) * cg
             pm = tl.load(part_mean_ptr + part_row[:, None] + t[None, :], mask=m, other=0.0)
             acc += tl.sum(tl.where(m, pm * count[None, :], 0.0), axis=1)
-        mean = acc / (S * cg * 1.0)
+        mean = acc / _group_count(S, cg)
         m2 = tl.zeros([BLOCK_G], dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             m = group_mask[:, None] & (t < T)[None, :]
-            count = (tl.minimum(S - t * rows_per_split, rows_per_split) * cg).to(tl.float32)
+            count = tl.minimum(S - t * rows_per_split, rows_per_split).to(tl.float32) * cg
             pm = tl.load(part_mean_ptr + part_row[:, None] + t[None, :], mask=m, other=0.0)
             pm2 = tl.load(part_m2_ptr + part_row[:, None] + t[None, :], mask=m, other=0.0)
             delta = pm - mean[:, None]
@@ -687,7 +693,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         rel_mean, m2 = _combine_partials(
             part_mean_ptr, part_m2_ptr, (n * G + g) * T, group_mask, S, cg, T, TPP * BLOCK_S, BLOCK_G, BLOCK_T
         )
-        rstd = 1.0 / tl.sqrt(m2 / (S * cg * 1.0) + eps)
+        rstd = 1.0 / tl.sqrt(m2 / _group_count(S, cg) + eps)
         if t == 0:
             tl.store(mean_ptr + n * G + g, shift_g + rel_mean, mask=group_mask)
             tl.store(rstd_ptr + n * G + g, rstd, mask=group_mask)
@@ -752,7 +758,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
             tl.store(sum_dz_ptr + n * C + c, sum_dz, mask=col_mask)
             tl.store(sum_dz_xhat_ptr + n * C + c, sum_dz_xhat, mask=col_mask)
         if NEEDS_DX:
-            mean_dxhat, mean_dxhat_xhat = _group_means_dxhat(sum_dz, sum_dz_xhat, w, member, S * cg * 1.0)
+            mean_dxhat, mean_dxhat_xhat = _group_means_dxhat(sum_dz, sum_dz_xhat, w, member, _group_count(S, cg))
             dx = _dx(xhat, dz, mean_dxhat, mean_dxhat_xhat, rstd_c, w)
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -868,7 +874,7 @@ if triton is not None:  # the kernels exist only where triton imports; not_suppo
         mean_c = _to_channels(tl.load(mean_ptr + n * G + g, mask=group_mask, other=0.0), member)
         rstd_c = _to_channels(tl.load(rstd_ptr + n * G + g, mask=group_mask, other=0.0), member)
         w, b = _load_affine(w_ptr, b_ptr, c, col_mask, HAS_WEIGHT, HAS_BIAS)
-        mean_dxhat, mean_dxhat_xhat = _group_means_dxhat(sum_dz, sum_dz_xhat, w, member, S * cg * 1.0)
+        mean_dxhat, mean_dxhat_xhat = _group_means_dxhat(sum_dz, sum_dz_xhat, w, member, _group_count(S, cg))
         for i in range(TPP):
             s = (t * TPP + i) * BLOCK_S + tl.arange(0, BLOCK_S)
             mask = col_mask[:, None] & (s < S)[None, :]
