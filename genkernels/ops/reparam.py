@@ -59,6 +59,7 @@ float16 or bfloat16), stride(2) == 1, B * R * K > 0.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -164,13 +165,16 @@ def _rows(t: Tensor, channels_last: bool) -> Tensor | None:
     """
     sizes, strides = tuple(t.shape), t.stride()
     b = sizes[0]
+    if channels_last and t.dim() < 3:
+        return None
+    if t.numel() == 0:  # nothing to address, whatever the strides (torch calls every empty tensor contiguous)
+        r, k = (math.prod(sizes[2:]), sizes[1]) if channels_last else (1, math.prod(sizes[1:]))
+        return t.as_strided((b, r, k), (r * k, k, 1))
     if not channels_last:
         run = _collapse(sizes, strides, 1)
         if run is None or run[1] != 1:
             return None
         return t.as_strided((b, 1, run[0]), (strides[0], run[0], 1))
-    if t.dim() < 3:
-        return None
     c = sizes[1]
     if c > 1 and strides[1] != 1:
         return None
@@ -456,11 +460,13 @@ def _traced_canonical(first, logvar, noise):
 
 
 # Explicit schemas: torch 2.4 cannot infer them from postponed (string) annotations. `first` is mean,
-# or moments when logvar is None; kl is an empty tensor when not asked for (ops cannot return None).
+# or moments when logvar is None; kl is an empty tensor when not asked for (ops cannot return None). seed and
+# offset are SymInt: a compiled step passing a new seed each call (seed=step) keeps one graph instead of
+# specializing on every value (a recompile per step, an error past dynamo's limit under fullgraph).
 @torch.library.custom_op(
     "genkernels::reparameterize",
     mutates_args=(),
-    schema="(Tensor first, Tensor? logvar, Tensor? noise, Tensor? seed_tensor, int seed, int offset,"
+    schema="(Tensor first, Tensor? logvar, Tensor? noise, Tensor? seed_tensor, SymInt seed, SymInt offset,"
     " bool deterministic, bool want_kl, str backend) -> (Tensor, Tensor)",
 )
 def _reparameterize_op(
@@ -495,8 +501,8 @@ def _(first, logvar, noise, seed_tensor, seed, offset, deterministic, want_kl, b
 @torch.library.custom_op(
     "genkernels::reparameterize_backward",
     mutates_args=(),
-    schema="(Tensor? dz, Tensor? dkl, Tensor first, Tensor? logvar, Tensor? noise, Tensor? seed_tensor, int seed,"
-    " int offset, bool deterministic, bool need_first, bool need_logvar, str backend) -> (Tensor, Tensor)",
+    schema="(Tensor? dz, Tensor? dkl, Tensor first, Tensor? logvar, Tensor? noise, Tensor? seed_tensor, SymInt seed,"
+    " SymInt offset, bool deterministic, bool need_first, bool need_logvar, str backend) -> (Tensor, Tensor)",
 )
 def _reparameterize_backward_op(
     dz: Tensor | None,
@@ -600,20 +606,25 @@ def reparameterize(
             and logvar = moments[:, C:] (diffusers' DiagonalGaussianDistribution), read in place.
         noise: eps given explicitly, mean's shape and dtype.
         seed, offset: key and stream of the in-kernel Philox eps (genkernels.ops.schedule's
-            stream; every backend draws the same numbers for the same seed and offset). Ignored
-            when noise or a generator is given.
+            stream; every backend draws the same numbers for the same seed and offset). Element e
+            of z in memory order takes number e of the stream, so the same seed gives other
+            samples for a channels_last input than for a contiguous one. Ignored when noise or a
+            generator is given.
         generator: a torch.Generator: the fast backends draw one int64 seed with it (on its device,
             no host synchronization); the reference draws eps with ``torch.randn`` on it in mean's
             dtype (diffusers' DiagonalGaussianDistribution.sample).
             Without noise, generator and seed, the seed comes from the default generator of
             mean's device (capturable in a CUDA graph; reproducible under torch.manual_seed).
         return_kl: also return kl.
-        deterministic: z = mean (the posterior mode); kl as usual.
+        deterministic: z = mean (the posterior mode); kl as usual (diffusers' deterministic
+            DiagonalGaussianDistribution reports kl = 0 instead).
         backend: "auto" / None, "reference", "triton" or "cuda" (an explicit backend that cannot
             run the call raises UnsupportedError).
 
     Returns z, in mean's dtype, shape and layout (contiguous, or channels_last when mean or
-    moments is), and with return_kl the float32 (B,) kl (float64 for float64 inputs).
+    moments is), and with return_kl the float32 (B,) kl (float64 for float64 inputs): a sum over
+    every non-batch dim, also for 5-D video latents (diffusers' DiagonalGaussianDistribution.kl
+    sums dims 1, 2, 3 only). A NaN in mean or logvar gives NaN in z and in its sample's kl.
     Differentiable in mean and logvar (or moments) through one fused backward pass that draws eps
     again instead of storing it, and in a given noise tensor; first order only, on every backend (a
     gradient taken with create_graph=True raises).

@@ -21,9 +21,10 @@ starts a Philox group and draws one Philox block per four elements; otherwise ea
 own. The backward draws with the same tiles and the same path as the forward, so its eps is
 bit-identical. A seed tensor (one int64 element on the device) is read by the kernel: no host sync.
 
-Forward, per element in float32: lv = clamp(logvar, -30, 20), std = exp(lv / 2), z = mean + std * eps
-(deterministic: z = mean), and each program writes its tile's KL partial 0.5 * sum(mean^2 + exp(lv)
-- 1 - lv) into a float32 (B, T) tensor; the KL is its sum over T, a fixed order (no atomics).
+Forward, per element in float32: lv = clamp(logvar, -30, 20) (NaN kept, as torch.clamp's), std =
+exp(lv / 2), z = mean + std * eps (deterministic: z = mean), and each program writes its tile's KL
+partial 0.5 * sum(mean^2 + exp(lv) - 1 - lv) into a float32 (B, T) tensor; the KL is its sum over T,
+a fixed order (no atomics).
 Memory traffic: mean, logvar (and noise) read once, z written once, 4 bytes per tile of partials.
 
 Backward, per element in float32, with in = (-30 <= logvar <= 20):
@@ -200,6 +201,12 @@ if triton is not None:
     from genkernels.triton._philox import _philox_normal, _philox_normal_groups
 
     @triton.jit
+    def _clamp_logvar(logvar):
+        """clamp(logvar, -30, 20) with NaN kept, as torch.clamp does (tl.minimum / tl.maximum drop a NaN
+        operand: a NaN logvar would give a finite z and KL)."""
+        return tl.where(logvar < -30.0, -30.0, tl.where(logvar > 20.0, 20.0, logvar))
+
+    @triton.jit
     def _offsets(b, j, K, stride_b, stride_r, FLAT: tl.constexpr):
         """64-bit offsets of elements j of sample b in a view with strides (stride_b, stride_r, 1)."""
         if FLAT:
@@ -277,7 +284,7 @@ if triton is not None:
         z = mean
         if NOISE != 0 or WANT_KL:
             logvar = tl.load(logvar_ptr + _offsets(b, j, K, logvar_sb, logvar_sr, FLAT), mask=mask, other=0.0)
-            lv = tl.minimum(tl.maximum(logvar.to(tl.float32), -30.0), 20.0)
+            lv = _clamp_logvar(logvar.to(tl.float32))
             if NOISE != 0:
                 eps = _eps(
                     noise_ptr,
@@ -360,7 +367,7 @@ if triton is not None:
         if WANT_DLOGVAR:
             logvar_at = logvar_ptr + _offsets(b, j, K, logvar_sb, logvar_sr, FLAT)
             logvar = tl.load(logvar_at, mask=mask, other=0.0).to(tl.float32)
-            lv = tl.minimum(tl.maximum(logvar, -30.0), 20.0)
+            lv = _clamp_logvar(logvar)
             dlogvar = tl.zeros([BLOCK], dtype=tl.float32)
             if NOISE != 0:
                 eps = _eps(
