@@ -455,13 +455,14 @@ def _unpack_coeffs(tensors, values, slots) -> StepCoeffs:
 
 
 # Explicit schema: torch 2.4 cannot infer it from postponed (string) annotations. Optional floats
-# travel as (value, flag) pairs; x0 is an empty tensor when not asked for (ops cannot return None).
+# travel as (value, flag) pairs; x0 is an empty tensor when not asked for (ops cannot return None). seed and
+# offset are SymInts: a compiled loop passing seed=step would recompile at every value of an int.
 @torch.library.custom_op(
     "genkernels::schedule_step",
     mutates_args=(),
     schema="(Tensor sample, Tensor? model_output, Tensor? noise, Tensor? x0_prev, Tensor[] coeff_tensors,"
     " float[] coeff_values, int[] coeff_slots, bool guided, float guidance_scale, float guidance_rescale,"
-    " bool clip, float clip_sample, Tensor? seed_tensor, bool has_seed, int seed, int offset, bool return_x0,"
+    " bool clip, float clip_sample, Tensor? seed_tensor, bool has_seed, SymInt seed, SymInt offset, bool return_x0,"
     " str backend) -> (Tensor, Tensor)",
 )
 def _schedule_step_op(

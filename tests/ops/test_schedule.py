@@ -641,6 +641,30 @@ def test_compile_fullgraph(backend, device):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compile_varying_seed_and_offset_do_not_recompile(backend, device):
+    """A compiled sampling loop that passes a new seed or offset each step (seed=step) compiles at most twice
+    (once static, once with the ints dynamic) and gives the eager noise; ints in the op's schema were
+    specialized in the graph, a compilation per value, and past dynamo's recompile limit an error under
+    fullgraph=True."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    sample, _, _, _ = _inputs((2, 3, 4, 5), torch.float32, device, False)
+    coeffs = StepCoeffs(cx=0.5, cn=1.0)
+    _skip_unsupported(backend, sample, None, None, None, coeffs, None, 0.0, None)
+
+    def step(sample, seed, offset):
+        return schedule_step(sample, None, coeffs, seed=seed, offset=offset, backend=backend)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for i in range(5):
+        seed, offset = 100 + 7 * i, 3 * i
+        torch.testing.assert_close(compiled(sample, seed, offset), step(sample, seed, offset), rtol=0, atol=0)
+    assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 5 seeds"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_compile_add_noise(backend, device):
     """add_noise (training) traces without graph breaks, gradients included."""
     torch._dynamo.reset()
