@@ -279,16 +279,18 @@ PYBIND11_MODULE(_C, m) {
       "Scratch bytes actnorm_backward needs for the per-channel partials (0: none).");
   m.def(
       "actnorm_backward",
-      [](uintptr_t dy, uintptr_t x, uintptr_t log_scale, uintptr_t dx, uintptr_t sums, int64_t n, int64_t c, int64_t s,
-         bool channels_last, int dtype, int device, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
-        genkernels::actnorm_backward(ActNormProblem{n, c, s, channels_last, dtype, device}, dy, x, log_scale, dx, sums,
-                                     workspace, workspace_bytes, stream);
+      [](uintptr_t dy, uintptr_t x, uintptr_t log_scale, uintptr_t bias, uintptr_t dx, uintptr_t sums, int64_t n,
+         int64_t c, int64_t s, bool channels_last, int dtype, int device, uintptr_t workspace, size_t workspace_bytes,
+         uintptr_t stream) {
+        genkernels::actnorm_backward(ActNormProblem{n, c, s, channels_last, dtype, device}, dy, x, log_scale, bias, dx,
+                                     sums, workspace, workspace_bytes, stream);
       },
-      py::arg("dy"), py::arg("x"), py::arg("log_scale"), py::arg("dx"), py::arg("sums"), py::arg("n"), py::arg("c"),
-      py::arg("s"), py::arg("channels_last"), py::arg("dtype"), py::arg("device"), py::arg("workspace"),
-      py::arg("workspace_bytes"), py::arg("stream"),
+      py::arg("dy"), py::arg("x"), py::arg("log_scale"), py::arg("bias"), py::arg("dx"), py::arg("sums"),
+      py::arg("n"), py::arg("c"), py::arg("s"), py::arg("channels_last"), py::arg("dtype"), py::arg("device"),
+      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
       "ActNorm backward: dx = dy * exp(log_scale[c]) (dx may be 0: not written) and the float32 (2, C) sums over "
-      "(n, s) of dy and dy * x per channel, deterministic. Never synchronizes.");
+      "(n, s) of dy and dy * (x + bias[c]) per channel (log_scale and bias float32 (C,)), deterministic. Never "
+      "synchronizes.");
   m.def(
       "bias_act_forward",
       [](uintptr_t x, uintptr_t bias, uintptr_t y, int64_t n, int64_t stride_c, int64_t channels, int dtype,

@@ -239,10 +239,15 @@ size_t actnorm_backward_workspace(const ActNormProblem& p) {
   return s.chunks > 1 ? static_cast<size_t>(2 * p.c * s.chunks) * sizeof(float) : 0;
 }
 
-void actnorm_backward(const ActNormProblem& p, uintptr_t dy, uintptr_t x, uintptr_t log_scale, uintptr_t dx,
-                      uintptr_t sums, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream_handle) {
-  if (dy == 0 || x == 0 || log_scale == 0 || sums == 0) fail("actnorm", "dy, x, log_scale and sums must be non-null");
-  if (log_scale % 4 != 0 || sums % 4 != 0) fail("actnorm", "log_scale and sums must be float32 tensors");
+void actnorm_backward(const ActNormProblem& p, uintptr_t dy, uintptr_t x, uintptr_t log_scale, uintptr_t bias,
+                      uintptr_t dx, uintptr_t sums, uintptr_t workspace, size_t workspace_bytes,
+                      uintptr_t stream_handle) {
+  if (dy == 0 || x == 0 || log_scale == 0 || bias == 0 || sums == 0) {
+    fail("actnorm", "dy, x, log_scale, bias and sums must be non-null");
+  }
+  if (log_scale % 4 != 0 || bias % 4 != 0 || sums % 4 != 0) {
+    fail("actnorm", "log_scale, bias and sums must be float32 tensors");
+  }
   const int vec = actnorm_vector(p, actnorm_shape(p), {dy, x, dx});
   const ActNormShape s = actnorm_backward_shape(p, vec);
   ActNormBackwardArgs a{};
@@ -250,6 +255,7 @@ void actnorm_backward(const ActNormProblem& p, uintptr_t dy, uintptr_t x, uintpt
   a.dy = reinterpret_cast<const void*>(dy);
   a.x = reinterpret_cast<const void*>(x);
   a.log_scale = reinterpret_cast<const float*>(log_scale);
+  a.bias = reinterpret_cast<const float*>(bias);
   a.dx = reinterpret_cast<void*>(dx);
   float* const out = reinterpret_cast<float*>(sums);
   a.partials = out;

@@ -199,9 +199,9 @@ def actnorm_backward(
     dx = dy * exp(log_scale[c]) (x's dtype and layout, when need_dx); sum_dy[c] = sum_{n,s} dy and
     sum_dy_xb[c] = sum_{n,s} dy * (x + bias[c]), float32 (C,), from fixed per-chunk partials merged in a
     fixed order (deterministic). dy: x's shape, dtype and layout; log_scale, bias: float32 (C,). The
-    kernel takes no bias and sums dy * x: sum_dy_xb is formed here as sum dy x + bias sum dy, which loses
-    digits where |bias| is large against x + bias (the triton kernel sums dy * (x + bias) itself). No
-    host synchronization.
+    kernel adds dy * (x + bias) itself, in float32: sum dy x + bias sum dy would cancel where |bias| is large
+    against x + bias (after ActNorm's data-dependent initialization on data far from zero). No host
+    synchronization.
     """
     ext = require_extension()
     c = x.shape[1]
@@ -210,7 +210,7 @@ def actnorm_backward(
     if x.numel() == 0:
         sums.zero_()
         return dx, sums[0], sums[1]
-    log_scale = _param(log_scale)
+    log_scale, bias = _param(log_scale), _param(bias)
     problem = _problem(x)
     with device_guard(x.device):
         nbytes = ext.actnorm_backward_workspace(*problem)
@@ -219,6 +219,7 @@ def actnorm_backward(
             dy.data_ptr(),
             x.data_ptr(),
             log_scale.data_ptr(),
+            bias.data_ptr(),
             address(dx),
             sums.data_ptr(),
             *problem,
@@ -226,4 +227,4 @@ def actnorm_backward(
             nbytes,
             stream_handle(x.device),
         )
-    return dx, sums[0], sums[1] + _param(bias) * sums[0]
+    return dx, sums[0], sums[1]

@@ -11,8 +11,10 @@ small cases: fp32, fp16 and bf16; channels first and channels last; 16-byte vect
 alone); odd C, C = 2, S = 1, N = 1; every scale mode (exp, sigmoid, softclamp_tanh, softclamp_atan,
 additive) and clamp; reverse; dy or dlogdet absent; dx, dh or both; logdet wanted or not; one chunk per
 sample, several, and more than the merge block has threads; ActNorm channel tiles with uneven row-lane trees, idle
-threads and two tiles; pre-activations up to 1e4 in the sigmoid and softclamp modes (no NaN or inf).
-y, logdet, dx, dh and ActNorm's per-channel sums of dy and dy * x are compared with a float64 reference
+threads and two tiles; pre-activations up to 1e4 in the sigmoid and softclamp modes (no NaN or inf); ActNorm
+on data of mean 1000 with bias = -mean (its data-dependent initialization), where the sum of dy * (x + bias)
+must carry the error of its own terms, not that of sum dy x + bias sum dy, which cancels.
+y, logdet, dx, dh and ActNorm's per-channel sums of dy and dy * (x + bias) are compared with a float64 reference
 under an error model of the kernels' float32 arithmetic (see the driver's header), and sentinels around
 every output catch stray stores and elements never written. What the emulator cannot see (memory-model
 races, the device's expf / tanhf rounding, speed, registers) is listed in simt.h.
@@ -61,3 +63,8 @@ def test_coupling_emulated(emulator):
     actnorm = [m[3] for m in results if m[2] == "actnorm"]
     for option in (" C3 ", " C129 ", " C300 ", " dx ", " no-dx "):
         assert any(option in n for n in actnorm), option
+    # Mean 1000, bias = -mean: each dtype, both layouts, one chunk and several.
+    large = [m for m in results if m[2] == "actnorm" and " large-mean " in m[3]]
+    assert {(m[3].split()[0], " last " in m[3], m[6] == "1") for m in large} == {
+        (dtype, last, one) for dtype in ("f32", "f16", "bf16") for last in (False, True) for one in (False, True)
+    }, [m[3] for m in large]

@@ -182,10 +182,11 @@ void actnorm_forward(const ActNormProblem& p, uintptr_t x, uintptr_t log_scale, 
 size_t actnorm_backward_workspace(const ActNormProblem& p);
 
 // dx = dy * exp(log_scale[c]) (when dx is non-zero) and, into the float32 (2, C) `sums`, sum over
-// (n, s) of dy and of dy * x per channel, deterministic (fixed partials merged in a fixed order).
-// Launches on `stream`, never synchronizes.
-void actnorm_backward(const ActNormProblem& p, uintptr_t dy, uintptr_t x, uintptr_t log_scale, uintptr_t dx,
-                      uintptr_t sums, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream);
+// (n, s) of dy and of dy * (x + bias[c]) per channel, deterministic (fixed partials merged in a fixed
+// order); log_scale and bias float32 (C,). The second sum adds dy * (x + bias) itself: sum dy x +
+// bias sum dy cancels where |bias| is large against x + bias. Launches on `stream`, never synchronizes.
+void actnorm_backward(const ActNormProblem& p, uintptr_t dy, uintptr_t x, uintptr_t log_scale, uintptr_t bias,
+                      uintptr_t dx, uintptr_t sums, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream);
 
 // A bias_act problem: x (and y, dy, dz) dense, walked as one flat run of n elements in memory order;
 // the bias (float32 (C,), optional) of flat element e is bias[(e / stride_c) % channels]. One dtype

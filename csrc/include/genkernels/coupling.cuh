@@ -16,7 +16,9 @@
 // kernels against float64 closely, and log s feeds a long sum.
 //
 // ActNorm, per channel c: y = (x + bias[c]) * exp(ls[c]) (reverse: y = x * exp(-ls[c]) - bias[c]);
-// backward: dx = dy * exp(ls[c]) and the per-channel sums sum_{n,s} dy and sum_{n,s} dy * x.
+// backward: dx = dy * exp(ls[c]) and the per-channel sums sum_{n,s} dy and sum_{n,s} dy * (x + bias[c]),
+// the latter summed as written (not as sum dy x + bias sum dy, whose two terms cancel when |bias| is large
+// against x + bias, as after ActNorm's data-dependent initialization on data far from zero).
 //
 // Work split and determinism. The coupling and ActNorm forward passes cut each sample's C*S
 // positions into chunks of `chunk` positions (a multiple of every vector width); block
@@ -277,9 +279,10 @@ struct ActNormBackwardArgs {
   ActNormShape s;
   const void* dy;
   const void* x;
-  const float* log_scale;
-  void* dx;         // nullptr: not wanted
-  float* partials;  // (2, C, chunks): sums of dy, then of dy * x (the sums themselves when chunks == 1)
+  const float* log_scale;  // (C,) float32
+  const float* bias;       // (C,) float32
+  void* dx;                // nullptr: not wanted
+  float* partials;         // (2, C, chunks): sums of dy, then of dy * (x + bias) (the sums when chunks == 1)
 };
 
 template <class D, int VEC>
@@ -311,9 +314,9 @@ __global__ void __launch_bounds__(kCouplingThreads) actnorm_backward_first_kerne
   const ActNormShape& sh = a.s;
   int64_t c, chunk;
   split_index(blockIdx.x, sh.chunks, c, chunk);
-  const float scale = expf(__ldg(a.log_scale + c));
+  const float scale = expf(__ldg(a.log_scale + c)), bias = __ldg(a.bias + c);
   const int64_t total = sh.n * sh.s;
-  float sum_dy = 0.f, sum_dyx = 0.f;
+  float sum_dy = 0.f, sum_dyxb = 0.f;
   for (Walk<VEC> w(chunk * sh.chunk, min(total, (chunk + 1) * sh.chunk), sh.s); w.valid(); w.next()) {
     const int64_t e = (w.q * sh.c + c) * sh.s + w.r;
     float dy[VEC], x[VEC];
@@ -322,13 +325,13 @@ __global__ void __launch_bounds__(kCouplingThreads) actnorm_backward_first_kerne
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       sum_dy += dy[i];
-      sum_dyx += dy[i] * x[i];
+      sum_dyxb += dy[i] * (x[i] + bias);
       dy[i] *= scale;
     }
     if (a.dx != nullptr) store_stream<D, VEC>(a.dx, e, dy);
   }
   store_block_sum(sum_dy, scratch, a.partials + c * sh.chunks + chunk);
-  store_block_sum(sum_dyx, scratch, a.partials + (sh.c + c) * sh.chunks + chunk);
+  store_block_sum(sum_dyxb, scratch, a.partials + (sh.c + c) * sh.chunks + chunk);
 }
 
 // Channels last: block (k, tile) takes pixel rows [k * chunk, (k + 1) * chunk) of channel tile `tile`
@@ -344,11 +347,12 @@ __global__ void __launch_bounds__(kCouplingThreads) actnorm_backward_last_kernel
   split_index(blockIdx.x, sh.tiles, chunk, tile);
   const int64_t c0 = (tile * tile_vecs + v) * VEC;
   const bool active = r < rows && c0 < sh.c;  // with VEC > 1, C % VEC == 0: the whole vector is in range
-  float sum_dy[VEC], sum_dyx[VEC], scale[VEC];
+  float sum_dy[VEC], sum_dyxb[VEC], scale[VEC], bias[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    sum_dy[i] = sum_dyx[i] = 0.f;
+    sum_dy[i] = sum_dyxb[i] = 0.f;
     scale[i] = active ? expf(__ldg(a.log_scale + c0 + i)) : 0.f;
+    bias[i] = active ? __ldg(a.bias + c0 + i) : 0.f;
   }
   if (active) {
     const int64_t end = min(sh.n * sh.s, (chunk + 1) * sh.chunk);
@@ -360,7 +364,7 @@ __global__ void __launch_bounds__(kCouplingThreads) actnorm_backward_last_kernel
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         sum_dy[i] += dy[i];
-        sum_dyx[i] += dy[i] * x[i];
+        sum_dyxb[i] += dy[i] * (x[i] + bias[i]);
         dy[i] *= scale[i];
       }
       if (a.dx != nullptr) store_stream<D, VEC>(a.dx, e, dy);
@@ -370,7 +374,7 @@ __global__ void __launch_bounds__(kCouplingThreads) actnorm_backward_last_kernel
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
     lanes[i * kCouplingThreads + tid] = sum_dy[i];
-    lanes[(VEC + i) * kCouplingThreads + tid] = sum_dyx[i];
+    lanes[(VEC + i) * kCouplingThreads + tid] = sum_dyxb[i];
   }
   // Row lane r adds lane r + half while the live lanes halve (rounded up): a fixed tree for any R.
   for (int live = rows; live > 1;) {

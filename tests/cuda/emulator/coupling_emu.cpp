@@ -1,7 +1,7 @@
 // Runs the normalizing-flow kernels of genkernels/coupling.cuh, the same source that csrc/coupling.cu
 // compiles with nvcc, on the CPU under the SIMT emulator of simt.h, and checks them against a float64
 // reference: the affine coupling's y and logdet (forward and reverse) and its dx and dh, ActNorm's y
-// (forward and reverse), dx and per-channel sums of dy and dy * x. Cases cover the kernels' paths:
+// (forward and reverse), dx and per-channel sums of dy and dy * (x + bias). Cases cover the kernels' paths:
 // fp32, fp16 and bf16; channels first and channels last; 16-byte vectors and the scalar path (S, C,
 // Ca or Ch not a multiple of the vector width; pointers one element past a 16-byte boundary: every
 // tensor, or the gradients alone so that the forward moves vectors and the backward scalars); odd C,
@@ -9,7 +9,9 @@
 // logdet wanted or not; one chunk per sample, several with a partial last one, more than a warp's
 // worth, and more than the merge block has threads (its loop goes round twice); ActNorm channel
 // tiles of one, several, and with idle
-// threads; pre-activations of magnitude up to 1e4 (sigmoid and softclamp modes: no NaN or inf).
+// threads; pre-activations of magnitude up to 1e4 (sigmoid and softclamp modes: no NaN or inf); ActNorm
+// inputs of mean 1000 with bias = -mean, as ActNorm's data-dependent initialization sets it (the sum of
+// dy * (x + bias) to the error of its own terms: summed as sum dy x + bias sum dy it would cancel).
 //
 //   coupling_emu [--jobs N] [--case SUBSTRING]
 //
@@ -32,7 +34,8 @@
 // m the output's magnitude (the expression with every term in absolute value), u the dtype's unit
 // roundoff; an output that rounds to the reference's dtype value passes as is. A float32 sum (logdet,
 // ActNorm's sums) errs by at most 2^-24 (d + 8) of the sum of its terms' magnitudes, d the depth of
-// its summation (a thread's sequential adds, the block tree, the merge), plus each term's own error.
+// its summation (a thread's sequential adds, the block tree, the merge), plus each term's own error
+// (dy * (x + bias): two roundings, 2^-23 of the term).
 #include "simt.h"
 #include "driver.h"
 
@@ -72,9 +75,10 @@ struct Case {
   bool reverse, want_logdet, dy, dlogdet;
   Grads grads;
   Misalign misalign;
-  bool large_h;   // pre-activations up to 1e4 in magnitude
-  int64_t chunk;  // coupling and ActNorm forward: positions per chunk; ActNorm backward: elements
-                  // (channels first) or pixel rows (channels last) per chunk
+  bool large_h;     // pre-activations up to 1e4 in magnitude
+  bool large_mean;  // ActNorm: x of mean 1000 per channel, bias = -that mean
+  int64_t chunk;    // coupling and ActNorm forward: positions per chunk; ActNorm backward: elements
+                    // (channels first) or pixel rows (channels last) per chunk
 
   std::string name() const {
     static const char* const scales[] = {"exp", "sigmoid", "softclamp_tanh", "softclamp_atan", "additive"};
@@ -88,10 +92,10 @@ struct Case {
                misalign == Misalign::kAll ? " misaligned" : misalign == Misalign::kGrads ? " misaligned-grads" : "",
                large_h ? " large-h" : "", static_cast<long long>(chunk));
     } else {
-      snprintf(buf, sizeof buf, "actnorm %s N%d C%d S%d %s%s%s%s chunk%lld", dtype_name(dtype), N, C, S,
+      snprintf(buf, sizeof buf, "actnorm %s N%d C%d S%d %s%s%s%s%s chunk%lld", dtype_name(dtype), N, C, S,
                channels_last ? "last" : "first", reverse ? " reverse" : "", grads == Grads::kBoth ? " dx" : " no-dx",
                misalign == Misalign::kAll ? " misaligned" : misalign == Misalign::kGrads ? " misaligned-grads" : "",
-               static_cast<long long>(chunk));
+               large_mean ? " large-mean" : "", static_cast<long long>(chunk));
     }
     return buf;
   }
@@ -338,6 +342,19 @@ Outcome run_actnorm(const Case& c, unsigned seed) {
   std::vector<float> log_scale(C), bias(C);
   for (float& v : log_scale) v = 0.7f * normal(rng);
   for (float& v : bias) v = normal(rng);
+  if (c.large_mean) {  // x + 1000 in the dtype, bias = -the channel mean of what the kernels read
+    for (int64_t ch = 0; ch < C; ++ch) {
+      double mean = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t e = at(last, C, S, n, ch, s);
+          x.set(e, 1000.f + x.at(e));
+          mean += x.at(e);
+        }
+      }
+      bias[ch] = static_cast<float>(-mean / static_cast<double>(N * S));
+    }
+  }
 
   std::vector<simt::Range> global;
   auto reg = [&global](const void* p, size_t bytes) { simt::register_global(global, p, bytes); };
@@ -372,7 +389,8 @@ Outcome run_actnorm(const Case& c, unsigned seed) {
     bs.tiles = 1;
   }
   std::vector<float> sums(2 * C + 2, NAN), partials(2 * C * bs.chunks + 2, NAN);
-  genkernels::ActNormBackwardArgs ba{bs, dy.data(), x.data(), log_scale.data(), want_dx ? dx.data() : nullptr,
+  genkernels::ActNormBackwardArgs ba{bs, dy.data(), x.data(), log_scale.data(), bias.data(),
+                                     want_dx ? dx.data() : nullptr,
                                      bs.chunks > 1 ? partials.data() + 1 : sums.data() + 1};
 
   const std::string label = c.name();
@@ -407,7 +425,7 @@ Outcome run_actnorm(const Case& c, unsigned seed) {
   const double depth = per_thread + 8 + static_cast<double>(ceil_div(bs.chunks, genkernels::kMergeThreads) + 8);
   for (int64_t ch = 0; ch < C; ++ch) {
     const double ls = log_scale[ch], b = bias[ch], sc = std::exp(ls);
-    double sdy = 0, sdy_mag = 0, sdyx = 0, sdyx_mag = 0;
+    double sdy = 0, sdy_mag = 0, sdyxb = 0, sdyxb_mag = 0;
     for (int64_t n = 0; n < N; ++n) {
       for (int64_t s = 0; s < S; ++s) {
         const int64_t e = at(last, C, S, n, ch, s);
@@ -420,13 +438,14 @@ Outcome run_actnorm(const Case& c, unsigned seed) {
         if (want_dx) check("dx", e, n, dx.at(e), gy * sc, std::fabs(gy * sc), 1);
         sdy += gy;
         sdy_mag += std::fabs(gy);
-        sdyx += gy * xv;
-        sdyx_mag += std::fabs(gy * xv);
+        sdyxb += gy * (xv + b);
+        sdyxb_mag += std::fabs(gy * (xv + b));
       }
     }
     if (!c.reverse) {
       check_sum(found, "sum_dy", ch, sums[ch + 1], sdy, sdy_mag, 0, depth);
-      check_sum(found, "sum_dy_x", ch, sums[C + ch + 1], sdyx, sdyx_mag, std::ldexp(1.0, -24) * sdyx_mag, depth);
+      const double term_err = std::ldexp(1.0, -23) * sdyxb_mag;
+      check_sum(found, "sum_dy_xb", ch, sums[C + ch + 1], sdyxb, sdyxb_mag, term_err, depth);
     }
   }
   if (y.untouched()) found.flag("y: %zu elements never written", y.untouched());
@@ -547,6 +566,22 @@ std::vector<Case> make_cases() {
         cases.push_back(c);
       }
       ++group;
+    }
+  }
+  // ActNorm on data of mean 1000 with bias = -mean: both layouts, one chunk and several (merged).
+  for (const int dtype : {kF32, kF16, kBF16}) {
+    for (const bool last : {false, true}) {
+      for (const int64_t chunk : {int64_t{2048}, int64_t{5}}) {
+        Case c{};
+        c.kind = Kind::kActNorm;
+        c.dtype = dtype;
+        c.N = 2, c.C = last ? 8 : 5, c.S = last ? 33 : 32;
+        c.channels_last = last;
+        c.grads = Grads::kBoth;
+        c.large_mean = true;
+        c.chunk = chunk;
+        cases.push_back(c);
+      }
     }
   }
   // More chunks than the merge block has threads: its loop goes round twice.
