@@ -178,11 +178,23 @@ def _table(
     return lines + [""]
 
 
+def _shape_names(text: str) -> list[str]:
+    """--shapes: names of SHAPES, comma-separated, each once in the order given; an unknown one is refused before
+    any work (a dry run included)."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown shape(s) {unknown or [text]}; shapes: {', '.join(SHAPES)}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", nargs="?", default=None, help="also write the tables to this file")
     p.add_argument("--deadline-s", type=float, default=150.0, help="start no new tile after this many seconds")
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of: {', '.join(SHAPES)}")
+    p.add_argument(
+        "--shapes", type=_shape_names, default=list(SHAPES), help=f"comma-separated, of: {', '.join(SHAPES)}"
+    )
     p.add_argument("--kernel", choices=tuple(GRIDS), default="fwd", help="the kernel whose tiles are swept")
     p.add_argument("--dry-run", action="store_true", help="the CPU path under the triton interpreter, tiny shape")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -205,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         from genkernels.bench.core import time_ms as bench_time_ms
 
         device = torch.device("cuda")
-        shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
+        shapes = {name: SHAPES[name] for name in args.shapes}
         grid = GRIDS[args.kernel]
 
         def time_ms(fn):  # as the benchmark times: median of CUDA-event times, L2 flushed before each call
@@ -219,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         table = _table(name, shape, sweep(shape, device, grid, deadline, time_ms, args.kernel), args.kernel)
         print("\n".join(table), flush=True)
         lines += table
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        if args.out:  # after every shape: a run stopped by its time limit keeps the shapes it finished
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
     return 0
 
 

@@ -119,6 +119,14 @@ def triton_copy(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def compiled_fn(fn: Callable, device: torch.device) -> Callable:
+    """``torch.compile(fn, dynamic=False)`` on a GPU (``fn`` itself in a dry run), as the suite compiles its
+    baselines: one kernel specialized to the shape. Each group's formula is the same code object, which
+    dynamo's automatic dynamic shapes would otherwise recompile for a second shape with symbolic sizes, so
+    that FLUX's baseline would be a dynamic-shape kernel where DiT-XL's is not."""
+    return torch.compile(fn, dynamic=False) if device.type == "cuda" else fn
+
+
 def _sets(in_bytes: int, dry: bool) -> int:
     return 2 if dry else max(2, math.ceil(L2_SPAN / in_bytes))
 
@@ -140,7 +148,7 @@ def layer_norm_cases(shape, device, dry: bool) -> dict[str, tuple[int, list[Call
     def eager(x):
         return F.layer_norm(x, (d,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
 
-    compiled = torch.compile(eager) if device.type == "cuda" else eager
+    compiled = compiled_fn(eager, device)
     variants = {
         "copy_": [(lambda x=x: torch.empty_like(x).copy_(x)) for x in xs],
         "triton copy": [(lambda x=x: triton_copy(x)) for x in xs],
@@ -169,7 +177,7 @@ def bias_act_cases(shape, device, dry: bool) -> dict[str, tuple[int, list[Callab
     def eager(x):
         return F.leaky_relu(x + bias.view(1, -1, 1, 1), 0.2) * math.sqrt(2)
 
-    compiled = torch.compile(eager) if device.type == "cuda" else eager
+    compiled = compiled_fn(eager, device)
     variants = {
         "copy_": [(lambda x=x: torch.empty_like(x).copy_(x)) for x in xs],
         "triton copy": [(lambda x=x: triton_copy(x)) for x in xs],
@@ -222,11 +230,22 @@ def report(title: str, variants: dict, times: dict[str, dict[str, list[float]]],
     say("")
 
 
+def _rounds(text: str) -> int:
+    """--rounds: an integer >= 1 (checked before any timing: the tables take the median over rounds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     global OUT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=_rounds, default=3, help="times each timing is repeated (>= 1; default 3)")
     parser.add_argument("--dry-run", action="store_true")
     opts = parser.parse_args(argv)
     if opts.out:

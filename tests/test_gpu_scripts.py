@@ -249,3 +249,72 @@ def test_gpu_check_leaves_the_benchmarks_their_time(tmp_path, deadline, elapsed,
     assert got.returncode == 0, got.stderr
     assert got.stdout.strip() == str(want)
     assert ("the GPU tests get" in got.stderr) == (want < asked)
+
+
+def test_host_probe_breakdown_runs_as_a_script(tmp_path):
+    """`python scripts/gpu_host_probe.py` puts scripts/ on sys.path, not the checkout: the float32 breakdown's
+    helpers from the tests package must import there too (the probe once stopped at it on the GPU, losing the
+    sampling loop and the profiles after it). Run with genkernels importable and the checkout not on the path."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "genkernels").symlink_to(ROOT / "genkernels")
+    code = (
+        f"import sys; sys.path[0] = {str(ROOT / 'scripts')!r}; import torch, gpu_host_probe as p; "
+        "p.dit_float32_sources(torch.device('cpu'))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "pkg")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "## tiny DiT float32" in done.stdout
+
+
+def test_bandwidth_probe_compiles_each_shape_static(monkeypatch):
+    """scripts/gpu_bandwidth_probe.py compiles its torch.compile baselines with dynamic=False, as the suite does:
+    the two layer_norm_modulate groups share one formula's code object, and dynamo's automatic dynamic shapes
+    recompiled it for FLUX's shape with symbolic sizes, a different kernel from the suite's baseline."""
+    probe = _script("gpu_bandwidth_probe")
+    calls = []
+    monkeypatch.setattr(probe.torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    fn = lambda x: x  # noqa: E731
+    assert probe.compiled_fn(fn, torch.device("cuda")) is fn and calls == [{"dynamic": False}]
+    assert probe.compiled_fn(fn, torch.device("cpu")) is fn and len(calls) == 1  # a dry run compiles nothing
+    seen = []
+    monkeypatch.setattr(probe, "compiled_fn", lambda f, device: seen.append(device) or f)
+    probe.layer_norm_cases((2, 8, 16), torch.device("cpu"), True)
+    probe.bias_act_cases((2, 4, 4, 4), torch.device("cpu"), True)
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("rounds", ["0", "-1", "two"])
+def test_bandwidth_probe_refuses_rounds_below_one(rounds, capsys):
+    """--rounds 0 ran every timing's setup and then failed at the first table (the median of no rounds): it is
+    refused by the parser, dry run included."""
+    probe = _script("gpu_bandwidth_probe")
+    with pytest.raises(SystemExit):
+        probe.main(["--dry-run", "--rounds", rounds])
+    assert "--rounds: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_attention_sweep_writes_each_shape_as_it_finishes(tmp_path, monkeypatch, capsys):
+    """scripts/gpu_attention_sweep.py writes OUT_FILE after every shape, so a run stopped by its time limit keeps
+    the shapes it finished (it wrote the file once, after the last shape); an unknown --shapes name is refused
+    before any work."""
+    sweep = _script("gpu_attention_sweep")
+    out = tmp_path / "sweep.md"
+
+    def fake_sweep(shape, device, grid, deadline, time_ms, kernel="fwd"):
+        if shape == sweep.SHAPES["SDXL d64"]:
+            raise KeyboardInterrupt  # the run's time limit, mid-shape
+        return [("triton, current choice", 1.0, "err 1e-3")]
+
+    monkeypatch.setattr(sweep.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sweep.torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    monkeypatch.setattr(sweep, "sweep", fake_sweep)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main([str(out), "--shapes", "DiT-XL d72,SDXL d64"])
+    text = out.read_text()
+    assert "## DiT-XL d72" in text and "| triton, current choice | 1.0000 |" in text and "SDXL" not in text
+    with pytest.raises(SystemExit):
+        sweep.main(["--dry-run", "--shapes", "DiT-XL d72,DiT d72"])
+    assert "unknown shape(s) ['DiT d72']" in capsys.readouterr().err

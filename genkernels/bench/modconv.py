@@ -43,8 +43,8 @@ backward: the data and the weight gradients); "% of matmul" is that rate over th
 measured in the run (the per-case tables' floor is these FLOPs at that rate). The summary's floor
 adds the epilogue's bytes at the copy bandwidth: forward y read + out written + the noise read,
 forward + backward also dout and y read and dx written (the backward's epilogue) and the noise read
-again; the copy bandwidth is measured once per process by this module (as the run's ceiling is,
-with a shorter timing) and kept in ``params["measured"]``.
+again; the copy bandwidth is the run's own (the record's ``copy_gbs``, the ceiling of every GB/s figure
+in the report).
 """
 
 from __future__ import annotations
@@ -316,20 +316,6 @@ def references(args: Inputs, dout: torch.Tensor | None, truth_dtype: torch.dtype
 
 # --------------------------------------------------------------------------- the case
 
-_COPY_GBS: dict[str, float] = {}
-
-
-def copy_gbs(device: torch.device) -> float | None:
-    """The device-to-device copy bandwidth (1 GiB of float32, bytes read + written), measured once per process
-    and device with a short timing; None off the GPU."""
-    if device.type != "cuda":
-        return None
-    key = str(device)
-    if key not in _COPY_GBS:
-        _COPY_GBS[key] = core._copy_gbs(core.QUICK_TIMING)
-        torch.cuda.empty_cache()
-    return _COPY_GBS[key]
-
 
 def pick_faster(fns: dict[str, Callable[[], Any]], timer: Callable[[Callable[[], Any]], float]) -> tuple[str, dict]:
     """The name of the fastest of ``fns`` by ``timer`` (ms of a call), and every time; one that raises (e.g. out
@@ -352,9 +338,8 @@ class ModConvCase(CompiledBaselineCase):
         batch: N; dtype: the activations' dtype (x, noise, dout; the parameters are float32).
         kernel: k (odd); out_channels: O (default: ``channels``); layout: "channels_last" or "contiguous".
 
-    ``params["measured"]`` (a dict the case's record shares) receives, while the case runs, the copy
-    bandwidth of the summary's floor ("copy_gbs") and the eager formulation torch.compile compiled
-    ("compiled", with "pick_ms": the short timing that chose it).
+    ``params["measured"]`` (a dict the case's record shares) receives, while the case runs, the eager
+    formulation torch.compile compiled ("compiled", with "pick_ms": the short timing that chose it).
     """
 
     op = OP
@@ -408,15 +393,12 @@ class ModConvCase(CompiledBaselineCase):
         return [EAGER, GROUPED, COMPILE, *self.genkernels_variants]
 
     def prepare(self, device: torch.device) -> None:
-        """Seeded inputs, the references (float32 truth) and, on the GPU, the copy bandwidth (once)."""
+        """Seeded inputs and the references (float32 truth)."""
         args, dout = make_inputs(self.shape, self.out_channels, self.kernel, self.dtype, device, layout=self.layout)
         if self.mode == "fwd":
             dout = None
         else:
             _differentiable(args)
-        gbs = copy_gbs(device)
-        if gbs is not None:
-            self.measured["copy_gbs"] = gbs
         self._state = {"args": args, "dout": dout, "expected": references(args, dout, torch.float32)}
 
     def _fn(self, impl: Callable[..., torch.Tensor]) -> Callable[[], tuple[torch.Tensor, ...]]:
@@ -476,8 +458,9 @@ def best_genkernels(rec: CaseRecord) -> Any:
 
 def floor_ms(rec: CaseRecord) -> float | None:
     """The summary's floor: the conv FLOPs at the run's matmul rate (the record's floor) plus the epilogue's
-    bytes at the copy bandwidth; None when either is unknown."""
-    gbs = (rec.params.get("measured") or {}).get("copy_gbs")
+    bytes at the run's copy rate (the record's ``copy_gbs``, the report's one copy ceiling); None when either
+    is unknown."""
+    gbs = rec.copy_gbs
     if rec.floor_ms is None or not gbs:
         return None
     return rec.floor_ms + rec.params["epilogue_bytes"] / (gbs * 1e9) * 1e3
@@ -531,8 +514,8 @@ def summarize(records: Sequence[CaseRecord]) -> OpSummary:
         "formulation on the same ops.",
         "floor ms: the conv FLOPs (2*N*O*I*k*k*H*W, x3 forward + backward) at the bf16 matmul rate measured in "
         "this run, plus the epilogue's bytes (forward: y read, out written, noise read; forward + backward also "
-        "dout and y read, dx written, noise read) at the copy bandwidth (measured by this op once per run, "
-        "params.measured.copy_gbs). The per-case tables' floor is the FLOP part alone. % of floor = floor / ms.",
+        "dout and y read, dx written, noise read) at the copy bandwidth measured in this run (the report's "
+        "ceiling). The per-case tables' floor is the FLOP part alone. % of floor = floor / ms.",
         f"Goal: forward >= {EAGER_GOAL:g}x the faster eager formulation on every case, on the best genkernels "
         "variant of each case; forward + backward is reported.",
     ]

@@ -33,7 +33,7 @@ def test_cases_cover_the_anchor_shapes():
     assert len(cases) == 4 * 2 * 2 * 2 and len(group_norm.cases(quick=True)) == 16
     assert len({c.label for c in cases}) == len(cases)
     big = next(c for c in cases if c.params["shape"] == [1, 128, 512, 512] and c.params["mode"] == "fwd+bwd")
-    assert big.work == 4 * 128 * 512 * 512 * 2  # x, y, dy, dx in 2-byte dtypes
+    assert big.work == 5 * 128 * 512 * 512 * 2  # x, y, dy, x again, dx in 2-byte dtypes
 
 
 def test_compare_applies_the_criterion():
@@ -78,7 +78,7 @@ def test_reports(tmp_path):
     assert len(data["cases"]) == len(records)
     assert data["cases"][0]["results"][2]["host_ms"] == 0.0123
     text = (tmp_path / report.MARKDOWN_NAME).read_text()
-    assert "PASS" in text and "GB/s (x, dy read + y, dx written: 4 tensors)" in text
+    assert "PASS" in text and "GB/s (x, dy read + y, dx written, and x read again by the backward: 5 tensors)" in text
     # The CPU time a call takes to issue its work, next to its GPU time, and the flush that hides it.
     assert "| ms | host ms |" in text and "| 0.2500 | 0.0123 |" in text and "0.0875 ms in this run" in text
     assert str(tmp_path / report.CHART_NAME) in written or any(w.startswith("no chart") for w in written)
@@ -634,14 +634,13 @@ def test_modconv_case_end_to_end_on_cpu(mode):
 
 
 def modconv_record(case: modconv.ModConvCase, ms: dict[str, float], copy_gbs: float | None = 3000.0):
-    """``case``'s record as if run: the variants in ``ms`` ok, the others skipped; the copy bandwidth measured."""
+    """``case``'s record as if run: the variants in ``ms`` ok, the others skipped; the run's copy rate."""
     rec = timed_record(case, ms)
     for r in rec.results:
         if r.variant == modconv.GROUPED:
             r.role = "baseline"
     rec.floor_ms = core.floor_ms(case.work, case.unit, 700.0)
-    if copy_gbs is not None:
-        rec.params["measured"] = {"copy_gbs": copy_gbs}
+    rec.copy_gbs = copy_gbs
     return rec
 
 
@@ -715,7 +714,7 @@ def test_modconv_reports(tmp_path):
     report.write(tmp_path, meta, core.Ceilings(3000.0, 700.0), records, [modconv.summarize(records)], with_chart=False)
     data = json.loads((tmp_path / report.JSON_NAME).read_text())
     assert [c["op"] for c in data["cases"]] == ["modconv"] * 6
-    assert data["cases"][0]["params"]["measured"] == {"copy_gbs": 3000.0}
+    assert data["cases"][0]["copy_gbs"] == 3000.0
     text = (tmp_path / report.MARKDOWN_NAME).read_text()
     assert all(t in text for t in ["modulated conv, forward + backward", "vs faster eager", "PASS", "x3 forward"])
 
