@@ -7,6 +7,7 @@ with genkernels.backend("triton", ops=["rope"]): ...                   # ... for
 with genkernels.graph_mode(): ...                                      # auto's picks for a CUDA graph's capture
 genkernels.explain("group_norm", x, 32)                                # why each backend can or cannot run
 print(genkernels.info())                                               # versions, GPU, built archs, backends
+genkernels.models, .schedulers, .train, .data, .bench                  # imported on first use
 """
 
 __version__ = "0.1.0"
@@ -16,3 +17,19 @@ from ._info import info
 from ._registry import UnsupportedError, backend, explain, graph_mode
 
 __all__ = ["UnsupportedError", "backend", "explain", "graph_mode", "info", "nn", "ops", "__version__"]
+
+# Submodules imported on first use (``genkernels.models.ImageGPT`` after a bare ``import genkernels``): they
+# pull in the model, training and data code that op users do not need at import.
+_LAZY = ("bench", "data", "models", "schedulers", "train")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -33,10 +33,16 @@ def is_integer(value) -> bool:
 
 
 def is_finite_real(value) -> bool:
-    """Whether ``value`` is a real number (:func:`is_real`) that is neither NaN nor infinite."""
+    """Whether ``value`` is a real number (:func:`is_real`) that is neither NaN nor infinite, nor an int too large
+    for a float (what the kernels take it as)."""
     if type(value) is float:
         return math.isfinite(value)
-    return is_real(value) and math.isfinite(value)
+    if not is_real(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        return False
 
 
 def as_number(value):
@@ -76,7 +82,7 @@ def nonnegative_float(name: str, value) -> float:
     """``value`` as a Python float if it is a finite real >= 0 (:func:`is_real`), else a ValueError naming ``name``."""
     if type(value) is float and value >= 0 and value != math.inf:  # NaN fails value >= 0
         return value
-    if not (is_real(value) and math.isfinite(value) and value >= 0):
+    if not (is_finite_real(value) and value >= 0):
         raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
     return float(value)
 

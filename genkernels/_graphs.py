@@ -10,18 +10,26 @@ of the outputs, so that a caller may keep them across calls.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from ._device import device_context
+
 
 def capture(fn: Callable[[], Any], warmups: int = 2) -> tuple[Any, Any]:
-    """``fn`` captured in a ``torch.cuda.CUDAGraph``: ``warmups`` calls on a side stream first (as
-    torch.cuda.graphs' documentation does it: kernels compile, allocations settle, and the capture then
-    records launches only), then one call under capture, both in ``genkernels.graph_mode()`` (auto's choices
-    for a graph; explicit backends keep theirs). Returns the graph and that call's outputs, which every
-    ``graph.replay()`` rewrites in place. ``fn`` must not synchronize with the host."""
+    """``fn`` captured in a ``torch.cuda.CUDAGraph`` on the current CUDA device: ``warmups`` calls on a side
+    stream first (as torch.cuda.graphs' documentation does it: kernels compile, allocations settle, and the
+    capture then records launches only), then one call under capture, both in ``genkernels.graph_mode()``
+    (auto's choices for a graph; explicit backends keep theirs). Returns the graph and that call's outputs,
+    which every ``graph.replay()`` rewrites in place. ``fn`` must not synchronize with the host, and its kernels
+    must run on the current device (:class:`GraphedCall` makes its inputs' device current).
+
+    The capture stream is made here, on the current device: torch.cuda.graph's shared default stream lives on
+    whichever device was current at its first use, and a capture on another device's stream would record none
+    of ``fn``'s kernels (they would run once, uncaptured, and never at a replay)."""
     from genkernels import graph_mode
 
     with graph_mode():
@@ -32,7 +40,7 @@ def capture(fn: Callable[[], Any], warmups: int = 2) -> tuple[Any, Any]:
                 fn()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
             out = fn()
     return graph, out
 
@@ -63,10 +71,16 @@ class GraphedCall:
     """
 
     def __init__(self, fn: Callable[..., Any], example: Sequence[torch.Tensor], warmups: int = 2) -> None:
+        if isinstance(example, torch.Tensor):  # it would iterate as its rows, taken as that many inputs
+            raise TypeError(
+                f"example must be a sequence of tensors (one per argument of fn), got a Tensor {_describe(example)}"
+            )
         if not all(isinstance(t, torch.Tensor) for t in example):
             raise TypeError(f"example must hold tensors only, got {[type(t).__name__ for t in example]}")
         self.static = [t.detach().clone() for t in example]
-        self.graph, self._out = capture(lambda: fn(*self.static), warmups)
+        device = next((t.device for t in self.static if t.device.type == "cuda"), None)
+        with device_context(device) if device is not None else contextlib.nullcontext():  # the inputs' GPU current
+            self.graph, self._out = capture(lambda: fn(*self.static), warmups)
         if not (isinstance(self._out, torch.Tensor) or all(isinstance(t, torch.Tensor) for t in self._out)):
             raise TypeError(f"fn must return a tensor or a tuple of tensors, got {type(self._out).__name__}")
 

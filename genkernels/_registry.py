@@ -214,6 +214,11 @@ def backend(name: str, ops: str | Iterable[str] | None = None) -> Iterator[None]
     The choice is held in a ``contextvars.ContextVar``: asyncio tasks created inside the block see it, but a
     thread started inside it does not (like ``torch.no_grad``; it gets GENKERNELS_BACKEND or auto): enter the
     block in the thread, or run the thread's work through ``contextvars.copy_context().run``.
+
+    An eager call's backward runs on the backend its forward ran on. A call traced by ``torch.compile`` chooses
+    again when its backward runs, where that runs: a ``backward()`` after the block, or autograd's own thread
+    on a GPU, sees GENKERNELS_BACKEND or auto, not the block. To hold compiled backwards to one backend, pass
+    ``backend=`` to the op (or the layer) or set GENKERNELS_BACKEND.
     """
     name = _check_choice(name, "backend")
     outer = _scoped.get()

@@ -7,12 +7,15 @@ folder is read from disk.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ._checks import is_integer, positive_int
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -58,8 +61,9 @@ class ImageDataset:
         in [1, N]: anything else is a ValueError here, when called, not a smaller batch (see
         genkernels._training.check_batch_size).
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not is_integer(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        batch_size = int(batch_size)
         if batch_size > len(self):
             raise ValueError(f"batch_size must be at most the data set's {len(self)} images, got {batch_size}")
         return self._epochs(batch_size, generator)
@@ -92,32 +96,41 @@ def image_folder(path: str | Path, size: int, channels: int = 3) -> ImageDataset
     """Images from a folder, resized to size x size (bicubic), as (N, channels, size, size) in [-1, 1].
 
     Layout: either subfolders, one per class (``root/cat/*.png``, ``root/dog/*.jpg``: labels follow
-    the sorted subfolder names), or images directly in ``root`` (one class, label 0). Files whose
-    suffix is not an image suffix are skipped. channels: 1 (greyscale) or 3 (RGB). Non-square
-    images are center-cropped to a square first. 16-bit images are read as their 8-bit equivalent
+    the sorted subfolder names), or images directly in ``root`` (one class, label 0); images in both
+    places are a ValueError (which layout is meant is not clear). Files whose suffix is not an image
+    suffix are skipped, and so are hidden files and folders (names starting with '.': a notebook's
+    ``.ipynb_checkpoints``, macOS's ``._*`` metadata). size: a positive int. channels: 1 (greyscale) or
+    3 (RGB). Images are turned upright as their EXIF orientation says (as viewers show them), then
+    non-square ones are center-cropped to a square. 16-bit images are read as their 8-bit equivalent
     (v / 257); a file PIL cannot read is a ValueError naming it.
     """
     try:
-        from PIL import Image
+        from PIL import Image, ImageOps
     except ImportError as e:  # pragma: no cover - pillow is a dependency
         raise ImportError("reading an image folder needs pillow: pip install pillow") from e
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {str(root)!r} does not exist or is not a folder")
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
+    if not is_integer(channels) or channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    size = positive_int("size", size)
 
     def images_in(folder: Path) -> list[Path]:
-        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(p for p in _visible(folder) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and images_in(p))
+    class_dirs = sorted(p for p in _visible(root) if p.is_dir() and images_in(p))
+    loose = images_in(root)
+    if class_dirs and loose:
+        raise ValueError(
+            f"data folder {str(root)!r} has {len(loose)} image(s) directly in it ({loose[0].name}, ...) and "
+            f"subfolders {[d.name for d in class_dirs]} of images: put every image in a class subfolder, or "
+            "move the subfolders out for one class"
+        )
     if class_dirs:
         files = [(f, i) for i, d in enumerate(class_dirs) for f in images_in(d)]
         names = [d.name for d in class_dirs]
     else:
-        files = [(f, 0) for f in images_in(root)]
+        files = [(f, 0) for f in loose]
         names = [root.name or "images"]
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(root)!r} or its subfolders")
@@ -127,6 +140,7 @@ def image_folder(path: str | Path, size: int, channels: int = 3) -> ImageDataset
         try:
             with Image.open(f) as im:
                 im.load()
+                im = ImageOps.exif_transpose(im)
         except (OSError, SyntaxError) as e:  # PIL's errors for a file that is not (or no longer) an image
             raise ValueError(f"cannot read image {str(f)!r}: {e}") from None
         im = _eight_bit(im, f).convert(mode)
@@ -139,6 +153,11 @@ def image_folder(path: str | Path, size: int, channels: int = 3) -> ImageDataset
     images = torch.from_numpy(np.stack(arrays) / 127.5 - 1.0).float()
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return ImageDataset(images, labels, names)
+
+
+def _visible(folder: Path) -> list[Path]:
+    """The entries of ``folder`` whose names do not start with '.' (hidden files and folders are not data)."""
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]
 
 
 def _eight_bit(im, path: Path):
@@ -165,26 +184,37 @@ def load(data: str, size: int | None = None, channels: int = 3) -> ImageDataset:
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 in [0, 255] (values outside [-1, 1] clamp)."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 in [0, 255] (values outside [-1, 1] clamp; NaN is 0, as -1)."""
+    x = images.detach().float().cpu().nan_to_num(nan=-1.0)
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()
 
 
 def save_grid(images: torch.Tensor, path: str | Path, ncol: int, scale: int = 1, pad: int = 1) -> tuple[int, int]:
-    """Write images (N, C, H, W) in [-1, 1] as one PNG grid; returns its (width, height).
+    """Write images (N, C, H, W) in [-1, 1] (N >= 1) as one PNG grid; returns its (width, height).
 
-    ncol images per row, rows = ceil(N / ncol); each image is upscaled ``scale`` times (nearest)
-    and separated by ``pad`` mid-grey (128) pixels, so width = ncol * (W * scale + pad) + pad and
-    height = rows * (H * scale + pad) + pad. C = 1 writes greyscale, C = 3 RGB. The folder of ``path`` is
-    created if needed.
+    min(ncol, N) images per row, rows = ceil(N / ncol); each image is upscaled ``scale`` times (nearest)
+    and separated by ``pad`` mid-grey (128) pixels, so width = min(ncol, N) * (W * scale + pad) + pad and
+    height = rows * (H * scale + pad) + pad. ncol and scale: positive ints, pad: an int >= 0. C = 1 writes
+    greyscale, C = 3 RGB. NaN pixels are drawn black (as -1), with a RuntimeWarning saying how many images
+    hold NaN. The folder of ``path`` is created if needed.
     """
     from PIL import Image
 
+    if images.dim() != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
     n, c, h, w = images.shape
+    if n == 0:
+        raise ValueError(f"images must hold at least one image, got shape {tuple(images.shape)}")
     if c not in (1, 3):
         raise ValueError(f"images must have 1 or 3 channels to be written as PNG, got {c}")
-    if ncol < 1 or scale < 1 or pad < 0:
-        raise ValueError(f"need ncol >= 1, scale >= 1, pad >= 0; got ncol={ncol}, scale={scale}, pad={pad}")
+    ncol, scale = positive_int("ncol", ncol), positive_int("scale", scale)
+    if not is_integer(pad) or pad < 0:
+        raise ValueError(f"pad must be an int >= 0, got {pad!r}")
+    pad = int(pad)
+    nan_images = int(images.detach().isnan().flatten(1).any(1).sum())
+    if nan_images:
+        warnings.warn(f"save_grid: {nan_images} of the {n} images hold NaN, drawn black", RuntimeWarning, stacklevel=2)
     ncol = min(ncol, n)
     rows = -(-n // ncol)
     hs, ws = h * scale, w * scale

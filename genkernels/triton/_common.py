@@ -11,20 +11,37 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 
 import torch
 
 from genkernels._device import device_context
 
+#: The oldest triton the kernels are written for. torch 2.4 and 2.5 pin triton 3.0 and 3.1: with those the
+#: triton backend reports this and the other backends run.
+MIN_TRITON = (3, 2)
+
+
+def too_old(version: str) -> str | None:
+    """Why triton ``version`` cannot run the kernels (older than :data:`MIN_TRITON`), or None (a version string
+    that does not start with major.minor is taken as new enough)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None or (int(match[1]), int(match[2])) >= MIN_TRITON:
+        return None
+    return f"triton {version} is older than {'.'.join(map(str, MIN_TRITON))}, which the kernels need"
+
+
 try:
     import triton
     import triton.language as tl
 
-    _IMPORT_ERROR: ImportError | None = None
+    _UNAVAILABLE: str | None = too_old(triton.__version__)
+    if _UNAVAILABLE is not None:  # its kernels are not even defined: old versions may fail on their syntax
+        triton = tl = None
 except ImportError as error:  # triton is an optional dependency
     triton = None
     tl = None
-    _IMPORT_ERROR = error
+    _UNAVAILABLE = f"triton is not installed (ImportError: {error})"
 
 # Used when the device cannot be queried (CPU under the interpreter, or an old torch).
 FALLBACK_SM_COUNT = 132
@@ -48,7 +65,7 @@ def triton_unavailable(x: torch.Tensor, name: str = "x") -> str | None:
     "cuda"); with ``TRITON_INTERPRET=1`` CPU tensors are accepted too.
     """
     if triton is None:
-        return f"triton is not installed (ImportError: {_IMPORT_ERROR})"
+        return _UNAVAILABLE
     if x.device.type == "cuda" or (x.device.type == "cpu" and interpreting()):
         return None
     return f"{name} is on {x.device.type}: the triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 for testing)"
