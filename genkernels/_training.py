@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from ._checks import as_number, is_integer, is_real, positive_int
+from ._checks import as_number, is_finite_real, is_integer, positive_int
 
 CHECKPOINT_FORMAT = 1
 METADATA_KEY = "genkernels"
@@ -52,13 +52,13 @@ def check_at_least(name: str, value: int, low: int) -> None:
 
 def check_positive(name: str, value: float) -> None:
     """A ValueError naming ``name`` unless ``value`` is a finite real number > 0 (not a bool)."""
-    if not (is_real(value) and math.isfinite(value) and value > 0):
+    if not (is_finite_real(value) and value > 0):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 def check_nonnegative(name: str, value: float) -> None:
     """A ValueError naming ``name`` unless ``value`` is a finite real number >= 0 (not a bool)."""
-    if not (is_real(value) and math.isfinite(value) and value >= 0):
+    if not (is_finite_real(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 

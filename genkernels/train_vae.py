@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from . import _training
-from ._checks import check_backend, is_integer, is_real
+from ._checks import check_backend, is_finite_real, is_integer
 from .data import ImageDataset
 from .models.vae import AutoencoderKL, AutoencoderKLConfig
 
@@ -96,7 +96,7 @@ class VAETrainConfig:
         _training.check_steps(self.steps, self.batch_size)
         _training.check_seed(self.seed)
         _training.check_positive("lr", self.lr)
-        if not (is_real(self.beta) and math.isfinite(self.beta) and self.beta >= 0):
+        if not (is_finite_real(self.beta) and self.beta >= 0):
             raise ValueError(f"beta must be a number >= 0, got {self.beta!r}")
         _training.check_at_least("save_every", self.save_every, 0)
         _training.check_nonnegative("weight_decay", self.weight_decay)

@@ -203,6 +203,14 @@ def test_number_checks_refuse_ints_beyond_float_range(value):
         _checks.nonnegative_float("eps", value)
     with pytest.raises(ValueError, match="eps"):
         genkernels.ops.group_norm(torch.randn(2, 4, 3, 3), 2, eps=value)
+    from genkernels import _training, train_vae
+
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        _training.check_positive("lr", value)
+    with pytest.raises(ValueError, match="grad_clip must be a finite number >= 0"):
+        _training.check_nonnegative("grad_clip", value)
+    with pytest.raises(ValueError, match="beta must be a number >= 0"):
+        train_vae.VAETrainConfig(beta=value)
 
 
 def test_graphed_call_refuses_a_tensor_as_its_example():
