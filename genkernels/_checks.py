@@ -36,7 +36,9 @@ def is_finite_real(value) -> bool:
     """Whether ``value`` is a real number (:func:`is_real`) that is neither NaN nor infinite, nor an int too large
     for a float (what the kernels take it as)."""
     if type(value) is float:
-        return math.isfinite(value)
+        # inf - inf and NaN - NaN are NaN: a comparison, which torch.compile(dynamic=True) traces on a symbolic
+        # float as a guard, where math.isfinite breaks the graph
+        return value - value == 0.0
     if not is_real(value):
         return False
     try:

@@ -324,3 +324,23 @@ def test_graphed_call_captures_with_its_inputs_device_current(monkeypatch):
     finally:
         monkeypatch.undo()
     assert ran_on == [torch.device("cuda", 1)]
+
+
+def test_float_checks_trace_under_dynamic_compile():
+    """torch.compile(dynamic=True) traces Python floats as symbols, and math.isfinite on one broke the graph
+    ("torch.* op returned non-Tensor"), so fullgraph failed for every op with a float argument left at its
+    default (affine_coupling's clamp) or passed (group_norm's eps)."""
+    torch._dynamo.reset()
+    x, h = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+
+    def coupling(x, h):
+        return genkernels.ops.affine_coupling(x, h, scale="softclamp_tanh", backend="reference")
+
+    def norm(x, eps):
+        return genkernels.ops.group_norm(x, 2, eps=eps, activation="silu", backend="reference")
+
+    for fn, args in ((coupling, (x, h)), (norm, (x, 1e-5)), (norm, (x, 1e-3))):
+        got = torch.compile(fn, dynamic=True, fullgraph=True)(*args)
+        torch.testing.assert_close(got, fn(*args), rtol=0, atol=0)
+    assert not _checks.is_finite_real(float("nan")) and not _checks.is_finite_real(-float("inf"))
+    assert _checks.is_finite_real(1e308) and _checks.is_finite_real(-0.0)
