@@ -221,14 +221,16 @@ def ddim_step(
         )
     b = 1.0 - a
     px, po = _vp_x0_coeffs(prediction_type, math.sqrt(a), math.sqrt(b))
-    ex, e0 = 1.0 / math.sqrt(b), -math.sqrt(a) / math.sqrt(b)
     std = eta * math.sqrt((1.0 - a_prev) / b * (1.0 - a / a_prev)) if eta > 0 else 0.0
     direction = math.sqrt(max(1.0 - a_prev - std * std, 0.0))
+    # dir * eps = dir / sqrt(b) * x - dir * sqrt(a) / sqrt(b) * x0, folded into the coefficients of x and x0
+    # in float64: forming eps first rounds it at the size of x / sqrt(b), where x0 and eps nearly cancel.
+    cx, c_eps0 = direction / math.sqrt(b), -direction * math.sqrt(a) / math.sqrt(b)
     opts = _options(guidance_scale, guidance_rescale, None, backend, noise, generator, seed, offset)
     if clip_sample is None or use_clipped_model_output:
-        coeffs = StepCoeffs(px=px, po=po, ex=ex, e0=e0, c0=math.sqrt(a_prev), ce=direction, cn=std)
+        coeffs = StepCoeffs(px=px, po=po, cx=cx, c0=math.sqrt(a_prev) + c_eps0, cn=std)
         return _step(sample, model_output, coeffs, {**opts, "clip_sample": clip_sample}, return_x0)
-    partial = _step(sample, model_output, StepCoeffs(px=px, po=po, ex=ex, e0=e0, ce=direction, cn=std), opts, False)
+    partial = _step(sample, model_output, StepCoeffs(px=px, po=po, cx=cx, c0=c_eps0, cn=std), opts, False)
     opts.update(noise=None, generator=None, seed=None, clip_sample=clip_sample)
     coeffs = StepCoeffs(px=px, po=po, c0=math.sqrt(a_prev), cp=1.0)
     return _step(sample, model_output, coeffs, opts, return_x0, x0_prev=partial)
@@ -241,6 +243,19 @@ def _karras_x0_coeffs(prediction_type: str, sigma: float) -> tuple[float, float]
     if prediction_type == "v_prediction":
         return 1.0 / (sigma * sigma + 1.0), -sigma / math.sqrt(sigma * sigma + 1.0)
     return 0.0, 1.0
+
+
+def _euler_update(sigma: float, sigma_to: float) -> dict[str, float]:
+    """cx, c0, ex, e0, ce of the Euler update x + (sigma_to - sigma) * (x - x0) / sigma.
+
+    Formed as eps = x - x0, prev = x + ((sigma_to - sigma) / sigma) * eps: like diffusers'
+    x + d * dt, it rounds once at the size of x. A ratio form r * x + (1 - r) * x0 also rounds r
+    and r * x there: on the small steps of a long schedule over a large x, that is more than the
+    criterion allows against diffusers. sigma_to = 0 lands on x0 itself (prev = x0).
+    """
+    if sigma_to == 0.0:
+        return {"c0": 1.0}
+    return {"cx": 1.0, "ex": 1.0, "e0": -1.0, "ce": (sigma_to - sigma) / sigma}
 
 
 def euler_step(
@@ -265,14 +280,15 @@ def euler_step(
              = out                                                  (sample)
         prev = x + (sigma_next - sigma) * d = sigma_next / sigma * x + (1 - sigma_next / sigma) * x0
 
-    Deterministic (no noise). Returns prev, and x0 when return_x0.
+    evaluated in float32 as x + ((sigma_next - sigma) / sigma) * (x - x0), which rounds once at the size of x
+    as diffusers' x + d * dt does; sigma_next = 0 returns x0 itself. Deterministic (no noise). Returns prev,
+    and x0 when return_x0.
     """
     _check_prediction(prediction_type)
     s = _check_sigma("sigma", sigma, allow_zero=False)
     s_next = _check_sigma("sigma_next", sigma_next, allow_zero=True)
     px, po = _karras_x0_coeffs(prediction_type, s)
-    ratio = s_next / s
-    coeffs = StepCoeffs(px=px, po=po, cx=ratio, c0=1.0 - ratio)
+    coeffs = StepCoeffs(px=px, po=po, **_euler_update(s, s_next))
     opts = _options(guidance_scale, guidance_rescale, clip_sample, backend)
     return _step(sample, model_output, coeffs, opts, return_x0)
 
@@ -298,10 +314,10 @@ def euler_ancestral_step(
 
         sigma_up   = sqrt(sigma_next^2 * (sigma^2 - sigma_next^2) / sigma^2)
         sigma_down = sqrt(sigma_next^2 - sigma_up^2)
-        prev       = sigma_down / sigma * x + (1 - sigma_down / sigma) * x0 + sigma_up * noise
+        prev       = x + (sigma_down - sigma) * d + sigma_up * noise     (d = (x - x0) / sigma)
 
-    x0 as in euler_step. The last step (sigma_next = 0) draws no noise. Returns prev, and x0
-    when return_x0.
+    x0, and the evaluation of the drift, as in euler_step (sigma_down for sigma_next). The last step
+    (sigma_next = 0) draws no noise. Returns prev, and x0 when return_x0.
     """
     _check_prediction(prediction_type)
     s = _check_sigma("sigma", sigma, allow_zero=False)
@@ -309,8 +325,7 @@ def euler_ancestral_step(
     px, po = _karras_x0_coeffs(prediction_type, s)
     sigma_up = math.sqrt(max(s_next * s_next * (s * s - s_next * s_next) / (s * s), 0.0))
     sigma_down = math.sqrt(max(s_next * s_next - sigma_up * sigma_up, 0.0))
-    ratio = sigma_down / s
-    coeffs = StepCoeffs(px=px, po=po, cx=ratio, c0=1.0 - ratio, cn=sigma_up)
+    coeffs = StepCoeffs(px=px, po=po, cn=sigma_up, **_euler_update(s, sigma_down))
     opts = _options(guidance_scale, guidance_rescale, clip_sample, backend, noise, generator, seed, offset)
     return _step(sample, model_output, coeffs, opts, return_x0)
 
@@ -420,6 +435,7 @@ def flow_euler_step(
 
         x0   = x - sigma * v
         prev = x + (sigma_next - sigma) * v = sigma_next / sigma * x + (1 - sigma_next / sigma) * x0
+                                    (evaluated as x + ((sigma_next - sigma) / sigma) * (x - x0), see euler_step)
         prev = (1 - sigma_next) * x0 + sigma_next * noise                  (stochastic=True)
 
     prediction_type must be "velocity" ("flow_prediction" is accepted as its other name).
@@ -431,7 +447,6 @@ def flow_euler_step(
     if stochastic:
         coeffs = StepCoeffs(px=1.0, po=-s, c0=1.0 - s_next, cn=s_next)
     else:
-        ratio = s_next / s
-        coeffs = StepCoeffs(px=1.0, po=-s, cx=ratio, c0=1.0 - ratio)
+        coeffs = StepCoeffs(px=1.0, po=-s, **_euler_update(s, s_next))
     opts = _options(guidance_scale, guidance_rescale, clip_sample, backend, noise, generator, seed, offset)
     return _step(sample, model_output, coeffs, opts, return_x0)
