@@ -14,6 +14,10 @@ demodulation onto the output channels (y * dcoef), and the epilogue (demodulatio
 activation, gain, clamp) is one ``genkernels.ops.modconv_epilogue`` pass over y. The coefficients come
 from ``genkernels.ops.demodulation_coefficients`` (one fused reduction, no (N, O, I, k, k) tensor).
 
+As in StyleGAN2-ADA, the styles are computed in float32 (float64 for float64 x) whatever x's dtype, and a
+float16 convolution with demodulation runs on styles and weight pre-scaled by powers of two (the scale goes
+into dcoef), so that x * s stays within float16's range: the same function, without overflow.
+
 ``up=True`` upsamples x 2x bilinearly (align_corners=False) before the convolution; StyleGAN2 uses a
 transposed convolution with a FIR filter instead, which is a different (sharper) resampling.
 """
@@ -33,6 +37,25 @@ from ..ops.bias_act import ACTS, DEFAULT_ALPHA, DEFAULT_GAIN, _act
 
 NOISE_MODES = ("random", "const", "none")
 DEMOD_EPS = 1e-8
+
+
+def _power_of_two_above(m: torch.Tensor) -> torch.Tensor:
+    """2^e > m elementwise for finite m > 0 (1 for 0, inf or NaN), in float32: an exact divisor."""
+    return torch.exp2(torch.frexp(m.float()).exponent.float())
+
+
+def _convolves_in_float16(x: torch.Tensor) -> bool:
+    """Whether F.conv2d runs on float16 for this x: x is float16, or float32 under a float16 autocast of its
+    device (which casts the convolution's inputs)."""
+    if x.dtype == torch.float16:
+        return True
+    device = x.device.type
+    return (
+        x.dtype == torch.float32
+        and device in ("cpu", "cuda")
+        and torch.is_autocast_enabled(device)
+        and torch.get_autocast_dtype(device) == torch.float16
+    )
 
 
 class EqualizedLinear(torch.nn.Module):
@@ -72,6 +95,8 @@ class EqualizedLinear(torch.nn.Module):
             raise ValueError(f"act must be one of {ACTS}, got {act!r}")
         if not (is_finite_real(lr_mul) and lr_mul > 0):
             raise ValueError(f"lr_mul must be a finite number > 0, got {lr_mul!r}")
+        if not is_finite_real(bias_init):
+            raise ValueError(f"bias_init must be a finite number, got {bias_init!r}")
         lr_mul = float(lr_mul)
         self.act, self.lr_mul, self.torch_layers = act, lr_mul, bool(torch_layers)
         self.backend = _check_backend(backend)
@@ -81,6 +106,11 @@ class EqualizedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features) in x's dtype: act(x @ (W * g).T + b * lr_mul) * gain."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"x must be a floating-point tensor, got {got}")
+        if x.dim() == 0 or x.shape[-1] != self.weight.shape[1]:
+            raise ValueError(f"x must be (..., {self.weight.shape[1]}) (in_features last), got {tuple(x.shape)}")
         weight = (self.weight * self.weight_gain).to(x.dtype)
         bias = (self.bias * self.lr_mul).to(x.dtype)
         if self.act == "linear":
@@ -209,6 +239,8 @@ class ModulatedConv2d(torch.nn.Module):
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or tuple(w.shape) != (x.shape[0], w_dim):
             shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
             raise ValueError(f"w must be (N, w_dim) = ({x.shape[0]}, {w_dim}), got {shape}")
+        if not w.is_floating_point():
+            raise TypeError(f"w must be a floating-point tensor, got {w.dtype}")
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
         """out (N, O, H_out, W_out) in x's dtype (H_out = 2H with up, else H) from x (N, I, H, W) and w (N, w_dim).
@@ -218,7 +250,9 @@ class ModulatedConv2d(torch.nn.Module):
         """
         self._check_inputs(x, w)
         n = x.shape[0]
-        styles = self.affine(w.to(x.dtype))  # (N, I)
+        # Styles in float32 (float64 for float64 x) whatever x's dtype, as StyleGAN2-ADA keeps them: their
+        # gradient sums two large terms that cancel (the modulation's and the demodulation's).
+        styles = self.affine(w.to(torch.promote_types(x.dtype, torch.float32)))  # (N, I)
         weight = self.weight * self.weight_gain
         size = (x.shape[2] * 2, x.shape[3] * 2) if self.up else (x.shape[2], x.shape[3])
         noise = self._noise(x, size, noise_mode)
@@ -238,6 +272,9 @@ class ModulatedConv2d(torch.nn.Module):
             y = F.conv2d(xg, wg.to(x.dtype), padding=pad, groups=n).reshape(n, self.out_channels, *size)
             dcoef = None
         else:
+            styles, weight, scale = self._headroom(x, styles, weight)
+            if scale is not None:
+                dcoef = dcoef * scale
             xs = self._upsample(x * styles.to(x.dtype)[:, :, None, None])
             y = F.conv2d(xs, weight.to(x.dtype), padding=pad)
         return modconv_epilogue(
@@ -251,15 +288,32 @@ class ModulatedConv2d(torch.nn.Module):
             backend=self.backend,
         )
 
+    def _headroom(self, x: torch.Tensor, styles: torch.Tensor, weight: torch.Tensor):
+        """(styles, weight, scale) for the shared convolution. Where it runs in float16 (float16 x, or float32 x
+        under a float16 autocast) with demodulation, StyleGAN2-ADA pre-normalizes weight and styles so that
+        x * s and the convolution stay within float16's range; here the styles are divided by a power of two
+        above each sample's max |s| and the weight by one above each output channel's max |self.weight|, and
+        scale (N, O), the product of the two, multiplies dcoef. The same function: dcoef comes from the
+        unscaled styles and weight, and a power of two divides exactly. Otherwise (styles, weight, None)."""
+        if not self.demodulate or not _convolves_in_float16(x):
+            return styles, weight, None
+        s_scale = _power_of_two_above(styles.detach().abs().amax(1))  # (N,)
+        w_scale = _power_of_two_above(self.weight.detach().abs().amax((1, 2, 3)))  # (O,)
+        scale = s_scale[:, None] * w_scale[None, :]
+        return styles / s_scale[:, None], weight / w_scale.to(weight.dtype)[:, None, None, None], scale
+
     def _upsample(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False) if self.up else x
 
     def _eager(self, x, styles, weight, noise, strength, pad) -> torch.Tensor:
         """The torch_layers path: StyleGAN2's formulation, one eager PyTorch op at a time."""
-        y = F.conv2d(self._upsample(x * styles[:, :, None, None]), weight.to(x.dtype), padding=pad)
         if self.demodulate:
             wmod = weight[None] * styles[:, None, :, None, None]  # (N, O, I, k, k)
             dcoef = (wmod.square().sum(dim=[2, 3, 4]) + DEMOD_EPS).rsqrt()
+        styles, weight, scale = self._headroom(x, styles, weight)
+        y = F.conv2d(self._upsample(x * styles.to(x.dtype)[:, :, None, None]), weight.to(x.dtype), padding=pad)
+        if self.demodulate:
+            dcoef = dcoef if scale is None else dcoef * scale
             y = y * dcoef[:, :, None, None].to(y.dtype)
         if noise is not None:
             y = y + noise * strength.to(y.dtype)

@@ -49,6 +49,7 @@ Fused backend interface (genkernels.triton.modconv and genkernels.cuda.modconv i
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -152,11 +153,21 @@ def _weight3_view(weight: Tensor) -> Tensor:
     return weight.reshape(weight.shape[0], weight.shape[1], math.prod(weight.shape[2:]))
 
 
+def _full_precision(t: Tensor):
+    """A context in which matrix products on t's device run in their inputs' dtype: autocast off where it is on
+    (its float16 / bfloat16 products would round, or overflow, the float32 sums of the formulas)."""
+    device = t.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _demod(weight3: Tensor, styles: Tensor, eps: float) -> Tensor:
     """rsqrt(s^2 @ W2^T + eps) in weight3's accumulation dtype (differentiable torch ops)."""
     acc = _acc(weight3)
-    w2 = weight3.to(acc).square().sum(-1)  # (O, I)
-    return torch.rsqrt(styles.to(acc).square() @ w2.t() + eps)
+    with _full_precision(weight3):
+        w2 = weight3.to(acc).square().sum(-1)  # (O, I)
+        return torch.rsqrt(styles.to(acc).square() @ w2.t() + eps)
 
 
 def demodulation_coefficients_reference(weight: Tensor, styles: Tensor, eps: float = 1e-8) -> Tensor:
@@ -172,8 +183,9 @@ def _demod_backward_reference(grad: Tensor, dcoef: Tensor, weight3: Tensor, styl
     w = weight3.to(acc)
     s = styles.to(acc)
     g = grad.to(acc) * dcoef.to(acc) ** 3  # (N, O)
-    d_styles = -s * (g @ w.square().sum(-1))
-    d_weight3 = -w * (g.t() @ s.square()).unsqueeze(-1)
+    with _full_precision(weight3):
+        d_styles = -s * (g @ w.square().sum(-1))
+        d_weight3 = -w * (g.t() @ s.square()).unsqueeze(-1)
     return d_weight3, d_styles
 
 
