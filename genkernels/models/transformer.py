@@ -564,7 +564,8 @@ class ImageGPT(torch.nn.Module):
         key = _Decoder.key_of(self, n, temperature, top_k)
         if self._decoder is None or self._decoder.key != key:
             self._decoder = None  # the graphs of other arguments go before new ones are captured
-            self._decoder = _Decoder(self, key, n, temperature, top_k, device, graphed=True)
+            with torch.inference_mode(False):  # kept for later calls: normal tensors, writable outside the mode
+                self._decoder = _Decoder(self, key, n, temperature, top_k, device, graphed=True)
         return self._decoder.run(class_ids, u)
 
     def release_graphs(self) -> None:
@@ -636,10 +637,21 @@ class _Decoder:
 
     @staticmethod
     def key_of(model: ImageGPT, n: int, temperature: float, top_k) -> tuple:
-        """What the graphs depend on: the arguments, the parameters' and buffers' addresses and dtypes, and CUDA
-        autocast's state (a graph captured under autocast runs its casts at every replay)."""
+        """What the graphs depend on: the arguments, the parameters' and buffers' addresses and dtypes, CUDA
+        autocast's state (a graph captured under autocast runs its casts at every replay), and what chose the
+        kernels it recorded: the backend every op asks for (``genkernels.backend`` blocks, GENKERNELS_BACKEND) and
+        the float32 matmul precision."""
         tensors = [*model.parameters(), *model.buffers()]
-        return (n, float(temperature), top_k, tuple((t.data_ptr(), t.dtype) for t in tensors), _cuda_autocast())
+        backends = tuple(_registry.requested(op=op) for op in _registry.ops())
+        return (
+            n,
+            float(temperature),
+            top_k,
+            tuple((t.data_ptr(), t.dtype) for t in tensors),
+            backends,
+            torch.get_float32_matmul_precision(),
+            _cuda_autocast(),
+        )
 
     def _steps(self) -> None:
         for cache in self.caches:

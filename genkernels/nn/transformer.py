@@ -209,7 +209,8 @@ class KVCache:
 
     :meth:`append` writes the new keys / values in place after the ``length`` already held and returns
     views of everything held so far; nothing is reallocated while decoding (so the tensors' addresses
-    stay fixed, as CUDA graphs need).
+    stay fixed, as CUDA graphs need). Keys and values that require grad are appended by autograd: the gradient
+    reaches them through the cache, across calls, and :meth:`reset` drops that history.
 
     ``projection``: None, or (weight, bias) of the layer's three projections stacked
     (:meth:`CausalSelfAttention.stacked_projection`), set by a decoder that keeps them up to date itself (ImageGPT's
@@ -250,10 +251,13 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
+        """The positions the cache can hold."""
         return self.qkv.shape[1]
 
     def _end(self, count: int) -> int:
-        end = self.length + count
+        if not is_integer(count) or count < 0:
+            raise ValueError(f"count must be an int >= 0, got {count!r}")
+        end = self.length + int(count)
         if end > self.max_len:
             raise ValueError(f"the cache holds {self.max_len} positions; appending {count} to {self.length}")
         return end
@@ -273,7 +277,10 @@ class KVCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, heads, l, dim_head) at positions length .. length + l - 1; returns the views
         (B, heads, length + l, dim_head) of every key and value held (length grows by l). A k or v that is
-        already its slot (:meth:`next_slots`, :meth:`next_rows`) is not copied."""
+        already its slot (:meth:`next_slots`, :meth:`next_rows`) is not copied. When autograd records the cache
+        (grad enabled, and this or an earlier append given a k or v that requires grad), copies of them instead:
+        the next append writes the buffer in place, and an op that saved the views for its backward (the
+        attention) would find them changed."""
         batch, _, _, heads, dim_head = self.qkv.shape
         if k.shape != v.shape or k.shape[:2] != (batch, heads) or k.shape[3] != dim_head:
             raise ValueError(
@@ -286,7 +293,10 @@ class KVCache:
             slot = _slots(self.qkv[:, self.length : end], 1 + i)  # taken after the previous copy (autograd)
             if t.data_ptr() != slot.data_ptr() or t.stride() != slot.stride():
                 slot.copy_(t)
-        return self.commit(count)
+        k, v = self.commit(count)
+        if torch.is_grad_enabled() and self.qkv.requires_grad:
+            return k.clone(), v.clone()
+        return k, v
 
     def commit(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``count`` positions after ``length``, written in place through :meth:`next_rows`, are now held:
@@ -297,8 +307,11 @@ class KVCache:
         return _slots(held, 1), _slots(held, 2)
 
     def reset(self) -> None:
-        """Forget every position (the tensors are kept and overwritten by the next appends)."""
+        """Forget every position (the tensors are kept and overwritten by the next appends), and the autograd
+        history of earlier appends (the buffer is detached: same memory, no graph)."""
         self.length = 0
+        if self.qkv.requires_grad:
+            self.qkv = self.qkv.detach()
 
 
 class CausalSelfAttention(Attention):
@@ -390,6 +403,12 @@ class CausalSelfAttention(Attention):
                 f"cache holds (batch, heads, dim_head) = ({batch}, {heads}, {dim_head}) but this layer and x need "
                 f"({x.shape[0]}, {self.heads}, {self.dim_head}): make it with new_cache(batch, max_len)"
             )
+        w = self.to_k.weight
+        if (cache.qkv.dtype, cache.qkv.device) != (w.dtype, w.device):
+            raise ValueError(
+                f"cache holds {cache.qkv.dtype} on {cache.qkv.device} but this layer's parameters are {w.dtype} on "
+                f"{w.device}: make it with new_cache(batch, max_len)"
+            )
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
         if not torch.is_grad_enabled():
@@ -449,6 +468,7 @@ class CausalSelfAttention(Attention):
                 q, k = self._rotate(q, k, *rotary)
             if cache is not None:
                 k, v = cache.append(k, v)
+                q = q.to(k.dtype)  # under autocast q leaves to_q in the autocast dtype: attend as without grad
         o = self._attend(q, k, v)
         return self.to_out[1](self.to_out[0](o.transpose(1, 2).flatten(2)))
 
@@ -456,11 +476,12 @@ class CausalSelfAttention(Attention):
 def _linear_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
     """out (B, l, n) = x (B, l, k) @ weight.T (+ bias), out a view with a unit last stride: one matrix product
     written where out lies when it is one matrix (l = 1 or B = 1: rows at a fixed stride, which cuBLAS writes
-    directly), else the product and a copy. Traced by dynamo, always the product and a copy (the compiler fuses
-    them): dynamo refuses an ``out=`` with gaps, and that graph break inside a cached step left a graph returning
-    views of two aliased inputs (the rows and the cache's buffer), which AOTAutograd failed to rebuild ("incorrect
-    out shape after application of ViewMeta sequence")."""
-    if (x.shape[1] == 1 or x.shape[0] == 1) and not torch.compiler.is_dynamo_compiling():
+    directly) of x in out's dtype, else the product and a copy (so that an x of another dtype, an autocast
+    model's activations, is multiplied as F.linear would and stored in out's dtype). Traced by dynamo, always the
+    product and a copy (the compiler fuses them): dynamo refuses an ``out=`` with gaps, and that graph break inside
+    a cached step left a graph returning views of two aliased inputs (the rows and the cache's buffer), which
+    AOTAutograd failed to rebuild ("incorrect out shape after application of ViewMeta sequence")."""
+    if (x.shape[1] == 1 or x.shape[0] == 1) and x.dtype == out.dtype and not torch.compiler.is_dynamo_compiling():
         x2, out2 = (x[:, 0], out[:, 0]) if x.shape[1] == 1 else (x[0], out[0])
         if bias is None:
             torch.mm(x2, weight.t(), out=out2)

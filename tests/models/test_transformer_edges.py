@@ -123,3 +123,130 @@ def test_float64_model_rotates_with_float64_tables(convert):
     assert (model.rotary.sin - angles.sin()).abs().max() < 1e-14
     cached = model.sample_tokens(3, seed=4)
     assert torch.equal(model.sample_tokens(3, seed=4, use_cache=False), cached)
+
+
+def test_graph_key_follows_backend_choice_and_matmul_precision(monkeypatch):
+    """Kept graphs replay the kernels chosen when they were captured: a call inside ``genkernels.backend(...)``
+    (or with GENKERNELS_BACKEND set) after one on auto replayed auto's kernels, and a call after
+    ``torch.set_float32_matmul_precision`` the products of the old precision. The key holds both."""
+    import genkernels
+    from genkernels.models.transformer import _Decoder
+
+    model = tiny()
+    plain = _Decoder.key_of(model, 3, 1.0, None)
+    keys = {plain}
+    for name, ops in (("reference", None), ("triton", None), ("reference", "attention")):
+        with genkernels.backend(name, ops=ops):
+            key = _Decoder.key_of(model, 3, 1.0, None)
+            assert key == _Decoder.key_of(model, 3, 1.0, None)
+        keys.add(key)
+    monkeypatch.setenv("GENKERNELS_BACKEND", "cuda")
+    keys.add(_Decoder.key_of(model, 3, 1.0, None))
+    monkeypatch.delenv("GENKERNELS_BACKEND")
+    assert _Decoder.key_of(model, 3, 1.0, None) == plain
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high" if precision == "highest" else "highest")
+        keys.add(_Decoder.key_of(model, 3, 1.0, None))
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert len(keys) == 6
+
+
+class _ReplayStep:
+    """A captured decoding step's CUDA graph on the CPU: replay() runs step t again on the decoder's buffers, with
+    the backend choices of the capture (its contextvars), as a graph replays the kernels it recorded."""
+
+    def __init__(self, decoder, t: int, context) -> None:
+        self.decoder, self.t, self.context = decoder, t, context
+
+    def replay(self) -> None:
+        if self.t == 0:
+            for cache in self.decoder.caches:
+                cache.reset()
+        self.context.run(self.decoder.model._decode_step, self.t, self.decoder)
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """ImageGPT's graphed sampling on the CPU: the capture makes one _ReplayStep a step; yields the decoders made."""
+    import contextvars
+
+    from genkernels.models.transformer import _Decoder
+
+    made = []
+
+    def capture(self, device) -> None:
+        context = contextvars.copy_context()
+        self.graphs = [_ReplayStep(self, t, context) for t in range(self.model.config.seq_len)]
+        made.append(self)
+
+    monkeypatch.setattr(_Decoder, "_capture", capture)
+    return made
+
+
+def _graphed(model, n, labels, seed, temperature=1.0, top_k=None):
+    """What sample_tokens does on a CUDA device with the cache and graphs, on the CPU (fake_graphs)."""
+    from genkernels.models.transformer import _uniforms
+
+    return model._sample_graphed(
+        n, temperature, top_k, torch.device("cpu"), labels, _uniforms(n, model.config.seq_len, seed)
+    )
+
+
+def test_kept_graphs_serve_only_the_arguments_they_were_captured_for(fake_graphs):
+    """Graphed sampling keeps its graphs for the next call with the same batch size, temperature, top_k and backend
+    choice, captures new ones for other arguments (tokens of a plain call every time) and again after
+    release_graphs."""
+    import genkernels
+
+    model = tiny(image_size=2)
+    calls = [
+        (3, dict()),
+        (3, dict()),
+        (2, dict()),
+        (2, dict(temperature=0.5)),
+        (2, dict(temperature=0.5, top_k=2)),
+        (2, dict(temperature=0.5, top_k=2)),
+        (3, dict()),
+    ]
+    for n, kwargs in calls:
+        labels = torch.arange(n) % 3
+        want = model.sample_tokens(n, labels, seed=n, cuda_graph=False, **kwargs)
+        assert torch.equal(_graphed(model, n, labels, n, **kwargs), want)
+    assert len(fake_graphs) == 5 and model._decoder is fake_graphs[-1]
+    with genkernels.backend("reference", ops="attention"):  # auto's graphs replay auto's kernels: new ones
+        assert torch.equal(_graphed(model, 3, torch.arange(3), 1), model.sample_tokens(3, seed=1, cuda_graph=False))
+    assert len(fake_graphs) == 6
+    model.release_graphs()
+    assert model._decoder is None
+    assert torch.equal(_graphed(model, 3, torch.arange(3), 1), model.sample_tokens(3, seed=1, cuda_graph=False))
+    assert len(fake_graphs) == 7 and model._decoder is fake_graphs[-1]
+
+
+def test_kept_graphs_captured_in_inference_mode_replay_outside_it(fake_graphs):
+    """The decoder that CUDA graphs replay is kept for the next call: made by a call inside torch.inference_mode(),
+    its buffers were inference tensors, and the next call outside it failed writing them ("Inplace update to
+    inference tensor outside InferenceMode"). It replays in and out of inference mode, with the tokens of a plain
+    call."""
+    model = tiny(image_size=2)
+    labels = torch.tensor([0, 1, 2])
+    want = model.sample_tokens(3, labels, seed=5, cuda_graph=False)
+    with torch.inference_mode():
+        assert torch.equal(_graphed(model, 3, labels, 5), want)
+    assert torch.equal(_graphed(model, 3, labels, 5), want)
+    with torch.inference_mode():
+        assert torch.equal(_graphed(model, 3, labels, 5), want)
+    assert len(fake_graphs) == 1
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_rows_tokens_do_not_depend_on_the_batch(use_cache):
+    """Row i of a call is drawn with the i-th row of the seeded uniforms and the i-th default label: the first rows
+    of a call for 5 sequences are a call for fewer, at every temperature and top_k."""
+    model = tiny(image_size=2, levels=7)
+    for kwargs in (dict(), dict(temperature=0.7, top_k=3)):
+        five = model.sample_tokens(5, seed=9, use_cache=use_cache, **kwargs)
+        for n in (1, 2):
+            assert torch.equal(model.sample_tokens(n, seed=9, use_cache=use_cache, **kwargs), five[:n])
+        assert not torch.equal(five[0], five[3]) or not torch.equal(five[1], five[4])
