@@ -321,7 +321,13 @@ def _sample_families() -> dict[str, tuple[str, list]]:
                     help="default: ddim for eps/v models, flow for flow models",
                 ),
                 _option("--steps", type=_positive_int, default=25, help="sampling steps (25)"),
-                _option("--guidance", type=_finite, default=3.0, help="classifier-free guidance scale; 1: none (3.0)"),
+                _option(
+                    "--guidance",
+                    type=_finite,
+                    default=None,
+                    help="classifier-free guidance scale; 1: none (default 3.0; 1 for a model trained with "
+                    "--label-dropout 0, which never learned the unconditional prediction)",
+                ),
                 _SEED,
                 _option(
                     "--num",
@@ -619,8 +625,10 @@ def _run_train_diffusion(args) -> int:
 
     device = _device(args.device)
     dataset = _load_data(args.data, args.image_size, args.channels)
-    with _user_errors():
+    _, h, w = dataset.image_shape
+    with _user_errors(f"--backbone {args.backbone} (--model {args.model}) on {h}x{w} images: "):
         model_config = train.model_config_for(dataset, args.model, backbone=args.backbone)
+    with _user_errors():
         config = train.TrainConfig(
             steps=args.steps,
             batch_size=args.batch_size,
@@ -662,17 +670,28 @@ def _run_sample_diffusion(args) -> int:
     sampler = args.sampler or ("flow" if objective == "flow" else "ddim")
     with _user_errors("--sampler: "):
         train.check_sampler(sampler, objective)
-    trained_steps = meta.get("schedule", {}).get("num_train_timesteps")
-    if trained_steps is not None and args.steps > trained_steps:
+    trained_steps = meta["schedule"]["num_train_timesteps"]
+    if args.steps > trained_steps:
         raise CommandError(
             f"--steps must be at most the {trained_steps} timesteps the model was trained on, got {args.steps}"
         )
-    model, meta = _load_model(train.load_checkpoint, args.ckpt, ema=not args.raw_weights, device=device)
-    classes = model.config.num_classes
+    classes = meta["config"]["num_classes"]
     if args.label is not None and not -1 <= args.label < classes:
         raise CommandError(
             f"--label must be in [-1, {classes - 1}] (this model has {classes} classes), got {args.label}"
         )
+    # A model trained with --label-dropout 0 never saw the null label: guidance and unconditional samples
+    # would mix in its untrained prediction (train.sample_diffusion refuses them).
+    conditional_only = meta.get("label_dropout") == 0
+    guidance = args.guidance if args.guidance is not None else 1.0 if conditional_only else 3.0
+    if conditional_only and (guidance != 1.0 or args.label == -1):
+        what = f"--guidance {guidance:g}" if guidance != 1.0 else "--label -1 (unconditional samples)"
+        raise CommandError(
+            f"{what}: this model was trained with --label-dropout 0 and never learned the unconditional "
+            "prediction; sample with --guidance 1 and class labels, or train with --label-dropout > 0"
+        )
+    with _user_errors("--ckpt: ", (ValueError,)):  # a checkpoint without EMA weights, say
+        model, meta = _load_model(train.load_checkpoint, args.ckpt, ema=not args.raw_weights, device=device)
     num = args.num or max(16, 4 * classes)
     if args.label is None:
         labels = torch.arange(num) % classes
@@ -684,7 +703,7 @@ def _run_sample_diffusion(args) -> int:
         labels,
         sampler=sampler,
         steps=args.steps,
-        guidance=args.guidance,
+        guidance=guidance,
         seed=args.seed,
         backend=args.backend,
         progress=not args.no_progress,
@@ -695,7 +714,7 @@ def _run_sample_diffusion(args) -> int:
     scale = args.scale or max(1, 64 // height)
     width, grid_height = data_mod.save_grid(images, args.out, ncol=ncol, scale=scale)
     print(
-        f"wrote {num} samples ({sampler}, {args.steps} steps, guidance {args.guidance}) to {args.out} "
+        f"wrote {num} samples ({sampler}, {args.steps} steps, guidance {guidance}) to {args.out} "
         f"({width}x{grid_height})"
     )
     return 0

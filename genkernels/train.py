@@ -27,8 +27,9 @@ dpm++; flow models run flow.
 Checkpoints are safetensors files: the weights under ``model.`` and the EMA weights under
 ``ema.``, and the metadata key ``genkernels`` holding JSON: the model (``diffusion-unet`` or
 ``diffusion-dit``), the backbone (``unet`` or ``dit``) and its config, the objective, the noise
-schedule, the class names and the training step. Checkpoints written before the DiT existed have
-no ``backbone`` key and load as UNets.
+schedule, the label dropout rate, the class names, the image shape and the training step. Checkpoints
+written before the DiT existed have no ``backbone`` key and load as UNets; those written before the
+label dropout was recorded are taken to have learned the unconditional prediction.
 
 Backends: every fused op of the model (GroupNorm and attention; the DiT's adaLN, RoPE and MLP ops)
 follows ``backend``. Without one, a surrounding ``genkernels.backend(...)`` block or the
@@ -53,8 +54,10 @@ from ._training import (  # noqa: F401  (re-exported: the public names of every 
     METADATA_KEY,
     TrainLoop,
     backend_scope,
+    check_at_least,
     check_batch_size,
     check_choice,
+    check_nonnegative,
     check_positive,
     check_seed,
     check_steps,
@@ -98,7 +101,11 @@ BACKBONES = {
 
 @dataclass
 class Schedule:
-    """The training noise schedule (DDPM betas; unused by the flow objective apart from T)."""
+    """The training noise schedule (DDPM betas; unused by the flow objective apart from T).
+
+    num_train_timesteps: T, an int >= 1. beta_schedule: one of genkernels.schedulers' ("linear",
+    "scaled_linear", "squaredcos_cap_v2"). beta_start, beta_end: numbers in (0, 1). A ValueError otherwise.
+    """
 
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
@@ -107,6 +114,14 @@ class Schedule:
 
     def __post_init__(self) -> None:
         _python_numbers(self)
+        check_at_least("num_train_timesteps", self.num_train_timesteps, 1)
+        from .schedulers._base import BETA_SCHEDULES
+
+        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        for name in ("beta_start", "beta_end"):
+            value = getattr(self, name)
+            if not (is_finite_real(value) and 0 < value < 1):
+                raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
 
     def scheduler_kwargs(self) -> dict:
         """The schedule as keyword arguments of a ``genkernels.schedulers`` scheduler (as of a diffusers one)."""
@@ -120,7 +135,8 @@ class Schedule:
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of :func:`train_diffusion`."""
+    """Hyper-parameters of :func:`train_diffusion` (weight_decay: AdamW's, >= 0; grad_clip: the gradient norm
+    clip, >= 0, 0: none; schedule: the DDPM noise schedule, see :class:`Schedule`)."""
 
     steps: int = 2000
     batch_size: int = 64
@@ -138,7 +154,11 @@ class TrainConfig:
         check_choice("objective", self.objective, OBJECTIVES)
         check_steps(self.steps, self.batch_size)
         check_positive("lr", self.lr)
+        check_nonnegative("weight_decay", self.weight_decay)
+        check_nonnegative("grad_clip", self.grad_clip)
         check_seed(self.seed)
+        if not isinstance(self.schedule, Schedule):
+            raise TypeError(f"schedule must be a genkernels.train.Schedule, got {type(self.schedule).__name__}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -279,6 +299,7 @@ def train_diffusion(
         backbone=backbone,
         objective=config.objective,
         schedule=config.schedule.__dict__,
+        label_dropout=config.label_dropout,
     )
     loop = TrainLoop("diffusion", model, metadata, config.steps, save_every, out_path, progress, ema=ema)
     losses: list[float] = []
@@ -312,14 +333,50 @@ def read_metadata(path: str | Path, model: str | None = None, family: str = "dif
     has no genkernels metadata, or holds another model.
     """
     if model is not None:
-        return _read_metadata(path, model, family)
-    try:
-        return _read_metadata(path, BACKBONES["unet"][2], family)
-    except ValueError as not_unet:
+        meta = _read_metadata(path, model, family)
+    else:
         try:
-            return _read_metadata(path, BACKBONES["dit"][2], family)
-        except ValueError:
-            raise not_unet from None
+            meta = _read_metadata(path, BACKBONES["unet"][2], family)
+        except ValueError as not_unet:
+            try:
+                meta = _read_metadata(path, BACKBONES["dit"][2], family)
+            except ValueError:
+                raise not_unet from None
+    if meta["model"] in (name for _, _, name in BACKBONES.values()):
+        _check_metadata(path, meta)
+    return meta
+
+
+def _check_metadata(path: str | Path, meta: dict) -> None:
+    """A ValueError naming ``path`` unless the metadata of a diffusion checkpoint holds what sampling reads: an
+    objective, a valid schedule, a backbone that fits the model name, a valid model config and an image shape
+    whose channels are the model's. A damaged (or hand-edited) checkpoint then fails here, in one line, rather
+    than in the middle of sampling."""
+
+    def damaged(what: str) -> ValueError:
+        return ValueError(f"{str(path)!r}: {what} (a damaged checkpoint?)")
+
+    for key in ("objective", "schedule", "config", "image_shape"):
+        if key not in meta:
+            raise damaged(f"its metadata has no {key!r}")
+    if meta["objective"] not in OBJECTIVES:
+        raise damaged(f"its metadata's objective must be one of {OBJECTIVES}, got {meta['objective']!r}")
+    backbone = meta.get("backbone", "unet")  # checkpoints from before the DiT have no backbone: UNets
+    if backbone not in BACKBONES or BACKBONES[backbone][2] != meta["model"]:
+        raise damaged(f"backbone {backbone!r} does not fit model {meta['model']!r}")
+    try:
+        Schedule(**meta["schedule"])
+    except (TypeError, ValueError) as e:
+        raise damaged(f"its metadata's schedule {meta['schedule']!r}: {e}") from None
+    try:
+        config = BACKBONES[backbone][1].from_json(json.dumps(meta["config"]))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise damaged(f"its metadata's config: {e}") from None
+    shape = meta["image_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(is_integer(v) and v >= 1 for v in shape)):
+        raise damaged(f"its metadata's image_shape must be [C, H, W] of positive ints, got {shape!r}")
+    if shape[0] != config.in_channels or shape[0] != config.out_channels:
+        raise damaged(f"its metadata's image_shape {shape} does not fit its model's {config.in_channels} channels")
 
 
 def load_checkpoint(
@@ -327,11 +384,8 @@ def load_checkpoint(
 ) -> tuple[UNet | DiT, dict]:
     """(the checkpoint's model, a UNet or a DiT as its metadata's backbone says, with its EMA weights,
     or its raw weights with ema=False; metadata)."""
-    meta = read_metadata(path)
-    backbone = meta.get("backbone", "unet")  # checkpoints from before the DiT have no backbone: UNets
-    if backbone not in BACKBONES or BACKBONES[backbone][2] != meta["model"]:
-        raise ValueError(f"{str(path)!r}: backbone {backbone!r} does not fit model {meta['model']!r}")
-    model_class, config_class, _ = BACKBONES[backbone]
+    meta = read_metadata(path)  # checked: the backbone fits the model name, the config is valid
+    model_class, config_class, _ = BACKBONES[meta.get("backbone", "unet")]
     model = model_class(config_class.from_json(json.dumps(meta["config"])), backend=backend)
     prefix = "ema." if ema else "model."
     state = checkpoint_weights(path, prefix)
@@ -383,8 +437,11 @@ def sample_diffusion(
 ) -> torch.Tensor:
     """Generate len(labels) images with ``sampler`` in ``steps`` steps; returns (N, C, H, W) in the data range.
 
-    labels: (N,) class labels (the null label num_classes gives unconditional samples). guidance:
-    classifier-free guidance scale g, a finite float (1: the conditional model alone; see the module doc).
+    labels: (N,) integer class labels in [0, num_classes] (the null label num_classes gives unconditional
+    samples), on any device; checked on the host before any model call. guidance: classifier-free guidance
+    scale g, a finite float (1: the conditional model alone; 0: the unconditional one; see the module doc). A
+    model whose metadata records ``label_dropout`` 0 never learned the unconditional prediction: guidance != 1
+    and the null label are then a ValueError. steps: at most the schedule's num_train_timesteps.
     The initial noise and every noise draw of the sampler come from a generator seeded with ``seed`` (an
     int in [0, 2^63)) on the model's device: the same seed gives the same images.
 
@@ -403,19 +460,39 @@ def sample_diffusion(
         raise TypeError(f"labels must be a (N,) tensor of class labels, got {type(labels).__name__}")
     if labels.dim() != 1:
         raise ValueError(f"labels must be a (N,) tensor of class labels, got shape {tuple(labels.shape)}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if not is_integer(steps) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    schedule = Schedule(**metadata["schedule"])
+    if steps > schedule.num_train_timesteps:
+        raise ValueError(
+            f"steps must be at most the {schedule.num_train_timesteps} timesteps the model was trained on, got {steps}"
+        )
     seed = as_number(seed)  # a NumPy integer as the Python int
     check_seed(seed)
     if not is_finite_real(guidance):
         raise ValueError(f"guidance must be a finite float, got {guidance!r}")
     if cuda_graph not in (None, True, False):
         raise ValueError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
+    # The values are checked here, on the host, once: on a GPU the model's embedding would meet an out-of-range
+    # label as a device-side assert, which ends the process's CUDA context. int64 holds the null label, which a
+    # small integer dtype (uint8) might not.
+    labels = labels.to(device="cpu", dtype=torch.long)
+    null = model.null_label
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) <= null:
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise ValueError(f"labels must be class labels in [0, {null}] ({null}: the null label), got {bad}")
+    if metadata.get("label_dropout") == 0 and (guidance != 1.0 or bool((labels == null).any())):
+        raise ValueError(
+            "this model was trained with label_dropout 0: it never learned the unconditional prediction (the null "
+            f"label {null}) that guidance {guidance} and unconditional samples need; sample with guidance=1.0 "
+            "and class labels, or train with label_dropout > 0"
+        )
     device = next(model.parameters()).device
     if cuda_graph and not _graphs.available(device):
         raise ValueError(f"cuda_graph=True needs a model on a CUDA device, got one on {device}")
     graphed = _graphs.available(device) and steps >= GRAPH_MIN_STEPS if cuda_graph is None else cuda_graph
-    schedule = Schedule(**metadata["schedule"])
     scheduler = make_scheduler(sampler, objective, schedule)
     scheduler.set_timesteps(steps, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -217,3 +217,105 @@ def test_samplers_reach_the_exact_models_target(objective, guidance):
         x = train.sample_diffusion(oracle, meta, labels, sampler=sampler, steps=4, guidance=guidance, seed=0)
         err = (x - want).abs().max().item()
         assert err < 2e-3, f"{sampler} ({objective}, guidance {guidance}): max error {err:.3g} from the target"
+
+
+class _Recorder(torch.nn.Module):
+    """A model that predicts zeros and records the labels of every call (it checks none of them itself)."""
+
+    def __init__(self, null_label: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.null_label = null_label
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x, t, labels):
+        self.seen.append(labels.clone())
+        return torch.zeros_like(x)
+
+
+def _meta(objective: str = "eps", **entries) -> dict:
+    return {"objective": objective, "schedule": train.Schedule().__dict__, "image_shape": [1, 2, 2], **entries}
+
+
+@pytest.mark.parametrize(
+    "labels,error,match",
+    [
+        (torch.tensor([0, 11]), ValueError, r"labels must be class labels in \[0, 10\] \(10: the null label\), got 11"),
+        (torch.tensor([-1, 3]), ValueError, r"labels must be class labels in \[0, 10\] .*got -1"),
+        (torch.tensor([1.0]), TypeError, r"labels must be an integer tensor, got torch.float32"),
+        (torch.tensor([True]), TypeError, r"labels must be an integer tensor, got torch.bool"),
+    ],
+)
+def test_sample_checks_the_labels_before_the_model(labels, error, match):
+    """Out-of-range labels reached the model: on a GPU its embedding fails with a device-side assert that ends
+    the process's CUDA context (the models check label values on the CPU only)."""
+    model = _Recorder(null_label=10)
+    with pytest.raises(error, match=match):
+        train.sample_diffusion(model, _meta(), labels, sampler="ddim", steps=2)
+    assert model.seen == []
+
+
+def test_guided_sampling_keeps_the_null_label_in_small_integer_dtypes():
+    """uint8 labels of a model whose null label is 300: the unconditional half was filled with 300 as uint8, i.e.
+    44, a class label, so "guidance" mixed two conditional predictions with no error."""
+    model = _Recorder(null_label=300)
+    labels = torch.tensor([1, 2], dtype=torch.uint8)
+    train.sample_diffusion(model, _meta(), labels, sampler="ddim", steps=1, guidance=2.0)
+    assert model.seen[0].tolist() == [300, 300, 1, 2]
+
+
+def test_sample_steps_beyond_the_training_timesteps_name_steps():
+    """The error named num_inference_steps, an argument of the scheduler the caller never passed."""
+    meta = _meta(schedule=train.Schedule(num_train_timesteps=10).__dict__)
+    with pytest.raises(ValueError, match=r"steps must be at most the 10 timesteps the model was trained on, got 11"):
+        train.sample_diffusion(_Recorder(3), meta, torch.tensor([0]), sampler="ddim", steps=11)
+
+
+@pytest.mark.parametrize(
+    "entries,match",
+    [
+        ({"num_train_timesteps": 0}, r"num_train_timesteps must be >= 1, got 0"),
+        ({"num_train_timesteps": 10.5}, r"num_train_timesteps must be an int >= 1, got 10.5"),
+        ({"num_train_timesteps": True}, r"num_train_timesteps must be an int >= 1, got True"),
+        ({"beta_schedule": "cosine"}, r"beta_schedule must be one of \('linear', .*got 'cosine'"),
+        ({"beta_start": -1e-4}, r"beta_start must be a number in \(0, 1\), got -0.0001"),
+        ({"beta_end": float("nan")}, r"beta_end must be a number in \(0, 1\), got nan"),
+        ({"beta_end": 2.0}, r"beta_end must be a number in \(0, 1\), got 2.0"),
+    ],
+)
+def test_schedule_refuses_values_it_cannot_train_with(entries, match):
+    """All were accepted: T = 0 trained the flow objective at t = 0 for every noise level (u * T) with no error
+    and failed only at sampling; betas outside (0, 1) gave NaN noise levels, a diverged run."""
+    with pytest.raises(ValueError, match=match):
+        train.Schedule(**entries)
+
+
+@pytest.mark.parametrize("name", ["grad_clip", "weight_decay"])
+@pytest.mark.parametrize("value", [float("nan"), -1.0, float("inf")])
+def test_train_config_checks_grad_clip_and_weight_decay(name, value):
+    """grad_clip NaN or negative turned the clipping off with no error (``if grad_clip > 0``)."""
+    with pytest.raises(ValueError, match=rf"{name} must be a finite number >= 0, got {value!r}"):
+        train.TrainConfig(**{name: value})
+
+
+def test_a_model_trained_without_label_dropout_refuses_guidance(digits):
+    """label_dropout 0 never trains the null label, whose embedding stays at its initialization: guided (or
+    unconditional) samples mixed in an untrained prediction with no error. The checkpoint now records the rate."""
+    small = data.ImageDataset(digits.images[:8], digits.labels[:8], digits.class_names)
+    cfg = train.model_config_for(small, "tiny")
+    result = train.train_diffusion(
+        small, cfg, train.TrainConfig(steps=1, batch_size=4, label_dropout=0.0), progress=False
+    )
+    assert result.metadata["label_dropout"] == 0.0
+    model, meta = result.ema, result.metadata
+    for guidance, labels in ((3.0, [1]), (0.0, [1]), (1.0, [1, model.null_label])):
+        with pytest.raises(ValueError, match=r"trained with label_dropout 0: it never learned the unconditional"):
+            train.sample_diffusion(model, meta, torch.tensor(labels), sampler="ddim", steps=1, guidance=guidance)
+    x = train.sample_diffusion(model, meta, torch.tensor([1, 2]), sampler="ddim", steps=1, guidance=1.0)
+    assert x.shape == (2, 1, 8, 8)
+
+
+def test_train_config_checks_the_schedule_type():
+    """A dict schedule (as the checkpoint metadata holds it) was an AttributeError at the first training step."""
+    with pytest.raises(TypeError, match=r"schedule must be a genkernels.train.Schedule, got dict"):
+        train.TrainConfig(schedule={"num_train_timesteps": 10})
