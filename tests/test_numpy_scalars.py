@@ -130,7 +130,7 @@ def test_group_norm():
         ),
     ],
 )
-def test_launchers_get_python_numbers(monkeypatch, module, launcher, call, positions):
+def test_launchers_get_python_numbers(monkeypatch, module, launcher, call, positions, device):
     """NumPy scalars reach the triton launchers as the equal Python numbers (and give the same results)."""
     target = importlib.import_module(module)
     original, seen = getattr(target, launcher), []
@@ -143,7 +143,7 @@ def test_launchers_get_python_numbers(monkeypatch, module, launcher, call, posit
         return original(*args)
 
     monkeypatch.setattr(target, launcher, spy)
-    x = torch.randn(2, 4, 2, 2)
+    x = torch.randn(2, 4, 2, 2, device=device)
     out_np = call(x, np.int64(2), np.float32(0.5))
     out_py = call(x, 2, 0.5)
     _same(out_np, out_py)
@@ -152,14 +152,14 @@ def test_launchers_get_python_numbers(monkeypatch, module, launcher, call, posit
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_bias_act_and_layer_norm_modulate(backend):
-    x, bias = torch.randn(2, 3, 4, 4), torch.randn(3)
+def test_bias_act_and_layer_norm_modulate(backend, device):
+    x, bias = torch.randn(2, 3, 4, 4, device=device), torch.randn(3, device=device)
     numpy_args = dict(alpha=np.float32(0.1), gain=np.float16(2.0), clamp=np.float32(0.5), dim=np.int64(1))
     _same(
         ops.bias_act(x, bias, act="lrelu", backend=backend, **numpy_args),
         ops.bias_act(x, bias, act="lrelu", backend=backend, **{k: _py(v) for k, v in numpy_args.items()}),
     )
-    h, shift, scale = torch.randn(2, 5, 8), torch.randn(2, 8), torch.randn(2, 8)
+    h, shift, scale = (torch.randn(*shape, device=device) for shape in ((2, 5, 8), (2, 8), (2, 8)))
     eps = np.float32(1e-3)
     _same(
         ops.layer_norm_modulate(h, None, None, shift, scale, eps=eps, backend=backend),
@@ -167,7 +167,7 @@ def test_bias_act_and_layer_norm_modulate(backend):
     )
 
 
-def test_bias_act_launcher_gets_python_numbers(monkeypatch):
+def test_bias_act_launcher_gets_python_numbers(monkeypatch, device):
     """bias_act's NumPy alpha, gain and clamp reach the triton launcher as Python floats."""
     target = importlib.import_module("genkernels.triton.bias_act")
     original, seen = target._launch_args, []
@@ -177,7 +177,7 @@ def test_bias_act_launcher_gets_python_numbers(monkeypatch):
         return original(x, bias, act, alpha, gain, clamp, dim)
 
     monkeypatch.setattr(target, "_launch_args", spy)
-    x, bias = torch.randn(2, 3, 4), torch.randn(3)
+    x, bias = torch.randn(2, 3, 4, device=device), torch.randn(3, device=device)
     ops.bias_act(
         x, bias, act="lrelu", alpha=np.float32(0.25), gain=np.int64(2), clamp=np.float64(1.5), backend="triton"
     )

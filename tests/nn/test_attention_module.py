@@ -237,9 +237,9 @@ def test_mask_and_causal_are_keyword_only():
     attn = genkernels.nn.Attention(12, 6, heads=3, dim_head=4, backend="reference")
     x, context = torch.randn(2, 5, 12), torch.randn(2, 4, 6)
     keep = torch.ones(2, 4, dtype=torch.bool)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="positional arguments but 4 were given"):
         attn(x, context, keep)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="positional arguments but 5 were given"):
         attn(x, None, None, True)
     padding = ~keep
     padding[:, 3] = True

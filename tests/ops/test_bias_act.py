@@ -68,7 +68,7 @@ def _check(backend, x, bias, order=1, **kwargs):
         assert_criterion(o, r, t, name, relative_floor=name in ("dbias", "ddbias", "ddx", "ddy"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTS)
 def test_acts_and_dtypes(backend, dtype, act, device):
@@ -89,7 +89,7 @@ def test_layouts_and_clamp(backend, layout, clamp, device):
         assert y.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("shape, dim", [((3, 7), 1), ((2, 3, 9), -1), ((4, 5, 3), 0), ((1, 1, 1, 1), 1), ((33,), 0)])
 def test_dims_and_odd_shapes(backend, shape, dim, device):
     x, bias = _inputs(shape, torch.float32, device, dim=dim)
@@ -125,7 +125,7 @@ TILE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("shape, layout, dim, per_tile", TILE_CASES)
 @pytest.mark.parametrize("need_dx", [True, False])
 def test_bias_gradient_tiles(backend, shape, layout, dim, per_tile, need_dx, device):
@@ -181,7 +181,7 @@ def test_bias_dtypes(backend, x_dtype, bias_dtype, device):
     assert db.dtype == bias_dtype
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("shape", [(2, 3, 64, 64), (3, 2, 64, 64)])
 def test_channel_uniform_tiles(backend, shape, device, monkeypatch):
     """Inner sizes that are multiples of the triton tiles (the NCHW layers from 64 x 64 up): the bias is one
@@ -200,7 +200,7 @@ def test_channel_uniform_tiles(backend, shape, device, monkeypatch):
     _check(backend, x, bias, act="lrelu")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("act", ACTS)
 def test_double_backward(backend, act, device):
     """The R1 penalty's path: gradients of a gradient, against the reference under the criterion."""

@@ -43,6 +43,12 @@ def _torch_bias_act(x, bias, act, alpha, gain, clamp):
 WAYS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu), "kernels", "codes", "traced-reference", "traced-triton"]
 
 
+def _device(way: str) -> torch.device:
+    """Where a way runs: the triton ways on the GPU when there is one (the interpreter runs them on the CPU)."""
+    gpu = way == "cuda" or (way.endswith("triton") and torch.cuda.is_available())
+    return torch.device("cuda" if gpu else "cpu")
+
+
 def _runner(way, act, alpha, gain, clamp):
     """(fn(x, bias) -> y, dtype) for one way of running bias_act."""
     if way in ("triton", "cuda"):
@@ -102,7 +108,7 @@ def test_nonfinite_x_matches_torch_autograd(way, act, clamp):
     fn, dtype = _runner(way, act, alpha, gain, clamp)
     if way == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    device = torch.device("cuda" if way == "cuda" else "cpu")
+    device = _device(way)
     x, bias = _special_x(dtype)
     g = torch.Generator().manual_seed(3)
     dy, v = (torch.randn(x.shape, generator=g, dtype=torch.float64) for _ in range(2))
@@ -124,7 +130,7 @@ def test_nonfinite_dy_matches_torch_autograd(way, act, clamp):
     fn, dtype = _runner(way, act, alpha, gain, clamp)
     if way == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    device = torch.device("cuda" if way == "cuda" else "cpu")
+    device = _device(way)
     x = torch.randn(2, 4, 5, dtype=torch.float64)
     x[:, 0] = -x[:, 0].abs() - 0.5  # channel 0: z < 0 (the bias is 0 there)
     x[0, 1, 1] = 0.0  # z = 0
@@ -165,7 +171,7 @@ def test_fp16_upsampling_clamped_modulated_conv(backend, grouped):
 
     if backend == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    device = torch.device("cuda" if backend == "cuda" else "cpu")
+    device = _device(backend)  # triton on the GPU when there is one
     spec = dict(in_channels=6, out_channels=5, kernel_size=3, w_dim=4, up=True, resolution=8, conv_clamp=0.5)
     layer = ModulatedConv2d(**spec, grouped=grouped, backend=backend)
     with torch.no_grad():

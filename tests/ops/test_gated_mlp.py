@@ -16,7 +16,8 @@ from tests.criterion import assert_criterion
 from tests.op_inputs import skip_unsupported, to_layout
 
 GM = importlib.import_module("genkernels.ops.gated_mlp")
-BACKENDS = ["reference", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+FAST = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+BACKENDS = ["reference", *FAST]
 # The Triton interpreter mishandles bfloat16: bf16 runs on the GPU only.
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,7 +48,7 @@ def _gelu(x, backend):
 # --------------------------------------------------------------------------- gelu_tanh
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(2, 5, 72), (3, 1000), (1, 1, 1), (7,)])
 def test_gelu_tanh_dtypes_and_shapes(backend, dtype, shape, device):
@@ -66,7 +67,7 @@ def test_gelu_tanh_layouts(backend, layout, device):
         assert y.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 def test_gelu_tanh_large_inputs(backend, device):
     """Values up to 1e4 (fp16 range) stay finite and accurate: the tails are x and 0."""
     x = torch.randn(4, 33, device=device) * 1e4
@@ -110,7 +111,7 @@ def test_swiglu_dtypes_and_shapes(backend, dtype, shape, dim, device):
     assert y.shape == _half_shape(shape, dim) and y.is_contiguous()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("layout, dim", [("channels_last", 1), ("strided", -1), ("contiguous", 1)])
 def test_swiglu_layouts_and_dims(backend, layout, dim, device):
     """A middle dim (several rows of 2 * M columns) and non-contiguous inputs (copied once)."""
@@ -175,7 +176,7 @@ def _second_order(fn, x, backend, dy, v):
     return y, dx, ddx, ddy
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("op", ["gelu_tanh", "swiglu"])
 def test_double_backward(backend, op, device):
     x = torch.randn(3, 2, 10, device=device) * 2
@@ -230,7 +231,7 @@ def _linear_gelu(inputs, backend, grad):
     return (y, *torch.autograd.grad(y, wrt, dy))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_gelu_tanh(backend, bias, device):
     """Outputs and gradients of x, weight and bias against the reference (F.linear, then gelu_tanh)."""

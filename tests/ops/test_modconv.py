@@ -52,7 +52,7 @@ def _demod_check(backend, weight, styles, eps=1e-8):
     _check_all(("dcoef", "dweight", "dstyles"), out, ref, truth, reductions=("dweight", "dstyles"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("wshape, n", [((6, 5, 3, 3), 3), ((7, 5, 1, 1), 2), ((9, 37), 1), ((40, 3, 3, 3), 33)])
 def test_demod(backend, dtype, wshape, n, device):
@@ -62,7 +62,7 @@ def test_demod(backend, dtype, wshape, n, device):
     _demod_check(backend, weight, styles)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 def test_demod_eps_and_styles_dtype(backend, device):
     """A large eps matters; half-precision styles are used in float32."""
     weight = torch.randn(4, 6, 3, 3, device=device) * 0.01
@@ -142,7 +142,7 @@ def _epi_check(backend, y, dcoef, noise, strength, bias, noise_grad=False, **kwa
         assert out[1].is_contiguous(memory_format=torch.channels_last), "dy lost y's channels_last layout"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", MC.ACTS)
 def test_epilogue_acts(backend, dtype, act, device):

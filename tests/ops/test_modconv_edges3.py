@@ -18,7 +18,9 @@ BACKENDS = ["reference", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _device(backend: str) -> torch.device:
-    return torch.device("cuda" if backend == "cuda" else "cpu")
+    """Where ``backend`` runs: the fast backends on the GPU when there is one (triton takes CPU tensors only under
+    TRITON_INTERPRET, which is set without a GPU), the reference on the CPU."""
+    return torch.device("cuda" if backend != "reference" and torch.cuda.is_available() else "cpu")
 
 
 def _layer_grads(layer, x, w, weights, call=None):
@@ -120,8 +122,10 @@ def test_zero_styles(backend, path):
     x, w = torch.randn(2, 5, 4, 4), torch.randn(2, 3)
     weights = torch.randn(2, 4, 4, 4, dtype=torch.float64)
     want = _layer_grads(copy.deepcopy(eager).double(), x.double(), w.double(), weights)
-    ref = _layer_grads(eager, x, w, weights)
-    got = _layer_grads(layer, x, w, weights)
+    device = _device(backend)
+    x, w = x.to(device), w.to(device)
+    ref = _layer_grads(eager.to(device), x, w, weights)
+    got = _layer_grads(layer.to(device), x, w, weights)
     z = layer.noise_const * 0.5 + layer.bias.detach()[None, :, None, None]
     torch.testing.assert_close(got["out"].detach(), torch.tanh(z).expand(2, -1, -1, -1))
     for name, t in want.items():
@@ -201,11 +205,13 @@ def test_path_length_second_order(backend, path):
         module.zero_grad(set_to_none=True)
         w = w.detach().requires_grad_(True)
         out = module(x, w, "const")
-        (gw,) = torch.autograd.grad((out * pl_noise.to(out.dtype)).sum(), w, create_graph=True)
+        (gw,) = torch.autograd.grad((out * pl_noise.to(out.device, out.dtype)).sum(), w, create_graph=True)
         gw.square().sum().backward()
         return {n: p.grad for n, p in module.named_parameters()}
 
     want = run(copy.deepcopy(eager).double(), x.double(), w.double())
-    ref, got = run(eager, x, w), run(layer, x, w)
+    device = _device(backend)
+    x, w = x.to(device), w.to(device)
+    ref, got = run(eager.to(device), x, w), run(layer.to(device), x, w)
     for name, t in want.items():
         assert_criterion(got[name], ref[name], t, name, relative_floor=True)

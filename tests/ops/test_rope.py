@@ -17,7 +17,8 @@ from tests.criterion import assert_criterion
 from tests.op_inputs import skip_unsupported
 
 RP = importlib.import_module("genkernels.ops.rope")
-BACKENDS = ["reference", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+FAST = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+BACKENDS = ["reference", *FAST]
 # The Triton interpreter mishandles bfloat16: bf16 runs on the GPU only.
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,7 +82,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("interleaved", [False, True])

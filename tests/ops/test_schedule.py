@@ -438,7 +438,7 @@ def test_cuda_graph_capture():
 # --------------------------------------------------------------------------- add_noise
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_add_noise(backend, dtype, per_sample, device):
