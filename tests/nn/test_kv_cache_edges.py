@@ -63,14 +63,14 @@ def test_layer_and_its_cache_against_float64_causal_attention(length, pairs):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_backward_through_a_cache_fed_in_several_calls(backend):
+def test_backward_through_a_cache_fed_in_several_calls(backend, device):
     """With grad, the keys and values a call appended were read by its attention as views of the cache's buffer,
     which the next call's append wrote in place: the backward of the triton (and CUDA) attention, which saves its
     inputs, failed ("modified by an inplace operation"). The gradient is the full sequence's."""
     torch.manual_seed(0)
-    layer = CausalSelfAttention(16, heads=2, backend=backend)
-    cos, sin = rope_frequencies(torch.arange(5), 8)
-    x = torch.randn(2, 5, 16, requires_grad=True)
+    layer = CausalSelfAttention(16, heads=2, backend=backend).to(device)
+    cos, sin = (t.to(device) for t in rope_frequencies(torch.arange(5), 8))
+    x = torch.randn(2, 5, 16, device=device, requires_grad=True)
     cache = layer.new_cache(2, 5)
     out = torch.cat([layer(x[:, a:b], (cos[a:b], sin[a:b]), cache) for a, b in ((0, 2), (2, 3), (3, 5))], 1)
     grad, weight_grad = torch.autograd.grad(out.square().sum(), (x, layer.to_k.weight))

@@ -547,18 +547,18 @@ def test_explicit_backend_refuses_float64():
 
 
 @pytest.mark.parametrize("needs_grad", ["sample", "model_output", "x0_prev", "coeffs"])
-def test_inputs_that_require_grad_run_on_the_reference(needs_grad):
+def test_inputs_that_require_grad_run_on_the_reference(needs_grad, device):
     """Sampling through the step with gradients (DRaFT / DDPO-style fine-tuning backpropagates through
     scheduler.step): the fast kernels have no backward, and auto ran triton (on a GPU: cuda) with the output
     silently detached, so the step's share of every gradient was 0. Auto now takes the reference (torch's
     autograd) and an explicit fast backend says why it cannot run."""
-    x, out, x0_prev = torch.randn(2, 3, 4, 4), torch.randn(4, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    c0 = torch.tensor([0.3, 0.4])
+    x, out, x0_prev = (torch.randn(shape, device=device) for shape in ((2, 3, 4, 4), (4, 3, 4, 4), (2, 3, 4, 4)))
+    c0 = torch.tensor([0.3, 0.4], device=device)
     inputs = {"sample": x, "model_output": out, "x0_prev": x0_prev, "coeffs": c0}
     inputs[needs_grad].requires_grad_(True)
     coeffs = StepCoeffs(px=1.2, po=-0.7, cx=0.5, c0=c0, cp=-0.2)
     args = dict(guidance_scale=3.0, guidance_rescale=0.5, x0_prev=x0_prev)
-    weight = torch.randn(2, 3, 4, 4)
+    weight = torch.randn(2, 3, 4, 4, device=device)
     prev = schedule_step(x, out, coeffs, **args)
     (grad,) = torch.autograd.grad((prev * weight).sum(), inputs[needs_grad])
     ref = schedule_step(x, out, coeffs, backend="reference", **args)
