@@ -307,7 +307,12 @@ def read_metadata(path: str | Path, model: str = "diffusion-unet", family: str =
         raise ValueError(f"{str(path)!r} is not a safetensors checkpoint: {e}") from e
     if METADATA_KEY not in meta:
         raise ValueError(f"{str(path)!r} has no {METADATA_KEY!r} metadata: not a genkernels {family} checkpoint")
-    data = json.loads(meta[METADATA_KEY])
+    try:
+        data = json.loads(meta[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(path)!r}: its {METADATA_KEY!r} metadata is not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r}: its {METADATA_KEY!r} metadata is not a JSON object: not a genkernels file")
     if data.get("model") != model:
         raise ValueError(
             f"{str(path)!r} holds a {data.get('model')!r} model, not a {family} checkpoint (model {model!r})"

@@ -63,6 +63,7 @@ def _set(key, value):
         (_set("image_shape", [1, 8]), "image_shape must be [C, H, W] of positive ints, got [1, 8]"),
         (lambda m: {**m, "config": {**m["config"], "bogus": 1}}, "its metadata's config: unknown UNetConfig keys"),
         (_set("backbone", "dit"), "backbone 'dit' does not fit model 'diffusion-unet'"),
+        (lambda m: [m], "metadata is not a JSON object"),
     ],
 )
 def test_damaged_metadata_is_a_one_line_error(ckpt, tmp_path, capsys, change, message):
