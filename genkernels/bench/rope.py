@@ -237,7 +237,7 @@ SELF_CHECK_SHAPES: tuple[tuple[int, int, int, int], ...] = ((1, 2, 5, 72), (2, 3
 def self_check(backend: str) -> SelfCheck:
     """Check one genkernels backend on CPU against float64 truth (the test criterion): the rotation of q and k,
     forward and forward + backward, on small shapes (bf16 left out for triton, as its interpreter mishandles
-    it). "skipped" with the backend's reason where it cannot run (cuda has no RoPE kernel)."""
+    it). "skipped" with the backend's reason where it cannot run (cuda without the built extension, say)."""
     try:
         from genkernels import UnsupportedError
         from genkernels.ops import rope  # noqa: F401 - the op module must import
