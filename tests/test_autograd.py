@@ -43,7 +43,7 @@ def test_apply_skips_the_node_only_when_no_graph_is_recorded():
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_ops_give_the_same_outputs_with_and_without_the_node(requires_grad, monkeypatch):
+def test_ops_give_the_same_outputs_with_and_without_the_node(requires_grad, device, monkeypatch):
     """The triton backend (interpreter) through both paths: the same values; a node only with requires_grad,
     and the ops go through _autograd.apply, which skips it exactly when no input requires grad."""
     skipped = []
@@ -55,8 +55,8 @@ def test_ops_give_the_same_outputs_with_and_without_the_node(requires_grad, monk
 
     monkeypatch.setattr(_autograd, "apply", spy)
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 16).requires_grad_(requires_grad)
-    shift, scale = torch.randn(2, 16), torch.randn(2, 16)
+    x = torch.randn(2, 3, 16, device=device).requires_grad_(requires_grad)
+    shift, scale = torch.randn(2, 16, device=device), torch.randn(2, 16, device=device)
     y = ops.layer_norm_modulate(x, None, None, shift, scale, backend="triton")
     assert (y.grad_fn is not None) == requires_grad
     ref = ops.layer_norm_modulate(x.detach(), None, None, shift, scale, backend="reference")
@@ -71,8 +71,8 @@ def test_ops_give_the_same_outputs_with_and_without_the_node(requires_grad, monk
 # --------------------------------------------------------------------------- first-order-only backwards
 
 
-def _t(*shape):
-    return torch.randn(*shape)
+def _t(*shape, device="cpu"):
+    return torch.randn(*shape, device=device)
 
 
 # Ops whose fast backward is not itself differentiable: (name, call(backend, *inputs), inputs, whether the
@@ -95,13 +95,13 @@ FIRST_ORDER = [
 
 
 @pytest.mark.parametrize("name, call, shape, reference_ok", FIRST_ORDER, ids=[c[0] for c in FIRST_ORDER])
-def test_first_order_backwards_refuse_create_graph(name, call, shape, reference_ok):
+def test_first_order_backwards_refuse_create_graph(name, call, shape, reference_ok, device):
     """A gradient built with create_graph=True through a first-order-only backward raises at once, naming the op.
     It used to come back without its second-order terms: torch.autograd.grad with ``inputs=`` skipped
     once_differentiable's deferred error (here: the penalty's gradient missed the op's share without a word).
     Without create_graph the same backward runs; where the reference is differentiable to any order it still is."""
     torch.manual_seed(0)
-    a, b = (_t(*shape).requires_grad_(True) for _ in range(2))
+    a, b = (_t(*shape, device=device).requires_grad_(True) for _ in range(2))
     out = call("triton", a, b)
     (ga,) = torch.autograd.grad((out**3).sum(), a, retain_graph=True)  # first order: fine
     assert torch.isfinite(ga).all()

@@ -160,13 +160,14 @@ def test_errors_found_before_any_work(runs, tmp_path, capsys, monkeypatch):
         save_file(tensors, str(tmp_path / "broken.safetensors"), metadata=f.metadata())
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     sample = ["sample", "diffusion", "--ckpt", ckpt, "--out"]
+    cpu = ["--device", "cpu"]  # where a GPU is the default device, triton and cuda run there
     cases = [
         (["train", "diffusion", "--out", str(a_file)], "exists and is not a folder"),
-        (["train", "diffusion", "--out", str(tmp_path / "o"), "--backend", "triton"], "TRITON_INTERPRET=1"),
+        (["train", "diffusion", "--out", str(tmp_path / "o"), "--backend", "triton", *cpu], "TRITON_INTERPRET=1"),
         ([*sample, str(tmp_path)], "is a folder; give the image file"),
         ([*sample, str(tmp_path / "grid")], "must end in an image extension"),
         ([*sample, str(a_file / "x.png")], "is a file, so the image's folder"),
-        ([*sample, png, "--backend", "cuda"], "--backend cuda: the cuda backend runs on a CUDA device"),
+        ([*sample, png, "--backend", "cuda", *cpu], "--backend cuda: the cuda backend runs on a CUDA device"),
         (["sample", "diffusion", "--ckpt", str(tmp_path), "--out", png], "is a folder, not a checkpoint file"),
         (["sample", "diffusion", "--ckpt", str(tmp_path / "broken.safetensors"), "--out", png], "weights do not fit"),
         ([*sample, png, "--steps", "1001"], "--steps must be at most the 1000 timesteps the model was trained on"),
@@ -176,7 +177,7 @@ def test_errors_found_before_any_work(runs, tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
     # The backend of GENKERNELS_BACKEND is checked the same way, and named as such.
-    train = ["train", "diffusion", "--out", str(tmp_path / "o"), "--no-progress"]
+    train = ["train", "diffusion", "--out", str(tmp_path / "o"), "--no-progress", *cpu]
     for env, message in (("bogus", "GENKERNELS_BACKEND=bogus: not a backend"), ("cuda", "=cuda: the cuda backend")):
         monkeypatch.setenv("GENKERNELS_BACKEND", env)
         assert main(train) == 2

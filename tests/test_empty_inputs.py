@@ -322,13 +322,13 @@ _ADALN_CALLS = {
 @pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
 @pytest.mark.parametrize("shape", [(0, 2, 8), (2, 0, 8)], ids=["B=0", "L=0"])
 @pytest.mark.parametrize("name", list(_ADALN_CALLS))
-def test_adaln_traced_empty_batch_or_sequence(name, shape, backend, traced):
+def test_adaln_traced_empty_batch_or_sequence(name, shape, backend, traced, device):
     """The adaLN ops' torch.library ops (what torch.compile runs) on no rows: an empty batch, or an empty
     sequence with per-sample modulations of B = 2; outputs of x's shape and zero gradients of every input's."""
     b, _, d = shape
-    x, y = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
-    gate, shift, scale = (torch.randn(b, d, requires_grad=True) for _ in range(3))
-    w = torch.randn(d, requires_grad=True)
+    x, y = (torch.randn(shape, device=device, requires_grad=True) for _ in range(2))
+    gate, shift, scale = (torch.randn(b, d, device=device, requires_grad=True) for _ in range(3))
+    w = torch.randn(d, device=device, requires_grad=True)
     out = _ADALN_CALLS[name](x, y, gate, w, shift, scale, backend=backend)
     outs = out if isinstance(out, tuple) else (out,)
     assert all(t.shape == shape for t in outs)

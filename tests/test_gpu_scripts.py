@@ -28,6 +28,17 @@ def _script(name: str):
         sys.path.pop(0)
 
 
+def _skip_without_the_interpreter() -> None:
+    """Skip a dry run here unless the triton backend takes CPU tensors: a script's dry run calls its triton kernels
+    on the CPU, which the interpreter does (the suite sets it without a GPU, and a script with --dry-run as its
+    own process); on a GPU machine the suite runs the compiled kernels, which need CUDA tensors."""
+    from genkernels.triton._common import triton_unavailable
+
+    reason = triton_unavailable(torch.empty(0))
+    if reason is not None:
+        pytest.skip(f"the dry run calls triton on CPU tensors: {reason}")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU path")
 @pytest.mark.parametrize("script", ["gpu_profile.py", "gpu_host_probe.py", "gpu_bandwidth_probe.py"])
 def test_script_without_a_gpu(script, tmp_path):
@@ -44,6 +55,7 @@ def test_bandwidth_probe(capsys, monkeypatch):
     """scripts/gpu_bandwidth_probe.py: its dry run calls every variant on every input set (the triton ones under
     the interpreter, bias_act's forward on each tile), and its table turns times into % of the copy rate and
     ratios to torch.compile."""
+    _skip_without_the_interpreter()
     probe = _script("gpu_bandwidth_probe")
     monkeypatch.setattr(probe, "OUT", sys.stdout)
     assert probe.main(["--dry-run"]) == 0
@@ -162,6 +174,7 @@ def test_attention_sweep_dry_run(capsys, monkeypatch):
     """scripts/gpu_attention_sweep.py on the CPU under the interpreter: the forward runs on each tile it is given
     (and on its own choice again after), a tile that cannot launch is listed with its error, and the table
     lists every row."""
+    _skip_without_the_interpreter()
     sweep = _script("gpu_attention_sweep")
     import genkernels.triton.attention as tri
     from genkernels import ops
@@ -190,6 +203,7 @@ def test_attention_sweep_backward_dry_run(capsys, monkeypatch, kernel):
     """scripts/gpu_attention_sweep.py --kernel dkdv / dq: the backward runs with that kernel on each tile and the
     other backward kernel on its own choice, its gradients are checked against SDPA's (a wrong one is listed
     as WRONG, not timed), and the table counts the backward's FLOPs."""
+    _skip_without_the_interpreter()
     sweep = _script("gpu_attention_sweep")
     import genkernels.triton.attention as tri
 

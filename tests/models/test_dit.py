@@ -363,13 +363,13 @@ def test_training_config_errors(digits):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_trains_after_sampling_under_inference_mode(backend):
+def test_trains_after_sampling_under_inference_mode(backend, device):
     """A forward under torch.inference_mode() (sampling, as diffusers pipelines run it) cached its RoPE tables as
     inference tensors, and every later training step at that grid size failed in autograd ("Inference tensors
     cannot be saved for backward"). The tables are ordinary tensors now; the gradients match a fresh model's."""
-    model = _randomized(DiT(DiTConfig.tiny(), backend=backend))
+    model = _randomized(DiT(DiTConfig.tiny(), backend=backend)).to(device)
     fresh = copy.deepcopy(model)
-    x, t, labels = _inputs()
+    x, t, labels = (v.to(device) for v in _inputs())
     with torch.inference_mode():
         sampled = model(x, t, labels)
     cos, sin = model.rope_tables(4, 4, x.device, x.dtype)

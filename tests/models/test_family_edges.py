@@ -53,12 +53,12 @@ def test_vae_tiling_refuses_tiles_that_do_not_line_up(tile, overlap):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_vae_posterior_sample_generator_outranks_seed(backend):
+def test_vae_posterior_sample_generator_outranks_seed(backend, device):
     """DiagonalGaussian.sample: noise, else generator, else seed. Given both a generator and a seed, the
     generator decides eps (the triton backend used to take the seed)."""
-    model = AutoencoderKL(AutoencoderKLConfig.tiny(), backend=backend).eval()
+    model = AutoencoderKL(AutoencoderKLConfig.tiny(), backend=backend).eval().to(device)
     with torch.no_grad():
-        posterior = model.encode(torch.randn(2, 3, 8, 8)).latent_dist
+        posterior = model.encode(torch.randn(2, 3, 8, 8, device=device)).latent_dist
         both = posterior.sample(generator=torch.Generator().manual_seed(3), seed=11)
         assert torch.equal(both, posterior.sample(generator=torch.Generator().manual_seed(3)))
         assert not torch.equal(both, posterior.sample(seed=11))

@@ -219,13 +219,13 @@ def test_bad_arguments():
         AffineCoupling(4, conditioner=torch.nn.Identity())(torch.randn(2, 4, 2, 2))
 
 
-def test_triton_coupling_module_matches_reference():
+def test_triton_coupling_module_matches_reference(device):
     """One small check of the coupling layer on the Triton backend (interpreter on CPU), values and gradients."""
-    x = torch.randn(2, 4, 3, 5)
-    reason = genkernels.explain("affine_coupling", x, torch.randn(2, 4, 3, 5))["triton"]
+    x = torch.randn(2, 4, 3, 5, device=device)
+    reason = genkernels.explain("affine_coupling", x, torch.randn(2, 4, 3, 5, device=device))["triton"]
     if reason is not None:
         pytest.skip(f"triton backend cannot run here: {reason}")
-    module = perturb(AffineCoupling(4, 6, backend="reference"), 0.1)
+    module = perturb(AffineCoupling(4, 6, backend="reference"), 0.1).to(device)
     results = []
     for backend in ("reference", "triton"):
         module.backend = backend
@@ -240,12 +240,12 @@ def test_triton_coupling_module_matches_reference():
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_triton_actnorm_module_matches_reference():
-    x = torch.randn(3, 5, 2, 3)
-    reason = genkernels.explain("actnorm", x, torch.zeros(5), torch.zeros(5))["triton"]
+def test_triton_actnorm_module_matches_reference(device):
+    x = torch.randn(3, 5, 2, 3, device=device)
+    reason = genkernels.explain("actnorm", x, torch.zeros(5, device=device), torch.zeros(5, device=device))["triton"]
     if reason is not None:
         pytest.skip(f"triton backend cannot run here: {reason}")
-    norm = perturb(ActNorm(5), 0.1).eval()
+    norm = perturb(ActNorm(5), 0.1).eval().to(device)
     results = []
     for backend in ("reference", "triton"):
         norm.backend = backend

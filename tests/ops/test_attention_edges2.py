@@ -61,10 +61,10 @@ def test_triton_splits_launches_beyond_grid_y(dtype, limit, launches, device, mo
     assert max(grid[1] for grid in grids) <= limit, f"a launch has more than {limit} programs along y: {grids}"
 
 
-def test_triton_refuses_more_query_heads_than_grid_y(monkeypatch):
+def test_triton_refuses_more_query_heads_than_grid_y(monkeypatch, device):
     """Hq alone beyond the grid's y limit cannot be split along the batch: refused with the reason."""
     monkeypatch.setattr(triton_attention, "MAX_GRID_Y", 3, raising=False)
-    q = torch.randn(1, 4, 5, 16)
+    q = torch.randn(1, 4, 5, 16, device=device)
     reason = genkernels.explain("attention", q, q, q)["triton"]
     assert reason is not None and "4 query heads" in reason and "up to 3" in reason
 

@@ -69,13 +69,13 @@ def test_group_norm_layer_refuses_an_unknown_backend_when_built(cls):
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
 @pytest.mark.parametrize("name", ["layer_norm_modulate", "gated_residual", "gated_residual_layer_norm_modulate"])
-def test_adaln_empty_sequence_with_per_sample_modulation(name, backend):
+def test_adaln_empty_sequence_with_per_sample_modulation(name, backend, device):
     """An empty sequence (L = 0) with the (B, D) modulations of its B = 2 samples, as eager calls: every backend
     crashed in the reference's broadcast ("The size of tensor a (2) must match the size of tensor b (0)"), while
     the traced ops ran it. Outputs of x's shape, zero gradients of every input's shape."""
     b, d = 2, 8
-    x, y = torch.randn(b, 0, d, requires_grad=True), torch.randn(b, 0, d, requires_grad=True)
-    gate, shift, scale = (torch.randn(b, d, requires_grad=True) for _ in range(3))
+    x, y = (torch.randn(b, 0, d, device=device, requires_grad=True) for _ in range(2))
+    gate, shift, scale = (torch.randn(b, d, device=device, requires_grad=True) for _ in range(3))
     if name == "layer_norm_modulate":
         outs, inputs = (ops.layer_norm_modulate(x, None, None, shift, scale, backend=backend),), [x, shift, scale]
     elif name == "gated_residual":
@@ -90,16 +90,15 @@ def test_adaln_empty_sequence_with_per_sample_modulation(name, backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_group_norm_without_affine_compiled_backward(backend):
+def test_group_norm_without_affine_compiled_backward(backend, device):
     """Without weight and bias the backward op returned one empty tensor for both gradients, which a custom op's
     outputs may not share: a compiled GroupNorm(affine=False) failed in its backward ("may not alias")."""
-    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    x = torch.randn(2, 8, 3, 3, device=device, requires_grad=True)
+    ramp = torch.arange(x.numel(), device=device).view_as(x)
     f = torch.compile(lambda t: ops.group_norm(t, 4, activation="silu", backend=backend), fullgraph=True)
-    (dx,) = torch.autograd.grad((f(x) * torch.arange(x.numel()).view_as(x)).sum(), x)
+    (dx,) = torch.autograd.grad((f(x) * ramp).sum(), x)
     x64 = x.detach().double().requires_grad_()
     want = torch.nn.functional.silu(torch.nn.functional.group_norm(x64, 4))
-    (dx64,) = torch.autograd.grad((want * torch.arange(x.numel()).view_as(x)).sum(), x64)
-    (dx_ref,) = torch.autograd.grad(
-        (ops.group_norm(x, 4, activation="silu", backend="reference") * torch.arange(x.numel()).view_as(x)).sum(), x
-    )
+    (dx64,) = torch.autograd.grad((want * ramp).sum(), x64)
+    (dx_ref,) = torch.autograd.grad((ops.group_norm(x, 4, activation="silu", backend="reference") * ramp).sum(), x)
     assert_criterion(dx, dx_ref, dx64, "dx")

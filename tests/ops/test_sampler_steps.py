@@ -201,8 +201,8 @@ def test_dpm_steps_of_no_length_and_repeated_sigmas():
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_seeded_noise_is_deterministic_and_matches_across_backends(backend):
-    x, out = torch.randn(SHAPE), torch.randn(SHAPE)
+def test_seeded_noise_is_deterministic_and_matches_across_backends(backend, device):
+    x, out = torch.randn(SHAPE, device=device), torch.randn(SHAPE, device=device)
     kwargs = dict(seed=77, offset=3, backend=backend)
     a = ss.euler_ancestral_step(out, x, 2.5, 1.1, **kwargs)
     b = ss.euler_ancestral_step(out, x, 2.5, 1.1, **kwargs)

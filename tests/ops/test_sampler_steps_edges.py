@@ -67,7 +67,9 @@ MANY_STEP_CASES = [
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("op,name,config,sigma_min,x_scale,out_scale", MANY_STEP_CASES, ids=str)
-def test_many_small_steps_round_as_diffusers(op, name, config, sigma_min, x_scale, out_scale, backend, monkeypatch):
+def test_many_small_steps_round_as_diffusers(
+    op, name, config, sigma_min, x_scale, out_scale, backend, device, monkeypatch
+):
     """1000 steps of the default linear schedule (sigma from 157 down) on large samples (8 sigma: |x| up to
     ~5000, where the criterion's floor is far below an ulp): each step's update is a small correction to a
     large x. diffusers adds it once (x + d * dt); a ratio form r * x + (1 - r) * x0 also rounds r and r * x
@@ -87,20 +89,21 @@ def test_many_small_steps_round_as_diffusers(op, name, config, sigma_min, x_scal
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x = torch.randn(SHAPE) * (8 * sigma if x_scale is None else x_scale)
         out = torch.randn(SHAPE) * out_scale
+        xd, outd = x.to(device), out.to(device)  # diffusers' steps run on the CPU tensors
         if op == "euler":
-            mine = ss.euler_step(out, x, sigma, sigma_next, prediction_type=pred, backend=backend)
+            mine = ss.euler_step(outd, xd, sigma, sigma_next, prediction_type=pred, backend=backend)
         elif op == "euler_ancestral":
-            noise = torch.zeros(SHAPE)
-            mine = ss.euler_ancestral_step(out, x, sigma, sigma_next, noise=noise, backend=backend)
+            noise = torch.zeros(SHAPE, device=device)
+            mine = ss.euler_ancestral_step(outd, xd, sigma, sigma_next, noise=noise, backend=backend)
         else:
-            mine = ss.flow_euler_step(out, x, sigma, sigma_next, backend=backend)
+            mine = ss.flow_euler_step(outd, xd, sigma, sigma_next, backend=backend)
         want, want64 = _diffusers_prev(ref, i, out, x), _diffusers_prev(ref64, i, out.double(), x.double())
         assert_criterion(mine, want, want64, name=f"{op} prev at step {i} (sigma={sigma:.4g})")
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("pred", ["sample"])
-def test_ddim_many_steps_on_large_samples_rounds_as_diffusers(pred, backend):
+def test_ddim_many_steps_on_large_samples_rounds_as_diffusers(pred, backend, device):
     """DDIM at 1000 steps on large samples and outputs (|x| ~ 300): the x0 and eps terms of
     prev = sqrt(a') x0 + dir eps are large and nearly cancel. Forming eps = (x - sqrt(a) x0) / sqrt(b)
     first rounded it at the size of x / sqrt(b), and a few steps in a thousand went up to 1.3 times over
@@ -115,6 +118,6 @@ def test_ddim_many_steps_on_large_samples_rounds_as_diffusers(pred, backend):
     # Every step on the reference (a few of them exceed the bound before); every 25th under the slow interpreter.
     for t in range(MANY - 1, 0, -1 if backend == "reference" else -25):
         x, out = torch.randn(4, 32, 32) * 300, torch.randn(4, 32, 32) * 300
-        mine = ss.ddim_step(out, x, abar[t], abar[t - 1], prediction_type=pred, backend=backend)
+        mine = ss.ddim_step(out.to(device), x.to(device), abar[t], abar[t - 1], prediction_type=pred, backend=backend)
         want, want64 = ref.step(out, t, x).prev_sample, ref64.step(out.double(), t, x.double()).prev_sample
         assert_criterion(mine, want, want64, name=f"ddim prev at t={t}")

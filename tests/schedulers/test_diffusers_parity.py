@@ -192,7 +192,8 @@ def _combine(out: torch.Tensor, g: float, phi: float) -> torch.Tensor:
     return cfg
 
 
-def _run_sequence(monkeypatch, name, config, extra, guidance=None, backend="reference"):
+def _run_sequence(monkeypatch, name, config, extra, guidance=None, backend="reference", device="cpu"):
+    """Ours (its step's tensors on ``device``) against diffusers' float32 and float64 steps on the CPU."""
     mine, theirs, theirs64 = _build(name, config, extra)
     assert torch.equal(mine.timesteps, theirs.timesteps), (mine.timesteps, theirs.timesteps)
     assert mine.timesteps.dtype == theirs.timesteps.dtype
@@ -219,13 +220,13 @@ def _run_sequence(monkeypatch, name, config, extra, guidance=None, backend="refe
             combined, combined64 = _combine(out, *guidance), _combine(out.double(), *guidance)
         g = dict(guidance_scale=guidance[0], guidance_rescale=guidance[1]) if guidance else {}
         if name != "EulerDiscreteScheduler":  # the only deterministic step without a noise argument
-            g["variance_noise"] = noise
-        result = mine.step(out, t, x, **step_kwargs, backend=backend, **g)
+            g["variance_noise"] = noise.to(device)
+        result = mine.step(out.to(device), t, x.to(device), **step_kwargs, backend=backend, **g)
         prev, x0 = _diffusers_step(theirs, name, combined, t, x, noise, step_kwargs)
         prev64, x0_64 = _diffusers_step(theirs64, name, combined64, t, x.double(), noise.double(), step_kwargs)
         assert_criterion(result.prev_sample, prev, prev64, name=f"prev_sample at step {i} (t={t.item()})")
         assert_criterion(result.pred_original_sample, x0.float(), x0_64, name=f"pred_original_sample at step {i}")
-        x = result.prev_sample
+        x = result.prev_sample.cpu()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
@@ -251,13 +252,13 @@ GUIDED = [
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("case", GUIDED, ids=[_case_id(c[:3]) + f"-g={c[3]}" for c in GUIDED])
-def test_guided_step_matches_diffusers_on_combined_output(case, backend, monkeypatch):
+def test_guided_step_matches_diffusers_on_combined_output(case, backend, device, monkeypatch):
     """step(guidance_scale=g) on [uncond; cond] equals diffusers' step on the guided (and rescaled) output.
 
     Also run on the triton backend (the interpreter on CPU): the schedulers are backend-agnostic.
     """
     name, config, extra, guidance = case
-    _run_sequence(monkeypatch, name, config, extra, guidance=guidance, backend=backend)
+    _run_sequence(monkeypatch, name, config, extra, guidance=guidance, backend=backend, device=device)
 
 
 TIMESTEP_CONFIGS = [

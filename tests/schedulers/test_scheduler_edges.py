@@ -60,7 +60,7 @@ def test_step_without_a_noise_source_draws_from_torchs_global_rng(name, config, 
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_ddpm_step_without_a_noise_source_matches_the_formula_and_the_seed(backend):
+def test_ddpm_step_without_a_noise_source_matches_the_formula_and_the_seed(backend, device):
     """The plain diffusers loop (no generator) on DDPM: the posterior step of Ho et al. on global-RNG noise,
     the same under the same torch.manual_seed, other noise under another."""
     sched = S.DDPMScheduler()
@@ -68,7 +68,7 @@ def test_ddpm_step_without_a_noise_source_matches_the_formula_and_the_seed(backe
     t = int(sched.timesteps[2])
     t_prev = int(sched.timesteps[3])
     abar = sched.alphas_cumprod.double()
-    x, out = torch.randn(SHAPE), torch.randn(SHAPE)
+    x, out = torch.randn(SHAPE, device=device), torch.randn(SHAPE, device=device)
 
     def run(seed):
         torch.manual_seed(seed)
@@ -77,9 +77,9 @@ def test_ddpm_step_without_a_noise_source_matches_the_formula_and_the_seed(backe
     first, again, other = run(3), run(3), run(4)
     assert torch.equal(first, again)
     assert (first - other).abs().max() > 1e-3
-    if backend == "reference":  # the reference draws torch.randn with the global generator, as diffusers
+    if backend == "reference":  # the reference draws torch.randn with the global (CPU) generator, as diffusers
         torch.manual_seed(3)
-        noise = torch.randn(SHAPE)
+        noise = torch.randn(SHAPE).to(device)
         ref = sched.step(out, t, x, variance_noise=noise, backend="reference").prev_sample
         assert_criterion(first, ref, _ddpm64(out, x, abar[t].item(), abar[t_prev].item(), noise), "prev_sample")
 

@@ -104,14 +104,15 @@ def test_list_of_generators_gives_diffusers_noise(name, config, kwargs):
     torch.testing.assert_close(both[:1], one, rtol=0, atol=0)
 
 
-def test_list_of_generators_on_a_fast_backend_and_errors():
+def test_list_of_generators_on_a_fast_backend_and_errors(device):
     x, out = torch.randn(SHAPE), torch.randn(SHAPE)
     runs = {}
     for backend in ("reference", "triton"):
         sched = S.EulerAncestralDiscreteScheduler()
         sched.set_timesteps(4)
-        gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
-        runs[backend] = sched.step(out, sched.timesteps[1], x, generator=gens, backend=backend).prev_sample
+        gens = [torch.Generator().manual_seed(s) for s in (1, 2)]  # CPU generators, as diffusers' pipelines pass
+        xd, outd = x.to(device), out.to(device)
+        runs[backend] = sched.step(outd, sched.timesteps[1], xd, generator=gens, backend=backend).prev_sample
     sched = S.EulerAncestralDiscreteScheduler()
     sched.set_timesteps(4)
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
