@@ -152,10 +152,10 @@ class ImageGPTConfig(ConfigIO):
         if self.mlp_hidden is None:
             self.mlp_hidden = _default_mlp_hidden(self.dim)
         self.mlp_hidden = _positive_int("mlp_hidden", self.mlp_hidden)
-        for name in ("eps", "rope_base"):
+        for name, low in (("eps", 0), ("rope_base", 1)):  # rope_frequencies takes a base > 1, as the DiT's config
             value = getattr(self, name)
-            if not (is_real(value) and 0 < value < math.inf):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            if not (is_real(value) and low < value < math.inf):
+                raise ValueError(f"{name} must be a finite number > {low}, got {value!r}")
             setattr(self, name, as_number(value))
 
     @property

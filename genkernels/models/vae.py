@@ -80,9 +80,12 @@ def _float_tuple(name: str, value) -> tuple[float, ...] | None:
     if value is None:
         return None
     try:
-        return tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be None or a sequence of numbers, got {value!r}") from None
+        values = [v for v in value]
+    except TypeError:
+        values = None
+    if values is None or not all(is_finite_real(v) for v in values):
+        raise ValueError(f"{name} must be None or a sequence of finite numbers, got {value!r}")
+    return tuple(float(v) for v in values)
 
 
 @dataclass

@@ -129,3 +129,24 @@ def test_labels_on_the_cpu_for_a_cuda_model(kind):
         got = model(x, 0.5, labels)
         want = model(x, 0.5, labels.cuda())
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("base", [1.0, 0.5])
+def test_imagegpt_config_refuses_a_rope_base_rope_cannot_take(base):
+    """rope_frequencies takes a base > 1 (the DiT's config checks so): a base in (0, 1] passed ImageGPTConfig
+    and failed later, building the model."""
+    from genkernels.models import ImageGPTConfig
+
+    with pytest.raises(ValueError, match=rf"rope_base must be a finite number > 1, got {base}"):
+        ImageGPTConfig(rope_base=base)
+
+
+@pytest.mark.parametrize("value", [[float("nan")], [float("inf"), 1.0], [True], "12"])
+def test_vae_config_latent_statistics_must_be_finite_numbers(value):
+    """latents_mean / latents_std took NaN, inf, bools and strings of digits through float()."""
+    from genkernels.models.vae import AutoencoderKLConfig
+
+    for name in ("latents_mean", "latents_std"):
+        with pytest.raises(ValueError, match=f"{name} must be None or a sequence of finite numbers"):
+            AutoencoderKLConfig(**{name: value})
+    assert AutoencoderKLConfig(latents_mean=[0.5, 1], latents_std=None).latents_mean == (0.5, 1.0)
