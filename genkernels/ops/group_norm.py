@@ -267,7 +267,7 @@ def _(x, weight, bias, groups, eps, silu, backend):
     "genkernels::group_norm_backward",
     mutates_args=(),
     schema="(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, int groups, float eps,"
-    " bool silu, str backend) -> (Tensor, Tensor, Tensor)",
+    " bool silu, bool need_dx, bool need_dweight, bool need_dbias, str backend) -> (Tensor, Tensor, Tensor)",
 )
 def _group_norm_backward_op(
     dy: torch.Tensor,
@@ -279,16 +279,31 @@ def _group_norm_backward_op(
     groups: int,
     eps: float,
     silu: bool,
+    need_dx: bool,
+    need_dweight: bool,
+    need_dbias: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias), each computed only where its need_* flag says (as the eager backward: an input that
+    requires no grad costs no pass, no write)."""
     x = dense_layout(x)
     impl = _impl_for(backend, x, weight, bias, groups, eps, silu)
     dx, dweight, dbias = impl.group_norm_backward(
-        match_layout(dy, x), x, weight, bias, mean, rstd, groups, silu, True, weight is not None, bias is not None
+        match_layout(dy, x),
+        x,
+        weight,
+        bias,
+        mean,
+        rstd,
+        groups,
+        silu,
+        need_dx,
+        need_dweight and weight is not None,
+        need_dbias and bias is not None,
     )
-    # Custom ops cannot return None: an absent affine parameter gets an empty gradient, each its own (outputs of
-    # a custom op may not alias one another).
-    return dx, _or_empty(dweight, x), _or_empty(dbias, x)
+    # Custom ops cannot return None: a gradient not needed (or of an absent affine parameter) is an empty tensor,
+    # each its own (outputs of a custom op may not alias one another).
+    return _or_empty(dx, x), _or_empty(dweight, x), _or_empty(dbias, x)
 
 
 def _or_empty(grad: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -296,10 +311,11 @@ def _or_empty(grad: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
 
 
 @_group_norm_backward_op.register_fake
-def _(dy, x, weight, bias, mean, rstd, groups, eps, silu, backend):
-    dweight = x.new_empty((0,)) if weight is None else torch.empty_like(weight)
-    dbias = x.new_empty((0,)) if bias is None else torch.empty_like(bias)
-    return torch.empty_like(dense_layout(x)), dweight, dbias
+def _(dy, x, weight, bias, mean, rstd, groups, eps, silu, need_dx, need_dweight, need_dbias, backend):
+    dx = torch.empty_like(dense_layout(x)) if need_dx else x.new_empty((0,))
+    dweight = torch.empty_like(weight) if need_dweight and weight is not None else x.new_empty((0,))
+    dbias = torch.empty_like(bias) if need_dbias and bias is not None else x.new_empty((0,))
+    return dx, dweight, dbias
 
 
 def _setup_context(ctx, inputs, output):
@@ -311,11 +327,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = _group_norm_backward_op(dy, x, weight, bias, mean, rstd, *ctx.args)
+    groups, eps, silu, backend = ctx.args
+    needs = ctx.needs_input_grad
+    dx, dweight, dbias = _group_norm_backward_op(
+        dy, x, weight, bias, mean, rstd, groups, eps, silu, needs[0], needs[1], needs[2], backend
+    )
     return (
-        dx,
-        None if weight is None else dweight,
-        None if bias is None else dbias,
+        dx if needs[0] else None,
+        dweight if needs[1] and weight is not None else None,
+        dbias if needs[2] and bias is not None else None,
         None,
         None,
         None,

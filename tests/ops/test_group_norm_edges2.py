@@ -3,6 +3,8 @@ split path, and inputs users pass (NaN / inf, data far from zero) compared with 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,3 +204,36 @@ def test_data_far_from_zero(dtype, scale, offset, layout, backend, device, split
     ref64 = _outputs(lambda x, w, b: _torch_group_norm(x, 3, w, b, 1e-5, "silu"), *up, dy.double(), [True] * 3)
     for i, (o, r, r64) in enumerate(zip(out, ref, ref64)):
         assert_criterion(o, r, r64, f"output {i}", relative_floor=i > 0)
+
+
+def test_compiled_backward_computes_only_the_gradients_needed(monkeypatch):
+    """The traced backward op computed dx, dweight and dbias whatever was needed (a pass and a write of dx for an
+    input that requires no grad, the first layer's, say); it now passes autograd's needs on, as the eager backward
+    does, and the gradients it does compute are the eager ones."""
+    gn = importlib.import_module("genkernels.ops.group_norm")
+    calls = []
+    select = gn._impl_for
+
+    class Recording:
+        def __init__(self, impl):
+            self.impl = impl
+
+        def group_norm_forward(self, *args):
+            return self.impl.group_norm_forward(*args)
+
+        def group_norm_backward(self, *args):
+            calls.append(args[-3:])
+            return self.impl.group_norm_backward(*args)
+
+    monkeypatch.setattr(gn, "_impl_for", lambda *args: Recording(select(*args)))
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, 3, 3)
+    w, b = torch.randn(8, requires_grad=True), torch.randn(8)
+
+    def fn(x, w, b):
+        return (gn.group_norm(x, 4, w, b, activation="silu", backend="reference") ** 2).sum()
+
+    got = torch.autograd.grad(torch.compile(fn, backend="aot_eager", fullgraph=True)(x, w, b), (w,))
+    assert calls == [(False, True, False)]
+    want = torch.autograd.grad(fn(x, w, b), (w,))
+    torch.testing.assert_close(got, want)
