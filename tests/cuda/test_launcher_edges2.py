@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.cuda.test_launcher_bindings import _parameters
 from tests.transformer_calls import TransformerCall, run_transformer_call
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,18 +51,7 @@ def _source_parameters() -> dict[str, list[str]]:
 
 def _built_parameters(fn) -> list[str]:
     """The parameter names of a pybind11 function, from its docstring's signature line."""
-    line = fn.__doc__.splitlines()[0]
-    inner = line[line.index("(") + 1 : line.rindex(") ->")]
-    parts, depth, current = [], 0, ""
-    for ch in inner:
-        depth += ch in "[(" and 1 or (-1 if ch in "])" else 0)
-        if ch == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    parts.append(current)
-    return [p.split(":")[0].split("=")[0].strip() for p in map(str.strip, parts) if p not in ("", "*", "/")]
+    return [name for name, _ in _parameters(fn)]
 
 
 class _Guard:

@@ -33,19 +33,6 @@ SPLIT_SHAPES = [((1, 64, 64, 64), 4), ((2, 12, 33, 31), 3), ((3, 10, 7, 5), 5)]
 LAYOUTS = ["contiguous", "channels_last", "strided", "offset"]
 
 
-@pytest.fixture(params=["default", "forced"])
-def split_path(request, monkeypatch):
-    """`forced`: every group takes the split path, in many L2 batches (group ranges and images)."""
-    if request.param == "forced":
-        from genkernels.cuda import group_norm as cuda_gn
-        from genkernels.triton import group_norm as triton_gn
-
-        monkeypatch.setattr(triton_gn, "SINGLE_PASS_MAX_ELEMENTS", 64)
-        monkeypatch.setattr(triton_gn, "L2_BATCH_BYTES", 2048)
-        monkeypatch.setattr(cuda_gn, "L2_BUDGET_BYTES", 2048)
-    return request.param
-
-
 def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "channels_last" and x.dim() >= 3:
         perm = (0, *range(2, x.dim()), 1)

@@ -82,18 +82,6 @@ BACKENDS = ["reference", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 
 
-@pytest.fixture(params=["default", "split"])
-def split_path(request, monkeypatch):
-    """`split`: every group of the fast backends takes the split path, in several L2 batches."""
-    if request.param == "split":
-        from genkernels.cuda import group_norm as cuda_gn
-
-        monkeypatch.setattr(triton_gn, "SINGLE_PASS_MAX_ELEMENTS", 64)
-        monkeypatch.setattr(triton_gn, "L2_BATCH_BYTES", 2048)
-        monkeypatch.setattr(cuda_gn, "L2_BUDGET_BYTES", 2048)
-    return request.param
-
-
 def _skip_unsupported(backend, *args):
     if backend != "reference":
         reason = genkernels.explain("group_norm", *args)[backend]
